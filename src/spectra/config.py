@@ -1,0 +1,140 @@
+"""Model configuration and the table of named sizes.
+
+The nine paper sizes come from the Spectra paper's Table 3 (= the SpectraSuite README): hidden size, GLU (FFN) size,
+heads, layers and the model-parallel degree (MP) the TriLMs were trained with. MP matters for TriLM: each linear layer
+carries one absmean scale per model-parallel shard, so `num_scale_shards` defaults to the paper's MP for the TriLM of
+that size. The vocabulary is padded to a multiple of 128 x MP (Spectra §3.1): 50304 for MP 1 and 3, 50432 for MP 2.
+For the 3.9B (MP 6) we keep 50304: it reproduces the paper's parameter count (3.989B) and Table 4 better than 50688.
+
+The small CPU sizes (`tiny`, `5m`, `20m`) keep hidden and FFN sizes multiples of 256 so every TriLM can be packed into
+llama.cpp's 256-weight blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("floatlm", "trilm")
+NORMS = ("rmsnorm", "layernorm")
+MLP_ACTS = ("swiglu", "gelu", "relu")
+QUANTIZERS = ("trilm", "bilm", "bitnet158", "twn", "uniform")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder. FloatLM and TriLM differ only in `family` (which linear layer the blocks use)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    glu_dim: int
+    family: str = "floatlm"
+    vocab_size: int = 50304
+    head_dim: int | None = None  # None: dim // n_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    norm: str = "rmsnorm"
+    mlp_act: str = "swiglu"
+    init_std: float = 0.02
+    num_scale_shards: int = 1  # TriLM: one absmean scale per model-parallel shard of each block matrix
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    # Weight quantizer of the quantized family (spectra.ternary): "trilm" is the paper's absmean ternary.
+    quantizer: str = "trilm"
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("dim", "n_layers", "n_heads", "glu_dim", "vocab_size", "max_seq_len", "num_scale_shards"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{f} must be a positive integer, got {value!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"ModelConfig.mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"ModelConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig.dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); "
+                    "set head_dim explicitly or choose n_heads dividing dim"
+                )
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.family == "trilm":
+            # q/k/v/gate/up are split along their output dimension, o/down along their input dimension.
+            for what, size in (("dim", self.dim), ("glu_dim", self.glu_dim), ("n_heads*head_dim", self.attn_dim)):
+                if size % self.num_scale_shards:
+                    raise ValueError(
+                        f"ModelConfig.num_scale_shards ({self.num_scale_shards}) must divide {what} ({size})"
+                    )
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        d = self.to_dict()
+        d.update(changes)
+        return ModelConfig.from_dict(d)
+
+
+# name: (dim, glu_dim, n_heads, n_layers, paper MP, vocab, head_dim)
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=256, glu_dim=512, n_heads=4, n_layers=2, mp=1, vocab_size=50304),
+    "5m": dict(dim=256, glu_dim=768, n_heads=4, n_layers=6, mp=1, vocab_size=50304),
+    "20m": dict(dim=512, glu_dim=1280, n_heads=8, n_layers=6, mp=1, vocab_size=50304),
+    "99m": dict(dim=512, glu_dim=1280, n_heads=8, n_layers=16, mp=1, vocab_size=50304),
+    "190m": dict(dim=768, glu_dim=2048, n_heads=12, n_layers=16, mp=1, vocab_size=50304),
+    "390m": dict(dim=1024, glu_dim=2560, n_heads=16, n_layers=24, mp=1, vocab_size=50304),
+    "560m": dict(dim=1280, glu_dim=3072, n_heads=20, n_layers=24, mp=1, vocab_size=50304),
+    "830m": dict(dim=1536, glu_dim=4096, n_heads=24, n_layers=24, mp=1, vocab_size=50304),
+    "1.1b": dict(dim=1792, glu_dim=5120, n_heads=28, n_layers=24, mp=2, vocab_size=50432),
+    "1.5b": dict(dim=2048, glu_dim=6144, n_heads=32, n_layers=24, mp=2, vocab_size=50432),
+    "2.4b": dict(dim=2304, glu_dim=7680, n_heads=36, n_layers=30, mp=3, vocab_size=50304),
+    "3.9b": dict(dim=3072, glu_dim=9216, n_heads=24, n_layers=30, mp=6, vocab_size=50304),
+}
+PAPER_SIZES = ("99m", "190m", "390m", "560m", "830m", "1.1b", "1.5b", "2.4b", "3.9b")
+
+
+def size_names() -> list[str]:
+    return [f"{family}-{size}" for size in SIZES for family in FAMILIES]
+
+
+def from_name(name: str, **overrides: Any) -> ModelConfig:
+    """`floatlm-99m`, `trilm-3.9b`, `trilm-tiny`, ... -> ModelConfig. Overrides replace any field."""
+    key = name.strip().lower()
+    family, _, size = key.partition("-")
+    if family not in FAMILIES or size not in SIZES:
+        raise ValueError(f"unknown model size {name!r}; accepted: {', '.join(size_names())}")
+    spec = dict(SIZES[size])
+    mp = spec.pop("mp")
+    cfg: dict[str, Any] = dict(spec, family=family, name=key)
+    cfg["num_scale_shards"] = mp if family == "trilm" else 1
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def pad_vocab(n_tokens: int, model_parallel: int = 1) -> int:
+    """The paper pads the embedding to a multiple of 128 x MP."""
+    multiple = 128 * model_parallel
+    return -(-n_tokens // multiple) * multiple
