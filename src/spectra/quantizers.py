@@ -45,3 +45,11 @@ def build_quantizer(name: str, **kwargs):
     if name not in QUANTIZER_CLASSES:
         raise ValueError(f"unknown quantizer {name!r}; accepted: {sorted(QUANTIZER_CLASSES)}")
     return QUANTIZER_CLASSES[name](**kwargs)
+
+
+def set_progress(model, fraction: float) -> None:
+    """Tell every quantizer in `model` how far training has come (0..1); progressive schedules act on it."""
+    for module in model.modules():
+        quantizer = getattr(module, "quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "set_progress"):
+            quantizer.set_progress(fraction)
