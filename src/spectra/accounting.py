@@ -1,0 +1,66 @@
+"""Parameter counts and size in bits, counted the way the Spectra paper counts them (§2.1, §4.2, Table 4).
+
+Embeddings, lm_head and norms count at 16 bits in every family. The block linear weights count at:
+
+    FloatLM      16 bits
+    QuantLM-b    b bits, + 0.25 for the fp16 scale of each group of 128 at 3 and 4 bits (GPTQ g128);
+                 6 and 8 bits use per-channel scales, which the paper does not count
+    TriLM        log2(3) ≈ 1.585 bits (the paper counts no per-shard scale: < 1e-5 bits per weight)
+
+Real packed sizes are counted too: llama.cpp's TQ2_0 (2.0625 bits per weight) and TQ1_0 (1.6875).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from spectra.config import ModelConfig
+
+HALF = 16
+LINEAR_BITS = {
+    "floatlm": 16.0,
+    "quantlm_3": 3.25,
+    "quantlm_4": 4.25,
+    "quantlm_6": 6.0,
+    "quantlm_8": 8.0,
+    "trilm": math.log2(3),
+    "trilm_tq2": 2.0625,
+    "trilm_tq1": 1.6875,
+}
+QUANTIZER_BITS = {"trilm": math.log2(3), "bitnet158": math.log2(3), "twn": math.log2(3), "bilm": 1.0}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of `spectra.model.Transformer(cfg)` without building it."""
+    attn = 4 * cfg.dim * cfg.attn_dim
+    mlp = (3 if cfg.mlp_act == "swiglu" else 2) * cfg.dim * cfg.glu_dim
+    linear = cfg.n_layers * (attn + mlp)
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    embedding = 2 * cfg.vocab_size * cfg.dim  # untied embedding + lm_head
+    return {
+        "params": linear + norms + embedding,
+        "non_embedding_params": linear + norms,
+        "linear_params": linear,
+        "embedding_params": embedding,
+        "norm_params": norms,
+    }
+
+
+def size_in_bits(cfg: ModelConfig, linear_bits: float) -> float:
+    counts = param_counts(cfg)
+    return counts["linear_params"] * linear_bits + (counts["embedding_params"] + counts["norm_params"]) * HALF
+
+
+def size_report(cfg: ModelConfig) -> dict[str, Any]:
+    """params, non_embedding_params and `bits` per family (floatlm, quantlm_3/4/6/8, trilm, trilm_tq2, trilm_tq1)."""
+    counts = param_counts(cfg)
+    bits = {family: size_in_bits(cfg, b) for family, b in LINEAR_BITS.items()}
+    report: dict[str, Any] = {"name": cfg.name, "family": cfg.family, **counts, "bits": bits}
+    if cfg.family == "trilm":
+        q = cfg.quantizer
+        b = QUANTIZER_BITS.get(q, cfg.quantizer_options.get("bits", 16) if q == "uniform" else 16)
+        report["bits"]["this_model"] = size_in_bits(cfg, b)
+    else:
+        report["bits"]["this_model"] = bits["floatlm"]
+    return report

@@ -1,0 +1,116 @@
+"""Core commands: `spectra init`, `spectra info`, `spectra export hf|gguf`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a randomly initialised model of a named size")
+    p.add_argument("size", help="a size name such as trilm-99m, floatlm-tiny (see `spectra info --sizes`)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary (default 50304)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to store with the model")
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser("info", help="parameters and size in bits of a model, a checkpoint or a size name")
+    p.add_argument("model", nargs="?", help="a size name (trilm-3.9b) or a model directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--sizes", action="store_true", help="list the named sizes")
+    p.set_defaults(func=run_info)
+
+    p = sub.add_parser("export", help="write a model in another ecosystem's format")
+    ex = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    e = ex.add_parser("hf", help="a Hugging Face LlamaForCausalLM directory (TriLMs unpacked: weights γ·Ŵ)")
+    e.add_argument("src")
+    e.add_argument("out_dir")
+    e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    e.set_defaults(func=run_export_hf)
+    e = ex.add_parser("gguf", help="a GGUF file for llama.cpp")
+    e.add_argument("src")
+    e.add_argument("out")
+    e.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16", "q8_0"])
+    e.set_defaults(func=run_export_gguf)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from spectra.checkpoint import save_model
+    from spectra.config import from_name
+    from spectra.model import build_model
+
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    cfg = from_name(args.size, **overrides)
+    save_model(build_model(cfg, seed=args.seed), args.out_dir, tokenizer=args.tokenizer, meta={"seed": args.seed})
+    print(f"wrote {cfg.name} ({cfg.family}) to {args.out_dir}")
+    return 0
+
+
+def model_info(model: str) -> dict:
+    """Size report of a size name or a model directory (adds the real size of packed and QuantLM checkpoints)."""
+    from spectra.accounting import size_report
+    from spectra.checkpoint import META_FILE, read_meta
+    from spectra.config import ModelConfig, from_name
+
+    path = Path(model)
+    if not path.exists():
+        return size_report(from_name(model))
+    if (path / META_FILE).exists():
+        meta = read_meta(path)
+        report = size_report(ModelConfig.from_dict(meta["config"]))
+        report["kind"] = meta["kind"]
+    else:
+        from spectra.interop.hf import config_from_hf, read_hf_config
+
+        hf = read_hf_config(path)
+        report = size_report(config_from_hf(hf, str(path / "config.json")))
+        report["kind"] = "quantlm" if hf.get("quantization_config") else "hf"
+    if report["kind"] == "quantlm":
+        from spectra.ptq.formats import quantlm_size_bits
+
+        report["actual"] = quantlm_size_bits(path)
+    if report["kind"] == "packed":
+        from spectra.packed.io import packed_size_bits
+
+        report["actual"] = packed_size_bits(path)
+    report["path"] = str(path)
+    return report
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from spectra.config import size_names
+
+    if args.sizes or not args.model:
+        print("\n".join(size_names()))
+        return 0
+    report = model_info(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report.get('name') or report.get('path')}  family={report['family']}")
+    print(f"  params              {report['params']:>16,}")
+    print(f"  non-embedding       {report['non_embedding_params']:>16,}")
+    print("  size in bits (paper's accounting; embeddings and head at 16 bits):")
+    for family, bits in report["bits"].items():
+        print(f"    {family:<16}{bits / 1e9:>10.3f}e9 bits  {bits / 8 / 2**20:>10.1f} MiB")
+    if "actual" in report:
+        print(f"  this checkpoint     {json.dumps(report['actual'])}")
+    return 0
+
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    from spectra.interop.hf import export_hf
+
+    export_hf(args.src, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from spectra.interop.gguf import export_gguf
+
+    result = export_gguf(args.src, args.out, qtype=args.type)
+    print(json.dumps(result, indent=2, default=str))
+    return 0

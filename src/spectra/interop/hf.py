@@ -1,0 +1,313 @@
+"""Hugging Face transformers interop: our models <-> `LlamaForCausalLM` directories.
+
+Export writes config.json, generation_config.json, model.safetensors and (when the model has one) the tokenizer, so
+that `transformers.AutoModelForCausalLM.from_pretrained` loads a `LlamaForCausalLM`. A TriLM is exported "unpacked"
+like the released `SpectraSuite/TriLM_*_Unpacked` checkpoints: each block matrix holds W̃ = γ·Ŵ, and config.json
+records `pretraining_model_parallel` (the number of scale shards).
+
+Import reads any Llama directory (safetensors, sharded safetensors or pytorch_model.bin). A block matrix of an unpacked
+TriLM has at most 1 + MP distinct |w| values, one per model-parallel shard (plus 0). When every block matrix has that
+shape we recover the int8 codes and the per-shard scales exactly and build a TriLM, which can be trained further or
+packed. Directories with a `quantization_config` (GPTQ) are handed to `spectra.ptq.formats.load_quantlm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from spectra.checkpoint import atomic_dir, find_tokenizer, load_state_checked, write_json
+from spectra.config import ModelConfig
+from spectra.ternary import SHARD_DIM, TernaryLinear
+
+BLOCK_LINEARS = tuple(SHARD_DIM)
+CANDIDATE_SHARDS = (1, 2, 3, 4, 6, 8)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of the equivalent LlamaForCausalLM. Refuses what Llama cannot represent."""
+    if cfg.norm != "rmsnorm":
+        raise ValueError(f"norm={cfg.norm!r} cannot be exported as a Llama model (Llama uses RMSNorm); accepted: rmsnorm")
+    if cfg.mlp_act != "swiglu":
+        raise ValueError(f"mlp_act={cfg.mlp_act!r} cannot be exported as a Llama model (SwiGLU); accepted: swiglu")
+    if cfg.family == "trilm" and cfg.quantizer == "bitnet158":
+        raise ValueError("quantizer='bitnet158' quantizes activations and adds norms; a Llama model cannot represent it")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.glu_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if cfg.family == "trilm":
+        config["pretraining_model_parallel"] = cfg.num_scale_shards
+        config["spectra_family"] = "trilm"
+    return config
+
+
+def hf_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """HF tensor names; TriLM block matrices as W̃ = γ·Ŵ."""
+    model = getattr(model, "_orig_mod", model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name) if name.endswith(".weight") else None
+        if isinstance(module, TernaryLinear):
+            tensor = module.quantized_weight().float()
+        elif not hasattr(module, "weight") and module is not None:
+            raise ValueError(f"tensor {name} of module {type(module).__name__} has no Llama equivalent")
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        state[key] = tensor.detach().to("cpu", dtype).contiguous()
+    return state
+
+
+def write_tokenizer_files(tokenizer: str | os.PathLike, out: Path, cfg: ModelConfig) -> None:
+    """tokenizer.json plus the small files `AutoTokenizer` needs to build a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer
+
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tokenizer))
+    eos = tok.id_to_token(cfg.eos_token_id)
+    bos = tok.id_to_token(cfg.bos_token_id)
+    if eos is None or bos is None:
+        raise ValueError(f"{tokenizer} has no token with id {cfg.eos_token_id} (the model's eos/bos id)")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{tokenizer} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}")
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "model_max_length": cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    write_json(out / "tokenizer_config.json", tok_config)
+    write_json(out / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})
+
+
+def export_hf(
+    model: nn.Module | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float16,
+    tokenizer: str | os.PathLike | None = None,
+) -> Path:
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads as LlamaForCausalLM."""
+    from spectra.checkpoint import load
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if not isinstance(model, nn.Module):
+        src = Path(model)
+        tokenizer = tokenizer or find_tokenizer(src)
+        model = load(src)
+    cfg: ModelConfig = getattr(model, "_orig_mod", model).config
+    config = hf_config(cfg, dtype)
+    state = hf_state_dict(model, dtype)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+        write_json(tmp / "generation_config.json", generation)
+        if tokenizer is not None:
+            write_tokenizer_files(tokenizer, tmp, cfg)
+    return Path(out_dir)
+
+
+# ---- import -----------------------------------------------------------------------------------------------------
+def read_hf_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{cfg_path} is missing: not a Hugging Face model directory") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+
+
+def config_from_hf(hf: dict[str, Any], source: str, *, family: str = "floatlm", num_scale_shards: int = 1) -> ModelConfig:
+    """ModelConfig of a Llama config.json; names the field that spectra cannot represent."""
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
+        raise ValueError(
+            f"{source}: model_type={hf.get('model_type')!r}, architectures={hf.get('architectures')}; "
+            "accepted: a Llama checkpoint (model_type 'llama' / LlamaForCausalLM)"
+        )
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads", heads) != heads:
+        raise ValueError(f"{source}: num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads}; "
+                         "grouped-query attention is not part of the Spectra architecture")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; accepted: silu (SwiGLU)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"{source}: {flag}=true; Spectra models have no biases")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported; accepted: null")
+    eos = hf.get("eos_token_id", 0)
+    return ModelConfig(
+        dim=hf["hidden_size"],
+        glu_dim=hf["intermediate_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id", 0) if hf.get("bos_token_id") is not None else 0,
+        eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 0),
+        family=family,
+        num_scale_shards=num_scale_shards,
+    )
+
+
+def read_hf_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of a HF directory, whatever the file layout."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for f in files:
+            state.update(load_file(str(path / f)))
+        return state
+    bin_file = path / "pytorch_model.bin"
+    if bin_file.exists():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def ternary_from_unpacked(W: Tensor, num_shards: int, dim: int, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """Exact codes and per-shard scales of an unpacked ternary matrix (each shard: one nonzero |w| value).
+
+    Raises ValueError naming the tensor when a shard has more than one nonzero magnitude.
+    """
+    if W.shape[dim] % num_shards:
+        raise ValueError(f"{name}: shape {tuple(W.shape)} does not split into {num_shards} shards along dim {dim}")
+    codes, scales = [], []
+    for shard in W.chunk(num_shards, dim=dim):
+        mag = shard.abs()
+        nonzero = mag[mag != 0]
+        if nonzero.numel() == 0:
+            scales.append(torch.tensor(0.0))
+        else:
+            lo, hi = nonzero.min(), nonzero.max()
+            if lo != hi:
+                raise ValueError(f"{name} is not ternary: a shard (of {num_shards} along dim {dim}) holds distinct "
+                                 f"magnitudes {lo.item():.6g} and {hi.item():.6g}")
+            scales.append(hi.float())
+        codes.append(torch.sign(shard).to(torch.int8))
+    return torch.cat(codes, dim=dim), torch.stack(scales)
+
+
+def _is_ternary(W: Tensor, num_shards: int, dim: int) -> bool:
+    if W.shape[dim] % num_shards:
+        return False
+    for shard in W.chunk(num_shards, dim=dim):
+        nonzero = shard.abs()[shard != 0]
+        if nonzero.numel() and nonzero.min() != nonzero.max():
+            return False
+    return True
+
+
+def detect_scale_shards(state: dict[str, Tensor], n_layers: int, hint: int | None = None) -> int | None:
+    """The smallest shard count under which every block matrix is ternary, or None (a FloatLM)."""
+    mats = [(state[f"model.layers.{i}.{part}.{n}.weight"], SHARD_DIM[n])
+            for i in range(n_layers)
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for n in names]
+    candidates = (hint,) if hint else CANDIDATE_SHARDS
+    for s in candidates:
+        if all(_is_ternary(W, s, d) for W, d in mats):
+            return s
+    return None
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    family: str | None = None,
+) -> nn.Module:
+    """A Llama directory -> our Transformer. family=None detects an unpacked TriLM; "trilm" requires one."""
+    from spectra.model import Transformer
+
+    path = Path(path)
+    hf = read_hf_config(path)
+    if hf.get("quantization_config"):
+        from spectra.ptq.formats import load_quantlm
+
+        return load_quantlm(path, device=device, dtype=dtype)
+    source = str(path / "config.json")
+    base = config_from_hf(hf, source)  # validates before reading weights
+    state = read_hf_weights(path)
+    if "lm_head.weight" not in state:
+        if not hf.get("tie_word_embeddings", False):
+            raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for i in range(base.n_layers):
+        for n, d in SHARD_DIM.items():
+            key = f"model.layers.{i}.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}.weight"
+            if key not in state:
+                raise ValueError(f"{path}: tensor {key} is missing")
+    hint = hf.get("pretraining_model_parallel")
+    shards = None
+    if family in (None, "trilm"):
+        shards = detect_scale_shards(state, base.n_layers, hint)
+        if shards is None and hint is not None and family is None:
+            shards = detect_scale_shards(state, base.n_layers)  # the recorded MP may be a training-time detail
+        if shards is None and family == "trilm":
+            ternary_from_unpacked(state["model.layers.0.self_attn.q_proj.weight"], hint or 1, 0,
+                                  "model.layers.0.self_attn.q_proj.weight")
+            raise ValueError(f"{path}: the block matrices are not ternary with {hint or 'any'} scale shards")
+    cfg = base.replace(family="trilm", num_scale_shards=shards) if shards else base
+    with torch.device(device):
+        model = Transformer(cfg)
+    plain = {k.removeprefix("model."): v.float() for k, v in state.items()}
+    ternary = {}
+    if shards:
+        for name, module in model.named_modules():
+            if isinstance(module, TernaryLinear):
+                key = f"{name}.weight"
+                ternary[name] = ternary_from_unpacked(plain[key], shards, module.shard_dim, f"model.{key}")
+    load_state_checked(model, plain, str(path))
+    if dtype is not None:
+        model.to(dtype)
+    for name, (codes, scales) in ternary.items():  # after the dtype change: the exact cache is kept per dtype
+        model.get_submodule(name).set_exact(codes.to(device), scales.to(device))
+    return model.eval()

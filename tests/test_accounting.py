@@ -1,0 +1,32 @@
+import pytest
+
+from spectra.accounting import size_report
+from spectra.config import PAPER_SIZES, from_name
+
+# Spectra Table 4 (size in 1e9 bits), paper-facts §5.2 and §6
+PAPER_FLOATLM = [1.60, 3.05, 6.28, 9.11, 13.34, 18.39, 24.23, 39.38, 63.83]
+PAPER_TRILM = [0.90, 1.42, 2.11, 2.76, 3.55, 4.42, 5.36, 7.23, 10.76]
+PAPER_QUANT = {"99m": (1.21, 1.03), "830m": (7.91, 5.36), "2.4b": (21.55, 13.18), "3.9b": (34.39, 20.59)}
+
+
+@pytest.mark.parametrize("i,size", list(enumerate(PAPER_SIZES)))
+def test_table4_bits(i, size):
+    bits = size_report(from_name(f"trilm-{size}"))["bits"]
+    assert bits["floatlm"] / 1e9 == pytest.approx(PAPER_FLOATLM[i], abs=0.05)
+    assert bits["trilm"] / 1e9 == pytest.approx(PAPER_TRILM[i], abs=0.05)
+    if size in PAPER_QUANT:
+        q8, q4 = PAPER_QUANT[size]
+        assert bits["quantlm_8"] / 1e9 == pytest.approx(q8, abs=0.05)
+        assert bits["quantlm_4"] / 1e9 == pytest.approx(q4, abs=0.05)
+
+
+def test_report_keys_and_ordering():
+    r = size_report(from_name("trilm-1.1b"))
+    for key in ("floatlm", "quantlm_3", "quantlm_4", "quantlm_6", "quantlm_8", "trilm", "trilm_tq2", "trilm_tq1"):
+        assert key in r["bits"]
+    b = r["bits"]
+    assert b["trilm"] < b["trilm_tq1"] < b["trilm_tq2"] < b["quantlm_3"] < b["quantlm_4"] < b["quantlm_6"]
+    assert b["quantlm_8"] < b["floatlm"]
+    # the packed formats differ from the paper's count only in the linear weights
+    lin = r["linear_params"]
+    assert b["trilm_tq2"] - b["trilm"] == pytest.approx(lin * (2.0625 - 1.584962500721156))

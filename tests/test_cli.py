@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spectra.__main__ import main
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "spectra", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("init", "info", "export"):
+        assert cmd in out
+
+
+def test_init_info_export(tmp_path, capsys):
+    assert main(["init", "trilm-tiny", str(tmp_path / "m"), "--seed", "3", "--vocab-size", "512"]) == 0
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert report["family"] == "trilm" and report["kind"] == "model"
+    assert report["params"] == 2 * 512 * 256 + 2 * (4 * 256 * 256 + 3 * 256 * 512) + 5 * 256
+    assert main(["export", "hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
+
+
+def test_info_size_name_json(capsys):
+    assert main(["info", "trilm-3.9b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"params", "non_embedding_params", "bits"}
+    assert report["bits"]["trilm"] / 1e9 == pytest.approx(10.76, abs=0.05)
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["info", "trilm-7b"]) == 2
+    assert "unknown model size 'trilm-7b'" in capsys.readouterr().err
+    assert main(["init", "trilm-huge", str(tmp_path / "x")]) == 2
+    assert main(["export", "hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err

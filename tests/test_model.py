@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from spectra.config import ModelConfig, from_name, size_names
+from spectra.model import build_model
+from tests.conftest import tiny_config
+
+
+def test_named_sizes_exist_for_both_families():
+    names = size_names()
+    for size in ("tiny", "5m", "20m", "99m", "190m", "390m", "560m", "830m", "1.1b", "1.5b", "2.4b", "3.9b"):
+        assert f"floatlm-{size}" in names and f"trilm-{size}" in names
+    big = from_name("trilm-3.9b")
+    assert (big.dim, big.glu_dim, big.n_heads, big.head_dim, big.n_layers, big.num_scale_shards) == (
+        3072, 9216, 24, 128, 30, 6)
+    assert from_name("floatlm-3.9b").num_scale_shards == 1
+    assert from_name("trilm-1.1b").vocab_size == 50432  # padded to 128 x MP=2
+    cfg = from_name("floatlm-99m")
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.rope_theta, cfg.norm_eps) == (50304, 2048, 10000.0, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dim=60, n_heads=7), "not divisible by n_heads"),
+        (dict(family="bitlm"), "family must be one of"),
+        (dict(norm="batchnorm"), "norm must be one of"),
+        (dict(mlp_act="tanh"), "mlp_act must be one of"),
+        (dict(family="trilm", num_scale_shards=3), "num_scale_shards"),
+        (dict(n_layers=0), "n_layers must be a positive integer"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kwargs)
+
+
+def test_unknown_size_lists_accepted():
+    with pytest.raises(ValueError, match="unknown model size 'trilm-7b'.*trilm-99m"):
+        from_name("trilm-7b")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        ModelConfig.from_dict({**tiny_config().to_dict(), "hidden": 3})
+
+
+def test_param_count_matches_paper_99m():
+    from spectra.accounting import param_counts
+
+    # paper Table 3 (exact parameter counts); the 190M entry is printed as 190.0M, we count 190.5M
+    paper = {"99m": 99.74e6, "190m": 190.0e6, "390m": 392.4e6, "560m": 569.2e6, "830m": 834.0e6, "1.1b": 1.149e9,
+             "1.5b": 1.515e9, "2.4b": 2.461e9, "3.9b": 3.989e9}
+    for size, n in paper.items():
+        assert param_counts(from_name(f"trilm-{size}"))["params"] == pytest.approx(n, rel=3e-3), size
+    model = build_model(tiny_config(family="trilm"))
+    assert model.num_params() == param_counts(tiny_config())["params"]
+    assert model.num_params(non_embedding=True) == param_counts(tiny_config())["non_embedding_params"]
+
+
+def test_seeded_init_is_deterministic_and_scaled():
+    a, b = build_model(tiny_config(), seed=3), build_model(tiny_config(), seed=3)
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    w = build_model(tiny_config(dim=256, glu_dim=512), seed=0).layers[0].mlp.up_proj.weight
+    assert w.std().item() == pytest.approx(0.02, rel=0.02)
+    assert torch.equal(a.layers[0].input_layernorm.weight, torch.ones(64))
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_kv_cache_matches_full_forward(family):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(family=family)).eval()
+    idx = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 64)
+        parts = [model(idx[:, :17], cache=cache), model(idx[:, 17:18], cache=cache), model(idx[:, 18:], cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 40
+
+
+def test_sequence_too_long_is_an_error():
+    model = build_model(tiny_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm,act", [("layernorm", "swiglu"), ("rmsnorm", "gelu"), ("rmsnorm", "relu")])
+def test_ablation_architectures_train(norm, act):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(norm=norm, mlp_act=act, family="trilm"))
+    if act != "swiglu":
+        assert not hasattr(model.layers[0].mlp, "gate_proj")
+    idx = torch.randint(0, 256, (2, 16))
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_flops_per_token():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    n = model.num_params() - model.embed_tokens.weight.numel()
+    assert model.flops_per_token(128) == 6 * n + 12 * 2 * 4 * 16 * 128
