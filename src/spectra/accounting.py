@@ -28,7 +28,6 @@ LINEAR_BITS = {
     "trilm_tq2": 2.0625,
     "trilm_tq1": 1.6875,
 }
-QUANTIZER_BITS = {"trilm": math.log2(3), "bitnet158": math.log2(3), "twn": math.log2(3), "bilm": 1.0}
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -58,9 +57,46 @@ def size_report(cfg: ModelConfig) -> dict[str, Any]:
     bits = {family: size_in_bits(cfg, b) for family, b in LINEAR_BITS.items()}
     report: dict[str, Any] = {"name": cfg.name, "family": cfg.family, **counts, "bits": bits}
     if cfg.family == "trilm":
-        q = cfg.quantizer
-        b = QUANTIZER_BITS.get(q, cfg.quantizer_options.get("bits", 16) if q == "uniform" else 16)
-        report["bits"]["this_model"] = size_in_bits(cfg, b)
+        from spectra.quantizers import bits_per_weight
+
+        report["bits"]["this_model"] = size_in_bits(cfg, bits_per_weight(cfg.quantizer, cfg.quantizer_options))
     else:
         report["bits"]["this_model"] = bits["floatlm"]
     return report
+
+
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+              "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
+
+
+def stored_bits(path) -> dict[str, Any]:
+    """What a checkpoint directory really stores: bits of every safetensors tensor, read from the file headers.
+
+    `block_bits` covers the transformer blocks (packed codes, scales, zeros, norms), `other_bits` the embedding,
+    lm_head and final norm.
+    """
+    import json
+    import struct
+    from pathlib import Path
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors file")
+    block, other, n_tensors = 0, 0, 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if t["dtype"] not in DTYPE_BITS:
+                raise ValueError(f"{f}: tensor {name} has dtype {t['dtype']}, unknown to the size count")
+            bits = math.prod(t["shape"]) * DTYPE_BITS[t["dtype"]]
+            n_tensors += 1
+            if ".layers." in f".{name}":
+                block += bits
+            else:
+                other += bits
+    return {"total_bits": block + other, "block_bits": block, "other_bits": other, "tensors": n_tensors,
+            "files": [f.name for f in files]}

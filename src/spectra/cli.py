@@ -71,10 +71,10 @@ def model_info(model: str) -> dict:
         from spectra.ptq.formats import quantlm_size_bits
 
         report["actual"] = quantlm_size_bits(path)
-    if report["kind"] == "packed":
-        from spectra.packed.io import packed_size_bits
+    elif report["kind"] == "packed":
+        from spectra.accounting import stored_bits
 
-        report["actual"] = packed_size_bits(path)
+        report["actual"] = stored_bits(path)
     report["path"] = str(path)
     return report
 

@@ -75,6 +75,8 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     model = getattr(model, "_orig_mod", model)
     state = {}
     for name, tensor in model.state_dict().items():
+        if ".quantizer." in name:  # learnable scales and progressive stages are folded into W̃
+            continue
         module_name = name.removesuffix(".weight")
         module = model.get_submodule(module_name) if name.endswith(".weight") else None
         if isinstance(module, TernaryLinear):

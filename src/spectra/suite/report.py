@@ -1,0 +1,279 @@
+"""The study's report, rebuilt from `results.jsonl` alone: Markdown, a self-contained HTML page and PNG figures.
+
+Figures follow the paper's paired panels: each metric "across parameters" (FloatLM, TriLM, QuantLM at each bit width)
+and "across size in bits" (the same models placed at their size as the paper counts it, plus packed TriLMs at their
+real TQ2_0/TQ1_0 sizes). Validation loss gets the fitted scaling laws L(N) = A·N^(−α) + ε per family, and the
+paper's published fits when the preset is `paper`. Tables: every model, the fits, the Pareto frontier in bits, memory
+(paper count and bytes on disk) and decode speed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from spectra.checkpoint import atomic_file, write_json
+from spectra.suite.runner import RESULTS_FILE
+from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
+
+MARKERS = {"floatlm": "o", "trilm": "s", "quantlm": "^", "packed": "D"}
+QUANT_COLORS = {3: "#d62728", 4: "#ff7f0e", 6: "#bcbd22", 8: "#8c564b", 2: "#7f7f7f", 5: "#17becf", 7: "#e377c2"}
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of every key in a results file (or a suite folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a suite writes results.jsonl in its output folder)")
+    last: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
+            if "key" not in rec or "status" not in rec:
+                raise ValueError(f"{path}:{n} is not a suite record (needs 'key' and 'status')")
+            last[rec["key"]] = rec
+    return last
+
+
+def series_label(model: dict[str, Any]) -> str:
+    """The curve a model belongs to: its family or variant, QuantLM-b, or packed format."""
+    if model["kind"] == "quantlm":
+        return f"QuantLM {model['bits']}-bit" if model["family"] == "floatlm" else f"{model['family']} {model['bits']}-bit"
+    if model["kind"] == "packed":
+        return f"{'TriLM' if model['family'] == 'trilm' else model['family']} {model['format'].upper()}"
+    return {"floatlm": "FloatLM", "trilm": "TriLM"}.get(model["family"], model["family"])
+
+
+def model_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluated model: identity, size and every metric."""
+    rows = []
+    for rec in records.values():
+        if rec["step"] != "eval" or rec["status"] != "done":
+            continue
+        m, met = rec["model"], rec["metrics"]
+        row = {**m, "series": series_label(m), "val_loss": met.get("val_loss"), "perplexity": met.get("perplexity"),
+               "bits_per_byte": met.get("bits_per_byte")}
+        for task, values in met.get("tasks", {}).items():
+            for metric, v in values.items():
+                if isinstance(v, (int, float)) and not metric.endswith("_stderr"):
+                    row[f"{task}/{metric}"] = v
+        for group, v in met.get("groups", {}).items():
+            if v is not None:
+                row[f"group/{group}"] = v
+        rows.append(row)
+    rows.sort(key=lambda r: (r["series"], r["params"], r["seed"]))
+    return rows
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols = ["val_loss"] if any(r.get("val_loss") is not None for r in rows) else []
+    extra = sorted({k for r in rows for k in r if "/" in k})
+    return cols + extra
+
+
+def fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Validation loss vs parameters per latent family (and variant), where at least 3 sizes were evaluated."""
+    out = {}
+    for label in sorted({r["series"] for r in rows if r["kind"] in ("floatlm", "trilm")}):
+        pts = sorted({r["params"]: r["val_loss"] for r in rows if r["series"] == label and r.get("val_loss")}.items())
+        if len(pts) < 3:
+            continue
+        N, L = zip(*pts, strict=True)
+        try:
+            out[label] = fit_power_law(N, L, offset=True)
+        except ValueError as e:
+            out[label] = {"error": str(e)}
+        out[label]["pure"] = fit_power_law(N, L, offset=False)
+    return out
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> tuple[str, str]:
+    """A table as Markdown and as HTML."""
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return "\n".join(md), f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[str, Any], paper: bool) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    have = [r for r in rows if r.get(metric) is not None]
+    if not have:
+        return None
+    fig, (ax_p, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in sorted({r["series"] for r in have}):
+        pts = sorted((r["params"], r["size_bits"], r[metric], r) for r in have if r["series"] == label)
+        kind = pts[0][3]["kind"]
+        color = QUANT_COLORS.get(pts[0][3]["bits"]) if kind == "quantlm" else None
+        style = dict(marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":")
+        if kind != "packed":  # packed TriLMs are the same models as the latent ones: only their size in bits differs
+            ax_p.plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        ax_b.plot([p[1] for p in pts], [p[2] for p in pts], **style)
+    if metric == "val_loss":
+        for label, f in fit.items():
+            if "A" not in f:
+                continue
+            xs = np.geomspace(min(r["params"] for r in have) / 1.5, max(r["params"] for r in have) * 1.5, 100)
+            ax_p.plot(xs, f["A"] * xs ** (-f["alpha"]) + f["eps"], "--", linewidth=1, alpha=0.7,
+                      label=f"{label} fit {f['A']:.3g}·N^-{f['alpha']:.2f}+{f['eps']:.2f}")
+        if paper:
+            xs = np.geomspace(5e7, 5e9, 100)
+            for fam, f in PAPER_FITS.items():
+                ax_p.plot(xs, f["A"] * xs ** (-f["alpha"]) + f["eps"], ":", color="gray",
+                          label=f"paper {fam}: {f['A']:.0f}·N^-{f['alpha']}+{f['eps']}")
+    for ax, xlabel in ((ax_p, "parameters"), (ax_b, "size in bits (paper's count; packed: real)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_p.set_title(f"{metric} across parameters")
+    ax_b.set_title(f"{metric} across size in bits")
+    ax_p.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write report.md, report.html, figures/*.png and summary.json. Returns their paths and the summary table."""
+    results = Path(results)
+    root = results if results.is_dir() else results.parent
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    records = read_records(results)
+    spec = {}
+    if (root / "spec.json").exists():
+        spec = json.loads((root / "spec.json").read_text())
+    paper = spec.get("preset") == "paper"
+    rows = model_rows(records)
+    fit = fits(rows)
+    cols = metric_columns(rows)
+
+    sections_md: list[str] = [f"# Spectra suite report: {spec.get('name', root.name)}", ""]
+    sections_html: list[str] = [f"<h1>Spectra suite report: {html.escape(str(spec.get('name', root.name)))}</h1>"]
+    status = {}
+    for rec in records.values():
+        status[rec["status"]] = status.get(rec["status"], 0) + 1
+    line = ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
+    sections_md += [f"Steps: {line}.", ""]
+    sections_html.append(f"<p>Steps: {html.escape(line)}.</p>")
+
+    def add(title: str, md_html: tuple[str, str], note: str = "") -> None:
+        sections_md.extend([f"## {title}", "", *( [note, ""] if note else []), md_html[0], ""])
+        sections_html.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else "")
+                             + md_html[1])
+
+    summary_cols = ["val_loss"] + [c for c in cols if c.endswith("/acc")][:3]
+    header = ["model", "kind", "params", "size (Mbit)"] + summary_cols
+    summary_rows = [[r["name"], r["kind"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in summary_cols]
+                    for r in rows]
+    summary = _table(header, summary_rows)
+    add("Models", _table(["model", "series", "params", "size (Mbit)"] + cols,
+                         [[r["name"], r["series"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in cols]
+                          for r in rows]),
+        "Size in bits as the paper counts it: embeddings and head at 16 bits; block weights at 16 (FloatLM), "
+        "b + 0.25 for 3/4-bit g128 QuantLMs, b for 6/8-bit, log2 3 for TriLM, 2.0625 / 1.6875 for TQ2_0 / TQ1_0.")
+
+    fit_rows = []
+    for label, f in fit.items():
+        if "A" in f:
+            se = f.get("stderr") or {}
+            fit_rows.append([label, f"{f['A']:.4g} ± {_fmt(se.get('A'))}", f"{f['alpha']:.4f} ± {_fmt(se.get('alpha'))}",
+                             f"{f['eps']:.4f} ± {_fmt(se.get('eps'))}", f["rmse"], f["n"],
+                             f"{f['pure']['A']:.4g}·N^-{f['pure']['alpha']:.4f}"])
+    if paper:
+        for fam, f in PAPER_FITS.items():
+            fit_rows.append([f"paper {fam}", f["A"], f["alpha"], f["eps"], None, 9, None])
+    if fit_rows:
+        add("Scaling-law fits: L(N) = A·N^(−α) + ε", _table(["series", "A", "α", "ε", "rmse", "points", "pure power law"],
+                                                             fit_rows),
+            "Least squares over total parameters N (the paper's x axis). ± is one standard error; '–' where the fit "
+            "has as many parameters as points.")
+
+    pts = [(r["size_bits"], r["val_loss"], r) for r in rows if r.get("val_loss") is not None]
+    front = pareto_front(pts)
+    add("Pareto frontier: validation loss vs size in bits",
+        _table(["model", "series", "size (Mbit)", "val_loss"],
+               [[r["name"], r["series"], r["size_bits"] / 1e6, r["val_loss"]] for r in front]),
+        "Models for which no other model is both smaller in bits and lower in validation loss.")
+
+    mem = {}
+    for rec in records.values():
+        if rec["status"] == "done" and rec["step"] in ("train", "quantize", "pack"):
+            m = rec["model"]
+            mem.setdefault(m["size"], {})[series_label(m)] = (m["size_bits"], rec["metrics"].get("stored_bits"))
+    labels = sorted({k for v in mem.values() for k in v})
+    mem_rows = [[size] + [_fmt(v[lab][0] / 8 / 2**20, 3) + (f" ({v[lab][1] / 8 / 2**20:.3g})" if v[lab][1] else "")
+                          if lab in v else None for lab in labels] for size, v in mem.items()]
+    if mem_rows:
+        add("Memory (MiB)", _table(["size"] + labels, mem_rows),
+            "Paper's count (FloatLM at fp16), and in parentheses the bytes the checkpoint really stores.")
+
+    speed_rows = []
+    for rec in records.values():
+        if rec["step"] == "bench" and rec["status"] == "done":
+            for r in rec["metrics"].get("results", []):
+                speed_rows.append([rec["model"]["name"], r.get("variant"), r.get("threads"),
+                                   r.get("prompt_tokens_per_s"), r.get("decode_tokens_per_s"), r.get("ms_per_token"),
+                                   r.get("weights_mb")])
+    if speed_rows:
+        add("Speed (spectra bench)", _table(["model", "variant", "threads", "prompt tok/s", "decode tok/s",
+                                             "ms/token", "weights MB"], speed_rows))
+
+    failed = [[k, r["status"], r.get("error")] for k, r in records.items() if r["status"] != "done"]
+    if failed:
+        add("Steps that did not finish", _table(["step", "status", "reason"], failed))
+
+    figures = []
+    for metric in cols:
+        name = metric.replace("/", "_")
+        try:
+            p = _plot_panels(rows, metric, out / "figures" / f"{name}.png", fit, paper)
+        except ImportError as e:
+            raise ImportError("the report's figures need matplotlib: pip install 'spectra[plot]'") from e
+        if p is not None:
+            figures.append(p)
+    for p in figures:
+        rel = p.relative_to(out)
+        sections_md += [f"![{p.stem}]({rel})", ""]
+        data = base64.b64encode(p.read_bytes()).decode()
+        sections_html.append(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{data}"/></figure>')
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "report.md") as f:
+        f.write("\n".join(sections_md))
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    with atomic_file(out / "report.html") as f:
+        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Spectra suite report</title>"
+                f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>")
+    write_json(out / "summary.json", {"models": rows, "fits": fit, "pareto": [r["name"] for r in front]})
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
+            "figures": [str(p) for p in figures], "summary_table": summary[0]}

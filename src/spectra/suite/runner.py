@@ -1,0 +1,285 @@
+"""`run_suite`: the Spectra study as a resumable list of steps.
+
+For every size, family and seed the suite trains a model; every FloatLM is quantized by GPTQ at each bit width into
+QuantLMs; every ternary model is packed; every resulting model (float, quantized, latent ternary, packed) is
+evaluated; the largest size of each kind is benchmarked. All models of a seed see the same data in the same order.
+
+Each step appends one JSON line to `OUT/results.jsonl`:
+
+    {"key": "quantize/floatlm-5m/4bit/s0", "step": "quantize", "status": "done" | "failed" | "blocked",
+     "model": {"name", "family", "kind", "size", "bits", "seed", "params", "non_embedding_params", "size_bits"},
+     "metrics": {...}, "artifacts": {"model": "quantlm/floatlm-5m-4bit-s0"}, "error": null, "seconds": 12.3}
+
+A rerun reads the file, skips steps whose last record is "done" and whose artifacts still exist, and retries the
+rest. A failed step records its reason and blocks only the steps that need its output. A killed training run resumes
+from its last checkpoint. Paths in records are relative to OUT, so a results folder can be moved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spectra.checkpoint import write_json
+from spectra.suite.spec import SuiteSpec, check_writable
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+PACKABLE_QUANTIZERS = ("trilm", "twn")  # ternary codes x one scale per shard, activations in float
+
+
+@dataclass
+class Step:
+    kind: str  # train | quantize | pack | eval | bench
+    family: str  # a family or variant name
+    size: str
+    seed: int
+    bits: int | None = None
+    fmt: str | None = None
+    target: str | None = None  # eval/bench: the key of the step whose model it measures
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def model_name(self) -> str:
+        name = f"{self.family}-{self.size}"
+        if self.bits is not None:
+            name += f"-{self.bits}bit"
+        if self.fmt is not None:
+            name += f"-{self.fmt}"
+        return f"{name}-s{self.seed}"
+
+    @property
+    def key(self) -> str:
+        if self.kind in ("eval", "bench"):
+            return f"{self.kind}/{self.target}"
+        parts = [self.kind, f"{self.family}-{self.size}"]
+        if self.bits is not None:
+            parts.append(f"{self.bits}bit")
+        if self.fmt is not None:
+            parts.append(self.fmt)
+        return "/".join(parts + [f"s{self.seed}"])
+
+
+def plan(spec: SuiteSpec) -> list[Step]:
+    """Every step of the study in a dependency-respecting order: train, quantize, pack, eval, bench."""
+    trains, derived, evals = [], [], []
+    for seed in spec.seeds:
+        for size in spec.sizes:
+            for family in spec.families:
+                t = Step("train", family, size, seed)
+                trains.append(t)
+                evals.append(Step("eval", family, size, seed, target=t.key, deps=[t.key]))
+                cfg = spec.model_config(size, family)
+                if cfg.family == "floatlm":
+                    for b in spec.quant_bits:
+                        q = Step("quantize", family, size, seed, bits=b, deps=[t.key])
+                        derived.append(q)
+                        evals.append(Step("eval", family, size, seed, bits=b, target=q.key, deps=[q.key]))
+                elif cfg.quantizer in PACKABLE_QUANTIZERS:
+                    for fmt in spec.pack_formats:
+                        p = Step("pack", family, size, seed, fmt=fmt, deps=[t.key])
+                        derived.append(p)
+                        evals.append(Step("eval", family, size, seed, fmt=fmt, target=p.key, deps=[p.key]))
+    benches = []
+    if spec.bench:
+        largest, seed = spec.sizes[-1], spec.seeds[0]
+        for s in trains + derived:
+            if s.size == largest and s.seed == seed and (s.kind == "train" or s.bits == 4 or s.fmt == "tq2"):
+                cfg = spec.model_config(s.size, s.family)
+                if s.kind == "train" and cfg.family == "trilm" and cfg.quantizer in PACKABLE_QUANTIZERS \
+                        and "tq2" in spec.pack_formats:
+                    continue  # the packed copy is benchmarked instead (it runs our kernels)
+                benches.append(Step("bench", s.family, s.size, s.seed, bits=s.bits, fmt=s.fmt, target=s.key,
+                                    deps=[s.key]))
+    return trains + derived + evals + benches
+
+
+class Records:
+    """The append-only results file; the last record of a key wins."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s:%d is not JSON (a run killed mid-write?); ignoring that line", path, n)
+                    continue
+                self.last[rec["key"]] = rec
+
+    def append(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        self.last[rec["key"]] = rec
+
+    def done(self, key: str, root: Path) -> bool:
+        rec = self.last.get(key)
+        if rec is None or rec["status"] != "done":
+            return False
+        return all((root / p).exists() for p in rec.get("artifacts", {}).values())
+
+
+def _model_info(spec: SuiteSpec, step: Step, kind: str) -> dict[str, Any]:
+    from spectra.accounting import size_report
+
+    cfg = spec.model_config(step.size, step.family)
+    report = size_report(cfg)
+    if kind == "quantlm":
+        size_bits = report["bits"].get(f"quantlm_{step.bits}")
+    elif kind == "packed":
+        size_bits = report["bits"][f"trilm_{step.fmt}"]
+    else:
+        size_bits = report["bits"]["this_model"]
+    return {"name": step.model_name, "family": step.family, "base_family": cfg.family, "kind": kind,
+            "quantizer": cfg.quantizer if cfg.family == "trilm" else None, "size": step.size, "bits": step.bits,
+            "format": step.fmt, "seed": step.seed, "params": report["params"],
+            "non_embedding_params": report["non_embedding_params"], "size_bits": size_bits}
+
+
+class SuiteRunner:
+    def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True) -> None:
+        self.spec, self.out, self.progress = spec, out, progress
+        self.records = Records(out / RESULTS_FILE)
+        self.steps = {s.key: s for s in plan(spec)}
+
+    # ---- step bodies: each returns (model info, metrics, artifacts relative to out) ---------------------------
+    def _artifact(self, key: str) -> Path:
+        return self.out / self.records.last[key]["artifacts"]["model"]
+
+    def run_train(self, step: Step) -> tuple[dict, dict, dict]:
+        from spectra.train import TrainConfig, train
+
+        cfg = self.spec.model_config(step.size, step.family)
+        tcfg = TrainConfig.from_dict({"tokens": self.spec.tokens_for(step.size), "data": self.spec.data,
+                                      "tokenizer": self.spec.tokenizer, "seed": step.seed,
+                                      **self.spec.train_overrides(step.family)})
+        run_dir = self.out / "runs" / step.model_name
+        result = train(cfg, tcfg, out_dir=run_dir, resume=(run_dir / "run.json").exists(), progress=self.progress)
+        metrics = {k: result[k] for k in ("val_loss", "train_loss", "tokens", "steps", "wall_time", "tokens_per_s",
+                                          "skipped_steps") if k in result}
+        rel = run_dir.relative_to(self.out)
+        return _model_info(self.spec, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
+
+    def run_quantize(self, step: Step) -> tuple[dict, dict, dict]:
+        from spectra.ptq import quantize
+
+        src = self._artifact(step.deps[0])
+        out = self.out / "quantlm" / step.model_name
+        opts = {"n_samples": 32, "seq_len": 256, **self.spec.quantize}
+        result = quantize(src, out, bits=step.bits, calib=self.spec.data, seed=step.seed, format="gptq",
+                          progress=self.progress, **opts)
+        from spectra.accounting import stored_bits
+
+        metrics = {"stored_bits": stored_bits(out)["total_bits"], "stats": result.get("stats")}
+        return _model_info(self.spec, step, "quantlm"), metrics, {"model": str(out.relative_to(self.out))}
+
+    def run_pack(self, step: Step) -> tuple[dict, dict, dict]:
+        from spectra.accounting import stored_bits
+        from spectra.packed.io import pack_model
+
+        src = self._artifact(step.deps[0])
+        out = self.out / "packed" / step.model_name
+        summary = pack_model(src, out, format=step.fmt)
+        metrics = {"packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+                   "stored_bits": stored_bits(out)["total_bits"]}
+        return _model_info(self.spec, step, "packed"), metrics, {"model": str(out.relative_to(self.out))}
+
+    def run_eval(self, step: Step) -> tuple[dict, dict, dict]:
+        from spectra.eval import evaluate
+
+        target = self.steps[step.target]
+        path = self._artifact(step.target)
+        opts = {"batch_size": 8, "ppl_max_tokens": 65536, **self.spec.eval}
+        res = evaluate(path, self.spec.tasks, data=self.spec.data, **opts)
+        out = self.out / "evals" / f"{target.model_name}.json"
+        write_json(out, res)
+        metrics: dict[str, Any] = {"tasks": res.get("tasks", {}), "groups": {
+            k: v.get("average") for k, v in res.get("groups", {}).items()}}
+        ppl = res.get("perplexity")
+        if ppl:
+            metrics["perplexity"] = ppl.get("ppl")
+            metrics["val_loss"] = ppl.get("loss")
+            metrics["bits_per_byte"] = ppl.get("bits_per_byte")
+        kind = {"train": self.spec.model_config(target.size, target.family).family,
+                "quantize": "quantlm", "pack": "packed"}[target.kind]
+        return _model_info(self.spec, target, kind), metrics, {"results": str(out.relative_to(self.out))}
+
+    def run_bench(self, step: Step) -> tuple[dict, dict, dict]:
+        from spectra.inference.bench import bench
+
+        target = self.steps[step.target]
+        path = self._artifact(step.target)
+        kind = {"train": self.spec.model_config(target.size, target.family).family,
+                "quantize": "quantlm", "pack": "packed"}[target.kind]
+        dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",),
+                  "packed": ("model",)}[kind]
+        opts = {"prompt_len": 64, "gen_len": 32, "threads": (2,), "repeats": 2, "llama_cpp": False,
+                **self.spec.bench_options}
+        res = bench(path, dtypes=dtypes, **opts)
+        out = self.out / "bench" / f"{target.model_name}.json"
+        write_json(out, res)
+        metrics = {"results": res.get("results", []), "peak_rss_mb": res.get("peak_rss_mb")}
+        return _model_info(self.spec, target, kind), metrics, {"results": str(out.relative_to(self.out))}
+
+    # ---- driver -----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        bodies: dict[str, Callable[[Step], tuple[dict, dict, dict]]] = {
+            "train": self.run_train, "quantize": self.run_quantize, "pack": self.run_pack,
+            "eval": self.run_eval, "bench": self.run_bench}
+        counts = {"done": 0, "skipped": 0, "failed": 0, "blocked": 0}
+        steps = list(self.steps.values())
+        bar = tqdm(steps, desc="suite", unit="step", disable=not self.progress, position=0)
+        for step in bar:
+            bar.set_postfix_str(step.key)
+            if self.records.done(step.key, self.out):
+                counts["skipped"] += 1
+                continue
+            blockers = [d for d in step.deps if not self.records.done(d, self.out)]
+            rec: dict[str, Any] = {"key": step.key, "step": step.kind, "model": None, "metrics": {}, "artifacts": {},
+                                   "error": None, "seconds": 0.0}
+            if blockers:
+                rec.update(status="blocked", error=f"needs {', '.join(blockers)}, which did not finish")
+                counts["blocked"] += 1
+            else:
+                t0 = time.perf_counter()
+                try:
+                    info, metrics, artifacts = bodies[step.kind](step)
+                    rec.update(status="done", model=info, metrics=metrics, artifacts=artifacts)
+                    counts["done"] += 1
+                except Exception as e:  # noqa: BLE001 - a failed step is recorded and the study goes on
+                    log.error("suite step %s failed: %s", step.key, e)
+                    log.debug("%s", traceback.format_exc())
+                    rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+                    counts["failed"] += 1
+                rec["seconds"] = round(time.perf_counter() - t0, 3)
+            rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            self.records.append(rec)
+        return counts
+
+
+def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study and build its report. Returns step counts, timings and the report paths."""
+    out = check_writable(out_dir)
+    write_json(out / "spec.json", spec.to_dict())
+    t0 = time.perf_counter()
+    counts = SuiteRunner(spec, out, progress=progress).run()
+    result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1)}
+    if report:
+        from spectra.suite.report import build_report
+
+        result["report"] = build_report(out)
+    return result

@@ -1,0 +1,216 @@
+"""The suite specification: which models to train, quantize, pack, evaluate and benchmark.
+
+A spec is a TOML file (presets live in `spectra/suite/presets/`):
+
+    [suite]
+    name = "tiny"
+    sizes = ["tiny", "5m", "20m"]          # named sizes (spectra.config.SIZES)
+    families = ["floatlm", "trilm"]        # families, or variants defined below
+    quant_bits = [3, 4, 6, 8]              # GPTQ QuantLMs made from every FloatLM
+    pack_formats = ["tq2", "tq1"]          # packed copies of every ternary model
+    tokens = 2e5                           # training tokens per model: one number, or a table per size
+    data = "builtin"                       # any spectra.data source
+    tokenizer = "builtin"                  # 'builtin', 'bpe:N', or a tokenizer.json
+    tasks = ["ppl", "cloze"]               # spectra eval task names
+    seeds = [0]
+    bench = true                           # measure decode speed of the largest size of each kind
+
+    [model]      # ModelConfig overrides for every model (e.g. max_seq_len)
+    [train]      # TrainConfig overrides for every model (e.g. precision = "bf16")
+    [quantize]   # spectra.ptq.quantize keyword arguments (n_samples, seq_len, group_size, ...)
+    [eval]       # spectra.eval.evaluate keyword arguments (limit, batch_size, ppl_max_tokens, ...)
+    [bench]      # spectra.inference.bench keyword arguments (prompt_len, gen_len, threads)
+    [variants.bilm]                        # an extra "family": a base family plus model/train overrides
+    family = "trilm"
+    model = { quantizer = "bilm" }
+
+Everything is validated here, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from spectra.config import FAMILIES, SIZES, ModelConfig, from_name
+
+PRESETS = ("tiny", "small", "paper", "ablations-tiny", "micro")
+PACK_FORMATS = ("tq2", "tq1")
+MIN_STEPS = 4  # a budget that gives fewer optimizer steps than this is too small to train
+
+
+@dataclass(kw_only=True)
+class Variant:
+    name: str
+    family: str
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class SuiteSpec:
+    name: str
+    sizes: list[str]
+    families: list[str] = field(default_factory=lambda: ["floatlm", "trilm"])
+    quant_bits: list[int] = field(default_factory=lambda: [3, 4, 6, 8])
+    pack_formats: list[str] = field(default_factory=lambda: ["tq2"])
+    tokens: float | dict[str, float] = 1e6
+    data: str = "builtin"
+    tokenizer: str = "builtin"
+    tasks: list[str] = field(default_factory=lambda: ["ppl", "cloze"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    bench: bool = True
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    quantize: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    bench_options: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    preset: str | None = None
+
+    def family_of(self, name: str) -> str:
+        return self.variants[name].family if name in self.variants else name
+
+    def tokens_for(self, size: str) -> float:
+        if isinstance(self.tokens, dict):
+            return float(self.tokens[size])
+        return float(self.tokens)
+
+    def model_config(self, size: str, family: str) -> ModelConfig:
+        base = self.family_of(family)
+        overrides = dict(self.model)
+        if family in self.variants:
+            overrides.update(self.variants[family].model)
+        cfg = from_name(f"{base}-{size}", **overrides)
+        return cfg.replace(name=f"{family}-{size}")
+
+    def train_overrides(self, family: str) -> dict[str, Any]:
+        out = dict(self.train)
+        if family in self.variants:
+            out.update(self.variants[family].train)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _err(source: str, what: str) -> ValueError:
+    return ValueError(f"{source}: {what}")
+
+
+def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
+    """A validated SuiteSpec from a parsed TOML document. Errors name the table and key."""
+    known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants"}
+    unknown = sorted(set(doc) - known_tables)
+    if unknown:
+        raise _err(source, f"unknown table(s) {unknown}; accepted: {sorted(known_tables)}")
+    suite = dict(doc.get("suite", {}))
+    if "sizes" not in suite:
+        raise _err(source, "[suite] sizes is required (e.g. sizes = ['tiny', '5m'])")
+    fields = {f.name for f in dataclasses.fields(SuiteSpec)} - {"model", "train", "quantize", "eval", "bench_options",
+                                                                  "variants"}
+    bad = sorted(set(suite) - fields)
+    if bad:
+        raise _err(source, f"unknown [suite] key(s) {bad}; accepted: {sorted(fields)}")
+    variants = {}
+    for name, v in doc.get("variants", {}).items():
+        v = dict(v)
+        extra = sorted(set(v) - {"family", "model", "train"})
+        if extra:
+            raise _err(source, f"[variants.{name}]: unknown key(s) {extra}; accepted: family, model, train")
+        if v.get("family") not in FAMILIES:
+            raise _err(source, f"[variants.{name}] family must be one of {FAMILIES}, got {v.get('family')!r}")
+        variants[name] = Variant(name=name, family=v["family"], model=v.get("model", {}), train=v.get("train", {}))
+    spec = SuiteSpec(
+        **suite,
+        model=doc.get("model", {}),
+        train=doc.get("train", {}),
+        quantize=doc.get("quantize", {}),
+        eval=doc.get("eval", {}),
+        bench_options=doc.get("bench", {}),
+        variants=variants,
+    )
+    validate(spec, source)
+    return spec
+
+
+def validate(spec: SuiteSpec, source: str = "spec") -> None:
+    """Everything that can be checked before training: sizes, families, bits, formats, budgets, configs."""
+    from spectra.train.config import TrainConfig, resolve
+
+    for size in spec.sizes:
+        if size not in SIZES:
+            raise _err(source, f"unknown size {size!r} in [suite] sizes; accepted: {', '.join(SIZES)}")
+    for family in spec.families:
+        if family not in FAMILIES and family not in spec.variants:
+            raise _err(source, f"unknown family {family!r} in [suite] families; accepted: {list(FAMILIES)} or a "
+                               f"[variants.NAME] table (defined: {sorted(spec.variants)})")
+    for b in spec.quant_bits:
+        if not isinstance(b, int) or not 2 <= b <= 8:
+            raise _err(source, f"[suite] quant_bits: {b!r} is not an integer from 2 to 8")
+    for fmt in spec.pack_formats:
+        if fmt not in PACK_FORMATS:
+            raise _err(source, f"[suite] pack_formats: {fmt!r}; accepted: {PACK_FORMATS}")
+    if isinstance(spec.tokens, dict):
+        missing = [s for s in spec.sizes if s not in spec.tokens]
+        if missing:
+            raise _err(source, f"[suite] tokens has no budget for size(s) {missing}")
+    if not spec.seeds:
+        raise _err(source, "[suite] seeds is empty")
+    for size in spec.sizes:
+        for family in spec.families:
+            try:
+                cfg = spec.model_config(size, family)
+                train = TrainConfig.from_dict({"tokens": spec.tokens_for(size), **spec.train_overrides(family)})
+                train = resolve(cfg, train)
+            except (TypeError, ValueError) as e:
+                raise _err(source, f"{family}-{size}: {e}") from e
+            steps = int(train.tokens // train.batch_tokens)
+            if steps < MIN_STEPS:
+                raise _err(source, f"{family}-{size}: a budget of {train.tokens:.3g} tokens is {steps} optimizer "
+                                   f"step(s) of {train.batch_tokens} tokens; at least {MIN_STEPS} are needed to train "
+                                   f"(raise [suite] tokens or lower [train] batch_tokens)")
+
+
+def load_spec(preset: str | None = None, path: str | os.PathLike | None = None,
+              overrides: dict[str, Any] | None = None) -> SuiteSpec:
+    """A preset by name or a TOML file, with optional `[suite]` overrides (e.g. {"sizes": ["tiny"]})."""
+    if (preset is None) == (path is None):
+        raise ValueError("give exactly one of a preset name or a spec file")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
+        text = resources.files("spectra.suite").joinpath("presets", f"{preset}.toml").read_text()
+        source = f"preset {preset}"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"suite spec {p} does not exist")
+        text, source = p.read_text(), str(p)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{source} is not valid TOML: {e}") from e
+    if overrides:
+        doc.setdefault("suite", {}).update(overrides)
+    spec = parse_spec(doc, source)
+    spec.preset = preset
+    return spec
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create `out_dir` if needed and prove a file can be written there, before any work starts."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(f"output folder {out} is not writable: {e.strerror or e}") from e
+    return out
