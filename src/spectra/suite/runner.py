@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spectra.checkpoint import write_json
+from spectra.checkpoint import read_meta, write_json
+from spectra.config import ModelConfig
 from spectra.suite.spec import SuiteSpec, check_writable
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,10 @@ class Records:
         return all((root / p).exists() for p in rec.get("artifacts", {}).values())
 
 
-def _model_info(spec: SuiteSpec, step: Step, kind: str) -> dict[str, Any]:
+def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
+    """Identity and size of a model; `cfg` is the trained model's own config (its vocabulary may be fitted)."""
     from spectra.accounting import size_report
 
-    cfg = spec.model_config(step.size, step.family)
     report = size_report(cfg)
     if kind == "quantlm":
         size_bits = report["bits"].get(f"quantlm_{step.bits}")
@@ -158,6 +159,11 @@ class SuiteRunner:
     def _artifact(self, key: str) -> Path:
         return self.out / self.records.last[key]["artifacts"]["model"]
 
+    def _trained_config(self, step: Step) -> ModelConfig:
+        """The config the model of `step` was trained with, read from its training run's final model."""
+        train_key = Step("train", step.family, step.size, step.seed).key
+        return ModelConfig.from_dict(read_meta(self._artifact(train_key))["config"])
+
     def run_train(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.train import TrainConfig, train
 
@@ -170,7 +176,8 @@ class SuiteRunner:
         metrics = {k: result[k] for k in ("val_loss", "train_loss", "tokens", "steps", "wall_time", "tokens_per_s",
                                           "skipped_steps") if k in result}
         rel = run_dir.relative_to(self.out)
-        return _model_info(self.spec, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
+        trained = ModelConfig.from_dict(read_meta(run_dir / "final")["config"])
+        return _model_info(trained, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
 
     def run_quantize(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.ptq import quantize
@@ -183,7 +190,7 @@ class SuiteRunner:
         from spectra.accounting import stored_bits
 
         metrics = {"stored_bits": stored_bits(out)["total_bits"], "stats": result.get("stats")}
-        return _model_info(self.spec, step, "quantlm"), metrics, {"model": str(out.relative_to(self.out))}
+        return _model_info(self._trained_config(step), step, "quantlm"), metrics, {"model": str(out.relative_to(self.out))}
 
     def run_pack(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.accounting import stored_bits
@@ -194,7 +201,7 @@ class SuiteRunner:
         summary = pack_model(src, out, format=step.fmt)
         metrics = {"packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
                    "stored_bits": stored_bits(out)["total_bits"]}
-        return _model_info(self.spec, step, "packed"), metrics, {"model": str(out.relative_to(self.out))}
+        return _model_info(self._trained_config(step), step, "packed"), metrics, {"model": str(out.relative_to(self.out))}
 
     def run_eval(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.eval import evaluate
@@ -214,7 +221,7 @@ class SuiteRunner:
             metrics["bits_per_byte"] = ppl.get("bits_per_byte")
         kind = {"train": self.spec.model_config(target.size, target.family).family,
                 "quantize": "quantlm", "pack": "packed"}[target.kind]
-        return _model_info(self.spec, target, kind), metrics, {"results": str(out.relative_to(self.out))}
+        return _model_info(self._trained_config(target), target, kind), metrics, {"results": str(out.relative_to(self.out))}
 
     def run_bench(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.inference.bench import bench
@@ -231,7 +238,7 @@ class SuiteRunner:
         out = self.out / "bench" / f"{target.model_name}.json"
         write_json(out, res)
         metrics = {"results": res.get("results", []), "peak_rss_mb": res.get("peak_rss_mb")}
-        return _model_info(self.spec, target, kind), metrics, {"results": str(out.relative_to(self.out))}
+        return _model_info(self._trained_config(target), target, kind), metrics, {"results": str(out.relative_to(self.out))}
 
     # ---- driver -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
