@@ -10,6 +10,14 @@ import sys
 
 CLI_MODULES = [
     "spectra.cli",
+    "spectra.packed.cli",
+    "spectra.inference.cli",
+    "spectra.ptq.cli",
+    "spectra.analysis.cli",
+    "spectra.data.cli",
+    "spectra.train.cli",
+    "spectra.suite.cli",
+    "spectra.eval.cli",
 ]
 
 

@@ -39,8 +39,12 @@ def _shards(W: Tensor, num_shards: int, dim: int) -> list[Tensor]:
 
 def ternarize(W: Tensor, num_shards: int = 1, dim: int = 0, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """Absmean ternarization. Returns (codes int8 in {-1,0,1} shaped like W, scales float32 of shape [num_shards])."""
+    W = W.detach().float()
+    if num_shards == 1 and dim in (0, 1):  # the common case: one pass for γ, one fused in-place pass for the codes
+        gamma = W.abs().mean() + eps
+        return (W / gamma).clamp_(-1.0, 1.0).round_().to(torch.int8), gamma.reshape(1)
     codes, scales = [], []
-    for shard in _shards(W.detach().float(), num_shards, dim):
+    for shard in _shards(W, num_shards, dim):
         gamma = shard.abs().mean() + eps
         codes.append(torch.round(torch.clamp(shard / gamma, -1.0, 1.0)).to(torch.int8))
         scales.append(gamma)
@@ -50,6 +54,8 @@ def ternarize(W: Tensor, num_shards: int = 1, dim: int = 0, eps: float = EPS) ->
 def dequantize(codes: Tensor, scales: Tensor, dim: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
     """W̃ = γ·Ŵ with one γ per shard along `dim`."""
     n = scales.numel()
+    if n == 1:
+        return codes.to(torch.float32).mul_(scales.float()).to(dtype)
     size = codes.shape[dim] // n
     shape = [1, 1]
     shape[dim] = codes.shape[dim]
@@ -76,7 +82,10 @@ def straight_through(W: Tensor, W_q: Tensor) -> Tensor:
 class TernaryLinear(nn.Linear):
     """nn.Linear whose forward uses the quantized weight; the latent weight is trained through the STE.
 
-    The quantizer is `config.quantizer` (default "trilm", the paper's); see `spectra.quantizers` for the ablations.
+    The quantizer is `config.quantizer` (default "trilm", the paper's), a child module `quantizer`; see
+    `spectra.quantizers` for the ablations. Quantizers that ask for it (`bitnet158`) get an RMSNorm over the input
+    features inside the layer, `input_norm` (state-dict key `...<proj>.input_norm.weight`), applied before the input is
+    quantized: BitNet's norm before every linear layer, which a Llama checkpoint cannot represent.
     """
 
     def __init__(
@@ -97,21 +106,33 @@ class TernaryLinear(nn.Linear):
         self.num_shards = num_shards
         self.shard_dim = shard_dim
         self.quantizer = build_quantizer(quantizer, num_shards=num_shards, dim=shard_dim, **(quantizer_options or {}))
-        self._cache: tuple[int, int, torch.dtype, Tensor, Tensor, Tensor] | None = None
+        self.quantizer.to(device=device, dtype=dtype)
+        self._stateless_quantizer = not [*self.quantizer.parameters(), *self.quantizer.buffers()]
+        if self.quantizer.input_norm:
+            from spectra.model import RMSNorm
+
+            self.input_norm = RMSNorm(in_features).to(device=device, dtype=dtype)
+        else:
+            self.input_norm = None
+        self._cache: tuple[tuple[int, ...], torch.dtype, Tensor, Tensor, Tensor] | None = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_shards={self.num_shards}, shard_dim={self.shard_dim}, {self.quantizer}"
+        return f"{super().extra_repr()}, num_shards={self.num_shards}, shard_dim={self.shard_dim}"
 
-    def _key(self) -> tuple[int, int]:
-        return (self.weight._version, self.weight.data_ptr())
+    def _key(self) -> tuple[int, ...]:
+        # the codes depend on the latent weight and on the quantizer's own tensors (learnable scale, progressive stage)
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._stateless_quantizer:  # the common case, kept cheap: decoding calls this for every layer
+            return key
+        return (*key, *(t._version for t in (*self.quantizer.parameters(), *self.quantizer.buffers())))
 
     def codes_and_scales(self) -> tuple[Tensor, Tensor]:
-        """Ternary codes (int8) and per-shard scales of the current weight, cached until the weight changes."""
+        """Integer codes (ternary: int8 in {-1, 0, 1}) and per-shard scales of the current weight, cached until the
+        weight or the quantizer changes."""
         cache = self._cache
-        if cache is not None and cache[:2] == self._key():
-            return cache[3], cache[4]
-        codes, scales = self.quantizer.codes_and_scales(self.weight)
-        return codes, scales
+        if cache is not None and cache[0] == self._key():
+            return cache[2], cache[3]
+        return self.quantizer.codes_and_scales(self.weight)
 
     def set_exact(self, codes: Tensor, scales: Tensor) -> None:
         """Load exact codes and scales (e.g. recovered from an unpacked checkpoint).
@@ -131,19 +152,21 @@ class TernaryLinear(nn.Linear):
         with torch.no_grad():
             self.weight.copy_(torch.cat(latent, dim=self.shard_dim))
         W_q = dequantize(codes, scales, self.shard_dim, self.weight.dtype).to(self.weight.device)
-        self._cache = (*self._key(), self.weight.dtype, codes.to(torch.int8), scales.float(), W_q)
+        self._cache = (self._key(), self.weight.dtype, codes.to(torch.int8), scales.float(), W_q)
 
     def quantized_weight(self) -> Tensor:
         """W̃ in the weight's dtype (no autograd)."""
         cache = self._cache
-        if cache is not None and cache[:3] == (*self._key(), self.weight.dtype):
-            return cache[5]
+        if cache is not None and cache[:2] == (self._key(), self.weight.dtype):
+            return cache[4]
         codes, scales = self.quantizer.codes_and_scales(self.weight)
         W_q = self.quantizer.dequantize(codes, scales).to(self.weight.dtype)
-        self._cache = (*self._key(), self.weight.dtype, codes, scales, W_q)
+        self._cache = (self._key(), self.weight.dtype, codes, scales, W_q)
         return W_q
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         if not self.training and not torch.is_grad_enabled() and self.quantizer.cacheable:
             return F.linear(self.quantizer.quantize_input(x), self.quantized_weight())
         self._cache = None

@@ -1,0 +1,31 @@
+"""`spectra pack MODEL OUT [--format tq2|tq1] [--lossy]`: write a packed TriLM checkpoint (spectra.packed.io)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack a TriLM's ternary layers into llama.cpp's TQ2_0 (2.06 bits) or TQ1_0 (1.69 bits) blocks",
+        description="Write a packed checkpoint that `spectra.load` opens and spectra's CPU kernels run.",
+    )
+    p.add_argument("model", help="a TriLM: spectra model directory, Hugging Face directory, or size name (random init)")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="tq2: TQ2_0 (default, fastest); tq1: TQ1_0")
+    p.add_argument(
+        "--lossy",
+        action="store_true",
+        help="allow blocks straddling two shards with different scales (rounded to the block absmax like llama.cpp)",
+    )
+    p.set_defaults(func=run_pack)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from spectra.packed.io import pack_model
+
+    summary = pack_model(args.model, args.out, format=args.format, lossy=args.lossy)
+    print(json.dumps(summary, indent=2))
+    return 0

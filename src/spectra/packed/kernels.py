@@ -1,0 +1,203 @@
+"""Ternary × int8 matrix products on packed weights: the compiled kernels, their CPU paths, and a pure-torch reference.
+
+For weights in our block layout (`spectra.packed.formats`: TQ2_0 code bytes c = q+1 and scale segments) and a float
+input x [T, K], every path computes y [T, N] = x Wᵀ in three steps:
+
+1. Per-token int8 activations, absmax like llama.cpp's Q8_K but with one scale per token (over all K) and a
+   symmetric range: amax = max_i |x_i|, a_i = clamp(round_half_even(x_i · (127/amax)), −127, 127), s = amax/127,
+   all in float32. A token with amax = 0 gives a = 0 and s = 0; a token with a NaN or ±inf gives s = NaN (so its
+   outputs are NaN, never a plausible number).
+2. Integer dot products per scale segment σ (blocks over which each row's d is constant), using the codes directly:
+   Σ_{i∈σ} q_i a_i = Σ_{i∈σ} (q_i+1)·a_i − Σ_{i∈σ} a_i. The first sum is what `vpdpbusd` (u8 × s8) computes; the
+   second (`bsum`) is computed once per token.
+3. Float epilogue in a fixed order, f = int32 → float32:
+   y = s · (((0 + d_0·f(acc_0 − bsum_0)) + d_1·f(acc_1 − bsum_1)) + …).
+
+Because the integer sums are exact and step 3 is the same sequence of float32 operations everywhere, every path
+(`avx512vnni`, `avx2`, `scalar`, and `torch`, the reference below) gives bit-identical outputs. Against the float
+TernaryLinear output the difference is the int8 activation rounding (≈0.5/127 of amax per element, random sign).
+
+Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
+CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
+The environment variable SPECTRA_KERNEL overrides `auto`. Threads (OpenMP, shared with torch's runtime) take
+contiguous chunks of rows, so each reads one sequential weight stream at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from spectra.packed import formats
+
+PATHS = ("avx512vnni", "avx2", "scalar")  # best first
+_PATH_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
+_REQUIRES = {
+    "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avx2": ("avx2", "fma"),
+    "scalar": (),
+}
+
+
+@functools.cache
+def extension():
+    """The compiled `spectra.packed._kernels` module, or None when the package was installed without it."""
+    try:
+        from spectra.packed import _kernels
+    except ImportError:
+        return None
+    return _kernels
+
+
+def cpu_features() -> dict[str, bool]:
+    """Instruction-set extensions the CPU and OS support (as seen by the compiled extension; {} without it)."""
+    ext = extension()
+    return dict(ext.cpu_features()) if ext is not None else {}
+
+
+def supported_paths() -> list[str]:
+    """Kernel paths usable here, best first; `torch` (the reference) is always last."""
+    ext = extension()
+    if ext is None:
+        return ["torch"]
+    feats = cpu_features()
+    simd = ext.build_info()["x86_simd"]
+    out = [p for p in PATHS if all(feats.get(f, False) for f in _REQUIRES[p]) and (p == "scalar" or simd)]
+    return out + ["torch"]
+
+
+def resolve_path(path: str = "auto") -> str:
+    """'auto' -> the best supported path; a forced path the CPU (or build) lacks is a ValueError."""
+    path = str(path).lower()
+    if path == "auto":
+        path = os.environ.get("SPECTRA_KERNEL", "auto").lower() or "auto"
+        if path == "auto":
+            return supported_paths()[0]
+    accepted = ("auto", *PATHS, "torch")
+    if path not in accepted:
+        raise ValueError(f"unknown kernel path {path!r}; accepted: {', '.join(accepted)}")
+    available = supported_paths()
+    if path not in available:
+        if extension() is None:
+            raise ValueError(
+                f"kernel path {path!r} needs spectra's compiled extension, which is not built; reinstall with a C "
+                "compiler available (pip install .), or use path='torch'"
+            )
+        missing = [f for f in _REQUIRES[path] if not cpu_features().get(f, False)]
+        raise ValueError(
+            f"kernel path {path!r} needs CPU features {list(_REQUIRES[path])}; this CPU lacks {missing}. "
+            f"Available here: {', '.join(available)}"
+        )
+    return path
+
+
+# ---- pure-torch reference -----------------------------------------------------------------------------------------
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference step 1: x float [T, K] -> (a int8 [T, K], s float32 [T]) with the rule in the module docstring."""
+    x = x.float()
+    finite = torch.isfinite(x).all(dim=1)
+    amax = torch.where(finite, x.abs().amax(dim=1), torch.zeros_like(x[:, 0]))
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.full_like(safe, 127.0) / safe
+    a = torch.round(x * inv[:, None]).clamp_(-127, 127)
+    a = torch.where((amax > 0)[:, None], a, torch.zeros_like(a)).to(torch.int8)
+    s = torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
+    return a, s
+
+
+def reference_matmul(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor) -> Tensor:
+    """Pure-torch y [T, N] = x [T, K] Wᵀ, bit-identical to the compiled kernels (module docstring, steps 1–3)."""
+    a, s = quantize_activations(x)
+    codes = torch.from_numpy(formats.unpack_codes(qs.numpy())).double()
+    a64 = a.double()
+    y = torch.zeros(x.shape[0], qs.shape[0], dtype=torch.float32)
+    for j in range(bounds.numel() - 1):
+        lo, hi = int(bounds[j]) * 256, int(bounds[j + 1]) * 256
+        # Float64 sums of integers below 2^53 are exact, so these are the integer dot products.
+        acc = (a64[:, lo:hi] @ codes[:, lo:hi].T).to(torch.int64)  # Σ q·a = Σ (q+1)·a − Σ a
+        y = y + seg_d[:, j].float()[None, :] * acc.to(torch.float32)
+    return y * s[:, None]
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------------------
+
+
+def check_operands(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor) -> None:
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 matrix [T, K], got {x.dtype} {tuple(x.shape)}")
+    if qs.dim() != 2 or qs.dtype != torch.uint8 or not qs.is_contiguous() or x.shape[1] != qs.shape[1] * 4:
+        raise ValueError(f"qs must be contiguous uint8 [N, K/4] with K={x.shape[1]}, got {qs.dtype} {tuple(qs.shape)}")
+    if x.shape[1] % 256 or x.shape[1] > 1 << 22:
+        raise ValueError(f"row length {x.shape[1]} must be a multiple of 256 and at most 2^22")
+    S = bounds.numel() - 1
+    if bounds.dtype != torch.int32 or not bounds.is_contiguous() or S < 1:
+        raise ValueError("bounds must be a contiguous int32 vector of S+1 block indices")
+    if seg_d.dtype != torch.float32 or not seg_d.is_contiguous() or tuple(seg_d.shape) != (qs.shape[0], S):
+        raise ValueError(
+            f"seg_d must be contiguous float32 [{qs.shape[0]}, {S}], got {seg_d.dtype} {tuple(seg_d.shape)}"
+        )
+    for t in (x, qs, bounds, seg_d):
+        if t.device.type != "cpu":
+            raise ValueError(f"spectra's ternary kernels run on CPU; got a tensor on {t.device}")
+
+
+def ternary_matmul(
+    x: Tensor,
+    qs: Tensor,
+    bounds: Tensor,
+    seg_d: Tensor,
+    *,
+    path: str = "auto",
+    n_threads: int | None = None,
+) -> Tensor:
+    """y [T, N] float32 = x [T, K] Wᵀ for packed ternary W (see module docstring). Validates its operands."""
+    check_operands(x, qs, bounds, seg_d)
+    path = resolve_path(path)
+    if path == "torch":
+        return reference_matmul(x, qs, bounds, seg_d)
+    y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+    extension().matmul(
+        _PATH_IDS[path],
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        qs.data_ptr(),
+        qs.shape[0],
+        bounds.data_ptr(),
+        bounds.numel() - 1,
+        seg_d.data_ptr(),
+        y.data_ptr(),
+        n_threads or torch.get_num_threads(),
+    )
+    return y
+
+
+def kernel_quantize(x: Tensor, bounds: Tensor, *, path: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The compiled step 1, for tests: (a int8 [T, K] in the kernels' permuted block order, bsum int32 [T, S], s)."""
+    path = resolve_path(path)
+    if path == "torch":
+        raise ValueError("kernel_quantize needs a compiled path")
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] % 256:
+        raise ValueError(f"x must be a contiguous float32 [T, K] with K a multiple of 256, got {tuple(x.shape)}")
+    if bounds.dtype != torch.int32 or int(bounds[0]) != 0 or int(bounds[-1]) != x.shape[1] // 256:
+        raise ValueError("bounds must be int32 block indices from 0 to K/256")
+    T, K = x.shape
+    S = bounds.numel() - 1
+    a = torch.empty(T, K, dtype=torch.int8)
+    bsum = torch.empty(T, S, dtype=torch.int32)
+    s = torch.empty(T, dtype=torch.float32)
+    extension().quantize(
+        _PATH_IDS[path], x.data_ptr(), T, K, bounds.data_ptr(), S, a.data_ptr(), bsum.data_ptr(), s.data_ptr()
+    )
+    return a, bsum, s
+
+
+def permute_activations(a: Tensor) -> Tensor:
+    """Natural element order -> the kernels' per-block order (position 64l + 32h + m holds element 128h + 32l + m)."""
+    T, K = a.shape
+    return a.view(T, K // 256, 2, 4, 32).transpose(2, 3).reshape(T, K)

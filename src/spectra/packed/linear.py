@@ -1,0 +1,231 @@
+"""`PackedTernaryLinear`: a TriLM linear layer held as 2-bit TQ2_0 code bytes plus per-block fp16 scales.
+
+y = x Wᵀ with W = d·q per 256-weight block, computed by `spectra.packed.kernels` from int8 per-token activations:
+one C call per forward, a GEMV for a single token (decoding) and a GEMM that reuses each unpacked block across tokens
+(prompts). The output equals the pure-torch reference `kernels.reference_matmul` bit for bit, and is close to the float
+`TernaryLinear` output: the only difference is the int8 rounding of the activations (relative error ≈ 1 % of the
+output norm for Gaussian inputs, see tests/test_packed_linear.py) and fp16 rounding of γ (≤ 2⁻¹¹ relative).
+
+`convert_to_packed(model, format)` swaps every TernaryLinear of a model for a PackedTernaryLinear and returns how many
+it swapped. Inference only: the layer has no parameters and no backward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spectra.packed import formats
+from spectra.packed import kernels as K
+from spectra.ternary import SHARD_DIM, TernaryLinear
+
+
+class PackedTernaryLinear(nn.Module):
+    """Ternary weights in our block layout: `qs` uint8 [out, in/4] (TQ2_0 code bytes), `d` fp16 [out, in/256].
+
+    `format` ('tq2_0' | 'tq1_0') is how the layer is written to disk; in memory it is always the 2-bit layout, which the
+    kernels read as one sequential stream per row range. `path` selects the kernel (see `spectra.packed.kernels`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qs: Tensor | np.ndarray,
+        d: Tensor | np.ndarray,
+        *,
+        format: str = "tq2_0",
+        path: str = "auto",
+        n_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % formats.QK or not 0 < in_features <= 1 << 22:
+            raise ValueError(f"in_features={in_features} must be a multiple of {formats.QK} (TQ block size), <= 2^22")
+        self.in_features, self.out_features = in_features, out_features
+        self.format = formats.canonical_format(format)
+        self.path = K.resolve_path(path)
+        self.n_threads = n_threads
+        self._path_id = K._PATH_IDS.get(self.path)
+        self._ext = K.extension()
+        self.register_buffer("qs", torch.as_tensor(np.asarray(qs)))
+        self.register_buffer("d", torch.as_tensor(np.asarray(d)))
+        self.refresh()
+
+    def _checked(self, qs: Tensor, d: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        N, Kin = self.out_features, self.in_features
+        if qs.dtype != torch.uint8 or tuple(qs.shape) != (N, Kin // 4) or not qs.is_cpu:
+            raise ValueError(f"qs must be uint8 [{N}, {Kin // 4}] on the CPU, got {qs.dtype} {tuple(qs.shape)}")
+        if d.dtype != torch.float16 or tuple(d.shape) != (N, Kin // formats.QK) or not d.is_cpu:
+            raise ValueError(f"d must be float16 [{N}, {Kin // formats.QK}] on the CPU, got {d.dtype} {tuple(d.shape)}")
+        d_np = d.contiguous().numpy()
+        if not np.all(np.isfinite(d_np)):
+            raise ValueError("d has NaN or infinite scales")
+        qs_np = formats.canonicalize(qs.contiguous().numpy(), d_np)
+        formats.check_tq2_codes(qs_np)
+        return qs_np, d_np
+
+    def refresh(self) -> None:
+        """Validate `qs` and `d` and rebuild what the kernels derive from them (after any change to the buffers)."""
+        qs_np, d_np = self._checked(self.qs, self.d)
+        bounds, seg_d = formats.scale_segments(d_np)
+        self.qs = torch.from_numpy(np.ascontiguousarray(qs_np))
+        self.d = torch.from_numpy(np.ascontiguousarray(d_np))
+        self.register_buffer("seg_bounds", torch.from_numpy(bounds), persistent=False)
+        self.register_buffer("seg_d", torch.from_numpy(seg_d), persistent=False)
+        self._ptr_cache: tuple | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
+            self._checked(state_dict[prefix + "qs"], state_dict[prefix + "d"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "qs" in state_dict or prefix + "d" in state_dict:
+            self.refresh()  # load_state_dict writes qs/d in place (or assigns them): the derived segments must follow
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_ternary(
+        cls, layer: TernaryLinear, *, format: str = "tq2_0", path: str = "auto", lossy: bool = False
+    ) -> PackedTernaryLinear:
+        """Exact codes and per-shard scales of a TernaryLinear -> blocks (d = γ of the block's shard, in fp16)."""
+        codes, scales = layer.codes_and_scales()
+        qs, d = formats.blocks_from_ternary(codes.cpu(), scales.cpu(), layer.shard_dim, lossy=lossy)
+        return cls(layer.in_features, layer.out_features, qs, d, format=format, path=path)
+
+    @classmethod
+    def from_weight(
+        cls, weight: Tensor, *, format: str = "tq2_0", path: str = "auto", lossy: bool = False
+    ) -> PackedTernaryLinear:
+        """A float matrix claimed to be ternary per 256-block ({-d, 0, d}); anything else is a ValueError."""
+        qs, d = formats.blocks_from_weight(weight.detach().float().cpu(), lossy=lossy)
+        return cls(weight.shape[1], weight.shape[0], qs, d, format=format, path=path)
+
+    @classmethod
+    def from_bytes(cls, raw, shape: tuple[int, int], format: str, *, path: str = "auto") -> PackedTernaryLinear:
+        """llama.cpp TQ2_0 / TQ1_0 block bytes of an [out, in] matrix (validated) -> layer."""
+        qs, d = formats.from_format(raw, shape, format)
+        return cls(shape[1], shape[0], qs, d, format=format, path=path)
+
+    def to_bytes(self, format: str | None = None) -> np.ndarray:
+        """llama.cpp block bytes uint8 [out, blocks·bytes_per_block] in `format` (default: the layer's)."""
+        return formats.to_format(self.qs.numpy(), self.d.numpy(), format or self.format)
+
+    def dequantized_weight(self) -> Tensor:
+        """W = d·q as float32 [out, in]."""
+        return torch.from_numpy(formats.dequantize_blocks(self.qs.numpy(), self.d.numpy()))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"path={self.path}, segments={self.seg_d.shape[1]}"
+        )
+
+    def _apply(self, fn, recurse: bool = True):
+        # The packed buffers are exact data on the CPU: model.to(torch.bfloat16) must not round the fp16 scales, and
+        # model.to_empty() (used when materializing a model built on the meta device) must not wipe them.
+        for buf in self._buffers.values():
+            if buf is not None and fn(buf).device.type != "cpu":
+                raise ValueError("PackedTernaryLinear runs on CPU only; it cannot be moved to another device")
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def _pointers(self) -> tuple[int, int, int, int]:
+        # Cached (qs, bounds, seg_d) addresses, revalidated by identity so a replaced buffer is never read stale.
+        bufs = self._buffers
+        cache = self._ptr_cache
+        if (
+            cache is None
+            or cache[0] is not bufs["qs"]
+            or cache[1] is not bufs["seg_bounds"]
+            or cache[2] is not bufs["seg_d"]
+        ):
+            qs, bounds, seg_d = bufs["qs"], bufs["seg_bounds"], bufs["seg_d"]
+            if not (qs.is_cpu and bounds.is_cpu and seg_d.is_cpu):
+                raise ValueError("PackedTernaryLinear runs on CPU only")
+            cache = (qs, bounds, seg_d, qs.data_ptr(), bounds.data_ptr(), seg_d.data_ptr(), seg_d.shape[1])
+            self._ptr_cache = cache
+        return cache[3:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = x Wᵀ for x [..., in_features]; one C call (kept lean: decoding makes hundreds per token)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("PackedTernaryLinear is inference-only (no backward); run under torch.no_grad()")
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"input has {shape[-1]} features, layer expects {self.in_features}")
+        x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        if self._path_id is None:  # the pure-torch reference
+            y = K.ternary_matmul(x32.view(-1, self.in_features), self.qs, self.seg_bounds, self.seg_d, path="torch")
+            y = y.view(*shape[:-1], self.out_features)
+        else:
+            if not x32.is_cpu:
+                raise ValueError("PackedTernaryLinear runs on CPU only")
+            qs_ptr, bounds_ptr, d_ptr, n_seg = self._pointers()
+            y = torch.empty(shape[:-1] + (self.out_features,), dtype=torch.float32)
+            self._ext.matmul(
+                self._path_id,
+                x32.data_ptr(),
+                x32.numel() // self.in_features,
+                self.in_features,
+                qs_ptr,
+                self.out_features,
+                bounds_ptr,
+                n_seg,
+                d_ptr,
+                y.data_ptr(),
+                self.n_threads or torch.get_num_threads(),
+            )
+        return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+    def set_path(self, path: str) -> None:
+        self.path = K.resolve_path(path)
+        self._path_id = K._PATH_IDS.get(self.path)
+
+
+def as_packed(
+    module: nn.Module, name: str, *, trilm: bool, format: str = "tq2", path: str = "auto", lossy: bool = False
+) -> PackedTernaryLinear | None:
+    """The packed form of one layer of a model, or None if it is not a ternary layer.
+
+    TernaryLinear: its exact codes and scales. PackedTernaryLinear: itself. In a TriLM (`trilm=True`) a plain nn.Linear
+    block layer (q/k/v/o/gate/up/down, e.g. from an unpacked checkpoint holding γ·Ŵ) is claimed ternary and must be
+    ternary per 256-block. Errors name the layer.
+    """
+    leaf = name.rpartition(".")[2]
+    try:
+        if isinstance(module, PackedTernaryLinear):
+            return module
+        if isinstance(module, TernaryLinear):
+            return PackedTernaryLinear.from_ternary(module, format=format, path=path, lossy=lossy)
+        if trilm and type(module) is nn.Linear and leaf in SHARD_DIM:
+            return PackedTernaryLinear.from_weight(module.weight, format=format, path=path, lossy=lossy)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return None
+
+
+def is_trilm(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "family", None) == "trilm"
+
+
+def convert_to_packed(model: nn.Module, format: str = "tq2", *, path: str = "auto", lossy: bool = False) -> int:
+    """Swap every ternary layer of `model` for a PackedTernaryLinear (in place, see `as_packed`). Returns the count.
+
+    Layers already packed are given the requested format and kernel path but not counted.
+    """
+    fmt = formats.canonical_format(format)
+    trilm = is_trilm(model)
+    count = 0
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedTernaryLinear):
+                child.format = fmt
+                child.set_path(path)
+                continue
+            new = as_packed(
+                child, f"{prefix}.{name}" if prefix else name, trilm=trilm, format=fmt, path=path, lossy=lossy
+            )
+            if new is not None:
+                setattr(parent, name, new)
+                count += 1
+    return count

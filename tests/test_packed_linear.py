@@ -1,0 +1,210 @@
+"""PackedTernaryLinear, convert_to_packed, packed checkpoints (pack_model / load_packed / spectra.load / CLI)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import spectra
+from spectra.__main__ import main
+from spectra.model import build_model
+from spectra.packed import formats as F
+from spectra.packed import kernels as K
+from spectra.packed.io import load_packed, pack_model
+from spectra.packed.linear import PackedTernaryLinear, convert_to_packed
+from spectra.ternary import TernaryLinear
+from tests.conftest import tiny_config
+
+
+def _cfg(**kw):
+    # dims that are multiples of 256 so every TriLM layer packs into 256-weight blocks
+    return tiny_config(family="trilm", dim=512, glu_dim=1024, n_heads=4, vocab_size=320, **kw)
+
+
+def _ternary_layer(in_f, out_f, shards=1, shard_dim=0, seed=0):
+    torch.manual_seed(seed)
+    layer = TernaryLinear(in_f, out_f, num_shards=shards, shard_dim=shard_dim)
+    nn.init.normal_(layer.weight, std=0.02)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("shards,shard_dim", [(1, 0), (2, 0), (3, 1), (2, 1)])
+def test_layer_equals_reference_and_close_to_float(shards, shard_dim):
+    layer = _ternary_layer(1536, 96, shards, shard_dim)
+    packed = PackedTernaryLinear.from_ternary(layer)
+    x = torch.randn(2, 5, 1536)
+    with torch.no_grad():
+        y_float = layer(x)
+        y = packed(x)
+    assert y.shape == (2, 5, 96) and y.dtype == torch.float32
+    ref = K.reference_matmul(x.reshape(-1, 1536), packed.qs, packed.seg_bounds, packed.seg_d).view(2, 5, 96)
+    assert torch.equal(y, ref)
+    # int8 per-token activations: relative error ~0.3-0.5 % of the output norm for Gaussian inputs
+    rel = ((y - y_float).norm() / y_float.norm()).item()
+    assert rel < 0.015, rel
+    codes, _ = layer.codes_and_scales()
+    assert np.array_equal(F.unpack_codes(packed.qs.numpy()), codes.numpy())
+    # bf16 input: computed in float32, returned in bf16; buffers keep their dtypes through .to()
+    packed.to(torch.bfloat16)
+    assert packed.d.dtype == torch.float16 and packed.seg_d.dtype == torch.float32
+    assert packed(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_claimed_ternary_linear_and_errors():
+    layer = _ternary_layer(512, 8)
+    W = layer.quantized_weight().detach().clone()
+    packed = PackedTernaryLinear.from_weight(W)
+    assert torch.equal(packed.dequantized_weight(), W.half().float())  # γ·q with γ rounded to fp16
+    with pytest.raises(ValueError, match="not ternary"):
+        PackedTernaryLinear.from_weight(torch.randn(8, 512))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        PackedTernaryLinear.from_weight(torch.zeros(8, 200))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed(torch.randn(1, 512, requires_grad=True))
+
+
+def test_convert_model_logits_close_to_latent():
+    model = build_model(_cfg(num_scale_shards=2), seed=0).eval()
+    idx = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        latent = model(idx)
+        n = convert_to_packed(model, "tq2")
+        packed = model(idx)
+    assert n == 2 * 7
+    assert sum(isinstance(m, PackedTernaryLinear) for m in model.modules()) == 14
+    assert not any(isinstance(m, TernaryLinear) for m in model.modules())
+    rel = ((packed - latent).norm() / latent.norm()).item()
+    assert rel < 0.03, rel
+    assert convert_to_packed(model, "tq1") == 0  # already packed: nothing new to swap
+
+
+def test_convert_claimed_ternary_model():
+    cfg = _cfg()
+    model = build_model(cfg, seed=1).eval()
+    # a TriLM whose block linears are plain nn.Linear holding γ·Ŵ (like an unpacked Hugging Face export)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TernaryLinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=False)
+                lin.weight.data.copy_(child.quantized_weight())
+                setattr(parent, name, lin)
+    assert convert_to_packed(model) == 14
+    bad = build_model(cfg, seed=1).eval()
+    bad.layers[1].mlp.up_proj = nn.Linear(512, 1024, bias=False)  # Gaussian: claimed ternary, but is not
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj: weight is not ternary"):
+        convert_to_packed(bad)
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_save_load_round_trip(tmp_path, fmt):
+    model = build_model(_cfg(num_scale_shards=2), seed=3).eval()
+    (tmp_path / "tok.json").write_text("{}")
+    info = pack_model(model, tmp_path / "p", format=fmt, tokenizer=tmp_path / "tok.json")
+    assert info["layers"] == 14 and info["format"] == F.canonical_format(fmt)
+    assert info["bits_per_ternary_weight"] == {"tq2": 2.0625, "tq1": 1.6875}[fmt]
+    assert (tmp_path / "p" / "tokenizer.json").exists()
+    meta = json.loads((tmp_path / "p" / "spectra.json").read_text())
+    assert meta["kind"] == "packed" and meta["packed"]["format"] == F.canonical_format(fmt)
+    loaded = spectra.load(tmp_path / "p")
+    assert isinstance(loaded.layers[0].self_attn.q_proj, PackedTernaryLinear)
+    idx = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        expected = model(idx)
+        convert_to_packed(model, fmt)
+        in_memory = model(idx)
+        out = loaded(idx)
+    assert torch.equal(out, in_memory)
+    assert ((out - expected).norm() / expected.norm()).item() < 0.03
+    # packing a packed model (or a path) gives the same bytes
+    pack_model(tmp_path / "p", tmp_path / "q", format=fmt)
+    a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bf = load_packed(tmp_path / "p", dtype=torch.bfloat16)
+    assert bf.embed_tokens.weight.dtype == torch.bfloat16 and bf.layers[0].mlp.down_proj.d.dtype == torch.float16
+    with torch.no_grad():
+        assert bf(idx).dtype == torch.bfloat16
+
+
+def test_corrupt_checkpoints(tmp_path):
+    model = build_model(_cfg(), seed=0).eval()
+    pack_model(model, tmp_path / "p", format="tq1")
+    good = load_file(str(tmp_path / "p" / "model.safetensors"))
+    meta = json.loads((tmp_path / "p" / "spectra.json").read_text())
+    key = "layers.0.mlp.gate_proj.tq1_0"
+
+    def write(tensors, metadata=None, new_meta=None):
+        save_file(tensors, str(tmp_path / "p" / "model.safetensors"), metadata=metadata or {"spectra.packed": "tq1_0"})
+        (tmp_path / "p" / "spectra.json").write_text(json.dumps(new_meta or meta))
+
+    write({**good, key: good[key][:, :-1].contiguous()})
+    with pytest.raises(ValueError, match=r"gate_proj\.tq1_0: corrupt TQ1_0 data: .* bytes"):
+        spectra.load(tmp_path / "p")
+    bad = good[key].clone()
+    bad[3, 7] = next(v for v in range(256) if not F._TQ1_VALID[v])
+    write({**good, key: bad})
+    with pytest.raises(ValueError, match="not a valid base-3 encoding"):
+        spectra.load(tmp_path / "p")
+    write(good, metadata={"spectra.packed": "tq2_0"})
+    with pytest.raises(ValueError, match="does not match"):
+        spectra.load(tmp_path / "p")
+    write(good, new_meta={**meta, "packed": {**meta["packed"], "format": "q4_0"}})
+    with pytest.raises(ValueError, match="packed.format"):
+        spectra.load(tmp_path / "p")
+    write(good, new_meta={**meta, "packed": {**meta["packed"], "version": 9}})
+    with pytest.raises(ValueError, match="packed.version"):
+        spectra.load(tmp_path / "p")
+    write({k: v for k, v in good.items() if k != "norm.weight"})
+    with pytest.raises(ValueError, match=r"missing tensors \['norm.weight'\]"):
+        spectra.load(tmp_path / "p")
+    write(good)
+    assert isinstance(spectra.load(tmp_path / "p"), nn.Module)
+    with pytest.raises(ValueError, match="CPU only"):
+        load_packed(tmp_path / "p", device="meta")
+
+
+def test_pack_refuses_floatlm_and_straddling_shards(tmp_path):
+    with pytest.raises(ValueError, match="no ternary layers"):
+        pack_model(build_model(tiny_config(dim=256, glu_dim=512), seed=0), tmp_path / "f")
+    # 1.1B-like: o_proj input shards of 128 columns straddle 256-blocks with different γ
+    model = build_model(tiny_config(family="trilm", dim=256, glu_dim=512, num_scale_shards=2), seed=0)
+    with pytest.raises(ValueError, match=r"o_proj: shards of 128 input columns .* lossy=True"):
+        pack_model(model, tmp_path / "s")
+    info = pack_model(model, tmp_path / "s", lossy=True)
+    assert info["layers"] == 14 and not (tmp_path / "f").exists()
+
+
+def test_cli_pack(tmp_path, capsys):
+    model = build_model(_cfg(), seed=0)
+    spectra.save_model(model, tmp_path / "m")
+    assert main(["pack", str(tmp_path / "m"), str(tmp_path / "p"), "--format", "tq1"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "tq1_0"
+    assert isinstance(spectra.load(tmp_path / "p").layers[1].mlp.down_proj, PackedTernaryLinear)
+    assert main(["pack", "floatlm-tiny", str(tmp_path / "x")]) == 2
+    assert "no ternary layers" in capsys.readouterr().err
+
+
+def test_module_transforms_keep_the_packed_data():
+    packed = PackedTernaryLinear.from_ternary(_ternary_layer(512, 16))
+    before = {k: v.clone() for k, v in packed.state_dict().items()}
+    x = torch.randn(3, 512)
+    y = packed(x)
+    packed.to(torch.bfloat16).to_empty(device="cpu").float()
+    assert all(torch.equal(packed.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(packed(x), y)
+    with pytest.raises(ValueError, match="CPU only"):
+        packed.to("meta")
+
+
+def test_load_state_dict_rebuilds_the_scale_segments():
+    a = PackedTernaryLinear.from_ternary(_ternary_layer(1024, 8, 4, 1, seed=0))  # 4 input shards: 4 segments
+    b = PackedTernaryLinear.from_ternary(_ternary_layer(1024, 8, 1, 0, seed=1))  # 1 segment
+    x = torch.randn(2, 1024)
+    b.load_state_dict(a.state_dict())
+    assert b.seg_d.shape == (8, 4) and torch.equal(b(x), a(x))
+    bad = dict(a.state_dict(), qs=torch.full_like(a.qs, 0xFF))  # every 2-bit field is 3: not ternary
+    with pytest.raises(ValueError, match="code 3"):
+        b.load_state_dict(bad)
+    assert torch.equal(b(x), a(x))  # the failed load left the layer as it was

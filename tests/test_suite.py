@@ -1,0 +1,118 @@
+import json
+import random
+
+import pytest
+
+from spectra.suite import fit_power_law, load_spec, pareto_front, plan, run_suite
+from spectra.suite.report import build_report, read_records
+from spectra.suite.spec import check_writable
+
+NAMES = ["Anna", "Brutus", "Celia", "Duncan", "Emilia", "Falstaff", "Gertrude", "Horatio"]
+VERBS = ["loves", "sees", "follows", "praises", "fears", "greets", "answers", "remembers"]
+THINGS = ["the king", "the crown", "a letter", "the garden", "the sea", "an old friend", "the night", "the castle"]
+
+
+def write_corpus(root, n_docs=60, seed=0):
+    """A small deterministic corpus in train/ and validation/ files, with repeated names for the cloze task."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_docs), ("validation", n_docs // 3)):
+        docs = []
+        for _ in range(n):
+            hero = rng.choice(NAMES)
+            sentences = [f"{hero} {rng.choice(VERBS)} {rng.choice(THINGS)} and {rng.choice(NAMES)}."
+                         for _ in range(rng.randint(12, 20))]
+            sentences.append(f"At last {rng.choice(THINGS)} {rng.choice(VERBS)} {hero}.")
+            docs.append(" ".join(sentences))
+        (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return root
+
+
+def test_fit_recovers_a_known_law():
+    N = [1e6, 3e6, 1e7, 3e7, 1e8]
+    L = [185 * n ** -0.26 + 1.76 for n in N]
+    f = fit_power_law(N, L)
+    assert f["A"] == pytest.approx(185, rel=1e-3) and f["alpha"] == pytest.approx(0.26, rel=1e-4)
+    assert f["eps"] == pytest.approx(1.76, abs=1e-4) and f["rmse"] < 1e-6
+    pure = fit_power_law(N, [18.13 * n ** -0.093 for n in N], offset=False)
+    assert pure["A"] == pytest.approx(18.13, rel=1e-4) and pure["alpha"] == pytest.approx(0.093, rel=1e-4)
+    assert fit_power_law(N[:3], L[:3])["stderr"] is None  # as many parameters as points
+    with pytest.raises(ValueError, match="at least 3 points"):
+        fit_power_law(N[:2], L[:2])
+
+
+def test_pareto_front():
+    pts = [(1, 5.0, "a"), (2, 4.0, "b"), (3, 4.5, "c"), (4, 3.0, "d"), (2, 4.2, "e")]
+    assert pareto_front(pts) == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"sizes": ["tiny", "7b"]}, "unknown size '7b'"),
+        ({"families": ["floatlm", "binarylm"]}, "unknown family 'binarylm'"),
+        ({"tokens": 100}, "0 optimizer step.*at least 4 are needed to train"),
+        ({"quant_bits": [3, 9]}, "quant_bits: 9"),
+        ({"colour": "red"}, "unknown \\[suite\\] key"),
+    ],
+)
+def test_bad_specs_fail_before_training(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_spec("micro", overrides=overrides)
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        check_writable(blocker / "out")
+
+
+def test_presets_plan():
+    tiny = load_spec("tiny")
+    steps = plan(tiny)
+    kinds = [s.kind for s in steps]
+    assert kinds.count("train") == 6 and kinds.count("quantize") == 12 and kinds.count("pack") == 6
+    assert kinds.count("eval") == 6 + 12 + 6
+    paper = load_spec("paper")
+    assert len(paper.sizes) == 9 and paper.tasks == ["ppl", "paper"]
+    ablations = load_spec("ablations-tiny")
+    assert {"bilm", "bitnet158", "twn"} <= set(ablations.families)
+
+
+@pytest.mark.slow
+def test_micro_suite_end_to_end(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = load_spec("micro", overrides={"data": str(corpus), "tokenizer": "bpe:512", "quant_bits": [3, 8]})
+    out = tmp_path / "suite"
+    result = run_suite(spec, out, progress=False)
+    assert result["steps"]["failed"] == 0 and result["steps"]["blocked"] == 0, read_records(out)
+    records = read_records(out)
+    assert set(records) == {s.key for s in plan(spec)}
+    for key, rec in records.items():
+        assert rec["status"] == "done", key
+        for path in rec["artifacts"].values():
+            assert (out / path).exists(), (key, path)
+    # the records agree with the files they name
+    for key, rec in records.items():
+        if rec["step"] == "eval":
+            doc = json.loads((out / rec["artifacts"]["results"]).read_text())
+            assert doc["perplexity"]["loss"] == pytest.approx(rec["metrics"]["val_loss"])
+            assert doc["model"]["params"] == rec["model"]["params"]
+        if rec["step"] == "train":
+            meta = json.loads((out / rec["artifacts"]["model"] / "spectra.json").read_text())
+            assert meta["config"]["vocab_size"] == 512  # fitted to the tokenizer
+            assert rec["model"]["params"] == 2 * 512 * 256 + rec["model"]["non_embedding_params"]
+    q3 = records["eval/quantize/floatlm-3m/3bit/s0"]["model"]
+    assert q3["kind"] == "quantlm" and q3["bits"] == 3
+    # a rerun does no work
+    again = run_suite(spec, out, progress=False, report=False)
+    assert again["steps"]["done"] == 0 and again["steps"]["skipped"] == len(records)
+    # the report renders from the results alone
+    report = build_report(out / "results.jsonl", tmp_path / "report")
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+    assert (tmp_path / "report" / "figures" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "floatlm-3m-8bit-s0" in report["summary_table"]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert {"FloatLM", "TriLM"} <= set(summary["fits"])
