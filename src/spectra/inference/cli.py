@@ -1,0 +1,122 @@
+"""`spectra generate` and `spectra bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (streams text, prints tokens/s)")
+    p.add_argument("model", help="a model directory (latent, packed, QuantLM, Hugging Face) or a size name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
+    p.add_argument("--no-eos-stop", action="store_true", help="keep going after the EOS token")
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("bench", help="prompt and decode tokens/s of a model or a synthetic size, side by side")
+    p.add_argument("model", help="a model directory or a size name (trilm-1.1b: random ternary weights)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--variants", nargs="+", default=["packed", "bf16", "fp32"], help="packed bf16 fp32 model")
+    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="packed format")
+    p.add_argument("--packed-head", default="int8", choices=["int8", "float"], help="lm_head of the packed variant")
+    p.add_argument("--repeats", type=int, default=3)
+    llama = p.add_mutually_exclusive_group()
+    llama.add_argument("--llama-cpp", dest="llama_cpp", action="store_true", default=None, help="require llama.cpp")
+    llama.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=run_bench)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from spectra.checkpoint import find_tokenizer, load
+    from spectra.inference.generate import generate, threads_from_env
+
+    torch.set_num_threads(threads_from_env(args.threads))
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = find_tokenizer(args.model) if Path(args.model).is_dir() else None
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer PATH (or 'builtin')")
+    model = load(args.model)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    out = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop,
+        seed=args.seed,
+        stream=stream,
+        stop_at_eos=not args.no_eos_stop,
+    )
+    sys.stdout.write("\n")
+    pp, tg = out["prompt_tokens_per_s"], out["tokens_per_s"]
+    print(
+        f"[{out['n_prompt']} prompt tokens at {pp or 0:.1f} tok/s, {out['n_generated']} generated at "
+        f"{tg or 0:.1f} tok/s; stopped by {out['finish_reason']}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def format_bench(result: dict) -> str:
+    """A side-by-side table of a `bench` result."""
+    lines = [
+        f"{result['model']}: prompt {result['prompt_len']} tokens, decode {result['gen_len']} tokens, "
+        f"median of {result['repeats']}; load average {result['loadavg_before'][0]:.2f} -> "
+        f"{result['loadavg_after'][0]:.2f}",
+        f"{'variant':<11} {'threads':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'ms/token':>9} "
+        f"{'weights MiB':>12}",
+    ]
+    nan = float("nan")
+    for r in sorted(result["results"], key=lambda r: (r["threads"], r["variant"])):
+        lines.append(
+            f"{r['variant']:<11} {r['threads']:>7} {r['prompt_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>13.1f} "
+            f"{r['ms_per_token']:>9.2f} {r.get('weights_mb', nan):>12.1f}"
+        )
+    for t, rs in result["ratios"].items():
+        lines.append(f"{t}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
+    for k, why in result["skipped"].items():
+        lines.append(f"skipped {k}: {why}")
+    lines.append(f"RSS with every variant loaded {result['rss_mb']:.0f} MiB, peak {result['peak_rss_mb']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from spectra.inference.bench import bench
+
+    result = bench(
+        args.model,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        threads=args.threads,
+        dtypes=args.variants,
+        llama_cpp=args.llama_cpp,
+        packed_format=args.format,
+        packed_head=args.packed_head,
+        repeats=args.repeats,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0

@@ -1,0 +1,220 @@
+"""Autoregressive text generation with a KV cache, for every model `spectra.load` returns.
+
+The prompt is run once through the model, filling the cache (prefill); each new token is then a batch-1 forward of
+one position (decode). The next token is drawn from the last position's logits z ∈ R^V:
+
+    greedy (temperature 0)   x = argmax_i z_i
+    sampling                 p = softmax(z / T), restricted to
+        top-k                    the k largest logits
+        top-p (nucleus)          the smallest set of most likely tokens whose probability sums to ≥ p
+                             then x ~ p, drawn from a torch.Generator seeded with `seed` (reproducible).
+
+top-k = 1 is therefore greedy at any temperature. Generation ends after `max_new_tokens`, at the model's EOS token
+(`stop_at_eos`), or as soon as the decoded text contains one of the `stop` strings; the returned text is cut before
+the stop string, while `tokens` keeps every generated id. Streaming hands out text as soon as it is final: a byte-level
+BPE token can end inside a UTF-8 character, and a text tail that may still become a stop string is held back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def load_tokenizer(spec: Any):
+    """A `tokenizers.Tokenizer` from a Tokenizer, a tokenizer.json path, a model folder holding one, or "builtin"."""
+    from tokenizers import Tokenizer
+
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, str) and spec == "builtin":
+        from spectra.data import builtin_tokenizer
+
+        spec = builtin_tokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist (expected tokenizer.json or a folder holding one)")
+    return Tokenizer.from_file(str(path))
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick the next token id from a (V,) logit vector (see the module docstring for the rules)."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of strictly more likely tokens
+        drop = before >= top_p  # the first token always stays (before = 0)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string (may still become one)."""
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int = 0,
+    stream: Callable[[str], None] | None = None,
+    stop_at_eos: bool = True,
+) -> dict[str, Any]:
+    """Continue `prompt` (text, or token ids) with up to `max_new_tokens` tokens.
+
+    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json path, or None when the prompt is token ids (then no text
+    is produced and stop strings are not available). `stream(text)` is called with each new piece of final text.
+
+    Returns {"prompt_tokens", "tokens" (generated ids), "text" (generated text, cut at a stop string),
+    "finish_reason" ("length" | "eos" | "stop"), "n_prompt", "n_generated", "prompt_s", "decode_s",
+    "prompt_tokens_per_s", "tokens_per_s" (decode, excluding the first token), "ms_per_token"}.
+    """
+    _validate(max_new_tokens, temperature, top_k, top_p)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError("a text prompt needs a tokenizer (pass tokenizer=... or a prompt of token ids)")
+        prompt_ids = tok.encode(prompt).ids
+    else:
+        prompt_ids = [int(t) for t in prompt]
+    if stops and tok is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated text")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: at least one token is needed to condition on")
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is not None and max(prompt_ids) >= vocab:
+        raise ValueError(f"prompt token id {max(prompt_ids)} is outside the model's vocabulary of {vocab}")
+    max_len = len(prompt_ids) + max_new_tokens
+    limit = getattr(cfg, "max_seq_len", None)
+    if limit is not None and max_len > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {max_len} exceeds the model's "
+            f"max_seq_len of {limit}"
+        )
+    eos = getattr(cfg, "eos_token_id", None) if stop_at_eos else None
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    use_cache = hasattr(model, "new_cache")
+    was_training = model.training
+    model.eval()
+
+    out_ids: list[int] = []
+    text, emitted, finish = "", 0, "length"
+    prompt_s = decode_s = 0.0
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache(1, max_len) if use_cache else None
+            seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            for step in range(max_new_tokens):
+                if cache is not None:
+                    logits = model(seq if step == 0 else seq[:, -1:], cache=cache)
+                else:  # no KV cache: recompute the whole sequence every step
+                    logits = model(seq)
+                nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                now = time.perf_counter()
+                if step == 0:
+                    prompt_s = now - t0
+                else:
+                    decode_s += now - t0
+                t0 = now
+                out_ids.append(nxt)
+                seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
+                if tok is not None:
+                    text = tok.decode(out_ids)
+                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                    if hit >= 0:
+                        text, finish = text[:hit], "stop"
+                    if stream is not None:
+                        final = len(text) if finish == "stop" else len(text) - _held_back(text, stops)
+                        if text.endswith("\ufffd") and finish != "stop":
+                            final = min(final, len(text) - 1)  # an incomplete UTF-8 character
+                        if final > emitted:
+                            stream(text[emitted:final])
+                            emitted = final
+                if finish == "stop":
+                    break
+                if eos is not None and nxt == eos:
+                    finish = "eos"
+                    break
+    finally:
+        model.train(was_training)
+    if stream is not None and len(text) > emitted:
+        stream(text[emitted:])
+    n_decode = max(len(out_ids) - 1, 0)
+    return {
+        "prompt_tokens": prompt_ids,
+        "tokens": out_ids,
+        "text": text if tok is not None else None,
+        "finish_reason": finish,
+        "n_prompt": len(prompt_ids),
+        "n_generated": len(out_ids),
+        "prompt_s": prompt_s,
+        "decode_s": decode_s,
+        "prompt_tokens_per_s": len(prompt_ids) / prompt_s if prompt_s > 0 else None,
+        "tokens_per_s": n_decode / decode_s if decode_s > 0 else None,
+        "ms_per_token": 1000 * decode_s / n_decode if n_decode else None,
+    }
+
+
+def threads_from_env(threads: int | None) -> int:
+    """The thread count to use: the given one, else OMP_NUM_THREADS, else torch's default."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env and env.isdigit() and int(env) > 0 else torch.get_num_threads()

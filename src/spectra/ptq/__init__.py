@@ -1,0 +1,33 @@
+"""Post-training quantization: GPTQ (and RTN) of FloatLMs into QuantLMs, their checkpoints and runtime layer.
+
+    Quantizer, QuantizedWeight          quantizer.py   the b-bit grid (bits, group size, symmetry)
+    GPTQ                                gptq.py        the algorithm on one layer (W, H, Hinv, Q)
+    quantize_model(model, calib, ...)   sequential.py  block by block, true-sequential, in place
+    pack_rows / unpack_rows             packing.py     GPTQ int32 packing (continuous and planar)
+    QuantLinear                         qlinear.py     runs from qweight / qzeros / scales / g_idx
+    save_gptq, save_unpacked, load_quantlm, quantlm_size_bits   formats.py
+    quantize(model_path, out_dir, ...)  pipeline.py    load, calibrate, quantize, write
+"""
+
+from spectra.ptq.formats import load_quantlm, quantlm_size_bits, save_gptq, save_unpacked, to_quantlm
+from spectra.ptq.gptq import GPTQ
+from spectra.ptq.pipeline import default_group_size, quantize
+from spectra.ptq.qlinear import QuantLinear
+from spectra.ptq.quantizer import QuantizedWeight, Quantizer
+from spectra.ptq.sequential import PTQState, quantize_model
+
+__all__ = [
+    "GPTQ",
+    "PTQState",
+    "QuantLinear",
+    "QuantizedWeight",
+    "Quantizer",
+    "default_group_size",
+    "load_quantlm",
+    "quantize",
+    "quantize_model",
+    "quantlm_size_bits",
+    "save_gptq",
+    "save_unpacked",
+    "to_quantlm",
+]

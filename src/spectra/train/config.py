@@ -1,0 +1,245 @@
+"""Training configuration: `TrainConfig`, the paper's per-size defaults, TOML run files and `--key=value` overrides.
+
+Paper values (Spectra §3, Table 3): AdamW β = (0.9, 0.95); FloatLM 2M-token and TriLM 1M-token batches of 2048-token
+sequences; FloatLM warmup + cosine decay; TriLM warmup + linear decay, peak LR dropped at ½ of training to the second
+value of the table and weight decay removed at ⅔. The paper does not state warmup, minimum LR, weight decay,
+gradient clipping or Adam ε [GAP]; we use Pythia-style 1% warmup, a floor of 10% of peak, weight decay 0.1,
+clipping at 1.0 and ε = 1e-8.
+
+Fields left `None` take the default for the model's size and family (`resolve`). A run file is TOML with a `[model]`
+table (`size = "trilm-99m"` plus any ModelConfig field) and a `[train]` table; `--train.lr=1e-3` or
+`--model.norm=layernorm` override single values (`--lr=1e-3` means `--train.lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from spectra.config import ModelConfig, from_name
+
+# size: FloatLM peak LR, TriLM peak LR first half, TriLM peak LR second half (P1 Table 3). Non-paper CPU sizes: our
+# choice, following the table's trend (small models tolerate larger LRs; TriLM ≈ 6x FloatLM, second peak ≈ 0.63x).
+LR_TABLE: dict[str, tuple[float, float, float]] = {
+    "tiny": (2.0e-3, 6.0e-3, 4.0e-3),
+    "5m": (1.5e-3, 5.0e-3, 3.2e-3),
+    "20m": (8.0e-4, 3.6e-3, 2.3e-3),
+    "99m": (4.0e-4, 2.4e-3, 1.5e-3),
+    "190m": (4.0e-4, 2.4e-3, 1.5e-3),
+    "390m": (3.0e-4, 1.8e-3, 1.2e-3),
+    "560m": (2.8e-4, 1.6e-3, 1.1e-3),
+    "830m": (2.5e-4, 1.5e-3, 1.0e-3),
+    "1.1b": (2.2e-4, 1.3e-3, 9.0e-4),
+    "1.5b": (2.0e-4, 1.2e-3, 8.0e-4),
+    "2.4b": (2.0e-4, 1.2e-3, 8.0e-4),
+    "3.9b": (1.5e-4, 1.2e-3, 8.0e-4),
+}
+PAPER_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
+PAPER_SEQ_LEN = 2048
+CPU_SIZES = ("tiny", "5m", "20m")
+CPU_BATCH_TOKENS = 16 * 1024
+CPU_SEQ_LEN = 256
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear")
+PARALLEL = ("ddp", "fsdp")
+LOGGERS = ("wandb", "tensorboard")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything about a training run except the model. `None` means the size/family default (see `resolve`)."""
+
+    data: str = "builtin"  # 'builtin', a local file/folder, 'hf:NAME[:CONFIG]', or a shard folder
+    tokenizer: str = "builtin"  # 'builtin', 'bpe:N' (train N ids on data), or a tokenizer.json / model folder
+    fit_vocab: bool = False  # set model.vocab_size = pad_vocab(tokenizer size, MP) instead of the size's default
+    tokens: float = 1e6  # total training tokens
+    batch_tokens: int | None = None  # tokens per optimizer step, all ranks and micro-batches together
+    seq_len: int | None = None
+    micro_batch: int = 8  # sequences per forward/backward on one rank; accumulation makes up batch_tokens
+    # optimizer
+    lr: float | None = None  # peak LR (TriLM: of the first stage)
+    lr2: float | None = None  # TriLM: peak LR after the drop
+    min_lr_ratio: float = 0.1  # LR at the end of decay, as a fraction of the current peak
+    warmup: float = 0.01  # warmup length: a fraction of all steps if < 1, else a number of steps
+    schedule: str | None = None  # 'cosine' (FloatLM) or 'linear' (TriLM)
+    lr_drop: bool | None = None  # TriLM: drop the peak LR to lr2 at lr_drop_at
+    lr_drop_at: float = 0.5
+    wd_removal: bool | None = None  # TriLM: weight decay -> 0 at wd_removal_at
+    wd_removal_at: float = 2 / 3
+    weight_decay: float = 0.1  # on 2-D matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    # numerics and speed
+    precision: str = "fp32"  # 'bf16' autocast, 'fp16' autocast + dynamic loss scaling, or 'fp32'
+    compile: bool = False
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda'
+    parallel: str = "ddp"  # how world size > 1 shards work: 'ddp' or 'fsdp' (FSDP2 fully_shard, GPUs)
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    val_every: float = 0.1  # validation: a fraction of the run if < 1, else every N steps; 0 only at the end
+    val_tokens: int = 65536
+    log_every: int = 1
+    loggers: list[str] = field(default_factory=list)  # 'wandb' and/or 'tensorboard'
+    ckpt_every_tokens: float = 0.0  # resumable checkpoint every N tokens (0: only the final one)
+    ckpt_keep: int = 2  # how many of the latest resumable checkpoints to keep
+    ckpt_log_until: float = 0.0  # milestones at steps 1, 2, 4, 8, ... while tokens <= this (0: none)
+    ckpt_milestone_tokens: float = 0.0  # milestones every N tokens (kept forever, 0: none)
+    max_bad_steps: int = 10  # this many non-finite losses in a row abort the run
+
+    def __post_init__(self) -> None:
+        if not self.tokens or self.tokens <= 0:
+            raise ValueError(f"train.tokens must be positive, got {self.tokens!r}")
+        for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise ValueError(f"train.{f} must be a positive integer, got {getattr(self, f)!r}")
+        for f, allowed in (("precision", PRECISIONS), ("parallel", PARALLEL)):
+            if getattr(self, f) not in allowed:
+                raise ValueError(f"train.{f} must be one of {allowed}, got {getattr(self, f)!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for f in ("lr_drop_at", "wd_removal_at", "min_lr_ratio"):
+            if not 0 <= getattr(self, f) <= 1:
+                raise ValueError(f"train.{f} must lie in [0, 1], got {getattr(self, f)!r}")
+        bad = [x for x in self.loggers if x not in LOGGERS]
+        if bad:
+            raise ValueError(f"train.loggers: unknown {bad}; accepted: {LOGGERS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+
+def size_of(cfg: ModelConfig) -> str | None:
+    """The size key ('99m', 'tiny') of a named config, or None for a custom one."""
+    if cfg.name and "-" in cfg.name:
+        size = cfg.name.split("-", 1)[1]
+        return size if size in LR_TABLE else None
+    return None
+
+
+def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
+    """Fill every `None` field with the default for the model's size and family."""
+    trilm = model_cfg.family == "trilm"
+    size = size_of(model_cfg)
+    if size is None:  # custom config: pick the nearest table row by non-embedding width x depth
+        size = "tiny" if model_cfg.dim * model_cfg.n_layers <= 256 * 6 else "99m"
+    float_lr, tri_lr, tri_lr2 = LR_TABLE[size]
+    small = size in CPU_SIZES
+    seq_len = cfg.seq_len or (min(CPU_SEQ_LEN, model_cfg.max_seq_len) if small else PAPER_SEQ_LEN)
+    batch = cfg.batch_tokens or (CPU_BATCH_TOKENS if small else PAPER_BATCH_TOKENS[model_cfg.family])
+    out = dataclasses.replace(
+        cfg,
+        seq_len=seq_len,
+        batch_tokens=batch,
+        lr=cfg.lr if cfg.lr is not None else (tri_lr if trilm else float_lr),
+        lr2=cfg.lr2 if cfg.lr2 is not None else (tri_lr2 if trilm else (cfg.lr or float_lr)),
+        schedule=cfg.schedule or ("linear" if trilm else "cosine"),
+        lr_drop=cfg.lr_drop if cfg.lr_drop is not None else trilm,
+        wd_removal=cfg.wd_removal if cfg.wd_removal is not None else trilm,
+    )
+    if out.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"train.seq_len {out.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
+    return out
+
+
+# ---- run files and overrides -------------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+def parse_value(text: str, type_name: str, key: str) -> Any:
+    """'1e-3' -> float, '2e9' -> int for int fields, 'true' -> bool, 'a,b' -> list; errors name the key."""
+    t = type_name.replace(" ", "")
+    if text.lower() in ("none", "null") and "None" in t:
+        return None
+    try:
+        if t.startswith("bool"):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if t.startswith("int"):
+            v = float(text)
+            if v != int(v):
+                raise ValueError(text)
+            return int(v)
+        if t.startswith("float"):
+            return float(text)
+        if t.startswith("list"):
+            return [x for x in text.split(",") if x]
+        if t.startswith("dict"):
+            import json
+
+            return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--{key}={text}: expected {type_name}") from e
+    return text
+
+
+def apply_overrides(model: dict[str, Any], train: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `--model.x=v` / `--train.x=v` / `--x=v` (train) strings to the two raw dicts in place."""
+    types = {"model": _field_types(ModelConfig), "train": _field_types(TrainConfig)}
+    types["model"]["size"] = "str"
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"override {item!r}: expected --section.key=value, e.g. --train.lr=1e-3")
+        key, _, value = item[2:].partition("=")
+        section, _, name = key.rpartition(".")
+        section = section or "train"
+        if section not in types:
+            raise ValueError(f"override {item!r}: section must be 'model' or 'train', got {section!r}")
+        name = name.replace("-", "_")
+        if name not in types[section]:
+            raise ValueError(f"override {item!r}: {section} has no field {name!r}; accepted: {sorted(types[section])}")
+        (model if section == "model" else train)[name] = parse_value(value, types[section][name], key)
+
+
+def load_run_file(path: str | os.PathLike | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw `[model]` and `[train]` tables of a TOML run file ({} and {} for None)."""
+    if path is None:
+        return {}, {}
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"run file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"run file {path} is not valid TOML: {e}") from e
+    extra = sorted(set(doc) - {"model", "train"})
+    if extra:
+        raise ValueError(f"run file {path}: unknown table(s) {extra}; accepted: [model], [train]")
+    return dict(doc.get("model", {})), dict(doc.get("train", {}))
+
+
+def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Raw dicts -> (ModelConfig, TrainConfig). `model.size` names a size; other model keys override it."""
+    model = dict(model)
+    size = model.pop("size", None)
+    if size is not None:
+        model_cfg = from_name(size, **model)
+    else:
+        if not model:
+            raise ValueError("no model given: pass --size NAME (e.g. trilm-99m), or [model] in a run file")
+        model_cfg = ModelConfig.from_dict(model)
+    train = dict(train)
+    if isinstance(train.get("tokens"), str):
+        train["tokens"] = float(train["tokens"])
+    for k in ("batch_tokens",):
+        if isinstance(train.get(k), float) and math.isfinite(train[k]):
+            train[k] = int(train[k])
+    return model_cfg, TrainConfig.from_dict(train)

@@ -1,0 +1,70 @@
+"""Learning-rate and weight-decay schedules (Spectra §3.3), as pure functions of the optimizer step.
+
+With S total steps, W warmup steps, peak η(s) and floor ratio r (`min_lr_ratio`), for step s = 0 … S−1:
+
+    warmup    s < W:   lr = η(s) · (s + 1) / W
+    after     p = (s − W) / max(1, S − W)          ∈ [0, 1)
+              cosine:  lr = η(s) · (r + (1 − r) · ½ (1 + cos π p))      FloatLM
+              linear:  lr = η(s) · (1 − (1 − r) · p)                    TriLM
+
+    peak      η(s) = lr2 if lr_drop and s ≥ round(lr_drop_at · S) else lr
+    decay     wd(s) = 0 if wd_removal and s ≥ round(wd_removal_at · S) else weight_decay
+
+The TriLM peak drop keeps the linear decay line and rescales it: the LR falls from lr over the first half, jumps to
+lr2 · (1 − (1 − r) · ½) at the middle and continues down to lr2 · r ([I] the paper does not give the exact shape;
+this is the BitNet two-stage reading). `lr_drop` and `wd_removal` are independent, for the paper's 2×2 ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    lr2: float
+    min_lr_ratio: float
+    shape: str  # 'cosine' | 'linear'
+    lr_drop: bool
+    lr_drop_step: int
+    weight_decay: float
+    wd_removal: bool
+    wd_removal_step: int
+
+    def peak(self, step: int) -> float:
+        return self.lr2 if self.lr_drop and step >= self.lr_drop_step else self.lr
+
+    def lr_at(self, step: int) -> float:
+        peak = self.peak(step)
+        if step < self.warmup_steps:
+            return peak * (step + 1) / self.warmup_steps
+        p = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        r = self.min_lr_ratio
+        if self.shape == "cosine":
+            return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p)))
+        return peak * (1 - (1 - r) * p)
+
+    def wd_at(self, step: int) -> float:
+        return 0.0 if self.wd_removal and step >= self.wd_removal_step else self.weight_decay
+
+
+def make_schedule(cfg, total_steps: int) -> Schedule:
+    """The schedule of a resolved TrainConfig over `total_steps` optimizer steps."""
+    warmup = round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    return Schedule(
+        total_steps=total_steps,
+        warmup_steps=min(warmup, total_steps),
+        lr=cfg.lr,
+        lr2=cfg.lr2,
+        min_lr_ratio=cfg.min_lr_ratio,
+        shape=cfg.schedule,
+        lr_drop=cfg.lr_drop,
+        lr_drop_step=round(cfg.lr_drop_at * total_steps),
+        weight_decay=cfg.weight_decay,
+        wd_removal=cfg.wd_removal,
+        wd_removal_step=round(cfg.wd_removal_at * total_steps),
+    )

@@ -1,0 +1,468 @@
+"""Pretraining FloatLMs and TriLMs (Spectra §3): `train(model_cfg, train_cfg, out_dir=...) -> metrics`.
+
+One optimizer step consumes `batch_tokens` tokens = G sequences of T tokens, G = world · accum · micro_batch. The
+sequences of step s are numbers s·G … (s+1)·G − 1 of the run's `SequenceSampler`; rank r, micro-step j takes
+micro_batch of them starting at s·G + (r·accum + j)·micro_batch, so the same global batch gives the same update on
+1 or N processes. The loss is the token-mean cross-entropy; each micro-batch's loss is divided by accum and DDP
+averages over ranks, so the gradient is that of the mean over all G·T tokens.
+
+AdamW with β = (0.9, 0.95) decays 2-D matrices only (embeddings, lm_head and every linear weight; norms are not
+decayed). Gradients are clipped to `grad_clip` in global L2 norm. LR and weight decay follow `schedule.py` and are set
+before every step; `spectra.quantizers.set_progress(model, tokens_seen / total_tokens)` is called every step for
+progressive quantizers. A non-finite loss (or gradient norm) skips the update and is counted; `max_bad_steps` in a
+row raise `TrainingDiverged`, leaving the last good checkpoint as it was. With fp16 the GradScaler skips overflowing
+steps itself; those are counted from the loss-scale drops.
+
+Resuming restores weights, optimizer, loss scaler, RNG states and the data position, so a resumed run reproduces the
+uninterrupted run's losses exactly (same device, thread count and world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spectra.checkpoint import save_model, write_json
+from spectra.config import ModelConfig, pad_vocab
+from spectra.data.shards import SequenceSampler, TokenStream, is_shard_dir, prepare_shards, read_manifest
+from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_tokenizer, tokenizer_hash, vocab_size
+from spectra.model import build_model
+from spectra.quantizers import set_progress
+from spectra.train import dist
+from spectra.train.config import TrainConfig, resolve
+from spectra.train.schedule import make_schedule
+from spectra.train.state import (
+    apply_retention,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in float32. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """torch.compile every transformer block and the final norm in place. The blocks share one compiled graph
+    (weights are graph inputs), so compile time does not grow with depth, and state-dict names stay those of the
+    plain model. Pair with `torch.compile(lm_loss)`, which fuses the float cast, log-softmax and NLL of the logits."""
+    for layer in model.layers:
+        layer.compile()
+    model.norm.compile()
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim == 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim != 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decay": True},
+        {"params": other, "weight_decay": 0.0, "decay": False},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    kw: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    # fused AdamW runs one kernel over all tensors on CPU and CUDA (fewer passes over memory than foreach)
+    kw["fused"] = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kw)
+
+
+def checkpoint_plan(cfg: TrainConfig, total_steps: int, tokens_per_step: int) -> tuple[set[int], set[int]]:
+    """(resumable steps, milestone steps), counted in completed steps 1 … total_steps. The last step is always
+    saved. Milestones: steps 1, 2, 4, … while tokens ≤ ckpt_log_until, then every ckpt_milestone_tokens."""
+
+    def crossings(every: float) -> set[int]:
+        if every <= 0:
+            return set()
+        return {s for s in range(1, total_steps + 1)
+                if math.floor(s * tokens_per_step / every) > math.floor((s - 1) * tokens_per_step / every)}
+
+    milestones = crossings(cfg.ckpt_milestone_tokens)
+    s = 1
+    while s <= total_steps and s * tokens_per_step <= cfg.ckpt_log_until:
+        milestones.add(s)
+        s *= 2
+    return crossings(cfg.ckpt_every_tokens) | {total_steps}, milestones
+
+
+def _every(value: float, total_steps: int) -> int:
+    if value <= 0:
+        return total_steps
+    return max(1, round(value * total_steps)) if value < 1 else int(value)
+
+
+class _MetricLoggers:
+    """metrics.jsonl plus wandb / tensorboard when asked for (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, names: list[str], config: dict) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.wandb = self.tb = None
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("train.loggers has 'wandb' but wandb is not installed: pip install wandb") from e
+            self.wandb = wandb.init(project="spectra", name=run_dir.name, config=config, dir=str(run_dir))
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("train.loggers has 'tensorboard' but it is not installed: "
+                                  "pip install tensorboard") from e
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        prefix = "val/" if row.get("split") == "val" else "train/"
+        scalars = {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain a model; returns the final metrics (val_loss, train_loss, tokens, steps, wall_time, tokens_per_s,
+    skipped_steps, run_dir). Works the same under torchrun with any world size; only rank 0 writes."""
+    info = dist.init(train_cfg.device)
+    try:
+        return _train(model_cfg, train_cfg, Path(out_dir), resume, progress, info)
+    finally:
+        dist.cleanup(info)
+
+
+def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info: dist.DistInfo, progress: bool):
+    """Tokenizer path, the (possibly vocab-fitted) model config, and the shard folder. Rank 0 builds, others wait."""
+
+    def build():
+        tok_path = resolve_tokenizer(cfg.tokenizer, cfg.data, run_dir / "data")
+        if is_shard_dir(cfg.data):
+            m = read_manifest(cfg.data)
+            if m["tokenizer"]["sha256"] != tokenizer_hash(tok_path):
+                raise ValueError(f"shards {cfg.data} were tokenized with a different tokenizer than {tok_path} "
+                                 f"(sha256 {m['tokenizer']['sha256'][:12]} vs {tokenizer_hash(tok_path)[:12]})")
+            return str(tok_path), str(cfg.data)
+        g = cfg.batch_tokens
+        shards = prepare_shards(cfg.data, tok_path, progress=progress_bar,
+                                max_tokens={"train": int(cfg.tokens) + 2 * g,
+                                            "validation": cfg.val_tokens + 2 * cfg.seq_len})
+        return str(tok_path), str(shards)
+
+    progress_bar = progress and info.is_main
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = build()
+        except (ValueError, OSError, ImportError) as e:
+            error = e
+    result, err_msg = dist.broadcast_object((result, repr(error) if error else None), info)
+    if error is not None:
+        raise error
+    if err_msg is not None:
+        raise ValueError(f"rank 0 failed to prepare data: {err_msg}")
+    tok_path, shard_dir = Path(result[0]), Path(result[1])
+    tok = load_tokenizer(tok_path)
+    eos = eos_id(tok)
+    if cfg.fit_vocab:
+        model_cfg = model_cfg.replace(vocab_size=pad_vocab(vocab_size(tok), model_cfg.num_scale_shards))
+    check_vocab(tok, model_cfg, f"tokenizer {tok_path}")
+    if (model_cfg.eos_token_id, model_cfg.bos_token_id) != (eos, eos):
+        model_cfg = model_cfg.replace(eos_token_id=eos, bos_token_id=eos)
+    return tok_path, model_cfg, shard_dir
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+           info: dist.DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    cfg = resolve(model_cfg, cfg)
+    if info.is_main:
+        if (run_dir / "run.json").exists() and not resume:
+            raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
+                             "or choose another out_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier(info)
+    tok_path, model_cfg, shard_dir = _prepare_data(model_cfg, cfg, run_dir, info, progress)
+    device = info.device
+
+    # ---- batch geometry -------------------------------------------------------------------------------------
+    T = cfg.seq_len
+    G = cfg.batch_tokens // T
+    if cfg.batch_tokens % T:
+        raise ValueError(f"train.batch_tokens {cfg.batch_tokens} is not a multiple of train.seq_len {T}")
+    if G < info.world or G % info.world:
+        raise ValueError(f"train.batch_tokens {cfg.batch_tokens} = {G} sequences of {T}, which does not split "
+                         f"evenly over {info.world} processes")
+    per_rank = G // info.world
+    micro = max(d for d in range(1, min(cfg.micro_batch, per_rank) + 1) if per_rank % d == 0)
+    accum = per_rank // micro
+    tokens_per_step = G * T
+    total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
+    total_tokens = total_steps * tokens_per_step
+    sched = make_schedule(cfg, total_steps)
+    rolling, milestones = checkpoint_plan(cfg, total_steps, tokens_per_step)
+    val_every = _every(cfg.val_every, total_steps)
+
+    train_stream = TokenStream(shard_dir, "train")
+    sampler = SequenceSampler(train_stream, T, cfg.seed)
+    val_stream = TokenStream(shard_dir, "validation")
+    n_val = min(max(1, cfg.val_tokens // T), (len(val_stream) - 1) // T)
+    if n_val < 1:
+        raise ValueError(f"validation split of {shard_dir} has {len(val_stream)} tokens, fewer than seq_len + 1")
+    val_rows = [val_stream.get(i * T, T + 1) for i in range(info.rank, n_val, info.world)]
+    val_batches = [torch.from_numpy(np.stack(val_rows[i : i + micro]))
+                   for i in range(0, len(val_rows), micro)]
+
+    # ---- model, optimizer, resume ---------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    raw = build_model(model_cfg, seed=cfg.seed, device=device)
+    start_step, data_pos, tokens_seen, skipped = 0, 0, 0, 0
+    resume_from = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
+    if resume and resume_from is None:
+        log.info("%s has no checkpoint yet: starting from scratch", run_dir)
+    loaded = load_checkpoint(resume_from, model_cfg) if resume_from is not None else None
+    if loaded is not None:
+        run = json.loads((run_dir / "run.json").read_text())
+        if run.get("tokenizer_sha256") != tokenizer_hash(tok_path):
+            raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
+        if cfg.parallel != "fsdp" or info.world == 1:
+            raw.load_state_dict(loaded[0])
+    fsdp = cfg.parallel == "fsdp" and info.world > 1
+    loss_fn = lm_loss
+    if cfg.compile:
+        compile_blocks(raw)
+        loss_fn = torch.compile(lm_loss)
+    model = dist.wrap(raw, info, cfg.parallel)
+    opt = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    if loaded is not None:
+        weights, st, meta = loaded
+        if st.get("optimizer_format", "torch") != ("fsdp" if fsdp else "torch"):
+            raise ValueError(f"cannot resume from {resume_from}: its optimizer state is in "
+                             f"{st.get('optimizer_format')!r} form; resume with the same train.parallel "
+                             "(FSDP and DDP/single-process checkpoints store the optimizer differently)")
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=st["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(st["optimizer"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        set_rng_state(st["rng"])
+        start_step, data_pos, tokens_seen, skipped = st["step"], st["data_position"], st["tokens"], st["skipped"]
+        log.info("resuming %s from %s (step %d, %d tokens)", run_dir, resume_from.name, start_step, tokens_seen)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    def amp():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast)
+
+    def no_sync(sync: bool):
+        if sync or info.world == 1:
+            return contextlib.nullcontext()
+        if fsdp:
+            raw.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def evaluate() -> float:
+        total = 0.0
+        count = 0
+        with torch.no_grad():
+            for b in val_batches:
+                b = b.to(device)
+                with amp():
+                    logits = model(b[:, :-1])
+                total += loss_fn(logits, b[:, 1:]).item() * b.shape[0] * T
+                count += b.shape[0] * T
+        s, n = dist.all_reduce_sum([total, count], info)
+        return s / n
+
+    # ---- run directory --------------------------------------------------------------------------------------
+    loggers = None
+    tok_sha = tokenizer_hash(tok_path)
+    if info.is_main:
+        write_json(run_dir / "run.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
+                                          "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
+                                          "data": str(shard_dir), "world_size": info.world,
+                                          "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps})
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
+
+    def save(step: int) -> None:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            msd, osd = None, opt.state_dict()
+        if not info.is_main:
+            return
+        target = raw
+        if msd is not None:
+            target = build_model(model_cfg, seed=None, device="cpu")
+            target.load_state_dict(msd)
+        meta = {"step": step, "tokens": tokens_seen, "data_position": data_pos, "milestone": step in milestones,
+                "tokenizer_sha256": tok_sha, "train": cfg.to_dict()}
+        state = {"optimizer": osd, "optimizer_format": "fsdp" if fsdp else "torch",
+                 "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                 "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped}
+        save_checkpoint(run_dir, target, state, meta, tokenizer=tok_path)
+        apply_retention(run_dir, cfg.ckpt_keep)
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, desc=model_cfg.name or "train")
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    bad_in_row = 0
+    last_loss = float("nan")
+    val_loss = float("nan")
+    train_time, trained_tokens = 0.0, 0
+    model.train()
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            lr, wd = sched.lr_at(step), sched.wd_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+                if g["decay"]:
+                    g["weight_decay"] = wd
+            set_progress(raw, tokens_seen / total_tokens)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for j in range(accum):
+                first = data_pos + (info.rank * accum + j) * micro
+                batch = sampler.batch(first, micro).to(device, non_blocking=True)
+                sync = j == accum - 1
+                if fsdp:
+                    raw.set_requires_gradient_sync(sync)
+                with no_sync(sync), amp():
+                    logits = model(batch[:, :-1])
+                    loss = loss_fn(logits, batch[:, 1:])
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.detach().double().cpu()
+            (loss_mean,) = dist.all_reduce_sum([loss_sum.item() / accum], info)
+            loss_mean /= info.world
+            grad_norm = float("nan")
+            stepped = math.isfinite(loss_mean)
+            if stepped:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                if scaler is not None:
+                    before = scaler.get_scale()
+                    scaler.step(opt)
+                    scaler.update()
+                    stepped = scaler.get_scale() >= before
+                elif math.isfinite(grad_norm):
+                    opt.step()
+                else:
+                    stepped = False
+            opt.zero_grad(set_to_none=True)
+            # fp16 overflow skips are routine (the scaler backs off); a non-finite loss is not
+            bad = not math.isfinite(loss_mean) or (scaler is None and not stepped)
+            bad_in_row = bad_in_row + 1 if bad else 0
+            if not stepped:
+                skipped += 1
+                log.warning("step %d: non-finite %s, update skipped (%d skipped so far)", step + 1,
+                            "loss" if not math.isfinite(loss_mean) else "gradients", skipped)
+            data_pos += G
+            tokens_seen += tokens_per_step
+            done = step + 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            trained_tokens += tokens_per_step
+            if math.isfinite(loss_mean):
+                last_loss = loss_mean
+            if bad_in_row >= cfg.max_bad_steps:
+                kept = list_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"{bad_in_row} non-finite losses in a row at step {done}: training diverged. The last good "
+                    f"checkpoint is {kept[-1] if kept else 'none (no checkpoint was written yet)'}; "
+                    "resume from it with "
+                    "a lower train.lr, or raise train.max_bad_steps")
+            row = {"step": done, "tokens": tokens_seen, "loss": loss_mean, "lr": lr, "wd": wd, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_step / dt, "skipped_steps": skipped}
+            if scaler is not None:
+                row["loss_scale"] = scaler.get_scale()
+            if loggers is not None and (done % cfg.log_every == 0 or done == total_steps):
+                loggers.log(row)
+            if bar is not None:
+                bar.update(tokens_per_step)
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if done % val_every == 0 or done == total_steps:
+                val_loss = evaluate()
+                if loggers is not None:
+                    loggers.log({"split": "val", "step": done, "tokens": tokens_seen, "val_loss": val_loss})
+            if done in rolling or done in milestones:
+                save(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        if loggers is not None:
+            loggers.close()
+
+    if start_step >= total_steps:  # resumed a finished run: nothing to train, report the checkpoint
+        val_loss = evaluate()
+    wall = time.perf_counter() - t_start
+    result = {"val_loss": val_loss, "train_loss": last_loss, "tokens": tokens_seen, "steps": total_steps,
+              "wall_time": wall, "tokens_per_s": trained_tokens / train_time if train_time else 0.0,
+              "skipped_steps": skipped, "run_dir": str(run_dir)}
+    if info.is_main:
+        final_meta = {"step": total_steps, "tokens": tokens_seen, "tokenizer_sha256": tok_sha, "train": cfg.to_dict(),
+                      "val_loss": val_loss}
+        if fsdp:
+            last = list_checkpoints(run_dir)[-1]
+            from spectra.checkpoint import load_model_dir
+
+            save_model(load_model_dir(last), run_dir / "final", tokenizer=tok_path, meta=final_meta)
+        else:
+            save_model(raw, run_dir / "final", tokenizer=tok_path, meta=final_meta)
+        write_json(run_dir / "result.json", result)
+    dist.barrier(info)
+    return result

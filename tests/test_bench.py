@@ -1,0 +1,146 @@
+"""`bench`: the variants it builds compute the same function as the source model; result structure; the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from spectra.config import ModelConfig, from_name
+from spectra.inference.bench import bench, dense_copy, synthetic_trilm
+from spectra.inference.weights import ternary_weight
+from spectra.model import build_model
+
+
+def cfg(**kw) -> ModelConfig:
+    c = dict(dim=256, n_layers=2, n_heads=4, glu_dim=512, vocab_size=256, max_seq_len=64, family="trilm")
+    c.update(kw)
+    return ModelConfig(**c)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_dense_copy_computes_the_same_logits(shards):
+    model = build_model(cfg(num_scale_shards=shards), seed=3).eval()
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = model(idx)
+        dense = dense_copy(model, torch.float32)
+        assert all(type(m) is torch.nn.Linear for m in (dense.layers[0].mlp.up_proj, dense.layers[1].self_attn.o_proj))
+        torch.testing.assert_close(dense(idx), ref, rtol=1e-5, atol=1e-5)
+        bf = dense_copy(model, torch.bfloat16)
+        assert bf.lm_head.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(bf(idx).float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_synthetic_model_is_ternary_with_the_named_shape():
+    model = synthetic_trilm("trilm-tiny")
+    ref = from_name("trilm-tiny")
+    c = model.config
+    assert (c.dim, c.glu_dim, c.n_layers, c.n_heads, c.vocab_size) == (
+        ref.dim,
+        ref.glu_dim,
+        ref.n_layers,
+        ref.n_heads,
+        ref.vocab_size,
+    )
+    tw = ternary_weight(model.layers[0].mlp.down_proj)
+    assert set(tw.codes.unique().tolist()) == {-1, 0, 1}
+    assert tw.scales.unique().numel() == 1  # one scale per matrix: packs losslessly
+
+
+def test_bench_floatlm_result_structure():
+    model = build_model(cfg(family="floatlm"), seed=0)
+    r = bench(
+        model,
+        prompt_len=8,
+        gen_len=4,
+        threads=[1],
+        dtypes=["packed", "bf16", "fp32", "model"],
+        repeats=2,
+        llama_cpp=False,
+    )
+    assert r["skipped"]["packed"] == "not a ternary model"
+    got = {(x["variant"], x["threads"]) for x in r["results"]}
+    assert got == {("bf16", 1), ("fp32", 1), ("model", 1)}
+    for x in r["results"]:
+        assert len(x["decode_runs"]) == 2 and x["decode_tokens_per_s"] > 0 and x["prompt_tokens_per_s"] > 0
+        assert x["ms_per_token"] == pytest.approx(1000 / x["decode_tokens_per_s"])
+    fp32 = next(x for x in r["results"] if x["variant"] == "fp32")
+    assert fp32["weights_mb"] == pytest.approx(sum(p.numel() for p in model.parameters()) * 4 / 2**20, rel=0.01)
+    assert set(r["ratios"]["threads=1"]) == {
+        "decode model/bf16",
+        "prompt model/bf16",
+        "decode model/fp32",
+        "prompt model/fp32",
+    }
+
+
+def test_bench_bad_input():
+    model = build_model(cfg(family="floatlm"), seed=0)
+    with pytest.raises(ValueError, match="variant"):
+        bench(model, dtypes=["int4"])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        bench(model, prompt_len=60, gen_len=10, llama_cpp=False)
+    with pytest.raises(ValueError, match="unknown model size"):
+        bench("trilm-7b", llama_cpp=False)
+
+
+def test_cli_bench_json(capsys):
+    from spectra.__main__ import main
+
+    assert (
+        main(
+            [
+                "bench",
+                "floatlm-tiny",
+                "--prompt-len",
+                "4",
+                "--gen-len",
+                "2",
+                "--repeats",
+                "1",
+                "--variants",
+                "bf16",
+                "--no-llama-cpp",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["results"][0]["variant"] == "bf16" and r["config"]["dim"] == 256
+
+
+def test_bench_trilm_packed_variant_and_int8_head():
+    pytest.importorskip("spectra.packed.linear")
+    from spectra.inference.bench import packed_copy, with_int8_head
+
+    model = build_model(cfg(), seed=4).eval()
+    idx = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(idx)
+        packed = packed_copy(model, "tq2")
+        assert type(model.layers[0].mlp.up_proj).__name__ == "TernaryLinear"  # the source is left alone
+        fast = with_int8_head(packed)
+        assert type(packed.lm_head) is torch.nn.Linear and fast.layers is packed.layers
+        rel = ((fast(idx) - ref).norm() / ref.norm()).item()
+        assert rel < 0.05  # int8 activations in the blocks and the head, ~1-2 % each
+        # dense copies of the packed model hold W = fp16(γ)·Ŵ: the latent weights up to fp16 rounding of γ
+        dense = dense_copy(packed, torch.float32)
+        torch.testing.assert_close(dense(idx), ref, rtol=2e-3, atol=2e-3)
+    r = bench(model, prompt_len=8, gen_len=3, threads=[1], dtypes=["packed", "fp32"], repeats=1, llama_cpp=False)
+    assert {x["variant"] for x in r["results"]} == {"packed", "fp32"}
+    assert set(r["ratios"]["threads=1"]) == {"decode packed/fp32", "prompt packed/fp32"}
+    packed_mb = next(x["weights_mb"] for x in r["results"] if x["variant"] == "packed")
+    fp32_mb = next(x["weights_mb"] for x in r["results"] if x["variant"] == "fp32")
+    assert packed_mb < fp32_mb
+
+
+def test_bench_against_llama_cpp():
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("spectra.packed.linear")
+    model = build_model(cfg(), seed=0)
+    r = bench(model, prompt_len=8, gen_len=4, threads=[1], dtypes=["packed"], repeats=1, llama_cpp=True)
+    assert {x["variant"] for x in r["results"]} == {"packed", "llama.cpp"}
+    assert {"decode packed/llama.cpp", "prompt packed/llama.cpp"} <= set(r["ratios"]["threads=1"])
+    gguf_mb = next(x["weights_mb"] for x in r["results"] if x["variant"] == "llama.cpp")
+    assert 0.1 < gguf_mb < 1.0  # TQ2_0 blocks + Q8_0 embedding and output of this 2-layer model

