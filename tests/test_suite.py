@@ -39,6 +39,8 @@ def test_fit_recovers_a_known_law():
     assert fit_power_law(N[:3], L[:3])["stderr"] is None  # as many parameters as points
     with pytest.raises(ValueError, match="at least 3 points"):
         fit_power_law(N[:2], L[:2])
+    with pytest.raises(ValueError, match="no decreasing power law"):
+        fit_power_law(N, L[::-1])
 
 
 def test_pareto_front():

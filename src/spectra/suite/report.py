@@ -88,11 +88,12 @@ def fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if len(pts) < 3:
             continue
         N, L = zip(*pts, strict=True)
-        try:
-            out[label] = fit_power_law(N, L, offset=True)
-        except ValueError as e:
-            out[label] = {"error": str(e)}
-        out[label]["pure"] = fit_power_law(N, L, offset=False)
+        out[label] = {}
+        for key, offset in (("offset", True), ("pure", False)):
+            try:
+                out[label][key] = fit_power_law(N, L, offset=offset)
+            except ValueError as e:
+                out[label][key] = {"error": str(e)}
     return out
 
 
@@ -133,7 +134,8 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
             ax_p.plot([p[0] for p in pts], [p[2] for p in pts], **style)
         ax_b.plot([p[1] for p in pts], [p[2] for p in pts], **style)
     if metric == "val_loss":
-        for label, f in fit.items():
+        for label, both in fit.items():
+            f = both["offset"]
             if "A" not in f:
                 continue
             xs = np.geomspace(min(r["params"] for r in have) / 1.5, max(r["params"] for r in have) * 1.5, 100)
@@ -152,6 +154,7 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
     ax_p.set_title(f"{metric} across parameters")
     ax_b.set_title(f"{metric} across size in bits")
     ax_p.legend(fontsize=7)
+    ax_b.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -201,12 +204,15 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         "b + 0.25 for 3/4-bit g128 QuantLMs, b for 6/8-bit, log2 3 for TriLM, 2.0625 / 1.6875 for TQ2_0 / TQ1_0.")
 
     fit_rows = []
-    for label, f in fit.items():
+    for label, both in fit.items():
+        f, pure = both["offset"], both["pure"]
+        pure_text = f"{pure['A']:.4g}·N^-{pure['alpha']:.4f}" if "A" in pure else pure["error"]
         if "A" in f:
             se = f.get("stderr") or {}
             fit_rows.append([label, f"{f['A']:.4g} ± {_fmt(se.get('A'))}", f"{f['alpha']:.4f} ± {_fmt(se.get('alpha'))}",
-                             f"{f['eps']:.4f} ± {_fmt(se.get('eps'))}", f["rmse"], f["n"],
-                             f"{f['pure']['A']:.4g}·N^-{f['pure']['alpha']:.4f}"])
+                             f"{f['eps']:.4f} ± {_fmt(se.get('eps'))}", f["rmse"], f["n"], pure_text])
+        else:
+            fit_rows.append([label, f["error"], None, None, None, None, pure_text])
     if paper:
         for fam, f in PAPER_FITS.items():
             fit_rows.append([f"paper {fam}", f["A"], f["alpha"], f["eps"], None, 9, None])

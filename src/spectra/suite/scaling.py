@@ -75,6 +75,8 @@ def fit_power_law(N, L, *, offset: bool = True) -> dict[str, Any]:
 
     grid = np.geomspace(1e-3, 3.0, 600)
     values = np.array([sse(a) for a in grid])
+    if not np.isfinite(values).any():
+        raise ValueError("no decreasing power law fits these points (loss does not fall with N)")
     i = int(np.argmin(values))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     g = (math.sqrt(5) - 1) / 2
