@@ -78,6 +78,9 @@ def fit_power_law(N, L, *, offset: bool = True) -> dict[str, Any]:
     if not np.isfinite(values).any():
         raise ValueError("no decreasing power law fits these points (loss does not fall with N)")
     i = int(np.argmin(values))
+    if i in (0, len(grid) - 1):
+        raise ValueError(f"the best exponent lies at the search bound (α = {grid[i]:.3g}): the points do not follow a "
+                         "power law in N")
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     g = (math.sqrt(5) - 1) / 2
     c, d = hi - g * (hi - lo), lo + g * (hi - lo)
