@@ -5,9 +5,9 @@ id 0 is `<|endoftext|>` (EOS, also used as BOS) and id 1 `<|padding|>`. The mode
 of 128·MP (`spectra.config.pad_vocab`); a tokenizer with more ids than the model's vocabulary is an error.
 
 The builtin tokenizer is a 4096-id BPE trained on the builtin corpus's train split. 4096 rather than 8192 suits the
-tiny CPU models it is for: on 6 MB of text each id is seen ~4x more often, the embedding and lm_head (which dominate a
-dim-256 model's parameters and its softmax cost) are half as large, and compression drops only from ~4.2 to ~3.8
-bytes per token.
+tiny CPU models it is for: on 6 MB of text each id is seen about twice as often, the embedding and lm_head (which
+dominate a dim-256 model's parameters and its softmax cost) are half as large, and compression on the held-out plays
+drops only from 3.13 to 2.92 bytes per token (measured).
 """
 
 from __future__ import annotations
