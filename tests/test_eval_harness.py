@@ -195,23 +195,27 @@ def test_evaluate_offline_missing_data_says_how_to_build(model_dirs, tmp_path):
 
 
 def test_shared_prefix_and_batched_scores_equal_direct_log_softmax(model_dirs):
-    from spectra.eval.scoring import score_continuations, score_sequences
+    from spectra.eval.scoring import score_groups, score_sequences
 
     model = load(model_dirs[0])
     g = torch.Generator().manual_seed(1)
-    ctx = torch.randint(0, 320, (23,), generator=g).tolist()
-    conts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (1, 5, 3, 9)]
-    shared = score_continuations(model, ctx, conts)
-    batched = score_sequences(model, [ctx + c for c in conts], [len(c) for c in conts], batch_size=3)
-    for c, (lp_a, gr_a), (lp_b, gr_b) in zip(conts, shared, batched):
-        with torch.no_grad():
-            logp = model(torch.tensor([ctx + c])).log_softmax(-1)[0]  # (T, V)
-        pos = torch.arange(len(ctx) - 1, len(ctx) + len(c) - 1)
-        direct = logp[pos, torch.tensor(c)]
-        greedy = logp[pos].argmax(-1) == torch.tensor(c)
-        torch.testing.assert_close(lp_a, direct, atol=1e-5, rtol=0)
-        torch.testing.assert_close(lp_b, direct, atol=1e-5, rtol=0)
-        assert torch.equal(gr_a, greedy) and torch.equal(gr_b, greedy)
+    groups = [
+        (torch.randint(0, 320, (n_ctx,), generator=g).tolist(),
+         [torch.randint(0, 320, (n,), generator=g).tolist() for n in lengths])
+        for n_ctx, lengths in [(23, (1, 5, 3, 9)), (7, (2, 2)), (1, (4, 1, 6)), (30, (3,))]
+    ]
+    shared = score_groups(model, groups, batch_size=3)
+    for (ctx, conts), group_scores in zip(groups, shared):
+        batched = score_sequences(model, [ctx + c for c in conts], [len(c) for c in conts], batch_size=3)
+        for c, (lp_a, gr_a), (lp_b, gr_b) in zip(conts, group_scores, batched):
+            with torch.no_grad():
+                logp = model(torch.tensor([ctx + c])).log_softmax(-1)[0]  # (T, V)
+            pos = torch.arange(len(ctx) - 1, len(ctx) + len(c) - 1)
+            direct = logp[pos, torch.tensor(c)]
+            greedy = logp[pos].argmax(-1) == torch.tensor(c)
+            torch.testing.assert_close(lp_a, direct, atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp_b, direct, atol=1e-5, rtol=0)
+            assert torch.equal(gr_a, greedy) and torch.equal(gr_b, greedy)
 
 
 def model_kinds(root):
@@ -236,6 +240,7 @@ def model_kinds(root):
     return tok, kinds
 
 
+@pytest.mark.slow
 def test_every_model_kind_matches_its_own_forward(tmp_path):
     """FloatLM, latent TriLM, packed TriLM and QuantLM through the adapter (shared-context cache path and batched
     path) against each model's own full forward pass + log_softmax."""
@@ -250,7 +255,7 @@ def test_every_model_kind_matches_its_own_forward(tmp_path):
     pairs += [(sents[3][:40], " and"), ("", sents[4][:20])]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     for name, model in kinds:
-        lm = SpectraLM(model, str(tok_path), batch_size=4)
+        lm = SpectraLM(model, str(tok_path), batch_size=2)  # groups of 3 continuations split into 2 + 1
         got = lm.loglikelihood(requests, disable_tqdm=True)
         for (ctx, cont), (logp, greedy) in zip(pairs, got):
             if ctx:
@@ -263,3 +268,12 @@ def test_every_model_kind_matches_its_own_forward(tmp_path):
             target = torch.tensor(cont_ids)
             assert logp == pytest.approx(float(full[pos, target].sum()), abs=1e-4), name
             assert greedy == bool((full[pos].argmax(-1) == target).all()), name
+
+    from spectra.accounting import size_report
+    from spectra.eval.results import model_identity
+
+    bits = {name: model_identity(m, tmp_path / name) for name, m in kinds}
+    expected = {"floatlm": "floatlm", "trilm": "trilm", "packed": "trilm", "quantlm": "quantlm_4"}
+    for name, ident in bits.items():
+        assert ident["size_bits"] == size_report(kinds[0][1].config)["bits"][expected[name]], name
+    assert [bits[n]["kind"] for n in expected] == ["model", "model", "packed", "quantlm"]

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own (zero-shot for paper)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one stored with the model)")
     p.add_argument("--offline-dir", nargs="?", const="", default=None,
-                   help="use the local benchmark data built by `spectra data evals` (default folder if no value)")
+                   help="use the local benchmark data built by `spectra data evals`; without a value (put it after "
+                   "MODEL then) the default folder <cache>/evals")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: seq-len)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity on at least this many tokens (whole "

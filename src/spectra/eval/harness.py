@@ -5,9 +5,10 @@
 - `loglikelihood(context, continuation)` -> (Σ log p(cont_i | ctx, cont_<i), all cont_i greedy). Tokenisation is
   lm-eval's own (`TemplateLM._encode_pair`: trailing context spaces move into the continuation, the pair is encoded
   jointly and split at len(enc(context)); an empty context becomes the prefix token). Requests that share a context
-  (every multiple-choice question) run the context once into the KV cache and batch their continuations on copies
-  of it; single continuations are batched as whole sequences. Sequences longer than max_length + 1 are cut from the
-  left exactly as `HFLM` cuts them.
+  (every multiple-choice question) are packed into one row per context with a tree attention mask, so the context
+  is computed once, and many questions go into one batch (`spectra.eval.scoring.score_groups`); single
+  continuations are batched as whole sequences. Sequences longer than max_length + 1 are cut from the left exactly
+  as `HFLM` cuts them.
 - `loglikelihood_rolling(text)` -> Σ log p over the whole text, in lm-eval's disjoint rolling windows of max_length
   tokens with the prefix (BOS/EOS) token before the first one.
 - `generate_until(context, {until, max_gen_toks})` -> greedy continuation with the KV cache, cut at the first stop
@@ -37,7 +38,7 @@ try:
 except ImportError as e:  # lm-eval is the `eval` extra
     raise ImportError(f"spectra.eval.harness needs lm-eval ({e}); install it with: pip install 'spectra[eval]'") from e
 
-from spectra.eval.scoring import hidden_states, score_continuations, score_sequences
+from spectra.eval.scoring import hidden_states, score_groups, score_sequences
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,24 @@ class SpectraLM(TemplateLM):
             for i, (logp, greedy) in zip(chunk, scores):
                 results[i] = (float(logp.sum()), bool(greedy.all()))
             pbar.update(len(chunk))
-        shared = sorted((ctx for ctx, idx in groups.items() if len(idx) > 1), key=len, reverse=True)
-        for ctx in shared:
-            idx = groups[ctx]
-            scores = score_continuations(self.model, list(ctx), [requests[i][2] for i in idx])
-            for i, (logp, greedy) in zip(idx, scores):
-                results[i] = (float(logp.sum()), bool(greedy.all()))
-            pbar.update(len(idx))
+        # Contexts shared by several continuations: packed rows of at most batch_size continuations each (one
+        # context can be shared by a whole task: an empty context becomes the prefix token, as in CrowS-Pairs).
+        packs = [
+            (ctx, idx[start : start + self.batch_size])
+            for ctx, idx in groups.items()
+            if len(idx) > 1
+            for start in range(0, len(idx), self.batch_size)
+        ]
+        for start in range(0, len(packs), self.batch_size * 8):
+            chunk = packs[start : start + self.batch_size * 8]
+            scores = score_groups(
+                self.model, [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in chunk],
+                batch_size=self.batch_size,
+            )
+            for (_, idx), group_scores in zip(chunk, scores):
+                for i, (logp, greedy) in zip(idx, group_scores):
+                    results[i] = (float(logp.sum()), bool(greedy.all()))
+                pbar.update(len(idx))
         pbar.close()
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:

@@ -32,19 +32,19 @@ def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> di
     from spectra.accounting import size_report
 
     cfg = model.config
-    kind, meta = "model", {}
+    kind = "model"
     if model_path is not None and (Path(model_path) / "spectra.json").exists():
         from spectra.checkpoint import read_meta
 
-        meta = read_meta(model_path)
-        kind = meta.get("kind", kind)
+        kind = read_meta(model_path).get("kind", kind)
     elif model_path is not None and (Path(model_path) / "config.json").exists():
         kind = "hf"
     size = size_report(cfg)
     size_bits = size["bits"]["this_model"]
-    q_bits = meta.get("bits") or meta.get("quantization", {}).get("bits") if kind == "quantlm" else None
-    if q_bits is not None:  # a QuantLM is a FloatLM config with b-bit block weights
-        size_bits = size["bits"].get(f"quantlm_{q_bits}", size_bits)
+    ptq = getattr(model, "ptq_checkpoint", None)  # set by spectra.ptq.formats.load_quantlm
+    if ptq is not None:  # a QuantLM: a FloatLM config with b-bit block weights
+        kind = "quantlm"
+        size_bits = size["bits"].get(f"quantlm_{ptq['bits']}", size_bits)
     return {
         "path": None if model_path is None else str(model_path),
         "name": cfg.name,

@@ -8,20 +8,23 @@ the whole body of a 20M model) and re-running shared prefixes. So:
   positions that are scored, in row chunks, with a float32 log-softmax:  log p(y | h) = (W h)_y − logsumexp(W h).
 - `score_sequences` batches independent sequences right-padded (causal attention makes the padding invisible to
   earlier positions), sorted by length so a batch wastes little padding.
-- `score_continuations` runs a shared context once into the KV cache, copies the cache to k rows and scores the k
-  continuations in one batched call: cost |ctx| + Σ|cont| tokens instead of Σ(|ctx| + |cont|).
+- `score_groups` packs a context and its k continuations into one row with a tree attention mask (each continuation
+  sees the context and itself, positions restart after the context) and batches many such rows: the context is
+  computed once and a batch holds many questions, so cost is |ctx| + Σ(|cont| − 1) tokens in few large calls
+  instead of Σ(|ctx| + |cont|).
 
 Works for anything `spectra.load` returns (FloatLM, latent TriLM, packed TriLM, QuantLM): they share the
-`Transformer` body (`model(idx, cache=...)`, `model.new_cache(B, max_len)`, `model.lm_head`).
+`Transformer` modules (`embed_tokens`, `layers[i].{input_layernorm, self_attn, post_attention_layernorm, mlp}`,
+`norm`, `lm_head`, `rope_cos/rope_sin`), whatever their linear layers are.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 HEAD_CHUNK_ROWS = 2048  # rows of the (rows, V) logit matrix materialised at once: 2048 x 50304 x 4 B = 412 MB
@@ -96,45 +99,95 @@ def score_sequences(
     return out  # type: ignore[return-value]
 
 
-@torch.no_grad()
-def score_continuations(
-    model: nn.Module, context: Sequence[int], continuations: Sequence[Sequence[int]]
-) -> list[tuple[Tensor, Tensor]]:
-    """Scores of each continuation given one shared context (non-empty), the context run once.
+CTX, PAD = -1, -2  # segment ids of a packed row: the shared context, padding; continuation j has segment j
 
-    Continuation j = c_0 .. c_{m-1}: log p(c_0 | ctx) from the context's last hidden state, then c_1 .. c_{m-1} from
-    a batched call over all continuations (right-padded) on k copies of the context's KV cache.
-    Returns, per continuation, (logprobs (m,), greedy (m,)).
+
+def tree_hidden(model: nn.Module, idx: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+    """Final-norm hidden states (B, T, C) of rows whose tokens sit at positions `pos` (B, T) and see the keys
+    `mask` (B, T, T) allows. The model's own modules, wired as in `spectra.model.Block`; only the attention mask and
+    the rotary positions differ from a plain causal forward, so a context can be shared by several continuations."""
+    from spectra.model import apply_rope
+
+    x = model.embed_tokens(idx)  # (B, T, C)
+    cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)  # (B, 1, T, D)
+    sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
+    attn_mask = mask.unsqueeze(1)  # (B, 1, T, T)
+    B, T, _ = x.shape
+    for layer in model.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = a.k_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = a.v_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))  # (B, T, C)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
+def pack_group(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> tuple[list, list, list, list]:
+    """One row for a context and its continuations: tokens ctx + c_0[:-1] + c_1[:-1] + ..., their positions
+    (each continuation restarts at len(ctx)), segment ids, and per continuation the row index of the hidden state
+    that predicts each of its tokens (the context's last token for the first one)."""
+    tokens, pos, seg = list(context), list(range(len(context))), [CTX] * len(context)
+    predictors = []
+    for j, c in enumerate(continuations):
+        start = len(tokens)
+        tokens += c[:-1]
+        pos += range(len(context), len(context) + len(c) - 1)
+        seg += [j] * (len(c) - 1)
+        predictors.append([len(context) - 1, *range(start, start + len(c) - 1)])
+    return tokens, pos, seg, predictors
+
+
+@torch.no_grad()
+def score_groups(
+    model: nn.Module, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *, batch_size: int = 16
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """Scores of every continuation of every (context, continuations) group, each context computed once.
+
+    Each group is packed into one row (`pack_group`); token i of a row may attend to token k <= i when k is in the
+    context or in i's own continuation:  mask[i, k] = (k <= i) and (seg_k = CTX or seg_k = seg_i). Rows are batched
+    `batch_size` at a time, right-padded (a padding query sees only itself). Cost: |ctx| + Σ(|c_j| − 1) tokens per
+    group instead of Σ(|ctx| + |c_j|). Returns, per group and continuation, (logprobs (m,), greedy (m,)).
     """
-    if not context:
-        raise ValueError("score_continuations needs a non-empty context")
     device = _device(model)
-    k = len(continuations)
-    longest = max(len(c) for c in continuations)
+    for g, (ctx, conts) in enumerate(groups):
+        if not ctx or not conts or not all(conts):
+            raise ValueError(f"group {g}: needs a non-empty context and non-empty continuations")
+    packed = [pack_group(ctx, conts) for ctx, conts in groups]
+    order = sorted(range(len(groups)), key=lambda g: -len(packed[g][0]))
+    out: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(groups)
     with hidden_states(model) as head:
-        cache = model.new_cache(1, len(context) + longest - 1)
-        h_last = model(torch.tensor([context], dtype=torch.long, device=device), cache=cache)[:, -1]  # (1, C)
-        first = torch.tensor([c[0] for c in continuations], device=device)
-        logp0, greedy0 = head_logprobs(head, h_last.expand(k, -1), first)
-        rest_logp: list[Tensor] = [torch.zeros(0)] * k
-        rest_greedy: list[Tensor] = [torch.zeros(0, dtype=torch.bool)] * k
-        if longest > 1:
-            cache = replace(cache, k=cache.k.repeat(1, k, 1, 1, 1), v=cache.v.repeat(1, k, 1, 1, 1))
-            inp = torch.zeros(k, longest - 1, dtype=torch.long)
-            rows, cols, tgts = [], [], []
-            for j, c in enumerate(continuations):
-                inp[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                rows += [j] * (len(c) - 1)
-                cols += range(len(c) - 1)
-                tgts += c[1:]
-            h = model(inp.to(device), cache=cache)  # (k, m-1, C)
-            logp, greedy = head_logprobs(head, h[rows, cols], torch.tensor(tgts, device=device, dtype=torch.long))
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            T = len(packed[rows[0]][0])
+            idx = torch.zeros(len(rows), T, dtype=torch.long)
+            pos = torch.zeros(len(rows), T, dtype=torch.long)
+            seg = torch.full((len(rows), T), PAD, dtype=torch.long)
+            for r, g in enumerate(rows):
+                tokens, p, s, _ = packed[g]
+                idx[r, : len(tokens)] = torch.tensor(tokens)
+                pos[r, : len(tokens)] = torch.tensor(p)
+                seg[r, : len(tokens)] = torch.tensor(s)
+            ar = torch.arange(T)
+            causal = ar[None, :, None] >= ar[None, None, :]  # (1, T, T): key k <= query i
+            same = (seg[:, None, :] == CTX) | (seg[:, None, :] == seg[:, :, None])
+            mask = (causal & same & (seg[:, None, :] != PAD)) | (ar[:, None] == ar[None, :])  # pads see themselves
+            h = tree_hidden(model, idx.to(device), pos.to(device), mask.to(device))  # (B, T, C)
+            rr, cc, tgts = [], [], []
+            for r, g in enumerate(rows):
+                for c, pred in zip(groups[g][1], packed[g][3]):
+                    rr += [r] * len(pred)
+                    cc += pred
+                    tgts += c
+            logp, greedy = head_logprobs(head, h[rr, cc], torch.tensor(tgts, device=device, dtype=torch.long))
             start = 0
-            for j, c in enumerate(continuations):
-                n = len(c) - 1
-                rest_logp[j], rest_greedy[j] = logp[start : start + n].cpu(), greedy[start : start + n].cpu()
-                start += n
-    return [
-        (torch.cat([logp0[j : j + 1].cpu(), rest_logp[j]]), torch.cat([greedy0[j : j + 1].cpu(), rest_greedy[j]]))
-        for j in range(k)
-    ]
+            for g in rows:
+                scores = []
+                for c in groups[g][1]:
+                    scores.append((logp[start : start + len(c)].cpu(), greedy[start : start + len(c)].cpu()))
+                    start += len(c)
+                out[g] = scores
+    return out  # type: ignore[return-value]

@@ -87,8 +87,7 @@ def format_bench(result: dict) -> str:
         f"{result['model']}: prompt {result['prompt_len']} tokens, decode {result['gen_len']} tokens, "
         f"median of {result['repeats']}; load average {result['loadavg_before'][0]:.2f} -> "
         f"{result['loadavg_after'][0]:.2f}",
-        f"{'variant':<11} {'threads':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'ms/token':>9} "
-        f"{'weights MiB':>12}",
+        f"{'variant':<11} {'threads':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'ms/token':>9} {'weights MiB':>12}",
     ]
     nan = float("nan")
     for r in sorted(result["results"], key=lambda r: (r["threads"], r["variant"])):

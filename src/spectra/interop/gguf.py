@@ -213,10 +213,10 @@ def export_gguf(
             return arr.astype(np.float16), None
         return gguf.quants.quantize(arr, ggml_type), ggml_type
 
-    writer = gguf.GGUFWriter(str(tmp), "llama")
     gguf_log = logging.getLogger("gguf")
     gguf_level = gguf_log.level
     gguf_log.setLevel(logging.WARNING)  # the writer announces every file at INFO; we return a summary instead
+    writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(cfg.name or "spectra")
         writer.add_context_length(cfg.max_seq_len)

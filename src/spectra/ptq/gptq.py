@@ -9,7 +9,7 @@ layer-wise loss ‖WX − ŴX‖², Hinv the upper Cholesky factor of H⁻¹, Q 
 3. Row parameters.  Per-row scale/zero on the whole W (used as-is when group_size = −1).
 4. Static groups.  With `static_groups`, the parameters of every group [k·g, (k+1)·g) come from the original W.
 5. Act-order.  perm = argsort(diag(H), descending): columns with the largest Hessian go first.
-6. Damping.  H_ii += percdamp · mean(diag(H)).   Hinv = chol(chol⁻¹-inverse(chol(H)))ᵀ, the upper factor of H⁻¹.
+6. Damping.  H_ii += percdamp · mean(diag(H)).   Hinv = upper Cholesky factor of H⁻¹ (H⁻¹ from the factor of H).
 7. Lazy blocks of `block_size` columns [i1, i2); for each column i:
      group start (dynamic groups): parameters from the *outer* W[:, i : i+g], which holds the updates of earlier
        blocks but not yet those made inside the current block (the reference's behaviour when g < block_size);
