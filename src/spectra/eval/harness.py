@@ -14,8 +14,8 @@
 - `generate_until(context, {until, max_gen_toks})` -> greedy continuation with the KV cache, cut at the first stop
   string (EOS always stops).
 
-`evaluate(model_path, tasks, ...)` runs `lm_eval.simple_evaluate` over our task list (`spectra.eval.tasks`) and
-returns a results dict (`spectra.eval.results`).
+`evaluate(model_path, tasks, ...)` runs lm-eval (the task setup of `simple_evaluate`, then `evaluator.evaluate`)
+over our task list (`spectra.eval.tasks`) and returns a results dict (`spectra.eval.results`).
 """
 
 from __future__ import annotations
@@ -262,6 +262,28 @@ class SpectraLM(TemplateLM):
         return res
 
 
+def _run_tasks(lm: SpectraLM, names: list[str], manager, *, limit, num_fewshot: int | None, seed: int) -> dict[str, Any]:
+    """What `lm_eval.simple_evaluate` does for an LM object (task setup, seeds, `evaluator.evaluate`), without its
+    environment report, which shells out to pip and git and costs ~15 s per call."""
+    import random
+
+    import numpy as np
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = manager.load(names)
+    for task_obj in loaded["tasks"].values():
+        default = task_obj.get_config("num_fewshot")
+        if num_fewshot is not None and default != 0:
+            task_obj.set_config(key="num_fewshot", value=num_fewshot)
+        elif num_fewshot is None and default is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=seed)
+    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+
+
 def evaluate(
     model_path: str | os.PathLike | nn.Module,
     tasks: str | list[str] = "paper",
@@ -330,11 +352,7 @@ def evaluate(
     if names:
         lm = SpectraLM(model, tok, batch_size=batch_size)
         lm.name = str(path or lm.name)
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
-            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        raw = _run_tasks(lm, names, manager, limit=limit, num_fewshot=num_fewshot, seed=seed)
     results = build_results(
         raw, model=model, model_path=path, tasks=names, limit=limit, offline_dir=offline_dir, skipped=unavailable,
         num_fewshot=num_fewshot,

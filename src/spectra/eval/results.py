@@ -50,8 +50,8 @@ def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> di
         "name": cfg.name,
         "family": cfg.family,
         "kind": kind,
-        "params": model.num_params(),
-        "non_embedding_params": model.num_params(non_embedding=True),
+        "params": size["params"],  # from the config: packed and QuantLM layers hold buffers, not parameters
+        "non_embedding_params": size["non_embedding_params"],
         "size_bits": size_bits,
         "size": size,
         "config": cfg.to_dict(),
@@ -96,7 +96,7 @@ def build_results(
     skipped: list[str] | None = None,
     num_fewshot: int | None = None,
 ) -> dict[str, Any]:
-    """The results document (module docstring) from `lm_eval.simple_evaluate`'s output."""
+    """The results document (module docstring) from lm-eval's `evaluator.evaluate` output."""
     import lm_eval
 
     metrics = task_metrics(raw.get("results", {}))
