@@ -104,5 +104,10 @@ def test_convert_to_ternary_counts_block_linears_only():
 def test_trilm_model_uses_shard_dims():
     model = build_model(tiny_config(family="trilm", num_scale_shards=2))
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    assert [attn.q_proj.shard_dim, attn.o_proj.shard_dim, mlp.up_proj.shard_dim, mlp.down_proj.shard_dim] == [0, 1, 0, 1]
+    assert [attn.q_proj.shard_dim, attn.o_proj.shard_dim, mlp.up_proj.shard_dim, mlp.down_proj.shard_dim] == [
+        0,
+        1,
+        0,
+        1,
+    ]
     assert attn.q_proj.codes_and_scales()[1].shape == (2,)

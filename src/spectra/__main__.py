@@ -24,7 +24,8 @@ CLI_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spectra",
-        description="Pretrain, quantize, pack, run and compare FloatLMs, TriLMs and QuantLMs (Spectra, arXiv 2407.12327).",
+        description="Pretrain, quantize, pack, run and compare FloatLMs, TriLMs and QuantLMs "
+        "(Spectra, arXiv 2407.12327).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -162,7 +162,9 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def load(path_or_name: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+def load(
+    path_or_name: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> nn.Module:
     """Open any model spectra knows: a spectra directory (latent, packed or QuantLM), a Hugging Face Llama directory
     (FloatLM, unpacked TriLM, GPTQ QuantLM), or a named size (random init with `seed`). Returns the model in eval mode.
     """

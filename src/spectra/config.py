@@ -6,8 +6,8 @@ carries one absmean scale per model-parallel shard, so `num_scale_shards` defaul
 that size. The vocabulary is padded to a multiple of 128 x MP (Spectra §3.1): 50304 for MP 1 and 3, 50432 for MP 2.
 For the 3.9B (MP 6) we keep 50304: it reproduces the paper's parameter count (3.989B) and Table 4 better than 50688.
 
-The small CPU sizes (`1m`, `tiny`, `3m`, `5m`, `20m`; the name counts non-embedding parameters) keep hidden and FFN sizes multiples of 256 so every TriLM can be packed into
-llama.cpp's 256-weight blocks.
+The small CPU sizes (`1m`, `tiny`, `3m`, `5m`, `20m`; the name counts non-embedding parameters) keep hidden and FFN
+sizes multiples of 256 so every TriLM can be packed into llama.cpp's 256-weight blocks.
 """
 
 from __future__ import annotations

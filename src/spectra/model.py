@@ -212,14 +212,16 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Forward+backward FLOPs per token: 6·N (matmuls, N excluding the embedding lookup) + 12·L·H·D·T (attention)."""
+        """Forward+backward FLOPs per token: 6·N (matmuls; N without the embedding lookup) + 12·L·H·D·T (attention)."""
         cfg = self.config
         T = seq_len or cfg.max_seq_len
         n = self.num_params() - self.embed_tokens.weight.numel()
         return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
 
 
-def build_model(cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype: torch.dtype | None = None) -> Transformer:
+def build_model(
+    cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype: torch.dtype | None = None
+) -> Transformer:
     """A freshly initialised model (deterministic for a given seed)."""
     with torch.device(device or "cpu"):
         model = Transformer(cfg)
@@ -227,4 +229,3 @@ def build_model(cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype: t
     if dtype is not None:
         model.to(dtype)
     return model
-

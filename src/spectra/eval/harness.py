@@ -185,7 +185,8 @@ class SpectraLM(TemplateLM):
         for start in range(0, len(packs), self.batch_size * 8):
             chunk = packs[start : start + self.batch_size * 8]
             scores = score_groups(
-                self.model, [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in chunk],
+                self.model,
+                [(list(ctx), [requests[i][2] for i in idx]) for ctx, idx in chunk],
                 batch_size=self.batch_size,
             )
             for (_, idx), group_scores in zip(chunk, scores):
@@ -205,7 +206,9 @@ class SpectraLM(TemplateLM):
         for r, req in enumerate(requests):
             (text,) = req.args
             windows = get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
                 context_len=1,
             )
             for ctx, pred in map(make_disjoint_window, windows):
@@ -262,7 +265,9 @@ class SpectraLM(TemplateLM):
         return res
 
 
-def _run_tasks(lm: SpectraLM, names: list[str], manager, *, limit, num_fewshot: int | None, seed: int) -> dict[str, Any]:
+def _run_tasks(
+    lm: SpectraLM, names: list[str], manager, *, limit, num_fewshot: int | None, seed: int
+) -> dict[str, Any]:
     """What `lm_eval.simple_evaluate` does for an LM object (task setup, seeds, `evaluator.evaluate`), without its
     environment report, which shells out to pip and git and costs ~15 s per call."""
     import random
@@ -354,12 +359,23 @@ def evaluate(
         lm.name = str(path or lm.name)
         raw = _run_tasks(lm, names, manager, limit=limit, num_fewshot=num_fewshot, seed=seed)
     results = build_results(
-        raw, model=model, model_path=path, tasks=names, limit=limit, offline_dir=offline_dir, skipped=unavailable,
+        raw,
+        model=model,
+        model_path=path,
+        tasks=names,
+        limit=limit,
+        offline_dir=offline_dir,
+        skipped=unavailable,
         num_fewshot=num_fewshot,
     )
     if want_ppl:
         results["perplexity"] = perplexity(
-            model, tok, data or "builtin", seq_len=ppl_seq_len, stride=ppl_stride, batch_size=batch_size,
+            model,
+            tok,
+            data or "builtin",
+            seq_len=ppl_seq_len,
+            stride=ppl_stride,
+            batch_size=batch_size,
             max_tokens=ppl_max_tokens,
         )
     return results

@@ -36,11 +36,15 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """config.json of the equivalent LlamaForCausalLM. Refuses what Llama cannot represent."""
     if cfg.norm != "rmsnorm":
-        raise ValueError(f"norm={cfg.norm!r} cannot be exported as a Llama model (Llama uses RMSNorm); accepted: rmsnorm")
+        raise ValueError(
+            f"norm={cfg.norm!r} cannot be exported as a Llama model (Llama uses RMSNorm); accepted: rmsnorm"
+        )
     if cfg.mlp_act != "swiglu":
         raise ValueError(f"mlp_act={cfg.mlp_act!r} cannot be exported as a Llama model (SwiGLU); accepted: swiglu")
     if cfg.family == "trilm" and cfg.quantizer == "bitnet158":
-        raise ValueError("quantizer='bitnet158' quantizes activations and adds norms; a Llama model cannot represent it")
+        raise ValueError(
+            "quantizer='bitnet158' quantizes activations and adds norms; a Llama model cannot represent it"
+        )
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -99,7 +103,9 @@ def write_tokenizer_files(tokenizer: str | os.PathLike, out: Path, cfg: ModelCon
     if eos is None or bos is None:
         raise ValueError(f"{tokenizer} has no token with id {cfg.eos_token_id} (the model's eos/bos id)")
     if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"{tokenizer} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}")
+        raise ValueError(
+            f"{tokenizer} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}"
+        )
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,
@@ -153,7 +159,9 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
 
 
-def config_from_hf(hf: dict[str, Any], source: str, *, family: str = "floatlm", num_scale_shards: int = 1) -> ModelConfig:
+def config_from_hf(
+    hf: dict[str, Any], source: str, *, family: str = "floatlm", num_scale_shards: int = 1
+) -> ModelConfig:
     """ModelConfig of a Llama config.json; names the field that spectra cannot represent."""
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
         raise ValueError(
@@ -166,8 +174,10 @@ def config_from_hf(hf: dict[str, Any], source: str, *, family: str = "floatlm", 
         raise ValueError(f"{source}: missing field(s) {missing}")
     heads = hf["num_attention_heads"]
     if hf.get("num_key_value_heads", heads) != heads:
-        raise ValueError(f"{source}: num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads}; "
-                         "grouped-query attention is not part of the Spectra architecture")
+        raise ValueError(
+            f"{source}: num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads}; "
+            "grouped-query attention is not part of the Spectra architecture"
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; accepted: silu (SwiGLU)")
     for flag in ("attention_bias", "mlp_bias"):
@@ -228,8 +238,10 @@ def ternary_from_unpacked(W: Tensor, num_shards: int, dim: int, name: str = "wei
         else:
             lo, hi = nonzero.min(), nonzero.max()
             if lo != hi:
-                raise ValueError(f"{name} is not ternary: a shard (of {num_shards} along dim {dim}) holds distinct "
-                                 f"magnitudes {lo.item():.6g} and {hi.item():.6g}")
+                raise ValueError(
+                    f"{name} is not ternary: a shard (of {num_shards} along dim {dim}) holds distinct "
+                    f"magnitudes {lo.item():.6g} and {hi.item():.6g}"
+                )
             scales.append(hi.float())
         codes.append(torch.sign(shard).to(torch.int8))
     return torch.cat(codes, dim=dim), torch.stack(scales)
@@ -247,11 +259,15 @@ def _is_ternary(W: Tensor, num_shards: int, dim: int) -> bool:
 
 def detect_scale_shards(state: dict[str, Tensor], n_layers: int, hint: int | None = None) -> int | None:
     """The smallest shard count under which every block matrix is ternary, or None (a FloatLM)."""
-    mats = [(state[f"model.layers.{i}.{part}.{n}.weight"], SHARD_DIM[n])
-            for i in range(n_layers)
-            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                ("mlp", ("gate_proj", "up_proj", "down_proj")))
-            for n in names]
+    mats = [
+        (state[f"model.layers.{i}.{part}.{n}.weight"], SHARD_DIM[n])
+        for i in range(n_layers)
+        for part, names in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        )
+        for n in names
+    ]
     candidates = (hint,) if hint else CANDIDATE_SHARDS
     for s in candidates:
         if all(_is_ternary(W, s, d) for W, d in mats):
@@ -294,8 +310,9 @@ def load_hf(
         if shards is None and hint is not None and family is None:
             shards = detect_scale_shards(state, base.n_layers)  # the recorded MP may be a training-time detail
         if shards is None and family == "trilm":
-            ternary_from_unpacked(state["model.layers.0.self_attn.q_proj.weight"], hint or 1, 0,
-                                  "model.layers.0.self_attn.q_proj.weight")
+            ternary_from_unpacked(
+                state["model.layers.0.self_attn.q_proj.weight"], hint or 1, 0, "model.layers.0.self_attn.q_proj.weight"
+            )
             raise ValueError(f"{path}: the block matrices are not ternary with {hint or 'any'} scale shards")
     cfg = base.replace(family="trilm", num_scale_shards=shards) if shards else base
     with torch.device(device):

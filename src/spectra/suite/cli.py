@@ -19,8 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", default=None, help="tiny (default), small, paper, ablations-tiny, micro")
     src.add_argument("--spec", default=None, help="a suite spec TOML file")
     p.add_argument("--out", default=None, help="output folder (default: runs/suite-PRESET)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help='override a [suite] key, e.g. --set sizes=\'["tiny"]\' --set tokens=1e5')
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [suite] key, e.g. --set sizes='[\"tiny\"]' --set tokens=1e5",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_suite_cmd)
 
@@ -44,8 +49,10 @@ def run_suite_cmd(args: argparse.Namespace) -> int:
     out = args.out or f"runs/suite-{spec.name}"
     result = run_suite(spec, out, progress=not args.no_progress)
     steps = result["steps"]
-    print(f"\nsuite {spec.name}: {steps['done']} steps done, {steps['skipped']} already done, {steps['failed']} failed, "
-          f"{steps['blocked']} blocked, {result['seconds']:.0f} s")
+    print(
+        f"\nsuite {spec.name}: {steps['done']} steps done, {steps['skipped']} already done, {steps['failed']} failed, "
+        f"{steps['blocked']} blocked, {result['seconds']:.0f} s"
+    )
     if "report" in result:
         print(result["report"]["summary_table"])
         print(f"\nreport: {result['report']['html']}\n        {result['report']['markdown']}")

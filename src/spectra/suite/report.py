@@ -47,7 +47,9 @@ def read_records(path: Path) -> dict[str, dict[str, Any]]:
 def series_label(model: dict[str, Any]) -> str:
     """The curve a model belongs to: its family or variant, QuantLM-b, or packed format."""
     if model["kind"] == "quantlm":
-        return f"QuantLM {model['bits']}-bit" if model["family"] == "floatlm" else f"{model['family']} {model['bits']}-bit"
+        return (
+            f"QuantLM {model['bits']}-bit" if model["family"] == "floatlm" else f"{model['family']} {model['bits']}-bit"
+        )
     if model["kind"] == "packed":
         return f"{'TriLM' if model['family'] == 'trilm' else model['family']} {model['format'].upper()}"
     return {"floatlm": "FloatLM", "trilm": "TriLM"}.get(model["family"], model["family"])
@@ -60,8 +62,13 @@ def model_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if rec["step"] != "eval" or rec["status"] != "done":
             continue
         m, met = rec["model"], rec["metrics"]
-        row = {**m, "series": series_label(m), "val_loss": met.get("val_loss"), "perplexity": met.get("perplexity"),
-               "bits_per_byte": met.get("bits_per_byte")}
+        row = {
+            **m,
+            "series": series_label(m),
+            "val_loss": met.get("val_loss"),
+            "perplexity": met.get("perplexity"),
+            "bits_per_byte": met.get("bits_per_byte"),
+        }
         for task, values in met.get("tasks", {}).items():
             for metric, v in values.items():
                 if isinstance(v, (int, float)) and not metric.endswith("_stderr"):
@@ -129,7 +136,9 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
         pts = sorted((r["params"], r["size_bits"], r[metric], r) for r in have if r["series"] == label)
         kind = pts[0][3]["kind"]
         color = QUANT_COLORS.get(pts[0][3]["bits"]) if kind == "quantlm" else None
-        style = dict(marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":")
+        style = dict(
+            marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":"
+        )
         if kind != "packed":  # packed TriLMs are the same models as the latent ones: only their size in bits differs
             ax_p.plot([p[0] for p in pts], [p[2] for p in pts], **style)
         ax_b.plot([p[1] for p in pts], [p[2] for p in pts], **style)
@@ -139,13 +148,24 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
             if "A" not in f:
                 continue
             xs = np.geomspace(min(r["params"] for r in have) / 1.5, max(r["params"] for r in have) * 1.5, 100)
-            ax_p.plot(xs, f["A"] * xs ** (-f["alpha"]) + f["eps"], "--", linewidth=1, alpha=0.7,
-                      label=f"{label} fit {f['A']:.3g}·N^-{f['alpha']:.2f}+{f['eps']:.2f}")
+            ax_p.plot(
+                xs,
+                f["A"] * xs ** (-f["alpha"]) + f["eps"],
+                "--",
+                linewidth=1,
+                alpha=0.7,
+                label=f"{label} fit {f['A']:.3g}·N^-{f['alpha']:.2f}+{f['eps']:.2f}",
+            )
         if paper:
             xs = np.geomspace(5e7, 5e9, 100)
             for fam, f in PAPER_FITS.items():
-                ax_p.plot(xs, f["A"] * xs ** (-f["alpha"]) + f["eps"], ":", color="gray",
-                          label=f"paper {fam}: {f['A']:.0f}·N^-{f['alpha']}+{f['eps']}")
+                ax_p.plot(
+                    xs,
+                    f["A"] * xs ** (-f["alpha"]) + f["eps"],
+                    ":",
+                    color="gray",
+                    label=f"paper {fam}: {f['A']:.0f}·N^-{f['alpha']}+{f['eps']}",
+                )
     for ax, xlabel in ((ax_p, "parameters"), (ax_b, "size in bits (paper's count; packed: real)")):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -188,20 +208,26 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     sections_html.append(f"<p>Steps: {html.escape(line)}.</p>")
 
     def add(title: str, md_html: tuple[str, str], note: str = "") -> None:
-        sections_md.extend([f"## {title}", "", *( [note, ""] if note else []), md_html[0], ""])
-        sections_html.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else "")
-                             + md_html[1])
+        sections_md.extend([f"## {title}", "", *([note, ""] if note else []), md_html[0], ""])
+        sections_html.append(
+            f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else "") + md_html[1]
+        )
 
     summary_cols = ["val_loss"] + [c for c in cols if c.endswith("/acc")][:3]
     header = ["model", "kind", "params", "size (Mbit)"] + summary_cols
-    summary_rows = [[r["name"], r["kind"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in summary_cols]
-                    for r in rows]
+    summary_rows = [
+        [r["name"], r["kind"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in summary_cols] for r in rows
+    ]
     summary = _table(header, summary_rows)
-    add("Models", _table(["model", "series", "params", "size (Mbit)"] + cols,
-                         [[r["name"], r["series"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in cols]
-                          for r in rows]),
+    add(
+        "Models",
+        _table(
+            ["model", "series", "params", "size (Mbit)"] + cols,
+            [[r["name"], r["series"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in cols] for r in rows],
+        ),
         "Size in bits as the paper counts it: embeddings and head at 16 bits; block weights at 16 (FloatLM), "
-        "b + 0.25 for 3/4-bit g128 QuantLMs, b for 6/8-bit, log2 3 for TriLM, 2.0625 / 1.6875 for TQ2_0 / TQ1_0.")
+        "b + 0.25 for 3/4-bit g128 QuantLMs, b for 6/8-bit, log2 3 for TriLM, 2.0625 / 1.6875 for TQ2_0 / TQ1_0.",
+    )
 
     fit_rows = []
     for label, both in fit.items():
@@ -209,25 +235,40 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         pure_text = f"{pure['A']:.4g}·N^-{pure['alpha']:.4f}" if "A" in pure else pure["error"]
         if "A" in f:
             se = f.get("stderr") or {}
-            fit_rows.append([label, f"{f['A']:.4g} ± {_fmt(se.get('A'))}", f"{f['alpha']:.4f} ± {_fmt(se.get('alpha'))}",
-                             f"{f['eps']:.4f} ± {_fmt(se.get('eps'))}", f["rmse"], f["n"], pure_text])
+            fit_rows.append(
+                [
+                    label,
+                    f"{f['A']:.4g} ± {_fmt(se.get('A'))}",
+                    f"{f['alpha']:.4f} ± {_fmt(se.get('alpha'))}",
+                    f"{f['eps']:.4f} ± {_fmt(se.get('eps'))}",
+                    f["rmse"],
+                    f["n"],
+                    pure_text,
+                ]
+            )
         else:
             fit_rows.append([label, f["error"], None, None, None, None, pure_text])
     if paper:
         for fam, f in PAPER_FITS.items():
             fit_rows.append([f"paper {fam}", f["A"], f["alpha"], f["eps"], None, 9, None])
     if fit_rows:
-        add("Scaling-law fits: L(N) = A·N^(−α) + ε", _table(["series", "A", "α", "ε", "rmse", "points", "pure power law"],
-                                                             fit_rows),
+        add(
+            "Scaling-law fits: L(N) = A·N^(−α) + ε",
+            _table(["series", "A", "α", "ε", "rmse", "points", "pure power law"], fit_rows),
             "Least squares over total parameters N (the paper's x axis). ± is one standard error; '–' where the fit "
-            "has as many parameters as points.")
+            "has as many parameters as points.",
+        )
 
     pts = [(r["size_bits"], r["val_loss"], r) for r in rows if r.get("val_loss") is not None]
     front = pareto_front(pts)
-    add("Pareto frontier: validation loss vs size in bits",
-        _table(["model", "series", "size (Mbit)", "val_loss"],
-               [[r["name"], r["series"], r["size_bits"] / 1e6, r["val_loss"]] for r in front]),
-        "Models for which no other model is both smaller in bits and lower in validation loss.")
+    add(
+        "Pareto frontier: validation loss vs size in bits",
+        _table(
+            ["model", "series", "size (Mbit)", "val_loss"],
+            [[r["name"], r["series"], r["size_bits"] / 1e6, r["val_loss"]] for r in front],
+        ),
+        "Models for which no other model is both smaller in bits and lower in validation loss.",
+    )
 
     mem = {}
     for rec in records.values():
@@ -235,22 +276,45 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             m = rec["model"]
             mem.setdefault(m["size"], {})[series_label(m)] = (m["size_bits"], rec["metrics"].get("stored_bits"))
     labels = sorted({k for v in mem.values() for k in v})
-    mem_rows = [[size] + [_fmt(v[lab][0] / 8 / 2**20, 3) + (f" ({v[lab][1] / 8 / 2**20:.3g})" if v[lab][1] else "")
-                          if lab in v else None for lab in labels] for size, v in mem.items()]
+    mem_rows = [
+        [size]
+        + [
+            _fmt(v[lab][0] / 8 / 2**20, 3) + (f" ({v[lab][1] / 8 / 2**20:.3g})" if v[lab][1] else "")
+            if lab in v
+            else None
+            for lab in labels
+        ]
+        for size, v in mem.items()
+    ]
     if mem_rows:
-        add("Memory (MiB)", _table(["size"] + labels, mem_rows),
-            "Paper's count (FloatLM at fp16), and in parentheses the bytes the checkpoint really stores.")
+        add(
+            "Memory (MiB)",
+            _table(["size"] + labels, mem_rows),
+            "Paper's count (FloatLM at fp16), and in parentheses the bytes the checkpoint really stores.",
+        )
 
     speed_rows = []
     for rec in records.values():
         if rec["step"] == "bench" and rec["status"] == "done":
             for r in rec["metrics"].get("results", []):
-                speed_rows.append([rec["model"]["name"], r.get("variant"), r.get("threads"),
-                                   r.get("prompt_tokens_per_s"), r.get("decode_tokens_per_s"), r.get("ms_per_token"),
-                                   r.get("weights_mb")])
+                speed_rows.append(
+                    [
+                        rec["model"]["name"],
+                        r.get("variant"),
+                        r.get("threads"),
+                        r.get("prompt_tokens_per_s"),
+                        r.get("decode_tokens_per_s"),
+                        r.get("ms_per_token"),
+                        r.get("weights_mb"),
+                    ]
+                )
     if speed_rows:
-        add("Speed (spectra bench)", _table(["model", "variant", "threads", "prompt tok/s", "decode tok/s",
-                                             "ms/token", "weights MB"], speed_rows))
+        add(
+            "Speed (spectra bench)",
+            _table(
+                ["model", "variant", "threads", "prompt tok/s", "decode tok/s", "ms/token", "weights MB"], speed_rows
+            ),
+        )
 
     failed = [[k, r["status"], r.get("error")] for k, r in records.items() if r["status"] != "done"]
     if failed:
@@ -274,12 +338,20 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "report.md") as f:
         f.write("\n".join(sections_md))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+        "text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+    )
     with atomic_file(out / "report.html") as f:
-        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Spectra suite report</title>"
-                f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>")
+        f.write(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>Spectra suite report</title>"
+            f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>"
+        )
     write_json(out / "summary.json", {"models": rows, "fits": fit, "pareto": [r["name"] for r in front]})
-    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
-            "figures": [str(p) for p in figures], "summary_table": summary[0]}
+    return {
+        "markdown": str(out / "report.md"),
+        "html": str(out / "report.html"),
+        "figures": [str(p) for p in figures],
+        "summary_table": summary[0],
+    }

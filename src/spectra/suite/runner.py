@@ -94,11 +94,16 @@ def plan(spec: SuiteSpec) -> list[Step]:
         for s in trains + derived:
             if s.size == largest and s.seed == seed and (s.kind == "train" or s.bits == 4 or s.fmt == "tq2"):
                 cfg = spec.model_config(s.size, s.family)
-                if s.kind == "train" and cfg.family == "trilm" and cfg.quantizer in PACKABLE_QUANTIZERS \
-                        and "tq2" in spec.pack_formats:
+                if (
+                    s.kind == "train"
+                    and cfg.family == "trilm"
+                    and cfg.quantizer in PACKABLE_QUANTIZERS
+                    and "tq2" in spec.pack_formats
+                ):
                     continue  # the packed copy is benchmarked instead (it runs our kernels)
-                benches.append(Step("bench", s.family, s.size, s.seed, bits=s.bits, fmt=s.fmt, target=s.key,
-                                    deps=[s.key]))
+                benches.append(
+                    Step("bench", s.family, s.size, s.seed, bits=s.bits, fmt=s.fmt, target=s.key, deps=[s.key])
+                )
     return trains + derived + evals + benches
 
 
@@ -143,10 +148,20 @@ def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
         size_bits = report["bits"][f"trilm_{step.fmt}"]
     else:
         size_bits = report["bits"]["this_model"]
-    return {"name": step.model_name, "family": step.family, "base_family": cfg.family, "kind": kind,
-            "quantizer": cfg.quantizer if cfg.family == "trilm" else None, "size": step.size, "bits": step.bits,
-            "format": step.fmt, "seed": step.seed, "params": report["params"],
-            "non_embedding_params": report["non_embedding_params"], "size_bits": size_bits}
+    return {
+        "name": step.model_name,
+        "family": step.family,
+        "base_family": cfg.family,
+        "kind": kind,
+        "quantizer": cfg.quantizer if cfg.family == "trilm" else None,
+        "size": step.size,
+        "bits": step.bits,
+        "format": step.fmt,
+        "seed": step.seed,
+        "params": report["params"],
+        "non_embedding_params": report["non_embedding_params"],
+        "size_bits": size_bits,
+    }
 
 
 class SuiteRunner:
@@ -168,13 +183,22 @@ class SuiteRunner:
         from spectra.train import TrainConfig, train
 
         cfg = self.spec.model_config(step.size, step.family)
-        tcfg = TrainConfig.from_dict({"tokens": self.spec.tokens_for(step.size), "data": self.spec.data,
-                                      "tokenizer": self.spec.tokenizer, "seed": step.seed,
-                                      **self.spec.train_overrides(step.family)})
+        tcfg = TrainConfig.from_dict(
+            {
+                "tokens": self.spec.tokens_for(step.size),
+                "data": self.spec.data,
+                "tokenizer": self.spec.tokenizer,
+                "seed": step.seed,
+                **self.spec.train_overrides(step.family),
+            }
+        )
         run_dir = self.out / "runs" / step.model_name
         result = train(cfg, tcfg, out_dir=run_dir, resume=(run_dir / "run.json").exists(), progress=self.progress)
-        metrics = {k: result[k] for k in ("val_loss", "train_loss", "tokens", "steps", "wall_time", "tokens_per_s",
-                                          "skipped_steps") if k in result}
+        metrics = {
+            k: result[k]
+            for k in ("val_loss", "train_loss", "tokens", "steps", "wall_time", "tokens_per_s", "skipped_steps")
+            if k in result
+        }
         rel = run_dir.relative_to(self.out)
         trained = ModelConfig.from_dict(read_meta(run_dir / "final")["config"])
         return _model_info(trained, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
@@ -185,12 +209,24 @@ class SuiteRunner:
         src = self._artifact(step.deps[0])
         out = self.out / "quantlm" / step.model_name
         opts = {"n_samples": 32, "seq_len": 256, **self.spec.quantize}
-        result = quantize(src, out, bits=step.bits, calib=self.spec.data, seed=step.seed, format="gptq",
-                          progress=self.progress, **opts)
+        result = quantize(
+            src,
+            out,
+            bits=step.bits,
+            calib=self.spec.data,
+            seed=step.seed,
+            format="gptq",
+            progress=self.progress,
+            **opts,
+        )
         from spectra.accounting import stored_bits
 
         metrics = {"stored_bits": stored_bits(out)["total_bits"], "stats": result.get("stats")}
-        return _model_info(self._trained_config(step), step, "quantlm"), metrics, {"model": str(out.relative_to(self.out))}
+        return (
+            _model_info(self._trained_config(step), step, "quantlm"),
+            metrics,
+            {"model": str(out.relative_to(self.out))},
+        )
 
     def run_pack(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.accounting import stored_bits
@@ -199,9 +235,15 @@ class SuiteRunner:
         src = self._artifact(step.deps[0])
         out = self.out / "packed" / step.model_name
         summary = pack_model(src, out, format=step.fmt)
-        metrics = {"packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
-                   "stored_bits": stored_bits(out)["total_bits"]}
-        return _model_info(self._trained_config(step), step, "packed"), metrics, {"model": str(out.relative_to(self.out))}
+        metrics = {
+            "packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+            "stored_bits": stored_bits(out)["total_bits"],
+        }
+        return (
+            _model_info(self._trained_config(step), step, "packed"),
+            metrics,
+            {"model": str(out.relative_to(self.out))},
+        )
 
     def run_eval(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.eval import evaluate
@@ -212,41 +254,68 @@ class SuiteRunner:
         res = evaluate(path, self.spec.tasks, data=self.spec.data, **opts)
         out = self.out / "evals" / f"{target.model_name}.json"
         write_json(out, res)
-        metrics: dict[str, Any] = {"tasks": res.get("tasks", {}), "groups": {
-            k: v.get("average") for k, v in res.get("groups", {}).items()}}
+        metrics: dict[str, Any] = {
+            "tasks": res.get("tasks", {}),
+            "groups": {k: v.get("average") for k, v in res.get("groups", {}).items()},
+        }
         ppl = res.get("perplexity")
         if ppl:
             metrics["perplexity"] = ppl.get("ppl")
             metrics["val_loss"] = ppl.get("loss")
             metrics["bits_per_byte"] = ppl.get("bits_per_byte")
-        kind = {"train": self.spec.model_config(target.size, target.family).family,
-                "quantize": "quantlm", "pack": "packed"}[target.kind]
-        return _model_info(self._trained_config(target), target, kind), metrics, {"results": str(out.relative_to(self.out))}
+        kind = {
+            "train": self.spec.model_config(target.size, target.family).family,
+            "quantize": "quantlm",
+            "pack": "packed",
+        }[target.kind]
+        return (
+            _model_info(self._trained_config(target), target, kind),
+            metrics,
+            {"results": str(out.relative_to(self.out))},
+        )
 
     def run_bench(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.inference.bench import bench
 
         target = self.steps[step.target]
         path = self._artifact(step.target)
-        kind = {"train": self.spec.model_config(target.size, target.family).family,
-                "quantize": "quantlm", "pack": "packed"}[target.kind]
-        dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",),
-                  "packed": ("model",)}[kind]
-        opts = {"prompt_len": 64, "gen_len": 32, "threads": (2,), "repeats": 2, "llama_cpp": False,
-                **self.spec.bench_options}
+        kind = {
+            "train": self.spec.model_config(target.size, target.family).family,
+            "quantize": "quantlm",
+            "pack": "packed",
+        }[target.kind]
+        dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",), "packed": ("model",)}[
+            kind
+        ]
+        opts = {
+            "prompt_len": 64,
+            "gen_len": 32,
+            "threads": (2,),
+            "repeats": 2,
+            "llama_cpp": False,
+            **self.spec.bench_options,
+        }
         res = bench(path, dtypes=dtypes, **opts)
         out = self.out / "bench" / f"{target.model_name}.json"
         write_json(out, res)
         metrics = {"results": res.get("results", []), "peak_rss_mb": res.get("peak_rss_mb")}
-        return _model_info(self._trained_config(target), target, kind), metrics, {"results": str(out.relative_to(self.out))}
+        return (
+            _model_info(self._trained_config(target), target, kind),
+            metrics,
+            {"results": str(out.relative_to(self.out))},
+        )
 
     # ---- driver -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         bodies: dict[str, Callable[[Step], tuple[dict, dict, dict]]] = {
-            "train": self.run_train, "quantize": self.run_quantize, "pack": self.run_pack,
-            "eval": self.run_eval, "bench": self.run_bench}
+            "train": self.run_train,
+            "quantize": self.run_quantize,
+            "pack": self.run_pack,
+            "eval": self.run_eval,
+            "bench": self.run_bench,
+        }
         counts = {"done": 0, "skipped": 0, "failed": 0, "blocked": 0}
         steps = list(self.steps.values())
         bar = tqdm(steps, desc="suite", unit="step", disable=not self.progress, position=0)
@@ -256,8 +325,15 @@ class SuiteRunner:
                 counts["skipped"] += 1
                 continue
             blockers = [d for d in step.deps if not self.records.done(d, self.out)]
-            rec: dict[str, Any] = {"key": step.key, "step": step.kind, "model": None, "metrics": {}, "artifacts": {},
-                                   "error": None, "seconds": 0.0}
+            rec: dict[str, Any] = {
+                "key": step.key,
+                "step": step.kind,
+                "model": None,
+                "metrics": {},
+                "artifacts": {},
+                "error": None,
+                "seconds": 0.0,
+            }
             if blockers:
                 rec.update(status="blocked", error=f"needs {', '.join(blockers)}, which did not finish")
                 counts["blocked"] += 1
