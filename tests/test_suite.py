@@ -105,7 +105,7 @@ def test_micro_suite_end_to_end(tmp_path):
             meta = json.loads((out / rec["artifacts"]["model"] / "spectra.json").read_text())
             assert meta["config"]["vocab_size"] == 512  # fitted to the tokenizer
             assert rec["model"]["params"] == 2 * 512 * 256 + rec["model"]["non_embedding_params"]
-    q3 = records["eval/quantize/floatlm-3m/3bit/s0"]["model"]
+    q3 = records["eval/quantize/floatlm-4m/3bit/s0"]["model"]
     assert q3["kind"] == "quantlm" and q3["bits"] == 3
     # a rerun does no work
     again = run_suite(spec, out, progress=False, report=False)
@@ -115,6 +115,6 @@ def test_micro_suite_end_to_end(tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     assert (tmp_path / "report" / "figures" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "floatlm-3m-8bit-s0" in report["summary_table"]
+    assert "floatlm-4m-8bit-s0" in report["summary_table"]
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert {"FloatLM", "TriLM"} <= set(summary["fits"])

@@ -6,7 +6,7 @@ carries one absmean scale per model-parallel shard, so `num_scale_shards` defaul
 that size. The vocabulary is padded to a multiple of 128 x MP (Spectra §3.1): 50304 for MP 1 and 3, 50432 for MP 2.
 For the 3.9B (MP 6) we keep 50304: it reproduces the paper's parameter count (3.989B) and Table 4 better than 50688.
 
-The small CPU sizes (`1m`, `tiny`, `3m`, `5m`, `20m`; the name counts non-embedding parameters) keep hidden and FFN
+The small CPU sizes (`1m`, `tiny`, `4m`, `5m`, `20m`; the name counts non-embedding parameters) keep hidden and FFN
 sizes multiples of 256 so every TriLM can be packed into llama.cpp's 256-weight blocks.
 """
 
@@ -102,7 +102,7 @@ class ModelConfig:
 SIZES: dict[str, dict[str, Any]] = {
     "1m": dict(dim=256, glu_dim=512, n_heads=4, n_layers=1, mp=1, vocab_size=50304),
     "tiny": dict(dim=256, glu_dim=512, n_heads=4, n_layers=2, mp=1, vocab_size=50304),
-    "3m": dict(dim=256, glu_dim=768, n_heads=4, n_layers=4, mp=1, vocab_size=50304),
+    "4m": dict(dim=512, glu_dim=768, n_heads=8, n_layers=2, mp=1, vocab_size=50304),
     "5m": dict(dim=256, glu_dim=768, n_heads=4, n_layers=6, mp=1, vocab_size=50304),
     "20m": dict(dim=512, glu_dim=1280, n_heads=8, n_layers=6, mp=1, vocab_size=50304),
     "99m": dict(dim=512, glu_dim=1280, n_heads=8, n_layers=16, mp=1, vocab_size=50304),

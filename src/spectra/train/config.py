@@ -27,7 +27,7 @@ from spectra.config import ModelConfig, from_name
 LR_TABLE: dict[str, tuple[float, float, float]] = {
     "1m": (2.0e-3, 6.0e-3, 4.0e-3),
     "tiny": (2.0e-3, 6.0e-3, 4.0e-3),
-    "3m": (1.5e-3, 5.0e-3, 3.2e-3),
+    "4m": (2.0e-3, 6.0e-3, 4.0e-3),
     "5m": (1.5e-3, 5.0e-3, 3.2e-3),
     "20m": (8.0e-4, 3.6e-3, 2.3e-3),
     "99m": (4.0e-4, 2.4e-3, 1.5e-3),
@@ -42,7 +42,7 @@ LR_TABLE: dict[str, tuple[float, float, float]] = {
 }
 PAPER_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
 PAPER_SEQ_LEN = 2048
-CPU_SIZES = ("1m", "tiny", "3m", "5m", "20m")
+CPU_SIZES = ("1m", "tiny", "4m", "5m", "20m")
 CPU_BATCH_TOKENS = 16 * 1024
 CPU_SEQ_LEN = 256
 
