@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("src")
     e.add_argument("out")
     e.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16", "q8_0"])
+    e.add_argument("--lossy", action="store_true",
+                   help="allow 256-weight blocks that straddle two shard scales (rounded to the block absmax, as "
+                        "llama.cpp does); needed for TriLMs trained with MP whose shard width is not a multiple of 256")
     e.set_defaults(func=run_export_gguf)
 
 
@@ -111,6 +114,6 @@ def run_export_hf(args: argparse.Namespace) -> int:
 def run_export_gguf(args: argparse.Namespace) -> int:
     from spectra.interop.gguf import export_gguf
 
-    result = export_gguf(args.src, args.out, qtype=args.type)
+    result = export_gguf(args.src, args.out, qtype=args.type, lossy=args.lossy)
     print(json.dumps(result, indent=2, default=str))
     return 0

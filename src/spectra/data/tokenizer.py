@@ -49,8 +49,11 @@ def tokenizer_file(path_or_dir: str | os.PathLike) -> Path:
     return p
 
 
-def load_tokenizer(path_or_dir: str | os.PathLike):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a model folder holding one; 'builtin' for ours."""
+def load_tokenizer(path_or_dir):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a model folder holding one; 'builtin' for ours; a
+    Tokenizer is returned as it is."""
+    if isinstance(path_or_dir, _tokenizers().Tokenizer):
+        return path_or_dir
     if str(path_or_dir) == "builtin":
         path_or_dir = builtin_tokenizer()
     p = tokenizer_file(path_or_dir)

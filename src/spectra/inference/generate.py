@@ -20,29 +20,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-def load_tokenizer(spec: Any):
-    """A `tokenizers.Tokenizer` from a Tokenizer, a tokenizer.json path, a model folder holding one, or "builtin"."""
-    from tokenizers import Tokenizer
-
-    if isinstance(spec, Tokenizer):
-        return spec
-    if isinstance(spec, str) and spec == "builtin":
-        from spectra.data import builtin_tokenizer
-
-        spec = builtin_tokenizer()
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} does not exist (expected tokenizer.json or a folder holding one)")
-    return Tokenizer.from_file(str(path))
+from spectra.data.tokenizer import load_tokenizer
 
 
 def sample_next(

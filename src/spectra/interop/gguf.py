@@ -91,20 +91,14 @@ def _check_single_scale_blocks(W: torch.Tensor, name: str, block: int = 256) -> 
 
 
 def _resolve_tokenizer(tokenizer: Any, src: Any):
-    from tokenizers import Tokenizer
+    """The tokenizer to embed: the one given, else the tokenizer.json stored with the source model, else None."""
+    from spectra.checkpoint import find_tokenizer
+    from spectra.data.tokenizer import load_tokenizer
 
     if tokenizer is None:
-        if isinstance(src, (str, os.PathLike)) and (Path(src) / "tokenizer.json").exists():
-            return Tokenizer.from_file(str(Path(src) / "tokenizer.json"))
-        return None
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    path = Path(tokenizer)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} does not exist (expected a tokenizer.json or a folder holding one)")
-    return Tokenizer.from_file(str(path))
+        found = find_tokenizer(src) if isinstance(src, (str, os.PathLike)) else None
+        return load_tokenizer(found) if found is not None else None
+    return load_tokenizer(tokenizer)
 
 
 def _has_gpt2_regex(pre: dict | None) -> bool:
