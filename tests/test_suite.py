@@ -104,7 +104,8 @@ def test_micro_suite_end_to_end(tmp_path):
         if rec["step"] == "train":
             meta = json.loads((out / rec["artifacts"]["model"] / "spectra.json").read_text())
             assert meta["config"]["vocab_size"] == 512  # fitted to the tokenizer
-            assert rec["model"]["params"] == 2 * 512 * 256 + rec["model"]["non_embedding_params"]
+            dim = meta["config"]["dim"]
+            assert rec["model"]["params"] == 2 * 512 * dim + rec["model"]["non_embedding_params"]
     q3 = records["eval/quantize/floatlm-4m/3bit/s0"]["model"]
     assert q3["kind"] == "quantlm" and q3["bits"] == 3
     # a rerun does no work
