@@ -228,26 +228,36 @@ def to_tq2(qs, d) -> np.ndarray:
 
 def from_tq2(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """TQ2_0 blocks (any array of their bytes) of a matrix `shape` = (N, K) -> canonical (qs, d), validated."""
-    N, K = shape
-    nb = _check_cols(K, "TQ2_0 matrix")
-    raw = _numpy(raw)
-    if raw.dtype != np.uint8 or raw.size != N * nb * TQ2_BLOCK_BYTES:
-        raise ValueError(
-            f"corrupt TQ2_0 data: {raw.size} bytes of {raw.dtype}, a [{N}, {K}] matrix needs "
-            f"{N * nb * TQ2_BLOCK_BYTES} uint8 ({nb} blocks of {TQ2_BLOCK_BYTES} bytes per row)"
-        )
-    blocks = raw.reshape(N, nb, TQ2_BLOCK_BYTES)
+    N, _ = shape
+    blocks = _read_blocks(raw, shape, "TQ2_0", TQ2_BLOCK_BYTES)
+    nb = blocks.shape[1]
     qs = np.ascontiguousarray(blocks[:, :, :64]).reshape(N, nb * 64)
-    d = np.ascontiguousarray(blocks[:, :, 64:]).view(np.float16).reshape(N, nb)
-    _check_scales(d, "TQ2_0")
+    d = _block_scales(blocks, "TQ2_0")
     check_tq2_codes(qs)
     return canonicalize(qs, d), d
 
 
-def _check_scales(d: np.ndarray, fmt: str) -> None:
+def _read_blocks(raw, shape: tuple[int, int], fmt: str, block_bytes: int) -> np.ndarray:
+    """The bytes of a (N, K) matrix in `fmt` as uint8 blocks [N, K/256, block_bytes], size-checked."""
+    N, K = shape
+    nb = _check_cols(K, f"{fmt} matrix")
+    raw = _numpy(raw)
+    if raw.dtype != np.uint8 or raw.size != N * nb * block_bytes:
+        raise ValueError(
+            f"corrupt {fmt} data: {raw.size} bytes of {raw.dtype}, a [{N}, {K}] matrix needs "
+            f"{N * nb * block_bytes} uint8 ({nb} blocks of {block_bytes} bytes per row)"
+        )
+    return raw.reshape(N, nb, block_bytes)
+
+
+def _block_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
+    """The fp16 scale stored in the last two bytes of every block, [N, nb]; a non-finite scale is corrupt data."""
+    N, nb, _ = blocks.shape
+    d = np.ascontiguousarray(blocks[:, :, -2:]).view(np.float16).reshape(N, nb)
     if not np.all(np.isfinite(d)):
         row, blk = np.argwhere(~np.isfinite(d))[0]
         raise ValueError(f"corrupt {fmt} data: scale of row {row}, block {blk} is {d[row, blk]}")
+    return d
 
 
 # ---- llama.cpp TQ1_0 ----------------------------------------------------------------------------------------------
@@ -271,14 +281,8 @@ def to_tq1(qs, d) -> np.ndarray:
 def from_tq1(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """TQ1_0 blocks of a matrix `shape` = (N, K) -> canonical (qs, d). Out-of-range bytes are a ValueError."""
     N, K = shape
-    nb = _check_cols(K, "TQ1_0 matrix")
-    raw = _numpy(raw)
-    if raw.dtype != np.uint8 or raw.size != N * nb * TQ1_BLOCK_BYTES:
-        raise ValueError(
-            f"corrupt TQ1_0 data: {raw.size} bytes of {raw.dtype}, a [{N}, {K}] matrix needs "
-            f"{N * nb * TQ1_BLOCK_BYTES} uint8 ({nb} blocks of {TQ1_BLOCK_BYTES} bytes per row)"
-        )
-    blocks = raw.reshape(N, nb, TQ1_BLOCK_BYTES)
+    blocks = _read_blocks(raw, shape, "TQ1_0", TQ1_BLOCK_BYTES)
+    nb = blocks.shape[1]
     for part, valid, name in ((blocks[:, :, :48], _TQ1_VALID, "qs"), (blocks[:, :, 48:52], _TQ1_VALID_QH, "qh")):
         bad = ~valid[part]
         if bad.any():
@@ -287,8 +291,7 @@ def from_tq1(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
                 f"corrupt TQ1_0 data: row {row}, block {blk}, {name} byte {byte} = {part[row, blk, byte]} is not a "
                 "valid base-3 encoding"
             )
-    d = np.ascontiguousarray(blocks[:, :, 52:]).view(np.float16).reshape(N, nb)
-    _check_scales(d, "TQ1_0")
+    d = _block_scales(blocks, "TQ1_0")
     head = _trits(blocks[:, :, :32], 5).reshape(N, nb, 160)
     mid = _trits(blocks[:, :, 32:48], 5).reshape(N, nb, 80)
     tail = _trits(blocks[:, :, 48:52], 4).reshape(N, nb, 16)
