@@ -4,7 +4,7 @@ import random
 import pytest
 
 from spectra.suite import fit_power_law, load_spec, pareto_front, plan, run_suite
-from spectra.suite.report import build_report, read_records
+from spectra.suite.report import build_report, read_records, study_checks
 from spectra.suite.spec import check_writable
 
 NAMES = ["Anna", "Brutus", "Celia", "Duncan", "Emilia", "Falstaff", "Gertrude", "Horatio"]
@@ -20,8 +20,10 @@ def write_corpus(root, n_docs=60, seed=0):
         docs = []
         for _ in range(n):
             hero = rng.choice(NAMES)
-            sentences = [f"{hero} {rng.choice(VERBS)} {rng.choice(THINGS)} and {rng.choice(NAMES)}."
-                         for _ in range(rng.randint(12, 20))]
+            sentences = [
+                f"{hero} {rng.choice(VERBS)} {rng.choice(THINGS)} and {rng.choice(NAMES)}."
+                for _ in range(rng.randint(12, 20))
+            ]
             sentences.append(f"At last {rng.choice(THINGS)} {rng.choice(VERBS)} {hero}.")
             docs.append(" ".join(sentences))
         (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -30,11 +32,11 @@ def write_corpus(root, n_docs=60, seed=0):
 
 def test_fit_recovers_a_known_law():
     N = [1e6, 3e6, 1e7, 3e7, 1e8]
-    L = [185 * n ** -0.26 + 1.76 for n in N]
+    L = [185 * n**-0.26 + 1.76 for n in N]
     f = fit_power_law(N, L)
     assert f["A"] == pytest.approx(185, rel=1e-3) and f["alpha"] == pytest.approx(0.26, rel=1e-4)
     assert f["eps"] == pytest.approx(1.76, abs=1e-4) and f["rmse"] < 1e-6
-    pure = fit_power_law(N, [18.13 * n ** -0.093 for n in N], offset=False)
+    pure = fit_power_law(N, [18.13 * n**-0.093 for n in N], offset=False)
     assert pure["A"] == pytest.approx(18.13, rel=1e-4) and pure["alpha"] == pytest.approx(0.093, rel=1e-4)
     assert fit_power_law(N[:3], L[:3])["stderr"] is None  # as many parameters as points
     with pytest.raises(ValueError, match="at least 3 points"):
@@ -46,6 +48,38 @@ def test_fit_recovers_a_known_law():
 def test_pareto_front():
     pts = [(1, 5.0, "a"), (2, 4.0, "b"), (3, 4.5, "c"), (4, 3.0, "d"), (2, 4.2, "e")]
     assert pareto_front(pts) == ["a", "b", "d"]
+
+
+def _row(kind, size, params, loss, bits=None, family=None, seed=0):
+    family = family or ("floatlm" if kind in ("floatlm", "quantlm") else "trilm")
+    series = {"floatlm": "FloatLM", "trilm": "TriLM"}.get(kind, f"QuantLM {bits}-bit")
+    return dict(kind=kind, size=size, params=params, val_loss=loss, bits=bits, family=family, seed=seed, series=series)
+
+
+def test_study_checks_restate_the_papers_findings():
+    rows = [
+        _row("floatlm", "a", 10, 5.0),
+        _row("floatlm", "b", 20, 4.8, seed=0),
+        _row("floatlm", "b", 20, 4.6, seed=1),
+        _row("trilm", "a", 10, 5.1),
+        _row("trilm", "b", 20, 5.2),
+        _row("quantlm", "a", 10, 5.30, bits=3),
+        _row("quantlm", "a", 10, 5.10, bits=4),
+        _row("quantlm", "a", 10, 5.002, bits=6),
+        _row("quantlm", "a", 10, 5.004, bits=8),
+        _row("quantlm", "b", 20, 4.70, bits=3),
+        _row("quantlm", "b", 20, 4.75, bits=4),
+        _row("quantlm", "b", 20, 4.70, bits=8),
+    ]
+    checks = {c["check"]: c for c in study_checks(rows)}
+    assert checks["FloatLM improves with size"]["passed"]  # 5.0 > mean(4.8, 4.6) = 4.7
+    assert checks["FloatLM improves with size"]["detail"] == "5.0000 > 4.7000"
+    assert not checks["TriLM improves with size"]["passed"]
+    assert checks["QuantLM order at a"]["passed"]  # 6 vs 8 bit differ by less than the 0.005 tolerance
+    assert not checks["QuantLM order at b"]["passed"]  # 4-bit worse than 3-bit
+    assert checks["QuantLM order at b"]["detail"] == "3-bit 4.7000, 4-bit 4.7500, 8-bit 4.7000, float 4.7000"
+    far = [r | {"val_loss": 5.01} if r.get("bits") == 8 and r["size"] == "a" else r for r in rows]
+    assert not {c["check"]: c for c in study_checks(far)}["QuantLM order at a"]["passed"]  # 8-bit 0.01 off float
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,59 @@ def fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _mean_loss(rows: list[dict[str, Any]], **match: Any) -> dict[int, float]:
+    """Validation loss averaged over seeds, by parameter count, for the rows matching every `match` field."""
+    by_params: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("val_loss") is not None and all(r.get(k) == v for k, v in match.items()):
+            by_params.setdefault(r["params"], []).append(r["val_loss"])
+    return {n: sum(v) / len(v) for n, v in sorted(by_params.items())}
+
+
+def study_checks(rows: list[dict[str, Any]], *, tol: float = 0.005) -> list[dict[str, Any]]:
+    """The paper's qualitative findings, checked on this run's validation losses (means over seeds).
+
+    - FloatLM and TriLM each improve with size: loss strictly falls from one size to the next.
+    - At each size, the QuantLMs keep the expected order: 3-bit is the worst, loss does not fall as bits are removed
+      (L(b) >= L(b') - tol for b < b'), and 8-bit is within `tol` of its FloatLM.
+    """
+    out = []
+    for label in ("FloatLM", "TriLM"):
+        losses = _mean_loss(rows, series=label)
+        if len(losses) >= 2:
+            v = list(losses.values())
+            out.append(
+                {
+                    "check": f"{label} improves with size",
+                    "passed": all(b < a for a, b in zip(v, v[1:])),
+                    "detail": " > ".join(f"{x:.4f}" for x in v),
+                }
+            )
+    for size in dict.fromkeys(r["size"] for r in rows if r["kind"] == "floatlm"):
+        base = _mean_loss(rows, kind="floatlm", size=size)
+        quant = {}
+        for bits in sorted({r["bits"] for r in rows if r["kind"] == "quantlm" and r["family"] == "floatlm"}):
+            q = _mean_loss(rows, kind="quantlm", family="floatlm", size=size, bits=bits)
+            if q:
+                quant[bits] = next(iter(q.values()))
+        if not base or len(quant) < 2:
+            continue
+        ref = next(iter(base.values()))
+        bits = sorted(quant)
+        ordered = all(quant[a] >= quant[b] - tol for a, b in zip(bits, bits[1:]))
+        worst = all(quant[bits[0]] > quant[b] for b in bits[1:])
+        top = bits[-1]
+        close = abs(quant[top] - ref) <= tol
+        out.append(
+            {
+                "check": f"QuantLM order at {size}",
+                "passed": ordered and worst and close,
+                "detail": ", ".join(f"{b}-bit {quant[b]:.4f}" for b in bits) + f", float {ref:.4f}",
+            }
+        )
+    return out
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -219,6 +272,16 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         [r["name"], r["kind"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in summary_cols] for r in rows
     ]
     summary = _table(header, summary_rows)
+    checks = study_checks(rows)
+    if checks:
+        add(
+            "The paper's findings, checked",
+            _table(
+                ["check", "result", "validation losses"],
+                [[c["check"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in checks],
+            ),
+            "Each family improves with size; QuantLMs order as 8-bit ≈ float (within 0.005) and 3-bit worst.",
+        )
     add(
         "Models",
         _table(
@@ -348,10 +411,14 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             f"<!doctype html><html><head><meta charset='utf-8'><title>Spectra suite report</title>"
             f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>"
         )
-    write_json(out / "summary.json", {"models": rows, "fits": fit, "pareto": [r["name"] for r in front]})
+    write_json(
+        out / "summary.json", {"models": rows, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks}
+    )
     return {
         "markdown": str(out / "report.md"),
         "html": str(out / "report.html"),
         "figures": [str(p) for p in figures],
-        "summary_table": summary[0],
+        "summary_table": summary[0]
+        + "".join(f"\n{'pass' if c['passed'] else 'FAIL'}: {c['check']} ({c['detail']})" for c in checks),
+        "checks": checks,
     }
