@@ -434,3 +434,30 @@ def test_cli_paper_size_needs_no_run_file():
     assert (t.data, t.tokens, t.batch_tokens, t.seq_len, t.lr, t.lr2) == (
         "hf:cerebras/SlimPajama-627B", 2e9, 1024**2, 2048, 2.4e-3, 1.5e-3)
     assert (t.schedule, t.lr_drop, t.wd_removal) == ("linear", False, True)
+
+
+def test_tensorboard_and_wandb_loggers_record_the_metrics(tmp_path, data, monkeypatch):
+    """Both optional loggers (offline wandb) receive the same losses as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "r"
+    train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 6, log_every=1, loggers=["tensorboard", "wandb"]),
+          out_dir=run, progress=False)
+    want = losses(run)
+    assert len(want) == 6
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    got = [e.value for e in acc.Scalars("train/loss")]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # tensorboard stores float32
+    val = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert acc.Scalars("val/val_loss")[-1].value == pytest.approx(val["val_loss"], rel=1e-6)
+    # wandb's offline run file is a log of protobuf records; each history record carries its values as JSON text
+    (record_log,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    raw = record_log.read_bytes()
+    assert raw.count(b"train/loss") >= 6
+    assert all(json.dumps(x).encode() in raw for x in want)
