@@ -6,8 +6,10 @@ carries one absmean scale per model-parallel shard, so `num_scale_shards` defaul
 that size. The vocabulary is padded to a multiple of 128 x MP (Spectra §3.1): 50304 for MP 1 and 3, 50432 for MP 2.
 For the 3.9B (MP 6) we keep 50304: it reproduces the paper's parameter count (3.989B) and Table 4 better than 50688.
 
-The small CPU sizes (`1m`, `tiny`, `4m`, `5m`, `20m`; the name counts non-embedding parameters) keep hidden and FFN
-sizes multiples of 256 so every TriLM can be packed into llama.cpp's 256-weight blocks.
+The small CPU sizes (`1m`, `3m`, `6m`, `tiny`, `4m`, `5m`, `20m`; the name counts non-embedding parameters) keep
+hidden and FFN sizes multiples of 256 so every TriLM can be packed into llama.cpp's 256-weight blocks. `1m`, `3m` and
+`6m` have one block and grow only in width: within a few hundred optimizer steps width helps and depth does not
+(512-wide FloatLMs at 4e5 tokens reach 5.028 with one block and 5.034 with two).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class ModelConfig:
 # name: (dim, glu_dim, n_heads, n_layers, paper MP, vocab, head_dim)
 SIZES: dict[str, dict[str, Any]] = {
     "1m": dict(dim=256, glu_dim=512, n_heads=4, n_layers=1, mp=1, vocab_size=50304),
+    "3m": dict(dim=512, glu_dim=1024, n_heads=8, n_layers=1, mp=1, vocab_size=50304),
+    "6m": dict(dim=768, glu_dim=1536, n_heads=12, n_layers=1, mp=1, vocab_size=50304),
     "tiny": dict(dim=256, glu_dim=512, n_heads=4, n_layers=2, mp=1, vocab_size=50304),
     "4m": dict(dim=512, glu_dim=768, n_heads=8, n_layers=2, mp=1, vocab_size=50304),
     "5m": dict(dim=256, glu_dim=768, n_heads=4, n_layers=6, mp=1, vocab_size=50304),

@@ -26,6 +26,8 @@ from spectra.config import ModelConfig, from_name
 # choice, following the table's trend (small models tolerate larger LRs; TriLM ≈ 6x FloatLM, second peak ≈ 0.63x).
 LR_TABLE: dict[str, tuple[float, float, float]] = {
     "1m": (2.0e-3, 6.0e-3, 4.0e-3),
+    "3m": (2.0e-3, 3.0e-3, 2.0e-3),
+    "6m": (1.0e-3, 2.0e-3, 1.3e-3),  # measured (4e5 tokens, 2048-token steps): FloatLM-6m 5.145 at 2e-3, 4.921 at 1e-3
     "tiny": (2.0e-3, 6.0e-3, 4.0e-3),
     "4m": (2.0e-3, 3.0e-3, 2.0e-3),  # measured: TriLM-4m at 6e-3 reached val loss 5.49, at 3e-3 5.15 (4e5 tokens)
     "5m": (1.5e-3, 5.0e-3, 3.2e-3),
@@ -42,7 +44,7 @@ LR_TABLE: dict[str, tuple[float, float, float]] = {
 }
 PAPER_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
 PAPER_SEQ_LEN = 2048
-CPU_SIZES = ("1m", "tiny", "4m", "5m", "20m")
+CPU_SIZES = ("1m", "3m", "6m", "tiny", "4m", "5m", "20m")
 CPU_BATCH_TOKENS = 16 * 1024
 CPU_SEQ_LEN = 256
 
