@@ -108,3 +108,110 @@ def test_operand_checks():
         K.ternary_matmul(torch.randn(2, 768), qs, bounds, seg_d)
     with pytest.raises(ValueError, match="seg_d must be"):
         K.ternary_matmul(torch.randn(2, 512), qs, bounds, seg_d[:2])
+
+
+# ---- several matrices of one input -----------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_group_equals_separate_calls(path, T):
+    """q|k|v-style groups: one quantization, each output bit-identical to its own call (and to the reference), for
+    matrices with one scale, scales per input shard (2 and 6 segments: the 16-row and the row-by-row GEMV), and rows
+    that are not a multiple of 16."""
+    rng = np.random.default_rng(T)
+    W = rng.standard_normal((19, 1536)).astype(np.float32)
+    qs6, d6 = F.blocks_from_weight(W, lossy=True)  # one scale per block: 6 segments
+    b6, s6 = F.scale_segments(d6)
+    mats = [
+        _layer(48, 1536, 1, 0, seed=1)[:3],
+        _layer(37, 1536, 2, 1, seed=2)[:3],
+        (torch.from_numpy(qs6), torch.from_numpy(b6), torch.from_numpy(s6)),
+    ]
+    x = torch.randn(T, 1536) * 2
+    for threads in (1, 2):
+        ys = K.ternary_matmul_group(x, mats, path=path, n_threads=threads)
+        for y, m in zip(ys, mats):
+            assert torch.equal(y, K.reference_matmul(x, *m))
+            assert torch.equal(y, K.ternary_matmul(x, *m, path=path))
+    assert all(torch.equal(a, b) for a, b in zip(K.ternary_matmul_group(x, mats, path="torch"), ys))
+    with pytest.raises(ValueError, match="1 to 8 matrices"):
+        K.ternary_matmul_group(x, mats * 3)
+    with pytest.raises(ValueError, match="qs must be contiguous uint8"):
+        K.ternary_matmul_group(torch.randn(T, 512), mats)
+
+
+# ---- int8 weights ------------------------------------------------------------------------------------------------
+
+
+def test_int8_reference_is_the_math():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(21, 512, generator=g)
+    W[4] = 0.0
+    u, r = K.quantize_weight_int8(W)
+    w = K.unpermute_activations(u).to(torch.int16) - 128
+    assert u.dtype == torch.uint8 and w.abs().max() == 127 and (w[4] == 0).all() and r[4] == 0
+    assert torch.equal(w[0], torch.round(W[0] * (127 / W[0].abs().max())).to(torch.int16))
+    torch.testing.assert_close(r, W.abs().amax(1) / 127)
+    x = torch.randn(3, 512, generator=g)
+    a, s = K.quantize_activations(x)
+    expected = (a.double() @ w.double().T) * r.double()[None] * s.double()[:, None]
+    y = K.reference_int8_matmul(x, u, r)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-7)
+    exact = x @ W.T
+    assert ((y - exact).norm() / exact.norm()).item() < 0.02  # int8 weights and activations, ~1 % error
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 70])
+def test_int8_path_equals_reference(path, T):
+    g = torch.Generator().manual_seed(T)
+    for N, Kdim in ((37, 1792), (16, 256), (5, 768)):
+        W = torch.randn(N, Kdim, generator=g) * torch.rand(N, 1, generator=g)
+        W[N // 2] = 0.0
+        u, r = K.quantize_weight_int8(W)
+        x = torch.randn(T, Kdim, generator=g) * 3
+        if T > 1:
+            x[1] = 0.0
+        ref = K.reference_int8_matmul(x, u, r)
+        for threads in (1, 2):
+            assert torch.equal(K.int8_matmul(x, u, r, path=path, n_threads=threads), ref), f"{path} T={T} N={N}"
+
+
+def test_int8_errors():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        K.quantize_weight_int8(torch.randn(4, 300))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        K.quantize_weight_int8(torch.full((2, 256), float("inf")))
+    u, r = K.quantize_weight_int8(torch.randn(4, 256))
+    with pytest.raises(ValueError, match="u must be contiguous uint8"):
+        K.int8_matmul(torch.randn(1, 512), u, r)
+    with pytest.raises(ValueError, match="scale must be"):
+        K.int8_matmul(torch.randn(1, 256), u, r[:2])
+
+
+# ---- single-query attention ----------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_attention_close_to_sdpa(path):
+    """On slices of a KV-cache-shaped tensor (rows contiguous, heads strided), for D a multiple of 16 (AVX-512) and
+    not (scalar), short and long prefixes, and large scores (exp's range)."""
+    g = torch.Generator().manual_seed(0)
+    for H, D in ((5, 64), (3, 40)):
+        cache_k = torch.randn(2, 1, H, 50, D, generator=g)
+        cache_v = torch.randn(2, 1, H, 50, D, generator=g)
+        for S, scale in ((1, 1.0), (17, 1.0), (50, 1.0), (33, 30.0)):
+            q = torch.randn(H, D, generator=g) * scale
+            k, v = cache_k[1, 0, :, :S], cache_v[1, 0, :, :S]
+            ref = torch.softmax((q[:, None] @ k.transpose(1, 2)).double() / D**0.5, -1) @ v.double()
+            out = K.attention(q, k, v, path=path)
+            torch.testing.assert_close(out.double(), ref[:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(K.reference_attention(q, k, v), out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="need q"):
+        K.attention(torch.randn(2, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match="rows of D"):
+        K.attention(torch.randn(2, 8), torch.randn(2, 8, 4).transpose(1, 2), torch.randn(2, 8, 4).transpose(1, 2))

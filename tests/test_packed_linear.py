@@ -208,3 +208,26 @@ def test_load_state_dict_rebuilds_the_scale_segments():
     with pytest.raises(ValueError, match="code 3"):
         b.load_state_dict(bad)
     assert torch.equal(b(x), a(x))  # the failed load left the layer as it was
+
+
+def test_int8_linear_equals_reference_and_keeps_its_data():
+    from spectra.packed import kernels
+    from spectra.packed.linear import Int8Linear
+
+    torch.manual_seed(0)
+    head = nn.Linear(512, 300, bias=False)
+    layer = Int8Linear.from_linear(head)
+    x = torch.randn(2, 5, 512)
+    u, r = kernels.quantize_weight_int8(head.weight)
+    with torch.no_grad():
+        y = layer(x)
+        assert torch.equal(y, kernels.reference_int8_matmul(x.view(10, 512), u, r).view(2, 5, 300))
+        rel = ((y - head(x)).norm() / head(x).norm()).item()
+        assert rel < 0.02
+    torch.testing.assert_close(layer.dequantized_weight(), head.weight.detach(), rtol=0, atol=r.max().item() / 2)
+    layer.to(torch.bfloat16)  # exact int8 data: not cast
+    assert layer.qw.dtype == torch.uint8 and layer.scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="has no bias"):
+        Int8Linear.from_linear(nn.Linear(256, 4))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        Int8Linear.from_linear(nn.Linear(100, 4, bias=False))

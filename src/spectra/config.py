@@ -24,6 +24,15 @@ MLP_ACTS = ("swiglu", "gelu", "relu")
 QUANTIZERS = ("trilm", "bilm", "bitnet158", "twn", "uniform")
 
 
+def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """`cls(**d)` with an error that names every unknown field and lists the accepted ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; accepted: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A Llama-style decoder. FloatLM and TriLM differ only in `family` (which linear layer the blocks use)."""
@@ -88,11 +97,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; accepted: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> ModelConfig:
         d = self.to_dict()

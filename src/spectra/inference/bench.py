@@ -3,7 +3,8 @@
 One run measures several *variants* of the same weights side by side, interleaved round by round so that load from
 other processes hits them alike:
 
-    packed      our packed TriLM (TQ2_0 / TQ1_0 blocks, our C kernels: spectra.packed), lm_head in int8 by default
+    packed      our packed TriLM (TQ2_0 / TQ1_0 blocks, our C kernels: spectra.packed), lm_head in int8 by default,
+                decoded by `spectra.inference.decode.Decoder` (same logits as the model, fewer operations)
     bf16, fp32  the same model as plain torch `nn.Linear` layers holding W̃ = γ·Ŵ in that dtype
     model       the model exactly as loaded (a QuantLM, say), when it is none of the above
     llama.cpp   the same model exported to GGUF (`spectra.interop.gguf`, TQ2_0 blocks, Q8_0 embedding and output)
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectra.inference.decode import decoder_for
 from spectra.inference.weights import check_plain_linear, dense_weight
 
 log = logging.getLogger(__name__)
@@ -120,15 +122,29 @@ def packed_copy(model: nn.Module, fmt: str, *, inplace: bool = False) -> nn.Modu
 
 
 def with_int8_head(model: nn.Module) -> nn.Module:
-    """A view of `model` (sharing every other module) whose float lm_head is torch's int8 dynamic-quantized Linear.
+    """A view of `model` (sharing every other module) whose float lm_head is int8.
 
     The output matrix (vocab x dim) is read once per decoded token; in fp32 it is larger than all the packed blocks of
     a TriLM together. llama.cpp's file stores it in Q8_0 (our GGUF export), so int8 here compares like with like.
-    Weights are int8 per output row (fbgemm), activations int8 per tensor, accumulation int32.
+    With spectra's compiled kernels this is `spectra.packed.linear.Int8Linear` (int8 per output row, int8 activations
+    per token, exact int32 sums); without them torch's dynamic-quantized Linear (fbgemm, activations per tensor).
     """
     head = model.lm_head
     if type(head) is not nn.Linear:
         return model
+    from spectra.packed import kernels
+    from spectra.packed.linear import Int8Linear
+
+    if (
+        head.bias is None
+        and kernels.resolve_path("auto") != "torch"
+        and head.in_features % 256 == 0
+        and head.in_features <= kernels.INT8_MAX_K
+    ):
+        view = copy.copy(model)
+        view._modules = dict(model._modules)
+        view.lm_head = Int8Linear.from_linear(head)
+        return view
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -152,13 +168,14 @@ def _is_kind(model: nn.Module, kind: str) -> bool:
 def time_torch(model: nn.Module, prompt: torch.Tensor, decode_ids: torch.Tensor) -> tuple[float, float]:
     """Seconds for the prefill of `prompt` (1, P) and for decoding the G tokens of `decode_ids` (1, G) one by one."""
     P, G = prompt.shape[1], decode_ids.shape[1]
+    step = decoder_for(model)  # the lean single-token path for a packed TriLM (spectra.inference.decode)
     with torch.inference_mode():
         cache = model.new_cache(1, P + G)
         t0 = time.perf_counter()
         model(prompt, cache=cache)[:, -1].argmax(-1)
         t1 = time.perf_counter()
         for i in range(G):
-            model(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)
+            step(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

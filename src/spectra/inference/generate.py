@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
+from spectra.inference.decode import decoder_for
 
 
 def sample_next(
@@ -133,6 +134,7 @@ def generate(
     use_cache = hasattr(model, "new_cache")
     was_training = model.training
     model.eval()
+    decode = decoder_for(model) if use_cache else model
 
     out_ids: list[int] = []
     text, emitted, finish = "", 0, "length"
@@ -143,8 +145,8 @@ def generate(
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
             t0 = time.perf_counter()
             for step in range(max_new_tokens):
-                if cache is not None:
-                    logits = model(seq if step == 0 else seq[:, -1:], cache=cache)
+                if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
+                    logits = model(seq, cache=cache) if step == 0 else decode(seq[:, -1:], cache=cache)
                 else:  # no KV cache: recompute the whole sequence every step
                     logits = model(seq)
                 nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)

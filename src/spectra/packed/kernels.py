@@ -17,6 +17,18 @@ Because the integer sums are exact and step 3 is the same sequence of float32 op
 (`avx512vnni`, `avx2`, `scalar`, and `torch`, the reference below) gives bit-identical outputs. Against the float
 TernaryLinear output the difference is the int8 activation rounding (≈0.5/127 of amax per element, random sign).
 
+Two variants share step 1 and the epilogue:
+- `ternary_matmul_group`: several matrices that multiply the same input (q|k|v, gate|up) in one C call. The input is
+  quantized once, with one Σa per 256-block; each matrix's segment sums are integer sums of those, so every output is
+  bit-identical to its own `ternary_matmul` call. The matrices are streamed one after the other.
+- `int8_matmul`: int8 weights w ∈ [−127, 127] with one float32 scale r per row (the output layer, like llama.cpp's
+  Q8_0 `output` tensor): y = s · (0 + r·f(Σ w_i a_i)). They are stored as u = w + 128 (uint8) in the activations'
+  block order, and the AVX-512 path computes Σ u·a − 128·Σ a (`vpdpbusd` multiplies unsigned by signed bytes).
+  `quantize_weight_int8` makes them: r = amax/127, w = clamp(round_half_even(W · (127/amax)), −127, 127) per row.
+
+`attention` (single-query attention per head over a KV cache slice, for decoding) is float32 and matches torch's
+`scaled_dot_product_attention` to rounding, not bit for bit.
+
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
 The environment variable SPECTRA_KERNEL overrides `auto`. Threads (OpenMP, shared with torch's runtime) take
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +47,7 @@ from torch import Tensor
 from spectra.packed import formats
 
 PATHS = ("avx512vnni", "avx2", "scalar")  # best first
+MAX_GROUP = 8  # matrices per `ternary_matmul_group` call
 _PATH_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 _REQUIRES = {
     "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni"),
@@ -177,6 +191,147 @@ def ternary_matmul(
     return y
 
 
+def ternary_matmul_group(
+    x: Tensor,
+    operands: Sequence[tuple[Tensor, Tensor, Tensor]],
+    *,
+    path: str = "auto",
+    n_threads: int | None = None,
+) -> list[Tensor]:
+    """[x Wⱼᵀ for each (qs, bounds, seg_d) in `operands`] (1 to 8 matrices), bit-identical to separate
+    `ternary_matmul` calls; the compiled paths quantize x once and run every matrix in one call."""
+    if not 1 <= len(operands) <= MAX_GROUP:
+        raise ValueError(f"a group holds 1 to {MAX_GROUP} matrices, got {len(operands)}")
+    for op in operands:
+        check_operands(x, *op)
+    path = resolve_path(path)
+    if path == "torch":
+        return [reference_matmul(x, *op) for op in operands]
+    ys = [torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32) for qs, _, _ in operands]
+    specs = tuple(
+        (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr())
+        for (qs, bounds, seg_d), y in zip(operands, ys)
+    )
+    extension().matmul_group(
+        _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or torch.get_num_threads(), specs
+    )
+    return ys
+
+
+# ---- int8 weights -------------------------------------------------------------------------------------------------
+
+INT8_MAX_K = 1 << 16  # Σ u·a with u <= 255, |a| <= 127 stays below 2^31 up to this row length
+
+
+def quantize_weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """W float [N, K] (K a multiple of 256) -> (u uint8 [N, K] = w + 128 in the kernels' block order, r float32 [N]).
+
+    Per row: amax = max |W|, r = amax/127, w = clamp(round_half_even(W · (127/amax)), −127, 127); a zero row gives
+    r = 0 and w = 0. Non-finite weights are a ValueError.
+    """
+    if w.dim() != 2 or w.shape[1] % 256 or not 0 < w.shape[1] <= INT8_MAX_K:
+        raise ValueError(
+            f"int8 weights need a matrix [N, K] with K a multiple of 256 up to {INT8_MAX_K}, got {tuple(w.shape)}"
+        )
+    w = w.detach().float().cpu()
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight matrix has NaN or infinite entries")
+    amax = w.abs().amax(dim=1)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    q = torch.round(w * (torch.full_like(safe, 127.0) / safe)[:, None]).clamp_(-127, 127)
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    return permute_activations(u).contiguous(), torch.where(amax > 0, amax / 127.0, torch.zeros_like(amax))
+
+
+def reference_int8_matmul(x: Tensor, u: Tensor, scale: Tensor) -> Tensor:
+    """Pure-torch y [T, N] = x [T, K] Wᵀ for `quantize_weight_int8` weights, bit-identical to the compiled kernels."""
+    a, s = quantize_activations(x)
+    w = unpermute_activations(u).double() - 128.0
+    acc = a.double() @ w.T  # exact: integer sums below 2^53
+    y = torch.zeros(x.shape[0], u.shape[0], dtype=torch.float32) + scale.float()[None, :] * acc.to(torch.float32)
+    return y * s[:, None]
+
+
+def check_int8_operands(x: Tensor, u: Tensor, scale: Tensor) -> None:
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 matrix [T, K], got {x.dtype} {tuple(x.shape)}")
+    if u.dim() != 2 or u.dtype != torch.uint8 or not u.is_contiguous() or u.shape[1] != x.shape[1]:
+        raise ValueError(f"u must be contiguous uint8 [N, {x.shape[1]}], got {u.dtype} {tuple(u.shape)}")
+    if x.shape[1] % 256 or x.shape[1] > INT8_MAX_K:
+        raise ValueError(f"row length {x.shape[1]} must be a multiple of 256 and at most {INT8_MAX_K}")
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or tuple(scale.shape) != (u.shape[0],):
+        raise ValueError(f"scale must be contiguous float32 [{u.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
+    for t in (x, u, scale):
+        if t.device.type != "cpu":
+            raise ValueError(f"spectra's int8 kernels run on CPU; got a tensor on {t.device}")
+
+
+def int8_matmul(x: Tensor, u: Tensor, scale: Tensor, *, path: str = "auto", n_threads: int | None = None) -> Tensor:
+    """y [T, N] float32 = x [T, K] Wᵀ for int8 W (`quantize_weight_int8`). Validates its operands."""
+    check_int8_operands(x, u, scale)
+    path = resolve_path(path)
+    if path == "torch":
+        return reference_int8_matmul(x, u, scale)
+    y = torch.empty(x.shape[0], u.shape[0], dtype=torch.float32)
+    extension().matmul_i8(
+        _PATH_IDS[path],
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        u.data_ptr(),
+        u.shape[0],
+        scale.data_ptr(),
+        y.data_ptr(),
+        n_threads or torch.get_num_threads(),
+    )
+    return y
+
+
+# ---- single-query attention (decoding) -----------------------------------------------------------------------------
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √D) v per head: q [H, D], k and v [H, S, D] -> [H, D] (torch's scaled_dot_product_attention)."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q[:, None].float(), k.float(), v.float())[:, 0]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads: int | None = None) -> Tensor:
+    """`reference_attention` for one query per head, in one C call (float32; equal to the reference up to float
+    rounding, ~1e-7 relative: the sums run in another order). k and v may be slices of a KV cache: rows of D floats
+    contiguous, any head stride, the same for both."""
+    if q.dim() != 2 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1]:
+        raise ValueError(f"need q [H, D], k and v [H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for t in (q, k, v):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"attention runs on float32 CPU tensors, got {t.dtype} on {t.device}")
+    H, S, D = k.shape
+    if k.stride() != v.stride() or k.stride()[1:] != (D, 1) or not q.is_contiguous() or D > 256:
+        raise ValueError("k and v need rows of D <= 256 contiguous floats and equal strides; q must be contiguous")
+    path = resolve_path(path)
+    if path == "torch":
+        return reference_attention(q, k, v)
+    out = torch.empty(H, D, dtype=torch.float32)
+    extension().attend(
+        _PATH_IDS[path],
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        H,
+        S,
+        D,
+        k.stride(0),
+        D**-0.5,
+        n_threads or torch.get_num_threads(),
+    )
+    return out
+
+
+# ---- test helpers -------------------------------------------------------------------------------------------------
+
+
 def kernel_quantize(x: Tensor, bounds: Tensor, *, path: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """The compiled step 1, for tests: (a int8 [T, K] in the kernels' permuted block order, bsum int32 [T, S], s)."""
     path = resolve_path(path)
@@ -201,3 +356,9 @@ def permute_activations(a: Tensor) -> Tensor:
     """Natural element order -> the kernels' per-block order (position 64l + 32h + m holds element 128h + 32l + m)."""
     T, K = a.shape
     return a.view(T, K // 256, 2, 4, 32).transpose(2, 3).reshape(T, K)
+
+
+def unpermute_activations(a: Tensor) -> Tensor:
+    """The inverse of `permute_activations`: the kernels' per-block order -> natural element order."""
+    T, K = a.shape
+    return a.view(T, K // 256, 4, 2, 32).transpose(2, 3).reshape(T, K)

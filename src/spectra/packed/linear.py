@@ -74,6 +74,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("seg_bounds", torch.from_numpy(bounds), persistent=False)
         self.register_buffer("seg_d", torch.from_numpy(seg_d), persistent=False)
         self._ptr_cache: tuple | None = None
+        self.version = getattr(self, "version", -1) + 1  # bumped whenever the buffers or the path change
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
@@ -180,6 +181,65 @@ class PackedTernaryLinear(nn.Module):
     def set_path(self, path: str) -> None:
         self.path = K.resolve_path(path)
         self._path_id = K._PATH_IDS.get(self.path)
+        self.version += 1
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ with W held as int8 per output row (`kernels.quantize_weight_int8`): `qw` uint8 [out, in] (w + 128 in
+    the kernels' block order) and `scale` float32 [out]; activations are int8 per token as in PackedTernaryLinear.
+
+    For the output layer (`lm_head`) of a packed TriLM: read once per decoded token, it is larger than all the packed
+    block weights together in fp32 (vocab × dim × 4 bytes); int8 is what llama.cpp's Q8_0 output tensor holds. The
+    output equals `kernels.reference_int8_matmul` bit for bit. Inference only, CPU only.
+    """
+
+    def __init__(self, qw: Tensor, scale: Tensor, *, path: str = "auto", n_threads: int | None = None) -> None:
+        super().__init__()
+        out_features, in_features = qw.shape
+        if qw.dtype != torch.uint8 or in_features % formats.QK or not 0 < in_features <= K.INT8_MAX_K:
+            raise ValueError(
+                f"qw must be uint8 [out, in] with in a multiple of {formats.QK} up to {K.INT8_MAX_K}, got "
+                f"{qw.dtype} {tuple(qw.shape)}"
+            )
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (out_features,):
+            raise ValueError(f"scale must be float32 [{out_features}], got {scale.dtype} {tuple(scale.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.path = K.resolve_path(path)
+        self.n_threads = n_threads
+        self.register_buffer("qw", qw.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, *, path: str = "auto") -> Int8Linear:
+        if getattr(layer, "bias", None) is not None:
+            raise ValueError("Int8Linear has no bias; the layer has one")
+        qw, scale = K.quantize_weight_int8(layer.weight)
+        return cls(qw, scale, path=path)
+
+    def dequantized_weight(self) -> Tensor:
+        """W = r·w as float32 [out, in]."""
+        w = K.unpermute_activations(self.qw).float() - 128.0
+        return w * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, path={self.path}"
+
+    def _apply(self, fn, recurse: bool = True):
+        for buf in self._buffers.values():  # exact int8 data on the CPU: not cast, not moved
+            if buf is not None and fn(buf).device.type != "cpu":
+                raise ValueError("Int8Linear runs on CPU only; it cannot be moved to another device")
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("Int8Linear is inference-only (no backward); run under torch.no_grad()")
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"input has {shape[-1]} features, layer expects {self.in_features}")
+        x32 = x.to(torch.float32).contiguous().view(-1, self.in_features)
+        y = K.int8_matmul(x32, self.qw, self.scale, path=self.path, n_threads=self.n_threads)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def as_packed(

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.config import ModelConfig, from_name
+from spectra.config import ModelConfig, dataclass_from_dict, from_name
 
 # size: FloatLM peak LR, TriLM peak LR first half, TriLM peak LR second half (P1 Table 3). Non-paper CPU sizes: our
 # choice, following the table's trend (small models tolerate larger LRs; TriLM ≈ 6x FloatLM, second peak ≈ 0.63x).
@@ -120,11 +120,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; accepted: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 def size_of(cfg: ModelConfig) -> str | None:

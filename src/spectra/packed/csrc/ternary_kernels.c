@@ -16,6 +16,11 @@
  * which is sum_i q_i a_i by the identity sum (q+1) a - sum a = sum q a. Every path (scalar, AVX2, AVX-512 VNNI) does
  * the same integer sums and the same float32 operations in the same order, so all paths give bit-identical results,
  * equal to the pure-torch reference. Build with -ffp-contract=off so no float multiply-add gets fused.
+ *
+ * Also here: matmul_group (several matrices of one input, quantized once), matmul_i8 (int8 weights, for the output
+ * layer; integer-exact like the ternary products), attend (single-query attention over a KV cache slice, float32) and
+ * decode_layer (one Llama block for one token, built from the others; spectra.inference.decode). The last two are
+ * float code whose results equal torch's to rounding, not bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,9 +47,15 @@
 #ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 8 /* row chunks per thread, handed out dynamically */
 #endif
+/* GEMV: software prefetch distance along the weight stream, into L2 (hint T1). Without it a GEMV reading from DRAM
+ * takes about the sum of its compute time and its memory time (0.30 ms for 4096x4096 here, 0.11 ms of it compute):
+ * the out-of-order window covers only ~1.5 KiB of the stream, too little for DRAM latency. 8 KiB ahead into L2 brings
+ * it to the time of a plain read of the matrix (measured best of 0.25..32 KiB with hints T0/T1/T2/NTA; T0 and NTA do
+ * not help, T1/T2 from 4 KiB on do). Prefetches past the end of a matrix are harmless (they never fault). */
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 256 /* GEMV: software prefetch distance along the weight stream (best of 0..2048 here) */
+#define PREFETCH_BYTES 8192
 #endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512VNNI = 2 };
 
@@ -199,7 +210,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2(const jo
         _Pragma("GCC unroll 4")
         for (int k = 0; k < TT; k++) acc[k] = _mm256_setzero_si256();
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-            _mm_prefetch((const char *)(w + b * QB + PREFETCH_BYTES), _MM_HINT_T0);
+            PREFETCH(w + b * QB + PREFETCH_BYTES);
             __m256i sum16[4];
             _Pragma("GCC unroll 4")
             for (int k = 0; k < TT; k++) sum16[k] = _mm256_setzero_si256();
@@ -272,7 +283,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512
                 for (int l = 0; l < 4; l++) acc[k][l] = _mm512_setzero_si512();
             for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
 #if PREFETCH_BYTES > 0
-                _mm_prefetch((const char *)(w + b * QB + PREFETCH_BYTES), _MM_HINT_T0);
+                PREFETCH(w + b * QB + PREFETCH_BYTES);
 #endif
                 const __m512i w0 = _mm512_loadu_si512(w + b * QB);
                 const __m512i wm[4] = {_mm512_and_si512(w0, m0), _mm512_and_si512(w0, m1), _mm512_and_si512(w0, m2),
@@ -299,21 +310,87 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512
     }
 }
 
-/* One function per token count, so that each gets its own register allocation. */
-/* One token: the same loop written out by hand; measured faster here than the generic body with TT = 1, though the
- * two compile to nearly the same instructions. */
+/* Lane r of the result = the sum of the 16 lanes of v[r]. Integer adds, so the order does not change the result. */
+TARGET_AVX512 static inline __m512i hsum16x16(const __m512i *v) {
+    __m512i t[8], u[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] for rows a = 2i, b = 2i+1 */
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per chunk: partial sums of rows 4i .. 4i+3 */
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                                _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    const __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+    const __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, 0x88), _mm512_shuffle_i32x4(w01, w23, 0xdd));
+}
+
+/* The float epilogue of 16 rows n .. n+15 for one token, given their per-segment integer sums v[s][r]:
+ * y = s * (((0 + d_0 * f(acc_0 - bsum_0)) + d_1 * f(acc_1 - bsum_1)) + ...), lane by lane the same float32 operations
+ * as the scalar epilogue, so the result is bit-identical to it. */
+TARGET_AVX512 static inline void epilogue16(const job_t *J, int64_t n, __m512i v[][16], int64_t t) {
+    const int64_t S = J->S;
+    __m512 yv = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s++) {
+        const __m512i acc = _mm512_sub_epi32(hsum16x16(v[s]), _mm512_set1_epi32(J->bsum[t * S + s]));
+        __m512 d;
+        if (S == 1) {
+            d = _mm512_loadu_ps(J->seg_d + n);
+        } else {
+            float dd[16];
+            for (int r = 0; r < 16; r++) dd[r] = J->seg_d[(n + r) * S + s];
+            d = _mm512_loadu_ps(dd);
+        }
+        yv = _mm512_add_ps(yv, _mm512_mul_ps(d, _mm512_cvtepi32_ps(acc)));
+    }
+    _mm512_storeu_ps(J->y + t * J->N + n, _mm512_mul_ps(yv, _mm512_set1_ps(J->xs[t])));
+}
+
+#define GROUP_SEGMENTS 4 /* GEMV: rows are reduced 16 at a time when a row has at most this many scale segments */
+
+/* One token. Rows are taken 16 at a time: each row's four field accumulators are combined into one vector, and the 16
+ * vectors are reduced together (hsum16x16) and finished with one vector epilogue. Per row that replaces a horizontal
+ * reduction and a scalar epilogue, which cost about as much as a short row's dot product (7 blocks at dim 1792). The
+ * weights are still read as one sequential stream. */
 TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
     const int8_t *a = J->xq;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *w = J->qs + n * J->nb * QB;
+    const int64_t rowb = J->nb * QB;
+    int64_t n = n0;
+    if (J->S <= GROUP_SEGMENTS) {
+        __m512i v[GROUP_SEGMENTS][16];
+        for (; n + 16 <= n1; n += 16) {
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *w = J->qs + (n + r) * rowb;
+                for (int64_t s = 0; s < J->S; s++) {
+                    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+#if PREFETCH_BYTES > 0
+                        PREFETCH(w + b * QB + PREFETCH_BYTES);
+#endif
+                        const __m512i w0 = _mm512_loadu_si512(w + b * QB);
+                        const int8_t *ab = a + b * QK;
+                        a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(w0, m0), _mm512_loadu_si512(ab));
+                        a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(w0, m1), _mm512_loadu_si512(ab + 64));
+                        a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(w0, m2), _mm512_loadu_si512(ab + 128));
+                        a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(w0, m3), _mm512_loadu_si512(ab + 192));
+                    }
+                    __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
+                    c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));
+                    v[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));
+                }
+            }
+            epilogue16(J, n, v, 0);
+        }
+    }
+    for (; n < n1; n++) { /* the last rows (and rows with many segments) one at a time */
+        const uint8_t *w = J->qs + n * rowb;
         float yv = 0.0f;
         for (int64_t s = 0; s < J->S; s++) {
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
 #if PREFETCH_BYTES > 0
-                _mm_prefetch((const char *)(w + b * QB + PREFETCH_BYTES), _MM_HINT_T0);
+                PREFETCH(w + b * QB + PREFETCH_BYTES);
 #endif
                 const __m512i w0 = _mm512_loadu_si512(w + b * QB);
                 const int8_t *ab = a + b * QK;
@@ -431,9 +508,157 @@ TARGET_AVX512 static void gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
         }
     }
 }
+
+/* ---------------------------------------------------------------- AVX-512 VNNI, int8 weights */
+
+/* The dot product of one int8 row with one token, as a vector of 16 lane sums of u * a (u = w + 128): four
+ * independent accumulators so that vpdpbusd's latency is hidden. */
+TARGET_AVX512 static inline __m512i i8_row_avx512(const uint8_t *w, const int8_t *a, int64_t K) {
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t k = 0; k < K; k += QK) {
+#if PREFETCH_BYTES > 0
+        /* One prefetch per 4 lines: measured faster here than one per line (24 vs 18 GB/s from DRAM for the
+         * 50304 x 1792 output layer); the L2 streamer fetches the neighbours. */
+        PREFETCH(w + k + PREFETCH_BYTES);
+#endif
+        c0 = _mm512_dpbusd_epi32(c0, _mm512_loadu_si512(w + k), _mm512_loadu_si512(a + k));
+        c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(w + k + 64), _mm512_loadu_si512(a + k + 64));
+        c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(w + k + 128), _mm512_loadu_si512(a + k + 128));
+        c3 = _mm512_dpbusd_epi32(c3, _mm512_loadu_si512(w + k + 192), _mm512_loadu_si512(a + k + 192));
+    }
+    return _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+}
+
+TARGET_AVX512 __attribute__((noinline)) static void i8_gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    __m512i v[1][16];
+    for (; n + 16 <= n1; n += 16) {
+        for (int r = 0; r < 16; r++) v[0][r] = i8_row_avx512(J->qs + (n + r) * J->K, J->xq, J->K);
+        epilogue16(J, n, v, 0);
+    }
+    for (; n < n1; n++) {
+        const int32_t acc = _mm512_reduce_add_epi32(i8_row_avx512(J->qs + n * J->K, J->xq, J->K));
+        float yv = 0.0f;
+        yv = yv + J->seg_d[n] * (float)(acc - J->bsum[0]);
+        J->y[n] = yv * J->xs[0];
+    }
+}
+
+/* R rows x TT tokens (<= 4 x 4): each weight vector is loaded once for TT tokens, each activation vector once for R
+ * rows; 16 accumulators stay in registers. */
+TARGET_AVX512 static inline __attribute__((always_inline)) void i8_tile_avx512(const job_t *J, int64_t n, int64_t t,
+                                                                               const int R, const int TT) {
+    __m512i acc[4][4];
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < TT; k++) acc[r][k] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < J->K; i += 64) {
+        __m512i w[4];
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < R; r++) w[r] = _mm512_loadu_si512(J->qs + (n + r) * J->K + i);
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < TT; k++) {
+            const __m512i a = _mm512_loadu_si512(J->xq + (t + k) * J->K + i);
+            _Pragma("GCC unroll 4")
+            for (int r = 0; r < R; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], w[r], a);
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < TT; k++) {
+            float yv = 0.0f;
+            yv = yv + J->seg_d[n + r] * (float)(_mm512_reduce_add_epi32(acc[r][k]) - J->bsum[t + k]);
+            J->y[(t + k) * J->N + n + r] = yv * J->xs[t + k];
+        }
+}
+
+#define I8_TILE_ROW(R)                                                        \
+    do {                                                                      \
+        int64_t t = c0;                                                       \
+        for (; t + 4 <= c1; t += 4) i8_tile_avx512(J, n, t, R, 4);            \
+        switch (c1 - t) {                                                     \
+            case 3: i8_tile_avx512(J, n, t, R, 3); break;                     \
+            case 2: i8_tile_avx512(J, n, t, R, 2); break;                     \
+            case 1: i8_tile_avx512(J, n, t, R, 1); break;                     \
+            default: break;                                                   \
+        }                                                                     \
+    } while (0)
+
+TARGET_AVX512 static void i8_rows_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    if (J->T == 1) {
+        i8_gemv1_avx512(J, n0, n1);
+        return;
+    }
+    for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
+        const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) I8_TILE_ROW(4);
+        switch (n1 - n) {
+            case 3: I8_TILE_ROW(3); break;
+            case 2: I8_TILE_ROW(2); break;
+            case 1: I8_TILE_ROW(1); break;
+            default: break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX2, int8 weights */
+
+/* |w| * sign(a, w) = w * a with both factors in [-127, 127], so maddubs' int16 pair sums (<= 32258) never saturate. */
+TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = J->qs + n * J->K;
+        for (int64_t t = 0; t < J->T; t++) {
+            const int8_t *a = J->xq + t * J->K;
+            __m256i acc = _mm256_setzero_si256();
+            for (int64_t i = 0; i < J->K; i += 32) {
+                const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + i)), flip);
+                const __m256i av = _mm256_loadu_si256((const __m256i *)(a + i));
+                const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(av, ws));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+            }
+            float yv = 0.0f;
+            yv = yv + J->seg_d[n] * (float)hsum256(acc);
+            J->y[t * J->N + n] = yv * J->xs[t];
+        }
+    }
+}
 #endif /* SPECTRA_X86 */
 
 /* ---------------------------------------------------------------- dispatch */
+
+/* Int8 weights, portable: X = sum_i (u_i - 128) a_i, y = s * (0 + d * f(X)). */
+static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = J->qs + n * J->K;
+        for (int64_t t = 0; t < J->T; t++) {
+            const int8_t *a = J->xq + t * J->K;
+            int32_t acc = 0;
+            for (int64_t i = 0; i < J->K; i++) acc += ((int32_t)w[i] - 128) * a[i];
+            float yv = 0.0f;
+            yv = yv + J->seg_d[n] * (float)acc;
+            J->y[t * J->N + n] = yv * J->xs[t];
+        }
+    }
+}
+
+static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
+    if (n0 >= n1) return;
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI) {
+        i8_rows_avx512(J, n0, n1);
+        return;
+    }
+    if (path == PATH_AVX2) {
+        i8_rows_avx2(J, n0, n1);
+        return;
+    }
+#endif
+    i8_rows_scalar(J, n0, n1);
+}
 
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
@@ -454,9 +679,11 @@ static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
 /* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; about 8 per thread), so each
  * thread reads one sequential stream of weights at a time. Chunks rather than one range per thread because this
  * machine is shared: a thread that the OS deschedules then delays the call by one chunk, not by half the matrix. */
-static void run_parallel(int path, const job_t *J, int n_threads) {
+typedef void (*rows_fn)(int path, const job_t *J, int64_t n0, int64_t n1);
+
+static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) {
     if (n_threads <= 1 || J->N < 8) {
-        run_rows(path, J, 0, J->N);
+        rows(path, J, 0, J->N);
         return;
     }
 #ifdef _OPENMP
@@ -467,10 +694,10 @@ static void run_parallel(int path, const job_t *J, int n_threads) {
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; c++) {
         const int64_t n0 = 4 * c * per_chunk, n1 = 4 * (c + 1) * per_chunk < J->N ? 4 * (c + 1) * per_chunk : J->N;
-        run_rows(path, J, n0, n1);
+        rows(path, J, n0, n1);
     }
 #else
-    run_rows(path, J, 0, J->N);
+    rows(path, J, 0, J->N);
 #endif
 }
 
@@ -484,6 +711,174 @@ static int path_supported(int path) {
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
     return 0;
+}
+
+/* ---------------------------------------------------------------- single-query attention (decoding) */
+
+#ifndef ATT_AHEAD
+#define ATT_AHEAD 32 /* rows of keys / values prefetched ahead */
+#endif
+
+/* out_h = softmax(scale * q_h K_h^T) V_h for one query per head, in float32: K_h and V_h are S rows of D floats (row
+ * stride D, head stride `hs`), the layout of a KV cache slice. Three passes per head: scores and their max, exp and
+ * sum, then the weighted sum of value rows divided by the sum. Float sums run in another order than torch's
+ * scaled_dot_product_attention (and the AVX-512 exp is a polynomial), so results agree to rounding (about 1e-6
+ * relative), not bit for bit. */
+static void attend_head_scalar(const float *q, const float *k, const float *v, float *out, float *p, int64_t S,
+                               int64_t D, float scale) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        float dot = 0.0f;
+        for (int64_t i = 0; i < D; i++) dot += q[i] * k[j * D + i];
+        p[j] = dot * scale;
+        if (p[j] > mx) mx = p[j];
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < S; j++) {
+        p[j] = expf(p[j] - mx);
+        sum += p[j];
+    }
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t i = 0; i < D; i++) out[i] += p[j] * v[j * D + i];
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+#ifdef SPECTRA_X86
+/* Lane r of the result = the float sum of the 16 lanes of v[r] (the float version of hsum16x16). */
+TARGET_AVX512 static inline __m512 hsum16x16_ps(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, two-part ln2),
+ * e^r by its Taylor series to r^7 (truncation error < 1e-8 relative), times 2^n by vscalefps. Below -100 the result
+ * is 0 to within float range. Relative error about 2 ulp, against expf's 1. */
+TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+
+/* D a multiple of 16, at most 256. Scores of 16 keys at a time: each key's D products are summed into one vector and
+ * the 16 vectors are reduced together; exp runs 16 lanes at a time. */
+TARGET_AVX512 static void attend_head_avx512(const float *q, const float *k, const float *v, float *out, float *p,
+                                             int64_t S, int64_t D, float scale) {
+    const int64_t nv = D / 16;
+    __m512 qv[16];
+    for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        __m512 dots[16];
+        const int64_t m = S - j0 < 16 ? S - j0 : 16;
+        for (int64_t r = 0; r < 16; r++) {
+            if (r >= m) {
+                dots[r] = _mm512_setzero_ps();
+                continue;
+            }
+            const float *kj = k + (j0 + r) * D;
+            _mm_prefetch((const char *)(kj + ATT_AHEAD * D), _MM_HINT_T1);
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+            dots[r] = acc;
+        }
+        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+        const __m512 sc = hsum16x16_ps(dots);
+        _mm512_mask_storeu_ps(p + j0, live, sc);
+        vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const int64_t m = S - j0 < 16 ? S - j0 : 16;
+        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j0), mx));
+        _mm512_mask_storeu_ps(p + j0, live, e);
+        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    __m512 o[16];
+    for (int64_t c = 0; c < nv; c++) o[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j++) {
+        const float *vj = v + j * D;
+        _mm_prefetch((const char *)(vj + ATT_AHEAD * D), _MM_HINT_T1);
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int64_t c = 0; c < nv; c++) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * c), o[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+#endif
+
+/* All heads (threads over heads); returns 0 when the score buffer cannot be allocated. Needs no Python. */
+static int attend_run(int path, const float *q, const float *k, const float *v, float *out, int64_t H, int64_t S,
+                      int64_t D, int64_t hs, float scale, int n_threads) {
+    const int simd = path == PATH_AVX512VNNI && D % 16 == 0;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(S * H));
+    if (!scores) return 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && H > 1)
+#endif
+    for (int64_t h = 0; h < H; h++) {
+#ifdef SPECTRA_X86
+        if (simd) {
+            /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the
+             * next head's keys while this head's keys are read. */
+            for (int64_t i = 0; i < ATT_AHEAD * D && i < S * D; i += 16) {
+                _mm_prefetch((const char *)(v + h * hs + i), _MM_HINT_T1);
+                if (h + 1 < H) _mm_prefetch((const char *)(k + (h + 1) * hs + i), _MM_HINT_T1);
+            }
+            attend_head_avx512(q + h * D, k + h * hs, v + h * hs, out + h * D, scores + h * S, S, D, scale);
+            continue;
+        }
+#endif
+        attend_head_scalar(q + h * D, k + h * hs, v + h * hs, out + h * D, scores + h * S, S, D, scale);
+    }
+    free(scores);
+    return 1;
+}
+
+/* attend(path, q_ptr, k_ptr, v_ptr, out_ptr, H, S, D, head_stride, scale, n_threads): q, out [H, D] contiguous;
+ * k, v: head h's S rows of D floats at k_ptr + h * head_stride (elements). */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long pq, pk, pv, po;
+    long long H, S, D, hs;
+    float scale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKLLLLfi", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads))
+        return NULL;
+    if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * D)
+        return PyErr_Format(PyExc_ValueError, "bad sizes H=%lld S=%lld D=%lld head stride %lld", H, S, D, hs);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = attend_run(path, (const float *)(uintptr_t)pq, (const float *)(uintptr_t)pk, (const float *)(uintptr_t)pv,
+                    (float *)(uintptr_t)po, H, S, D, hs, scale, n_threads);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 /* ---------------------------------------------------------------- Python bindings */
@@ -521,6 +916,23 @@ static int parse_job(PyObject *args, int *path, const float **x, job_t *J, int *
     return 1;
 }
 
+/* Per-thread scratch for the int8 activations and their sums, reused across calls: decoding makes hundreds of small
+ * calls per token and a malloc/free per call is measurable. It grows to the largest size seen by this thread. */
+static void *scratch_get(size_t need) {
+    static _Thread_local void *scratch = NULL;
+    static _Thread_local size_t scratch_size = 0;
+    if (need > scratch_size) {
+        free(scratch);
+        scratch_size = 0;
+        scratch = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        if (!scratch) return NULL;
+        scratch_size = need;
+    }
+    return scratch;
+}
+
+static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 /* matmul(path, x_ptr, T, K, qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr, n_threads) -> None; y[T, N] = x[T, K] W^T */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int path, n_threads;
@@ -529,27 +941,275 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     (void)self;
     if (!parse_job(args, &path, &x, &J, &n_threads)) return NULL;
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
-    /* Per-thread scratch for the int8 activations, reused across calls: decoding makes hundreds of small calls per
-     * token and a malloc/free per call is measurable. It grows to the largest T*K seen by this thread. */
-    static _Thread_local void *scratch = NULL;
-    static _Thread_local size_t scratch_size = 0;
-    const size_t q_bytes = ((size_t)(J.T * J.K) + 63) & ~(size_t)63;
-    const size_t need = q_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T;
-    if (need > scratch_size) {
-        free(scratch);
-        scratch_size = 0;
-        scratch = aligned_alloc(64, (need + 63) & ~(size_t)63);
-        if (!scratch) return PyErr_NoMemory();
-        scratch_size = need;
-    }
+    const size_t q_bytes = round64((size_t)(J.T * J.K));
+    void *scratch = scratch_get(q_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T);
+    if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
     int32_t *bsum = (int32_t *)((char *)scratch + q_bytes);
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
     J.xq = xq, J.bsum = bsum, J.xs = xs;
-    run_parallel(path, &J, n_threads);
+    run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static int check_bounds(const int32_t *bounds, long long S, int64_t nb) {
+    if (bounds[0] != 0 || bounds[S] != nb) {
+        PyErr_SetString(PyExc_ValueError, "segment bounds must start at 0 and end at K/256");
+        return 0;
+    }
+    for (long long s = 0; s < S; s++) {
+        if (bounds[s + 1] <= bounds[s]) {
+            PyErr_SetString(PyExc_ValueError, "segment bounds must be strictly increasing");
+            return 0;
+        }
+    }
+    return 1;
+}
+
+#define MAX_GROUP 8
+
+/* One (qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr) tuple -> a job on inputs [T, K]. */
+static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
+    unsigned long long pqs, pb, pd, py;
+    long long N, S;
+    const int64_t nb = K / QK;
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "KLKLKK", &pqs, &N, &pb, &S, &pd, &py)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a matrix spec is a tuple");
+        return 0;
+    }
+    if (N < 0 || S <= 0 || S > nb) {
+        PyErr_Format(PyExc_ValueError, "bad sizes N=%lld S=%lld", N, S);
+        return 0;
+    }
+    memset(J, 0, sizeof(*J));
+    J->qs = (const uint8_t *)(uintptr_t)pqs;
+    J->bounds = (const int32_t *)(uintptr_t)pb;
+    J->seg_d = (const float *)(uintptr_t)pd;
+    J->y = (float *)(uintptr_t)py;
+    J->T = T, J->K = K, J->N = N, J->S = S, J->nb = nb;
+    return check_bounds(J->bounds, S, nb);
+}
+
+/* Quantize x [T, K] once (one sum per block) and run every job on it. Needs no Python (call it with the GIL released);
+ * returns 0 when scratch memory cannot be allocated. */
+static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs, int G, int n_threads) {
+    const int64_t nb = K / QK;
+    size_t sums = 0;
+    for (int g = 0; g < G; g++) sums += (size_t)(T * jobs[g].S);
+    const size_t q_bytes = round64((size_t)(T * K));
+    const size_t b_bytes = round64(sizeof(int32_t) * (size_t)(nb + 1));
+    const size_t blk_bytes = round64(sizeof(int32_t) * (size_t)(T * nb));
+    const size_t s_bytes = round64(sizeof(int32_t) * sums);
+    void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + sizeof(float) * (size_t)T);
+    if (!scratch) return 0;
+    int8_t *xq = (int8_t *)scratch;
+    int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
+    int32_t *blk_sum = (int32_t *)((char *)scratch + q_bytes + b_bytes);
+    int32_t *sum = (int32_t *)((char *)scratch + q_bytes + b_bytes + blk_bytes);
+    float *xs = (float *)((char *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes);
+    for (int64_t b = 0; b <= nb; b++) blocks[b] = (int32_t)b;
+    job_t Q;
+    memset(&Q, 0, sizeof(Q));
+    Q.T = T, Q.K = K, Q.nb = nb, Q.S = nb, Q.bounds = blocks;
+    quantize_rows(path, x, &Q, xq, blk_sum, xs);
+    for (int g = 0; g < G; g++) {
+        job_t *J = &jobs[g];
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t s = 0; s < J->S; s++) {
+                int32_t v = 0;
+                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) v += blk_sum[t * nb + b];
+                sum[t * J->S + s] = v;
+            }
+        J->xq = xq, J->bsum = sum, J->xs = xs;
+        sum += T * J->S;
+        if (J->N > 0) run_parallel(run_rows, path, J, n_threads);
+    }
+    return 1;
+}
+
+/* matmul_group(path, x_ptr, T, K, n_threads, ((qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr), ...)) -> None:
+ * y_j[T, N_j] = x W_j^T for up to 8 matrices that share the input (q|k|v, gate|up). The input is quantized once, with
+ * one sum per 256-block; each matrix's segment sums are then integer sums of those, so every output is bit-identical
+ * to a separate matmul call. The matrices are read one after the other, each as one sequential stream. */
+static PyObject *py_matmul_group(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px;
+    long long T, K;
+    PyObject *specs;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKLLiO!", &path, &px, &T, &K, &n_threads, &PyTuple_Type, &specs)) return NULL;
+    const Py_ssize_t G = PyTuple_GET_SIZE(specs);
+    if (T < 0 || K <= 0 || K % QK || K > (1LL << 22) || G < 1 || G > MAX_GROUP)
+        return PyErr_Format(PyExc_ValueError, "bad sizes T=%lld K=%lld or group of %zd matrices (1..%d)", T, K, G,
+                            MAX_GROUP);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    job_t jobs[MAX_GROUP];
+    for (Py_ssize_t g = 0; g < G; g++)
+        if (!parse_spec(PyTuple_GET_ITEM(specs, g), &jobs[g], T, K)) return NULL;
+    if (T == 0) Py_RETURN_NONE;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = group_run(path, (const float *)(uintptr_t)px, T, K, jobs, (int)G, n_threads);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* matmul_i8(path, x_ptr, T, K, w_ptr, N, scale_ptr, y_ptr, n_threads) -> None: y[T, N] = x W^T for int8 weights stored
+ * as u = w + 128 (uint8 [N, K], in the activations' permuted block order) with one float32 scale per row:
+ * y = s * (0 + d * f(X)), X = sum_i w_i a_i exactly (int32 suffices for K <= 2^16). */
+static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, pw, pd, py;
+    long long T, K, N;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKLLKLKKi", &path, &px, &T, &K, &pw, &N, &pd, &py, &n_threads)) return NULL;
+    if (T < 0 || N < 0 || K <= 0 || K % QK || K > (1LL << 16))
+        return PyErr_Format(PyExc_ValueError, "bad sizes T=%lld N=%lld K=%lld (K a multiple of %d, at most 65536)", T,
+                            N, K, QK);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    if (T == 0 || N == 0) Py_RETURN_NONE;
+    const size_t q_bytes = round64((size_t)(T * K));
+    void *scratch = scratch_get(q_bytes + sizeof(int32_t) * (size_t)T + sizeof(float) * (size_t)T);
+    if (!scratch) return PyErr_NoMemory();
+    int8_t *xq = (int8_t *)scratch;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes);
+    float *xs = (float *)(bsum + T);
+    int32_t bounds[2] = {0, (int32_t)(K / QK)};
+    job_t J;
+    memset(&J, 0, sizeof(J));
+    J.qs = (const uint8_t *)(uintptr_t)pw;
+    J.seg_d = (const float *)(uintptr_t)pd;
+    J.y = (float *)(uintptr_t)py;
+    J.bounds = bounds;
+    J.T = T, J.K = K, J.N = N, J.S = 1, J.nb = K / QK;
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(path, (const float *)(uintptr_t)px, &J, xq, bsum, xs);
+    for (int64_t t = 0; t < T; t++) bsum[t] *= 128; /* sum u a = sum w a + 128 sum a */
+    J.xq = xq, J.bsum = bsum, J.xs = xs;
+    run_parallel(run_rows_i8, path, &J, n_threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- one decoder layer for one token */
+
+/* h = x / sqrt(mean(x^2) + eps) * w, in float32. */
+static void rms_norm_row(const float *x, const float *w, float eps, float *h, int64_t C) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < C; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)C + eps);
+    for (int64_t i = 0; i < C; i++) h[i] = (x[i] * r) * w[i];
+}
+
+/* Rotary embedding of one head, halves convention (HF's rotate_half): y = x cos + (-x2, x1) sin. */
+static void rope_head(const float *x, const float *cos, const float *sin, float *y, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        y[i] = a * cos[i] + (-b) * sin[i];
+        y[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+#ifdef SPECTRA_X86
+TARGET_AVX512 static void silu_mul_avx512(float *g, const float *u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+#endif
+
+/* g = silu(g) * u = g / (1 + e^-g) * u. */
+static void silu_mul(int path, float *g, const float *u, int64_t n) {
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI) {
+        silu_mul_avx512(g, u, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* decode_layer(path, n_threads, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr, v_ptr, head_stride, scale, layer)
+ * One Llama block (RMSNorm, q|k|v, RoPE, KV-cache write at `pos`, attention over positions 0..pos, o_proj and the
+ * residual, RMSNorm, gate|up, SiLU(gate)*up, down_proj and the residual) for one token x [C], updated in place.
+ * layer = (w_in_ptr, eps_in, w_post_ptr, eps_post, (q, k, v specs), o spec, (gate, up specs), down spec, h_ptr,
+ * att_ptr) with matrix specs as in matmul_group (their y pointers are the layer's output buffers); h [C] and att
+ * [H*D] are scratch. k_ptr/v_ptr: this layer's cache, head h's row j at k_ptr + h * head_stride + j * D. The linear
+ * layers are the ternary kernels above (bit-identical to separate calls); norms, RoPE, attention and SiLU are float32
+ * C and equal torch's to rounding. */
+static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, pcos, psin, pk, pv;
+    long long C, H, D, pos, hs;
+    float scale;
+    PyObject *layer;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKLfO!", &path, &n_threads, &px, &C, &H, &D, &pos, &pcos, &psin, &pk, &pv,
+                          &hs, &scale, &PyTuple_Type, &layer))
+        return NULL;
+    unsigned long long pw_in, pw_post, ph, patt;
+    float eps_in, eps_post;
+    PyObject *qkv, *o, *gu, *down;
+    if (!PyArg_ParseTuple(layer, "KfKfO!OO!OKK", &pw_in, &eps_in, &pw_post, &eps_post, &PyTuple_Type, &qkv, &o,
+                          &PyTuple_Type, &gu, &down, &ph, &patt))
+        return NULL;
+    const long long A = H * D;
+    if (C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || pos < 0 || hs < (pos + 1) * D ||
+        PyTuple_GET_SIZE(qkv) != 3 || PyTuple_GET_SIZE(gu) != 2)
+        return PyErr_Format(PyExc_ValueError, "bad decode_layer sizes C=%lld H=%lld D=%lld pos=%lld", C, H, D, pos);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    job_t jq[3], jo, jg[2], jd;
+    for (int i = 0; i < 3; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(qkv, i), &jq[i], 1, C)) return NULL;
+    if (!parse_spec(o, &jo, 1, A)) return NULL;
+    for (int i = 0; i < 2; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(gu, i), &jg[i], 1, C)) return NULL;
+    const int64_t G = jg[0].N;
+    if (G <= 0 || G % QK || jg[1].N != G || !parse_spec(down, &jd, 1, G)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "gate and up need equal sizes, multiples of 256");
+        return NULL;
+    }
+    if (jq[0].N != A || jq[1].N != A || jq[2].N != A || jo.N != C || jd.N != C)
+        return PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", C, A);
+    float *x = (float *)(uintptr_t)px, *h = (float *)(uintptr_t)ph, *att = (float *)(uintptr_t)patt;
+    const float *cos = (const float *)(uintptr_t)pcos, *sin = (const float *)(uintptr_t)psin;
+    float *kc = (float *)(uintptr_t)pk, *vc = (float *)(uintptr_t)pv;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_row(x, (const float *)(uintptr_t)pw_in, eps_in, h, C);
+    ok = ok && group_run(path, h, 1, C, jq, 3, n_threads);
+    if (ok) {
+        float *q = jq[0].y, *k = jq[1].y, *v = jq[2].y;
+        for (int64_t hh = 0; hh < H; hh++) {
+            rope_head(q + hh * D, cos, sin, att + hh * D, D); /* rotated q, kept in att until attention */
+            rope_head(k + hh * D, cos, sin, kc + hh * hs + pos * D, D);
+            memcpy(vc + hh * hs + pos * D, v + hh * D, sizeof(float) * (size_t)D);
+        }
+        memcpy(q, att, sizeof(float) * (size_t)A);
+        ok = attend_run(path, q, kc, vc, att, H, pos + 1, D, hs, scale, n_threads);
+    }
+    ok = ok && group_run(path, att, 1, A, &jo, 1, n_threads);
+    if (ok) {
+        for (int64_t i = 0; i < C; i++) x[i] = x[i] + jo.y[i];
+        rms_norm_row(x, (const float *)(uintptr_t)pw_post, eps_post, h, C);
+    }
+    ok = ok && group_run(path, h, 1, C, jg, 2, n_threads);
+    if (ok) silu_mul(path, jg[0].y, jg[1].y, G);
+    ok = ok && group_run(path, jg[0].y, 1, G, &jd, 1, n_threads);
+    if (ok)
+        for (int64_t i = 0; i < C; i++) x[i] = x[i] + jd.y[i];
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -608,6 +1268,10 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for TQ2_0-layout ternary W (int8 activations)."},
+    {"matmul_group", py_matmul_group, METH_VARARGS, "Several ternary matmuls of one input, quantized once."},
+    {"matmul_i8", py_matmul_i8, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for int8 W (w+128, permuted blocks, row scales)."},
+    {"decode_layer", py_decode_layer, METH_VARARGS, "One Llama block for one token, in place (see the source)."},
+    {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths and OpenMP were compiled in."},
