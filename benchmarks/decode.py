@@ -3,8 +3,10 @@ llama.cpp TQ2_0, all measured in one run, interleaved round by round.
 
     python benchmarks/decode.py [--size trilm-1.1b] [--threads 1 2] [--prompt-len 128] [--gen-len 64] [--repeats 3]
 
-The model has random ternary block weights (one scale per matrix). llama.cpp runs our own GGUF export of the same
-model (TQ2_0 blocks, Q8_0 token embedding and output) through llama-cpp-python when it is installed.
+The model has random ternary block weights (one scale per matrix). Our packed variant decodes through
+`spectra.inference.decode.Decoder` (one C call per layer per token) with an int8 lm_head (`Int8Linear`). llama.cpp
+runs our own GGUF export of the same model (TQ2_0 blocks, Q8_0 token embedding and output) through llama-cpp-python
+when it is installed.
 Targets (issue 5): decode >= 1.3x llama.cpp TQ2_0, prompt processing faster than llama.cpp TQ2_0. For reference,
 llama-bench measured 42.6 / 58.6 tok/s decode (1 / 2 threads) and 55 tok/s pp128 (1 thread) for TQ2_0 on this
 machine with Q4_K embedding / Q6_K output and a 32000-token vocabulary (kernels-and-formats.md §1.3).

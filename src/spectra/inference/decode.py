@@ -1,0 +1,186 @@
+"""Batch-1 decoding of a packed TriLM: one C call per layer per token.
+
+A decode step runs one token through every block. Through the model's modules that is about 160 small torch
+operations per layer (views, RoPE's cat/neg, cache slicing, seven linear calls that each quantize their input again)
+plus torch's attention kernel, whose set-up for one query costs more than its arithmetic; at batch 1 that costs as
+much as streaming the packed weights. `Decoder` hands each layer to `spectra.packed._kernels.decode_layer`, which
+does the same math in C (x is the residual stream, updated in place):
+
+    h = RMSNorm(x)                    float32, x / sqrt(mean(x²) + eps) · w
+    q | k | v = h W_qkvᵀ              one `ternary_matmul_group`: h quantized to int8 once, three matrices streamed
+    q, k = RoPE(q), RoPE(k)           halves convention (HF rotate_half), k and v written into the KVCache at `pos`
+    a = softmax(q kᵀ/√D) v            `kernels.attention` over positions 0..pos, reading the cache in place
+    x = x + a W_oᵀ
+    h = RMSNorm(x);  g | u = h W_guᵀ  one group call again
+    x = x + (SiLU(g) · u) W_downᵀ
+
+The linear layers are the ternary kernels (bit-identical to the modules' forward); norms, RoPE, attention and SiLU are
+float32 C whose sums run in another order than torch's, so the logits equal the model's `model(idx, cache)` up to
+float rounding (~1e-6 relative, tested). The decoder uses the model's own `KVCache`, so it can take over from a
+prefill made by the model and the model can continue from the decoder's cache. Any other call (several tokens, batch
+> 1, no cache, grad enabled) goes to the model unchanged. Embedding, final norm and lm_head are the model's modules.
+
+The decoder reads the layers' buffers when it is built: rebuild it after changing the model (`Decoder(model)` is
+cheap). A packed layer whose buffers or kernel path changed after that (`refresh`, `load_state_dict`, `set_path`) is
+detected and refused. A decoder holds scratch buffers: use one decoder per thread.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `Decoder` cannot run `model` (None when it can)."""
+    from spectra.packed.linear import PackedTernaryLinear
+
+    cfg = getattr(model, "config", None)
+    layers = getattr(model, "layers", None)
+    if cfg is None or layers is None or not hasattr(model, "new_cache"):
+        return "not a spectra Transformer"
+    if cfg.head_dim % 2 or cfg.head_dim > 256:
+        return f"head_dim={cfg.head_dim} (the decoder needs an even head_dim up to 256)"
+    if cfg.norm != "rmsnorm" or cfg.mlp_act != "swiglu":
+        return f"norm={cfg.norm!r}, mlp_act={cfg.mlp_act!r} (the decoder runs rmsnorm + swiglu)"
+    if model.embed_tokens.weight.dtype != torch.float32 or model.norm.weight.dtype != torch.float32:
+        return "the embedding and norms are not float32"
+    paths = set()
+    for i, layer in enumerate(layers):
+        for name in _BLOCK_LINEARS:
+            sub = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            m = getattr(sub, name, None)
+            if not isinstance(m, PackedTernaryLinear) or m._path_id is None:
+                return f"layers.{i}.{name} is not a PackedTernaryLinear with a compiled kernel path"
+            paths.add(m._path_id)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.dtype != torch.float32:
+                return "the norms are not float32"
+    if len(paths) > 1:
+        return "the packed layers use different kernel paths"
+    return None
+
+
+class Decoder:
+    """Callable like the model, `decoder(idx, cache) -> logits`, fast for one token at a time (module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from spectra.packed import kernels as K
+        from spectra.packed import linear as L
+
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"Decoder cannot run this model: {reason}")
+        self.model = model
+        self.config = cfg = model.config
+        self._ext = K.extension()
+        A, G, C = cfg.n_heads * cfg.head_dim, cfg.glu_dim, cfg.dim
+        # Buffers reused by every layer and step (each is consumed before the next layer writes it).
+        self._x = torch.empty(C)  # the residual stream, updated in place layer by layer
+        qkv, gu, o, down, h, att = (torch.empty(n) for n in (3 * A, 2 * G, C, C, C, A))
+        self._cos = model.rope_cos.float().contiguous()
+        self._sin = model.rope_sin.float().contiguous()
+        self._keep = [qkv, gu, o, down, h, att]  # every tensor whose address the C calls use lives as long as we do
+        self._layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self._path_id = attn.q_proj._path_id
+            w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+            self._keep += [w_in, w_post]
+            spec = (
+                w_in.data_ptr(),
+                float(layer.input_layernorm.eps),
+                w_post.data_ptr(),
+                float(layer.post_attention_layernorm.eps),
+                self._specs((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
+                self._specs((attn.o_proj,), o)[0],
+                self._specs((mlp.gate_proj, mlp.up_proj), gu),
+                self._specs((mlp.down_proj,), down)[0],
+                h.data_ptr(),
+                att.data_ptr(),
+            )
+            self._layers.append(spec)
+        packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]
+        self._packed = packed
+        self._version = sum(m.version for m in packed)  # versions only grow: any change raises the sum
+        threads = {m.n_threads for m in packed}
+        self._threads = threads.pop() if len(threads) == 1 else None
+
+    def _specs(self, mods, out: Tensor) -> tuple:
+        """(qs, N, bounds, S, seg_d, y) addresses per layer, outputs side by side in `out` (see matmul_group)."""
+        specs, offset = [], 0
+        for m in mods:
+            y = out[offset : offset + m.out_features]
+            offset += m.out_features
+            self._keep += [m.qs, m.seg_bounds, m.seg_d]
+            specs.append(
+                (
+                    m.qs.data_ptr(),
+                    m.out_features,
+                    m.seg_bounds.data_ptr(),
+                    m.seg_d.shape[1],
+                    m.seg_d.data_ptr(),
+                    y.data_ptr(),
+                )
+            )
+        return tuple(specs)
+
+    # ---- the model's interface ---------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None):
+        return self.model.new_cache(batch_size, max_len)
+
+    def __call__(self, idx: Tensor, cache=None) -> Tensor:
+        if (
+            cache is None
+            or idx.shape != (1, 1)
+            or cache.k.shape[1] != 1
+            or cache.k.dtype != torch.float32
+            or torch.is_grad_enabled()
+        ):
+            return self.model(idx, cache=cache)
+        return self.step(idx, cache)
+
+    # ---- one token ---------------------------------------------------------------------------------------------
+    def step(self, idx: Tensor, cache) -> Tensor:
+        """Logits (1, 1, V) for the single token idx (1, 1) at position cache.pos; advances the cache by one."""
+        if sum(m.version for m in self._packed) != self._version:
+            raise RuntimeError("a packed layer changed after this Decoder was built; build a new Decoder")
+        model, cfg = self.model, self.config
+        pos = cache.pos
+        ck, cv = cache.k, cache.v
+        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, cfg.head_dim)
+        if (
+            tuple(ck.shape) != expected
+            or tuple(cv.shape) != expected
+            or not (ck.is_contiguous() and cv.is_contiguous())
+        ):
+            raise ValueError(f"the KV cache must be contiguous float32 {expected}")
+        if pos + 1 > cfg.max_seq_len or pos + 1 > cache.max_len:
+            raise ValueError(f"position {pos} is past max_seq_len={cfg.max_seq_len} or the cache ({cache.max_len})")
+        ext, pid = self._ext, self._path_id
+        nt = self._threads or torch.get_num_threads()
+        H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
+        # The cache (L, 1, H, max_len, D) is read and written in place: layer i starts layer_stride bytes after layer
+        # i-1, and head h's rows (one per position, D floats each) start h·head_stride floats into the layer.
+        layer_stride, head_stride = ck.stride(0) * 4, ck.stride(2)
+        k_ptr, v_ptr = ck.data_ptr(), cv.data_ptr()
+        cos_ptr, sin_ptr = self._cos[pos].data_ptr(), self._sin[pos].data_ptr()
+        x = self._x
+        torch.index_select(model.embed_tokens.weight, 0, idx[0], out=x.view(1, C))
+        x_ptr, scale = x.data_ptr(), D**-0.5
+        for i, spec in enumerate(self._layers):
+            off = i * layer_stride
+            ext.decode_layer(
+                pid, nt, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr + off, v_ptr + off, head_stride, scale, spec
+            )
+        cache.pos = pos + 1
+        return model.lm_head(model.norm(x.view(1, 1, C)))  # (1, 1, V)
+
+
+def decoder_for(model: nn.Module):
+    """A `Decoder` for `model` when it can run it (a packed TriLM with compiled kernels), else the model itself."""
+    if unsupported_reason(model) is not None:
+        return model
+    return Decoder(model)

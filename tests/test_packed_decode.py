@@ -1,0 +1,109 @@
+"""`spectra.inference.decode.Decoder`: the lean single-token path of a packed TriLM against the model's own forward."""
+
+import copy
+
+import pytest
+import torch
+
+from spectra.config import ModelConfig
+from spectra.inference.decode import Decoder, decoder_for, unsupported_reason
+from spectra.inference.generate import generate
+from spectra.model import build_model
+
+packed_linear = pytest.importorskip("spectra.packed.linear")
+kernels = pytest.importorskip("spectra.packed.kernels")
+needs_ext = pytest.mark.skipif(kernels.extension() is None, reason="spectra's C extension is not built")
+
+
+def cfg(**kw) -> ModelConfig:
+    c = dict(dim=512, n_layers=2, n_heads=4, glu_dim=1024, vocab_size=384, max_seq_len=64, family="trilm")
+    c.update(kw)
+    return ModelConfig(**c)
+
+
+def packed_model(seed=0, **kw):
+    model = build_model(cfg(**kw), seed=seed).eval()
+    assert packed_linear.convert_to_packed(model, "tq2") == 2 * 7
+    return model
+
+
+@needs_ext
+@pytest.mark.parametrize("shards", [1, 2])
+def test_decoder_logits_and_cache_match_the_model(shards):
+    """Prefill through the model, then 24 steps through the model and through the decoder from the same state: the
+    linears are bit-identical (grouped kernels), attention and norms equal up to float rounding."""
+    model = packed_model(num_scale_shards=shards)
+    dec = Decoder(model)
+    ids = torch.randint(0, 384, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        c_model, c_dec = model.new_cache(1, 40), dec.new_cache(1, 40)
+        torch.testing.assert_close(model(ids[:, :8], cache=c_model), dec(ids[:, :8], cache=c_dec))  # delegated
+        for t in range(8, 32):
+            ref = model(ids[:, t : t + 1], cache=c_model)
+            out = dec(ids[:, t : t + 1], cache=c_dec)
+            assert out.shape == ref.shape == (1, 1, 384)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert int(out.argmax()) == int(ref.argmax())
+        assert c_dec.pos == c_model.pos == 32
+        torch.testing.assert_close(c_dec.k, c_model.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c_dec.v, c_model.v, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_generate_uses_the_decoder_and_gives_the_model_tokens():
+    model = packed_model(seed=3)
+    out = generate(model, None, [1, 2, 3], max_new_tokens=20, stop_at_eos=False)
+    seq = [1, 2, 3]
+    with torch.inference_mode():
+        for _ in range(20):  # no cache: the model's plain forward over the whole sequence
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out["tokens"] == seq[3:]
+
+
+@needs_ext
+def test_decoder_refuses_changed_layers_and_falls_back():
+    model = packed_model()
+    dec = Decoder(model)
+    with torch.inference_mode():
+        cache = dec.new_cache(2, 8)  # batch 2: the model runs it
+        assert dec(torch.zeros(2, 1, dtype=torch.long), cache=cache).shape == (2, 1, 384)
+        model.layers[0].mlp.up_proj.set_path(model.layers[0].mlp.up_proj.path)
+        cache = dec.new_cache(1, 8)
+        with pytest.raises(RuntimeError, match="changed after this Decoder was built"):
+            dec(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        Decoder(model)(torch.zeros(1, 1, dtype=torch.long), cache=cache)  # a new decoder is fine
+
+
+def test_unsupported_models_keep_the_model():
+    latent = build_model(cfg(), seed=0).eval()
+    assert "not a PackedTernaryLinear" in unsupported_reason(latent)
+    assert decoder_for(latent) is latent
+    floatlm = build_model(cfg(family="floatlm"), seed=0)
+    assert decoder_for(floatlm) is floatlm
+    gelu = copy.deepcopy(build_model(cfg(mlp_act="gelu"), seed=0))
+    assert "swiglu" in unsupported_reason(gelu)
+    torch_path = packed_model()
+    packed_linear.convert_to_packed(torch_path, "tq2", path="torch")
+    assert "compiled kernel path" in unsupported_reason(torch_path)
+    with pytest.raises(ValueError, match="Decoder cannot run this model"):
+        Decoder(latent)
+
+
+@needs_ext
+def test_decoder_threads_give_the_same_logits():
+    """Rows (linears) and heads (attention) are split between threads, each computed whole by one: same bits."""
+    model = packed_model(seed=5)
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(1))
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            dec = Decoder(model)
+            with torch.inference_mode():
+                cache = dec.new_cache(1, 16)
+                model(ids[:, :4], cache=cache)
+                outs.append(torch.cat([dec(ids[:, t : t + 1], cache=cache) for t in range(4, 12)], 1))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
