@@ -215,3 +215,37 @@ def test_attention_close_to_sdpa(path):
         K.attention(torch.randn(2, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8))
     with pytest.raises(ValueError, match="rows of D"):
         K.attention(torch.randn(2, 8), torch.randn(2, 8, 4).transpose(1, 2), torch.randn(2, 8, 4).transpose(1, 2))
+
+
+def _anon_huge_bytes(lo: int, hi: int) -> int:
+    """Bytes of anonymous 2 MiB pages that /proc/self/smaps reports in the mappings overlapping [lo, hi)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(v, 16) for v in head.split("-"))
+                inside = a < hi and lo < b
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@needs_ext
+def test_huge_pages_keep_addresses_values_and_results():
+    """use_huge_pages works in place: same address, same bytes, same kernel output; where Linux moved the pages (6.1+
+    with transparent huge pages enabled), smaps shows them, covering every whole 2 MiB page of the buffer."""
+    qs, bounds, seg_d, _ = _layer(2048, 8192)  # 4 MiB of code bytes
+    x = torch.randn(1, 8192)
+    before, ptr = qs.clone(), qs.data_ptr()
+    y0 = K.ternary_matmul(x, qs, bounds, seg_d)
+    done = K.use_huge_pages(qs, seg_d)
+    assert qs.data_ptr() == ptr and torch.equal(qs, before)
+    assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d), y0)
+    assert torch.equal(y0, K.reference_matmul(x, qs, bounds, seg_d))
+    H = 2 << 20
+    if done:
+        assert done % H == 0 and done >= (qs.numel() // H - 1) * H
+        assert _anon_huge_bytes(ptr, ptr + qs.numel()) >= qs.numel() // H * H - H
+    with pytest.raises(ValueError, match="CPU tensors"):
+        K.use_huge_pages(torch.empty(4, device="meta"))

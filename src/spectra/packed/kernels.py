@@ -218,6 +218,28 @@ def ternary_matmul_group(
     return ys
 
 
+def use_huge_pages(*tensors: Tensor) -> int:
+    """Back the memory of CPU tensors with 2 MiB pages in place (Linux transparent huge pages; same addresses and
+    values). Returns the bytes now in 2 MiB pages (0 without the extension, off Linux, or before Linux 6.1).
+
+    The GEMV reads its weights once per call from DRAM, and on 4 KiB pages every 4 KiB costs a TLB miss and a restart
+    of the hardware prefetcher: a 4096×4096 TQ2_0 GEMV (4 MiB) takes about 0.21–0.24 ms on 4 KiB pages and 0.17–0.19
+    ms on 2 MiB pages on one core here (`benchmarks/kernels.py`). Call it once on long-lived weight buffers; the whole
+    2 MiB pages around a tensor are included, which changes only their physical backing.
+    """
+    ext = extension()
+    if ext is None:
+        return 0
+    done = 0
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"use_huge_pages takes CPU tensors, got a tensor on {t.device}")
+        nbytes = t.untyped_storage().nbytes()
+        if nbytes:
+            done += ext.huge_pages(t.untyped_storage().data_ptr(), nbytes)
+    return done
+
+
 # ---- int8 weights -------------------------------------------------------------------------------------------------
 
 INT8_MAX_K = 1 << 16  # Σ u·a with u <= 255, |a| <= 127 stays below 2^31 up to this row length

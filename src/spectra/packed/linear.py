@@ -20,6 +20,8 @@ from spectra.packed import formats
 from spectra.packed import kernels as K
 from spectra.ternary import SHARD_DIM, TernaryLinear
 
+HUGE_PAGE_MIN_BYTES = 1 << 20  # weight buffers at least this large are moved to 2 MiB pages (`kernels.use_huge_pages`)
+
 
 class PackedTernaryLinear(nn.Module):
     """Ternary weights in our block layout: `qs` uint8 [out, in/4] (TQ2_0 code bytes), `d` fp16 [out, in/256].
@@ -70,6 +72,8 @@ class PackedTernaryLinear(nn.Module):
         qs_np, d_np = self._checked(self.qs, self.d)
         bounds, seg_d = formats.scale_segments(d_np)
         self.qs = torch.from_numpy(np.ascontiguousarray(qs_np))
+        if self.qs.nbytes >= HUGE_PAGE_MIN_BYTES:  # streamed once per token: 2 MiB pages save TLB misses
+            K.use_huge_pages(self.qs)
         self.d = torch.from_numpy(np.ascontiguousarray(d_np))
         self.register_buffer("seg_bounds", torch.from_numpy(bounds), persistent=False)
         self.register_buffer("seg_d", torch.from_numpy(seg_d), persistent=False)
@@ -207,6 +211,8 @@ class Int8Linear(nn.Module):
         self.path = K.resolve_path(path)
         self.n_threads = n_threads
         self.register_buffer("qw", qw.contiguous())
+        if self.qw.device.type == "cpu" and self.qw.nbytes >= HUGE_PAGE_MIN_BYTES:
+            K.use_huge_pages(self.qw)
         self.register_buffer("scale", scale.contiguous())
 
     @classmethod
