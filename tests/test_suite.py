@@ -135,6 +135,11 @@ def test_micro_suite_end_to_end(tmp_path):
             doc = json.loads((out / rec["artifacts"]["results"]).read_text())
             assert doc["perplexity"]["loss"] == pytest.approx(rec["metrics"]["val_loss"])
             assert doc["model"]["params"] == rec["model"]["params"]
+        if rec["step"] == "bench":  # every kind is measured: float/bf16 latents, the QuantLM, the packed TriLM
+            variants = {r["variant"] for r in rec["metrics"]["results"]}
+            want = {"floatlm": {"fp32", "bf16"}, "trilm": {"fp32", "bf16"}, "quantlm": {"model"}, "packed": {"packed"}}
+            assert variants == want[rec["model"]["kind"]], (key, variants)
+            assert all(r["decode_tokens_per_s"] > 0 for r in rec["metrics"]["results"])
         if rec["step"] == "train":
             meta = json.loads((out / rec["artifacts"]["model"] / "spectra.json").read_text())
             assert meta["config"]["vocab_size"] == 512  # fitted to the tokenizer

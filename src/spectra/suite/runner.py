@@ -284,7 +284,7 @@ class SuiteRunner:
             "quantize": "quantlm",
             "pack": "packed",
         }[target.kind]
-        dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",), "packed": ("model",)}[
+        dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",), "packed": ("packed",)}[
             kind
         ]
         opts = {
