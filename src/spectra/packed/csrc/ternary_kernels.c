@@ -401,7 +401,9 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J,
             epilogue16(J, n, v, 0);
         }
     }
-    for (; n < n1; n++) { /* the last rows (and rows with many segments) one at a time */
+    /* The last rows (and rows with many segments) one at a time. The block loop repeats the one above on purpose:
+     * sharing it through an always_inline helper measured 0.120 -> 0.146 ms for a cache-resident 4096^2 GEMV. */
+    for (; n < n1; n++) {
         const uint8_t *w = J->qs + n * rowb;
         float yv = 0.0f;
         for (int64_t s = 0; s < J->S; s++) {
