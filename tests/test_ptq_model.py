@@ -59,19 +59,27 @@ def perplexity(model, evals) -> float:
 def test_perplexity_4bit_close_3bit_worse(trained):
     model, evals, calib = trained
     base = perplexity(model, evals)
-    ppl = {}
+    with torch.no_grad():
+        ref = model(evals[:, :-1])
+    ppl, err = {}, {}
     for bits in (4, 3):
         for method in ("gptq", "rtn"):
             m = copy.deepcopy(model)
             stats = quantize_model(m, calib, bits=bits, group_size=128, method=method, progress=False)
             assert stats["n_linear"] == 14
             ppl[bits, method] = perplexity(m, evals)
+            with torch.no_grad():
+                err[bits, method] = ((m(evals[:, :-1]) - ref).norm() / ref.norm()).item()
     assert base < 20  # it learned something (a byte-uniform model has 256)
-    # Thresholds: 4-bit within 0.5 % of float; 3-bit worse than 4-bit but within 3 %; GPTQ beats RTN at 3 bits.
+    # Thresholds: 4-bit within 0.5 % of float; 3-bit worse than 4-bit but within 3 %.
     assert abs(ppl[4, "gptq"] / base - 1) < 0.005, (base, ppl)
     assert ppl[3, "gptq"] > ppl[4, "gptq"], (base, ppl)
     assert ppl[3, "gptq"] / base - 1 < 0.03, (base, ppl)
-    assert ppl[3, "gptq"] < ppl[3, "rtn"], (base, ppl)
+    # GPTQ beats RTN on what it minimises, the error of the outputs, by a wide margin (measured: 0.0061 vs 0.0180 at 3
+    # bits, 0.0026 vs 0.0071 at 4). Perplexity differences this small are noise: 3-bit RTN has come out below float.
+    for bits in (4, 3):
+        assert err[bits, "gptq"] < 0.6 * err[bits, "rtn"], err
+    assert err[3, "gptq"] > err[4, "gptq"], err
 
 
 def random_floatlm(dtype=torch.float32, **kw):
