@@ -89,22 +89,6 @@ class KVCache:
         return self.k.shape[3]
 
 
-# Training on CPU: up to this many positions, attention as two batched matmuls and a softmax trains faster than
-# torch's flash kernel for CPUs (forward + backward, bf16, 256 positions, head size 64: 19 vs 32 ms per layer at
-# batch 4 x 8 heads on one Zen 4 core). It keeps the T x T probabilities for the backward pass, so it stops
-# at a length where they stay small.
-DENSE_ATTENTION_MAX_LEN = 512
-
-
-def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √D + causal mask) v for (B, H, T, D) tensors. The scale is applied to q (T·D products, not
-    T·T), and the softmax reads the scores in their own dtype (it accumulates in float32 for bf16/fp16)."""
-    T, D = q.shape[-2], q.shape[-1]
-    scores = torch.matmul(q * D**-0.5, k.transpose(-1, -2))
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return torch.matmul(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1), v)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -122,10 +106,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            if x.device.type == "cpu" and torch.is_grad_enabled() and T <= DENSE_ATTENTION_MAX_LEN:
-                y = dense_causal_attention(q, k, v)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             start, end = cache.pos, cache.pos + T
             cache.k[self.layer_idx, :, :, start:end] = k
