@@ -46,6 +46,13 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Forward+backward FLOPs per token: 6·N (matmuls; N without the embedding lookup) + 12·L·H·D·T (attention)."""
+    T = seq_len or cfg.max_seq_len
+    n = param_counts(cfg)["params"] - cfg.vocab_size * cfg.dim
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+
+
 def size_in_bits(cfg: ModelConfig, linear_bits: float) -> float:
     counts = param_counts(cfg)
     return counts["linear_params"] * linear_bits + (counts["embedding_params"] + counts["norm_params"]) * HALF

@@ -212,11 +212,10 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Forward+backward FLOPs per token: 6·N (matmuls; N without the embedding lookup) + 12·L·H·D·T (attention)."""
-        cfg = self.config
-        T = seq_len or cfg.max_seq_len
-        n = self.num_params() - self.embed_tokens.weight.numel()
-        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+        """Forward+backward FLOPs per token (`spectra.accounting.flops_per_token`)."""
+        from spectra.accounting import flops_per_token
+
+        return flops_per_token(self.config, seq_len)
 
 
 def build_model(

@@ -141,22 +141,20 @@ def with_int8_head(model: nn.Module) -> nn.Module:
         and head.in_features % 256 == 0
         and head.in_features <= kernels.INT8_MAX_K
     ):
-        view = copy.copy(model)
-        view._modules = dict(model._modules)
-        view.lm_head = Int8Linear.from_linear(head)
-        return view
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-        from torch.ao.quantization import default_dynamic_qconfig
+        int8_head = Int8Linear.from_linear(head)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+            from torch.ao.quantization import default_dynamic_qconfig
 
-        float_head = nn.Linear(head.in_features, head.out_features, bias=False)
-        float_head.weight = nn.Parameter(head.weight.detach().float(), requires_grad=False)
-        float_head.qconfig = default_dynamic_qconfig
-        q = DynamicInt8Linear.from_float(float_head)
+            float_head = nn.Linear(head.in_features, head.out_features, bias=False)
+            float_head.weight = nn.Parameter(head.weight.detach().float(), requires_grad=False)
+            float_head.qconfig = default_dynamic_qconfig
+            int8_head = DynamicInt8Linear.from_float(float_head)
     view = copy.copy(model)
     view._modules = dict(model._modules)
-    view.lm_head = q
+    view.lm_head = int8_head
     return view
 
 

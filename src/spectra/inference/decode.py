@@ -83,10 +83,10 @@ class Decoder:
         self._cos = model.rope_cos.float().contiguous()
         self._sin = model.rope_sin.float().contiguous()
         self._keep = [qkv, gu, o, down, h, att]  # every tensor whose address the C calls use lives as long as we do
+        self._path_id = model.layers[0].self_attn.q_proj._path_id  # one path for all (unsupported_reason checks)
         self._layers = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self._path_id = attn.q_proj._path_id
             w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
             self._keep += [w_in, w_post]
             spec = (

@@ -23,6 +23,12 @@ from spectra.ternary import SHARD_DIM, TernaryLinear
 HUGE_PAGE_MIN_BYTES = 1 << 20  # weight buffers at least this large are moved to 2 MiB pages (`kernels.use_huge_pages`)
 
 
+def _stream_from_huge_pages(weights: Tensor) -> None:
+    """A large CPU weight buffer onto 2 MiB pages: a GEMV streams it once per token, and 4 KiB pages cost TLB misses."""
+    if weights.device.type == "cpu" and weights.nbytes >= HUGE_PAGE_MIN_BYTES:
+        K.use_huge_pages(weights)
+
+
 class PackedTernaryLinear(nn.Module):
     """Ternary weights in our block layout: `qs` uint8 [out, in/4] (TQ2_0 code bytes), `d` fp16 [out, in/256].
 
@@ -72,8 +78,7 @@ class PackedTernaryLinear(nn.Module):
         qs_np, d_np = self._checked(self.qs, self.d)
         bounds, seg_d = formats.scale_segments(d_np)
         self.qs = torch.from_numpy(np.ascontiguousarray(qs_np))
-        if self.qs.nbytes >= HUGE_PAGE_MIN_BYTES:  # streamed once per token: 2 MiB pages save TLB misses
-            K.use_huge_pages(self.qs)
+        _stream_from_huge_pages(self.qs)
         self.d = torch.from_numpy(np.ascontiguousarray(d_np))
         self.register_buffer("seg_bounds", torch.from_numpy(bounds), persistent=False)
         self.register_buffer("seg_d", torch.from_numpy(seg_d), persistent=False)
@@ -211,8 +216,7 @@ class Int8Linear(nn.Module):
         self.path = K.resolve_path(path)
         self.n_threads = n_threads
         self.register_buffer("qw", qw.contiguous())
-        if self.qw.device.type == "cpu" and self.qw.nbytes >= HUGE_PAGE_MIN_BYTES:
-            K.use_huge_pages(self.qw)
+        _stream_from_huge_pages(self.qw)
         self.register_buffer("scale", scale.contiguous())
 
     @classmethod

@@ -174,6 +174,12 @@ class SuiteRunner:
     def _artifact(self, key: str) -> Path:
         return self.out / self.records.last[key]["artifacts"]["model"]
 
+    def _kind_of(self, step: Step) -> str:
+        """What a train / quantize / pack step makes: floatlm or trilm (the base family), quantlm, or packed."""
+        if step.kind == "train":
+            return self.spec.model_config(step.size, step.family).family
+        return {"quantize": "quantlm", "pack": "packed"}[step.kind]
+
     def _trained_config(self, step: Step) -> ModelConfig:
         """The config the model of `step` was trained with, read from its training run's final model."""
         train_key = Step("train", step.family, step.size, step.seed).key
@@ -263,11 +269,7 @@ class SuiteRunner:
             metrics["perplexity"] = ppl.get("ppl")
             metrics["val_loss"] = ppl.get("loss")
             metrics["bits_per_byte"] = ppl.get("bits_per_byte")
-        kind = {
-            "train": self.spec.model_config(target.size, target.family).family,
-            "quantize": "quantlm",
-            "pack": "packed",
-        }[target.kind]
+        kind = self._kind_of(target)
         return (
             _model_info(self._trained_config(target), target, kind),
             metrics,
@@ -279,11 +281,7 @@ class SuiteRunner:
 
         target = self.steps[step.target]
         path = self._artifact(step.target)
-        kind = {
-            "train": self.spec.model_config(target.size, target.family).family,
-            "quantize": "quantlm",
-            "pack": "packed",
-        }[target.kind]
+        kind = self._kind_of(target)
         dtypes = {"floatlm": ("fp32", "bf16"), "trilm": ("fp32", "bf16"), "quantlm": ("model",), "packed": ("packed",)}[
             kind
         ]
