@@ -99,14 +99,20 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg, "v_proj", cfg.dim, cfg.attn_dim)
         self.o_proj = make_linear(cfg, "o_proj", cfg.attn_dim, cfg.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None = None) -> Tensor:
+        """`mask` (without a cache): which keys each query sees, boolean (B, 1, T, T) or broadcastable; default
+        causal. Scoring packs a shared context and its continuations into one row this way (`spectra.eval.scoring`),
+        with per-row positions in `cos`/`sin` (B, 1, T, D)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             start, end = cache.pos, cache.pos + T
             cache.k[self.layer_idx, :, :, start:end] = k
@@ -150,8 +156,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

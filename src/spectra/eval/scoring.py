@@ -24,7 +24,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 HEAD_CHUNK_ROWS = 2048  # rows of the (rows, V) logit matrix materialised at once: 2048 x 50304 x 4 B = 412 MB
@@ -104,25 +103,14 @@ CTX, PAD = -1, -2  # segment ids of a packed row: the shared context, padding; c
 
 def tree_hidden(model: nn.Module, idx: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
     """Final-norm hidden states (B, T, C) of rows whose tokens sit at positions `pos` (B, T) and see the keys
-    `mask` (B, T, T) allows. The model's own modules, wired as in `spectra.model.Block`; only the attention mask and
-    the rotary positions differ from a plain causal forward, so a context can be shared by several continuations."""
-    from spectra.model import apply_rope
-
+    `mask` (B, T, T) allows: the model's own blocks with another attention mask and per-row rotary positions, so a
+    context can be shared by several continuations."""
     x = model.embed_tokens(idx)  # (B, T, C)
     cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)  # (B, 1, T, D)
     sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
     attn_mask = mask.unsqueeze(1)  # (B, 1, T, T)
-    B, T, _ = x.shape
     for layer in model.layers:
-        a = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = a.k_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = a.v_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))  # (B, T, C)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer(x, cos, sin, None, attn_mask)
     return model.norm(x)
 
 
