@@ -65,10 +65,66 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """x: (B, H, T, D); cos/sin: (T, D). The result keeps x's dtype (under autocast, bf16 q and k with float32
+    cos/sin would otherwise come out float32, only for attention to cast them back)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# Training on CPU: up to this many positions, attention as batched matmuls (`_DenseCausalAttention`) trains faster
+# than torch's flash kernel for CPUs (see `benchmarks/train.py`). It keeps the (B·H, T, T) probabilities for the
+# backward pass, so it stops at a length where they stay small; GPUs and longer sequences use SDPA.
+DENSE_ATTENTION_MAX_LEN = 512
+
+
+class _DenseCausalAttention(torch.autograd.Function):
+    """Causal softmax(q kᵀ/√D) v for (B, H, T, D) tensors as batched matmuls; the probabilities P are kept.
+
+    forward: S = q kᵀ/√D + M (M = −∞ above the diagonal), P = softmax(S), O = P v.
+    backward: dV = Pᵀ dO, dP = dO vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)), dq = dS k/√D, dk = dSᵀ q/√D.
+    The scores and the softmax are float32 (bf16 scores measured 1.6x the output error of torch's flash kernel, which
+    also keeps them in float32); P, the other matmuls and dS are in the inputs' dtype, as in the flash kernel."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, T, D = q.shape
+        q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            future = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
+            scores = torch.baddbmm(future, q.float(), k.float().transpose(1, 2), alpha=D**-0.5)
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            out = torch.bmm(probs, v)
+        ctx.save_for_backward(q, k, v, probs)
+        return out.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, probs = ctx.saved_tensors
+        B, H, T, D = grad_out.shape
+        with torch.autocast(q.device.type, enabled=False):
+            do = grad_out.reshape(B * H, T, D).to(v.dtype)
+            dv = torch.bmm(probs.transpose(1, 2), do)
+            ds = torch.ops.aten._softmax_backward_data(torch.bmm(do, v.transpose(1, 2)), probs, -1, probs.dtype)
+            dq = torch.bmm(ds, k).mul_(D**-0.5)
+            dk = torch.bmm(ds.transpose(1, 2), q).mul_(D**-0.5)
+        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D)
+
+
+@torch.compiler.disable  # eager aten kernels: inductor's softmax kernels measured slower here
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype  # as SDPA casts
+    return _DenseCausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal self-attention for (B, H, T, D) tensors: the dense kernel when training on CPU at T ≤
+    DENSE_ATTENTION_MAX_LEN, SDPA (flash) otherwise."""
+    dense = q.device.type == "cpu" and q.shape[-2] <= DENSE_ATTENTION_MAX_LEN
+    if dense and torch.is_grad_enabled() and q.requires_grad:  # contiguous inside a compiled caller's graph
+        return dense_causal_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 @dataclass
@@ -110,7 +166,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             if mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = causal_attention(q, k, v)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:

@@ -84,6 +84,7 @@ class TrainConfig:
     precision: str = "fp32"  # 'bf16' autocast, 'fp16' autocast + dynamic loss scaling, or 'fp32'
     compile: bool = False
     device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda'
+    reuse_heap: bool = True  # CPU, Linux/glibc: keep freed memory for the next step (`trainer.reuse_freed_memory`)
     parallel: str = "ddp"  # how world size > 1 shards work: 'ddp' or 'fsdp' (FSDP2 fully_shard, GPUs)
     seed: int = 0
     # evaluation, logging, checkpoints
