@@ -1,4 +1,4 @@
-"""Build hook for spectra's compiled CPU kernels (see src/spectra/packed/).
+"""Build hook for spectra's compiled CPU kernels (src/spectra/packed/ for inference, src/spectra/train/ for the loss).
 
 Everything else about the package lives in pyproject.toml. The kernels are plain C with no
 dependency on torch at build time, so the build never pulls a torch wheel into its isolated
@@ -29,6 +29,13 @@ setup(
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "spectra.train._kernels",
+            sources=["src/spectra/train/csrc/train_kernels.c"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+            optional=True,
+        ),
     ]
 )

@@ -43,7 +43,7 @@ from spectra.accounting import flops_per_token
 from spectra.config import from_name
 from spectra.model import build_model
 from spectra.train.config import TrainConfig
-from spectra.train.trainer import compile_blocks, lm_loss, make_optimizer, reuse_freed_memory
+from spectra.train.trainer import compile_blocks, loss_function, make_optimizer, reuse_freed_memory
 
 SHAPES = {  # size: (micro batch, seq_len, vocab) for CPU measurement
     "tiny": (16, 256, 4096),
@@ -74,10 +74,9 @@ def ours_step_fn(cfg, precision: str, compile_model: bool):
     reuse_freed_memory()  # what train() does on CPU (train.reuse_heap)
     model = build_model(cfg, seed=0)
     opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
-    loss_fn = lm_loss
     if compile_model:  # what train(compile=True) does
         compile_blocks(model)
-        loss_fn = torch.compile(lm_loss)
+    loss_fn = loss_function(torch.device("cpu"), compile_model)
 
     def step(batch: torch.Tensor) -> float:
         with amp(precision):

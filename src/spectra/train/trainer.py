@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from spectra.checkpoint import save_model, write_json
 from spectra.config import ModelConfig, pad_vocab
@@ -43,6 +42,7 @@ from spectra.model import build_model
 from spectra.quantizers import set_progress
 from spectra.train import dist
 from spectra.train.config import TrainConfig, resolve
+from spectra.train.loss import kernel_paths, lm_loss
 from spectra.train.schedule import make_schedule
 from spectra.train.state import (
     apply_retention,
@@ -59,11 +59,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
-
-
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in float32. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def reuse_freed_memory() -> bool:
@@ -91,11 +86,19 @@ def reuse_freed_memory() -> bool:
 def compile_blocks(model: nn.Module) -> nn.Module:
     """torch.compile every transformer block and the final norm in place. The blocks share one compiled graph
     (weights are graph inputs), so compile time does not grow with depth, and state-dict names stay those of the
-    plain model. Pair with `torch.compile(lm_loss)`, which fuses the float cast, log-softmax and NLL of the logits."""
+    plain model. Pair with `loss_function`."""
     for layer in model.layers:
         layer.compile()
     model.norm.compile()
     return model
+
+
+def loss_function(device: torch.device, compile_loss: bool):
+    """The loss the trainer calls: `lm_loss` (on CPU, the fused kernel of `spectra.train.loss`), compiled by
+    torch.compile where that is the torch formula (GPUs, or no compiled extension) and `compile_loss` is set."""
+    if compile_loss and not (device.type == "cpu" and kernel_paths()):
+        return torch.compile(lm_loss)
+    return lm_loss
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -292,10 +295,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
         if cfg.parallel != "fsdp" or info.world == 1:
             raw.load_state_dict(loaded[0])
     fsdp = cfg.parallel == "fsdp" and info.world > 1
-    loss_fn = lm_loss
     if cfg.compile:
         compile_blocks(raw)
-        loss_fn = torch.compile(lm_loss)
+    loss_fn = loss_function(device, cfg.compile)
     model = dist.wrap(raw, info, cfg.parallel)
     opt = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
