@@ -4,7 +4,7 @@ import random
 import pytest
 
 from spectra.suite import fit_power_law, load_spec, pareto_front, plan, run_suite
-from spectra.suite.report import build_report, read_records, study_checks
+from spectra.suite.report import build_report, fits, read_records, study_checks
 from spectra.suite.spec import check_writable
 
 NAMES = ["Anna", "Brutus", "Celia", "Duncan", "Emilia", "Falstaff", "Gertrude", "Horatio"]
@@ -80,6 +80,17 @@ def test_study_checks_restate_the_papers_findings():
     assert checks["QuantLM order at b"]["detail"] == "3-bit 4.7000, 4-bit 4.7500, 8-bit 4.7000, float 4.7000"
     far = [r | {"val_loss": 5.01} if r.get("bits") == 8 and r["size"] == "a" else r for r in rows]
     assert not {c["check"]: c for c in study_checks(far)}["QuantLM order at a"]["passed"]  # 8-bit 0.01 off float
+
+
+def test_fits_use_the_mean_over_seeds():
+    """Three sizes on L = 2·N^-0.5 + 1 exactly once seeds are averaged (the middle size's seeds straddle the law)."""
+    law = [(n, 2 * n**-0.5 + 1) for n in (1e4, 1e5, 1e6)]
+    rows = [_row("floatlm", "a", law[0][0], law[0][1]),
+            _row("floatlm", "b", law[1][0], law[1][1] - 0.001, seed=0),
+            _row("floatlm", "b", law[1][0], law[1][1] + 0.001, seed=1),
+            _row("floatlm", "c", law[2][0], law[2][1])]
+    fit = fits(rows)["FloatLM"]["offset"]
+    assert fit["alpha"] == pytest.approx(0.5, rel=1e-4) and fit["eps"] == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -88,10 +88,11 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Validation loss vs parameters per latent family (and variant), where at least 3 sizes were evaluated."""
+    """Validation loss (mean over seeds) vs parameters per latent family (and variant), where at least 3 sizes were
+    evaluated."""
     out = {}
     for label in sorted({r["series"] for r in rows if r["kind"] in ("floatlm", "trilm")}):
-        pts = sorted({r["params"]: r["val_loss"] for r in rows if r["series"] == label and r.get("val_loss")}.items())
+        pts = list(_mean_loss(rows, series=label).items())
         if len(pts) < 3:
             continue
         N, L = zip(*pts, strict=True)
