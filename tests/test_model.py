@@ -145,3 +145,26 @@ def test_training_forward_matches_inference_forward():
     dense = model(idx)  # parameters require grad: the dense CPU kernel
     assert dense.requires_grad
     torch.testing.assert_close(dense.detach(), sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_skips_the_random_init(tmp_path, monkeypatch):
+    """spectra.load builds the model without initialising it (empty_model) and gives the saved model's logits."""
+    from spectra.checkpoint import load, save_model
+    from spectra.model import Transformer, empty_model
+
+    cfg = tiny_config()
+    model = build_model(cfg, seed=3).eval()
+    save_model(model, tmp_path / "m")
+    fresh = empty_model(cfg)
+    torch.testing.assert_close(fresh.rope_cos, model.rope_cos, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.rope_sin, model.rope_sin, rtol=0, atol=0)
+
+    def no_init(self, seed=None):
+        if self.embed_tokens.weight.device.type != "meta":
+            raise AssertionError("random init while loading")
+
+    monkeypatch.setattr(Transformer, "reset_parameters", no_init)
+    loaded = load(tmp_path / "m")
+    idx = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)

@@ -124,7 +124,7 @@ def save_model(
 
 
 def load_model_dir(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    from spectra.model import Transformer
+    from spectra.model import empty_model
 
     path = Path(path)
     meta = read_meta(path)
@@ -136,8 +136,7 @@ def load_model_dir(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype 
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing: a spectra model directory needs {WEIGHTS_FILE}")
     state = load_file(str(weights), device=str(device))
-    with torch.device(device):
-        model = Transformer(cfg)
+    model = empty_model(cfg, device)
     load_state_checked(model, state, str(weights))
     if dtype is not None:
         model.to(dtype)

@@ -243,6 +243,10 @@ class Transformer(nn.Module):
                     p.normal_(0.0, self.config.init_std, generator=gen)
                 else:
                     p.fill_(1.0)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables, non-persistent buffers that no checkpoint holds."""
         cos, sin = rope_cache(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
@@ -278,6 +282,17 @@ class Transformer(nn.Module):
         from spectra.accounting import flops_per_token
 
         return flops_per_token(self.config, seq_len)
+
+
+def empty_model(cfg: ModelConfig, device=None) -> Transformer:
+    """A Transformer to load a checkpoint into: built on the meta device and allocated on `device` without the random
+    initialisation (which costs more than reading the weights for large models), RoPE tables computed. Every
+    parameter and persistent buffer holds garbage until a full state dict is loaded."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device or "cpu")
+    model.reset_rope()
+    return model
 
 
 def build_model(

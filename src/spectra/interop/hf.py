@@ -283,7 +283,7 @@ def load_hf(
     family: str | None = None,
 ) -> nn.Module:
     """A Llama directory -> our Transformer. family=None detects an unpacked TriLM; "trilm" requires one."""
-    from spectra.model import Transformer
+    from spectra.model import empty_model
 
     path = Path(path)
     hf = read_hf_config(path)
@@ -315,8 +315,7 @@ def load_hf(
             )
             raise ValueError(f"{path}: the block matrices are not ternary with {hint or 'any'} scale shards")
     cfg = base.replace(family="trilm", num_scale_shards=shards) if shards else base
-    with torch.device(device):
-        model = Transformer(cfg)
+    model = empty_model(cfg, device)
     plain = {k.removeprefix("model."): v.float() for k, v in state.items()}
     ternary = {}
     if shards:

@@ -163,7 +163,7 @@ def _read_quant_config(path: Path) -> dict[str, Any]:
 def load_quantlm(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """A GPTQ directory (ours or GPTQModel's) -> Transformer whose quantized linears are QuantLinear modules."""
     from spectra.interop.hf import config_from_hf, read_hf_config, read_hf_weights
-    from spectra.model import Transformer
+    from spectra.model import empty_model
 
     path = Path(path)
     if (path / META_FILE).exists():
@@ -172,8 +172,7 @@ def load_quantlm(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | 
         cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
     qcfg = _read_quant_config(path)
     tensors = read_hf_weights(path)
-    with torch.device(device):
-        model = Transformer(cfg)
+    model = empty_model(cfg, device)
     state = {}
     for key, value in tensors.items():
         name = key.removeprefix("model.")
