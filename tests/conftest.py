@@ -20,6 +20,19 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def byte_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on `text` repeated (the tests' small tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    t.train_from_iterator([text] * 9, trainer)
+    return t
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()

@@ -6,6 +6,7 @@ import torch
 from spectra.config import ModelConfig
 from spectra.inference.generate import generate, sample_next
 from spectra.model import build_model
+from tests.conftest import byte_bpe
 
 
 def cfg(**kw) -> ModelConfig:
@@ -16,16 +17,7 @@ def cfg(**kw) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    t.train_from_iterator(["Now is the winter of our discontent made glorious summer by this sun of York"] * 9, trainer)
-    return t
+    return byte_bpe("Now is the winter of our discontent made glorious summer by this sun of York", 300)
 
 
 def greedy_reference(model, ids, n):

@@ -18,6 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from spectra.interop.gguf import export_gguf  # noqa: E402
+from tests.conftest import byte_bpe  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +31,8 @@ def cfg(**kw) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     text = "It was the best of times, it was the worst of times, it was the age of wisdom"
-    t.train_from_iterator([text] * 9, trainer)
-    return t
+    return byte_bpe(text, 320, ("<|endoftext|>",))
 
 
 def llama(path, n_ctx=96):
