@@ -95,3 +95,27 @@ def test_quant_linear_round_trip(bits, sym, group):
     assert torch.equal(layer.dequantize_weight(), qw.dequantize())
     x = torch.randn(3, 128)
     torch.testing.assert_close(layer(x), x @ qw.dequantize().T)
+
+
+def test_quant_linear_caches_the_weight_until_a_buffer_changes(monkeypatch):
+    layer = QuantLinear.from_quantized(Quantizer(4, group_size=32, sym=True).rtn(torch.randn(64, 128)))
+    calls = {"n": 0}
+    real = QuantLinear.dequantize_weight
+
+    def counted(self, dtype=torch.float32):
+        calls["n"] += 1
+        return real(self, dtype)
+
+    monkeypatch.setattr(QuantLinear, "dequantize_weight", counted)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and calls["n"] == 1  # cached
+        layer.scales.mul_(2)  # a changed buffer invalidates the cache
+        torch.testing.assert_close(layer(x), 2 * first)
+        assert calls["n"] == 2
+        layer(x.double())
+        assert calls["n"] == 3  # another dtype
+    layer(x)  # with autograd on, nothing is kept
+    layer(x)
+    assert calls["n"] == 5
