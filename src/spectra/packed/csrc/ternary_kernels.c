@@ -64,6 +64,21 @@
 #define PREFETCH_BYTES 8192
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+/* The one-token GEMV (gemv1_avx512) prefetches every line three times, 6, 12 and 18 KiB ahead. On Zen 4 a PREFETCHT1
+ * is sometimes lost (others report it on EPYC 9124), and a line whose prefetch is lost costs a whole DRAM latency.
+ * Here it looks worse the faster the loop runs: a read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB
+ * ahead, 0.16 ms with none. With one prefetch per line no distance from 2 to 24 KiB beat 8 KiB; two or three copies
+ * (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8 KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in
+ * interleaved A/B runs of benchmarks/kernels.py, with little difference between them. */
+#ifndef GEMV1_PREFETCH_STEP
+#define GEMV1_PREFETCH_STEP 6144
+#endif
+#define PREFETCH3(p)                                   \
+    do {                                               \
+        PREFETCH((p) + GEMV1_PREFETCH_STEP);           \
+        PREFETCH((p) + 2 * GEMV1_PREFETCH_STEP);       \
+        PREFETCH((p) + 3 * GEMV1_PREFETCH_STEP);       \
+    } while (0)
 
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512VNNI = 2 };
 
@@ -321,6 +336,8 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512
 /* acc += vpdpbusd(w, *p) with p's 64 bytes as the memory operand. Written out because with the intrinsic GCC 12 kept
  * each accumulator in two registers and copied it every iteration (vpdpbusd overwrites its accumulator). */
 #define DPBUSD(acc, w, p) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const __m512i *)(const void *)(p)))
+/* The same with the activations in a register, for two rows that share them. */
+#define DPBUSD_R(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
 
 /* Lane r of the result = the sum of the 16 lanes of v[r]. Integer adds, so the order does not change the result. */
 TARGET_AVX512 static inline __m512i hsum16x16(const __m512i *v) {
@@ -363,12 +380,14 @@ TARGET_AVX512 static inline void epilogue16(const job_t *J, int64_t n, __m512i v
  * vectors are reduced together (hsum16x16) and finished with one vector epilogue. Per row that replaces a horizontal
  * reduction and a scalar epilogue, which cost about as much as a short row's dot product (7 blocks at dim 1792). The
  * weights are still read as one sequential stream.
- * Per 64-byte block the loop is 1 + 4 zmm loads, 4 AND and 4 vpdpbusd (DPBUSD: with the intrinsic, GCC 12 copied
- * all four accumulators through other registers every block, 8 extra zmm moves). On this Zen 4 (3.45 GHz) vpdpbusd
- * has latency 4 and throughput 1 per cycle, so the four chains are not latency-bound; a block costs about 5.5 cycles
- * from L2, the cost measured for 4 vpdpbusd + 4 AND alone (they share the vector pipes). Interleaving 2 rows
- * (activation loads shared, 8 chains) is 13 % faster from L2 but not faster streamed from DRAM (4 rows: no faster
- * from L2 either), so rows stay one at a time, one stream. Streamed, the page size is what matters: see huge_pages. */
+ * Per 64-byte block a single row costs 1 + 4 zmm loads, 4 AND and 4 vpdpbusd (DPBUSD: with the intrinsic, GCC 12
+ * copied all four accumulators through other registers every block, 8 extra zmm moves). On this Zen 4 (3.45 GHz)
+ * vpdpbusd has latency 4 and throughput 1 per cycle, so the four chains are not latency-bound; a block costs about
+ * 5.5 cycles from L2. The 16 rows are taken in adjacent pairs that share the four activation loads (DPBUSD_R, 8
+ * chains): 0.10-0.116 instead of 0.117-0.121 ms for a cache-resident 4096x4096 when the machine is quiet (4 rows: no
+ * faster from L2). A pair's rows are adjacent in memory, so the weights are still one sequential stream. Streamed
+ * from DRAM the pairs alone were no faster; with the triple prefetch (PREFETCH3) about 0.17 instead of 0.18 ms. The
+ * page size matters most: see huge_pages. */
 TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
@@ -378,24 +397,36 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J,
     if (J->S <= GROUP_SEGMENTS) {
         __m512i v[GROUP_SEGMENTS][16];
         for (; n + 16 <= n1; n += 16) {
-            for (int r = 0; r < 16; r++) {
-                const uint8_t *w = J->qs + (n + r) * rowb;
+            for (int r = 0; r < 16; r += 2) {
+                const uint8_t *w = J->qs + (n + r) * rowb; /* row n + r; row n + r + 1 follows at w + rowb */
                 for (int64_t s = 0; s < J->S; s++) {
-                    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
                     for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-#if PREFETCH_BYTES > 0
-                        PREFETCH(w + b * QB + PREFETCH_BYTES);
-#endif
-                        const __m512i w0 = _mm512_loadu_si512(w + b * QB);
+                        const uint8_t *wa = w + b * QB, *wb = wa + rowb;
+                        PREFETCH3(wa);
+                        PREFETCH3(wb);
+                        const __m512i w0 = _mm512_loadu_si512(wa), w1 = _mm512_loadu_si512(wb);
                         const int8_t *ab = a + b * QK;
-                        DPBUSD(a0, _mm512_and_si512(w0, m0), ab);
-                        DPBUSD(a1, _mm512_and_si512(w0, m1), ab + 64);
-                        DPBUSD(a2, _mm512_and_si512(w0, m2), ab + 128);
-                        DPBUSD(a3, _mm512_and_si512(w0, m3), ab + 192);
+                        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
+                        __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
+                        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3)); /* else GCC 12 loads each twice */
+                        DPBUSD_R(a0, _mm512_and_si512(w0, m0), x0);
+                        DPBUSD_R(a1, _mm512_and_si512(w0, m1), x1);
+                        DPBUSD_R(a2, _mm512_and_si512(w0, m2), x2);
+                        DPBUSD_R(a3, _mm512_and_si512(w0, m3), x3);
+                        DPBUSD_R(b0, _mm512_and_si512(w1, m0), x0);
+                        DPBUSD_R(b1, _mm512_and_si512(w1, m1), x1);
+                        DPBUSD_R(b2, _mm512_and_si512(w1, m2), x2);
+                        DPBUSD_R(b3, _mm512_and_si512(w1, m3), x3);
+                        /* else GCC 12 moves 4 accumulators through other registers every block */
+                        __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
                     }
                     __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
                     c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));
                     v[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));
+                    c = _mm512_add_epi32(b0, _mm512_srai_epi32(b1, 2));
+                    c = _mm512_add_epi32(c, _mm512_srai_epi32(b2, 4));
+                    v[s][r + 1] = _mm512_add_epi32(c, _mm512_srai_epi32(b3, 6));
                 }
             }
             epilogue16(J, n, v, 0);
@@ -409,9 +440,7 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J,
         for (int64_t s = 0; s < J->S; s++) {
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-#if PREFETCH_BYTES > 0
-                PREFETCH(w + b * QB + PREFETCH_BYTES);
-#endif
+                PREFETCH3(w + b * QB);
                 const __m512i w0 = _mm512_loadu_si512(w + b * QB);
                 const int8_t *ab = a + b * QK;
                 DPBUSD(a0, _mm512_and_si512(w0, m0), ab);
