@@ -168,3 +168,18 @@ def test_loading_skips_the_random_init(tmp_path, monkeypatch):
     idx = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+
+
+def test_causal_attention_dispatch(monkeypatch):
+    """Dense kernel only when training on CPU within the length and probability-count limits; SDPA otherwise."""
+    import spectra.model as model_mod
+
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+    assert "DenseCausalAttention" in type(model_mod.causal_attention(q, k, v).grad_fn).__name__
+    with torch.no_grad():
+        assert model_mod.causal_attention(q, k, v).grad_fn is None
+    monkeypatch.setattr(model_mod, "DENSE_ATTENTION_MAX_PROBS", 2 * 3 * 16 * 16 - 1)
+    assert "DenseCausalAttention" not in type(model_mod.causal_attention(q, k, v).grad_fn).__name__
+    monkeypatch.setattr(model_mod, "DENSE_ATTENTION_MAX_PROBS", 1 << 25)
+    monkeypatch.setattr(model_mod, "DENSE_ATTENTION_MAX_LEN", 15)
+    assert "DenseCausalAttention" not in type(model_mod.causal_attention(q, k, v).grad_fn).__name__

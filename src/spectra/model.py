@@ -74,8 +74,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # Training on CPU: up to this many positions, attention as batched matmuls (`_DenseCausalAttention`) trains faster
 # than torch's flash kernel for CPUs (see `benchmarks/train.py`). It keeps the (B·H, T, T) probabilities for the
-# backward pass, so it stops at a length where they stay small; GPUs and longer sequences use SDPA.
+# backward pass, so it stops at a length, and a number of probabilities per layer (64 MiB in bf16), where they stay
+# small; GPUs, longer sequences and larger micro-batches use SDPA.
 DENSE_ATTENTION_MAX_LEN = 512
+DENSE_ATTENTION_MAX_PROBS = 1 << 25
 
 
 class _DenseCausalAttention(torch.autograd.Function):
@@ -119,9 +121,10 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal self-attention for (B, H, T, D) tensors: the dense kernel when training on CPU at T ≤
-    DENSE_ATTENTION_MAX_LEN, SDPA (flash) otherwise."""
-    dense = q.device.type == "cpu" and q.shape[-2] <= DENSE_ATTENTION_MAX_LEN
+    """Causal self-attention for (B, H, T, D) tensors: the dense kernel when training on CPU within
+    DENSE_ATTENTION_MAX_LEN and DENSE_ATTENTION_MAX_PROBS, SDPA (flash) otherwise."""
+    B, H, T, _ = q.shape
+    dense = q.device.type == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * H * T * T <= DENSE_ATTENTION_MAX_PROBS
     if dense and torch.is_grad_enabled() and q.requires_grad:  # contiguous inside a compiled caller's graph
         return dense_causal_attention(q.contiguous(), k.contiguous(), v.contiguous())
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
