@@ -117,9 +117,9 @@ class QuantLinear(nn.Module):
         self._cache = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.cache_weight and not torch.is_grad_enabled()):
-            return F.linear(x, self.dequantize_weight(x.dtype))
-        key = self._key(x.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.dequantize_weight(x.dtype))
-        return F.linear(x, self._cache[1])
+        if self.cache_weight and not torch.is_grad_enabled():
+            key = self._key(x.dtype)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.dequantize_weight(x.dtype))
+            return F.linear(x, self._cache[1])
+        return F.linear(x, self.dequantize_weight(x.dtype))

@@ -34,10 +34,11 @@ def extension():
     return _kernels
 
 
-def kernel_paths() -> list[str]:
-    """Loss kernel paths this CPU runs, best first (`avx512`, `scalar`); [] without the compiled extension."""
+@functools.cache  # asked on every training step; the CPU's features do not change
+def kernel_paths() -> tuple[str, ...]:
+    """Loss kernel paths this CPU runs, best first (`avx512`, `scalar`); () without the compiled extension."""
     ext = extension()
-    return list(ext.paths()) if ext is not None else []
+    return tuple(ext.paths()) if ext is not None else ()
 
 
 def cross_entropy_rows(logits: Tensor, targets: Tensor, *, scale: float = 0.0, path: str = "auto"

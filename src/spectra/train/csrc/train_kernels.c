@@ -61,6 +61,14 @@ static inline float load1(const ce_job_t *J, int64_t i, int64_t j) {
     return ((const float *)J->x)[i * J->V + j];
 }
 
+/* grad[i, j] = g in the logits' dtype */
+static inline void store1(const ce_job_t *J, int64_t i, int64_t j, float g) {
+    if (J->bf16)
+        ((uint16_t *)J->grad)[i * J->V + j] = f32_to_bf16(g);
+    else
+        ((float *)J->grad)[i * J->V + j] = g;
+}
+
 static void ce_row_scalar(const ce_job_t *J, int64_t i) {
     const int64_t V = J->V;
     float m = -INFINITY;
@@ -73,13 +81,8 @@ static void ce_row_scalar(const ce_job_t *J, int64_t i) {
     const float lse = m + logf(s);
     J->loss[i] = lse - load1(J, i, J->t[i]);
     if (!J->grad) return;
-    for (int64_t j = 0; j < V; j++) {
-        const float g = (expf(load1(J, i, j) - lse) - (j == J->t[i] ? 1.0f : 0.0f)) * J->scale;
-        if (J->bf16)
-            ((uint16_t *)J->grad)[i * V + j] = f32_to_bf16(g);
-        else
-            ((float *)J->grad)[i * V + j] = g;
-    }
+    for (int64_t j = 0; j < V; j++)
+        store1(J, i, j, (expf(load1(J, i, j) - lse) - (j == J->t[i] ? 1.0f : 0.0f)) * J->scale);
 }
 
 #ifdef SPECTRA_X86
@@ -147,13 +150,7 @@ TARGET_AVX512 static void ce_row_avx512(const ce_job_t *J, int64_t i) {
         else
             _mm512_storeu_ps((float *)J->grad + i * V + j, g);
     }
-    for (int64_t j = V16; j < V; j++) {
-        const float g = expf(load1(J, i, j) - lse) * J->scale;
-        if (J->bf16)
-            ((uint16_t *)J->grad)[i * V + j] = f32_to_bf16(g);
-        else
-            ((float *)J->grad)[i * V + j] = g;
-    }
+    for (int64_t j = V16; j < V; j++) store1(J, i, j, expf(load1(J, i, j) - lse) * J->scale);
     /* the target's entry: (p - 1) * scale, p recomputed as above */
     const int64_t t = J->t[i];
     float p;
@@ -164,11 +161,7 @@ TARGET_AVX512 static void ce_row_avx512(const ce_job_t *J, int64_t i) {
     } else {
         p = expf(load1(J, i, t) - lse);
     }
-    const float g = (p - 1.0f) * J->scale;
-    if (J->bf16)
-        ((uint16_t *)J->grad)[i * V + t] = f32_to_bf16(g);
-    else
-        ((float *)J->grad)[i * V + t] = g;
+    store1(J, i, t, (p - 1.0f) * J->scale);
 }
 #endif
 
@@ -209,7 +202,6 @@ static PyObject *py_cross_entropy(PyObject *self, PyObject *args) {
         ce_row_scalar(&J, i);
     }
     Py_END_ALLOW_THREADS
-    (void)threads;
     Py_RETURN_NONE;
 }
 
