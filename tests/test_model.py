@@ -136,6 +136,97 @@ def test_dense_causal_attention_matches_sdpa(dtype):
         torch.testing.assert_close(causal_attention(q, k, v), ours[0].to(dtype), rtol=2e-2, atol=2e-2)
 
 
+def _bhtd(B, H, T, D, gen, transposed=False):
+    """A (B, H, T, D) bf16 tensor; transposed: a view of a (B, T, H, D) one, as the attention layer passes it."""
+    if transposed:
+        return torch.randn(B, T, H, D, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    return torch.randn(B, H, T, D, generator=gen).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 2, 100, 48), (2, 4, 256, 64), (1, 1, 130, 128)])
+def test_dense_attention_bf16_error_against_flash(shape, use_kernel):
+    """bf16 training attention against float64, output and all three gradients: RMS error at most 1.25x (the C
+    kernel; the torch path, which rounds dP to bf16, 1.5x) and max error at most 2x those of torch's flash kernel on
+    the same inputs."""
+    import torch.nn.functional as F
+
+    from spectra.model import attention_kernel, dense_causal_attention
+
+    if use_kernel and attention_kernel() is None:
+        pytest.skip("no AVX-512 BF16 attention kernel on this machine")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (_bhtd(*shape, gen, transposed=True) for _ in range(3))
+    g = torch.randn(*shape, generator=gen)
+    sdpa = lambda *a: F.scaled_dot_product_attention(*a, is_causal=True)  # noqa: E731
+    ref = _attention_outputs(sdpa, *(t.double() for t in (q, k, v)), g.double())
+    flash = _attention_outputs(sdpa, q, k, v, g)
+    ours = _attention_outputs(lambda *a: dense_causal_attention(*a, use_kernel=use_kernel), q, k, v, g)
+    for name, a, f, b in zip(("out", "dq", "dk", "dv"), ours, flash, ref):
+        rms, rms_flash = (a - b).pow(2).mean().sqrt(), (f - b).pow(2).mean().sqrt()
+        assert rms <= (1.25 if use_kernel else 1.5) * rms_flash, (name, float(rms), float(rms_flash))
+        assert (a - b).abs().max() <= 2 * (f - b).abs().max(), name
+
+
+def test_attention_kernel_probabilities_and_strides():
+    """The kernel's saved P is softmax(q kᵀ/√D) with the causal mask, rounded once to bf16 (exact zeros above the
+    diagonal), and its results do not depend on the inputs' strides."""
+    from spectra.model import _DenseCausalAttention, attention_kernel
+
+    if attention_kernel() is None:
+        pytest.skip("no AVX-512 BF16 attention kernel on this machine")
+    B, H, T, D = 2, 3, 45, 32
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (_bhtd(B, H, T, D, gen, transposed=True) for _ in range(3))
+
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+    ctx = Ctx()
+    out = _DenseCausalAttention.forward(ctx, q, k, v, True)
+    probs = ctx.saved_tensors[3].double()
+    s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
+    want = torch.softmax(s + torch.full((T, T), float("-inf")).triu(1), -1).reshape(B * H, T, T)
+    assert torch.equal(probs.triu(1), torch.zeros_like(probs))
+    assert ((probs - want).abs() <= 2**-8 * want + 1e-30).all()  # one bf16 rounding of float32 values
+    ctx2 = Ctx()
+    out2 = _DenseCausalAttention.forward(ctx2, q.contiguous(), k.contiguous(), v.contiguous(), True)
+    assert torch.equal(out, out2) and torch.equal(ctx2.saved_tensors[3], ctx.saved_tensors[3])
+    g = torch.randn(B, H, T, D, generator=gen).to(torch.bfloat16)
+    grads = _DenseCausalAttention.backward(ctx, g.transpose(1, 2).contiguous().transpose(1, 2))
+    grads2 = _DenseCausalAttention.backward(ctx2, g)
+    assert all(torch.equal(a, b) for a, b in zip(grads[:3], grads2[:3]))
+
+
+def test_training_attention_uses_the_kernel(monkeypatch):
+    """A bf16 training step on CPU goes through the attention kernel when the machine has one."""
+    import spectra.model as model_mod
+
+    ext = model_mod.attention_kernel()
+    if ext is None:
+        pytest.skip("no AVX-512 BF16 attention kernel on this machine")
+    calls = []
+
+    class Counting:
+        def attention_forward(self, *a):
+            calls.append("forward")
+            return ext.attention_forward(*a)
+
+        def attention_backward(self, *a):
+            calls.append("backward")
+            return ext.attention_backward(*a)
+
+    monkeypatch.setattr(model_mod, "attention_kernel", lambda: Counting())
+    cfg = tiny_config()
+    model = build_model(cfg, seed=0)
+    idx = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx).float().mean()
+    loss.backward()
+    assert calls == ["forward"] * cfg.n_layers + ["backward"] * cfg.n_layers
+
+
 def test_training_forward_matches_inference_forward():
     cfg = tiny_config()
     model = build_model(cfg, seed=0)
