@@ -1,4 +1,5 @@
-"""Build hook for spectra's compiled CPU kernels (src/spectra/packed/ for inference, src/spectra/train/ for the loss).
+"""Build hook for spectra's compiled CPU kernels (src/spectra/packed/ for inference, src/spectra/train/ for training's
+loss and attention).
 
 Everything else about the package lives in pyproject.toml. The kernels are plain C with no
 dependency on torch at build time, so the build never pulls a torch wheel into its isolated

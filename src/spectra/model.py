@@ -1,7 +1,8 @@
 """The Spectra language model: a Llama-style decoder shared by FloatLM and TriLM (arXiv 2407.12327, §3.1).
 
 Pre-norm RMSNorm with a learned weight twice per block, rotary position embeddings (θ = 10000), multi-head attention
-through `scaled_dot_product_attention`, a SwiGLU MLP, a final norm and an untied `lm_head`; no biases anywhere.
+through `scaled_dot_product_attention` (while training on CPU, `causal_attention`'s dense kernel), a SwiGLU MLP, a
+final norm and an untied `lm_head`; no biases anywhere.
 FloatLM and TriLM differ in one thing only: the linear layer inside the blocks (`make_linear`). Embeddings, lm_head
 and norms stay in floating point in both families.
 
@@ -73,10 +74,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-# Training on CPU: up to this many positions, attention as batched matmuls (`_DenseCausalAttention`) trains faster
-# than torch's flash kernel for CPUs (see `benchmarks/train.py`). It keeps the (B·H, T, T) probabilities for the
-# backward pass, so it stops at a length, and a number of probabilities per layer (64 MiB in bf16), where they stay
-# small; GPUs, longer sequences and larger micro-batches use SDPA.
+# Training on CPU: up to this many positions, attention that keeps its probabilities (`_DenseCausalAttention`: a C
+# kernel for bf16, batched matmuls otherwise) trains faster than torch's flash kernel for CPUs (benchmarks/
+# attention.py). Keeping the (B·H, T, T) probabilities for the backward pass, it stops at a length, and at a number
+# of probabilities per layer (64 MiB in bf16), where they stay small; GPUs, longer sequences and larger micro-batches
+# use SDPA.
 DENSE_ATTENTION_MAX_LEN = 512
 DENSE_ATTENTION_MAX_PROBS = 1 << 25
 

@@ -1,5 +1,6 @@
 /*
- * spectra.train._kernels: the training loss on CPU (see spectra/train/loss.py).
+ * spectra.train._kernels: the training loss (see spectra/train/loss.py) and causal attention (spectra/model.py,
+ * further down) on CPU.
  *
  * cross_entropy: for logits x [N, V] (bfloat16 or float32, rows contiguous) and targets t [N] (int64, 0 <= t < V),
  * in one call per batch and one pass of three sweeps per row (a row of 50304 bf16 logits is 98 KiB, so sweeps two
