@@ -107,12 +107,14 @@ TARGET_AVX512 static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 bfloat16 values as float32 (exact: a bf16 is the top half of a float32). */
+TARGET_AVX512 static inline __m512 widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* 16 logits from column j as float32. */
 TARGET_AVX512 static inline __m512 load16(const ce_job_t *J, int64_t i, int64_t j) {
-    if (J->bf16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)J->x + i * J->V + j));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
+    if (J->bf16) return widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)J->x + i * J->V + j)));
     return _mm512_loadu_ps((const float *)J->x + i * J->V + j);
 }
 
@@ -279,6 +281,14 @@ TARGET_BF16 static inline void store_bf16(uint16_t *dst, __m512 x, __mmask16 m) 
 
 static inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
+/* rows r < mr of a float32 tile (row stride D) times `scale`, rounded to bf16 at dst + r·ld */
+TARGET_BF16 static void store_tile(uint16_t *dst, int64_t ld, const float *acc, int mr, int64_t D, float scale) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int r = 0; r < mr; r++)
+        for (int64_t d = 0; d < D; d += 16)
+            store_bf16(dst + r * ld + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), sc), 0xffff);
+}
+
 typedef struct {
     view_t q, k, v, o, dout, dq, dk, dv;
     uint16_t *probs; /* (B·H, T, T) */
@@ -324,9 +334,7 @@ TARGET_BF16 static void attn_forward_head(const attn_job_t *J, int64_t bh, uint3
         }
         const int64_t kmax = (i0 + mr + 1) / 2; /* pairs of key columns reaching the block's last row */
         gemm_rows(mr, D, pb, Tp / 2, 1, vp, D, 0, kmax, o, D);
-        for (int r = 0; r < mr; r++)
-            for (int64_t d = 0; d < D; d += 16)
-                store_bf16(row_of(&J->o, b, h, i0 + r) + d, _mm512_loadu_ps(o + r * D + d), 0xffff);
+        store_tile(row_of(&J->o, b, h, i0), J->o.st, o, mr, D, 1.0f);
     }
 }
 
@@ -344,7 +352,6 @@ TARGET_BF16 static void attn_backward_head(const attn_job_t *J, int64_t bh, cons
     pair_head_rows(W->qp, Tp / 2, &J->q, b, h, T, D);     /* qp[i/2][d]: B of dk = dSᵀ q */
     pair_head_rows(W->dop, Tp / 2, &J->dout, b, h, T, D); /* dop[i/2][d]: B of dv = Pᵀ do */
     memset(W->ds, 0, (size_t)(Tp * Tp) * sizeof(uint16_t));
-    const __m512 sc = _mm512_set1_ps(J->scale);
     for (int64_t i0 = 0; i0 < T; i0 += ATT_MR) {
         const int mr = (int)(T - i0 < ATT_MR ? T - i0 : ATT_MR);
         const int64_t jn = round_up(i0 + mr, 16);
@@ -357,23 +364,18 @@ TARGET_BF16 static void attn_backward_head(const attn_job_t *J, int64_t bh, cons
             __m512 dl = _mm512_setzero_ps();
             for (int64_t j = 0; j < nv; j += 16) {
                 const __mmask16 m = lanes_below(nv - j);
-                const __m512 p = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, pr + j)), 16));
+                const __m512 p = widen_bf16(_mm256_maskz_loadu_epi16(m, pr + j));
                 dl = _mm512_add_ps(dl, _mm512_maskz_mul_ps(m, p, _mm512_loadu_ps(dpr + j)));
             }
             const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(dl));
             for (int64_t j = 0; j < nv; j += 16) {
                 const __mmask16 m = lanes_below(nv - j);
-                const __m512 p = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, pr + j)), 16));
+                const __m512 p = widen_bf16(_mm256_maskz_loadu_epi16(m, pr + j));
                 store_bf16(W->ds + i * Tp + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpr + j), delta)), m);
             }
         }
         gemm_rows(mr, D, (const uint32_t *)(W->ds + i0 * Tp), Tp / 2, 1, W->kp, D, 0, (i0 + mr + 1) / 2, W->acc, D);
-        uint16_t *dq = J->dq.p + bh * T * D;
-        for (int r = 0; r < mr; r++)
-            for (int64_t d = 0; d < D; d += 16)
-                store_bf16(dq + (i0 + r) * D + d, _mm512_mul_ps(_mm512_loadu_ps(W->acc + r * D + d), sc), 0xffff);
+        store_tile(J->dq.p + (bh * T + i0) * D, D, W->acc, mr, D, J->scale);
     }
     /* transposed pairs: dst[i/2][j] = (dS_ij, dS_i+1,j), pt[i/2][j] = (P_ij, P_i+1,j) */
     pair_rows(W->dst, Tp / 2, Tp, W->ds, Tp, T, Tp);
@@ -383,20 +385,17 @@ TARGET_BF16 static void attn_backward_head(const attn_job_t *J, int64_t bh, cons
     for (int64_t j0 = 0; j0 < T; j0 += ATT_MR) {
         const int mr = (int)(T - j0 < ATT_MR ? T - j0 : ATT_MR);
         gemm_rows(mr, D, W->dst + j0, 1, Tp, W->qp, D, j0 / 2, kend, W->acc, D);
-        for (int r = 0; r < mr; r++)
-            for (int64_t d = 0; d < D; d += 16)
-                store_bf16(dk + (j0 + r) * D + d, _mm512_mul_ps(_mm512_loadu_ps(W->acc + r * D + d), sc), 0xffff);
+        store_tile(dk + j0 * D, D, W->acc, mr, D, J->scale);
         gemm_rows(mr, D, W->pt + j0, 1, Tp, W->dop, D, j0 / 2, kend, W->acc, D);
-        for (int r = 0; r < mr; r++)
-            for (int64_t d = 0; d < D; d += 16)
-                store_bf16(dv + (j0 + r) * D + d, _mm512_loadu_ps(W->acc + r * D + d), 0xffff);
+        store_tile(dv + j0 * D, D, W->acc, mr, D, 1.0f);
     }
 }
 
 static int attention_bf16_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16"); /* the features of TARGET_BF16 */
 }
 
 /* Runs the heads over threads; 0 when scratch memory could not be allocated. */
