@@ -1,4 +1,4 @@
-"""Build hook for spectra's compiled CPU kernels (src/spectra/packed/ for inference, src/spectra/train/ for training's
+"""Build hook for spectra's compiled CPU kernels (src/spectra/packed/ for inference, src/spectra/kernels/ for training's
 loss and attention).
 
 Everything else about the package lives in pyproject.toml. The kernels are plain C with no
@@ -32,8 +32,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "spectra.train._kernels",
-            sources=["src/spectra/train/csrc/train_kernels.c"],
+            "spectra.kernels._train",
+            sources=["src/spectra/kernels/csrc/train_kernels.c"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spectra.model import attention_kernel, dense_causal_attention
+from spectra.kernels.attention import attention_kernel, dense_causal_attention
 from spectra.train.trainer import reuse_freed_memory
 
 

@@ -69,11 +69,12 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from spectra.checkpoint import load, save_model
+    from spectra.checkpoint import save_model
     from spectra.config import from_name
     from spectra.data import train_bpe
     from spectra.eval.harness import SpectraLM
     from spectra.interop.hf import export_hf
+    from spectra.loading import load
     from spectra.model import build_model
 
     torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ import torch
 
 from spectra.config import ModelConfig, from_name
 from spectra.inference.bench import bench, dense_copy, synthetic_trilm
-from spectra.inference.weights import ternary_weight
+from spectra.interop.weights import ternary_weight
 from spectra.model import build_model
 
 

@@ -5,7 +5,8 @@ import torch
 
 import spectra
 from spectra import checkpoint
-from spectra.checkpoint import atomic_dir, save_model
+from spectra.checkpoint import save_model
+from spectra.files import atomic_dir
 from spectra.model import build_model
 from tests.conftest import tiny_config
 

@@ -21,8 +21,9 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="spectra-test
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from spectra.checkpoint import load, save_model  # noqa: E402
+from spectra.checkpoint import save_model  # noqa: E402
 from spectra.data import train_bpe  # noqa: E402
+from spectra.loading import load  # noqa: E402
 from spectra.model import build_model  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 

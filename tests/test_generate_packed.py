@@ -18,7 +18,7 @@ import torch
 
 from spectra.config import ModelConfig
 from spectra.inference.generate import generate
-from spectra.inference.weights import ternary_weight
+from spectra.interop.weights import ternary_weight
 from spectra.model import build_model
 
 packed_linear = pytest.importorskip("spectra.packed.linear")
@@ -83,7 +83,7 @@ def test_packed_logits_close_to_latent():
 
 def test_generate_from_a_packed_checkpoint(tmp_path):
     """`spectra.load` of a `pack_model` directory generates exactly what the in-memory packed model does."""
-    from spectra.checkpoint import load
+    from spectra.loading import load
     from spectra.packed.io import pack_model
 
     model = build_model(cfg(), seed=5).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spectra.config import ModelConfig
-from spectra.inference.weights import ternary_weight
+from spectra.interop.weights import ternary_weight
 from spectra.model import apply_rope, build_model, rope_cache
 
 gguf = pytest.importorskip("gguf")

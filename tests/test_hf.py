@@ -6,8 +6,9 @@ import torch
 import spectra
 from spectra.checkpoint import save_model
 from spectra.interop.hf import export_hf, load_hf, ternary_from_unpacked
+from spectra.layers import TernaryLinear
 from spectra.model import build_model
-from spectra.ternary import SHARD_DIM, TernaryLinear, ternarize
+from spectra.ternary import SHARD_DIM, ternarize
 from tests.conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")

@@ -115,7 +115,7 @@ def test_dense_causal_attention_matches_sdpa(dtype):
     than 1.5x that of torch's own (flash) kernel on the same inputs."""
     import torch.nn.functional as F
 
-    from spectra.model import causal_attention, dense_causal_attention
+    from spectra.kernels.attention import causal_attention, dense_causal_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v, g = (torch.randn(2, 3, 37, 16, generator=gen) for _ in range(4))
@@ -151,7 +151,7 @@ def test_dense_attention_bf16_error_against_flash(shape, use_kernel):
     the same inputs."""
     import torch.nn.functional as F
 
-    from spectra.model import attention_kernel, dense_causal_attention
+    from spectra.kernels.attention import attention_kernel, dense_causal_attention
 
     if use_kernel and attention_kernel() is None:
         pytest.skip("no AVX-512 BF16 attention kernel on this machine")
@@ -171,7 +171,7 @@ def test_dense_attention_bf16_error_against_flash(shape, use_kernel):
 def test_attention_kernel_probabilities_and_strides():
     """The kernel's saved P is softmax(q kᵀ/√D) with the causal mask, rounded once to bf16 (exact zeros above the
     diagonal), and its results do not depend on the inputs' strides."""
-    from spectra.model import _DenseCausalAttention, attention_kernel
+    from spectra.kernels.attention import _DenseCausalAttention, attention_kernel
 
     if attention_kernel() is None:
         pytest.skip("no AVX-512 BF16 attention kernel on this machine")
@@ -240,7 +240,8 @@ def test_training_forward_matches_inference_forward():
 
 def test_loading_skips_the_random_init(tmp_path, monkeypatch):
     """spectra.load builds the model without initialising it (empty_model) and gives the saved model's logits."""
-    from spectra.checkpoint import load, save_model
+    from spectra.checkpoint import save_model
+    from spectra.loading import load
     from spectra.model import Transformer, empty_model
 
     cfg = tiny_config()

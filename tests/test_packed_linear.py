@@ -10,12 +10,12 @@ from torch import nn
 
 import spectra
 from spectra.__main__ import main
+from spectra.layers import TernaryLinear
 from spectra.model import build_model
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
 from spectra.packed.io import load_packed, pack_model
 from spectra.packed.linear import PackedTernaryLinear, convert_to_packed
-from spectra.ternary import TernaryLinear
 from tests.conftest import tiny_config
 
 

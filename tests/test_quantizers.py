@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import spectra
-from spectra.checkpoint import load, save_model
+from spectra.checkpoint import save_model
+from spectra.layers import TernaryLinear
+from spectra.loading import load
 from spectra.quantizers import (
     QUANTIZER_CLASSES,
     Quantizer,
@@ -15,7 +17,7 @@ from spectra.quantizers import (
     set_progress,
     stochastic_round,
 )
-from spectra.ternary import TernaryLinear, dequantize, ternarize
+from spectra.ternary import dequantize, ternarize
 
 # mean|W| = 5/8 = 0.625, mean W = -2/8 = -0.25 (two entries equal the mean: sign(0) -> +1), all exact in binary
 W_A = torch.tensor([[0.75, -0.25, 0.5, -1.0], [-0.25, 0.25, -1.5, -0.5]])

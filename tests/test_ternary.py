@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from spectra.layers import TernaryLinear, convert_to_ternary
 from spectra.model import build_model
-from spectra.ternary import EPS, TernaryLinear, convert_to_ternary, dequantize, ternarize
+from spectra.ternary import EPS, dequantize, ternarize
 from tests.conftest import tiny_config
 
 

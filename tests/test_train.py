@@ -19,10 +19,11 @@ import torch
 import spectra.train.state as state_mod
 import spectra.train.trainer as trainer_mod
 from spectra.__main__ import main as cli_main
-from spectra.checkpoint import load, read_meta
 from spectra.config import ModelConfig, from_name
 from spectra.data.shards import TokenStream
 from spectra.data.tokenizer import train_bpe
+from spectra.files import read_meta
+from spectra.loading import load
 from spectra.train import TrainConfig, TrainingDiverged, make_schedule, resolve, train
 from spectra.train.config import LR_TABLE, apply_overrides, build_configs, load_run_file
 from spectra.train.state import list_checkpoints

@@ -54,8 +54,8 @@ def run_init(args: argparse.Namespace) -> int:
 def model_info(model: str) -> dict:
     """Size report of a size name or a model directory (adds the real size of packed and QuantLM checkpoints)."""
     from spectra.accounting import size_report
-    from spectra.checkpoint import META_FILE, read_meta
     from spectra.config import ModelConfig, from_name
+    from spectra.files import META_FILE, read_meta
 
     path = Path(model)
     if not path.exists():
@@ -105,15 +105,18 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from spectra.interop.hf import export_hf
+    from spectra.loading import find_tokenizer, load
 
-    export_hf(args.src, args.out_dir, dtype=args.dtype)
+    export_hf(load(args.src), args.out_dir, dtype=args.dtype, tokenizer=find_tokenizer(args.src))
     print(f"wrote {args.out_dir}")
     return 0
 
 
 def run_export_gguf(args: argparse.Namespace) -> int:
     from spectra.interop.gguf import export_gguf
+    from spectra.loading import find_tokenizer, load
 
-    result = export_gguf(args.src, args.out, qtype=args.type, lossy=args.lossy)
+    result = export_gguf(load(args.src), args.out, qtype=args.type, lossy=args.lossy,
+                         tokenizer=find_tokenizer(args.src))
     print(json.dumps(result, indent=2, default=str))
     return 0

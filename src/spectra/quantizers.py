@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spectra.ternary import EPS, dequantize, straight_through, ternarize
+from spectra.ternary import EPS, absmean, dequantize, per_element, shard_rows, straight_through, ternarize
 
 TERNARY_BITS = math.log2(3)
 
@@ -63,24 +63,6 @@ def stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Ten
     """floor(x + U), U ~ Uniform[0, 1): rounds up with probability frac(x), so E[result] = x."""
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return torch.floor(x + u)
-
-
-def shard_rows(W: Tensor, num_shards: int, dim: int) -> Tensor:
-    """W as (num_shards, numel/num_shards): row i holds the weights of shard i (split along `dim`)."""
-    if dim not in (0, 1):
-        raise ValueError(f"shard dim must be 0 (output) or 1 (input), got {dim}")
-    if W.ndim != 2 or W.shape[dim] % num_shards:
-        raise ValueError(f"weight of shape {tuple(W.shape)} cannot be split into {num_shards} shards along dim {dim}")
-    if dim == 0:
-        return W.reshape(num_shards, -1)
-    return W.reshape(W.shape[0], num_shards, -1).transpose(0, 1).reshape(num_shards, -1)
-
-
-def per_element(values: Tensor, shape: torch.Size, dim: int) -> Tensor:
-    """One value per shard -> a tensor broadcastable against a weight of `shape` (shards split along `dim`)."""
-    view = [1, 1]
-    view[dim] = shape[dim]
-    return values.repeat_interleave(shape[dim] // values.numel()).view(view)
 
 
 def absmax_quantize_activations(x: Tensor, bits: int = 8, eps: float = EPS) -> Tensor:
@@ -128,7 +110,7 @@ class AbsmeanTernary(Scheme):
         self.eps, self.clamp = eps, clamp
 
     def scales(self, W: Tensor) -> Tensor:
-        m = self.rows(W).abs().mean(dim=1)
+        m = absmean(W, self.num_shards, self.dim)  # the same reduction as `ternarize`
         return m.clamp(min=self.eps) if self.clamp else m + self.eps
 
 

@@ -38,9 +38,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from spectra.checkpoint import META_FILE, WEIGHTS_FILE, load_state_checked, read_meta, write_json
+from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.ternary import SHARD_DIM, TernaryLinear
+from spectra.files import META_FILE, WEIGHTS_FILE, read_meta, write_json
+from spectra.layers import TernaryLinear
+from spectra.ternary import SHARD_DIM
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spectra.checkpoint import atomic_file
+from spectra.files import atomic_file
 
 TITLES = {
     "frac_neg": "fraction of weights at −1",

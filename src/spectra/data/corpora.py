@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from spectra.checkpoint import atomic_dir, write_json
+from spectra.files import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.checkpoint import atomic_file, write_json
 from spectra.data.corpora import SPLITS, cache_root, read_documents, source_fingerprint
 from spectra.data.tokenizer import eos_id, load_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
+from spectra.files import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from spectra.checkpoint import atomic_file
 from spectra.config import ModelConfig, pad_vocab
 from spectra.data.corpora import cache_root, read_documents
+from spectra.files import atomic_file
 
 log = logging.getLogger(__name__)
 

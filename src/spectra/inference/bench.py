@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from spectra.inference.decode import decoder_for
-from spectra.inference.weights import check_plain_linear, dense_weight
+from spectra.interop.weights import check_plain_linear, dense_weight
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def bench(
     if isinstance(model_or_size, nn.Module):
         source, label = model_or_size.eval(), getattr(model_or_size.config, "name", None) or "model"
     elif Path(model_or_size).exists():
-        from spectra.checkpoint import load
+        from spectra.loading import load
 
         source, label = load(model_or_size), str(model_or_size)
     else:

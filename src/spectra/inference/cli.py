@@ -43,8 +43,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spectra.checkpoint import find_tokenizer, load
     from spectra.inference.generate import generate, threads_from_env
+    from spectra.loading import find_tokenizer, load
 
     torch.set_num_threads(threads_from_env(args.threads))
     tokenizer = args.tokenizer

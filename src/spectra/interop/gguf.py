@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectra.inference.weights import check_plain_linear, dense_weight, ternary_weight
+from spectra.interop.weights import check_plain_linear, dense_weight, ternary_weight
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,12 @@ def _check_single_scale_blocks(W: torch.Tensor, name: str, block: int = 256) -> 
         )
 
 
-def _resolve_tokenizer(tokenizer: Any, src: Any):
-    """The tokenizer to embed: the one given, else the tokenizer.json stored with the source model, else None."""
-    from spectra.checkpoint import find_tokenizer
+def _resolve_tokenizer(tokenizer: Any):
+    """The tokenizer to embed: a `tokenizers.Tokenizer`, a tokenizer.json path, or None."""
     from spectra.data.tokenizer import load_tokenizer
 
     if tokenizer is None:
-        found = find_tokenizer(src) if isinstance(src, (str, os.PathLike)) else None
-        return load_tokenizer(found) if found is not None else None
+        return None
     return load_tokenizer(tokenizer)
 
 
@@ -144,7 +142,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
 
 
 def export_gguf(
-    src: nn.Module | str | os.PathLike,
+    model: nn.Module,
     out_path: str | os.PathLike,
     *,
     qtype: str = "tq2_0",
@@ -153,20 +151,15 @@ def export_gguf(
 ) -> dict[str, Any]:
     """Write a model as a llama.cpp GGUF file (atomically). Returns a summary dict.
 
-    `src` is a model or anything `spectra.load` opens (a latent/packed TriLM, FloatLM, QuantLM directory or size
-    name). `qtype` is the format of the block linear layers: tq2_0 / tq1_0 (TriLMs only, lossless) or f16 / q8_0 (any
-    model). `tokenizer` is a `tokenizers.Tokenizer` or a tokenizer.json path; by default the tokenizer.json stored with
-    a model directory. Without one the file declares llama.cpp's `none` vocabulary (token ids only). A TQ block that
-    would mix two shard scales is an error unless `lossy=True`, which rounds it to its absmax as llama.cpp does.
+    `model` is anything `spectra.load` returns (a latent or packed TriLM, a FloatLM, a QuantLM). `qtype` is the
+    format of the block linear layers: tq2_0 / tq1_0 (TriLMs only, lossless) or f16 / q8_0 (any model). `tokenizer`
+    is a `tokenizers.Tokenizer` or a tokenizer.json path (`spectra export gguf` passes the one stored with the
+    source). Without one the file declares llama.cpp's `none` vocabulary (token ids only). A TQ block that would mix
+    two shard scales is an error unless `lossy=True`, which rounds it to its absmax as llama.cpp does.
     """
     gguf = _gguf()
     if qtype not in QTYPES:
         raise ValueError(f"unknown GGUF qtype {qtype!r}; accepted: {', '.join(QTYPES)}")
-    model = src
-    if not isinstance(src, nn.Module):
-        from spectra.checkpoint import load
-
-        model = load(src)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "n_layers"):
         raise ValueError(f"{type(model).__name__} has no spectra ModelConfig; export needs a spectra model")
@@ -175,7 +168,7 @@ def export_gguf(
             f"llama.cpp's llama architecture needs norm='rmsnorm' and mlp_act='swiglu'; this model has "
             f"norm={cfg.norm!r}, mlp_act={cfg.mlp_act!r}"
         )
-    tok = _resolve_tokenizer(tokenizer, src)
+    tok = _resolve_tokenizer(tokenizer)
 
     T = gguf.GGMLQuantizationType
     block_type = {"tq2_0": T.TQ2_0, "tq1_0": T.TQ1_0, "f16": T.F16, "q8_0": T.Q8_0}[qtype]

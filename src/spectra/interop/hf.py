@@ -13,19 +13,21 @@ packed. Directories with a `quantization_config` (GPTQ) are handed to `spectra.p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from spectra.checkpoint import atomic_dir, find_tokenizer, load_state_checked, write_json
+from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.ternary import SHARD_DIM, TernaryLinear
+from spectra.files import FormatError, atomic_dir, load_safetensors, read_json, refuse_pickle, write_json
+from spectra.layers import TernaryLinear
+from spectra.model import empty_model
+from spectra.ternary import SHARD_DIM
 
 BLOCK_LINEARS = tuple(SHARD_DIM)
 CANDIDATE_SHARDS = (1, 2, 3, 4, 6, 8)
@@ -118,23 +120,19 @@ def write_tokenizer_files(tokenizer: str | os.PathLike, out: Path, cfg: ModelCon
 
 
 def export_hf(
-    model: nn.Module | str | os.PathLike,
+    model: nn.Module,
     out_dir: str | os.PathLike,
     *,
     dtype: torch.dtype | str = torch.float16,
     tokenizer: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads as LlamaForCausalLM."""
-    from spectra.checkpoint import load
-
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads as LlamaForCausalLM. `model` is
+    anything `spectra.load` returns; `tokenizer` a tokenizer.json to write with it (`spectra export hf` passes the one
+    stored with the source)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    if not isinstance(model, nn.Module):
-        src = Path(model)
-        tokenizer = tokenizer or find_tokenizer(src)
-        model = load(src)
     cfg: ModelConfig = getattr(model, "_orig_mod", model).config
     config = hf_config(cfg, dtype)
     state = hf_state_dict(model, dtype)
@@ -150,13 +148,11 @@ def export_hf(
 
 # ---- import -----------------------------------------------------------------------------------------------------
 def read_hf_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    try:
-        return json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{cfg_path} is missing: not a Hugging Face model directory") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    cfg_path = Path(path) / "config.json"
+    hf = read_json(cfg_path, "a Hugging Face model config (not a Hugging Face model directory?)")
+    if not isinstance(hf, dict):
+        raise FormatError(f"{cfg_path} holds a JSON {type(hf).__name__}, expected an object")
+    return hf
 
 
 def config_from_hf(
@@ -209,17 +205,17 @@ def read_hf_weights(path: Path) -> dict[str, Tensor]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return load_safetensors(single)
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index} has no 'weight_map' object")
         state: dict[str, Tensor] = {}
-        for f in files:
-            state.update(load_file(str(path / f)))
+        for f in sorted(set(weight_map.values())):
+            state.update(load_safetensors(path / f))
         return state
-    bin_file = path / "pytorch_model.bin"
-    if bin_file.exists():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    refuse_pickle(path)
+    raise FormatError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
 def ternary_from_unpacked(W: Tensor, num_shards: int, dim: int, name: str = "weight") -> tuple[Tensor, Tensor]:
@@ -282,15 +278,13 @@ def load_hf(
     dtype: torch.dtype | None = None,
     family: str | None = None,
 ) -> nn.Module:
-    """A Llama directory -> our Transformer. family=None detects an unpacked TriLM; "trilm" requires one."""
-    from spectra.model import empty_model
-
+    """A Llama directory -> our Transformer. family=None detects an unpacked TriLM; "trilm" requires one. GPTQ
+    directories (a `quantization_config`) are `spectra.ptq.formats.load_quantlm`'s (`spectra.load` picks)."""
     path = Path(path)
     hf = read_hf_config(path)
     if hf.get("quantization_config"):
-        from spectra.ptq.formats import load_quantlm
-
-        return load_quantlm(path, device=device, dtype=dtype)
+        raise FormatError(f"{path / 'config.json'} has a quantization_config: it is a GPTQ QuantLM, which "
+                          "spectra.load (spectra.ptq.formats.load_quantlm) reads")
     source = str(path / "config.json")
     base = config_from_hf(hf, source)  # validates before reading weights
     state = read_hf_weights(path)

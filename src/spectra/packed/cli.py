@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pack(args: argparse.Namespace) -> int:
+    from spectra.loading import find_tokenizer, load
     from spectra.packed.io import pack_model
 
-    summary = pack_model(args.model, args.out, format=args.format, lossy=args.lossy)
+    summary = pack_model(load(args.model), args.out, format=args.format, lossy=args.lossy,
+                         tokenizer=find_tokenizer(args.model))
     print(json.dumps(summary, indent=2))
     return 0

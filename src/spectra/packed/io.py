@@ -29,19 +29,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from spectra.checkpoint import (
+from spectra.config import ModelConfig
+from spectra.files import (
     META_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    FormatError,
     atomic_dir,
-    find_tokenizer,
     read_meta,
+    safetensors_header,
     write_json,
 )
-from spectra.config import ModelConfig
+from spectra.layers import TernaryLinear, rope_cache
+from spectra.model import Transformer
 from spectra.packed import formats
 from spectra.packed.linear import PackedTernaryLinear, as_packed, is_trilm
-from spectra.ternary import TernaryLinear
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +66,19 @@ def _packed_layers(model: nn.Module, fmt: str, lossy: bool) -> tuple[dict[str, n
 
 
 def pack_model(
-    model_or_path: nn.Module | str | os.PathLike,
+    model: nn.Module,
     out_dir: str | os.PathLike,
     *,
     format: str = "tq2",
     lossy: bool = False,
     tokenizer: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Write a packed checkpoint of a TriLM (a model, or any path/name `spectra.load` opens). Returns a summary dict.
+    """Write a packed checkpoint of a TriLM (anything `spectra.load` returns). Returns a summary dict.
 
     The model is not modified. `lossy=True` allows blocks that straddle two shards with different scales (rounded to
     the block absmax like llama.cpp); without it such a layer is a ValueError, as is any non-ternary block matrix.
     """
     fmt = formats.canonical_format(format)
-    if isinstance(model_or_path, nn.Module):
-        model = model_or_path
-    else:
-        from spectra.checkpoint import load
-
-        model = load(model_or_path)
-        if tokenizer is None and Path(model_or_path).is_dir():
-            tokenizer = find_tokenizer(model_or_path)
     model = getattr(model, "_orig_mod", model)
     cfg: ModelConfig | None = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
@@ -136,31 +130,31 @@ def _packed_meta(path: Path) -> tuple[ModelConfig, str, dict[str, tuple[int, int
     meta = read_meta(path)
     where = path / META_FILE
     if meta.get("kind") != "packed":
-        raise ValueError(f"{where}: kind is {meta.get('kind')!r}, expected 'packed'")
+        raise FormatError(f"{where}: kind is {meta.get('kind')!r}, expected 'packed'")
     packed = meta.get("packed")
     if not isinstance(packed, dict):
-        raise ValueError(f"{where}: field 'packed' is missing or not an object")
+        raise FormatError(f"{where}: field 'packed' is missing or not an object")
     if packed.get("version") != PACKED_VERSION:
-        raise ValueError(f"{where}: packed.version is {packed.get('version')!r}; this spectra reads {PACKED_VERSION}")
+        raise FormatError(f"{where}: packed.version is {packed.get('version')!r}; this spectra reads {PACKED_VERSION}")
     fmt = packed.get("format")
     if fmt not in formats.BLOCK_BYTES:
-        raise ValueError(f"{where}: packed.format is {fmt!r}; accepted: {sorted(formats.BLOCK_BYTES)}")
+        raise FormatError(f"{where}: packed.format is {fmt!r}; accepted: {sorted(formats.BLOCK_BYTES)}")
     if packed.get("block_size") != formats.QK or packed.get("block_bytes") != formats.BLOCK_BYTES[fmt]:
-        raise ValueError(
+        raise FormatError(
             f"{where}: packed.block_size/block_bytes are {packed.get('block_size')}/{packed.get('block_bytes')}, "
             f"{fmt} has {formats.QK}/{formats.BLOCK_BYTES[fmt]}"
         )
     layers = packed.get("layers")
     if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"{where}: packed.layers must map layer names to [out, in]")
+        raise FormatError(f"{where}: packed.layers must map layer names to [out, in]")
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: field 'config' is not a valid model config: {e}") from e
+        raise FormatError(f"{where}: field 'config' is not a valid model config: {e}") from e
     shapes = {}
     for name, shape in layers.items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-            raise ValueError(f"{where}: packed.layers[{name!r}] = {shape!r} is not [out, in]")
+            raise FormatError(f"{where}: packed.layers[{name!r}] = {shape!r} is not [out, in]")
         shapes[name] = (shape[0], shape[1])
     return cfg, fmt, shapes
 
@@ -173,19 +167,18 @@ def load_packed(
     `dtype` applies to the float parts (embeddings, norms, lm_head); packed layers compute in int8/float32 and return
     the input's dtype. `kernel` picks the kernel path ('auto', 'avx512vnni', 'avx2', 'scalar', 'torch').
     """
-    from spectra.model import Transformer, rope_cache
-
     path = Path(path)
     if torch.device(device).type != "cpu":
         raise ValueError(f"packed models run on CPU only (spectra's kernels are CPU kernels); got device={device!r}")
     cfg, fmt, shapes = _packed_meta(path)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing: a packed checkpoint needs {WEIGHTS_FILE}")
+        raise FormatError(f"{weights} is missing: a packed checkpoint needs {WEIGHTS_FILE}")
+    safetensors_header(weights)
     with safe_open(str(weights), framework="pt") as f:
         magic = (f.metadata() or {}).get(MAGIC_KEY)
         if magic != fmt:
-            raise ValueError(
+            raise FormatError(
                 f"{weights}: header metadata {MAGIC_KEY}={magic!r} does not match {META_FILE} format {fmt!r}"
             )
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
@@ -195,26 +188,26 @@ def load_packed(
     for name, (out_f, in_f) in shapes.items():
         target = modules.get(name)
         if not isinstance(target, TernaryLinear) or (target.out_features, target.in_features) != (out_f, in_f):
-            raise ValueError(
+            raise FormatError(
                 f"{path / META_FILE}: packed layer {name!r} {[out_f, in_f]} is not a ternary layer of the config"
             )
         key = f"{name}.{fmt}"
         if key not in state:
-            raise ValueError(f"{weights}: tensor {key!r} is missing")
+            raise FormatError(f"{weights}: tensor {key!r} is missing")
         try:
             layer = PackedTernaryLinear.from_bytes(state.pop(key), (out_f, in_f), fmt, path=kernel)
         except ValueError as e:
-            raise ValueError(f"{weights}: {key}: {e}") from None
+            raise FormatError(f"{weights}: {key}: {e}") from None
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, leaf, layer)
     own = model.state_dict()
     expected = {k for k in own if not any(k.startswith(f"{n}.") for n in shapes)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{weights}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
+        raise FormatError(f"{weights}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(
+            raise FormatError(
                 f"{weights}: tensor {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
             )
     if dtype is not None:

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spectra.layers import TernaryLinear
 from spectra.packed import formats
 from spectra.packed import kernels as K
-from spectra.ternary import SHARD_DIM, TernaryLinear
+from spectra.ternary import SHARD_DIM
 
 HUGE_PAGE_MIN_BYTES = 1 << 20  # weight buffers at least this large are moved to 2 MiB pages (`kernels.use_huge_pages`)
 

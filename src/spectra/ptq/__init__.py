@@ -7,11 +7,13 @@
     QuantLinear                         qlinear.py     runs from qweight / qzeros / scales / g_idx
     save_gptq, save_unpacked, load_quantlm, quantlm_size_bits   formats.py
     quantize(model_path, out_dir, ...)  pipeline.py    load, calibrate, quantize, write
+
+`pipeline` opens models through `spectra.load`, which reads QuantLMs through `formats`: it sits above this package's
+other modules and is not imported here (`from spectra.ptq.pipeline import quantize`).
 """
 
 from spectra.ptq.formats import load_quantlm, quantlm_size_bits, save_gptq, save_unpacked, to_quantlm
 from spectra.ptq.gptq import GPTQ
-from spectra.ptq.pipeline import default_group_size, quantize
 from spectra.ptq.qlinear import QuantLinear
 from spectra.ptq.quantizer import QuantizedWeight, Quantizer
 from spectra.ptq.sequential import PTQState, quantize_model
@@ -22,9 +24,7 @@ __all__ = [
     "QuantLinear",
     "QuantizedWeight",
     "Quantizer",
-    "default_group_size",
     "load_quantlm",
-    "quantize",
     "quantize_model",
     "quantlm_size_bits",
     "save_gptq",

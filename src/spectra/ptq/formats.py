@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectra.checkpoint import META_FILE, atomic_dir, load_state_checked, read_meta, write_json
+from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
+from spectra.files import META_FILE, atomic_dir, read_meta, write_json
 from spectra.ptq.qlinear import FORMATS, QuantLinear, checkpoint_format_for
 from spectra.ptq.sequential import PTQState
 
@@ -46,7 +47,7 @@ def _ptq_state(model: nn.Module) -> PTQState:
 
 def quantization_config(settings: dict[str, Any], checkpoint_format: str) -> dict[str, Any]:
     """The `quantization_config` of config.json, with the fields GPTQModel and transformers read."""
-    from spectra import __version__
+    from spectra._version import __version__
 
     desc_act = bool(settings["act_order"] and not settings["static_groups"] and settings["group_size"] != -1)
     return {

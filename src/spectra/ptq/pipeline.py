@@ -56,7 +56,8 @@ def quantize(
     `seq_len` tokens from `calib` (any source `spectra.data.read_documents` reads), sampled with `seed`.
     Returns {"outputs": {format: path}, "stats": ..., "size_bits": ...}.
     """
-    from spectra.checkpoint import atomic_dir, find_tokenizer, load
+    from spectra.files import atomic_dir
+    from spectra.loading import find_tokenizer, load
     from spectra.ptq.formats import quantlm_size_bits, save_gptq, save_unpacked
     from spectra.ptq.sequential import quantize_model
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from spectra.checkpoint import atomic_file, write_json
+from spectra.files import atomic_file, write_json
 from spectra.suite.runner import RESULTS_FILE
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spectra.checkpoint import read_meta, write_json
 from spectra.config import ModelConfig
+from spectra.files import read_meta, write_json
 from spectra.suite.spec import SuiteSpec, check_writable
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class SuiteRunner:
         return _model_info(trained, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
 
     def run_quantize(self, step: Step) -> tuple[dict, dict, dict]:
-        from spectra.ptq import quantize
+        from spectra.ptq.pipeline import quantize
 
         src = self._artifact(step.deps[0])
         out = self.out / "quantlm" / step.model_name
@@ -236,11 +236,12 @@ class SuiteRunner:
 
     def run_pack(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.accounting import stored_bits
+        from spectra.loading import find_tokenizer, load
         from spectra.packed.io import pack_model
 
         src = self._artifact(step.deps[0])
         out = self.out / "packed" / step.model_name
-        summary = pack_model(src, out, format=step.fmt)
+        summary = pack_model(load(src), out, format=step.fmt, tokenizer=find_tokenizer(src))
         metrics = {
             "packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
             "stored_bits": stored_bits(out)["total_bits"],

@@ -17,7 +17,7 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
 
     [model]      # ModelConfig overrides for every model (e.g. max_seq_len)
     [train]      # TrainConfig overrides for every model (e.g. precision = "bf16")
-    [quantize]   # spectra.ptq.quantize keyword arguments (n_samples, seq_len, group_size, ...)
+    [quantize]   # spectra.ptq.pipeline.quantize keyword arguments (n_samples, seq_len, group_size, ...)
     [eval]       # spectra.eval.evaluate keyword arguments (limit, batch_size, ppl_max_tokens, ...)
     [bench]      # spectra.inference.bench keyword arguments (prompt_len, gen_len, threads)
     [variants.bilm]                        # an extra "family": a base family plus model/train overrides

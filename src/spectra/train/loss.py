@@ -4,7 +4,7 @@
     ∂loss/∂x_ij = (softmax(x_i)_j − [j = t_i]) / N
 
 `lm_loss` is what the trainer calls. On CPU, for bfloat16 or float32 logits, it runs a compiled kernel
-(`spectra.train._kernels.cross_entropy`) that computes the loss and the gradient in one call, three sweeps per row,
+(`spectra.kernels._train.cross_entropy`) that computes the loss and the gradient in one call, three sweeps per row,
 and keeps the gradient for the backward pass instead of the logits: that replaces a float32 copy of the logits, a
 log-softmax and its backward (at 99m, 1024 × 50304 logits: 97 ms of compiled torch per step against 25 ms here, one
 core). Elsewhere (CUDA, float16, no compiled extension) it is `reference_lm_loss`, the same formula in torch.
@@ -18,20 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spectra.kernels import train_extension as extension
+
 
 def reference_lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy in float32. logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-
-@functools.cache
-def extension():
-    """The compiled `spectra.train._kernels` module, or None when the package was installed without it."""
-    try:
-        from spectra.train import _kernels
-    except ImportError:
-        return None
-    return _kernels
 
 
 @functools.cache  # asked on every training step; the CPU's features do not change
@@ -48,7 +40,7 @@ def cross_entropy_rows(logits: Tensor, targets: Tensor, *, scale: float = 0.0, p
     ext = extension()
     paths = kernel_paths()
     if ext is None:
-        raise ValueError("the loss kernel needs spectra's compiled extension (spectra.train._kernels), which is not "
+        raise ValueError("the loss kernel needs spectra's compiled extension (spectra.kernels._train), which is not "
                          "built; reinstall with a C compiler available (pip install .)")
     path = paths[0] if path == "auto" else path
     if path not in paths:

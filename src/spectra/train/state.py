@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectra.checkpoint import META_FILE, atomic_dir, read_meta, save_model
+from spectra.checkpoint import save_model
 from spectra.config import ModelConfig
+from spectra.files import META_FILE, atomic_dir, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-    from spectra.checkpoint import atomic_file
+    from spectra.files import atomic_file
 
     with atomic_file(path) as f:
         f.write("".join(x + "\n" for x in keep))

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectra.checkpoint import save_model, write_json
+from spectra.checkpoint import save_model
 from spectra.config import ModelConfig, pad_vocab
 from spectra.data.shards import SequenceSampler, TokenStream, is_shard_dir, prepare_shards, read_manifest
 from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_tokenizer, tokenizer_hash, vocab_size
+from spectra.files import write_json
 from spectra.model import build_model
 from spectra.quantizers import set_progress
 from spectra.train import dist

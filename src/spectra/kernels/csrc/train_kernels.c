@@ -1,5 +1,5 @@
 /*
- * spectra.train._kernels: the training loss (see spectra/train/loss.py) and causal attention (spectra/model.py,
+ * spectra.kernels._train: the training loss (see spectra/train/loss.py) and causal attention (spectra/kernels/attention.py,
  * further down) on CPU.
  *
  * cross_entropy: for logits x [N, V] (bfloat16 or float32, rows contiguous) and targets t [N] (int64, 0 <= t < V),
@@ -557,7 +557,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "spectra's training kernels for CPUs", -1, methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_train", "spectra's training kernels for CPUs", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__train(void) { return PyModule_Create(&module); }

@@ -41,7 +41,7 @@ class TernaryWeight:
 
 def ternary_weight(module: nn.Module) -> TernaryWeight | None:
     """The exact ternary codes and scales of a latent or packed TriLM linear layer; None for other layers."""
-    from spectra.ternary import TernaryLinear
+    from spectra.layers import TernaryLinear
 
     if isinstance(module, TernaryLinear):
         with torch.no_grad():

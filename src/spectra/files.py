@@ -1,0 +1,191 @@
+"""Files on disk, at the bottom of the house: atomic writes, JSON and safetensors reads that fail with one clear line.
+
+Every reader in spectra turns a broken file (truncated or corrupt safetensors, invalid JSON, a missing file, a
+pickle-only checkpoint) into a `FormatError` that names the file and says what is wrong; the CLI prints it as one
+line and exits with code 2. Every writer goes through `atomic_dir` / `atomic_file`: a temporary name in the same
+folder, renamed into place on success, so an interrupted write never leaves half a file behind.
+
+A spectra model directory holds `model.safetensors`, `spectra.json` (`{"format": "spectra", "kind": ...}`) and,
+when the model has one, `tokenizer.json`. This module knows those names; what each kind means lives with its loader
+(`spectra.loading`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+META_FILE = "spectra.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
+
+# bytes per element of each safetensors dtype
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4,
+    "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+class FormatError(ValueError):
+    """A file spectra reads is missing, truncated, corrupt or of a kind it does not accept. The message names the file
+    and the problem in one line."""
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside `path` for writing; it is flushed, fsynced and renamed onto `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON file") -> Any:
+    """Parse a JSON file; a missing or invalid file is a FormatError naming it and `what` it should be."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing (expected {what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} cannot be read as {what}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); expected {what}") from None
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `spectra.json` of a model directory, checked to be a spectra meta file."""
+    meta_path = Path(path) / META_FILE
+    meta = read_json(meta_path, "spectra's model metadata")
+    if not isinstance(meta, dict) or meta.get("format") != "spectra":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{meta_path} has format={found!r}, expected 'spectra'")
+    return meta
+
+
+def find_tokenizer(path: str | os.PathLike) -> Path | None:
+    """The tokenizer.json stored with a model directory, if any."""
+    p = Path(path) / TOKENIZER_FILE
+    return p if p.exists() else None
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file's size: every tensor's byte range must lie inside
+    the file and match its dtype and shape. Reads only the header. A FormatError names what is wrong."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise FormatError(f"{path} is truncated or not safetensors: its header claims {n} bytes, the file "
+                                  f"has {size}")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{path} is missing") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FormatError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    data = size - 8 - n
+    end_max = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = t["data_offsets"]
+            nbytes = SAFETENSORS_DTYPE_BYTES[t["dtype"]] * _prod(t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path} is corrupt: tensor {name!r} has an invalid header entry") from None
+        if end - begin != nbytes:
+            raise FormatError(f"{path} is corrupt: tensor {name!r} spans {end - begin} bytes, its dtype and shape "
+                              f"need {nbytes}")
+        end_max = max(end_max, end)
+    if end_max > data:
+        raise FormatError(f"{path} is truncated: its tensors need {end_max} bytes of data, the file holds {data}")
+    return header
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        if not isinstance(d, int) or d < 0:
+            raise ValueError(d)
+        n *= d
+    return n
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """All tensors of a safetensors file, after `safetensors_header` has checked it is whole."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safetensors_header(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{path} cannot be read as safetensors: {e}") from None
+
+
+def refuse_pickle(path: str | os.PathLike) -> None:
+    """A directory whose weights exist only as pickles is refused: spectra never unpickles (a pickle can run code)."""
+    path = Path(path)
+    found = [name for name in PICKLE_FILES if (path / name).exists()]
+    if found and not any(path.glob("*.safetensors")):
+        raise FormatError(
+            f"{path / found[0]} is a pickle checkpoint, which spectra never loads (unpickling can run code); convert "
+            "it to safetensors first, e.g. transformers' `AutoModelForCausalLM.from_pretrained(d)."
+            "save_pretrained(out, safe_serialization=True)`"
+        )

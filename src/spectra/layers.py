@@ -1,0 +1,278 @@
+"""The model's building blocks below the model: norms, rotary embeddings, the ternary linear layer, and the explicit
+inference cache that layers with an expensive weight share.
+
+    RMSNorm / make_norm          x / sqrt(mean(x²) + eps) · w (float32, like HF Llama); LayerNorm for the ablation
+    rope_cache / apply_rope      rotary position embeddings, HF's rotate_half convention
+    TernaryLinear                nn.Linear whose forward uses the quantized weight (`spectra.quantizers`), STE to W
+    make_linear                  the one switch between FloatLM (nn.Linear) and TriLM (TernaryLinear)
+    convert_to_ternary           swap a model's block linears for TernaryLinear -> how many were swapped
+
+**Inference caches are explicit.** A TernaryLinear's W̃ = γ·Ŵ (and an opted-in QuantLinear's dequantized weight,
+`spectra.ptq.qlinear`) is worth computing once when a model only runs inference. `freeze_for_inference(model)` puts
+the model in eval mode and has every such layer compute and keep it. It is dropped, never silently stale, by:
+`model.train()`, `load_state_dict`, `set_exact`, any optimizer step that updates the layer's parameters (a global
+optimizer hook, installed at the first freeze), and `unfreeze()`. Nothing is keyed on tensor versions or pointers:
+an in-place edit of a frozen layer's weight outside those (`p.data.copy_(…)` in eval mode) is not seen until one of
+them runs, which is what frozen means. Unfrozen layers in eval mode compute W̃ on every forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spectra.config import ModelConfig
+from spectra.quantizers import build_quantizer
+from spectra.ternary import EPS, SHARD_DIM, dequantize, shard_rows
+
+
+# ---- norms and rotary ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 like HF Llama."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
+    return RMSNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim), halves repeated (HF's rotate_half convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D) or per row (B, 1, T, D). The result keeps x's dtype (under autocast, bf16 q
+    and k with float32 cos/sin would otherwise come out float32, only for attention to cast them back)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ---- explicit inference caches ------------------------------------------------------------------------------------
+_FROZEN: weakref.WeakSet = weakref.WeakSet()  # layers holding an inference cache now
+_OPTIMIZER_HOOK = None
+
+
+def _drop_updated(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: frozen layers whose parameters the optimizer holds drop their cache."""
+    if not _FROZEN:
+        return
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_FROZEN):
+        if any(id(p) in updated for p in layer.parameters()):
+            layer.unfreeze()
+
+
+class InferenceCache:
+    """Mixin for a layer that can keep an expensive inference weight while frozen (module docstring). Subclasses
+    implement `_build_frozen()` (the state to keep, or None to keep nothing) and read `self._frozen`."""
+
+    _frozen = None
+
+    def freeze(self) -> None:
+        """Compute and keep the inference weight (a layer already frozen keeps what it holds)."""
+        global _OPTIMIZER_HOOK
+        if self._frozen is None:
+            self._frozen = self._build_frozen()
+        if self._frozen is not None:
+            _FROZEN.add(self)
+            if _OPTIMIZER_HOOK is None:
+                _OPTIMIZER_HOOK = torch.optim.optimizer.register_optimizer_step_post_hook(_drop_updated)
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+        _FROZEN.discard(self)
+
+    def _build_frozen(self):
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        """Bytes the inference cache holds now."""
+        return sum(t.numel() * t.element_size() for t in (self._frozen or ()) if isinstance(t, Tensor))
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.unfreeze()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.unfreeze()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def freeze_for_inference(model: nn.Module) -> nn.Module:
+    """Eval mode, and every `InferenceCache` layer computes and keeps its inference weight. Returns `model`."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, InferenceCache):
+            module.freeze()
+    return model
+
+
+def inference_cache_bytes(model: nn.Module) -> int:
+    """Bytes held by the inference caches of `model`'s layers."""
+    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, InferenceCache))
+
+
+# ---- the ternary linear layer -------------------------------------------------------------------------------------
+class TernaryLinear(InferenceCache, nn.Linear):
+    """nn.Linear whose forward uses the quantized weight; the latent weight is trained through the STE.
+
+    The quantizer is `config.quantizer` (default "trilm", the paper's), a child module `quantizer`; see
+    `spectra.quantizers` for the ablations. Quantizers that ask for it (`bitnet158`) get an RMSNorm over the input
+    features inside the layer, `input_norm` (state-dict key `...<proj>.input_norm.weight`), applied before the input is
+    quantized: BitNet's norm before every linear layer, which a Llama checkpoint cannot represent.
+    While frozen (`freeze_for_inference`), the codes, scales and W̃ are kept: `_frozen = (codes, scales, W̃)`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        num_shards: int = 1,
+        shard_dim: int = 0,
+        quantizer: str = "trilm",
+        quantizer_options: dict | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.num_shards = num_shards
+        self.shard_dim = shard_dim
+        self.quantizer = build_quantizer(quantizer, num_shards=num_shards, dim=shard_dim, **(quantizer_options or {}))
+        self.quantizer.to(device=device, dtype=dtype)
+        if self.quantizer.input_norm:
+            self.input_norm = RMSNorm(in_features).to(device=device, dtype=dtype)
+        else:
+            self.input_norm = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_shards={self.num_shards}, shard_dim={self.shard_dim}"
+
+    def _build_frozen(self):
+        if not self.quantizer.cacheable:
+            return None
+        codes, scales = self.quantizer.codes_and_scales(self.weight)
+        return codes, scales, self.quantizer.dequantize(codes, scales).to(self.weight.dtype)
+
+    def codes_and_scales(self) -> tuple[Tensor, Tensor]:
+        """Integer codes (ternary: int8 in {-1, 0, 1}) and per-shard scales: the frozen ones, else of the current
+        weight."""
+        if self._frozen is not None:
+            return self._frozen[0], self._frozen[1]
+        return self.quantizer.codes_and_scales(self.weight)
+
+    def set_exact(self, codes: Tensor, scales: Tensor) -> None:
+        """Load exact codes and scales (e.g. recovered from an unpacked checkpoint), and freeze the layer on them.
+
+        The latent weight is set to Ŵ·(γ−ε)/p per shard (p = fraction of nonzero codes), which the absmean formula maps
+        back to the same codes and, up to float rounding, the same γ, so training can continue from here. Inference
+        uses the exact codes and scales until the layer is unfrozen (`train()`, an optimizer step, ...).
+        """
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not match weight {tuple(self.weight.shape)}")
+        if scales.numel() != self.num_shards:
+            raise ValueError(f"{scales.numel()} scales given for a layer with {self.num_shards} shards")
+        shard_rows(codes, self.num_shards, self.shard_dim)  # validates the split
+        latent = []
+        for c, g in zip(codes.float().chunk(self.num_shards, self.shard_dim), scales.float(), strict=True):
+            p = c.abs().mean()
+            latent.append(c * ((g - EPS).clamp(min=0) / p) if p > 0 else torch.zeros_like(c))
+        with torch.no_grad():
+            self.weight.copy_(torch.cat(latent, dim=self.shard_dim))
+        self.unfreeze()
+        W_q = dequantize(codes, scales, self.shard_dim, self.weight.dtype).to(self.weight.device)
+        self._frozen = (codes.to(torch.int8), scales.float(), W_q)
+        self.freeze()
+
+    def quantized_weight(self) -> Tensor:
+        """W̃ in the weight's dtype (no autograd): the frozen one, else computed from the current weight."""
+        if self._frozen is not None and self._frozen[2].dtype == self.weight.dtype:
+            return self._frozen[2]
+        codes, scales = self.quantizer.codes_and_scales(self.weight)
+        return self.quantizer.dequantize(codes, scales).to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        if not self.training and not torch.is_grad_enabled() and self.quantizer.cacheable:
+            return F.linear(self.quantizer.quantize_input(x), self.quantized_weight())
+        return F.linear(self.quantizer.quantize_input(x), self.quantizer.forward_weight(self.weight))
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype / device) moves the weight; the frozen codes and scales follow it and W̃ is rebuilt from them
+        out = super()._apply(fn, recurse)
+        if self._frozen is not None:
+            codes, scales, _ = self._frozen
+            codes, scales = codes.to(self.weight.device), scales.to(self.weight.device)
+            self._frozen = (codes, scales, self.quantizer.dequantize(codes, scales).to(self.weight.dtype))
+        return out
+
+
+def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int) -> nn.Linear:
+    if cfg.family == "trilm":  # TriLM: ternary weights x one absmean scale per model-parallel shard
+        return TernaryLinear(
+            in_features,
+            out_features,
+            num_shards=cfg.num_scale_shards,
+            shard_dim=SHARD_DIM[name],
+            quantizer=cfg.quantizer,
+            quantizer_options=cfg.quantizer_options,
+        )
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def convert_to_ternary(
+    model: nn.Module,
+    *,
+    num_shards: int = 1,
+    quantizer: str = "trilm",
+    quantizer_options: dict | None = None,
+) -> int:
+    """Swap every block linear layer (q/k/v/o/gate/up/down) for a TernaryLinear, keeping the latent weight.
+
+    Embeddings and lm_head are never converted. Returns how many layers were converted.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in SHARD_DIM or type(child) is not nn.Linear:
+                continue
+            if child.bias is not None:
+                raise ValueError(f"{name} has a bias; TriLM linear layers have none")
+            new = TernaryLinear(
+                child.in_features,
+                child.out_features,
+                num_shards=num_shards,
+                shard_dim=SHARD_DIM[name],
+                quantizer=quantizer,
+                quantizer_options=quantizer_options,
+                device=child.weight.device,
+                dtype=child.weight.dtype,
+            )
+            with torch.no_grad():
+                new.weight.copy_(child.weight)
+            setattr(parent, name, new)
+            count += 1
+    return count
