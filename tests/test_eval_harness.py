@@ -233,7 +233,7 @@ def model_kinds(root):
                           init_std=0.1)
         save_model(build_model(cfg, seed=0), root / family, tokenizer=tok)
         kinds.append((family, load(root / family)))
-    pack_model(root / "trilm", root / "packed")
+    pack_model(load(root / "trilm"), root / "packed")
     kinds.append(("packed", load(root / "packed")))
     quantize(root / "floatlm", root / "quantlm", bits=4, calib=root / "calib", n_samples=12, seq_len=64, group_size=64,
              progress=False)

@@ -146,7 +146,10 @@ def test_export_from_directory_uses_its_tokenizer(tmp_path):
     tok = bpe_tokenizer()
     tok.save(str(tmp_path / "tok.json"))
     save_model(build_model(cfg_256(), seed=0), tmp_path / "m", tokenizer=tmp_path / "tok.json")
-    info = export_gguf(str(tmp_path / "m"), tmp_path / "out" / "m.gguf", qtype="tq1_0")
+    from spectra.loading import find_tokenizer, load
+
+    src = tmp_path / "m"
+    info = export_gguf(load(src), tmp_path / "out" / "m.gguf", qtype="tq1_0", tokenizer=find_tokenizer(src))
     assert info["tokenizer"] == "gpt2" and (tmp_path / "out" / "m.gguf").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp file left
 

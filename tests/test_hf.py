@@ -122,7 +122,7 @@ def test_tokenizer_files_load_with_autotokenizer(tmp_path):
     tok = _tokenizer(tmp_path)
     model = build_model(tiny_config(), seed=0)
     save_model(model, tmp_path / "ours", tokenizer=tok)
-    out = export_hf(tmp_path / "ours", tmp_path / "hf")
+    out = export_hf(model, tmp_path / "hf", tokenizer=tmp_path / "ours" / "tokenizer.json")
     auto = transformers.AutoTokenizer.from_pretrained(out)
     assert auto.eos_token_id == 0 and auto("a b c")["input_ids"] == [1, 2, 3]
 

@@ -201,7 +201,7 @@ def test_attention_kernel_probabilities_and_strides():
 
 def test_training_attention_uses_the_kernel(monkeypatch):
     """A bf16 training step on CPU goes through the attention kernel when the machine has one."""
-    import spectra.model as model_mod
+    import spectra.kernels.attention as model_mod
 
     ext = model_mod.attention_kernel()
     if ext is None:
@@ -264,7 +264,7 @@ def test_loading_skips_the_random_init(tmp_path, monkeypatch):
 
 def test_causal_attention_dispatch(monkeypatch):
     """Dense kernel only when training on CPU within the length and probability-count limits; SDPA otherwise."""
-    import spectra.model as model_mod
+    import spectra.kernels.attention as model_mod
 
     q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
     assert "DenseCausalAttention" in type(model_mod.causal_attention(q, k, v).grad_fn).__name__

@@ -97,7 +97,10 @@ def test_quant_linear_round_trip(bits, sym, group):
     torch.testing.assert_close(layer(x), x @ qw.dequantize().T)
 
 
-def test_quant_linear_caches_the_weight_until_a_buffer_changes(monkeypatch):
+def test_quant_linear_keeps_the_weight_only_when_opted_in_and_frozen(monkeypatch):
+    from spectra.layers import freeze_for_inference, inference_cache_bytes
+    from spectra.ptq.qlinear import cache_dequantized
+
     layer = QuantLinear.from_quantized(Quantizer(4, group_size=32, sym=True).rtn(torch.randn(64, 128)))
     calls = {"n": 0}
     real = QuantLinear.dequantize_weight
@@ -109,13 +112,20 @@ def test_quant_linear_caches_the_weight_until_a_buffer_changes(monkeypatch):
     monkeypatch.setattr(QuantLinear, "dequantize_weight", counted)
     x = torch.randn(3, 128)
     with torch.no_grad():
+        freeze_for_inference(layer)  # not opted in: the QuantLM keeps its small size
         first = layer(x)
-        assert torch.equal(layer(x), first) and calls["n"] == 1  # cached
-        layer.scales.mul_(2)  # a changed buffer invalidates the cache
-        torch.testing.assert_close(layer(x), 2 * first)
-        assert calls["n"] == 2
+        layer(x)
+        assert calls["n"] == 2 and inference_cache_bytes(layer) == 0
+        assert cache_dequantized(layer) == 1
+        assert torch.equal(layer(x), first) and torch.equal(layer(x), first) and calls["n"] == 3  # kept
+        assert inference_cache_bytes(layer) == 64 * 128 * 4  # a float32 copy of the layer
         layer(x.double())
-        assert calls["n"] == 3  # another dtype
+        assert calls["n"] == 4  # another dtype
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["scales"] = state["scales"] * 2
+        layer.load_state_dict(state)  # loading new buffers drops the kept weight
+        torch.testing.assert_close(layer(x), 2 * first)
+        assert calls["n"] == 5
     layer(x)  # with autograd on, nothing is kept
     layer(x)
-    assert calls["n"] == 5
+    assert calls["n"] == 7

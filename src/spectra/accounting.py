@@ -72,8 +72,6 @@ def size_report(cfg: ModelConfig) -> dict[str, Any]:
     return report
 
 
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-              "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64}
 
 
 def stored_bits(path) -> dict[str, Any]:
@@ -82,24 +80,22 @@ def stored_bits(path) -> dict[str, Any]:
     `block_bits` covers the transformer blocks (packed codes, scales, zeros, norms), `other_bits` the embedding,
     lm_head and final norm.
     """
-    import json
-    import struct
     from pathlib import Path
+
+    from spectra.files import SAFETENSORS_DTYPE_BYTES, safetensors_header
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors file")
     block, other, n_tensors = 0, 0, 0
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        header = safetensors_header(f)
         for name, t in header.items():
             if name == "__metadata__":
                 continue
-            if t["dtype"] not in DTYPE_BITS:
+            if t["dtype"] not in SAFETENSORS_DTYPE_BYTES:
                 raise ValueError(f"{f}: tensor {name} has dtype {t['dtype']}, unknown to the size count")
-            bits = math.prod(t["shape"]) * DTYPE_BITS[t["dtype"]]
+            bits = math.prod(t["shape"]) * 8 * SAFETENSORS_DTYPE_BYTES[t["dtype"]]
             n_tensors += 1
             if ".layers." in f".{name}":
                 block += bits

@@ -52,24 +52,39 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def model_info(model: str) -> dict:
-    """Size report of a size name or a model directory (adds the real size of packed and QuantLM checkpoints)."""
+    """Size report of a size name or a model (or run) directory. The files are checked first: the metadata must
+    parse and every safetensors file must be whole (its header read and checked against the file's size). Packed and
+    QuantLM checkpoints also report what they really store."""
     from spectra.accounting import size_report
     from spectra.config import ModelConfig, from_name
-    from spectra.files import META_FILE, read_meta
+    from spectra.files import META_FILE, WEIGHTS_FILE, FormatError, read_meta, safetensors_header
+    from spectra.loading import model_dir
 
     path = Path(model)
     if not path.exists():
         return size_report(from_name(model))
+    path = model_dir(path)
+    weights = sorted(path.glob("*.safetensors"))
     if (path / META_FILE).exists():
         meta = read_meta(path)
-        report = size_report(ModelConfig.from_dict(meta["config"]))
-        report["kind"] = meta["kind"]
+        try:
+            report = size_report(ModelConfig.from_dict(meta["config"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
+        report["kind"] = meta.get("kind")
+        if not (path / WEIGHTS_FILE).exists():
+            raise FormatError(f"{path / WEIGHTS_FILE} is missing")
     else:
+        from spectra.files import refuse_pickle
         from spectra.interop.hf import config_from_hf, read_hf_config
 
+        refuse_pickle(path)
         hf = read_hf_config(path)
         report = size_report(config_from_hf(hf, str(path / "config.json")))
         report["kind"] = "quantlm" if hf.get("quantization_config") else "hf"
+        if not weights:
+            raise FormatError(f"{path} holds no .safetensors weights")
+    report["files"] = {f.name: f.stat().st_size for f in weights if safetensors_header(f) is not None}
     if report["kind"] == "quantlm":
         from spectra.ptq.formats import quantlm_size_bits
 
@@ -98,6 +113,8 @@ def run_info(args: argparse.Namespace) -> int:
     print("  size in bits (paper's accounting; embeddings and head at 16 bits):")
     for family, bits in report["bits"].items():
         print(f"    {family:<16}{bits / 1e9:>10.3f}e9 bits  {bits / 8 / 2**20:>10.1f} MiB")
+    for name, size in report.get("files", {}).items():
+        print(f"  {name:<20}{size:>16,} bytes, header and size checked")
     if "actual" in report:
         print(f"  this checkpoint     {json.dumps(report['actual'])}")
     return 0

@@ -23,6 +23,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from spectra.config import ModelConfig
 from spectra.quantizers import build_quantizer
@@ -97,7 +98,7 @@ class InferenceCache:
         if self._frozen is not None:
             _FROZEN.add(self)
             if _OPTIMIZER_HOOK is None:
-                _OPTIMIZER_HOOK = torch.optim.optimizer.register_optimizer_step_post_hook(_drop_updated)
+                _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_drop_updated)
 
     def unfreeze(self) -> None:
         self._frozen = None
@@ -108,7 +109,8 @@ class InferenceCache:
 
     def cache_bytes(self) -> int:
         """Bytes the inference cache holds now."""
-        return sum(t.numel() * t.element_size() for t in (self._frozen or ()) if isinstance(t, Tensor))
+        held = self._frozen.values() if isinstance(self._frozen, dict) else (self._frozen or ())
+        return sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
 
     def train(self, mode: bool = True):
         if mode:

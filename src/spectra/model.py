@@ -173,8 +173,9 @@ class Transformer(nn.Module):
         `mask` (B, T, T), boolean: which keys each query sees (default causal); not with a cache."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        end = start + T if positions is None else int(positions.max()) + 1 if positions.numel() else 0
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, {start + T} needed")
         if cache is not None and (positions is not None or mask is not None):

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, WEIGHTS_FILE, read_meta, write_json
+from spectra.files import META_FILE, WEIGHTS_FILE, load_safetensors, read_meta, write_json
 from spectra.layers import TernaryLinear
 from spectra.ternary import SHARD_DIM
 
@@ -146,7 +145,7 @@ def collect(run_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(
                 f"{path / META_FILE}: model config differs from {checkpoints[0][2]}; one run has one config"
             )
-        load_state_checked(model, load_file(str(path / WEIGHTS_FILE)), str(path / WEIGHTS_FILE))
+        load_state_checked(model, load_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
         sums: dict[str, float] = dict(n=0, neg=0, zero=0, pos=0, flips=0, sq=0, dsq=0, dmax=0.0, scale=0)
         current = {}
         with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 
 from spectra.data.corpora import SPLITS, cache_root, read_documents, source_fingerprint
 from spectra.data.tokenizer import eos_id, load_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
-from spectra.files import atomic_file, write_json
+from spectra.files import FormatError, atomic_file, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,10 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: not a token shard folder "
                                 "(build one with `spectra data shards`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_json(path, "a token shard manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FormatError(f"{path} has format {found!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -221,6 +219,13 @@ class TokenStream:
             raise ValueError(f"{self.dir / MANIFEST} has no {split!r} tokens; splits present: "
                              f"{sorted(k for k, v in self.manifest['splits'].items() if v['tokens'])}")
         dtype = np.dtype(self.manifest["dtype"])
+        for s in entry["shards"]:
+            f = self.dir / s["file"]
+            size = f.stat().st_size if f.exists() else None
+            if size != s["tokens"] * dtype.itemsize:
+                raise FormatError(f"{f} is {'missing' if size is None else f'{size} bytes'}; "
+                                  f"{self.dir / MANIFEST} records {s['tokens']} {dtype} tokens "
+                                  f"({s['tokens'] * dtype.itemsize} bytes): rebuild the shards (spectra data shards)")
         self.arrays = [np.memmap(self.dir / s["file"], dtype=dtype, mode="r") for s in entry["shards"]]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.eos_id = int(self.manifest["tokenizer"]["eos_id"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from spectra.config import ModelConfig, pad_vocab
 from spectra.data.corpora import cache_root, read_documents
-from spectra.files import atomic_file
+from spectra.files import FormatError, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def load_tokenizer(path_or_dir):
     try:
         return _tokenizers().Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on malformed json
-        raise ValueError(f"{p} is not a valid tokenizer.json: {e}") from e
+        raise FormatError(f"{p} is not a valid tokenizer.json: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
 def tokenizer_hash(path_or_dir: str | os.PathLike) -> str:

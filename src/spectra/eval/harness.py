@@ -38,7 +38,7 @@ try:
 except ImportError as e:  # lm-eval is the `eval` extra
     raise ImportError(f"spectra.eval.harness needs lm-eval ({e}); install it with: pip install 'spectra[eval]'") from e
 
-from spectra.eval.scoring import hidden_states, score_groups, score_sequences
+from spectra.eval.scoring import score_groups, score_sequences
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +230,15 @@ class SpectraLM(TemplateLM):
         model, out = self.model, []
         cache = model.new_cache(1, len(context) + max_new)
         idx = torch.tensor([context], dtype=torch.long, device=self._device)
-        with hidden_states(model) as head:
-            for _ in range(max_new):
-                h = model(idx, cache=cache)[:, -1]  # (1, C)
-                nxt = int(head(h).argmax(dim=-1))
-                out.append(nxt)
-                if nxt == self._eos:
-                    break
-                if until and any(s and s in self.tok_decode(out) for s in until):
-                    break
-                idx = torch.tensor([[nxt]], dtype=torch.long, device=self._device)
+        for _ in range(max_new):
+            h = model(idx, cache=cache, return_hidden=True)[:, -1]  # (1, C)
+            nxt = int(model.lm_head(h).argmax(dim=-1))
+            out.append(nxt)
+            if nxt == self._eos:
+                break
+            if until and any(s and s in self.tok_decode(out) for s in until):
+                break
+            idx = torch.tensor([[nxt]], dtype=torch.long, device=self._device)
         return out
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:

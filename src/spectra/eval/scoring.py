@@ -4,7 +4,7 @@ Every scorer here answers one question: given token sequences, what is log p(x_t
 and was x_t the greedy (argmax) choice? Two costs dominate on a CPU: the output head (V = 50304 columns, as large as
 the whole body of a 20M model) and re-running shared prefixes. So:
 
-- `hidden_states` runs the model body only (the head is swapped out for the call) and the head is applied to the
+- the model returns its final-norm hidden states (`model(idx, return_hidden=True)`) and the head is applied to the
   positions that are scored, in row chunks, with a float32 log-softmax:  log p(y | h) = (W h)_y − logsumexp(W h).
 - `score_sequences` batches independent sequences right-padded (causal attention makes the padding invisible to
   earlier positions), sorted by length so a batch wastes little padding.
@@ -13,31 +13,19 @@ the whole body of a 20M model) and re-running shared prefixes. So:
   computed once and a batch holds many questions, so cost is |ctx| + Σ(|cont| − 1) tokens in few large calls
   instead of Σ(|ctx| + |cont|).
 
-Works for anything `spectra.load` returns (FloatLM, latent TriLM, packed TriLM, QuantLM): they share the
-`Transformer` modules (`embed_tokens`, `layers[i].{input_layernorm, self_attn, post_attention_layernorm, mlp}`,
-`norm`, `lm_head`, `rope_cos/rope_sin`), whatever their linear layers are.
+Works for anything `spectra.load` returns (FloatLM, latent TriLM, packed TriLM, QuantLM): each is a `Transformer`,
+whose forward takes per-row positions and an attention mask and can return hidden states, whatever its linear
+layers are.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 HEAD_CHUNK_ROWS = 2048  # rows of the (rows, V) logit matrix materialised at once: 2048 x 50304 x 4 B = 412 MB
-
-
-@contextlib.contextmanager
-def hidden_states(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, `model(idx, cache=...)` returns final-norm hidden states (B, T, C); yields the head."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
 
 
 def head_logprobs(head: nn.Module, h: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,43 +63,30 @@ def score_sequences(
     device = _device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(seqs)
-    with hidden_states(model) as head:
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            T = len(seqs[idx[0]]) - 1
-            inp = torch.zeros(len(idx), T, dtype=torch.long)
-            rows, cols, tgts = [], [], []
-            for r, i in enumerate(idx):
-                s, k = seqs[i], n_scored[i]
-                n = len(s) - 1
-                inp[r, :n] = torch.tensor(s[:-1], dtype=torch.long)
-                rows += [r] * k
-                cols += range(n - k, n)
-                tgts += s[len(s) - k :]
-            h = model(inp.to(device))  # (B, T, C)
-            logp, greedy = head_logprobs(head, h[rows, cols], torch.tensor(tgts, device=device))
-            start = 0
-            for i in idx:
-                k = n_scored[i]
-                out[i] = (logp[start : start + k].cpu(), greedy[start : start + k].cpu())
-                start += k
+    head = model.lm_head
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        T = len(seqs[idx[0]]) - 1
+        inp = torch.zeros(len(idx), T, dtype=torch.long)
+        rows, cols, tgts = [], [], []
+        for r, i in enumerate(idx):
+            s, k = seqs[i], n_scored[i]
+            n = len(s) - 1
+            inp[r, :n] = torch.tensor(s[:-1], dtype=torch.long)
+            rows += [r] * k
+            cols += range(n - k, n)
+            tgts += s[len(s) - k :]
+        h = model(inp.to(device), return_hidden=True)  # (B, T, C)
+        logp, greedy = head_logprobs(head, h[rows, cols], torch.tensor(tgts, device=device))
+        start = 0
+        for i in idx:
+            k = n_scored[i]
+            out[i] = (logp[start : start + k].cpu(), greedy[start : start + k].cpu())
+            start += k
     return out  # type: ignore[return-value]
 
 
 CTX, PAD = -1, -2  # segment ids of a packed row: the shared context, padding; continuation j has segment j
-
-
-def tree_hidden(model: nn.Module, idx: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-    """Final-norm hidden states (B, T, C) of rows whose tokens sit at positions `pos` (B, T) and see the keys
-    `mask` (B, T, T) allows: the model's own blocks with another attention mask and per-row rotary positions, so a
-    context can be shared by several continuations."""
-    x = model.embed_tokens(idx)  # (B, T, C)
-    cos = model.rope_cos[pos].to(x.dtype).unsqueeze(1)  # (B, 1, T, D)
-    sin = model.rope_sin[pos].to(x.dtype).unsqueeze(1)
-    attn_mask = mask.unsqueeze(1)  # (B, 1, T, T)
-    for layer in model.layers:
-        x = layer(x, cos, sin, None, attn_mask)
-    return model.norm(x)
 
 
 def pack_group(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> tuple[list, list, list, list]:
@@ -147,35 +122,35 @@ def score_groups(
     packed = [pack_group(ctx, conts) for ctx, conts in groups]
     order = sorted(range(len(groups)), key=lambda g: -len(packed[g][0]))
     out: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(groups)
-    with hidden_states(model) as head:
-        for b in range(0, len(order), batch_size):
-            rows = order[b : b + batch_size]
-            T = len(packed[rows[0]][0])
-            idx = torch.zeros(len(rows), T, dtype=torch.long)
-            pos = torch.zeros(len(rows), T, dtype=torch.long)
-            seg = torch.full((len(rows), T), PAD, dtype=torch.long)
-            for r, g in enumerate(rows):
-                tokens, p, s, _ = packed[g]
-                idx[r, : len(tokens)] = torch.tensor(tokens)
-                pos[r, : len(tokens)] = torch.tensor(p)
-                seg[r, : len(tokens)] = torch.tensor(s)
-            ar = torch.arange(T)
-            causal = ar[None, :, None] >= ar[None, None, :]  # (1, T, T): key k <= query i
-            same = (seg[:, None, :] == CTX) | (seg[:, None, :] == seg[:, :, None])
-            mask = (causal & same & (seg[:, None, :] != PAD)) | (ar[:, None] == ar[None, :])  # pads see themselves
-            h = tree_hidden(model, idx.to(device), pos.to(device), mask.to(device))  # (B, T, C)
-            rr, cc, tgts = [], [], []
-            for r, g in enumerate(rows):
-                for c, pred in zip(groups[g][1], packed[g][3]):
-                    rr += [r] * len(pred)
-                    cc += pred
-                    tgts += c
-            logp, greedy = head_logprobs(head, h[rr, cc], torch.tensor(tgts, device=device, dtype=torch.long))
-            start = 0
-            for g in rows:
-                scores = []
-                for c in groups[g][1]:
-                    scores.append((logp[start : start + len(c)].cpu(), greedy[start : start + len(c)].cpu()))
-                    start += len(c)
-                out[g] = scores
+    head = model.lm_head
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        T = len(packed[rows[0]][0])
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        pos = torch.zeros(len(rows), T, dtype=torch.long)
+        seg = torch.full((len(rows), T), PAD, dtype=torch.long)
+        for r, g in enumerate(rows):
+            tokens, p, s, _ = packed[g]
+            idx[r, : len(tokens)] = torch.tensor(tokens)
+            pos[r, : len(tokens)] = torch.tensor(p)
+            seg[r, : len(tokens)] = torch.tensor(s)
+        ar = torch.arange(T)
+        causal = ar[None, :, None] >= ar[None, None, :]  # (1, T, T): key k <= query i
+        same = (seg[:, None, :] == CTX) | (seg[:, None, :] == seg[:, :, None])
+        mask = (causal & same & (seg[:, None, :] != PAD)) | (ar[:, None] == ar[None, :])  # pads see themselves
+        h = model(idx.to(device), positions=pos.to(device), mask=mask.to(device), return_hidden=True)  # (B, T, C)
+        rr, cc, tgts = [], [], []
+        for r, g in enumerate(rows):
+            for c, pred in zip(groups[g][1], packed[g][3]):
+                rr += [r] * len(pred)
+                cc += pred
+                tgts += c
+        logp, greedy = head_logprobs(head, h[rr, cc], torch.tensor(tgts, device=device, dtype=torch.long))
+        start = 0
+        for g in rows:
+            scores = []
+            for c in groups[g][1]:
+                scores.append((logp[start : start + len(c)].cpu(), greedy[start : start + len(c)].cpu()))
+                start += len(c)
+            out[g] = scores
     return out  # type: ignore[return-value]

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
     p.add_argument("--no-eos-stop", action="store_true", help="keep going after the EOS token")
+    p.add_argument("--cache-dequantized", action="store_true",
+                   help="QuantLMs: keep each layer's dequantized weight (much faster decoding, a FloatLM's memory)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("bench", help="prompt and decode tokens/s of a model or a synthetic size, side by side")
@@ -53,6 +55,10 @@ def run_generate(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer PATH (or 'builtin')")
     model = load(args.model)
+    if args.cache_dequantized:
+        from spectra.ptq.qlinear import cache_dequantized
+
+        cache_dequantized(model)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import decoder_for
+from spectra.layers import freeze_for_inference
 
 
 def sample_next(
@@ -133,7 +134,7 @@ def generate(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     use_cache = hasattr(model, "new_cache")
     was_training = model.training
-    model.eval()
+    freeze_for_inference(model)  # undone by model.train() below when the model was training
     decode = decoder_for(model) if use_cache else model
 
     out_ids: list[int] = []

@@ -20,7 +20,6 @@ quantized lm_head), and returns our Transformer with `QuantLinear` blocks.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,16 @@ from torch import nn
 
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, atomic_dir, read_meta, write_json
+from spectra.files import (
+    META_FILE,
+    SAFETENSORS_DTYPE_BYTES,
+    FormatError,
+    atomic_dir,
+    read_json,
+    read_meta,
+    safetensors_header,
+    write_json,
+)
 from spectra.ptq.qlinear import FORMATS, QuantLinear, checkpoint_format_for
 from spectra.ptq.sequential import PTQState
 
@@ -140,9 +148,9 @@ def _read_quant_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     qcfg = None
     if config_path.exists():
-        qcfg = json.loads(config_path.read_text()).get("quantization_config")
+        qcfg = read_json(config_path, "a Hugging Face model config").get("quantization_config")
     if qcfg is None and (path / QUANT_CONFIG_FILE).exists():
-        qcfg = json.loads((path / QUANT_CONFIG_FILE).read_text())
+        qcfg = read_json(path / QUANT_CONFIG_FILE, "a GPTQ quantize_config")
     if qcfg is None:
         raise ValueError(f"{path}: no quantization_config in config.json and no {QUANT_CONFIG_FILE}")
     where = f"{config_path}: quantization_config"
@@ -200,23 +208,18 @@ def load_quantlm(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | 
 
 
 def _shapes_of_dir(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape, bits per element) read from safetensors headers, without loading the tensors."""
-    from safetensors import safe_open
-
+    """name -> (shape, bits per element) read from safetensors headers (checked whole), without loading tensors."""
     files = [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if not files[0].exists() and index.exists():
-        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = [path / f for f in sorted(set(read_json(index, "a safetensors index")["weight_map"].values()))]
     if not files[0].exists():
-        raise FileNotFoundError(f"{files[0]} is missing: not a QuantLM directory")
+        raise FormatError(f"{files[0]} is missing: not a QuantLM directory")
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                sl = st.get_slice(key)
-                dtype = sl.get_dtype()
-                width = {"F16": 16, "BF16": 16, "F32": 32, "I32": 32, "I64": 64, "U8": 8, "I8": 8, "F64": 64}[dtype]
-                out[key] = (tuple(sl.get_shape()), width)
+        for key, t in safetensors_header(f).items():
+            if key != "__metadata__":
+                out[key] = (tuple(t["shape"]), 8 * SAFETENSORS_DTYPE_BYTES[t["dtype"]])
     return out
 
 

@@ -11,10 +11,12 @@ Buffers, as GPTQModel / AutoGPTQ name and shape them (in = in_features, out = ou
 
 `checkpoint_format` says how z is stored: "gptq" (v1, AutoGPTQ's legacy convention) stores z − 1; "gptq_v2" and
 "gptq_p" (GPTQModel's planar layout for 5/6/7 bits) store z itself. The forward pass dequantizes the weight into
-the input's dtype and calls `F.linear`. Without autograd (evaluation, generation) the dequantized weight is kept
-until a buffer changes, like TriLM's quantized weight: the unpacking costs more than the matmul it feeds (QuantLM
-decoding at 6m: 22.6 tok/s unpacking every token). That holds a float copy of the layer in the input's dtype
-(the FloatLM's memory in that dtype); `clear_cache()` drops it, and `QuantLinear.cache_weight = False` turns it off.
+the input's dtype and calls `F.linear`. The unpacking can cost more than the matmul it feeds (QuantLM decoding at
+6m: 21 tok/s unpacking every token, 290 with the weight kept), so a layer can keep its dequantized weight while it
+is frozen for inference (`spectra.layers.freeze_for_inference`), but only when asked: the copy is a float layer in
+the input's dtype, so a QuantLM holding it takes the FloatLM's memory in that dtype and is no longer the small model
+it is measured as. Opt in with `cache_dequantized(model)` (or `QuantLinear.cache_weight = True` before freezing);
+`inference_cache_bytes(model)` reports what it holds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spectra.layers import InferenceCache, freeze_for_inference
 from spectra.ptq.packing import CONTINUOUS_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows
 from spectra.ptq.quantizer import MAX_BITS, MIN_BITS, QuantizedWeight
 
@@ -43,8 +46,8 @@ def layout_of(checkpoint_format: str) -> str:
     return "planar" if checkpoint_format == "gptq_p" else "continuous"
 
 
-class QuantLinear(nn.Module):
-    cache_weight = True  # keep the dequantized weight between forwards without autograd (module docstring)
+class QuantLinear(InferenceCache, nn.Module):
+    cache_weight = False  # keep the dequantized weight while frozen for inference: opt-in (module docstring)
 
     def __init__(
         self, in_features: int, out_features: int, *, bits: int, group_size: int, checkpoint_format: str
@@ -66,7 +69,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(G, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
-        self._cache: tuple[tuple, Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -109,17 +111,26 @@ class QuantLinear(nn.Module):
         W = scales * (self.codes() - self.zeros()[g]).to(torch.float32)
         return W.T.to(dtype)
 
-    def _key(self, dtype: torch.dtype) -> tuple:
-        bufs = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        return (dtype, *((b._version, b.data_ptr()) for b in bufs))
-
-    def clear_cache(self) -> None:
-        self._cache = None
+    def _build_frozen(self) -> dict | None:
+        return {} if self.cache_weight else None  # dtype -> dequantized weight, filled by the first forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cache_weight and not torch.is_grad_enabled():
-            key = self._key(x.dtype)
-            if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self.dequantize_weight(x.dtype))
-            return F.linear(x, self._cache[1])
+        if self._frozen is not None and not torch.is_grad_enabled():
+            W = self._frozen.get(x.dtype)
+            if W is None:
+                W = self._frozen[x.dtype] = self.dequantize_weight(x.dtype)
+            return F.linear(x, W)
         return F.linear(x, self.dequantize_weight(x.dtype))
+
+
+def cache_dequantized(model: nn.Module) -> int:
+    """Opt every QuantLinear of `model` into keeping its dequantized weight, and freeze the model for inference.
+    Returns how many layers keep one. Costs a float copy of each layer in the compute dtype."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weight = True
+            m.unfreeze()
+            count += 1
+    freeze_for_inference(model)
+    return count

@@ -27,7 +27,7 @@ from torch import nn
 
 from spectra.checkpoint import save_model
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, atomic_dir, read_meta
+from spectra.files import META_FILE, atomic_dir, load_safetensors, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ def load_checkpoint(path: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(f"cannot resume from {path}: its model config differs in {diff} "
                          f"(checkpoint {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})")
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "model.safetensors"))
+    weights = load_safetensors(path / "model.safetensors")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return weights, state, meta
 
