@@ -44,6 +44,14 @@ def _cli_error(capsys, *argv) -> str:
     return err
 
 
+def _loads_until_truncated(model_dir, capsys):
+    assert load(model_dir) is not None
+    _truncate(model_dir / "model.safetensors")
+    with pytest.raises(FormatError, match="model.safetensors is truncated"):
+        load(model_dir)
+    assert "model.safetensors is truncated" in _cli_error(capsys, "info", str(model_dir))
+
+
 def test_safetensors_header_checks_sizes(latent):
     header = safetensors_header(latent / "model.safetensors")
     assert "embed_tokens.weight" in header
@@ -94,11 +102,7 @@ def test_broken_packed(tmp_path, capsys):
     cfg = tiny_config(family="trilm", dim=256, glu_dim=512, n_heads=4, vocab_size=256)
     out = tmp_path / "p"
     pack_model(build_model(cfg, seed=0), out, format="tq2")
-    assert load(out) is not None
-    _truncate(out / "model.safetensors")
-    with pytest.raises(FormatError, match="truncated"):
-        load(out)
-    assert "truncated" in _cli_error(capsys, "info", str(out))
+    _loads_until_truncated(out, capsys)
 
 
 def _hf_dir(tmp_path, tok_file):
@@ -137,11 +141,7 @@ def test_broken_quantlm(tmp_path, capsys):
     model = build_model(tiny_config(vocab_size=256), seed=0)
     quantize_model(model, torch.randint(0, 256, (8, 32)), bits=4, group_size=32, progress=False)
     out = save_gptq(model, tmp_path / "q")
-    assert load(out) is not None
-    _truncate(out / "model.safetensors")
-    with pytest.raises(FormatError, match="model.safetensors"):
-        load(out)
-    assert "model.safetensors" in _cli_error(capsys, "info", str(out))
+    _loads_until_truncated(out, capsys)
 
 
 def test_broken_shards(tmp_path, tok_file):
