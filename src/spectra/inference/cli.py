@@ -10,7 +10,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a model (streams text, prints tokens/s)")
     p.add_argument("model", help="a model directory (latent, packed, QuantLM, Hugging Face) or a size name")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat to decode several prompts as one batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -59,6 +59,16 @@ def run_generate(args: argparse.Namespace) -> int:
         from spectra.ptq.qlinear import cache_dequantized
 
         cache_dequantized(model)
+    if len(args.prompt) > 1:  # several prompts: decoded together, printed when all are done
+        outs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
+                        seed=args.seed, stop_at_eos=not args.no_eos_stop)
+        for i, out in enumerate(outs):
+            print(f"[{i}] {args.prompt[i]}{out['text']}")
+        total = sum(o["n_generated"] for o in outs)
+        print(f"[{len(outs)} prompts, {total} tokens generated at {outs[0]['tokens_per_s'] or 0:.1f} tok/s "
+              "aggregate]", file=sys.stderr)
+        return 0
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -67,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out = generate(
         model,
         tokenizer,
-        args.prompt,
+        args.prompt[0],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

@@ -81,7 +81,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 def generate(
     model: nn.Module,
     tokenizer: Any,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -91,8 +91,9 @@ def generate(
     seed: int = 0,
     stream: Callable[[str], None] | None = None,
     stop_at_eos: bool = True,
-) -> dict[str, Any]:
-    """Continue `prompt` (text, or token ids) with up to `max_new_tokens` tokens.
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Continue `prompt` (text, or token ids) with up to `max_new_tokens` tokens. A list of prompts (texts or
+    token-id lists) is decoded as one batch (`spectra.inference.batch.generate_batch`) and returns a list of results.
 
     `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json path, or None when the prompt is token ids (then no text
     is produced and stop strings are not available). `stream(text)` is called with each new piece of final text.
@@ -101,6 +102,14 @@ def generate(
     "finish_reason" ("length" | "eos" | "stop"), "n_prompt", "n_generated", "prompt_s", "decode_s",
     "prompt_tokens_per_s", "tokens_per_s" (decode, excluding the first token), "ms_per_token"}.
     """
+    first = prompt[0] if not isinstance(prompt, str) and len(prompt) else None
+    if isinstance(first, str | list | tuple) or (isinstance(first, torch.Tensor) and first.dim() > 0):
+        from spectra.inference.batch import generate_batch  # several prompts, decoded together
+
+        if stream is not None:
+            raise ValueError("stream is for one prompt; several prompts are decoded together and returned at the end")
+        return generate_batch(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, stop=stop, seed=seed, stop_at_eos=stop_at_eos)
     _validate(max_new_tokens, temperature, top_k, top_p)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     stops = [stop] if isinstance(stop, str) else list(stop or [])

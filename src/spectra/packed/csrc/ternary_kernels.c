@@ -1262,6 +1262,93 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* decode_layer_batch(path, n_threads, x_ptr, B, C, H, D, pos_ptr, cos_ptr, sin_ptr, k_ptrs, v_ptrs, layer_off,
+ * head_stride, scale, layer): decode_layer for B tokens of B different sequences, x [B, C] updated in place. Row b sits
+ * at position pos[b] (int64) of its own KV cache, whose layer 0 starts at k_ptrs[b] / v_ptrs[b] (uint64 addresses);
+ * this layer's starts layer_off bytes later. cos/sin: the whole (max_len, D) tables. The matrix specs are as in
+ * matmul_group with room for B rows in every y (q, k and v in separate [B, H*D] buffers); h [B, C] and att [B, H*D]
+ * are scratch. Each weight matrix is read once for all B rows (the GEMM kernels), and every per-row step (norm, RoPE,
+ * attention over that row's own positions, SiLU, residual) is the function decode_layer runs, so each row's result is
+ * bit-identical to decode_layer on that token alone. */
+static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, ppos, pcos, psin, pks, pvs;
+    long long B, C, H, D, loff, hs;
+    float scale;
+    PyObject *layer;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin, &pks,
+                          &pvs, &loff, &hs, &scale, &PyTuple_Type, &layer))
+        return NULL;
+    unsigned long long pw_in, pw_post, ph, patt;
+    float eps_in, eps_post;
+    PyObject *qkv, *o, *gu, *down;
+    if (!PyArg_ParseTuple(layer, "KfKfO!OO!OKK", &pw_in, &eps_in, &pw_post, &eps_post, &PyTuple_Type, &qkv, &o,
+                          &PyTuple_Type, &gu, &down, &ph, &patt))
+        return NULL;
+    const long long A = H * D;
+    if (B <= 0 || C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || loff < 0 ||
+        PyTuple_GET_SIZE(qkv) != 3 || PyTuple_GET_SIZE(gu) != 2)
+        return PyErr_Format(PyExc_ValueError, "bad decode_layer_batch sizes B=%lld C=%lld H=%lld D=%lld", B, C, H, D);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
+    for (long long b = 0; b < B; b++)
+        if (pos[b] < 0 || hs < (pos[b] + 1) * D)
+            return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
+    job_t jq[3], jo, jg[2], jd;
+    for (int i = 0; i < 3; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(qkv, i), &jq[i], B, C)) return NULL;
+    if (!parse_spec(o, &jo, B, A)) return NULL;
+    for (int i = 0; i < 2; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(gu, i), &jg[i], B, C)) return NULL;
+    const int64_t G = jg[0].N;
+    if (G <= 0 || G % QK || jg[1].N != G || !parse_spec(down, &jd, B, G)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "gate and up need equal sizes, multiples of 256");
+        return NULL;
+    }
+    if (jq[0].N != A || jq[1].N != A || jq[2].N != A || jo.N != C || jd.N != C)
+        return PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", C, A);
+    float *xs = (float *)(uintptr_t)px, *hb = (float *)(uintptr_t)ph, *attb = (float *)(uintptr_t)patt;
+    const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
+    const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
+    const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
+    const float *w_in = (const float *)(uintptr_t)pw_in, *w_post = (const float *)(uintptr_t)pw_post;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t b = 0; b < B; b++) rms_norm_row(xs + b * C, w_in, eps_in, hb + b * C, C);
+    ok = ok && group_run(path, hb, B, C, jq, 3, n_threads);
+    for (int64_t b = 0; ok && b < B; b++) {
+        float *q = jq[0].y + b * A, *k = jq[1].y + b * A, *v = jq[2].y + b * A, *att = attb + b * A;
+        float *kc = (float *)(uintptr_t)(kp[b] + (unsigned long long)loff);
+        float *vc = (float *)(uintptr_t)(vp[b] + (unsigned long long)loff);
+        const int64_t p = pos[b];
+        const float *cos = cos0 + p * D, *sin = sin0 + p * D;
+        for (int64_t hh = 0; hh < H; hh++) {
+            rope_head(q + hh * D, cos, sin, att + hh * D, D);
+            rope_head(k + hh * D, cos, sin, kc + hh * hs + p * D, D);
+            memcpy(vc + hh * hs + p * D, v + hh * D, sizeof(float) * (size_t)D);
+        }
+        memcpy(q, att, sizeof(float) * (size_t)A);
+        ok = attend_run(path, q, kc, vc, att, H, p + 1, D, hs, scale, n_threads);
+    }
+    ok = ok && group_run(path, attb, B, A, &jo, 1, n_threads);
+    if (ok)
+        for (int64_t b = 0; b < B; b++) {
+            float *x = xs + b * C;
+            for (int64_t i = 0; i < C; i++) x[i] = x[i] + jo.y[b * C + i];
+            rms_norm_row(x, w_post, eps_post, hb + b * C, C);
+        }
+    ok = ok && group_run(path, hb, B, C, jg, 2, n_threads);
+    if (ok)
+        for (int64_t b = 0; b < B; b++) silu_mul(path, jg[0].y + b * G, jg[1].y + b * G, G);
+    ok = ok && group_run(path, jg[0].y, B, G, &jd, 1, n_threads);
+    if (ok)
+        for (int64_t i = 0; i < B * C; i++) xs[i] = xs[i] + jd.y[i];
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* quantize(path, x_ptr, T, K, bounds_ptr, S, q_ptr, bsum_ptr, scale_ptr): the int8 activations the kernels use. */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int path;
@@ -1351,6 +1438,7 @@ static PyMethodDef methods[] = {
     {"matmul_group", py_matmul_group, METH_VARARGS, "Several ternary matmuls of one input, quantized once."},
     {"matmul_i8", py_matmul_i8, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for int8 W (w+128, permuted blocks, row scales)."},
     {"decode_layer", py_decode_layer, METH_VARARGS, "One Llama block for one token, in place (see the source)."},
+    {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "decode_layer for B tokens of B sequences."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},

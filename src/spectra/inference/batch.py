@@ -1,0 +1,466 @@
+"""Batched decoding: B sequences, each at its own position with its own KV cache, advanced together one token a step.
+
+A decode step of a single sequence streams every weight matrix from memory to multiply one vector; B sequences
+decoded together multiply a (B, C) matrix instead, so the weights are read once for all B tokens and the aggregate
+token rate grows with B until the arithmetic, not the memory, is the bound. Everything else in a step is per sequence:
+token i of the batch sits at position pos_i of its own cache slot, gets RoPE at pos_i, and attends over its own
+pos_i + 1 keys. Sequences join (prefill into a free slot) and leave (free the slot) between steps.
+
+`BatchDecoder` holds the slots, one preallocated `KVCache` of batch 1 each (so a slot is also what the model's own
+forward and the batch-1 `Decoder` take), and runs a step two ways:
+
+- a packed TriLM with compiled kernels: one C call per layer (`_kernels.decode_layer_batch`), the GEMM kernels over
+  all B rows and, for each row, the same norm / RoPE / attention / SiLU functions `Decoder`'s `decode_layer` runs.
+  The packed kernels' output rows do not depend on the other rows (integer dot products, per-row scales, a fixed
+  epilogue), so every row of a batched step is bit-identical to decoding that sequence alone with `Decoder`;
+- any other model `spectra.load` opens: the model's own modules on (B, 1, C), per-row RoPE, and attention per sequence
+  over its own cache slice (`scaled_dot_product_attention`, as `Attention.forward` does for one token). The row
+  results equal a lone sequence's as far as the linear layers' matmuls give each row the same rounding at any B.
+
+`Scheduler` is continuous batching on top: requests wait in a queue, are admitted into free slots between steps,
+prefilled in fixed chunks (a long prompt costs the running streams at most one chunk per step, and the chunking of a
+prompt does not depend on what else runs, so neither do its results), sampled with their own parameters and generator,
+and finish on their own stop condition or on cancellation. `generate_batch` runs it to completion for a list of
+prompts; `spectra.serve` runs it behind an HTTP server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spectra.data.tokenizer import load_tokenizer
+from spectra.inference.decode import Decoder, unsupported_reason
+from spectra.inference.generate import _held_back, _validate, sample_next
+
+
+class BatchDecoder:
+    """`max_batch` KV-cache slots of `max_len` positions for `model`, and a step that advances any subset of them."""
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int | None = None) -> None:
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(model, "new_cache") or not hasattr(model, "layers"):
+            raise ValueError(f"batched decoding needs a spectra Transformer, got a {type(model).__name__}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be in 1..max_seq_len={cfg.max_seq_len}, got {max_len}")
+        self.model, self.config, self.max_batch, self.max_len = model, cfg, max_batch, max_len
+        model.eval()
+        # Zero-filled by calloc for large sizes: a slot's pages are touched only as its positions are written.
+        self.caches = [model.new_cache(1, max_len) for _ in range(max_batch)]
+        self._free = list(range(max_batch - 1, -1, -1))
+        self.kernel = self._build_kernel()
+
+    # ---- slots ---------------------------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise RuntimeError("every KV-cache slot is in use")
+        slot = self._free.pop()
+        self.caches[slot].pos = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is not in use")
+        self._free.append(slot)
+
+    def pos(self, slot: int) -> int:
+        return self.caches[slot].pos
+
+    # ---- prefill -------------------------------------------------------------------------------------------------
+    def prefill(self, slot: int, ids: Sequence[int]) -> Tensor:
+        """Run `ids` through the model into the slot's cache after what it holds; the last position's logits (V,)."""
+        cache = self.caches[slot]
+        if cache.pos + len(ids) > self.max_len:
+            raise ValueError(f"{cache.pos + len(ids)} positions exceed the slot's {self.max_len}")
+        device = self.model.embed_tokens.weight.device
+        with torch.inference_mode():
+            return self.model(torch.tensor([list(ids)], dtype=torch.long, device=device), cache=cache)[0, -1]
+
+    # ---- one decode step -----------------------------------------------------------------------------------------
+    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        """Feed token tokens[i] to the sequence in slots[i] at its next position; logits (B, V), row i for slots[i]."""
+        if len(slots) != len(tokens) or not slots:
+            raise ValueError(f"need one token per slot, got {len(slots)} slots and {len(tokens)} tokens")
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one step")
+        for s in slots:
+            if s in self._free:
+                raise ValueError(f"slot {s} is not in use")
+            if self.caches[s].pos + 1 > self.max_len:
+                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
+        with torch.inference_mode():
+            if self.kernel is not None:
+                return self._step_kernel(slots, tokens)
+            return self._step_modules(slots, tokens)
+
+    def _build_kernel(self):
+        """The C path's fixed state (see the module docstring), or None when the model is not a packed TriLM that
+        `Decoder` runs or the extension predates `decode_layer_batch`."""
+        model = self.model
+        if unsupported_reason(model) is not None:
+            return None
+        dec = Decoder(model)
+        if not hasattr(dec._ext, "decode_layer_batch"):
+            return None
+        cfg, B = self.config, self.max_batch
+        A, G, C = cfg.n_heads * cfg.head_dim, cfg.glu_dim, cfg.dim
+        x, h, att = torch.empty(B, C), torch.empty(B, C), torch.empty(B, A)
+        qkv, gu, o, down = torch.empty(3, B, A), torch.empty(2, B, G), torch.empty(B, C), torch.empty(B, C)
+        keep = [x, h, att, qkv, gu, o, down, dec._cos, dec._sin]
+
+        def specs(mods, outs):
+            out = []
+            for m, y in zip(mods, outs):
+                keep.extend([m.qs, m.seg_bounds, m.seg_d])
+                out.append((m.qs.data_ptr(), m.out_features, m.seg_bounds.data_ptr(), m.seg_d.shape[1],
+                            m.seg_d.data_ptr(), y.data_ptr()))
+            return tuple(out)
+
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+            keep += [w_in, w_post]
+            layers.append((
+                w_in.data_ptr(), float(layer.input_layernorm.eps),
+                w_post.data_ptr(), float(layer.post_attention_layernorm.eps),
+                specs((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
+                specs((attn.o_proj,), [o])[0],
+                specs((mlp.gate_proj, mlp.up_proj), gu),
+                specs((mlp.down_proj,), [down])[0],
+                h.data_ptr(), att.data_ptr(),
+            ))  # fmt: skip
+        k0 = self.caches[0].k
+        return {
+            "decoder": dec, "x": x, "keep": keep, "layers": layers,
+            "layer_bytes": k0.stride(0) * k0.element_size(), "head_stride": k0.stride(2),
+            "k_ptrs": torch.tensor([c.k.data_ptr() for c in self.caches], dtype=torch.int64),
+            "v_ptrs": torch.tensor([c.v.data_ptr() for c in self.caches], dtype=torch.int64),
+        }  # fmt: skip
+
+    def _step_kernel(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        kern, model, cfg = self.kernel, self.model, self.config
+        dec: Decoder = kern["decoder"]
+        if sum(m.version for m in dec._packed) != dec._version:
+            raise RuntimeError("a packed layer changed after this BatchDecoder was built; build a new one")
+        B, C = len(slots), cfg.dim
+        x = kern["x"][:B]
+        torch.index_select(model.embed_tokens.weight, 0, torch.tensor(list(tokens), dtype=torch.long), out=x)
+        idx = torch.tensor(list(slots), dtype=torch.long)
+        pos = torch.tensor([self.caches[s].pos for s in slots], dtype=torch.int64)
+        k_ptrs, v_ptrs = kern["k_ptrs"][idx].contiguous(), kern["v_ptrs"][idx].contiguous()
+        nt = dec._threads or torch.get_num_threads()
+        ext, pid = dec._ext, dec._path_id
+        args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
+                dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
+        scale = cfg.head_dim**-0.5
+        for i, spec in enumerate(kern["layers"]):
+            ext.decode_layer_batch(pid, nt, *args, i * kern["layer_bytes"], kern["head_stride"], scale, spec)
+        for s in slots:
+            self.caches[s].pos += 1
+        return model.lm_head(model.norm(x.view(B, 1, C)))[:, 0]  # (B, V)
+
+    def _step_modules(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        from spectra.model import apply_rope
+
+        model, cfg = self.model, self.config
+        B, H, D = len(slots), cfg.n_heads, cfg.head_dim
+        device = model.embed_tokens.weight.device
+        x = model.embed_tokens(torch.tensor(list(tokens), dtype=torch.long, device=device).view(B, 1))  # (B, 1, C)
+        pos = torch.tensor([self.caches[s].pos for s in slots], dtype=torch.long, device=device)
+        cos = model.rope_cos[pos].to(x.dtype).view(B, 1, 1, D)  # row b rotated at its own position
+        sin = model.rope_sin[pos].to(x.dtype).view(B, 1, 1, D)
+        caches = [self.caches[s] for s in slots]
+        for li, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+            k = attn.k_proj(h).view(B, 1, H, D).transpose(1, 2)
+            v = attn.v_proj(h).view(B, 1, H, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            ys = []
+            for b, c in enumerate(caches):  # each row attends over its own positions 0..pos
+                p = c.pos
+                c.k[li, :, :, p : p + 1] = k[b : b + 1]
+                c.v[li, :, :, p : p + 1] = v[b : b + 1]
+                ys.append(F.scaled_dot_product_attention(q[b : b + 1], c.k[li, :, :, : p + 1], c.v[li, :, :, : p + 1]))
+            y = torch.cat(ys).transpose(1, 2).reshape(B, 1, H * D)  # (B, 1, H*D)
+            x = x + attn.o_proj(y)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for c in caches:
+            c.pos += 1
+        return model.lm_head(model.norm(x))[:, 0]  # (B, V)
+
+
+# ---- sequences and the scheduler ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One sequence to generate: token ids and how to sample and stop (see `spectra.inference.generate`)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+    stop_at_eos: bool = True
+    logprobs: int | None = None  # also report the chosen token's log-probability and this many top alternatives
+    on_event: Callable[[dict[str, Any]], None] | None = None  # called from the scheduler's thread
+    # filled in by the scheduler
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    slot: int | None = None
+    generator: torch.Generator | None = None
+    prefilled: int = 0
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this sequence at its next step (safe from any thread)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """Continuous batching over a `BatchDecoder`: `submit` requests, call `step` until `idle` (module docstring).
+
+    Events handed to a request's `on_event`: {"type": "token", "token", "text" (new final text, may be ""),
+    "logprob"?}, then one {"type": "done", "finish_reason"} ("length" | "eos" | "stop" | "cancelled" | "error").
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        prefill_chunk: int | None = 256,
+        prefill_chunks_per_step: int = 1,
+    ) -> None:
+        self.decoder = BatchDecoder(model, max_batch, max_len)
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        self.prefill_chunk = prefill_chunk
+        self.prefill_chunks_per_step = prefill_chunks_per_step
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # holding a slot: prefilling (prefilled < len(prompt)) or decoding
+        self.eos = getattr(self.decoder.config, "eos_token_id", None)
+        self.stats = {"steps": 0, "generated": 0, "prefilled": 0, "finished": 0}
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def check(self, req: Request) -> None:
+        """A ValueError naming the field when the request cannot run on this model and slot size."""
+        _validate(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed to condition on")
+        vocab = self.decoder.config.vocab_size
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        need = len(req.prompt_ids) + req.max_new_tokens
+        if need > self.decoder.max_len:
+            raise ValueError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the "
+                f"context of {self.decoder.max_len} tokens"
+            )
+        if any(not s for s in req.stop):
+            raise ValueError("stop strings must be non-empty")
+        if req.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode the generated text")
+
+    def submit(self, req: Request) -> Request:
+        self.check(req)
+        req.t_submit = time.perf_counter()
+        self.waiting.append(req)
+        return req
+
+    # ---- one iteration -------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled sequences, admit waiting ones into free slots, run the prefill chunks allowed, then one
+        decode step for every sequence past its prompt."""
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish(req, "cancelled")
+        while self.waiting and self.waiting[0].cancelled:
+            self._finish(self.waiting.popleft(), "cancelled")
+        while self.waiting and self.decoder.free_slots:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            req.slot = self.decoder.acquire()
+            self.running.append(req)
+        chunks = self.prefill_chunks_per_step
+        for req in list(self.running):
+            if chunks == 0:
+                break
+            if req.prefilled < len(req.prompt_ids):
+                chunks -= 1
+                self._prefill_chunk(req)
+        decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
+        decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
+        if decoding:
+            logits = self.decoder.step([r.slot for r in decoding], [r.tokens[-1] for r in decoding])
+            self.stats["steps"] += 1
+            for r, row in zip(decoding, logits):
+                self._accept(r, row)
+
+    def _prefill_chunk(self, req: Request) -> None:
+        n = len(req.prompt_ids)
+        size = self.prefill_chunk or n
+        end = min(n, (req.prefilled // size + 1) * size)  # chunk boundaries at fixed multiples: the same every run
+        logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled : end])
+        self.stats["prefilled"] += end - req.prefilled
+        req.prefilled = end
+        if end == n:
+            if req.max_new_tokens == 0:
+                self._finish(req, "length")
+            else:
+                self._accept(req, logits)
+
+    def _accept(self, req: Request, logits: Tensor) -> None:
+        """Sample the next token of `req` from its logits (V,), emit its text, and finish it if it is done."""
+        if req.generator is None:
+            req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
+        nxt = sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          generator=req.generator)
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        req.tokens.append(nxt)
+        self.stats["generated"] += 1
+        event: dict[str, Any] = {"type": "token", "token": nxt, "text": ""}
+        if req.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(lp, min(req.logprobs, lp.numel())) if req.logprobs > 0 else None
+            entry = {"token": nxt, "logprob": float(lp[nxt]),
+                     "top": [(int(i), float(v)) for v, i in zip(top.values, top.indices)] if top is not None else []}
+            req.token_logprobs.append(entry)
+            event["logprob"] = entry
+        finish = None
+        tok = self.tokenizer
+        if tok is not None:
+            text = tok.decode(req.tokens)
+            hit = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                text, finish = text[:hit], "stop"
+            req.text = text
+            final = len(text) if finish == "stop" else len(text) - _held_back(text, req.stop)
+            if text.endswith("\ufffd") and finish != "stop":
+                final = min(final, len(text) - 1)  # an incomplete UTF-8 character
+            if final > req.emitted:
+                event["text"] = text[req.emitted : final]
+                req.emitted = final
+        if finish is None and req.stop_at_eos and self.eos is not None and nxt == self.eos:
+            finish = "eos"
+        if finish is None and len(req.tokens) >= req.max_new_tokens:
+            finish = "length"
+        if finish is not None and finish != "stop" and len(req.text) > req.emitted:
+            event["text"] += req.text[req.emitted :]  # the held-back tail is final now
+            req.emitted = len(req.text)
+        if req.on_event is not None:
+            req.on_event(event)
+        if finish is not None:
+            self._finish(req, finish)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.t_done = time.perf_counter()
+        if req.slot is not None:
+            self.decoder.release(req.slot)
+            req.slot = None
+        if req in self.running:
+            self.running.remove(req)
+        self.stats["finished"] += 1
+        if req.on_event is not None:
+            req.on_event({"type": "done", "finish_reason": reason})
+
+    def fail_all(self, reason: str = "error") -> None:
+        """Finish every waiting and running request with `reason` (after an exception, or at shutdown)."""
+        pending = list(self.running) + list(self.waiting)
+        self.waiting.clear()
+        for req in pending:
+            self._finish(req, reason)
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    max_batch: int | None = None,
+    prefill_chunk: int | None = None,
+) -> list[dict[str, Any]]:
+    """`generate` for several prompts at once: up to `max_batch` (default: all) decode together; when one finishes
+    the next prompt joins. Each prompt gets its own generator seeded with `seed`, so each result is what `generate`
+    returns for that prompt alone (bit-identical on a packed TriLM; module docstring). `max_new_tokens` may be one
+    per prompt. Returns one dict per prompt: {"prompt_tokens", "tokens", "text", "finish_reason", "n_prompt",
+    "n_generated"}; the first carries the run's "wall_s" and aggregate "tokens_per_s" too."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of texts or token-id lists")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    sched = Scheduler(model, tok, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk)
+    reqs = []
+    for i, (p, n) in enumerate(zip(prompts, limits)):
+        if isinstance(p, str):
+            if tok is None:
+                raise ValueError(f"prompt {i} is text and needs a tokenizer (pass tokenizer=... or token ids)")
+            ids = tok.encode(p).ids
+        else:
+            ids = [int(t) for t in p]
+        req = Request(ids, n, temperature, top_k, top_p, stops, seed, stop_at_eos)
+        try:
+            sched.check(req)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        reqs.append(req)
+    t0 = time.perf_counter()
+    was_training = model.training
+    try:
+        for r in reqs:
+            sched.submit(r)
+        while not sched.idle:
+            sched.step()
+    finally:
+        model.train(was_training)
+    wall = time.perf_counter() - t0
+    out = [
+        {"prompt_tokens": r.prompt_ids, "tokens": r.tokens, "text": r.text if tok is not None else None,
+         "finish_reason": r.finish_reason, "n_prompt": len(r.prompt_ids), "n_generated": len(r.tokens)}
+        for r in reqs
+    ]  # fmt: skip
+    total = sum(len(r.tokens) for r in reqs)
+    out[0].update(wall_s=wall, tokens_per_s=total / wall if wall > 0 else None)
+    return out

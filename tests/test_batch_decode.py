@@ -1,0 +1,156 @@
+"""`spectra.inference.batch`: batched decoding against decoding each sequence alone."""
+
+import pytest
+import torch
+
+from spectra.config import ModelConfig
+from spectra.inference.batch import BatchDecoder, Request, Scheduler, generate_batch
+from spectra.inference.decode import Decoder
+from spectra.inference.generate import generate
+from spectra.model import build_model
+from tests.conftest import byte_bpe
+
+packed_linear = pytest.importorskip("spectra.packed.linear")
+kernels = pytest.importorskip("spectra.packed.kernels")
+needs_ext = pytest.mark.skipif(kernels.extension() is None, reason="spectra's C extension is not built")
+
+VOCAB = 384
+
+
+def model_of(kind: str, seed: int = 1, **kw):
+    c = dict(dim=512, n_layers=2, n_heads=4, glu_dim=1024, vocab_size=VOCAB, max_seq_len=64, family="trilm")
+    c.update(kw)
+    if kind == "floatlm":
+        c["family"] = "floatlm"
+    model = build_model(ModelConfig(**c), seed=seed).eval()
+    if kind.startswith("packed"):
+        packed_linear.convert_to_packed(model, "tq2")
+    if kind == "packed-int8-head":
+        model.lm_head = packed_linear.Int8Linear.from_linear(model.lm_head)
+    return model
+
+
+def prompts_and_lengths(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 3, 12, 5, 9, 2, 7][:n]
+    prompts = [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lens]
+    return prompts, [20, 4, 31, 11, 25, 1, 16][:n]
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["packed", "packed-int8-head"])
+def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind):
+    """Four sequences at different positions, stepped together, give exactly the hidden states and cache rows of the
+    batch-1 C decoder run on each alone from the same prefill. With the int8 head (`Int8Linear`) the logits are
+    bit-identical too; a float head is one (B, C) x (C, V) matmul, whose rounding torch's GEMM may vary with B."""
+    model = model_of(kind, num_scale_shards=2) if kind == "packed" else model_of(kind)
+    bd = BatchDecoder(model, 4, 48)
+    assert bd.kernel is not None
+    dec = Decoder(model)
+    prompts, _ = prompts_and_lengths(4)
+    slots = [bd.acquire() for _ in prompts]
+    solo = [model.new_cache(1, 48) for _ in prompts]
+    with torch.inference_mode():
+        last = []
+        for s, c, p in zip(slots, solo, prompts):
+            ref = model(torch.tensor([p]), cache=c)[0, -1]
+            assert torch.equal(bd.prefill(s, p), ref)
+            last.append(int(ref.argmax()))
+        for _ in range(10):
+            logits = bd.step(slots, last)
+            for i, c in enumerate(solo):
+                ref = dec.step(torch.tensor([[last[i]]]), c)[0, -1]
+                assert torch.equal(bd.kernel["x"][i], dec._x)
+                if kind == "packed-int8-head":
+                    assert torch.equal(logits[i], ref)
+                else:
+                    torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
+                    assert int(logits[i].argmax()) == int(ref.argmax())
+            last = [int(r.argmax()) for r in logits]
+    for s, c in zip(slots, solo):
+        assert bd.pos(s) == c.pos
+        assert torch.equal(bd.caches[s].k[:, :, :, : c.pos], c.k[:, :, :, : c.pos])
+
+
+@pytest.mark.parametrize("kind", ["packed", "packed-int8-head", "trilm", "floatlm"])
+def test_batched_greedy_tokens_equal_each_sequence_alone_with_joins(kind):
+    """7 prompts of different lengths and limits through 3 slots: sequences leave at different steps and the waiting
+    ones join mid-batch. Each gets exactly the tokens `generate` gives it alone, and the batch run with one slot."""
+    if kind.startswith("packed") and kernels.extension() is None:
+        pytest.skip("spectra's C extension is not built")
+    model = model_of(kind)
+    prompts, limits = prompts_and_lengths()
+    alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False)["tokens"] for p, n in zip(prompts, limits)]
+    batched = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=3)
+    one_slot = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=1)
+    assert [len(t) for t in alone] == limits
+    assert [r["tokens"] for r in batched] == alone
+    assert [r["tokens"] for r in one_slot] == alone
+    assert all(r["finish_reason"] == "length" for r in batched)
+
+
+@needs_ext
+def test_join_between_steps_of_a_running_batch():
+    """A sequence submitted while others are mid-decode joins at the next step; everyone's tokens are unchanged."""
+    model = model_of("packed", seed=4)
+    prompts, _ = prompts_and_lengths(3, seed=2)
+    sched = Scheduler(model, max_batch=3, prefill_chunk=4)  # chunked prefill: the 12-token prompt takes 3 steps
+    a = sched.submit(Request(prompts[0], 24, stop_at_eos=False))
+    for _ in range(6):
+        sched.step()
+    b = sched.submit(Request(prompts[2], 10, stop_at_eos=False))
+    c = sched.submit(Request(prompts[1], 5, stop_at_eos=False))
+    sched.step()
+    # step 1 prefilled a and decoded its first token: 2 tokens, then 1 a step; one prefill chunk per step
+    assert len(a.tokens) == 8 and b.prefilled == 4 and len(c.tokens) == 0
+    while not sched.idle:
+        sched.step()
+    assert sched.decoder.free_slots == 3
+    for r in (a, b, c):  # alone, with the same chunked prefill
+        solo = Scheduler(model, max_batch=1, prefill_chunk=4)
+        s = solo.submit(Request(r.prompt_ids, r.max_new_tokens, stop_at_eos=False))
+        while not solo.idle:
+            solo.step()
+        assert r.tokens == s.tokens and len(r.tokens) == r.max_new_tokens
+
+
+@needs_ext
+def test_sampling_stop_strings_and_text_match_generate():
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    tok = byte_bpe(text, 300)
+    model = model_of("packed", seed=5, vocab_size=tok.get_vocab_size() + 84)
+    prompts = ["the quick", "lazy dog", "over"]
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=3, stop_at_eos=False)
+    alone = [generate(model, tok, p, **kw) for p in prompts]
+    stop = alone[0]["text"][5:8]  # a stop string the first continuation contains
+    alone = [generate(model, tok, p, stop=stop, **kw) for p in prompts]
+    batched = generate(model, tok, prompts, stop=stop, **kw)  # the list form goes to generate_batch
+    assert alone[0]["finish_reason"] == "stop"
+    for a, b in zip(alone, batched):
+        assert (b["tokens"], b["text"], b["finish_reason"]) == (a["tokens"], a["text"], a["finish_reason"])
+
+
+def test_cancel_frees_the_slot_and_bad_requests_are_refused():
+    model = model_of("floatlm")
+    sched = Scheduler(model, max_batch=2, max_len=32)
+    events = []
+    a = sched.submit(Request([1, 2, 3], 20, stop_at_eos=False, on_event=events.append))
+    b = sched.submit(Request([4, 5], 20, stop_at_eos=False))
+    sched.step()
+    sched.step()
+    assert sched.decoder.free_slots == 0
+    a.cancel()
+    sched.step()
+    assert a.finish_reason == "cancelled" and events[-1] == {"type": "done", "finish_reason": "cancelled"}
+    assert sched.decoder.free_slots == 1 and len(b.tokens) == 3
+    for bad, msg in [
+        (Request([1] * 30, 3), "context of 32"),
+        (Request([], 3), "empty"),
+        (Request([1], 0 - 1), "max_new_tokens"),
+        (Request([VOCAB], 1), "prompt token ids"),
+        (Request([1], 2, temperature=-1), "temperature"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            sched.submit(bad)
+    with pytest.raises(ValueError, match="slot"):
+        BatchDecoder(model, 2).step([0], [1])  # a free slot
