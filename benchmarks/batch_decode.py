@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="prompt tokens each sequence holds before timing")
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (32000 = decode.py's reference)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (32000: decode.py)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()

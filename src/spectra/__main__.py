@@ -12,6 +12,7 @@ CLI_MODULES = [
     "spectra.cli",
     "spectra.packed.cli",
     "spectra.inference.cli",
+    "spectra.serve.cli",
     "spectra.ptq.cli",
     "spectra.analysis.cli",
     "spectra.data.cli",

@@ -1,0 +1,417 @@
+"""The OpenAI-compatible HTTP API over an `Engine`: Starlette routes, request validation, server-sent events.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
+Bodies are checked field by field before anything runs; every bad input answers 400 with OpenAI's error shape
+{"error": {"message", "type": "invalid_request_error", "param", "code"}}, a full queue 429 with `Retry-After`, a
+missing or wrong bearer key 401. Fields we do not know are ignored (clients send many), fields we know with the wrong
+type are refused.
+
+Chat prompts: the model directory's `chat_template` (tokenizer_config.json, Jinja, as Hugging Face stores it) when it
+has one; else the plain template
+
+    System: {system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}\\n\\nUser: ...\\n\\nAssistant:
+
+with "\\n\\nUser:" as an extra stop string, so the model's turn ends where it would start writing the user's.
+
+Extensions beyond OpenAI's fields: `top_k` (0 = off) and `ignore_eos` (keep going past the end-of-text token, for
+fixed-length benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from spectra.inference.batch import Request
+from spectra.serve.engine import Engine, QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = "\n\nUser:"
+MAX_STOPS = 4
+MAX_LOGPROBS = 20
+DISCONNECT_POLL_S = 0.25
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---- validation ----------------------------------------------------------------------------------------------------
+
+
+def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, what: str = "") -> Any:
+    """body[name] when it has one of `kinds` (bool is not a number here), `default` when absent or null."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise BadRequest(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, got {json.dumps(v)}",
+                         name, "invalid_type")
+    return v
+
+
+def load_chat_template(model_dir: str | None) -> str | None:
+    """The Jinja chat template stored with a model (tokenizer_config.json's `chat_template`), or None."""
+    if model_dir is None:
+        return None
+    p = Path(model_dir) / "tokenizer_config.json"
+    if not p.is_file():
+        return None
+    try:
+        tpl = json.loads(p.read_text()).get("chat_template")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: not readable JSON ({e})") from e
+    if isinstance(tpl, list):  # HF's named templates: take "default"
+        tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
+    return tpl if isinstance(tpl, str) else None
+
+
+class Api:
+    """Request parsing and the response shapes, independent of the web framework's routing."""
+
+    def __init__(self, engine: Engine, model_name: str, *, chat_template: str | None = None) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.created = int(time.time())
+        self._template = None
+        if chat_template is not None:
+            import jinja2  # the serve extra; rendered in a sandbox as Hugging Face does
+
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._template = env.from_string(chat_template)
+
+    # ---- prompts -------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise BadRequest("this server has no tokenizer: send the prompt as a list of token ids", "prompt")
+        return tok.encode(text).ids
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+            p = p[0]  # a batch of one
+        if isinstance(p, str):
+            ids = self.encode(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+        elif isinstance(p, list) and len(p) > 1:
+            raise BadRequest("'prompt' holds several prompts; send one per request (n=1 batching is server-side)",
+                             "prompt")
+        else:
+            raise BadRequest(f"'prompt' must be a non-empty string or list of token ids, got {json.dumps(p)[:80]}",
+                             "prompt", "invalid_type")
+        if not ids:
+            raise BadRequest("'prompt' is empty", "prompt")
+        return ids
+
+    def chat_prompt(self, body: dict) -> tuple[list[int], list[str]]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages",
+                             "invalid_type")
+        turns = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in PLAIN_ROLES:
+                raise BadRequest(f"messages[{i}] needs a role of {', '.join(PLAIN_ROLES)}", f"messages[{i}].role")
+            c = m.get("content")
+            if isinstance(c, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in c):
+                    raise BadRequest(f"messages[{i}].content parts must be {{type: text, text}}",
+                                     f"messages[{i}].content")
+                c = "".join(p["text"] for p in c)
+            if not isinstance(c, str):
+                raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
+            turns.append({"role": m["role"], "content": c})
+        if self._template is not None:
+            text = self._template.render(messages=turns, add_generation_prompt=True, bos_token="", eos_token="")
+            return self.encode(text), []
+        text = "\n\n".join(f"{PLAIN_ROLES[t['role']]}: {t['content']}" for t in turns) + "\n\nAssistant:"
+        return self.encode(text), [PLAIN_STOP]
+
+    # ---- parameters ----------------------------------------------------------------------------------------------
+    def request(self, body: dict, *, chat: bool) -> tuple[Request, bool, bool]:
+        """(Request, stream, include_usage) from a JSON body; BadRequest names the field."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        _get(body, "model", (str,))
+        n = _get(body, "n", (int,), 1)
+        if n != 1:
+            raise BadRequest(f"'n' must be 1 (one choice per request), got {n}", "n")
+        stream = _get(body, "stream", (bool,), False)
+        opts = _get(body, "stream_options", (dict,), {})
+        include_usage = bool(_get(opts, "include_usage", (bool,), False))
+        if chat:
+            ids, extra_stops = self.chat_prompt(body)
+            limit = _get(body, "max_completion_tokens", (int,), None)
+            limit = _get(body, "max_tokens", (int,), limit)
+            if _get(body, "logprobs", (bool,), False):
+                raise BadRequest("'logprobs' is available on /v1/completions", "logprobs")
+        else:
+            ids, extra_stops = self.completion_prompt(body), []
+            limit = _get(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
+            if _get(body, "echo", (bool,), False):
+                raise BadRequest("'echo' is not supported", "echo")
+        ctx = self.engine.ctx_len
+        if len(ids) >= ctx:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; this server's context is {ctx} tokens "
+                             f"(prompt + max_tokens must fit)", "messages" if chat else "prompt",
+                             "context_length_exceeded")
+        if limit is None:
+            limit = ctx - len(ids)
+        if limit <= 0:
+            raise BadRequest(f"'max_tokens' must be a positive integer, got {limit}", "max_tokens")
+        if len(ids) + limit > ctx:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({limit}) exceeds this server's context of "
+                             f"{ctx} tokens", "max_tokens", "context_length_exceeded")
+        temperature = float(_get(body, "temperature", (int, float), 1.0))
+        if not 0 <= temperature <= 2:
+            raise BadRequest(f"'temperature' must be in [0, 2], got {temperature}", "temperature")
+        top_p = float(_get(body, "top_p", (int, float), 1.0))
+        if not 0 < top_p <= 1:
+            raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+        top_k = _get(body, "top_k", (int,), 0)
+        if top_k < 0:
+            raise BadRequest(f"'top_k' must be >= 0 (0 = off), got {top_k}", "top_k")
+        seed = _get(body, "seed", (int,), 0)
+        stop = _get(body, "stop", (str, list), [], "a string or a list of strings")
+        stop = [stop] if isinstance(stop, str) else stop
+        if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest(f"'stop' must be up to {MAX_STOPS} non-empty strings", "stop")
+        logprobs = None if chat else _get(body, "logprobs", (int,), None)
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise BadRequest(f"'logprobs' must be in 0..{MAX_LOGPROBS}, got {logprobs}", "logprobs")
+        req = Request(ids, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                      stop=stop + extra_stops, seed=seed, logprobs=logprobs,
+                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False))
+        try:
+            self.engine.check(req)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return req, stream, include_usage
+
+    # ---- responses -----------------------------------------------------------------------------------------------
+    def logprobs_body(self, entries: list[dict], text_offset: int = 0) -> dict:
+        tok = self.engine.tokenizer
+
+        def piece(i: int) -> str:
+            return tok.decode([i]) if tok is not None else str(i)
+
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            t = piece(e["token"])
+            out["tokens"].append(t)
+            out["token_logprobs"].append(e["logprob"])
+            top: dict[str, float] = {}
+            for i, v in e["top"]:  # two ids can decode to one string (a partial UTF-8 character): keep the likelier
+                top.setdefault(piece(i), v)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(text_offset)
+            text_offset += len(t)
+        return out
+
+    @staticmethod
+    def finish_reason(req: Request) -> str:
+        return "length" if req.finish_reason == "length" else "stop"
+
+    @staticmethod
+    def usage(req: Request) -> dict:
+        n_p, n_c = len(req.prompt_ids), len(req.tokens)
+        return {"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c}
+
+
+# ---- the Starlette application -------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None):
+    """The ASGI application (Starlette). The engine thread starts and stops with the app's lifespan."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    api = Api(engine, model_name, chat_template=chat_template)
+
+    def err(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+        return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+    def unauthorized(request: HttpRequest) -> JSONResponse | None:
+        if api_key is None:
+            return None
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {api_key}":
+            return err(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
+                       code="invalid_api_key")
+        return None
+
+    async def health(request: HttpRequest):
+        return JSONResponse({"status": "ok", "model": model_name, "active": len(engine.scheduler.running),
+                             "queued": engine.queue_depth(), "slots": engine.max_batch})
+
+    async def metrics(request: HttpRequest):
+        if (r := unauthorized(request)) is not None:
+            return r
+        text = engine.metrics.render(engine.queue_depth(), len(engine.scheduler.running), engine.max_batch)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def models(request: HttpRequest):
+        if (r := unauthorized(request)) is not None:
+            return r
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": api.created, "owned_by": "spectra",
+             "max_model_len": engine.ctx_len}]})  # fmt: skip
+
+    async def generate(request: HttpRequest, chat: bool):
+        if (r := unauthorized(request)) is not None:
+            return r
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            return err(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+        try:
+            req, stream, include_usage = api.request(body, chat=chat)
+        except BadRequest as e:
+            engine.metrics.count_request("bad_request")
+            return err(400, str(e), "invalid_request_error", e.param, e.code)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        try:
+            engine.submit(req)
+        except QueueFull as e:
+            engine.metrics.count_request("rejected_full")
+            return err(429, f"the server is at capacity: {e}; retry shortly", "rate_limit_exceeded",
+                       code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        except ShuttingDown as e:
+            return err(503, str(e), "server_shutting_down", headers={"Retry-After": "5"})
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        if stream:
+            return StreamingResponse(sse(req, events, rid, created, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text_parts: list[str] = []
+        try:
+            while True:
+                ev = await next_event(events, request, req)
+                if ev is None:
+                    return err(499, "client closed the request", "cancelled")
+                if ev["type"] == "token":
+                    text_parts.append(ev["text"])
+                else:
+                    break
+        finally:
+            if req.finish_reason is None:  # the client went away: free the slot
+                req.cancel()
+                engine.wake()
+        if req.finish_reason in ("error", "cancelled"):
+            return err(500 if req.finish_reason == "error" else 503, f"generation {req.finish_reason}",
+                       "server_error")
+        text = "".join(text_parts) if engine.tokenizer is not None else ""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": api.finish_reason(req)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+            choice["logprobs"] = api.logprobs_body(req.token_logprobs) if req.logprobs is not None else None
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                             "usage": api.usage(req)})
+
+    async def next_event(events: asyncio.Queue, request: HttpRequest, req: Request):
+        """The next engine event, or None once the client has gone away (the request is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def sse(req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(payload: dict, finish: str | None = None) -> str:
+            if chat:
+                choice = {"index": 0, "delta": payload, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": payload.get("text", ""), "logprobs": payload.get("logprobs"),
+                          "finish_reason": finish}
+            body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            offset = 0
+            while True:
+                ev = await events.get()  # a disconnect cancels this generator (Starlette), see finally
+                if ev["type"] == "done":
+                    break
+                if chat:
+                    if ev["text"]:
+                        yield chunk({"content": ev["text"]})
+                else:
+                    lp = api.logprobs_body([ev["logprob"]], offset) if "logprob" in ev else None
+                    if ev["text"] or lp is not None:
+                        yield chunk({"text": ev["text"], "logprobs": lp})
+                    offset += len(ev["text"])
+            if req.finish_reason in ("error", "cancelled"):
+                yield f"data: {json.dumps(error_body(f'generation {req.finish_reason}', 'server_error'))}\n\n"
+            else:
+                yield chunk({} if chat else {"text": ""}, api.finish_reason(req))
+                if include_usage:
+                    body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [],
+                            "usage": api.usage(req)}
+                    yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if req.finish_reason is None:  # the client went away mid-stream: free the slot
+                req.cancel()
+                engine.wake()
+
+    async def completions(request: HttpRequest):
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: HttpRequest):
+        return await generate(request, chat=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    async def not_found(request: HttpRequest, exc):
+        return err(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: no such route",
+                   "invalid_request_error")
+
+    async def server_error(request: HttpRequest, exc):
+        log.exception("unhandled error", exc_info=exc)
+        return err(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: not_found, 405: not_found, Exception: server_error})

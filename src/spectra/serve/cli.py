@@ -1,0 +1,36 @@
+"""`spectra serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("model", help="a model directory (packed models are fastest) or a size name")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: OMP_NUM_THREADS)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--ctx-len", type=int, default=None, help="positions per slot (default: the model's max)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per decode step")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
+    p.add_argument("--float-head", action="store_true", help="keep a packed model's lm_head in float (default int8)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from spectra.inference.generate import threads_from_env
+    from spectra.serve import serve
+
+    for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("port", "max_queue") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+          tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,
+          prefill_chunk=args.prefill_chunk, threads=threads_from_env(args.threads), int8_head=not args.float_head)
+    return 0

@@ -1,0 +1,99 @@
+"""`serve`: load a model, start the engine thread and run the HTTP API under uvicorn until SIGTERM / SIGINT.
+
+Stack: Starlette (routing, streaming responses, lifespan) on uvicorn (the ASGI server, with its SIGTERM handling and
+graceful shutdown). Both are small, widely deployed and maintained by the encode team; FastAPI would add pydantic
+models we do not need, since every field is checked by hand to give OpenAI's error shapes.
+
+On SIGTERM uvicorn stops accepting connections and waits up to `shutdown_timeout` seconds for the requests in flight
+to finish; what is still running then is cancelled (the engine finishes each with "cancelled") and the process exits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_engine(
+    model_path: str,
+    *,
+    tokenizer: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    ctx_len: int | None = None,
+    prefill_chunk: int = 128,
+    threads: int | None = None,
+    int8_head: bool = True,
+):
+    """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
+    from spectra.checkpoint import find_tokenizer, load
+    from spectra.data.tokenizer import load_tokenizer
+    from spectra.inference.bench import with_int8_head
+    from spectra.inference.decode import unsupported_reason
+    from spectra.serve.app import load_chat_template
+    from spectra.serve.engine import Engine
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    is_dir = Path(model_path).is_dir()
+    tok_path = tokenizer if tokenizer is not None else (find_tokenizer(model_path) if is_dir else None)
+    tok = load_tokenizer(tok_path) if tok_path is not None else None
+    model = load(model_path)
+    if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids; the model's vocabulary is "
+                         f"{model.config.vocab_size}")
+    if int8_head and unsupported_reason(model) is None:
+        # A packed TriLM on the compiled kernels: the int8 output layer (what `spectra bench` and llama.cpp's Q8_0
+        # output use) reads 1/4 of the bytes, and its rows are exact whatever else is in the batch.
+        model = with_int8_head(model)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
+                    prefill_chunk=prefill_chunk, threads=threads)
+    name = Path(model_path).name if is_dir else str(model_path)
+    return engine, name, load_chat_template(model_path if is_dir else None)
+
+
+def serve(
+    model_path: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    shutdown_timeout: float = 30.0,
+    **engine_options: Any,
+) -> None:
+    """Serve `model_path` (anything `spectra.load` opens) on http://host:port until SIGTERM / SIGINT.
+
+    engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
+    them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk, threads,
+    int8_head (default True: a packed TriLM's lm_head in int8)."""
+    try:
+        import uvicorn
+
+        from spectra.serve.app import create_app
+    except ImportError as e:
+        raise ImportError(f"spectra serve needs the serve extra: pip install 'spectra[serve]' ({e})") from e
+    if not _is_loopback(host) and api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
+    engine, name, template = build_engine(model_path, **engine_options)
+    app = create_app(engine, name, api_key=api_key, chat_template=template)
+    log.info("serving %s on http://%s:%d (%d slots of %d positions, queue %d, kernel %s)", name, host, port,
+             engine.max_batch, engine.ctx_len, engine.max_queue,
+             "packed C" if engine.scheduler.decoder.kernel is not None else "model modules")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
+                            lifespan="on")
+    uvicorn.Server(config).run()

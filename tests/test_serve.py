@@ -1,0 +1,285 @@
+"""`spectra serve`: a real server on a free loopback port, driven by the real `openai` client.
+
+The model is a randomly initialised trilm-1m (vocabulary 384) packed with `spectra pack`, with a byte-level BPE
+tokenizer trained here; the server runs it on the packed C kernels with the int8 head, so every stream's tokens are
+independent of the others bit for bit, and equal to `generate` on the same model alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+kernels = pytest.importorskip("spectra.packed.kernels")
+
+from tests.conftest import byte_bpe  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(kernels.extension() is None, reason="no compiled kernels")]
+
+TEXT = "the quick brown fox jumps over the lazy dog. hello world, how are you today? " * 3
+PROMPTS = ["the quick brown", "hello", "lazy dog. hello world, how", "fox", "are you", "the"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from spectra.__main__ import main
+
+    root = tmp_path_factory.mktemp("serve")
+    tok = byte_bpe(TEXT, 300, ("<|endoftext|>",))
+    tok.save(str(root / "tok.json"))
+    assert main(["init", "trilm-1m", str(root / "latent"), "--vocab-size", "384", "--tokenizer",
+                 str(root / "tok.json"), "--seed", "3"]) == 0
+    assert main(["pack", str(root / "latent"), str(root / "packed")]) == 0
+    return root / "packed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spectra", "serve", str(model), "--port", str(self.port), "--threads", "1", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start: {self.proc.communicate()[0]}")
+            time.sleep(0.2)
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self) -> bool:
+        """SIGTERM; True when the server exited cleanly (uvicorn re-raises the signal after its graceful shutdown,
+        so a clean exit is status 0 or death by SIGTERM itself)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = Server(model_dir, "--max-batch", "4", "--max-queue", "16", "--ctx-len", "2048")
+    yield srv
+    assert srv.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """`generate` on the same model, alone, one prompt at a time (the int8 head, as the server runs it)."""
+    from spectra.checkpoint import load
+    from spectra.inference.bench import with_int8_head
+    from spectra.inference.generate import generate
+
+    model = with_int8_head(load(model_dir))
+
+    def run(prompt, max_tokens, stop=None, **kw):
+        return generate(model, model_dir / "tokenizer.json", prompt, max_new_tokens=max_tokens, stop=stop, **kw)
+
+    run.model = model
+    return run
+
+
+def complete(client, prompt, max_tokens=24, **kw):
+    kw.setdefault("temperature", 0)
+    return client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, **kw)
+
+
+def test_completions_and_chat_streaming_and_not(server, reference, model_dir):
+    c = server.client()
+    assert [m.id for m in c.models.list().data] == ["packed"]
+    r = complete(c, PROMPTS[0])
+    ref = reference(PROMPTS[0], 24)
+    assert r.choices[0].text == ref["text"]
+    assert r.choices[0].finish_reason == ("length" if ref["finish_reason"] == "length" else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref["n_prompt"], ref["n_generated"])
+    pieces = list(c.completions.create(model="m", prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == ref["text"]
+    assert pieces[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat_ref = reference("System: be brief\n\nUser: hello\n\nAssistant:", 20, stop=["\n\nUser:"])
+    r = c.chat.completions.create(model="m", messages=msgs, max_tokens=20, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == chat_ref["text"]
+    assert r.usage.completion_tokens == chat_ref["n_generated"]
+    chunks = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat_ref["text"]
+    assert chunks[-1].usage.completion_tokens == chat_ref["n_generated"] and not chunks[-1].choices
+
+    lp = complete(c, PROMPTS[1], max_tokens=5, logprobs=2).choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    import torch
+
+    from spectra.data.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(model_dir / "tokenizer.json").encode(PROMPTS[1]).ids
+    with torch.inference_mode():  # the first token's log-probabilities from the model itself
+        logp = torch.log_softmax(reference.model(torch.tensor([ids]))[0, -1].float(), -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(logp.max()), abs=1e-5)  # greedy picks the top
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(float(logp.max()), abs=1e-5)
+
+    sampled = [complete(c, PROMPTS[2], temperature=0.8, seed=7, extra_body={"top_k": 50}).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] == reference(PROMPTS[2], 24, temperature=0.8, seed=7, top_k=50)["text"]
+
+
+def test_concurrent_greedy_requests_equal_sequential_ones(server, reference):
+    c = server.client()
+    limits = [40, 7, 25, 33, 12, 50]
+    sequential = [complete(c, p, n).choices[0].text for p, n in zip(PROMPTS, limits)]
+    assert sequential == [reference(p, n)["text"] for p, n in zip(PROMPTS, limits)]
+    with cf.ThreadPoolExecutor(12) as pool:  # 12 at once into 4 slots: joins, leaves and queueing
+        futs = [pool.submit(complete, c, p, n) for p, n in zip(PROMPTS * 2, limits * 2)]
+        concurrent = [f.result().choices[0].text for f in futs]
+    assert concurrent == sequential * 2
+
+
+def test_stop_strings_and_usage(server, reference):
+    c = server.client()
+    full = reference(PROMPTS[0], 30)
+    stop = full["text"][6:9]
+    ref = reference(PROMPTS[0], 30, stop=[stop])
+    assert ref["finish_reason"] == "stop" and stop not in ref["text"]
+    r = complete(c, PROMPTS[0], 30, stop=[stop, "zzzz"])
+    assert r.choices[0].text == ref["text"] == full["text"][: full["text"].find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == ref["n_generated"] < 30
+    assert r.usage.prompt_tokens == ref["n_prompt"]
+    assert r.usage.total_tokens == ref["n_prompt"] + ref["n_generated"]
+    pieces = list(c.completions.create(model="m", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop,
+                                       stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == ref["text"]  # the held-back tail never leaks
+
+
+def test_bad_input_answers_400_and_the_server_keeps_serving(server):
+    c = server.client()
+    cases = [
+        dict(prompt="hi", max_tokens=0),
+        dict(prompt="hi", max_tokens=-3),
+        dict(prompt="hi", max_tokens=4, n=2),
+        dict(prompt="the " * 2100, max_tokens=4),  # longer than the 2048-token context
+        dict(prompt="hi", max_tokens=2048),  # prompt + max_tokens beyond the context
+        dict(prompt="hi", max_tokens=4, extra_body={"temperature": "hot"}),
+        dict(prompt="hi", max_tokens=4, extra_body={"max_tokens": "ten"}),
+        dict(prompt="hi", max_tokens=4, extra_body={"stop": 5}),
+        dict(prompt=[], max_tokens=4),
+        dict(prompt=[1, 999], max_tokens=4),  # a token id outside the vocabulary
+    ]
+    for kw in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="m", **kw)
+        assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error", kw
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="m", messages=[{"role": "wizard", "content": "x"}], max_tokens=3)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    for raw in [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"]:
+        r = httpx.post(server.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "message" in r.json()["error"], raw
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert complete(c, "hi", 3).usage.completion_tokens >= 1  # still serving
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    before = server.metric('spectra_requests_total{outcome="cancelled"}') if _has(server, "cancelled") else 0
+    body = {"prompt": "the", "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", server.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert server.metric("spectra_active_sequences") == 1
+    deadline = time.time() + 10
+    while server.metric("spectra_active_sequences") != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.metric("spectra_active_sequences") == 0
+    assert server.metric('spectra_requests_total{outcome="cancelled"}') == before + 1
+    assert server.metric("spectra_generated_tokens_total") > 0
+
+
+def _has(server, outcome):
+    return f'outcome="{outcome}"' in httpx.get(server.url + "/metrics").text
+
+
+def test_burst_beyond_the_queue_gets_429_and_admitted_requests_complete(model_dir):
+    srv = Server(model_dir, "--max-batch", "2", "--max-queue", "1", "--ctx-len", "1024", "--api-key", "sekrit")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            complete(srv.client(), "hi", 2)
+        assert httpx.get(srv.url + "/health").status_code == 200  # health needs no key
+        c = srv.client(api_key="sekrit")
+
+        def one(i):
+            try:
+                r = c.completions.create(model="m", prompt=PROMPTS[i % 6], max_tokens=900, temperature=0,
+                                         extra_body={"ignore_eos": True})
+                return r.usage.completion_tokens
+            except openai.RateLimitError as e:
+                assert e.response.headers["retry-after"] == "1"
+                assert e.body["type"] == "rate_limit_exceeded"
+                return 429
+
+        with cf.ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+        done = [r for r in results if r != 429]
+        assert results.count(429) >= 1
+        assert 3 <= len(done) and all(n == 900 for n in done)  # 2 slots + 1 queued at least
+        assert complete(c, "hi", 3).usage.completion_tokens == 3  # capacity is back
+    finally:
+        assert srv.stop()
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits(model_dir):
+    srv = Server(model_dir, "--max-batch", "2", "--ctx-len", "1024")
+    body = {"prompt": "the", "max_tokens": 600, "temperature": 0, "stream": True, "ignore_eos": True}
+    text_events, finish = 0, None
+    with httpx.Client(timeout=30) as h, h.stream("POST", srv.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        srv.proc.send_signal(signal.SIGTERM)
+        for line in lines:
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                text_events += 1
+                finish = ev["choices"][0]["finish_reason"] or finish
+    assert finish == "length" and text_events > 1
+    assert srv.stop()
+    assert "Traceback" not in srv.proc.stdout.read()
