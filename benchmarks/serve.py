@@ -1,0 +1,280 @@
+"""`spectra serve` under load: 1, 4 and 16 concurrent streaming clients against sequential single-stream decoding.
+
+    python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
+                               [--gen-len 64] [--llama-server PATH] [--soak SECONDS]
+
+The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
+(`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
+port (`spectra serve --threads T --max-batch 16`). Every request streams `--gen-len` tokens (`ignore_eos`) after a
+prompt of `--prompt-len` random token ids; `logprobs: 0` makes every token its own event, so each token's arrival is
+timed. Each client sends `--rounds` requests back to back.
+
+Printed per concurrency: aggregate decode tok/s (tokens received / wall time of the phase), time to first token and
+per-token latency (gaps between a stream's tokens), p50 and p99, and the ratio of the aggregate rate to
+`sequential`: the same requests decoded one after another in this process with `generate` (the batch-1 C decoder,
+what `spectra generate` does), measured in the same run.
+
+`--llama-server PATH`: a llama.cpp `llama-server` binary (built from its public source in a temporary folder, never
+committed) serves our GGUF export of the same model (TQ2_0, `spectra.interop.gguf`) with the same threads and 16
+parallel slots, and is driven the same way.
+
+`--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
+requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak (and its maximum).
+Targets (issue 19): with 16 clients on 2 cores, aggregate tok/s >= 4x one stream and ahead of llama-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVE_EXTRA = ("--max-batch", "16", "--max-queue", "256")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not become healthy")
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: bool) -> dict:
+    body = {"prompt": prompt, "max_tokens": gen_len, "temperature": 0, "stream": True, "ignore_eos": True}
+    if not llama:
+        body["logprobs"] = 0  # one event per token (llama-server streams one token per event already)
+    t0 = time.perf_counter()
+    times: list[float] = []
+    status = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        status = r.status_code
+        if status != 200:
+            await r.aread()
+            return {"status": status, "times": [], "t0": t0}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            ch = ev.get("choices") or [{}]
+            if llama or ch[0].get("logprobs"):
+                times.append(time.perf_counter())
+    return {"status": status, "times": times, "t0": t0}
+
+
+async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: int, vocab: int, llama: bool,
+                seed: int, until: float | None = None) -> dict:
+    import httpx
+
+    rng = __import__("random").Random(seed)
+    results: list[dict] = []
+    errors = 0
+
+    async def client_loop(i: int, client) -> None:
+        nonlocal errors
+        n = 0
+        while (until is None and n < rounds) or (until is not None and time.perf_counter() < until):
+            prompt = [rng.randrange(1, vocab) for _ in range(prompt_len)]
+            try:
+                results.append(await one_request(client, url, prompt, gen_len, llama))
+            except httpx.HTTPError:
+                errors += 1
+            n += 1
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(len(r["times"]) for r in ok)
+    ttft = [r["times"][0] - r["t0"] for r in ok if r["times"]]
+    gaps = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    return {
+        "clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+        "tok_s": tokens / wall if wall > 0 else float("nan"),
+        "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(gaps, 50), "tpot_p99": pct(gaps, 99),
+        "status_5xx": sum(500 <= r["status"] < 600 for r in results), "status_other": sum(
+            r["status"] not in (200,) and not 500 <= r["status"] < 600 for r in results),
+        "transport_errors": errors,
+    }  # fmt: skip
+
+
+def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int) -> float:
+    """Tokens/s of `n` requests decoded one after another with `generate` in this process (int8 head, as served)."""
+    import random
+
+    import torch
+
+    from spectra.checkpoint import load
+    from spectra.inference.bench import with_int8_head
+    from spectra.inference.generate import generate
+
+    torch.set_num_threads(threads)
+    model = with_int8_head(load(model_dir))
+    rng = random.Random(1)
+    generate(model, None, [1, 2, 3], max_new_tokens=4, stop_at_eos=False)  # warm-up (first-call costs)
+    t0 = time.perf_counter()
+    total = 0
+    for _ in range(n):
+        out = generate(model, None, [rng.randrange(1, vocab) for _ in range(prompt_len)], max_new_tokens=gen_len,
+                       stop_at_eos=False)
+        total += out["n_generated"]
+    return total / (time.perf_counter() - t0)
+
+
+def start_spectra(model_dir: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
+           "--ctx-len", str(ctx), *SERVE_EXTRA]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return proc, url
+
+
+def start_llama(binary: str, model_dir: Path, tmp: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    from spectra.interop.gguf import export_gguf
+
+    gguf = tmp / "model-tq2_0.gguf"
+    if not gguf.exists():
+        export_gguf(model_dir, gguf, qtype="tq2_0")
+    port = free_port()
+    cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb",
+           str(threads), "-np", "16", "-c", str(ctx * 16), "-cb"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a packed model directory (default: --size packed here)")
+    parser.add_argument("--size", default="trilm-99m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per phase")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--llama-server", default=None, help="path to a llama.cpp llama-server binary")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of 16 clients after the table (0: none)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+    with tempfile.TemporaryDirectory(prefix="spectra-serve-bench-") as tmpd:
+        tmp = Path(tmpd)
+        if args.model is None:
+            from spectra.__main__ import main as spectra_main
+
+            model_dir = tmp / "packed"
+            if spectra_main(["pack", args.size, str(model_dir)]) != 0:
+                raise SystemExit("packing the model failed")
+            label = f"{args.size} (random weights, packed tq2)"
+        else:
+            model_dir, label = Path(args.model), args.model
+        vocab = json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"]
+        ctx = args.prompt_len + args.gen_len + 8
+        load_before = os.getloadavg()[0]
+        seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab)
+        servers = [("spectra", lambda: start_spectra(model_dir, args.threads, ctx), False)]
+        if args.llama_server:
+            servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
+                            True))
+        rows = []
+        soak = None
+        for name, start, llama in servers:
+            proc, url = start()
+            try:
+                asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0))  # warm-up
+                for c in args.clients:
+                    r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama, c))
+                    rows.append({"server": name, **r})
+                if args.soak and name == "spectra":
+                    rss0 = rss_mb(proc.pid)
+                    peak = [rss0]
+
+                    async def sample() -> None:
+                        while time.perf_counter() < until:
+                            peak.append(rss_mb(proc.pid))
+                            await asyncio.sleep(1)
+
+                    async def soak_run() -> dict:
+                        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until)
+                        return (await asyncio.gather(d, sample()))[0]
+
+                    until = time.perf_counter() + args.soak
+                    soak = asyncio.run(soak_run())
+                    soak.update(rss_start_mb=rss0, rss_end_mb=rss_mb(proc.pid), rss_max_mb=max(peak),
+                                seconds=args.soak)
+            finally:
+                stop(proc)
+        print(f"{label}; {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} tokens per request, "
+              f"{args.rounds} requests per client; cpus={os.cpu_count()}, load average {load_before:.2f} -> "
+              f"{os.getloadavg()[0]:.2f}")
+        print(f"sequential single stream (generate, in process): {seq:.1f} tok/s")
+        print(f"{'server':<13} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
+              f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4}")
+        for r in rows:
+            print(f"{r['server']:<13} {r['clients']:>7} {r['tok_s']:>8.1f} {r['tok_s'] / seq:>6.2f}x "
+                  f"{1000 * r['ttft_p50']:>7.1f}ms {1000 * r['ttft_p99']:>6.1f}ms {1000 * r['tpot_p50']:>10.2f} "
+                  f"{1000 * r['tpot_p99']:>7.2f} {r['status_5xx']:>4}")
+        if soak is not None:
+            print(f"soak: {soak['seconds']:.0f} s of 16 clients, {soak['requests']} requests, {soak['tokens']} tokens "
+                  f"({soak['tok_s']:.1f} tok/s); 5xx {soak['status_5xx']}, other non-200 {soak['status_other']}, "
+                  f"transport errors {soak['transport_errors']}; server RSS {soak['rss_start_mb']:.0f} MiB at start, "
+                  f"{soak['rss_end_mb']:.0f} MiB at end, max {soak['rss_max_mb']:.0f} MiB")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"sequential_tok_s": seq, "rows": rows, "soak": soak}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
