@@ -142,9 +142,9 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
 
     import torch
 
-    from spectra.checkpoint import load
     from spectra.inference.bench import with_int8_head
     from spectra.inference.generate import generate
+    from spectra.loading import load
 
     torch.set_num_threads(threads)
     model = with_int8_head(load(model_dir))

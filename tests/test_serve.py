@@ -99,9 +99,9 @@ def server(model_dir):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """`generate` on the same model, alone, one prompt at a time (the int8 head, as the server runs it)."""
-    from spectra.checkpoint import load
     from spectra.inference.bench import with_int8_head
     from spectra.inference.generate import generate
+    from spectra.loading import load
 
     model = with_int8_head(load(model_dir))
 

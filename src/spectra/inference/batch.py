@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, unsupported_reason
-from spectra.inference.generate import _held_back, _validate, sample_next
+from spectra.inference.sampling import held_back, sample_next, validate_sampling
 
 
 class BatchDecoder:
@@ -274,7 +274,7 @@ class Scheduler:
 
     def check(self, req: Request) -> None:
         """A ValueError naming the field when the request cannot run on this model and slot size."""
-        _validate(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
+        validate_sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
         if not req.prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed to condition on")
         vocab = self.decoder.config.vocab_size
@@ -366,7 +366,7 @@ class Scheduler:
             if hit >= 0:
                 text, finish = text[:hit], "stop"
             req.text = text
-            final = len(text) if finish == "stop" else len(text) - _held_back(text, req.stop)
+            final = len(text) if finish == "stop" else len(text) - held_back(text, req.stop)
             if text.endswith("\ufffd") and finish != "stop":
                 final = min(final, len(text) - 1)  # an incomplete UTF-8 character
             if final > req.emitted:

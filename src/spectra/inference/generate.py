@@ -23,59 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import decoder_for
+from spectra.inference.sampling import held_back, sample_next, validate_sampling
 from spectra.layers import freeze_for_inference
-
-
-def sample_next(
-    logits: Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Pick the next token id from a (V,) logit vector (see the module docstring for the rules)."""
-    logits = logits.float()
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of strictly more likely tokens
-        drop = before >= top_p  # the first token always stays (before = 0)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string (may still become one)."""
-    held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return held
 
 
 def generate(
@@ -110,7 +63,7 @@ def generate(
             raise ValueError("stream is for one prompt; several prompts are decoded together and returned at the end")
         return generate_batch(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, stop=stop, seed=seed, stop_at_eos=stop_at_eos)
-    _validate(max_new_tokens, temperature, top_k, top_p)
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
@@ -174,7 +127,7 @@ def generate(
                     if hit >= 0:
                         text, finish = text[:hit], "stop"
                     if stream is not None:
-                        final = len(text) if finish == "stop" else len(text) - _held_back(text, stops)
+                        final = len(text) if finish == "stop" else len(text) - held_back(text, stops)
                         if text.endswith("\ufffd") and finish != "stop":
                             final = min(final, len(text) - 1)  # an incomplete UTF-8 character
                         if final > emitted:

@@ -41,10 +41,10 @@ def build_engine(
     int8_head: bool = True,
 ):
     """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
-    from spectra.checkpoint import find_tokenizer, load
     from spectra.data.tokenizer import load_tokenizer
     from spectra.inference.bench import with_int8_head
     from spectra.inference.decode import unsupported_reason
+    from spectra.loading import find_tokenizer, load
     from spectra.serve.app import load_chat_template
     from spectra.serve.engine import Engine
 
