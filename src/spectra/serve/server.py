@@ -91,8 +91,10 @@ def serve(
         log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
     engine, name, template = build_engine(model_path, **engine_options)
     app = create_app(engine, name, api_key=api_key, chat_template=template)
-    log.info("serving %s on http://%s:%d (%d slots of %d positions, queue %d, kernel %s)", name, host, port,
-             engine.max_batch, engine.ctx_len, engine.max_queue,
+    caches = engine.scheduler.decoder.caches
+    kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
+    log.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache up to %.2f GiB, queue %d, kernel %s)",
+             name, host, port, engine.max_batch, engine.ctx_len, kv_gib, engine.max_queue,
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")
