@@ -168,6 +168,8 @@ class TernaryLinear(InferenceCache, nn.Linear):
             self.input_norm = RMSNorm(in_features).to(device=device, dtype=dtype)
         else:
             self.input_norm = None
+        # quantization warm-up (spectra.train.warmup): the forward uses W + mix·(W̃ − W); 1 is the TriLM itself
+        self.quant_mix = 1.0
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_shards={self.num_shards}, shard_dim={self.shard_dim}"
@@ -218,9 +220,13 @@ class TernaryLinear(InferenceCache, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
-        if not self.training and not torch.is_grad_enabled() and self.quantizer.cacheable:
+        mix = self.quant_mix
+        if mix == 1.0 and not self.training and not torch.is_grad_enabled() and self.quantizer.cacheable:
             return F.linear(self.quantizer.quantize_input(x), self.quantized_weight())
-        return F.linear(self.quantizer.quantize_input(x), self.quantizer.forward_weight(self.weight))
+        W_used = self.quantizer.forward_weight(self.weight)
+        if mix != 1.0:  # ∂W_used/∂W = (1 − mix)·I + mix·I (straight-through): still the identity
+            W_used = self.weight + mix * (W_used - self.weight)
+        return F.linear(self.quantizer.quantize_input(x), W_used)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype / device) moves the weight; the frozen codes and scales follow it and W̃ is rebuilt from them

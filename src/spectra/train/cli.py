@@ -5,6 +5,8 @@ also without the prefix: `--data`, `--tokens`, ...). Precedence: run file, then 
 
     spectra train --size trilm-99m --data builtin --tokens 2e9
     spectra train --config run.toml --train.lr=1e-3 --model.norm=layernorm --out runs/x --resume
+    spectra train --out runs/x --resume                  # the run's own config (run.json)
+    spectra train --init runs/floatlm/final --model.family=trilm --quant_warmup_tokens=2e5 --teacher runs/floatlm
     torchrun --nproc_per_node 2 -m spectra train --config run.toml
 """
 
@@ -14,9 +16,10 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 SHORT = ("data", "tokenizer", "tokens", "batch_tokens", "seq_len", "micro_batch", "lr", "precision", "compile",
-         "seed", "device")
+         "seed", "device", "init", "teacher", "quant_warmup_tokens", "kd_weight", "kd_temperature")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +50,14 @@ def configs_from_args(args: argparse.Namespace):
     from spectra.train.config import apply_overrides, build_configs, load_run_file
 
     model, train_raw = load_run_file(args.config)
+    if getattr(args, "train__init", None) is not None and args.resume:
+        raise ValueError("--init starts a new run from a checkpoint and --resume continues an existing run; they "
+                         "cannot be combined (to continue a run that started from --init, pass --out RUN --resume)")
+    if args.resume and not args.config and not args.size and args.out and not model:
+        run_file = Path(args.out) / "run.json"
+        if run_file.exists():  # resume with the run's own configuration
+            run = json.loads(run_file.read_text())
+            model, train_raw = dict(run["model"]), dict(run["train"])
     overrides = []
     if args.size:
         overrides.append(f"--model.size={args.size}")
@@ -62,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from spectra.train.trainer import TrainingDiverged, train
 
     model_cfg, train_cfg = configs_from_args(args)
-    out = args.out or f"runs/{model_cfg.name or 'custom'}"
+    name = model_cfg.name if hasattr(model_cfg, "name") else (train_cfg.init and Path(train_cfg.init).name)
+    out = args.out or f"runs/{name or 'custom'}"
     try:
         result = train(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as e:

@@ -52,6 +52,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear")
 PARALLEL = ("ddp", "fsdp")
 LOGGERS = ("wandb", "tensorboard")
+WARMUP_SHAPES = ("linear", "sigmoid")
 
 
 @dataclass(kw_only=True)
@@ -59,7 +60,8 @@ class TrainConfig:
     """Everything about a training run except the model. `None` means the size/family default (see `resolve`)."""
 
     data: str = "builtin"  # 'builtin', a local file/folder, 'hf:NAME[:CONFIG]', or a shard folder
-    tokenizer: str = "builtin"  # 'builtin', 'bpe:N' (train N ids on data), or a tokenizer.json / model folder
+    tokenizer: str | None = None  # 'builtin', 'bpe:N' (train N ids on data), a tokenizer.json / model folder;
+    # None: the init checkpoint's tokenizer, else 'builtin'
     fit_vocab: bool = False  # set model.vocab_size = pad_vocab(tokenizer size, MP) instead of the size's default
     tokens: float = 1e6  # total training tokens
     batch_tokens: int | None = None  # tokens per optimizer step, all ranks and micro-batches together
@@ -97,6 +99,13 @@ class TrainConfig:
     ckpt_log_until: float = 0.0  # milestones at steps 1, 2, 4, 8, ... while tokens <= this (0: none)
     ckpt_milestone_tokens: float = 0.0  # milestones every N tokens (kept forever, 0: none)
     max_bad_steps: int = 10  # this many non-finite losses in a row abort the run
+    # starting from a checkpoint (spectra.train.init), FloatLM -> TriLM warm-up, distillation (spectra.train.distill)
+    init: str | None = None  # a model directory spectra opens, or a run directory (its final model)
+    quant_warmup_tokens: float = 0.0  # TriLM: W_used = W + λ(Q(W) − W), λ 0 -> 1 over this many tokens (0: λ = 1)
+    quant_warmup_shape: str = "linear"  # 'linear' or 'sigmoid'
+    teacher: str | None = None  # a model directory spectra opens: adds kd_weight · KL(teacher ‖ student)
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.tokens or self.tokens <= 0:
@@ -112,6 +121,18 @@ class TrainConfig:
         for f in ("lr_drop_at", "wd_removal_at", "min_lr_ratio"):
             if not 0 <= getattr(self, f) <= 1:
                 raise ValueError(f"train.{f} must lie in [0, 1], got {getattr(self, f)!r}")
+        if self.quant_warmup_shape not in WARMUP_SHAPES:
+            raise ValueError(f"train.quant_warmup_shape must be one of {WARMUP_SHAPES}, "
+                             f"got {self.quant_warmup_shape!r}")
+        if not self.quant_warmup_tokens >= 0:
+            raise ValueError(f"train.quant_warmup_tokens must be >= 0, got {self.quant_warmup_tokens!r}")
+        if self.quant_warmup_tokens > self.tokens:
+            raise ValueError(f"train.quant_warmup_tokens ({self.quant_warmup_tokens:g}) exceeds train.tokens "
+                             f"({self.tokens:g}): the run would end before the model is fully quantized")
+        if not (isinstance(self.kd_weight, int | float) and self.kd_weight >= 0):
+            raise ValueError(f"train.kd_weight must be a number >= 0, got {self.kd_weight!r}")
+        if not (isinstance(self.kd_temperature, int | float) and self.kd_temperature > 0):
+            raise ValueError(f"train.kd_temperature must be a number > 0, got {self.kd_temperature!r}")
         bad = [x for x in self.loggers if x not in LOGGERS]
         if bad:
             raise ValueError(f"train.loggers: unknown {bad}; accepted: {LOGGERS}")
@@ -146,6 +167,7 @@ def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
         cfg,
         seq_len=seq_len,
         batch_tokens=batch,
+        tokenizer=cfg.tokenizer if cfg.tokenizer is not None else "builtin",
         lr=cfg.lr if cfg.lr is not None else (tri_lr if trilm else float_lr),
         lr2=cfg.lr2 if cfg.lr2 is not None else (tri_lr2 if trilm else (cfg.lr or float_lr)),
         schedule=cfg.schedule or ("linear" if trilm else "cosine"),
@@ -228,8 +250,15 @@ def load_run_file(path: str | os.PathLike | None) -> tuple[dict[str, Any], dict[
 
 
 def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    """Raw dicts -> (ModelConfig, TrainConfig). `model.size` names a size; other model keys override it."""
+    """Raw dicts -> (ModelConfig, TrainConfig). `model.size` names a size; other model keys override it. With
+    `train.init` the model comes from the checkpoint and the model dict (returned as it is) holds overrides."""
     model = dict(model)
+    if train.get("init") is not None:
+        train = dict(train)
+        for k in ("tokens", "quant_warmup_tokens"):
+            if isinstance(train.get(k), str):
+                train[k] = float(train[k])
+        return model, TrainConfig.from_dict(train)
     size = model.pop("size", None)
     if size is not None:
         model_cfg = from_name(size, **model)
@@ -238,8 +267,9 @@ def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelCo
             raise ValueError("no model given: pass --size NAME (e.g. trilm-99m), or [model] in a run file")
         model_cfg = ModelConfig.from_dict(model)
     train = dict(train)
-    if isinstance(train.get("tokens"), str):
-        train["tokens"] = float(train["tokens"])
+    for k in ("tokens", "quant_warmup_tokens"):
+        if isinstance(train.get(k), str):
+            train[k] = float(train[k])
     for k in ("batch_tokens",):
         if isinstance(train.get(k), float) and math.isfinite(train[k]):
             train[k] = int(train[k])

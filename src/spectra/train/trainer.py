@@ -13,6 +13,10 @@ progressive quantizers. A non-finite loss (or gradient norm) skips the update an
 row raise `TrainingDiverged`, leaving the last good checkpoint as it was. With fp16 the GradScaler skips overflowing
 steps itself; those are counted from the loss-scale drops.
 
+A run can start from a trained model instead of random weights (`train.init`, `spectra.train.init`), turn a FloatLM
+into a TriLM with a quantization warm-up (`spectra.train.warmup`) and distil from a frozen teacher
+(`spectra.train.distill`); the logged `loss` stays the cross-entropy, the distillation term is logged as `kd_loss`.
+
 Resuming restores weights, optimizer, loss scaler, RNG states and the data position, so a resumed run reproduces the
 uninterrupted run's losses exactly (same device, thread count and world size).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +48,8 @@ from spectra.model import build_model
 from spectra.quantizers import set_progress
 from spectra.train import dist
 from spectra.train.config import TrainConfig, resolve
+from spectra.train.distill import load_teacher
+from spectra.train.init import open_init
 from spectra.train.loss import kernel_paths, lm_loss
 from spectra.train.schedule import make_schedule
 from spectra.train.state import (
@@ -54,6 +61,7 @@ from spectra.train.state import (
     set_rng_state,
     truncate_metrics,
 )
+from spectra.train.warmup import set_quant_mix, warmup_lambda
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +190,7 @@ class _MetricLoggers:
 
 
 def train(
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | dict[str, Any] | None,
     train_cfg: TrainConfig,
     *,
     out_dir: str | os.PathLike,
@@ -190,12 +198,26 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain a model; returns the final metrics (val_loss, train_loss, tokens, steps, wall_time, tokens_per_s,
-    skipped_steps, run_dir). Works the same under torchrun with any world size; only rank 0 writes."""
+    skipped_steps, run_dir). Works the same under torchrun with any world size; only rank 0 writes. With
+    `train_cfg.init`, `model_cfg` holds overrides of the checkpoint's config (a ModelConfig, a dict of fields, or None).
+    """
     info = dist.init(train_cfg.device)
     try:
         return _train(model_cfg, train_cfg, Path(out_dir), resume, progress, info)
     finally:
         dist.cleanup(info)
+
+
+def _check_init_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """`init` starts a new run, `resume` continues one: together only to continue a run that started from `init`."""
+    if not resume:
+        return
+    run_file = run_dir / "run.json"
+    recorded = json.loads(run_file.read_text()).get("init", {}) if run_file.exists() else {}
+    if recorded.get("given") != cfg.init:
+        raise ValueError(f"train.init ({cfg.init}) starts a new run from a checkpoint and resume continues the run in "
+                         f"{run_dir}, which did not start from it; use one or the other (to continue an --init run, "
+                         "resume it without --init)")
 
 
 def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info: dist.DistInfo, progress: bool):
@@ -238,9 +260,18 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
     return tok_path, model_cfg, shard_dir
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool,
-           info: dist.DistInfo) -> dict[str, Any]:
+def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run_dir: Path, resume: bool,
+           progress: bool, info: dist.DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
+    start = None
+    if cfg.init is not None:
+        _check_init_resume(cfg, run_dir, resume)
+        start = open_init(cfg.init, model_cfg, cfg.tokenizer, fit_vocab=cfg.fit_vocab, seed=cfg.seed)
+        model_cfg = start.config
+        cfg = dataclasses.replace(cfg, tokenizer=str(start.tokenizer), fit_vocab=False)
+    elif not isinstance(model_cfg, ModelConfig):
+        raise ValueError("no model given: pass a ModelConfig (--size NAME), or train.init (--init PATH) to start "
+                         "from a checkpoint")
     cfg = resolve(model_cfg, cfg)
     if info.is_main:
         if (run_dir / "run.json").exists() and not resume:
@@ -283,7 +314,13 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
 
     # ---- model, optimizer, resume ---------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    raw = build_model(model_cfg, seed=cfg.seed, device=device)
+    raw = start.model.to(device) if start is not None else build_model(model_cfg, seed=cfg.seed, device=device)
+    provenance = {"init": start.record} if start is not None else {}
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_teacher(cfg.teacher, model_cfg, tok_path, weight=cfg.kd_weight,
+                               temperature=cfg.kd_temperature, device=device)
+        provenance["teacher"] = teacher.record
     start_step, data_pos, tokens_seen, skipped = 0, 0, 0, 0
     resume_from = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
     if resume and resume_from is None:
@@ -355,7 +392,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
         write_json(run_dir / "run.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
                                           "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
                                           "data": str(shard_dir), "world_size": info.world,
-                                          "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps})
+                                          "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps,
+                                          **provenance})
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
         loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
 
@@ -373,7 +411,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
             target = build_model(model_cfg, seed=None, device="cpu")
             target.load_state_dict(msd)
         meta = {"step": step, "tokens": tokens_seen, "data_position": data_pos, "milestone": step in milestones,
-                "tokenizer_sha256": tok_sha, "train": cfg.to_dict()}
+                "tokenizer_sha256": tok_sha, "train": cfg.to_dict(), **provenance}
         state = {"optimizer": osd, "optimizer_format": "fsdp" if fsdp else "torch",
                  "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
                  "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped}
@@ -401,7 +439,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
                 if g["decay"]:
                     g["weight_decay"] = wd
             set_progress(raw, tokens_seen / total_tokens)
+            set_quant_mix(raw, warmup_lambda(tokens_seen, cfg.quant_warmup_tokens, cfg.quant_warmup_shape))
             loss_sum = torch.zeros((), dtype=torch.float64)
+            kd_sum = torch.zeros((), dtype=torch.float64)
             for j in range(accum):
                 first = data_pos + (info.rank * accum + j) * micro
                 batch = sampler.batch(first, micro).to(device, non_blocking=True)
@@ -411,9 +451,12 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
                 with no_sync(sync), amp():
                     logits = model(batch[:, :-1])
                     loss = loss_fn(logits, batch[:, 1:])
-                scaled = loss / accum
+                    kd = teacher.term(batch[:, :-1], logits) if teacher is not None else None
+                scaled = (loss if kd is None else loss + teacher.weight * kd) / accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach().double().cpu()
+                if kd is not None:
+                    kd_sum += kd.detach().double().cpu()
             (loss_mean,) = dist.all_reduce_sum([loss_sum.item() / accum], info)
             loss_mean /= info.world
             grad_norm = float("nan")
@@ -459,6 +502,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
                    "tokens_per_s": tokens_per_step / dt, "skipped_steps": skipped}
             if scaler is not None:
                 row["loss_scale"] = scaler.get_scale()
+            if teacher is not None:
+                row["kd_loss"] = dist.all_reduce_sum([kd_sum.item() / accum], info)[0] / info.world
             if loggers is not None and (done % cfg.log_every == 0 or done == total_steps):
                 loggers.log(row)
             if bar is not None:
@@ -484,7 +529,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, resume: bool
               "skipped_steps": skipped, "run_dir": str(run_dir)}
     if info.is_main:
         final_meta = {"step": total_steps, "tokens": tokens_seen, "tokenizer_sha256": tok_sha, "train": cfg.to_dict(),
-                      "val_loss": val_loss}
+                      "val_loss": val_loss, **provenance}
         if fsdp:
             last = list_checkpoints(run_dir)[-1]
             from spectra.checkpoint import load_model_dir
