@@ -21,6 +21,8 @@ quantizer, as the training forward pass computes it, gives back exactly those co
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ from spectra.ternary import EPS
 # ModelConfig fields whose change would not fit the checkpoint's tensors (or would change what they mean)
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "glu_dim", "vocab_size", "head_dim", "norm", "mlp_act")
 FINAL_DIR = "final"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,45 +171,132 @@ def convert(source: nn.Module, cfg: ModelConfig, *, seed: int, exact: bool) -> n
         state[k] = v.to(state[k].dtype)
     target.load_state_dict(state)
     if exact:
+        worst = 0.0
         for name, module in target.named_modules():
             if isinstance(module, TernaryLinear):
                 codes, scales = source.get_submodule(name).codes_and_scales()
-                exact_latent(module, codes, scales)
+                worst = max(worst, exact_latent(module, codes, scales))
+        if worst > 0:
+            log.warning("init: the codes are exact; some scales could not be represented as a float32 absmean "
+                        "and are one float step off (largest relative difference %.2g)", worst)
     return target.train()
 
 
-def exact_latent(layer: TernaryLinear, codes: torch.Tensor, scales: torch.Tensor, max_iter: int = 200) -> None:
-    """Set the latent weight to Ŵ·m per shard with m chosen so that the layer's quantizer, as training computes it,
-    returns exactly `codes` and `scales` (float32): start from m = (γ − ε)/mean|Ŵ| and step m one float at a time
-    toward the target until the computed γ matches. Shards whose codes are all 0 stay 0 (W̃ = 0 either way).
-    Raises when no such m is found (a quantizer that is not absmean)."""
-    n, dim = layer.num_shards, layer.shard_dim
-    codes_f = codes.float()
-    shard_codes = list(codes_f.chunk(n, dim=dim))
-    target = scales.float().reshape(-1)
-    p = torch.stack([c.abs().mean() for c in shard_codes])
-    live = p > 0
-    m = torch.where(live, (target - EPS).clamp(min=0) / p.clamp(min=1e-30), torch.zeros_like(p))
+def exact_latent(layer: TernaryLinear, codes: torch.Tensor, scales: torch.Tensor, max_walk: int = 64) -> float:
+    """Set the latent weight so that the layer's quantizer, as training computes it, returns exactly `codes` and
+    `scales` (float32).
 
-    def apply() -> torch.Tensor:
+    Per shard the nonzero codes get magnitude m, from m = (γ − ε)/mean|Ŵ|, walked one float32 at a time until the
+    computed γ is the target or lies just above it. Then one weight whose code is 0 gets a magnitude δ < γ/2 (its
+    code stays 0), found by bisection: float addition is monotone, so the computed mean|W| grows with δ in steps of
+    at most one float, and a few starting points m give a δ that lands exactly on γ. A shard without zero codes
+    bisects instead over how many of its weights take the next float above m. Shards whose codes are all 0 stay 0
+    (W̃ = 0 either way).
+
+    The codes always come back exactly. The scale comes back exactly whenever some float32 latent weight gives it:
+    always for a scale the absmean formula computed in float32 (a checkpoint saved in float32), and for most scales
+    rounded to float16/bfloat16. When the number of weights in a shard is not a power of two, the computed
+    mean = sum/n moves in steps of up to two floats, so a rounded scale can fall between two reachable ones; the
+    nearest one below it is kept (one float32 step, relative error < 2.4e-7). Returns the largest relative
+    difference of a scale (0.0: exact)."""
+    n, dim = layer.num_shards, layer.shard_dim
+    shard_codes = [c.contiguous() for c in codes.float().chunk(n, dim=dim)]
+    target = scales.float().reshape(-1)
+    m = [0.0] * n
+    extra: list[tuple[str, float, int] | None] = [None] * n  # ("delta", δ, index) or ("bump", next float, count)
+
+    def step(x: float, up: bool) -> float:  # the neighbouring float32
+        t = torch.tensor(x, dtype=torch.float32)
+        return torch.nextafter(t, torch.tensor(math.inf if up else 0.0)).item()
+
+    def shard_latent(i: int) -> torch.Tensor:
+        c = shard_codes[i].flatten()
+        flat = c * m[i]
+        if extra[i] is not None:
+            how, value, count = extra[i]
+            if how == "delta":
+                flat[count] = value
+            else:
+                nz = c.nonzero().flatten()[:count]
+                flat[nz] = c[nz] * value
+        return flat.view_as(shard_codes[i])
+
+    def evaluate() -> torch.Tensor:
         with torch.no_grad():
-            layer.weight.copy_(torch.cat([c * mi for c, mi in zip(shard_codes, m, strict=True)], dim=dim))
+            layer.weight.copy_(torch.cat([shard_latent(i) for i in range(n)], dim=dim))
         got_codes, got = layer.quantizer.codes_and_scales(layer.weight)
         if not torch.equal(got_codes.to(torch.int8), codes.to(torch.int8)):
-            raise ValueError(f"the quantizer does not map the latent weight back to the checkpoint's codes "
-                             f"({layer.quantizer.name}); exact codes are kept for the absmean (trilm) quantizer only")
+            raise ValueError(f"the quantizer ({layer.quantizer.name}) does not map the latent weight back to the "
+                             "checkpoint's codes; exact codes are kept for the absmean (trilm) quantizer only")
         return got.float().reshape(-1)
 
-    got = apply()
-    for _ in range(max_iter):
-        off = live & (got != target)
-        if not off.any():
-            return
-        toward = torch.where(got > target, torch.zeros_like(m), torch.full_like(m, float("inf")))
-        m = torch.where(off, torch.nextafter(m, toward), m)
-        got = apply()
-    raise ValueError(f"could not find a latent weight whose scales are exactly the checkpoint's ({got.tolist()} vs "
-                     f"{target.tolist()})")
+    def bisect(i: int, make, lo: float, hi: float, integer: bool) -> bool:
+        """Find x in [lo, hi] with γ_i(make(x)) = target, γ_i increasing in x and γ_i(lo) < target < γ_i(hi)."""
+        for _ in range(100):
+            if (hi - lo <= 1) if integer else (hi <= step(lo, True)):
+                return False
+            mid = (lo + hi) // 2 if integer else float(torch.tensor((lo + hi) / 2, dtype=torch.float32))
+            extra[i] = make(mid)
+            g = evaluate()[i]
+            if g == target[i]:
+                return True
+            lo, hi = (mid, hi) if g < target[i] else (lo, mid)
+        return False
+
+    for i, c in enumerate(shard_codes):
+        nnz = int((c != 0).sum())
+        m[i] = float((target[i] - EPS).clamp(min=0) / (nnz / c.numel())) if nnz else 0.0
+    for i in range(n):  # shards are independent: each one's γ depends on its own weights only
+        c = shard_codes[i]
+        nnz = int((c != 0).sum())
+        if nnz == 0:
+            continue
+        got = evaluate()[i]
+        for _ in range(max_walk):  # walk m to the largest float whose γ is below the target
+            if got == target[i]:
+                break
+            up = bool(got < target[i])
+            nxt = step(m[i], up)
+            m_prev, m[i] = m[i], nxt
+            got_next = evaluate()[i]
+            if up and got_next > target[i]:
+                m[i] = m_prev
+                got = evaluate()[i]
+                break
+            got = got_next
+        if got == target[i]:
+            continue
+        if got > target[i]:
+            raise ValueError(f"could not bracket the scale {target[i].item()!r} of shard {i}")
+        zeros = (c.flatten() == 0).nonzero().flatten()
+        m_walked = m[i]
+        found = False
+        for _ in range(16):  # a few starting points m (each shifts the set of reachable means)
+            if zeros.numel():
+                z = int(zeros[0])
+                half = 0.49 * float(target[i])
+                extra[i] = ("delta", half, z)
+                if evaluate()[i] < target[i]:  # δ cannot reach it from this m: step m up
+                    extra[i] = None
+                    m[i] = step(m[i], True)
+                    if evaluate()[i] == target[i]:
+                        found = True
+                        break
+                    continue
+                found = bisect(i, lambda d, z=z: ("delta", d, z), 0.0, half, integer=False)
+            else:
+                hi = step(m[i], True)
+                found = bisect(i, lambda k, hi=hi: ("bump", hi, int(k)), 0, nnz, integer=True)
+            if found:
+                break
+            extra[i] = None
+            m[i] = step(m[i], False)
+        if not found:  # no float32 mean lands on γ (module docstring): the nearest one below it
+            extra[i], m[i] = None, m_walked
+    got = evaluate()
+    live = torch.tensor([bool((c != 0).any()) for c in shard_codes])
+    rel = ((got - target).abs() / target.clamp(min=1e-30))[live]
+    return float(rel.max()) if rel.numel() else 0.0
 
 
 def open_init(path: str | os.PathLike, overrides: dict[str, Any] | ModelConfig | None, tokenizer: str | None, *,
