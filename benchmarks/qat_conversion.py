@@ -1,6 +1,6 @@
 """FloatLM -> TriLM conversion vs TriLM from scratch, on the built-in corpus, several seeds (issue 17's question).
 
-    python benchmarks/qat_conversion.py [--size 1m] [--seeds 0,1] [--float-tokens 4e5] [--tri-tokens 2e5]
+    python benchmarks/qat_conversion.py [--size 1m] [--seeds 0,1,2,3] [--float-tokens 4e5] [--tri-tokens 2e5]
                                         [--warmup-tokens 5e4] [--out runs/qat-tiny]
 
 Per seed, with the TriLM recipe of the size (LR, linear decay, peak drop, weight-decay removal) for every TriLM arm:
@@ -75,7 +75,7 @@ def per_sequence_losses(model_dir: Path, shard_dir: Path, seq_len: int, n_seqs: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1m")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2,3")
     ap.add_argument("--float-tokens", type=float, default=4e5)
     ap.add_argument("--tri-tokens", type=float, default=2e5)
     ap.add_argument("--warmup-tokens", type=float, default=5e4)
