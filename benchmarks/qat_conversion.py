@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from spectra.accounting import flops_per_token
-from spectra.checkpoint import load
 from spectra.config import from_name
 from spectra.data.shards import TokenStream
+from spectra.loading import load
 from spectra.train import TrainConfig, train
 from spectra.train.loss import reference_lm_loss
 

@@ -17,12 +17,14 @@ import torch
 
 import spectra
 from spectra.__main__ import main as cli_main
-from spectra.checkpoint import load, read_meta
 from spectra.config import ModelConfig
 from spectra.data.shards import SequenceSampler, TokenStream
 from spectra.data.tokenizer import train_bpe
+from spectra.files import read_meta
+from spectra.layers import TernaryLinear
+from spectra.loading import load
 from spectra.model import build_model
-from spectra.ternary import SHARD_DIM, TernaryLinear, ternarize
+from spectra.ternary import SHARD_DIM, ternarize
 from spectra.train import TrainConfig, train
 from spectra.train.distill import kd_loss
 from spectra.train.init import content_hash, open_init

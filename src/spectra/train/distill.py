@@ -11,7 +11,8 @@ gradient with respect to the student's logits is formed in the forward pass and 
 distributions, as the fused cross-entropy does (`spectra.train.loss`).
 
 The teacher is any latent model `spectra.load` opens (a spectra checkpoint, a Hugging Face Llama directory, or a run
-directory's final model; packed TriLMs and QuantLMs are refused as for `train.init`), in eval mode with gradients off, and runs inside the student's autocast, i.e. in the student's precision. It must have the student's vocabulary
+directory's final model; packed TriLMs and QuantLMs are refused as for `train.init`), in eval mode with gradients
+off, and runs inside the student's autocast, i.e. in the student's precision. It must have the student's vocabulary
 size and its tokenizer (same tokenizer.json bytes). Cost per step: one teacher forward pass (about a third of the
 student's forward+backward FLOPs for an equal-size teacher) and the teacher's weights and (micro-batch, T, V) logits
 in memory.
