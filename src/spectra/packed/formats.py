@@ -19,9 +19,11 @@ Decoding needs no division: code n of byte b is ((b·3ⁿ mod 256)·3) >> 8. Exa
 v = 162 + 0 + 9 + 3 + 2 = 176 and the byte ⌈256·176/243⌉ = 186; (186·1 mod 256)·3 >> 8 = 2, (186·3 mod 256 = 46)·3 >> 8
 = 0, (186·9 mod 256 = 138)·3 >> 8 = 1, and so on. Only 243 of the 256 byte values (81 for qh) are valid encodings.
 
-Our kernel layout ("blocks") is TQ2_0 with the scales pulled out: `qs` uint8 [N, K/4] (the 64 code bytes of each block,
-rows contiguous, one sequential stream per row) and `d` fp16 [N, K/256]. It converts losslessly to and from both
-llama.cpp formats. In canonical form a block with d = 0 has all codes 0 (q = 0), which is what llama.cpp writes.
+Our kernel layouts ("blocks") are the llama.cpp blocks with the scales pulled out, rows contiguous (one sequential
+stream per row): `qs` uint8 [N, K/4], the 64 code bytes of each TQ2_0 block, or for TQ1_0 `q1` uint8 [N, K/256·52],
+the 52 code bytes (qs[48] then qh[4]) of each TQ1_0 block; and `d` fp16 [N, K/256]. Both convert losslessly to and
+from both llama.cpp formats. In canonical form a block with d = 0 has all codes 0 (q = 0), which is what llama.cpp
+writes.
 
 All functions take and return numpy arrays (torch tensors are accepted as input).
 """
@@ -33,6 +35,7 @@ import numpy as np
 QK = 256  # weights per block
 TQ2_BLOCK_BYTES = 66  # 64 code bytes + fp16 d
 TQ1_BLOCK_BYTES = 54  # 48 + 4 code bytes + fp16 d
+TQ1_CODE_BYTES = 52  # code bytes of a TQ1_0 block (its fp16 d kept apart)
 FORMATS = {"tq2": "tq2_0", "tq1": "tq1_0", "tq2_0": "tq2_0", "tq1_0": "tq1_0"}
 BLOCK_BYTES = {"tq2_0": TQ2_BLOCK_BYTES, "tq1_0": TQ1_BLOCK_BYTES}
 
@@ -263,27 +266,26 @@ def _block_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
 # ---- llama.cpp TQ1_0 ----------------------------------------------------------------------------------------------
 
 
-def to_tq1(qs, d) -> np.ndarray:
-    """(qs [N, K/4], d fp16 [N, K/256]) -> TQ1_0 blocks uint8 [N, K/256·54]."""
-    d = _numpy(d).astype(np.float16)
-    N, nb = d.shape
+def tq1_code_bytes(qs) -> np.ndarray:
+    """TQ2_0 code bytes `qs` uint8 [N, K/4] -> TQ1_0 code bytes `q1` uint8 [N, K/256·52] (per block qs[48], qh[4])."""
+    qs = _numpy(qs)
+    N, nb = qs.shape[0], qs.shape[1] // 64
     c = (unpack_codes(qs).astype(np.int32) + 1).reshape(N, nb, QK)
     head = (c[:, :, :160].reshape(N, nb, 5, 32) * _POW3.reshape(5, 1)).sum(axis=2)  # (N, nb, 32)
     mid = (c[:, :, 160:240].reshape(N, nb, 5, 16) * _POW3.reshape(5, 1)).sum(axis=2)  # (N, nb, 16)
     tail = (c[:, :, 240:].reshape(N, nb, 4, 4) * _POW3[:4].reshape(4, 1)).sum(axis=2)  # (N, nb, 4)
     v = np.concatenate([head, mid, tail], axis=2)
-    out = np.empty((N, nb, TQ1_BLOCK_BYTES), dtype=np.uint8)
-    out[:, :, :52] = (v * 256 + 242) // 243
-    out[:, :, 52:] = d.reshape(N, nb, 1).view(np.uint8)
-    return out.reshape(N, nb * TQ1_BLOCK_BYTES)
+    return ((v * 256 + 242) // 243).astype(np.uint8).reshape(N, nb * TQ1_CODE_BYTES)
 
 
-def from_tq1(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """TQ1_0 blocks of a matrix `shape` = (N, K) -> canonical (qs, d). Out-of-range bytes are a ValueError."""
-    N, K = shape
-    blocks = _read_blocks(raw, shape, "TQ1_0", TQ1_BLOCK_BYTES)
-    nb = blocks.shape[1]
-    for part, valid, name in ((blocks[:, :, :48], _TQ1_VALID, "qs"), (blocks[:, :, 48:52], _TQ1_VALID_QH, "qh")):
+def check_tq1_codes(q1: np.ndarray) -> None:
+    """Raise if a TQ1_0 code byte is not a valid base-3 encoding (243 of 256 values for qs, 81 for qh)."""
+    N = q1.shape[0]
+    blocks = q1.reshape(N, -1, TQ1_CODE_BYTES)
+    for part, valid, name, off in (
+        (blocks[:, :, :48], _TQ1_VALID, "qs", 0),
+        (blocks[:, :, 48:52], _TQ1_VALID_QH, "qh", 48),
+    ):
         bad = ~valid[part]
         if bad.any():
             row, blk, byte = np.argwhere(bad)[0]
@@ -291,13 +293,70 @@ def from_tq1(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
                 f"corrupt TQ1_0 data: row {row}, block {blk}, {name} byte {byte} = {part[row, blk, byte]} is not a "
                 "valid base-3 encoding"
             )
-    d = _block_scales(blocks, "TQ1_0")
+
+
+def tq2_code_bytes(q1) -> np.ndarray:
+    """TQ1_0 code bytes `q1` uint8 [N, K/256·52] (validated) -> TQ2_0 code bytes `qs` uint8 [N, K/4]."""
+    q1 = _numpy(q1)
+    if q1.ndim != 2 or q1.dtype != np.uint8 or q1.shape[1] % TQ1_CODE_BYTES:
+        raise ValueError(f"TQ1_0 code bytes must be uint8 [N, K/256*52], got {q1.dtype} {q1.shape}")
+    check_tq1_codes(q1)
+    N, nb = q1.shape[0], q1.shape[1] // TQ1_CODE_BYTES
+    blocks = q1.reshape(N, nb, TQ1_CODE_BYTES)
     head = _trits(blocks[:, :, :32], 5).reshape(N, nb, 160)
     mid = _trits(blocks[:, :, 32:48], 5).reshape(N, nb, 80)
     tail = _trits(blocks[:, :, 48:52], 4).reshape(N, nb, 16)
-    codes = (np.concatenate([head, mid, tail], axis=2).astype(np.int8) - 1).reshape(N, K)
-    qs = pack_codes(codes)
-    return canonicalize(qs, d), d
+    codes = (np.concatenate([head, mid, tail], axis=2).astype(np.int8) - 1).reshape(N, nb * QK)
+    return pack_codes(codes)
+
+
+_TQ1_ZERO_BLOCK = None  # the TQ1_0 code bytes of a block whose codes are all 0 (filled on first use)
+
+
+def canonicalize_tq1(q1: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """TQ1_0 code bytes: blocks whose scale is 0 get all codes 0 (as `canonicalize` does for TQ2_0)."""
+    global _TQ1_ZERO_BLOCK
+    zero = d == 0
+    if not zero.any():
+        return q1
+    if _TQ1_ZERO_BLOCK is None:
+        _TQ1_ZERO_BLOCK = tq1_code_bytes(np.full((1, 64), 0x55, dtype=np.uint8))[0]
+    q1 = q1.copy().reshape(d.shape[0], d.shape[1], TQ1_CODE_BYTES)
+    q1[zero] = _TQ1_ZERO_BLOCK
+    return q1.reshape(d.shape[0], -1)
+
+
+def to_tq1(qs, d) -> np.ndarray:
+    """(qs [N, K/4], d fp16 [N, K/256]) -> TQ1_0 blocks uint8 [N, K/256·54]."""
+    return tq1_blocks(tq1_code_bytes(qs), d)
+
+
+def tq1_blocks(q1, d) -> np.ndarray:
+    """(TQ1_0 code bytes q1 [N, K/256·52], d fp16 [N, K/256]) -> TQ1_0 blocks uint8 [N, K/256·54]."""
+    d = _numpy(d).astype(np.float16)
+    N, nb = d.shape
+    out = np.empty((N, nb, TQ1_BLOCK_BYTES), dtype=np.uint8)
+    out[:, :, :TQ1_CODE_BYTES] = _numpy(q1).reshape(N, nb, TQ1_CODE_BYTES)
+    out[:, :, TQ1_CODE_BYTES:] = d.reshape(N, nb, 1).view(np.uint8)
+    return out.reshape(N, nb * TQ1_BLOCK_BYTES)
+
+
+def from_tq1_codes(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """TQ1_0 blocks of a matrix `shape` = (N, K) -> canonical (q1 code bytes [N, K/256·52], d), validated, kept in
+    base 3 (for the TQ1 kernels). Out-of-range bytes and non-finite scales are a ValueError."""
+    N, _ = shape
+    blocks = _read_blocks(raw, shape, "TQ1_0", TQ1_BLOCK_BYTES)
+    nb = blocks.shape[1]
+    q1 = np.ascontiguousarray(blocks[:, :, :TQ1_CODE_BYTES]).reshape(N, nb * TQ1_CODE_BYTES)
+    check_tq1_codes(q1)
+    d = _block_scales(blocks, "TQ1_0")
+    return canonicalize_tq1(q1, d), d
+
+
+def from_tq1(raw, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """TQ1_0 blocks of a matrix `shape` = (N, K) -> canonical (qs, d). Out-of-range bytes are a ValueError."""
+    q1, d = from_tq1_codes(raw, shape)
+    return canonicalize(tq2_code_bytes(q1), d), d
 
 
 def _trits(b: np.ndarray, n: int) -> np.ndarray:

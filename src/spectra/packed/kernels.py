@@ -29,6 +29,11 @@ Two variants share step 1 and the epilogue:
 `attention` (single-query attention per head over a KV cache slice, for decoding) is float32 and matches torch's
 `scaled_dot_product_attention` to rounding, not bit for bit.
 
+Weights in the TQ1_0 layout (`fmt="tq1_0"`: `formats` TQ1 code bytes, five base-3 codes per byte) go through their own
+kernels (`csrc/tq1_kernels.h`), which decode the codes in registers and then make the same integer sums and the same
+epilogue: their outputs equal the TQ2_0 kernels' on the same codes, bit for bit. The `avx512vnni` path decodes TQ1_0
+with byte-table lookups (`vpermi2b`, AVX-512 VBMI) and falls back to the AVX2 code on CPUs without VBMI.
+
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
 The environment variable SPECTRA_KERNEL overrides `auto`. Threads (OpenMP, shared with torch's runtime) take
@@ -47,6 +52,7 @@ from torch import Tensor
 from spectra.packed import formats
 
 PATHS = ("avx512vnni", "avx2", "scalar")  # best first
+FORMAT_IDS = {"tq2_0": 0, "tq1_0": 1}  # weight layouts the kernels read (`formats`)
 MAX_GROUP = 8  # matrices per `ternary_matmul_group` call
 _PATH_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 _REQUIRES = {
@@ -124,8 +130,11 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     return a, s
 
 
-def reference_matmul(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor) -> Tensor:
-    """Pure-torch y [T, N] = x [T, K] Wᵀ, bit-identical to the compiled kernels (module docstring, steps 1–3)."""
+def reference_matmul(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor, fmt: str = "tq2_0") -> Tensor:
+    """Pure-torch y [T, N] = x [T, K] Wᵀ, bit-identical to the compiled kernels (module docstring, steps 1–3).
+    `qs` holds TQ2_0 code bytes, or TQ1_0 code bytes with fmt="tq1_0" (decoded here to the same codes)."""
+    if formats.canonical_format(fmt) == "tq1_0":
+        qs = torch.from_numpy(formats.tq2_code_bytes(qs.numpy()))
     a, s = quantize_activations(x)
     codes = torch.from_numpy(formats.unpack_codes(qs.numpy())).double()
     a64 = a.double()
@@ -141,11 +150,15 @@ def reference_matmul(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor) -> Te
 # ---- dispatch -----------------------------------------------------------------------------------------------------
 
 
-def check_operands(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor) -> None:
+def check_operands(x: Tensor, qs: Tensor, bounds: Tensor, seg_d: Tensor, fmt: str = "tq2_0") -> None:
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous float32 matrix [T, K], got {x.dtype} {tuple(x.shape)}")
-    if qs.dim() != 2 or qs.dtype != torch.uint8 or not qs.is_contiguous() or x.shape[1] != qs.shape[1] * 4:
-        raise ValueError(f"qs must be contiguous uint8 [N, K/4] with K={x.shape[1]}, got {qs.dtype} {tuple(qs.shape)}")
+    tq1 = formats.canonical_format(fmt) == "tq1_0"
+    width, what = (x.shape[1] // 256 * formats.TQ1_CODE_BYTES, "K/256*52") if tq1 else (x.shape[1] // 4, "K/4")
+    if qs.dim() != 2 or qs.dtype != torch.uint8 or not qs.is_contiguous() or qs.shape[1] != width:
+        raise ValueError(
+            f"qs must be contiguous uint8 [N, {what}] with K={x.shape[1]} ({fmt}), got {qs.dtype} {tuple(qs.shape)}"
+        )
     if x.shape[1] % 256 or x.shape[1] > 1 << 22:
         raise ValueError(f"row length {x.shape[1]} must be a multiple of 256 and at most 2^22")
     S = bounds.numel() - 1
@@ -166,14 +179,17 @@ def ternary_matmul(
     bounds: Tensor,
     seg_d: Tensor,
     *,
+    fmt: str = "tq2_0",
     path: str = "auto",
     n_threads: int | None = None,
 ) -> Tensor:
-    """y [T, N] float32 = x [T, K] Wᵀ for packed ternary W (see module docstring). Validates its operands."""
-    check_operands(x, qs, bounds, seg_d)
+    """y [T, N] float32 = x [T, K] Wᵀ for packed ternary W (see module docstring), `qs` in the layout of `fmt`
+    ('tq2_0' code bytes [N, K/4] or 'tq1_0' code bytes [N, K/256·52]). Validates its operands."""
+    fmt = formats.canonical_format(fmt)
+    check_operands(x, qs, bounds, seg_d, fmt)
     path = resolve_path(path)
     if path == "torch":
-        return reference_matmul(x, qs, bounds, seg_d)
+        return reference_matmul(x, qs, bounds, seg_d, fmt)
     y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
     extension().matmul(
         _PATH_IDS[path],
@@ -187,30 +203,41 @@ def ternary_matmul(
         seg_d.data_ptr(),
         y.data_ptr(),
         n_threads or torch.get_num_threads(),
+        FORMAT_IDS[fmt],
     )
     return y
 
 
 def ternary_matmul_group(
     x: Tensor,
-    operands: Sequence[tuple[Tensor, Tensor, Tensor]],
+    operands: Sequence[tuple],
     *,
     path: str = "auto",
     n_threads: int | None = None,
 ) -> list[Tensor]:
-    """[x Wⱼᵀ for each (qs, bounds, seg_d) in `operands`] (1 to 8 matrices), bit-identical to separate
-    `ternary_matmul` calls; the compiled paths quantize x once and run every matrix in one call."""
+    """[x Wⱼᵀ for each (qs, bounds, seg_d[, fmt]) in `operands`] (1 to 8 matrices, TQ2_0 and TQ1_0 layouts may mix),
+    bit-identical to separate `ternary_matmul` calls; the compiled paths quantize x once and run every matrix in one
+    call."""
     if not 1 <= len(operands) <= MAX_GROUP:
         raise ValueError(f"a group holds 1 to {MAX_GROUP} matrices, got {len(operands)}")
-    for op in operands:
+    ops = [(*op[:3], formats.canonical_format(op[3] if len(op) > 3 else "tq2_0")) for op in operands]
+    for op in ops:
         check_operands(x, *op)
     path = resolve_path(path)
     if path == "torch":
-        return [reference_matmul(x, *op) for op in operands]
-    ys = [torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32) for qs, _, _ in operands]
+        return [reference_matmul(x, *op) for op in ops]
+    ys = [torch.empty(x.shape[0], op[0].shape[0], dtype=torch.float32) for op in ops]
     specs = tuple(
-        (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr())
-        for (qs, bounds, seg_d), y in zip(operands, ys)
+        (
+            qs.data_ptr(),
+            qs.shape[0],
+            bounds.data_ptr(),
+            bounds.numel() - 1,
+            seg_d.data_ptr(),
+            y.data_ptr(),
+            FORMAT_IDS[fmt],
+        )
+        for (qs, bounds, seg_d, fmt), y in zip(ops, ys)
     )
     extension().matmul_group(
         _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or torch.get_num_threads(), specs

@@ -91,7 +91,10 @@ typedef struct {
     const float *xs;       /* [T] activation scales */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
+    int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
 } job_t;
+
+enum { FMT_TQ2 = 0, FMT_TQ1 = 1 };
 
 /* ---------------------------------------------------------------- activation quantization */
 
@@ -709,8 +712,14 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
     i8_rows_scalar(J, n0, n1);
 }
 
+#include "tq1_kernels.h"
+
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
+    if (J->fmt == FMT_TQ1) {
+        tq1_run_rows(path, J, n0, n1);
+        return;
+    }
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) {
         if (J->T <= 4) gemv_avx512(J, n0, n1);
@@ -935,7 +944,13 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 static int parse_job(PyObject *args, int *path, const float **x, job_t *J, int *n_threads) {
     unsigned long long px, pqs, pb, pd, py;
     long long T, K, N, S;
-    if (!PyArg_ParseTuple(args, "iKLLKLKLKKi", path, &px, &T, &K, &pqs, &N, &pb, &S, &pd, &py, n_threads)) return 0;
+    int fmt = FMT_TQ2;
+    if (!PyArg_ParseTuple(args, "iKLLKLKLKKi|i", path, &px, &T, &K, &pqs, &N, &pb, &S, &pd, &py, n_threads, &fmt))
+        return 0;
+    if (fmt != FMT_TQ2 && fmt != FMT_TQ1) {
+        PyErr_Format(PyExc_ValueError, "unknown weight format %d (0: TQ2_0 code bytes, 1: TQ1_0 code bytes)", fmt);
+        return 0;
+    }
     if (T < 0 || N < 0 || K <= 0 || K % QK || S <= 0) {
         PyErr_Format(PyExc_ValueError, "bad sizes T=%lld N=%lld K=%lld S=%lld (K must be a positive multiple of %d)",
                      T, N, K, S, QK);
@@ -951,7 +966,7 @@ static int parse_job(PyObject *args, int *path, const float **x, job_t *J, int *
     J->bounds = (const int32_t *)(uintptr_t)pb;
     J->seg_d = (const float *)(uintptr_t)pd;
     J->y = (float *)(uintptr_t)py;
-    J->T = T, J->K = K, J->N = N, J->S = S, J->nb = K / QK;
+    J->T = T, J->K = K, J->N = N, J->S = S, J->nb = K / QK, J->fmt = fmt;
     if (J->bounds[0] != 0 || J->bounds[S] != J->nb) {
         PyErr_SetString(PyExc_ValueError, "segment bounds must start at 0 and end at K/256");
         return 0;
@@ -982,7 +997,8 @@ static void *scratch_get(size_t need) {
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* matmul(path, x_ptr, T, K, qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr, n_threads) -> None; y[T, N] = x[T, K] W^T */
+/* matmul(path, x_ptr, T, K, qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr, n_threads[, fmt]) -> None; y[T, N] = x[T, K] W^T
+ * for TQ2_0 code bytes (fmt 0, the default) or TQ1_0 code bytes (fmt 1, see tq1_kernels.h) */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int path, n_threads;
     const float *x;
@@ -991,14 +1007,18 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (!parse_job(args, &path, &x, &J, &n_threads)) return NULL;
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(J.T * J.K));
-    void *scratch = scratch_get(q_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T);
+    const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) : 0;
+    void *scratch =
+        scratch_get(q_bytes + q1_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes);
+    int8_t *xq1 = (int8_t *)scratch + q_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes);
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
-    J.xq = xq, J.bsum = bsum, J.xs = xs;
+    if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
+    J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1024,13 +1044,14 @@ static int check_bounds(const int32_t *bounds, long long S, int64_t nb) {
 static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     unsigned long long pqs, pb, pd, py;
     long long N, S;
+    int fmt = FMT_TQ2;
     const int64_t nb = K / QK;
-    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "KLKLKK", &pqs, &N, &pb, &S, &pd, &py)) {
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "KLKLKK|i", &pqs, &N, &pb, &S, &pd, &py, &fmt)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a matrix spec is a tuple");
         return 0;
     }
-    if (N < 0 || S <= 0 || S > nb) {
-        PyErr_Format(PyExc_ValueError, "bad sizes N=%lld S=%lld", N, S);
+    if (N < 0 || S <= 0 || S > nb || (fmt != FMT_TQ2 && fmt != FMT_TQ1)) {
+        PyErr_Format(PyExc_ValueError, "bad sizes N=%lld S=%lld or weight format %d", N, S, fmt);
         return 0;
     }
     memset(J, 0, sizeof(*J));
@@ -1038,7 +1059,7 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     J->bounds = (const int32_t *)(uintptr_t)pb;
     J->seg_d = (const float *)(uintptr_t)pd;
     J->y = (float *)(uintptr_t)py;
-    J->T = T, J->K = K, J->N = N, J->S = S, J->nb = nb;
+    J->T = T, J->K = K, J->N = N, J->S = S, J->nb = nb, J->fmt = fmt;
     return check_bounds(J->bounds, S, nb);
 }
 
@@ -1052,18 +1073,23 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     const size_t b_bytes = round64(sizeof(int32_t) * (size_t)(nb + 1));
     const size_t blk_bytes = round64(sizeof(int32_t) * (size_t)(T * nb));
     const size_t s_bytes = round64(sizeof(int32_t) * sums);
-    void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + sizeof(float) * (size_t)T);
+    int any_tq1 = 0;
+    for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
+    const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) : 0;
+    void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
     if (!scratch) return 0;
+    int8_t *xq1 = (int8_t *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes;
     int8_t *xq = (int8_t *)scratch;
     int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
     int32_t *blk_sum = (int32_t *)((char *)scratch + q_bytes + b_bytes);
     int32_t *sum = (int32_t *)((char *)scratch + q_bytes + b_bytes + blk_bytes);
-    float *xs = (float *)((char *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes);
+    float *xs = (float *)((char *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes);
     for (int64_t b = 0; b <= nb; b++) blocks[b] = (int32_t)b;
     job_t Q;
     memset(&Q, 0, sizeof(Q));
     Q.T = T, Q.K = K, Q.nb = nb, Q.S = nb, Q.bounds = blocks;
     quantize_rows(path, x, &Q, xq, blk_sum, xs);
+    if (any_tq1) tq1_activations(xq, xq1, T, nb);
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
         for (int64_t t = 0; t < T; t++)
@@ -1072,7 +1098,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) v += blk_sum[t * nb + b];
                 sum[t * J->S + s] = v;
             }
-        J->xq = xq, J->bsum = sum, J->xs = xs;
+        J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
         sum += T * J->S;
         if (J->N > 0) run_parallel(run_rows, path, J, n_threads);
     }
@@ -1451,4 +1477,9 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels", "spectra's ternary CPU kernels", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#ifdef SPECTRA_X86
+    tq1_has_vbmi(); /* fills the TQ1 decode tables once, before any thread reads them */
+#endif
+    return PyModule_Create(&module);
+}

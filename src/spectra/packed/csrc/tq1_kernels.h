@@ -1,0 +1,331 @@
+/*
+ * TQ1_0 kernels: ternary x int8 products read straight from llama.cpp's base-3 layout (1.625 bits of codes per
+ * weight, plus the block scale kept apart as for TQ2_0). Included by ternary_kernels.c, whose job_t, activation
+ * quantization, epilogue and dispatch they share; J->fmt == FMT_TQ1 selects them.
+ *
+ * Weights: N rows of nb blocks of TQ1_CB = 52 code bytes: the llama.cpp block without its fp16 scale (qs[48] then
+ * qh[4]). Byte b holds five codes, most significant first, as the fraction ceil(256 v / 243) of v = sum c_n 3^(4-n);
+ * code n is ((b * 3^n mod 256) * 3) >> 8. For bytes 0..31 code n is element 32n + j, for bytes 32..47 element
+ * 160 + 16n + (j - 32), for bytes 48..51 (n < 4) element 240 + 4n + (j - 48); the qh bytes' fifth code is 0.
+ *
+ * Activations (TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds the
+ * activation of the element that code n of weight byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
+ * 48..51. So one 64-byte load of a block's 52 code bytes (12 more masked off) against plane n is a full dot product,
+ * and bytes that are not codes meet zero activations. It is built from the TQ2 layout by copying 32-, 16- and 4-byte
+ * runs (tq1_activations).
+ *
+ * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
+ * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
+ *
+ * Decoding the codes:
+ * - scalar: the formula above.
+ * - AVX2: t_n = b * 3^n mod 256 by byte adds (t + t + t), and c = [t >= 86] + [t >= 171] (= (3t) >> 8) with
+ *   saturating subtractions, then vpmaddubsw like the TQ2 AVX2 path.
+ * - AVX-512 (VBMI): two 256-entry byte tables indexed by the weight byte itself, each looked up with two vpermi2b
+ *   (entries 0..127 and 128..255) and a blend on the byte's top bit: table A gives codes 0..3 as the four 2-bit fields
+ *   of a TQ2 byte, table B code 4. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd then accumulates
+ *   4^l c a, and a right shift by 2l recovers the exact sum. Per block: one load, 6 table ops, 4 ANDs, 5 vpdpbusd.
+ *   Without VBMI (AVX-512 VNNI CPUs before Ice Lake) the AVX2 code runs.
+ */
+
+#define TQ1_CB 52  /* code bytes per block */
+#define TQ1_AB 320 /* activation bytes per block in the TQ1 layout */
+#define TQ1_LOAD_MASK 0x000FFFFFFFFFFFFFULL
+
+static const uint8_t tq1_pow3[5] = {1, 3, 9, 27, 81};
+
+static inline int tq1_code(int b, int n) { return (((b * tq1_pow3[n]) & 0xFF) * 3) >> 8; }
+
+/* TQ2-layout int8 activations [T, nb*256] -> TQ1 layout [T, nb*320]. In the TQ2 layout the 32 elements 32j..32j+31 of
+ * a block are contiguous at 64 (j % 4) + 32 (j / 4). */
+static void tq1_activations(const int8_t *a2, int8_t *a1, int64_t T, int64_t nb) {
+    for (int64_t i = 0; i < T * nb; i++) {
+        const int8_t *s = a2 + i * QK;
+        int8_t *d = a1 + i * TQ1_AB;
+        memset(d, 0, TQ1_AB);
+        for (int n = 0; n < 5; n++) {
+            int8_t *p = d + 64 * n;
+            memcpy(p, s + 64 * (n % 4) + 32 * (n / 4), 32);       /* elements 32n .. 32n+31 */
+            const int j = 5 + n / 2;                              /* elements 160+16n .. +15: chunk 5 + n/2 */
+            memcpy(p + 32, s + 64 * (j % 4) + 32 * (j / 4) + 16 * (n % 2), 16);
+            if (n < 4) memcpy(p + 48, s + 64 * 3 + 32 + 16 + 4 * n, 4); /* elements 240+4n .. +3: chunk 7 */
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- scalar */
+
+static void tq1_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = J->qs + n * J->nb * TQ1_CB;
+        for (int64_t t = 0; t < J->T; t++) {
+            const int8_t *a = J->xq + t * J->nb * TQ1_AB;
+            float yv = 0.0f;
+            for (int64_t s = 0; s < J->S; s++) {
+                int32_t acc = 0;
+                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+                    const uint8_t *wb = w + b * TQ1_CB;
+                    const int8_t *ab = a + b * TQ1_AB;
+                    for (int j = 0; j < TQ1_CB; j++)
+                        for (int c = 0; c < 5; c++) acc += tq1_code(wb[j], c) * ab[64 * c + j];
+                }
+                yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[t * J->S + s]);
+            }
+            J->y[t * J->N + n] = yv * J->xs[t];
+        }
+    }
+}
+
+#ifdef SPECTRA_X86
+/* ---------------------------------------------------------------- AVX2 */
+
+/* c = (3t) >> 8 = [t >= 86] + [t >= 171] for bytes t. */
+TARGET_AVX2 static inline __m256i tq1_code_avx2(__m256i t) {
+    const __m256i one = _mm256_set1_epi8(1);
+    const __m256i c1 = _mm256_min_epu8(_mm256_subs_epu8(t, _mm256_set1_epi8(85)), one);
+    const __m256i c2 = _mm256_min_epu8(_mm256_subs_epu8(t, _mm256_set1_epi8((char)170)), one);
+    return _mm256_add_epi8(c1, c2);
+}
+
+/* One row against one token. maddubs pairs are at most 2 * 127 * 2 = 508; ten per block sum to at most 5080 in int16. */
+TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i tail = _mm256_setr_epi32(-1, -1, -1, -1, -1, 0, 0, 0); /* bytes 32..51 of a block */
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = J->qs + n * J->nb * TQ1_CB;
+        for (int64_t t = 0; t < J->T; t++) {
+            const int8_t *a = J->xq + t * J->nb * TQ1_AB;
+            float yv = 0.0f;
+            for (int64_t s = 0; s < J->S; s++) {
+                __m256i acc = _mm256_setzero_si256();
+                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+                    const uint8_t *wb = w + b * TQ1_CB;
+                    PREFETCH(wb + PREFETCH_BYTES);
+                    __m256i t0 = _mm256_loadu_si256((const __m256i *)wb);
+                    __m256i t1 = _mm256_maskload_epi32((const int *)(wb + 32), tail);
+                    const int8_t *ab = a + b * TQ1_AB;
+                    __m256i sum16 = _mm256_setzero_si256();
+                    for (int c = 0; c < 5; c++) {
+                        if (c) {
+                            t0 = _mm256_add_epi8(_mm256_add_epi8(t0, t0), t0);
+                            t1 = _mm256_add_epi8(_mm256_add_epi8(t1, t1), t1);
+                        }
+                        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(ab + 64 * c));
+                        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(ab + 64 * c + 32));
+                        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(tq1_code_avx2(t0), a0));
+                        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(tq1_code_avx2(t1), a1));
+                    }
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(sum16, ones));
+                }
+                yv = yv + J->seg_d[n * J->S + s] * (float)(hsum256(acc) - J->bsum[t * J->S + s]);
+            }
+            J->y[t * J->N + n] = yv * J->xs[t];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 (VNNI + VBMI) */
+
+#define TARGET_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+
+static uint8_t tq1_table_a[256], tq1_table_b[256]; /* codes 0..3 as 2-bit fields; code 4 */
+
+static void tq1_tables_init(void) {
+    static int done = 0;
+    if (done) return;
+    for (int b = 0; b < 256; b++) {
+        tq1_table_a[b] = (uint8_t)(tq1_code(b, 0) | tq1_code(b, 1) << 2 | tq1_code(b, 2) << 4 | tq1_code(b, 3) << 6);
+        tq1_table_b[b] = (uint8_t)tq1_code(b, 4);
+    }
+    done = 1;
+}
+
+typedef struct {
+    __m512i a0, a1, a2, a3, b0, b1, b2, b3;
+} tq1_tables_t;
+
+TARGET_AVX512_VBMI static inline tq1_tables_t tq1_tables_load(void) {
+    tq1_tables_t L;
+    L.a0 = _mm512_loadu_si512(tq1_table_a), L.a1 = _mm512_loadu_si512(tq1_table_a + 64);
+    L.a2 = _mm512_loadu_si512(tq1_table_a + 128), L.a3 = _mm512_loadu_si512(tq1_table_a + 192);
+    L.b0 = _mm512_loadu_si512(tq1_table_b), L.b1 = _mm512_loadu_si512(tq1_table_b + 64);
+    L.b2 = _mm512_loadu_si512(tq1_table_b + 128), L.b3 = _mm512_loadu_si512(tq1_table_b + 192);
+    return L;
+}
+
+/* A block's 52 code bytes -> codes 0..3 as 2-bit fields (*fa) and code 4 (*fb), byte for byte. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode(const uint8_t *p, const tq1_tables_t *L,
+                                                                             __m512i *fa, __m512i *fb) {
+    const __m512i w = _mm512_maskz_loadu_epi8((__mmask64)TQ1_LOAD_MASK, p);
+    const __mmask64 high = _mm512_movepi8_mask(w); /* bytes >= 128 take the second half of each table */
+    *fa = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->a0, w, L->a1),
+                                 _mm512_permutex2var_epi8(L->a2, w, L->a3));
+    *fb = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->b0, w, L->b1),
+                                 _mm512_permutex2var_epi8(L->b2, w, L->b3));
+}
+
+/* One row's segment [b0, b1) against one token's TQ1 activations: the 16 lane sums of sum c a. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) __m512i tq1_dot_avx512(const uint8_t *w, const int8_t *a,
+                                                                                     int64_t b0, int64_t b1,
+                                                                                     const tq1_tables_t *L) {
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
+    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0;
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *wb = w + b * TQ1_CB;
+        PREFETCH3(wb);
+        __m512i fa, fb;
+        tq1_decode(wb, L, &fa, &fb);
+        const int8_t *ab = a + b * TQ1_AB;
+        DPBUSD(c0, _mm512_and_si512(fa, m0), ab);
+        DPBUSD(c1, _mm512_and_si512(fa, m1), ab + 64);
+        DPBUSD(c2, _mm512_and_si512(fa, m2), ab + 128);
+        DPBUSD(c3, _mm512_and_si512(fa, m3), ab + 192);
+        DPBUSD(c4, fb, ab + 256);
+    }
+    __m512i v = _mm512_add_epi32(c0, _mm512_srai_epi32(c1, 2));
+    v = _mm512_add_epi32(v, _mm512_srai_epi32(c2, 4));
+    v = _mm512_add_epi32(v, _mm512_srai_epi32(c3, 6));
+    return _mm512_add_epi32(v, c4);
+}
+
+/* One token: rows 16 at a time reduced together (hsum16x16) and finished with one vector epilogue, as gemv1_avx512. */
+TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    const tq1_tables_t L = tq1_tables_load();
+    const int64_t rowb = J->nb * TQ1_CB;
+    int64_t n = n0;
+    if (J->S <= GROUP_SEGMENTS) {
+        __m512i v[GROUP_SEGMENTS][16];
+        for (; n + 16 <= n1; n += 16) {
+            for (int r = 0; r < 16; r++)
+                for (int64_t s = 0; s < J->S; s++)
+                    v[s][r] = tq1_dot_avx512(J->qs + (n + r) * rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L);
+            epilogue16(J, n, v, 0);
+        }
+    }
+    for (; n < n1; n++) {
+        float yv = 0.0f;
+        for (int64_t s = 0; s < J->S; s++) {
+            const int32_t acc = _mm512_reduce_add_epi32(
+                tq1_dot_avx512(J->qs + n * rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L));
+            yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);
+        }
+        J->y[n] = yv * J->xs[0];
+    }
+}
+
+/* GEMM tile: R rows x TT tokens (<= 4 x 4). Each block of a row is decoded once and used against TT tokens; the
+ * fields are shifted down so that one accumulator per (row, token) suffices. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_avx512(const job_t *J, const tq1_tables_t *L,
+                                                                                  int64_t n, int64_t t, const int R,
+                                                                                  const int TT) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const int64_t rowb = J->nb * TQ1_CB, ab_row = J->nb * TQ1_AB;
+    float yv[4][4];
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < TT; k++) yv[r][k] = 0.0f;
+    for (int64_t s = 0; s < J->S; s++) {
+        __m512i acc[4][4];
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4")
+            for (int k = 0; k < TT; k++) acc[r][k] = _mm512_setzero_si512();
+        for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+            __m512i fa[4], fb[4];
+            _Pragma("GCC unroll 4")
+            for (int r = 0; r < R; r++) {
+                const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
+                if (TT < 4) PREFETCH(wb + PREFETCH_BYTES);
+                tq1_decode(wb, L, &fa[r], &fb[r]);
+            }
+            _Pragma("GCC unroll 5")
+            for (int c = 0; c < 5; c++) {
+                __m512i wc[4];
+                _Pragma("GCC unroll 4")
+                for (int r = 0; r < R; r++) {
+                    __m512i x = c == 4 ? fb[r] : fa[r];
+                    if (c == 1) x = _mm512_srli_epi16(x, 2);
+                    if (c == 2) x = _mm512_srli_epi16(x, 4);
+                    if (c == 3) x = _mm512_srli_epi16(x, 6);
+                    wc[r] = c == 4 ? x : _mm512_and_si512(x, m3);
+                }
+                _Pragma("GCC unroll 4")
+                for (int k = 0; k < TT; k++) {
+                    const __m512i a = _mm512_loadu_si512(J->xq + (t + k) * ab_row + b * TQ1_AB + 64 * c);
+                    _Pragma("GCC unroll 4")
+                    for (int r = 0; r < R; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], wc[r], a);
+                }
+            }
+        }
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < R; r++) {
+            const float d = J->seg_d[(n + r) * J->S + s];
+            _Pragma("GCC unroll 4")
+            for (int k = 0; k < TT; k++) {
+                const int32_t v = _mm512_reduce_add_epi32(acc[r][k]);
+                yv[r][k] = yv[r][k] + d * (float)(v - J->bsum[(t + k) * J->S + s]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < TT; k++) J->y[(t + k) * J->N + n + r] = yv[r][k] * J->xs[t + k];
+}
+
+#define TQ1_TILE_ROW(R)                                                       \
+    do {                                                                      \
+        int64_t t = c0;                                                       \
+        for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, &L, n, t, R, 4);       \
+        switch (c1 - t) {                                                     \
+            case 3: tq1_tile_avx512(J, &L, n, t, R, 3); break;                \
+            case 2: tq1_tile_avx512(J, &L, n, t, R, 2); break;                \
+            case 1: tq1_tile_avx512(J, &L, n, t, R, 1); break;                \
+            default: break;                                                   \
+        }                                                                     \
+    } while (0)
+
+/* Several tokens: up to 4 rows x 4 tokens per tile (fewer rows for 2..4 tokens: decoding, small batches). */
+TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    const tq1_tables_t L = tq1_tables_load();
+    for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
+        const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4);
+        switch (n1 - n) {
+            case 3: TQ1_TILE_ROW(3); break;
+            case 2: TQ1_TILE_ROW(2); break;
+            case 1: TQ1_TILE_ROW(1); break;
+            default: break;
+        }
+    }
+}
+
+static int tq1_has_vbmi(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
+        if (cached) tq1_tables_init();
+    }
+    return cached;
+}
+#endif /* SPECTRA_X86 */
+
+static void tq1_run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
+    if (n0 >= n1) return;
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI && tq1_has_vbmi()) {
+        if (J->T == 1) tq1_gemv1_avx512(J, n0, n1);
+        else tq1_gemm_avx512(J, n0, n1);
+        return;
+    }
+    if (path == PATH_AVX2 || path == PATH_AVX512VNNI) {
+        tq1_rows_avx2(J, n0, n1);
+        return;
+    }
+#endif
+    tq1_rows_scalar(J, n0, n1);
+}
