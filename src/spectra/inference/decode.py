@@ -8,6 +8,7 @@ does the same math in C (x is the residual stream, updated in place):
 
     h = RMSNorm(x)                    float32, x / sqrt(mean(x²) + eps) · w
     q | k | v = h W_qkvᵀ              one `ternary_matmul_group`: h quantized to int8 once, three matrices streamed
+                                      (TQ2_0 or TQ1_0 code bytes, each read by its own kernels)
     q, k = RoPE(q), RoPE(k)           halves convention (HF rotate_half), k and v written into the KVCache at `pos`
     a = softmax(q kᵀ/√D) v            `kernels.attention` over positions 0..pos, reading the cache in place
     x = x + a W_oᵀ
@@ -109,7 +110,7 @@ class Decoder:
         self._threads = threads.pop() if len(threads) == 1 else None
 
     def _specs(self, mods, out: Tensor) -> tuple:
-        """(qs, N, bounds, S, seg_d, y) addresses per layer, outputs side by side in `out` (see matmul_group)."""
+        """(qs, N, bounds, S, seg_d, y, fmt) per layer, outputs side by side in `out` (see matmul_group)."""
         specs, offset = [], 0
         for m in mods:
             y = out[offset : offset + m.out_features]
@@ -123,6 +124,7 @@ class Decoder:
                     m.seg_d.shape[1],
                     m.seg_d.data_ptr(),
                     y.data_ptr(),
+                    m._fmt_id,  # TQ2_0 or TQ1_0 code bytes: the C layer reads either
                 )
             )
         return tuple(specs)

@@ -55,10 +55,8 @@ def ternary_weight(module: nn.Module) -> TernaryWeight | None:
         else:
             table = scales.float().view(1, n).expand(out_features, n).contiguous()
         return TernaryWeight(codes.to(torch.int8).cpu(), table.cpu())
-    if type(module).__name__ == "PackedTernaryLinear":  # TQ2_0 code bytes `qs` (out, in/4), fp16 `d` (out, in/256)
-        from spectra.packed.formats import unpack_codes
-
-        codes = torch.from_numpy(unpack_codes(module.qs.cpu().numpy()))
+    if type(module).__name__ == "PackedTernaryLinear":  # TQ2_0 or TQ1_0 code bytes `qs`, fp16 `d` (out, in/256)
+        codes = torch.from_numpy(module.codes())
         return TernaryWeight(codes.to(torch.int8), module.d.float().cpu())
     return None
 

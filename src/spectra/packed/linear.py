@@ -1,4 +1,5 @@
-"""`PackedTernaryLinear`: a TriLM linear layer held as 2-bit TQ2_0 code bytes plus per-block fp16 scales.
+"""`PackedTernaryLinear`: a TriLM linear layer held as TQ2_0 (2-bit) or TQ1_0 (base-3) code bytes plus per-block fp16
+scales.
 
 y = x Wᵀ with W = d·q per 256-weight block, computed by `spectra.packed.kernels` from int8 per-token activations:
 one C call per forward, a GEMV for a single token (decoding) and a GEMM that reuses each unpacked block across tokens
@@ -31,10 +32,13 @@ def _stream_from_huge_pages(weights: Tensor) -> None:
 
 
 class PackedTernaryLinear(nn.Module):
-    """Ternary weights in our block layout: `qs` uint8 [out, in/4] (TQ2_0 code bytes), `d` fp16 [out, in/256].
+    """Ternary weights in our block layout: `qs` uint8, the code bytes of `format`, and `d` fp16 [out, in/256].
 
-    `format` ('tq2_0' | 'tq1_0') is how the layer is written to disk; in memory it is always the 2-bit layout, which the
-    kernels read as one sequential stream per row range. `path` selects the kernel (see `spectra.packed.kernels`).
+    `format` 'tq2_0': `qs` is [out, in/4], the 64 code bytes of each TQ2_0 block (2.0 bits per weight); 'tq1_0': `qs`
+    is [out, in/256·52], the 52 base-3 code bytes of each TQ1_0 block (1.625 bits per weight), which the TQ1 kernels
+    read directly. The kernels read either as one sequential stream per row range, and both give the same outputs
+    bit for bit. `qs` may be passed in either layout (told apart by its width) and is converted to `format`'s.
+    `path` selects the kernel (see `spectra.packed.kernels`).
     """
 
     def __init__(
@@ -56,23 +60,34 @@ class PackedTernaryLinear(nn.Module):
         self.path = K.resolve_path(path)
         self.n_threads = n_threads
         self._path_id = K._PATH_IDS.get(self.path)
+        self._fmt_id = K.FORMAT_IDS[self.format]
         self._ext = K.extension()
         self.register_buffer("qs", torch.as_tensor(np.asarray(qs)))
         self.register_buffer("d", torch.as_tensor(np.asarray(d)))
         self.refresh()
 
     def _checked(self, qs: Tensor, d: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Validated, canonical code bytes in the layout of self.format (converted if given in the other one), d."""
         N, Kin = self.out_features, self.in_features
-        if qs.dtype != torch.uint8 or tuple(qs.shape) != (N, Kin // 4) or not qs.is_cpu:
-            raise ValueError(f"qs must be uint8 [{N}, {Kin // 4}] on the CPU, got {qs.dtype} {tuple(qs.shape)}")
+        w2, w1 = Kin // 4, Kin // formats.QK * formats.TQ1_CODE_BYTES
+        if qs.dtype != torch.uint8 or qs.dim() != 2 or qs.shape[0] != N or qs.shape[1] not in (w1, w2) or not qs.is_cpu:
+            raise ValueError(
+                f"qs must be uint8 [{N}, {w2}] (TQ2_0 code bytes) or [{N}, {w1}] (TQ1_0 code bytes) on the CPU, got "
+                f"{qs.dtype} {tuple(qs.shape)}"
+            )
         if d.dtype != torch.float16 or tuple(d.shape) != (N, Kin // formats.QK) or not d.is_cpu:
             raise ValueError(f"d must be float16 [{N}, {Kin // formats.QK}] on the CPU, got {d.dtype} {tuple(d.shape)}")
         d_np = d.contiguous().numpy()
         if not np.all(np.isfinite(d_np)):
             raise ValueError("d has NaN or infinite scales")
-        qs_np = formats.canonicalize(qs.contiguous().numpy(), d_np)
-        formats.check_tq2_codes(qs_np)
-        return qs_np, d_np
+        qs_np = qs.contiguous().numpy()
+        if qs.shape[1] == w2:
+            qs_np = formats.canonicalize(qs_np, d_np)
+            formats.check_tq2_codes(qs_np)
+            return (formats.tq1_code_bytes(qs_np) if self.format == "tq1_0" else qs_np), d_np
+        formats.check_tq1_codes(qs_np)
+        qs_np = formats.canonicalize_tq1(qs_np, d_np)
+        return (formats.tq2_code_bytes(qs_np) if self.format == "tq2_0" else qs_np), d_np
 
     def refresh(self) -> None:
         """Validate `qs` and `d` and rebuild what the kernels derive from them (after any change to the buffers)."""
@@ -88,7 +103,8 @@ class PackedTernaryLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
-            self._checked(state_dict[prefix + "qs"], state_dict[prefix + "d"])
+            qs, _ = self._checked(state_dict[prefix + "qs"], state_dict[prefix + "d"])
+            state_dict[prefix + "qs"] = torch.from_numpy(np.ascontiguousarray(qs))  # in this layer's layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "qs" in state_dict or prefix + "d" in state_dict:
             self.refresh()  # load_state_dict writes qs/d in place (or assigns them): the derived segments must follow
@@ -113,17 +129,41 @@ class PackedTernaryLinear(nn.Module):
 
     @classmethod
     def from_bytes(cls, raw, shape: tuple[int, int], format: str, *, path: str = "auto") -> PackedTernaryLinear:
-        """llama.cpp TQ2_0 / TQ1_0 block bytes of an [out, in] matrix (validated) -> layer."""
-        qs, d = formats.from_format(raw, shape, format)
-        return cls(shape[1], shape[0], qs, d, format=format, path=path)
+        """llama.cpp TQ2_0 / TQ1_0 block bytes of an [out, in] matrix (validated) -> layer (TQ1_0 stays base 3)."""
+        fmt = formats.canonical_format(format)
+        if fmt == "tq1_0":
+            qs, d = formats.from_tq1_codes(raw, shape)
+        else:
+            qs, d = formats.from_tq2(raw, shape)
+        return cls(shape[1], shape[0], qs, d, format=fmt, path=path)
+
+    def tq2_code_bytes(self) -> np.ndarray:
+        """The TQ2_0 code bytes uint8 [out, in/4] of the layer's codes (a copy when the layer holds TQ1_0)."""
+        q = self.qs.numpy()
+        return formats.tq2_code_bytes(q) if self.format == "tq1_0" else q
+
+    def codes(self) -> np.ndarray:
+        """Ternary codes q int8 [out, in]."""
+        return formats.unpack_codes(self.tq2_code_bytes())
 
     def to_bytes(self, format: str | None = None) -> np.ndarray:
         """llama.cpp block bytes uint8 [out, blocks·bytes_per_block] in `format` (default: the layer's)."""
-        return formats.to_format(self.qs.numpy(), self.d.numpy(), format or self.format)
+        fmt = formats.canonical_format(format or self.format)
+        if fmt == "tq1_0" and self.format == "tq1_0":
+            return formats.tq1_blocks(self.qs.numpy(), self.d.numpy())
+        return formats.to_format(self.tq2_code_bytes(), self.d.numpy(), fmt)
+
+    def set_format(self, format: str) -> None:
+        """Convert the held code bytes to `format` ('tq2' | 'tq1'); the outputs do not change."""
+        fmt = formats.canonical_format(format)
+        if fmt != self.format:
+            self.format = fmt
+            self._fmt_id = K.FORMAT_IDS[fmt]
+            self.refresh()  # _checked converts the other layout
 
     def dequantized_weight(self) -> Tensor:
         """W = d·q as float32 [out, in]."""
-        return torch.from_numpy(formats.dequantize_blocks(self.qs.numpy(), self.d.numpy()))
+        return torch.from_numpy(formats.dequantize_blocks(self.tq2_code_bytes(), self.d.numpy()))
 
     def extra_repr(self) -> str:
         return (
@@ -166,7 +206,9 @@ class PackedTernaryLinear(nn.Module):
             raise ValueError(f"input has {shape[-1]} features, layer expects {self.in_features}")
         x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
         if self._path_id is None:  # the pure-torch reference
-            y = K.ternary_matmul(x32.view(-1, self.in_features), self.qs, self.seg_bounds, self.seg_d, path="torch")
+            y = K.ternary_matmul(
+                x32.view(-1, self.in_features), self.qs, self.seg_bounds, self.seg_d, fmt=self.format, path="torch"
+            )
             y = y.view(*shape[:-1], self.out_features)
         else:
             if not x32.is_cpu:
@@ -185,6 +227,7 @@ class PackedTernaryLinear(nn.Module):
                 d_ptr,
                 y.data_ptr(),
                 self.n_threads or torch.get_num_threads(),
+                self._fmt_id,
             )
         return y if x.dtype is torch.float32 else y.to(x.dtype)
 
@@ -290,7 +333,7 @@ def convert_to_packed(model: nn.Module, format: str = "tq2", *, path: str = "aut
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, PackedTernaryLinear):
-                child.format = fmt
+                child.set_format(fmt)
                 child.set_path(path)
                 continue
             new = as_packed(
