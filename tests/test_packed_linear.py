@@ -15,7 +15,7 @@ from spectra.model import build_model
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
 from spectra.packed.io import load_packed, pack_model
-from spectra.packed.linear import PackedTernaryLinear, convert_to_packed
+from spectra.packed.linear import CompactEmbedding, Int8Linear, PackedTernaryLinear, convert_to_packed
 from tests.conftest import tiny_config
 
 
@@ -110,14 +110,26 @@ def test_save_load_round_trip(tmp_path, fmt):
     assert meta["kind"] == "packed" and meta["packed"]["format"] == F.canonical_format(fmt)
     loaded = spectra.load(tmp_path / "p")
     assert isinstance(loaded.layers[0].self_attn.q_proj, PackedTernaryLinear)
+    # the defaults store the embedding in fp16 and the head in int8: the loaded model is the in-memory packed model
+    # with exactly those two changes (embedding rows rounded to fp16, the head an Int8Linear of the fp32 head)
+    assert meta["packed"]["embedding"] == "float16" and meta["packed"]["head"] == "int8"
+    assert isinstance(loaded.embed_tokens, CompactEmbedding) and loaded.embed_tokens.weight.dtype == torch.float16
+    assert isinstance(loaded.lm_head, Int8Linear)
+    pack_model(model, tmp_path / "wide", format=fmt, embedding="float32", head="float32")  # the version-1 tensors
+    wide = spectra.load(tmp_path / "wide")
     idx = torch.randint(0, 320, (1, 7))
     with torch.no_grad():
         expected = model(idx)
         convert_to_packed(model, fmt)
         in_memory = model(idx)
+        assert torch.equal(wide(idx), in_memory)
+        model.embed_tokens.weight.copy_(model.embed_tokens.weight.half().float())
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
         out = loaded(idx)
-    assert torch.equal(out, in_memory)
+        assert torch.equal(out, model(idx))
+    # against the latent model: int8 activations in the blocks and in the head, fp16 embedding (<1 % more)
     assert ((out - expected).norm() / expected.norm()).item() < 0.03
+    assert ((in_memory - expected).norm() / expected.norm()).item() < 0.03
     # packing a packed model gives the same bytes
     pack_model(loaded, tmp_path / "q", format=fmt)
     a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "q" / "model.safetensors"))

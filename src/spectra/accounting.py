@@ -74,6 +74,30 @@ def size_report(cfg: ModelConfig) -> dict[str, Any]:
 
 
 
+def packed_size(cfg: ModelConfig, fmt: str, file_bytes: int) -> dict[str, Any]:
+    """A packed checkpoint's file against the paper's count.
+
+    `paper_bits`: the paper's count (16-bit embedding, lm_head and norms; log2(3) bits per ternary weight);
+    `block_scale_bits`: the one fp16 scale per 256 ternary weights that TQ1_0/TQ2_0 add; `format_bits`: the paper's
+    count with the format's real bits per ternary weight (TQ2_0 2.0625, TQ1_0 1.6875, scales included). The ratios
+    are the file's bits over paper + scales and over the format count.
+    """
+    key = {"tq2_0": "trilm_tq2", "tq1_0": "trilm_tq1", "tq2": "trilm_tq2", "tq1": "trilm_tq1"}[fmt]
+    counts = param_counts(cfg)
+    paper = size_in_bits(cfg, LINEAR_BITS["trilm"])
+    scales = counts["linear_params"] / 256 * HALF
+    fmt_bits = size_in_bits(cfg, LINEAR_BITS[key])
+    file_bits = 8 * file_bytes
+    return {
+        "file_bits": file_bits,
+        "paper_bits": paper,
+        "block_scale_bits": scales,
+        "format_bits": fmt_bits,
+        "file_over_paper_plus_scales": file_bits / (paper + scales),
+        "file_over_format_bits": file_bits / fmt_bits,
+    }
+
+
 def stored_bits(path) -> dict[str, Any]:
     """What a checkpoint directory really stores: bits of every safetensors tensor, read from the file headers.
 
@@ -101,5 +125,14 @@ def stored_bits(path) -> dict[str, Any]:
                 block += bits
             else:
                 other += bits
-    return {"total_bits": block + other, "block_bits": block, "other_bits": other, "tensors": n_tensors,
-            "files": [f.name for f in files]}
+    out = {"total_bits": block + other, "block_bits": block, "other_bits": other, "tensors": n_tensors,
+           "files": [f.name for f in files]}
+    meta_file = Path(path) / "spectra.json"
+    if meta_file.exists():  # a packed checkpoint: its file against the paper's count plus the block scales
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        if meta.get("kind") == "packed" and isinstance(meta.get("packed"), dict):
+            out.update(packed_size(ModelConfig.from_dict(meta["config"]), meta["packed"]["format"],
+                                   sum(f.stat().st_size for f in files)))
+    return out

@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.embed_tokens.weight
+        p = self.norm.weight  # the residual stream's dtype (a packed model's embedding table may be 16-bit)
         return KVCache.empty(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
 
     # ---- accounting -------------------------------------------------------------------------------------------

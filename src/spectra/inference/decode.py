@@ -19,7 +19,8 @@ The linear layers are the ternary kernels (bit-identical to the modules' forward
 float32 C whose sums run in another order than torch's, so the logits equal the model's `model(idx, cache)` up to
 float rounding (~1e-6 relative, tested). The decoder uses the model's own `KVCache`, so it can take over from a
 prefill made by the model and the model can continue from the decoder's cache. Any other call (several tokens, batch
-> 1, no cache, grad enabled) goes to the model unchanged. Embedding, final norm and lm_head are the model's modules.
+> 1, no cache, grad enabled) goes to the model unchanged. Embedding (float32, or a 16-bit `CompactEmbedding` from a
+packed checkpoint), final norm and lm_head (e.g. the checkpoint's `Int8Linear`) are the model's own.
 
 The decoder reads the layers' buffers when it is built: rebuild it after changing the model (`Decoder(model)` is
 cheap). A packed layer whose buffers or kernel path changed after that (`refresh`, `load_state_dict`, `set_path`) is
@@ -36,7 +37,7 @@ _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `Decoder` cannot run `model` (None when it can)."""
-    from spectra.packed.linear import PackedTernaryLinear
+    from spectra.packed.linear import CompactEmbedding, PackedTernaryLinear
 
     cfg = getattr(model, "config", None)
     layers = getattr(model, "layers", None)
@@ -46,8 +47,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"head_dim={cfg.head_dim} (the decoder needs an even head_dim up to 256)"
     if cfg.norm != "rmsnorm" or cfg.mlp_act != "swiglu":
         return f"norm={cfg.norm!r}, mlp_act={cfg.mlp_act!r} (the decoder runs rmsnorm + swiglu)"
-    if model.embed_tokens.weight.dtype != torch.float32 or model.norm.weight.dtype != torch.float32:
-        return "the embedding and norms are not float32"
+    if model.embed_tokens.weight.dtype != torch.float32 and not isinstance(model.embed_tokens, CompactEmbedding):
+        return "the embedding is neither float32 nor a CompactEmbedding (16-bit, float32 lookups)"
+    if model.norm.weight.dtype != torch.float32:
+        return "the norms are not float32"
     paths = set()
     for i, layer in enumerate(layers):
         for name in _BLOCK_LINEARS:
@@ -170,7 +173,11 @@ class Decoder:
         k_ptr, v_ptr = ck.data_ptr(), cv.data_ptr()
         cos_ptr, sin_ptr = self._cos[pos].data_ptr(), self._sin[pos].data_ptr()
         x = self._x
-        torch.index_select(model.embed_tokens.weight, 0, idx[0], out=x.view(1, C))
+        emb = model.embed_tokens.weight
+        if emb.dtype is torch.float32:
+            torch.index_select(emb, 0, idx[0], out=x.view(1, C))
+        else:  # a 16-bit CompactEmbedding: the row widened to float32 (exact), as the model's own lookup does
+            x.view(1, C).copy_(emb[idx[0]])
         x_ptr, scale = x.data_ptr(), D**-0.5
         for i, spec in enumerate(self._layers):
             off = i * layer_stride

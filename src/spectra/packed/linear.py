@@ -270,10 +270,31 @@ class Int8Linear(nn.Module):
         qw, scale = K.quantize_weight_int8(layer.weight)
         return cls(qw, scale, path=path)
 
+    @classmethod
+    def from_int8(cls, w: Tensor, scale: Tensor, *, path: str = "auto") -> Int8Linear:
+        """From int8 weights w [out, in] in natural column order (as packed checkpoints store them) and row scales."""
+        if w.dtype != torch.int8 or w.dim() != 2:
+            raise ValueError(f"w must be an int8 matrix [out, in], got {w.dtype} {tuple(w.shape)}")
+        if w.shape[1] % formats.QK:
+            raise ValueError(f"w has {w.shape[1]} columns; Int8Linear needs a multiple of {formats.QK}")
+        if int(w.min()) < -127:
+            raise ValueError("w holds -128; int8 weights are in [-127, 127]")
+        u = (w.to(torch.int16) + 128).to(torch.uint8)
+        return cls(K.permute_activations(u).contiguous(), scale.float().contiguous(), path=path)
+
+    def int8_weight(self) -> Tensor:
+        """w int8 [out, in] in natural column order (W = r·w)."""
+        return (K.unpermute_activations(self.qw).to(torch.int16) - 128).to(torch.int8)
+
     def dequantized_weight(self) -> Tensor:
         """W = r·w as float32 [out, in]."""
         w = K.unpermute_activations(self.qw).float() - 128.0
         return w * self.scale[:, None]
+
+    @property
+    def weight(self) -> Tensor:
+        """The float32 matrix this layer multiplies by (`dequantized_weight`), for code that reads `.weight`."""
+        return self.dequantized_weight()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, path={self.path}"
@@ -294,6 +315,15 @@ class Int8Linear(nn.Module):
         y = K.int8_matmul(x32, self.qw, self.scale, path=self.path, n_threads=self.n_threads)
         y = y.view(*shape[:-1], self.out_features)
         return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+class CompactEmbedding(nn.Embedding):
+    """An embedding table held in 16 bits (fp16 or bf16) whose lookups come out in float32: a packed checkpoint's
+    embedding at half the memory, with the float32 residual stream the packed layers and the decoder expect. The
+    output equals an fp32 embedding holding the same (rounded) values exactly."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return super().forward(idx).float()
 
 
 def as_packed(
