@@ -82,13 +82,22 @@ def test_packed_logits_close_to_latent():
 
 
 def test_generate_from_a_packed_checkpoint(tmp_path):
-    """`spectra.load` of a `pack_model` directory generates exactly what the in-memory packed model does."""
+    """`spectra.load` of a `pack_model` directory generates exactly what the in-memory packed model does once it is
+    given the checkpoint's two storage changes (embedding rounded to fp16, int8 head); with embedding and head kept
+    in fp32 (the version-1 layout) it generates exactly what the in-memory packed model does, unchanged."""
     from spectra.loading import load
     from spectra.packed.io import pack_model
+    from spectra.packed.linear import Int8Linear
 
     model = build_model(cfg(), seed=5).eval()
     pack_model(model, tmp_path / "packed", format="tq1")
-    loaded = load(tmp_path / "packed")
+    pack_model(model, tmp_path / "wide", format="tq1", embedding="float32", head="float32")
+    loaded, wide = load(tmp_path / "packed"), load(tmp_path / "wide")
     assert type(loaded.layers[0].mlp.up_proj).__name__ == "PackedTernaryLinear"
-    kw = dict(max_new_tokens=12, stop_at_eos=False)
-    assert generate(loaded, None, PROMPT, **kw)["tokens"] == generate(packed(model), None, PROMPT, **kw)["tokens"]
+    kw = dict(max_new_tokens=24, stop_at_eos=False)
+    same = packed(model)
+    assert generate(wide, None, PROMPT, **kw)["tokens"] == generate(same, None, PROMPT, **kw)["tokens"]
+    with torch.no_grad():
+        same.embed_tokens.weight.copy_(same.embed_tokens.weight.half().float())
+    same.lm_head = Int8Linear.from_linear(same.lm_head)
+    assert generate(loaded, None, PROMPT, **kw)["tokens"] == generate(same, None, PROMPT, **kw)["tokens"]

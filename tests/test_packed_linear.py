@@ -243,3 +243,70 @@ def test_int8_linear_equals_reference_and_keeps_its_data():
         Int8Linear.from_linear(nn.Linear(256, 4))
     with pytest.raises(ValueError, match="multiple of 256"):
         Int8Linear.from_linear(nn.Linear(100, 4, bias=False))
+
+
+def _write_version1(model, out, fmt="tq2"):
+    """A packed checkpoint as spectra wrote them before compact files: fp32 embedding and lm_head, packed.version 1."""
+    from spectra.packed.io import _packed_layers
+
+    out.mkdir()
+    raw, shapes, replaced = _packed_layers(model, F.canonical_format(fmt), False)
+    fmt = F.canonical_format(fmt)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in replaced}
+    tensors.update({f"{n}.{fmt}": torch.from_numpy(np.ascontiguousarray(b)) for n, b in raw.items()})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "spectra.packed": fmt})
+    meta = {"format": "spectra", "kind": "packed", "config": model.config.to_dict(),
+            "packed": {"version": 1, "format": fmt, "block_size": 256, "block_bytes": F.BLOCK_BYTES[fmt],
+                       "layers": shapes}}
+    (out / "spectra.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_version1_checkpoints_still_load(tmp_path, fmt):
+    model = build_model(_cfg(num_scale_shards=2), seed=4).eval()
+    _write_version1(model, tmp_path / "v1", fmt)
+    assert load_file(str(tmp_path / "v1" / "model.safetensors"))["lm_head.weight"].dtype == torch.float32
+    old = spectra.load(tmp_path / "v1")
+    assert old.embed_tokens.weight.dtype == torch.float32 and type(old.lm_head) is nn.Linear
+    assert old.layers[1].mlp.down_proj.format == F.canonical_format(fmt)
+    idx = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        convert_to_packed(model, fmt)
+        assert torch.equal(old(idx), model(idx))
+    # repacking it writes the compact layout: embedding 4 -> 2 bytes, head 4 -> 1 byte per weight (+ a row scale)
+    info = pack_model(spectra.load(tmp_path / "v1"), tmp_path / "v2", format=fmt)
+    v1_bytes = (tmp_path / "v1" / "model.safetensors").stat().st_size
+    saved = 320 * 512 * (2 + 3) - 320 * 4
+    assert abs(v1_bytes - info["file_bytes"] - saved) < 1024  # up to the safetensors headers
+    assert json.loads((tmp_path / "v2" / "spectra.json").read_text())["packed"]["version"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_compact_file_size_against_the_papers_count(tmp_path, fmt):
+    """The file holds exactly the codes, scales, fp16 embedding and int8 head (up to its header), within 5 % of the
+    paper's count plus the fp16 block scales when the embedding and head are as large a share as in the suite's
+    models (vocabulary 50k: TQ2_0 up to 2.4B parameters, TQ1_0 at every size); `spectra info` shows both."""
+    from spectra.accounting import param_counts, size_in_bits
+    from spectra.cli import model_info
+
+    # 1.3M ternary weights, 2 x 2.1M embedding/head weights: the proportions of trilm-99m/190m (2-4x the blocks)
+    model = build_model(tiny_config(family="trilm", dim=256, glu_dim=512, n_heads=4, vocab_size=8192), seed=0).eval()
+    info = pack_model(model, tmp_path / "p", format=fmt)
+    counts = param_counts(model.config)
+    paper = counts["linear_params"] * np.log2(3) + 16 * (counts["embedding_params"] + counts["norm_params"])
+    assert info["paper_bits"] == pytest.approx(paper)
+    assert info["block_scale_bits"] == counts["linear_params"] / 16
+    assert info["format_bits"] == size_in_bits(model.config, {"tq2": 2.0625, "tq1": 1.6875}[fmt])
+    file_bits = 8 * (tmp_path / "p" / "model.safetensors").stat().st_size
+    assert info["file_bits"] == file_bits
+    L, V, C = counts["linear_params"], 8192, 256
+    exact = L * {"tq2": 2.0625, "tq1": 1.6875}[fmt] + 16 * V * C + 8 * V * C + 32 * V + 32 * counts["norm_params"]
+    assert 0 < file_bits - exact < 8 * 8192  # the safetensors header (JSON, padding)
+    assert file_bits <= 1.05 * (paper + info["block_scale_bits"])
+    report = model_info(str(tmp_path / "p"))["actual"]
+    assert report["file_bits"] == file_bits and report["file_over_paper_plus_scales"] <= 1.05
+    # the old layout (fp32 embedding and head) is twice the count
+    wide = pack_model(model, tmp_path / "w", format=fmt, embedding="float32", head="float32")
+    assert wide["file_over_paper_plus_scales"] > 1.8
+    with pytest.raises(ValueError, match="head='int4'; accepted: int8, float16"):
+        pack_model(model, tmp_path / "x", head="int4")
