@@ -21,10 +21,11 @@
  * - scalar: the formula above.
  * - AVX2: t_n = b * 3^n mod 256 by byte adds (t + t + t), and c = [t >= 86] + [t >= 171] (= (3t) >> 8) with
  *   saturating subtractions, then vpmaddubsw like the TQ2 AVX2 path.
- * - AVX-512 (VBMI): two 256-entry byte tables indexed by the weight byte itself, each looked up with two vpermi2b
- *   (entries 0..127 and 128..255) and a blend on the byte's top bit: table A gives codes 0..3 as the four 2-bit fields
- *   of a TQ2 byte, table B code 4. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd then accumulates
- *   4^l c a, and a right shift by 2l recovers the exact sum. Per block: one load, 6 table ops, 4 ANDs, 5 vpdpbusd.
+ * - AVX-512 (VBMI): a 256-entry byte table indexed by the weight byte itself, looked up with two vpermi2b (entries
+ *   0..127 and 128..255) and a blend on the byte's top bit, gives codes 1..4 as the four 2-bit fields of a TQ2 byte;
+ *   code 0 is [b >= 86] + [b >= 171] from two compares. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd
+ *   then accumulates 4^l c a, and a right shift by 2l recovers the exact sum. Per block: one load, 3 table ops,
+ *   4 mask ops, 4 ANDs, 5 vpdpbusd.
  *   Without VBMI (AVX-512 VNNI CPUs before Ice Lake) the AVX2 code runs.
  */
 
@@ -128,40 +129,39 @@ TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 
 #define TARGET_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
-static uint8_t tq1_table_a[256], tq1_table_b[256]; /* codes 0..3 as 2-bit fields; code 4 */
+static uint8_t tq1_table[256]; /* codes 1..4 of a byte as the 2-bit fields of one byte */
 
 static void tq1_tables_init(void) {
     static int done = 0;
     if (done) return;
-    for (int b = 0; b < 256; b++) {
-        tq1_table_a[b] = (uint8_t)(tq1_code(b, 0) | tq1_code(b, 1) << 2 | tq1_code(b, 2) << 4 | tq1_code(b, 3) << 6);
-        tq1_table_b[b] = (uint8_t)tq1_code(b, 4);
-    }
+    for (int b = 0; b < 256; b++)
+        tq1_table[b] = (uint8_t)(tq1_code(b, 1) | tq1_code(b, 2) << 2 | tq1_code(b, 3) << 4 | tq1_code(b, 4) << 6);
     done = 1;
 }
 
 typedef struct {
-    __m512i a0, a1, a2, a3, b0, b1, b2, b3;
+    __m512i t0, t1, t2, t3;
 } tq1_tables_t;
 
 TARGET_AVX512_VBMI static inline tq1_tables_t tq1_tables_load(void) {
     tq1_tables_t L;
-    L.a0 = _mm512_loadu_si512(tq1_table_a), L.a1 = _mm512_loadu_si512(tq1_table_a + 64);
-    L.a2 = _mm512_loadu_si512(tq1_table_a + 128), L.a3 = _mm512_loadu_si512(tq1_table_a + 192);
-    L.b0 = _mm512_loadu_si512(tq1_table_b), L.b1 = _mm512_loadu_si512(tq1_table_b + 64);
-    L.b2 = _mm512_loadu_si512(tq1_table_b + 128), L.b3 = _mm512_loadu_si512(tq1_table_b + 192);
+    L.t0 = _mm512_loadu_si512(tq1_table), L.t1 = _mm512_loadu_si512(tq1_table + 64);
+    L.t2 = _mm512_loadu_si512(tq1_table + 128), L.t3 = _mm512_loadu_si512(tq1_table + 192);
     return L;
 }
 
-/* A block's 52 code bytes -> codes 0..3 as 2-bit fields (*fa) and code 4 (*fb), byte for byte. */
+/* A block's 52 code bytes -> codes 1..4 as 2-bit fields (*fa, one table lookup: two vpermi2b and a blend on the top
+ * bit) and code 0 (*fb) = (3b) >> 8 = [b >= 86] + [b >= 171] from two compares: table lookups are the expensive part
+ * (a second table for a fifth code made the GEMV 1.7x slower than TQ2_0; with compares it is about 1.3x). */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode(const uint8_t *p, const tq1_tables_t *L,
                                                                              __m512i *fa, __m512i *fb) {
     const __m512i w = _mm512_maskz_loadu_epi8((__mmask64)TQ1_LOAD_MASK, p);
-    const __mmask64 high = _mm512_movepi8_mask(w); /* bytes >= 128 take the second half of each table */
-    *fa = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->a0, w, L->a1),
-                                 _mm512_permutex2var_epi8(L->a2, w, L->a3));
-    *fb = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->b0, w, L->b1),
-                                 _mm512_permutex2var_epi8(L->b2, w, L->b3));
+    const __mmask64 high = _mm512_movepi8_mask(w); /* bytes >= 128 take the second half of the table */
+    *fa = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->t0, w, L->t1),
+                                 _mm512_permutex2var_epi8(L->t2, w, L->t3));
+    const __mmask64 one = _mm512_cmpge_epu8_mask(w, _mm512_set1_epi8(86));
+    const __mmask64 two = _mm512_cmpge_epu8_mask(w, _mm512_set1_epi8((char)171));
+    *fb = _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(one, _mm512_set1_epi8(1)), two, _mm512_set1_epi8(2));
 }
 
 /* One row's segment [b0, b1) against one token's TQ1 activations: the 16 lane sums of sum c a. */
@@ -177,16 +177,57 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) __m512i tq1_dot_
         __m512i fa, fb;
         tq1_decode(wb, L, &fa, &fb);
         const int8_t *ab = a + b * TQ1_AB;
-        DPBUSD(c0, _mm512_and_si512(fa, m0), ab);
-        DPBUSD(c1, _mm512_and_si512(fa, m1), ab + 64);
-        DPBUSD(c2, _mm512_and_si512(fa, m2), ab + 128);
-        DPBUSD(c3, _mm512_and_si512(fa, m3), ab + 192);
-        DPBUSD(c4, fb, ab + 256);
+        DPBUSD(c4, fb, ab);
+        DPBUSD(c0, _mm512_and_si512(fa, m0), ab + 64);
+        DPBUSD(c1, _mm512_and_si512(fa, m1), ab + 128);
+        DPBUSD(c2, _mm512_and_si512(fa, m2), ab + 192);
+        DPBUSD(c3, _mm512_and_si512(fa, m3), ab + 256);
     }
     __m512i v = _mm512_add_epi32(c0, _mm512_srai_epi32(c1, 2));
     v = _mm512_add_epi32(v, _mm512_srai_epi32(c2, 4));
     v = _mm512_add_epi32(v, _mm512_srai_epi32(c3, 6));
     return _mm512_add_epi32(v, c4);
+}
+
+/* Two adjacent rows at once, sharing the five activation loads of every block (the loads, not the arithmetic, limit
+ * one row at a time); codes 0 and 4 are not scaled and share an accumulator, so 8 accumulators, 5 activations and the
+ * 8 table registers fit in the 32 zmm registers. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dot2_avx512(const uint8_t *w, int64_t rowb,
+                                                                                   const int8_t *a, int64_t b0,
+                                                                                   int64_t b1, const tq1_tables_t *L,
+                                                                                   __m512i *out0, __m512i *out1) {
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
+    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
+    __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *wa = w + b * TQ1_CB, *wb = wa + rowb;
+        PREFETCH(wa + 2 * GEMV1_PREFETCH_STEP);
+        PREFETCH(wb + 2 * GEMV1_PREFETCH_STEP);
+        __m512i fa, fb, ga, gb;
+        tq1_decode(wa, L, &fa, &fb);
+        tq1_decode(wb, L, &ga, &gb);
+        const int8_t *ab = a + b * TQ1_AB;
+        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);
+        __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);
+        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));
+        DPBUSD_R(p0, fb, x0);
+        DPBUSD_R(p0, _mm512_and_si512(fa, m0), x1);
+        DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
+        DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
+        DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);
+        DPBUSD_R(q0, gb, x0);
+        DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
+        DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
+        DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
+        DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
+        __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));
+    }
+    __m512i v = _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2));
+    v = _mm512_add_epi32(v, _mm512_srai_epi32(p2, 4));
+    *out0 = _mm512_add_epi32(v, _mm512_srai_epi32(p3, 6));
+    v = _mm512_add_epi32(q0, _mm512_srai_epi32(q1, 2));
+    v = _mm512_add_epi32(v, _mm512_srai_epi32(q2, 4));
+    *out1 = _mm512_add_epi32(v, _mm512_srai_epi32(q3, 6));
 }
 
 /* One token: rows 16 at a time reduced together (hsum16x16) and finished with one vector epilogue, as gemv1_avx512. */
@@ -197,9 +238,10 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     if (J->S <= GROUP_SEGMENTS) {
         __m512i v[GROUP_SEGMENTS][16];
         for (; n + 16 <= n1; n += 16) {
-            for (int r = 0; r < 16; r++)
+            for (int r = 0; r < 16; r += 2)
                 for (int64_t s = 0; s < J->S; s++)
-                    v[s][r] = tq1_dot_avx512(J->qs + (n + r) * rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L);
+                    tq1_dot2_avx512(J->qs + (n + r) * rowb, rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L, &v[s][r],
+                                    &v[s][r + 1]);
             epilogue16(J, n, v, 0);
         }
     }
@@ -245,11 +287,11 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
                 __m512i wc[4];
                 _Pragma("GCC unroll 4")
                 for (int r = 0; r < R; r++) {
-                    __m512i x = c == 4 ? fb[r] : fa[r];
-                    if (c == 1) x = _mm512_srli_epi16(x, 2);
-                    if (c == 2) x = _mm512_srli_epi16(x, 4);
-                    if (c == 3) x = _mm512_srli_epi16(x, 6);
-                    wc[r] = c == 4 ? x : _mm512_and_si512(x, m3);
+                    __m512i x = c == 0 ? fb[r] : fa[r];
+                    if (c == 2) x = _mm512_srli_epi16(x, 2);
+                    if (c == 3) x = _mm512_srli_epi16(x, 4);
+                    if (c == 4) x = _mm512_srli_epi16(x, 6);
+                    wc[r] = c == 0 ? x : _mm512_and_si512(x, m3);
                 }
                 _Pragma("GCC unroll 4")
                 for (int k = 0; k < TT; k++) {
