@@ -12,6 +12,10 @@ Page size matters as much as the kernel: streaming 4 MiB from DRAM on 4 KiB page
 hardware-prefetcher restart at every page boundary. The ternary GEMV is therefore timed twice, on the matrices as
 allocated (torch / numpy heap memory, mostly 4 KiB pages) and on copies moved to 2 MiB pages with
 `spectra.packed.kernels.use_huge_pages`; the memory floor is a plain read of 96 MiB on each page size.
+
+TQ1_0 (base 3, 52 code bytes per 256 weights: 18.75 % fewer bytes than TQ2_0's 64) is timed the same way on the same
+codes, streamed (both page sizes), L3-resident and as the batch GEMM; the last lines give TQ1/TQ2 time ratios (below
+1: TQ1 faster).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from spectra.packed.linear import PackedTernaryLinear
 STREAM_BYTES = 96 << 20  # rotate through at least this many bytes of weights per method
 
 
-def _ternary_matrices(n_mat: int, N: int, Kdim: int) -> list[PackedTernaryLinear]:
+def _ternary_matrices(n_mat: int, N: int, Kdim: int, fmt: str = "tq2") -> list[PackedTernaryLinear]:
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
     qs, d = formats.blocks_from_ternary(base, torch.tensor([0.02]), 0)
     layers = []
     for i in range(n_mat):  # distinct bytes per matrix (a rotated copy), same statistics
-        layers.append(PackedTernaryLinear(Kdim, N, torch.from_numpy(qs).roll(i * 977, dims=1), torch.from_numpy(d)))
+        q = torch.from_numpy(qs).roll(i * 977, dims=1)
+        layers.append(PackedTernaryLinear(Kdim, N, q, torch.from_numpy(d), format=fmt))
     return layers
 
 
@@ -54,12 +59,16 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
     path = K.resolve_path(path)
     N = Kdim = size
     n_tern = max(4, -(-STREAM_BYTES // (N * Kdim // 4)))
+    n_tq1 = max(4, -(-STREAM_BYTES // (N * Kdim // 256 * formats.TQ1_CODE_BYTES)))
     n_bf16 = max(3, -(-STREAM_BYTES // (N * Kdim * 2)))
     n_fp32 = max(2, -(-STREAM_BYTES // (N * Kdim * 4)))
     tern = _ternary_matrices(n_tern, N, Kdim)
     huge = _ternary_matrices(n_tern, N, Kdim)
     huge_bytes = K.use_huge_pages(*(layer.qs for layer in huge))
-    for layer in tern + huge:
+    tq1 = _ternary_matrices(n_tq1, N, Kdim, "tq1")
+    tq1_huge = _ternary_matrices(n_tq1, N, Kdim, "tq1")
+    K.use_huge_pages(*(layer.qs for layer in tq1_huge))
+    for layer in tern + huge + tq1 + tq1_huge:
         layer.set_path(path)
         layer.n_threads = threads
     w32 = [torch.randn(N, Kdim) * 0.02 for _ in range(n_fp32)]
@@ -73,17 +82,19 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
     for x in (x1, xb):
         ref = K.reference_matmul(x, tern[0].qs, tern[0].seg_bounds, tern[0].seg_d)
         assert torch.equal(tern[0](x), ref), "kernel differs from the reference"
+        assert torch.equal(tq1[0](x), ref), "the TQ1 kernel differs from the reference"
 
     def ours(x, y, mats=tern):
+        n = len(mats)
         if pid is None:
-            return lambda i: mats[i % n_tern](x)
+            return lambda i: mats[i % n](x)
         # the addresses are looked up once, as PackedTernaryLinear caches them: the timed call is the C call alone
         ptrs = [(m.qs.data_ptr(), m.seg_bounds.data_ptr(), m.seg_d.data_ptr()) for m in mats]
-        xp, T, yp, matmul = x.data_ptr(), x.shape[0], y.data_ptr(), ext.matmul
+        xp, T, yp, matmul, fmt = x.data_ptr(), x.shape[0], y.data_ptr(), ext.matmul, mats[0]._fmt_id
 
         def call(i):
-            qs, bounds, seg_d = ptrs[i % n_tern]
-            matmul(pid, xp, T, Kdim, qs, N, bounds, 1, seg_d, yp, threads)
+            qs, bounds, seg_d = ptrs[i % n]
+            matmul(pid, xp, T, Kdim, qs, N, bounds, 1, seg_d, yp, threads, fmt)
 
         return call
 
@@ -93,8 +104,7 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
     def linear(x, ws):
         return lambda i: F.linear(x, ws[i % len(ws)])
 
-    def cached(x, y):  # one 4 MiB matrix again and again: it stays in L3, so this is the kernel's compute speed
-        layer = tern[0]
+    def cached(x, y, layer=tern[0]):  # one matrix again and again: it stays in L3, so this is the kernel's compute speed
         return lambda i: ext.matmul(
             pid,
             x.data_ptr(),
@@ -107,6 +117,7 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
             layer.seg_d.data_ptr(),
             y.data_ptr(),
             threads,
+            layer._fmt_id,
         )
 
     # DRAM read bandwidth right now (numpy OR-reduce over 96 MiB), timed per 4 MiB like a GEMV: an anonymous mmap
@@ -129,7 +140,11 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
         "gemv ternary, L3-resident": (cached(x1, y1) if pid is not None else forward(x1), 2 * n_tern),
         "gemv torch bf16": (linear(x1.bfloat16(), w16), 2 * n_bf16),
         "gemv torch fp32": (linear(x1, w32), 2 * n_fp32),
+        "gemv TQ1 kernel": (ours(x1, y1, tq1), 2 * n_tq1),
+        "gemv TQ1, 2 MiB pages": (ours(x1, y1, tq1_huge), 2 * n_tq1),
+        "gemv TQ1, L3-resident": (cached(x1, y1, tq1[0]) if pid is not None else forward(x1), 2 * n_tq1),
         f"gemm{batch} ternary kernel": (ours(xb, yb), n_tern),
+        f"gemm{batch} TQ1 kernel": (ours(xb, yb, tq1), n_tq1),
         f"gemm{batch} torch bf16": (linear(xb.bfloat16(), w16), n_bf16),
         f"gemm{batch} torch fp32": (linear(xb, w32), n_fp32),
     }
@@ -198,6 +213,12 @@ def main() -> None:
         print(
             f"[{c}] module overhead {(t['gemv PackedTernaryLinear'] - gemv) * 1e6:.1f} us/call; GEMV L3-resident "
             f"{t['gemv ternary, L3-resident'] * 1e3:.3f} ms"
+        )
+        print(
+            f"[{c}] TQ1/TQ2 time: GEMV streamed {t['gemv TQ1 kernel'] / t['gemv ternary kernel']:.2f} "
+            f"(2 MiB pages {t['gemv TQ1, 2 MiB pages'] / t['gemv ternary, 2 MiB pages']:.2f}), L3-resident "
+            f"{t['gemv TQ1, L3-resident'] / t['gemv ternary, L3-resident']:.2f}, GEMM batch {b} "
+            f"{t[f'gemm{b} TQ1 kernel'] / gemm:.2f} (bytes read: {52 / 64:.3f})"
         )
         print(
             f"[{c}] GEMM batch {b}: {gemm * 1e3:.3f} ms ({gemm / b * 1e3:.4f} ms/token, "
