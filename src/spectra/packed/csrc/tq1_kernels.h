@@ -256,11 +256,13 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     }
 }
 
-/* GEMM tile: R rows x TT tokens (<= 4 x 4). Each block of a row is decoded once and used against TT tokens; the
- * fields are shifted down so that one accumulator per (row, token) suffices. */
+/* GEMM tile: R rows x TT tokens (<= 4 x 4). Each block of a row is used against TT tokens; the fields are shifted
+ * down so that one accumulator per (row, token) suffices. With `dec` (PRE = 1) the blocks were decoded beforehand
+ * (tq1_predecode: 128 bytes per block, fa then fb, rows dec_row bytes apart), else they are decoded here. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_avx512(const job_t *J, const tq1_tables_t *L,
                                                                                   int64_t n, int64_t t, const int R,
-                                                                                  const int TT) {
+                                                                                  const int TT, const int PRE,
+                                                                                  const uint8_t *dec, int64_t dec_row) {
     const __m512i m3 = _mm512_set1_epi8(3);
     const int64_t rowb = J->nb * TQ1_CB, ab_row = J->nb * TQ1_AB;
     float yv[4][4];
@@ -278,9 +280,14 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
             __m512i fa[4], fb[4];
             _Pragma("GCC unroll 4")
             for (int r = 0; r < R; r++) {
-                const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
-                if (TT < 4) PREFETCH(wb + PREFETCH_BYTES);
-                tq1_decode(wb, L, &fa[r], &fb[r]);
+                if (PRE) {
+                    fa[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128);
+                    fb[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128 + 64);
+                } else {
+                    const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
+                    if (TT < 4) PREFETCH(wb + PREFETCH_BYTES);
+                    tq1_decode(wb, L, &fa[r], &fb[r]);
+                }
             }
             _Pragma("GCC unroll 5")
             for (int c = 0; c < 5; c++) {
@@ -317,32 +324,63 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
         for (int k = 0; k < TT; k++) J->y[(t + k) * J->N + n + r] = yv[r][k] * J->xs[t + k];
 }
 
-#define TQ1_TILE_ROW(R)                                                       \
-    do {                                                                      \
-        int64_t t = c0;                                                       \
-        for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, &L, n, t, R, 4);       \
-        switch (c1 - t) {                                                     \
-            case 3: tq1_tile_avx512(J, &L, n, t, R, 3); break;                \
-            case 2: tq1_tile_avx512(J, &L, n, t, R, 2); break;                \
-            case 1: tq1_tile_avx512(J, &L, n, t, R, 1); break;                \
-            default: break;                                                   \
-        }                                                                     \
+#define TQ1_TILE_ROW(R, PRE)                                                                  \
+    do {                                                                                      \
+        if (PRE) tq1_predecode(J, &L, n, R, dec);                                             \
+        int64_t t = c0;                                                                       \
+        for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, &L, n, t, R, 4, PRE, dec, dec_row);    \
+        switch (c1 - t) {                                                                     \
+            case 3: tq1_tile_avx512(J, &L, n, t, R, 3, PRE, dec, dec_row); break;             \
+            case 2: tq1_tile_avx512(J, &L, n, t, R, 2, PRE, dec, dec_row); break;             \
+            case 1: tq1_tile_avx512(J, &L, n, t, R, 1, PRE, dec, dec_row); break;             \
+            default: break;                                                                   \
+        }                                                                                     \
     } while (0)
 
-/* Several tokens: up to 4 rows x 4 tokens per tile (fewer rows for 2..4 tokens: decoding, small batches). */
+/* R rows' blocks decoded into dec (128 bytes per block: codes 1..4 as fields, then code 0), rows nb*128 apart. */
+TARGET_AVX512_VBMI static void tq1_predecode(const job_t *J, const tq1_tables_t *L, int64_t n, int R, uint8_t *dec) {
+    const int64_t rowb = J->nb * TQ1_CB;
+    for (int r = 0; r < R; r++)
+        for (int64_t b = 0; b < J->nb; b++) {
+            const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
+            PREFETCH(wb + PREFETCH_BYTES);
+            __m512i fa, fb;
+            tq1_decode(wb, L, &fa, &fb);
+            _mm512_storeu_si512(dec + (r * J->nb + b) * 128, fa);
+            _mm512_storeu_si512(dec + (r * J->nb + b) * 128 + 64, fb);
+        }
+}
+
+/* Several tokens: up to 4 rows x 4 tokens per tile. With more than 4 tokens each group of 4 rows is decoded once per
+ * chunk of 64 tokens into a buffer (2 KiB per row at K = 4096, in L1/L2) that the tiles read: table lookups cost more
+ * than the products, so decoding once per 4 tokens made the batch-64 GEMM 1.6x slower than TQ2_0's. */
 TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const tq1_tables_t L = tq1_tables_load();
+    const int64_t dec_row = J->nb * 128;
+    uint8_t *dec = NULL;
+    if (J->T > 4) dec = (uint8_t *)aligned_alloc(64, (size_t)(4 * dec_row));
     for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
         const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
         int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4);
-        switch (n1 - n) {
-            case 3: TQ1_TILE_ROW(3); break;
-            case 2: TQ1_TILE_ROW(2); break;
-            case 1: TQ1_TILE_ROW(1); break;
-            default: break;
+        if (dec) {
+            for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4, 1);
+            switch (n1 - n) {
+                case 3: TQ1_TILE_ROW(3, 1); break;
+                case 2: TQ1_TILE_ROW(2, 1); break;
+                case 1: TQ1_TILE_ROW(1, 1); break;
+                default: break;
+            }
+        } else { /* 2..4 tokens (or no memory for the buffer): decode in the tile */
+            for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4, 0);
+            switch (n1 - n) {
+                case 3: TQ1_TILE_ROW(3, 0); break;
+                case 2: TQ1_TILE_ROW(2, 0); break;
+                case 1: TQ1_TILE_ROW(1, 0); break;
+                default: break;
+            }
         }
     }
+    free(dec);
 }
 
 static int tq1_has_vbmi(void) {
