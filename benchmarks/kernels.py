@@ -104,7 +104,7 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
     def linear(x, ws):
         return lambda i: F.linear(x, ws[i % len(ws)])
 
-    def cached(x, y, layer=tern[0]):  # one matrix again and again: it stays in L3, so this is the kernel's compute speed
+    def cached(x, y, layer=tern[0]):  # one matrix again and again: it stays in L3, the kernel's compute speed
         return lambda i: ext.matmul(
             pid,
             x.data_ptr(),
