@@ -194,6 +194,13 @@ def test_cli_pack(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "m"), str(tmp_path / "p"), "--format", "tq1"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "tq1_0"
     assert isinstance(spectra.load(tmp_path / "p").layers[1].mlp.down_proj, PackedTernaryLinear)
+    assert main(["pack", str(tmp_path / "m"), str(tmp_path / "w"), "--embedding", "bfloat16", "--head", "float16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["embedding"], out["head"]) == ("bfloat16", "float16")
+    w = load_file(str(tmp_path / "w" / "model.safetensors"))
+    assert w["embed_tokens.weight"].dtype == torch.bfloat16 and w["lm_head.weight"].dtype == torch.float16
+    assert main(["info", str(tmp_path / "w")]) == 0
+    assert "file_over_paper_plus_scales" in capsys.readouterr().out
     assert main(["pack", "floatlm-tiny", str(tmp_path / "x")]) == 2
     assert "no ternary layers" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""`spectra pack MODEL OUT [--format tq2|tq1] [--lossy]`: write a packed TriLM checkpoint (spectra.packed.io)."""
+"""`spectra pack MODEL OUT [--format tq2|tq1] [--lossy] [--embedding float16] [--head int8]`: write a packed TriLM
+checkpoint (spectra.packed.io)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow blocks straddling two shards with different scales (rounded to the block absmax like llama.cpp)",
     )
+    p.add_argument("--embedding", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="how the embedding table is stored (default float16)")
+    p.add_argument("--head", default="int8", choices=["int8", "float16", "bfloat16", "float32"],
+                   help="how lm_head is stored: int8 (default; per-row scale, what decoding multiplies by) or a float")
     p.set_defaults(func=run_pack)
 
 
@@ -28,6 +33,6 @@ def run_pack(args: argparse.Namespace) -> int:
     from spectra.packed.io import pack_model
 
     summary = pack_model(load(args.model), args.out, format=args.format, lossy=args.lossy,
-                         tokenizer=find_tokenizer(args.model))
+                         tokenizer=find_tokenizer(args.model), embedding=args.embedding, head=args.head)
     print(json.dumps(summary, indent=2))
     return 0
