@@ -24,9 +24,12 @@ def model_of(kind: str, seed: int = 1, **kw):
         c["family"] = "floatlm"
     model = build_model(ModelConfig(**c), seed=seed).eval()
     if kind.startswith("packed"):
-        packed_linear.convert_to_packed(model, "tq2")
-    if kind == "packed-int8-head":
+        packed_linear.convert_to_packed(model, "tq1" if kind == "packed-tq1-compact" else "tq2")
+    if kind in ("packed-int8-head", "packed-tq1-compact"):
         model.lm_head = packed_linear.Int8Linear.from_linear(model.lm_head)
+    if kind == "packed-tq1-compact":  # what a compact packed checkpoint loads as: TQ1 bytes, fp16 embedding, int8 head
+        w = model.embed_tokens.weight.detach().half()
+        model.embed_tokens = packed_linear.CompactEmbedding(w.shape[0], w.shape[1], _weight=w, _freeze=True)
     return model
 
 
@@ -38,7 +41,7 @@ def prompts_and_lengths(n=7, seed=0):
 
 
 @needs_ext
-@pytest.mark.parametrize("kind", ["packed", "packed-int8-head"])
+@pytest.mark.parametrize("kind", ["packed", "packed-int8-head", "packed-tq1-compact"])
 def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind):
     """Four sequences at different positions, stepped together, give exactly the hidden states and cache rows of the
     batch-1 C decoder run on each alone from the same prefill. With the int8 head (`Int8Linear`) the logits are
@@ -61,7 +64,7 @@ def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind):
             for i, c in enumerate(solo):
                 ref = dec.step(torch.tensor([[last[i]]]), c)[0, -1]
                 assert torch.equal(bd.kernel["x"][i], dec._x)
-                if kind == "packed-int8-head":
+                if kind != "packed":
                     assert torch.equal(logits[i], ref)
                 else:
                     torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)

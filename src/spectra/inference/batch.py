@@ -127,7 +127,7 @@ class BatchDecoder:
             for m, y in zip(mods, outs):
                 keep.extend([m.qs, m.seg_bounds, m.seg_d])
                 out.append((m.qs.data_ptr(), m.out_features, m.seg_bounds.data_ptr(), m.seg_d.shape[1],
-                            m.seg_d.data_ptr(), y.data_ptr()))
+                            m.seg_d.data_ptr(), y.data_ptr(), m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
             return tuple(out)
 
         layers = []
@@ -159,7 +159,11 @@ class BatchDecoder:
             raise RuntimeError("a packed layer changed after this BatchDecoder was built; build a new one")
         B, C = len(slots), cfg.dim
         x = kern["x"][:B]
-        torch.index_select(model.embed_tokens.weight, 0, torch.tensor(list(tokens), dtype=torch.long), out=x)
+        emb, ids = model.embed_tokens.weight, torch.tensor(list(tokens), dtype=torch.long)
+        if emb.dtype is torch.float32:
+            torch.index_select(emb, 0, ids, out=x)
+        else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
+            x.copy_(emb[ids])
         idx = torch.tensor(list(slots), dtype=torch.long)
         pos = torch.tensor([self.caches[s].pos for s in slots], dtype=torch.int64)
         k_ptrs, v_ptrs = kern["k_ptrs"][idx].contiguous(), kern["v_ptrs"][idx].contiguous()
