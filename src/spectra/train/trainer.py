@@ -46,7 +46,7 @@ from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_
 from spectra.files import write_json
 from spectra.model import build_model
 from spectra.quantizers import set_progress
-from spectra.train import dist
+from spectra.train import dist, memory
 from spectra.train.config import TrainConfig, resolve
 from spectra.train.distill import load_teacher
 from spectra.train.init import open_init
@@ -272,7 +272,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     elif not isinstance(model_cfg, ModelConfig):
         raise ValueError("no model given: pass a ModelConfig (--size NAME), or train.init (--init PATH) to start "
                          "from a checkpoint")
-    cfg = resolve(model_cfg, cfg)
+    cfg = dist.device_defaults(resolve(model_cfg, cfg), model_cfg, info.device)
     if info.is_main:
         if (run_dir / "run.json").exists() and not resume:
             raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
@@ -311,6 +311,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     val_rows = [val_stream.get(i * T, T + 1) for i in range(info.rank, n_val, info.world)]
     val_batches = [torch.from_numpy(np.stack(val_rows[i : i + micro]))
                    for i in range(0, len(val_rows), micro)]
+    plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
+                       parallel=cfg.parallel, precision=cfg.precision,
+                       activation_checkpointing=cfg.activation_checkpointing, device=device.type)
+    if info.is_main:
+        log.info("memory plan: %s", plan.line())
+    memory.check(plan, cfg.memory_limit_gb, device)
+    rss_base = memory.reset_peak() if device.type == "cpu" else None
 
     # ---- model, optimizer, resume ---------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -336,7 +343,8 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     if cfg.compile:
         compile_blocks(raw)
     loss_fn = loss_function(device, cfg.compile)
-    model = dist.wrap(raw, info, cfg.parallel)
+    model = dist.wrap(raw, info, cfg.parallel, precision=cfg.precision,
+                      activation_checkpointing=cfg.activation_checkpointing)
     opt = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if loaded is not None:
@@ -367,8 +375,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     def no_sync(sync: bool):
         if sync or info.world == 1:
             return contextlib.nullcontext()
-        if fsdp:
-            raw.set_requires_gradient_sync(False)
+        if fsdp:  # reduce-scatter every micro-batch into the sharded gradient (spectra.train.dist)
             return contextlib.nullcontext()
         return model.no_sync()
 
@@ -393,7 +400,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                                           "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
                                           "data": str(shard_dir), "world_size": info.world,
                                           "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps,
-                                          **provenance})
+                                          "memory_plan": plan.to_dict(), **provenance})
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
         loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
 
@@ -446,8 +453,6 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                 first = data_pos + (info.rank * accum + j) * micro
                 batch = sampler.batch(first, micro).to(device, non_blocking=True)
                 sync = j == accum - 1
-                if fsdp:
-                    raw.set_requires_gradient_sync(sync)
                 with no_sync(sync), amp():
                     logits = model(batch[:, :-1])
                     loss = loss_fn(logits, batch[:, 1:])
@@ -526,7 +531,11 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     wall = time.perf_counter() - t_start
     result = {"val_loss": val_loss, "train_loss": last_loss, "tokens": tokens_seen, "steps": total_steps,
               "wall_time": wall, "tokens_per_s": trained_tokens / train_time if train_time else 0.0,
-              "skipped_steps": skipped, "run_dir": str(run_dir)}
+              "skipped_steps": skipped, "run_dir": str(run_dir), "memory_plan_bytes": plan.total}
+    if rss_base is not None and memory.peak_rss() is not None:  # measured: resident-set peak of every rank
+        mine = [0.0] * info.world
+        mine[info.rank] = float(memory.peak_rss() - rss_base)
+        result["peak_memory_bytes"] = [int(x) for x in dist.all_reduce_sum(mine, info)]
     if info.is_main:
         final_meta = {"step": total_steps, "tokens": tokens_seen, "tokenizer_sha256": tok_sha, "train": cfg.to_dict(),
                       "val_loss": val_loss, **provenance}
