@@ -16,7 +16,9 @@
 Per block, with `s` the residual stream's bytes per value (4, or 2 when FSDP computes in bf16 parameters), `c` the
 compute dtype's (4 fp32, 2 bf16 autocast or bf16 FSDP), d = dim, a = n_heads·head_dim, f = glu_dim, H heads:
 
-    2 norms      each keeps its float32 input copy, its normalised output and the linear input:  2·B·T·d·(4 + s + c)
+    2 norms      each keeps its float32 input copy and its normalised output:                    2·B·T·d·(4 + s)
+                 and the linears' input, which bf16 autocast casts once per reader (q, k, v; gate, up):
+                                                                                   B·T·d·c · (2, or 5 under autocast)
     attention    q, k after RoPE, v, and the o_proj input:                                       4·B·T·a·c
                  the probabilities, when the dense CPU attention runs (`spectra.kernels.attention`): B·H·T²·c
                  or SDPA's output and log-sum-exp (GPUs, long sequences):                       B·T·a·c + 4·B·H·T
@@ -120,7 +122,10 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
         copies = p_lin * c
     else:
         copies = p_lin * 2 if (mixed and not fsdp) else 0
-    act_block = 2 * BT * d * (4 + s + c) + attn + mlp + copies
+    # autocast casts a linear's input for every layer that reads it (q, k, v; gate, up): one copy each
+    casts = mixed and not fsdp
+    readers = (3 if casts else 1) + ((2 if model_cfg.mlp_act == "swiglu" else 1) if casts else 1)
+    act_block = 2 * BT * d * (4 + s) + readers * BT * d * c + attn + mlp + copies
     kept_block = BT * d * s if activation_checkpointing else act_block
     # a block's backward temporaries: the gradients of its widest activations and of its weights (compute dtype)
     temp_block = 2 * BT * f * c + (B * H * T * T * c if dense else 0) + p_lin * c
