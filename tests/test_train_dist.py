@@ -185,3 +185,51 @@ def test_plan_shards_state_and_checkpointing_keeps_block_inputs():
     assert ddp.comm == 4 * P and ddp.total == one.total + 4 * P
     assert (fsdp.params, fsdp.optimizer) == (P, 2 * P)
     assert ac.activations < fsdp.activations / 2 and ac.total < fsdp.total < ddp.total
+
+
+# ---- distributed checkpoints ------------------------------------------------------------------------------------
+
+
+def _cut_at(run: Path, dst: Path, step: int) -> Path:
+    """A copy of `run` as it was when checkpoint `step` had just been written (later checkpoints and results gone)."""
+    import shutil
+
+    shutil.copytree(run, dst)
+    for p in (dst / "checkpoints").iterdir():
+        if int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    shutil.rmtree(dst / "final")
+    (dst / "result.json").unlink()
+    return dst
+
+
+@pytest.mark.slow
+def test_dcp_checkpoint_resumes_on_another_world_size(files, tmp_path):
+    """fp32, 8 steps of 8 sequences, checkpoints at steps 4 and 8. A 2-rank FSDP checkpoint resumes on 1 process and
+    a 1-process checkpoint on 2 FSDP ranks; both continue the uninterrupted 1-process loss curve within 1e-4 (the
+    same global batch in the same order; 2 ranks sum the same per-token gradients in another order, hence not
+    bit-exact). Each rank wrote its own shard files, no checkpoint holds a gathered model, and the final model of
+    either is today's single-file model directory."""
+    from spectra.loading import load
+
+    cfg = run_file(files, tmp_path / "run.toml", tokens=256 * 8, ckpt_every_tokens=256 * 4, ckpt_keep=4)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "two"), "--train.parallel=fsdp"])
+    ref = losses(tmp_path / "one")
+    assert len(ref) == 8
+    np.testing.assert_allclose(losses(tmp_path / "two"), ref, rtol=1e-4, atol=1e-4)
+    ck = tmp_path / "two" / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ck / "model.safetensors").exists()  # FSDP: nobody gathered the model
+
+    two_to_one = _cut_at(tmp_path / "two", tmp_path / "2to1", 4)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(two_to_one), "--resume"])
+    one_to_two = _cut_at(tmp_path / "one", tmp_path / "1to2", 4)
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(one_to_two), "--resume", "--train.parallel=fsdp"])
+    for run in (two_to_one, one_to_two):
+        got = losses(run)
+        assert len(got) == 8
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        assert json.loads((run / "result.json").read_text())["steps"] == 8
+    a, b = load(tmp_path / "one" / "final").state_dict(), load(one_to_two / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
