@@ -89,11 +89,24 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj, info: DistInfo):
+# How long the other ranks wait for rank 0 to prepare data (tokenizing a corpus can take hours): explicit and generous,
+# instead of the process group's default collective timeout.
+DATA_TIMEOUT_S = float(os.environ.get("SPECTRA_DATA_TIMEOUT", 6 * 3600))
+
+
+def broadcast_object(obj, info: DistInfo, timeout_s: float | None = None):
+    """Rank 0's `obj` on every rank. With `timeout_s`, over a gloo group of its own that waits that long."""
     if info.world == 1:
         return obj
+    group = None
+    if timeout_s is not None:
+        from datetime import timedelta
+
+        group = torch_dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0, group=group)
+    if group is not None:
+        torch_dist.destroy_process_group(group)
     return box[0]
 
 

@@ -245,9 +245,10 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
     if info.is_main:
         try:
             result = build()
-        except (ValueError, OSError, ImportError) as e:
+        except Exception as e:  # any failure reaches every rank, with its message
             error = e
-    result, err_msg = dist.broadcast_object((result, repr(error) if error else None), info)
+    result, err_msg = dist.broadcast_object((result, repr(error) if error else None), info,
+                                            timeout_s=dist.DATA_TIMEOUT_S)
     if error is not None:
         raise error
     if err_msg is not None:
