@@ -70,8 +70,15 @@ def configs_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from spectra.train.trainer import TrainingDiverged, train
 
+    handler = logging.StreamHandler(sys.stderr)  # the memory plan and resume notes, before training starts
+    handler.setFormatter(logging.Formatter("spectra train: %(message)s"))
+    logger = logging.getLogger("spectra.train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     model_cfg, train_cfg = configs_from_args(args)
     name = model_cfg.name if hasattr(model_cfg, "name") else (train_cfg.init and Path(train_cfg.init).name)
     out = args.out or f"runs/{name or 'custom'}"

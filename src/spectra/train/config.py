@@ -83,11 +83,17 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     # numerics and speed
-    precision: str = "fp32"  # 'bf16' autocast, 'fp16' autocast + dynamic loss scaling, or 'fp32'
+    # 'bf16' autocast (FSDP: bf16 parameters, fp32 reductions), 'fp16' autocast + dynamic loss scaling, or 'fp32';
+    # None: bf16 for the paper's sizes on CUDA, else fp32 (`spectra.train.dist.device_defaults`)
+    precision: str | None = None
     compile: bool = False
     device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda'
     reuse_heap: bool = True  # CPU, Linux/glibc: keep freed memory for the next step (`trainer.reuse_freed_memory`)
-    parallel: str = "ddp"  # how world size > 1 shards work: 'ddp' or 'fsdp' (FSDP2 fully_shard, GPUs)
+    # world size > 1: 'ddp' or 'fsdp' (FSDP2); None: fsdp for the paper's sizes on CUDA, else ddp
+    parallel: str | None = None
+    activation_checkpointing: bool = False  # keep only each block's input for backward, recompute the block
+    # refuse a run whose memory plan exceeds this many GB per rank (None: the device's memory; 0: no check)
+    memory_limit_gb: float | None = None
     seed: int = 0
     # evaluation, logging, checkpoints
     val_every: float = 0.1  # validation: a fraction of the run if < 1, else every N steps; 0 only at the end
@@ -114,7 +120,7 @@ class TrainConfig:
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"train.{f} must be a positive integer, got {getattr(self, f)!r}")
         for f, allowed in (("precision", PRECISIONS), ("parallel", PARALLEL)):
-            if getattr(self, f) not in allowed:
+            if getattr(self, f) is not None and getattr(self, f) not in allowed:
                 raise ValueError(f"train.{f} must be one of {allowed}, got {getattr(self, f)!r}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -153,12 +159,19 @@ def size_of(cfg: ModelConfig) -> str | None:
     return None
 
 
-def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
-    """Fill every `None` field with the default for the model's size and family."""
-    trilm = model_cfg.family == "trilm"
+def table_size(model_cfg: ModelConfig) -> str:
+    """The LR_TABLE row of a config: its size, or for a custom config the nearest row by width x depth."""
     size = size_of(model_cfg)
-    if size is None:  # custom config: pick the nearest table row by non-embedding width x depth
+    if size is None:
         size = "tiny" if model_cfg.dim * model_cfg.n_layers <= 256 * 6 else "99m"
+    return size
+
+
+def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
+    """Fill every `None` field with the default for the model's size and family (precision and parallel, which
+    depend on the device, are filled by `spectra.train.dist.device_defaults`)."""
+    trilm = model_cfg.family == "trilm"
+    size = table_size(model_cfg)
     float_lr, tri_lr, tri_lr2 = LR_TABLE[size]
     small = size in CPU_SIZES
     seq_len = cfg.seq_len or (min(CPU_SEQ_LEN, model_cfg.max_seq_len) if small else PAPER_SEQ_LEN)

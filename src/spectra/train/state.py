@@ -2,10 +2,18 @@
 
     RUN_DIR/run.json                    {"model": ModelConfig, "train": TrainConfig (resolved), "tokenizer_sha256"}
     RUN_DIR/metrics.jsonl               one JSON object per logged step, plus {"split": "val", ...} lines
-    RUN_DIR/checkpoints/step_%08d/      a spectra model dir (model.safetensors, tokenizer.json, spectra.json with
-                                        "step", "tokens", "data_position", "milestone", "train") + trainer_state.pt
-                                        (optimizer, loss scaler, RNG states, skipped-step counters)
-    RUN_DIR/final/                      the final model dir
+    RUN_DIR/checkpoints/step_%08d/      spectra.json ("step", "tokens", "data_position", "milestone", "train"),
+                                        tokenizer.json, trainer_state.pt (loss scaler, RNG states, counters) and
+        dcp/                            model and optimizer state, torch.distributed.checkpoint (sharded)
+        model.safetensors               the model too, where one rank holds it whole (one process, DDP): such a
+                                        checkpoint is also a spectra model dir
+    RUN_DIR/final/                      the final model dir (single file, every parallelism)
+
+Distributed checkpoints: every rank writes its own shards of the model and optimizer (FSDP: its DTensor shards; DDP:
+replicated tensors are written once) with `torch.distributed.checkpoint`, so no rank gathers the whole model or
+optimizer. DCP stores each tensor's global shape, so a checkpoint loads into any world size and parallelism (2 FSDP
+ranks -> 1 process, 1 -> 2): each rank reads the parts of the files its shards cover. Older checkpoints (the
+optimizer inside trainer_state.pt, no dcp/) still load.
 
 Each checkpoint is written to a temporary folder and renamed into place, so a crash or a full disk leaves the previous
 checkpoints as they were. Retention keeps the newest `ckpt_keep` checkpoints plus every milestone.
@@ -13,11 +21,13 @@ checkpoints as they were. Retention keeps the newest `ckpt_keep` checkpoints plu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CKPT_DIR = "checkpoints"
+DCP_DIR = "dcp"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -86,6 +97,105 @@ def save_checkpoint(
     return out
 
 
+def save_distributed_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    tokenizer: Path | None,
+    is_main: bool,
+    barrier,
+    whole_model: nn.Module | None = None,
+) -> Path:
+    """Collective: every rank calls it. Writes checkpoint `step_<meta.step>` with the model and optimizer state in
+    `dcp/` (each rank its own shards), and on rank 0 the meta, trainer state, tokenizer and, given `whole_model` (a
+    rank that holds the model whole), model.safetensors. Atomic: written to a temporary folder, renamed at the end;
+    a failed write raises OSError naming the checkpoint and the previous one, which is left intact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out = step_dir(run_dir, meta["step"])
+    tmp = out.parent / f".{out.name}.tmp-dcp"
+    previous = list_checkpoints(run_dir)
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        with _single_process_ok():
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / DCP_DIR))
+        if is_main:
+            config = getattr(model, "module", model).config.to_dict()
+            if whole_model is not None:
+                side = out.parent / f".{out.name}.tmp-model"
+                save_model(whole_model, side, tokenizer=tokenizer, meta=meta)
+                for f in side.iterdir():
+                    os.rename(f, tmp / f.name)
+                side.rmdir()
+            else:
+                from spectra.files import write_json
+
+                if tokenizer is not None:
+                    shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+                write_json(tmp / META_FILE, {"format": "spectra", "kind": "checkpoint", "config": config, **meta})
+            torch.save(trainer_state, tmp / STATE_FILE)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        keep = previous[-1].name if previous else "none"
+        raise OSError(e.errno, f"writing checkpoint {out} failed: {e.strerror or e}; "
+                               f"the previous checkpoint ({keep}) is intact") from e
+    barrier()
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def load_distributed_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: load `path/dcp` into the (wrapped) model and optimizer of this run, whatever world size and
+    parallelism wrote it; every rank reads only what its shards cover."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optimizer": osd}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def read_checkpoint_state(path: Path, model_cfg: ModelConfig) -> tuple[dict[str, Any], dict]:
+    """(trainer state, meta) of a distributed checkpoint, after checking its model config equals `model_cfg`."""
+    meta = read_meta(path)
+    _check_config(path, meta, model_cfg)
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False), meta
+
+
+def _check_config(path: Path, meta: dict, model_cfg: ModelConfig) -> None:
+    saved = meta.get("config")
+    now = model_cfg.to_dict()
+    if saved != now:
+        saved = saved or {}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ValueError(f"cannot resume from {path}: its model config differs in {diff} "
+                         f"(checkpoint {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})")
+
+
 def apply_retention(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` non-milestone checkpoints. Returns what was deleted."""
     rolling = [p for p in list_checkpoints(run_dir) if not read_meta(p).get("milestone")]
@@ -98,13 +208,7 @@ def apply_retention(run_dir: Path, keep: int) -> list[Path]:
 def load_checkpoint(path: Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """(model state, trainer state, meta) of a checkpoint; the model config must equal `model_cfg`."""
     meta = read_meta(path)
-    saved = meta.get("config")
-    now = model_cfg.to_dict()
-    if saved != now:
-        saved = saved or {}
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ValueError(f"cannot resume from {path}: its model config differs in {diff} "
-                         f"(checkpoint {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})")
+    _check_config(path, meta, model_cfg)
     weights = load_safetensors(path / "model.safetensors")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return weights, state, meta
@@ -127,5 +231,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         f.write("".join(x + "\n" for x in keep))
 
 
-__all__ = ["META_FILE", "apply_retention", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state", "step_dir", "truncate_metrics"]
+__all__ = ["META_FILE", "apply_retention", "is_distributed_checkpoint", "list_checkpoints", "load_checkpoint",
+           "load_distributed_checkpoint", "read_checkpoint_state", "rng_state", "save_checkpoint",
+           "save_distributed_checkpoint", "set_rng_state", "step_dir", "truncate_metrics"]

@@ -46,7 +46,7 @@ from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_
 from spectra.files import write_json
 from spectra.model import build_model
 from spectra.quantizers import set_progress
-from spectra.train import dist
+from spectra.train import dist, memory
 from spectra.train.config import TrainConfig, resolve
 from spectra.train.distill import load_teacher
 from spectra.train.init import open_init
@@ -54,10 +54,13 @@ from spectra.train.loss import kernel_paths, lm_loss
 from spectra.train.schedule import make_schedule
 from spectra.train.state import (
     apply_retention,
+    is_distributed_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_distributed_checkpoint,
+    read_checkpoint_state,
     rng_state,
-    save_checkpoint,
+    save_distributed_checkpoint,
     set_rng_state,
     truncate_metrics,
 )
@@ -242,9 +245,10 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
     if info.is_main:
         try:
             result = build()
-        except (ValueError, OSError, ImportError) as e:
+        except Exception as e:  # any failure reaches every rank, with its message
             error = e
-    result, err_msg = dist.broadcast_object((result, repr(error) if error else None), info)
+    result, err_msg = dist.broadcast_object((result, repr(error) if error else None), info,
+                                            timeout_s=dist.DATA_TIMEOUT_S)
     if error is not None:
         raise error
     if err_msg is not None:
@@ -272,7 +276,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     elif not isinstance(model_cfg, ModelConfig):
         raise ValueError("no model given: pass a ModelConfig (--size NAME), or train.init (--init PATH) to start "
                          "from a checkpoint")
-    cfg = resolve(model_cfg, cfg)
+    cfg = dist.device_defaults(resolve(model_cfg, cfg), model_cfg, info.device)
     if info.is_main:
         if (run_dir / "run.json").exists() and not resume:
             raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
@@ -311,6 +315,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     val_rows = [val_stream.get(i * T, T + 1) for i in range(info.rank, n_val, info.world)]
     val_batches = [torch.from_numpy(np.stack(val_rows[i : i + micro]))
                    for i in range(0, len(val_rows), micro)]
+    plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
+                       parallel=cfg.parallel, precision=cfg.precision,
+                       activation_checkpointing=cfg.activation_checkpointing, device=device.type)
+    if info.is_main:
+        log.info("memory plan: %s", plan.line())
+    memory.check(plan, cfg.memory_limit_gb, device)
+    rss_base = memory.reset_peak() if device.type == "cpu" else None
 
     # ---- model, optimizer, resume ---------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -325,27 +336,34 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     resume_from = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
     if resume and resume_from is None:
         log.info("%s has no checkpoint yet: starting from scratch", run_dir)
-    loaded = load_checkpoint(resume_from, model_cfg) if resume_from is not None else None
+    sharded = resume_from is not None and is_distributed_checkpoint(resume_from)
+    if sharded:  # model and optimizer are read after wrapping, each rank its own shards
+        loaded = (None, *read_checkpoint_state(resume_from, model_cfg))
+    else:
+        loaded = load_checkpoint(resume_from, model_cfg) if resume_from is not None else None
     if loaded is not None:
         run = json.loads((run_dir / "run.json").read_text())
         if run.get("tokenizer_sha256") != tokenizer_hash(tok_path):
             raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
-        if cfg.parallel != "fsdp" or info.world == 1:
+        if not sharded and (cfg.parallel != "fsdp" or info.world == 1):
             raw.load_state_dict(loaded[0])
     fsdp = cfg.parallel == "fsdp" and info.world > 1
     if cfg.compile:
         compile_blocks(raw)
     loss_fn = loss_function(device, cfg.compile)
-    model = dist.wrap(raw, info, cfg.parallel)
+    model = dist.wrap(raw, info, cfg.parallel, precision=cfg.precision,
+                      activation_checkpointing=cfg.activation_checkpointing)
     opt = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if loaded is not None:
         weights, st, meta = loaded
-        if st.get("optimizer_format", "torch") != ("fsdp" if fsdp else "torch"):
+        if sharded:
+            load_distributed_checkpoint(resume_from, model, opt)
+        elif st.get("optimizer_format", "torch") != ("fsdp" if fsdp else "torch"):
             raise ValueError(f"cannot resume from {resume_from}: its optimizer state is in "
                              f"{st.get('optimizer_format')!r} form; resume with the same train.parallel "
                              "(FSDP and DDP/single-process checkpoints store the optimizer differently)")
-        if fsdp:
+        elif fsdp:  # a checkpoint from before distributed checkpoints: the whole state on every rank
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=st["optimizer"],
@@ -367,8 +385,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     def no_sync(sync: bool):
         if sync or info.world == 1:
             return contextlib.nullcontext()
-        if fsdp:
-            raw.set_requires_gradient_sync(False)
+        if fsdp:  # reduce-scatter every micro-batch into the sharded gradient (spectra.train.dist)
             return contextlib.nullcontext()
         return model.no_sync()
 
@@ -393,30 +410,19 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                                           "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
                                           "data": str(shard_dir), "world_size": info.world,
                                           "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps,
-                                          **provenance})
+                                          "memory_plan": plan.to_dict(), **provenance})
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
         loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
 
-    def save(step: int) -> None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            msd, osd = None, opt.state_dict()
-        if not info.is_main:
-            return
-        target = raw
-        if msd is not None:
-            target = build_model(model_cfg, seed=None, device="cpu")
-            target.load_state_dict(msd)
+    def save(step: int) -> None:  # every rank writes its shards (spectra.train.state)
         meta = {"step": step, "tokens": tokens_seen, "data_position": data_pos, "milestone": step in milestones,
-                "tokenizer_sha256": tok_sha, "train": cfg.to_dict(), **provenance}
-        state = {"optimizer": osd, "optimizer_format": "fsdp" if fsdp else "torch",
-                 "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                "tokenizer_sha256": tok_sha, "train": cfg.to_dict(), "world_size": info.world, **provenance}
+        state = {"optimizer_format": "dcp", "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
                  "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped}
-        save_checkpoint(run_dir, target, state, meta, tokenizer=tok_path)
-        apply_retention(run_dir, cfg.ckpt_keep)
+        save_distributed_checkpoint(run_dir, model, opt, state, meta, tokenizer=tok_path, is_main=info.is_main,
+                                    barrier=lambda: dist.barrier(info), whole_model=None if fsdp else raw)
+        if info.is_main:
+            apply_retention(run_dir, cfg.ckpt_keep)
 
     bar = None
     if progress and info.is_main:
@@ -446,8 +452,6 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                 first = data_pos + (info.rank * accum + j) * micro
                 batch = sampler.batch(first, micro).to(device, non_blocking=True)
                 sync = j == accum - 1
-                if fsdp:
-                    raw.set_requires_gradient_sync(sync)
                 with no_sync(sync), amp():
                     logits = model(batch[:, :-1])
                     loss = loss_fn(logits, batch[:, 1:])
@@ -521,22 +525,31 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         if loggers is not None:
             loggers.close()
 
+    peak = memory.peak_rss() if rss_base is not None else None  # training's peak, before the final export
     if start_step >= total_steps:  # resumed a finished run: nothing to train, report the checkpoint
         val_loss = evaluate()
     wall = time.perf_counter() - t_start
     result = {"val_loss": val_loss, "train_loss": last_loss, "tokens": tokens_seen, "steps": total_steps,
               "wall_time": wall, "tokens_per_s": trained_tokens / train_time if train_time else 0.0,
-              "skipped_steps": skipped, "run_dir": str(run_dir)}
+              "skipped_steps": skipped, "run_dir": str(run_dir), "memory_plan_bytes": plan.total}
+    if peak is not None:  # measured: resident-set peak of every rank
+        mine = [0.0] * info.world
+        mine[info.rank] = float(peak - rss_base)
+        result["peak_memory_bytes"] = [int(x) for x in dist.all_reduce_sum(mine, info)]
+    whole = raw
+    if fsdp:  # the export: the latent weights gathered once, to rank 0 (optimizer state stays sharded)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        whole = None
+        if info.is_main:
+            whole = build_model(model_cfg, seed=None, device="cpu")
+            whole.load_state_dict(msd)
+        del msd
     if info.is_main:
         final_meta = {"step": total_steps, "tokens": tokens_seen, "tokenizer_sha256": tok_sha, "train": cfg.to_dict(),
                       "val_loss": val_loss, **provenance}
-        if fsdp:
-            last = list_checkpoints(run_dir)[-1]
-            from spectra.checkpoint import load_model_dir
-
-            save_model(load_model_dir(last), run_dir / "final", tokenizer=tok_path, meta=final_meta)
-        else:
-            save_model(raw, run_dir / "final", tokenizer=tok_path, meta=final_meta)
+        save_model(whole, run_dir / "final", tokenizer=tok_path, meta=final_meta)
         write_json(run_dir / "result.json", result)
     dist.barrier(info)
     return result
