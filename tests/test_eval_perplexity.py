@@ -88,13 +88,29 @@ def test_stride_one_equals_direct_fixed_context(setup, seq_len):
     assert res["nll"] == pytest.approx(direct_nll(m, ids, seq_len), rel=1e-5)
 
 
+def test_window_losses_are_each_windows_own_nll(setup):
+    """The per-window NLLs (for paired comparisons) restated: each window scored alone, summed to the total."""
+    corpus, tok_path = setup
+    m, ids = model(), stream(tok_path)
+    res = perplexity(m, tok_path, corpus, split="validation", seq_len=16, stride=16, batch_size=3)
+    spans = windows(len(ids), 16, 16)
+    assert res["window_tokens"] == [k for _, _, k in spans] and len(res["window_nll"]) == len(spans) > 2
+    with torch.no_grad():
+        for (start, end, k), got in zip(spans, res["window_nll"], strict=True):
+            x = torch.tensor([ids[start:end]])
+            logp = m(x[:, :-1]).log_softmax(-1)[0, -k:]
+            want = -float(logp[torch.arange(k), x[0, -k:]].double().sum())
+            assert got == pytest.approx(want, rel=1e-5)
+    assert sum(res["window_nll"]) == pytest.approx(res["nll"], rel=1e-12)
+
+
 def _rank_main(rank, world, corpus, tok_path, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         res = perplexity(model(), tok_path, corpus, split="validation", seq_len=8, stride=3, batch_size=2)
-        out[rank] = (res["nll"], res["tokens"], res["ppl"])
+        out[rank] = (res["nll"], res["tokens"], res["ppl"], res["window_nll"])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -108,8 +124,9 @@ def test_distributed_sums_equal_single_process(setup):
         out = manager.dict()
         mp.spawn(_rank_main, args=(2, str(corpus), str(tok_path), port, out), nprocs=2, join=True)
         results = dict(out)
-    for nll, tokens, ppl in results.values():
+    for nll, tokens, ppl, window_nll in results.values():
         assert tokens == single["tokens"]
+        assert window_nll == pytest.approx(single["window_nll"], rel=1e-6)
         assert nll == pytest.approx(single["nll"], rel=1e-6)
         assert ppl == pytest.approx(single["ppl"], rel=1e-6)
 

@@ -13,8 +13,10 @@ advance by `stride` (HF's "perplexity of fixed-length models" scheme):
     NLL = −Σ_t log p(x_t | context),  loss = NLL / T,  ppl = exp(loss),  bits per byte = NLL / (ln 2 · bytes)
 
 T is the number of scored tokens (N − 1, EOS separators included) and `bytes` the UTF-8 size of the documents.
-Windows are batched. Under `torch.distributed`, window w runs on rank w mod world_size; NLL and T are summed with
-one all-reduce and divided once, so every rank returns the same numbers as a single process would.
+The NLL and scored-token count of every window are returned too (`window_nll`, `window_tokens`): two models with
+the same tokenizer are scored on the same windows, so their losses can be compared window by window (paired).
+Windows are batched. Under `torch.distributed`, window w runs on rank w mod world_size; the per-window NLLs are
+combined with one all-reduce, so every rank returns the same numbers as a single process would.
 """
 
 from __future__ import annotations
@@ -108,22 +110,22 @@ def perplexity(
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mine = spans[rank::world]
-    nll, n_scored = 0.0, 0
+    mine = list(range(len(spans)))[rank::world]
+    window_nll = torch.zeros(len(spans), dtype=torch.float64)  # each rank fills its own windows, zeros elsewhere
     step = batch_size * 8
     for i in tqdm(range(0, len(mine), step), desc="perplexity", disable=len(mine) <= step):
         chunk = mine[i : i + step]
-        seqs, n_scored_each = [ids[s:e] for s, e, _ in chunk], [k for _, _, k in chunk]
+        seqs, n_scored_each = [ids[spans[w][0] : spans[w][1]] for w in chunk], [spans[w][2] for w in chunk]
         scores = score_sequences(model, seqs, n_scored_each, batch_size=batch_size)
-        nll -= sum(float(logp.double().sum()) for logp, _ in scores)
-        n_scored += sum(k for _, _, k in chunk)
-    totals = torch.tensor([nll, float(n_scored)], dtype=torch.float64)
+        for w, (logp, _) in zip(chunk, scores, strict=True):
+            window_nll[w] = -float(logp.double().sum())
     if world > 1:
         device = model.embed_tokens.weight.device
-        totals = totals.to(device)
-        torch.distributed.all_reduce(totals)  # sums of every rank's windows, divided once below
-        totals = totals.cpu()
-    nll, n_scored = float(totals[0]), int(totals[1])
+        window_nll = window_nll.to(device)
+        torch.distributed.all_reduce(window_nll)  # every window was scored on exactly one rank
+        window_nll = window_nll.cpu()
+    n_scored = sum(k for _, _, k in spans)
+    nll = float(window_nll.sum())
     loss = nll / n_scored
     return {
         "source": str(source),
@@ -138,4 +140,6 @@ def perplexity(
         "loss": loss,
         "ppl": math.exp(loss),
         "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+        "window_nll": window_nll.tolist(),
+        "window_tokens": [k for _, _, k in spans],
     }

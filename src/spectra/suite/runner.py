@@ -17,7 +17,6 @@ from its last checkpoint. Paths in records are relative to OUT, so a results fol
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -28,11 +27,11 @@ from typing import Any
 
 from spectra.config import ModelConfig
 from spectra.files import read_meta, write_json
+from spectra.suite.records import RESULTS_FILE, Records
 from spectra.suite.spec import SuiteSpec, check_writable
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
 PACKABLE_QUANTIZERS = ("trilm", "twn")  # ternary codes x one scale per shard, activations in float
 
 
@@ -105,36 +104,6 @@ def plan(spec: SuiteSpec) -> list[Step]:
                     Step("bench", s.family, s.size, s.seed, bits=s.bits, fmt=s.fmt, target=s.key, deps=[s.key])
                 )
     return trains + derived + evals + benches
-
-
-class Records:
-    """The append-only results file; the last record of a key wins."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.last: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s:%d is not JSON (a run killed mid-write?); ignoring that line", path, n)
-                    continue
-                self.last[rec["key"]] = rec
-
-    def append(self, rec: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-        self.last[rec["key"]] = rec
-
-    def done(self, key: str, root: Path) -> bool:
-        rec = self.last.get(key)
-        if rec is None or rec["status"] != "done":
-            return False
-        return all((root / p).exists() for p in rec.get("artifacts", {}).values())
 
 
 def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
@@ -270,6 +239,9 @@ class SuiteRunner:
             metrics["perplexity"] = ppl.get("ppl")
             metrics["val_loss"] = ppl.get("loss")
             metrics["bits_per_byte"] = ppl.get("bits_per_byte")
+            # per held-out window, for the report's paired comparisons (QuantLM vs FloatLM, packed vs latent)
+            metrics["seq_nll"] = ppl.get("window_nll")
+            metrics["seq_tokens"] = ppl.get("window_tokens")
         kind = self._kind_of(target)
         return (
             _model_info(self._trained_config(target), target, kind),

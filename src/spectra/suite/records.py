@@ -1,0 +1,73 @@
+"""The suite's results file, `OUT/results.jsonl`: one JSON line per step attempt, the last record of a key wins.
+
+Shared by the runner (which appends) and the report (which reads), so neither imports the other.
+
+    {"key": "quantize/floatlm-5m/4bit/s0", "step": "quantize", "status": "done" | "failed" | "blocked",
+     "model": {...}, "metrics": {...}, "artifacts": {"model": "quantlm/floatlm-5m-4bit-s0"}, "error": null,
+     "seconds": 12.3, "time": "2026-01-01T00:00:00"}
+
+Eval records of perplexity also carry the held-out windows' losses, `metrics["seq_nll"]` and `metrics["seq_tokens"]`,
+so paired comparisons can be made from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+
+
+class Records:
+    """The append-only results file as the runner uses it: lines it cannot parse (a run killed mid-write) are
+    skipped with a warning."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s:%d is not JSON (a run killed mid-write?); ignoring that line", path, n)
+                    continue
+                self.last[rec["key"]] = rec
+
+    def append(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        self.last[rec["key"]] = rec
+
+    def done(self, key: str, root: Path) -> bool:
+        rec = self.last.get(key)
+        if rec is None or rec["status"] != "done":
+            return False
+        return all((root / p).exists() for p in rec.get("artifacts", {}).values())
+
+
+def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The last record of every key in a results file (or a suite folder), strictly: a bad line is an error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a suite writes results.jsonl in its output folder)")
+    last: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
+            if "key" not in rec or "status" not in rec:
+                raise ValueError(f"{path}:{n} is not a suite record (needs 'key' and 'status')")
+            last[rec["key"]] = rec
+    return last
