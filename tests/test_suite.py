@@ -1,10 +1,14 @@
 import json
+import math
 import random
 
+import numpy as np
 import pytest
 
 from spectra.suite import fit_power_law, load_spec, pareto_front, plan, run_suite
-from spectra.suite.report import build_report, fits, read_records, study_checks
+from spectra.suite.checks import study_checks
+from spectra.suite.records import read_records
+from spectra.suite.report import build_report, fits, seed_summary
 from spectra.suite.spec import check_writable
 
 NAMES = ["Anna", "Brutus", "Celia", "Duncan", "Emilia", "Falstaff", "Gertrude", "Horatio"]
@@ -50,40 +54,94 @@ def test_pareto_front():
     assert pareto_front(pts) == ["a", "b", "d"]
 
 
-def _row(kind, size, params, loss, bits=None, family=None, seed=0):
+def _row(kind, size, params, loss, bits=None, family=None, seed=0, fmt=None):
     family = family or ("floatlm" if kind in ("floatlm", "quantlm") else "trilm")
-    series = {"floatlm": "FloatLM", "trilm": "TriLM"}.get(kind, f"QuantLM {bits}-bit")
-    return dict(kind=kind, size=size, params=params, val_loss=loss, bits=bits, family=family, seed=seed, series=series)
+    series = {"floatlm": "FloatLM", "trilm": "TriLM", "packed": f"TriLM {fmt}"}.get(kind, f"QuantLM {bits}-bit")
+    name = f"{family}-{size}" + (f"-{bits}bit" if bits else "") + (f"-{fmt}" if fmt else "") + f"-s{seed}"
+    return dict(kind=kind, size=size, params=params, val_loss=loss, bits=bits, family=family, seed=seed,
+                series=series, format=fmt, name=name, size_bits=params * 16)
 
 
-def test_study_checks_restate_the_papers_findings():
-    rows = [
-        _row("floatlm", "a", 10, 5.0),
-        _row("floatlm", "b", 20, 4.8, seed=0),
-        _row("floatlm", "b", 20, 4.6, seed=1),
-        _row("trilm", "a", 10, 5.1),
-        _row("trilm", "b", 20, 5.2),
-        _row("quantlm", "a", 10, 5.30, bits=3),
-        _row("quantlm", "a", 10, 5.10, bits=4),
-        _row("quantlm", "a", 10, 5.002, bits=6),
-        _row("quantlm", "a", 10, 5.004, bits=8),
-        _row("quantlm", "b", 20, 4.70, bits=3),
-        _row("quantlm", "b", 20, 4.75, bits=4),
-        _row("quantlm", "b", 20, 4.70, bits=8),
-    ]
-    checks = {c["check"]: c for c in study_checks(rows)}
-    assert checks["FloatLM improves with size"]["passed"]  # 5.0 > mean(4.8, 4.6) = 4.7
-    assert checks["FloatLM improves with size"]["detail"] == "5.0000 > 4.7000"
-    assert not checks["TriLM improves with size"]["passed"]
-    assert checks["QuantLM order at a"]["passed"]  # 6 vs 8 bit differ by less than the 0.005 tolerance
-    assert not checks["QuantLM order at b"]["passed"]  # 4-bit worse than 3-bit
-    assert checks["QuantLM order at b"]["detail"] == "3-bit 4.7000, 4-bit 4.7500, 8-bit 4.7000, float 4.7000"
-    # all within the tolerance: 3-bit happens to be the best, which this run cannot resolve
-    flat = [_row("floatlm", "c", 30, 4.5000), _row("quantlm", "c", 30, 4.4990, bits=3),
-            _row("quantlm", "c", 30, 4.5010, bits=4), _row("quantlm", "c", 30, 4.5000, bits=8)]
-    assert {c["check"]: c for c in study_checks(rows + flat)}["QuantLM order at c"]["passed"] is None
-    far = [r | {"val_loss": 5.01} if r.get("bits") == 8 and r["size"] == "a" else r for r in rows]
-    assert not {c["check"]: c for c in study_checks(far)}["QuantLM order at a"]["passed"]  # 8-bit 0.01 off float
+def _by_check(checks):
+    return {c["check"]: c for c in checks}
+
+
+def test_size_checks_hold_only_when_the_seed_interval_excludes_zero():
+    """Two seeds per model, seed variance pooled over the 6 latent groups (6 df, t = 2.447)."""
+    fl = {"a": (5.00, 5.02), "b": (4.70, 4.72), "c": (4.50, 4.52)}
+    tl = {"a": (5.30, 5.32), "b": (4.90, 4.92), "c": (4.80, 4.78)}
+    params = {"a": 10, "b": 20, "c": 40}
+    rows = [_row(k, s, params[s], v, seed=i) for k, d in (("floatlm", fl), ("trilm", tl))
+            for s, vals in d.items() for i, v in enumerate(vals)]
+    checks = _by_check(study_checks(rows))
+    s = math.sqrt(0.0002)  # every pair differs by 0.02: within-group variance 0.0002, pooled over 6 df
+    half = 2.4469118511449692 * s * math.sqrt(1 / 2 + 1 / 2)
+    c = checks["FloatLM improves with size"]
+    assert c["verdict"] == "holds" and c["test"] == "t with seed variance pooled over 6 df"
+    assert c["estimate"] == pytest.approx(0.20) and c["hi"] - c["estimate"] == pytest.approx(half, rel=1e-9)
+    gap = checks["TriLM − FloatLM gap at c"]
+    assert gap["verdict"] == "holds" and gap["estimate"] == pytest.approx(0.28)
+    shrink = checks["TriLM − FloatLM gap shrinks with size"]  # 0.30 at a, 0.28 at c: 0.02 ± 0.049, unresolved
+    assert shrink["verdict"] == "not resolved" and shrink["estimate"] == pytest.approx(0.02)
+    assert shrink["hi"] - shrink["estimate"] == pytest.approx(2.4469118511449692 * s * math.sqrt(4 / 2), rel=1e-9)
+    # reversed sizes: the interval excludes zero the wrong way
+    worse = [r | {"val_loss": r["val_loss"] + (0.5 if r["size"] == "c" else 0)} for r in rows]
+    assert _by_check(study_checks(worse))["TriLM improves with size"]["verdict"] == "does not hold"
+    # one seed: no seed variance to pool, nothing between separately trained models is resolved
+    one = [r for r in rows if r["seed"] == 0]
+    assert {c["verdict"] for c in study_checks(one)} == {"not resolved"}
+
+
+def test_paired_checks_on_window_losses():
+    """QuantLMs and packed models are compared window by window with their own base (seeds averaged)."""
+    rng = np.random.default_rng(0)
+    n, T = 64, 256
+    rows, seqs = [], {}
+
+    def add(row, nll):
+        rows.append(row)
+        seqs[row["name"]] = (list(nll), [T] * n)
+
+    for seed in (0, 1):
+        base = rng.normal(4.0, 0.3, n) * T
+        add(_row("floatlm", "a", 10, base.sum() / (n * T), seed=seed), base)
+        for bits, cost in ((3, 0.05), (4, 0.01), (8, 0.0)):
+            nll = base + rng.normal(cost, 0.01, n) * T
+            add(_row("quantlm", "a", 10, nll.sum() / (n * T), bits=bits, seed=seed), nll)
+        latent = rng.normal(4.2, 0.3, n) * T
+        add(_row("trilm", "a", 10, latent.sum() / (n * T), seed=seed), latent)
+        add(_row("packed", "a", 10, 0, seed=seed, fmt="tq2"), latent + rng.normal(0, 1e-4, n) * T)
+        add(_row("packed", "a", 10, 0, seed=seed, fmt="tq1"), latent + 0.2 * T)  # a broken packer
+    checks = _by_check(study_checks(rows, seqs))
+    q3 = checks["QuantLM 3-bit worse than FloatLM at a"]
+    base = (np.asarray(seqs["floatlm-a-s0"][0]) + np.asarray(seqs["floatlm-a-s1"][0])) / 2
+    q3_nll = (np.asarray(seqs["floatlm-a-3bit-s0"][0]) + np.asarray(seqs["floatlm-a-3bit-s1"][0])) / 2
+    assert q3["verdict"] == "holds" and q3["estimate"] == pytest.approx(((q3_nll - base) / T).mean())
+    assert "paired t over 64 held-out sequences (NLL averaged over 2 seeds)" == q3["test"]
+    assert checks["QuantLM 3-bit worse than 4-bit at a"]["verdict"] == "holds"
+    assert checks["QuantLM 8-bit ≈ FloatLM at a"]["verdict"] == "holds"
+    assert checks["packed TQ2 ≈ latent trilm at a"]["verdict"] == "holds"
+    assert checks["packed TQ1 ≈ latent trilm at a"]["verdict"] == "does not hold"
+    # an 8-bit QuantLM costlier than the 3-bit one is not "≈ float"
+    costly = {k: (list(np.asarray(v[0]) + (0.1 * T if "8bit" in k else 0)), v[1]) for k, v in seqs.items()}
+    assert _by_check(study_checks(rows, costly))["QuantLM 8-bit ≈ FloatLM at a"]["verdict"] == "does not hold"
+    # 3-bit no worse than float: nothing to measure "≈" against
+    free = {k: (seqs[k.replace("-3bit", "")][0], v[1]) if "3bit" in k else v for k, v in seqs.items()}
+    checks = _by_check(study_checks(rows, free))
+    assert checks["QuantLM 3-bit worse than FloatLM at a"]["verdict"] == "not resolved"
+    assert checks["QuantLM 8-bit ≈ FloatLM at a"]["verdict"] == "not resolved"
+    # without window losses the paired checks are left out, not guessed
+    assert not any("QuantLM" in c["check"] for c in study_checks(rows))
+
+
+def test_seed_summary_averages_over_seeds():
+    rows = [_row("floatlm", "a", 10, 5.0, seed=0), _row("floatlm", "a", 10, 5.2, seed=1),
+            _row("trilm", "a", 10, 5.5, seed=0), _row("trilm", "a", 10, 5.5, seed=1)]
+    got = {g["series"]: g for g in seed_summary(rows)}
+    assert got["FloatLM"]["mean"] == pytest.approx(5.1) and got["FloatLM"]["seeds"] == 2
+    assert got["FloatLM"]["sd"] == pytest.approx(math.sqrt(0.02))
+    # pooled over both groups: s² = (0.02 + 0) / 2, half-width t(2) · s / sqrt(2)
+    assert got["TriLM"]["half_width"] == pytest.approx(4.302652729911275 * math.sqrt(0.01 / 2), rel=1e-9)
 
 
 def test_fits_use_the_mean_over_seeds():

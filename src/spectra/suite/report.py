@@ -16,32 +16,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spectra.files import atomic_file, write_json
-from spectra.suite.runner import RESULTS_FILE
+from spectra.suite.checks import pool_of, quant_costs, seed_groups, study_checks
+from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
+from spectra.suite.stats import contrast
 
 MARKERS = {"floatlm": "o", "trilm": "s", "quantlm": "^", "packed": "D"}
 QUANT_COLORS = {3: "#d62728", 4: "#ff7f0e", 6: "#bcbd22", 8: "#8c564b", 2: "#7f7f7f", 5: "#17becf", 7: "#e377c2"}
-
-
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record of every key in a results file (or a suite folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (a suite writes results.jsonl in its output folder)")
-    last: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
-            if "key" not in rec or "status" not in rec:
-                raise ValueError(f"{path}:{n} is not a suite record (needs 'key' and 'status')")
-            last[rec["key"]] = rec
-    return last
 
 
 def series_label(model: dict[str, Any]) -> str:
@@ -114,57 +98,37 @@ def _mean_loss(rows: list[dict[str, Any]], **match: Any) -> dict[int, float]:
     return {n: sum(v) / len(v) for n, v in sorted(by_params.items())}
 
 
-def study_checks(rows: list[dict[str, Any]], *, tol: float = 0.005) -> list[dict[str, Any]]:
-    """The paper's qualitative findings, checked on this run's validation losses (means over seeds).
-
-    - FloatLM and TriLM each improve with size: loss strictly falls from one size to the next.
-    - At each size, the QuantLMs keep the expected order: 3-bit is the worst, loss does not fall as bits are removed
-      (L(b) >= L(b') - tol for b < b'), and 8-bit is within `tol` of its FloatLM. When every QuantLM and the FloatLM
-      lie within `tol` of each other, quantization made no difference this run can resolve, and the check is
-      inconclusive ("passed": None) rather than a pass or a failure of "3-bit is the worst".
-    """
-    out = []
-    for label in ("FloatLM", "TriLM"):
-        losses = _mean_loss(rows, series=label)
-        if len(losses) >= 2:
-            v = list(losses.values())
-            out.append(
-                {
-                    "check": f"{label} improves with size",
-                    "passed": all(b < a for a, b in zip(v, v[1:])),
-                    "detail": " > ".join(f"{x:.4f}" for x in v),
-                }
-            )
-    for size in dict.fromkeys(r["size"] for r in rows if r["kind"] == "floatlm"):
-        base = _mean_loss(rows, kind="floatlm", size=size)
-        quant = {}
-        for bits in sorted({r["bits"] for r in rows if r["kind"] == "quantlm" and r["family"] == "floatlm"}):
-            q = _mean_loss(rows, kind="quantlm", family="floatlm", size=size, bits=bits)
-            if q:
-                quant[bits] = next(iter(q.values()))
-        if not base or len(quant) < 2:
-            continue
-        ref = next(iter(base.values()))
-        bits = sorted(quant)
-        ordered = all(quant[a] >= quant[b] - tol for a, b in zip(bits, bits[1:]))
-        worst = all(quant[bits[0]] > quant[b] for b in bits[1:])
-        top = bits[-1]
-        close = abs(quant[top] - ref) <= tol
-        losses = [*quant.values(), ref]
-        resolved = max(losses) - min(losses) >= tol
-        out.append(
-            {
-                "check": f"QuantLM order at {size}",
-                "passed": (ordered and worst and close) if resolved else None,
-                "detail": ", ".join(f"{b}-bit {quant[b]:.4f}" for b in bits) + f", float {ref:.4f}",
-            }
-        )
+def sequence_losses(records: dict[str, dict[str, Any]]) -> dict[str, tuple[list[float], list[int]]]:
+    """Model name -> (NLL of each held-out window, tokens scored in each), from the eval records that carry them."""
+    out = {}
+    for rec in records.values():
+        met = rec.get("metrics") or {}
+        if rec["step"] == "eval" and rec["status"] == "done" and met.get("seq_nll") and met.get("seq_tokens"):
+            out[rec["model"]["name"]] = (met["seq_nll"], met["seq_tokens"])
     return out
 
 
-def verdict(check: dict[str, Any]) -> str:
-    """'pass', 'FAIL', or 'inconclusive' (differences below the check's tolerance) for a `study_checks` entry."""
-    return {True: "pass", False: "FAIL", None: "inconclusive"}[check["passed"]]
+def seed_summary(rows: list[dict[str, Any]], metric: str = "val_loss") -> list[dict[str, Any]]:
+    """One row per model across seeds: the mean of `metric`, its spread (sd) and a 95 % interval whose half-width
+    uses the seed variance pooled over all latent models (stats.contrast with one group)."""
+    pool = pool_of(rows, metric)
+    out = []
+    for label in dict.fromkeys(r["series"] for r in rows):
+        for size, values in seed_groups(rows, metric, series=label).items():
+            first = next(r for r in rows if r["series"] == label and r["size"] == size)
+            iv = contrast([values], [1], pool=pool)
+            out.append({"series": label, "size": size, "kind": first["kind"], "params": first["params"],
+                        "size_bits": first["size_bits"], "seeds": len(values), "mean": iv.estimate,
+                        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                        "half_width": iv.hi - iv.estimate, "test": iv.test,
+                        "name": first["name"].rsplit("-s", 1)[0]})
+    return out
+
+
+def _ci(check: dict[str, Any]) -> str:
+    if check.get("estimate") is None:
+        return "–"
+    return f"{check['estimate']:+.4f} [{check['lo']:+.4f}, {check['hi']:+.4f}]"
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -195,16 +159,20 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
     if not have:
         return None
     fig, (ax_p, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label in sorted({r["series"] for r in have}):
-        pts = sorted((r["params"], r["size_bits"], r[metric], r) for r in have if r["series"] == label)
+    summary = seed_summary(rows, metric)
+    for label in sorted({g["series"] for g in summary}):
+        pts = sorted((g["params"], g["size_bits"], g["mean"], g) for g in summary if g["series"] == label)
         kind = pts[0][3]["kind"]
-        color = QUANT_COLORS.get(pts[0][3]["bits"]) if kind == "quantlm" else None
+        bits = next(r["bits"] for r in have if r["series"] == label)
+        color = QUANT_COLORS.get(bits) if kind == "quantlm" else None
+        err = [p[3]["half_width"] if math.isfinite(p[3]["half_width"]) else 0.0 for p in pts]
         style = dict(
-            marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":"
+            marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":",
+            capsize=3,
         )
         if kind != "packed":  # packed TriLMs are the same models as the latent ones: only their size in bits differs
-            ax_p.plot([p[0] for p in pts], [p[2] for p in pts], **style)
-        ax_b.plot([p[1] for p in pts], [p[2] for p in pts], **style)
+            ax_p.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=err, **style)
+        ax_b.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=err, **style)
     if metric == "val_loss":
         for label, both in fit.items():
             f = both["offset"]
@@ -234,8 +202,10 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
-    ax_p.set_title(f"{metric} across parameters")
-    ax_b.set_title(f"{metric} across size in bits")
+    seeds = sorted({g["seeds"] for g in summary})
+    note = f"mean of {'/'.join(map(str, seeds))} seed(s); bars: 95 % interval, seed variance pooled"
+    ax_p.set_title(f"{metric} across parameters\n{note}", fontsize=9)
+    ax_b.set_title(f"{metric} across size in bits\n{note}", fontsize=9)
     ax_p.legend(fontsize=7)
     ax_b.legend(fontsize=7)
     fig.tight_layout()
@@ -276,24 +246,61 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else "") + md_html[1]
         )
 
-    summary_cols = ["val_loss"] + [c for c in cols if c.endswith("/acc")][:3]
-    header = ["model", "kind", "params", "size (Mbit)"] + summary_cols
-    summary_rows = [
-        [r["name"], r["kind"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in summary_cols] for r in rows
-    ]
-    summary = _table(header, summary_rows)
-    checks = study_checks(rows)
+    seqs = sequence_losses(records)
+    by_model = seed_summary(rows)
+    summary = _table(
+        ["model", "kind", "params", "size (Mbit)", "seeds", "val_loss (mean)", "± 95 %", "sd over seeds"],
+        [[g["name"], g["kind"], g["params"], g["size_bits"] / 1e6, g["seeds"], g["mean"], g["half_width"], g["sd"]]
+         for g in by_model],
+    )
+    checks = study_checks(rows, seqs)
     if checks:
         add(
             "The paper's findings, checked",
             _table(
-                ["check", "result", "validation losses"],
-                [[c["check"], verdict(c), c["detail"]] for c in checks],
+                ["check", "verdict", "claim", "estimate [95 % interval]", "test", "detail"],
+                [[c["check"], c["verdict"], c["claim"], _ci(c), c["test"], c["detail"]] for c in checks],
             ),
-            "Each family improves with size; QuantLMs order as 8-bit ≈ float (within 0.005) and 3-bit worst.",
+            "A finding holds only when its 95 % interval excludes zero in the claimed direction; it does not hold "
+            "when the interval excludes zero the other way; otherwise it is not resolved. Between separately "
+            "trained models the unit is the seed (t with the seed variance pooled over all latent models); a "
+            "QuantLM or packed model is compared with its own base on the same held-out windows (paired t).",
+        )
+    add("Models, over seeds", summary,
+        "Validation loss (nats/token on the held-out split) averaged over seeds. ± is the 95 % interval half-width "
+        "with the seed variance pooled over all latent models; sd is this model's own spread over its seeds.")
+    costs = quant_costs(rows, seqs)
+    if costs:
+        all_bits = sorted({b for v in costs.values() for b in v})
+        add(
+            "Quantization cost, paired",
+            _table(["size"] + [f"{b}-bit − float" for b in all_bits],
+                   [[size] + [v[b].text() if b in v else None for b in all_bits] for size, v in costs.items()]),
+            "Loss of each GPTQ QuantLM minus its own FloatLM on the same held-out windows (nats/token), with the "
+            "95 % paired t-interval over windows (window NLLs averaged over seeds).",
+        )
+    variants = sorted({g["series"] for g in by_model if g["kind"] in ("floatlm", "trilm")} - {"FloatLM"})
+    if any(v != "TriLM" for v in variants):
+        pool = pool_of(rows)
+        comp_rows = []
+        for base in ("FloatLM", "TriLM"):
+            ref = seed_groups(rows, series=base)
+            for label in variants:
+                if label == base:
+                    continue
+                for size, values in seed_groups(rows, series=label).items():
+                    if size in ref:
+                        iv = contrast([values, ref[size]], [1, -1], pool=pool)
+                        comp_rows.append([f"{label} − {base}", size, len(values), len(ref[size]), iv.text(),
+                                          "lower" if iv.hi < 0 else "higher" if iv.lo > 0 else "not resolved"])
+        add(
+            "Variants compared",
+            _table(["comparison", "size", "seeds", "base seeds", "Δ loss [95 %]", "variant's loss"], comp_rows),
+            "Difference of mean validation loss over seeds, t-interval with the seed variance pooled over all latent "
+            "models.",
         )
     add(
-        "Models",
+        "Models, one row per seed",
         _table(
             ["model", "series", "params", "size (Mbit)"] + cols,
             [[r["name"], r["series"], r["params"], r["size_bits"] / 1e6] + [r.get(c) for c in cols] for r in rows],
@@ -422,13 +429,15 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>"
         )
     write_json(
-        out / "summary.json", {"models": rows, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks}
+        out / "summary.json",
+        {"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
+         "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()}},
     )
     return {
         "markdown": str(out / "report.md"),
         "html": str(out / "report.html"),
         "figures": [str(p) for p in figures],
         "summary_table": summary[0]
-        + "".join(f"\n{verdict(c)}: {c['check']} ({c['detail']})" for c in checks),
+        + "".join(f"\n{c['verdict']}: {c['check']}: {_ci(c)} ({c['test']}; {c['detail']})" for c in checks),
         "checks": checks,
     }

@@ -28,7 +28,9 @@ Two kinds of comparison, two kinds of interval (95 % unless stated):
   usable at all (t_{0.975,1} = 12.7, but t_{0.975,6} = 2.45).
 
 A finding "holds" only when its interval excludes zero in the stated direction, "does not hold" when it excludes
-zero in the opposite direction, and is "not resolved" otherwise (`verdict`). No fixed tolerance decides anything.
+zero in the opposite direction, and is "not resolved" otherwise (`verdict`). A claim of no difference ("8-bit ≈
+float") is an equivalence test (`equivalence`): it holds when the whole interval lies inside ±margin, where the
+margin is itself a measured effect of the same run (the check says which), never a fixed tolerance.
 
 Student's t quantile is computed here (no scipy at run time): the t CDF through the regularised incomplete beta
 function, F(t) = 1 − ½ I_{ν/(ν+t²)}(ν/2, ½) for t ≥ 0, evaluated by its continued fraction, and inverted by bisection.
@@ -229,6 +231,18 @@ def verdict(interval: Interval, direction: int = 1) -> str:
     if lo > 0.0:
         return HOLDS
     if hi < 0.0:
+        return DOES_NOT_HOLD
+    return NOT_RESOLVED
+
+
+def equivalence(interval: Interval, margin: float) -> str:
+    """For a claim "≈ 0" (two one-sided tests): 'holds' when the interval lies inside (−margin, +margin), 'does not
+    hold' when it lies wholly outside it on one side, else 'not resolved' (also when there is no positive margin)."""
+    if not margin > 0:
+        return NOT_RESOLVED
+    if -margin < interval.lo and interval.hi < margin:
+        return HOLDS
+    if interval.lo >= margin or interval.hi <= -margin:
         return DOES_NOT_HOLD
     return NOT_RESOLVED
 

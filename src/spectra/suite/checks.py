@@ -1,0 +1,220 @@
+"""The paper's findings, tested on a suite's results with the intervals of `spectra.suite.stats`.
+
+Each check is a finding stated with a direction, the interval that tests it, and a verdict: "holds" only when the
+95 % interval excludes zero in the stated direction, "does not hold" when it excludes zero the other way, "not
+resolved" otherwise. Every check names its test and its numbers.
+
+Between separately trained models (sizes, families, variants) the unit is the seed: group means with the seed
+variance pooled over every latent model of the run (`stats.contrast`). Between a model and one made from it
+(QuantLM vs its FloatLM, packed vs latent) the unit is the held-out window: a paired interval over the windows both
+were scored on (`stats.paired_difference`), with each window's NLL averaged over the seeds first, so the interval is
+for the seed-averaged models on this held-out text.
+
+    improves with size        L(size k) − L(size k+1) > 0 for every adjacent pair            seed contrast
+    TriLM − FloatLM gap        L_TriLM − L_FloatLM at each size (> 0: TriLM worse)              seed contrast
+    gap shrinks with size      gap(smallest) − gap(largest) > 0                                seed contrast
+    3-bit worse than float     L_3bit − L_float > 0 at each size                               paired
+    3-bit worse than 4-bit     L_3bit − L_4bit > 0 at each size                                paired
+    8-bit ≈ float              the interval of L_8bit − L_float lies inside ±c, c = the lower
+                               end of the 3-bit cost's interval at that size (the smallest
+                               cost the run shows quantization has): an equivalence test       paired
+    packed ≈ latent            L_packed − L_latent inside ±c, the same c                        paired
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import spectra.suite.stats as stats
+from spectra.suite.stats import Interval
+
+LATENT_KINDS = ("floatlm", "trilm")
+
+
+def seed_groups(rows: list[dict[str, Any]], metric: str = "val_loss", **match: Any) -> dict[str, list[float]]:
+    """Values of `metric` (one per seed) by size, in order of parameter count, for rows matching every field."""
+    by_size: dict[str, tuple[int, list[float]]] = {}
+    for r in rows:
+        if r.get(metric) is not None and all(r.get(k) == v for k, v in match.items()):
+            by_size.setdefault(r["size"], (r["params"], []))[1].append(float(r[metric]))
+    return {s: v for s, (_, v) in sorted(by_size.items(), key=lambda kv: kv[1][0])}
+
+
+def pool_of(rows: list[dict[str, Any]], metric: str = "val_loss") -> list[list[float]]:
+    """Every latent model's seed values (one group per series and size): the pool for the seed variance."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["kind"] in LATENT_KINDS and r.get(metric) is not None:
+            groups.setdefault((r["series"], r["size"]), []).append(float(r[metric]))
+    return list(groups.values())
+
+
+def _check(name: str, verdict: str, interval: Interval | None, detail: str, direction: str) -> dict[str, Any]:
+    return {
+        "check": name,
+        "verdict": verdict,
+        "claim": direction,
+        "estimate": None if interval is None else interval.estimate,
+        "lo": None if interval is None else interval.lo,
+        "hi": None if interval is None else interval.hi,
+        "test": "" if interval is None else interval.test,
+        "interval": None if interval is None else interval.to_dict(),
+        "detail": detail,
+    }
+
+
+def _mean_seqs(seqs: dict[str, tuple[list[float], list[int]]], names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Per-window NLL averaged over the models `names` (the seeds of one model), and the windows' token counts."""
+    got = [seqs[n] for n in names if n in seqs and seqs[n][0] is not None]
+    if not got or len(got) != len(names):
+        raise KeyError("missing per-window losses")
+    tokens = got[0][1]
+    if any(t != tokens for _, t in got):
+        raise ValueError("the seeds were scored on different held-out windows")
+    return np.mean([np.asarray(nll, dtype=np.float64) for nll, _ in got], axis=0), list(tokens)
+
+
+def paired(seqs: dict[str, tuple[list[float], list[int]]], a: list[str], b: list[str]) -> Interval | None:
+    """L(a) − L(b) over held-out windows, each side averaged over its seeds; None when the windows are missing."""
+    try:
+        nll_a, t_a = _mean_seqs(seqs, a)
+        nll_b, t_b = _mean_seqs(seqs, b)
+    except (KeyError, ValueError):
+        return None
+    if t_a != t_b or len(t_a) < 2:
+        return None
+    iv = stats.paired_difference(nll_a, nll_b, t_a)
+    k = len(a)
+    if k > 1:
+        iv = Interval(iv.estimate, iv.lo, iv.hi, iv.se, iv.n, iv.df, f"{iv.test} (NLL averaged over {k} seeds)")
+    return iv
+
+
+def _names(rows: list[dict[str, Any]], **match: Any) -> list[str]:
+    return sorted(r["name"] for r in rows if all(r.get(k) == v for k, v in match.items()))
+
+
+def size_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each latent series improves with size; the TriLM − FloatLM gap per size, and whether it shrinks."""
+    out = []
+    pool = pool_of(rows)
+    for label in sorted({r["series"] for r in rows if r["kind"] in LATENT_KINDS},
+                        key=lambda s: (s not in ("FloatLM", "TriLM"), s)):
+        groups = seed_groups(rows, series=label)
+        if len(groups) < 2:
+            continue
+        sizes = list(groups)
+        parts, verdicts = [], []
+        for s0, s1 in zip(sizes, sizes[1:]):
+            iv = stats.contrast([groups[s0], groups[s1]], [1, -1], pool=pool)
+            verdicts.append(stats.verdict(iv, +1))
+            parts.append((s0, s1, iv))
+        worst = min(parts, key=lambda p: p[2].lo)[2]
+        detail = "; ".join(f"{s0}→{s1} {iv.text()}" for s0, s1, iv in parts)
+        losses = ", ".join(f"{s} {np.mean(v):.4f} (n={len(v)})" for s, v in groups.items())
+        out.append(_check(f"{label} improves with size", stats.combine(verdicts), worst,
+                          f"loss drop per step {detail}; mean losses {losses}", "L(smaller) − L(larger) > 0"))
+    fl, tl = seed_groups(rows, series="FloatLM"), seed_groups(rows, series="TriLM")
+    common = [s for s in tl if s in fl]
+    for s in common:
+        iv = stats.contrast([tl[s], fl[s]], [1, -1], pool=pool)
+        out.append(_check(f"TriLM − FloatLM gap at {s}", stats.verdict(iv, +1), iv,
+                          f"TriLM {np.mean(tl[s]):.4f} (n={len(tl[s])}), FloatLM {np.mean(fl[s]):.4f} "
+                          f"(n={len(fl[s])})", "L_TriLM − L_FloatLM > 0"))
+    if len(common) >= 2:
+        a, b = common[0], common[-1]
+        iv = stats.contrast([tl[a], fl[a], tl[b], fl[b]], [1, -1, -1, 1], pool=pool)
+        gaps = ", ".join(f"{s} {np.mean(tl[s]) - np.mean(fl[s]):+.4f}" for s in common)
+        out.append(_check("TriLM − FloatLM gap shrinks with size", stats.verdict(iv, +1), iv,
+                          f"gap({a}) − gap({b}); gaps {gaps}", "gap(smallest) − gap(largest) > 0"))
+    return out
+
+
+def quant_costs(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], list[int]]]
+                ) -> dict[str, dict[int, Interval]]:
+    """size -> bits -> paired interval of L(QuantLM b-bit) − L(its FloatLM), for FloatLM-made QuantLMs."""
+    out: dict[str, dict[int, Interval]] = {}
+    for size in seed_groups(rows, kind="floatlm", family="floatlm"):
+        base = _names(rows, kind="floatlm", family="floatlm", size=size)
+        for bits in sorted({r["bits"] for r in rows if r["kind"] == "quantlm" and r["family"] == "floatlm"}):
+            q = _names(rows, kind="quantlm", family="floatlm", size=size, bits=bits)
+            if q and len(q) == len(base):
+                iv = paired(seqs, q, base)
+                if iv is not None:
+                    out.setdefault(size, {})[bits] = iv
+    return out
+
+
+def quant_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], list[int]]]) -> list[dict[str, Any]]:
+    """3-bit worse than float and than 4-bit, and 8-bit indistinguishable from float, at every size."""
+    out = []
+    costs = quant_costs(rows, seqs)
+    for size, by_bits in costs.items():
+        if 3 in by_bits:
+            iv = by_bits[3]
+            out.append(_check(f"QuantLM 3-bit worse than FloatLM at {size}", stats.verdict(iv, +1), iv,
+                              "L_3bit − L_float (nats/token)", "> 0"))
+            if 4 in by_bits:
+                q3 = _names(rows, kind="quantlm", family="floatlm", size=size, bits=3)
+                q4 = _names(rows, kind="quantlm", family="floatlm", size=size, bits=4)
+                iv34 = paired(seqs, q3, q4)
+                if iv34 is not None:
+                    out.append(_check(f"QuantLM 3-bit worse than 4-bit at {size}", stats.verdict(iv34, +1), iv34,
+                                      "L_3bit − L_4bit (nats/token)", "> 0"))
+        if 8 in by_bits:
+            iv = by_bits[8]
+            c = _margin(by_bits)
+            out.append(_check(f"QuantLM 8-bit ≈ FloatLM at {size}", stats.equivalence(iv, c), iv,
+                              f"L_8bit − L_float inside ±{_margin_text(c)}; distinguishable from 0: "
+                              f"{'yes' if iv.excludes_zero() else 'no'}", "≈ 0"))
+    return out
+
+
+def _margin(by_bits: dict[int, Interval]) -> float:
+    """The equivalence margin at one size: the lower end of the 3-bit QuantLM's cost interval, the smallest loss
+    that quantization is shown to cost there (nan when that cost is not resolved)."""
+    c = by_bits[3].lo if 3 in by_bits else math.nan
+    return c if c > 0 else math.nan
+
+
+def _margin_text(c: float) -> str:
+    return f"{c:.5f} (the lower end of the 3-bit cost)" if c > 0 else "? (no resolved 3-bit cost at this size)"
+
+
+def packed_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], list[int]]]) -> list[dict[str, Any]]:
+    """Packing changes nothing measurable: per format and size, L_packed − L_latent (paired, NLL averaged over seeds)
+    lies inside ± the 3-bit QuantLM's resolved cost at that size. The packed kernels compute from int8 activations and
+    an fp16 scale (spectra.packed.linear), so the losses are close, not bit-identical; the largest per-window
+    difference is shown too."""
+    costs = quant_costs(rows, seqs)
+    out = []
+    for fmt in sorted({r["format"] for r in rows if r["kind"] == "packed"}):
+        for fam, size in dict.fromkeys((r["family"], r["size"]) for r in rows if r["kind"] == "packed"
+                                       and r["format"] == fmt):
+            packed = _names(rows, kind="packed", family=fam, size=size, format=fmt)
+            latent = [r["name"] for r in rows if r["kind"] in LATENT_KINDS and r["family"] == fam and r["size"] == size]
+            latent.sort()
+            if len(packed) != len(latent):
+                continue
+            iv = paired(seqs, packed, latent)
+            if iv is None:
+                continue
+            worst = max(float(np.max(np.abs(np.asarray(seqs[p][0]) - np.asarray(seqs[q][0]))
+                                     / np.asarray(seqs[p][1], dtype=np.float64)))
+                        for p, q in zip(packed, latent, strict=True))
+            c = _margin(costs.get(size, {}))
+            out.append(_check(f"packed {fmt.upper()} ≈ latent {fam} at {size}", stats.equivalence(iv, c), iv,
+                              f"L_packed − L_latent inside ±{_margin_text(c)}; largest |Δ| of one window "
+                              f"{worst:.1e} nats/token", "≈ 0"))
+    return out
+
+
+def study_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], list[int]]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Every check of the module docstring that this run's models allow. `seqs`: model name -> (window NLLs,
+    window token counts), from the eval records; without it the paired checks are skipped."""
+    seqs = seqs or {}
+    return size_checks(rows) + quant_checks(rows, seqs) + packed_checks(rows, seqs)

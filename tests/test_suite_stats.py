@@ -1,0 +1,153 @@
+"""spectra.suite.stats against scipy and against restatements of each formula."""
+
+import math
+
+import numpy as np
+import pytest
+
+from spectra.suite import stats
+
+scipy_stats = pytest.importorskip("scipy.stats")
+scipy_special = pytest.importorskip("scipy.special")
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 6, 9, 30, 127, 2000])
+def test_t_quantile_and_cdf_match_scipy(df):
+    for p in (0.5, 0.6, 0.9, 0.975, 0.995, 0.9995, 0.025, 1e-4):
+        assert stats.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-10, abs=1e-12)
+    for t in (-40.0, -2.0, -0.3, 0.0, 0.7, 2.5, 12.7):
+        assert stats.t_cdf(t, df) == pytest.approx(scipy_stats.t.cdf(t, df), rel=1e-10, abs=1e-15)
+    with pytest.raises(ValueError, match="p must lie in"):
+        stats.t_quantile(1.0, df)
+
+
+def test_betainc_matches_scipy():
+    rng = np.random.default_rng(0)
+    for a, b, x in zip(rng.uniform(0.2, 40, 200), rng.uniform(0.2, 40, 200), rng.uniform(0, 1, 200), strict=True):
+        assert stats.betainc(a, b, x) == pytest.approx(scipy_special.betainc(a, b, x), rel=1e-9, abs=1e-14)
+
+
+def test_seed_mean_is_scipys_t_interval():
+    y = [3.21, 3.25, 3.19]
+    iv = stats.seed_mean(y)
+    lo, hi = scipy_stats.t.interval(0.95, len(y) - 1, loc=np.mean(y), scale=scipy_stats.sem(y))
+    assert (iv.estimate, iv.lo, iv.hi, iv.df, iv.n) == pytest.approx((np.mean(y), lo, hi, 2, 3), rel=1e-10)
+    one = stats.seed_mean([3.2])  # one seed says nothing about the spread
+    assert one.lo == -math.inf and one.hi == math.inf and stats.verdict(one) == stats.NOT_RESOLVED
+
+
+def test_paired_difference_equal_windows_is_a_paired_t_test():
+    """Windows of equal length: the ratio estimator is the mean of per-window differences, and the interval is
+    scipy's paired t-test's."""
+    rng = np.random.default_rng(1)
+    n, T = 64, 256
+    base = rng.normal(3.5, 0.3, n) * T
+    quant = base + rng.normal(0.01, 0.02, n) * T
+    iv = stats.paired_difference(quant, base, [T] * n)
+    d = (quant - base) / T
+    res = scipy_stats.ttest_rel(quant / T, base / T)
+    ci = res.confidence_interval(0.95)
+    assert iv.estimate == pytest.approx(d.mean(), rel=1e-12)
+    assert (iv.lo, iv.hi) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert iv.estimate / iv.se == pytest.approx(res.statistic, rel=1e-9)
+    assert iv.df == n - 1 and "paired t over 64" in iv.test
+
+
+def test_paired_difference_unequal_windows_restated():
+    """Unequal windows (a short last one): D = Σx / ΣT, and its standard error restated as the standard error of
+    the mean of the linearised values z_w = (x_w − D·T_w) / mean(T)."""
+    rng = np.random.default_rng(2)
+    T = np.array([256] * 40 + [37], dtype=float)
+    a = rng.normal(3.4, 0.2, len(T)) * T
+    b = a - rng.normal(0.02, 0.01, len(T)) * T
+    iv = stats.paired_difference(a, b, T)
+    D = (a - b).sum() / T.sum()
+    z = ((a - b) - D * T) / T.mean()
+    lo, hi = scipy_stats.t.interval(0.95, len(T) - 1, loc=D, scale=scipy_stats.sem(z))
+    assert (iv.estimate, iv.lo, iv.hi) == pytest.approx((D, lo, hi), rel=1e-10)
+    with pytest.raises(ValueError, match="same held-out windows"):
+        stats.paired_difference(a, b[:-1], T)
+
+
+def test_bootstrap_agrees_with_scipy_and_the_t_interval():
+    rng = np.random.default_rng(3)
+    T = np.full(128, 256.0)
+    a = rng.normal(3.4, 0.2, 128) * T
+    b = a - rng.normal(0.01, 0.015, 128) * T
+    boot = stats.bootstrap_difference(a, b, T, n_boot=20000, seed=0)
+    ref = scipy_stats.bootstrap((a - b, T), lambda x, t: x.sum() / t.sum(), paired=True, vectorized=False,
+                                method="percentile", n_resamples=20000, random_state=1).confidence_interval
+    t_iv = stats.paired_difference(a, b, T)
+    width = t_iv.hi - t_iv.lo
+    for got, want in ((boot.lo, ref.low), (boot.hi, ref.high), (boot.lo, t_iv.lo), (boot.hi, t_iv.hi)):
+        assert abs(got - want) < 0.05 * width  # Monte Carlo error of 20000 resamples, and t vs bootstrap
+
+
+def test_contrast_of_two_groups_is_the_pooled_t_test():
+    a, b = [3.30, 3.34], [3.10, 3.15]
+    iv = stats.contrast([a, b], [1, -1])
+    res = scipy_stats.ttest_ind(a, b, equal_var=True)
+    ci = res.confidence_interval(0.95)
+    assert iv.estimate / iv.se == pytest.approx(res.statistic, rel=1e-10)
+    assert (iv.lo, iv.hi) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert iv.df == 2
+
+
+def test_contrast_pooled_over_other_groups_restated_by_least_squares():
+    """The pooled seed variance is the residual variance of a one-way ANOVA, restated as a least-squares fit on
+    group indicators; the contrast's standard error is s·sqrt(Σ c²/n_g)."""
+    groups = [[5.0, 5.1], [4.7, 4.75, 4.69], [4.5, 4.52], [4.9, 4.95]]
+    y = np.concatenate(groups)
+    X = np.zeros((len(y), len(groups)))
+    row = 0
+    for g, vals in enumerate(groups):
+        X[row:row + len(vals), g] = 1
+        row += len(vals)
+    coef, sse, *_ = np.linalg.lstsq(X, y, rcond=None)
+    df = len(y) - len(groups)
+    s2 = float(sse[0]) / df
+    iv = stats.contrast(groups[:2], [1, -1], pool=groups)
+    se = math.sqrt(s2 * (1 / 2 + 1 / 3))
+    assert iv.estimate == pytest.approx(coef[0] - coef[1], rel=1e-12)
+    assert iv.se == pytest.approx(se, rel=1e-10) and iv.df == df
+    assert iv.hi - iv.estimate == pytest.approx(scipy_stats.t.ppf(0.975, df) * se, rel=1e-9)
+
+
+def test_verdict_holds_only_when_the_interval_excludes_zero_in_the_stated_direction():
+    def iv(lo, hi):
+        return stats.Interval((lo + hi) / 2, lo, hi, 1.0, 10, 9, "test")
+
+    assert stats.verdict(iv(0.01, 0.03)) == stats.HOLDS
+    assert stats.verdict(iv(0.01, 0.03), -1) == stats.DOES_NOT_HOLD
+    assert stats.verdict(iv(-0.03, -0.01)) == stats.DOES_NOT_HOLD
+    assert stats.verdict(iv(-0.03, -0.01), -1) == stats.HOLDS
+    assert stats.verdict(iv(-0.01, 0.03)) == stats.NOT_RESOLVED
+    assert stats.verdict(iv(-0.01, 0.03), -1) == stats.NOT_RESOLVED
+    assert stats.verdict(iv(0.0, 0.03)) == stats.NOT_RESOLVED  # touching zero is not excluding it
+    with pytest.raises(ValueError, match="direction"):
+        stats.verdict(iv(0.01, 0.03), 0)
+    H, N, D = stats.HOLDS, stats.NOT_RESOLVED, stats.DOES_NOT_HOLD
+    assert stats.combine([H, H]) == H and stats.combine([H, N]) == N and stats.combine([H, N, D]) == D
+    assert stats.combine([]) == N
+
+
+def test_a_real_difference_is_resolved_with_enough_windows_and_not_with_few():
+    rng = np.random.default_rng(4)
+    T = np.full(200, 256.0)
+    base = rng.normal(3.4, 0.2, 200) * T
+    quant = base + rng.normal(0.002, 0.01, 200) * T
+    assert stats.verdict(stats.paired_difference(quant, base, T)) == stats.HOLDS
+    assert stats.verdict(stats.paired_difference(quant[:4], base[:4], T[:4])) == stats.NOT_RESOLVED
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    def iv(lo, hi):
+        return stats.Interval((lo + hi) / 2, lo, hi, 1.0, 10, 9, "test")
+
+    assert stats.equivalence(iv(-0.001, 0.002), 0.005) == stats.HOLDS
+    assert stats.equivalence(iv(0.0001, 0.0002), 0.005) == stats.HOLDS  # resolved but far below the margin
+    assert stats.equivalence(iv(-0.001, 0.006), 0.005) == stats.NOT_RESOLVED  # too wide to tell
+    assert stats.equivalence(iv(0.005, 0.009), 0.005) == stats.DOES_NOT_HOLD
+    assert stats.equivalence(iv(-0.02, -0.006), 0.005) == stats.DOES_NOT_HOLD
+    assert stats.equivalence(iv(-0.001, 0.001), math.nan) == stats.NOT_RESOLVED  # no measured margin
+    assert stats.equivalence(iv(-0.001, 0.001), -0.01) == stats.NOT_RESOLVED
