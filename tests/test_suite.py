@@ -228,6 +228,68 @@ def test_micro_suite_end_to_end(tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     assert (tmp_path / "report" / "figures" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "floatlm-4m-8bit-s0" in report["summary_table"]
+    assert "| floatlm-4m-8bit | quantlm |" in report["summary_table"]  # one row per model, over both seeds
+    # every eval carries its window losses, and the paired checks use them
+    for key, rec in records.items():
+        if rec["step"] == "eval":
+            assert len(rec["metrics"]["seq_nll"]) == len(rec["metrics"]["seq_tokens"]) > 1, key
+    checks = {c["check"]: c for c in report["checks"]}
+    assert {"FloatLM improves with size", "QuantLM 3-bit worse than FloatLM at 4m", "QuantLM 8-bit ≈ FloatLM at 4m",
+            "packed TQ2 ≈ latent trilm at 4m", "TriLM − FloatLM gap shrinks with size"} <= set(checks)
+    for c in checks.values():
+        assert c["verdict"] in ("holds", "not resolved", "does not hold") and c["lo"] <= c["estimate"] <= c["hi"]
+        assert c["test"]
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert {"FloatLM", "TriLM"} <= set(summary["fits"])
+
+
+def write_text(path, n_lines, seed=0):
+    """A plain-text file of `n_lines` lines of prose-like sentences (no split named: its last 5% is held out)."""
+    rng = random.Random(seed)
+    lines = [" ".join(f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(THINGS)}." for _ in range(4))
+             for _ in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_any_text_file_trains_its_own_tokenizer(tmp_path):
+    """`--set data=FILE`: the study's BPE is trained once on the file and every model uses it."""
+    from spectra.data import load_tokenizer, tokenizer_hash
+
+    text = write_text(tmp_path / "book.txt", 3000)
+    spec = load_spec("micro", overrides={"data": str(text), "tokenizer": "bpe:300", "sizes": ["1m"],
+                                         "families": ["floatlm"], "quant_bits": [3], "pack_formats": [],
+                                         "tasks": ["ppl"], "bench": False})
+    out = tmp_path / "suite"
+    result = run_suite(spec, out, progress=False, report=False)
+    assert result["steps"]["failed"] == 0 and result["steps"]["blocked"] == 0, read_records(out)
+    tok = out / "tokenizer" / "bpe300.json"
+    assert load_tokenizer(tok).get_vocab_size() == 300
+    assert result["data"]["measured"] and result["data"]["validation_tokens"] >= 32 * 64
+    records = read_records(out)
+    for seed in (0, 1):
+        run = json.loads((out / records[f"train/floatlm-1m/s{seed}"]["artifacts"]["run"] / "run.json").read_text())
+        assert run["tokenizer_sha256"] == tokenizer_hash(tok)
+    # both seeds' FloatLMs and QuantLMs were scored on the same windows, so the paired check is there
+    checks = {c["check"] for c in build_report(out)["checks"]}
+    assert "QuantLM 3-bit worse than FloatLM at 1m" in checks
+
+
+def test_a_file_too_small_is_one_clear_error_before_training(tmp_path, capsys):
+    from spectra.__main__ import main
+
+    small = write_text(tmp_path / "small.txt", 200)  # ~10 held-out lines: far fewer than 32 windows of 64 tokens
+    out = tmp_path / "suite"
+    code = main(["suite", "--preset", "micro", "--set", f"data={small}", "--set", "tokenizer=bpe:300",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"data {small}: its validation split holds" in err and "need" in err and "larger file" in err
+    assert not (out / "runs").exists() and not (out / "results.jsonl").exists()  # nothing was trained
+    # enough held-out text, but a budget that would repeat the train split more than 4 times
+    mid = write_text(tmp_path / "mid.txt", 1200)
+    with pytest.raises(ValueError, match=r"mid.txt: its train split holds \d+ tokens; the largest model's budget of "
+                                         r"1e\+06 tokens would repeat it more than 4 times"):
+        run_suite(load_spec("micro", overrides={"data": str(mid), "tokenizer": "bpe:300", "tokens": 1e6}),
+                  tmp_path / "suite2", progress=False)

@@ -134,8 +134,9 @@ def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
 
 
 class SuiteRunner:
-    def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True) -> None:
+    def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True, tokenizer: str | None = None) -> None:
         self.spec, self.out, self.progress = spec, out, progress
+        self.tokenizer = tokenizer or spec.tokenizer  # one tokenizer for every model (preflight.study_tokenizer)
         self.records = Records(out / RESULTS_FILE)
         self.steps = {s.key: s for s in plan(spec)}
 
@@ -162,7 +163,7 @@ class SuiteRunner:
             {
                 "tokens": self.spec.tokens_for(step.size),
                 "data": self.spec.data,
-                "tokenizer": self.spec.tokenizer,
+                "tokenizer": self.tokenizer,
                 "seed": step.seed,
                 **self.spec.train_overrides(step.family),
             }
@@ -327,11 +328,16 @@ class SuiteRunner:
 
 def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Run (or resume) the study and build its report. Returns step counts, timings and the report paths."""
+    from spectra.suite.preflight import check_data, study_tokenizer
+
     out = check_writable(out_dir)
-    write_json(out / "spec.json", spec.to_dict())
     t0 = time.perf_counter()
-    counts = SuiteRunner(spec, out, progress=progress).run()
-    result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1)}
+    tokenizer = study_tokenizer(spec, out)
+    data = check_data(spec, tokenizer)  # a file too small for the budget stops here, before any training
+    write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data})
+    counts = SuiteRunner(spec, out, progress=progress, tokenizer=tokenizer).run()
+    result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1),
+                              "data": data}
     if report:
         from spectra.suite.report import build_report
 

@@ -1,0 +1,93 @@
+"""What the suite settles before its first step: one tokenizer for the whole study, and data big enough for it.
+
+Every model of a study must share one tokenizer, so that a QuantLM and its FloatLM (or a TriLM and a FloatLM) are
+scored on the same held-out windows and can be compared window by window. With `tokenizer = "bpe:N"` the BPE is
+trained once on the study's own data (train split) and kept in `OUT/tokenizer/`, whatever `data` points at.
+
+The data is then measured in that tokenizer's tokens, and the run stops with one line naming the file when
+
+    validation tokens < MIN_EVAL_WINDOWS · eval window      (too few held-out windows for a paired interval), or
+    train tokens · MAX_PASSES < the largest per-model budget (the models would see the same text too many times).
+
+Streamed `hf:` sources are not measured (they are large by nature, and reading them twice costs a download).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from spectra.suite.spec import SuiteSpec
+
+MIN_EVAL_WINDOWS = 32  # paired t-intervals over fewer held-out windows are too wide to resolve anything
+MAX_PASSES = 4  # a budget may repeat the training text at most this many times
+
+
+def study_tokenizer(spec: SuiteSpec, out: Path, *, progress: bool = False) -> str:
+    """The tokenizer every model of the study uses: 'builtin', a path, or a 'bpe:N' trained once on `spec.data`."""
+    from spectra.data.tokenizer import resolve_tokenizer
+
+    if str(spec.tokenizer).startswith("bpe:"):
+        return str(resolve_tokenizer(spec.tokenizer, spec.data, out / "tokenizer"))
+    return spec.tokenizer
+
+
+def count_tokens(source: str | os.PathLike, tokenizer: str | os.PathLike, split: str) -> tuple[int, int]:
+    """(tokens, documents) of one split of `source` in `tokenizer`, each document followed by EOS as in training."""
+    from spectra.data import load_tokenizer, read_documents
+    from spectra.data.tokenizer import resolve_tokenizer
+
+    if str(tokenizer).startswith("bpe:"):
+        raise ValueError(f"count_tokens needs a trained tokenizer, got {tokenizer!r} (see study_tokenizer)")
+    tok = load_tokenizer(resolve_tokenizer(tokenizer, source, "."))  # 'builtin' or a path: nothing is written
+    n_tokens, n_docs, batch = 0, 0, []
+
+    def flush() -> int:
+        n = sum(len(e.ids) + 1 for e in tok.encode_batch(batch, add_special_tokens=False))
+        batch.clear()
+        return n
+
+    for doc in read_documents(source, split):
+        batch.append(doc)
+        n_docs += 1
+        if len(batch) == 256:
+            n_tokens += flush()
+    if batch:
+        n_tokens += flush()
+    return n_tokens, n_docs
+
+
+def check_data(spec: SuiteSpec, tokenizer: str | os.PathLike) -> dict[str, Any]:
+    """Measure the study's data in `tokenizer`'s tokens; raise a one-line ValueError when it is too small."""
+    src = str(spec.data)
+    if src.startswith("hf:"):
+        return {"source": src, "measured": False}
+    train_tokens, train_docs = count_tokens(src, tokenizer, "train")
+    val_tokens, _ = count_tokens(src, tokenizer, "validation")
+    window = int(spec.eval.get("ppl_seq_len") or spec.model.get("max_seq_len") or 256)
+    need_val = MIN_EVAL_WINDOWS * window
+    if val_tokens < need_val:
+        raise ValueError(
+            f"data {src}: its validation split holds {val_tokens} tokens, fewer than the {need_val} "
+            f"({MIN_EVAL_WINDOWS} windows of {window}) the paired comparisons need; use a larger file (a few MB of "
+            "text: the last 5% of a .txt file's lines are held out)")
+    budget = max(spec.tokens_for(s) for s in spec.sizes)
+    if train_tokens * MAX_PASSES < budget:
+        raise ValueError(
+            f"data {src}: its train split holds {train_tokens} tokens; the largest model's budget of {budget:.3g} "
+            f"tokens would repeat it more than {MAX_PASSES} times; use a file of at least "
+            f"{budget / MAX_PASSES / max(train_tokens, 1) * _size_mb(src):.1f} MB or lower [suite] tokens")
+    return {"source": src, "measured": True, "train_tokens": train_tokens, "train_documents": train_docs,
+            "validation_tokens": val_tokens, "passes": budget / train_tokens}
+
+
+def _size_mb(source: str) -> float:
+    """Bytes of a source's files, in MB (the builtin corpus: its text)."""
+    from spectra.data.corpora import builtin_corpus_dir, list_files
+
+    if source == "builtin":
+        files = list(builtin_corpus_dir().glob("*.txt"))
+    else:
+        files = list_files(source)
+    return sum(f.stat().st_size for f in files) / 1e6
