@@ -293,3 +293,43 @@ def test_a_file_too_small_is_one_clear_error_before_training(tmp_path, capsys):
                                          r"1e\+06 tokens would repeat it more than 4 times"):
         run_suite(load_spec("micro", overrides={"data": str(mid), "tokenizer": "bpe:300", "tokens": 1e6}),
                   tmp_path / "suite2", progress=False)
+
+
+def test_own_sizes_and_learning_rates_per_size(tmp_path):
+    from spectra.train.config import TrainConfig, resolve
+
+    text = """
+[suite]
+name = "ladder"
+sizes = ["s1", "tiny"]
+families = ["floatlm", "trilm"]
+tokens = 1e5
+[sizes.s1]
+dim = 128
+n_layers = 2
+n_heads = 2
+glu_dim = 384
+[lr.floatlm]
+s1 = 4e-3
+[lr.trilm]
+s1 = 9e-3
+tiny = [5e-3, 2e-3]
+"""
+    path = tmp_path / "ladder.toml"
+    path.write_text(text)
+    spec = load_spec(path=path)
+    cfg = spec.model_config("s1", "trilm")
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.glu_dim, cfg.family, cfg.name) == (128, 2, 2, 384, "trilm",
+                                                                                       "trilm-s1")
+    assert spec.train_overrides("floatlm", "s1")["lr"] == 4e-3 and "lr2" not in spec.train_overrides("floatlm", "s1")
+    tri = resolve(cfg, TrainConfig.from_dict({"tokens": 1e5, **spec.train_overrides("trilm", "s1")}))
+    assert tri.lr == 9e-3 and tri.lr2 == pytest.approx(6e-3)  # lr2 = 2/3 lr unless given
+    assert spec.train_overrides("trilm", "tiny")["lr2"] == 2e-3
+    assert "lr" not in spec.train_overrides("floatlm", "tiny")  # no entry: the size's default
+    for bad, match in ((text.replace("[sizes.s1]", "[sizes.tiny]"), "built-in size"),
+                       (text.replace("glu_dim = 384\n", ""), r"\[sizes.s1\] needs dim, n_layers, n_heads, glu_dim"),
+                       (text.replace("s1 = 4e-3", "s1 = -1"), r"\[lr.floatlm\] s1 = -1"),
+                       (text.replace("s1 = 4e-3", "s9 = 4e-3"), r"\[lr.floatlm\] s9: not in \[suite\] sizes")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            load_spec(path=path)

@@ -165,7 +165,7 @@ class SuiteRunner:
                 "data": self.spec.data,
                 "tokenizer": self.tokenizer,
                 "seed": step.seed,
-                **self.spec.train_overrides(step.family),
+                **self.spec.train_overrides(step.family, step.size),
             }
         )
         run_dir = self.out / "runs" / step.model_name

@@ -23,6 +23,13 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
     [variants.bilm]                        # an extra "family": a base family plus model/train overrides
     family = "trilm"
     model = { quantizer = "bilm" }
+    [sizes.s1]                             # a size of this study's own (ModelConfig fields), beside the named ones
+    dim = 128
+    n_layers = 2
+    n_heads = 2
+    glu_dim = 384
+    [lr.floatlm]                           # peak learning rate per family (or variant) and size, e.g. from a sweep;
+    s1 = 3e-3                              # TriLM: a number (lr2 = LR2_RATIO·lr after the drop) or [lr, lr2]
 
 Everything is validated here, before any training starts.
 """
@@ -43,6 +50,8 @@ from spectra.config import FAMILIES, SIZES, ModelConfig, from_name
 PRESETS = ("tiny", "small", "paper", "ablations-tiny", "micro")
 PACK_FORMATS = ("tq2", "tq1")
 MIN_STEPS = 4  # a budget that gives fewer optimizer steps than this is too small to train
+SIZE_KEYS = ("dim", "n_layers", "n_heads", "glu_dim")  # what a [sizes.NAME] table must give
+LR2_RATIO = 2 / 3  # TriLM's peak LR after the drop, as a fraction of the first peak (the paper's ~1.5e-3 / 2.4e-3)
 
 
 @dataclass(kw_only=True)
@@ -72,6 +81,8 @@ class SuiteSpec:
     eval: dict[str, Any] = field(default_factory=dict)
     bench_options: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
+    size_table: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lr: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
     preset: str | None = None
 
     def family_of(self, name: str) -> str:
@@ -87,13 +98,21 @@ class SuiteSpec:
         overrides = dict(self.model)
         if family in self.variants:
             overrides.update(self.variants[family].model)
+        if size in self.size_table:
+            return ModelConfig(**{**self.size_table[size], "family": base, **overrides, "name": f"{family}-{size}"})
         cfg = from_name(f"{base}-{size}", **overrides)
         return cfg.replace(name=f"{family}-{size}")
 
-    def train_overrides(self, family: str) -> dict[str, Any]:
+    def train_overrides(self, family: str, size: str | None = None) -> dict[str, Any]:
         out = dict(self.train)
         if family in self.variants:
             out.update(self.variants[family].train)
+        lr = self.lr.get(family, {}).get(size) if size is not None else None
+        if lr is not None:
+            lr, lr2 = (lr[0], lr[1]) if isinstance(lr, list) else (lr, lr * LR2_RATIO)
+            out["lr"] = float(lr)
+            if self.family_of(family) == "trilm":
+                out["lr2"] = float(lr2)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,7 +125,7 @@ def _err(source: str, what: str) -> ValueError:
 
 def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     """A validated SuiteSpec from a parsed TOML document. Errors name the table and key."""
-    known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants"}
+    known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr"}
     unknown = sorted(set(doc) - known_tables)
     if unknown:
         raise _err(source, f"unknown table(s) {unknown}; accepted: {sorted(known_tables)}")
@@ -114,7 +133,7 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     if "sizes" not in suite:
         raise _err(source, "[suite] sizes is required (e.g. sizes = ['tiny', '5m'])")
     fields = {f.name for f in dataclasses.fields(SuiteSpec)} - {"model", "train", "quantize", "eval", "bench_options",
-                                                                  "variants"}
+                                                                  "variants", "size_table", "lr", "preset"}
     bad = sorted(set(suite) - fields)
     if bad:
         raise _err(source, f"unknown [suite] key(s) {bad}; accepted: {sorted(fields)}")
@@ -127,6 +146,24 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
         if v.get("family") not in FAMILIES:
             raise _err(source, f"[variants.{name}] family must be one of {FAMILIES}, got {v.get('family')!r}")
         variants[name] = Variant(name=name, family=v["family"], model=v.get("model", {}), train=v.get("train", {}))
+    size_table = {}
+    for name, v in doc.get("sizes", {}).items():
+        if name in SIZES:
+            raise _err(source, f"[sizes.{name}]: {name!r} is a built-in size; give the study's own size another name")
+        if not isinstance(v, dict) or any(k not in v for k in SIZE_KEYS):
+            raise _err(source, f"[sizes.{name}] needs {', '.join(SIZE_KEYS)} (and may set other ModelConfig fields)")
+        size_table[name] = dict(v)
+    lrs = {}
+    for fam, table in doc.get("lr", {}).items():
+        if not isinstance(table, dict):
+            raise _err(source, f"[lr.{fam}] must be a table of size = learning rate")
+        for size, value in table.items():
+            ok = isinstance(value, (int, float)) and value > 0 or (
+                isinstance(value, list) and len(value) == 2 and all(isinstance(x, (int, float)) and x > 0
+                                                                   for x in value))
+            if not ok:
+                raise _err(source, f"[lr.{fam}] {size} = {value!r}: expected a positive number or [lr, lr2]")
+        lrs[fam] = dict(table)
     spec = SuiteSpec(
         **suite,
         model=doc.get("model", {}),
@@ -135,6 +172,8 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
         eval=doc.get("eval", {}),
         bench_options=doc.get("bench", {}),
         variants=variants,
+        size_table=size_table,
+        lr=lrs,
     )
     validate(spec, source)
     return spec
@@ -145,8 +184,15 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
     from spectra.train.config import TrainConfig, resolve
 
     for size in spec.sizes:
-        if size not in SIZES:
-            raise _err(source, f"unknown size {size!r} in [suite] sizes; accepted: {', '.join(SIZES)}")
+        if size not in SIZES and size not in spec.size_table:
+            raise _err(source, f"unknown size {size!r} in [suite] sizes; accepted: {', '.join(SIZES)} or a "
+                               f"[sizes.NAME] table (defined: {sorted(spec.size_table)})")
+    for fam, table in spec.lr.items():
+        if fam not in spec.families:
+            raise _err(source, f"[lr.{fam}]: {fam!r} is not in [suite] families {spec.families}")
+        for size in table:
+            if size not in spec.sizes:
+                raise _err(source, f"[lr.{fam}] {size}: not in [suite] sizes {spec.sizes}")
     for family in spec.families:
         if family not in FAMILIES and family not in spec.variants:
             raise _err(source, f"unknown family {family!r} in [suite] families; accepted: {list(FAMILIES)} or a "
@@ -167,7 +213,7 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
         for family in spec.families:
             try:
                 cfg = spec.model_config(size, family)
-                train = TrainConfig.from_dict({"tokens": spec.tokens_for(size), **spec.train_overrides(family)})
+                train = TrainConfig.from_dict({"tokens": spec.tokens_for(size), **spec.train_overrides(family, size)})
                 train = resolve(cfg, train)
             except (TypeError, ValueError) as e:
                 raise _err(source, f"{family}-{size}: {e}") from e
