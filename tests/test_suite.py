@@ -181,8 +181,16 @@ def test_presets_plan():
     tiny = load_spec("tiny")
     steps = plan(tiny)
     kinds = [s.kind for s in steps]
-    assert kinds.count("train") == 6 and kinds.count("quantize") == 12 and kinds.count("pack") == 6
-    assert kinds.count("eval") == 6 + 12 + 6
+    assert kinds.count("train") == 12 and kinds.count("quantize") == 24 and kinds.count("pack") == 12
+    assert kinds.count("eval") == 12 + 24 + 12
+    # the tiny ladder: 3 sizes spanning >= 4x in non-embedding parameters, a small BPE trained on the data
+    from spectra.accounting import size_report
+
+    ne = [size_report(tiny.model_config(s, "floatlm"))["non_embedding_params"] for s in tiny.sizes]
+    assert len(ne) >= 3 and ne == sorted(ne) and ne[-1] >= 4 * ne[0]
+    assert tiny.tokenizer.startswith("bpe:") and 512 <= int(tiny.tokenizer[4:]) <= 2048
+    for name in ("tiny", "small", "paper", "ablations-tiny", "micro"):
+        assert len(load_spec(name).seeds) >= 2, name  # every preset can put an interval on a seed difference
     paper = load_spec("paper")
     assert len(paper.sizes) == 9 and paper.tasks == ["ppl", "paper"]
     ablations = load_spec("ablations-tiny")

@@ -151,3 +151,10 @@ def test_equivalence_needs_the_whole_interval_inside_the_margin():
     assert stats.equivalence(iv(-0.02, -0.006), 0.005) == stats.DOES_NOT_HOLD
     assert stats.equivalence(iv(-0.001, 0.001), math.nan) == stats.NOT_RESOLVED  # no measured margin
     assert stats.equivalence(iv(-0.001, 0.001), -0.01) == stats.NOT_RESOLVED
+
+
+def test_interval_text_shows_two_digits_of_the_half_width():
+    assert stats.interval_text(0.0123, 0.0100, 0.0146) == "+0.0123 [+0.0100, +0.0146]"
+    assert stats.interval_text(2.1e-4, 1.1e-4, 3.1e-4) == "+0.00021 [+0.00011, +0.00031]"
+    assert stats.interval_text(2.1e-4, 1.2e-4, 3.0e-4) == "+0.000210 [+0.000120, +0.000300]"
+    assert stats.interval_text(1.5, -math.inf, math.inf) == "+1.5000 [-inf, +inf]"

@@ -22,7 +22,7 @@ from spectra.files import atomic_file, write_json
 from spectra.suite.checks import pool_of, quant_costs, seed_groups, study_checks
 from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
-from spectra.suite.stats import contrast
+from spectra.suite.stats import contrast, interval_text
 
 MARKERS = {"floatlm": "o", "trilm": "s", "quantlm": "^", "packed": "D"}
 QUANT_COLORS = {3: "#d62728", 4: "#ff7f0e", 6: "#bcbd22", 8: "#8c564b", 2: "#7f7f7f", 5: "#17becf", 7: "#e377c2"}
@@ -128,7 +128,7 @@ def seed_summary(rows: list[dict[str, Any]], metric: str = "val_loss") -> list[d
 def _ci(check: dict[str, Any]) -> str:
     if check.get("estimate") is None:
         return "–"
-    return f"{check['estimate']:+.4f} [{check['lo']:+.4f}, {check['hi']:+.4f}]"
+    return interval_text(check["estimate"], check["lo"], check["hi"])
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -133,10 +133,18 @@ class Interval:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def text(self, digits: int = 4) -> str:
-        """'+0.0123 [+0.0100, +0.0146]'"""
-        f = f"{{:+.{digits}f}}"
-        return f"{f.format(self.estimate)} [{f.format(self.lo)}, {f.format(self.hi)}]"
+    def text(self, digits: int | None = None) -> str:
+        """'+0.0123 [+0.0100, +0.0146]': by default with enough decimals to show two digits of the half-width."""
+        return interval_text(self.estimate, self.lo, self.hi, digits)
+
+
+def interval_text(estimate: float, lo: float, hi: float, digits: int | None = None) -> str:
+    """An estimate and its interval as text, e.g. '+0.00021 [+0.00012, +0.00030]'."""
+    if digits is None:
+        half = (hi - lo) / 2
+        digits = 4 if not (math.isfinite(half) and half > 0) else min(8, max(4, 1 - math.floor(math.log10(half))))
+    f = f"{{:+.{digits}f}}"
+    return f"{f.format(estimate)} [{f.format(lo)}, {f.format(hi)}]"
 
 
 def _t_interval(estimate: float, se: float, df: float, n: int, test: str, level: float) -> Interval:

@@ -1,0 +1,99 @@
+"""Learning-rate sweep for a suite preset: every size x family (or variant) at a few peak learning rates.
+
+Each run trains the preset's own model config with the preset's [train] settings on its data and study tokenizer,
+at a shortened budget (--tokens) so the sweep stays small, and reports the final validation loss. The table and the
+command that made it go to a Markdown file (docs/lr-sweep-PRESET.md) so the preset's [lr] tables can cite them.
+
+    OMP_NUM_THREADS=1 python benchmarks/lr_sweep.py --preset tiny --tokens 3e5 \\
+        --lrs floatlm=1e-3,2e-3,4e-3,8e-3 --lrs trilm=2e-3,4e-3,8e-3,1.6e-2 --out docs/lr-sweep-tiny.md
+
+A shorter budget than the preset's favours larger rates a little (less time to pay for the noise); the table gives
+the loss at every rate so the choice can be read, not just the winner. TriLM's rate after the drop is 2/3 of its
+peak (spec.LR2_RATIO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spectra.suite.preflight import study_tokenizer
+    from spectra.suite.spec import LR2_RATIO, load_spec
+    from spectra.train import TrainConfig, train
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--tokens", type=float, default=3e5, help="training tokens per sweep run")
+    p.add_argument("--lrs", action="append", default=[], metavar="FAMILY=LR,LR,...", required=True)
+    p.add_argument("--sizes", default=None, help="comma-separated subset of the preset's sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="Markdown file for the table (default: print only)")
+    p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = load_spec(args.preset)
+    grid = {}
+    for item in args.lrs:
+        fam, _, values = item.partition("=")
+        if fam not in spec.families:
+            p.error(f"--lrs {item}: {fam!r} is not a family of preset {args.preset} ({spec.families})")
+        grid[fam] = [float(v) for v in values.split(",")]
+    sizes = args.sizes.split(",") if args.sizes else spec.sizes
+    work = Path(args.work or tempfile.mkdtemp(prefix="lr-sweep-"))
+    tokenizer = study_tokenizer(spec, work)
+    runs = [(size, fam, lr) for size in sizes for fam, lrs in grid.items() for lr in lrs]
+    results = []
+    for size, fam, lr in tqdm(runs, desc="lr sweep", unit="run"):
+        cfg = spec.model_config(size, fam)
+        over = spec.train_overrides(fam, size)
+        over.update(lr=lr, tokens=args.tokens, data=spec.data, tokenizer=tokenizer, seed=args.seed)
+        if spec.family_of(fam) == "trilm":
+            over["lr2"] = lr * LR2_RATIO
+        t0 = time.perf_counter()
+        res = train(cfg, TrainConfig.from_dict(over), out_dir=work / f"{fam}-{size}-lr{lr:g}", progress=False)
+        results.append((size, fam, lr, res["val_loss"], res["steps"], time.perf_counter() - t0))
+        tqdm.write(f"{fam}-{size} lr {lr:g}: val_loss {res['val_loss']:.4f} ({res['steps']} steps)")
+    best = {}
+    for size, fam, lr, loss, _, _ in results:
+        if (size, fam) not in best or loss < best[(size, fam)][1]:
+            best[(size, fam)] = (lr, loss)
+    lines = [f"# Learning-rate sweep: preset `{args.preset}`", "",
+             "Command (run from the repository root):", "",
+             "    OMP_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in sys.argv), "",
+             f"{args.tokens:.3g} training tokens per run (the preset trains {spec.tokens_for(sizes[0]):.3g}), seed "
+             f"{args.seed}, the preset's configs, data ({spec.data}) and study tokenizer ({spec.tokenizer}). Final "
+             "validation loss (nats/token); **bold**: the best rate of each size and family.", "",
+             "| size | family | " + " | ".join(f"lr {lr:g}" for lr in sorted({r[2] for r in results})) + " | best |",
+             "|---|---|" + "---|" * (len({r[2] for r in results}) + 1)]
+    all_lrs = sorted({r[2] for r in results})
+    for size in sizes:
+        for fam in grid:
+            cells = []
+            for lr in all_lrs:
+                hit = [r for r in results if r[:3] == (size, fam, lr)]
+                if not hit:
+                    cells.append("")
+                    continue
+                text = f"{hit[0][3]:.4f}"
+                cells.append(f"**{text}**" if best[(size, fam)][0] == lr else text)
+            lines.append(f"| {size} | {fam} | " + " | ".join(cells) + f" | {best[(size, fam)][0]:g} |")
+    lines += ["", "Seconds per run: " + ", ".join(f"{f}-{s}@{lr:g} {t:.0f}" for s, f, lr, _, _, t in results), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
