@@ -339,15 +339,15 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             "has as many parameters as points.",
         )
 
-    pts = [(r["size_bits"], r["val_loss"], r) for r in rows if r.get("val_loss") is not None]
+    pts = [(g["size_bits"], g["mean"], g) for g in by_model]
     front = pareto_front(pts)
     add(
         "Pareto frontier: validation loss vs size in bits",
         _table(
-            ["model", "series", "size (Mbit)", "val_loss"],
-            [[r["name"], r["series"], r["size_bits"] / 1e6, r["val_loss"]] for r in front],
+            ["model", "series", "size (Mbit)", "val_loss (mean over seeds)", "± 95 %"],
+            [[g["name"], g["series"], g["size_bits"] / 1e6, g["mean"], g["half_width"]] for g in front],
         ),
-        "Models for which no other model is both smaller in bits and lower in validation loss.",
+        "Models for which no other model is both smaller in bits and lower in mean validation loss.",
     )
 
     mem = {}
