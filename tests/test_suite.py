@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spectra.suite import fit_power_law, load_spec, pareto_front, plan, run_suite
-from spectra.suite.checks import study_checks
+from spectra.suite.checks import findings, study_checks
 from spectra.suite.records import read_records
 from spectra.suite.report import build_report, fits, seed_summary
 from spectra.suite.spec import check_writable
@@ -132,6 +132,13 @@ def test_paired_checks_on_window_losses():
     assert checks["QuantLM 8-bit ≈ FloatLM at a"]["verdict"] == "not resolved"
     # without window losses the paired checks are left out, not guessed
     assert not any("QuantLM" in c["check"] for c in study_checks(rows))
+    # findings combine their checks: one packed format failing makes "packed ≈ latent" fail as a whole
+    found = {f["finding"]: f for f in findings(study_checks(rows, seqs))}
+    assert found["QuantLM 3-bit is worse than its FloatLM at every size"]["verdict"] == "holds"
+    assert found["QuantLM 8-bit ≈ its FloatLM at every size"]["verdict"] == "holds"
+    packed = found["packed ≈ latent TriLM, every format and size"]
+    assert packed["verdict"] == "does not hold" and (packed["holds"], packed["does_not_hold"]) == (1, 1)
+    assert "each family improves with size" not in found  # one size: nothing to say
 
 
 def test_seed_summary_averages_over_seeds():

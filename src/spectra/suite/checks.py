@@ -218,3 +218,27 @@ def study_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], 
     window token counts), from the eval records; without it the paired checks are skipped."""
     seqs = seqs or {}
     return size_checks(rows) + quant_checks(rows, seqs) + packed_checks(rows, seqs)
+
+
+FINDINGS = (  # (finding, check-name prefixes whose verdicts it combines)
+    ("each family improves with size", ("FloatLM improves with size", "TriLM improves with size")),
+    ("QuantLM 3-bit is worse than its FloatLM at every size", ("QuantLM 3-bit worse than FloatLM at ",)),
+    ("QuantLM 3-bit is worse than 4-bit at every size", ("QuantLM 3-bit worse than 4-bit at ",)),
+    ("QuantLM 8-bit ≈ its FloatLM at every size", ("QuantLM 8-bit ≈ FloatLM at ",)),
+    ("packed ≈ latent TriLM, every format and size", ("packed ",)),
+    ("the TriLM − FloatLM gap shrinks with size", ("TriLM − FloatLM gap shrinks with size",)),
+)
+
+
+def findings(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's small-scale findings (issue 14, item 3), each the combination of its checks: holds when every
+    one holds, does not hold when any does not, else not resolved. Findings with no check in this run are left out."""
+    out = []
+    for name, prefixes in FINDINGS:
+        parts = [c for c in checks if any(c["check"].startswith(p) for p in prefixes)]
+        if parts:
+            verdicts = [c["verdict"] for c in parts]
+            out.append({"finding": name, "verdict": stats.combine(verdicts), "checks": len(parts),
+                        "holds": verdicts.count(stats.HOLDS), "not_resolved": verdicts.count(stats.NOT_RESOLVED),
+                        "does_not_hold": verdicts.count(stats.DOES_NOT_HOLD)})
+    return out

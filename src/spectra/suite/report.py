@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from spectra.files import atomic_file, write_json
-from spectra.suite.checks import pool_of, quant_costs, seed_groups, study_checks
+from spectra.suite.checks import findings, pool_of, quant_costs, seed_groups, study_checks
 from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
 from spectra.suite.stats import contrast, interval_text
@@ -254,6 +254,15 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
          for g in by_model],
     )
     checks = study_checks(rows, seqs)
+    found = findings(checks)
+    if found:
+        add(
+            "Findings",
+            _table(["finding", "verdict", "checks: holds / not resolved / does not hold"],
+                   [[f["finding"], f["verdict"], f"{f['holds']} / {f['not_resolved']} / {f['does_not_hold']}"]
+                    for f in found]),
+            "Each finding combines the checks below: it holds when every one of them holds.",
+        )
     if checks:
         add(
             "The paper's findings, checked",
@@ -431,6 +440,7 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     write_json(
         out / "summary.json",
         {"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
+         "findings": found,
          "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()}},
     )
     return {
@@ -438,6 +448,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         "html": str(out / "report.html"),
         "figures": [str(p) for p in figures],
         "summary_table": summary[0]
-        + "".join(f"\n{c['verdict']}: {c['check']}: {_ci(c)} ({c['test']}; {c['detail']})" for c in checks),
+        + "".join(f"\n{c['verdict']}: {c['check']}: {_ci(c)} ({c['test']}; {c['detail']})" for c in checks)
+        + "".join(f"\nFINDING {f['verdict']}: {f['finding']} ({f['holds']}/{f['checks']} checks hold)" for f in found),
         "checks": checks,
+        "findings": found,
     }
