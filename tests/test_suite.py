@@ -177,6 +177,22 @@ def test_bad_specs_fail_before_training(overrides, match):
         load_spec("micro", overrides=overrides)
 
 
+def test_shapes_that_gptq_or_packing_cannot_take_fail_before_training(tmp_path):
+    path = tmp_path / "narrow.toml"
+    base = '[suite]\nname = "n"\nsizes = ["s1"]\ntokens = 1e5\n{extra}\n[sizes.s1]\ndim = 192\nn_layers = 1\n' \
+           'n_heads = 3\nglu_dim = 512\n'
+    path.write_text(base.format(extra='families = ["floatlm"]\nquant_bits = [3]'))
+    with pytest.raises(ValueError, match=r"floatlm-s1: GPTQ at 3 bits uses groups of 128 input features, which do not "
+                                         r"divide dim = 192, n_heads\*head_dim = 192"):
+        load_spec(path=path)
+    path.write_text(base.format(extra='families = ["floatlm"]\nquant_bits = [8]'))  # 8-bit: one group per row
+    assert load_spec(path=path).quant_bits == [8]
+    path.write_text(base.format(extra='families = ["trilm"]\npack_formats = ["tq2"]'))
+    with pytest.raises(ValueError, match=r"trilm-s1: packing to tq2 needs rows in blocks of 256 weights, and dim = "
+                                         r"192, glu_dim = 512, n_heads\*head_dim = 192|is not a multiple of 256"):
+        load_spec(path=path)
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -319,6 +335,8 @@ name = "ladder"
 sizes = ["s1", "tiny"]
 families = ["floatlm", "trilm"]
 tokens = 1e5
+quant_bits = [8]
+pack_formats = []
 [sizes.s1]
 dim = 128
 n_layers = 2

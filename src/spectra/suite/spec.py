@@ -217,11 +217,35 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
                 train = resolve(cfg, train)
             except (TypeError, ValueError) as e:
                 raise _err(source, f"{family}-{size}: {e}") from e
+            _check_shapes(spec, cfg, f"{source}: {family}-{size}")
             steps = int(train.tokens // train.batch_tokens)
             if steps < MIN_STEPS:
                 raise _err(source, f"{family}-{size}: a budget of {train.tokens:.3g} tokens is {steps} optimizer "
                                    f"step(s) of {train.batch_tokens} tokens; at least {MIN_STEPS} are needed to train "
                                    f"(raise [suite] tokens or lower [train] batch_tokens)")
+
+
+def _check_shapes(spec: SuiteSpec, cfg: ModelConfig, where: str) -> None:
+    """The model's matrices fit the steps the spec asks of it: GPTQ groups divide every input width, and packed
+    formats' 256-weight blocks divide every ternary row."""
+    from spectra.packed.formats import QK
+    from spectra.ptq.pipeline import default_group_size
+
+    widths = {"dim": cfg.dim, "glu_dim": cfg.glu_dim, "n_heads*head_dim": cfg.attn_dim}
+    if cfg.family == "floatlm":
+        for b in spec.quant_bits:
+            g = spec.quantize.get("group_size") or default_group_size(b)
+            bad = [f"{k} = {v}" for k, v in widths.items() if g > 0 and v % g]
+            if bad:
+                raise ValueError(f"{where}: GPTQ at {b} bits uses groups of {g} input features, which do not divide "
+                                 f"{', '.join(bad)}; choose widths that are multiples of {g} or set [quantize] "
+                                 "group_size")
+    elif spec.pack_formats and cfg.quantizer in ("trilm", "twn"):
+        bad = [f"{k} = {v}" for k, v in widths.items() if v % QK]
+        if bad:
+            raise ValueError(f"{where}: packing to {'/'.join(spec.pack_formats)} needs rows in blocks of {QK} "
+                             f"weights, and {', '.join(bad)} is not a multiple of {QK}; choose wider matrices or "
+                             "set [suite] pack_formats = []")
 
 
 def load_spec(preset: str | None = None, path: str | os.PathLike | None = None,
