@@ -84,6 +84,11 @@ def test_size_checks_hold_only_when_the_seed_interval_excludes_zero():
     shrink = checks["TriLM − FloatLM gap shrinks with size"]  # 0.30 at a, 0.28 at c: 0.02 ± 0.049, unresolved
     assert shrink["verdict"] == "not resolved" and shrink["estimate"] == pytest.approx(0.02)
     assert shrink["hi"] - shrink["estimate"] == pytest.approx(2.4469118511449692 * s * math.sqrt(4 / 2), rel=1e-9)
+    # TriLM ahead of FloatLM, and further ahead with size: the gap "falls" but no deficit closes
+    ahead = [r | {"val_loss": r["val_loss"] - (0.4 if r["kind"] == "trilm" else 0)
+                  - (0.3 if r["kind"] == "trilm" and r["size"] == "c" else 0)} for r in rows]
+    shrink = _by_check(study_checks(ahead))["TriLM − FloatLM gap shrinks with size"]
+    assert shrink["verdict"] == "does not hold" and shrink["estimate"] > 0 and "premise" in shrink["detail"]
     # reversed sizes: the interval excludes zero the wrong way
     worse = [r | {"val_loss": r["val_loss"] + (0.5 if r["size"] == "c" else 0)} for r in rows]
     assert _by_check(study_checks(worse))["TriLM improves with size"]["verdict"] == "does not hold"
