@@ -96,7 +96,9 @@ class ReadProbe:
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights a decode step reads: every parameter and buffer except the token embedding and RoPE tables
     (the packed layers' code bytes and scales, the int8 head, the norms); tensors shared by two names count once."""
-    skip = {id(model.embed_tokens.weight), id(getattr(model, "rope_cos", None)), id(getattr(model, "rope_sin", None))}
+    emb = model.embed_tokens
+    skip = {id(t) for t in [*emb.parameters(), *emb.buffers()]}
+    skip |= {id(getattr(model, "rope_cos", None)), id(getattr(model, "rope_sin", None))}
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in skip or t.data_ptr() in seen:
