@@ -488,9 +488,14 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
     /* The epilogue runs on lane 4r + k of one vector for row n + r and token t + k (unused lanes: zeros). */
     __m512 yv = _mm512_setzero_ps();
     __m512i v[16];
-    float dd[16];
-    int32_t bs[16];
-    for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512(), dd[i] = 0.0f, bs[i] = 0;
+    for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512();
+    /* Lane 4r + k reads seg_d[(n + r) * S + s] and bsum[(t + k) * S + s]; lanes outside the R x TT tile stay 0. */
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i row = _mm512_srli_epi32(lane, 2), tok = _mm512_and_si512(lane, _mm512_set1_epi32(3));
+    const __m512i S32 = _mm512_set1_epi32((int)J->S);
+    const __m512i d_idx = _mm512_mullo_epi32(row, S32), b_idx = _mm512_mullo_epi32(tok, S32);
+    const __mmask16 live = _mm512_cmplt_epi32_mask(row, _mm512_set1_epi32(R)) &
+                           _mm512_cmplt_epi32_mask(tok, _mm512_set1_epi32(TT));
     for (int64_t s = 0; s < J->S; s++) {
         __m512i acc[4][4];
         _Pragma("GCC unroll 4")
@@ -527,13 +532,11 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
         _Pragma("GCC unroll 4")
         for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++) {
-                v[4 * r + k] = acc[r][k];
-                dd[4 * r + k] = J->seg_d[(n + r) * J->S + s];
-                bs[4 * r + k] = J->bsum[(t + k) * J->S + s];
-            }
-        const __m512i sums = _mm512_sub_epi32(hsum16x16(v), _mm512_loadu_si512(bs));
-        yv = _mm512_add_ps(yv, _mm512_mul_ps(_mm512_loadu_ps(dd), _mm512_cvtepi32_ps(sums)));
+            for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
+        const __m512 dd = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, d_idx, J->seg_d + n * J->S + s, 4);
+        const __m512i bs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, b_idx, J->bsum + t * J->S + s, 4);
+        const __m512i sums = _mm512_sub_epi32(hsum16x16(v), bs);
+        yv = _mm512_add_ps(yv, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sums)));
     }
     float xs[16], out[16];
     _Pragma("GCC unroll 4")
