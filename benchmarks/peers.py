@@ -3,7 +3,7 @@ the same run.
 
     python benchmarks/peers.py --llama-bench /path/to/llama.cpp/build/bin/llama-bench \
         --llama-bench /path/to/ik_llama.cpp/build/bin/llama-bench [--threads 1 2] [--prompt-len 128] [--gen-len 64] \
-        [--rounds 2] [--reps 2] [--workdir DIR] [--json FILE]
+        [--rounds 2] [--reps 1] [--workdir DIR] [--json FILE]
 
 The peers are llama-bench binaries you built yourself from their public sources (nothing of them is in this repo).
 The run:
@@ -26,7 +26,9 @@ The run:
 
 Speeds are medians over all samples. llama-bench's `tg` test decodes from an empty context while spectra decodes after
 its prompt (positions P .. P+G), so spectra's attention reads slightly more; the difference is small at these lengths.
-The machine must be otherwise idle for numbers worth quoting; the load average before and after is printed.
+The machine must be otherwise idle for numbers worth quoting; the load average before and after is printed. The
+defaults (2 rounds × 1 sample of 9 runtimes on 1 and 2 threads; each llama-bench call also makes its own warm-up run)
+take about 5 minutes with both peers on the 2-core Zen 4; `--rounds 3 --reps 2` gives 6 samples each in about 10.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ class Peer:
         if not self.types:
             raise SystemExit(f"{self.quantize} lists none of the ternary types {', '.join(TERNARY_TYPES)}")
         self.rtr = bool(re.search(r"(^|\s)-rtr\b", help_bench))
-        fa_line = next((ln for ln in help_bench.splitlines() if "-fa" in ln or "flash" in ln), "")
-        self.fa_values = ("off", "on") if "on" in fa_line and "off" in fa_line else ("0", "1")
+        fa_line = next((ln for ln in help_bench.splitlines() if "--flash-attn" in ln), "")
+        self.fa_values = ("off", "on") if "on|off" in fa_line else ("0", "1")  # newer llama.cpp: <on|off|auto>
         self.name = "ik_llama.cpp" if any(t.endswith("_BN") for t in self.types) else "llama.cpp"
         self.models: dict[str, Path] = {}
         self.bytes: dict[str, int] = {}
@@ -362,7 +364,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
-    ap.add_argument("--reps", type=int, default=2, help="samples per runtime per round (llama-bench -r)")
+    ap.add_argument("--reps", type=int, default=1, help="samples per runtime per round (llama-bench -r)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the temporary models go (default: the system temp dir)")
     ap.add_argument("--json", default=None, help="also write the full result to this file")
