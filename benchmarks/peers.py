@@ -1,0 +1,383 @@
+"""spectra's user path against llama.cpp-family runtimes (llama-bench), side by side, with the DRAM bound measured in
+the same run.
+
+    python benchmarks/peers.py --llama-bench /path/to/llama.cpp/build/bin/llama-bench \
+        --llama-bench /path/to/ik_llama.cpp/build/bin/llama-bench [--threads 1 2] [--prompt-len 128] [--gen-len 64] \
+        [--rounds 2] [--reps 1] [--workdir DIR] [--json FILE]
+
+The peers are llama-bench binaries you built yourself from their public sources (nothing of them is in this repo).
+The run:
+1. builds a TriLM with the paper's 1.1B shape and random weights (`spectra.load("trilm-1.1b")`: two scale shards per
+   matrix, as the paper's model-parallel training leaves them), writes it as a packed checkpoint the way
+   `spectra pack trilm-1.1b DIR --lossy` does, and opens that with `spectra.load`: the path users take. Decoding is
+   `spectra.inference.bench.time_torch` (prefill of P tokens, then G single-token steps with the int8 lm_head, what
+   `spectra bench` and `spectra generate` run);
+2. exports the same latent model as an f16 GGUF (`spectra.interop.gguf.export_gguf`, qtype f16) and has each peer's
+   own `llama-quantize` (found next to its llama-bench) quantize it to each of its ternary types that it lists
+   (TQ2_0 / TQ1_0 for llama.cpp, IQ2_BN / IQ1_BN for ik_llama.cpp), token embedding and output in Q8_0 (our
+   head is int8 too). Blocks that straddle two shards are rounded to their absmax by both sides alike;
+3. runs everything interleaved: each round runs, per thread count, spectra and then every peer configuration (each
+   type, flash attention off and on, and `-rtr 1` where the binary has run-time repacking), `--reps` samples each;
+4. measures the DRAM read rate per thread count in every round (`read_bandwidth`: the best of a torch sum and a
+   numpy OR-reduce over 1 GiB on 2 MiB pages), and reports each runtime's fraction of the bandwidth bound:
+   (bytes of weights read per decoded token / the median read rate) / (seconds per decoded token). Bytes of weights
+   are every tensor but the token embedding (one row of it is read per token): for spectra the packed blocks, their
+   scales, the int8 head and the norms; for a peer the tensors of its GGUF file.
+
+Speeds are medians over all samples. llama-bench's `tg` test decodes from an empty context while spectra decodes after
+its prompt (positions P .. P+G), so spectra's attention reads slightly more; the difference is small at these lengths.
+The machine must be otherwise idle for numbers worth quoting; the load average before and after is printed. The
+defaults (2 rounds × 1 sample of 9 runtimes on 1 and 2 threads; each llama-bench call also makes its own warm-up run)
+take about 5 minutes with both peers on the 2-core Zen 4; `--rounds 3 --reps 2` gives 6 samples each in about 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+TERNARY_TYPES = ("TQ2_0", "TQ1_0", "IQ2_BN", "IQ1_BN")
+PROBE_BYTES = 1 << 30
+
+
+# ---- DRAM read rate -------------------------------------------------------------------------------------------------
+
+
+class ReadProbe:
+    """A 1 GiB buffer on 2 MiB pages, read whole with `threads` threads; best of a few reads, in bytes/s."""
+
+    def __init__(self, nbytes: int = PROBE_BYTES) -> None:
+        from spectra.packed import kernels as K
+
+        self.t = torch.ones(nbytes // 4)
+        K.use_huge_pages(self.t)
+        self.u64 = self.t.numpy().view(np.uint64)
+
+    def _torch(self, threads: int) -> float:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            self.t.sum()
+            return time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(old)
+
+    def _numpy(self, threads: int) -> float:  # numpy's reductions release the GIL: one thread per part
+        parts = np.array_split(self.u64, threads)
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - t0
+
+    def __call__(self, threads: int, tries: int = 3) -> float:
+        best = min(min(self._torch(threads), self._numpy(threads)) for _ in range(tries))
+        return self.t.nbytes / best
+
+
+# ---- spectra --------------------------------------------------------------------------------------------------------
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer except the token embedding and RoPE tables
+    (the packed layers' code bytes and scales, the int8 head, the norms); tensors shared by two names count once."""
+    emb = model.embed_tokens
+    skip = {id(t) for t in [*emb.parameters(), *emb.buffers()]}
+    skip |= {id(getattr(model, "rope_cos", None)), id(getattr(model, "rope_sin", None))}
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skip or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def build_spectra(size: str, workdir: Path, seed: int) -> tuple[torch.nn.Module, Path, dict]:
+    """(the packed model as users open it, the f16 GGUF of the same latent model, facts about both)."""
+    from spectra.config import from_name
+    from spectra.inference.bench import with_int8_head
+    from spectra.interop.gguf import export_gguf
+    from spectra.loading import load
+    from spectra.model import build_model
+    from spectra.packed.io import pack_model
+
+    latent = build_model(from_name(size), seed=seed).eval()  # what `spectra pack trilm-1.1b` packs
+    shards = latent.config.num_scale_shards
+    packed_dir, f16 = workdir / "packed", workdir / "model-f16.gguf"
+    try:
+        summary = pack_model(latent, packed_dir, lossy=False)
+        lossy = False
+    except ValueError:  # shards of 896 columns at dim 1792: blocks straddle two shards, as `spectra pack --lossy`
+        summary = pack_model(latent, packed_dir, lossy=True)
+        lossy = True
+    export_gguf(latent, f16, qtype="f16")
+    del latent
+    gc.collect()
+    model = with_int8_head(load(packed_dir))
+    facts = {"scale_shards": shards, "lossy": lossy, "packed_file_bytes": summary["file_bytes"]}
+    return model, f16, facts
+
+
+def time_spectra(model, prompt: torch.Tensor, decode_ids: torch.Tensor, threads: int) -> tuple[float, float]:
+    from spectra.inference.bench import time_torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        p, d = time_torch(model, prompt, decode_ids)
+    finally:
+        torch.set_num_threads(old)
+    return prompt.shape[1] / p, decode_ids.shape[1] / d
+
+
+# ---- peers ----------------------------------------------------------------------------------------------------------
+
+
+class Peer:
+    """One llama-bench binary, its llama-quantize, and what they support."""
+
+    def __init__(self, bench: str) -> None:
+        self.bench = Path(bench).resolve()
+        if not self.bench.is_file() or not os.access(self.bench, os.X_OK):
+            raise SystemExit(f"--llama-bench {bench}: not an executable file")
+        self.quantize = self.bench.with_name("llama-quantize")
+        if not self.quantize.is_file():
+            raise SystemExit(f"--llama-bench {bench}: no llama-quantize next to it ({self.quantize})")
+        help_bench = _help(self.bench)
+        help_quant = _help(self.quantize)
+        self.types = [t for t in TERNARY_TYPES if re.search(rf"\b{t}\b", help_quant)]
+        if not self.types:
+            raise SystemExit(f"{self.quantize} lists none of the ternary types {', '.join(TERNARY_TYPES)}")
+        self.rtr = bool(re.search(r"(^|\s)-rtr\b", help_bench))
+        fa_line = next((ln for ln in help_bench.splitlines() if "--flash-attn" in ln), "")
+        self.fa_values = ("off", "on") if "on|off" in fa_line else ("0", "1")  # newer llama.cpp: <on|off|auto>
+        self.name = "ik_llama.cpp" if any(t.endswith("_BN") for t in self.types) else "llama.cpp"
+        self.models: dict[str, Path] = {}
+        self.bytes: dict[str, int] = {}
+
+    def prepare(self, f16: Path, workdir: Path) -> None:
+        for t in self.types:
+            out = workdir / f"{self.name}-{t}.gguf"
+            cmd = [str(self.quantize), "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0", str(f16),
+                   str(out), t]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0 or not out.exists():
+                raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+            self.models[t] = out
+            self.bytes[t] = gguf_weight_bytes(out)
+
+    def configs(self) -> list[dict]:
+        return [{"type": t, "fa": fa} for t in self.types for fa in self.fa_values]
+
+    def label(self, cfg: dict) -> str:
+        flags = f"-fa {cfg['fa']}" + (" -rtr 1" if self.rtr else "")
+        return f"{self.name} {cfg['type']} ({flags})"
+
+    def run(self, cfg: dict, threads: int, prompt_len: int, gen_len: int, reps: int) -> tuple[list, list]:
+        cmd = [str(self.bench), "-m", str(self.models[cfg["type"]]), "-t", str(threads), "-p", str(prompt_len),
+               "-n", str(gen_len), "-r", str(reps), "-fa", cfg["fa"], "-o", "json"]
+        if self.rtr:
+            cmd += ["-rtr", "1"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        pp, tg = [], []
+        for test in json.loads(r.stdout):
+            samples = test.get("samples_ts") or [test["avg_ts"]]
+            (pp if test.get("n_gen", 0) == 0 else tg).extend(float(s) for s in samples)
+        return pp, tg
+
+
+def _help(binary: Path) -> str:
+    r = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of every tensor in a GGUF file except the token embedding (what a decode step reads)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    peers = [Peer(p) for p in args.llama_bench]
+    workdir = Path(tempfile.mkdtemp(prefix="spectra-peers-", dir=args.workdir))
+    try:
+        print(f"building {args.size} (random weights), packing it and exporting the f16 GGUF into {workdir} ...")
+        model, f16, facts = build_spectra(args.size, workdir, args.seed)
+        for p in peers:
+            print(f"{p.name}: quantizing to {', '.join(p.types)} with {p.quantize}")
+            p.prepare(f16, workdir)
+        f16.unlink()
+        ours = "spectra (packed checkpoint, spectra.load)"
+        runtimes: dict[str, dict] = {ours: {"bytes": weight_bytes_per_token(model)}}
+        for p in peers:
+            for cfg in p.configs():
+                runtimes[p.label(cfg)] = {"bytes": p.bytes[cfg["type"]], "peer": p, "cfg": cfg}
+        g = torch.Generator().manual_seed(args.seed)
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
+        decode_ids = torch.randint(0, vocab, (1, args.gen_len), generator=g)
+        probe = ReadProbe()
+        time_spectra(model, prompt[:, :8], decode_ids[:, :4], 1)  # warm up: page faults, dispatch
+        samples = {(name, t): {"pp": [], "tg": []} for name in runtimes for t in args.threads}
+        bandwidth: dict[int, list[float]] = {t: [] for t in args.threads}
+        load_before = os.getloadavg()
+        steps = args.rounds * len(args.threads) * len(runtimes)
+        with tqdm(total=steps, desc="interleaved rounds", unit="run") as bar:
+            for _ in range(args.rounds):
+                for t in args.threads:
+                    bandwidth[t].append(probe(t))
+                    for name, rt in runtimes.items():
+                        s = samples[(name, t)]
+                        if "peer" in rt:
+                            pp, tg = rt["peer"].run(rt["cfg"], t, args.prompt_len, args.gen_len, args.reps)
+                            s["pp"] += pp
+                            s["tg"] += tg
+                        else:
+                            for _ in range(args.reps):
+                                pp, tg = time_spectra(model, prompt, decode_ids, t)
+                                s["pp"].append(pp)
+                                s["tg"].append(tg)
+                        bar.set_postfix_str(f"{t}T {name[:40]}")
+                        bar.update()
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows = []
+    for (name, t), s in samples.items():
+        bw = statistics.median(bandwidth[t])
+        tg = statistics.median(s["tg"])
+        rows.append(
+            {
+                "runtime": name,
+                "threads": t,
+                "decode_tok_s": tg,
+                "prompt_tok_s": statistics.median(s["pp"]),
+                "decode_samples": s["tg"],
+                "prompt_samples": s["pp"],
+                "weight_bytes_per_token": runtimes[name]["bytes"],
+                "read_bytes_s": bw,
+                "bound_fraction": tg * runtimes[name]["bytes"] / bw,
+            }
+        )
+    return {
+        "size": args.size,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "rounds": args.rounds,
+        "reps": args.reps,
+        "threads": args.threads,
+        "model": facts,
+        "bandwidth_samples": {str(t): v for t, v in bandwidth.items()},
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The README table: tok/s per runtime and thread count, ratios to the best peer, fraction of the DRAM bound."""
+    threads, P, G = result["threads"], result["prompt_len"], result["gen_len"]
+    by = {(r["runtime"], r["threads"]): r for r in result["rows"]}
+    names = list(dict.fromkeys(r["runtime"] for r in result["rows"]))
+    ours = names[0]
+    peers = names[1:]
+    head = ["runtime"]
+    for t in threads:
+        head += [f"decode {t}T", f"% of bound {t}T", f"prompt {P} {t}T"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {}
+    for t in threads:
+        for key in ("decode_tok_s", "prompt_tok_s"):
+            if peers:
+                best[(key, t)] = max(peers, key=lambda n, k=key, tt=t: by[(n, tt)][k])
+    for name in names:
+        cells = [name]
+        for t in threads:
+            r = by[(name, t)]
+            bold = [name == best.get((k, t)) for k in ("decode_tok_s", "prompt_tok_s")]
+            cells += [
+                f"**{r['decode_tok_s']:.1f}**" if bold[0] else f"{r['decode_tok_s']:.1f}",
+                f"{100 * r['bound_fraction']:.0f} %",
+                f"**{r['prompt_tok_s']:.0f}**" if bold[1] else f"{r['prompt_tok_s']:.0f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = ["\n".join(lines), ""]
+    if peers:
+        cols = " | ".join(f"{k} {t}T" for t in threads for k in ("decode", "prompt"))
+        rat = [f"| spectra / best peer | {cols} |", "|---|" + "---|" * (2 * len(threads))]
+        cells = []
+        for t in threads:
+            for key in ("decode_tok_s", "prompt_tok_s"):
+                b = best[(key, t)]
+                cells.append(f"{by[(ours, t)][key] / by[(b, t)][key]:.2f}× ({b})")
+        rat.append("| ratio (best peer) | " + " | ".join(cells) + " |")
+        out += ["\n".join(rat), ""]
+    bw = ", ".join(
+        f"{t}T {statistics.median(v) / 1e9:.1f} GB/s (samples {', '.join(f'{x / 1e9:.1f}' for x in v)})"
+        for t, v in ((int(k), v) for k, v in result["bandwidth_samples"].items())
+    )
+    mb = {name: by[(name, threads[0])]["weight_bytes_per_token"] / 2**20 for name in names}
+    m = result["model"]
+    lossy = " (straddling blocks rounded to their absmax, as `spectra pack --lossy` and llama-quantize do)"
+    out.append(
+        f"TriLM {result['size']} shape, random weights, {m['scale_shards']} scale shards per matrix"
+        f"{lossy if m['lossy'] else ''}; "
+        f"prompt {P}, decode {G} tokens; tok/s are medians of {result['rounds']} interleaved rounds × "
+        f"{result['reps']} samples. DRAM read rate measured in the same run: {bw}. Bound = weight bytes per decoded "
+        f"token / read rate; weight MiB per token: "
+        + ", ".join(f"{'spectra' if n == ours else n.split(' (')[0]} {v:.0f}" for n, v in mb.items())
+        + f". Load average before {result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f}."
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-bench", action="append", default=[], metavar="PATH",
+                    help="a llama.cpp-family llama-bench binary (repeatable); llama-quantize must sit next to it")
+    ap.add_argument("--size", default="trilm-1.1b")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    ap.add_argument("--reps", type=int, default=1, help="samples per runtime per round (llama-bench -r)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="where the temporary models go (default: the system temp dir)")
+    ap.add_argument("--json", default=None, help="also write the full result to this file")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.reps < 1 or not args.threads or min(args.threads) < 1:
+        raise SystemExit("--rounds, --reps and --threads must be positive")
+    result = run(args)
+    print(f"cpus={os.cpu_count()}")
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
