@@ -89,6 +89,7 @@ typedef struct {
     const int8_t *xq;      /* [T, K] permuted int8 activations */
     const int32_t *bsum;   /* [T, S] */
     const float *xs;       /* [T] activation scales */
+    const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
@@ -728,9 +729,11 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 }
 
 #include "tq1_kernels.h"
+#include "amx_kernels.h"
 
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
+    if (amx_run_rows(path, J, n0, n1)) return;
     if (J->fmt == FMT_TQ1) {
         tq1_run_rows(path, J, n0, n1);
         return;
@@ -1023,17 +1026,20 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(J.T * J.K));
     const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) : 0;
-    void *scratch =
-        scratch_get(q_bytes + q1_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T);
+    const size_t xt_bytes = amx_xt_bytes(path, &J);
+    void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
+                                sizeof(float) * (size_t)J.T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
     int8_t *xq1 = (int8_t *)scratch + q_bytes;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes);
+    int8_t *xt = (int8_t *)scratch + q_bytes + q1_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes + xt_bytes);
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
+    if (xt_bytes) amx_build_xt(&J, J.xq, xt), J.xt = xt;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1091,8 +1097,17 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     int any_tq1 = 0;
     for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
     const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) : 0;
-    void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
+    size_t xt_bytes[2] = {0, 0}; /* AMX tile-layout activations for TQ2_0, TQ1_0 jobs */
+    for (int g = 0; g < G; g++) {
+        const size_t need = amx_xt_bytes(path, &jobs[g]);
+        if (need > xt_bytes[jobs[g].fmt == FMT_TQ1]) xt_bytes[jobs[g].fmt == FMT_TQ1] = need;
+    }
+    void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T +
+                                xt_bytes[0] + xt_bytes[1] + 64);
     if (!scratch) return 0;
+    int8_t *xt[2];
+    xt[0] = (int8_t *)scratch + round64(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
+    xt[1] = xt[0] + xt_bytes[0];
     int8_t *xq1 = (int8_t *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes;
     int8_t *xq = (int8_t *)scratch;
     int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
@@ -1105,6 +1120,11 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     Q.T = T, Q.K = K, Q.nb = nb, Q.S = nb, Q.bounds = blocks;
     quantize_rows(path, x, &Q, xq, blk_sum, xs);
     if (any_tq1) tq1_activations(xq, xq1, T, nb);
+    for (int f = 0; f < 2; f++) {
+        job_t X = Q;
+        X.fmt = f ? FMT_TQ1 : FMT_TQ2;
+        if (xt_bytes[f]) amx_build_xt(&X, f ? xq1 : xq, xt[f]);
+    }
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
         for (int64_t t = 0; t < T; t++)
@@ -1114,6 +1134,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 sum[t * J->S + s] = v;
             }
         J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
+        if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
         sum += T * J->S;
         if (J->N > 0) run_parallel(run_rows, path, J, n_threads);
     }
@@ -1439,6 +1460,17 @@ static PyObject *py_huge_pages(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(done);
 }
 
+/* set_amx(on) -> bool: use the AMX GEMM where the CPU has it (the default) or not (for A/B runs and tests of the
+ * AVX-512 GEMM on AMX machines); returns whether it was in use before. */
+static PyObject *py_set_amx(PyObject *self, PyObject *args) {
+    int on;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    const int before = amx_ready() == 1;
+    amx_on = on && amx_avail;
+    return PyBool_FromLong(before);
+}
+
 static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
     PyObject *d = PyDict_New();
@@ -1454,6 +1486,11 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
             Py_DECREF(d);
             return NULL;
         }
+    }
+    amx_ready();
+    if (PyDict_SetItemString(d, "amx_int8", amx_avail ? Py_True : Py_False) < 0) { /* CPU flag and OS permission */
+        Py_DECREF(d);
+        return NULL;
     }
 #endif
     return d;
@@ -1483,6 +1520,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
+    {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths and OpenMP were compiled in."},
     {NULL, NULL, 0, NULL},
@@ -1495,6 +1533,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__kernels(void) {
 #ifdef SPECTRA_X86
     tq1_has_vbmi(); /* fills the TQ1 decode tables once, before any thread reads them */
+    amx_ready(); /* asks Linux for the tile registers once */
 #endif
     return PyModule_Create(&module);
 }

@@ -1,0 +1,248 @@
+/*
+ * AMX-INT8 GEMM for TQ2_0 and TQ1_0 weights (Intel Sapphire Rapids and later). Included by ternary_kernels.c after
+ * tq1_kernels.h; run_rows / tq1_run_rows call amx_rows for 5 or more tokens when amx_ready().
+ *
+ * The integer sums are those of the AVX-512 kernels, sum c a per scale segment, only computed by the tile unit:
+ * TDPBUSD C[m][n] += sum_k A[m][k] B[k/4][4n + k%4] with A unsigned (the codes c in {0,1,2}, one byte each) and B
+ * signed (the int8 activations). Integer sums are exact, so the float epilogue (the scalar one, same operations in the
+ * same order) gives outputs bit-identical to the other paths and to the pure-torch reference.
+ *
+ * A "chunk" is 64 activation bytes of the kernels' layout: 4 per block for TQ2_0 (field l of the 64 code bytes meets
+ * bytes 64l .. 64l+63 of the block's permuted activations) and 5 for TQ1_0 (code n of the 52 code bytes meets plane n,
+ * tq1_kernels.h; the 12 bytes past the codes decode to 0 and meet zero activations).
+ * - A tiles: 16 weight rows x one chunk of codes, decoded once per group of 32 rows into a per-thread panel
+ *   [chunk][32 rows][64 bytes] (32 * K bytes for TQ2_0: 160 KiB at K = 5120, in L2) and reused for every token.
+ * - B tiles: 16 tokens x one chunk in the VNNI layout, B[r][4n + j] = a[token n][64 chunk + 4r + j], built once per
+ *   call for all tokens (amx_build_xt; tokens padded with zeros to a multiple of 16).
+ * - Per pass 32 rows x 32 tokens: 2 A tiles x 2 B tiles -> 4 C tiles (int32 16 x 16), restarted at every segment
+ *   (fewer at the ragged ends: one A tile for the last <= 16 rows of a range, one B tile for an odd token group).
+ * Lanes never overflow: |C| <= 2 * 127 * K < 2^31.
+ *
+ * Linux hands out the tile registers only after arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) (amx_ready, once,
+ * at import); each call loads the tile configuration on its own thread and releases it at the end.
+ */
+
+#define AMX_MIN_T 5     /* fewer tokens: the GEMV kernels (one weight read, no tile overhead) */
+#define AMX_ROWS 32     /* weight rows per panel (two A tiles) */
+#define AMX_TOK 16      /* tokens per B tile */
+
+static int amx_on = -1; /* -1: not probed; 0: unavailable or switched off (set_amx); 1: in use */
+static int amx_avail = 0;
+
+#if defined(SPECTRA_X86) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SPECTRA_AMX 1
+#define TARGET_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TARGET_AMX_VBMI __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#endif
+
+/* Probe once (CPU flags AMX-TILE and AMX-INT8, then the kernel's permission); called from PyInit, single-threaded. */
+static int amx_ready(void) {
+    if (amx_on < 0) {
+        amx_on = 0;
+#ifdef SPECTRA_AMX
+        unsigned a, b, c, d;
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                                       18 /* XFEATURE_XTILEDATA */) == 0)
+            amx_avail = amx_on = 1;
+#endif
+    }
+    return amx_on;
+}
+
+/* Chunks per block and activation bytes per block in the kernels' layout for this job's format. */
+static inline int64_t amx_cpb(const job_t *J) { return J->fmt == FMT_TQ1 ? 5 : 4; }
+
+static inline int amx_applies(int path, const job_t *J) {
+    if (path != PATH_AVX512VNNI || J->T < AMX_MIN_T || amx_ready() != 1) return 0;
+#ifdef SPECTRA_X86
+    if (J->fmt == FMT_TQ1 && !tq1_has_vbmi()) return 0;
+#endif
+    return 1;
+}
+
+/* Bytes of the VNNI-layout activations of a job (0 when AMX does not apply). */
+static inline size_t amx_xt_bytes(int path, const job_t *J) {
+    if (!amx_applies(path, J)) return 0;
+    return (size_t)(((J->T + AMX_TOK - 1) / AMX_TOK) * AMX_TOK * J->nb * amx_cpb(J) * 64);
+}
+
+/* xq [T, nb * cpb * 64] (the kernels' layout for the format) -> xt [T/16][chunk][16][64]: a 16 x 16 transpose of
+ * 4-byte groups per chunk and token group; missing tokens are zero. */
+static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) {
+    const int64_t nc = J->nb * amx_cpb(J), row = nc * 64, G = (J->T + AMX_TOK - 1) / AMX_TOK;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < nc; c++) {
+            int32_t *dst = (int32_t *)(void *)(xt + (g * nc + c) * 1024);
+            for (int n = 0; n < AMX_TOK; n++) {
+                const int64_t t = g * AMX_TOK + n;
+                if (t < J->T) {
+                    const int8_t *src = xq + t * row + c * 64;
+                    for (int r = 0; r < 16; r++) memcpy(dst + r * 16 + n, src + 4 * r, 4);
+                } else {
+                    for (int r = 0; r < 16; r++) dst[r * 16 + n] = 0;
+                }
+            }
+        }
+}
+
+#ifdef SPECTRA_AMX
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg_t;
+
+static void *amx_panel_get(size_t need) { /* per thread, apart from scratch_get's (the caller's thread runs rows too) */
+    static _Thread_local void *panel = NULL;
+    static _Thread_local size_t size = 0;
+    if (need > size) {
+        free(panel);
+        size = 0;
+        panel = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        if (!panel) return NULL;
+        size = need;
+    }
+    return panel;
+}
+
+/* Rows n .. n+31 (zeros past n1) -> panel [chunk][32][64] of codes, TQ2_0: field l of a block's bytes is chunk 4b+l. */
+TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, uint8_t *panel) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const int64_t rowb = J->nb * QB;
+    for (int m = 0; m < AMX_ROWS; m++) {
+        if (n + m >= n1) {
+            for (int64_t c = 0; c < J->nb * 4; c++) _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t *w = J->qs + (n + m) * rowb;
+        for (int64_t b = 0; b < J->nb; b++) {
+            PREFETCH(w + b * QB + PREFETCH_BYTES);
+            const __m512i v = _mm512_loadu_si512(w + b * QB);
+            uint8_t *p = panel + (4 * b * AMX_ROWS + m) * 64;
+            _mm512_store_si512(p, _mm512_and_si512(v, m3));
+            _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3));
+            _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3));
+            _mm512_store_si512(p + 3 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 6), m3));
+        }
+    }
+}
+
+/* The same for TQ1_0 (tq1_decode: code 0, then codes 1..4 as the 2-bit fields of fa): chunk 5b + n holds code n. */
+TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1, uint8_t *panel) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const tq1_tables_t L = tq1_tables_load();
+    const int64_t rowb = J->nb * TQ1_CB;
+    for (int m = 0; m < AMX_ROWS; m++) {
+        if (n + m >= n1) {
+            for (int64_t c = 0; c < J->nb * 5; c++) _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t *w = J->qs + (n + m) * rowb;
+        for (int64_t b = 0; b < J->nb; b++) {
+            PREFETCH(w + b * TQ1_CB + PREFETCH_BYTES);
+            __m512i fa, fb;
+            tq1_decode(w + b * TQ1_CB, &L, &fa, &fb);
+            uint8_t *p = panel + (5 * b * AMX_ROWS + m) * 64;
+            _mm512_store_si512(p, fb);
+            _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(fa, m3));
+            _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 2), m3));
+            _mm512_store_si512(p + 3 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 4), m3));
+            _mm512_store_si512(p + 4 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 6), m3));
+        }
+    }
+}
+
+/* y for rows n .. n+31 (those below n1) and tokens t0 .. t0 + 16 * ntg - 1 (those below T), ntg = 1 or 2. */
+TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_t *J, const uint8_t *panel,
+                                                                      const int8_t *xt, int64_t n, int64_t n1,
+                                                                      int64_t tg, const int ntg, const int nat,
+                                                                      int32_t *cbuf, float *yv) {
+    const int64_t cpb = amx_cpb(J), nc = J->nb * cpb;
+    const int8_t *x0 = xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
+    for (int i = 0; i < AMX_ROWS * AMX_TOK * 2; i++) yv[i] = 0.0f;
+    for (int64_t s = 0; s < J->S; s++) {
+        _tile_zero(0);
+        if (nat == 2) _tile_zero(1);
+        if (ntg == 2) _tile_zero(2);
+        if (ntg == 2 && nat == 2) _tile_zero(3);
+        for (int64_t c = J->bounds[s] * cpb; c < J->bounds[s + 1] * cpb; c++) {
+            const uint8_t *a = panel + c * AMX_ROWS * 64;
+            _tile_loadd(4, a, 64);
+            if (nat == 2) _tile_loadd(5, a + 16 * 64, 64);
+            _tile_loadd(6, x0 + c * 1024, 64);
+            _tile_dpbusd(0, 4, 6);
+            if (nat == 2) _tile_dpbusd(1, 5, 6);
+            if (ntg == 2) {
+                _tile_loadd(7, x1 + c * 1024, 64);
+                _tile_dpbusd(2, 4, 7);
+                if (nat == 2) _tile_dpbusd(3, 5, 7);
+            }
+        }
+        /* cbuf [ntg][32 rows][16 tokens] */
+        _tile_stored(0, cbuf, 64);
+        if (nat == 2) _tile_stored(1, cbuf + 256, 64);
+        if (ntg == 2) _tile_stored(2, cbuf + 512, 64);
+        if (ntg == 2 && nat == 2) _tile_stored(3, cbuf + 768, 64);
+        for (int g = 0; g < ntg; g++)
+            for (int m = 0; m < AMX_ROWS && n + m < n1; m++) {
+                const float d = J->seg_d[(n + m) * J->S + s];
+                for (int k = 0; k < AMX_TOK; k++) {
+                    const int64_t t = (tg + g) * AMX_TOK + k;
+                    if (t >= J->T) break;
+                    float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK + k;
+                    *yp = *yp + d * (float)(cbuf[(g * AMX_ROWS + m) * AMX_TOK + k] - J->bsum[t * J->S + s]);
+                }
+            }
+    }
+    for (int g = 0; g < ntg; g++)
+        for (int m = 0; m < AMX_ROWS && n + m < n1; m++)
+            for (int k = 0; k < AMX_TOK; k++) {
+                const int64_t t = (tg + g) * AMX_TOK + k;
+                if (t >= J->T) break;
+                J->y[t * J->N + n + m] = yv[(g * AMX_ROWS + m) * AMX_TOK + k] * J->xs[t];
+            }
+}
+
+/* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the panel cannot be allocated. */
+TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
+    const int64_t nc = J->nb * amx_cpb(J), G = (J->T + AMX_TOK - 1) / AMX_TOK;
+    uint8_t *panel = (uint8_t *)amx_panel_get((size_t)(nc * AMX_ROWS * 64));
+    if (!panel) return 0;
+    amx_cfg_t cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
+    int32_t cbuf[2 * AMX_ROWS * AMX_TOK] __attribute__((aligned(64)));
+    float yv[2 * AMX_ROWS * AMX_TOK];
+    for (int64_t n = n0; n < n1; n += AMX_ROWS) {
+        if (J->fmt == FMT_TQ1) amx_decode_tq1(J, n, n1, panel);
+        else amx_decode_tq2(J, n, n1, panel);
+        int64_t tg = 0;
+        if (n1 - n > 16) {
+            for (; tg + 2 <= G; tg += 2) amx_pass(J, panel, J->xt, n, n1, tg, 2, 2, cbuf, yv);
+            if (tg < G) amx_pass(J, panel, J->xt, n, n1, tg, 1, 2, cbuf, yv);
+        } else { /* the last rows of a range: one A tile */
+            for (; tg + 2 <= G; tg += 2) amx_pass(J, panel, J->xt, n, n1, tg, 2, 1, cbuf, yv);
+            if (tg < G) amx_pass(J, panel, J->xt, n, n1, tg, 1, 1, cbuf, yv);
+        }
+    }
+    _tile_release();
+    return 1;
+}
+#endif /* SPECTRA_AMX */
+
+/* Run the AMX GEMM on rows [n0, n1) if it applies and the activations were prepared (J->xt); 1 when done. */
+static int amx_run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
+#ifdef SPECTRA_AMX
+    if (J->xt && amx_applies(path, J)) return amx_rows(J, n0, n1);
+#else
+    (void)path, (void)J, (void)n0, (void)n1;
+#endif
+    return 0;
+}
