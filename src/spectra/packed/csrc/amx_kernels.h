@@ -157,6 +157,30 @@ TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1
     }
 }
 
+/* In place: r[k] lane m becomes r[m] lane k (a 16 x 16 transpose of floats; only moves, so values are unchanged). */
+TARGET_AMX static inline void transpose16_ps(__m512 *r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* u[4i + j]: rows 4i..4i+3, column j (+4, +8, +12 in the other 128-bit lanes) */
+        u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);
+        const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+        const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+        r[j + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[j + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+    }
+}
+
 /* y for rows n .. n+31 (those below n1) and tokens t0 .. t0 + 16 * ntg - 1 (those below T), ntg = 1 or 2. */
 TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_t *J, const uint8_t *panel,
                                                                       const int8_t *xt, int64_t n, int64_t n1,
@@ -164,7 +188,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_
                                                                       int32_t *cbuf, float *yv) {
     const int64_t cpb = amx_cpb(J), nc = J->nb * cpb;
     const int8_t *x0 = xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
-    for (int i = 0; i < AMX_ROWS * AMX_TOK * 2; i++) yv[i] = 0.0f;
+    for (int i = 0; i < AMX_ROWS * AMX_TOK * 2; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
     for (int64_t s = 0; s < J->S; s++) {
         _tile_zero(0);
         if (nat == 2) _tile_zero(1);
@@ -188,24 +212,44 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_
         if (nat == 2) _tile_stored(1, cbuf + 256, 64);
         if (ntg == 2) _tile_stored(2, cbuf + 512, 64);
         if (ntg == 2 && nat == 2) _tile_stored(3, cbuf + 768, 64);
-        for (int g = 0; g < ntg; g++)
+        /* Vector epilogue over 16 tokens per row: lane by lane the scalar epilogue's float32 operations. */
+        for (int g = 0; g < ntg; g++) {
+            const int64_t t0 = (tg + g) * AMX_TOK;
+            const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
+            __m512i bs;
+            if (J->S == 1) {
+                bs = _mm512_maskz_loadu_epi32(live, J->bsum + t0);
+            } else {
+                int32_t tmp[16] = {0};
+                for (int k = 0; k < 16 && t0 + k < J->T; k++) tmp[k] = J->bsum[(t0 + k) * J->S + s];
+                bs = _mm512_loadu_si512(tmp);
+            }
             for (int m = 0; m < AMX_ROWS && n + m < n1; m++) {
-                const float d = J->seg_d[(n + m) * J->S + s];
-                for (int k = 0; k < AMX_TOK; k++) {
-                    const int64_t t = (tg + g) * AMX_TOK + k;
-                    if (t >= J->T) break;
-                    float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK + k;
-                    *yp = *yp + d * (float)(cbuf[(g * AMX_ROWS + m) * AMX_TOK + k] - J->bsum[t * J->S + s]);
-                }
+                const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cbuf + (g * AMX_ROWS + m) * 16), bs));
+                float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK;
+                _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
             }
+        }
     }
-    for (int g = 0; g < ntg; g++)
-        for (int m = 0; m < AMX_ROWS && n + m < n1; m++)
-            for (int k = 0; k < AMX_TOK; k++) {
-                const int64_t t = (tg + g) * AMX_TOK + k;
-                if (t >= J->T) break;
-                J->y[t * J->N + n + m] = yv[(g * AMX_ROWS + m) * AMX_TOK + k] * J->xs[t];
-            }
+    /* y is [T, N]: write each token's 16 rows as one 64-byte store after a 16 x 16 transpose. (Scattering a row's
+     * 16 tokens touched 16 lines N floats apart, which for N a multiple of 1024 all fall in one L1 set.) */
+    for (int g = 0; g < ntg; g++) {
+        const int64_t t0 = (tg + g) * AMX_TOK;
+        if (t0 >= J->T) break;
+        const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
+        const __m512 xs = _mm512_maskz_loadu_ps(live, J->xs + t0);
+        for (int h = 0; h < nat; h++) {
+            const int64_t nh = n + 16 * h;
+            if (nh >= n1) break;
+            const __mmask16 rows = (__mmask16)(n1 - nh >= 16 ? 0xffff : (1u << (n1 - nh)) - 1);
+            __m512 r[16];
+            for (int m = 0; m < 16; m++)
+                r[m] = _mm512_mul_ps(_mm512_load_ps(yv + (g * AMX_ROWS + 16 * h + m) * AMX_TOK), xs);
+            transpose16_ps(r);
+            for (int k = 0; k < 16 && t0 + k < J->T; k++) _mm512_mask_storeu_ps(J->y + (t0 + k) * J->N + nh, rows, r[k]);
+        }
+    }
 }
 
 /* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the panel cannot be allocated. */
@@ -219,7 +263,7 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
     _tile_loadconfig(&cfg);
     int32_t cbuf[2 * AMX_ROWS * AMX_TOK] __attribute__((aligned(64)));
-    float yv[2 * AMX_ROWS * AMX_TOK];
+    float yv[2 * AMX_ROWS * AMX_TOK] __attribute__((aligned(64)));
     for (int64_t n = n0; n < n1; n += AMX_ROWS) {
         if (J->fmt == FMT_TQ1) amx_decode_tq1(J, n, n1, panel);
         else amx_decode_tq2(J, n, n1, panel);
