@@ -25,6 +25,9 @@
 #define AMX_MIN_T 5     /* fewer tokens: the GEMV kernels (one weight read, no tile overhead) */
 #define AMX_ROWS 32     /* weight rows per panel (two A tiles) */
 #define AMX_TOK 16      /* tokens per B tile */
+#ifndef AMX_SLICE
+#define AMX_SLICE 2 /* blocks per panel slice: 32 rows x 2 blocks of codes = 16 KiB (TQ2_0), 20 KiB (TQ1_0), in L1 */
+#endif
 
 static int amx_on = -1; /* -1: not probed; 0: unavailable or switched off (set_amx); 1: in use */
 static int amx_avail = 0;
@@ -110,20 +113,22 @@ static void *amx_panel_get(size_t need) { /* per thread, apart from scratch_get'
     return panel;
 }
 
-/* Rows n .. n+31 (zeros past n1) -> panel [chunk][32][64] of codes, TQ2_0: field l of a block's bytes is chunk 4b+l. */
-TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, uint8_t *panel) {
+/* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> panel [chunk - 4 b0][32][64] of codes. TQ2_0: field l of a
+ * block's 64 code bytes is its chunk l. */
+TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1, uint8_t *panel) {
     const __m512i m3 = _mm512_set1_epi8(3);
     const int64_t rowb = J->nb * QB;
     for (int m = 0; m < AMX_ROWS; m++) {
         if (n + m >= n1) {
-            for (int64_t c = 0; c < J->nb * 4; c++) _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
+            for (int64_t c = 0; c < (b1 - b0) * 4; c++)
+                _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
             continue;
         }
         const uint8_t *w = J->qs + (n + m) * rowb;
-        for (int64_t b = 0; b < J->nb; b++) {
+        for (int64_t b = b0; b < b1; b++) {
             PREFETCH(w + b * QB + PREFETCH_BYTES);
             const __m512i v = _mm512_loadu_si512(w + b * QB);
-            uint8_t *p = panel + (4 * b * AMX_ROWS + m) * 64;
+            uint8_t *p = panel + (4 * (b - b0) * AMX_ROWS + m) * 64;
             _mm512_store_si512(p, _mm512_and_si512(v, m3));
             _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3));
             _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3));
@@ -132,22 +137,25 @@ TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, uin
     }
 }
 
-/* The same for TQ1_0 (tq1_decode: code 0, then codes 1..4 as the 2-bit fields of fa): chunk 5b + n holds code n. */
-TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1, uint8_t *panel) {
+/* The same for TQ1_0 (tq1_decode: code 0, then codes 1..4 as the 2-bit fields of fa): chunk n of a block holds code
+ * n of its 52 code bytes (0 in the 12 bytes past them). */
+TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1,
+                                           uint8_t *panel) {
     const __m512i m3 = _mm512_set1_epi8(3);
     const tq1_tables_t L = tq1_tables_load();
     const int64_t rowb = J->nb * TQ1_CB;
     for (int m = 0; m < AMX_ROWS; m++) {
         if (n + m >= n1) {
-            for (int64_t c = 0; c < J->nb * 5; c++) _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
+            for (int64_t c = 0; c < (b1 - b0) * 5; c++)
+                _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
             continue;
         }
         const uint8_t *w = J->qs + (n + m) * rowb;
-        for (int64_t b = 0; b < J->nb; b++) {
+        for (int64_t b = b0; b < b1; b++) {
             PREFETCH(w + b * TQ1_CB + PREFETCH_BYTES);
             __m512i fa, fb;
             tq1_decode(w + b * TQ1_CB, &L, &fa, &fb);
-            uint8_t *p = panel + (5 * b * AMX_ROWS + m) * 64;
+            uint8_t *p = panel + (5 * (b - b0) * AMX_ROWS + m) * 64;
             _mm512_store_si512(p, fb);
             _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(fa, m3));
             _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 2), m3));
@@ -181,65 +189,77 @@ TARGET_AMX static inline void transpose16_ps(__m512 *r) {
     }
 }
 
-/* y for rows n .. n+31 (those below n1) and tokens t0 .. t0 + 16 * ntg - 1 (those below T), ntg = 1 or 2. */
-TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_t *J, const uint8_t *panel,
-                                                                      const int8_t *xt, int64_t n, int64_t n1,
-                                                                      int64_t tg, const int ntg, const int nat,
-                                                                      int32_t *cbuf, float *yv) {
-    const int64_t cpb = amx_cpb(J), nc = J->nb * cpb;
-    const int8_t *x0 = xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
-    for (int i = 0; i < AMX_ROWS * AMX_TOK * 2; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
-    for (int64_t s = 0; s < J->S; s++) {
+/* One panel slice (chunks [c0, c1) of segment s, in the panel from chunk 0) against token groups tg, tg + 1 (ntg of
+ * them) for the panel's 16 * nat rows. C starts at zero (first slice of the segment) or from cacc; it is saved to cacc
+ * or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector epilogue: lane by lane the
+ * scalar epilogue's float32 operations. */
+TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_t *J, const uint8_t *panel,
+                                                                      int64_t c0, int64_t c1, int64_t s, int first,
+                                                                      int last, int64_t n, int64_t n1, int64_t tg,
+                                                                      const int ntg, const int nat, int32_t *cacc,
+                                                                      float *yv) {
+    const int64_t nc = J->nb * amx_cpb(J);
+    const int8_t *x0 = J->xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
+    if (first) {
         _tile_zero(0);
         if (nat == 2) _tile_zero(1);
         if (ntg == 2) _tile_zero(2);
         if (ntg == 2 && nat == 2) _tile_zero(3);
-        for (int64_t c = J->bounds[s] * cpb; c < J->bounds[s + 1] * cpb; c++) {
-            const uint8_t *a = panel + c * AMX_ROWS * 64;
-            _tile_loadd(4, a, 64);
-            if (nat == 2) _tile_loadd(5, a + 16 * 64, 64);
-            _tile_loadd(6, x0 + c * 1024, 64);
-            _tile_dpbusd(0, 4, 6);
-            if (nat == 2) _tile_dpbusd(1, 5, 6);
-            if (ntg == 2) {
-                _tile_loadd(7, x1 + c * 1024, 64);
-                _tile_dpbusd(2, 4, 7);
-                if (nat == 2) _tile_dpbusd(3, 5, 7);
-            }
-        }
-        /* cbuf [ntg][32 rows][16 tokens] */
-        _tile_stored(0, cbuf, 64);
-        if (nat == 2) _tile_stored(1, cbuf + 256, 64);
-        if (ntg == 2) _tile_stored(2, cbuf + 512, 64);
-        if (ntg == 2 && nat == 2) _tile_stored(3, cbuf + 768, 64);
-        /* Vector epilogue over 16 tokens per row: lane by lane the scalar epilogue's float32 operations. */
-        for (int g = 0; g < ntg; g++) {
-            const int64_t t0 = (tg + g) * AMX_TOK;
-            const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
-            __m512i bs;
-            if (J->S == 1) {
-                bs = _mm512_maskz_loadu_epi32(live, J->bsum + t0);
-            } else {
-                int32_t tmp[16] = {0};
-                for (int k = 0; k < 16 && t0 + k < J->T; k++) tmp[k] = J->bsum[(t0 + k) * J->S + s];
-                bs = _mm512_loadu_si512(tmp);
-            }
-            for (int m = 0; m < AMX_ROWS && n + m < n1; m++) {
-                const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
-                const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cbuf + (g * AMX_ROWS + m) * 16), bs));
-                float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK;
-                _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
-            }
+    } else {
+        _tile_loadd(0, cacc, 64);
+        if (nat == 2) _tile_loadd(1, cacc + 256, 64);
+        if (ntg == 2) _tile_loadd(2, cacc + 512, 64);
+        if (ntg == 2 && nat == 2) _tile_loadd(3, cacc + 768, 64);
+    }
+    for (int64_t c = c0; c < c1; c++) {
+        const uint8_t *a = panel + (c - c0) * AMX_ROWS * 64;
+        _tile_loadd(4, a, 64);
+        if (nat == 2) _tile_loadd(5, a + 16 * 64, 64);
+        _tile_loadd(6, x0 + c * 1024, 64);
+        _tile_dpbusd(0, 4, 6);
+        if (nat == 2) _tile_dpbusd(1, 5, 6);
+        if (ntg == 2) {
+            _tile_loadd(7, x1 + c * 1024, 64);
+            _tile_dpbusd(2, 4, 7);
+            if (nat == 2) _tile_dpbusd(3, 5, 7);
         }
     }
-    /* y is [T, N]: write each token's 16 rows as one 64-byte store after a 16 x 16 transpose. (Scattering a row's
-     * 16 tokens touched 16 lines N floats apart, which for N a multiple of 1024 all fall in one L1 set.) */
+    _tile_stored(0, cacc, 64); /* cacc [ntg][32 rows][16 tokens] */
+    if (nat == 2) _tile_stored(1, cacc + 256, 64);
+    if (ntg == 2) _tile_stored(2, cacc + 512, 64);
+    if (ntg == 2 && nat == 2) _tile_stored(3, cacc + 768, 64);
+    if (!last) return;
     for (int g = 0; g < ntg; g++) {
+        const int64_t t0 = (tg + g) * AMX_TOK;
+        const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
+        __m512i bs;
+        if (J->S == 1) {
+            bs = _mm512_maskz_loadu_epi32(live, J->bsum + t0);
+        } else {
+            int32_t tmp[16] = {0};
+            for (int k = 0; k < 16 && t0 + k < J->T; k++) tmp[k] = J->bsum[(t0 + k) * J->S + s];
+            bs = _mm512_loadu_si512(tmp);
+        }
+        for (int m = 0; m < 16 * nat && n + m < n1; m++) {
+            const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
+            const __m512i acc = _mm512_load_si512(cacc + (g * AMX_ROWS + m) * 16);
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, bs));
+            float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK;
+            _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
+        }
+    }
+}
+
+/* y for the panel's rows and token groups tg, tg + 1 (yv as in amx_step): each token's 16 rows as one 64-byte store
+ * after a 16 x 16 transpose (scattering a row's 16 tokens touched 16 lines N floats apart, which for N a multiple of
+ * 1024 all fall in one L1 set). */
+TARGET_AMX static void amx_store(const job_t *J, const float *yv, int64_t n, int64_t n1, int64_t tg) {
+    for (int g = 0; g < 2; g++) {
         const int64_t t0 = (tg + g) * AMX_TOK;
         if (t0 >= J->T) break;
         const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
         const __m512 xs = _mm512_maskz_loadu_ps(live, J->xs + t0);
-        for (int h = 0; h < nat; h++) {
+        for (int h = 0; h < 2; h++) {
             const int64_t nh = n + 16 * h;
             if (nh >= n1) break;
             const __mmask16 rows = (__mmask16)(n1 - nh >= 16 ? 0xffff : (1u << (n1 - nh)) - 1);
@@ -252,29 +272,45 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_pass(const job_
     }
 }
 
-/* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the panel cannot be allocated. */
+/* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the buffers cannot be allocated. Per panel of 32 rows
+ * and scale segment, the weights are decoded AMX_SLICE blocks at a time into an L1-sized panel slice that every token
+ * group then reads; the C tiles of each pair of token groups wait in cacc between slices. */
 TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t nc = J->nb * amx_cpb(J), G = (J->T + AMX_TOK - 1) / AMX_TOK;
-    uint8_t *panel = (uint8_t *)amx_panel_get((size_t)(nc * AMX_ROWS * 64));
+    const int64_t cpb = amx_cpb(J), G = (J->T + AMX_TOK - 1) / AMX_TOK, P = (G + 1) / 2;
+    const size_t panel_bytes = (size_t)(AMX_SLICE * cpb * AMX_ROWS * 64), pair_bytes = 2 * AMX_ROWS * AMX_TOK * 4;
+    uint8_t *panel = (uint8_t *)amx_panel_get(panel_bytes + 2 * (size_t)P * pair_bytes);
     if (!panel) return 0;
+    int32_t *cacc = (int32_t *)(void *)(panel + panel_bytes);
+    float *yv = (float *)(void *)(panel + panel_bytes + (size_t)P * pair_bytes);
+    const int64_t pair_words = (int64_t)(pair_bytes / 4);
     amx_cfg_t cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.palette = 1;
     for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
     _tile_loadconfig(&cfg);
-    int32_t cbuf[2 * AMX_ROWS * AMX_TOK] __attribute__((aligned(64)));
-    float yv[2 * AMX_ROWS * AMX_TOK] __attribute__((aligned(64)));
     for (int64_t n = n0; n < n1; n += AMX_ROWS) {
-        if (J->fmt == FMT_TQ1) amx_decode_tq1(J, n, n1, panel);
-        else amx_decode_tq2(J, n, n1, panel);
-        int64_t tg = 0;
-        if (n1 - n > 16) {
-            for (; tg + 2 <= G; tg += 2) amx_pass(J, panel, J->xt, n, n1, tg, 2, 2, cbuf, yv);
-            if (tg < G) amx_pass(J, panel, J->xt, n, n1, tg, 1, 2, cbuf, yv);
-        } else { /* the last rows of a range: one A tile */
-            for (; tg + 2 <= G; tg += 2) amx_pass(J, panel, J->xt, n, n1, tg, 2, 1, cbuf, yv);
-            if (tg < G) amx_pass(J, panel, J->xt, n, n1, tg, 1, 1, cbuf, yv);
-        }
+        const int two = n1 - n > 16; /* else the last rows of a range: one A tile */
+        for (int64_t i = 0; i < P * pair_words; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
+        for (int64_t s = 0; s < J->S; s++)
+            for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += AMX_SLICE) {
+                const int64_t b1 = b0 + AMX_SLICE < J->bounds[s + 1] ? b0 + AMX_SLICE : J->bounds[s + 1];
+                if (J->fmt == FMT_TQ1) amx_decode_tq1(J, n, n1, b0, b1, panel);
+                else amx_decode_tq2(J, n, n1, b0, b1, panel);
+                const int first = b0 == J->bounds[s], last = b1 == J->bounds[s + 1];
+                for (int64_t p = 0; p < P; p++) {
+                    int32_t *ca = cacc + p * pair_words;
+                    float *yp = yv + p * pair_words;
+                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb;
+                    if (tg + 1 < G) {
+                        if (two) amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
+                        else amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
+                    } else {
+                        if (two) amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 2, ca, yp);
+                        else amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 1, ca, yp);
+                    }
+                }
+            }
+        for (int64_t p = 0; p < P; p++) amx_store(J, yv + p * pair_words, n, n1, 2 * p);
     }
     _tile_release();
     return 1;
