@@ -34,6 +34,11 @@ kernels (`csrc/tq1_kernels.h`), which decode the codes in registers and then mak
 epilogue: their outputs equal the TQ2_0 kernels' on the same codes, bit for bit. The `avx512vnni` path decodes TQ1_0
 with byte-table lookups (`vpermi2b`, AVX-512 VBMI) and falls back to the AVX2 code on CPUs without VBMI.
 
+On CPUs with AMX-INT8 the `avx512vnni` path computes products of 5 or more tokens (prefill, batched decoding) on the
+tile unit (`csrc/amx_kernels.h`): 32 weight rows are decoded to one code byte per weight, two blocks at a time, and
+multiplied by 16-token tiles of the int8 activations with `tdpbusd`. The integer sums are the same, so are the outputs;
+`use_amx(False)` switches it off.
+
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
 The environment variable SPECTRA_KERNEL overrides `auto`. Threads (OpenMP, shared with torch's runtime) take
@@ -76,6 +81,14 @@ def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions the CPU and OS support (as seen by the compiled extension; {} without it)."""
     ext = extension()
     return dict(ext.cpu_features()) if ext is not None else {}
+
+
+def use_amx(on: bool = True) -> bool:
+    """Let the `avx512vnni` path hand products of 5 or more tokens to the AMX-INT8 tile unit where the CPU has one
+    (Intel Sapphire Rapids and later; the default) or not (`on=False`: the AVX-512 GEMM, for A/B runs). Results are
+    bit-identical either way. Returns whether AMX was in use before; False without AMX or without the extension."""
+    ext = extension()
+    return bool(ext.set_amx(on)) if ext is not None else False
 
 
 def supported_paths() -> list[str]:

@@ -1,0 +1,85 @@
+"""The AMX-INT8 GEMM (csrc/amx_kernels.h) equals the pure-torch reference and the AVX-512 GEMM bit for bit: TQ2_0 and
+TQ1_0 codes, token counts around its 16-token tiles and 32-row panels, ragged row counts, several scale segments,
+one and two threads, matmul and matmul_group."""
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.packed import formats as F
+from spectra.packed import kernels as K
+
+HAS_AMX = K.extension() is not None and K.cpu_features().get("amx_int8", False)
+pytestmark = pytest.mark.skipif(
+    not HAS_AMX or "avx512vnni" not in K.supported_paths(), reason="needs a CPU with AMX-INT8 and the C extension"
+)
+
+
+def _both(N, Kdim, shards=1, dim=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
+    codes[N // 2, : min(Kdim, 512)] = 0  # all-zero blocks
+    qs, d = F.blocks_from_ternary(codes, 0.01 + 0.04 * torch.rand(shards, generator=g), dim)
+    bounds, seg_d = F.scale_segments(d)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, F.tq1_code_bytes(qs), bounds, seg_d))
+
+
+@pytest.fixture
+def amx_off_after():
+    yield
+    K.use_amx(True)
+
+
+def _vnni(x, *args, **kw):
+    before = K.use_amx(False)
+    try:
+        return K.ternary_matmul(x, *args, path="avx512vnni", **kw)
+    finally:
+        K.use_amx(before)
+
+
+@pytest.mark.parametrize("T", [5, 15, 16, 17, 32, 33, 67])
+def test_amx_equals_reference_and_avx512(T):
+    # rows: fewer than one tile, one panel and a half (the one-A-tile tail), several panels; 1, 2 and 3 segments
+    for N, Kdim, shards, dim in ((9, 256, 1, 0), (48, 1536, 3, 1), (100, 768, 2, 0), (70, 1024, 1, 0)):
+        qs, q1, bounds, seg_d = _both(N, Kdim, shards, dim, seed=T + N)
+        x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
+        x[0, 5] = 40.0
+        x[1] = 0.0  # amax 0
+        ref = K.reference_matmul(x, qs, bounds, seg_d)
+        for threads in (1, 2):
+            y2 = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni", n_threads=threads)
+            y1 = K.ternary_matmul(x, q1, bounds, seg_d, fmt="tq1_0", path="avx512vnni", n_threads=threads)
+            assert torch.equal(y2, ref), f"TQ2 T={T} N={N} K={Kdim} threads={threads}"
+            assert torch.equal(y1, ref), f"TQ1 T={T} N={N} K={Kdim} threads={threads}"
+        assert torch.equal(_vnni(x, qs, bounds, seg_d), ref)
+        assert torch.equal(_vnni(x, q1, bounds, seg_d, fmt="tq1_0"), ref)
+
+
+def test_amx_per_block_scales_non_finite_input_and_mixed_group():
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((40, 1280)).astype(np.float32)
+    qs, d = F.blocks_from_weight(W, lossy=True)  # a scale per block: 5 segments
+    bounds, seg_d = F.scale_segments(d)
+    args = [torch.from_numpy(a) for a in (qs, bounds, seg_d)]
+    q1 = torch.from_numpy(F.tq1_code_bytes(qs))
+    x = torch.randn(20, 1280)
+    x[2, 3] = float("nan")
+    x[17, 9] = float("inf")
+    ref = K.reference_matmul(x, *args)
+    ok = torch.ones(20, dtype=torch.bool)
+    ok[[2, 17]] = False
+    y = K.ternary_matmul(x, *args, path="avx512vnni")
+    assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
+    other = _both(38, 1280, 2, 0, seed=5)
+    mats = [(*args, "tq2_0"), (q1, args[1], args[2], "tq1_0"), (other[1], other[2], other[3], "tq1_0")]
+    ys = K.ternary_matmul_group(x, mats, path="avx512vnni", n_threads=2)
+    for yg, m in zip(ys, mats):
+        r = K.reference_matmul(x, *m[:3], fmt=m[3])
+        assert torch.equal(yg[ok], r[ok]) and yg[~ok].isnan().all()
+
+
+def test_use_amx_switch(amx_off_after):
+    assert K.use_amx(False) is True  # on by default where available
+    assert K.use_amx(True) is False
+    assert K.use_amx(True) is True
