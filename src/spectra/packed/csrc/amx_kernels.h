@@ -22,7 +22,9 @@
  * at import); each call loads the tile configuration on its own thread and releases it at the end.
  */
 
-#define AMX_MIN_T 5     /* fewer tokens: the GEMV kernels (one weight read, no tile overhead) */
+#ifndef AMX_MIN_T
+#define AMX_MIN_T 5 /* fewer tokens: the GEMV kernels (one weight read, no tile overhead) */
+#endif
 #define AMX_ROWS 32     /* weight rows per panel (two A tiles) */
 #define AMX_TOK 16      /* tokens per B tile */
 #ifndef AMX_SLICE
