@@ -13,6 +13,9 @@ hardware-prefetcher restart at every page boundary. The ternary GEMV is therefor
 allocated (torch / numpy heap memory, mostly 4 KiB pages) and on copies moved to 2 MiB pages with
 `spectra.packed.kernels.use_huge_pages`; the memory floor is a plain read of 96 MiB on each page size.
 
+On CPUs with AMX-INT8 the batch GEMM runs on the tile unit; it is also timed with AMX switched off (the AVX-512
+GEMM) and the speedup printed.
+
 TQ1_0 (base 3, 52 code bytes per 256 weights: 18.75 % fewer bytes than TQ2_0's 64) is timed the same way on the same
 codes, streamed (both page sizes), L3-resident and as the batch GEMM; the last lines give TQ1/TQ2 time ratios (below
 1: TQ1 faster).
@@ -148,6 +151,20 @@ def bench(size: int, batch: int, threads: int, rounds: int, path: str, verbose: 
         f"gemm{batch} torch bf16": (linear(xb.bfloat16(), w16), n_bf16),
         f"gemm{batch} torch fp32": (linear(xb, w32), n_fp32),
     }
+    if pid is not None and K.cpu_features().get("amx_int8"):  # the AVX-512 GEMM, which the AMX one replaces here
+
+        def no_amx(fn):
+            def call(i):
+                K.use_amx(False)
+                try:
+                    fn(i)
+                finally:
+                    K.use_amx(True)
+
+            return call
+
+        methods[f"gemm{batch} ternary, AMX off"] = (no_amx(ours(xb, yb)), n_tern)
+        methods[f"gemm{batch} TQ1, AMX off"] = (no_amx(ours(xb, yb, tq1)), n_tq1)
     for fn, calls in methods.values():  # warm up (page in every matrix)
         _time(fn, calls)
     best = {name: float("inf") for name in methods}
@@ -225,6 +242,12 @@ def main() -> None:
             f"{2 * n * n * b / gemm / 1e9:.0f} GOP/s), {t[f'gemm{b} torch bf16'] / gemm:.1f}x torch bf16, "
             f"{t[f'gemm{b} torch fp32'] / gemm:.1f}x fp32"
         )
+        if f"gemm{b} ternary, AMX off" in t:
+            print(
+                f"[{c}] AMX GEMM speedup over the AVX-512 GEMM, batch {b}: TQ2_0 "
+                f"{t[f'gemm{b} ternary, AMX off'] / gemm:.2f}x, TQ1_0 "
+                f"{t[f'gemm{b} TQ1, AMX off'] / t[f'gemm{b} TQ1 kernel']:.2f}x"
+            )
 
 
 if __name__ == "__main__":
