@@ -115,6 +115,20 @@ static void *amx_panel_get(size_t need) { /* per thread, apart from scratch_get'
     return panel;
 }
 
+/* A panel reads its 32 rows a slice at a time: 32 streams, too many for the hardware prefetchers. Each block decoded
+ * fetches the block AMX_AHEAD slices later in its row into L1, or past the row's end the same offset in the row 32
+ * further on (the next panel). A stray prefetch past the matrix is harmless (it never faults). */
+#ifndef AMX_AHEAD
+#define AMX_AHEAD 2
+#endif
+#define AMX_PREFETCH(w, b, nb, rowb, bytes)                                                                       \
+    do {                                                                                                        \
+        const int64_t ahead_ = (b) + AMX_AHEAD * AMX_SLICE;                                                     \
+        const uint8_t *p_ = ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + AMX_ROWS * (rowb) + (ahead_ - (nb)) * (bytes); \
+        _mm_prefetch((const char *)p_, _MM_HINT_T0);                                                            \
+        if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, _MM_HINT_T0);                          \
+    } while (0)
+
 /* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> panel [chunk - 4 b0][32][64] of codes. TQ2_0: field l of a
  * block's 64 code bytes is its chunk l. */
 TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1, uint8_t *panel) {
@@ -128,7 +142,7 @@ TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, int
         }
         const uint8_t *w = J->qs + (n + m) * rowb;
         for (int64_t b = b0; b < b1; b++) {
-            PREFETCH(w + b * QB + PREFETCH_BYTES);
+            AMX_PREFETCH(w, b, J->nb, rowb, QB);
             const __m512i v = _mm512_loadu_si512(w + b * QB);
             uint8_t *p = panel + (4 * (b - b0) * AMX_ROWS + m) * 64;
             _mm512_store_si512(p, _mm512_and_si512(v, m3));
@@ -154,7 +168,7 @@ TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1
         }
         const uint8_t *w = J->qs + (n + m) * rowb;
         for (int64_t b = b0; b < b1; b++) {
-            PREFETCH(w + b * TQ1_CB + PREFETCH_BYTES);
+            AMX_PREFETCH(w, b, J->nb, rowb, TQ1_CB);
             __m512i fa, fb;
             tq1_decode(w + b * TQ1_CB, &L, &fa, &fb);
             uint8_t *p = panel + (5 * (b - b0) * AMX_ROWS + m) * 64;
