@@ -75,25 +75,6 @@ static inline size_t amx_xt_bytes(int path, const job_t *J) {
     return (size_t)(((J->T + AMX_TOK - 1) / AMX_TOK) * AMX_TOK * J->nb * amx_cpb(J) * 64);
 }
 
-/* xq [T, nb * cpb * 64] (the kernels' layout for the format) -> xt [T/16][chunk][16][64]: a 16 x 16 transpose of
- * 4-byte groups per chunk and token group; missing tokens are zero. */
-static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) {
-    const int64_t nc = J->nb * amx_cpb(J), row = nc * 64, G = (J->T + AMX_TOK - 1) / AMX_TOK;
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < nc; c++) {
-            int32_t *dst = (int32_t *)(void *)(xt + (g * nc + c) * 1024);
-            for (int n = 0; n < AMX_TOK; n++) {
-                const int64_t t = g * AMX_TOK + n;
-                if (t < J->T) {
-                    const int8_t *src = xq + t * row + c * 64;
-                    for (int r = 0; r < 16; r++) memcpy(dst + r * 16 + n, src + 4 * r, 4);
-                } else {
-                    for (int r = 0; r < 16; r++) dst[r * 16 + n] = 0;
-                }
-            }
-        }
-}
-
 #ifdef SPECTRA_AMX
 typedef struct {
     uint8_t palette, start_row;
@@ -203,6 +184,22 @@ TARGET_AMX static inline void transpose16_ps(__m512 *r) {
         r[j + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
         r[j + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
     }
+}
+
+/* xq [T, nb * cpb * 64] (the kernels' layout for the format) -> xt [T/16][chunk][16][64]: per chunk and token group a
+ * 16 x 16 transpose of 4-byte groups (transpose16_ps only moves bits); missing tokens are zero. */
+TARGET_AMX static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) {
+    const int64_t nc = J->nb * amx_cpb(J), row = nc * 64, G = (J->T + AMX_TOK - 1) / AMX_TOK;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < nc; c++) {
+            __m512 r[16];
+            for (int n = 0; n < AMX_TOK; n++) {
+                const int64_t t = g * AMX_TOK + n;
+                r[n] = t < J->T ? _mm512_castsi512_ps(_mm512_loadu_si512(xq + t * row + c * 64)) : _mm512_setzero_ps();
+            }
+            transpose16_ps(r);
+            for (int k = 0; k < 16; k++) _mm512_storeu_ps((float *)(void *)(xt + (g * nc + c) * 1024 + 64 * k), r[k]);
+        }
 }
 
 /* One panel slice (chunks [c0, c1) of segment s, in the panel from chunk 0) against token groups tg, tg + 1 (ntg of
@@ -332,6 +329,10 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     return 1;
 }
 #endif /* SPECTRA_AMX */
+
+#ifndef SPECTRA_AMX
+static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) { (void)J, (void)xq, (void)xt; } /* never called */
+#endif
 
 /* Run the AMX GEMM on rows [n0, n1) if it applies and the activations were prepared (J->xt); 1 when done. */
 static int amx_run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
