@@ -156,20 +156,25 @@ TARGET_AVX512 static void quantize_row_avx512(const float *x, const job_t *J, in
     const float inv = 127.0f / amax;
     *scale = amax / 127.0f;
     const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    /* Per 64 output bytes (positions 64l + 32h + 16k, elements 128h + 32l + 16k + 0..15): four int32 vectors are
+     * narrowed with saturating packs (int32 -> int16 -> int8: values above 127 become 127, as the clamp makes them)
+     * and a max with -127 (the clamp's lower end), then one dword permute undoes the packs' 128-bit-lane order. The
+     * sum of the 64 bytes is one vpdpbusd against ones (exact). Same bytes and sums as clamping each int32. */
+    const __m512i lo8 = _mm512_set1_epi8(-127), ones = _mm512_set1_epi8(1);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int64_t s = 0; s < J->S; s++) {
         __m512i vsum = _mm512_setzero_si512();
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-            for (int h = 0; h < 2; h++) {
-                for (int l = 0; l < 4; l++) {
-                    for (int k = 0; k < 2; k++) {
-                        const float *src = x + b * QK + 128 * h + 32 * l + 16 * k;
-                        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src), vinv));
-                        r = _mm512_max_epi32(_mm512_min_epi32(r, hi), lo);
-                        vsum = _mm512_add_epi32(vsum, r);
-                        _mm_storeu_si128((__m128i *)(q + b * QK + 64 * l + 32 * h + 16 * k), _mm512_cvtepi32_epi8(r));
-                    }
-                }
+            for (int l = 0; l < 4; l++) {
+                const float *src = x + b * QK + 32 * l;
+                const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src), vinv));
+                const __m512i r1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 16), vinv));
+                const __m512i r2 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 128), vinv));
+                const __m512i r3 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + 144), vinv));
+                __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(r0, r1), _mm512_packs_epi32(r2, r3));
+                p = _mm512_max_epi8(_mm512_permutexvar_epi32(order, p), lo8);
+                vsum = _mm512_dpbusd_epi32(vsum, ones, p);
+                _mm512_storeu_si512(q + b * QK + 64 * l, p);
             }
         }
         bsum[s] = _mm512_reduce_add_epi32(vsum);
