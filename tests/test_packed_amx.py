@@ -83,3 +83,21 @@ def test_use_amx_switch(amx_off_after):
     assert K.use_amx(False) is True  # on by default where available
     assert K.use_amx(True) is False
     assert K.use_amx(True) is True
+
+
+@pytest.mark.parametrize("T", [5, 16, 33])
+def test_amx_int8_weights_equal_reference(T):
+    # the output layer's int8 GEMM: full 32-row panels, a 16-row tail, ragged tails copied into a padded buffer
+    g = torch.Generator().manual_seed(T)
+    for N, Kdim in ((64, 1792), (48, 256), (37, 768), (5, 512)):
+        W = torch.randn(N, Kdim, generator=g) * torch.rand(N, 1, generator=g)
+        W[N // 2] = 0.0
+        u, r = K.quantize_weight_int8(W)
+        x = torch.randn(T, Kdim, generator=g) * 3
+        x[1] = 0.0
+        ref = K.reference_int8_matmul(x, u, r)
+        for threads in (1, 2):
+            assert torch.equal(K.int8_matmul(x, u, r, path="avx512vnni", n_threads=threads), ref), f"T={T} N={N}"
+        before = K.use_amx(False)
+        assert torch.equal(K.int8_matmul(x, u, r, path="avx512vnni"), ref)
+        K.use_amx(before)

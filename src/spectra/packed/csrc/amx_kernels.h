@@ -202,11 +202,12 @@ TARGET_AMX static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt
         }
 }
 
-/* One panel slice (chunks [c0, c1) of segment s, in the panel from chunk 0) against token groups tg, tg + 1 (ntg of
+/* One panel slice (chunks [c0, c1) of segment s; chunk c's 16 * nat rows at abase + (c - c0) * cstep, astride apart) against token groups tg, tg + 1 (ntg of
  * them) for the panel's 16 * nat rows. C starts at zero (first slice of the segment) or from cacc; it is saved to cacc
  * or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector epilogue: lane by lane the
  * scalar epilogue's float32 operations. */
-TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_t *J, const uint8_t *panel,
+TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_t *J, const uint8_t *abase,
+                                                                      int64_t astride, int64_t cstep,
                                                                       int64_t c0, int64_t c1, int64_t s, int first,
                                                                       int last, int64_t n, int64_t n1, int64_t tg,
                                                                       const int ntg, const int nat, int32_t *cacc,
@@ -225,9 +226,9 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
         if (ntg == 2 && nat == 2) _tile_loadd(3, cacc + 768, 64);
     }
     for (int64_t c = c0; c < c1; c++) {
-        const uint8_t *a = panel + (c - c0) * AMX_ROWS * 64;
-        _tile_loadd(4, a, 64);
-        if (nat == 2) _tile_loadd(5, a + 16 * 64, 64);
+        const uint8_t *a = abase + (c - c0) * cstep;
+        _tile_loadd(4, a, astride);
+        if (nat == 2) _tile_loadd(5, a + 16 * astride, astride);
         _tile_loadd(6, x0 + c * 1024, 64);
         _tile_dpbusd(0, 4, 6);
         if (nat == 2) _tile_dpbusd(1, 5, 6);
@@ -315,14 +316,58 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
                     float *yp = yv + p * pair_words;
                     const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb;
                     if (tg + 1 < G) {
-                        if (two) amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
-                        else amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
+                        if (two) amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
+                        else amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
                     } else {
-                        if (two) amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 2, ca, yp);
-                        else amx_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 1, ca, yp);
+                        if (two) amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 1, 2, ca, yp);
+                        else amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 1, 1, ca, yp);
                     }
                 }
             }
+        for (int64_t p = 0; p < P; p++) amx_store(J, yv + p * pair_words, n, n1, 2 * p);
+    }
+    _tile_release();
+    return 1;
+}
+
+/* Int8 weights (matmul_i8: u = w + 128, [N, K] in the activations' block order, one scale per row, bsum = 128 sum a):
+ * the A tiles are read straight from the matrix, K bytes apart (rows past n1 come from a zero-padded copy). The
+ * epilogue is amx_step's with one segment: y = s * (0 + d * f(sum u a - 128 sum a)), as i8_rows_scalar. */
+TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
+    const int64_t G = (J->T + AMX_TOK - 1) / AMX_TOK, P = (G + 1) / 2, K = J->K;
+    const size_t tail_bytes = (size_t)(AMX_ROWS * K), pair_bytes = 2 * AMX_ROWS * AMX_TOK * 4;
+    uint8_t *tail = (uint8_t *)amx_panel_get(tail_bytes + 2 * (size_t)P * pair_bytes);
+    if (!tail) return 0;
+    int32_t *cacc = (int32_t *)(void *)(tail + tail_bytes);
+    float *yv = (float *)(void *)(tail + tail_bytes + (size_t)P * pair_bytes);
+    const int64_t pair_words = (int64_t)(pair_bytes / 4);
+    amx_cfg_t cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
+    for (int64_t n = n0; n < n1; n += AMX_ROWS) {
+        const int64_t rows = n1 - n < AMX_ROWS ? n1 - n : AMX_ROWS;
+        const int two = rows > 16;
+        const uint8_t *a = J->qs + n * K;
+        if (rows % 16) { /* a tile reads 16 rows: copy the last ones and pad with zeros */
+            memcpy(tail, a, (size_t)(rows * K));
+            memset(tail + rows * K, 0, (size_t)((two ? 32 : 16) - rows) * (size_t)K);
+            a = tail;
+        }
+        for (int64_t i = 0; i < P * pair_words; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
+        for (int64_t p = 0; p < P; p++) {
+            int32_t *ca = cacc + p * pair_words;
+            float *yp = yv + p * pair_words;
+            const int64_t tg = 2 * p, c1 = K / 64;
+            if (tg + 1 < G) {
+                if (two) amx_step(J, a, K, 64, 0, c1, 0, 1, 1, n, n1, tg, 2, 2, ca, yp);
+                else amx_step(J, a, K, 64, 0, c1, 0, 1, 1, n, n1, tg, 2, 1, ca, yp);
+            } else {
+                if (two) amx_step(J, a, K, 64, 0, c1, 0, 1, 1, n, n1, tg, 1, 2, ca, yp);
+                else amx_step(J, a, K, 64, 0, c1, 0, 1, 1, n, n1, tg, 1, 1, ca, yp);
+            }
+        }
         for (int64_t p = 0; p < P; p++) amx_store(J, yv + p * pair_words, n, n1, 2 * p);
     }
     _tile_release();
@@ -333,6 +378,16 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
 #ifndef SPECTRA_AMX
 static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) { (void)J, (void)xq, (void)xt; } /* never called */
 #endif
+
+/* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
+static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
+#ifdef SPECTRA_AMX
+    if (J->xt && amx_applies(path, J)) return amx_i8_rows(J, n0, n1);
+#else
+    (void)path, (void)J, (void)n0, (void)n1;
+#endif
+    return 0;
+}
 
 /* Run the AMX GEMM on rows [n0, n1) if it applies and the activations were prepared (J->xt); 1 when done. */
 static int amx_run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {

@@ -703,6 +703,9 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 
 /* ---------------------------------------------------------------- dispatch */
 
+#include "tq1_kernels.h"
+#include "amx_kernels.h"
+
 /* Int8 weights, portable: X = sum_i (u_i - 128) a_i, y = s * (0 + d * f(X)). */
 static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
@@ -720,6 +723,7 @@ static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
 
 static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
+    if (amx_run_rows_i8(path, J, n0, n1)) return;
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) {
         i8_rows_avx512(J, n0, n1);
@@ -732,9 +736,6 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 #endif
     i8_rows_scalar(J, n0, n1);
 }
-
-#include "tq1_kernels.h"
-#include "amx_kernels.h"
 
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
@@ -1189,10 +1190,15 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (T == 0 || N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(T * K));
-    void *scratch = scratch_get(q_bytes + sizeof(int32_t) * (size_t)T + sizeof(float) * (size_t)T);
+    job_t Jx; /* sizes only, for the AMX activations */
+    memset(&Jx, 0, sizeof(Jx));
+    Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
+    const size_t xt_bytes = amx_xt_bytes(path, &Jx);
+    void *scratch = scratch_get(q_bytes + xt_bytes + sizeof(int32_t) * (size_t)T + sizeof(float) * (size_t)T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes);
+    int8_t *xt = (int8_t *)scratch + q_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes);
     float *xs = (float *)(bsum + T);
     int32_t bounds[2] = {0, (int32_t)(K / QK)};
     job_t J;
@@ -1206,6 +1212,7 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
     quantize_rows(path, (const float *)(uintptr_t)px, &J, xq, bsum, xs);
     for (int64_t t = 0; t < T; t++) bsum[t] *= 128; /* sum u a = sum w a + 128 sum a */
     J.xq = xq, J.bsum = bsum, J.xs = xs;
+    if (xt_bytes) amx_build_xt(&J, xq, xt), J.xt = xt;
     run_parallel(run_rows_i8, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
