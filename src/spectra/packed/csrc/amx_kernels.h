@@ -50,7 +50,8 @@ static int amx_ready(void) {
 #ifdef SPECTRA_AMX
         unsigned a, b, c, d;
         if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) &&
-            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+            syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
                                                        18 /* XFEATURE_XTILEDATA */) == 0)
             amx_avail = amx_on = 1;
 #endif
@@ -105,7 +106,8 @@ static void *amx_panel_get(size_t need) { /* per thread, apart from scratch_get'
 #define AMX_PREFETCH(w, b, nb, rowb, bytes)                                                                       \
     do {                                                                                                        \
         const int64_t ahead_ = (b) + AMX_AHEAD * AMX_SLICE;                                                     \
-        const uint8_t *p_ = ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + AMX_ROWS * (rowb) + (ahead_ - (nb)) * (bytes); \
+        const uint8_t *p_ =                                                                                     \
+            ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + AMX_ROWS * (rowb) + (ahead_ - (nb)) * (bytes);       \
         _mm_prefetch((const char *)p_, _MM_HINT_T0);                                                            \
         if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, _MM_HINT_T0);                          \
     } while (0)
@@ -202,10 +204,10 @@ TARGET_AMX static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt
         }
 }
 
-/* One panel slice (chunks [c0, c1) of segment s; chunk c's 16 * nat rows at abase + (c - c0) * cstep, astride apart) against token groups tg, tg + 1 (ntg of
- * them) for the panel's 16 * nat rows. C starts at zero (first slice of the segment) or from cacc; it is saved to cacc
- * or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector epilogue: lane by lane the
- * scalar epilogue's float32 operations. */
+/* One panel slice, chunks [c0, c1) of segment s (chunk c's 16 * nat weight rows at abase + (c - c0) * cstep, astride
+ * bytes apart), against token groups tg, tg + 1 (ntg of them). C starts at zero (first slice of the segment) or from
+ * cacc; it is saved to cacc or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector
+ * epilogue: lane by lane the scalar epilogue's float32 operations. */
 TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_t *J, const uint8_t *abase,
                                                                       int64_t astride, int64_t cstep,
                                                                       int64_t c0, int64_t c1, int64_t s, int first,
@@ -281,7 +283,8 @@ TARGET_AMX static void amx_store(const job_t *J, const float *yv, int64_t n, int
             for (int m = 0; m < 16; m++)
                 r[m] = _mm512_mul_ps(_mm512_load_ps(yv + (g * AMX_ROWS + 16 * h + m) * AMX_TOK), xs);
             transpose16_ps(r);
-            for (int k = 0; k < 16 && t0 + k < J->T; k++) _mm512_mask_storeu_ps(J->y + (t0 + k) * J->N + nh, rows, r[k]);
+            for (int k = 0; k < 16 && t0 + k < J->T; k++)
+                _mm512_mask_storeu_ps(J->y + (t0 + k) * J->N + nh, rows, r[k]);
         }
     }
 }
@@ -314,13 +317,13 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
                 for (int64_t p = 0; p < P; p++) {
                     int32_t *ca = cacc + p * pair_words;
                     float *yp = yv + p * pair_words;
-                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb;
+                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb, PS = AMX_ROWS * 64; /* chunk step */
                     if (tg + 1 < G) {
-                        if (two) amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
-                        else amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
+                        if (two) amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
+                        else amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
                     } else {
-                        if (two) amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 1, 2, ca, yp);
-                        else amx_step(J, panel, 64, AMX_ROWS * 64, c0, c1, s, first, last, n, n1, tg, 1, 1, ca, yp);
+                        if (two) amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 1, 2, ca, yp);
+                        else amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 1, 1, ca, yp);
                     }
                 }
             }
@@ -376,7 +379,9 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
 #endif /* SPECTRA_AMX */
 
 #ifndef SPECTRA_AMX
-static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) { (void)J, (void)xq, (void)xt; } /* never called */
+static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) { /* never called: amx_xt_bytes is 0 */
+    (void)J, (void)xq, (void)xt;
+}
 #endif
 
 /* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
