@@ -235,3 +235,55 @@ def test_dcp_checkpoint_resumes_on_another_world_size(files, tmp_path):
         assert json.loads((run / "result.json").read_text())["steps"] == 8
     a, b = load(tmp_path / "one" / "final").state_dict(), load(one_to_two / "final").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+
+# ---- tensor parallelism ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tp2_matches_num_scale_shards_2_model_and_checkpoint_loads_as_it(files, tmp_path):
+    """train.tp = 2 on 2 processes (each rank computes γ on its own shard of every block matrix) against the
+    single-process model with num_scale_shards = 2 (γ per shard, computed on one device): the same 20 losses within
+    1e-4 (the same batches; the row-parallel all-reduce sums the two halves of each o/down product in another order,
+    and AdamW runs per tensor instead of fused, hence not bit-exact). The tp run's DCP checkpoint at step 10 resumes
+    on 1 process and continues the curve, and its final model loads with `spectra.load` as that model."""
+    from spectra.loading import load
+
+    cfg = run_file(files, tmp_path / "run.toml", dict(num_scale_shards=2), tokens=256 * 20,
+                   ckpt_every_tokens=256 * 10, ckpt_keep=4, lr=1e-2, lr2=5e-3)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "tp"), "--train.tp=2"])
+    ref = losses(tmp_path / "one")
+    assert len(ref) == 20 and ref[-1] < ref[0] - 0.5  # it learns
+    np.testing.assert_allclose(losses(tmp_path / "tp"), ref, rtol=0, atol=1e-4)
+    run = json.loads((tmp_path / "tp" / "run.json").read_text())
+    assert (run["world_size"], run["train"]["tp"], run["grad_accum"], run["micro_batch"]) == (2, 2, 2, 4)
+    ck = tmp_path / "tp" / "checkpoints" / "step_00000010"
+    assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ck / "model.safetensors").exists()  # no rank held the model whole
+    resumed = _cut_at(tmp_path / "tp", tmp_path / "tp_to_one", 10)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(resumed), "--resume"])
+    np.testing.assert_allclose(losses(resumed), ref, rtol=0, atol=1e-4)
+    a, b = load(tmp_path / "one" / "final"), load(tmp_path / "tp" / "final")
+    assert b.config == a.config and b.config.num_scale_shards == 2
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in sa)
+    idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(idx), a(idx), atol=1e-3, rtol=0)
+
+
+def test_tp_refuses_configurations_that_cannot_run():
+    from spectra.train import tp
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=2, glu_dim=128, vocab_size=512, family="trilm", max_seq_len=32)
+    with pytest.raises(ValueError, match=r"model.num_scale_shards \(1\) must be a multiple of it"):
+        tp.check(cfg, 2, 2)
+    with pytest.raises(ValueError, match=r"train.tp \(2\) must be a positive divisor of the number of processes \(3\)"):
+        tp.check(cfg.replace(num_scale_shards=2), 2, 3)
+    with pytest.raises(ValueError, match=r"train.tp \(4\) must divide model.n_heads \(2\)"):
+        tp.check(cfg.replace(num_scale_shards=4), 4, 4)
+    with pytest.raises(ValueError, match="bitnet158"):
+        tp.check(cfg.replace(num_scale_shards=2, quantizer="bitnet158"), 2, 2)
+    tp.check(cfg.replace(num_scale_shards=4), 2, 4)  # 2 scales per rank's shard
+    tp.check(cfg.replace(family="floatlm", num_scale_shards=1), 2, 2)

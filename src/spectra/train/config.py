@@ -92,6 +92,7 @@ class TrainConfig:
     # world size > 1: 'ddp' or 'fsdp' (FSDP2); None: fsdp for the paper's sizes on CUDA, else ddp
     parallel: str | None = None
     activation_checkpointing: bool = False  # keep only each block's input for backward, recompute the block
+    tp: int = 1  # tensor parallelism: ranks per tensor-parallel group (Megatron layout, `spectra.train.tp`)
     # refuse a run whose memory plan exceeds this many GB per rank (None: the device's memory; 0: no check)
     memory_limit_gb: float | None = None
     seed: int = 0
@@ -116,7 +117,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.tokens or self.tokens <= 0:
             raise ValueError(f"train.tokens must be positive, got {self.tokens!r}")
-        for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps"):
+        for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps", "tp"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"train.{f} must be a positive integer, got {getattr(self, f)!r}")
         for f, allowed in (("precision", PRECISIONS), ("parallel", PARALLEL)):

@@ -158,17 +158,24 @@ def mixed_precision(precision: str):
 
 
 def wrap(model: nn.Module, info: DistInfo, parallel: str, *, precision: str = "fp32",
-         activation_checkpointing: bool = False) -> nn.Module:
-    """DDP or FSDP2 around `model` when world > 1; `model` itself otherwise. Activation checkpointing is applied
-    first (at any world size)."""
+         activation_checkpointing: bool = False, tp: int = 1) -> nn.Module:
+    """DDP or FSDP2 around `model` when world > 1; `model` itself otherwise. With `tp` > 1, tensor parallelism
+    first (`spectra.train.tp`, groups of `tp` consecutive ranks), then FSDP2 over the data-parallel groups if there
+    are several. Activation checkpointing is applied before sharding (at any world size)."""
+    mesh = None
+    if tp > 1:
+        from spectra.train import tp as tensor_parallel
+
+        mesh = tensor_parallel.device_mesh(info.device, info.world, tp)
+        tensor_parallel.apply(model, mesh["tp"])
     if activation_checkpointing:
         checkpoint_blocks(model)
-    if info.world == 1:
+    if info.world // tp == 1:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        kw = {}
+        kw = {} if mesh is None else {"mesh": mesh["dp"]}
         policy = mixed_precision(precision)
         if policy is not None:
             kw["mp_policy"] = policy

@@ -46,7 +46,7 @@ from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_
 from spectra.files import write_json
 from spectra.model import build_model
 from spectra.quantizers import set_progress
-from spectra.train import dist, memory
+from spectra.train import dist, memory, tp
 from spectra.train.config import TrainConfig, resolve
 from spectra.train.distill import load_teacher
 from spectra.train.init import open_init
@@ -124,8 +124,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     kw: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    # fused AdamW runs one kernel over all tensors on CPU and CUDA (fewer passes over memory than foreach)
-    kw["fused"] = device.type in ("cpu", "cuda")
+    # fused AdamW runs one kernel over all tensors on CPU and CUDA (fewer passes over memory than foreach); tensor
+    # parallelism without FSDP mixes DTensor and plain parameters, which only the per-tensor loop accepts
+    if cfg.tp > 1:
+        kw["foreach"] = False
+    else:
+        kw["fused"] = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kw)
 
 
@@ -277,6 +281,11 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         raise ValueError("no model given: pass a ModelConfig (--size NAME), or train.init (--init PATH) to start "
                          "from a checkpoint")
     cfg = dist.device_defaults(resolve(model_cfg, cfg), model_cfg, info.device)
+    tp.check(model_cfg, cfg.tp, info.world)
+    dp_world, dp_rank = info.world // cfg.tp, info.rank // cfg.tp  # data-parallel groups (mesh (dp, tp))
+    if cfg.tp > 1 and dp_world > 1 and cfg.parallel != "fsdp":
+        raise ValueError(f"train.tp = {cfg.tp} with {dp_world} data-parallel groups needs train.parallel = 'fsdp' "
+                         f"(2-D tp x dp), got {cfg.parallel!r}")
     if info.is_main:
         if (run_dir / "run.json").exists() and not resume:
             raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
@@ -293,10 +302,10 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     G = cfg.batch_tokens // T
     if cfg.batch_tokens % T:
         raise ValueError(f"train.batch_tokens {cfg.batch_tokens} is not a multiple of train.seq_len {T}")
-    if G < info.world or G % info.world:
+    if G < dp_world or G % dp_world:
         raise ValueError(f"train.batch_tokens {cfg.batch_tokens} = {G} sequences of {T}, which does not split "
-                         f"evenly over {info.world} processes")
-    per_rank = G // info.world
+                         f"evenly over {dp_world} data-parallel processes")
+    per_rank = G // dp_world
     micro = max(d for d in range(1, min(cfg.micro_batch, per_rank) + 1) if per_rank % d == 0)
     accum = per_rank // micro
     tokens_per_step = G * T
@@ -312,7 +321,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     n_val = min(max(1, cfg.val_tokens // T), (len(val_stream) - 1) // T)
     if n_val < 1:
         raise ValueError(f"validation split of {shard_dir} has {len(val_stream)} tokens, fewer than seq_len + 1")
-    val_rows = [val_stream.get(i * T, T + 1) for i in range(info.rank, n_val, info.world)]
+    val_rows = [val_stream.get(i * T, T + 1) for i in range(dp_rank, n_val, dp_world)]
     val_batches = [torch.from_numpy(np.stack(val_rows[i : i + micro]))
                    for i in range(0, len(val_rows), micro)]
     plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
@@ -347,12 +356,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
         if not sharded and (cfg.parallel != "fsdp" or info.world == 1):
             raw.load_state_dict(loaded[0])
-    fsdp = cfg.parallel == "fsdp" and info.world > 1
+    fsdp = cfg.parallel == "fsdp" and dp_world > 1
+    sharded_params = fsdp or cfg.tp > 1  # no rank holds the model whole
     if cfg.compile:
         compile_blocks(raw)
     loss_fn = loss_function(device, cfg.compile)
     model = dist.wrap(raw, info, cfg.parallel, precision=cfg.precision,
-                      activation_checkpointing=cfg.activation_checkpointing)
+                      activation_checkpointing=cfg.activation_checkpointing, tp=cfg.tp)
     opt = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if loaded is not None:
@@ -383,7 +393,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         return torch.autocast(device.type, dtype=autocast)
 
     def no_sync(sync: bool):
-        if sync or info.world == 1:
+        if sync or dp_world == 1:
             return contextlib.nullcontext()
         if fsdp:  # reduce-scatter every micro-batch into the sharded gradient (spectra.train.dist)
             return contextlib.nullcontext()
@@ -420,7 +430,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         state = {"optimizer_format": "dcp", "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
                  "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped}
         save_distributed_checkpoint(run_dir, model, opt, state, meta, tokenizer=tok_path, is_main=info.is_main,
-                                    barrier=lambda: dist.barrier(info), whole_model=None if fsdp else raw)
+                                    barrier=lambda: dist.barrier(info), whole_model=None if sharded_params else raw)
         if info.is_main:
             apply_retention(run_dir, cfg.ckpt_keep)
 
@@ -449,7 +459,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             loss_sum = torch.zeros((), dtype=torch.float64)
             kd_sum = torch.zeros((), dtype=torch.float64)
             for j in range(accum):
-                first = data_pos + (info.rank * accum + j) * micro
+                first = data_pos + (dp_rank * accum + j) * micro
                 batch = sampler.batch(first, micro).to(device, non_blocking=True)
                 sync = j == accum - 1
                 with no_sync(sync), amp():
@@ -469,7 +479,8 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                 if scaler is not None:
                     scaler.unscale_(opt)
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                clip_fn = tp.clip_grad_norm_ if cfg.tp > 1 else torch.nn.utils.clip_grad_norm_
+                grad_norm = float(clip_fn(list(model.parameters()), clip))
                 if scaler is not None:
                     before = scaler.get_scale()
                     scaler.step(opt)
@@ -537,7 +548,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         mine[info.rank] = float(peak - rss_base)
         result["peak_memory_bytes"] = [int(x) for x in dist.all_reduce_sum(mine, info)]
     whole = raw
-    if fsdp:  # the export: the latent weights gathered once, to rank 0 (optimizer state stays sharded)
+    if sharded_params:  # the export: the latent weights gathered once, to rank 0 (optimizer state stays sharded)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
