@@ -287,3 +287,20 @@ def test_tp_refuses_configurations_that_cannot_run():
         tp.check(cfg.replace(num_scale_shards=2, quantizer="bitnet158"), 2, 2)
     tp.check(cfg.replace(num_scale_shards=4), 2, 4)  # 2 scales per rank's shard
     tp.check(cfg.replace(family="floatlm", num_scale_shards=1), 2, 2)
+
+
+@pytest.mark.slow
+def test_tp2_x_fsdp2_on_4_processes_matches_one_process(files, tmp_path):
+    """2-D: 4 processes as 2 data-parallel groups (FSDP2 over "dp") of 2 tensor-parallel ranks, against the
+    single-process num_scale_shards = 2 model: the same 8 losses within 1e-4, and the final model loads as it."""
+    from spectra.loading import load
+
+    cfg = run_file(files, tmp_path / "run.toml", dict(num_scale_shards=2), tokens=256 * 8, lr=1e-2, lr2=5e-3)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    spectra_train(files, 4, ["--config", str(cfg), "--out", str(tmp_path / "2d"), "--train.tp=2",
+                             "--train.parallel=fsdp"])
+    np.testing.assert_allclose(losses(tmp_path / "2d"), losses(tmp_path / "one"), rtol=0, atol=1e-4)
+    run = json.loads((tmp_path / "2d" / "run.json").read_text())
+    assert (run["world_size"], run["grad_accum"], run["micro_batch"]) == (4, 1, 4)
+    a, b = load(tmp_path / "one" / "final").state_dict(), load(tmp_path / "2d" / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
