@@ -304,3 +304,81 @@ def test_tp2_x_fsdp2_on_4_processes_matches_one_process(files, tmp_path):
     assert (run["world_size"], run["grad_accum"], run["micro_batch"]) == (4, 1, 4)
     a, b = load(tmp_path / "one" / "final").state_dict(), load(tmp_path / "2d" / "final").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+# ---- failures on one rank ----------------------------------------------------------------------------------------
+
+
+def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun worker `rank`: a child of the torchrun process `parent` whose environment has RANK=rank."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                env = (d / "environ").read_bytes().split(b"\0") if ppid == parent else []
+            except (OSError, ValueError, IndexError):
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(d.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc (Linux)")
+def test_sigkill_on_one_rank_fails_every_rank_then_resumes(files, tmp_path):
+    """2 FSDP ranks, 40 steps, a DCP checkpoint every 5. Rank 1 is SIGKILLed once the step-10 checkpoint exists:
+    the whole run (rank 0, blocked in a collective with the dead rank, included) exits with an error well within
+    the timeout, without a final model, and `--resume` on 2 ranks reproduces the uninterrupted run's losses."""
+    import signal
+    import time
+
+    cfg = run_file(files, tmp_path / "run.toml", tokens=256 * 40, ckpt_every_tokens=256 * 5, ckpt_keep=2,
+                   parallel="fsdp")
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "full")])
+    root = files[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECTRA_CACHE": str(root / "cache")}
+    cut = tmp_path / "cut"
+    victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "spectra", "train", "--config", str(cfg), "--out", str(cut), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = _rank_pid(victim.pid, 1)
+        ck = cut / "checkpoints" / "step_00000010"
+        deadline = time.time() + 240
+        while not ck.exists() and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert ck.exists() and victim.poll() is None, "the run ended before the kill"
+        os.kill(rank1, signal.SIGKILL)
+        killed_at = time.time()
+        _, err = victim.communicate(timeout=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode != 0 and time.time() - killed_at < 120
+    assert "SIGKILL" in err, err[-3000:]
+    assert not (cut / "final").exists() and not (cut / "result.json").exists()
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(cut), "--resume"])
+    a, b = losses(tmp_path / "full"), losses(cut)
+    assert len(a) == len(b) == 40
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
+    """Rank 0 prepares the data and fails (a corpus that does not exist); rank 1, waiting for it, raises with rank 0's
+    message instead of hanging, and the run exits with an error."""
+    cfg = run_file(files, tmp_path / "run.toml", data=str(tmp_path / "missing.jsonl"))
+    out = spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "r")], timeout=120, check=False)
+    assert out.returncode != 0
+    errors = [x for x in out.stderr.splitlines() if x.startswith("spectra train: error: ")]
+    rank1 = [x for x in errors if "rank 0 failed to prepare data: FileNotFoundError" in x]
+    rank0 = [x for x in errors if "failed to prepare" not in x]
+    assert len(rank1) == 1 and "missing.jsonl does not exist" in rank1[0], out.stderr[-3000:]
+    assert len(rank0) == 1 and "missing.jsonl does not exist" in rank0[0], out.stderr[-3000:]
+    assert out.stderr.count("exitcode  : 2") == 2  # both ranks exited with the CLI's error status
