@@ -1,6 +1,7 @@
 """Explicit inference caches (spectra.layers): a frozen layer keeps W̃ until train(), load_state_dict, set_exact or an
 optimizer step drops it; nothing is keyed on tensor versions or pointers, so none of the old stale cases remain."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -101,3 +102,54 @@ def test_set_exact_is_kept_through_dtype_moves():
     layer.to(torch.bfloat16).to(torch.float32)  # exact codes and scales survive, W̃ rebuilt from them
     torch.testing.assert_close(layer(x), exact, rtol=0, atol=0)
     assert torch.equal(layer.codes_and_scales()[0], codes)
+
+
+# ---- recomputing W̃ in backward (training memory) ------------------------------------------------------------------
+
+
+def _step(model, idx, precision: str, recompute: bool):
+    """Loss and gradients of one forward/backward, and the bytes autograd saved (`_saved_bytes`: each storage
+    once, parameters left out, the layer's own hooks seen through)."""
+    from spectra.layers import set_recompute_weight
+    from tests.test_train_dist import _saved_bytes
+
+    set_recompute_weight(model, recompute)
+    model.zero_grad(set_to_none=True)
+    out = {}
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(idx[:, :-1])
+        out["loss"] = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+
+    saved = _saved_bytes(forward, model.parameters())
+    out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["trilm", "shards2", "warmup", "uniform4", "progressive"])
+def test_recomputed_ternary_weight_gives_bit_identical_gradients_and_saves_less(precision, variant):
+    """The same loss and every gradient bit for bit (torch.equal) with W̃ rebuilt in backward as with W̃ kept, in
+    fp32 and under bf16 autocast, and autograd saves less by about one W̃ (or its bf16 copy) per ternary layer."""
+    from spectra.quantizers import set_progress
+    from spectra.train.warmup import set_quant_mix
+
+    kw = {"trilm": {}, "shards2": {"num_scale_shards": 2}, "warmup": {}, "uniform4": {
+        "quantizer": "uniform", "quantizer_options": {"bits": 4}},
+        "progressive": {"quantizer_options": {"progressive": [[0.0, 8], [0.5, 1.58]]}}}[variant]
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, glu_dim=128, vocab_size=256, family="trilm", max_seq_len=32,
+                      **kw)
+    model = build_model(cfg, seed=0)
+    if variant == "warmup":
+        set_quant_mix(model, 0.5)
+    if variant == "progressive":
+        set_progress(model, 0.1)
+    idx = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
+    loss_a, grads_a, saved_a = _step(model, idx, precision, recompute=False)
+    loss_b, grads_b, saved_b = _step(model, idx, precision, recompute=True)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    w_bytes = sum(m.weight.numel() for m in layers) * (2 if precision == "bf16" else 4)
+    assert saved_a - saved_b == w_bytes, (saved_a, saved_b, w_bytes)

@@ -4,6 +4,7 @@ inference cache that layers with an expensive weight share.
     RMSNorm / make_norm          x / sqrt(mean(x²) + eps) · w (float32, like HF Llama); LayerNorm for the ablation
     rope_cache / apply_rope      rotary position embeddings, HF's rotate_half convention
     TernaryLinear                nn.Linear whose forward uses the quantized weight (`spectra.quantizers`), STE to W
+    set_recompute_weight         ternary layers rebuild W̃ in backward instead of keeping it (training memory)
     make_linear                  the one switch between FloatLM (nn.Linear) and TriLM (TernaryLinear)
     convert_to_ternary           swap a model's block linears for TernaryLinear -> how many were swapped
 
@@ -145,7 +146,15 @@ class TernaryLinear(InferenceCache, nn.Linear):
     features inside the layer, `input_norm` (state-dict key `...<proj>.input_norm.weight`), applied before the input is
     quantized: BitNet's norm before every linear layer, which a Llama checkpoint cannot represent.
     While frozen (`freeze_for_inference`), the codes, scales and W̃ are kept: `_frozen = (codes, scales, W̃)`.
+
+    Training memory (`recompute_weight`, set by `set_recompute_weight`): the backward matmul needs W̃ (or its
+    autocast copy), which autograd would keep per layer from forward to backward, a full model's worth of memory
+    that FSDP cannot free. With `recompute_weight`, the layer's saved-tensor hooks keep a reference to the latent
+    weight instead and rebuild W̃ from it when backward unpacks it: the same autograd graph and kernels on the same
+    values, so the gradients are bit-identical (deterministic quantizers only; stochastic rounding keeps W̃).
     """
+
+    recompute_weight = False
 
     def __init__(
         self,
@@ -223,10 +232,42 @@ class TernaryLinear(InferenceCache, nn.Linear):
         mix = self.quant_mix
         if mix == 1.0 and not self.training and not torch.is_grad_enabled() and self.quantizer.cacheable:
             return F.linear(self.quantizer.quantize_input(x), self.quantized_weight())
+        if self.recompute_weight and torch.is_grad_enabled() and not self.quantizer.stochastic_rounding:
+            return self._forward_recompute(self.quantizer.quantize_input(x))
+        return F.linear(self.quantizer.quantize_input(x), self._weight_used())
+
+    def _weight_used(self) -> Tensor:
         W_used = self.quantizer.forward_weight(self.weight)
-        if mix != 1.0:  # ∂W_used/∂W = (1 − mix)·I + mix·I (straight-through): still the identity
-            W_used = self.weight + mix * (W_used - self.weight)
-        return F.linear(self.quantizer.quantize_input(x), W_used)
+        if self.quant_mix != 1.0:  # ∂W_used/∂W = (1 − mix)·I + mix·I (straight-through): still the identity
+            W_used = self.weight + self.quant_mix * (W_used - self.weight)
+        return W_used
+
+    def _forward_recompute(self, x: Tensor) -> Tensor:
+        """F.linear(x, W̃) whose saved W̃ is a recipe, not a tensor (class docstring)."""
+        W_used = self._weight_used()
+        if type(W_used) is not Tensor:  # a DTensor (tensor parallelism): its storage is not ours to look into
+            return F.linear(x, W_used)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if dtype is not None:  # the cast autocast would make inside F.linear, made here so we know its storage
+            W_used = W_used.to(dtype)
+        storage = W_used.untyped_storage().data_ptr()
+
+        def pack(t: Tensor):
+            if t.untyped_storage().data_ptr() == storage:  # W̃ or a view of it (matmul saves W̃ᵀ)
+                return (t.shape, t.stride(), t.storage_offset())
+            return t
+
+        def unpack(saved):
+            if not isinstance(saved, tuple):
+                return saved
+            with torch.no_grad():
+                W = self._weight_used()
+                W = W.to(dtype) if dtype is not None else W
+            return W.as_strided(*saved)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return F.linear(x, W_used)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype / device) moves the weight; the frozen codes and scales follow it and W̃ is rebuilt from them
@@ -236,6 +277,16 @@ class TernaryLinear(InferenceCache, nn.Linear):
             codes, scales = codes.to(self.weight.device), scales.to(self.weight.device)
             self._frozen = (codes, scales, self.quantizer.dequantize(codes, scales).to(self.weight.dtype))
         return out
+
+
+def set_recompute_weight(model: nn.Module, on: bool) -> int:
+    """Turn `TernaryLinear.recompute_weight` on or off in every ternary layer; returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            module.recompute_weight = bool(on)
+            count += 1
+    return count
 
 
 def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int) -> nn.Linear:

@@ -92,6 +92,9 @@ class TrainConfig:
     # world size > 1: 'ddp' or 'fsdp' (FSDP2); None: fsdp for the paper's sizes on CUDA, else ddp
     parallel: str | None = None
     activation_checkpointing: bool = False  # keep only each block's input for backward, recompute the block
+    # TriLM: ternary layers rebuild W̃ in backward instead of keeping it (`spectra.layers.TernaryLinear`); None: on
+    # for FSDP or CUDA runs without activation checkpointing or compile, off otherwise (CPU stays as it was)
+    recompute_ternary: bool | None = None
     tp: int = 1  # tensor parallelism: ranks per tensor-parallel group (Megatron layout, `spectra.train.tp`)
     # refuse a run whose memory plan exceeds this many GB per rank (None: the device's memory; 0: no check)
     memory_limit_gb: float | None = None

@@ -15,7 +15,10 @@ for the backward pass and recomputes the block (`checkpoint_blocks`), applied fr
 sharding, as FSDP2 expects.
 
 Defaults by device (`device_defaults`): on CUDA, the paper's sizes train in bf16 with FSDP and TF32 matmuls; on CPU
-(and for the small sizes) a run stays fp32 with DDP.
+(and for the small sizes) a run stays fp32 with DDP. FSDP and CUDA runs rebuild each ternary layer's W̃ in backward
+instead of keeping it (`train.recompute_ternary`, bit-identical gradients; `spectra.layers.TernaryLinear`).
+Tensor parallelism (`train.tp`) is applied first, then FSDP2 over the data-parallel mesh dimension
+(`spectra.train.tp`).
 """
 
 from __future__ import annotations
@@ -117,10 +120,17 @@ def device_defaults(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torc
     if big_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    parallel = train_cfg.parallel or ("fsdp" if big_gpu else "ddp")
+    recompute = train_cfg.recompute_ternary
+    if recompute is None:  # where W̃ copies cost most; compile's partitioner decides what to save on its own
+        recompute = (device.type == "cuda" or parallel == "fsdp") and not train_cfg.compile
+    # activation checkpointing already keeps no W̃, and the layer's saved-tensor hooks would keep its inputs
+    recompute = recompute and not train_cfg.activation_checkpointing
     return dataclasses.replace(
         train_cfg,
         precision=train_cfg.precision or ("bf16" if big_gpu else "fp32"),
-        parallel=train_cfg.parallel or ("fsdp" if big_gpu else "ddp"),
+        parallel=parallel,
+        recompute_ternary=recompute,
     )
 
 

@@ -24,13 +24,16 @@ compute dtype's (4 fp32, 2 bf16 autocast or bf16 FSDP), d = dim, a = n_heads·he
                  or SDPA's output and log-sum-exp (GPUs, long sequences):                       B·T·a·c + 4·B·H·T
     SwiGLU MLP   gate, silu(gate), up and their product:                                        4·B·T·f·c
     W̃ copies     TriLM: the quantized weight γ·Ŵ each of the 7 linears saves for backward:     P_block·c
+                 (none with `train.recompute_ternary`: W̃ is rebuilt in backward, one layer at a time)
                  FloatLM under bf16 autocast: the bf16 weight copies:                           P_block·2
 
 With activation checkpointing (`train.activation_checkpointing`) a block keeps only its input (B·T·d·s) and one block
 at a time holds the whole set while it is recomputed. The peak is taken over the backward pass, block by block:
 the activations not yet consumed plus the gradients already produced, plus one block's backward temporaries.
 Everything is counted from the model's real parameter shapes (the model is built on the meta device), so it holds
-for every size and ablation; `memory_limit_gb` refuses a run whose plan does not fit (`check`).
+for every size and ablation. With tensor parallelism (`tp`), a rank holds 1/tp of every block matrix, heads and
+hidden units (attention and MLP activations shrink by tp; norms, residual stream and logits do not), and FSDP shards
+over the world/tp data-parallel groups. `memory_limit_gb` refuses a run whose plan does not fit (`check`).
 
 Measuring on CPU (`peak_rss`): torch's CPU allocator keeps no statistics and tracemalloc sees only Python's own
 allocations, not tensors, so the measured peak is the process's resident-set high-water mark (Linux `VmHWM`), reset
@@ -94,21 +97,25 @@ def _shapes(model_cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, parallel: str,
-         precision: str, activation_checkpointing: bool = False, device: str = "cpu") -> MemoryPlan:
+         precision: str, activation_checkpointing: bool = False, device: str = "cpu", recompute_ternary: bool = False,
+         tp: int = 1) -> MemoryPlan:
     """The memory plan of one rank (see the module docstring for every term)."""
     L, B, T = model_cfg.n_layers, micro_batch, seq_len
     d, a, f, H, V = model_cfg.dim, model_cfg.attn_dim, model_cfg.glu_dim, model_cfg.n_heads, model_cfg.vocab_size
     p_block, p_lin, p_rest = _shapes(model_cfg)
+    if tp > 1:  # a rank's slice of every block matrix, heads and hidden units; norms and the rest replicated
+        p_block, p_lin = p_block - p_lin + p_lin // tp, p_lin // tp
+        a, f, H = a // tp, f // tp, H // tp
     P = p_block * L + p_rest
-    fsdp = parallel == "fsdp" and world > 1
+    fsdp = parallel == "fsdp" and world // tp > 1
     mixed = precision in ("bf16", "fp16")
     c = 2 if mixed else 4  # compute dtype
     s = 2 if (fsdp and mixed) else 4  # residual stream: bf16 parameters make bf16 activations
-    shard = world if fsdp else 1
+    shard = world // tp if fsdp else 1
 
     params, grads, optimizer = 4 * P // shard, 4 * P // shard, 8 * P // shard
     comm = 0
-    if parallel == "ddp" and world > 1:
+    if parallel == "ddp" and world // tp > 1:
         comm = 4 * P
     if fsdp:
         comm = p_rest * c + 2 * p_block * c + p_block * c + (4 * p_block if mixed else 0)
@@ -119,7 +126,7 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
     attn = 4 * BT * a * c + (B * H * T * T * c if dense else BT * a * c + 4 * B * H * T)
     mlp = (4 if model_cfg.mlp_act == "swiglu" else 2) * BT * f * c
     if model_cfg.family == "trilm":
-        copies = p_lin * c
+        copies = 0 if recompute_ternary else p_lin * c
     else:
         copies = p_lin * 2 if (mixed and not fsdp) else 0
     # autocast casts a linear's input for every layer that reads it (q, k, v; gate, up): one copy each

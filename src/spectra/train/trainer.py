@@ -44,6 +44,7 @@ from spectra.config import ModelConfig, pad_vocab
 from spectra.data.shards import SequenceSampler, TokenStream, is_shard_dir, prepare_shards, read_manifest
 from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_tokenizer, tokenizer_hash, vocab_size
 from spectra.files import write_json
+from spectra.layers import set_recompute_weight
 from spectra.model import build_model
 from spectra.quantizers import set_progress
 from spectra.train import dist, memory, tp
@@ -326,7 +327,8 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                    for i in range(0, len(val_rows), micro)]
     plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
                        parallel=cfg.parallel, precision=cfg.precision,
-                       activation_checkpointing=cfg.activation_checkpointing, device=device.type)
+                       activation_checkpointing=cfg.activation_checkpointing, device=device.type,
+                       recompute_ternary=cfg.recompute_ternary, tp=cfg.tp)
     if info.is_main:
         log.info("memory plan: %s", plan.line())
     memory.check(plan, cfg.memory_limit_gb, device)
@@ -357,6 +359,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         if not sharded and (cfg.parallel != "fsdp" or info.world == 1):
             raw.load_state_dict(loaded[0])
     fsdp = cfg.parallel == "fsdp" and dp_world > 1
+    set_recompute_weight(raw, cfg.recompute_ternary)
     sharded_params = fsdp or cfg.tp > 1  # no rank holds the model whole
     if cfg.compile:
         compile_blocks(raw)
