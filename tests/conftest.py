@@ -4,6 +4,16 @@ import torch
 from spectra.config import ModelConfig
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _torch_defaults():
     torch.set_default_dtype(torch.float32)
