@@ -253,3 +253,90 @@ def test_cli_quantize_both_formats(tmp_path, capsys):
     assert info["kind"] == "quantlm" and info["actual"]["bits_per_linear_weight"] > 4
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "bad"), "--bits", "9"]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
+
+
+# ---- at scale: default chunks, a device per block, threads by matrix size -------------------------------------------
+
+
+def test_calibration_is_chunked_by_default():
+    """Beyond CHUNK_TOKENS the default splits the calibration set (16 sequences of 2048 per chunk), and the default
+    run equals an explicit batch_size of that many sequences exactly; a small set stays one chunk."""
+    from spectra.ptq import sequential
+
+    assert sequential.default_chunk(512, 2048) == 16 and sequential.default_chunk(8, 32) == 8
+    assert sequential.default_chunk(3, 100_000) == 1
+    model = random_floatlm()
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    old = sequential.CHUNK_TOKENS
+    sequential.CHUNK_TOKENS = 3 * 32  # chunks of 3 sequences for this small set
+    try:
+        sa = quantize_model(a, calib, bits=3, group_size=64, progress=False)
+    finally:
+        sequential.CHUNK_TOKENS = old
+    sb = quantize_model(b, calib, bits=3, group_size=64, batch_size=3, progress=False)
+    assert sa["batch_size"] == sb["batch_size"] == 3
+    assert all(torch.equal(a.ptq.weights[k].codes, b.ptq.weights[k].codes) for k in a.ptq.weights)
+    assert quantize_model(copy.deepcopy(model), calib, bits=3, group_size=64, progress=False)["batch_size"] == 8
+
+
+def test_device_auto_falls_back_to_the_model_device_and_cuda_without_gpu_is_refused():
+    """device='auto' without a GPU quantizes where the model is, identically to device=None; 'cpu' too (the block
+    moves are then no-ops); asking for CUDA where there is none is a one-line error."""
+    from spectra.ptq.sequential import resolve_device
+
+    model = random_floatlm()
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for dev in (None, "cpu", "auto"):
+        m = copy.deepcopy(model)
+        runs[dev] = (quantize_model(m, calib, bits=4, group_size=64, device=dev, progress=False), m)
+    for dev in ("cpu", "auto"):
+        assert all(torch.equal(runs[dev][1].ptq.weights[k].codes, runs[None][1].ptq.weights[k].codes)
+                   for k in runs[None][1].ptq.weights)
+        assert all(torch.equal(p, q) for p, q in zip(runs[dev][1].parameters(), runs[None][1].parameters()))
+    if not torch.cuda.is_available():
+        assert runs["auto"][0]["device"] == "cpu"
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA device is available"):
+            resolve_device("cuda", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_blocks_quantized_on_gpu_match_cpu():
+    """On a CUDA machine: each block visits the GPU and comes back; the model and the kept codes end on the CPU,
+    and the quantized weights agree with a CPU run (float64: the two devices' roundings stay far below a step)."""
+    model = random_floatlm(torch.float64)
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(a, calib, bits=4, group_size=64, progress=False)
+    stats = quantize_model(b, calib, bits=4, group_size=64, device="cuda", progress=False)
+    assert stats["device"].startswith("cuda")
+    assert all(p.device.type == "cpu" for p in b.parameters())
+    assert all(qw.codes.device.type == "cpu" for qw in b.ptq.weights.values())
+    for k in a.ptq.weights:
+        assert (a.ptq.weights[k].codes != b.ptq.weights[k].codes).float().mean() < 1e-3, k
+
+
+def test_gptq_threads_follow_the_matrix_size(monkeypatch):
+    """Small layers run on one thread, layers from THREADED_MIN_ELEMENTS up on all of them; the thread count is
+    restored afterwards."""
+    from spectra.ptq import gptq as gptq_mod
+    from spectra.ptq.gptq import GPTQ
+    from spectra.ptq.quantizer import Quantizer
+
+    seen = []
+    real, outer = torch.set_num_threads, torch.get_num_threads()
+    real(2)  # two intra-op threads, so "all" and "one" differ whatever OMP_NUM_THREADS says
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    layer = torch.nn.Linear(64, 32, bias=False)
+    g = GPTQ(layer)
+    g.add_batch(torch.randn(4, 16, 64))
+    before = torch.get_num_threads()
+    g.quantize(Quantizer(4, group_size=32))
+    assert seen == [1, before] and torch.get_num_threads() == before
+    seen.clear()
+    monkeypatch.setattr(gptq_mod, "THREADED_MIN_ELEMENTS", 64 * 32)
+    g.quantize(Quantizer(4, group_size=32))
+    assert seen == [before, before]
+    assert gptq_mod.threads_for(4096, 4096) == before == 2 and gptq_mod.threads_for(16, 16) == 1
+    real(outer)

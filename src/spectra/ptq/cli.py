@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-samples", type=int, default=128, help="calibration sequences (the paper used 512)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per forward chunk (default: all at once; smaller bounds memory)")
+                   help="sequences per forward chunk (default: about 32k tokens; smaller bounds memory)")
+    p.add_argument("--device", default=None,
+                   help="quantize one block at a time on this device, e.g. cuda (auto: the GPU if any; default: cpu)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the model directory)")
     p.add_argument("--format", default="gptq", choices=["gptq", "unpacked", "both"],
                    help="gptq: packed checkpoint; unpacked: fp16 Llama weights; both: OUT/gptq and OUT/unpacked")
@@ -41,7 +43,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.model, args.out_dir, bits=args.bits, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
         group_size=args.group_size, sym=not args.asym, act_order=args.act_order, static_groups=args.static_groups,
         percdamp=args.damp, block_size=args.block_size, method=args.method, format=args.format,
-        tokenizer=args.tokenizer, split=args.split, seed=args.seed, batch_size=args.batch_size,
+        tokenizer=args.tokenizer, split=args.split, seed=args.seed, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress,
     )
     if args.json:

@@ -30,15 +30,26 @@ from torch import Tensor, nn
 
 from spectra.ptq.quantizer import QuantizedWeight, Quantizer
 
+# Weight matrices from this many elements up (a 2048 x 2048 layer) run GPTQ on every intra-op thread, smaller ones on
+# one: their column loop is thousands of tiny ops and their factorizations are small, so thread hand-offs cost more
+# than they save (on a busy 2-core machine, 30x more: LAPACK's Cholesky inverse of a 1280² H took 20 s on 2 threads),
+# while a 4096-wide layer's factorization and block updates are large enough to use them.
+THREADED_MIN_ELEMENTS = 2048 * 2048
+
+
+def threads_for(rows: int, columns: int) -> int:
+    """Intra-op threads GPTQ uses on a (rows, columns) weight: 1 below `THREADED_MIN_ELEMENTS`, else all of them."""
+    return torch.get_num_threads() if rows * columns >= THREADED_MIN_ELEMENTS else 1
+
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
 
 
 class GPTQ:
@@ -73,11 +84,10 @@ class GPTQ:
     ) -> tuple[Tensor, QuantizedWeight, float]:
         """Returns Q (out, in) in the layer's dtype, its codes and parameters, and the layer loss. H is not modified.
 
-        Runs on one thread:
-        the column loop is thousands of tiny ops and the factorizations are small, so thread hand-offs cost more than
-        they save (on a busy 2-core machine, 30x more: LAPACK's Cholesky inverse of a 1280² H took 20 s on 2 threads).
+        Threads follow the matrix size (`threads_for`): one for small layers, all for large ones (on a GPU the
+        setting only affects the CPU side).
         """
-        with _one_thread():
+        with _threads(threads_for(*self.layer.weight.shape)):
             return self._quantize(quantizer, block_size, percdamp, act_order, static_groups)
 
     def _quantize(
@@ -146,9 +156,10 @@ class GPTQ:
             Q, C = Q[:, invperm], C[:, invperm]
         G = len(params)
         if g == -1 or static_groups or perm is None:
-            g_idx = torch.zeros(columns, dtype=torch.int32) if g == -1 else torch.arange(columns) // g
+            g_idx = (torch.zeros(columns, dtype=torch.int32, device=W.device) if g == -1
+                     else torch.arange(columns, device=W.device) // g)
         else:  # column perm[j] was quantized j-th, in group j // g
-            g_idx = (torch.arange(columns) // g)[invperm]
+            g_idx = (torch.arange(columns, device=W.device) // g)[invperm]
         result = QuantizedWeight(
             codes=C.to(torch.uint8),
             scales=torch.cat([params[k][0].T for k in range(G)]),

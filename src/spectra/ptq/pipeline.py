@@ -47,13 +47,16 @@ def quantize(
     split: str = "train",
     seed: int = 0,
     batch_size: int | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Quantize the FloatLM at `model_path` and write it to `out_dir`.
 
     format: "gptq" (packed GPTQ checkpoint, opens with spectra.load and GPTQModel), "unpacked" (fp16 Llama directory
     of the dequantized weights) or "both" (out_dir/gptq and out_dir/unpacked). Calibration: `n_samples` sequences of
-    `seq_len` tokens from `calib` (any source `spectra.data.read_documents` reads), sampled with `seed`.
+    `seq_len` tokens from `calib` (any source `spectra.data.read_documents` reads), sampled with `seed`, processed in
+    chunks of `batch_size` sequences (None: about 32k tokens). `device`: where each block is quantized, one block at
+    a time ('cuda', 'auto': the GPU if any; None: the CPU, where the model is loaded).
     Returns {"outputs": {format: path}, "stats": ..., "size_bits": ...}.
     """
     from spectra.files import atomic_dir
@@ -89,7 +92,7 @@ def quantize(
             raise ValueError(f"calibration source {calib!r} gave {calib_tokens.shape[0]} sequences, {n_samples} needed")
     stats = quantize_model(model, calib_tokens, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                            static_groups=static_groups, percdamp=percdamp, block_size=block_size, method=method,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, device=device, progress=progress)
     meta = {"source_model": str(model_path), "calibration": {"source": str(calib), "split": split,
                                                              "n_samples": n_samples, "seq_len": seq_len, "seed": seed}}
     out = Path(out_dir)

@@ -7,11 +7,16 @@
    already quantized before it.
 3. The block's outputs, computed with all of its linears quantized, become the next block's inputs.
 
-Whole calibration set in one chunk (`batch_size=None`, the default): one forward pass per block does everything.
-A forward pre-hook on each linear computes H from the input it is about to receive (once per shared input),
+Calibration runs in chunks of about `CHUNK_TOKENS` tokens by default (`batch_size=None`; 16 sequences of 2048), so
+a block's intermediate activations (attention, the MLP's wide hidden states) stay bounded however many sequences
+calibrate. Every group takes one pass over the chunks that accumulates H and stops at the group, and a last pass
+computes the outputs. When the whole calibration set fits in one chunk, one forward pass per block does everything:
+a forward pre-hook on each linear computes H from the input it is about to receive (once per shared input),
 quantizes the linear in place and lets the forward continue, so the rest of the pass already sees quantized weights.
-With smaller chunks (to bound activation memory), every group takes one pass over the chunks that accumulates H and
-stops at the group, and a last pass computes the outputs.
+
+Devices (`device`): the model stays where it is (usually in CPU memory) and each block in turn is moved to `device`
+(a GPU), quantized there and moved back, so a GPU needs room for one block, its Hessians and the calibration
+activations only. `device="auto"` takes the GPU when there is one and otherwise stays on the model's device.
 
 Only `nn.Linear` modules inside `model.layers` are quantized; embeddings, norms and `lm_head` stay in floating point,
 as in the paper's QuantLMs. Each quantized linear keeps Q (the dequantized weight) as its weight, and the integer
@@ -23,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +39,41 @@ from spectra.ptq.quantizer import QuantizedWeight, Quantizer
 
 log = logging.getLogger(__name__)
 METHODS = ("gptq", "rtn")
+CHUNK_TOKENS = 32768  # calibration tokens per forward chunk by default
+
+
+def default_chunk(n_sequences: int, seq_len: int) -> int:
+    """Sequences per forward chunk when none is given: about CHUNK_TOKENS tokens, at least one sequence."""
+    return max(1, min(n_sequences, CHUNK_TOKENS // max(1, seq_len)))
+
+
+def resolve_device(device: str | torch.device | None, model_device: torch.device) -> torch.device:
+    """The device blocks are quantized on: None the model's, 'auto' the GPU if any (else the model's), or as given
+    (a clear error for a GPU that is not there)."""
+    if device is None:
+        return model_device
+    if str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else model_device
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but no CUDA device is available; use device='cpu' or 'auto'")
+    return dev
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors inside a block's extra arguments (tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _weight_to(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    return replace(qw, codes=qw.codes.to(device), scales=qw.scales.to(device),
+                               zeros=qw.zeros.to(device), g_idx=qw.g_idx.to(device))
 
 
 @dataclass
@@ -114,12 +154,14 @@ def quantize_model(
     block_size: int = 128,
     method: str = "gptq",
     batch_size: int | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Quantize every linear layer inside `model.layers` in place (weights replaced by the dequantized Q).
 
     calib_tokens: LongTensor (N, T) of calibration sequences (unused by method="rtn"). batch_size: sequences per
-    forward chunk (None: all N at once, one pass per block). Returns statistics: settings, per-layer loss
+    forward chunk (None: `default_chunk`, about 32k tokens). device: where each block is quantized (module
+    docstring; None: the model's device). Returns statistics: settings, per-layer loss
     Σ(w − q)²/(2 Hinv_ii²) (GPTQ) or ‖W − Q‖² (RTN), seconds. The codes stay on `model.ptq` (a `PTQState`).
     """
     from tqdm.auto import tqdm
@@ -151,29 +193,34 @@ def quantize_model(
         _check_calibration(model, calib_tokens, max(linear.in_features for _, _, linear in targets))
         N, T = calib_tokens.shape
         stats.update(n_samples=N, seq_len=T)
-        chunk = N if batch_size is None else max(1, min(batch_size, N))
-        device = next(model.parameters()).device
-        chunks = [calib_tokens[i : i + chunk].to(device) for i in range(0, N, chunk)]
+        chunk = default_chunk(N, T) if batch_size is None else max(1, min(batch_size, N))
+        home = next(model.parameters()).device
+        work = resolve_device(device, home)
+        stats.update(batch_size=chunk, device=str(work))
+        chunks = [calib_tokens[i : i + chunk].to(home) for i in range(0, N, chunk)]
         inputs, args, kwargs = _catch_block_inputs(model, chunks)
+        if work != home:  # the block inputs live on the work device for the whole run; blocks visit it one by one
+            inputs, args, kwargs = _to(inputs, work), _to(args, work), _to(kwargs, work)
 
         def quantize_layer(name: str, linear: nn.Linear, gptq: GPTQ) -> None:
             Q, qw, loss = gptq.quantize(quantizer, block_size=block_size, percdamp=percdamp, act_order=act_order,
                                         static_groups=static_groups)
             linear.weight.copy_(Q)
-            state.weights[name] = qw
+            state.weights[name] = _weight_to(qw, home)
             stats["layers"][name] = {"loss": loss}
             log.debug("%s: loss %.4g", name, loss)
 
         bar = tqdm(model.layers, desc=f"gptq {bits}-bit", disable=not progress)
         for i, block in enumerate(bar):
             named = [(name, linear) for b, name, linear in targets if b == i]
+            block.to(work)
             if not named:
                 inputs = [block(x, *args, **kwargs) for x in inputs]
-                continue
-            if len(inputs) == 1:
+            elif len(inputs) == 1:
                 inputs = [_quantize_block_one_pass(block, named, inputs[0], args, kwargs, quantize_layer)]
             else:
                 inputs = _quantize_block_chunked(block, named, inputs, args, kwargs, quantize_layer)
+            block.to(home)
     model.ptq = state
     stats["n_linear"] = len(state.weights)
     stats["seconds"] = time.perf_counter() - t0
