@@ -45,9 +45,11 @@ def check(model_cfg: ModelConfig, tp: int, world: int) -> None:
         if model_cfg.quantizer == "bitnet158":
             raise ValueError("train.tp > 1 does not support quantizer 'bitnet158' (its per-token activation "
                              "quantizer and input norm would see only a row-parallel rank's slice of the features)")
-        if (model_cfg.quantizer_options or {}).get("learnable_scale"):
-            raise ValueError("train.tp > 1 does not support quantizer_options.learnable_scale")
-        if (model_cfg.quantizer_options or {}).get("stochastic_rounding"):
+        options = model_cfg.quantizer_options or {}
+        for name in ("learnable_scale", "progressive"):
+            if options.get(name):
+                raise ValueError(f"train.tp > 1 does not support quantizer_options.{name}")
+        if options.get("stochastic_rounding"):
             raise ValueError("train.tp > 1 does not support quantizer_options.stochastic_rounding (ranks would draw "
                              "different random numbers than the single-device model)")
 
@@ -71,20 +73,16 @@ def _local_quantizer(layer: TernaryLinear, tp: int) -> None:
     def forward_weight(W: Tensor) -> Tensor:
         if not isinstance(W, DTensor):
             raise TypeError("a tensor-parallel TernaryLinear expects its weight as a DTensor")
-        if local.stages:  # progressive quantizers: follow the stage the trainer sets on the model's quantizer
-            local.stage.copy_(q.stage)
         local.train(q.training)
         W_q = inner(W.to_local())
         return DTensor.from_local(W_q, W.device_mesh, W.placements, run_check=False, shape=W.shape, stride=W.stride())
 
-    q.forward_weight = forward_weight
-    q._spectra_tp_local = local  # not a child module: its state is the model quantizer's
+    q.forward_weight = forward_weight  # an instance attribute: `local` is not registered as a child module
 
 
 def _options(q) -> dict:
+    """The options `q` was built with that shape its codes (those `check` lets through)."""
     opts = {}
-    if q.stages:
-        raise ValueError("train.tp > 1 does not support quantizer_options.progressive yet")
     for name in ("eps", "threshold"):
         if hasattr(q, name):
             opts[name] = getattr(q, name)
@@ -96,7 +94,6 @@ def _options(q) -> dict:
 def _styles() -> dict:
     """ColwiseParallel / RowwiseParallel that shard the layer's own weight only (a TernaryLinear's child modules,
     the quantizer, are left alone; torch's styles visit every submodule)."""
-    from torch import distributed  # noqa: F401 - torch.distributed.tensor needs the package loaded
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
