@@ -399,3 +399,25 @@ def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
     assert len(rank1) == 1 and "missing.jsonl does not exist" in rank1[0], out.stderr[-3000:]
     assert len(rank0) == 1 and "missing.jsonl does not exist" in rank0[0], out.stderr[-3000:]
     assert out.stderr.count("exitcode  : 2") == 2  # both ranks exited with the CLI's error status
+
+
+def test_recompute_ternary_defaults():
+    """On for FSDP (and CUDA) runs, off for CPU/DDP runs, under compile, activation checkpointing and tp; an explicit
+    true is kept where it can act."""
+    from spectra.train.config import TrainConfig
+    from spectra.train.dist import device_defaults
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=2, glu_dim=128, vocab_size=512, family="trilm", max_seq_len=32)
+    cpu = torch.device("cpu")
+
+    def resolved(**kw) -> bool:
+        return device_defaults(TrainConfig(**kw), cfg, cpu).recompute_ternary
+
+    assert resolved() is False and resolved(parallel="ddp") is False
+    assert resolved(parallel="fsdp") is True
+    assert resolved(parallel="fsdp", compile=True) is False
+    assert resolved(parallel="fsdp", activation_checkpointing=True) is False
+    assert resolved(parallel="fsdp", tp=2) is False
+    assert resolved(recompute_ternary=True) is True and resolved(parallel="fsdp", recompute_ternary=False) is False
+    with pytest.raises(ValueError, match=r"train.tp must be a positive integer, got 0"):
+        TrainConfig(tp=0)
