@@ -421,3 +421,34 @@ def test_recompute_ternary_defaults():
     assert resolved(recompute_ternary=True) is True and resolved(parallel="fsdp", recompute_ternary=False) is False
     with pytest.raises(ValueError, match=r"train.tp must be a positive integer, got 0"):
         TrainConfig(tp=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc (Linux)")
+def test_stopped_rank_fails_the_run_after_the_collective_timeout(files, tmp_path):
+    """Rank 1 is frozen (SIGSTOP: alive, silent) after the step-2 checkpoint. Rank 0 waits in its next collective
+    for SPECTRA_DIST_TIMEOUT (10 s here), fails with a timeout error, and torchrun ends the run: no hang."""
+    import signal
+    import time
+
+    cfg = run_file(files, tmp_path / "run.toml", tokens=256 * 200, ckpt_every_tokens=256 * 2, ckpt_keep=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECTRA_CACHE": str(files[0] / "cache"), "SPECTRA_DIST_TIMEOUT": "10"}
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "spectra", "train", "--config", str(cfg), "--out", str(run), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = _rank_pid(proc.pid, 1)
+        deadline = time.time() + 240
+        while not (run / "checkpoints" / "step_00000002").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the stop"
+        os.kill(rank1, signal.SIGSTOP)
+        stopped_at = time.time()
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.time() - stopped_at < 150
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
+    assert not (run / "final").exists()

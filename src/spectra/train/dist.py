@@ -34,6 +34,10 @@ from torch import nn
 from spectra.config import ModelConfig
 from spectra.train.config import CPU_SIZES, TrainConfig, table_size
 
+# How long a rank waits in a training collective for the others (a hung or stopped peer) before it fails with an error
+# and torchrun ends the run: explicit, instead of torch's per-backend default (30 min for gloo).
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("SPECTRA_DIST_TIMEOUT", 1800))
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -66,7 +70,10 @@ def init(device: str = "auto") -> DistInfo:
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     owns = False
     if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                      timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         owns = True
     if torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
