@@ -389,7 +389,8 @@ def test_sigkill_on_one_rank_fails_every_rank_then_resumes(files, tmp_path):
 @pytest.mark.slow
 def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
     """Rank 0 prepares the data and fails (a corpus that does not exist); rank 1, waiting for it, raises with rank 0's
-    message instead of hanging, and the run exits with an error."""
+    message instead of hanging, and the run exits with an error. (Each rank prints its error line; which rank torchrun
+    sees exit first, and so reports with the CLI's status, is a race.)"""
     cfg = run_file(files, tmp_path / "run.toml", data=str(tmp_path / "missing.jsonl"))
     out = spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "r")], timeout=120, check=False)
     assert out.returncode != 0
@@ -398,7 +399,6 @@ def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
     rank0 = [x for x in errors if "failed to prepare" not in x]
     assert len(rank1) == 1 and "missing.jsonl does not exist" in rank1[0], out.stderr[-3000:]
     assert len(rank0) == 1 and "missing.jsonl does not exist" in rank0[0], out.stderr[-3000:]
-    assert out.stderr.count("exitcode  : 2") == 2  # both ranks exited with the CLI's error status
 
 
 def test_recompute_ternary_defaults():
