@@ -245,18 +245,22 @@ class TernaryLinear(InferenceCache, nn.Linear):
     def _forward_recompute(self, x: Tensor) -> Tensor:
         """F.linear(x, W̃) whose saved W̃ is a recipe, not a tensor (class docstring)."""
         W_used = self._weight_used()
-        if type(W_used) is not Tensor:  # a DTensor (tensor parallelism): its storage is not ours to look into
-            return F.linear(x, W_used)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if dtype is not None:  # the cast autocast would make inside F.linear, made here so we know its storage
             W_used = W_used.to(dtype)
-        storage = W_used.untyped_storage().data_ptr()
+        storage = _storage(W_used)
+        plain = type(W_used) is Tensor
+        layouts = {"w": (W_used.shape, W_used.stride()), "wt": (W_used.t().shape, W_used.t().stride())}
 
         def pack(t: Tensor):
-            if t.untyped_storage().data_ptr() == storage:  # W̃ or a view of it (matmul saves W̃ᵀ)
+            if _storage(t) != storage:
+                return t
+            if plain:  # W̃ or a view of it (matmul saves W̃ᵀ)
                 return (t.shape, t.stride(), t.storage_offset())
-            return t
+            # a DTensor (tensor parallelism, `spectra.train.tp`): W̃ or W̃ᵀ, which have no as_strided
+            kind = next((k for k, v in layouts.items() if v == (t.shape, t.stride())), None)
+            return (kind,) if kind is not None else t
 
         def unpack(saved):
             if not isinstance(saved, tuple):
@@ -264,6 +268,8 @@ class TernaryLinear(InferenceCache, nn.Linear):
             with torch.no_grad():
                 W = self._weight_used()
                 W = W.to(dtype) if dtype is not None else W
+            if len(saved) == 1:
+                return W if saved[0] == "w" else W.t()
             return W.as_strided(*saved)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -277,6 +283,12 @@ class TernaryLinear(InferenceCache, nn.Linear):
             codes, scales = codes.to(self.weight.device), scales.to(self.weight.device)
             self._frozen = (codes, scales, self.quantizer.dequantize(codes, scales).to(self.weight.dtype))
         return out
+
+
+def _storage(t: Tensor) -> int:
+    """The address of the storage behind `t`; for a DTensor, behind its local shard."""
+    local = getattr(t, "_local_tensor", None)  # DTensor keeps its shard here (to_local() would record a graph op)
+    return (local if local is not None else t).untyped_storage().data_ptr()
 
 
 def set_recompute_weight(model: nn.Module, on: bool) -> int:

@@ -131,9 +131,8 @@ def device_defaults(train_cfg: TrainConfig, model_cfg: ModelConfig, device: torc
     recompute = train_cfg.recompute_ternary
     if recompute is None:  # where W̃ copies cost most; compile's partitioner decides what to save on its own
         recompute = (device.type == "cuda" or parallel == "fsdp") and not train_cfg.compile
-    # activation checkpointing already keeps no W̃, and the layer's saved-tensor hooks would keep its inputs; under
-    # tensor parallelism autograd saves DTensors, which the hooks do not rebuild (yet)
-    recompute = recompute and not train_cfg.activation_checkpointing and train_cfg.tp == 1
+    # activation checkpointing already keeps no W̃, and the layer's saved-tensor hooks would keep its inputs
+    recompute = recompute and not train_cfg.activation_checkpointing
     return dataclasses.replace(
         train_cfg,
         precision=train_cfg.precision or ("bf16" if big_gpu else "fp32"),
