@@ -49,6 +49,9 @@ def run_suite_cmd(args: argparse.Namespace) -> int:
     out = args.out or f"runs/suite-{spec.name}"
     result = run_suite(spec, out, progress=not args.no_progress)
     steps = result["steps"]
+    code = 1 if steps["failed"] or steps["blocked"] else 0
+    if result.get("rank", 0) != 0:  # under torchrun rank 0 alone reports
+        return code
     print(
         f"\nsuite {spec.name}: {steps['done']} steps done, {steps['skipped']} already done, {steps['failed']} failed, "
         f"{steps['blocked']} blocked, {result['seconds']:.0f} s"
@@ -56,7 +59,7 @@ def run_suite_cmd(args: argparse.Namespace) -> int:
     if "report" in result:
         print(result["report"]["summary_table"])
         print(f"\nreport: {result['report']['html']}\n        {result['report']['markdown']}")
-    return 1 if steps["failed"] or steps["blocked"] else 0
+    return code
 
 
 def run_report_cmd(args: argparse.Namespace) -> int:

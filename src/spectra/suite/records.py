@@ -24,10 +24,11 @@ RESULTS_FILE = "results.jsonl"
 
 class Records:
     """The append-only results file as the runner uses it: lines it cannot parse (a run killed mid-write) are
-    skipped with a warning."""
+    skipped with a warning. With `write=False` (every rank of a torchrun suite but rank 0) records are held, not
+    written."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, write: bool = True) -> None:
+        self.path, self.write = path, write
         self.last: dict[str, dict[str, Any]] = {}
         if path.exists():
             for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -41,9 +42,10 @@ class Records:
                 self.last[rec["key"]] = rec
 
     def append(self, rec: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
         self.last[rec["key"]] = rec
 
     def done(self, key: str, root: Path) -> bool:

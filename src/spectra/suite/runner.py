@@ -27,6 +27,7 @@ from typing import Any
 
 from spectra.config import ModelConfig
 from spectra.files import read_meta, write_json
+from spectra.suite.ranks import SuiteRanks
 from spectra.suite.records import RESULTS_FILE, Records
 from spectra.suite.spec import SuiteSpec, check_writable
 
@@ -134,10 +135,12 @@ def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
 
 
 class SuiteRunner:
-    def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True, tokenizer: str | None = None) -> None:
-        self.spec, self.out, self.progress = spec, out, progress
+    def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True, tokenizer: str | None = None,
+                 ranks: SuiteRanks | None = None) -> None:
+        self.ranks = ranks or SuiteRanks()  # under torchrun: rank 0 decides, runs non-training steps and writes
+        self.spec, self.out, self.progress = spec, out, progress and self.ranks.is_main
         self.tokenizer = tokenizer or spec.tokenizer  # one tokenizer for every model (preflight.study_tokenizer)
-        self.records = Records(out / RESULTS_FILE)
+        self.records = Records(out / RESULTS_FILE, write=self.ranks.is_main)
         self.steps = {s.key: s for s in plan(spec)}
 
     # ---- step bodies: each returns (model info, metrics, artifacts relative to out) ---------------------------
@@ -278,6 +281,13 @@ class SuiteRunner:
         )
 
     # ---- driver -----------------------------------------------------------------------------------------------
+    def _action(self, step: Step) -> str | list[str]:
+        """What to do with `step` (decided on rank 0): "skip" (done), "run", or the deps that block it."""
+        if self.records.done(step.key, self.out):
+            return "skip"
+        blockers = [d for d in step.deps if not self.records.done(d, self.out)]
+        return blockers or "run"
+
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -293,10 +303,10 @@ class SuiteRunner:
         bar = tqdm(steps, desc="suite", unit="step", disable=not self.progress, position=0)
         for step in bar:
             bar.set_postfix_str(step.key)
-            if self.records.done(step.key, self.out):
+            action = self.ranks.broadcast(self._action(step) if self.ranks.is_main else None)
+            if action == "skip":
                 counts["skipped"] += 1
                 continue
-            blockers = [d for d in step.deps if not self.records.done(d, self.out)]
             rec: dict[str, Any] = {
                 "key": step.key,
                 "step": step.kind,
@@ -306,22 +316,23 @@ class SuiteRunner:
                 "error": None,
                 "seconds": 0.0,
             }
-            if blockers:
-                rec.update(status="blocked", error=f"needs {', '.join(blockers)}, which did not finish")
-                counts["blocked"] += 1
+            if action != "run":
+                rec.update(status="blocked", error=f"needs {', '.join(action)}, which did not finish")
             else:
                 t0 = time.perf_counter()
-                try:
-                    info, metrics, artifacts = bodies[step.kind](step)
+                try:  # training on every rank, the rest on rank 0; a failure anywhere fails the step everywhere
+                    run_on = self.ranks.on_all if step.kind == "train" else self.ranks.on_main
+                    info, metrics, artifacts = run_on(lambda: bodies[step.kind](step))
                     rec.update(status="done", model=info, metrics=metrics, artifacts=artifacts)
-                    counts["done"] += 1
                 except Exception as e:  # noqa: BLE001 - a failed step is recorded and the study goes on
-                    log.error("suite step %s failed: %s", step.key, e)
-                    log.debug("%s", traceback.format_exc())
+                    if self.ranks.is_main:
+                        log.error("suite step %s failed: %s", step.key, e)
+                        log.debug("%s", traceback.format_exc())
                     rec.update(status="failed", error=f"{type(e).__name__}: {e}")
-                    counts["failed"] += 1
                 rec["seconds"] = round(time.perf_counter() - t0, 3)
             rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            rec = self.ranks.broadcast(rec)  # rank 0's record, written once, held by every rank
+            counts[rec["status"]] += 1
             self.records.append(rec)
         return counts
 
@@ -330,16 +341,23 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
     """Run (or resume) the study and build its report. Returns step counts, timings and the report paths."""
     from spectra.suite.preflight import check_data, study_tokenizer
 
-    out = check_writable(out_dir)
-    t0 = time.perf_counter()
-    tokenizer = study_tokenizer(spec, out)
-    data = check_data(spec, tokenizer)  # a file too small for the budget stops here, before any training
-    write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data})
-    counts = SuiteRunner(spec, out, progress=progress, tokenizer=tokenizer).run()
-    result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1),
-                              "data": data}
-    if report:
-        from spectra.suite.report import build_report
+    device = spec.train.get("device", "auto")
+    with SuiteRanks(device) as ranks:  # one process group for the whole study (training steps join it)
+        out = ranks.on_main(lambda: check_writable(out_dir))
+        t0 = time.perf_counter()
 
-        result["report"] = build_report(out)
-    return result
+        def preflight():
+            tokenizer = study_tokenizer(spec, out)
+            data = check_data(spec, tokenizer)  # a file too small for the budget stops here, before any training
+            write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data})
+            return tokenizer, data
+
+        tokenizer, data = ranks.on_main(preflight)
+        counts = SuiteRunner(spec, out, progress=progress, tokenizer=tokenizer, ranks=ranks).run()
+        result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1),
+                                  "data": data, "rank": ranks.info.rank, "world_size": ranks.world}
+        if report:
+            from spectra.suite.report import build_report
+
+            result["report"] = ranks.on_main(lambda: build_report(out))
+        return result
