@@ -1,13 +1,14 @@
 """The suite under torchrun: one process group for the whole study, each step done once, each record written once.
 
 `torchrun --nproc_per_node N -m spectra suite ...` starts N copies of the suite. Training steps run on every rank
-(data- or tensor-parallel, `spectra.train`); every other step (preflight, quantize, pack, eval, bench, report) runs on
-rank 0 alone while the other ranks wait for its outcome. Rank 0 decides what each step does (skip, blocked, run) from
+(data- or tensor-parallel, `spectra.train`), and so do evaluations (perplexity shares its windows over the ranks,
+rank 0 writes the results); every other step (preflight, quantize, pack, bench, report) runs on rank 0 alone while
+the other ranks wait for its outcome. Rank 0 decides what each step does (skip, blocked, run) from
 its records and artifacts, and after the step broadcasts the record it wrote, so every rank holds the same records and
 takes the same next step. Only rank 0 writes `results.jsonl`.
 
 A failure on any rank fails the step everywhere with its reason: a rank-0 step's exception travels in the broadcast
-record, and after a training step the ranks gather each other's outcome, so an exception on any rank becomes one
+record, and after a training or eval step the ranks gather each other's outcome, so an exception on any rank becomes one
 failed record. Waiting ranks wait at most `SPECTRA_SUITE_TIMEOUT` seconds (default 6 h: a rank-0 step such as GPTQ
 or evaluation of a large model can take hours) on a gloo group of their own, then fail with an error instead of
 hanging; a rank that dies makes torchrun end the others.

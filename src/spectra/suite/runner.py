@@ -34,6 +34,9 @@ from spectra.suite.spec import SuiteSpec, check_writable
 log = logging.getLogger(__name__)
 
 PACKABLE_QUANTIZERS = ("trilm", "twn")  # ternary codes x one scale per shard, activations in float
+# Steps every rank runs under torchrun (the rest run on rank 0): training, and evaluation, whose perplexity shares
+# its windows over the ranks of the process group (`spectra.eval.perplexity`).
+ALL_RANKS = ("train", "eval")
 
 
 @dataclass
@@ -233,7 +236,8 @@ class SuiteRunner:
         opts = {"batch_size": 8, "ppl_max_tokens": 65536, **self.spec.eval}
         res = evaluate(path, self.spec.tasks, data=self.spec.data, **opts)
         out = self.out / "evals" / f"{target.model_name}.json"
-        write_json(out, res)
+        if self.ranks.is_main:
+            write_json(out, res)
         metrics: dict[str, Any] = {
             "tasks": res.get("tasks", {}),
             "groups": {k: v.get("average") for k, v in res.get("groups", {}).items()},
@@ -321,7 +325,7 @@ class SuiteRunner:
             else:
                 t0 = time.perf_counter()
                 try:  # training on every rank, the rest on rank 0; a failure anywhere fails the step everywhere
-                    run_on = self.ranks.on_all if step.kind == "train" else self.ranks.on_main
+                    run_on = self.ranks.on_all if step.kind in ALL_RANKS else self.ranks.on_main
                     info, metrics, artifacts = run_on(lambda: bodies[step.kind](step))
                     rec.update(status="done", model=info, metrics=metrics, artifacts=artifacts)
                 except Exception as e:  # noqa: BLE001 - a failed step is recorded and the study goes on
