@@ -95,6 +95,6 @@ def test_a_step_failing_on_rank_0_fails_on_both_ranks_without_a_hang(tmp_path):
     recs = {x["key"]: x for x in results(tmp_path / "s")}
     assert len(recs) == len(results(tmp_path / "s")) == 4
     q = recs["quantize/floatlm-1m/3bit/s0"]
-    assert q["status"] == "failed" and "1000000 needed" in q["error"], q["error"]
+    assert q["status"] == "failed" and "1000000 requested" in q["error"], q["error"]
     assert recs["eval/quantize/floatlm-1m/3bit/s0"]["status"] == "blocked"
     assert recs["train/floatlm-1m/s0"]["status"] == recs["eval/train/floatlm-1m/s0"]["status"] == "done"
