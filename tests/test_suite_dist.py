@@ -98,3 +98,49 @@ def test_a_step_failing_on_rank_0_fails_on_both_ranks_without_a_hang(tmp_path):
     assert q["status"] == "failed" and "1000000 requested" in q["error"], q["error"]
     assert recs["eval/quantize/floatlm-1m/3bit/s0"]["status"] == "blocked"
     assert recs["train/floatlm-1m/s0"]["status"] == recs["eval/train/floatlm-1m/s0"]["status"] == "done"
+
+
+def _ranks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from spectra.suite.ranks import SuiteRanks
+
+    seen = {}
+    with SuiteRanks("cpu", timeout_s=60) as ranks:
+
+        def fail_on(r):
+            def fn():
+                if ranks.info.rank == r:
+                    raise ValueError(f"bad thing on rank {r}")
+                return ranks.info.rank
+            return fn
+
+        for name, call in (("all_ok", lambda: ranks.on_all(lambda: ranks.info.rank * 10 + 1)),
+                           ("all_fail_1", lambda: ranks.on_all(fail_on(1))),
+                           ("main_ok", lambda: ranks.on_main(lambda: "made on 0")),
+                           ("main_fail", lambda: ranks.on_main(fail_on(0)))):
+            try:
+                seen[name] = ["ok", call()]
+            except Exception as e:  # noqa: BLE001 - what each rank saw is the test's subject
+                seen[name] = [type(e).__name__, str(e)]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_a_failure_on_any_rank_reaches_every_rank(tmp_path):
+    """`on_all`: rank 0's value everywhere, or, when rank 1 raised, a RankFailed on both ranks naming rank 1 and its
+    reason; `on_main`: rank 0 runs alone and its value or its exception reaches rank 1."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert seen[r]["all_ok"] == ["ok", 1]
+        assert seen[r]["all_fail_1"] == ["RankFailed", "rank 1 of 2 failed: ValueError: bad thing on rank 1"]
+        assert seen[r]["main_ok"] == ["ok", "made on 0"]
+    assert seen[0]["main_fail"] == ["ValueError", "bad thing on rank 0"]
+    assert seen[1]["main_fail"] == ["RankFailed", "rank 0 failed: ValueError: bad thing on rank 0"]
