@@ -82,6 +82,11 @@ def test_two_rank_suite_writes_each_record_once_and_trains_like_one_process(tmp_
         a, b = train_losses(tmp_path / "s2", name), train_losses(tmp_path / "s1", name)
         assert len(a) == len(b) >= 4, (a, b)
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
+    # perplexity shared over 2 ranks scores the same windows as one process
+    one_recs = {r["key"]: r for r in results(tmp_path / "s1")}
+    for r in recs:
+        if r["key"].startswith("eval/train/"):
+            assert r["metrics"]["val_loss"] == pytest.approx(one_recs[r["key"]]["metrics"]["val_loss"], abs=1e-3)
 
 
 @pytest.mark.slow
