@@ -174,6 +174,10 @@ class Peer:
         self.bytes: dict[str, int] = {}
 
     def prepare(self, f16: Path, workdir: Path) -> None:
+        from gguf import GGUFReader
+
+        embd = next(t for t in GGUFReader(str(f16)).tensors if t.name == "token_embd.weight")
+        q8_embedding_bytes = int(embd.n_elements) // 32 * 34  # Q8_0: 32 int8 + one fp16 scale per block
         for t in self.types:
             out = workdir / f"{self.name}-{t}.gguf"
             cmd = [str(self.quantize), "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0", str(f16),
@@ -182,7 +186,7 @@ class Peer:
             if r.returncode != 0 or not out.exists():
                 raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
             self.models[t] = out
-            self.bytes[t] = gguf_weight_bytes(out)
+            self.bytes[t] = gguf_weight_bytes(out, q8_embedding_bytes)
 
     def configs(self) -> list[dict]:
         return [{"type": t, "fa": fa} for t in self.types for fa in self.fa_values]
@@ -211,11 +215,16 @@ def _help(binary: Path) -> str:
     return r.stdout + r.stderr
 
 
-def gguf_weight_bytes(path: Path) -> int:
-    """Bytes of every tensor in a GGUF file except the token embedding (what a decode step reads)."""
+def gguf_weight_bytes(path: Path, embedding_bytes: int) -> int:
+    """Bytes of every tensor in a GGUF file except the token embedding (what a decode step reads). Types the gguf
+    package does not know (ik_llama.cpp's IQ2_BN / IQ1_BN) are counted as the file's size less the embedding's
+    `embedding_bytes` (the metadata is a few hundred kB of tokens at most)."""
     from gguf import GGUFReader
 
-    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+    try:
+        return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+    except ValueError:
+        return path.stat().st_size - embedding_bytes
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
