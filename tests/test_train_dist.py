@@ -100,7 +100,9 @@ def test_fsdp_bf16_checkpointing_same_losses_and_less_memory_than_unsharded(file
     for name in runs:  # at this small size the ranks' fixed working set (gloo, threads: ~30 MB) is a large part
         plan = result(tmp_path / name)["memory_plan_bytes"]
         print(name, "plan", plan, "measured", peak[name])
-        assert plan < min(peak[name]) < plan + 40e6, (name, plan, peak[name])
+        # the plan leaves out a fixed per-process working set (gloo, threads, imports): measured +30 MB per rank in
+        # the development venv and +50 MB in CI's fresh venv on 2026-12-02, at every configuration
+        assert plan < min(peak[name]) < plan + 64e6, (name, plan, peak[name])
 
 
 @pytest.mark.slow
@@ -394,9 +396,11 @@ def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
     cfg = run_file(files, tmp_path / "run.toml", data=str(tmp_path / "missing.jsonl"))
     out = spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "r")], timeout=120, check=False)
     assert out.returncode != 0
-    errors = [x for x in out.stderr.splitlines() if x.startswith("spectra train: error: ")]
-    rank1 = [x for x in errors if "rank 0 failed to prepare data: FileNotFoundError" in x]
-    rank0 = [x for x in errors if "failed to prepare" not in x]
+    # both ranks write their line to the same stderr at about the same time: the two lines can come out joined, so
+    # they are split at the CLI's prefix rather than at newlines
+    errors = [e for e in out.stderr.split("spectra train: error: ")[1:]]
+    rank1 = [e for e in errors if e.startswith("rank 0 failed to prepare data: FileNotFoundError")]
+    rank0 = [e for e in errors if e.startswith("data source ")]
     assert len(rank1) == 1 and "missing.jsonl does not exist" in rank1[0], out.stderr[-3000:]
     assert len(rank0) == 1 and "missing.jsonl does not exist" in rank0[0], out.stderr[-3000:]
 
