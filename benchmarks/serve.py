@@ -216,7 +216,7 @@ def main() -> None:
             from spectra.__main__ import main as spectra_main
 
             model_dir = tmp / "packed"
-            if spectra_main(["pack", args.size, str(model_dir)]) != 0:
+            if spectra_main(["pack", args.size, str(model_dir), "--lossy"]) != 0:
                 raise SystemExit("packing the model failed")
             label = f"{args.size} (random weights, packed tq2)"
         else:
