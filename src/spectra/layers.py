@@ -291,14 +291,18 @@ def _storage(t: Tensor) -> int:
     return (local if local is not None else t).untyped_storage().data_ptr()
 
 
+def set_on_ternary_layers(model: nn.Module, **attributes) -> int:
+    """Set the given attributes on every TernaryLinear of `model`; returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    for layer in layers:
+        for name, value in attributes.items():
+            setattr(layer, name, value)
+    return len(layers)
+
+
 def set_recompute_weight(model: nn.Module, on: bool) -> int:
     """Turn `TernaryLinear.recompute_weight` on or off in every ternary layer; returns how many were set."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TernaryLinear):
-            module.recompute_weight = bool(on)
-            count += 1
-    return count
+    return set_on_ternary_layers(model, recompute_weight=bool(on))
 
 
 def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int) -> nn.Linear:

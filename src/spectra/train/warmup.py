@@ -25,7 +25,7 @@ import math
 
 from torch import nn
 
-from spectra.layers import TernaryLinear
+from spectra.layers import set_on_ternary_layers
 
 SIGMOID_STEEPNESS = 10.0
 
@@ -50,9 +50,4 @@ def warmup_lambda(tokens: float, warmup_tokens: float, shape: str = "linear") ->
 
 def set_quant_mix(model: nn.Module, mix: float) -> int:
     """Set λ on every ternary layer of `model`; returns how many layers were set."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TernaryLinear):
-            module.quant_mix = float(mix)
-            count += 1
-    return count
+    return set_on_ternary_layers(model, quant_mix=float(mix))
