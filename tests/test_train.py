@@ -470,25 +470,31 @@ import torch
 from spectra.train.trainer import reuse_freed_memory
 print(reuse_freed_memory() if sys.argv[1] == "reuse" else False)
 faults = []
-for step in range(10):  # a training-like loop: the same 64 MiB tensors made and freed every step
+for step in range(20):  # a training-like loop: the same 64 MiB tensors made and freed every step
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(4096, 4096)
     y = (x * 2).bfloat16()
     del x, y
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[-3:]))
+print(",".join(map(str, faults)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_reuse_freed_memory_stops_page_faults():
     """Steps that allocate and free the same large tensors: with the setting, once the heap has grown to the step's
-    peak, later steps reuse its pages (no faults); by default every step maps and faults in fresh ones."""
+    peak, later steps reuse its pages (no faults); by default every step maps and faults in fresh ones. The heap may
+    still grow by a tensor or two in an early step when a small allocation lands in the freed region (seen as late as
+    step 9 of 20), so the check is on the typical step of the last ten, not on every one."""
     runs = {}
     for mode in ("reuse", "default"):
         out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         applied, faults = out.stdout.split()
-        runs[mode] = (applied, int(faults))
+        runs[mode] = (applied, sorted(int(f) for f in faults.split(",")[-10:]))
     assert runs["reuse"][0] == "True"
-    assert runs["reuse"][1] < 100 < runs["default"][1]
+    import resource
+
+    step = 4096 * 4096 * 4 // resource.getpagesize()  # pages in one 64 MiB tensor
+    assert runs["reuse"][1][5] < 100, runs  # the median step of the last ten faults in nothing
+    assert runs["default"][1][0] > 2 * step, runs  # every step faults in x, x * 2 and y afresh
