@@ -249,3 +249,71 @@ def test_huge_pages_keep_addresses_values_and_results():
         assert _anon_huge_bytes(ptr, ptr + qs.numel()) >= qs.numel() // H * H - H
     with pytest.raises(ValueError, match="CPU tensors"):
         K.use_huge_pages(torch.empty(4, device="meta"))
+
+
+# ---- the kernels' thread pool (pool.h) -------------------------------------------------------------------------------
+
+
+@needs_ext
+def test_pool_any_thread_count_and_concurrent_callers():
+    """Rows and heads are split over the pool's workers: every thread count (more threads than cores, more than
+    chunks) gives the reference bit for bit, attention too, and two Python threads calling at once (the second runs
+    its loop alone while the first holds the pool) both get their own right answers."""
+    import threading
+
+    path = COMPILED[-1]
+    qs, bounds, seg_d, _ = _layer(203, 1536, 3, 1, seed=5)
+    x = torch.randn(3, 1536)
+    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    for threads in (1, 2, 3, 4, 7, 64):
+        assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path=path, n_threads=threads), ref), threads
+    q, k, v = torch.randn(6, 64), torch.randn(6, 40, 64), torch.randn(6, 40, 64)
+    att = K.attention(q, k, v, path=path, n_threads=1)
+    for threads in (2, 3, 16):
+        assert torch.equal(K.attention(q, k, v, path=path, n_threads=threads), att), threads
+
+    results, errors = {}, []
+
+    def caller(i: int) -> None:
+        try:
+            xi = torch.randn(2, 1536, generator=torch.Generator().manual_seed(i))
+            want = K.reference_matmul(xi, qs, bounds, seg_d)
+            results[i] = all(torch.equal(K.ternary_matmul(xi, qs, bounds, seg_d, path=path, n_threads=2), want)
+                             for _ in range(50))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == {0: True, 1: True, 2: True}
+
+
+@needs_ext
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the pool is Linux's (OpenMP elsewhere)")
+def test_pool_after_fork():
+    """A child forked after the pool has started workers has none of them: its first parallel call starts a worker
+    of its own (the thread count in /proc grows; without the fork handler the child would believe it had one and
+    run every call alone) and gives the reference."""
+    import os
+
+    path = COMPILED[-1]
+    qs, bounds, seg_d, _ = _layer(64, 512, 2, 0, seed=1)
+    x = torch.randn(2, 512)
+    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path=path, n_threads=2), ref)  # workers running
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, just the answer through the pipe
+        try:
+            before = len(os.listdir("/proc/self/task"))
+            ok = torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path=path, n_threads=2), ref)
+            ok = ok and len(os.listdir("/proc/self/task")) == before + 1
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1" and status == 0

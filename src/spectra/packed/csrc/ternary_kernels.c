@@ -705,6 +705,7 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 
 #include "tq1_kernels.h"
 #include "amx_kernels.h"
+#include "pool.h"
 
 /* Int8 weights, portable: X = sum_i (u_i - 128) a_i, y = s * (0 + d * f(X)). */
 static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
@@ -759,27 +760,41 @@ static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
 }
 
 /* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; about 8 per thread), so each
- * thread reads one sequential stream of weights at a time. Chunks rather than one range per thread because this
- * machine is shared: a thread that the OS deschedules then delays the call by one chunk, not by half the matrix. */
+ * thread reads one sequential stream of weights at a time. Chunks rather than one range per thread because machines
+ * are shared: with the pool (pool.h) a thread that the OS deschedules delays the call by at most its chunk, and one
+ * that has not started yet delays it by nothing. */
 typedef void (*rows_fn)(int path, const job_t *J, int64_t n0, int64_t n1);
+
+typedef struct {
+    rows_fn rows;
+    int path;
+    const job_t *J;
+    int64_t per_chunk; /* rows per chunk, a multiple of 4 */
+} rows_task_t;
+
+static void rows_chunk(void *ctx, int64_t c) {
+    const rows_task_t *t = (const rows_task_t *)ctx;
+    const int64_t n0 = c * t->per_chunk, n1 = n0 + t->per_chunk < t->J->N ? n0 + t->per_chunk : t->J->N;
+    t->rows(t->path, t->J, n0, n1);
+}
 
 static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) {
     if (n_threads <= 1 || J->N < 8) {
         rows(path, J, 0, J->N);
         return;
     }
-#ifdef _OPENMP
     const int64_t groups = (J->N + 3) / 4;
     int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
     if (per_chunk < 4) per_chunk = 4;
+    const rows_task_t task = {rows, path, J, 4 * per_chunk};
     const int64_t n_chunks = (groups + per_chunk - 1) / per_chunk;
+#if defined(SPECTRA_POOL)
+    pool_for(n_threads, n_chunks, rows_chunk, (void *)&task);
+#elif defined(_OPENMP)
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int64_t n0 = 4 * c * per_chunk, n1 = 4 * (c + 1) * per_chunk < J->N ? 4 * (c + 1) * per_chunk : J->N;
-        rows(path, J, n0, n1);
-    }
+    for (int64_t c = 0; c < n_chunks; c++) rows_chunk((void *)&task, c);
 #else
-    rows(path, J, 0, J->N);
+    for (int64_t c = 0; c < n_chunks; c++) rows_chunk((void *)&task, c);
 #endif
 }
 
@@ -913,30 +928,47 @@ TARGET_AVX512 static void attend_head_avx512(const float *q, const float *k, con
 }
 #endif
 
+typedef struct {
+    const float *q, *k, *v;
+    float *out, *scores;
+    int64_t S, D, hs, H;
+    float scale;
+    int simd;
+} attend_task_t;
+
+static void attend_one(void *ctx, int64_t h) {
+    const attend_task_t *t = (const attend_task_t *)ctx;
+    const int64_t S = t->S, D = t->D, hs = t->hs;
+#ifdef SPECTRA_X86
+    if (t->simd) {
+        /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the next
+         * head's keys while this head's keys are read. */
+        for (int64_t i = 0; i < ATT_AHEAD * D && i < S * D; i += 16) {
+            _mm_prefetch((const char *)(t->v + h * hs + i), _MM_HINT_T1);
+            if (h + 1 < t->H) _mm_prefetch((const char *)(t->k + (h + 1) * hs + i), _MM_HINT_T1);
+        }
+        attend_head_avx512(t->q + h * D, t->k + h * hs, t->v + h * hs, t->out + h * D, t->scores + h * S, S, D,
+                           t->scale);
+        return;
+    }
+#endif
+    attend_head_scalar(t->q + h * D, t->k + h * hs, t->v + h * hs, t->out + h * D, t->scores + h * S, S, D, t->scale);
+}
+
 /* All heads (threads over heads); returns 0 when the score buffer cannot be allocated. Needs no Python. */
 static int attend_run(int path, const float *q, const float *k, const float *v, float *out, int64_t H, int64_t S,
                       int64_t D, int64_t hs, float scale, int n_threads) {
-    const int simd = path == PATH_AVX512VNNI && D % 16 == 0;
     float *scores = (float *)malloc(sizeof(float) * (size_t)(S * H));
     if (!scores) return 0;
-#ifdef _OPENMP
+    const attend_task_t task = {q, k, v, out, scores, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0};
+#if defined(SPECTRA_POOL)
+    pool_for(n_threads, H, attend_one, (void *)&task);
+#elif defined(_OPENMP)
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && H > 1)
+    for (int64_t h = 0; h < H; h++) attend_one((void *)&task, h);
+#else
+    for (int64_t h = 0; h < H; h++) attend_one((void *)&task, h);
 #endif
-    for (int64_t h = 0; h < H; h++) {
-#ifdef SPECTRA_X86
-        if (simd) {
-            /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the
-             * next head's keys while this head's keys are read. */
-            for (int64_t i = 0; i < ATT_AHEAD * D && i < S * D; i += 16) {
-                _mm_prefetch((const char *)(v + h * hs + i), _MM_HINT_T1);
-                if (h + 1 < H) _mm_prefetch((const char *)(k + (h + 1) * hs + i), _MM_HINT_T1);
-            }
-            attend_head_avx512(q + h * D, k + h * hs, v + h * hs, out + h * D, scores + h * S, S, D, scale);
-            continue;
-        }
-#endif
-        attend_head_scalar(q + h * D, k + h * hs, v + h * hs, out + h * D, scores + h * S, S, D, scale);
-    }
     free(scores);
     return 1;
 }
