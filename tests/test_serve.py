@@ -283,3 +283,31 @@ def test_sigterm_finishes_in_flight_requests_and_exits(model_dir):
     assert finish == "length" and text_events > 1
     assert srv.stop()
     assert "Traceback" not in srv.proc.stdout.read()
+
+
+def test_mailbox_delivers_in_order_with_one_wakeup_per_batch():
+    """Events posted from another thread while the loop is busy arrive in order, each in its own queue, and cost one
+    loop wake-up (call_soon_threadsafe) for the whole batch, not one per event."""
+    import asyncio
+    import threading
+
+    from spectra.serve.app import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (calls.append(a), real(*a))[1]
+        box, queues = Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        t = threading.Thread(target=lambda: [box.post(queues[i % 2], {"i": i}) for i in range(100)])
+        t.start()
+        t.join()  # the loop has not run meanwhile: everything is pending behind one scheduled flush
+        assert len(calls) == 1
+        await asyncio.sleep(0)
+        got = [[q.get_nowait()["i"] for _ in range(q.qsize())] for q in queues]
+        assert got == [list(range(0, 100, 2)), list(range(1, 100, 2))]
+        box.post(queues[0], {"i": 100})  # the next batch schedules a new flush
+        await asyncio.sleep(0)
+        assert len(calls) == 2 and queues[0].get_nowait() == {"i": 100}
+
+    asyncio.run(main())

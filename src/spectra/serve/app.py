@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +38,34 @@ PLAIN_STOP = "\n\nUser:"
 MAX_STOPS = 4
 MAX_LOGPROBS = 20
 DISCONNECT_POLL_S = 0.25
+
+
+class Mailbox:
+    """Hands the engine thread's events to the asyncio loop, one loop wake-up per batch of events.
+
+    `loop.call_soon_threadsafe` per event writes to the loop's wake-up pipe each time: 16 streams cost 16 system calls
+    and loop wake-ups per decode step, on the engine thread (5-6 % of its time, profiled). Here the first event of a
+    step schedules one `flush` and the others are appended to the pending list it will deliver."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, dict]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: dict) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class BadRequest(Exception):
@@ -246,6 +275,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
     from starlette.routing import Route
 
     api = Api(engine, model_name, chat_template=chat_template)
+    boxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+    def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+        if loop not in boxes:
+            boxes.clear()  # one loop serves the app; a new one (tests restarting it) replaces it
+            boxes[loop] = Mailbox(loop)
+        return boxes[loop]
 
     def err(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
         return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
@@ -288,9 +324,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         except BadRequest as e:
             engine.metrics.count_request("bad_request")
             return err(400, str(e), "invalid_request_error", e.param, e.code)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        box = mailbox(asyncio.get_running_loop())
+        req.on_event = lambda ev: box.post(events, ev)
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -357,19 +393,27 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
-            offset = 0
-            while True:
-                ev = await events.get()  # a disconnect cancels this generator (Starlette), see finally
-                if ev["type"] == "done":
-                    break
-                if chat:
-                    if ev["text"]:
-                        yield chunk({"content": ev["text"]})
-                else:
-                    lp = api.logprobs_body([ev["logprob"]], offset) if "logprob" in ev else None
-                    if ev["text"] or lp is not None:
-                        yield chunk({"text": ev["text"], "logprobs": lp})
-                    offset += len(ev["text"])
+            offset, done = 0, False
+            while not done:
+                # Whatever has arrived goes out in one write (a client that fell behind gets its events together).
+                batch = [await events.get()]  # a disconnect cancels this generator (Starlette), see finally
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                out = []
+                for ev in batch:
+                    if ev["type"] == "done":
+                        done = True
+                        break
+                    if chat:
+                        if ev["text"]:
+                            out.append(chunk({"content": ev["text"]}))
+                    else:
+                        lp = api.logprobs_body([ev["logprob"]], offset) if "logprob" in ev else None
+                        if ev["text"] or lp is not None:
+                            out.append(chunk({"text": ev["text"], "logprobs": lp}))
+                        offset += len(ev["text"])
+                if out:
+                    yield "".join(out)
             if req.finish_reason in ("error", "cancelled"):
                 yield f"data: {json.dumps(error_body(f'generation {req.finish_reason}', 'server_error'))}\n\n"
             else:
