@@ -72,7 +72,7 @@ def check_data(spec: SuiteSpec, tokenizer: str | os.PathLike) -> dict[str, Any]:
             f"data {src}: its validation split holds {val_tokens} tokens, fewer than the {need_val} "
             f"({MIN_EVAL_WINDOWS} windows of {window}) the paired comparisons need; use a larger file (a few MB of "
             "text: the last 5% of a .txt file's lines are held out)")
-    budget = max(spec.tokens_for(s) for s in spec.sizes)
+    budget = max(spec.tokens_for(s, f) for s in spec.sizes for f in spec.families)
     if train_tokens * MAX_PASSES < budget:
         raise ValueError(
             f"data {src}: its train split holds {train_tokens} tokens; the largest model's budget of {budget:.3g} "

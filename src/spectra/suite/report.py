@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from spectra.files import atomic_file, write_json
+import spectra.suite.conversion as conversion
 from spectra.suite.checks import findings, pool_of, quant_costs, seed_groups, study_checks
 from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
@@ -275,6 +276,32 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             "trained models the unit is the seed (t with the seed variance pooled over all latent models); a "
             "QuantLM or packed model is compared with its own base on the same held-out windows (paired t).",
         )
+    conv_arms = conversion.arms(records, rows)
+    conv = conversion.comparisons(conv_arms, rows, seqs)
+    if conv_arms:
+        add(
+            "Runs started from other runs: loss and compute",
+            _table(["arm", "size", "family", "starts from", "teacher", "own tokens", "seeds", "val_loss (mean)",
+                    "± 95 %", "sd over seeds", "total tokens", "total FLOPs", "train tok/s"],
+                   [[a["arm"], a["size"], a["base_family"], a["init"] or "random", a["teacher"] or "–",
+                     f"{a['tokens']:.3g}", a["seeds"], a["mean"], a["half_width"], a["sd"],
+                     f"{a['total_tokens']:.3g}", f"{a['total_flops']:.3g}", f"{a['tokens_per_s']:.0f}"] for a in conv_arms]),
+            "Validation loss (nats/token, held-out split) over seeds, ± the 95 % interval with the seed variance "
+            "pooled over all latent models. Total tokens and FLOPs count every run that made the model once: a "
+            "converted arm includes its FloatLM's pretraining, a distilled one the teacher's forward passes (a third "
+            "of its training FLOPs per token); FLOPs are 6·N + attention per token. tok/s depends on machine load.",
+        )
+    if conv:
+        add(
+            "Conversion compared with training from scratch",
+            _table(["comparison", "size", "at", "Δ loss over seeds [95 %]", "verdict (Δ < 0)",
+                    "Δ loss paired over held-out windows [95 %]", "compute ratio"],
+                   [[c["comparison"], c["size"], c["basis"], c["seed_text"], c["verdict"], c["paired_text"],
+                     f"{c['flops_ratio']:.2f}x" if c["flops_ratio"] else None] for c in conv]),
+            "Δ = the arm's loss minus the from-scratch arm's. The verdict uses the seed interval (separately trained "
+            "models: the unit is the seed): holds when it lies below 0, does not hold when above, else not resolved. "
+            "The paired interval (window NLLs averaged over seeds) measures only the held-out text's variability.",
+        )
     add("Models, over seeds", summary,
         "Validation loss (nats/token on the held-out split) averaged over seeds. ± is the 95 % interval half-width "
         "with the seed variance pooled over all latent models; sd is this model's own spread over its seeds.")
@@ -440,7 +467,7 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     write_json(
         out / "summary.json",
         {"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
-         "findings": found,
+         "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
          "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()}},
     )
     return {
@@ -449,7 +476,10 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         "figures": [str(p) for p in figures],
         "summary_table": summary[0]
         + "".join(f"\n{c['verdict']}: {c['check']}: {_ci(c)} ({c['test']}; {c['detail']})" for c in checks)
-        + "".join(f"\nFINDING {f['verdict']}: {f['finding']} ({f['holds']}/{f['checks']} checks hold)" for f in found),
+        + "".join(f"\nFINDING {f['verdict']}: {f['finding']} ({f['holds']}/{f['checks']} checks hold)" for f in found)
+        + "".join(f"\n{c['verdict']}: {c['comparison']} < 0 at {c['size']}, {c['basis']}: {c['seed_text']} over "
+                  f"seeds; paired {c['paired_text']}" for c in conv),
         "checks": checks,
         "findings": found,
+        "conversion": conv,
     }

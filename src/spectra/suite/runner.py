@@ -17,6 +17,7 @@ from its last checkpoint. Paths in records are relative to OUT, so a results fol
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -72,12 +73,14 @@ class Step:
 
 
 def plan(spec: SuiteSpec) -> list[Step]:
-    """Every step of the study in a dependency-respecting order: train, quantize, pack, eval, bench."""
+    """Every step of the study in a dependency-respecting order: train (a variant's init and teacher runs first),
+    quantize, pack, eval, bench."""
     trains, derived, evals = [], [], []
     for seed in spec.seeds:
         for size in spec.sizes:
-            for family in spec.families:
-                t = Step("train", family, size, seed)
+            for family in spec.train_order():  # a run started from (or distilled from) another comes after it
+                t = Step("train", family, size, seed,
+                         deps=[Step("train", dep, size, seed).key for dep in spec.sources(family)])
                 trains.append(t)
                 evals.append(Step("eval", family, size, seed, target=t.key, deps=[t.key]))
                 cfg = spec.model_config(size, family)
@@ -165,17 +168,27 @@ class SuiteRunner:
         from spectra.train import TrainConfig, train
 
         cfg = self.spec.model_config(step.size, step.family)
-        tcfg = TrainConfig.from_dict(
-            {
-                "tokens": self.spec.tokens_for(step.size),
-                "data": self.spec.data,
-                "tokenizer": self.tokenizer,
-                "seed": step.seed,
-                **self.spec.train_overrides(step.family, step.size),
-            }
-        )
+        over = {
+            "tokens": self.spec.tokens_for(step.size, step.family),
+            "data": self.spec.data,
+            "tokenizer": self.tokenizer,
+            "seed": step.seed,
+            **self.spec.train_overrides(step.family, step.size),
+        }
+        model: ModelConfig | dict[str, Any] = cfg
+        variant = self.spec.variants.get(step.family)
+        if variant is not None and variant.init is not None:
+            # the model, its vocabulary and tokenizer come from the init run's final model; cfg's own fields that
+            # may differ from it (family, quantizer, ...) are overrides
+            model = {**self.spec.model, **variant.model, "family": cfg.family, "name": cfg.name}
+            over.pop("tokenizer")
+            over.pop("fit_vocab", None)
+            over["init"] = str(self._artifact(self._source_key(step, variant.init)))
+        if variant is not None and variant.teacher is not None:
+            over["teacher"] = str(self._artifact(self._source_key(step, variant.teacher)))
+        tcfg = TrainConfig.from_dict(over)
         run_dir = self.out / "runs" / step.model_name
-        result = train(cfg, tcfg, out_dir=run_dir, resume=(run_dir / "run.json").exists(), progress=self.progress)
+        result = train(model, tcfg, out_dir=run_dir, resume=(run_dir / "run.json").exists(), progress=self.progress)
         metrics = {
             k: result[k]
             for k in ("val_loss", "train_loss", "tokens", "steps", "wall_time", "tokens_per_s", "skipped_steps")
@@ -183,7 +196,31 @@ class SuiteRunner:
         }
         rel = run_dir.relative_to(self.out)
         trained = ModelConfig.from_dict(read_meta(run_dir / "final")["config"])
-        return _model_info(trained, step, cfg.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
+        metrics["compute"] = self._compute(step, trained, tcfg, result)
+        return _model_info(trained, step, trained.family), metrics, {"model": str(rel / "final"), "run": str(rel)}
+
+    def _source_key(self, step: Step, family: str) -> str:
+        return Step("train", family, step.size, step.seed).key
+
+    def _compute(self, step: Step, cfg: ModelConfig, tcfg: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """What it cost to make this model: this run's training FLOPs (6·N + attention per token,
+        `spectra.accounting.flops_per_token`), the teacher's forward passes (a third of its training FLOPs per
+        token), and the training of every run it started from or distilled from, each counted once (`runs`)."""
+        from spectra.accounting import flops_per_token
+
+        seq_len = int(json.loads((self.out / "runs" / step.model_name / "run.json").read_text())["train"]["seq_len"])
+        tokens = float(result["tokens"])
+        own = {"tokens": tokens, "flops": float(flops_per_token(cfg, seq_len)) * tokens, "teacher_flops": 0.0}
+        runs = {step.key: own}
+        variant = self.spec.variants.get(step.family)
+        if variant is not None and variant.teacher is not None:
+            teacher = self._trained_config(Step("train", variant.teacher, step.size, step.seed))
+            own["teacher_flops"] = float(flops_per_token(teacher, seq_len)) * tokens / 3
+        for dep in step.deps:
+            runs.update(self.records.last[dep]["metrics"].get("compute", {}).get("runs", {}))
+        return {"init": variant.init if variant else None, "teacher": variant.teacher if variant else None,
+                "runs": runs, "total_tokens": sum(r["tokens"] for r in runs.values()),
+                "total_flops": sum(r["flops"] + r["teacher_flops"] for r in runs.values())}
 
     def run_quantize(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.ptq.pipeline import quantize

@@ -23,6 +23,11 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
     [variants.bilm]                        # an extra "family": a base family plus model/train overrides
     family = "trilm"
     model = { quantizer = "bilm" }
+    [variants.converted]                   # a run that starts from another run of the plan (same size and seed):
+    family = "trilm"                       # `init` = the family/variant whose final model it starts from (FloatLM ->
+    init = "floatlm"                       # TriLM conversion, fine-tuning); `teacher` = the one it distils from;
+    teacher = "floatlm"                    # train = { tokens = 2e5 } gives a variant its own budget
+    train = { tokens = 2e5, quant_warmup_tokens = 5e4 }
     [sizes.s1]                             # a size of this study's own (ModelConfig fields), beside the named ones
     dim = 128
     n_layers = 2
@@ -47,7 +52,7 @@ from typing import Any
 
 from spectra.config import FAMILIES, SIZES, ModelConfig, from_name
 
-PRESETS = ("tiny", "small", "paper", "ablations-tiny", "micro")
+PRESETS = ("tiny", "small", "paper", "ablations-tiny", "micro", "qat-tiny")
 PACK_FORMATS = ("tq2", "tq1")
 MIN_STEPS = 4  # a budget that gives fewer optimizer steps than this is too small to train
 SIZE_KEYS = ("dim", "n_layers", "n_heads", "glu_dim")  # what a [sizes.NAME] table must give
@@ -60,6 +65,12 @@ class Variant:
     family: str
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # a family/variant of the study: start from its final model (same size and seed)
+    teacher: str | None = None  # a family/variant of the study: distil from its final model (same size and seed)
+
+    def sources(self) -> list[str]:
+        """The families/variants whose trained models this one needs: its init, then its teacher."""
+        return list(dict.fromkeys(x for x in (self.init, self.teacher) if x is not None))
 
 
 @dataclass(kw_only=True)
@@ -88,10 +99,33 @@ class SuiteSpec:
     def family_of(self, name: str) -> str:
         return self.variants[name].family if name in self.variants else name
 
-    def tokens_for(self, size: str) -> float:
+    def tokens_for(self, size: str, family: str | None = None) -> float:
+        """The training tokens of one run: the variant's own `train.tokens` if it sets one, else [suite] tokens."""
+        if family in self.variants and "tokens" in self.variants[family].train:
+            return float(self.variants[family].train["tokens"])
         if isinstance(self.tokens, dict):
             return float(self.tokens[size])
         return float(self.tokens)
+
+    def sources(self, family: str) -> list[str]:
+        """The families/variants whose trained models a run of `family` starts from or distils from."""
+        return self.variants[family].sources() if family in self.variants else []
+
+    def train_order(self) -> list[str]:
+        """`families` with every run's init and teacher before it (a stable topological order)."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(f: str) -> None:
+            if f not in seen:
+                seen.add(f)
+                for dep in self.sources(f):
+                    visit(dep)
+                order.append(f)
+
+        for f in self.families:
+            visit(f)
+        return order
 
     def model_config(self, size: str, family: str) -> ModelConfig:
         base = self.family_of(family)
@@ -140,12 +174,23 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     variants = {}
     for name, v in doc.get("variants", {}).items():
         v = dict(v)
-        extra = sorted(set(v) - {"family", "model", "train"})
+        extra = sorted(set(v) - {"family", "model", "train", "init", "teacher"})
         if extra:
-            raise _err(source, f"[variants.{name}]: unknown key(s) {extra}; accepted: family, model, train")
+            raise _err(source, f"[variants.{name}]: unknown key(s) {extra}; accepted: family, model, train, init, "
+                               "teacher")
         if v.get("family") not in FAMILIES:
             raise _err(source, f"[variants.{name}] family must be one of {FAMILIES}, got {v.get('family')!r}")
-        variants[name] = Variant(name=name, family=v["family"], model=v.get("model", {}), train=v.get("train", {}))
+        for key in ("init", "teacher"):
+            if v.get(key) is not None and not isinstance(v[key], str):
+                raise _err(source, f"[variants.{name}] {key} must name a family or variant of the study, "
+                                   f"got {v[key]!r}")
+        train_over = v.get("train", {})
+        for key in ("init", "teacher"):
+            if key in train_over:
+                raise _err(source, f"[variants.{name}] train.{key}: a suite run starts from (or distils from) "
+                                   f"another run of the study; write {key} = \"FAMILY\" in [variants.{name}]")
+        variants[name] = Variant(name=name, family=v["family"], model=v.get("model", {}), train=train_over,
+                                 init=v.get("init"), teacher=v.get("teacher"))
     size_table = {}
     for name, v in doc.get("sizes", {}).items():
         if name in SIZES:
@@ -197,6 +242,7 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
         if family not in FAMILIES and family not in spec.variants:
             raise _err(source, f"unknown family {family!r} in [suite] families; accepted: {list(FAMILIES)} or a "
                                f"[variants.NAME] table (defined: {sorted(spec.variants)})")
+    _check_sources(spec, source)
     for b in spec.quant_bits:
         if not isinstance(b, int) or not 2 <= b <= 8:
             raise _err(source, f"[suite] quant_bits: {b!r} is not an integer from 2 to 8")
@@ -213,7 +259,8 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
         for family in spec.families:
             try:
                 cfg = spec.model_config(size, family)
-                train = TrainConfig.from_dict({"tokens": spec.tokens_for(size), **spec.train_overrides(family, size)})
+                train = TrainConfig.from_dict({"tokens": spec.tokens_for(size, family),
+                                               **spec.train_overrides(family, size)})
                 train = resolve(cfg, train)
             except (TypeError, ValueError) as e:
                 raise _err(source, f"{family}-{size}: {e}") from e
@@ -223,6 +270,36 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
                 raise _err(source, f"{family}-{size}: a budget of {train.tokens:.3g} tokens is {steps} optimizer "
                                    f"step(s) of {train.batch_tokens} tokens; at least {MIN_STEPS} are needed to train "
                                    f"(raise [suite] tokens or lower [train] batch_tokens)")
+
+
+def _check_sources(spec: SuiteSpec, source: str) -> None:
+    """Every variant's init and teacher is a family of the study, no run depends on itself, and a run started from
+    another keeps that run's shapes."""
+    from spectra.train.init import SHAPE_FIELDS
+
+    for name, v in spec.variants.items():
+        for key, dep in (("init", v.init), ("teacher", v.teacher)):
+            if dep is not None and dep not in spec.families:
+                raise _err(source, f"[variants.{name}] {key} = {dep!r} is not in [suite] families {spec.families}")
+    for name in spec.families:  # a cycle: following init/teacher links from `name` comes back to it
+        stack, seen = list(spec.sources(name)), set()
+        while stack:
+            dep = stack.pop()
+            if dep == name:
+                raise _err(source, f"[variants.{name}]: its init/teacher chain leads back to {name!r}")
+            if dep not in seen:
+                seen.add(dep)
+                stack.extend(spec.sources(dep))
+    for name in spec.families:
+        init = spec.variants[name].init if name in spec.variants else None
+        if init is None:
+            continue
+        for size in spec.sizes:
+            mine, theirs = spec.model_config(size, name).to_dict(), spec.model_config(size, init).to_dict()
+            bad = [f for f in SHAPE_FIELDS if f != "vocab_size" and mine[f] != theirs[f]]
+            if bad:
+                raise _err(source, f"[variants.{name}] starts from {init!r}, whose {bad[0]} is {theirs[bad[0]]!r}; "
+                                   f"a run started from another keeps its shapes (got {mine[bad[0]]!r})")
 
 
 def _check_shapes(spec: SuiteSpec, cfg: ModelConfig, where: str) -> None:
