@@ -30,6 +30,7 @@ from spectra.files import (
     write_json,
 )
 from spectra.model import empty_model
+from spectra.quantizers import adopt_scale_offsets
 
 
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,6 +77,7 @@ def load_model_dir(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with errors that name the tensor and both shapes."""
+    adopt_scale_offsets(model, state)  # optional TriLM scale offsets (spectra.quantizers.TriLMQuantizer)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

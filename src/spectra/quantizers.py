@@ -265,7 +265,19 @@ class Quantizer(nn.Module):
 
 
 class TriLMQuantizer(Quantizer):
-    """The paper's absmean ternary: γ = ε + mean|W| per shard; Ŵ = round(clip(W/γ, −1, 1)); W̃ = γ·Ŵ; STE to W."""
+    """The paper's absmean ternary: γ = ε + mean|W| per shard; Ŵ = round(clip(W/γ, −1, 1)); W̃ = γ·Ŵ; STE to W.
+
+    `scale_offset` (a buffer, None unless set; saved and loaded with the model when set) adds a constant δ per
+    shard: γ = (ε + mean|W|) + δ. It exists for one purpose, starting exactly from a TriLM whose scales were rounded
+    to float16/bfloat16 (an unpacked Hugging Face checkpoint, `spectra.train.init.exact_latent`): the float32 mean
+    of n weights moves in steps of up to two floats when n is not a power of two, so some scales are reached by no
+    latent weight, and the nearest latent leaves γ one float below the checkpoint's. δ = γ_target − γ(W₀) is then
+    a float32 subtraction of two numbers within a factor 2 of each other, hence exact (Sterbenz), and γ(W₀) + δ
+    rounds to γ_target itself, so the layer reproduces the checkpoint bit for bit. We chose this over a pinned scale
+    that training would have to release at some step: with δ the scale keeps following the latent weight as the
+    paper's formula does (δ is about 1e-7 of γ), the gradient is unchanged, and the offset travels in the state
+    dict, so saving, loading and resuming stay exact without a special case.
+    """
 
     name = "trilm"
 
@@ -273,20 +285,43 @@ class TriLMQuantizer(Quantizer):
         self.eps = eps
         super().__init__(**options)
         self.plain = not (self.stochastic_rounding or self.scale is not None or self.stages)
+        self.register_buffer("scale_offset", None)
 
     def make_scheme(self) -> Scheme:
         return AbsmeanTernary(self.num_shards, self.dim, self.eps)
 
+    def _scales(self, scheme: Scheme, W: Tensor) -> Tensor:
+        s = scheme.scales(W)
+        if self.scale_offset is not None and scheme is self.base:
+            s = s + self.scale_offset.to(s.device, torch.float32)
+        return s * self.scale.float() if self.scale is not None else s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "scale_offset" in state_dict and self.scale_offset is None:
+            self.scale_offset = torch.zeros(self.num_shards, dtype=torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def codes_and_scales(self, W: Tensor) -> tuple[Tensor, Tensor]:
-        if self.plain:  # `spectra.ternary.ternarize`: the reference (and fastest) implementation
+        if self.plain and self.scale_offset is None:  # `ternarize`: the reference (and fastest) implementation
             return ternarize(W, self.num_shards, self.dim, self.eps)
         return super().codes_and_scales(W)
 
     def forward_weight(self, W: Tensor) -> Tensor:
-        if self.plain:
+        if self.plain and self.scale_offset is None:
             codes, scales = ternarize(W, self.num_shards, self.dim, self.eps)
             return straight_through(W, self.dequantize(codes, scales).to(W.dtype))
         return super().forward_weight(W)
+
+
+def adopt_scale_offsets(model: nn.Module, state: dict[str, Tensor]) -> int:
+    """Give every TriLM quantizer of `model` whose `scale_offset` is in `state` a place for it (before comparing
+    state-dict keys or loading a state that carries offsets). Returns how many it adopted."""
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, TriLMQuantizer) and module.scale_offset is None and f"{name}.scale_offset" in state:
+            module.scale_offset = torch.zeros(module.num_shards, dtype=torch.float32)
+            n += 1
+    return n
 
 
 class BitNet158Quantizer(Quantizer):

@@ -15,7 +15,8 @@ directory (a FloatLM, or an unpacked TriLM whose exact codes and per-shard scale
     provenance     `init` = {path, sha256 of the model files, ...} in run.json and in every saved model's metadata
 
 A TriLM started from an unpacked checkpoint keeps its exact codes and scales: its latent weight is set so that the
-quantizer, as the training forward pass computes it, gives back exactly those codes and scales (`exact_latent`).
+quantizer, as the training forward pass computes it, gives back exactly those codes and scales (`exact_latent`),
+with a per-shard scale offset of a float step where no float32 absmean reaches a float16/bfloat16 scale.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 from spectra.config import ModelConfig
 from spectra.files import META_FILE, TOKENIZER_FILE, find_tokenizer, read_meta
 from spectra.layers import TernaryLinear
+from spectra.quantizers import adopt_scale_offsets
 from spectra.ternary import EPS
 
 # ModelConfig fields whose change would not fit the checkpoint's tensors (or would change what they mean)
@@ -157,6 +159,7 @@ def convert(source: nn.Module, cfg: ModelConfig, *, seed: int, exact: bool) -> n
         for name, module in source.named_modules():
             if isinstance(module, TernaryLinear):
                 src_state[f"{name}.weight"] = module.quantized_weight().float()
+    adopt_scale_offsets(target, src_state)  # a TriLM source's exact-scale offsets travel with its latent weights
     state = target.state_dict()
     for k, v in src_state.items():
         if k not in state:
@@ -171,14 +174,14 @@ def convert(source: nn.Module, cfg: ModelConfig, *, seed: int, exact: bool) -> n
         state[k] = v.to(state[k].dtype)
     target.load_state_dict(state)
     if exact:
-        worst = 0.0
+        offsets = 0
         for name, module in target.named_modules():
             if isinstance(module, TernaryLinear):
                 codes, scales = source.get_submodule(name).codes_and_scales()
-                worst = max(worst, exact_latent(module, codes, scales))
-        if worst > 0:
-            log.warning("init: the codes are exact; some scales could not be represented as a float32 absmean "
-                        "and are one float step off (largest relative difference %.2g)", worst)
+                offsets += exact_latent(module, codes, scales) > 0
+        if offsets:
+            log.info("init: %d ternary layer(s) keep a scale offset of about one float32 step, so that their scales "
+                     "equal the checkpoint's exactly (spectra.quantizers.TriLMQuantizer)", offsets)
     return target.train()
 
 
@@ -193,12 +196,13 @@ def exact_latent(layer: TernaryLinear, codes: torch.Tensor, scales: torch.Tensor
     bisects instead over how many of its weights take the next float above m. Shards whose codes are all 0 stay 0
     (W̃ = 0 either way).
 
-    The codes always come back exactly. The scale comes back exactly whenever some float32 latent weight gives it:
-    always for a scale the absmean formula computed in float32 (a checkpoint saved in float32), and for most scales
-    rounded to float16/bfloat16. When the number of weights in a shard is not a power of two, the computed
-    mean = sum/n moves in steps of up to two floats, so a rounded scale can fall between two reachable ones; the
-    nearest one below it is kept (one float32 step, relative error < 2.4e-7). Returns the largest relative
-    difference of a scale (0.0: exact)."""
+    The codes always come back exactly, and so do the scales. The latent weight alone reaches a scale whenever some
+    float32 latent weight gives it: always for a scale the absmean formula computed in float32 (a checkpoint saved
+    in float32), and for most scales rounded to float16/bfloat16. When the number of weights in a shard is not a
+    power of two, the computed mean = sum/n moves in steps of up to two floats, so a rounded scale can fall between
+    two reachable ones; the nearest one below it is kept and the quantizer's `scale_offset` δ makes up the rest
+    exactly (`spectra.quantizers.TriLMQuantizer`: δ = γ_target − γ(W), a float step or two). Returns the largest
+    relative difference the latent weight alone left (0.0: no offset was needed)."""
     n, dim = layer.num_shards, layer.shard_dim
     shard_codes = [c.contiguous() for c in codes.float().chunk(n, dim=dim)]
     target = scales.float().reshape(-1)
@@ -296,7 +300,13 @@ def exact_latent(layer: TernaryLinear, codes: torch.Tensor, scales: torch.Tensor
     got = evaluate()
     live = torch.tensor([bool((c != 0).any()) for c in shard_codes])
     rel = ((got - target).abs() / target.clamp(min=1e-30))[live]
-    return float(rel.max()) if rel.numel() else 0.0
+    worst = float(rel.max()) if rel.numel() else 0.0
+    if worst > 0:
+        layer.quantizer.scale_offset = torch.where(live, target - got, torch.zeros_like(got))
+        got = evaluate()
+        if not torch.equal(got[live], target[live]):
+            raise ValueError(f"could not reproduce the scales {target.tolist()} exactly (got {got.tolist()})")
+    return worst
 
 
 def open_init(path: str | os.PathLike, overrides: dict[str, Any] | ModelConfig | None, tokenizer: str | None, *,
