@@ -4,6 +4,7 @@
     run_suite(spec, out_dir)  runner.py   resumable steps recorded in results.jsonl
     fit_power_law, pareto_front  scaling.py
     build_report(results)     report.py   Markdown + self-contained HTML + PNG figures
+    arms, comparisons         conversion.py  runs started from other runs (qat-tiny): loss, compute, verdicts
 """
 
 from spectra.suite.report import build_report

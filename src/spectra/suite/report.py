@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from spectra.files import atomic_file, write_json
 import spectra.suite.conversion as conversion
+from spectra.files import atomic_file, write_json
 from spectra.suite.checks import findings, pool_of, quant_costs, seed_groups, study_checks
 from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
@@ -285,7 +285,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
                     "± 95 %", "sd over seeds", "total tokens", "total FLOPs", "train tok/s"],
                    [[a["arm"], a["size"], a["base_family"], a["init"] or "random", a["teacher"] or "–",
                      f"{a['tokens']:.3g}", a["seeds"], a["mean"], a["half_width"], a["sd"],
-                     f"{a['total_tokens']:.3g}", f"{a['total_flops']:.3g}", f"{a['tokens_per_s']:.0f}"] for a in conv_arms]),
+                     f"{a['total_tokens']:.3g}", f"{a['total_flops']:.3g}", f"{a['tokens_per_s']:.0f}"]
+                    for a in conv_arms]),
             "Validation loss (nats/token, held-out split) over seeds, ± the 95 % interval with the seed variance "
             "pooled over all latent models. Total tokens and FLOPs count every run that made the model once: a "
             "converted arm includes its FloatLM's pretraining, a distilled one the teacher's forward passes (a third "

@@ -3,6 +3,8 @@
 For every size, family and seed the suite trains a model; every FloatLM is quantized by GPTQ at each bit width into
 QuantLMs; every ternary model is packed; every resulting model (float, quantized, latent ternary, packed) is
 evaluated; the largest size of each kind is benchmarked. All models of a seed see the same data in the same order.
+A variant with `init` (or `teacher`) trains after the run of the same size and seed it starts from (or distils
+from), from that run's final model; every training record carries its compute (`SuiteRunner._compute`).
 
 Each step appends one JSON line to `OUT/results.jsonl`:
 
