@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import numpy as np
@@ -148,7 +149,7 @@ def _kill_converted_at_step(monkeypatch, step: int):
 
 
 @pytest.mark.slow
-def test_conversion_study_end_to_end_and_resume_after_a_kill(tmp_path, monkeypatch):
+def test_conversion_study_end_to_end_and_resume_after_a_kill(tmp_path, monkeypatch, caplog):
     import spectra.train.trainer as trainer
     from spectra.train.warmup import set_quant_mix
 
@@ -217,7 +218,9 @@ def test_conversion_study_end_to_end_and_resume_after_a_kill(tmp_path, monkeypat
     part = read_records(killed)
     assert "train/floatlm-m1/s0" in part and "train/converted-m1/s0" not in part
     assert list((killed / "runs" / "converted-m1-s0" / "checkpoints").glob("step_*"))  # it had saved a checkpoint
-    again = run_suite(spec, killed, progress=False, report=False)
+    with caplog.at_level(logging.INFO, logger="spectra.train.trainer"):
+        again = run_suite(spec, killed, progress=False, report=False)
+    assert "resuming" in caplog.text and "converted-m1-s0 from step_" in caplog.text  # from its checkpoint
     assert again["steps"]["failed"] == 0 and again["steps"]["skipped"] >= 1
     lines = [json.loads(x) for x in (killed / "results.jsonl").read_text().splitlines()]
     assert sum(r["key"] == "train/floatlm-m1/s0" for r in lines) == 1  # the FloatLM was not trained again
