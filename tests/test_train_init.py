@@ -480,7 +480,7 @@ def test_init_from_half_precision_unpacked_trilm_is_exact(tmp_path, data, dtype)
     """Init from an unpacked bf16/fp16 TriLM: step-0 logits (train mode: codes and scales recomputed from the latent
     weight) equal spectra.load's logits exactly, for a model where the latent weight alone leaves some scale one
     float32 step off (the seed loop finds one; the scale offset makes it exact). Saving and loading the started
-    model keeps it exact, and so does a training run at lr = 0 (its final model reloaded)."""
+    model keeps it exact, and so does a training run at lr = 0 (its final model reloaded) and a run started from it."""
     from spectra.checkpoint import save_model
 
     for seed in range(6):
@@ -513,3 +513,22 @@ def test_init_from_half_precision_unpacked_trilm_is_exact(tmp_path, data, dtype)
     train(None, TrainConfig(**train_kw(data, init=str(path), lr=0.0, lr2=0.0, tokens=STEP * 2)), out_dir=out,
           progress=False)
     assert torch.equal(logits_of(load(out / "final"), IDX), logits_of(ref, IDX))
+    # and a run started from that run (a spectra checkpoint that carries the offsets) starts from the same model
+    assert torch.equal(logits_of(open_init(out, None, None).model, IDX, "train"), logits_of(ref, IDX))
+
+
+def test_init_from_a_run_file(tmp_path, data, runs):
+    """`train.init` in a TOML run file ([model] holds overrides of the checkpoint's config) is the same run as the
+    --init flags."""
+    run_file = tmp_path / "conv.toml"
+    run_file.write_text(f'[model]\nfamily = "trilm"\n\n[train]\ninit = "{runs["floatlm"]}"\ndata = "{data[0]}"\n'
+                        f'tokens = {STEP * 3}\nseq_len = {SEQ}\nbatch_tokens = {STEP}\nmicro_batch = 8\n'
+                        f'val_every = 0\nval_tokens = {SEQ * 8}\nquant_warmup_tokens = {STEP * 2}\n')
+    assert cli_main(["train", "--config", str(run_file), "--out", str(tmp_path / "file"), "--no-progress"]) == 0
+    assert cli_main(["train", "--init", str(runs["floatlm"]), "--model.family=trilm", f"--data={data[0]}",
+                     f"--tokens={STEP * 3}", f"--seq_len={SEQ}", f"--batch_tokens={STEP}", "--micro_batch=8",
+                     "--train.val_every=0", f"--train.val_tokens={SEQ * 8}", f"--quant_warmup_tokens={STEP * 2}",
+                     "--out", str(tmp_path / "flags"), "--no-progress"]) == 0
+    run = json.loads((tmp_path / "file" / "run.json").read_text())
+    assert run["init"]["sha256"] == content_hash(runs["floatlm"] / "final") and run["model"]["family"] == "trilm"
+    assert losses(tmp_path / "file") == losses(tmp_path / "flags") and len(losses(tmp_path / "file")) == 3
