@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from spectra.inference.batch import Request, Scheduler
+from spectra.inference.decode import unsupported_reason
+from spectra.packed.linear import Int8Linear, PackedTernaryLinear
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,17 @@ class Engine:
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.torch_threads = threads
+        if unsupported_reason(model) is None:
+            # A packed TriLM: its kernels split their work over their own pool of `threads` threads, which never waits
+            # for a thread the OS has not scheduled. torch's few ops in a step (embedding, sampling, a prefill's
+            # attention) run on the engine thread alone: an OpenMP team of torch's would wait at every barrier for a
+            # core that the HTTP loop or the clients hold, and spin on it afterwards.
+            n = threads or torch.get_num_threads()
+            for m in model.modules():
+                if isinstance(m, (PackedTernaryLinear, Int8Linear)):
+                    m.n_threads = n
+            self.torch_threads = 1
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
@@ -186,8 +199,8 @@ class Engine:
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # OpenMP's thread count is per calling thread
         sched = self.scheduler
         while True:
             with self._cond:

@@ -973,6 +973,53 @@ static int attend_run(int path, const float *q, const float *k, const float *v, 
     return 1;
 }
 
+/* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs,
+ * positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead of one per
+ * row. Row b's output goes to outs + b * A. Returns 0 when the score buffer cannot be allocated. */
+typedef struct {
+    const float *qs;
+    float *outs, *scores;
+    float *const *kcs, *const *vcs;
+    const int64_t *pos, *score_off;
+    int64_t H, D, A, hs;
+    float scale;
+    int simd;
+} attend_batch_task_t;
+
+static void attend_batch_one(void *ctx, int64_t c) {
+    const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
+    const int64_t b = c / t->H, h = c % t->H, S = t->pos[b] + 1;
+    const attend_task_t one = {t->qs + b * t->A, t->kcs[b], t->vcs[b], t->outs + b * t->A,
+                               t->scores + t->score_off[b], S, t->D, t->hs, t->H, t->scale, t->simd};
+    attend_one((void *)&one, h);
+}
+
+static int attend_batch_run(int path, const float *qs, float *const *kcs, float *const *vcs, const int64_t *pos,
+                            float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads) {
+    int64_t *score_off = (int64_t *)malloc(sizeof(int64_t) * (size_t)B);
+    if (!score_off) return 0;
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; b++) score_off[b] = total, total += (pos[b] + 1) * H;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)total);
+    if (!scores) {
+        free(score_off);
+        return 0;
+    }
+    const attend_batch_task_t task = {qs, outs, scores, kcs, vcs, pos, score_off, H, D, H * D, hs, scale,
+                                      path == PATH_AVX512VNNI && D % 16 == 0};
+#if defined(SPECTRA_POOL)
+    pool_for(n_threads, B * H, attend_batch_one, (void *)&task);
+#elif defined(_OPENMP)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+    for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
+#else
+    for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
+#endif
+    free(scores);
+    free(score_off);
+    return 1;
+}
+
 /* attend(path, q_ptr, k_ptr, v_ptr, out_ptr, H, S, D, head_stride, scale, n_threads): q, out [H, D] contiguous;
  * k, v: head h's S rows of D floats at k_ptr + h * head_stride (elements). */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
@@ -1423,10 +1470,14 @@ static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (int64_t b = 0; b < B; b++) rms_norm_row(xs + b * C, w_in, eps_in, hb + b * C, C);
     ok = ok && group_run(path, hb, B, C, jq, 3, n_threads);
+    /* Every row's k and v go into its cache first, then all rows attend in one job (rows are distinct sequences, or
+     * distinct positions of one, each reading only positions up to its own). */
+    float **kcs = ok ? (float **)malloc(sizeof(float *) * 2 * (size_t)B) : NULL;
+    ok = ok && kcs != NULL;
     for (int64_t b = 0; ok && b < B; b++) {
         float *q = jq[0].y + b * A, *k = jq[1].y + b * A, *v = jq[2].y + b * A, *att = attb + b * A;
-        float *kc = (float *)(uintptr_t)(kp[b] + (unsigned long long)loff);
-        float *vc = (float *)(uintptr_t)(vp[b] + (unsigned long long)loff);
+        float *kc = kcs[b] = (float *)(uintptr_t)(kp[b] + (unsigned long long)loff);
+        float *vc = kcs[B + b] = (float *)(uintptr_t)(vp[b] + (unsigned long long)loff);
         const int64_t p = pos[b];
         const float *cos = cos0 + p * D, *sin = sin0 + p * D;
         for (int64_t hh = 0; hh < H; hh++) {
@@ -1435,8 +1486,9 @@ static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
             memcpy(vc + hh * hs + p * D, v + hh * D, sizeof(float) * (size_t)D);
         }
         memcpy(q, att, sizeof(float) * (size_t)A);
-        ok = attend_run(path, q, kc, vc, att, H, p + 1, D, hs, scale, n_threads);
     }
+    ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, attb, B, H, D, hs, scale, n_threads);
+    free(kcs);
     ok = ok && group_run(path, attb, B, A, &jo, 1, n_threads);
     if (ok)
         for (int64_t b = 0; b < B; b++) {
