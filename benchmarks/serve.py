@@ -15,8 +15,11 @@ per-token latency (gaps between a stream's tokens), p50 and p99, and the ratio o
 what `spectra generate` does), measured in the same run.
 
 `--llama-server PATH`: a llama.cpp `llama-server` binary (built from its public source in a temporary folder, never
-committed) serves our GGUF export of the same model (TQ2_0, `spectra.interop.gguf`) with the same threads and 16
-parallel slots, and is driven the same way.
+committed) serves our GGUF export of the same model (TQ2_0 blocks, Q8_0 embedding and output, with the built-in
+byte-level BPE as its vocabulary, since llama.cpp refuses a model without one) with the same threads, 16 parallel
+slots and its defaults otherwise (f16 KV cache, continuous batching) except `--no-repack` (see start_llama), and
+is driven the same way. Prompts are ids
+below the built-in BPE's 4096 for every server.
 
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
 requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak (and its maximum).
@@ -93,7 +96,7 @@ async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: 
                 continue
             ev = json.loads(line[6:])
             ch = ev.get("choices") or [{}]
-            if llama or ch[0].get("logprobs"):
+            if (llama and ch[0].get("finish_reason") is None) or ch[0].get("logprobs"):  # llama: 1 token per event
                 times.append(time.perf_counter())
     return {"status": status, "times": times, "t0": t0}
 
@@ -170,14 +173,18 @@ def start_spectra(model_dir: Path, threads: int, ctx: int) -> tuple[subprocess.P
 
 
 def start_llama(binary: str, model_dir: Path, tmp: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    from spectra.data.tokenizer import builtin_tokenizer
     from spectra.interop.gguf import export_gguf
+    from spectra.loading import load
 
     gguf = tmp / "model-tq2_0.gguf"
-    if not gguf.exists():
-        export_gguf(model_dir, gguf, qtype="tq2_0")
+    if not gguf.exists():  # llama.cpp needs a vocabulary: the built-in BPE, padded to the model's vocab_size
+        export_gguf(load(model_dir), gguf, qtype="tq2_0", tokenizer=builtin_tokenizer())
     port = free_port()
     cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb",
-           str(threads), "-np", "16", "-c", str(ctx * 16), "-cb"]
+           str(threads), "-np", "16", "-c", str(ctx * 16), "-cb", "--no-repack"]
+    # --no-repack: with weight repacking on (its default), this llama.cpp's AMX path (ggml_backend_amx_mul_mat, on the
+    # Q8_0 output) segfaults as soon as two sequences are decoded together on an AMX CPU (gdb backtrace, 2026-12-03).
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -221,7 +228,11 @@ def main() -> None:
             label = f"{args.size} (random weights, packed tq2)"
         else:
             model_dir, label = Path(args.model), args.model
-        vocab = json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"]
+        # Prompts are random ids of the built-in BPE's range (a vocabulary llama-server can detokenize); generated ids
+        # range over the whole model vocabulary (the GGUF's padding ids detokenize to nothing, one event each).
+        from spectra.data.tokenizer import BUILTIN_VOCAB
+
+        vocab = min(BUILTIN_VOCAB, json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"])
         ctx = args.prompt_len + args.gen_len + 8
         load_before = os.getloadavg()[0]
         seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab)
@@ -267,6 +278,10 @@ def main() -> None:
             print(f"{r['server']:<13} {r['clients']:>7} {r['tok_s']:>8.1f} {r['tok_s'] / seq:>6.2f}x "
                   f"{1000 * r['ttft_p50']:>7.1f}ms {1000 * r['ttft_p99']:>6.1f}ms {1000 * r['tpot_p50']:>10.2f} "
                   f"{1000 * r['tpot_p99']:>7.2f} {r['status_5xx']:>4}")
+        peer = {r["clients"]: r["tok_s"] for r in rows if r["server"] == "llama-server"}
+        for r in rows:
+            if r["server"] == "spectra" and peer.get(r["clients"]):
+                print(f"spectra / llama-server at {r['clients']} clients: {r['tok_s'] / peer[r['clients']]:.2f}x")
         if soak is not None:
             print(f"soak: {soak['seconds']:.0f} s of 16 clients, {soak['requests']} requests, {soak['tokens']} tokens "
                   f"({soak['tok_s']:.1f} tok/s); 5xx {soak['status_5xx']}, other non-200 {soak['status_other']}, "
