@@ -41,18 +41,20 @@ def prompts_and_lengths(n=7, seed=0):
 
 
 @needs_ext
-@pytest.mark.parametrize("kind", ["packed", "packed-int8-head", "packed-tq1-compact"])
-def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind):
+@pytest.mark.parametrize("kind,kv", [("packed", None), ("packed-int8-head", None), ("packed-tq1-compact", None),
+                                     ("packed-int8-head", torch.float16)])
+def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind, kv):
     """Four sequences at different positions, stepped together, give exactly the hidden states and cache rows of the
     batch-1 C decoder run on each alone from the same prefill. With the int8 head (`Int8Linear`) the logits are
     bit-identical too; a float head is one (B, C) x (C, V) matmul, whose rounding torch's GEMM may vary with B."""
     model = model_of(kind, num_scale_shards=2) if kind == "packed" else model_of(kind)
-    bd = BatchDecoder(model, 4, 48)
+    bd = BatchDecoder(model, 4, 48, kv)
     assert bd.kernel is not None
     dec = Decoder(model)
     prompts, _ = prompts_and_lengths(4)
     slots = [bd.acquire() for _ in prompts]
-    solo = [model.new_cache(1, 48) for _ in prompts]
+    solo = [model.new_cache(1, 48, kv) for _ in prompts]
+    assert bd.caches[slots[0]].k.dtype == solo[0].k.dtype == (kv or torch.float32)
     with torch.inference_mode():
         last = []
         for s, c, p in zip(slots, solo, prompts):

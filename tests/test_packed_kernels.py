@@ -317,3 +317,46 @@ def test_pool_after_fork():
     os.close(w)
     _, status = os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1" and status == 0
+
+
+# ---- float16 KV cache ------------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_kv_half_rounding_equals_torch(path):
+    """The C conversion that writes a float16 KV cache rounds exactly as torch's .to(float16) does (the model's own
+    forward writes the cache that way): ties to even, subnormals, the overflow threshold 65520, infinities, NaN."""
+    two = torch.tensor([2.0], dtype=torch.float64)
+    edge = [0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, float("inf"), float("-inf"),
+            2.0**-14, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-25, 2.0**-26, 1e-30, 1e-45,
+            1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-11 + 2.0**-20, 2.0**-15 + 2.0**-25, 5.9604645e-08, 6.1035156e-05]
+    g = torch.Generator().manual_seed(0)
+    exps = torch.randint(-30, 17, (4000,), generator=g).double()
+    rand = (torch.randn(4000, generator=g, dtype=torch.float64) * two.pow(exps)).float()
+    halfway = (torch.arange(-2048, 2048, dtype=torch.float32) + 0.5) * 2.0**-24 * 17  # many exact ties
+    x = torch.cat([torch.tensor(edge, dtype=torch.float32), rand, halfway])
+    x = torch.cat([x, torch.zeros((-len(x)) % 16)])  # whole rows of 16 for the AVX-512 conversion
+    out = torch.empty(len(x), dtype=torch.float16)
+    K.extension().to_half(K._PATH_IDS[path], x.data_ptr(), out.data_ptr(), len(x))
+    assert torch.equal(out.view(torch.int16), x.to(torch.float16).view(torch.int16))
+    nan = torch.tensor([float("nan")] * 16)
+    K.extension().to_half(K._PATH_IDS[path], nan.data_ptr(), out.data_ptr(), 16)
+    assert torch.isnan(out[:16]).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_attention_over_a_float16_cache(path):
+    """Keys and values held in float16 (head-strided cache slices) are widened exactly: the result equals the float32
+    kernel on the widened values up to float rounding."""
+    g = torch.Generator().manual_seed(3)
+    for H, D, S in ((4, 64, 37), (3, 40, 9)):
+        k = (torch.randn(2, H, 50, D, generator=g) * 3).half()
+        v = torch.randn(2, H, 50, D, generator=g).half()
+        q = torch.randn(H, D, generator=g)
+        out = K.attention(q, k[1, :, :S], v[1, :, :S], path=path)
+        ref = K.attention(q, k[1, :, :S].float().contiguous(), v[1, :, :S].float().contiguous(), path=path)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(K.reference_attention(q, k[1, :, :S].float(), v[1, :, :S].float()), out,
+                                   rtol=1e-5, atol=1e-5)

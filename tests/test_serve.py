@@ -98,7 +98,10 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    """`generate` on the same model, alone, one prompt at a time (the int8 head, as the server runs it)."""
+    """`generate` on the same model, alone, one prompt at a time (the int8 head and the float16 KV cache, as the server
+    runs it by default)."""
+    import torch
+
     from spectra.inference.bench import with_int8_head
     from spectra.inference.generate import generate
     from spectra.loading import load
@@ -106,7 +109,8 @@ def reference(model_dir):
     model = with_int8_head(load(model_dir))
 
     def run(prompt, max_tokens, stop=None, **kw):
-        return generate(model, model_dir / "tokenizer.json", prompt, max_new_tokens=max_tokens, stop=stop, **kw)
+        return generate(model, model_dir / "tokenizer.json", prompt, max_new_tokens=max_tokens, stop=stop,
+                        kv_dtype=torch.float16, **kw)
 
     run.model = model
     return run
@@ -149,8 +153,9 @@ def test_completions_and_chat_streaming_and_not(server, reference, model_dir):
     from spectra.data.tokenizer import load_tokenizer
 
     ids = load_tokenizer(model_dir / "tokenizer.json").encode(PROMPTS[1]).ids
-    with torch.inference_mode():  # the first token's log-probabilities from the model itself
-        logp = torch.log_softmax(reference.model(torch.tensor([ids]))[0, -1].float(), -1)
+    with torch.inference_mode():  # the first token's log-probabilities from the model itself (float16 KV, as served)
+        cache = reference.model.new_cache(1, len(ids), torch.float16)
+        logp = torch.log_softmax(reference.model(torch.tensor([ids]), cache=cache)[0, -1].float(), -1)
     assert lp.token_logprobs[0] == pytest.approx(float(logp.max()), abs=1e-5)  # greedy picks the top
     assert max(lp.top_logprobs[0].values()) == pytest.approx(float(logp.max()), abs=1e-5)
 

@@ -83,6 +83,8 @@ class Attention(nn.Module):
             cache.v[self.layer_idx, :, :, start:end] = v
             k = cache.k[self.layer_idx, :, :, :end]  # (B, H, S, D)
             v = cache.v[self.layer_idx, :, :, :end]
+            if k.dtype != q.dtype:  # a 16-bit cache of a float32 model: stored rounded, widened exactly to attend
+                k, v = k.to(q.dtype), v.to(q.dtype)
             if T == 1:
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:
@@ -195,9 +197,12 @@ class Transformer(nn.Module):
         x = self.norm(x)  # (B, T, C)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.norm.weight  # the residual stream's dtype (a packed model's embedding table may be 16-bit)
-        return KVCache.empty(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache. `dtype`: default the residual stream's (a packed model's embedding table may be 16-bit);
+        torch.float16 halves a float32 model's cache (keys and values rounded to nearest when stored, as llama.cpp's
+        default f16 cache does)."""
+        p = self.norm.weight
+        return KVCache.empty(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
     # ---- accounting -------------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -44,7 +44,9 @@ from spectra.inference.sampling import held_back, sample_next, validate_sampling
 class BatchDecoder:
     """`max_batch` KV-cache slots of `max_len` positions for `model`, and a step that advances any subset of them."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, max_batch: int, max_len: int | None = None, kv_dtype: torch.dtype | None = None
+    ) -> None:
         cfg = getattr(model, "config", None)
         if cfg is None or not hasattr(model, "new_cache") or not hasattr(model, "layers"):
             raise ValueError(f"batched decoding needs a spectra Transformer, got a {type(model).__name__}")
@@ -56,7 +58,8 @@ class BatchDecoder:
         self.model, self.config, self.max_batch, self.max_len = model, cfg, max_batch, max_len
         model.eval()
         # Zero-filled by calloc for large sizes: a slot's pages are touched only as its positions are written.
-        self.caches = [model.new_cache(1, max_len) for _ in range(max_batch)]
+        # kv_dtype: the slots' cache dtype (default the model's, `Transformer.new_cache`); torch.float16 halves it.
+        self.caches = [model.new_cache(1, max_len, kv_dtype) for _ in range(max_batch)]
         self._free = list(range(max_batch - 1, -1, -1))
         self.kernel = self._build_kernel()
 
@@ -169,11 +172,12 @@ class BatchDecoder:
         k_ptrs, v_ptrs = kern["k_ptrs"][idx].contiguous(), kern["v_ptrs"][idx].contiguous()
         nt = dec._threads or torch.get_num_threads()
         ext, pid = dec._ext, dec._path_id
+        half = self.caches[0].k.dtype is torch.float16
         args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
                 dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
         scale = cfg.head_dim**-0.5
         for i, spec in enumerate(kern["layers"]):
-            ext.decode_layer_batch(pid, nt, *args, i * kern["layer_bytes"], kern["head_stride"], scale, spec)
+            ext.decode_layer_batch(pid, nt, *args, i * kern["layer_bytes"], kern["head_stride"], scale, spec, half)
         for s in slots:
             self.caches[s].pos += 1
         return model.lm_head(model.norm(x.view(B, 1, C)))[:, 0]  # (B, V)
@@ -201,7 +205,10 @@ class BatchDecoder:
                 p = c.pos
                 c.k[li, :, :, p : p + 1] = k[b : b + 1]
                 c.v[li, :, :, p : p + 1] = v[b : b + 1]
-                ys.append(F.scaled_dot_product_attention(q[b : b + 1], c.k[li, :, :, : p + 1], c.v[li, :, :, : p + 1]))
+                ck, cv = c.k[li, :, :, : p + 1], c.v[li, :, :, : p + 1]
+                if ck.dtype != q.dtype:  # a float16 cache: stored rounded, widened exactly (Attention.forward)
+                    ck, cv = ck.to(q.dtype), cv.to(q.dtype)
+                ys.append(F.scaled_dot_product_attention(q[b : b + 1], ck, cv))
             y = torch.cat(ys).transpose(1, 2).reshape(B, 1, H * D)  # (B, 1, H*D)
             x = x + attn.o_proj(y)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -262,8 +269,9 @@ class Scheduler:
         max_len: int | None = None,
         prefill_chunk: int | None = 256,
         prefill_chunks_per_step: int = 1,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        self.decoder = BatchDecoder(model, max_batch, max_len)
+        self.decoder = BatchDecoder(model, max_batch, max_len, kv_dtype)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         self.prefill_chunk = prefill_chunk
         self.prefill_chunks_per_step = prefill_chunks_per_step
@@ -422,6 +430,7 @@ def generate_batch(
     stop_at_eos: bool = True,
     max_batch: int | None = None,
     prefill_chunk: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """`generate` for several prompts at once: up to `max_batch` (default: all) decode together; when one finishes
     the next prompt joins. Each prompt gets its own generator seeded with `seed`, so each result is what `generate`
@@ -435,7 +444,7 @@ def generate_batch(
     if len(limits) != len(prompts):
         raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    sched = Scheduler(model, tok, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk)
+    sched = Scheduler(model, tok, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     reqs = []
     for i, (p, n) in enumerate(zip(prompts, limits)):
         if isinstance(p, str):

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eos-stop", action="store_true", help="keep going after the EOS token")
     p.add_argument("--cache-dequantized", action="store_true",
                    help="QuantLMs: keep each layer's dequantized weight (much faster decoding, a FloatLM's memory)")
+    p.add_argument("--kv-cache", choices=["f32", "f16"], default=None,
+                   help="KV cache dtype (default: the model's, float32 for packed TriLMs; f16 halves its memory and "
+                        "the bytes attention reads, as `serve` does by default)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("bench", help="prompt and decode tokens/s of a model or a synthetic size, side by side")
@@ -45,7 +48,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spectra.inference.generate import generate, threads_from_env
+    from spectra.inference.generate import generate, kv_dtype_from_name, threads_from_env
     from spectra.loading import find_tokenizer, load
 
     torch.set_num_threads(threads_from_env(args.threads))
@@ -62,7 +65,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(args.prompt) > 1:  # several prompts: decoded together, printed when all are done
         outs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                        seed=args.seed, stop_at_eos=not args.no_eos_stop)
+                        seed=args.seed, stop_at_eos=not args.no_eos_stop, kv_dtype=kv_dtype_from_name(args.kv_cache))
         for i, out in enumerate(outs):
             print(f"[{i}] {args.prompt[i]}{out['text']}")
         total = sum(o["n_generated"] for o in outs)
@@ -86,6 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=stream,
         stop_at_eos=not args.no_eos_stop,
+        kv_dtype=kv_dtype_from_name(args.kv_cache),
     )
     sys.stdout.write("\n")
     pp, tg = out["prompt_tokens_per_s"], out["tokens_per_s"]

@@ -133,15 +133,15 @@ class Decoder:
         return tuple(specs)
 
     # ---- the model's interface ---------------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int | None = None):
-        return self.model.new_cache(batch_size, max_len)
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+        return self.model.new_cache(batch_size, max_len, dtype)
 
     def __call__(self, idx: Tensor, cache=None) -> Tensor:
         if (
             cache is None
             or idx.shape != (1, 1)
             or cache.k.shape[1] != 1
-            or cache.k.dtype != torch.float32
+            or cache.k.dtype not in (torch.float32, torch.float16)
             or torch.is_grad_enabled()
         ):
             return self.model(idx, cache=cache)
@@ -160,8 +160,10 @@ class Decoder:
             tuple(ck.shape) != expected
             or tuple(cv.shape) != expected
             or not (ck.is_contiguous() and cv.is_contiguous())
+            or ck.dtype not in (torch.float32, torch.float16)
+            or cv.dtype != ck.dtype
         ):
-            raise ValueError(f"the KV cache must be contiguous float32 {expected}")
+            raise ValueError(f"the KV cache must be contiguous float32 or float16 {expected}")
         if pos + 1 > cfg.max_seq_len or pos + 1 > cache.max_len:
             raise ValueError(f"position {pos} is past max_seq_len={cfg.max_seq_len} or the cache ({cache.max_len})")
         ext, pid = self._ext, self._path_id
@@ -169,7 +171,8 @@ class Decoder:
         H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
         # The cache (L, 1, H, max_len, D) is read and written in place: layer i starts layer_stride bytes after layer
         # i-1, and head h's rows (one per position, D floats each) start h·head_stride floats into the layer.
-        layer_stride, head_stride = ck.stride(0) * 4, ck.stride(2)
+        layer_stride, head_stride = ck.stride(0) * ck.element_size(), ck.stride(2)
+        half = ck.dtype is torch.float16
         k_ptr, v_ptr = ck.data_ptr(), cv.data_ptr()
         cos_ptr, sin_ptr = self._cos[pos].data_ptr(), self._sin[pos].data_ptr()
         x = self._x
@@ -182,7 +185,7 @@ class Decoder:
         for i, spec in enumerate(self._layers):
             off = i * layer_stride
             ext.decode_layer(
-                pid, nt, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr + off, v_ptr + off, head_stride, scale, spec
+                pid, nt, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr + off, v_ptr + off, head_stride, scale, spec, half
             )
         cache.pos = pos + 1
         return model.lm_head(model.norm(x.view(1, 1, C)))  # (1, 1, V)

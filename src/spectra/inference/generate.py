@@ -44,12 +44,14 @@ def generate(
     seed: int = 0,
     stream: Callable[[str], None] | None = None,
     stop_at_eos: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Continue `prompt` (text, or token ids) with up to `max_new_tokens` tokens. A list of prompts (texts or
     token-id lists) is decoded as one batch (`spectra.inference.batch.generate_batch`) and returns a list of results.
 
     `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json path, or None when the prompt is token ids (then no text
     is produced and stop strings are not available). `stream(text)` is called with each new piece of final text.
+    `kv_dtype`: the KV cache's dtype (default the model's; torch.float16 halves it, `Transformer.new_cache`).
 
     Returns {"prompt_tokens", "tokens" (generated ids), "text" (generated text, cut at a stop string),
     "finish_reason" ("length" | "eos" | "stop"), "n_prompt", "n_generated", "prompt_s", "decode_s",
@@ -62,7 +64,8 @@ def generate(
         if stream is not None:
             raise ValueError("stream is for one prompt; several prompts are decoded together and returned at the end")
         return generate_batch(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, stop=stop, seed=seed, stop_at_eos=stop_at_eos)
+                              top_k=top_k, top_p=top_p, stop=stop, seed=seed, stop_at_eos=stop_at_eos,
+                              kv_dtype=kv_dtype)
     validate_sampling(max_new_tokens, temperature, top_k, top_p)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -104,7 +107,7 @@ def generate(
     prompt_s = decode_s = 0.0
     try:
         with torch.inference_mode():
-            cache = model.new_cache(1, max_len) if use_cache else None
+            cache = model.new_cache(1, max_len, kv_dtype) if use_cache else None
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
             t0 = time.perf_counter()
             for step in range(max_new_tokens):
@@ -156,6 +159,18 @@ def generate(
         "tokens_per_s": n_decode / decode_s if decode_s > 0 else None,
         "ms_per_token": 1000 * decode_s / n_decode if n_decode else None,
     }
+
+
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16}  # --kv-cache of `generate` and `serve`
+
+
+def kv_dtype_from_name(name: str | None) -> torch.dtype | None:
+    """'f32' / 'f16' -> the KV cache dtype; None -> None (the model's own)."""
+    if name is None:
+        return None
+    if name not in KV_CACHE_TYPES:
+        raise ValueError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {name!r}")
+    return KV_CACHE_TYPES[name]
 
 
 def threads_from_env(threads: int | None) -> int:

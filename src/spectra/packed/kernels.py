@@ -360,20 +360,22 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads: int | None = None) -> Tensor:
-    """`reference_attention` for one query per head, in one C call (float32; equal to the reference up to float
-    rounding, ~1e-7 relative: the sums run in another order). k and v may be slices of a KV cache: rows of D floats
-    contiguous, any head stride, the same for both."""
+    """`reference_attention` for one query per head, in one C call (float32 arithmetic; equal to the reference up to
+    float rounding, ~1e-7 relative: the sums run in another order). k and v may be slices of a KV cache: rows of D
+    values contiguous, any head stride, the same for both; float32, or both float16 (widened exactly)."""
     if q.dim() != 2 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1]:
         raise ValueError(f"need q [H, D], k and v [H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    half = k.dtype == torch.float16 and v.dtype == torch.float16
     for t in (q, k, v):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"attention runs on float32 CPU tensors, got {t.dtype} on {t.device}")
+        if (t.dtype != torch.float32 and not (half and t is not q)) or t.device.type != "cpu":
+            raise ValueError(f"attention runs on a float32 q and float32 or float16 k, v on the CPU, got {t.dtype} on "
+                             f"{t.device}")
     H, S, D = k.shape
     if k.stride() != v.stride() or k.stride()[1:] != (D, 1) or not q.is_contiguous() or D > 256:
         raise ValueError("k and v need rows of D <= 256 contiguous floats and equal strides; q must be contiguous")
     path = resolve_path(path)
     if path == "torch":
-        return reference_attention(q, k, v)
+        return reference_attention(q, k.float(), v.float())
     out = torch.empty(H, D, dtype=torch.float32)
     extension().attend(
         _PATH_IDS[path],
@@ -387,6 +389,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads:
         k.stride(0),
         D**-0.5,
         n_threads or torch.get_num_threads(),
+        half,
     )
     return out
 

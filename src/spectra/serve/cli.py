@@ -18,12 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
     p.add_argument("--float-head", action="store_true", help="keep a packed model's lm_head in float (default int8)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                   help="KV cache dtype (default f16, as llama.cpp's: half the memory and attention's reads; f32 "
+                        "gives what `generate` gives by default)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from spectra.inference.generate import threads_from_env
+    from spectra.inference.generate import kv_dtype_from_name, threads_from_env
     from spectra.serve import serve
 
     for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk"):
@@ -32,5 +35,6 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,
-          prefill_chunk=args.prefill_chunk, threads=threads_from_env(args.threads), int8_head=not args.float_head)
+          prefill_chunk=args.prefill_chunk, threads=threads_from_env(args.threads), int8_head=not args.float_head,
+          kv_dtype=kv_dtype_from_name(args.kv_cache))
     return 0

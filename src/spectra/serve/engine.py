@@ -125,6 +125,7 @@ class Engine:
         ctx_len: int | None = None,
         prefill_chunk: int = 128,
         threads: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -139,7 +140,8 @@ class Engine:
                 if isinstance(m, (PackedTernaryLinear, Int8Linear)):
                     m.n_threads = n
             self.torch_threads = 1
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk,
+                                   kv_dtype=kv_dtype)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
         self.max_batch, self.max_queue, self.threads = max_batch, max_queue, threads

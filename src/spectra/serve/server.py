@@ -39,6 +39,7 @@ def build_engine(
     prefill_chunk: int = 128,
     threads: int | None = None,
     int8_head: bool = True,
+    kv_dtype: torch.dtype | None = torch.float16,
 ):
     """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
     from spectra.data.tokenizer import load_tokenizer
@@ -62,7 +63,7 @@ def build_engine(
         # output use) reads 1/4 of the bytes, and its rows are exact whatever else is in the batch.
         model = with_int8_head(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
-                    prefill_chunk=prefill_chunk, threads=threads)
+                    prefill_chunk=prefill_chunk, threads=threads, kv_dtype=kv_dtype)
     name = Path(model_path).name if is_dir else str(model_path)
     return engine, name, load_chat_template(model_path if is_dir else None)
 
@@ -80,7 +81,7 @@ def serve(
 
     engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
     them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk, threads,
-    int8_head (default True: a packed TriLM's lm_head in int8)."""
+    int8_head (default True: a packed TriLM's lm_head in int8), kv_dtype (default torch.float16; None: the model's)."""
     try:
         import uvicorn
 
@@ -93,8 +94,9 @@ def serve(
     app = create_app(engine, name, api_key=api_key, chat_template=template)
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
-    log.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache up to %.2f GiB, queue %d, kernel %s)",
-             name, host, port, engine.max_batch, engine.ctx_len, kv_gib, engine.max_queue,
+    log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s)",
+             name, host, port, engine.max_batch, engine.ctx_len, str(caches[0].k.dtype).removeprefix("torch."), kv_gib,
+             engine.max_queue,
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")

@@ -816,17 +816,57 @@ static int path_supported(int path) {
 #define ATT_AHEAD 32 /* rows of keys / values prefetched ahead */
 #endif
 
-/* out_h = softmax(scale * q_h K_h^T) V_h for one query per head, in float32: K_h and V_h are S rows of D floats (row
- * stride D, head stride `hs`), the layout of a KV cache slice. Three passes per head: scores and their max, exp and
- * sum, then the weighted sum of value rows divided by the sum. Float sums run in another order than torch's
- * scaled_dot_product_attention (and the AVX-512 exp is a polynomial), so results agree to rounding (about 1e-6
- * relative), not bit for bit. */
-static void attend_head_scalar(const float *q, const float *k, const float *v, float *out, float *p, int64_t S,
-                               int64_t D, float scale) {
+/* IEEE binary16 <-> float32 for a KV cache held in float16. float_to_half rounds to nearest even, with subnormals,
+ * overflow to infinity and NaN kept NaN: the rounding of torch's .to(torch.float16) and of vcvtps2ph, so a cache
+ * written here equals one written by the model's own forward. half_to_float is exact. */
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax >= 0x7F800000) return (uint16_t)(sign | (ax > 0x7F800000 ? 0x7E00 | ((ax >> 13) & 0x3FF) : 0x7C00));
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00); /* 65520 and up round to infinity */
+    if (ax < 0x38800000) {                                    /* below 2^-14: a subnormal half, or zero */
+        if (ax < 0x33000000) return (uint16_t)sign;          /* below 2^-25 (and 2^-25 itself, a tie to 0) */
+        const uint32_t e = ax >> 23, m = (ax & 0x7FFFFF) | 0x800000, shift = 126 - e;
+        uint32_t r = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = (ax - 0x38000000) >> 13; /* exponent rebiased 127 -> 15, mantissa cut to 10 bits */
+    const uint32_t rem = ax & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++; /* a carry into the exponent is the right result */
+    return (uint16_t)(sign | r);
+}
+
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    uint32_t bits;
+    if (e == 0) {
+        const float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+        return sign ? -f : f;
+    }
+    bits = e == 31 ? sign | 0x7F800000 | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float kv_at(const void *base, int64_t i, int half) {
+    return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* out_h = softmax(scale * q_h K_h^T) V_h for one query per head, in float32: K_h and V_h are S rows of D values (row
+ * stride D, head stride `hs`), the layout of a KV cache slice, float32 or float16 (`half`, widened exactly). Three
+ * passes per head: scores and their max, exp and sum, then the weighted sum of value rows divided by the sum. Float
+ * sums run in another order than torch's scaled_dot_product_attention (and the AVX-512 exp is a polynomial), so
+ * results agree to rounding (about 1e-6 relative), not bit for bit. */
+static void attend_head_scalar(const float *q, const void *k, const void *v, float *out, float *p, int64_t S,
+                               int64_t D, float scale, int half) {
     float mx = -INFINITY;
     for (int64_t j = 0; j < S; j++) {
         float dot = 0.0f;
-        for (int64_t i = 0; i < D; i++) dot += q[i] * k[j * D + i];
+        for (int64_t i = 0; i < D; i++) dot += q[i] * kv_at(k, j * D + i, half);
         p[j] = dot * scale;
         if (p[j] > mx) mx = p[j];
     }
@@ -837,9 +877,18 @@ static void attend_head_scalar(const float *q, const float *k, const float *v, f
     }
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < S; j++)
-        for (int64_t i = 0; i < D; i++) out[i] += p[j] * v[j * D + i];
+        for (int64_t i = 0; i < D; i++) out[i] += p[j] * kv_at(v, j * D + i, half);
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+/* One cache row (D values) from float32: copied, or rounded to float16. */
+static void kv_store_scalar(void *dst, const float *src, int64_t D, int half) {
+    if (!half) {
+        memcpy(dst, src, sizeof(float) * (size_t)D);
+        return;
+    }
+    for (int64_t i = 0; i < D; i++) ((uint16_t *)dst)[i] = float_to_half(src[i]);
 }
 
 #ifdef SPECTRA_X86
@@ -880,8 +929,14 @@ TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
 
 /* D a multiple of 16, at most 256. Scores of 16 keys at a time: each key's D products are summed into one vector and
  * the 16 vectors are reduced together; exp runs 16 lanes at a time. */
-TARGET_AVX512 static void attend_head_avx512(const float *q, const float *k, const float *v, float *out, float *p,
-                                             int64_t S, int64_t D, float scale) {
+#define KV_LOAD16(base, i, half)                                                                                   \
+    ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(base) + (i))))                   \
+            : _mm512_loadu_ps((const float *)(base) + (i)))
+
+TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx512_impl(
+    const float *q, const void *k, const void *v, float *out, float *p, int64_t S, int64_t D, float scale,
+    const int half) {
+    const int64_t es = half ? 2 : 4;
     const int64_t nv = D / 16;
     __m512 qv[16];
     for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
@@ -894,10 +949,10 @@ TARGET_AVX512 static void attend_head_avx512(const float *q, const float *k, con
                 dots[r] = _mm512_setzero_ps();
                 continue;
             }
-            const float *kj = k + (j0 + r) * D;
-            _mm_prefetch((const char *)(kj + ATT_AHEAD * D), _MM_HINT_T1);
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+            const int64_t kj = (j0 + r) * D;
+            _mm_prefetch((const char *)k + (kj + ATT_AHEAD * D) * es, _MM_HINT_T1);
+            __m512 acc = _mm512_mul_ps(qv[0], KV_LOAD16(k, kj, half));
+            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], KV_LOAD16(k, kj + 16 * c, half), acc);
             dots[r] = acc;
         }
         const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
@@ -918,49 +973,66 @@ TARGET_AVX512 static void attend_head_avx512(const float *q, const float *k, con
     __m512 o[16];
     for (int64_t c = 0; c < nv; c++) o[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j++) {
-        const float *vj = v + j * D;
-        _mm_prefetch((const char *)(vj + ATT_AHEAD * D), _MM_HINT_T1);
+        const int64_t vj = j * D;
+        _mm_prefetch((const char *)v + (vj + ATT_AHEAD * D) * es, _MM_HINT_T1);
         const __m512 pj = _mm512_set1_ps(p[j]);
-        for (int64_t c = 0; c < nv; c++) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * c), o[c]);
+        for (int64_t c = 0; c < nv; c++) o[c] = _mm512_fmadd_ps(pj, KV_LOAD16(v, vj + 16 * c, half), o[c]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / sum);
     for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
+
+TARGET_AVX512 static void attend_head_avx512(const float *q, const void *k, const void *v, float *out, float *p,
+                                             int64_t S, int64_t D, float scale, int half) {
+    if (half)
+        attend_head_avx512_impl(q, k, v, out, p, S, D, scale, 1);
+    else
+        attend_head_avx512_impl(q, k, v, out, p, S, D, scale, 0);
+}
+
+/* One cache row from float32, rounded to float16 16 lanes at a time (vcvtps2ph, nearest even); D % 16 == 0. */
+TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int64_t D) {
+    for (int64_t i = 0; i < D; i += 16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #endif
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* float32, or float16 when `half` */
     float *out, *scores;
     int64_t S, D, hs, H;
     float scale;
-    int simd;
+    int simd, half;
 } attend_task_t;
 
 static void attend_one(void *ctx, int64_t h) {
     const attend_task_t *t = (const attend_task_t *)ctx;
-    const int64_t S = t->S, D = t->D, hs = t->hs;
+    const int64_t S = t->S, D = t->D, hs = t->hs, es = t->half ? 2 : 4;
+    const char *kh = (const char *)t->k + h * hs * es, *vh = (const char *)t->v + h * hs * es;
 #ifdef SPECTRA_X86
     if (t->simd) {
         /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the next
          * head's keys while this head's keys are read. */
-        for (int64_t i = 0; i < ATT_AHEAD * D && i < S * D; i += 16) {
-            _mm_prefetch((const char *)(t->v + h * hs + i), _MM_HINT_T1);
-            if (h + 1 < t->H) _mm_prefetch((const char *)(t->k + (h + 1) * hs + i), _MM_HINT_T1);
+        for (int64_t i = 0; i < (ATT_AHEAD * D < S * D ? ATT_AHEAD * D : S * D) * es; i += 64) {
+            _mm_prefetch(vh + i, _MM_HINT_T1);
+            if (h + 1 < t->H) _mm_prefetch(kh + hs * es + i, _MM_HINT_T1);
         }
-        attend_head_avx512(t->q + h * D, t->k + h * hs, t->v + h * hs, t->out + h * D, t->scores + h * S, S, D,
-                           t->scale);
+        attend_head_avx512(t->q + h * D, kh, vh, t->out + h * D, t->scores + h * S, S, D, t->scale, t->half);
         return;
     }
 #endif
-    attend_head_scalar(t->q + h * D, t->k + h * hs, t->v + h * hs, t->out + h * D, t->scores + h * S, S, D, t->scale);
+    attend_head_scalar(t->q + h * D, kh, vh, t->out + h * D, t->scores + h * S, S, D, t->scale, t->half);
 }
 
 /* All heads (threads over heads); returns 0 when the score buffer cannot be allocated. Needs no Python. */
-static int attend_run(int path, const float *q, const float *k, const float *v, float *out, int64_t H, int64_t S,
-                      int64_t D, int64_t hs, float scale, int n_threads) {
+static int attend_run(int path, const float *q, const void *k, const void *v, float *out, int64_t H, int64_t S,
+                      int64_t D, int64_t hs, float scale, int n_threads, int half) {
     float *scores = (float *)malloc(sizeof(float) * (size_t)(S * H));
     if (!scores) return 0;
-    const attend_task_t task = {q, k, v, out, scores, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0};
+    const attend_task_t task = {q, k, v, out, scores, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0,
+                                half};
 #if defined(SPECTRA_POOL)
     pool_for(n_threads, H, attend_one, (void *)&task);
 #elif defined(_OPENMP)
@@ -973,29 +1045,30 @@ static int attend_run(int path, const float *q, const float *k, const float *v, 
     return 1;
 }
 
-/* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs,
- * positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead of one per
- * row. Row b's output goes to outs + b * A. Returns 0 when the score buffer cannot be allocated. */
+/* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs
+ * elements, positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead
+ * of one per row. Row b's output goes to outs + b * A. Returns 0 when the score buffer cannot be allocated. */
 typedef struct {
     const float *qs;
     float *outs, *scores;
-    float *const *kcs, *const *vcs;
+    void *const *kcs, *const *vcs;
     const int64_t *pos, *score_off;
     int64_t H, D, A, hs;
     float scale;
-    int simd;
+    int simd, half;
 } attend_batch_task_t;
 
 static void attend_batch_one(void *ctx, int64_t c) {
     const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
     const int64_t b = c / t->H, h = c % t->H, S = t->pos[b] + 1;
     const attend_task_t one = {t->qs + b * t->A, t->kcs[b], t->vcs[b], t->outs + b * t->A,
-                               t->scores + t->score_off[b], S, t->D, t->hs, t->H, t->scale, t->simd};
+                               t->scores + t->score_off[b], S, t->D, t->hs, t->H, t->scale, t->simd, t->half};
     attend_one((void *)&one, h);
 }
 
-static int attend_batch_run(int path, const float *qs, float *const *kcs, float *const *vcs, const int64_t *pos,
-                            float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads) {
+static int attend_batch_run(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos,
+                            float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads,
+                            int half) {
     int64_t *score_off = (int64_t *)malloc(sizeof(int64_t) * (size_t)B);
     if (!score_off) return 0;
     int64_t total = 0;
@@ -1006,7 +1079,7 @@ static int attend_batch_run(int path, const float *qs, float *const *kcs, float 
         return 0;
     }
     const attend_batch_task_t task = {qs, outs, scores, kcs, vcs, pos, score_off, H, D, H * D, hs, scale,
-                                      path == PATH_AVX512VNNI && D % 16 == 0};
+                                      path == PATH_AVX512VNNI && D % 16 == 0, half};
 #if defined(SPECTRA_POOL)
     pool_for(n_threads, B * H, attend_batch_one, (void *)&task);
 #elif defined(_OPENMP)
@@ -1020,6 +1093,52 @@ static int attend_batch_run(int path, const float *qs, float *const *kcs, float 
     return 1;
 }
 
+/* Rotary embedding of k and the new k / v rows of one position into a cache of float32 or float16 (`half`): head
+ * hh's row at kc + (hh * hs + pos * D) elements. */
+static void rope_head(const float *x, const float *cos, const float *sin, float *y, int64_t D);
+
+static void kv_write(int path, const float *k, const float *v, void *kc, void *vc, const float *cos, const float *sin,
+                     int64_t H, int64_t D, int64_t hs, int64_t pos, int half) {
+    const int64_t es = half ? 2 : 4;
+    float tmp[256];
+    for (int64_t hh = 0; hh < H; hh++) {
+        char *kd = (char *)kc + (hh * hs + pos * D) * es, *vd = (char *)vc + (hh * hs + pos * D) * es;
+        rope_head(k + hh * D, cos, sin, tmp, D);
+#ifdef SPECTRA_X86
+        if (half && path == PATH_AVX512VNNI && D % 16 == 0) {
+            kv_store_half_avx512(kd, tmp, D);
+            kv_store_half_avx512(vd, v + hh * D, D);
+            continue;
+        }
+#else
+        (void)path;
+#endif
+        kv_store_scalar(kd, tmp, D, half);
+        kv_store_scalar(vd, v + hh * D, D, half);
+    }
+}
+
+/* to_half(path, src_ptr, dst_ptr, n): n float32 -> float16 with the KV cache's rounding (kv_write's code: the AVX-512
+ * conversion for whole rows of 16 on that path, the scalar one otherwise), for checking it against torch's. */
+static PyObject *py_to_half(PyObject *self, PyObject *args) {
+    int path;
+    unsigned long long ps, pd;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKL", &path, &ps, &pd, &n)) return NULL;
+    if (n < 0 || !path_supported(path)) return PyErr_Format(PyExc_ValueError, "bad to_half call (n=%lld)", n);
+    const float *src = (const float *)(uintptr_t)ps;
+    uint16_t *dst = (uint16_t *)(uintptr_t)pd;
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI && n % 16 == 0) {
+        kv_store_half_avx512(dst, src, n);
+        Py_RETURN_NONE;
+    }
+#endif
+    kv_store_scalar(dst, src, n, 1);
+    Py_RETURN_NONE;
+}
+
 /* attend(path, q_ptr, k_ptr, v_ptr, out_ptr, H, S, D, head_stride, scale, n_threads): q, out [H, D] contiguous;
  * k, v: head h's S rows of D floats at k_ptr + h * head_stride (elements). */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
@@ -1028,15 +1147,17 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     long long H, S, D, hs;
     float scale;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKKKKLLLLfi", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads))
+    int half = 0;
+    if (!PyArg_ParseTuple(args, "iKKKKLLLLfi|p", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads,
+                          &half))
         return NULL;
     if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * D)
         return PyErr_Format(PyExc_ValueError, "bad sizes H=%lld S=%lld D=%lld head stride %lld", H, S, D, hs);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = attend_run(path, (const float *)(uintptr_t)pq, (const float *)(uintptr_t)pk, (const float *)(uintptr_t)pv,
-                    (float *)(uintptr_t)po, H, S, D, hs, scale, n_threads);
+    ok = attend_run(path, (const float *)(uintptr_t)pq, (const void *)(uintptr_t)pk, (const void *)(uintptr_t)pv,
+                    (float *)(uintptr_t)po, H, S, D, hs, scale, n_threads, half);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -1356,8 +1477,9 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     float scale;
     PyObject *layer;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKLfO!", &path, &n_threads, &px, &C, &H, &D, &pos, &pcos, &psin, &pk, &pv,
-                          &hs, &scale, &PyTuple_Type, &layer))
+    int half = 0;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKLfO!|p", &path, &n_threads, &px, &C, &H, &D, &pos, &pcos, &psin, &pk,
+                          &pv, &hs, &scale, &PyTuple_Type, &layer, &half))
         return NULL;
     unsigned long long pw_in, pw_post, ph, patt;
     float eps_in, eps_post;
@@ -1385,20 +1507,18 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", C, A);
     float *x = (float *)(uintptr_t)px, *h = (float *)(uintptr_t)ph, *att = (float *)(uintptr_t)patt;
     const float *cos = (const float *)(uintptr_t)pcos, *sin = (const float *)(uintptr_t)psin;
-    float *kc = (float *)(uintptr_t)pk, *vc = (float *)(uintptr_t)pv;
+    void *kc = (void *)(uintptr_t)pk, *vc = (void *)(uintptr_t)pv;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     rms_norm_row(x, (const float *)(uintptr_t)pw_in, eps_in, h, C);
     ok = ok && group_run(path, h, 1, C, jq, 3, n_threads);
     if (ok) {
         float *q = jq[0].y, *k = jq[1].y, *v = jq[2].y;
-        for (int64_t hh = 0; hh < H; hh++) {
+        for (int64_t hh = 0; hh < H; hh++)
             rope_head(q + hh * D, cos, sin, att + hh * D, D); /* rotated q, kept in att until attention */
-            rope_head(k + hh * D, cos, sin, kc + hh * hs + pos * D, D);
-            memcpy(vc + hh * hs + pos * D, v + hh * D, sizeof(float) * (size_t)D);
-        }
+        kv_write(path, k, v, kc, vc, cos, sin, H, D, hs, pos, half);
         memcpy(q, att, sizeof(float) * (size_t)A);
-        ok = attend_run(path, q, kc, vc, att, H, pos + 1, D, hs, scale, n_threads);
+        ok = attend_run(path, q, kc, vc, att, H, pos + 1, D, hs, scale, n_threads, half);
     }
     ok = ok && group_run(path, att, 1, A, &jo, 1, n_threads);
     if (ok) {
@@ -1430,8 +1550,9 @@ static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
     float scale;
     PyObject *layer;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin, &pks,
-                          &pvs, &loff, &hs, &scale, &PyTuple_Type, &layer))
+    int half = 0;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
+                          &pks, &pvs, &loff, &hs, &scale, &PyTuple_Type, &layer, &half))
         return NULL;
     unsigned long long pw_in, pw_post, ph, patt;
     float eps_in, eps_post;
@@ -1472,22 +1593,19 @@ static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
     ok = ok && group_run(path, hb, B, C, jq, 3, n_threads);
     /* Every row's k and v go into its cache first, then all rows attend in one job (rows are distinct sequences, or
      * distinct positions of one, each reading only positions up to its own). */
-    float **kcs = ok ? (float **)malloc(sizeof(float *) * 2 * (size_t)B) : NULL;
+    void **kcs = ok ? (void **)malloc(sizeof(void *) * 2 * (size_t)B) : NULL;
     ok = ok && kcs != NULL;
     for (int64_t b = 0; ok && b < B; b++) {
         float *q = jq[0].y + b * A, *k = jq[1].y + b * A, *v = jq[2].y + b * A, *att = attb + b * A;
-        float *kc = kcs[b] = (float *)(uintptr_t)(kp[b] + (unsigned long long)loff);
-        float *vc = kcs[B + b] = (float *)(uintptr_t)(vp[b] + (unsigned long long)loff);
+        void *kc = kcs[b] = (void *)(uintptr_t)(kp[b] + (unsigned long long)loff);
+        void *vc = kcs[B + b] = (void *)(uintptr_t)(vp[b] + (unsigned long long)loff);
         const int64_t p = pos[b];
         const float *cos = cos0 + p * D, *sin = sin0 + p * D;
-        for (int64_t hh = 0; hh < H; hh++) {
-            rope_head(q + hh * D, cos, sin, att + hh * D, D);
-            rope_head(k + hh * D, cos, sin, kc + hh * hs + p * D, D);
-            memcpy(vc + hh * hs + p * D, v + hh * D, sizeof(float) * (size_t)D);
-        }
+        for (int64_t hh = 0; hh < H; hh++) rope_head(q + hh * D, cos, sin, att + hh * D, D);
+        kv_write(path, k, v, kc, vc, cos, sin, H, D, hs, p, half);
         memcpy(q, att, sizeof(float) * (size_t)A);
     }
-    ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, attb, B, H, D, hs, scale, n_threads);
+    ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, attb, B, H, D, hs, scale, n_threads, half);
     free(kcs);
     ok = ok && group_run(path, attb, B, A, &jo, 1, n_threads);
     if (ok)
@@ -1604,7 +1722,13 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 #else
     const int openmp = 0;
 #endif
-    return Py_BuildValue("{s:O,s:O}", "x86_simd", x86 ? Py_True : Py_False, "openmp", openmp ? Py_True : Py_False);
+#ifdef SPECTRA_POOL
+    const int pool = 1; /* the kernels' own thread pool (pool.h); OpenMP is only the fallback */
+#else
+    const int pool = 0;
+#endif
+    return Py_BuildValue("{s:O,s:O,s:O}", "x86_simd", x86 ? Py_True : Py_False, "openmp", openmp ? Py_True : Py_False,
+                         "thread_pool", pool ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
@@ -1613,12 +1737,13 @@ static PyMethodDef methods[] = {
     {"matmul_i8", py_matmul_i8, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for int8 W (w+128, permuted blocks, row scales)."},
     {"decode_layer", py_decode_layer, METH_VARARGS, "One Llama block for one token, in place (see the source)."},
     {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "decode_layer for B tokens of B sequences."},
+    {"to_half", py_to_half, METH_VARARGS, "float32 -> float16 as the KV cache rounds (for tests)."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
-    {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths and OpenMP were compiled in."},
+    {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
     {NULL, NULL, 0, NULL},
 };
 
