@@ -7,8 +7,8 @@ The model is the synthetic packed TriLM of `benchmarks/decode.py` (random ternar
 size B holds B sequences in `spectra.inference.batch.BatchDecoder` slots, each prefilled with `--context` tokens (so
 attention reads that many positions, as in a short chat), then times `--gen-len` steps that each advance all B
 sequences by one token: aggregate tok/s = B · gen_len / seconds. `decoder` is the batch-1 `Decoder`
-(`spectra generate`'s path) on the same model. Rounds are interleaved and the median of `--repeats` is printed with
-the ratio to batch 1 of the same run. The machine may be shared: the load average before and after is printed.
+(`spectra generate`'s path) on the same model; `--kv-cache f16` puts every path's cache in float16. Rounds are
+interleaved and the median of `--repeats` is printed with the ratio to batch 1 of the same run. The machine may be shared: the load average before and after is printed.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def time_batch(bd: BatchDecoder, batch: int, context: int, gen_len: int, seed: i
             bd.release(s)
 
 
-def time_decoder(model, context: int, gen_len: int, seed: int) -> float:
+def time_decoder(model, context: int, gen_len: int, seed: int, kv_dtype) -> float:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     dec = Decoder(model)
-    cache = model.new_cache(1, context + gen_len)
+    cache = model.new_cache(1, context + gen_len, kv_dtype)
     with torch.inference_mode():
         model(torch.randint(0, vocab, (1, context), generator=g), cache=cache)
         ids = torch.randint(0, vocab, (gen_len, 1, 1), generator=g)
@@ -65,21 +65,25 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (32000: decode.py)")
+    parser.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                        help="KV cache dtype of every path (serve's default is f16)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     model = with_int8_head(packed_copy(synthetic_trilm(args.size, vocab_size=args.vocab), "tq2", inplace=True))
-    bd = BatchDecoder(model, max(args.batch), args.context + args.gen_len)
+    kv = {"f32": torch.float32, "f16": torch.float16}[args.kv_cache]
+    bd = BatchDecoder(model, max(args.batch), args.context + args.gen_len, kv)
     if bd.kernel is None:
         print("note: no compiled batched kernel here; timing the model's modules")
     times: dict[tuple[int, str], list[float]] = {}
     for r in range(args.repeats):
         for t in args.threads:
             torch.set_num_threads(t)
-            times.setdefault((t, "decoder"), []).append(time_decoder(model, args.context, args.gen_len, r))
+            times.setdefault((t, "decoder"), []).append(time_decoder(model, args.context, args.gen_len, r, kv))
             for b in args.batch:
                 times.setdefault((t, f"batch {b}"), []).append(time_batch(bd, b, args.context, args.gen_len, r))
-    print(f"{args.size} packed tq2, int8 head; context {args.context}, {args.gen_len} steps, median of "
+    print(f"{args.size} packed tq2, int8 head, {args.kv_cache} KV cache; context {args.context}, {args.gen_len} steps, "
+          f"median of "
           f"{args.repeats}; cpus={os.cpu_count()}, load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'threads':>7} {'path':<10} {'aggregate tok/s':>16} {'ms/step':>8} {'vs batch 1':>11} {'vs decoder':>11}")
     for t in args.threads:

@@ -139,14 +139,15 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
     }  # fmt: skip
 
 
-def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int) -> float:
+def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int,
+                    kv_cache: str) -> float:
     """Tokens/s of `n` requests decoded one after another with `generate` in this process (int8 head, as served)."""
     import random
 
     import torch
 
     from spectra.inference.bench import with_int8_head
-    from spectra.inference.generate import generate
+    from spectra.inference.generate import generate, kv_dtype_from_name
     from spectra.loading import load
 
     torch.set_num_threads(threads)
@@ -157,15 +158,15 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
     total = 0
     for _ in range(n):
         out = generate(model, None, [rng.randrange(1, vocab) for _ in range(prompt_len)], max_new_tokens=gen_len,
-                       stop_at_eos=False)
+                       stop_at_eos=False, kv_dtype=kv_dtype_from_name(kv_cache))
         total += out["n_generated"]
     return total / (time.perf_counter() - t0)
 
 
-def start_spectra(model_dir: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
-           "--ctx-len", str(ctx), *SERVE_EXTRA]
+           "--ctx-len", str(ctx), "--kv-cache", kv_cache, *SERVE_EXTRA]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None, help="path to a llama.cpp llama-server binary")
     parser.add_argument("--soak", type=float, default=0, help="seconds of 16 clients after the table (0: none)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                        help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
     args = parser.parse_args()
     import logging
 
@@ -235,8 +238,9 @@ def main() -> None:
         vocab = min(BUILTIN_VOCAB, json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"])
         ctx = args.prompt_len + args.gen_len + 8
         load_before = os.getloadavg()[0]
-        seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab)
-        servers = [("spectra", lambda: start_spectra(model_dir, args.threads, ctx), False)]
+        seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
+                              args.kv_cache)
+        servers = [("spectra", lambda: start_spectra(model_dir, args.threads, ctx, args.kv_cache), False)]
         if args.llama_server:
             servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
                             True))
@@ -268,7 +272,8 @@ def main() -> None:
                                 seconds=args.soak)
             finally:
                 stop(proc)
-        print(f"{label}; {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} tokens per request, "
+        print(f"{label}; {args.kv_cache} KV cache, {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} "
+              f"tokens per request, "
               f"{args.rounds} requests per client; cpus={os.cpu_count()}, load average {load_before:.2f} -> "
               f"{os.getloadavg()[0]:.2f}")
         print(f"sequential single stream (generate, in process): {seq:.1f} tok/s")
