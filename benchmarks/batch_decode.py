@@ -8,7 +8,8 @@ size B holds B sequences in `spectra.inference.batch.BatchDecoder` slots, each p
 attention reads that many positions, as in a short chat), then times `--gen-len` steps that each advance all B
 sequences by one token: aggregate tok/s = B · gen_len / seconds. `decoder` is the batch-1 `Decoder`
 (`spectra generate`'s path) on the same model; `--kv-cache f16` puts every path's cache in float16. Rounds are
-interleaved and the median of `--repeats` is printed with the ratio to batch 1 of the same run. The machine may be shared: the load average before and after is printed.
+interleaved and the median of `--repeats` is printed with the ratio to batch 1 of the same run. The machine may be
+shared: the load average before and after is printed.
 """
 
 from __future__ import annotations
