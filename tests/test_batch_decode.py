@@ -58,14 +58,18 @@ def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind, kv
     with torch.inference_mode():
         last = []
         for s, c, p in zip(slots, solo, prompts):
-            ref = model(torch.tensor([p]), cache=c)[0, -1]
+            ref = dec.prefill(torch.tensor([p]), c)[0, -1]  # the batch-1 decoder's prefill of the same prompt
             assert torch.equal(bd.prefill(s, p), ref)
+            one = model.new_cache(1, 48, kv)  # ... equal to feeding the prompt one token at a time to the decoder
+            for t in p:
+                by_token = dec.step(torch.tensor([[t]]), one)[0, -1]
+            assert torch.equal(by_token, ref) and torch.equal(one.k[:, :, :, : len(p)], c.k[:, :, :, : len(p)])
             last.append(int(ref.argmax()))
         for _ in range(10):
             logits = bd.step(slots, last)
             for i, c in enumerate(solo):
                 ref = dec.step(torch.tensor([[last[i]]]), c)[0, -1]
-                assert torch.equal(bd.kernel["x"][i], dec._x)
+                assert torch.equal(bd.kernel["rows"].x[i], dec._x)
                 if kind != "packed":
                     assert torch.equal(logits[i], ref)
                 else:

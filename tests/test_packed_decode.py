@@ -40,6 +40,16 @@ def test_decoder_logits_and_cache_match_the_model(shards, kv):
         c_model, c_dec = model.new_cache(1, 40, kv), dec.new_cache(1, 40, kv)
         assert c_dec.k.dtype == kv
         torch.testing.assert_close(model(ids[:, :8], cache=c_model), dec(ids[:, :8], cache=c_dec))  # delegated
+        # The C prefill (`Rows`) of the prompt: exactly feeding it token by token to `step`, and the model's last
+        # logits up to float rounding, which the int8 quantization of a linear's input can turn into one quantization
+        # step of an activation (here 8e-3 on the logits at the 8th position with one shard; 3e-7 elsewhere).
+        pre = dec.prefill(ids[:, :8], dec.new_cache(1, 40, kv))
+        one = dec.new_cache(1, 40, kv)
+        for t in range(8):
+            by_token = dec.step(ids[:, t : t + 1], one)
+        assert torch.equal(pre, by_token)
+        full = model(ids[:, :8], cache=model.new_cache(1, 40, kv))[:, -1:]
+        assert float((pre - full).abs().max()) < 3e-2 and int(pre.argmax()) == int(full.argmax())
         for t in range(8, 32):
             ref = model(ids[:, t : t + 1], cache=c_model)
             out = dec(ids[:, t : t + 1], cache=c_dec)

@@ -90,8 +90,11 @@ class BatchDecoder:
         if cache.pos + len(ids) > self.max_len:
             raise ValueError(f"{cache.pos + len(ids)} positions exceed the slot's {self.max_len}")
         device = self.model.embed_tokens.weight.device
+        idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
         with torch.inference_mode():
-            return self.model(torch.tensor([list(ids)], dtype=torch.long, device=device), cache=cache)[0, -1]
+            if self.kernel is not None:  # the C rows: what `generate` does for a packed TriLM (bit for bit)
+                return self.kernel["decoder"].prefill(idx, cache)[0, -1]
+            return self.model(idx, cache=cache)[0, -1]
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -111,76 +114,29 @@ class BatchDecoder:
             return self._step_modules(slots, tokens)
 
     def _build_kernel(self):
-        """The C path's fixed state (see the module docstring), or None when the model is not a packed TriLM that
-        `Decoder` runs or the extension predates `decode_layer_batch`."""
+        """The C path (`Decoder.rows`: scratch for max(max_batch, PREFILL_ROWS) rows) and the slots' cache pointers,
+        or None when the model is not a packed TriLM that `Decoder` runs or the extension predates it."""
         model = self.model
         if unsupported_reason(model) is not None:
             return None
         dec = Decoder(model)
         if not hasattr(dec._ext, "decode_layer_batch"):
             return None
-        cfg, B = self.config, self.max_batch
-        A, G, C = cfg.n_heads * cfg.head_dim, cfg.glu_dim, cfg.dim
-        x, h, att = torch.empty(B, C), torch.empty(B, C), torch.empty(B, A)
-        qkv, gu, o, down = torch.empty(3, B, A), torch.empty(2, B, G), torch.empty(B, C), torch.empty(B, C)
-        keep = [x, h, att, qkv, gu, o, down, dec._cos, dec._sin]
-
-        def specs(mods, outs):
-            out = []
-            for m, y in zip(mods, outs):
-                keep.extend([m.qs, m.seg_bounds, m.seg_d])
-                out.append((m.qs.data_ptr(), m.out_features, m.seg_bounds.data_ptr(), m.seg_d.shape[1],
-                            m.seg_d.data_ptr(), y.data_ptr(), m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
-            return tuple(out)
-
-        layers = []
-        for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-            keep += [w_in, w_post]
-            layers.append((
-                w_in.data_ptr(), float(layer.input_layernorm.eps),
-                w_post.data_ptr(), float(layer.post_attention_layernorm.eps),
-                specs((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
-                specs((attn.o_proj,), [o])[0],
-                specs((mlp.gate_proj, mlp.up_proj), gu),
-                specs((mlp.down_proj,), [down])[0],
-                h.data_ptr(), att.data_ptr(),
-            ))  # fmt: skip
-        k0 = self.caches[0].k
         return {
-            "decoder": dec, "x": x, "keep": keep, "layers": layers,
-            "layer_bytes": k0.stride(0) * k0.element_size(), "head_stride": k0.stride(2),
+            "decoder": dec, "rows": dec.rows(max(self.max_batch, Decoder.PREFILL_ROWS)),
             "k_ptrs": torch.tensor([c.k.data_ptr() for c in self.caches], dtype=torch.int64),
             "v_ptrs": torch.tensor([c.v.data_ptr() for c in self.caches], dtype=torch.int64),
         }  # fmt: skip
 
     def _step_kernel(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
-        kern, model, cfg = self.kernel, self.model, self.config
-        dec: Decoder = kern["decoder"]
-        if sum(m.version for m in dec._packed) != dec._version:
-            raise RuntimeError("a packed layer changed after this BatchDecoder was built; build a new one")
-        B, C = len(slots), cfg.dim
-        x = kern["x"][:B]
-        emb, ids = model.embed_tokens.weight, torch.tensor(list(tokens), dtype=torch.long)
-        if emb.dtype is torch.float32:
-            torch.index_select(emb, 0, ids, out=x)
-        else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
-            x.copy_(emb[ids])
+        kern, model = self.kernel, self.model
         idx = torch.tensor(list(slots), dtype=torch.long)
         pos = torch.tensor([self.caches[s].pos for s in slots], dtype=torch.int64)
-        k_ptrs, v_ptrs = kern["k_ptrs"][idx].contiguous(), kern["v_ptrs"][idx].contiguous()
-        nt = dec._threads or torch.get_num_threads()
-        ext, pid = dec._ext, dec._path_id
-        half = self.caches[0].k.dtype is torch.float16
-        args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
-                dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
-        scale = cfg.head_dim**-0.5
-        for i, spec in enumerate(kern["layers"]):
-            ext.decode_layer_batch(pid, nt, *args, i * kern["layer_bytes"], kern["head_stride"], scale, spec, half)
+        x = kern["rows"].run(torch.tensor(list(tokens), dtype=torch.long), pos, kern["k_ptrs"][idx].contiguous(),
+                             kern["v_ptrs"][idx].contiguous(), self.caches[slots[0]])
         for s in slots:
             self.caches[s].pos += 1
-        return model.lm_head(model.norm(x.view(B, 1, C)))[:, 0]  # (B, V)
+        return model.lm_head(model.norm(x.view(len(slots), 1, self.config.dim)))[:, 0]  # (B, V)
 
     def _step_modules(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         from spectra.model import apply_rope

@@ -111,6 +111,7 @@ class Decoder:
         self._version = sum(m.version for m in packed)  # versions only grow: any change raises the sum
         threads = {m.n_threads for m in packed}
         self._threads = threads.pop() if len(threads) == 1 else None
+        self._rows: Rows | None = None
 
     def _specs(self, mods, out: Tensor) -> tuple:
         """(qs, N, bounds, S, seg_d, y, fmt) per layer, outputs side by side in `out` (see matmul_group)."""
@@ -131,6 +132,52 @@ class Decoder:
                 )
             )
         return tuple(specs)
+
+    # ---- several rows per call ---------------------------------------------------------------------------------
+    PREFILL_ROWS = 128  # prompt positions per C call in `prefill`
+
+    def rows(self, n: int) -> Rows:
+        """A `Rows` runner for at least n rows: the one already built when it is large enough, else a new one of
+        max(n, PREFILL_ROWS) rows that replaces it (one set of scratch buffers per decoder)."""
+        if self._rows is None or self._rows.n < n:
+            self._rows = Rows(self, max(n, self.PREFILL_ROWS))
+        return self._rows
+
+    def prefill(self, idx: Tensor, cache) -> Tensor:
+        """Run the tokens idx (1, T) into `cache` (batch 1) after what it holds, PREFILL_ROWS positions per C call
+        (`Rows`); the logits (1, 1, V) of the last position. Each position's result equals feeding the tokens one at
+        a time to `step` (bit for bit), so how a prompt is cut into calls does not change anything."""
+        ids = idx.reshape(-1).to(torch.long)
+        T = len(ids)
+        self._check_cache(cache, T)
+        rows = self.rows(self.PREFILL_ROWS)
+        k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+        x = None
+        for a in range(0, T, rows.n):
+            chunk = ids[a : a + rows.n]
+            pos = torch.arange(cache.pos, cache.pos + len(chunk), dtype=torch.int64)
+            k_ptrs = torch.full((len(chunk),), k_ptr, dtype=torch.int64)
+            v_ptrs = torch.full((len(chunk),), v_ptr, dtype=torch.int64)
+            x = rows.run(chunk, pos, k_ptrs, v_ptrs, cache)
+            cache.pos += len(chunk)
+        model = self.model
+        return model.lm_head(model.norm(x[-1:].view(1, 1, self.config.dim)))
+
+    def _check_cache(self, cache, n: int) -> None:
+        cfg = self.config
+        ck, cv = cache.k, cache.v
+        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, cfg.head_dim)
+        if (
+            tuple(ck.shape) != expected
+            or tuple(cv.shape) != expected
+            or not (ck.is_contiguous() and cv.is_contiguous())
+            or ck.dtype not in (torch.float32, torch.float16)
+            or cv.dtype != ck.dtype
+        ):
+            raise ValueError(f"the KV cache must be contiguous float32 or float16 {expected}")
+        if cache.pos + n > cfg.max_seq_len or cache.pos + n > cache.max_len:
+            raise ValueError(f"positions {cache.pos}..{cache.pos + n - 1} go past max_seq_len={cfg.max_seq_len} or "
+                             f"the cache ({cache.max_len})")
 
     # ---- the model's interface ---------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
@@ -155,17 +202,7 @@ class Decoder:
         model, cfg = self.model, self.config
         pos = cache.pos
         ck, cv = cache.k, cache.v
-        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, cfg.head_dim)
-        if (
-            tuple(ck.shape) != expected
-            or tuple(cv.shape) != expected
-            or not (ck.is_contiguous() and cv.is_contiguous())
-            or ck.dtype not in (torch.float32, torch.float16)
-            or cv.dtype != ck.dtype
-        ):
-            raise ValueError(f"the KV cache must be contiguous float32 or float16 {expected}")
-        if pos + 1 > cfg.max_seq_len or pos + 1 > cache.max_len:
-            raise ValueError(f"position {pos} is past max_seq_len={cfg.max_seq_len} or the cache ({cache.max_len})")
+        self._check_cache(cache, 1)
         ext, pid = self._ext, self._path_id
         nt = self._threads or torch.get_num_threads()
         H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
@@ -189,6 +226,73 @@ class Decoder:
             )
         cache.pos = pos + 1
         return model.lm_head(model.norm(x.view(1, 1, C)))  # (1, 1, V)
+
+
+class Rows:
+    """`n` token rows through every block, one `decode_layer_batch` C call per layer: row i is token tokens[i] at
+    position pos[i] of the cache whose layer-0 keys / values start at k_ptrs[i] / v_ptrs[i]. Every row's keys and
+    values are written before any row attends, and row i attends over positions 0..pos[i] of its own cache, so rows
+    may be B sequences' next tokens (a batched decode step) or consecutive positions of one sequence (a prefill
+    chunk). The GEMM rows do not depend on one another and the per-row norm / RoPE / attention / SiLU are the batch-1
+    decoder's functions, so each row's result is the same whatever else is in the call (bit for bit).
+
+    Built by `Decoder.rows(n)`; holds float32 scratch for n rows (x, the residual stream, is `self.x`)."""
+
+    def __init__(self, dec: Decoder, n: int) -> None:
+        cfg = dec.config
+        A, G, C = cfg.n_heads * cfg.head_dim, cfg.glu_dim, cfg.dim
+        self.dec, self.n = dec, n
+        self.x, h, att = torch.empty(n, C), torch.empty(n, C), torch.empty(n, A)
+        qkv, gu, o, down = torch.empty(3, n, A), torch.empty(2, n, G), torch.empty(n, C), torch.empty(n, C)
+        self._keep = [self.x, h, att, qkv, gu, o, down]
+        self.layers = []
+        for layer in dec.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+            self._keep += [w_in, w_post]
+            self.layers.append((
+                w_in.data_ptr(), float(layer.input_layernorm.eps),
+                w_post.data_ptr(), float(layer.post_attention_layernorm.eps),
+                self._specs((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
+                self._specs((attn.o_proj,), [o])[0],
+                self._specs((mlp.gate_proj, mlp.up_proj), gu),
+                self._specs((mlp.down_proj,), [down])[0],
+                h.data_ptr(), att.data_ptr(),
+            ))  # fmt: skip
+
+    def _specs(self, mods, outs) -> tuple:
+        out = []
+        for m, y in zip(mods, outs):
+            self._keep.extend([m.qs, m.seg_bounds, m.seg_d])
+            out.append((m.qs.data_ptr(), m.out_features, m.seg_bounds.data_ptr(), m.seg_d.shape[1],
+                        m.seg_d.data_ptr(), y.data_ptr(), m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
+        return tuple(out)
+
+    def run(self, tokens: Tensor, pos: Tensor, k_ptrs: Tensor, v_ptrs: Tensor, cache_like) -> Tensor:
+        """The last hidden states (before the final norm) of len(tokens) <= n rows, `self.x[:B]`. tokens: int64 (B,);
+        pos, k_ptrs, v_ptrs: contiguous int64 (B,); `cache_like`: a KVCache of the caches' layout and dtype."""
+        dec = self.dec
+        if sum(m.version for m in dec._packed) != dec._version:
+            raise RuntimeError("a packed layer changed after this Decoder was built; build a new one")
+        model, cfg = dec.model, dec.config
+        B, C = len(tokens), cfg.dim
+        if not 0 < B <= self.n:
+            raise ValueError(f"{B} rows for scratch of {self.n}")
+        x = self.x[:B]
+        emb = model.embed_tokens.weight
+        if emb.dtype is torch.float32:
+            torch.index_select(emb, 0, tokens, out=x)
+        else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
+            x.copy_(emb[tokens])
+        ck = cache_like.k
+        layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
+        nt = dec._threads or torch.get_num_threads()
+        args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
+                dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
+        scale = cfg.head_dim**-0.5
+        for i, spec in enumerate(self.layers):
+            dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, scale, spec, half)
+        return x
 
 
 def decoder_for(model: nn.Module):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
-from spectra.inference.decode import decoder_for
+from spectra.inference.decode import Decoder, decoder_for
 from spectra.inference.sampling import held_back, sample_next, validate_sampling
 from spectra.layers import freeze_for_inference
 
@@ -112,7 +112,12 @@ def generate(
             t0 = time.perf_counter()
             for step in range(max_new_tokens):
                 if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
-                    logits = model(seq, cache=cache) if step == 0 else decode(seq[:, -1:], cache=cache)
+                    if step > 0:
+                        logits = decode(seq[:, -1:], cache=cache)
+                    elif isinstance(decode, Decoder):  # the prompt through the C rows, as `serve` prefills it
+                        logits = decode.prefill(seq, cache)
+                    else:
+                        logits = model(seq, cache=cache)
                 else:  # no KV cache: recompute the whole sequence every step
                     logits = model(seq)
                 nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
