@@ -110,8 +110,9 @@ def test_join_between_steps_of_a_running_batch():
     b = sched.submit(Request(prompts[2], 10, stop_at_eos=False))
     c = sched.submit(Request(prompts[1], 5, stop_at_eos=False))
     sched.step()
-    # step 1 prefilled a and decoded its first token: 2 tokens, then 1 a step; one prefill chunk per step
-    assert len(a.tokens) == 8 and b.prefilled == 4 and len(c.tokens) == 0
+    # step 1 prefilled a (its first token comes from the prefill logits), then 1 token a step; one prefill chunk per
+    # step, in the same pass as the decode rows
+    assert len(a.tokens) == 7 and b.prefilled == 4 and len(c.tokens) == 0
     while not sched.idle:
         sched.step()
     assert sched.decoder.free_slots == 3
@@ -151,7 +152,8 @@ def test_cancel_frees_the_slot_and_bad_requests_are_refused():
     a.cancel()
     sched.step()
     assert a.finish_reason == "cancelled" and events[-1] == {"type": "done", "finish_reason": "cancelled"}
-    assert sched.decoder.free_slots == 1 and len(b.tokens) == 3
+    # b: prefilled at step 2 (one chunk a step; its first token), decoded at step 3
+    assert sched.decoder.free_slots == 1 and len(b.tokens) == 2
     for bad, msg in [
         (Request([1] * 30, 3), "context of 32"),
         (Request([], 3), "empty"),
@@ -163,3 +165,26 @@ def test_cancel_frees_the_slot_and_bad_requests_are_refused():
             sched.submit(bad)
     with pytest.raises(ValueError, match="slot"):
         BatchDecoder(model, 2).step([0], [1])  # a free slot
+
+
+@needs_ext
+@pytest.mark.parametrize("kv", [None, torch.float16])
+def test_step_with_prefill_equals_separate_calls(kv):
+    """Decode rows and prefill chunks of other slots in one pass give exactly the logits and cache rows of the
+    separate `step` and `prefill` calls (rows do not depend on one another)."""
+    model = model_of("packed-int8-head")
+    prompts, _ = prompts_and_lengths(4, seed=3)  # lengths 1, 3, 12, 5
+    fused, apart = BatchDecoder(model, 4, 48, kv), BatchDecoder(model, 4, 48, kv)
+    for bd in (fused, apart):
+        for p in prompts[:2]:
+            bd.prefill(bd.acquire(), p)
+        bd.acquire(), bd.acquire()
+    dec_logits, pre = fused.step_with_prefill([0, 1], [7, 9], [(2, prompts[2]), (3, prompts[3][:2])])
+    pre_apart = [apart.prefill(2, prompts[2]), apart.prefill(3, prompts[3][:2])]
+    assert torch.equal(dec_logits, apart.step([0, 1], [7, 9]))
+    assert all(torch.equal(a, b) for a, b in zip(pre, pre_apart))
+    for s in range(4):
+        assert fused.pos(s) == apart.pos(s)
+        assert torch.equal(fused.caches[s].k, apart.caches[s].k) and torch.equal(fused.caches[s].v, apart.caches[s].v)
+    with pytest.raises(ValueError, match="once"):
+        fused.step_with_prefill([0], [1], [(0, [2])])

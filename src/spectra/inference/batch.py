@@ -96,6 +96,52 @@ class BatchDecoder:
                 return self.kernel["decoder"].prefill(idx, cache)[0, -1]
             return self.model(idx, cache=cache)[0, -1]
 
+    # ---- a decode step with prefill chunks in it -----------------------------------------------------------------
+    def step_with_prefill(
+        self, slots: Sequence[int], tokens: Sequence[int], prefills: Sequence[tuple[int, Sequence[int]]]
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """`step(slots, tokens)` and `prefill(slot, ids)` for each (slot, ids) of `prefills`, in one pass over the
+        weights when the C path has room for all the rows (decode rows, then each chunk's positions): the GEMMs see
+        one larger batch instead of several small ones. Rows do not depend on one another (`Rows`), so the results
+        equal the separate calls bit for bit. Returns (the step's logits (B, V) or None without slots, the last-
+        position logits (V,) of each prefill)."""
+        n_rows = len(slots) + sum(len(ids) for _, ids in prefills)
+        kern = self.kernel
+        if kern is None or not prefills or n_rows > kern["rows"].n:
+            pre = [self.prefill(slot, ids) for slot, ids in prefills]
+            return (self.step(slots, tokens) if slots else None), pre
+        if len(slots) != len(tokens) or len(set(slots) | {s for s, _ in prefills}) != len(slots) + len(prefills):
+            raise ValueError("each slot may appear once, as a decode row or as one prefill chunk")
+        for s in [*slots, *(s for s, _ in prefills)]:
+            if s in self._free:
+                raise ValueError(f"slot {s} is not in use")
+        for s in slots:
+            if self.caches[s].pos + 1 > self.max_len:
+                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
+        for s, ids in prefills:
+            if self.caches[s].pos + len(ids) > self.max_len:
+                raise ValueError(f"{self.caches[s].pos + len(ids)} positions exceed the slot's {self.max_len}")
+        row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
+        pos = [self.caches[s].pos for s in slots]
+        for s, ids in prefills:
+            pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
+        idx = torch.tensor(row_slots, dtype=torch.long)
+        ids_all = torch.tensor(list(tokens) + [t for _, ids in prefills for t in ids], dtype=torch.long)
+        model, C = self.model, self.config.dim
+        with torch.inference_mode():
+            x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"][idx].contiguous(),
+                                 kern["v_ptrs"][idx].contiguous(), self.caches[row_slots[0]])
+            last = [len(slots) - 1]
+            for _, ids in prefills:
+                last.append(last[-1] + len(ids))
+            heads = ([*range(len(slots))] if slots else []) + last[1:]
+            logits = model.lm_head(model.norm(x[heads].view(len(heads), 1, C)))[:, 0]
+        for s in slots:
+            self.caches[s].pos += 1
+        for s, ids in prefills:
+            self.caches[s].pos += len(ids)
+        return (logits[: len(slots)] if slots else None), list(logits[len(slots) :])
+
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         """Feed token tokens[i] to the sequence in slots[i] at its next position; logits (B, V), row i for slots[i]."""
@@ -123,7 +169,7 @@ class BatchDecoder:
         if not hasattr(dec._ext, "decode_layer_batch"):
             return None
         return {
-            "decoder": dec, "rows": dec.rows(max(self.max_batch, Decoder.PREFILL_ROWS)),
+            "decoder": dec, "rows": dec.rows(self.max_batch + Decoder.PREFILL_ROWS),  # a step and a prefill chunk
             "k_ptrs": torch.tensor([c.k.data_ptr() for c in self.caches], dtype=torch.int64),
             "v_ptrs": torch.tensor([c.v.data_ptr() for c in self.caches], dtype=torch.int64),
         }  # fmt: skip
@@ -267,8 +313,8 @@ class Scheduler:
 
     # ---- one iteration -------------------------------------------------------------------------------------------
     def step(self) -> None:
-        """Drop cancelled sequences, admit waiting ones into free slots, run the prefill chunks allowed, then one
-        decode step for every sequence past its prompt."""
+        """Drop cancelled sequences, admit waiting ones into free slots, then one decode step for every sequence past
+        its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path)."""
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
         while self.waiting and self.waiting[0].cancelled:
@@ -280,33 +326,34 @@ class Scheduler:
                 continue
             req.slot = self.decoder.acquire()
             self.running.append(req)
-        chunks = self.prefill_chunks_per_step
-        for req in list(self.running):
-            if chunks == 0:
-                break
-            if req.prefilled < len(req.prompt_ids):
-                chunks -= 1
-                self._prefill_chunk(req)
         decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
         decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
+        chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
+        for req in self.running:
+            if len(chunks) == self.prefill_chunks_per_step:
+                break
+            n = len(req.prompt_ids)
+            if req.prefilled < n:
+                size = self.prefill_chunk or n
+                chunks.append((req, min(n, (req.prefilled // size + 1) * size)))  # fixed boundaries, every run
+        if not decoding and not chunks:
+            return
+        # One pass for the decode rows and the prefill chunks together (`step_with_prefill`).
+        logits, pre = self.decoder.step_with_prefill(
+            [r.slot for r in decoding], [r.tokens[-1] for r in decoding],
+            [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks])  # fmt: skip
         if decoding:
-            logits = self.decoder.step([r.slot for r in decoding], [r.tokens[-1] for r in decoding])
             self.stats["steps"] += 1
             for r, row in zip(decoding, logits):
                 self._accept(r, row)
-
-    def _prefill_chunk(self, req: Request) -> None:
-        n = len(req.prompt_ids)
-        size = self.prefill_chunk or n
-        end = min(n, (req.prefilled // size + 1) * size)  # chunk boundaries at fixed multiples: the same every run
-        logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled : end])
-        self.stats["prefilled"] += end - req.prefilled
-        req.prefilled = end
-        if end == n:
-            if req.max_new_tokens == 0:
-                self._finish(req, "length")
-            else:
-                self._accept(req, logits)
+        for (req, end), row in zip(chunks, pre):
+            self.stats["prefilled"] += end - req.prefilled
+            req.prefilled = end
+            if end == len(req.prompt_ids):
+                if req.max_new_tokens == 0:
+                    self._finish(req, "length")
+                else:
+                    self._accept(req, row)
 
     def _accept(self, req: Request, logits: Tensor) -> None:
         """Sample the next token of `req` from its logits (V,), emit its text, and finish it if it is done."""
