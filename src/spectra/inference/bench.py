@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectra.inference.decode import decoder_for
+from spectra.inference.decode import Decoder, decoder_for
 from spectra.interop.weights import check_plain_linear, dense_weight
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,15 @@ def _is_kind(model: nn.Module, kind: str) -> bool:
 
 
 def time_torch(model: nn.Module, prompt: torch.Tensor, decode_ids: torch.Tensor) -> tuple[float, float]:
-    """Seconds for the prefill of `prompt` (1, P) and for decoding the G tokens of `decode_ids` (1, G) one by one."""
+    """Seconds for the prefill of `prompt` (1, P) and for decoding the G tokens of `decode_ids` (1, G) one by one,
+    the way `generate` runs them (a packed TriLM: the C rows for the prompt, the C decoder for each token)."""
     P, G = prompt.shape[1], decode_ids.shape[1]
     step = decoder_for(model)  # the lean single-token path for a packed TriLM (spectra.inference.decode)
+    prefill = step.prefill if isinstance(step, Decoder) else (lambda ids, cache: model(ids, cache=cache))
     with torch.inference_mode():
         cache = model.new_cache(1, P + G)
         t0 = time.perf_counter()
-        model(prompt, cache=cache)[:, -1].argmax(-1)
+        prefill(prompt, cache)[:, -1].argmax(-1)
         t1 = time.perf_counter()
         for i in range(G):
             step(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)

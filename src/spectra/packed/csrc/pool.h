@@ -20,7 +20,7 @@
  * pool busy runs its loop on its own. After fork() the child has no workers; the pool starts over there.
  */
 
-#ifdef __linux__
+#if defined(__linux__) && !defined(SPECTRA_NO_POOL) /* -DSPECTRA_NO_POOL: OpenMP instead, for comparisons */
 #define SPECTRA_POOL 1
 #include <linux/futex.h>
 #include <pthread.h>
