@@ -360,3 +360,23 @@ def test_attention_over_a_float16_cache(path):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(K.reference_attention(q, k[1, :, :S].float(), v[1, :, :S].float()), out,
                                    rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_argmax_equals_torch(path):
+    """Greedy decoding's argmax: torch.argmax's answer on random rows of ragged lengths, ties (the first index),
+    rows of -inf, and rows holding NaN (torch returns the first NaN)."""
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 15, 16, 17, 50304, 1000):
+        x = torch.randn(5, V, generator=g)
+        if V > 3:
+            x[1, V // 2] = x[1, V - 1] = x[1].max() + 1  # a tie: the first wins
+            x[2] = float("-inf")
+            x[3, V - 2] = float("nan")
+            x[4, 1] = float("nan")
+            x[4, 3] = float("nan")
+        assert torch.equal(K.argmax(x, path=path), torch.argmax(x, -1)), (V, path)
+    ints = torch.randint(0, 4, (64, 300), generator=g).float()  # many ties everywhere
+    assert torch.equal(K.argmax(ints, path=path), torch.argmax(ints, -1))
+    assert K.argmax(torch.tensor([1.0, 3.0, 2.0]), path=path).item() == 1  # 1-d

@@ -20,7 +20,9 @@ def sample_next(
     """Pick the next token id from a (V,) logit vector (see the module docstring for the rules)."""
     logits = logits.float()
     if temperature == 0:
-        return int(torch.argmax(logits))
+        from spectra.packed.kernels import argmax  # torch.argmax's answer, an order of magnitude sooner
+
+        return int(argmax(logits.contiguous()))
     logits = logits / temperature
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
