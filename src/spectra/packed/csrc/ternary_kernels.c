@@ -28,6 +28,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -998,19 +999,39 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
 }
 #endif
 
+/* Room for one head's S scores on the calling thread, grown as needed and kept (the pool's workers live on), so no
+ * call allocates: a prefill chunk of 128 rows at position 2000 would otherwise ask for 128 * H * 2000 floats per
+ * layer. NULL when it cannot grow. */
+static float *att_scores(int64_t S) {
+    static _Thread_local float *buf = NULL;
+    static _Thread_local int64_t cap = 0;
+    if (S > cap) {
+        free(buf);
+        buf = (float *)malloc(sizeof(float) * (size_t)S);
+        cap = buf ? S : 0;
+    }
+    return buf;
+}
+
 typedef struct {
     const float *q;
     const void *k, *v; /* float32, or float16 when `half` */
-    float *out, *scores;
+    float *out;
     int64_t S, D, hs, H;
     float scale;
     int simd, half;
+    _Atomic int *failed; /* set when a thread could not get room for its scores */
 } attend_task_t;
 
 static void attend_one(void *ctx, int64_t h) {
     const attend_task_t *t = (const attend_task_t *)ctx;
     const int64_t S = t->S, D = t->D, hs = t->hs, es = t->half ? 2 : 4;
     const char *kh = (const char *)t->k + h * hs * es, *vh = (const char *)t->v + h * hs * es;
+    float *p = att_scores(S);
+    if (!p) {
+        atomic_store(t->failed, 1);
+        return;
+    }
 #ifdef SPECTRA_X86
     if (t->simd) {
         /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the next
@@ -1019,20 +1040,19 @@ static void attend_one(void *ctx, int64_t h) {
             _mm_prefetch(vh + i, _MM_HINT_T1);
             if (h + 1 < t->H) _mm_prefetch(kh + hs * es + i, _MM_HINT_T1);
         }
-        attend_head_avx512(t->q + h * D, kh, vh, t->out + h * D, t->scores + h * S, S, D, t->scale, t->half);
+        attend_head_avx512(t->q + h * D, kh, vh, t->out + h * D, p, S, D, t->scale, t->half);
         return;
     }
 #endif
-    attend_head_scalar(t->q + h * D, kh, vh, t->out + h * D, t->scores + h * S, S, D, t->scale, t->half);
+    attend_head_scalar(t->q + h * D, kh, vh, t->out + h * D, p, S, D, t->scale, t->half);
 }
 
-/* All heads (threads over heads); returns 0 when the score buffer cannot be allocated. Needs no Python. */
+/* All heads (threads over heads); returns 0 when a thread could not get room for its scores. Needs no Python. */
 static int attend_run(int path, const float *q, const void *k, const void *v, float *out, int64_t H, int64_t S,
                       int64_t D, int64_t hs, float scale, int n_threads, int half) {
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(S * H));
-    if (!scores) return 0;
-    const attend_task_t task = {q, k, v, out, scores, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0,
-                                half};
+    _Atomic int failed = 0;
+    const attend_task_t task = {q, k, v, out, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0, half,
+                                &failed};
 #if defined(SPECTRA_POOL)
     pool_for(n_threads, H, attend_one, (void *)&task);
 #elif defined(_OPENMP)
@@ -1041,45 +1061,37 @@ static int attend_run(int path, const float *q, const void *k, const void *v, fl
 #else
     for (int64_t h = 0; h < H; h++) attend_one((void *)&task, h);
 #endif
-    free(scores);
-    return 1;
+    return !atomic_load(&failed);
 }
 
 /* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs
  * elements, positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead
- * of one per row. Row b's output goes to outs + b * A. Returns 0 when the score buffer cannot be allocated. */
+ * of one per row. Row b's output goes to outs + b * A. Returns 0 when a thread could not get room for its scores. */
 typedef struct {
     const float *qs;
-    float *outs, *scores;
+    float *outs;
     void *const *kcs, *const *vcs;
-    const int64_t *pos, *score_off;
+    const int64_t *pos;
     int64_t H, D, A, hs;
     float scale;
     int simd, half;
+    _Atomic int *failed;
 } attend_batch_task_t;
 
 static void attend_batch_one(void *ctx, int64_t c) {
     const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
     const int64_t b = c / t->H, h = c % t->H, S = t->pos[b] + 1;
-    const attend_task_t one = {t->qs + b * t->A, t->kcs[b], t->vcs[b], t->outs + b * t->A,
-                               t->scores + t->score_off[b], S, t->D, t->hs, t->H, t->scale, t->simd, t->half};
+    const attend_task_t one = {t->qs + b * t->A, t->kcs[b], t->vcs[b], t->outs + b * t->A, S, t->D, t->hs, t->H,
+                               t->scale, t->simd, t->half, t->failed};
     attend_one((void *)&one, h);
 }
 
 static int attend_batch_run(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos,
                             float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads,
                             int half) {
-    int64_t *score_off = (int64_t *)malloc(sizeof(int64_t) * (size_t)B);
-    if (!score_off) return 0;
-    int64_t total = 0;
-    for (int64_t b = 0; b < B; b++) score_off[b] = total, total += (pos[b] + 1) * H;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)total);
-    if (!scores) {
-        free(score_off);
-        return 0;
-    }
-    const attend_batch_task_t task = {qs, outs, scores, kcs, vcs, pos, score_off, H, D, H * D, hs, scale,
-                                      path == PATH_AVX512VNNI && D % 16 == 0, half};
+    _Atomic int failed = 0;
+    const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, scale,
+                                      path == PATH_AVX512VNNI && D % 16 == 0, half, &failed};
 #if defined(SPECTRA_POOL)
     pool_for(n_threads, B * H, attend_batch_one, (void *)&task);
 #elif defined(_OPENMP)
@@ -1088,9 +1100,7 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
 #else
     for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
 #endif
-    free(scores);
-    free(score_off);
-    return 1;
+    return !atomic_load(&failed);
 }
 
 /* Rotary embedding of k and the new k / v rows of one position into a cache of float32 or float16 (`half`): head
