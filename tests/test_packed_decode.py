@@ -120,3 +120,17 @@ def test_decoder_threads_give_the_same_logits():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_ext
+def test_prefill_falls_back_to_the_model_for_other_caches():
+    """A bfloat16 or batch-2 cache is not the C rows' business: `prefill` gives the model's own last logits."""
+    model = packed_model()
+    dec = Decoder(model)
+    ids = torch.randint(0, 384, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for cache_args in ((1, 16, torch.bfloat16), (2, 16, None)):
+            c1, c2 = dec.new_cache(*cache_args), model.new_cache(*cache_args)
+            x = ids.expand(cache_args[0], -1)
+            assert torch.equal(dec.prefill(x, c1), model(x, cache=c2)[:, -1:])
+            assert c1.pos == 6

@@ -146,7 +146,10 @@ class Decoder:
     def prefill(self, idx: Tensor, cache) -> Tensor:
         """Run the tokens idx (1, T) into `cache` (batch 1) after what it holds, PREFILL_ROWS positions per C call
         (`Rows`); the logits (1, 1, V) of the last position. Each position's result equals feeding the tokens one at
-        a time to `step` (bit for bit), so how a prompt is cut into calls does not change anything."""
+        a time to `step` (bit for bit), so how a prompt is cut into calls does not change anything. A cache of
+        another batch size or dtype, or grad mode, goes to the model's forward, as `__call__` does."""
+        if cache.k.shape[1] != 1 or cache.k.dtype not in (torch.float32, torch.float16) or torch.is_grad_enabled():
+            return self.model(idx, cache=cache)[:, -1:]  # what the C rows do not take: the model's own forward
         ids = idx.reshape(-1).to(torch.long)
         T = len(ids)
         self._check_cache(cache, T)
