@@ -1,7 +1,9 @@
 """`serve`: load a model, start the engine thread and run the HTTP API under uvicorn until SIGTERM / SIGINT.
 
 Stack: Starlette (routing, streaming responses, lifespan) on uvicorn (the ASGI server, with its SIGTERM handling and
-graceful shutdown). Both are small, widely deployed and maintained by the encode team; FastAPI would add pydantic
+graceful shutdown), which runs on uvloop's event loop and httptools' HTTP parser when they are installed (the serve
+extra installs both: one streaming client then gets 1.69 ms per token at 99m, the in-process rate, against 2.0 on
+asyncio's loop and h11). Both are small, widely deployed and maintained by the encode team; FastAPI would add pydantic
 models we do not need, since every field is checked by hand to give OpenAI's error shapes.
 
 On SIGTERM uvicorn stops accepting connections and waits up to `shutdown_timeout` seconds for the requests in flight
