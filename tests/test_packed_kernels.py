@@ -380,3 +380,20 @@ def test_argmax_equals_torch(path):
     ints = torch.randint(0, 4, (64, 300), generator=g).float()  # many ties everywhere
     assert torch.equal(K.argmax(ints, path=path), torch.argmax(ints, -1))
     assert K.argmax(torch.tensor([1.0, 3.0, 2.0]), path=path).item() == 1  # 1-d
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_logsumexp_close_to_torch(path):
+    """Log-probabilities' normaliser: torch.logsumexp to float rounding on rows of ragged lengths and large spreads;
+    NaN rows give NaN and rows of -inf give -inf, as torch's."""
+    g = torch.Generator().manual_seed(1)
+    for V in (1, 7, 16, 33, 50304):
+        x = torch.randn(4, V, generator=g) * torch.tensor([[1.0], [10.0], [100.0], [0.01]])
+        torch.testing.assert_close(K.logsumexp(x, path=path), torch.logsumexp(x, -1), rtol=2e-6, atol=2e-6)
+    y = torch.randn(3, 40, generator=g)
+    y[0, 5] = float("nan")
+    y[1] = float("-inf")
+    out, ref = K.logsumexp(y, path=path), torch.logsumexp(y, -1)
+    assert torch.isnan(out[0]) and torch.isnan(ref[0]) and out[1] == ref[1] == float("-inf")
+    torch.testing.assert_close(out[2], ref[2])

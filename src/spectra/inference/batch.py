@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, unsupported_reason
 from spectra.inference.sampling import held_back, sample_next, validate_sampling
+from spectra.packed.kernels import argmax, logsumexp
 
 
 class BatchDecoder:
@@ -344,8 +345,12 @@ class Scheduler:
             [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks])  # fmt: skip
         if decoding:
             self.stats["steps"] += 1
-            for r, row in zip(decoding, logits):
-                self._accept(r, row)
+            # Greedy rows' picks in one call for the whole step (sample_next's own rule: the first maximum).
+            rows = logits.float().contiguous()
+            picks = argmax(rows).tolist() if any(r.temperature == 0 for r in decoding) else None
+            lses = logsumexp(rows).tolist() if any(r.logprobs is not None for r in decoding) else None
+            for i, (r, row) in enumerate(zip(decoding, logits)):
+                self._accept(r, row, None if picks is None else picks[i], None if lses is None else lses[i])
         for (req, end), row in zip(chunks, pre):
             self.stats["prefilled"] += end - req.prefilled
             req.prefilled = end
@@ -355,22 +360,28 @@ class Scheduler:
                 else:
                     self._accept(req, row)
 
-    def _accept(self, req: Request, logits: Tensor) -> None:
-        """Sample the next token of `req` from its logits (V,), emit its text, and finish it if it is done."""
+    def _accept(self, req: Request, logits: Tensor, greedy: int | None = None, lse: float | None = None) -> None:
+        """Sample the next token of `req` from its logits (V,) (`greedy`: its argmax and `lse`: its log-sum-exp,
+        when already taken for the whole step), emit its text, and finish it if it is done."""
         if req.generator is None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
-        nxt = sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                          generator=req.generator)
+        if greedy is not None and req.temperature == 0:
+            nxt = greedy
+        else:
+            nxt = sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              generator=req.generator)
         if req.t_first is None:
             req.t_first = time.perf_counter()
         req.tokens.append(nxt)
         self.stats["generated"] += 1
         event: dict[str, Any] = {"type": "token", "token": nxt, "text": ""}
-        if req.logprobs is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            top = torch.topk(lp, min(req.logprobs, lp.numel())) if req.logprobs > 0 else None
-            entry = {"token": nxt, "logprob": float(lp[nxt]),
-                     "top": [(int(i), float(v)) for v, i in zip(top.values, top.indices)] if top is not None else []}
+        if req.logprobs is not None:  # log p_i = x_i - logsumexp(x)
+            x = logits.float().contiguous()
+            lse = float(logsumexp(x)) if lse is None else lse
+            top = torch.topk(x, min(req.logprobs, x.numel())) if req.logprobs > 0 else None
+            entry = {"token": nxt, "logprob": float(x[nxt]) - lse,
+                     "top": [(int(i), float(v) - lse) for v, i in zip(top.values, top.indices)] if top is not None
+                     else []}  # fmt: skip
             req.token_logprobs.append(entry)
             event["logprob"] = entry
         finish = None
