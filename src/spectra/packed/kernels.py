@@ -433,22 +433,22 @@ def argmax(x: Tensor, *, path: str = "auto") -> Tensor:
     """torch.argmax(x, -1) for float32 rows in one C call (the first index of the maximum, or of the first NaN, as
     torch answers); any other input goes to torch. Greedy decoding picks from a vocabulary of 50k logits per row,
     which torch's argmax scans in ~70 us and this in a few."""
-    path = resolve_path(path) if extension() is not None else "torch"
-    if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
-        return torch.argmax(x, -1)
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty(rows.shape[0], dtype=torch.int64)
-    extension().argmax(_PATH_IDS[path], rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr())
-    return out.reshape(x.shape[:-1])
+    return _per_row("argmax", x, torch.int64, torch.argmax, path)
 
 
 def logsumexp(x: Tensor, *, path: str = "auto") -> Tensor:
     """torch.logsumexp(x, -1) for float32 rows in one C call (max + log Σ exp(x − max), float32 terms and a double sum;
     ~1e-6 relative to torch's); any other input goes to torch. log_softmax(x)_i = x_i − logsumexp(x)."""
+    return _per_row("logsumexp", x, torch.float32, torch.logsumexp, path)
+
+
+def _per_row(name: str, x: Tensor, dtype: torch.dtype, fallback, path: str) -> Tensor:
+    """One value per row of x's last dimension from the C function `name(path, x_ptr, rows, V, out_ptr)`, or
+    fallback(x, -1) for what it does not take (no extension, not float32 / CPU / contiguous, empty)."""
     path = resolve_path(path) if extension() is not None else "torch"
     if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
-        return torch.logsumexp(x, -1)
+        return fallback(x, -1)
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty(rows.shape[0], dtype=torch.float32)
-    extension().logsumexp(_PATH_IDS[path], rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr())
+    out = torch.empty(rows.shape[0], dtype=dtype)
+    getattr(extension(), name)(_PATH_IDS[path], rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr())
     return out.reshape(x.shape[:-1])
