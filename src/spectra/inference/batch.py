@@ -111,53 +111,55 @@ class BatchDecoder:
         if kern is None or not prefills or n_rows > kern["rows"].n:
             pre = [self.prefill(slot, ids) for slot, ids in prefills]
             return (self.step(slots, tokens) if slots else None), pre
-        if len(slots) != len(tokens) or len(set(slots) | {s for s, _ in prefills}) != len(slots) + len(prefills):
-            raise ValueError("each slot may appear once, as a decode row or as one prefill chunk")
-        for s in [*slots, *(s for s, _ in prefills)]:
+        self._check_rows(slots, tokens, prefills)
+        with torch.inference_mode():
+            logits = self._run_rows(slots, tokens, prefills)
+        return (logits[: len(slots)] if slots else None), list(logits[len(slots) :])
+
+    def _check_rows(self, slots: Sequence[int], tokens: Sequence[int], prefills) -> None:
+        """What `step` and `step_with_prefill` refuse: a token count that is not one per decode slot, a slot used
+        twice (as a decode row or a prefill chunk), a slot not in use, or one without room for its new positions."""
+        if len(slots) != len(tokens):
+            raise ValueError(f"need one token per slot, got {len(slots)} slots and {len(tokens)} tokens")
+        if len(set(slots) | {s for s, _ in prefills}) != len(slots) + len(prefills):
+            raise ValueError("each slot may appear once in a step, as a decode row or as one prefill chunk")
+        for s, n in [*((s, 1) for s in slots), *((s, len(ids)) for s, ids in prefills)]:
             if s in self._free:
                 raise ValueError(f"slot {s} is not in use")
-        for s in slots:
-            if self.caches[s].pos + 1 > self.max_len:
-                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
-        for s, ids in prefills:
-            if self.caches[s].pos + len(ids) > self.max_len:
-                raise ValueError(f"{self.caches[s].pos + len(ids)} positions exceed the slot's {self.max_len}")
+            if self.caches[s].pos + n > self.max_len:
+                raise ValueError(f"slot {s} is full: {self.caches[s].pos} + {n} positions exceed its {self.max_len}")
+
+    def _run_rows(self, slots: Sequence[int], tokens: Sequence[int], prefills) -> Tensor:
+        """The C path for decode rows (slots[i] at its next position) then each prefill chunk's positions, in one
+        `Rows` pass; logits (B + len(prefills), V): one per decode row, then each chunk's last position."""
+        kern, model = self.kernel, self.model
         row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
         pos = [self.caches[s].pos for s in slots]
         for s, ids in prefills:
             pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
         idx = torch.tensor(row_slots, dtype=torch.long)
         ids_all = torch.tensor(list(tokens) + [t for _, ids in prefills for t in ids], dtype=torch.long)
-        model, C = self.model, self.config.dim
-        with torch.inference_mode():
-            x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"][idx].contiguous(),
-                                 kern["v_ptrs"][idx].contiguous(), self.caches[row_slots[0]])
-            last = [len(slots) - 1]
-            for _, ids in prefills:
-                last.append(last[-1] + len(ids))
-            heads = ([*range(len(slots))] if slots else []) + last[1:]
-            logits = model.lm_head(model.norm(x[heads].view(len(heads), 1, C)))[:, 0]
+        x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"][idx].contiguous(),
+                             kern["v_ptrs"][idx].contiguous(), self.caches[row_slots[0]])
+        heads = [*range(len(slots))]
+        for _, ids in prefills:
+            heads.append((heads[-1] if heads else -1) + len(ids))
         for s in slots:
             self.caches[s].pos += 1
         for s, ids in prefills:
             self.caches[s].pos += len(ids)
-        return (logits[: len(slots)] if slots else None), list(logits[len(slots) :])
+        rows = x if not prefills else x[heads]  # decode rows only: all of x, no gather
+        return model.lm_head(model.norm(rows.view(len(heads), 1, self.config.dim)))[:, 0]
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         """Feed token tokens[i] to the sequence in slots[i] at its next position; logits (B, V), row i for slots[i]."""
-        if len(slots) != len(tokens) or not slots:
-            raise ValueError(f"need one token per slot, got {len(slots)} slots and {len(tokens)} tokens")
-        if len(set(slots)) != len(slots):
-            raise ValueError("a slot appears twice in one step")
-        for s in slots:
-            if s in self._free:
-                raise ValueError(f"slot {s} is not in use")
-            if self.caches[s].pos + 1 > self.max_len:
-                raise ValueError(f"slot {s} is full ({self.max_len} positions)")
+        if not slots:
+            raise ValueError("need at least one slot to step")
+        self._check_rows(slots, tokens, ())
         with torch.inference_mode():
             if self.kernel is not None:
-                return self._step_kernel(slots, tokens)
+                return self._run_rows(slots, tokens, ())
             return self._step_modules(slots, tokens)
 
     def _build_kernel(self):
@@ -174,16 +176,6 @@ class BatchDecoder:
             "k_ptrs": torch.tensor([c.k.data_ptr() for c in self.caches], dtype=torch.int64),
             "v_ptrs": torch.tensor([c.v.data_ptr() for c in self.caches], dtype=torch.int64),
         }  # fmt: skip
-
-    def _step_kernel(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
-        kern, model = self.kernel, self.model
-        idx = torch.tensor(list(slots), dtype=torch.long)
-        pos = torch.tensor([self.caches[s].pos for s in slots], dtype=torch.int64)
-        x = kern["rows"].run(torch.tensor(list(tokens), dtype=torch.long), pos, kern["k_ptrs"][idx].contiguous(),
-                             kern["v_ptrs"][idx].contiguous(), self.caches[slots[0]])
-        for s in slots:
-            self.caches[s].pos += 1
-        return model.lm_head(model.norm(x.view(len(slots), 1, self.config.dim)))[:, 0]  # (B, V)
 
     def _step_modules(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         from spectra.model import apply_rope

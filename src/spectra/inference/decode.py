@@ -78,60 +78,21 @@ class Decoder:
         if reason is not None:
             raise ValueError(f"Decoder cannot run this model: {reason}")
         self.model = model
-        self.config = cfg = model.config
+        self.config = model.config
         self._ext = K.extension()
-        A, G, C = cfg.n_heads * cfg.head_dim, cfg.glu_dim, cfg.dim
-        # Buffers reused by every layer and step (each is consumed before the next layer writes it).
-        self._x = torch.empty(C)  # the residual stream, updated in place layer by layer
-        qkv, gu, o, down, h, att = (torch.empty(n) for n in (3 * A, 2 * G, C, C, C, A))
         self._cos = model.rope_cos.float().contiguous()
         self._sin = model.rope_sin.float().contiguous()
-        self._keep = [qkv, gu, o, down, h, att]  # every tensor whose address the C calls use lives as long as we do
         self._path_id = model.layers[0].self_attn.q_proj._path_id  # one path for all (unsupported_reason checks)
-        self._layers = []
-        for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            w_in, w_post = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-            self._keep += [w_in, w_post]
-            spec = (
-                w_in.data_ptr(),
-                float(layer.input_layernorm.eps),
-                w_post.data_ptr(),
-                float(layer.post_attention_layernorm.eps),
-                self._specs((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
-                self._specs((attn.o_proj,), o)[0],
-                self._specs((mlp.gate_proj, mlp.up_proj), gu),
-                self._specs((mlp.down_proj,), down)[0],
-                h.data_ptr(),
-                att.data_ptr(),
-            )
-            self._layers.append(spec)
+        # One row's scratch and per-layer specs (`Rows`), the layout `decode_layer` takes too: x is the residual
+        # stream, updated in place layer by layer; every other buffer is consumed before the next layer writes it.
+        self._one = Rows(self, 1)
+        self._layers, self._x = self._one.layers, self._one.x[0]
         packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]
         self._packed = packed
         self._version = sum(m.version for m in packed)  # versions only grow: any change raises the sum
         threads = {m.n_threads for m in packed}
         self._threads = threads.pop() if len(threads) == 1 else None
         self._rows: Rows | None = None
-
-    def _specs(self, mods, out: Tensor) -> tuple:
-        """(qs, N, bounds, S, seg_d, y, fmt) per layer, outputs side by side in `out` (see matmul_group)."""
-        specs, offset = [], 0
-        for m in mods:
-            y = out[offset : offset + m.out_features]
-            offset += m.out_features
-            self._keep += [m.qs, m.seg_bounds, m.seg_d]
-            specs.append(
-                (
-                    m.qs.data_ptr(),
-                    m.out_features,
-                    m.seg_bounds.data_ptr(),
-                    m.seg_d.shape[1],
-                    m.seg_d.data_ptr(),
-                    y.data_ptr(),
-                    m._fmt_id,  # TQ2_0 or TQ1_0 code bytes: the C layer reads either
-                )
-            )
-        return tuple(specs)
 
     # ---- several rows per call ---------------------------------------------------------------------------------
     PREFILL_ROWS = 128  # prompt positions per C call in `prefill`
@@ -148,7 +109,7 @@ class Decoder:
         (`Rows`); the logits (1, 1, V) of the last position. Each position's result equals feeding the tokens one at
         a time to `step` (bit for bit), so how a prompt is cut into calls does not change anything. A cache of
         another batch size or dtype, or grad mode, goes to the model's forward, as `__call__` does."""
-        if cache.k.shape[1] != 1 or cache.k.dtype not in (torch.float32, torch.float16) or torch.is_grad_enabled():
+        if not self._takes(cache):
             return self.model(idx, cache=cache)[:, -1:]  # what the C rows do not take: the model's own forward
         ids = idx.reshape(-1).to(torch.long)
         T = len(ids)
@@ -186,14 +147,18 @@ class Decoder:
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
         return self.model.new_cache(batch_size, max_len, dtype)
 
+    @staticmethod
+    def _takes(cache) -> bool:
+        """Whether the C calls run on `cache` (batch 1, float32 or float16, no autograd); else the model does."""
+        return (
+            cache is not None
+            and cache.k.shape[1] == 1
+            and cache.k.dtype in (torch.float32, torch.float16)
+            and not torch.is_grad_enabled()
+        )
+
     def __call__(self, idx: Tensor, cache=None) -> Tensor:
-        if (
-            cache is None
-            or idx.shape != (1, 1)
-            or cache.k.shape[1] != 1
-            or cache.k.dtype not in (torch.float32, torch.float16)
-            or torch.is_grad_enabled()
-        ):
+        if idx.shape != (1, 1) or not self._takes(cache):
             return self.model(idx, cache=cache)
         return self.step(idx, cache)
 

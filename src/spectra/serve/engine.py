@@ -144,7 +144,7 @@ class Engine:
                                    kv_dtype=kv_dtype)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
-        self.max_batch, self.max_queue, self.threads = max_batch, max_queue, threads
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = Metrics()
         self._incoming: list[Request] = []
         self._in_flight = 0

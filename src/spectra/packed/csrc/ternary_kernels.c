@@ -1047,23 +1047,6 @@ static void attend_one(void *ctx, int64_t h) {
     attend_head_scalar(t->q + h * D, kh, vh, t->out + h * D, p, S, D, t->scale, t->half);
 }
 
-/* All heads (threads over heads); returns 0 when a thread could not get room for its scores. Needs no Python. */
-static int attend_run(int path, const float *q, const void *k, const void *v, float *out, int64_t H, int64_t S,
-                      int64_t D, int64_t hs, float scale, int n_threads, int half) {
-    _Atomic int failed = 0;
-    const attend_task_t task = {q, k, v, out, S, D, hs, H, scale, path == PATH_AVX512VNNI && D % 16 == 0, half,
-                                &failed};
-#if defined(SPECTRA_POOL)
-    pool_for(n_threads, H, attend_one, (void *)&task);
-#elif defined(_OPENMP)
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && H > 1)
-    for (int64_t h = 0; h < H; h++) attend_one((void *)&task, h);
-#else
-    for (int64_t h = 0; h < H; h++) attend_one((void *)&task, h);
-#endif
-    return !atomic_load(&failed);
-}
-
 /* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs
  * elements, positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead
  * of one per row. Row b's output goes to outs + b * A. Returns 0 when a thread could not get room for its scores. */
@@ -1101,6 +1084,14 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
     for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
 #endif
     return !atomic_load(&failed);
+}
+
+/* One query per head over S positions: the batch of one row at position S - 1. */
+static int attend_run(int path, const float *q, const void *k, const void *v, float *out, int64_t H, int64_t S,
+                      int64_t D, int64_t hs, float scale, int n_threads, int half) {
+    void *kc = (void *)k, *vc = (void *)v;
+    const int64_t pos = S - 1;
+    return attend_batch_run(path, q, &kc, &vc, &pos, out, 1, H, D, hs, scale, n_threads, half);
 }
 
 /* Rotary embedding of k and the new k / v rows of one position into a cache of float32 or float16 (`half`): head
