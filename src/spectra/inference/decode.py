@@ -229,11 +229,12 @@ class Rows:
             ))  # fmt: skip
 
     def _specs(self, mods, outs) -> tuple:
+        from spectra.packed import kernels as K
+
         out = []
         for m, y in zip(mods, outs):
             self._keep.extend([m.qs, m.seg_bounds, m.seg_d])
-            out.append((m.qs.data_ptr(), m.out_features, m.seg_bounds.data_ptr(), m.seg_d.shape[1],
-                        m.seg_d.data_ptr(), y.data_ptr(), m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
+            out.append(K.group_spec(m.qs, m.seg_bounds, m.seg_d, y, m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
         return tuple(out)
 
     def run(self, tokens: Tensor, pos: Tensor, k_ptrs: Tensor, v_ptrs: Tensor, cache_like) -> Tensor:

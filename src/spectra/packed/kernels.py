@@ -221,6 +221,13 @@ def ternary_matmul(
     return y
 
 
+def group_spec(qs: Tensor, bounds: Tensor, seg_d: Tensor, y: Tensor, fmt_id: int) -> tuple:
+    """One matrix as the C group calls take it (`matmul_group`, `decode_layer`, `decode_layer_batch`):
+    (qs, N, bounds, S, seg_d, y, fmt) with addresses for the tensors; y receives x Wᵀ. The caller keeps the tensors
+    alive for as long as the spec is used."""
+    return (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr(), fmt_id)
+
+
 def ternary_matmul_group(
     x: Tensor,
     operands: Sequence[tuple],
@@ -240,18 +247,7 @@ def ternary_matmul_group(
     if path == "torch":
         return [reference_matmul(x, *op) for op in ops]
     ys = [torch.empty(x.shape[0], op[0].shape[0], dtype=torch.float32) for op in ops]
-    specs = tuple(
-        (
-            qs.data_ptr(),
-            qs.shape[0],
-            bounds.data_ptr(),
-            bounds.numel() - 1,
-            seg_d.data_ptr(),
-            y.data_ptr(),
-            FORMAT_IDS[fmt],
-        )
-        for (qs, bounds, seg_d, fmt), y in zip(ops, ys)
-    )
+    specs = tuple(group_spec(qs, bounds, seg_d, y, FORMAT_IDS[fmt]) for (qs, bounds, seg_d, fmt), y in zip(ops, ys))
     extension().matmul_group(
         _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or torch.get_num_threads(), specs
     )
