@@ -328,6 +328,33 @@ def test_tp2_x_fsdp2_on_4_processes_matches_one_process(files, tmp_path):
 # ---- failures on one rank ----------------------------------------------------------------------------------------
 
 
+def _torchrun_train(cfg: Path, out: Path, env: dict) -> subprocess.Popen:
+    """`spectra train --config cfg --out out` on 2 torchrun workers, stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "spectra", "train", "--config", str(cfg), "--out", str(out), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_rank1_when(proc: subprocess.Popen, path: Path, sig: int, wait_s: float) -> tuple[str, float]:
+    """Once `path` exists (within 240 s) while the run goes on, send `sig` to its rank 1 and wait up to `wait_s` for
+    the run to end: (its stderr, seconds from the signal to its end). The run is killed if still going after."""
+    import time
+
+    try:
+        rank1 = _rank_pid(proc.pid, 1)
+        deadline = time.time() + 240
+        while not path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert path.exists() and proc.poll() is None, f"the run ended before {path.name}"
+        os.kill(rank1, sig)
+        sent = time.time()
+        _, err = proc.communicate(timeout=wait_s)
+        return err, time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
     """The pid of torchrun worker `rank`: a child of the torchrun process `parent` whose environment has RANK=rank."""
     import time
@@ -355,7 +382,6 @@ def test_sigkill_on_one_rank_fails_every_rank_then_resumes(files, tmp_path):
     the whole run (rank 0, blocked in a collective with the dead rank, included) exits with an error well within
     the timeout, without a final model, and `--resume` on 2 ranks reproduces the uninterrupted run's losses."""
     import signal
-    import time
 
     cfg = run_file(files, tmp_path / "run.toml", tokens=256 * 40, ckpt_every_tokens=256 * 5, ckpt_keep=2,
                    parallel="fsdp")
@@ -363,23 +389,9 @@ def test_sigkill_on_one_rank_fails_every_rank_then_resumes(files, tmp_path):
     root = files[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECTRA_CACHE": str(root / "cache")}
     cut = tmp_path / "cut"
-    victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "spectra", "train", "--config", str(cfg), "--out", str(cut), "--no-progress"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        rank1 = _rank_pid(victim.pid, 1)
-        ck = cut / "checkpoints" / "step_00000010"
-        deadline = time.time() + 240
-        while not ck.exists() and victim.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert ck.exists() and victim.poll() is None, "the run ended before the kill"
-        os.kill(rank1, signal.SIGKILL)
-        killed_at = time.time()
-        _, err = victim.communicate(timeout=120)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    assert victim.returncode != 0 and time.time() - killed_at < 120
+    victim = _torchrun_train(cfg, cut, env)
+    err, after = _signal_rank1_when(victim, cut / "checkpoints" / "step_00000010", signal.SIGKILL, 120)
+    assert victim.returncode != 0 and after < 120
     assert "SIGKILL" in err, err[-3000:]
     assert not (cut / "final").exists() and not (cut / "result.json").exists()
     spectra_train(files, 2, ["--config", str(cfg), "--out", str(cut), "--resume"])
@@ -433,27 +445,13 @@ def test_stopped_rank_fails_the_run_after_the_collective_timeout(files, tmp_path
     """Rank 1 is frozen (SIGSTOP: alive, silent) after the step-2 checkpoint. Rank 0 waits in its next collective
     for SPECTRA_DIST_TIMEOUT (10 s here), fails with a timeout error, and torchrun ends the run: no hang."""
     import signal
-    import time
 
     cfg = run_file(files, tmp_path / "run.toml", tokens=256 * 200, ckpt_every_tokens=256 * 2, ckpt_keep=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPECTRA_CACHE": str(files[0] / "cache"), "SPECTRA_DIST_TIMEOUT": "10"}
     run = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "spectra", "train", "--config", str(cfg), "--out", str(run), "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        rank1 = _rank_pid(proc.pid, 1)
-        deadline = time.time() + 240
-        while not (run / "checkpoints" / "step_00000002").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before the stop"
-        os.kill(rank1, signal.SIGSTOP)
-        stopped_at = time.time()
-        _, err = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0 and time.time() - stopped_at < 150
+    proc = _torchrun_train(cfg, run, env)
+    err, after = _signal_rank1_when(proc, run / "checkpoints" / "step_00000002", signal.SIGSTOP, 150)
+    assert proc.returncode != 0 and after < 150
     assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
     assert not (run / "final").exists()
 
