@@ -37,7 +37,12 @@ over the world/tp data-parallel groups. `memory_limit_gb` refuses a run whose pl
 
 Measuring on CPU (`peak_rss`): torch's CPU allocator keeps no statistics and tracemalloc sees only Python's own
 allocations, not tensors, so the measured peak is the process's resident-set high-water mark (Linux `VmHWM`), reset
-when training starts (`reset_peak`, /proc/self/clear_refs) and taken relative to the resident set at that moment.
+when training starts (`reset_peak`, /proc/self/clear_refs) and taken relative to the resident set at that moment,
+less the growth of its file-backed pages (`RssFile`: library code and mapped files touched for the first time during
+training). Those pages are not memory the run allocates, and how many of them one first touch maps depends on the
+page cache (fault-around maps the cached neighbours), so a fresh install measured up to ~20 MB more than a warm one
+for the same run; the plan leaves them out. File-backed pages only grow in a run (nothing here unmaps a library), so
+their growth at the end is their growth at the peak, up to pages the kernel reclaimed under pressure.
 """
 
 from __future__ import annotations
@@ -192,20 +197,32 @@ def _status(key: str) -> int | None:
     return None
 
 
-def reset_peak() -> int | None:
-    """Reset the resident-set high-water mark; returns the resident set now (bytes), None where Linux's /proc is
-    missing."""
+@dataclass(frozen=True)
+class RssMark:
+    """The resident set when the peak was reset: all of it and its file-backed part (bytes)."""
+
+    rss: int
+    file: int
+
+
+def reset_peak() -> RssMark | None:
+    """Reset the resident-set high-water mark; returns the resident set now, None where Linux's /proc is missing."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         return None
-    return _status("VmRSS")
+    rss, file = _status("VmRSS"), _status("RssFile")
+    return None if rss is None or file is None else RssMark(rss, file)
 
 
-def peak_rss() -> int | None:
-    """The resident-set high-water mark since the last `reset_peak` (bytes), None without /proc."""
-    return _status("VmHWM")
+def peak_rss(mark: RssMark) -> int | None:
+    """The bytes the process held at its resident-set high-water mark since `reset_peak` returned `mark`, above the
+    resident set then, less the growth of its file-backed pages (see the module docstring); None without /proc."""
+    hwm, file = _status("VmHWM"), _status("RssFile")
+    if hwm is None or file is None:
+        return None
+    return hwm - mark.rss - max(0, file - mark.file)
 
 
-__all__ = ["MemoryPlan", "check", "device_memory", "peak_rss", "plan", "reset_peak"]
+__all__ = ["MemoryPlan", "RssMark", "check", "device_memory", "peak_rss", "plan", "reset_peak"]

@@ -539,7 +539,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         if loggers is not None:
             loggers.close()
 
-    peak = memory.peak_rss() if rss_base is not None else None  # training's peak, before the final export
+    peak = memory.peak_rss(rss_base) if rss_base is not None else None  # training's peak, before the final export
     if start_step >= total_steps:  # resumed a finished run: nothing to train, report the checkpoint
         val_loss = evaluate()
     wall = time.perf_counter() - t_start
@@ -548,7 +548,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
               "skipped_steps": skipped, "run_dir": str(run_dir), "memory_plan_bytes": plan.total}
     if peak is not None:  # measured: resident-set peak of every rank
         mine = [0.0] * info.world
-        mine[info.rank] = float(peak - rss_base)
+        mine[info.rank] = float(peak)
         result["peak_memory_bytes"] = [int(x) for x in dist.all_reduce_sum(mine, info)]
     whole = raw
     if sharded_params:  # the export: the latent weights gathered once, to rank 0 (optimizer state stays sharded)
