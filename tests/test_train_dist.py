@@ -3,7 +3,8 @@ distributed checkpoints across world sizes, failures on one rank. Multi-process 
 
 Measuring memory: torch's CPU allocator keeps no statistics, so a run's peak is its resident-set high-water mark
 less the library pages it first touched (`spectra.train.memory.peak_rss`; counting those pages made the same run
-measure ~17 MB more in CI's fresh venv than here, which failed the 25 % check at 192 wide on 2026-12-02). The runs here set MALLOC_MMAP_THRESHOLD_ (glibc) so that every block of 64 KiB
+measure ~17 MB more in CI's fresh venv than here, which failed the 25 % check at 192 wide on 2026-12-02).
+The runs here set MALLOC_MMAP_THRESHOLD_ (glibc) so that every block of 64 KiB
 or more gets its own mapping and is returned at free, and turn train.reuse_heap off: the resident set then follows
 the live tensors, which is what the plan estimates (with reuse_heap the process keeps freed memory, by design).
 """
