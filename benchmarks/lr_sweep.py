@@ -9,12 +9,14 @@ command that made it go to a Markdown file (docs/lr-sweep-PRESET.md) so the pres
 
 A shorter budget than the preset's favours larger rates a little (less time to pay for the noise); the table gives
 the loss at every rate so the choice can be read, not just the winner. TriLM's rate after the drop is 2/3 of its
-peak (spec.LR2_RATIO).
+peak (spec.LR2_RATIO). With --work, runs finished by an earlier sweep are read back (their result.json) and a run
+killed part-way resumes, so a sweep can be widened with more rates or split over processes and joined by one last call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -59,9 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         over.update(lr=lr, tokens=args.tokens, data=spec.data, tokenizer=tokenizer, seed=args.seed)
         if spec.family_of(fam) == "trilm":
             over["lr2"] = lr * LR2_RATIO
-        t0 = time.perf_counter()
-        res = train(cfg, TrainConfig.from_dict(over), out_dir=work / f"{fam}-{size}-lr{lr:g}", progress=False)
-        results.append((size, fam, lr, res["val_loss"], res["steps"], time.perf_counter() - t0))
+        run_dir = work / f"{fam}-{size}-lr{lr:g}"
+        done = run_dir / "result.json"
+        if done.exists():  # finished in an earlier sweep with the same --work: its result and its training time
+            res = json.loads(done.read_text())
+        else:  # new, or killed part-way: resume from its last checkpoint (none: from scratch)
+            t0 = time.perf_counter()
+            res = train(cfg, TrainConfig.from_dict(over), out_dir=run_dir, resume=run_dir.exists(), progress=False)
+            res["wall_time"] = time.perf_counter() - t0
+        results.append((size, fam, lr, res["val_loss"], res["steps"], res["wall_time"]))
         tqdm.write(f"{fam}-{size} lr {lr:g}: val_loss {res['val_loss']:.4f} ({res['steps']} steps)")
     best = {}
     for size, fam, lr, loss, _, _ in results:
