@@ -67,23 +67,30 @@ def _by_check(checks):
 
 
 def test_size_checks_hold_only_when_the_seed_interval_excludes_zero():
-    """Two seeds per model, seed variance pooled over the 6 latent groups (6 df, t = 2.447)."""
+    """Two seeds per model, seeds as blocks over the 6 latent groups: residual variance on (6 − 1)(2 − 1) = 5 df."""
     fl = {"a": (5.00, 5.02), "b": (4.70, 4.72), "c": (4.50, 4.52)}
     tl = {"a": (5.30, 5.32), "b": (4.90, 4.92), "c": (4.80, 4.78)}
     params = {"a": 10, "b": 20, "c": 40}
     rows = [_row(k, s, params[s], v, seed=i) for k, d in (("floatlm", fl), ("trilm", tl))
             for s, vals in d.items() for i, v in enumerate(vals)]
     checks = _by_check(study_checks(rows))
-    s = math.sqrt(0.0002)  # every pair differs by 0.02: within-group variance 0.0002, pooled over 6 df
-    half = 2.4469118511449692 * s * math.sqrt(1 / 2 + 1 / 2)
+    # restated: with 2 seeds the residuals are ±(d_g − mean d)/2 for each group's seed difference d_g (five of
+    # +0.02, one of −0.02), so SS = Σ (d_g − mean d)² / 2 on 5 df
+    d = np.array([0.02] * 5 + [-0.02])
+    s = math.sqrt(((d - d.mean()) ** 2).sum() / 2 / 5)
+    t5 = 2.5705818366147395  # scipy.stats.t.ppf(0.975, 5)
     c = checks["FloatLM improves with size"]
-    assert c["verdict"] == "holds" and c["test"] == "t with seed variance pooled over 6 df"
-    assert c["estimate"] == pytest.approx(0.20) and c["hi"] - c["estimate"] == pytest.approx(half, rel=1e-9)
+    assert c["verdict"] == "holds" and c["test"] == "t with seeds as blocks, residual variance over 5 df"
+    assert c["estimate"] == pytest.approx(0.20) and c["hi"] - c["estimate"] == pytest.approx(t5 * s, rel=1e-9)
     gap = checks["TriLM − FloatLM gap at c"]
     assert gap["verdict"] == "holds" and gap["estimate"] == pytest.approx(0.28)
-    shrink = checks["TriLM − FloatLM gap shrinks with size"]  # 0.30 at a, 0.28 at c: 0.02 ± 0.049, unresolved
+    shrink = checks["TriLM − FloatLM gap shrinks with size"]  # 0.30 at a, 0.28 at c: 0.02 ± 0.042, unresolved
     assert shrink["verdict"] == "not resolved" and shrink["estimate"] == pytest.approx(0.02)
-    assert shrink["hi"] - shrink["estimate"] == pytest.approx(2.4469118511449692 * s * math.sqrt(4 / 2), rel=1e-9)
+    assert shrink["hi"] - shrink["estimate"] == pytest.approx(t5 * s * math.sqrt(4 / 2), rel=1e-9)
+    # a model that lacks one of the study's seeds: its comparisons fall back to the pooled seed variance (5 df)
+    gappy = [r for r in rows if not (r["kind"] == "trilm" and r["size"] == "c" and r["seed"] == 1)]
+    c = _by_check(study_checks(gappy))["TriLM − FloatLM gap at c"]
+    assert c["test"] == "t with seed variance pooled over 5 df"
     # TriLM ahead of FloatLM, and further ahead with size: the gap "falls" but no deficit closes
     ahead = [r | {"val_loss": r["val_loss"] - (0.4 if r["kind"] == "trilm" else 0)
                   - (0.3 if r["kind"] == "trilm" and r["size"] == "c" else 0)} for r in rows]

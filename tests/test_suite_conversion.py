@@ -288,11 +288,12 @@ def test_verdicts_on_planted_numbers():
     assert verdicts[("worse − scratch", "same trilm token budget")] == "does not hold"
     assert verdicts[("close − scratch", "same trilm token budget")] == "not resolved"
     assert verdicts[("converted − long", "same total tokens")] == "does not hold"
-    # the seed interval restated: pooled variance over all six arms, t on their 12 degrees of freedom
-    groups = [np.asarray(v) for v in losses.values()]
-    ss = sum(float(((g - g.mean()) ** 2).sum()) for g in groups)
-    df = sum(len(g) - 1 for g in groups)
-    se = math.sqrt(ss / df * (1 / 3 + 1 / 3))
+    # the seed interval restated: seeds as blocks over all six arms (an arm and its init share the seed), the
+    # residual variance of arm + seed effects on (6 − 1)(3 − 1) = 10 degrees of freedom
+    y = np.asarray(list(losses.values()))
+    r = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + y.mean()
+    df = (y.shape[0] - 1) * (y.shape[1] - 1)
+    se = math.sqrt(float((r * r).sum()) / df * (1 / 3 + 1 / 3))
     half = scipy_stats.t.ppf(0.975, df) * se
     c = got[("converted − scratch", "same trilm token budget")]["seed"]
     assert c["estimate"] == pytest.approx(-0.30) and c["hi"] - c["estimate"] == pytest.approx(half, rel=1e-9)

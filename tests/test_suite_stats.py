@@ -113,6 +113,47 @@ def test_contrast_pooled_over_other_groups_restated_by_least_squares():
     assert iv.hi - iv.estimate == pytest.approx(scipy_stats.t.ppf(0.975, df) * se, rel=1e-9)
 
 
+def test_blocked_contrast_of_two_groups_is_the_paired_t_test_over_seeds():
+    """Two models trained on the same seeds, seeds as blocks: exactly scipy's paired t-test on the seed pairs."""
+    a = {0: 3.30, 1: 3.41, 2: 3.28}
+    b = {0: 3.10, 1: 3.19, 2: 3.11}
+    iv = stats.blocked_contrast([a, b], [1, -1], [a, b])
+    res = scipy_stats.ttest_rel(list(a.values()), list(b.values()))
+    ci = res.confidence_interval(0.95)
+    assert iv.estimate / iv.se == pytest.approx(res.statistic, rel=1e-10)
+    assert (iv.lo, iv.hi) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert iv.df == 2 and "seeds as blocks" in iv.test
+
+
+def test_block_variance_restated_by_least_squares_with_seed_indicators():
+    """The residual variance of y = group + seed effects (two-way ANOVA, no interaction), restated as a least-squares
+    fit on group and seed indicators; a group without every seed is left out of it."""
+    rng = np.random.default_rng(3)
+    G, B = 5, 3
+    y = rng.normal(4.0, 0.3, (G, 1)) + rng.normal(0, 0.2, (1, B)) + rng.normal(0, 0.02, (G, B))
+    table = [{b: float(y[g, b]) for b in range(B)} for g in range(G)]
+    X = np.zeros((G * B, G + B - 1))
+    for g in range(G):
+        for b in range(B):
+            X[g * B + b, g] = 1
+            if b:
+                X[g * B + b, G + b - 1] = 1
+    _, sse, *_ = np.linalg.lstsq(X, y.reshape(-1), rcond=None)
+    df = G * B - (G + B - 1)
+    s2, got_df = stats.block_variance(table + [{0: 9.0, 1: 9.5}])  # the incomplete group is left out
+    assert got_df == df == (G - 1) * (B - 1) and s2 == pytest.approx(float(sse[0]) / df, rel=1e-10)
+    iv = stats.blocked_contrast(table[:2], [1, -1], table)
+    se = math.sqrt(s2 * 2 / B)
+    assert iv.estimate == pytest.approx(y[0].mean() - y[1].mean(), rel=1e-12) and iv.se == pytest.approx(se)
+    assert iv.hi - iv.estimate == pytest.approx(scipy_stats.t.ppf(0.975, df) * se, rel=1e-9)
+    # the shared seed effects (sd 0.2) are out of it: the pooled interval of the same contrast is far wider
+    pooled = stats.contrast([list(g.values()) for g in table[:2]], [1, -1], pool=[list(g.values()) for g in table])
+    assert pooled.se > 3 * iv.se
+    # a group missing a seed, or weights that do not sum to zero: the pooled contrast
+    assert stats.blocked_contrast([table[0], {0: 4.0, 1: 4.1}], [1, -1], table).test.startswith("t with seed variance")
+    assert stats.blocked_contrast([table[0]], [1], table).test.startswith("t with seed variance pooled")
+
+
 def test_verdict_holds_only_when_the_interval_excludes_zero_in_the_stated_direction():
     def iv(lo, hi):
         return stats.Interval((lo + hi) / 2, lo, hi, 1.0, 10, 9, "test")

@@ -4,8 +4,10 @@ Each check is a finding stated with a direction, the interval that tests it, and
 95 % interval excludes zero in the stated direction, "does not hold" when it excludes zero the other way, "not
 resolved" otherwise. Every check names its test and its numbers.
 
-Between separately trained models (sizes, families, variants) the unit is the seed: group means with the seed
-variance pooled over every latent model of the run (`stats.contrast`). Between a model and one made from it
+Between separately trained models (sizes, families, variants) the unit is the seed: group means compared with seeds
+as blocks (a seed fixes the data order of every model and the initial weights of one shape; `stats.blocked_contrast`,
+residual variance over every latent model of the run), or, where a group lacks some of the study's seeds, with the
+seed variance pooled over every latent model (`stats.contrast`). Between a model and one made from it
 (QuantLM vs its FloatLM, packed vs latent) the unit is the held-out window: a paired interval over the windows both
 were scored on (`stats.paired_difference`), with each window's NLL averaged over the seeds first, so the interval is
 for the seed-averaged models on this held-out text.
@@ -35,22 +37,39 @@ from spectra.suite.stats import Interval
 LATENT_KINDS = ("floatlm", "trilm")
 
 
-def seed_groups(rows: list[dict[str, Any]], metric: str = "val_loss", **match: Any) -> dict[str, list[float]]:
-    """Values of `metric` (one per seed) by size, in order of parameter count, for rows matching every field."""
-    by_size: dict[str, tuple[int, list[float]]] = {}
+def seed_values(rows: list[dict[str, Any]], metric: str = "val_loss", **match: Any) -> dict[str, dict[int, float]]:
+    """Values of `metric` by size (in order of parameter count) and seed, for rows matching every field."""
+    by_size: dict[str, tuple[int, dict[int, float]]] = {}
     for r in rows:
         if r.get(metric) is not None and all(r.get(k) == v for k, v in match.items()):
-            by_size.setdefault(r["size"], (r["params"], []))[1].append(float(r[metric]))
-    return {s: v for s, (_, v) in sorted(by_size.items(), key=lambda kv: kv[1][0])}
+            by_size.setdefault(r["size"], (r["params"], {}))[1][r.get("seed", 0)] = float(r[metric])
+    return {s: dict(sorted(v.items())) for s, (_, v) in sorted(by_size.items(), key=lambda kv: kv[1][0])}
+
+
+def seed_groups(rows: list[dict[str, Any]], metric: str = "val_loss", **match: Any) -> dict[str, list[float]]:
+    """Values of `metric` (one per seed, in seed order) by size, in order of parameter count."""
+    return {s: list(v.values()) for s, v in seed_values(rows, metric, **match).items()}
+
+
+def block_table(rows: list[dict[str, Any]], metric: str = "val_loss") -> list[dict[int, float]]:
+    """Every latent model's values by seed (one group per series and size): the study's table for the seed
+    variance, pooled (`pool_of`) or with seeds as blocks (`between`)."""
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r["kind"] in LATENT_KINDS and r.get(metric) is not None:
+            groups.setdefault((r["series"], r["size"]), {})[r.get("seed", 0)] = float(r[metric])
+    return list(groups.values())
 
 
 def pool_of(rows: list[dict[str, Any]], metric: str = "val_loss") -> list[list[float]]:
     """Every latent model's seed values (one group per series and size): the pool for the seed variance."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        if r["kind"] in LATENT_KINDS and r.get(metric) is not None:
-            groups.setdefault((r["series"], r["size"]), []).append(float(r[metric]))
-    return list(groups.values())
+    return [list(g.values()) for g in block_table(rows, metric)]
+
+
+def between(table: list[dict[int, float]], groups: list[dict[int, float]], weights: list[float]) -> Interval:
+    """A contrast between separately trained models: seeds as blocks when every group has the study's seeds
+    (`stats.blocked_contrast`), else the pooled seed variance."""
+    return stats.blocked_contrast(groups, weights, table)
 
 
 def _check(name: str, verdict: str, interval: Interval | None, detail: str, direction: str) -> dict[str, Any]:
@@ -101,36 +120,40 @@ def _names(rows: list[dict[str, Any]], **match: Any) -> list[str]:
 def size_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each latent series improves with size; the TriLM − FloatLM gap per size, and whether it shrinks."""
     out = []
-    pool = pool_of(rows)
+    table = block_table(rows)
     for label in sorted({r["series"] for r in rows if r["kind"] in LATENT_KINDS},
                         key=lambda s: (s not in ("FloatLM", "TriLM"), s)):
-        groups = seed_groups(rows, series=label)
+        groups = seed_values(rows, series=label)
         if len(groups) < 2:
             continue
         sizes = list(groups)
         parts, verdicts = [], []
         for s0, s1 in zip(sizes, sizes[1:]):
-            iv = stats.contrast([groups[s0], groups[s1]], [1, -1], pool=pool)
+            iv = between(table, [groups[s0], groups[s1]], [1, -1])
             verdicts.append(stats.verdict(iv, +1))
             parts.append((s0, s1, iv))
         worst = min(parts, key=lambda p: p[2].lo)[2]
         detail = "; ".join(f"{s0}→{s1} {iv.text()}" for s0, s1, iv in parts)
-        losses = ", ".join(f"{s} {np.mean(v):.4f} (n={len(v)})" for s, v in groups.items())
+        losses = ", ".join(f"{s} {np.mean(list(v.values())):.4f} (n={len(v)})" for s, v in groups.items())
         out.append(_check(f"{label} improves with size", stats.combine(verdicts), worst,
                           f"loss drop per step {detail}; mean losses {losses}", "L(smaller) − L(larger) > 0"))
-    fl, tl = seed_groups(rows, series="FloatLM"), seed_groups(rows, series="TriLM")
+    fl, tl = seed_values(rows, series="FloatLM"), seed_values(rows, series="TriLM")
     common = [s for s in tl if s in fl]
+
+    def mean(g: dict[int, float]) -> float:
+        return float(np.mean(list(g.values())))
+
     for s in common:
-        iv = stats.contrast([tl[s], fl[s]], [1, -1], pool=pool)
+        iv = between(table, [tl[s], fl[s]], [1, -1])
         out.append(_check(f"TriLM − FloatLM gap at {s}", stats.verdict(iv, +1), iv,
-                          f"TriLM {np.mean(tl[s]):.4f} (n={len(tl[s])}), FloatLM {np.mean(fl[s]):.4f} "
+                          f"TriLM {mean(tl[s]):.4f} (n={len(tl[s])}), FloatLM {mean(fl[s]):.4f} "
                           f"(n={len(fl[s])})", "L_TriLM − L_FloatLM > 0"))
     if len(common) >= 2:
         a, b = common[0], common[-1]
-        iv = stats.contrast([tl[a], fl[a], tl[b], fl[b]], [1, -1, -1, 1], pool=pool)
-        gaps = ", ".join(f"{s} {np.mean(tl[s]) - np.mean(fl[s]):+.4f}" for s in common)
+        iv = between(table, [tl[a], fl[a], tl[b], fl[b]], [1, -1, -1, 1])
+        gaps = ", ".join(f"{s} {mean(tl[s]) - mean(fl[s]):+.4f}" for s in common)
         # the paper's trend is a TriLM deficit that closes: it needs TriLM behind FloatLM at the smallest size first
-        premise = stats.verdict(stats.contrast([tl[a], fl[a]], [1, -1], pool=pool), +1)
+        premise = stats.verdict(between(table, [tl[a], fl[a]], [1, -1]), +1)
         v = stats.verdict(iv, +1) if premise == stats.HOLDS else premise
         note = "" if premise == stats.HOLDS else f"; premise 'TriLM worse than FloatLM at {a}': {premise}"
         out.append(_check("TriLM − FloatLM gap shrinks with size", v, iv,

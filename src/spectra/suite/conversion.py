@@ -10,8 +10,8 @@ every arm S of the same base family that starts from random weights, the report 
 (as many: to within 1 %, since each run rounds its budget up to whole optimizer steps),
 
 with the claim L_C − L_S < 0 (C reaches the lower validation loss). The two are separately trained models, so, as in
-`spectra.suite.checks`, the unit is the seed: the difference of seed means with the seed variance pooled over every
-latent model of the run (`stats.contrast`), and its verdict is the suite's: holds when the 95 % interval lies below
+`spectra.suite.checks`, the unit is the seed: the difference of seed means with seeds as blocks (`checks.between`;
+an arm and its init share the seed), and its verdict is the suite's: holds when the 95 % interval lies below
 0, does not hold when it lies above, not resolved otherwise. The paired interval over the held-out windows both were
 scored on (NLL averaged over seeds, `checks.paired`) is shown beside it: it measures the held-out text's variability
 for these trained models, not training's, so it does not decide the verdict.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import spectra.suite.stats as stats
-from spectra.suite.checks import _names, paired, pool_of, seed_groups
+from spectra.suite.checks import _names, between, block_table, paired, pool_of, seed_values
 
 SAME_BUDGET, SAME_TOTAL = "same {family} token budget", "same total tokens"
 
@@ -47,7 +47,8 @@ def arms(records: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> list
         for size in dict.fromkeys(r["model"]["size"] for r in recs):
             mine = [r for r in recs if r["model"]["size"] == size]
             comp = [r["metrics"]["compute"] for r in mine]
-            losses = seed_groups(rows, series=_series(rows, label), size=size).get(size, [])
+            by_seed = seed_values(rows, series=_series(rows, label), size=size).get(size, {})
+            losses = list(by_seed.values())
             iv = stats.contrast([losses], [1], pool=pool) if losses else None
             out.append({
                 "arm": label, "size": size, "base_family": mine[0]["model"]["base_family"],
@@ -56,7 +57,7 @@ def arms(records: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> list
                 "total_tokens": float(np.mean([c["total_tokens"] for c in comp])),
                 "total_flops": float(np.mean([c["total_flops"] for c in comp])),
                 "tokens_per_s": float(np.mean([r["metrics"].get("tokens_per_s", np.nan) for r in mine])),
-                "seeds": len(losses), "losses": losses,
+                "seeds": len(losses), "losses": losses, "by_seed": by_seed,
                 "mean": iv.estimate if iv else None, "half_width": (iv.hi - iv.estimate) if iv else None,
                 "sd": float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
             })
@@ -77,7 +78,7 @@ def comparisons(table: list[dict[str, Any]], rows: list[dict[str, Any]],
                 seqs: dict[str, tuple[list[float], list[int]]]) -> list[dict[str, Any]]:
     """Every arm started from another run against every from-scratch arm of its family at the same own or total
     token budget (module docstring), with the seed interval, its verdict and the paired interval."""
-    pool = pool_of(rows)
+    seeds = block_table(rows)
     out = []
     for c in table:
         if not c["init"] or not c["losses"]:
@@ -93,7 +94,7 @@ def comparisons(table: list[dict[str, Any]], rows: list[dict[str, Any]],
                 basis = SAME_TOTAL
             else:
                 continue
-            iv = stats.contrast([c["losses"], s["losses"]], [1, -1], pool=pool)
+            iv = between(seeds, [c["by_seed"], s["by_seed"]], [1, -1])
             kind = c["base_family"]
             pair = paired(seqs, _names(rows, family=c["arm"], size=c["size"], kind=kind),
                           _names(rows, family=s["arm"], size=s["size"], kind=kind))

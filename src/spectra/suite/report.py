@@ -20,7 +20,16 @@ import numpy as np
 
 import spectra.suite.conversion as conversion
 from spectra.files import atomic_file, write_json
-from spectra.suite.checks import findings, pool_of, quant_costs, seed_groups, study_checks
+from spectra.suite.checks import (
+    between,
+    block_table,
+    findings,
+    pool_of,
+    quant_costs,
+    seed_groups,
+    seed_values,
+    study_checks,
+)
 from spectra.suite.records import read_records
 from spectra.suite.scaling import PAPER_FITS, fit_power_law, pareto_front
 from spectra.suite.stats import contrast, interval_text
@@ -273,7 +282,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             ),
             "A finding holds only when its 95 % interval excludes zero in the claimed direction; it does not hold "
             "when the interval excludes zero the other way; otherwise it is not resolved. Between separately "
-            "trained models the unit is the seed (t with the seed variance pooled over all latent models); a "
+            "trained models the unit is the seed (t with seeds as blocks, or the seed variance pooled over all "
+            "latent models where a model lacks some seeds: see each check's test); a "
             "QuantLM or packed model is compared with its own base on the same held-out windows (paired t).",
         )
     conv_arms = conversion.arms(records, rows)
@@ -318,23 +328,24 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         )
     variants = sorted({g["series"] for g in by_model if g["kind"] in ("floatlm", "trilm")} - {"FloatLM"})
     if any(v != "TriLM" for v in variants):
-        pool = pool_of(rows)
+        table = block_table(rows)
         comp_rows = []
         for base in ("FloatLM", "TriLM"):
-            ref = seed_groups(rows, series=base)
+            ref = seed_values(rows, series=base)
             for label in variants:
                 if label == base:
                     continue
-                for size, values in seed_groups(rows, series=label).items():
+                for size, values in seed_values(rows, series=label).items():
                     if size in ref:
-                        iv = contrast([values, ref[size]], [1, -1], pool=pool)
+                        iv = between(table, [values, ref[size]], [1, -1])
                         comp_rows.append([f"{label} − {base}", size, len(values), len(ref[size]), iv.text(),
                                           "lower" if iv.hi < 0 else "higher" if iv.lo > 0 else "not resolved"])
         add(
             "Variants compared",
             _table(["comparison", "size", "seeds", "base seeds", "Δ loss [95 %]", "variant's loss"], comp_rows),
-            "Difference of mean validation loss over seeds, t-interval with the seed variance pooled over all latent "
-            "models.",
+            "Difference of mean validation loss over seeds, t-interval with seeds as blocks (a seed fixes the data "
+            "order of every model; residual variance over all latent models), or the seed variance pooled over them "
+            "where a model lacks some seeds.",
         )
     add(
         "Models, one row per seed",

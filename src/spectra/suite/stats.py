@@ -27,6 +27,16 @@ Two kinds of comparison, two kinds of interval (95 % unless stated):
   across the groups pooled (sizes and families of one study); with 2 seeds per group it is what makes an interval
   usable at all (t_{0.975,1} = 12.7, but t_{0.975,6} = 2.45).
 
+* **Seeds as blocks** (`block_variance`, `blocked_contrast`). In a study a seed fixes the order of the training data
+  for every model and the initial weights of models of one shape, so seed k's models share part of their luck. With
+  every group trained on the same seeds b = 1..B, the additive model y_gb = μ_g + β_b + ε_gb (a randomised complete
+  block design) takes the seed effect β out of every contrast (Σ_g c_g = 0), and its residual variance
+
+      s² = Σ_g Σ_b (y_gb − ȳ_g − ȳ_b + ȳ)² / ((G − 1)(B − 1)),     se² = s² · Σ_g c_g² / B,
+
+  over the G groups of the study (two-way ANOVA without interaction). It is never larger than the pooled s² by more
+  than the ratio of degrees of freedom, and much smaller when the seeds' shared effects are large.
+
 A finding "holds" only when its interval excludes zero in the stated direction, "does not hold" when it excludes
 zero in the opposite direction, and is "not resolved" otherwise (`verdict`). A claim of no difference ("8-bit ≈
 float") is an equivalence test (`equivalence`): it holds when the whole interval lies inside ±margin, where the
@@ -39,7 +49,7 @@ function, F(t) = 1 − ½ I_{ν/(ν+t²)}(ν/2, ½) for t ≥ 0, evaluated by it
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -228,6 +238,39 @@ def contrast(groups: Sequence[Sequence[float]], weights: Sequence[float], *,
     se = math.sqrt(s2 * sum(c * c / len(g) for g, c in zip(groups, weights, strict=True))) if df else math.inf
     n = sum(len(g) for g in groups)
     return _t_interval(est, se, df, n, f"t with seed variance pooled over {df} df", level)
+
+
+def block_variance(table: Sequence[Mapping[Any, float]]) -> tuple[float, int]:
+    """(s², degrees of freedom) of the residuals of y_gb = μ_g + β_b + ε over the groups of `table` (each a mapping
+    block -> value) that hold every block of the table (groups missing one are left out); (nan, 0) with fewer than
+    2 such groups or blocks."""
+    blocks = sorted(set().union(*table), key=str)
+    rows = [g for g in table if all(b in g for b in blocks)]
+    if len(rows) < 2 or len(blocks) < 2:
+        return math.nan, 0
+    y = np.array([[float(g[b]) for b in blocks] for g in rows], dtype=np.float64)
+    r = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + y.mean()
+    df = (y.shape[0] - 1) * (y.shape[1] - 1)
+    return float((r * r).sum() / df), df
+
+
+def blocked_contrast(groups: Sequence[Mapping[Any, float]], weights: Sequence[float],
+                     table: Sequence[Mapping[Any, float]], *, level: float = LEVEL) -> Interval:
+    """Σ_g c_g · mean(groups[g]) with seeds as blocks (module docstring): `groups` map seed -> value, `table` is every
+    group of the study. Falls back to `contrast` with the pooled variance of `table` unless the weights sum to zero
+    and every group holds every seed of `table`."""
+    if len(groups) != len(weights) or not groups:
+        raise ValueError(f"contrast needs one weight per group, got {len(groups)} groups and {len(weights)} weights")
+    common = set().union(*table)
+    s2, df = block_variance(table)
+    if abs(sum(weights)) > 1e-12 or not df or any(set(g) != common for g in groups):
+        return contrast([list(g.values()) for g in groups], weights, pool=[list(g.values()) for g in table],
+                        level=level)
+    B = len(common)
+    est = sum(c * float(np.mean(list(g.values()))) for g, c in zip(groups, weights, strict=True))
+    se = math.sqrt(s2 * sum(c * c for c in weights) / B)
+    return _t_interval(est, se, df, B * len(groups), f"t with seeds as blocks, residual variance over {df} df",
+                       level)
 
 
 def verdict(interval: Interval, direction: int = 1) -> str:
