@@ -224,7 +224,7 @@ def test_presets_plan():
     ne = [size_report(tiny.model_config(s, "floatlm"))["non_embedding_params"] for s in tiny.sizes]
     assert len(ne) >= 3 and ne == sorted(ne) and ne[-1] >= 4 * ne[0]
     assert tiny.tokenizer.startswith("bpe:") and 512 <= int(tiny.tokenizer[4:]) <= 2048
-    for name in ("tiny", "small", "paper", "ablations-tiny", "micro"):
+    for name in ("tiny", "small", "medium", "paper", "ablations-tiny", "micro"):
         assert len(load_spec(name).seeds) >= 2, name  # every preset can put an interval on a seed difference
     paper = load_spec("paper")
     assert len(paper.sizes) == 9 and paper.tasks == ["ppl", "paper"]

@@ -52,7 +52,7 @@ from typing import Any
 
 from spectra.config import FAMILIES, SIZES, ModelConfig, from_name
 
-PRESETS = ("tiny", "small", "paper", "ablations-tiny", "micro", "qat-tiny")
+PRESETS = ("tiny", "small", "medium", "paper", "ablations-tiny", "micro", "qat-tiny")
 PACK_FORMATS = ("tq2", "tq1")
 MIN_STEPS = 4  # a budget that gives fewer optimizer steps than this is too small to train
 SIZE_KEYS = ("dim", "n_layers", "n_heads", "glu_dim")  # what a [sizes.NAME] table must give
