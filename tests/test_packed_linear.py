@@ -99,6 +99,27 @@ def test_convert_claimed_ternary_model():
 
 
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_weights_match_reads_the_packed_file_back_against_the_latent_forward_weights(tmp_path, fmt):
+    """Every ternary weight of the file equals the latent layer's own W̃ rounded to fp16; one flipped code is one
+    mismatched weight, and a model with other weights mismatches by the thousand."""
+    from spectra.packed.io import weights_match
+
+    model = build_model(_cfg(num_scale_shards=2), seed=3).eval()
+    pack_model(model, tmp_path / "p", format=fmt)
+    got = weights_match(model, tmp_path / "p")
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear))
+    assert got == {"layers": 14, "weights": n, "mismatched_weights": 0, "exact": True}
+    q = model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        W = q.quantized_weight()
+        i = int(torch.nonzero(W.reshape(-1)).reshape(-1)[0])
+        q.weight.view(-1)[i] = -q.weight.view(-1)[i]  # that one code flips sign; the scale (mean |W|) is unchanged
+    assert weights_match(model, tmp_path / "p")["mismatched_weights"] == 1
+    other = build_model(_cfg(num_scale_shards=2), seed=4).eval()
+    assert weights_match(other, tmp_path / "p")["mismatched_weights"] > 1000
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 def test_save_load_round_trip(tmp_path, fmt):
     model = build_model(_cfg(num_scale_shards=2), seed=3).eval()
     (tmp_path / "tok.json").write_text("{}")

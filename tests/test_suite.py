@@ -148,8 +148,20 @@ def test_paired_checks_on_window_losses():
     found = {f["finding"]: f for f in findings(study_checks(rows, seqs))}
     assert found["QuantLM 3-bit is worse than its FloatLM at every size"]["verdict"] == "holds"
     assert found["QuantLM 8-bit ≈ its FloatLM at every size"]["verdict"] == "holds"
-    packed = found["packed ≈ latent TriLM, every format and size"]
+    packed = found["packed ≈ latent TriLM in loss, every format and size"]
     assert packed["verdict"] == "does not hold" and (packed["holds"], packed["does_not_hold"]) == (1, 1)
+    assert "packed weights = latent TriLM's exactly, every format and size" not in found  # no read-back recorded
+    # the pack step's read-back: exact for every seed holds; one mismatched weight in one seed does not
+    exact = {"layers": 7, "weights": 1000, "mismatched_weights": 0, "exact": True}
+    read = [r | {"weights_match": exact} if r["kind"] == "packed" else r for r in rows]
+    c = _by_check(study_checks(read, seqs))
+    assert c["packed TQ2 weights = latent trilm at a"]["verdict"] == "holds"
+    assert "0 of 2000 ternary weights differ" in c["packed TQ2 weights = latent trilm at a"]["detail"]
+    off = {**exact, "mismatched_weights": 1, "exact": False}
+    read[-1] = read[-1] | {"weights_match": off}  # the last row: tq1, seed 1
+    c = _by_check(study_checks(read, seqs))
+    assert c["packed TQ1 weights = latent trilm at a"]["verdict"] == "does not hold"
+    assert c["packed TQ2 weights = latent trilm at a"]["verdict"] == "holds"
     assert "each family improves with size" not in found  # one size: nothing to say
 
 

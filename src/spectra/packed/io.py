@@ -160,6 +160,34 @@ def pack_model(
     return summary
 
 
+def weights_match(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Whether the packed checkpoint at `path` holds `model`'s ternary block weights exactly, checked against the
+    model's own forward weights rather than the packer: for every block layer, the packed d·q equals the latent
+    W̃ = γ·Ŵ rounded to fp16, which for ternary Ŵ is Ŵ·fp16(γ), so codes and fp16 scales must both match.
+    Returns {"layers", "weights", "mismatched_weights", "exact"}."""
+    model = getattr(model, "_orig_mod", model)
+    latent = dict(model.named_modules())
+    packed = load_packed(path, kernel="torch")
+    layers = weights = mismatched = 0
+    for name, module in packed.named_modules():
+        if not isinstance(module, PackedTernaryLinear):
+            continue
+        ref = latent.get(name)
+        if ref is None:
+            raise ValueError(f"{path}: packed layer {name} is not a layer of the model it is checked against")
+        with torch.no_grad():
+            w = ref.quantized_weight() if isinstance(ref, TernaryLinear) else ref.weight
+            want = w.detach().float().cpu().to(torch.float16).float()
+        got = module.dequantized_weight()
+        if got.shape != want.shape:
+            raise ValueError(f"{path}: packed layer {name} is {tuple(got.shape)}, the model's {tuple(want.shape)}")
+        layers += 1
+        weights += want.numel()
+        mismatched += int((got != want).sum())
+    return {"layers": layers, "weights": weights, "mismatched_weights": mismatched,
+            "exact": layers > 0 and mismatched == 0}
+
+
 def _embedding_and_head(model: nn.Module, embedding: str, head: str, other: dict) -> dict[str, torch.Tensor]:
     """The embedding and output-layer tensors to store (removing the ones they replace from `other`)."""
     out = {"embed_tokens.weight": model.embed_tokens.weight.detach().cpu().to(FLOAT_DTYPES[embedding]).contiguous()}

@@ -22,6 +22,8 @@ for the seed-averaged models on this held-out text.
                                end of the 3-bit cost's interval at that size (the smallest
                                cost the run shows quantization has): an equivalence test       paired
     packed ≈ latent            L_packed − L_latent inside ±c, the same c                        paired
+    packed weights = latent    every ternary weight read back from the packed file equals the
+                               latent model's W̃ = γ·Ŵ with γ in fp16 (no statistics: exact)    equality
 """
 
 from __future__ import annotations
@@ -222,6 +224,15 @@ def packed_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float],
     for fmt in sorted({r["format"] for r in rows if r["kind"] == "packed"}):
         for fam, size in dict.fromkeys((r["family"], r["size"]) for r in rows if r["kind"] == "packed"
                                        and r["format"] == fmt):
+            reads = [r.get("weights_match") for r in rows if r["kind"] == "packed" and r["format"] == fmt
+                     and r["family"] == fam and r["size"] == size]
+            if reads and all(reads):  # exact: the packed file read back against the latent model's own W̃
+                bad = sum(m["mismatched_weights"] for m in reads)
+                n = sum(m["weights"] for m in reads)
+                verdict = stats.HOLDS if bad == 0 and all(m["exact"] for m in reads) else stats.DOES_NOT_HOLD
+                out.append(_check(f"packed {fmt.upper()} weights = latent {fam} at {size}", verdict, None,
+                                  f"{bad} of {n} ternary weights differ from W̃ = γ·Ŵ (γ in fp16) over "
+                                  f"{len(reads)} seed(s), read back from the packed files", "exactly equal"))
             packed = _names(rows, kind="packed", family=fam, size=size, format=fmt)
             latent = [r["name"] for r in rows if r["kind"] in LATENT_KINDS and r["family"] == fam and r["size"] == size]
             latent.sort()
@@ -253,7 +264,8 @@ FINDINGS = (  # (finding, check-name prefixes whose verdicts it combines)
     ("QuantLM 3-bit is worse than its FloatLM at every size", ("QuantLM 3-bit worse than FloatLM at ",)),
     ("QuantLM 3-bit is worse than 4-bit at every size", ("QuantLM 3-bit worse than 4-bit at ",)),
     ("QuantLM 8-bit ≈ its FloatLM at every size", ("QuantLM 8-bit ≈ FloatLM at ",)),
-    ("packed ≈ latent TriLM, every format and size", ("packed ",)),
+    ("packed weights = latent TriLM's exactly, every format and size", ("packed TQ1 weights", "packed TQ2 weights")),
+    ("packed ≈ latent TriLM in loss, every format and size", ("packed TQ1 ≈", "packed TQ2 ≈")),
     ("the TriLM − FloatLM gap shrinks with size", ("TriLM − FloatLM gap shrinks with size",)),
 )
 

@@ -62,6 +62,7 @@ def model_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "val_loss": met.get("val_loss"),
             "perplexity": met.get("perplexity"),
             "bits_per_byte": met.get("bits_per_byte"),
+            "weights_match": met.get("weights_match"),
         }
         for task, values in met.get("tasks", {}).items():
             for metric, v in values.items():

@@ -252,14 +252,16 @@ class SuiteRunner:
     def run_pack(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.accounting import stored_bits
         from spectra.loading import find_tokenizer, load
-        from spectra.packed.io import pack_model
+        from spectra.packed.io import pack_model, weights_match
 
         src = self._artifact(step.deps[0])
         out = self.out / "packed" / step.model_name
-        summary = pack_model(load(src), out, format=step.fmt, tokenizer=find_tokenizer(src))
+        latent = load(src)
+        summary = pack_model(latent, out, format=step.fmt, tokenizer=find_tokenizer(src))
         metrics = {
             "packed": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
             "stored_bits": stored_bits(out)["total_bits"],
+            "weights_match": weights_match(latent, out),  # read back, against the latent model's own W̃
         }
         return (
             _model_info(self._trained_config(step), step, "packed"),
@@ -290,6 +292,8 @@ class SuiteRunner:
             metrics["seq_nll"] = ppl.get("window_nll")
             metrics["seq_tokens"] = ppl.get("window_tokens")
         kind = self._kind_of(target)
+        if kind == "packed":  # the pack step's read-back of the ternary weights, for the report's exactness check
+            metrics["weights_match"] = self.records.last[target.key]["metrics"].get("weights_match")
         return (
             _model_info(self._trained_config(target), target, kind),
             metrics,
