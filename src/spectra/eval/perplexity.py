@@ -37,7 +37,9 @@ def token_stream(
 ) -> tuple[list[int], int, int]:
     """([EOS] + doc_0 + [EOS] + doc_1 + [EOS] ..., number of documents, UTF-8 bytes of those documents).
 
-    With `max_tokens`, whole documents are taken until the stream holds at least that many tokens.
+    With `max_tokens`, the stream holds at most that many tokens: whole documents while they fit, and the first
+    tokens of the document that would cross it (its bytes counted from those tokens, decoded). A held-out split that
+    is one long document (a single .txt file's tail) is then scored on max_tokens tokens, not all of it.
     """
     from spectra.data import eos_id, read_documents
     from spectra.data.shards import encode_documents
@@ -49,6 +51,13 @@ def token_stream(
     def flush() -> None:
         nonlocal n_docs, n_bytes
         for doc, doc_ids in zip(batch, encode_documents(tokenizer, batch)):
+            room = None if max_tokens is None else max_tokens - len(ids)
+            if room is not None and len(doc_ids) + 1 > room:  # the document crosses max_tokens: its first tokens
+                doc_ids = list(doc_ids[:room])
+                ids.extend(doc_ids)
+                n_docs += 1
+                n_bytes += len(tokenizer.decode(doc_ids).encode("utf-8"))
+                break
             ids.extend(doc_ids)
             ids.append(eos)
             n_docs += 1
