@@ -52,9 +52,9 @@ def direct_nll(m, ids, context):
     return total
 
 
-def test_max_tokens_caps_the_stream_cutting_the_crossing_document(setup):
-    """At most max_tokens: whole documents while they fit (with their EOS), then the first tokens of the next one,
-    its bytes counted from those tokens decoded; a cap past the end takes everything."""
+def test_max_tokens_caps_the_stream_at_a_document_boundary(setup):
+    """At most max_tokens: whole documents while they fit (with their EOS); only a first document longer than the
+    whole budget is cut, its bytes counted from the kept tokens decoded; a cap past the end takes everything."""
     from spectra.eval.perplexity import token_stream
 
     corpus, tok_path = setup
@@ -63,14 +63,15 @@ def test_max_tokens_caps_the_stream_cutting_the_crossing_document(setup):
     first = len(tok.encode(DOCS[0], add_special_tokens=False).ids)
     ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", None)
     assert ids == full and n_docs == 3 and n_bytes == sum(len(d.encode("utf-8")) for d in DOCS)
-    cap = 1 + first + 1 + 5  # EOS, document 0 and its EOS, then 5 tokens of document 1
-    ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", cap)
-    assert ids == full[:cap] and n_docs == 2
-    assert n_bytes == len(DOCS[0].encode("utf-8")) + len(tok.decode(full[first + 2:cap]).encode("utf-8"))
-    assert 0 < n_bytes - len(DOCS[0].encode("utf-8")) < len(DOCS[1].encode("utf-8"))
+    for cap in (first + 2, first + 7):  # document 0 with its EOS fits; document 1 does not: not cut, left out
+        ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", cap)
+        assert ids == full[: first + 2] and n_docs == 1 and n_bytes == len(DOCS[0].encode("utf-8"))
+    ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", 6)  # document 0 alone is longer: cut
+    assert ids == full[:6] and n_docs == 1 and n_bytes == len(tok.decode(full[1:6]).encode("utf-8"))
+    assert 0 < n_bytes < len(DOCS[0].encode("utf-8"))
     assert token_stream(tok, corpus, "validation", len(full) + 10)[0] == full
-    r = perplexity(model(), tok, corpus, seq_len=16, max_tokens=cap)
-    assert r["tokens"] == cap - 1 and r["documents"] == 2
+    r = perplexity(model(), tok, corpus, seq_len=16, max_tokens=first + 7)
+    assert r["tokens"] == first + 1 and r["documents"] == 1
 
 
 def test_windows_score_each_token_once():

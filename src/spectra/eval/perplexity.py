@@ -37,9 +37,10 @@ def token_stream(
 ) -> tuple[list[int], int, int]:
     """([EOS] + doc_0 + [EOS] + doc_1 + [EOS] ..., number of documents, UTF-8 bytes of those documents).
 
-    With `max_tokens`, the stream holds at most that many tokens: whole documents while they fit, and the first
-    tokens of the document that would cross it (its bytes counted from those tokens, decoded). A held-out split that
-    is one long document (a single .txt file's tail) is then scored on max_tokens tokens, not all of it.
+    With `max_tokens`, the stream holds at most that many tokens and ends at a document boundary: whole documents
+    while they fit. Only a first document that alone exceeds max_tokens is cut, to its first tokens (its bytes counted
+    from those tokens, decoded), so a held-out split that is one long document (a single .txt file's tail) is scored
+    on max_tokens tokens, not all of it.
     """
     from spectra.data import eos_id, read_documents
     from spectra.data.shards import encode_documents
@@ -48,27 +49,27 @@ def token_stream(
     ids, n_docs, n_bytes = [eos], 0, 0
     batch: list[str] = []
 
-    def flush() -> None:
+    def flush() -> bool:
+        """Append the batch's documents; False once the stream is full (a document did not fit)."""
         nonlocal n_docs, n_bytes
         for doc, doc_ids in zip(batch, encode_documents(tokenizer, batch)):
-            room = None if max_tokens is None else max_tokens - len(ids)
-            if room is not None and len(doc_ids) + 1 > room:  # the document crosses max_tokens: its first tokens
-                doc_ids = list(doc_ids[:room])
-                ids.extend(doc_ids)
-                n_docs += 1
-                n_bytes += len(tokenizer.decode(doc_ids).encode("utf-8"))
-                break
+            if max_tokens is not None and len(ids) + len(doc_ids) + 1 > max_tokens:
+                if n_docs == 0:  # one document longer than the whole budget: its first tokens
+                    doc_ids = list(doc_ids[: max(0, max_tokens - len(ids))])
+                    ids.extend(doc_ids)
+                    n_docs, n_bytes = 1, len(tokenizer.decode(doc_ids).encode("utf-8"))
+                batch.clear()
+                return False
             ids.extend(doc_ids)
             ids.append(eos)
             n_docs += 1
             n_bytes += len(doc.encode("utf-8"))
         batch.clear()
+        return True
 
     for doc in read_documents(source, split):
         batch.append(doc)
-        if len(batch) == 64 or max_tokens is not None:
-            flush()
-        if max_tokens is not None and len(ids) >= max_tokens:
+        if (len(batch) == 64 or max_tokens is not None) and not flush():
             break
     flush()
     return ids, n_docs, n_bytes
