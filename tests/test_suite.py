@@ -291,9 +291,13 @@ def test_micro_suite_end_to_end(tmp_path):
     checks = {c["check"]: c for c in report["checks"]}
     assert {"FloatLM improves with size", "QuantLM 3-bit worse than FloatLM at 4m", "QuantLM 8-bit ≈ FloatLM at 4m",
             "packed TQ2 ≈ latent trilm at 4m", "TriLM − FloatLM gap shrinks with size"} <= set(checks)
-    for c in checks.values():
+    for name, c in checks.items():
+        if name.startswith("packed TQ") and " weights = " in name:  # an equality read back, not an interval
+            assert c["verdict"] == "holds" and c["estimate"] is None and "0 of " in c["detail"], c
+            continue
         assert c["verdict"] in ("holds", "not resolved", "does not hold") and c["lo"] <= c["estimate"] <= c["hi"]
         assert c["test"]
+    assert checks["packed TQ2 weights = latent trilm at 4m"]["verdict"] == "holds"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert {"FloatLM", "TriLM"} <= set(summary["fits"])
 
