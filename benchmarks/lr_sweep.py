@@ -9,8 +9,10 @@ command that made it go to a Markdown file (docs/lr-sweep-PRESET.md) so the pres
 
 A shorter budget than the preset's favours larger rates a little (less time to pay for the noise); the table gives
 the loss at every rate so the choice can be read, not just the winner. TriLM's rate after the drop is 2/3 of its
-peak (spec.LR2_RATIO). With --work, runs finished by an earlier sweep are read back (their result.json) and a run
-killed part-way resumes, so a sweep can be widened with more rates or split over processes and joined by one last call.
+peak (spec.LR2_RATIO). --train KEY=VALUE sweeps with a [train] setting other than the preset's (for example
+--train batch_tokens=2048 --train micro_batch=8). With --work, runs finished by an earlier sweep are read back (their
+result.json) and a run killed part-way resumes, so a sweep can be widened with more rates or split over processes and
+joined by one last call.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="Markdown file for the table (default: print only)")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [train] setting other than the preset's, e.g. batch_tokens=2048 (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = load_spec(args.preset)
@@ -50,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if fam not in spec.families:
             p.error(f"--lrs {item}: {fam!r} is not a family of preset {args.preset} ({spec.families})")
         grid[fam] = [float(v) for v in values.split(",")]
+    train_set = {}
+    for item in args.train:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__:
+            p.error(f"--train {item}: expected KEY=VALUE with KEY a TrainConfig field (e.g. batch_tokens=2048)")
+        try:
+            train_set[key] = json.loads(value)  # numbers, true/false
+        except json.JSONDecodeError:
+            train_set[key] = value
     sizes = args.sizes.split(",") if args.sizes else spec.sizes
     work = Path(args.work or tempfile.mkdtemp(prefix="lr-sweep-"))
     tokenizer = study_tokenizer(spec, work)
@@ -58,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for size, fam, lr in tqdm(runs, desc="lr sweep", unit="run"):
         cfg = spec.model_config(size, fam)
         over = spec.train_overrides(fam, size)
+        over.update(train_set)
         over.update(lr=lr, tokens=args.tokens, data=spec.data, tokenizer=tokenizer, seed=args.seed)
         if spec.family_of(fam) == "trilm":
             over["lr2"] = lr * LR2_RATIO
@@ -75,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     for size, fam, lr, loss, _, _ in results:
         if (size, fam) not in best or loss < best[(size, fam)][1]:
             best[(size, fam)] = (lr, loss)
+    preset_train = spec.train_overrides(next(iter(grid)), sizes[0])
     lines = [f"# Learning-rate sweep: preset `{args.preset}`", "",
              "Command (run from the repository root):", "",
              "    OMP_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in sys.argv), "",
              f"{args.tokens:.3g} training tokens per run (the preset trains {spec.tokens_for(sizes[0]):.3g}), seed "
-             f"{args.seed}, the preset's configs, data ({spec.data}) and study tokenizer ({spec.tokenizer}). Final "
+             f"{args.seed}, the preset's configs, data ({spec.data}) and study tokenizer ({spec.tokenizer})"
+             + "".join(f", {k} = {v} (the preset: {preset_train.get(k, 'default')})" for k, v in train_set.items())
+             + ". Final "
              "validation loss (nats/token); **bold**: the best rate of each size and family.", "",
              "| size | family | " + " | ".join(f"lr {lr:g}" for lr in sorted({r[2] for r in results})) + " | best |",
              "|---|---|" + "---|" * (len({r[2] for r in results}) + 1)]
