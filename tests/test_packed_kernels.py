@@ -384,6 +384,26 @@ def test_argmax_equals_torch(path):
 
 @needs_ext
 @pytest.mark.parametrize("path", COMPILED)
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_argmax_logsumexp_equals_the_two_calls(path, n_threads):
+    """The batched step's one call: bit for bit `argmax` and `logsumexp` of every row, over the pool's threads, on
+    rows with ties, NaN and -inf; without the log-sum-exp when not asked; torch for a float64 input."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(17, 50304, generator=g) * 4
+    x[1, 7] = x[1, 900] = x[1].max() + 1
+    x[2] = float("-inf")
+    x[3, 40000] = float("nan")
+    idx, lse = K.argmax_logsumexp(x, n_threads=n_threads, path=path)
+    assert torch.equal(idx, K.argmax(x, path=path)) and torch.equal(idx, torch.argmax(x, -1))
+    assert torch.allclose(lse, K.logsumexp(x, path=path), rtol=0, atol=0, equal_nan=True)  # exact, NaN and -inf too
+    idx2, none = K.argmax_logsumexp(x[:5], with_lse=False, n_threads=n_threads, path=path)
+    assert none is None and torch.equal(idx2, idx[:5])
+    i64, l64 = K.argmax_logsumexp(x[4:6].double(), path=path)
+    assert torch.equal(i64, idx[4:6]) and torch.allclose(l64.float(), lse[4:6], rtol=2e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
 def test_logsumexp_close_to_torch(path):
     """Log-probabilities' normaliser: torch.logsumexp to float rounding on rows of ragged lengths and large spreads;
     NaN rows give NaN and rows of -inf give -inf, as torch's."""

@@ -291,8 +291,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits(model_dir):
 
 
 def test_mailbox_delivers_in_order_with_one_wakeup_per_batch():
-    """Events posted from another thread while the loop is busy arrive in order, each in its own queue, and cost one
-    loop wake-up (call_soon_threadsafe) for the whole batch, not one per event."""
+    """Events posted from another thread arrive in order, each in its own queue, only once the poster calls `deliver`
+    (the engine, after its step), and a step's events cost one loop wake-up (call_soon_threadsafe), not one each."""
     import asyncio
     import threading
 
@@ -306,12 +306,20 @@ def test_mailbox_delivers_in_order_with_one_wakeup_per_batch():
         box, queues = Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
         t = threading.Thread(target=lambda: [box.post(queues[i % 2], {"i": i}) for i in range(100)])
         t.start()
-        t.join()  # the loop has not run meanwhile: everything is pending behind one scheduled flush
-        assert len(calls) == 1
+        t.join()
+        await asyncio.sleep(0)
+        assert calls == [] and all(q.empty() for q in queues)  # posted, not delivered: the loop was not woken
+        t = threading.Thread(target=lambda: (box.deliver(), box.deliver()))
+        t.start()
+        t.join()
+        assert len(calls) == 1  # one flush scheduled for the whole batch, however often deliver is called
         await asyncio.sleep(0)
         got = [[q.get_nowait()["i"] for _ in range(q.qsize())] for q in queues]
         assert got == [list(range(0, 100, 2)), list(range(1, 100, 2))]
+        box.deliver()  # nothing pending: no wake-up
+        assert len(calls) == 1
         box.post(queues[0], {"i": 100})  # the next batch schedules a new flush
+        box.deliver()
         await asyncio.sleep(0)
         assert len(calls) == 2 and queues[0].get_nowait() == {"i": 100}
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, unsupported_reason
 from spectra.inference.sampling import held_back, sample_next, validate_sampling
-from spectra.packed.kernels import argmax, logsumexp
+from spectra.packed.kernels import argmax_logsumexp, logsumexp
 
 
 class BatchDecoder:
@@ -63,6 +63,12 @@ class BatchDecoder:
         self.caches = [model.new_cache(1, max_len, kv_dtype) for _ in range(max_batch)]
         self._free = list(range(max_batch - 1, -1, -1))
         self.kernel = self._build_kernel()
+
+    @property
+    def n_threads(self) -> int:
+        """Threads the packed kernels use for a step (their `n_threads`, else torch's count)."""
+        dec = self.kernel["decoder"] if self.kernel is not None else None
+        return (dec._threads if dec is not None else None) or torch.get_num_threads()
 
     # ---- slots ---------------------------------------------------------------------------------------------------
     @property
@@ -338,11 +344,24 @@ class Scheduler:
         if decoding:
             self.stats["steps"] += 1
             # Greedy rows' picks in one call for the whole step (sample_next's own rule: the first maximum).
+            # The greedy picks' logits too, in one gather: a greedy row without top alternatives then needs no
+            # tensor op of its own (each op lets the HTTP loop take the GIL, and the engine waits to get it back).
+            # argmax and logsumexp of every row in one C call over the kernels' threads (`argmax_logsumexp`).
             rows = logits.float().contiguous()
-            picks = argmax(rows).tolist() if any(r.temperature == 0 for r in decoding) else None
-            lses = logsumexp(rows).tolist() if any(r.logprobs is not None for r in decoding) else None
-            for i, (r, row) in enumerate(zip(decoding, logits)):
-                self._accept(r, row, None if picks is None else picks[i], None if lses is None else lses[i])
+            greedy_any = any(r.temperature == 0 for r in decoding)
+            want_lse = any(r.logprobs is not None for r in decoding)
+            picks = lses = chosen = None
+            if greedy_any:
+                picks_t, lse_t = argmax_logsumexp(rows, with_lse=want_lse, n_threads=self.decoder.n_threads)
+                picks = picks_t.tolist()
+                if lse_t is not None:
+                    lses = lse_t.tolist()
+                    chosen = rows.gather(1, picks_t.unsqueeze(1)).squeeze(1).tolist()
+            elif want_lse:
+                lses = logsumexp(rows).tolist()
+            for i, r in enumerate(decoding):
+                self._accept(r, rows[i], None if picks is None else picks[i], None if lses is None else lses[i],
+                             None if chosen is None else chosen[i])
         for (req, end), row in zip(chunks, pre):
             self.stats["prefilled"] += end - req.prefilled
             req.prefilled = end
@@ -352,9 +371,11 @@ class Scheduler:
                 else:
                     self._accept(req, row)
 
-    def _accept(self, req: Request, logits: Tensor, greedy: int | None = None, lse: float | None = None) -> None:
-        """Sample the next token of `req` from its logits (V,) (`greedy`: its argmax and `lse`: its log-sum-exp,
-        when already taken for the whole step), emit its text, and finish it if it is done."""
+    def _accept(self, req: Request, logits: Tensor, greedy: int | None = None, lse: float | None = None,
+                greedy_logit: float | None = None) -> None:
+        """Sample the next token of `req` from its logits (V,) (`greedy`: its argmax, `lse`: its log-sum-exp and
+        `greedy_logit`: logits[greedy], when already taken for the whole step), emit its text, and finish it if it is
+        done."""
         if req.generator is None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
         if greedy is not None and req.temperature == 0:
@@ -367,7 +388,13 @@ class Scheduler:
         req.tokens.append(nxt)
         self.stats["generated"] += 1
         event: dict[str, Any] = {"type": "token", "token": nxt, "text": ""}
-        if req.logprobs is not None:  # log p_i = x_i - logsumexp(x)
+        if req.logprobs is not None and req.logprobs == 0 and lse is not None and greedy_logit is not None and (
+            nxt == greedy
+        ):
+            entry = {"token": nxt, "logprob": greedy_logit - lse, "top": []}  # log p_i = x_i - logsumexp(x)
+            req.token_logprobs.append(entry)
+            event["logprob"] = entry
+        elif req.logprobs is not None:
             x = logits.float().contiguous()
             lse = float(logsumexp(x)) if lse is None else lse
             top = torch.topk(x, min(req.logprobs, x.numel())) if req.logprobs > 0 else None

@@ -438,6 +438,23 @@ def logsumexp(x: Tensor, *, path: str = "auto") -> Tensor:
     return _per_row("logsumexp", x, torch.float32, torch.logsumexp, path)
 
 
+def argmax_logsumexp(
+    x: Tensor, *, with_lse: bool = True, n_threads: int = 1, path: str = "auto"
+) -> tuple[Tensor, Tensor | None]:
+    """(argmax(x), logsumexp(x) or None) over the last dimension, exactly what `argmax` and `logsumexp` give, in one C
+    call that splits the rows over `n_threads` of the kernels' pool and releases the GIL (a batched decode step's greedy
+    picks and log-probabilities); torch for what the C functions do not take."""
+    path = resolve_path(path) if extension() is not None else "torch"
+    if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+        return torch.argmax(x, -1), (torch.logsumexp(x, -1) if with_lse else None)
+    rows = x.reshape(-1, x.shape[-1])
+    idx = torch.empty(rows.shape[0], dtype=torch.int64)
+    lse = torch.empty(rows.shape[0], dtype=torch.float32) if with_lse else None
+    extension().argmax_logsumexp(_PATH_IDS[path], max(1, int(n_threads)), rows.data_ptr(), rows.shape[0],
+                                 rows.shape[1], idx.data_ptr(), 0 if lse is None else lse.data_ptr())  # fmt: skip
+    return idx.reshape(x.shape[:-1]), (None if lse is None else lse.reshape(x.shape[:-1]))
+
+
 def _per_row(name: str, x: Tensor, dtype: torch.dtype, fallback, path: str) -> Tensor:
     """One value per row of x's last dimension from the C function `name(path, x_ptr, rows, V, out_ptr)`, or
     fallback(x, -1) for what it does not take (no extension, not float32 / CPU / contiguous, empty)."""

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,6 +152,9 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="spectra-engine", daemon=True)
+        # Called on the engine thread after every step (and after failing requests): the HTTP app's `Mailbox.deliver`,
+        # which hands the step's events to the loop in one wake-up.
+        self.on_step_end: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -222,11 +226,20 @@ class Engine:
                 log.exception("decode step failed; failing the requests in flight")
                 self.metrics.errors += 1
                 self._reset_after_error()
+            self._step_end()
         with self._cond:
             leftover, self._incoming = self._incoming, []
         for req in leftover:
             sched.waiting.append(req)
         sched.fail_all("cancelled")
+        self._step_end()
+
+    def _step_end(self) -> None:
+        if self.on_step_end is not None:
+            try:
+                self.on_step_end()
+            except Exception:  # never let the hand-off stop the engine thread
+                log.exception("handing a step's events over failed")
 
     def _reset_after_error(self) -> None:
         sched = self.scheduler

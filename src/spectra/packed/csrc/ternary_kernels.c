@@ -1237,6 +1237,55 @@ static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* argmax_logsumexp(path, n_threads, ptr, B, V, idx_ptr, lse_ptr): argmax and, when lse_ptr is not 0, logsumexp of
+ * each of B rows, exactly the two functions above, with the rows split over the kernels' pool and the GIL released. A
+ * batched decode step needs both for every row (greedy picks, and log-probabilities for the server's streams): one call
+ * instead of two serial ones on the engine thread, while the other threads would otherwise wait. */
+typedef struct {
+    int path;
+    const float *x;
+    int64_t V;
+    int64_t *idx;
+    float *lse;
+} rowstat_task_t;
+
+static void rowstat_one(void *ctx, int64_t b) {
+    const rowstat_task_t *t = (const rowstat_task_t *)ctx;
+    const float *row = t->x + b * t->V;
+#ifdef SPECTRA_X86
+    if (t->path == PATH_AVX512VNNI) {
+        t->idx[b] = argmax_avx512(row, t->V);
+        if (t->lse) t->lse[b] = logsumexp_avx512(row, t->V);
+        return;
+    }
+#endif
+    t->idx[b] = argmax_scalar(row, t->V);
+    if (t->lse) t->lse[b] = logsumexp_scalar(row, t->V);
+}
+
+static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, pi, pl;
+    long long B, V;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLLKK", &path, &n_threads, &px, &B, &V, &pi, &pl)) return NULL;
+    if (B < 0 || V <= 0 || n_threads < 1 || !path_supported(path))
+        return PyErr_Format(PyExc_ValueError, "bad argmax_logsumexp B=%lld V=%lld threads=%d", B, V, n_threads);
+    const rowstat_task_t task = {path, (const float *)(uintptr_t)px, V, (int64_t *)(uintptr_t)pi,
+                                 (float *)(uintptr_t)pl};
+    Py_BEGIN_ALLOW_THREADS
+#if defined(SPECTRA_POOL)
+    pool_for(n_threads, B, rowstat_one, (void *)&task);
+#elif defined(_OPENMP)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+    for (long long b = 0; b < B; b++) rowstat_one((void *)&task, b);
+#else
+    for (long long b = 0; b < B; b++) rowstat_one((void *)&task, b);
+#endif
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* to_half(path, src_ptr, dst_ptr, n): n float32 -> float16 with the KV cache's rounding (kv_write's code: the AVX-512
  * conversion for whole rows of 16 on that path, the scalar one otherwise), for checking it against torch's. */
 static PyObject *py_to_half(PyObject *self, PyObject *args) {
@@ -1858,6 +1907,7 @@ static PyMethodDef methods[] = {
     {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "decode_layer for B tokens of B sequences."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
+    {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
     {"to_half", py_to_half, METH_VARARGS, "float32 -> float16 as the KV cache rounds (for tests)."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
