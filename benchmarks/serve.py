@@ -79,35 +79,55 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
+def _timed_event(line: bytes | str, llama: bool) -> bool:
+    """Whether one SSE line carries a generated token (so its arrival is timed)."""
+    if not line.startswith(b"data: {" if isinstance(line, bytes) else "data: {"):
+        return False
+    ch = json.loads(line[6:]).get("choices") or [{}]
+    return bool((llama and ch[0].get("finish_reason") is None) or ch[0].get("logprobs"))  # llama: 1 token per event
+
+
 async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: bool) -> dict:
     body = {"prompt": prompt, "max_tokens": gen_len, "temperature": 0, "stream": True, "ignore_eos": True}
     if not llama:
         body["logprobs"] = 0  # one event per token (llama-server streams one token per event already)
     t0 = time.perf_counter()
     times: list[float] = []
-    status = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        status = r.status_code
-        if status != 200:
+    if hasattr(client, "ws_connect"):  # aiohttp.ClientSession: its C HTTP parser, lines as bytes
+        async with client.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                await r.read()
+                return {"status": r.status, "times": [], "t0": t0}
+            async for line in r.content:
+                if _timed_event(line, llama):
+                    times.append(time.perf_counter())
+        return {"status": 200, "times": times, "t0": t0}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:  # httpx.AsyncClient
+        if r.status_code != 200:
             await r.aread()
-            return {"status": status, "times": [], "t0": t0}
+            return {"status": r.status_code, "times": [], "t0": t0}
         async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            ev = json.loads(line[6:])
-            ch = ev.get("choices") or [{}]
-            if (llama and ch[0].get("finish_reason") is None) or ch[0].get("logprobs"):  # llama: 1 token per event
+            if _timed_event(line, llama):
                 times.append(time.perf_counter())
-    return {"status": status, "times": times, "t0": t0}
+    return {"status": 200, "times": times, "t0": t0}
 
 
 async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: int, vocab: int, llama: bool,
-                seed: int, until: float | None = None) -> dict:
-    import httpx
-
+                seed: int, until: float | None = None, client_lib: str = "aiohttp") -> dict:
     rng = __import__("random").Random(seed)
     results: list[dict] = []
     errors = 0
+    if client_lib == "aiohttp":
+        import aiohttp
+
+        transport_errors: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                        connector=aiohttp.TCPConnector(limit=clients + 4))
+    else:
+        import httpx
+
+        transport_errors = (httpx.HTTPError,)
+        session = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4))
 
     async def client_loop(i: int, client) -> None:
         nonlocal errors
@@ -116,12 +136,11 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
             prompt = [rng.randrange(1, vocab) for _ in range(prompt_len)]
             try:
                 results.append(await one_request(client, url, prompt, gen_len, llama))
-            except httpx.HTTPError:
+            except transport_errors:
                 errors += 1
             n += 1
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with session as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
         wall = time.perf_counter() - t0
@@ -213,6 +232,9 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None, help="path to a llama.cpp llama-server binary")
     parser.add_argument("--soak", type=float, default=0, help="seconds of 16 clients after the table (0: none)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
+                        help="the clients' HTTP library (they share the cores with the server: aiohttp's C parser "
+                             "costs them less CPU than httpx's pure-Python one)")
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
                         help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
     args = parser.parse_args()
@@ -249,9 +271,10 @@ def main() -> None:
         for name, start, llama in servers:
             proc, url = start()
             try:
-                asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0))  # warm-up
+                asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))  # warm-up
                 for c in args.clients:
-                    r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama, c))
+                    r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama, c,
+                                          client_lib=args.client))
                     rows.append({"server": name, **r})
                 if args.soak and name == "spectra":
                     rss0 = rss_mb(proc.pid)
@@ -263,7 +286,8 @@ def main() -> None:
                             await asyncio.sleep(1)
 
                     async def soak_run() -> dict:
-                        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until)
+                        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until,
+                                  client_lib=args.client)
                         return (await asyncio.gather(d, sample()))[0]
 
                     until = time.perf_counter() + args.soak

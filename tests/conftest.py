@@ -1,7 +1,18 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from spectra.config import ModelConfig
+
+# lm-eval's `datasets` converts the tests' JSON tasks to Arrow in this cache: one folder for the whole session,
+# removed at exit (set before any test module imports `datasets`, which reads it once).
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="spectra-test-hf-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 def pytest_collection_modifyitems(config, items):

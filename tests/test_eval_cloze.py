@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import tempfile
 
 import pytest
 
@@ -11,7 +10,6 @@ from spectra.eval.cloze import STOPWORDS, build_cloze, target_word
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="spectra-test-hf-datasets-"))
 
 
 def sentence(i: int, last: str, n: int = 12) -> str:

@@ -7,7 +7,6 @@ continuations), wikitext (loglikelihood_rolling over several windows) and Trivia
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="spectra-test-hf-datasets-"))  # json->arrow cache
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")

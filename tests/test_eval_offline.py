@@ -5,14 +5,12 @@ import gzip
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="spectra-test-hf-datasets-"))
 
 pa = pytest.importorskip("pyarrow")
 pytest.importorskip("lm_eval")
