@@ -216,3 +216,32 @@ def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones():
     n = len(r.prompt_ids)
     want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.tokens)]
     assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(want, abs=2e-2)
+
+
+@needs_ext
+def test_all_layers_in_one_call_equal_one_call_per_layer():
+    """`Rows.run` takes every block in one C call (`decode_layers_batch`); an extension without it runs one call per
+    block (`decode_layer_batch`). Both give the same hidden states and caches, bit for bit."""
+    model = model_of("packed", num_scale_shards=2)
+    prompts, _ = prompts_and_lengths(5, seed=6)
+    outs = []
+    for per_layer in (False, True):
+        bd = BatchDecoder(model, 5, 48, torch.float16)
+        if per_layer:
+            real = bd.kernel["decoder"]._ext
+
+            class OldExtension:  # the extension minus its all-layers entry point
+                def __getattr__(self, name):
+                    if name == "decode_layers_batch":
+                        raise AttributeError(name)
+                    return getattr(real, name)
+
+            bd.kernel["decoder"]._ext = OldExtension()
+        slots = [bd.acquire() for _ in prompts]
+        with torch.inference_mode():
+            for s, p in zip(slots, prompts):
+                bd.prefill(s, p)
+            logits = bd.step(slots, [1, 2, 3, 4, 5])
+        outs.append((logits, bd.kernel["rows"].x[:5].clone(), [bd.caches[s].k.clone() for s in slots]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))

@@ -197,7 +197,7 @@ class Decoder:
 
 
 class Rows:
-    """`n` token rows through every block, one `decode_layer_batch` C call per layer: row i is token tokens[i] at
+    """`n` token rows through every block in one `decode_layers_batch` C call: row i is token tokens[i] at
     position pos[i] of the cache whose layer-0 keys / values start at k_ptrs[i] / v_ptrs[i]. Every row's keys and
     values are written before any row attends, and row i attends over positions 0..pos[i] of its own cache, so rows
     may be B sequences' next tokens (a batched decode step) or consecutive positions of one sequence (a prefill
@@ -227,6 +227,7 @@ class Rows:
                 self._specs((mlp.down_proj,), [down])[0],
                 h.data_ptr(), att.data_ptr(),
             ))  # fmt: skip
+        self._all = tuple(self.layers)
 
     def _specs(self, mods, outs) -> tuple:
         from spectra.packed import kernels as K
@@ -259,7 +260,10 @@ class Rows:
         args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
                 dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
         scale = cfg.head_dim**-0.5
-        for i, spec in enumerate(self.layers):
+        if hasattr(dec._ext, "decode_layers_batch"):  # every block in one call: the GIL is released once per pass
+            dec._ext.decode_layers_batch(dec._path_id, nt, *args, layer_bytes, head_stride, scale, self._all, half)
+            return x
+        for i, spec in enumerate(self.layers):  # an extension built before decode_layers_batch
             dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, scale, spec, half)
         return x
 

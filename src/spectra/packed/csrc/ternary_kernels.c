@@ -1711,53 +1711,57 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
  * are scratch. Each weight matrix is read once for all B rows (the GEMM kernels), and every per-row step (norm, RoPE,
  * attention over that row's own positions, SiLU, residual) is the function decode_layer runs, so each row's result is
  * bit-identical to decode_layer on that token alone. */
-static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
-    int path, n_threads;
-    unsigned long long px, ppos, pcos, psin, pks, pvs;
-    long long B, C, H, D, loff, hs;
-    float scale;
-    PyObject *layer;
-    (void)self;
-    int half = 0;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
-                          &pks, &pvs, &loff, &hs, &scale, &PyTuple_Type, &layer, &half))
-        return NULL;
-    unsigned long long pw_in, pw_post, ph, patt;
+/* One block's matrices and buffers for `decode_layer_batch` / `decode_layers_batch`, parsed from its Python tuple
+ * (w_in, eps_in, w_post, eps_post, (q, k, v), o, (gate, up), down, h_buf, att_buf) with the GIL held. */
+typedef struct {
+    const float *w_in, *w_post;
     float eps_in, eps_post;
-    PyObject *qkv, *o, *gu, *down;
-    if (!PyArg_ParseTuple(layer, "KfKfO!OO!OKK", &pw_in, &eps_in, &pw_post, &eps_post, &PyTuple_Type, &qkv, &o,
-                          &PyTuple_Type, &gu, &down, &ph, &patt))
-        return NULL;
-    const long long A = H * D;
-    if (B <= 0 || C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || loff < 0 ||
-        PyTuple_GET_SIZE(qkv) != 3 || PyTuple_GET_SIZE(gu) != 2)
-        return PyErr_Format(PyExc_ValueError, "bad decode_layer_batch sizes B=%lld C=%lld H=%lld D=%lld", B, C, H, D);
-    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
-    const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
-    for (long long b = 0; b < B; b++)
-        if (pos[b] < 0 || hs < (pos[b] + 1) * D)
-            return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
+    float *hb, *attb;
     job_t jq[3], jo, jg[2], jd;
-    for (int i = 0; i < 3; i++)
-        if (!parse_spec(PyTuple_GET_ITEM(qkv, i), &jq[i], B, C)) return NULL;
-    if (!parse_spec(o, &jo, B, A)) return NULL;
-    for (int i = 0; i < 2; i++)
-        if (!parse_spec(PyTuple_GET_ITEM(gu, i), &jg[i], B, C)) return NULL;
-    const int64_t G = jg[0].N;
-    if (G <= 0 || G % QK || jg[1].N != G || !parse_spec(down, &jd, B, G)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "gate and up need equal sizes, multiples of 256");
-        return NULL;
+} batch_layer_t;
+
+static int parse_batch_layer(PyObject *layer, batch_layer_t *L, int64_t B, int64_t C, int64_t A) {
+    unsigned long long pw_in, pw_post, ph, patt;
+    PyObject *qkv, *o, *gu, *down;
+    if (!PyTuple_Check(layer) ||
+        !PyArg_ParseTuple(layer, "KfKfO!OO!OKK", &pw_in, &L->eps_in, &pw_post, &L->eps_post, &PyTuple_Type, &qkv, &o,
+                          &PyTuple_Type, &gu, &down, &ph, &patt)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a layer spec is a tuple");
+        return 0;
     }
-    if (jq[0].N != A || jq[1].N != A || jq[2].N != A || jo.N != C || jd.N != C)
-        return PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", C, A);
-    float *xs = (float *)(uintptr_t)px, *hb = (float *)(uintptr_t)ph, *attb = (float *)(uintptr_t)patt;
-    const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
-    const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
-    const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
-    const float *w_in = (const float *)(uintptr_t)pw_in, *w_post = (const float *)(uintptr_t)pw_post;
+    if (PyTuple_GET_SIZE(qkv) != 3 || PyTuple_GET_SIZE(gu) != 2) {
+        PyErr_SetString(PyExc_ValueError, "a layer spec needs 3 attention inputs and 2 GLU inputs");
+        return 0;
+    }
+    for (int i = 0; i < 3; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(qkv, i), &L->jq[i], B, C)) return 0;
+    if (!parse_spec(o, &L->jo, B, A)) return 0;
+    for (int i = 0; i < 2; i++)
+        if (!parse_spec(PyTuple_GET_ITEM(gu, i), &L->jg[i], B, C)) return 0;
+    const int64_t G = L->jg[0].N;
+    if (G <= 0 || G % QK || L->jg[1].N != G || !parse_spec(down, &L->jd, B, G)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "gate and up need equal sizes, multiples of 256");
+        return 0;
+    }
+    if (L->jq[0].N != A || L->jq[1].N != A || L->jq[2].N != A || L->jo.N != C || L->jd.N != C) {
+        PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", (long long)C, (long long)A);
+        return 0;
+    }
+    L->w_in = (const float *)(uintptr_t)pw_in, L->w_post = (const float *)(uintptr_t)pw_post;
+    L->hb = (float *)(uintptr_t)ph, L->attb = (float *)(uintptr_t)patt;
+    return 1;
+}
+
+/* The batched block itself (no Python: call it with the GIL released); 0 when scratch memory cannot be allocated. */
+static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs, int64_t B, int64_t C, int64_t H,
+                           int64_t D, const int64_t *pos, const float *cos0, const float *sin0,
+                           const unsigned long long *kp, const unsigned long long *vp, long long loff, long long hs,
+                           float scale, int half) {
+    const int64_t A = H * D, G = L->jg[0].N;
+    float *hb = L->hb, *attb = L->attb;
+    job_t *jq = L->jq, *jg = L->jg;
     int ok = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (int64_t b = 0; b < B; b++) rms_norm_row(xs + b * C, w_in, eps_in, hb + b * C, C);
+    for (int64_t b = 0; b < B; b++) rms_norm_row(xs + b * C, L->w_in, L->eps_in, hb + b * C, C);
     ok = ok && group_run(path, hb, B, C, jq, 3, n_threads);
     /* Every row's k and v go into its cache first, then all rows attend in one job (rows are distinct sequences, or
      * distinct positions of one, each reading only positions up to its own). */
@@ -1775,22 +1779,76 @@ static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
     }
     ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, attb, B, H, D, hs, scale, n_threads, half);
     free(kcs);
-    ok = ok && group_run(path, attb, B, A, &jo, 1, n_threads);
+    ok = ok && group_run(path, attb, B, A, &L->jo, 1, n_threads);
     if (ok)
         for (int64_t b = 0; b < B; b++) {
             float *x = xs + b * C;
-            for (int64_t i = 0; i < C; i++) x[i] = x[i] + jo.y[b * C + i];
-            rms_norm_row(x, w_post, eps_post, hb + b * C, C);
+            for (int64_t i = 0; i < C; i++) x[i] = x[i] + L->jo.y[b * C + i];
+            rms_norm_row(x, L->w_post, L->eps_post, hb + b * C, C);
         }
     ok = ok && group_run(path, hb, B, C, jg, 2, n_threads);
     if (ok)
         for (int64_t b = 0; b < B; b++) silu_mul(path, jg[0].y + b * G, jg[1].y + b * G, G);
-    ok = ok && group_run(path, jg[0].y, B, G, &jd, 1, n_threads);
+    ok = ok && group_run(path, jg[0].y, B, G, &L->jd, 1, n_threads);
     if (ok)
-        for (int64_t i = 0; i < B * C; i++) xs[i] = xs[i] + jd.y[i];
+        for (int64_t i = 0; i < B * C; i++) xs[i] = xs[i] + L->jd.y[i];
+    return ok;
+}
+
+static PyObject *batch_layers(PyObject *args, int all_layers) {
+    int path, n_threads;
+    unsigned long long px, ppos, pcos, psin, pks, pvs;
+    long long B, C, H, D, loff, hs;
+    float scale;
+    PyObject *layers;
+    int half = 0;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
+                          &pks, &pvs, &loff, &hs, &scale, &PyTuple_Type, &layers, &half))
+        return NULL;
+    const long long A = H * D;
+    if (B <= 0 || C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || loff < 0)
+        return PyErr_Format(PyExc_ValueError, "bad decode_layer_batch sizes B=%lld C=%lld H=%lld D=%lld", B, C, H, D);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
+    for (long long b = 0; b < B; b++)
+        if (pos[b] < 0 || hs < (pos[b] + 1) * D)
+            return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
+    /* decode_layer_batch: `layers` is one layer's tuple and loff its byte offset in the caches; decode_layers_batch:
+     * a tuple of every layer's, and loff the bytes between two layers' caches (layer i at i * loff). */
+    const Py_ssize_t n_layers = all_layers ? PyTuple_GET_SIZE(layers) : 1;
+    if (n_layers < 1) return PyErr_Format(PyExc_ValueError, "no layers given");
+    batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
+    if (!Ls) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n_layers; i++)
+        if (!parse_batch_layer(all_layers ? PyTuple_GET_ITEM(layers, i) : layers, &Ls[i], B, C, A)) {
+            free(Ls);
+            return NULL;
+        }
+    float *xs = (float *)(uintptr_t)px;
+    const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
+    const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
+    const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; ok && i < n_layers; i++)
+        ok = batch_layer_run(path, n_threads, &Ls[i], xs, B, C, H, D, pos, cos0, sin0, kp, vp,
+                             all_layers ? (long long)i * loff : loff, hs, scale, half);
     Py_END_ALLOW_THREADS
+    free(Ls);
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
+    (void)self;
+    return batch_layers(args, 0);
+}
+
+/* decode_layers_batch: decode_layer_batch for every block in one call, the GIL released once for the whole stack (a
+ * server's HTTP loop runs meanwhile instead of taking the GIL between two blocks and holding up the next one). */
+static PyObject *py_decode_layers_batch(PyObject *self, PyObject *args) {
+    (void)self;
+    return batch_layers(args, 1);
 }
 
 /* quantize(path, x_ptr, T, K, bounds_ptr, S, q_ptr, bsum_ptr, scale_ptr): the int8 activations the kernels use. */
@@ -1905,6 +1963,7 @@ static PyMethodDef methods[] = {
     {"matmul_i8", py_matmul_i8, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for int8 W (w+128, permuted blocks, row scales)."},
     {"decode_layer", py_decode_layer, METH_VARARGS, "One Llama block for one token, in place (see the source)."},
     {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "decode_layer for B tokens of B sequences."},
+    {"decode_layers_batch", py_decode_layers_batch, METH_VARARGS, "decode_layer_batch for every block in one call."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
     {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
