@@ -232,6 +232,8 @@ def gguf_weight_bytes(path: Path, embedding_bytes: int) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     peers = [Peer(p) for p in args.llama_bench]
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="spectra-peers-", dir=args.workdir))
     try:
         print(f"building {args.size} (random weights), packing it and exporting the f16 GGUF into {workdir} ...")

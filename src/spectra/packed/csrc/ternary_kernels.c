@@ -487,6 +487,28 @@ TARGET_AVX512 static void gemv_avx512(const job_t *J, int64_t n0, int64_t n1) {
     }
 }
 
+/* The 4 x 4 tiles' epilogue works on one vector whose lane 4r + k belongs to row n + r and token t + k. Its operands
+ * are built in registers: a row value repeated over its 4 lanes (tile_rows), a token value repeated over the 4 rows
+ * (a 128-bit broadcast), and the result is transposed once and written as one masked 4-float store per token
+ * (tile_store). Gathers (vpgatherdd is microcoded on Zen 4) and arrays filled by scalar stores and read back as a
+ * vector (a store-forwarding stall) cost as much as two of K = 512's blocks per tile. */
+TARGET_AVX512 static inline __m512 tile_rows(__m128 a) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(a));
+}
+
+/* Lane 4r + k of v to y[(t + k) * N + n + r], for r < R, k < TT. */
+TARGET_AVX512 static inline __attribute__((always_inline)) void tile_store(float *y, int64_t N, int64_t n, int64_t t,
+                                                                           __m512 v, const int R, const int TT) {
+    const __m512 tr = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+    const __mmask8 m = (__mmask8)((1u << R) - 1);
+    float *y0 = y + t * N + n;
+    _mm_mask_storeu_ps(y0, m, _mm512_castps512_ps128(tr));
+    if (TT > 1) _mm_mask_storeu_ps(y0 + N, m, _mm512_extractf32x4_ps(tr, 1));
+    if (TT > 2) _mm_mask_storeu_ps(y0 + 2 * N, m, _mm512_extractf32x4_ps(tr, 2));
+    if (TT > 3) _mm_mask_storeu_ps(y0 + 3 * N, m, _mm512_extractf32x4_ps(tr, 3));
+}
+
 /* GEMM tile: R rows x TT tokens (<= 4 x 4). Each 64-byte block of a row is unpacked once into four code vectors and
  * used against TT tokens; 16 int32 accumulators stay in registers. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const job_t *J, int64_t n, int64_t t,
@@ -496,13 +518,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
     __m512 yv = _mm512_setzero_ps();
     __m512i v[16];
     for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512();
-    /* Lane 4r + k reads seg_d[(n + r) * S + s] and bsum[(t + k) * S + s]; lanes outside the R x TT tile stay 0. */
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i row = _mm512_srli_epi32(lane, 2), tok = _mm512_and_si512(lane, _mm512_set1_epi32(3));
-    const __m512i S32 = _mm512_set1_epi32((int)J->S);
-    const __m512i d_idx = _mm512_mullo_epi32(row, S32), b_idx = _mm512_mullo_epi32(tok, S32);
-    const __mmask16 live = _mm512_cmplt_epi32_mask(row, _mm512_set1_epi32(R)) &
-                           _mm512_cmplt_epi32_mask(tok, _mm512_set1_epi32(TT));
+    const int64_t S = J->S;
     for (int64_t s = 0; s < J->S; s++) {
         __m512i acc[4][4];
         _Pragma("GCC unroll 4")
@@ -540,21 +556,20 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
         for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4")
             for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
-        const __m512 dd = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, d_idx, J->seg_d + n * J->S + s, 4);
-        const __m512i bs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, b_idx, J->bsum + t * J->S + s, 4);
+        /* Lane 4r + k: seg_d[(n + r) * S + s] and bsum[(t + k) * S + s]; lanes outside the R x TT tile get 0. */
+        const float *d = J->seg_d + n * S + s;
+        const int32_t *bt = J->bsum + t * S + s;
+        const __m512 dd = tile_rows(_mm_setr_ps(d[0], R > 1 ? d[S] : 0.0f, R > 2 ? d[2 * S] : 0.0f,
+                                                R > 3 ? d[3 * S] : 0.0f));
+        const __m512i bs = _mm512_broadcast_i32x4(_mm_setr_epi32(bt[0], TT > 1 ? bt[S] : 0, TT > 2 ? bt[2 * S] : 0,
+                                                                 TT > 3 ? bt[3 * S] : 0));
         const __m512i sums = _mm512_sub_epi32(hsum16x16(v), bs);
         yv = _mm512_add_ps(yv, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sums)));
     }
-    float xs[16], out[16];
-    _Pragma("GCC unroll 4")
-    for (int r = 0; r < 4; r++)
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < 4; k++) xs[4 * r + k] = k < TT ? J->xs[t + k] : 0.0f;
-    _mm512_storeu_ps(out, _mm512_mul_ps(yv, _mm512_loadu_ps(xs)));
-    _Pragma("GCC unroll 4")
-    for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) J->y[(t + k) * J->N + n + r] = out[4 * r + k];
+    const float *x = J->xs + t;
+    const __m512 xs = _mm512_broadcast_f32x4(_mm_setr_ps(x[0], TT > 1 ? x[1] : 0.0f, TT > 2 ? x[2] : 0.0f,
+                                                         TT > 3 ? x[3] : 0.0f));
+    tile_store(J->y, J->N, n, t, _mm512_mul_ps(yv, xs), R, TT);
 }
 
 #define TILE_ROW(R)                                                           \
@@ -620,8 +635,8 @@ TARGET_AVX512 __attribute__((noinline)) static void i8_gemv1_avx512(const job_t 
 
 /* R rows x TT tokens (<= 4 x 4): each weight vector is loaded once for TT tokens, each activation vector once for R
  * rows; 16 accumulators stay in registers. The 16 sums are reduced together (hsum16x16) and finished in one vector
- * epilogue, lane 4r + k for row n + r and token t + k: lane by lane the scalar epilogue's float32 operations, so
- * bit-identical to it (16 separate horizontal reductions cost as much as the dot products at K = 512). `pf`: the first
+ * epilogue (tile_rows, tile_store), lane by lane the scalar epilogue's float32 operations, so bit-identical to it
+ * (16 separate horizontal reductions cost as much as the dot products at K = 512). `pf`: the first
  * token tile of a row group also prefetches the row group I8_PF_GROUPS ahead; a row of the output layer is only K
  * bytes, too short a stream for the hardware prefetcher (T = 4 at 50304 x 512 on Zen 4: 1.82 ms without, against
  * 0.35 ms for T = 1, whose GEMV prefetches). */
@@ -651,24 +666,20 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void i8_tile_avx512(c
     }
     __m512i v[16];
     for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512();
-    float d[16] = {0}, xs[16] = {0}, out[16];
-    int32_t bs[16] = {0};
     _Pragma("GCC unroll 4")
     for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) {
-            v[4 * r + k] = acc[r][k];
-            d[4 * r + k] = J->seg_d[n + r];
-            bs[4 * r + k] = J->bsum[t + k];
-            xs[4 * r + k] = J->xs[t + k];
-        }
-    const __m512i sums = _mm512_sub_epi32(hsum16x16(v), _mm512_loadu_si512(bs));
-    const __m512 yv = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(d), _mm512_cvtepi32_ps(sums)));
-    _mm512_storeu_ps(out, _mm512_mul_ps(yv, _mm512_loadu_ps(xs)));
-    _Pragma("GCC unroll 4")
-    for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) J->y[(t + k) * J->N + n + r] = out[4 * r + k];
+        for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
+    const float *d = J->seg_d + n, *x = J->xs + t;
+    const int32_t *bt = J->bsum + t;
+    const __m512 dd = tile_rows(_mm_setr_ps(d[0], R > 1 ? d[1] : 0.0f, R > 2 ? d[2] : 0.0f, R > 3 ? d[3] : 0.0f));
+    const __m512i bs = _mm512_broadcast_i32x4(_mm_setr_epi32(bt[0], TT > 1 ? bt[1] : 0, TT > 2 ? bt[2] : 0,
+                                                             TT > 3 ? bt[3] : 0));
+    const __m512 xs = _mm512_broadcast_f32x4(_mm_setr_ps(x[0], TT > 1 ? x[1] : 0.0f, TT > 2 ? x[2] : 0.0f,
+                                                         TT > 3 ? x[3] : 0.0f));
+    const __m512i sums = _mm512_sub_epi32(hsum16x16(v), bs);
+    const __m512 yv = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sums)));
+    tile_store(J->y, J->N, n, t, _mm512_mul_ps(yv, xs), R, TT);
 }
 
 #define I8_TILE_ROW(R)                                                        \
