@@ -16,7 +16,7 @@ from setuptools import Extension, setup
 compile_args = ["-O3", "-ffp-contract=off", "-std=c11"]
 link_args = []
 if sys.platform.startswith("linux"):
-    # OpenMP threads over contiguous row ranges. libgomp is shared with torch's (same soname) when torch is loaded first.
+    # OpenMP threads over contiguous row ranges. libgomp is shared with torch's (same soname) when torch loads first.
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
 if sys.platform == "win32":
