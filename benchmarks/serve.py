@@ -1,7 +1,7 @@
 """`spectra serve` under load: 1, 4 and 16 concurrent streaming clients against sequential single-stream decoding.
 
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
-                               [--gen-len 64] [--llama-server PATH] [--soak SECONDS]
+                               [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -20,6 +20,10 @@ byte-level BPE as its vocabulary, since llama.cpp refuses a model without one) w
 slots and its defaults otherwise (f16 KV cache, continuous batching) except `--no-repack` (see start_llama), and
 is driven the same way. Prompts are ids
 below the built-in BPE's 4096 for every server.
+
+`--repeats N` runs the whole comparison (sequential, then each server) N times. The table lists every repeat; the
+summary gives the median and range over repeats of each ratio taken within its repeat, since a shared VM's speed
+can drift by half between runs a minute apart.
 
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
 requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak (and its maximum).
@@ -220,6 +224,54 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+def run_soak(proc: subprocess.Popen, url: str, args: argparse.Namespace, vocab: int) -> dict:
+    """16 clients without pause for args.soak seconds, with the server's RSS sampled every second."""
+    rss0 = rss_mb(proc.pid)
+    peak = [rss0]
+    until = time.perf_counter() + args.soak
+
+    async def sample() -> None:
+        while time.perf_counter() < until:
+            peak.append(rss_mb(proc.pid))
+            await asyncio.sleep(1)
+
+    async def soak_run() -> dict:
+        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until, client_lib=args.client)
+        return (await asyncio.gather(d, sample()))[0]
+
+    soak = asyncio.run(soak_run())
+    soak.update(rss_start_mb=rss0, rss_end_mb=rss_mb(proc.pid), rss_max_mb=max(peak), seconds=args.soak)
+    return soak
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per server and concurrency: the median over repeats of tok/s and of the ratios taken within each repeat (to
+    that repeat's sequential rate, and spectra to llama-server), with their range: the pairing that survives a
+    machine whose speed drifts between repeats."""
+    import statistics
+
+    def span(vals: list[float]) -> str:
+        return f"{statistics.median(vals):.2f}x [{min(vals):.2f}-{max(vals):.2f}]" if len(vals) > 1 else \
+            f"{vals[0]:.2f}x"
+
+    lines, ratios = ["summary (median [range] over repeats; ratios paired within a repeat):"], []
+    peer = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
+    for name in dict.fromkeys(r["server"] for r in rows):
+        for c in dict.fromkeys(r["clients"] for r in rows if r["server"] == name):
+            mine = [r for r in rows if r["server"] == name and r["clients"] == c]
+            vs_seq = [r["tok_s"] / r["sequential_tok_s"] for r in mine]
+            vs_peer = [r["tok_s"] / peer[(r["repeat"], c)] for r in mine
+                       if name == "spectra" and peer.get((r["repeat"], c))]
+            rate = statistics.median(r["tok_s"] for r in mine)
+            line = f"{name:<13} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
+            if vs_peer:
+                line += f", vs llama-server {span(vs_peer)}"
+            lines.append(line)
+            ratios.append({"server": name, "clients": c, "tok_s_median": rate, "vs_sequential": vs_seq,
+                           "vs_llama_server": vs_peer})
+    return {"lines": lines, "ratios": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a packed model directory (default: --size packed here)")
@@ -227,6 +279,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per phase")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="times the whole comparison (sequential, then each server) runs; ratios are paired "
+                             "within a repeat and their median and range printed")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--llama-server", default=None, help="path to a llama.cpp llama-server binary")
@@ -260,64 +315,52 @@ def main() -> None:
         vocab = min(BUILTIN_VOCAB, json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"])
         ctx = args.prompt_len + args.gen_len + 8
         load_before = os.getloadavg()[0]
-        seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
-                              args.kv_cache)
         servers = [("spectra", lambda: start_spectra(model_dir, args.threads, ctx, args.kv_cache), False)]
         if args.llama_server:
             servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
                             True))
+        seqs: list[float] = []
         rows = []
         soak = None
-        for name, start, llama in servers:
-            proc, url = start()
-            try:
-                asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))  # warm-up
-                for c in args.clients:
-                    r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama, c,
-                                          client_lib=args.client))
-                    rows.append({"server": name, **r})
-                if args.soak and name == "spectra":
-                    rss0 = rss_mb(proc.pid)
-                    peak = [rss0]
-
-                    async def sample() -> None:
-                        while time.perf_counter() < until:
-                            peak.append(rss_mb(proc.pid))
-                            await asyncio.sleep(1)
-
-                    async def soak_run() -> dict:
-                        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until,
-                                  client_lib=args.client)
-                        return (await asyncio.gather(d, sample()))[0]
-
-                    until = time.perf_counter() + args.soak
-                    soak = asyncio.run(soak_run())
-                    soak.update(rss_start_mb=rss0, rss_end_mb=rss_mb(proc.pid), rss_max_mb=max(peak),
-                                seconds=args.soak)
-            finally:
-                stop(proc)
+        for rep in range(args.repeats):
+            seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
+                                  args.kv_cache)
+            seqs.append(seq)
+            for name, start, llama in servers:
+                proc, url = start()
+                try:
+                    asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))
+                    for c in args.clients:
+                        r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama,
+                                              c + 1000 * rep, client_lib=args.client))
+                        rows.append({"server": name, "repeat": rep, "sequential_tok_s": seq, **r})
+                    if args.soak and name == "spectra" and rep == args.repeats - 1:
+                        soak = run_soak(proc, url, args, vocab)
+                finally:
+                    stop(proc)
         print(f"{label}; {args.kv_cache} KV cache, {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} "
               f"tokens per request, "
-              f"{args.rounds} requests per client; cpus={os.cpu_count()}, load average {load_before:.2f} -> "
-              f"{os.getloadavg()[0]:.2f}")
-        print(f"sequential single stream (generate, in process): {seq:.1f} tok/s")
-        print(f"{'server':<13} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
+              f"{args.rounds} requests per client, {args.repeats} repeats; cpus={os.cpu_count()}, load average "
+              f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}")
+        print("sequential single stream (generate, in process): " + ", ".join(f"{v:.1f}" for v in seqs) + " tok/s")
+        print(f"{'server':<13} {'rep':>3} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
               f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4}")
         for r in rows:
-            print(f"{r['server']:<13} {r['clients']:>7} {r['tok_s']:>8.1f} {r['tok_s'] / seq:>6.2f}x "
+            print(f"{r['server']:<13} {r['repeat']:>3} {r['clients']:>7} {r['tok_s']:>8.1f} "
+                  f"{r['tok_s'] / r['sequential_tok_s']:>6.2f}x "
                   f"{1000 * r['ttft_p50']:>7.1f}ms {1000 * r['ttft_p99']:>6.1f}ms {1000 * r['tpot_p50']:>10.2f} "
                   f"{1000 * r['tpot_p99']:>7.2f} {r['status_5xx']:>4}")
-        peer = {r["clients"]: r["tok_s"] for r in rows if r["server"] == "llama-server"}
-        for r in rows:
-            if r["server"] == "spectra" and peer.get(r["clients"]):
-                print(f"spectra / llama-server at {r['clients']} clients: {r['tok_s'] / peer[r['clients']]:.2f}x")
+        summary = summarize(rows)
+        for line in summary["lines"]:
+            print(line)
         if soak is not None:
             print(f"soak: {soak['seconds']:.0f} s of 16 clients, {soak['requests']} requests, {soak['tokens']} tokens "
                   f"({soak['tok_s']:.1f} tok/s); 5xx {soak['status_5xx']}, other non-200 {soak['status_other']}, "
                   f"transport errors {soak['transport_errors']}; server RSS {soak['rss_start_mb']:.0f} MiB at start, "
                   f"{soak['rss_end_mb']:.0f} MiB at end, max {soak['rss_max_mb']:.0f} MiB")
         if args.json:
-            Path(args.json).write_text(json.dumps({"sequential_tok_s": seq, "rows": rows, "soak": soak}, indent=2))
+            Path(args.json).write_text(json.dumps({"sequential_tok_s": seqs, "rows": rows, "summary":
+                                                   summary["ratios"], "soak": soak}, indent=2))
 
 
 if __name__ == "__main__":
