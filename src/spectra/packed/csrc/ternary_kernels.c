@@ -497,6 +497,14 @@ TARGET_AVX512 static inline __m512 tile_rows(__m128 a) {
                                  _mm512_castps128_ps512(a));
 }
 
+/* p[0], p[stride], p[2 * stride], p[3 * stride], the first n of them (n constant after inlining), zeros after. */
+static inline __attribute__((always_inline)) __m128 first4_ps(const float *p, int64_t stride, const int n) {
+    return _mm_setr_ps(p[0], n > 1 ? p[stride] : 0.0f, n > 2 ? p[2 * stride] : 0.0f, n > 3 ? p[3 * stride] : 0.0f);
+}
+static inline __attribute__((always_inline)) __m128i first4_epi32(const int32_t *p, int64_t stride, const int n) {
+    return _mm_setr_epi32(p[0], n > 1 ? p[stride] : 0, n > 2 ? p[2 * stride] : 0, n > 3 ? p[3 * stride] : 0);
+}
+
 /* Lane 4r + k of v to y[(t + k) * N + n + r], for r < R, k < TT. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void tile_store(float *y, int64_t N, int64_t n, int64_t t,
                                                                            __m512 v, const int R, const int TT) {
@@ -557,18 +565,12 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
             _Pragma("GCC unroll 4")
             for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
         /* Lane 4r + k: seg_d[(n + r) * S + s] and bsum[(t + k) * S + s]; lanes outside the R x TT tile get 0. */
-        const float *d = J->seg_d + n * S + s;
-        const int32_t *bt = J->bsum + t * S + s;
-        const __m512 dd = tile_rows(_mm_setr_ps(d[0], R > 1 ? d[S] : 0.0f, R > 2 ? d[2 * S] : 0.0f,
-                                                R > 3 ? d[3 * S] : 0.0f));
-        const __m512i bs = _mm512_broadcast_i32x4(_mm_setr_epi32(bt[0], TT > 1 ? bt[S] : 0, TT > 2 ? bt[2 * S] : 0,
-                                                                 TT > 3 ? bt[3 * S] : 0));
+        const __m512 dd = tile_rows(first4_ps(J->seg_d + n * S + s, S, R));
+        const __m512i bs = _mm512_broadcast_i32x4(first4_epi32(J->bsum + t * S + s, S, TT));
         const __m512i sums = _mm512_sub_epi32(hsum16x16(v), bs);
         yv = _mm512_add_ps(yv, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sums)));
     }
-    const float *x = J->xs + t;
-    const __m512 xs = _mm512_broadcast_f32x4(_mm_setr_ps(x[0], TT > 1 ? x[1] : 0.0f, TT > 2 ? x[2] : 0.0f,
-                                                         TT > 3 ? x[3] : 0.0f));
+    const __m512 xs = _mm512_broadcast_f32x4(first4_ps(J->xs + t, 1, TT));
     tile_store(J->y, J->N, n, t, _mm512_mul_ps(yv, xs), R, TT);
 }
 
@@ -670,13 +672,9 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void i8_tile_avx512(c
     for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4")
         for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
-    const float *d = J->seg_d + n, *x = J->xs + t;
-    const int32_t *bt = J->bsum + t;
-    const __m512 dd = tile_rows(_mm_setr_ps(d[0], R > 1 ? d[1] : 0.0f, R > 2 ? d[2] : 0.0f, R > 3 ? d[3] : 0.0f));
-    const __m512i bs = _mm512_broadcast_i32x4(_mm_setr_epi32(bt[0], TT > 1 ? bt[1] : 0, TT > 2 ? bt[2] : 0,
-                                                             TT > 3 ? bt[3] : 0));
-    const __m512 xs = _mm512_broadcast_f32x4(_mm_setr_ps(x[0], TT > 1 ? x[1] : 0.0f, TT > 2 ? x[2] : 0.0f,
-                                                         TT > 3 ? x[3] : 0.0f));
+    const __m512 dd = tile_rows(first4_ps(J->seg_d + n, 1, R));
+    const __m512i bs = _mm512_broadcast_i32x4(first4_epi32(J->bsum + t, 1, TT));
+    const __m512 xs = _mm512_broadcast_f32x4(first4_ps(J->xs + t, 1, TT));
     const __m512i sums = _mm512_sub_epi32(hsum16x16(v), bs);
     const __m512 yv = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sums)));
     tile_store(J->y, J->N, n, t, _mm512_mul_ps(yv, xs), R, TT);
@@ -741,6 +739,21 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 #include "tq1_kernels.h"
 #include "amx_kernels.h"
 #include "pool.h"
+
+/* fn(ctx, c) for c = 0 .. n_chunks - 1 on up to n_threads threads: the kernels' pool (pool.h) where there is one,
+ * else OpenMP's dynamic schedule, else a plain loop. */
+typedef void (*for_chunks_fn)(void *ctx, int64_t chunk);
+static void for_chunks(int n_threads, int64_t n_chunks, for_chunks_fn fn, void *ctx) {
+#if defined(SPECTRA_POOL)
+    pool_for(n_threads, n_chunks, fn, ctx);
+#elif defined(_OPENMP)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+    for (int64_t c = 0; c < n_chunks; c++) fn(ctx, c);
+#else
+    (void)n_threads;
+    for (int64_t c = 0; c < n_chunks; c++) fn(ctx, c);
+#endif
+}
 
 /* Int8 weights, portable: X = sum_i (u_i - 128) a_i, y = s * (0 + d * f(X)). */
 static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
@@ -823,14 +836,7 @@ static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) 
     if (per_chunk < 4) per_chunk = 4;
     const rows_task_t task = {rows, path, J, 4 * per_chunk};
     const int64_t n_chunks = (groups + per_chunk - 1) / per_chunk;
-#if defined(SPECTRA_POOL)
-    pool_for(n_threads, n_chunks, rows_chunk, (void *)&task);
-#elif defined(_OPENMP)
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; c++) rows_chunk((void *)&task, c);
-#else
-    for (int64_t c = 0; c < n_chunks; c++) rows_chunk((void *)&task, c);
-#endif
+    for_chunks(n_threads, n_chunks, rows_chunk, (void *)&task);
 }
 
 static int path_supported(int path) {
@@ -1109,14 +1115,7 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
     _Atomic int failed = 0;
     const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, scale,
                                       path == PATH_AVX512VNNI && D % 16 == 0, half, &failed};
-#if defined(SPECTRA_POOL)
-    pool_for(n_threads, B * H, attend_batch_one, (void *)&task);
-#elif defined(_OPENMP)
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
-    for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
-#else
-    for (int64_t c = 0; c < B * H; c++) attend_batch_one((void *)&task, c);
-#endif
+    for_chunks(n_threads, B * H, attend_batch_one, (void *)&task);
     return !atomic_load(&failed);
 }
 
@@ -1189,6 +1188,15 @@ TARGET_AVX512 static int64_t argmax_avx512(const float *x, int64_t V) {
 }
 #endif
 
+/* One row's argmax on `path`. */
+static int64_t argmax_row(int path, const float *x, int64_t V) {
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI) return argmax_avx512(x, V);
+#endif
+    (void)path;
+    return argmax_scalar(x, V);
+}
+
 static PyObject *py_argmax(PyObject *self, PyObject *args) {
     int path;
     unsigned long long px, po;
@@ -1198,15 +1206,7 @@ static PyObject *py_argmax(PyObject *self, PyObject *args) {
     if (B < 0 || V <= 0 || !path_supported(path)) return PyErr_Format(PyExc_ValueError, "bad argmax B=%lld V=%lld", B, V);
     const float *x = (const float *)(uintptr_t)px;
     int64_t *out = (int64_t *)(uintptr_t)po;
-    for (long long b = 0; b < B; b++) {
-#ifdef SPECTRA_X86
-        if (path == PATH_AVX512VNNI) {
-            out[b] = argmax_avx512(x + b * V, V);
-            continue;
-        }
-#endif
-        out[b] = argmax_scalar(x + b * V, V);
-    }
+    for (long long b = 0; b < B; b++) out[b] = argmax_row(path, x + b * V, V);
     Py_RETURN_NONE;
 }
 
@@ -1249,6 +1249,15 @@ TARGET_AVX512 static float logsumexp_avx512(const float *x, int64_t V) {
 }
 #endif
 
+/* One row's log-sum-exp on `path`. */
+static float logsumexp_row(int path, const float *x, int64_t V) {
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI) return logsumexp_avx512(x, V);
+#endif
+    (void)path;
+    return logsumexp_scalar(x, V);
+}
+
 static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
     int path;
     unsigned long long px, po;
@@ -1259,15 +1268,7 @@ static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "bad logsumexp B=%lld V=%lld", B, V);
     const float *x = (const float *)(uintptr_t)px;
     float *out = (float *)(uintptr_t)po;
-    for (long long b = 0; b < B; b++) {
-#ifdef SPECTRA_X86
-        if (path == PATH_AVX512VNNI) {
-            out[b] = logsumexp_avx512(x + b * V, V);
-            continue;
-        }
-#endif
-        out[b] = logsumexp_scalar(x + b * V, V);
-    }
+    for (long long b = 0; b < B; b++) out[b] = logsumexp_row(path, x + b * V, V);
     Py_RETURN_NONE;
 }
 
@@ -1286,15 +1287,8 @@ typedef struct {
 static void rowstat_one(void *ctx, int64_t b) {
     const rowstat_task_t *t = (const rowstat_task_t *)ctx;
     const float *row = t->x + b * t->V;
-#ifdef SPECTRA_X86
-    if (t->path == PATH_AVX512VNNI) {
-        t->idx[b] = argmax_avx512(row, t->V);
-        if (t->lse) t->lse[b] = logsumexp_avx512(row, t->V);
-        return;
-    }
-#endif
-    t->idx[b] = argmax_scalar(row, t->V);
-    if (t->lse) t->lse[b] = logsumexp_scalar(row, t->V);
+    t->idx[b] = argmax_row(t->path, row, t->V);
+    if (t->lse) t->lse[b] = logsumexp_row(t->path, row, t->V);
 }
 
 static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
@@ -1308,14 +1302,7 @@ static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
     const rowstat_task_t task = {path, (const float *)(uintptr_t)px, V, (int64_t *)(uintptr_t)pi,
                                  (float *)(uintptr_t)pl};
     Py_BEGIN_ALLOW_THREADS
-#if defined(SPECTRA_POOL)
-    pool_for(n_threads, B, rowstat_one, (void *)&task);
-#elif defined(_OPENMP)
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (long long b = 0; b < B; b++) rowstat_one((void *)&task, b);
-#else
-    for (long long b = 0; b < B; b++) rowstat_one((void *)&task, b);
-#endif
+    for_chunks(n_threads, B, rowstat_one, (void *)&task);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
