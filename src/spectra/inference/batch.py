@@ -388,9 +388,7 @@ class Scheduler:
         req.tokens.append(nxt)
         self.stats["generated"] += 1
         event: dict[str, Any] = {"type": "token", "token": nxt, "text": ""}
-        if req.logprobs is not None and req.logprobs == 0 and lse is not None and greedy_logit is not None and (
-            nxt == greedy
-        ):
+        if req.logprobs == 0 and nxt == greedy and lse is not None and greedy_logit is not None:
             entry = {"token": nxt, "logprob": greedy_logit - lse, "top": []}  # log p_i = x_i - logsumexp(x)
             req.token_logprobs.append(entry)
             event["logprob"] = entry

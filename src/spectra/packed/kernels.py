@@ -444,8 +444,8 @@ def argmax_logsumexp(
     """(argmax(x), logsumexp(x) or None) over the last dimension, exactly what `argmax` and `logsumexp` give, in one C
     call that splits the rows over `n_threads` of the kernels' pool and releases the GIL (a batched decode step's greedy
     picks and log-probabilities); torch for what the C functions do not take."""
-    path = resolve_path(path) if extension() is not None else "torch"
-    if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+    path = _row_path(x, path)
+    if path is None:
         return torch.argmax(x, -1), (torch.logsumexp(x, -1) if with_lse else None)
     rows = x.reshape(-1, x.shape[-1])
     idx = torch.empty(rows.shape[0], dtype=torch.int64)
@@ -455,11 +455,20 @@ def argmax_logsumexp(
     return idx.reshape(x.shape[:-1]), (None if lse is None else lse.reshape(x.shape[:-1]))
 
 
+def _row_path(x: Tensor, path: str) -> str | None:
+    """The compiled path that runs a per-row C function (argmax, logsumexp) on x, or None where torch must: no
+    extension, or x not float32 / CPU / contiguous, or empty."""
+    path = resolve_path(path) if extension() is not None else "torch"
+    if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+        return None
+    return path
+
+
 def _per_row(name: str, x: Tensor, dtype: torch.dtype, fallback, path: str) -> Tensor:
     """One value per row of x's last dimension from the C function `name(path, x_ptr, rows, V, out_ptr)`, or
     fallback(x, -1) for what it does not take (no extension, not float32 / CPU / contiguous, empty)."""
-    path = resolve_path(path) if extension() is not None else "torch"
-    if path == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+    path = _row_path(x, path)
+    if path is None:
         return fallback(x, -1)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], dtype=dtype)
