@@ -293,6 +293,8 @@ def main() -> None:
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
                         help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give 1 or more")
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
