@@ -14,8 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--ctx-len", type=int, default=None, help="positions per slot (default: the model's max)")
-    p.add_argument("--prefill-chunk", type=int, default=128,
-                   help="prompt positions prefilled per decode step (a long prompt is cut at multiples of it)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per decode step")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
     p.add_argument("--float-head", action="store_true", help="keep a packed model's lm_head in float (default int8)")
