@@ -18,9 +18,8 @@ forward and the batch-1 `Decoder` take), and runs a step two ways:
   results equal a lone sequence's as far as the linear layers' matmuls give each row the same rounding at any B.
 
 `Scheduler` is continuous batching on top: requests wait in a queue, are admitted into free slots between steps,
-prefilled in fixed chunks (a step takes at most one chunk's worth of prompt positions, from one long prompt or several
-short ones, so prompts cost the running streams at most that per step; the chunking of a prompt does not depend on
-what else runs, so neither do its results), sampled with their own parameters and generator,
+prefilled in fixed chunks (a long prompt costs the running streams at most one chunk per step, and the chunking of a
+prompt does not depend on what else runs, so neither do its results), sampled with their own parameters and generator,
 and finish on their own stop condition or on cancellation. `generate_batch` runs it to completion for a list of
 prompts; `spectra.serve` runs it behind an HTTP server.
 """
@@ -270,11 +269,13 @@ class Scheduler:
         max_batch: int = 8,
         max_len: int | None = None,
         prefill_chunk: int | None = 256,
+        prefill_chunks_per_step: int = 1,
         kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.decoder = BatchDecoder(model, max_batch, max_len, kv_dtype)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         self.prefill_chunk = prefill_chunk
+        self.prefill_chunks_per_step = prefill_chunks_per_step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # holding a slot: prefilling (prefilled < len(prompt)) or decoding
         self.eos = getattr(self.decoder.config, "eos_token_id", None)
@@ -312,8 +313,7 @@ class Scheduler:
     # ---- one iteration -------------------------------------------------------------------------------------------
     def step(self) -> None:
         """Drop cancelled sequences, admit waiting ones into free slots, then one decode step for every sequence past
-        its prompt together with the prefill chunks that fit in `prefill_chunk` positions (in one pass on the C
-        path)."""
+        its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path)."""
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
         while self.waiting and self.waiting[0].cancelled:
@@ -327,24 +327,14 @@ class Scheduler:
             self.running.append(req)
         decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
         decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
-        # Prefill chunks: each prompt is cut at multiples of `prefill_chunk` whatever else runs, and a step takes the
-        # next chunk of as many prompts as fit in `prefill_chunk` positions together, in arrival order and at least
-        # the first: short prompts are prefilled together, and no step has more rows than the decode rows plus one
-        # chunk.
         chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
-        room = self.prefill_chunk
         for req in self.running:
+            if len(chunks) == self.prefill_chunks_per_step:
+                break
             n = len(req.prompt_ids)
             if req.prefilled < n:
                 size = self.prefill_chunk or n
-                end = min(n, (req.prefilled // size + 1) * size)  # fixed boundaries, every run
-                if chunks and room is None:
-                    break  # no chunking: one whole prompt per step
-                if chunks and end - req.prefilled > room:
-                    continue
-                chunks.append((req, end))
-                if room is not None:
-                    room -= end - req.prefilled
+                chunks.append((req, min(n, (req.prefilled // size + 1) * size)))  # fixed boundaries, every run
         if not decoding and not chunks:
             return
         # One pass for the decode rows and the prefill chunks together (`step_with_prefill`).
