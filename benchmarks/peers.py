@@ -10,7 +10,7 @@ The run:
 1. builds a TriLM with the paper's 1.1B shape and random weights (`spectra.load("trilm-1.1b")`: two scale shards per
    matrix, as the paper's model-parallel training leaves them), writes it as a packed checkpoint the way
    `spectra pack trilm-1.1b DIR --lossy` does, and opens that with `spectra.load`: the path users take. Decoding is
-   `spectra.inference.bench.time_torch` (prefill of P tokens, then G single-token steps with the int8 lm_head, what
+   `spectra.inference.bench.time_torch` (prefill of P tokens, and G single-token steps with the int8 lm_head, what
    `spectra bench` and `spectra generate` run);
 2. exports the same latent model as an f16 GGUF (`spectra.interop.gguf.export_gguf`, qtype f16) and has each peer's
    own `llama-quantize` (found next to its llama-bench) quantize it to each of its ternary types that it lists
@@ -24,8 +24,11 @@ The run:
    are every tensor but the token embedding (one row of it is read per token): for spectra the packed blocks, their
    scales, the int8 head and the norms; for a peer the tensors of its GGUF file.
 
-Speeds are medians over all samples. llama-bench's `tg` test decodes from an empty context while spectra decodes after
-its prompt (positions P .. P+G), so spectra's attention reads slightly more; the difference is small at these lengths.
+Speeds are medians over all samples. Both sides run llama-bench's tests: the prompt of P tokens from an empty context
+(`pp`), and G single-token steps from an empty context (`tg`: positions 0 .. G-1), with a float16 KV cache (llama.cpp's
+default). Until 2026-12-03 spectra decoded after its prompt (positions P .. P+G-1) into a float32 cache, which on the
+1.1B at P = 128 cost it 8-9 % of its decode rate on 2 Zen 4 threads (attention was 14 % of the profile); the README's
+tables from before that date were measured that way.
 The machine must be otherwise idle for numbers worth quoting; the load average before and after is printed. The
 defaults (2 rounds × 1 sample of 9 runtimes on 1 and 2 threads; each llama-bench call also makes its own warm-up run)
 take about 5 minutes with both peers on the 2-core Zen 4; `--rounds 3 --reps 2` gives 6 samples each in about 10.
@@ -142,7 +145,7 @@ def time_spectra(model, prompt: torch.Tensor, decode_ids: torch.Tensor, threads:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        p, d = time_torch(model, prompt, decode_ids)
+        p, d = time_torch(model, prompt, decode_ids, decode_from_empty=True, kv_dtype=torch.float16)
     finally:
         torch.set_num_threads(old)
     return prompt.shape[1] / p, decode_ids.shape[1] / d

@@ -1,5 +1,6 @@
 """`bench`: the variants it builds compute the same function as the source model; result structure; the CLI."""
 
+import importlib
 import json
 
 import pytest
@@ -144,3 +145,22 @@ def test_bench_against_llama_cpp():
     assert {"decode packed/llama.cpp", "prompt packed/llama.cpp"} <= set(r["ratios"]["threads=1"])
     gguf_mb = next(x["weights_mb"] for x in r["results"] if x["variant"] == "llama.cpp")
     assert 0.1 < gguf_mb < 1.0  # TQ2_0 blocks + Q8_0 embedding and output of this 2-layer model
+
+
+@pytest.mark.parametrize("from_empty", [False, True])
+def test_time_torch_decodes_at_the_positions_asked(monkeypatch, from_empty):
+    """llama-bench's `tg` decodes from an empty context (benchmarks/peers.py): with `decode_from_empty` the G steps
+    run at positions 0 .. G-1 of a cache of the asked dtype, else after the prompt at P .. P+G-1."""
+    B = importlib.import_module("spectra.inference.bench")  # the module (the package exports a function `bench`)
+    model = build_model(cfg(family="floatlm"), seed=0).eval()
+    seen = []
+
+    def step(ids, cache):
+        seen.append((cache.pos, cache.k.dtype))
+        return model(ids, cache=cache)
+
+    monkeypatch.setattr(B, "decoder_for", lambda m: step)
+    prompt, decode_ids = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 4))
+    B.time_torch(model, prompt, decode_ids, decode_from_empty=from_empty, kv_dtype=torch.float16)
+    start = 0 if from_empty else 7
+    assert seen == [(start + i, torch.float16) for i in range(4)]

@@ -163,17 +163,31 @@ def _is_kind(model: nn.Module, kind: str) -> bool:
     return {"packed": "PackedTernaryLinear" in names, "trilm": "TernaryLinear" in names}[kind]
 
 
-def time_torch(model: nn.Module, prompt: torch.Tensor, decode_ids: torch.Tensor) -> tuple[float, float]:
+def time_torch(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    decode_ids: torch.Tensor,
+    *,
+    decode_from_empty: bool = False,
+    kv_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
     """Seconds for the prefill of `prompt` (1, P) and for decoding the G tokens of `decode_ids` (1, G) one by one,
-    the way `generate` runs them (a packed TriLM: the C rows for the prompt, the C decoder for each token)."""
+    the way `generate` runs them (a packed TriLM: the C rows for the prompt, the C decoder for each token).
+
+    The tokens are decoded after the prompt (positions P .. P+G-1), or with `decode_from_empty` from an empty cache
+    (positions 0 .. G-1, what llama-bench's `tg` test measures). `kv_dtype`: the cache's dtype (default the model's;
+    llama.cpp's default is float16)."""
     P, G = prompt.shape[1], decode_ids.shape[1]
     step = decoder_for(model)  # the lean single-token path for a packed TriLM (spectra.inference.decode)
     prefill = step.prefill if isinstance(step, Decoder) else (lambda ids, cache: model(ids, cache=cache))
     with torch.inference_mode():
-        cache = model.new_cache(1, P + G)
+        cache = model.new_cache(1, P + G, kv_dtype)
         t0 = time.perf_counter()
         prefill(prompt, cache)[:, -1].argmax(-1)
         t1 = time.perf_counter()
+        if decode_from_empty:
+            cache.pos = 0  # the prompt's keys and values are overwritten position by position
+            t1 = time.perf_counter()
         for i in range(G):
             step(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)
         t2 = time.perf_counter()
