@@ -59,7 +59,7 @@ def test_bench_floatlm_result_structure():
         repeats=2,
         llama_cpp=False,
     )
-    assert r["skipped"]["packed"] == "not a ternary model"
+    assert r["skipped"]["packed"] == "not a ternary model" and r["kv_cache"] == "auto"
     got = {(x["variant"], x["threads"]) for x in r["results"]}
     assert got == {("bf16", 1), ("fp32", 1), ("model", 1)}
     for x in r["results"]:
@@ -83,6 +83,8 @@ def test_bench_bad_input():
         bench(model, prompt_len=60, gen_len=10, llama_cpp=False)
     with pytest.raises(ValueError, match="unknown model size"):
         bench("trilm-7b", llama_cpp=False)
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, f32, f16"):
+        bench(model, kv_cache="q8", llama_cpp=False)
 
 
 def test_cli_bench_json(capsys):

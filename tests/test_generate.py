@@ -123,13 +123,25 @@ def test_cli_generate(tmp_path, tok, capsys):
     tok.save(str(tmp_path / "tok.json"))
     model = build_model(cfg(), seed=2)
     save_model(model, tmp_path / "m", tokenizer=tmp_path / "tok.json")
-    expected = generate(model.eval(), tok, "Now is the", max_new_tokens=8, stop_at_eos=False)["text"]
-    assert (
-        main(["generate", str(tmp_path / "m"), "--prompt", "Now is the", "--max-new-tokens", "8", "--no-eos-stop"]) == 0
-    )
-    out = capsys.readouterr()
-    assert out.out == expected + "\n"
-    assert "tok/s" in out.err
+    args = ["generate", str(tmp_path / "m"), "--prompt", "Now is the", "--max-new-tokens", "8", "--no-eos-stop"]
+    # the default KV cache of a float32 model is float16 (--kv-cache auto), as llama.cpp's; f32 keeps the model's
+    for flags, kv in (([], torch.float16), (["--kv-cache", "f32"], None)):
+        expected = generate(model.eval(), tok, "Now is the", max_new_tokens=8, stop_at_eos=False, kv_dtype=kv)["text"]
+        assert main(args + flags) == 0
+        out = capsys.readouterr()
+        assert out.out == expected + "\n"
+        assert "tok/s" in out.err
+
+
+def test_kv_cache_names():
+    from spectra.inference.generate import kv_dtype_from_name
+
+    model = build_model(cfg(), seed=0)
+    assert kv_dtype_from_name("auto", model) == torch.float16  # a float32 model's cache halves
+    assert kv_dtype_from_name("auto", model.to(torch.bfloat16)) is None  # a 16-bit model keeps its own
+    assert kv_dtype_from_name("f32") == torch.float32 and kv_dtype_from_name(None) is None
+    with pytest.raises(ValueError, match="auto, f32, f16"):
+        kv_dtype_from_name("q8")
 
 
 def test_generate_quantlm_and_its_gguf(tmp_path):

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from spectra.inference.decode import Decoder, decoder_for
+from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name
 from spectra.interop.weights import check_plain_linear, dense_weight
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def bench(
     seed: int = 0,
     vocab_size: int | None = None,
     workdir: str | os.PathLike | None = None,
+    kv_cache: str = "auto",
 ) -> dict[str, Any]:
     """Measure prompt and decode speed of a model's variants (see the module docstring), interleaved.
 
@@ -254,9 +256,10 @@ def bench(
     FloatLM) are listed in `skipped`. `llama_cpp` None runs llama.cpp when llama-cpp-python is importable and the
     model is a TriLM (True requires it). `packed_head` "int8" runs the packed variant's lm_head in int8
     (`with_int8_head`, like the Q8_0 output tensor llama.cpp gets), "float" as stored. `vocab_size` overrides the
-    vocabulary of a synthetic model.
+    vocabulary of a synthetic model. `kv_cache` is each variant's KV cache dtype as `spectra generate --kv-cache`
+    takes it ("auto": float16 for a float32 variant, like llama.cpp's default; "f32"; "f16").
 
-    Returns {"model", "config", "prompt_len", "gen_len", "repeats", "loadavg_before", "loadavg_after",
+    Returns {"model", "config", "prompt_len", "gen_len", "repeats", "kv_cache", "loadavg_before", "loadavg_after",
     "results": [{"variant", "threads", "prompt_tokens_per_s", "decode_tokens_per_s", "ms_per_token", "prompt_runs",
     "decode_runs", "weights_mb"}], "ratios", "skipped", "rss_mb", "peak_rss_mb"}. Speeds are medians over `repeats`.
     RSS is the whole process's (all variants at once); bench one variant alone for its own peak.
@@ -273,6 +276,8 @@ def bench(
         raise ValueError(f"packed_format must be 'tq2' or 'tq1', got {packed_format!r}")
     if packed_head not in ("int8", "float"):
         raise ValueError(f"packed_head must be 'int8' or 'float', got {packed_head!r}")
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}")
 
     skipped: dict[str, str] = {}
     variants: dict[str, nn.Module] = {}
@@ -353,7 +358,7 @@ def bench(
                 torch.set_num_threads(t)
                 for name, model in variants.items():
                     p, d = (prompt[:, :8], decode_ids[:, :4]) if rep == 0 else (prompt, decode_ids)
-                    s = time_torch(model, p, d)
+                    s = time_torch(model, p, d, kv_dtype=kv_dtype_from_name(kv_cache, model))
                     if rep:
                         runs.setdefault((name, t), []).append(s)
                 if t in runners:
@@ -391,6 +396,7 @@ def bench(
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "repeats": repeats,
+        "kv_cache": kv_cache,
         "packed_format": packed_format,
         "packed_head": packed_head,
         "loadavg_before": loadavg_before,

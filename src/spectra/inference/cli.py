@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-eos-stop", action="store_true", help="keep going after the EOS token")
     p.add_argument("--cache-dequantized", action="store_true",
                    help="QuantLMs: keep each layer's dequantized weight (much faster decoding, a FloatLM's memory)")
-    p.add_argument("--kv-cache", choices=["f32", "f16"], default=None,
-                   help="KV cache dtype (default: the model's, float32 for packed TriLMs; f16 halves its memory and "
-                        "the bytes attention reads, as `serve` does by default)")
+    p.add_argument("--kv-cache", choices=["auto", "f32", "f16"], default="auto",
+                   help="KV cache dtype (default auto: f16 for a float32 model such as a packed TriLM, as llama.cpp "
+                        "and `serve` do, halving the bytes attention reads; a 16-bit model keeps its own dtype)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("bench", help="prompt and decode tokens/s of a model or a synthetic size, side by side")
@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="packed format")
     p.add_argument("--packed-head", default="int8", choices=["int8", "float"], help="lm_head of the packed variant")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv-cache", choices=["auto", "f32", "f16"], default="auto",
+                   help="KV cache dtype of every variant (default auto, as `generate`: f16 for a float32 variant)")
     llama = p.add_mutually_exclusive_group()
     llama.add_argument("--llama-cpp", dest="llama_cpp", action="store_true", default=None, help="require llama.cpp")
     llama.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
@@ -58,6 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer PATH (or 'builtin')")
     model = load(args.model)
+    kv_dtype = kv_dtype_from_name(args.kv_cache, model)
     if args.cache_dequantized:
         from spectra.ptq.qlinear import cache_dequantized
 
@@ -65,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(args.prompt) > 1:  # several prompts: decoded together, printed when all are done
         outs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                        seed=args.seed, stop_at_eos=not args.no_eos_stop, kv_dtype=kv_dtype_from_name(args.kv_cache))
+                        seed=args.seed, stop_at_eos=not args.no_eos_stop, kv_dtype=kv_dtype)
         for i, out in enumerate(outs):
             print(f"[{i}] {args.prompt[i]}{out['text']}")
         total = sum(o["n_generated"] for o in outs)
@@ -89,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=stream,
         stop_at_eos=not args.no_eos_stop,
-        kv_dtype=kv_dtype_from_name(args.kv_cache),
+        kv_dtype=kv_dtype,
     )
     sys.stdout.write("\n")
     pp, tg = out["prompt_tokens_per_s"], out["tokens_per_s"]
@@ -105,8 +108,8 @@ def format_bench(result: dict) -> str:
     """A side-by-side table of a `bench` result."""
     lines = [
         f"{result['model']}: prompt {result['prompt_len']} tokens, decode {result['gen_len']} tokens, "
-        f"median of {result['repeats']}; load average {result['loadavg_before'][0]:.2f} -> "
-        f"{result['loadavg_after'][0]:.2f}",
+        f"median of {result['repeats']}, KV cache {result.get('kv_cache', 'auto')}; "
+        f"load average {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}",
         f"{'variant':<11} {'threads':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'ms/token':>9} {'weights MiB':>12}",
     ]
     nan = float("nan")
@@ -136,6 +139,7 @@ def run_bench(args: argparse.Namespace) -> int:
         packed_format=args.format,
         packed_head=args.packed_head,
         repeats=args.repeats,
+        kv_cache=args.kv_cache,
     )
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0

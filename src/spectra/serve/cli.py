@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
     p.add_argument("--float-head", action="store_true", help="keep a packed model's lm_head in float (default int8)")
     p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
-                   help="KV cache dtype (default f16, as llama.cpp's: half the memory and attention's reads; f32 "
-                        "gives what `generate` gives by default)")
+                   help="KV cache dtype (default f16, as llama.cpp's and `generate`'s for a float32 model: half the "
+                        "memory and attention's reads; f32 gives the model's own float32 rounding)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.set_defaults(func=run_serve)
 
