@@ -839,6 +839,44 @@ static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) 
     for_chunks(n_threads, n_chunks, rows_chunk, (void *)&task);
 }
 
+/* Several jobs of one input (q | k | v, gate | up) in one parallel region: chunk c is chunk c - first[g] of job g,
+ * each job cut as run_parallel cuts it. One hand-out and one wait instead of one per job; a thread that finishes its
+ * part of one matrix goes on to the next without waiting for the other threads. */
+typedef struct {
+    rows_fn rows;
+    int path, G;
+    const job_t *jobs;
+    int64_t per_chunk[3], first[4]; /* per job: rows per chunk, and its first chunk index (first[G] = total) */
+} rows_multi_t;
+
+static void rows_multi_chunk(void *ctx, int64_t c) {
+    const rows_multi_t *t = (const rows_multi_t *)ctx;
+    int g = 0;
+    while (c >= t->first[g + 1]) g++;
+    const job_t *J = &t->jobs[g];
+    const int64_t n0 = (c - t->first[g]) * t->per_chunk[g];
+    t->rows(t->path, J, n0, n0 + t->per_chunk[g] < J->N ? n0 + t->per_chunk[g] : J->N);
+}
+
+static void run_parallel_jobs(rows_fn rows, int path, const job_t *jobs, int G, int n_threads) {
+    int small = 0;
+    for (int g = 0; g < G; g++) small |= jobs[g].N < 8;
+    if (G == 1 || G > 3 || n_threads <= 1 || small) {
+        for (int g = 0; g < G; g++)
+            if (jobs[g].N > 0) run_parallel(rows, path, &jobs[g], n_threads);
+        return;
+    }
+    rows_multi_t task = {rows, path, G, jobs, {0, 0, 0}, {0, 0, 0, 0}};
+    for (int g = 0; g < G; g++) {
+        const int64_t groups = (jobs[g].N + 3) / 4;
+        int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
+        if (per_chunk < 4) per_chunk = 4;
+        task.per_chunk[g] = 4 * per_chunk;
+        task.first[g + 1] = task.first[g] + (groups + per_chunk - 1) / per_chunk;
+    }
+    for_chunks(n_threads, task.first[G], rows_multi_chunk, (void *)&task);
+}
+
 static int path_supported(int path) {
     if (path == PATH_SCALAR) return 1;
 #ifdef SPECTRA_X86
@@ -1531,8 +1569,8 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
         J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
         if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
         sum += T * J->S;
-        if (J->N > 0) run_parallel(run_rows, path, J, n_threads);
     }
+    run_parallel_jobs(run_rows, path, jobs, G, n_threads);
     return 1;
 }
 
