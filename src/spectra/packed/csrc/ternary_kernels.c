@@ -1091,40 +1091,6 @@ static float *att_scores(int64_t S) {
     return buf;
 }
 
-typedef struct {
-    const float *q;
-    const void *k, *v; /* float32, or float16 when `half` */
-    float *out;
-    int64_t S, D, hs, H;
-    float scale;
-    int simd, half;
-    _Atomic int *failed; /* set when a thread could not get room for its scores */
-} attend_task_t;
-
-static void attend_one(void *ctx, int64_t h) {
-    const attend_task_t *t = (const attend_task_t *)ctx;
-    const int64_t S = t->S, D = t->D, hs = t->hs, es = t->half ? 2 : 4;
-    const char *kh = (const char *)t->k + h * hs * es, *vh = (const char *)t->v + h * hs * es;
-    float *p = att_scores(S);
-    if (!p) {
-        atomic_store(t->failed, 1);
-        return;
-    }
-#ifdef SPECTRA_X86
-    if (t->simd) {
-        /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the next
-         * head's keys while this head's keys are read. */
-        for (int64_t i = 0; i < (ATT_AHEAD * D < S * D ? ATT_AHEAD * D : S * D) * es; i += 64) {
-            _mm_prefetch(vh + i, _MM_HINT_T1);
-            if (h + 1 < t->H) _mm_prefetch(kh + hs * es + i, _MM_HINT_T1);
-        }
-        attend_head_avx512(t->q + h * D, kh, vh, t->out + h * D, p, S, D, t->scale, t->half);
-        return;
-    }
-#endif
-    attend_head_scalar(t->q + h * D, kh, vh, t->out + h * D, p, S, D, t->scale, t->half);
-}
-
 /* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs
  * elements, positions 0..pos[b]), as one job over the B * H (row, head) pairs: one hand-out of work per layer instead
  * of one per row. Row b's output goes to outs + b * A. Returns 0 when a thread could not get room for its scores. */
@@ -1133,27 +1099,60 @@ typedef struct {
     float *outs;
     void *const *kcs, *const *vcs;
     const int64_t *pos;
-    int64_t H, D, A, hs;
+    int64_t H, D, A, hs, B, n_chunks;
     float scale;
     int simd, half;
     _Atomic int *failed;
 } attend_batch_task_t;
 
-static void attend_batch_one(void *ctx, int64_t c) {
-    const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
-    const int64_t b = c / t->H, h = c % t->H, S = t->pos[b] + 1;
-    const attend_task_t one = {t->qs + b * t->A, t->kcs[b], t->vcs[b], t->outs + b * t->A, S, t->D, t->hs, t->H,
-                               t->scale, t->simd, t->half, t->failed};
-    attend_one((void *)&one, h);
+/* Pair i = (row i / H, head i % H); `next`: the pair this thread runs after it (-1: none). */
+static void attend_pair(const attend_batch_task_t *t, int64_t i, int64_t next) {
+    const int64_t H = t->H, D = t->D, es = t->half ? 2 : 4, b = i / H, h = i % H, S = t->pos[b] + 1;
+    const char *kh = (const char *)t->kcs[b] + h * t->hs * es, *vh = (const char *)t->vcs[b] + h * t->hs * es;
+    const float *q = t->qs + b * t->A + h * D;
+    float *out = t->outs + b * t->A + h * D;
+    float *p = att_scores(S);
+    if (!p) {
+        atomic_store(t->failed, 1);
+        return;
+    }
+#ifdef SPECTRA_X86
+    if (t->simd) {
+        /* Every head's keys and values are new streams: fetch the first rows of this head's values and of the next
+         * pair's keys while this head's keys are read. */
+        const char *nk = NULL;
+        if (next >= 0) nk = (const char *)t->kcs[next / H] + (next % H) * t->hs * es;
+        for (int64_t j = 0; j < (ATT_AHEAD * D < S * D ? ATT_AHEAD * D : S * D) * es; j += 64) {
+            _mm_prefetch(vh + j, _MM_HINT_T1);
+            if (nk) _mm_prefetch(nk + j, _MM_HINT_T1);
+        }
+        attend_head_avx512(q, kh, vh, out, p, S, D, t->scale, t->half);
+        return;
+    }
+#endif
+    (void)next;
+    attend_head_scalar(q, kh, vh, out, p, S, D, t->scale, t->half);
 }
+
+/* Chunk c: pairs [c * P / n_chunks, (c + 1) * P / n_chunks), in order. */
+static void attend_batch_chunk(void *ctx, int64_t c) {
+    const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
+    const int64_t P = t->B * t->H, i0 = c * P / t->n_chunks, i1 = (c + 1) * P / t->n_chunks;
+    for (int64_t i = i0; i < i1; i++) attend_pair(t, i, i + 1 < i1 ? i + 1 : -1);
+}
+
+#ifndef ATT_CHUNKS_PER_THREAD
+#define ATT_CHUNKS_PER_THREAD 8 /* pairs are handed out in this many runs per thread (one claim per run) */
+#endif
 
 static int attend_batch_run(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos,
                             float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads,
                             int half) {
     _Atomic int failed = 0;
-    const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, scale,
+    const int64_t P = B * H, want = (int64_t)ATT_CHUNKS_PER_THREAD * n_threads;
+    const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, B, want < P ? want : P, scale,
                                       path == PATH_AVX512VNNI && D % 16 == 0, half, &failed};
-    for_chunks(n_threads, B * H, attend_batch_one, (void *)&task);
+    for_chunks(n_threads, task.n_chunks, attend_batch_chunk, (void *)&task);
     return !atomic_load(&failed);
 }
 
