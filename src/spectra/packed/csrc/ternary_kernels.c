@@ -826,16 +826,22 @@ static void rows_chunk(void *ctx, int64_t c) {
     t->rows(t->path, t->J, n0, n1);
 }
 
+/* How N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16), and the number of chunks. */
+static int64_t row_chunks(int64_t N, int n_threads, int64_t *n_chunks) {
+    const int64_t groups = (N + 3) / 4;
+    int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
+    if (per_chunk < 4) per_chunk = 4;
+    *n_chunks = (groups + per_chunk - 1) / per_chunk;
+    return 4 * per_chunk;
+}
+
 static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) {
     if (n_threads <= 1 || J->N < 8) {
         rows(path, J, 0, J->N);
         return;
     }
-    const int64_t groups = (J->N + 3) / 4;
-    int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
-    if (per_chunk < 4) per_chunk = 4;
-    const rows_task_t task = {rows, path, J, 4 * per_chunk};
-    const int64_t n_chunks = (groups + per_chunk - 1) / per_chunk;
+    int64_t n_chunks;
+    const rows_task_t task = {rows, path, J, row_chunks(J->N, n_threads, &n_chunks)};
     for_chunks(n_threads, n_chunks, rows_chunk, (void *)&task);
 }
 
@@ -868,11 +874,9 @@ static void run_parallel_jobs(rows_fn rows, int path, const job_t *jobs, int G, 
     }
     rows_multi_t task = {rows, path, G, jobs, {0, 0, 0}, {0, 0, 0, 0}};
     for (int g = 0; g < G; g++) {
-        const int64_t groups = (jobs[g].N + 3) / 4;
-        int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
-        if (per_chunk < 4) per_chunk = 4;
-        task.per_chunk[g] = 4 * per_chunk;
-        task.first[g + 1] = task.first[g] + (groups + per_chunk - 1) / per_chunk;
+        int64_t n_chunks;
+        task.per_chunk[g] = row_chunks(jobs[g].N, n_threads, &n_chunks);
+        task.first[g + 1] = task.first[g] + n_chunks;
     }
     for_chunks(n_threads, task.first[G], rows_multi_chunk, (void *)&task);
 }
@@ -1646,8 +1650,7 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- one decoder layer for one token */
 
-/* h = x / sqrt(mean(x^2) + eps) * w, in float32. */
-/* The sum of squares runs in 16 interleaved partial sums (lane j: elements j, j + 16, ...), added pairwise at the end:
+/* h = x / sqrt(mean(x^2) + eps) * w, in float32. The sum of squares runs in 16 interleaved partial sums (lane j: elements j, j + 16, ...), added pairwise at the end:
  * independent chains that the compiler vectorizes, where one running sum is a chain of C dependent adds of 4 cycles
  * each (C = 512: about 2000 cycles a row, run on the calling thread while the pool's workers wait, for every row of a
  * batched step). Another order than torch's, like every float sum here: equal to rounding. */
