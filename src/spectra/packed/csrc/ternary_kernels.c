@@ -1650,10 +1650,11 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- one decoder layer for one token */
 
-/* h = x / sqrt(mean(x^2) + eps) * w, in float32. The sum of squares runs in 16 interleaved partial sums (lane j: elements j, j + 16, ...), added pairwise at the end:
- * independent chains that the compiler vectorizes, where one running sum is a chain of C dependent adds of 4 cycles
- * each (C = 512: about 2000 cycles a row, run on the calling thread while the pool's workers wait, for every row of a
- * batched step). Another order than torch's, like every float sum here: equal to rounding. */
+/* h = x / sqrt(mean(x^2) + eps) * w, in float32. The sum of squares runs in 16 interleaved partial sums (lane j:
+ * elements j, j + 16, ...), added pairwise at the end: independent chains that the compiler vectorizes, where one
+ * running sum is a chain of C dependent adds of 4 cycles each (C = 512: about 2000 cycles a row, run on the calling
+ * thread while the pool's workers wait, for every row of a batched step). Another order than torch's, like every
+ * float sum here: equal to rounding. */
 static void rms_norm_row(const float *x, const float *w, float eps, float *h, int64_t C) {
     float part[16] = {0.0f};
     int64_t i = 0;
