@@ -188,7 +188,6 @@ def time_torch(
         t1 = time.perf_counter()
         if decode_from_empty:
             cache.pos = 0  # the prompt's keys and values are overwritten position by position
-            t1 = time.perf_counter()
         for i in range(G):
             step(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)
         t2 = time.perf_counter()
