@@ -10,9 +10,10 @@ command that made it go to a Markdown file (docs/lr-sweep-PRESET.md) so the pres
 A shorter budget than the preset's favours larger rates a little (less time to pay for the noise); the table gives
 the loss at every rate so the choice can be read, not just the winner. TriLM's rate after the drop is 2/3 of its
 peak (spec.LR2_RATIO). --train KEY=VALUE sweeps with a [train] setting other than the preset's (for example
---train batch_tokens=2048 --train micro_batch=8). With --work, runs finished by an earlier sweep are read back (their
-result.json) and a run killed part-way resumes, so a sweep can be widened with more rates or split over processes and
-joined by one last call.
+--train batch_tokens=2048 --train micro_batch=8); --model KEY=VALUE trains another model shape or scheme (for example
+--model init_scheme=scaled, or --model dim=512 --model n_layers=1). With --work, runs finished by an earlier sweep
+are read back (their result.json) and a run killed part-way resumes, so a sweep can be widened with more rates or
+split over processes and joined by one last call.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spectra.config import ModelConfig
     from spectra.suite.preflight import study_tokenizer
     from spectra.suite.spec import LR2_RATIO, load_spec
     from spectra.train import TrainConfig, train
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="a [train] setting other than the preset's, e.g. batch_tokens=2048 (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ModelConfig field other than the preset's, e.g. init_scheme=scaled (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = load_spec(args.preset)
@@ -63,13 +67,22 @@ def main(argv: list[str] | None = None) -> int:
             train_set[key] = json.loads(value)  # numbers, true/false
         except json.JSONDecodeError:
             train_set[key] = value
+    model_set = {}
+    for item in args.model:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ModelConfig.__dataclass_fields__:
+            p.error(f"--model {item}: expected KEY=VALUE with KEY a ModelConfig field (e.g. init_scheme=scaled)")
+        try:
+            model_set[key] = json.loads(value)
+        except json.JSONDecodeError:
+            model_set[key] = value
     sizes = args.sizes.split(",") if args.sizes else spec.sizes
     work = Path(args.work or tempfile.mkdtemp(prefix="lr-sweep-"))
     tokenizer = study_tokenizer(spec, work)
     runs = [(size, fam, lr) for size in sizes for fam, lrs in grid.items() for lr in lrs]
     results = []
     for size, fam, lr in tqdm(runs, desc="lr sweep", unit="run"):
-        cfg = spec.model_config(size, fam)
+        cfg = spec.model_config(size, fam).replace(**model_set)
         over = spec.train_overrides(fam, size)
         over.update(train_set)
         over.update(lr=lr, tokens=args.tokens, data=spec.data, tokenizer=tokenizer, seed=args.seed)
@@ -96,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.tokens:.3g} training tokens per run (the preset trains {spec.tokens_for(sizes[0]):.3g}), seed "
              f"{args.seed}, the preset's configs, data ({spec.data}) and study tokenizer ({spec.tokenizer})"
              + "".join(f", {k} = {v} (the preset: {preset_train.get(k, 'default')})" for k, v in train_set.items())
+             + "".join(f", model {k} = {v}" for k, v in model_set.items())
              + ". Final "
              "validation loss (nats/token); **bold**: the best rate of each size and family.", "",
              "| size | family | " + " | ".join(f"lr {lr:g}" for lr in sorted({r[2] for r in results})) + " | best |",

@@ -28,6 +28,7 @@ def test_named_sizes_exist_for_both_families():
         (dict(mlp_act="tanh"), "mlp_act must be one of"),
         (dict(family="trilm", num_scale_shards=3), "num_scale_shards"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
+        (dict(init_scheme="xavier"), "init_scheme must be one of"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -62,6 +63,20 @@ def test_seeded_init_is_deterministic_and_scaled():
     w = build_model(tiny_config(dim=256, glu_dim=512), seed=0).layers[0].mlp.up_proj.weight
     assert w.std().item() == pytest.approx(0.02, rel=0.02)
     assert torch.equal(a.layers[0].input_layernorm.weight, torch.ones(64))
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_scaled_init_shrinks_only_the_branch_outputs(family):
+    """init_scheme "scaled": o_proj and down_proj ~ N(0, (init_std / sqrt(2 L))²); every other matrix, the draw order
+    and so the random stream are those of "normal" (the branch outputs are the normal draws times 1 / sqrt(2 L))."""
+    cfg = dict(dim=256, glu_dim=512, n_layers=3, family=family)
+    normal = dict(build_model(tiny_config(**cfg), seed=5).named_parameters())
+    scaled = dict(build_model(tiny_config(init_scheme="scaled", **cfg), seed=5).named_parameters())
+    shrink = (2 * 3) ** -0.5
+    for name, p in scaled.items():
+        branch_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+        torch.testing.assert_close(p, normal[name] * (shrink if branch_out else 1.0), rtol=1e-6, atol=0, msg=name)
+    assert scaled["layers.2.mlp.down_proj.weight"].std().item() == pytest.approx(0.02 * shrink, rel=0.03)
 
 
 @pytest.mark.parametrize("family", ["floatlm", "trilm"])

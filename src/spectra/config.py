@@ -21,6 +21,7 @@ from typing import Any
 FAMILIES = ("floatlm", "trilm")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTS = ("swiglu", "gelu", "relu")
+INIT_SCHEMES = ("normal", "scaled")
 QUANTIZERS = ("trilm", "bilm", "bitnet158", "twn", "uniform")
 
 
@@ -50,6 +51,10 @@ class ModelConfig:
     norm: str = "rmsnorm"
     mlp_act: str = "swiglu"
     init_std: float = 0.02
+    # "normal": every matrix ~ N(0, init_std²) (HF Llama). "scaled": the same, except each residual branch's output
+    # projection (o_proj, down_proj) ~ N(0, init_std² / (2 · n_layers)), GPT-2's and OLMo's scheme; the paper does not
+    # state its scheme (docs/init-scheme.md measures both).
+    init_scheme: str = "normal"
     num_scale_shards: int = 1  # TriLM: one absmean scale per model-parallel shard of each block matrix
     bos_token_id: int = 0
     eos_token_id: int = 0
@@ -69,6 +74,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
         if self.mlp_act not in MLP_ACTS:
             raise ValueError(f"ModelConfig.mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"ModelConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"ModelConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.head_dim is None:

@@ -17,6 +17,7 @@ near-identity map (`spectra.interop.hf`). Ablations: `norm="layernorm"`, `mlp_ac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -143,14 +144,18 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) for every matrix, ones for norm weights (HF Llama's `initializer_range` scheme)."""
+        """Normal(0, init_std) for every matrix, ones for norm weights (HF Llama's `initializer_range` scheme); with
+        `init_scheme = "scaled"` the residual branches' output projections draw with init_std / sqrt(2 · n_layers)."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        cfg = self.config
+        branch_out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.init_scheme == "scaled" else cfg.init_std
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if p.ndim == 2:
-                    p.normal_(0.0, self.config.init_std, generator=gen)
+                    branch_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                    p.normal_(0.0, branch_out_std if branch_out else cfg.init_std, generator=gen)
                 else:
                     p.fill_(1.0)
         self.reset_rope()
