@@ -30,6 +30,20 @@ import torch
 from tqdm import tqdm
 
 
+def _overrides(p: argparse.ArgumentParser, flag: str, items: list[str], cls: type, example: str) -> dict:
+    """KEY=VALUE items naming fields of the dataclass `cls`; values read as JSON (numbers, true/false), else text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in cls.__dataclass_fields__:
+            p.error(f"{flag} {item}: expected KEY=VALUE with KEY a {cls.__name__} field (e.g. {example})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from spectra.config import ModelConfig
     from spectra.suite.preflight import study_tokenizer
@@ -58,24 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if fam not in spec.families:
             p.error(f"--lrs {item}: {fam!r} is not a family of preset {args.preset} ({spec.families})")
         grid[fam] = [float(v) for v in values.split(",")]
-    train_set = {}
-    for item in args.train:
-        key, sep, value = item.partition("=")
-        if not sep or key not in TrainConfig.__dataclass_fields__:
-            p.error(f"--train {item}: expected KEY=VALUE with KEY a TrainConfig field (e.g. batch_tokens=2048)")
-        try:
-            train_set[key] = json.loads(value)  # numbers, true/false
-        except json.JSONDecodeError:
-            train_set[key] = value
-    model_set = {}
-    for item in args.model:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ModelConfig.__dataclass_fields__:
-            p.error(f"--model {item}: expected KEY=VALUE with KEY a ModelConfig field (e.g. init_scheme=scaled)")
-        try:
-            model_set[key] = json.loads(value)
-        except json.JSONDecodeError:
-            model_set[key] = value
+    train_set = _overrides(p, "--train", args.train, TrainConfig, "batch_tokens=2048")
+    model_set = _overrides(p, "--model", args.model, ModelConfig, "init_scheme=scaled")
     sizes = args.sizes.split(",") if args.sizes else spec.sizes
     work = Path(args.work or tempfile.mkdtemp(prefix="lr-sweep-"))
     tokenizer = study_tokenizer(spec, work)

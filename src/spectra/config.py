@@ -52,8 +52,8 @@ class ModelConfig:
     mlp_act: str = "swiglu"
     init_std: float = 0.02
     # "normal": every matrix ~ N(0, init_std²) (HF Llama). "scaled": the same, except each residual branch's output
-    # projection (o_proj, down_proj) ~ N(0, init_std² / (2 · n_layers)), GPT-2's and OLMo's scheme; the paper does not
-    # state its scheme (docs/init-scheme.md measures both).
+    # projection (o_proj, down_proj) ~ N(0, init_std² / (2 · n_layers)), the scaled init of GPT-2, Megatron and
+    # GPT-NeoX; the paper does not state its scheme (docs/init-scheme.md measures both).
     init_scheme: str = "normal"
     num_scale_shards: int = 1  # TriLM: one absmean scale per model-parallel shard of each block matrix
     bos_token_id: int = 0
