@@ -302,6 +302,74 @@ def test_micro_suite_end_to_end(tmp_path):
     assert {"FloatLM", "TriLM"} <= set(summary["fits"])
 
 
+@pytest.mark.slow
+def test_steps_side_by_side_match_one_after_another(tmp_path):
+    """jobs=2: the steps run as a dependency graph in two worker processes (the first two trainings build the
+    study's cold shard cache at once), the benchmark alone in the main process; every record matches the serial
+    run's up to the float rounding of another thread count."""
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = load_spec("micro", overrides={"data": str(corpus), "tokenizer": "bpe:512", "sizes": ["1m"], "seeds": [0],
+                                         "quant_bits": [3], "pack_formats": ["tq2"], "tasks": ["ppl"]})
+    side = run_suite(spec, tmp_path / "side", progress=False, report=False, jobs=2)
+    one = run_suite(spec, tmp_path / "one", progress=False, report=False, jobs=1)
+    assert side["jobs"] == 2 and one["jobs"] == 1
+    assert side["steps"] == one["steps"] == {"done": len(plan(spec)), "skipped": 0, "failed": 0, "blocked": 0}
+    a, b = read_records(tmp_path / "side"), read_records(tmp_path / "one")
+    assert set(a) == set(b) == {s.key for s in plan(spec)}
+    for key in a:
+        assert a[key]["artifacts"] == b[key]["artifacts"], key
+        if a[key]["step"] in ("train", "eval"):
+            assert a[key]["metrics"]["val_loss"] == pytest.approx(b[key]["metrics"]["val_loss"], abs=2e-3), key
+        if a[key]["step"] == "bench":
+            assert all(r["decode_tokens_per_s"] > 0 for r in a[key]["metrics"]["results"]), key
+    # the evals scored the same windows with the models the workers trained and quantized
+    q, f = a["eval/quantize/floatlm-1m/3bit/s0"]["metrics"], a["eval/train/floatlm-1m/s0"]["metrics"]
+    assert len(q["seq_nll"]) == len(f["seq_nll"]) > 1 and q["seq_tokens"] == f["seq_tokens"]
+    # a rerun with jobs does no work
+    again = run_suite(spec, tmp_path / "side", progress=False, report=False, jobs=2)
+    assert again["steps"]["done"] == 0 and again["steps"]["skipped"] == len(a)
+
+
+@pytest.mark.slow
+def test_a_failed_step_in_a_worker_blocks_only_what_needs_it(tmp_path):
+    """jobs=2: GPTQ asks for more calibration sequences than the data holds, so the quantize step fails in its
+    worker; its record says why, the eval that needs it is blocked, the rest of the study is done."""
+    spec = load_spec("micro", overrides={"sizes": ["1m"], "seeds": [0], "families": ["floatlm"], "quant_bits": [3],
+                                         "tasks": ["ppl"], "bench": False})
+    spec.quantize["n_samples"] = 1_000_000
+    result = run_suite(spec, tmp_path / "s", progress=False, report=False, jobs=2)
+    assert result["steps"] == {"done": 2, "skipped": 0, "failed": 1, "blocked": 1}
+    recs = read_records(tmp_path / "s")
+    q = recs["quantize/floatlm-1m/3bit/s0"]
+    assert q["status"] == "failed" and q["error"].startswith("ValueError") and "1000000 requested" in q["error"], q["error"]
+    assert recs["eval/quantize/floatlm-1m/3bit/s0"]["status"] == "blocked"
+    assert recs["eval/quantize/floatlm-1m/3bit/s0"]["error"] == "needs quantize/floatlm-1m/3bit/s0, which did not finish"
+    assert recs["train/floatlm-1m/s0"]["status"] == recs["eval/train/floatlm-1m/s0"]["status"] == "done"
+
+
+def test_jobs_resolve_to_processes_and_threads(monkeypatch):
+    from spectra.suite import runner
+
+    monkeypatch.setattr(runner, "_cpus", lambda: 8)
+    assert runner.resolve_jobs("auto") == (4, 2)  # one per core, at most MAX_AUTO_JOBS
+    assert runner.resolve_jobs("auto", "cuda") == (1, 8) and runner.resolve_jobs("auto", "cpu", world=2) == (1, 8)
+    assert runner.resolve_jobs("2") == (2, 4) and runner.resolve_jobs(3) == (3, 2) and runner.resolve_jobs(16) == (16, 1)
+    monkeypatch.setattr(runner, "_cpus", lambda: 2)
+    assert runner.resolve_jobs("auto") == (2, 1)
+    for bad in ("0", "-1", "two", "2.5", 0):
+        with pytest.raises(ValueError, match="jobs must be a positive whole number or 'auto'"):
+            runner.resolve_jobs(bad)
+
+
+def test_bad_jobs_is_one_line_before_any_work(tmp_path, capsys):
+    from spectra.__main__ import main
+
+    assert main(["suite", "--preset", "micro", "--out", str(tmp_path / "x"), "--jobs", "zero"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "spectra suite: error: jobs must be a positive whole number or 'auto', got 'zero'"
+    assert not (tmp_path / "x").exists()
+
+
 def write_text(path, n_lines, seed=0):
     """A plain-text file of `n_lines` lines of prose-like sentences (no split named: its last 5% is held out)."""
     rng = random.Random(seed)

@@ -76,7 +76,7 @@ def test_two_rank_suite_writes_each_record_once_and_trains_like_one_process(tmp_
     assert (tmp_path / "s2" / "report" / "report.html").exists()
     # one process, training only: the same losses (same global batch, same data order)
     one = spec_file(tmp_path / "one.toml", **{**SMALL, "quant_bits": [], "pack_formats": [], "bench": False})
-    r1 = spectra_suite(tmp_path, 1, ["--spec", str(one), "--out", str(tmp_path / "s1")])
+    r1 = spectra_suite(tmp_path, 1, ["--spec", str(one), "--out", str(tmp_path / "s1"), "--jobs", "1"])
     assert r1.returncode == 0, r1.stderr[-4000:]
     for name in ("floatlm-1m-s0", "trilm-1m-s0"):
         a, b = train_losses(tmp_path / "s2", name), train_losses(tmp_path / "s1", name)

@@ -62,6 +62,25 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed) while the block runs: processes that build the same
+    cached folder take turns. Advisory (fcntl) on POSIX; where fcntl is missing the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent builders of one cache folder are not supported
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `path` for writing; it is flushed, fsynced and renamed onto `path` on success."""
     path = Path(path)

@@ -27,7 +27,7 @@ import torch
 
 from spectra.data.corpora import SPLITS, cache_root, read_documents, source_fingerprint
 from spectra.data.tokenizer import eos_id, load_tokenizer, tokenizer_file, tokenizer_hash, vocab_size
-from spectra.files import FormatError, atomic_file, read_json, write_json
+from spectra.files import FormatError, atomic_file, file_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ def prepare_shards(
         return Path(source)
     key = json.dumps({"source": source_fingerprint(source), "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True)
     out = cache_root() / "shards" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    build_shards(source, tokenizer, out, max_tokens=max_tokens, progress=progress)
+    with file_lock(out.parent / f"{out.name}.lock"):  # runs side by side (`spectra suite --jobs`) share the cache
+        build_shards(source, tokenizer, out, max_tokens=max_tokens, progress=progress)
     return out
 
 

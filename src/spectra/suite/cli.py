@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a [suite] key, e.g. --set sizes='[\"tiny\"]' --set tokens=1e5",
     )
+    p.add_argument("--jobs", default="auto", metavar="N|auto",
+                   help="steps run side by side on CPU, each in its own process with its share of the cores "
+                        "(default auto: one per core, at most 4; 1 on a GPU or under torchrun)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_suite_cmd)
 
@@ -48,7 +51,7 @@ def run_suite_cmd(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.spec else "tiny")
     spec = load_spec(preset=preset, path=args.spec, overrides=overrides)
     out = args.out or f"runs/suite-{spec.name}"
-    result = run_suite(spec, out, progress=not args.no_progress)
+    result = run_suite(spec, out, progress=not args.no_progress, jobs=args.jobs)
     steps = result["steps"]
     code = 1 if steps["failed"] or steps["blocked"] else 0
     if result.get("rank", 0) != 0:  # under torchrun rank 0 alone reports
@@ -56,6 +59,8 @@ def run_suite_cmd(args: argparse.Namespace) -> int:
     print(
         f"\nsuite {spec.name}: {steps['done']} steps done, {steps['skipped']} already done, {steps['failed']} failed, "
         f"{steps['blocked']} blocked, {result['seconds']:.0f} s"
+        + (f" ({result['jobs']} steps side by side, {result['threads_per_job']} thread(s) each)"
+           if result["jobs"] > 1 else "")
     )
     if "report" in result:
         print(result["report"]["summary_table"])

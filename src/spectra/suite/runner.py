@@ -15,12 +15,18 @@ Each step appends one JSON line to `OUT/results.jsonl`:
 A rerun reads the file, skips steps whose last record is "done" and whose artifacts still exist, and retries the
 rest. A failed step records its reason and blocks only the steps that need its output. A killed training run resumes
 from its last checkpoint. Paths in records are relative to OUT, so a results folder can be moved.
+
+With `jobs` > 1 (on CPU, one process) independent steps run side by side in worker processes, each with its share of
+the cores (`resolve_jobs`): a model of a few million parameters keeps one core busy far better than it splits over
+two, so two one-thread trainings finish sooner than the same two run one after another on two threads. Steps that
+measure speed (`EXCLUSIVE`) wait until nothing else runs and then run alone, in the main process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -40,6 +46,8 @@ PACKABLE_QUANTIZERS = ("trilm", "twn")  # ternary codes x one scale per shard, a
 # Steps every rank runs under torchrun (the rest run on rank 0): training, and evaluation, whose perplexity shares
 # its windows over the ranks of the process group (`spectra.eval.perplexity`).
 ALL_RANKS = ("train", "eval")
+EXCLUSIVE = ("bench",)  # steps that time the machine: with jobs > 1 they run alone, after the steps before them
+MAX_AUTO_JOBS = 4  # "auto" runs one step per core up to this many (more small processes gain little and cost memory)
 
 
 @dataclass
@@ -335,16 +343,28 @@ class SuiteRunner:
         blockers = [d for d in step.deps if not self.records.done(d, self.out)]
         return blockers or "run"
 
-    def run(self) -> dict[str, Any]:
+    def _bodies(self) -> dict[str, Callable[[Step], tuple[dict, dict, dict]]]:
+        return {"train": self.run_train, "quantize": self.run_quantize, "pack": self.run_pack, "eval": self.run_eval,
+                "bench": self.run_bench}
+
+    @staticmethod
+    def _record(step: Step) -> dict[str, Any]:
+        return {"key": step.key, "step": step.kind, "model": None, "metrics": {}, "artifacts": {}, "error": None,
+                "seconds": 0.0}
+
+    def _finish(self, rec: dict[str, Any], counts: dict[str, int]) -> None:
+        rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        counts[rec["status"]] += 1
+        self.records.append(rec)
+
+    def run(self, jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
+        """Run every step not done yet; `jobs` > 1 runs independent steps side by side in worker processes with
+        `threads` torch threads each (`resolve_jobs`). Returns the counts of steps done, skipped, failed, blocked."""
+        if jobs > 1:  # one process (run_suite refuses jobs > 1 under torchrun)
+            return self._run_parallel(jobs, threads or 1)
         from tqdm.auto import tqdm
 
-        bodies: dict[str, Callable[[Step], tuple[dict, dict, dict]]] = {
-            "train": self.run_train,
-            "quantize": self.run_quantize,
-            "pack": self.run_pack,
-            "eval": self.run_eval,
-            "bench": self.run_bench,
-        }
+        bodies = self._bodies()
         counts = {"done": 0, "skipped": 0, "failed": 0, "blocked": 0}
         steps = list(self.steps.values())
         bar = tqdm(steps, desc="suite", unit="step", disable=not self.progress, position=0)
@@ -354,15 +374,7 @@ class SuiteRunner:
             if action == "skip":
                 counts["skipped"] += 1
                 continue
-            rec: dict[str, Any] = {
-                "key": step.key,
-                "step": step.kind,
-                "model": None,
-                "metrics": {},
-                "artifacts": {},
-                "error": None,
-                "seconds": 0.0,
-            }
+            rec = self._record(step)
             if action != "run":
                 rec.update(status="blocked", error=f"needs {', '.join(action)}, which did not finish")
             else:
@@ -377,19 +389,160 @@ class SuiteRunner:
                         log.debug("%s", traceback.format_exc())
                     rec.update(status="failed", error=f"{type(e).__name__}: {e}")
                 rec["seconds"] = round(time.perf_counter() - t0, 3)
-            rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
             rec = self.ranks.broadcast(rec)  # rank 0's record, written once, held by every rank
-            counts[rec["status"]] += 1
-            self.records.append(rec)
+            self._finish(rec, counts)
+        return counts
+
+    def _run_parallel(self, jobs: int, threads: int) -> dict[str, Any]:
+        """The steps as a dependency graph over `jobs` worker processes: a step starts once every step it needs has
+        finished (in plan order among the ready ones); one whose dependency failed is recorded as blocked. Records
+        are written here, in the main process, as steps finish. A worker that dies (killed, out of memory) fails
+        the steps it was running, and a fresh pool takes over."""
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        from tqdm.auto import tqdm
+
+        counts = {"done": 0, "skipped": 0, "failed": 0, "blocked": 0}
+        finished: dict[str, str] = {}  # key -> the status it ended this run with ("done" for one done before)
+        pending: list[Step] = []
+        for step in self.steps.values():
+            if self.records.done(step.key, self.out):
+                counts["skipped"] += 1
+                finished[step.key] = "done"
+            else:
+                pending.append(step)
+        bar = tqdm(total=len(self.steps), initial=counts["skipped"], desc="suite", unit="step",
+                   disable=not self.progress, position=0)
+
+        def new_pool() -> ProcessPoolExecutor:
+            return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                       initargs=(threads, logging.getLogger().getEffectiveLevel()))
+
+        def close(rec: dict[str, Any]) -> None:
+            finished[rec["key"]] = rec["status"]
+            self._finish(rec, counts)
+            bar.update(1)
+
+        running: dict[Future, Step] = {}
+        pool = new_pool()
+        try:
+            while pending or running:
+                for step in list(pending):
+                    if any(d not in finished for d in step.deps):
+                        continue
+                    failed = [d for d in step.deps if finished[d] != "done"]
+                    if failed:
+                        pending.remove(step)
+                        close({**self._record(step), "status": "blocked",
+                               "error": f"needs {', '.join(failed)}, which did not finish"})
+                    elif step.kind in EXCLUSIVE:
+                        if not running:  # alone on the machine, here in the main process
+                            pending.remove(step)
+                            bar.set_postfix_str(step.key)
+                            close(_run_step(self, step))
+                    elif len(running) < jobs:
+                        pending.remove(step)
+                        running[pool.submit(_run_step_in_worker, self.spec, str(self.out), self.tokenizer,
+                                            step.key)] = step
+                if not running:
+                    continue
+                bar.set_postfix_str(", ".join(s.key for s in running.values()))
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = False
+                for future in done:
+                    step = running.pop(future)
+                    try:
+                        rec = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        log.error("suite step %s failed: its worker process died (killed, or out of memory?)",
+                                  step.key)
+                        rec = {**self._record(step), "status": "failed",
+                               "error": "worker process died while running this step (killed, or out of memory?)"}
+                    close(rec)
+                if broken:  # every other step of the dead pool failed with it; a fresh pool runs the rest
+                    for future, step in list(running.items()):
+                        with_error = {**self._record(step), "status": "failed",
+                                      "error": "worker process pool died while running this step"}
+                        close(with_error)
+                    running.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = new_pool()
+        finally:
+            pool.shutdown(wait=not running, cancel_futures=True)
+            bar.close()
         return counts
 
 
-def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, report: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study and build its report. Returns step counts, timings and the report paths."""
+def _run_step(runner: SuiteRunner, step: Step) -> dict[str, Any]:
+    """Run one step in this process and return its record (a failure is recorded, not raised)."""
+    rec = runner._record(step)
+    t0 = time.perf_counter()
+    try:
+        info, metrics, artifacts = runner._bodies()[step.kind](step)
+        rec.update(status="done", model=info, metrics=metrics, artifacts=artifacts)
+    except Exception as e:  # noqa: BLE001 - a failed step is recorded and the study goes on
+        log.error("suite step %s failed: %s", step.key, e)
+        log.debug("%s", traceback.format_exc())
+        rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _init_worker(threads: int, level: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for code that reads it (spectra.inference threads_from_env)
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(message)s")
+
+
+def _run_step_in_worker(spec: SuiteSpec, out: str, tokenizer: str, key: str) -> dict[str, Any]:
+    """A worker's step: a runner of its own reads the records the step's dependencies wrote, runs it, and returns
+    its record for the main process to write."""
+    runner = SuiteRunner(spec, Path(out), progress=False, tokenizer=tokenizer)
+    return _run_step(runner, runner.steps[key])
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int | str, device_type: str = "cpu", world: int = 1) -> tuple[int, int]:
+    """(steps run side by side, torch threads for each) for `jobs`: a count, or "auto": one step per core up to
+    MAX_AUTO_JOBS on CPU, one step on a GPU or under torchrun (whose ranks share every step)."""
+    cpus = _cpus()
+    if jobs == "auto":
+        n = 1 if world > 1 or device_type != "cpu" else min(cpus, MAX_AUTO_JOBS)
+    else:
+        try:
+            n = int(jobs)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or str(n) != str(jobs).strip():
+            raise ValueError(f"jobs must be a positive whole number or 'auto', got {jobs!r}")
+    return n, max(1, cpus // n)
+
+
+def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, report: bool = True,
+              jobs: int | str = 1) -> dict[str, Any]:
+    """Run (or resume) the study and build its report. Returns step counts, timings and the report paths.
+
+    `jobs`: steps run side by side on CPU, each in its own process with its share of the cores; "auto" is one per
+    core (at most MAX_AUTO_JOBS), and 1 on a GPU or under torchrun (`resolve_jobs`)."""
     from spectra.suite.preflight import check_data, study_tokenizer
 
     device = spec.train.get("device", "auto")
     with SuiteRanks(device) as ranks:  # one process group for the whole study (training steps join it)
+        n_jobs, threads = resolve_jobs(jobs, ranks.info.device.type, ranks.world)
+        if n_jobs > 1 and ranks.world > 1:
+            raise ValueError(f"jobs = {jobs} runs steps in separate processes; under torchrun every rank already "
+                             "shares each step: use jobs = 1 (or 'auto')")
         out = ranks.on_main(lambda: check_writable(out_dir))
         t0 = time.perf_counter()
 
@@ -400,9 +553,10 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
             return tokenizer, data
 
         tokenizer, data = ranks.on_main(preflight)
-        counts = SuiteRunner(spec, out, progress=progress, tokenizer=tokenizer, ranks=ranks).run()
+        counts = SuiteRunner(spec, out, progress=progress, tokenizer=tokenizer, ranks=ranks).run(n_jobs, threads)
         result: dict[str, Any] = {"out_dir": str(out), "steps": counts, "seconds": round(time.perf_counter() - t0, 1),
-                                  "data": data, "rank": ranks.info.rank, "world_size": ranks.world}
+                                  "data": data, "rank": ranks.info.rank, "world_size": ranks.world,
+                                  "jobs": n_jobs, "threads_per_job": threads if n_jobs > 1 else None}
         if report:
             from spectra.suite.report import build_report
 
