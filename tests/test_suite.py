@@ -341,9 +341,11 @@ def test_a_failed_step_in_a_worker_blocks_only_what_needs_it(tmp_path):
     assert result["steps"] == {"done": 2, "skipped": 0, "failed": 1, "blocked": 1}
     recs = read_records(tmp_path / "s")
     q = recs["quantize/floatlm-1m/3bit/s0"]
-    assert q["status"] == "failed" and q["error"].startswith("ValueError") and "1000000 requested" in q["error"], q["error"]
+    assert q["status"] == "failed" and q["error"].startswith("ValueError"), q["error"]
+    assert "1000000 requested" in q["error"], q["error"]
     assert recs["eval/quantize/floatlm-1m/3bit/s0"]["status"] == "blocked"
-    assert recs["eval/quantize/floatlm-1m/3bit/s0"]["error"] == "needs quantize/floatlm-1m/3bit/s0, which did not finish"
+    blocked_by = "needs quantize/floatlm-1m/3bit/s0, which did not finish"
+    assert recs["eval/quantize/floatlm-1m/3bit/s0"]["error"] == blocked_by
     assert recs["train/floatlm-1m/s0"]["status"] == recs["eval/train/floatlm-1m/s0"]["status"] == "done"
 
 
@@ -353,7 +355,8 @@ def test_jobs_resolve_to_processes_and_threads(monkeypatch):
     monkeypatch.setattr(runner, "_cpus", lambda: 8)
     assert runner.resolve_jobs("auto") == (4, 2)  # one per core, at most MAX_AUTO_JOBS
     assert runner.resolve_jobs("auto", "cuda") == (1, 8) and runner.resolve_jobs("auto", "cpu", world=2) == (1, 8)
-    assert runner.resolve_jobs("2") == (2, 4) and runner.resolve_jobs(3) == (3, 2) and runner.resolve_jobs(16) == (16, 1)
+    assert runner.resolve_jobs("2") == (2, 4) and runner.resolve_jobs(3) == (3, 2)
+    assert runner.resolve_jobs(16) == (16, 1)
     monkeypatch.setattr(runner, "_cpus", lambda: 2)
     assert runner.resolve_jobs("auto") == (2, 1)
     for bad in ("0", "-1", "two", "2.5", 0):
