@@ -278,3 +278,31 @@ def test_token_sequences(corpus, tok_path):
     assert torch.equal(x, windows[pick])
     with pytest.raises(ValueError, match="requested"):
         token_sequences(corpus, tok_path, 10_000, 64, split="validation")
+
+
+def test_token_sequences_reads_a_long_document_only_as_far_as_needed(tmp_path, tok_path, monkeypatch):
+    """One plain-text file is one training document: calibration must not tokenize all of it (a 9.5 MB file cost
+    8 s per GPTQ step), and the windows must equal those cut from the whole document's ids."""
+    text = "\n".join(make_docs(3000, seed=4)) + "\n"
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    doc = next(iter(read_documents(path, "train")))
+    tok = load_tokenizer(tok_path)
+    ref = torch.tensor(tok.encode(doc, add_special_tokens=False).ids)
+
+    class Counting:  # the tokenizer, counting the characters it is asked to encode
+        chars = 0
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode_batch(self, texts, **kw):
+            Counting.chars += sum(map(len, texts))
+            return tok.encode_batch(texts, **kw)
+
+    monkeypatch.setattr(shards, "PIECE_CHARS", 500)
+    x = token_sequences(path, Counting(), 4, 16, split="train", seed=2)
+    windows = ref[: 16 * 4 * 16].view(-1, 16)
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(2))[:4].sort().values
+    assert torch.equal(x, windows[pick])
+    assert len(ref) > 20 * 16 * 4 * 16 and Counting.chars < len(doc) / 4

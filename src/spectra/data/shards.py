@@ -42,8 +42,8 @@ def _dtype_for(n_ids: int) -> np.dtype:
     return np.dtype(np.uint16) if n_ids <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _batches(docs: Iterator[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(docs: Iterator, n: int) -> Iterator[list]:
+    batch: list = []
     for d in docs:
         batch.append(d)
         if len(batch) == n:
@@ -69,6 +69,15 @@ def _safe_cuts(text: str, piece: int) -> list[str]:
         start = i + 1
     out.append(text[start:])
     return out
+
+
+def _doc_pieces(docs: Iterator[str], tok) -> Iterator[tuple[str, bool]]:
+    """(piece, is the document's last piece): each document in `_safe_cuts` pieces (byte-level tokenizers only)."""
+    byte_level = type(tok.pre_tokenizer).__name__ == "ByteLevel"
+    for d in docs:
+        cuts = _safe_cuts(d, PIECE_CHARS) if byte_level else [d]
+        for k, piece in enumerate(cuts):
+            yield piece, k == len(cuts) - 1
 
 
 def encode_documents(tok, docs: list[str]) -> list[list[int]]:
@@ -297,10 +306,12 @@ def token_sequences(
     eos = eos_id(tok)
     cap = 16 * n_seqs * seq_len
     ids: list[int] = []
-    for batch in _batches(read_documents(source, split), 64):
-        for doc_ids in encode_documents(tok, batch):
-            ids.extend(doc_ids)
-            ids.append(eos)
+    for batch in _batches(_doc_pieces(read_documents(source, split), tok), 64):  # a long document is read only
+        for (_, last), enc in zip(batch, tok.encode_batch([p for p, _ in batch], add_special_tokens=False),
+                                  strict=True):  # as far as `cap` needs
+            ids.extend(enc.ids)
+            if last:
+                ids.append(eos)
         if len(ids) >= cap:
             break
     n_windows = min(len(ids), cap) // seq_len
