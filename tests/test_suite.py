@@ -236,12 +236,15 @@ def test_presets_plan():
     ne = [size_report(tiny.model_config(s, "floatlm"))["non_embedding_params"] for s in tiny.sizes]
     assert len(ne) >= 3 and ne == sorted(ne) and ne[-1] >= 4 * ne[0]
     assert tiny.tokenizer.startswith("bpe:") and 512 <= int(tiny.tokenizer[4:]) <= 2048
-    for name in ("tiny", "small", "medium", "paper", "ablations-tiny", "micro"):
+    for name in ("tiny", "small", "medium", "paper", "ablations-tiny", "ablations-small", "micro"):
         assert len(load_spec(name).seeds) >= 2, name  # every preset can put an interval on a seed difference
     paper = load_spec("paper")
     assert len(paper.sizes) == 9 and paper.tasks == ["ppl", "paper"]
     ablations = load_spec("ablations-tiny")
     assert {"bilm", "bitnet158", "twn"} <= set(ablations.families)
+    claims = load_spec("ablations-small")  # the 2 x 2 and seed 002's claims, each a contrast at one rate
+    assert len(claims.seeds) >= 3 and "lr drop × wd removal interaction" in claims.contrasts
+    assert {claims.train_overrides(f, "s2").get("lr") for f in claims.families} == {4e-3}
 
 
 @pytest.mark.slow
@@ -463,5 +466,49 @@ tiny = [5e-3, 2e-3]
                        (text.replace("s1 = 4e-3", "s1 = -1"), r"\[lr.floatlm\] s1 = -1"),
                        (text.replace("s1 = 4e-3", "s9 = 4e-3"), r"\[lr.floatlm\] s9: not in \[suite\] sizes")):
         path.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            load_spec(path=path)
+
+
+def test_contrasts_are_seed_blocked_intervals_restated_by_least_squares(tmp_path):
+    """A 2 × 2 interaction as a named contrast: its estimate is the weighted sum of seed means, its interval the t
+    with seeds as blocks, restated here by least squares on group and seed indicators over every latent model."""
+    from spectra.suite.checks import contrast_rows
+
+    rng = np.random.default_rng(3)
+    fams = {"trilm": 4.30, "trilm_no_drop": 4.25, "trilm_no_wd_removal": 4.31, "trilm_neither": 4.20, "floatlm": 4.6}
+    seed_shift = {0: 0.0, 1: 0.03, 2: -0.02}
+    rows = []
+    for f, base in fams.items():
+        for seed, shift in seed_shift.items():
+            r = _row("floatlm" if f == "floatlm" else "trilm", "s2", 10, base + shift + rng.normal(0, 0.01),
+                     seed=seed)
+            rows.append(r | {"family": f, "series": {"trilm": "TriLM", "floatlm": "FloatLM"}.get(f, f)})
+    weights = {"trilm": 1, "trilm_no_drop": -1, "trilm_no_wd_removal": -1, "trilm_neither": 1}
+    (c,) = contrast_rows(rows, {"lr drop x wd removal": weights})
+    y = np.array([r["val_loss"] for r in rows])
+    groups, seeds = list(fams), list(seed_shift)
+    X = np.array([[r["family"] == g for g in groups] + [r["seed"] == s for s in seeds[1:]] for r in rows], float)
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    df = len(y) - X.shape[1]  # 15 − (5 + 2) = 8
+    s2 = ((y - X @ beta) ** 2).sum() / df
+    est = sum(w * beta[groups.index(f)] for f, w in weights.items())
+    t8 = 2.306004135204166  # scipy.stats.t.ppf(0.975, 8)
+    half = t8 * math.sqrt(s2 * sum(w * w for w in weights.values()) / 3)
+    iv = c["interval"]
+    assert c["size"] == "s2" and iv.estimate == pytest.approx(est) and iv.hi - iv.estimate == pytest.approx(half)
+    assert iv.test == "t with seeds as blocks, residual variance over 8 df"
+    assert c["sign"] == ("< 0" if iv.hi < 0 else "> 0" if iv.lo > 0 else "not resolved")
+    big = [r | {"val_loss": r["val_loss"] + (0.5 if r["family"] == "trilm_neither" else 0)} for r in rows]
+    assert contrast_rows(big, {"x": weights})[0]["sign"] == "> 0"
+
+    text = '[suite]\nname = "c"\nsizes = ["tiny"]\nfamilies = ["floatlm", "trilm"]\ntokens = 1e5\n[contrasts]\n'
+    path = tmp_path / "c.toml"
+    path.write_text(text + '"tri - float" = { trilm = 1, floatlm = -1 }\n')
+    assert load_spec(path=path).contrasts == {"tri - float": {"trilm": 1.0, "floatlm": -1.0}}
+    for bad, match in (('"a" = { trilm = 1, floatlm = -2 }', "weights sum to -1; a contrast's weights sum to zero"),
+                       ('"a" = { trilm = 1, bilm = -1 }', r"\['bilm'\] not in \[suite\] families"),
+                       ('"a" = { trilm = 1 }', "at least two family = nonzero weight")):
+        path.write_text(text + bad + "\n")
         with pytest.raises(ValueError, match=match):
             load_spec(path=path)

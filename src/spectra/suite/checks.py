@@ -74,6 +74,23 @@ def between(table: list[dict[int, float]], groups: list[dict[int, float]], weigh
     return stats.blocked_contrast(groups, weights, table)
 
 
+def contrast_rows(rows: list[dict[str, Any]], contrasts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Each named contrast Σ w·L over families or variants (the spec's [contrasts]) at every size where all of them
+    were evaluated: the weighted sum of mean validation losses with its 95 % interval (`between`: seeds as blocks).
+    The sign is "< 0" or "> 0" only when the interval excludes zero."""
+    table = block_table(rows)
+    latent = [r for r in rows if r["kind"] in LATENT_KINDS]
+    out = []
+    for name, weights in contrasts.items():
+        values = {f: seed_values(latent, family=f) for f in weights}
+        first = next(iter(values.values()))
+        for size in [s for s in first if all(s in v for v in values.values())]:
+            iv = between(table, [values[f][size] for f in weights], list(weights.values()))
+            out.append({"contrast": name, "size": size, "weights": dict(weights), "interval": iv,
+                        "sign": "< 0" if iv.hi < 0 else "> 0" if iv.lo > 0 else "not resolved"})
+    return out
+
+
 def _check(name: str, verdict: str, interval: Interval | None, detail: str, direction: str) -> dict[str, Any]:
     return {
         "check": name,

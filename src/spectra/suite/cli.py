@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("suite", help="reproduce the Spectra study: train, quantize, pack, evaluate, fit, report")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None,
-                     help="tiny (default), small, medium, paper, ablations-tiny, micro, qat-tiny")
+                     help="tiny (default), small, medium, paper, ablations-tiny, ablations-small, micro, qat-tiny")
     src.add_argument("--spec", default=None, help="a suite spec TOML file")
     p.add_argument("--out", default=None, help="output folder (default: runs/suite-PRESET)")
     p.add_argument(

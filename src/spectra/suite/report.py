@@ -23,6 +23,7 @@ from spectra.files import atomic_file, write_json
 from spectra.suite.checks import (
     between,
     block_table,
+    contrast_rows,
     findings,
     pool_of,
     quant_costs,
@@ -348,6 +349,16 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             "order of every model; residual variance over all latent models), or the seed variance pooled over them "
             "where a model lacks some seeds.",
         )
+    contrasts = contrast_rows(rows, spec.get("contrasts") or {})
+    if contrasts:
+        add(
+            "Contrasts",
+            _table(["contrast", "weights", "size", "estimate [95 %]", "sign"],
+                   [[c["contrast"], ", ".join(f"{w:+g}·{f}" for f, w in c["weights"].items()), c["size"],
+                     c["interval"].text(), c["sign"]] for c in contrasts]),
+            "The spec's [contrasts]: Σ weight · mean validation loss over seeds, with the 95 % interval "
+            f"({contrasts[0]['interval'].test}). A sign is given only when the interval excludes zero.",
+        )
     add(
         "Models, one row per seed",
         _table(
@@ -481,7 +492,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         out / "summary.json",
         {"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
          "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
-         "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()}},
+         "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()},
+         "contrasts": [{**c, "interval": c["interval"].to_dict()} for c in contrasts]},
     )
     return {
         "markdown": str(out / "report.md"),

@@ -35,6 +35,10 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
     glu_dim = 384
     [lr.floatlm]                           # peak learning rate per family (or variant) and size, e.g. from a sweep;
     s1 = 3e-3                              # TriLM: a number (lr2 = LR2_RATIO·lr after the drop) or [lr, lr2]
+    [contrasts]                            # a named linear contrast of mean validation losses, per size, with its
+    "lr drop x wd removal" = { trilm = 1, trilm_no_drop = -1, trilm_no_wd_removal = -1, trilm_neither = 1 }
+                                           # 95 % interval (seeds as blocks): weights over families or variants,
+                                           # summing to zero
 
 Everything is validated here, before any training starts.
 """
@@ -52,7 +56,7 @@ from typing import Any
 
 from spectra.config import FAMILIES, SIZES, ModelConfig, from_name
 
-PRESETS = ("tiny", "small", "medium", "paper", "ablations-tiny", "micro", "qat-tiny")
+PRESETS = ("tiny", "small", "medium", "paper", "ablations-tiny", "ablations-small", "micro", "qat-tiny")
 PACK_FORMATS = ("tq2", "tq1")
 MIN_STEPS = 4  # a budget that gives fewer optimizer steps than this is too small to train
 SIZE_KEYS = ("dim", "n_layers", "n_heads", "glu_dim")  # what a [sizes.NAME] table must give
@@ -94,6 +98,7 @@ class SuiteSpec:
     variants: dict[str, Variant] = field(default_factory=dict)
     size_table: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
+    contrasts: dict[str, dict[str, float]] = field(default_factory=dict)
     preset: str | None = None
 
     def family_of(self, name: str) -> str:
@@ -159,7 +164,7 @@ def _err(source: str, what: str) -> ValueError:
 
 def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     """A validated SuiteSpec from a parsed TOML document. Errors name the table and key."""
-    known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr"}
+    known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr", "contrasts"}
     unknown = sorted(set(doc) - known_tables)
     if unknown:
         raise _err(source, f"unknown table(s) {unknown}; accepted: {sorted(known_tables)}")
@@ -167,7 +172,8 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     if "sizes" not in suite:
         raise _err(source, "[suite] sizes is required (e.g. sizes = ['tiny', '5m'])")
     fields = {f.name for f in dataclasses.fields(SuiteSpec)} - {"model", "train", "quantize", "eval", "bench_options",
-                                                                  "variants", "size_table", "lr", "preset"}
+                                                                  "variants", "size_table", "lr", "contrasts",
+                                                                  "preset"}
     bad = sorted(set(suite) - fields)
     if bad:
         raise _err(source, f"unknown [suite] key(s) {bad}; accepted: {sorted(fields)}")
@@ -209,6 +215,17 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
             if not ok:
                 raise _err(source, f"[lr.{fam}] {size} = {value!r}: expected a positive number or [lr, lr2]")
         lrs[fam] = dict(table)
+    contrasts = {}
+    for name, weights in doc.get("contrasts", {}).items():
+        ok = isinstance(weights, dict) and len(weights) >= 2 and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w != 0 for w in weights.values())
+        if not ok:
+            raise _err(source, f"[contrasts] {name!r}: expected a table of at least two family = nonzero weight, e.g. "
+                               "{ trilm_layernorm = 1, trilm = -1 }")
+        if abs(sum(weights.values())) > 1e-9:
+            raise _err(source, f"[contrasts] {name!r}: weights sum to {sum(weights.values()):g}; a contrast's weights "
+                               "sum to zero")
+        contrasts[name] = {k: float(w) for k, w in weights.items()}
     spec = SuiteSpec(
         **suite,
         model=doc.get("model", {}),
@@ -219,6 +236,7 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
         variants=variants,
         size_table=size_table,
         lr=lrs,
+        contrasts=contrasts,
     )
     validate(spec, source)
     return spec
@@ -242,6 +260,10 @@ def validate(spec: SuiteSpec, source: str = "spec") -> None:
         if family not in FAMILIES and family not in spec.variants:
             raise _err(source, f"unknown family {family!r} in [suite] families; accepted: {list(FAMILIES)} or a "
                                f"[variants.NAME] table (defined: {sorted(spec.variants)})")
+    for name, weights in spec.contrasts.items():
+        missing = [f for f in weights if f not in spec.families]
+        if missing:
+            raise _err(source, f"[contrasts] {name!r}: {missing} not in [suite] families {spec.families}")
     _check_sources(spec, source)
     for b in spec.quant_bits:
         if not isinstance(b, int) or not 2 <= b <= 8:
