@@ -495,12 +495,23 @@ def test_contrasts_are_seed_blocked_intervals_restated_by_least_squares(tmp_path
     est = sum(w * beta[groups.index(f)] for f, w in weights.items())
     t8 = 2.306004135204166  # scipy.stats.t.ppf(0.975, 8)
     half = t8 * math.sqrt(s2 * sum(w * w for w in weights.values()) / 3)
+    bl = c["blocked"]
+    assert c["size"] == "s2" and bl.estimate == pytest.approx(est) and bl.hi - bl.estimate == pytest.approx(half)
+    assert bl.test == "t with seeds as blocks, residual variance over 8 df"
+    # the contrast's own interval: the per-seed contrast's mean with its t on n − 1 = 2 df (scipy's one-sample t)
+    per_seed = [sum(w * next(r["val_loss"] for r in rows if r["family"] == f and r["seed"] == s)
+                    for f, w in weights.items()) for s in seeds]
+    t2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
     iv = c["interval"]
-    assert c["size"] == "s2" and iv.estimate == pytest.approx(est) and iv.hi - iv.estimate == pytest.approx(half)
-    assert iv.test == "t with seeds as blocks, residual variance over 8 df"
+    assert iv.estimate == pytest.approx(est) and iv.test == "t over 3 seed(s)"
+    assert iv.hi - iv.estimate == pytest.approx(t2 * np.std(per_seed, ddof=1) / math.sqrt(3))
     assert c["sign"] == ("< 0" if iv.hi < 0 else "> 0" if iv.lo > 0 else "not resolved")
     big = [r | {"val_loss": r["val_loss"] + (0.5 if r["family"] == "trilm_neither" else 0)} for r in rows]
     assert contrast_rows(big, {"x": weights})[0]["sign"] == "> 0"
+    # one model lacks a seed: the seed-blocked interval is the one used
+    gappy = [r for r in rows if not (r["family"] == "trilm_neither" and r["seed"] == 2)]
+    g = contrast_rows(gappy, {"x": weights})[0]
+    assert g["interval"] is g["blocked"] and g["interval"].test.startswith("t with seed variance pooled")
 
     text = '[suite]\nname = "c"\nsizes = ["tiny"]\nfamilies = ["floatlm", "trilm"]\ntokens = 1e5\n[contrasts]\n'
     path = tmp_path / "c.toml"

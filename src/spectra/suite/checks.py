@@ -76,8 +76,11 @@ def between(table: list[dict[int, float]], groups: list[dict[int, float]], weigh
 
 def contrast_rows(rows: list[dict[str, Any]], contrasts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Each named contrast Σ w·L over families or variants (the spec's [contrasts]) at every size where all of them
-    were evaluated: the weighted sum of mean validation losses with its 95 % interval (`between`: seeds as blocks).
-    The sign is "< 0" or "> 0" only when the interval excludes zero."""
+    were evaluated, with two 95 % intervals: `interval`, the t over seeds of the per-seed contrast Σ w·L_seed (only
+    the contrast's own models; n − 1 df; for two models, the paired t-test over seeds), used when every model has the
+    same two or more seeds; and `blocked`, the seed-blocked t with the residual variance over every latent model of
+    the run (`between`), which assumes every model is as seed-noisy as the others. The sign is "< 0" or "> 0" only
+    when `interval` excludes zero."""
     table = block_table(rows)
     latent = [r for r in rows if r["kind"] in LATENT_KINDS]
     out = []
@@ -85,8 +88,15 @@ def contrast_rows(rows: list[dict[str, Any]], contrasts: dict[str, dict[str, flo
         values = {f: seed_values(latent, family=f) for f in weights}
         first = next(iter(values.values()))
         for size in [s for s in first if all(s in v for v in values.values())]:
-            iv = between(table, [values[f][size] for f in weights], list(weights.values()))
-            out.append({"contrast": name, "size": size, "weights": dict(weights), "interval": iv,
+            groups = [values[f][size] for f in weights]
+            blocked = between(table, groups, list(weights.values()))
+            seeds = sorted(groups[0])
+            if len(seeds) >= 2 and all(sorted(g) == seeds for g in groups):
+                per_seed = [sum(w * g[s] for w, g in zip(weights.values(), groups, strict=True)) for s in seeds]
+                iv = stats.seed_mean(per_seed)
+            else:
+                iv = blocked
+            out.append({"contrast": name, "size": size, "weights": dict(weights), "interval": iv, "blocked": blocked,
                         "sign": "< 0" if iv.hi < 0 else "> 0" if iv.lo > 0 else "not resolved"})
     return out
 
