@@ -512,6 +512,10 @@ def test_contrasts_are_seed_blocked_intervals_restated_by_least_squares(tmp_path
     gappy = [r for r in rows if not (r["family"] == "trilm_neither" and r["seed"] == 2)]
     g = contrast_rows(gappy, {"x": weights})[0]
     assert g["interval"] is g["blocked"] and g["interval"].test.startswith("t with seed variance pooled")
+    from spectra.suite.report import _plot_contrasts
+
+    png = _plot_contrasts([c, g], tmp_path / "fig" / "contrasts.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob(".*tmp*"))
 
     text = '[suite]\nname = "c"\nsizes = ["tiny"]\nfamilies = ["floatlm", "trilm"]\ntokens = 1e5\n[contrasts]\n'
     path = tmp_path / "c.toml"

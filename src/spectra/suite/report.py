@@ -229,6 +229,36 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
     return path
 
 
+def _plot_contrasts(contrasts: list[dict[str, Any]], path: Path) -> Path:
+    """Each contrast's estimate with its deciding 95 % interval (and the seed-blocked one, lighter), one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(contrasts)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * n + 1.2))
+    for i, c in enumerate(contrasts):
+        y = n - 1 - i
+        iv, bl = c["interval"], c["blocked"]
+        ax.plot([bl.lo, bl.hi], [y - 0.18] * 2, color="#bbbbbb", lw=2)
+        color = "#1f77b4" if c["sign"] == "not resolved" else "#d62728"
+        ax.errorbar(iv.estimate, y, xerr=[[iv.estimate - iv.lo], [iv.hi - iv.estimate]], fmt="o", color=color,
+                    capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([f"{c['contrast']} ({c['size']})" for c in reversed(contrasts)], fontsize=8)
+    ax.set_xlabel("Δ validation loss, nats/token (> 0: the first-named is worse)")
+    ax.set_title("contrasts: 95 % t over seeds (red: excludes 0); grey: seed-blocked over all models", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write report.md, report.html, figures/*.png and summary.json. Returns their paths and the summary table."""
     results = Path(results)
@@ -473,6 +503,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             raise ImportError("the report's figures need matplotlib: pip install 'spectra[plot]'") from e
         if p is not None:
             figures.append(p)
+    if contrasts:
+        figures.append(_plot_contrasts(contrasts, out / "figures" / "contrasts.png"))
     for p in figures:
         rel = p.relative_to(out)
         sections_md += [f"![{p.stem}]({rel})", ""]
