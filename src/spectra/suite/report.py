@@ -160,6 +160,19 @@ def _table(header: list[str], rows: list[list[Any]]) -> tuple[str, str]:
     return "\n".join(md), f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _save(fig, path: Path) -> Path:
+    """Write a figure to `path` through a temporary name, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[str, Any], paper: bool) -> Path | None:
     import matplotlib
 
@@ -220,13 +233,7 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
     ax_b.set_title(f"{metric} across size in bits\n{note}", fontsize=9)
     ax_p.legend(fontsize=7)
     ax_b.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def _plot_contrasts(contrasts: list[dict[str, Any]], path: Path) -> Path:
@@ -250,13 +257,7 @@ def _plot_contrasts(contrasts: list[dict[str, Any]], path: Path) -> Path:
     ax.set_yticklabels([f"{c['contrast']} ({c['size']})" for c in reversed(contrasts)], fontsize=8)
     ax.set_xlabel("Δ validation loss, nats/token (> 0: the first-named is worse)")
     ax.set_title("contrasts: 95 % t over seeds (red: excludes 0); grey: seed-blocked over all models", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
