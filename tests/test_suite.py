@@ -470,9 +470,10 @@ tiny = [5e-3, 2e-3]
             load_spec(path=path)
 
 
-def test_contrasts_are_seed_blocked_intervals_restated_by_least_squares(tmp_path):
-    """A 2 × 2 interaction as a named contrast: its estimate is the weighted sum of seed means, its interval the t
-    with seeds as blocks, restated here by least squares on group and seed indicators over every latent model."""
+def test_contrasts_restated_by_least_squares_and_the_t_over_seeds(tmp_path):
+    """A 2 × 2 interaction as a named contrast: its estimate is the weighted sum of seed means; its deciding interval
+    the one-sample t over the per-seed contrast; the seed-blocked one beside it, restated here by least squares on
+    group and seed indicators over every latent model."""
     from spectra.suite.checks import contrast_rows
 
     rng = np.random.default_rng(3)

@@ -80,19 +80,23 @@ def _doc_pieces(docs: Iterator[str], tok) -> Iterator[tuple[str, bool]]:
             yield piece, k == len(cuts) - 1
 
 
+def _encode_pieces(tok, pieces: list[tuple[str, bool]]) -> Iterator[tuple[list[int], bool]]:
+    """(ids, is the document's last piece) for each `_doc_pieces` item, in one `encode_batch` call."""
+    encs = tok.encode_batch([p for p, _ in pieces], add_special_tokens=False)
+    for (_, last), enc in zip(pieces, encs, strict=True):
+        yield enc.ids, last
+
+
 def encode_documents(tok, docs: list[str]) -> list[list[int]]:
     """Token ids of each document, without special tokens. Long documents are cut at safe newlines (byte-level
     tokenizers only) so `encode_batch` spreads them over all cores; the ids equal those of whole-document encoding."""
-    if type(tok.pre_tokenizer).__name__ != "ByteLevel" or all(len(d) <= PIECE_CHARS for d in docs):
-        return [enc.ids for enc in tok.encode_batch(docs, add_special_tokens=False)]
-    pieces, owner = [], []
-    for j, d in enumerate(docs):
-        cut = _safe_cuts(d, PIECE_CHARS)
-        pieces.extend(cut)
-        owner.extend([j] * len(cut))
-    out: list[list[int]] = [[] for _ in docs]
-    for j, enc in zip(owner, tok.encode_batch(pieces, add_special_tokens=False), strict=True):
-        out[j].extend(enc.ids)
+    out: list[list[int]] = []
+    current: list[int] = []
+    for ids, last in _encode_pieces(tok, list(_doc_pieces(docs, tok))):
+        current.extend(ids)
+        if last:
+            out.append(current)
+            current = []
     return out
 
 
@@ -307,9 +311,8 @@ def token_sequences(
     cap = 16 * n_seqs * seq_len
     ids: list[int] = []
     for batch in _batches(_doc_pieces(read_documents(source, split), tok), 64):  # a long document is read only
-        for (_, last), enc in zip(batch, tok.encode_batch([p for p, _ in batch], add_special_tokens=False),
-                                  strict=True):  # as far as `cap` needs
-            ids.extend(enc.ids)
+        for piece_ids, last in _encode_pieces(tok, batch):  # as far as `cap` needs
+            ids.extend(piece_ids)
             if last:
                 ids.append(eos)
         if len(ids) >= cap:

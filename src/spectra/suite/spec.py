@@ -37,8 +37,8 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
     s1 = 3e-3                              # TriLM: a number (lr2 = LR2_RATIO·lr after the drop) or [lr, lr2]
     [contrasts]                            # a named linear contrast of mean validation losses, per size, with its
     "lr drop x wd removal" = { trilm = 1, trilm_no_drop = -1, trilm_no_wd_removal = -1, trilm_neither = 1 }
-                                           # 95 % interval (seeds as blocks): weights over families or variants,
-                                           # summing to zero
+                                           # 95 % t-interval over seeds (checks.contrast_rows): weights over
+                                           # families or variants, summing to zero
 
 Everything is validated here, before any training starts.
 """
