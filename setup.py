@@ -27,7 +27,8 @@ setup(
         Extension(
             "spectra.packed._kernels",
             sources=["src/spectra/packed/csrc/ternary_kernels.c"],
-            depends=["src/spectra/packed/csrc/tq1_kernels.h", "src/spectra/packed/csrc/amx_kernels.h",
+            depends=["src/spectra/packed/csrc/tq1_kernels.h", "src/spectra/packed/csrc/lane_kernels.h",
+                     "src/spectra/packed/csrc/amx_kernels.h",
                      "src/spectra/packed/csrc/pool.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,

@@ -39,6 +39,12 @@ tile unit (`csrc/amx_kernels.h`): 32 weight rows are decoded to one code byte pe
 multiplied by 16-token tiles of the int8 activations with `tdpbusd`. The integer sums are the same, so are the outputs;
 `use_amx(False)` switches it off.
 
+Without AMX (or with it off) the `avx512vnni` path computes ternary products of 32 or more tokens (prefill) with the
+token-lane GEMM (`csrc/lane_kernels.h`): the same decoded panels, multiplied with `vpdpbusd` by one row's four codes
+broadcast against four activations of each of 16 tokens, so an accumulator holds finished sums of one row for 16
+tokens and needs no horizontal reduction. The integer sums are the same, so are the outputs; `use_lane(0)` switches
+it off (int8 weights always use the 4 x 4 tiles there).
+
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
 The environment variable SPECTRA_KERNEL overrides `auto`. Threads (OpenMP, shared with torch's runtime) take
@@ -89,6 +95,14 @@ def use_amx(on: bool = True) -> bool:
     bit-identical either way. Returns whether AMX was in use before; False without AMX or without the extension."""
     ext = extension()
     return bool(ext.set_amx(on)) if ext is not None else False
+
+
+def use_lane(min_tokens: int = 32) -> int:
+    """Let the `avx512vnni` path compute ternary products of `min_tokens` or more tokens with the token-lane GEMM (the
+    default is 32; 0 switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the previous
+    setting; 0 without the extension."""
+    ext = extension()
+    return int(ext.set_lane(int(min_tokens))) if ext is not None else 0
 
 
 def supported_paths() -> list[str]:

@@ -1,19 +1,14 @@
 /*
- * AMX-INT8 GEMM for TQ2_0 and TQ1_0 weights (Intel Sapphire Rapids and later). Included by ternary_kernels.c after
- * tq1_kernels.h; run_rows / tq1_run_rows call amx_rows for 5 or more tokens when amx_ready().
+ * AMX-INT8 GEMM for TQ2_0, TQ1_0 and int8 weights (Intel Sapphire Rapids and later). Included by ternary_kernels.c
+ * after lane_kernels.h, whose weight panels, VNNI-layout activations (xt_build) and 16 x 16 stores it uses;
+ * run_rows / run_rows_i8 call amx_rows / amx_i8_rows for AMX_MIN_T or more tokens when amx_ready().
  *
  * The integer sums are those of the AVX-512 kernels, sum c a per scale segment, only computed by the tile unit:
  * TDPBUSD C[m][n] += sum_k A[m][k] B[k/4][4n + k%4] with A unsigned (the codes c in {0,1,2}, one byte each) and B
  * signed (the int8 activations). Integer sums are exact, so the float epilogue (the scalar one, same operations in the
  * same order) gives outputs bit-identical to the other paths and to the pure-torch reference.
- *
- * A "chunk" is 64 activation bytes of the kernels' layout: 4 per block for TQ2_0 (field l of the 64 code bytes meets
- * bytes 64l .. 64l+63 of the block's permuted activations) and 5 for TQ1_0 (code n of the 52 code bytes meets plane n,
- * tq1_kernels.h; the 12 bytes past the codes decode to 0 and meet zero activations).
- * - A tiles: 16 weight rows x one chunk of codes, decoded once per group of 32 rows into a per-thread panel
- *   [chunk][32 rows][64 bytes] (32 * K bytes for TQ2_0: 160 KiB at K = 5120, in L2) and reused for every token.
- * - B tiles: 16 tokens x one chunk in the VNNI layout, B[r][4n + j] = a[token n][64 chunk + 4r + j], built once per
- *   call for all tokens (amx_build_xt; tokens padded with zeros to a multiple of 16).
+ * - A tiles: 16 weight rows x one chunk of a panel slice (lane_kernels.h), reused for every token.
+ * - B tiles: 16 tokens x one chunk of the VNNI-layout activations.
  * - Per pass 32 rows x 32 tokens: 2 A tiles x 2 B tiles -> 4 C tiles (int32 16 x 16), restarted at every segment
  *   (fewer at the ragged ends: one A tile for the last <= 16 rows of a range, one B tile for an odd token group).
  * Lanes never overflow: |C| <= 2 * 127 * K < 2^31.
@@ -24,11 +19,6 @@
 
 #ifndef AMX_MIN_T
 #define AMX_MIN_T 5 /* fewer tokens: the GEMV kernels (one weight read, no tile overhead) */
-#endif
-#define AMX_ROWS 32     /* weight rows per panel (two A tiles) */
-#define AMX_TOK 16      /* tokens per B tile */
-#ifndef AMX_SLICE
-#define AMX_SLICE 2 /* blocks per panel slice: 32 rows x 2 blocks of codes = 16 KiB (TQ2_0), 20 KiB (TQ1_0), in L1 */
 #endif
 
 static int amx_on = -1; /* -1: not probed; 0: unavailable or switched off (set_amx); 1: in use */
@@ -59,21 +49,12 @@ static int amx_ready(void) {
     return amx_on;
 }
 
-/* Chunks per block and activation bytes per block in the kernels' layout for this job's format. */
-static inline int64_t amx_cpb(const job_t *J) { return J->fmt == FMT_TQ1 ? 5 : 4; }
-
 static inline int amx_applies(int path, const job_t *J) {
     if (path != PATH_AVX512VNNI || J->T < AMX_MIN_T || amx_ready() != 1) return 0;
 #ifdef SPECTRA_X86
     if (J->fmt == FMT_TQ1 && !tq1_has_vbmi()) return 0;
 #endif
     return 1;
-}
-
-/* Bytes of the VNNI-layout activations of a job (0 when AMX does not apply). */
-static inline size_t amx_xt_bytes(int path, const job_t *J) {
-    if (!amx_applies(path, J)) return 0;
-    return (size_t)(((J->T + AMX_TOK - 1) / AMX_TOK) * AMX_TOK * J->nb * amx_cpb(J) * 64);
 }
 
 #ifdef SPECTRA_AMX
@@ -83,126 +64,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } amx_cfg_t;
-
-static void *amx_panel_get(size_t need) { /* per thread, apart from scratch_get's (the caller's thread runs rows too) */
-    static _Thread_local void *panel = NULL;
-    static _Thread_local size_t size = 0;
-    if (need > size) {
-        free(panel);
-        size = 0;
-        panel = aligned_alloc(64, (need + 63) & ~(size_t)63);
-        if (!panel) return NULL;
-        size = need;
-    }
-    return panel;
-}
-
-/* A panel reads its 32 rows a slice at a time: 32 streams, too many for the hardware prefetchers. Each block decoded
- * fetches the block AMX_AHEAD slices later in its row into L1, or past the row's end the same offset in the row 32
- * further on (the next panel). A stray prefetch past the matrix is harmless (it never faults). */
-#ifndef AMX_AHEAD
-#define AMX_AHEAD 2
-#endif
-#define AMX_PREFETCH(w, b, nb, rowb, bytes)                                                                       \
-    do {                                                                                                        \
-        const int64_t ahead_ = (b) + AMX_AHEAD * AMX_SLICE;                                                     \
-        const uint8_t *p_ =                                                                                     \
-            ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + AMX_ROWS * (rowb) + (ahead_ - (nb)) * (bytes);       \
-        _mm_prefetch((const char *)p_, _MM_HINT_T0);                                                            \
-        if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, _MM_HINT_T0);                          \
-    } while (0)
-
-/* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> panel [chunk - 4 b0][32][64] of codes. TQ2_0: field l of a
- * block's 64 code bytes is its chunk l. */
-TARGET_AMX static void amx_decode_tq2(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1, uint8_t *panel) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const int64_t rowb = J->nb * QB;
-    for (int m = 0; m < AMX_ROWS; m++) {
-        if (n + m >= n1) {
-            for (int64_t c = 0; c < (b1 - b0) * 4; c++)
-                _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
-            continue;
-        }
-        const uint8_t *w = J->qs + (n + m) * rowb;
-        for (int64_t b = b0; b < b1; b++) {
-            AMX_PREFETCH(w, b, J->nb, rowb, QB);
-            const __m512i v = _mm512_loadu_si512(w + b * QB);
-            uint8_t *p = panel + (4 * (b - b0) * AMX_ROWS + m) * 64;
-            _mm512_store_si512(p, _mm512_and_si512(v, m3));
-            _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3));
-            _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3));
-            _mm512_store_si512(p + 3 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 6), m3));
-        }
-    }
-}
-
-/* The same for TQ1_0 (tq1_decode: code 0, then codes 1..4 as the 2-bit fields of fa): chunk n of a block holds code
- * n of its 52 code bytes (0 in the 12 bytes past them). */
-TARGET_AMX_VBMI static void amx_decode_tq1(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1,
-                                           uint8_t *panel) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const tq1_tables_t L = tq1_tables_load();
-    const int64_t rowb = J->nb * TQ1_CB;
-    for (int m = 0; m < AMX_ROWS; m++) {
-        if (n + m >= n1) {
-            for (int64_t c = 0; c < (b1 - b0) * 5; c++)
-                _mm512_store_si512(panel + (c * AMX_ROWS + m) * 64, _mm512_setzero_si512());
-            continue;
-        }
-        const uint8_t *w = J->qs + (n + m) * rowb;
-        for (int64_t b = b0; b < b1; b++) {
-            AMX_PREFETCH(w, b, J->nb, rowb, TQ1_CB);
-            __m512i fa, fb;
-            tq1_decode(w + b * TQ1_CB, &L, &fa, &fb);
-            uint8_t *p = panel + (5 * (b - b0) * AMX_ROWS + m) * 64;
-            _mm512_store_si512(p, fb);
-            _mm512_store_si512(p + AMX_ROWS * 64, _mm512_and_si512(fa, m3));
-            _mm512_store_si512(p + 2 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 2), m3));
-            _mm512_store_si512(p + 3 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 4), m3));
-            _mm512_store_si512(p + 4 * AMX_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(fa, 6), m3));
-        }
-    }
-}
-
-/* In place: r[k] lane m becomes r[m] lane k (a 16 x 16 transpose of floats; only moves, so values are unchanged). */
-TARGET_AMX static inline void transpose16_ps(__m512 *r) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* u[4i + j]: rows 4i..4i+3, column j (+4, +8, +12 in the other 128-bit lanes) */
-        u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
-        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
-    }
-    for (int j = 0; j < 4; j++) {
-        const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);
-        const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
-        const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
-        r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-        r[j + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-        r[j + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-    }
-}
-
-/* xq [T, nb * cpb * 64] (the kernels' layout for the format) -> xt [T/16][chunk][16][64]: per chunk and token group a
- * 16 x 16 transpose of 4-byte groups (transpose16_ps only moves bits); missing tokens are zero. */
-TARGET_AMX static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) {
-    const int64_t nc = J->nb * amx_cpb(J), row = nc * 64, G = (J->T + AMX_TOK - 1) / AMX_TOK;
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < nc; c++) {
-            __m512 r[16];
-            for (int n = 0; n < AMX_TOK; n++) {
-                const int64_t t = g * AMX_TOK + n;
-                r[n] = t < J->T ? _mm512_castsi512_ps(_mm512_loadu_si512(xq + t * row + c * 64)) : _mm512_setzero_ps();
-            }
-            transpose16_ps(r);
-            for (int k = 0; k < 16; k++) _mm512_storeu_ps((float *)(void *)(xt + (g * nc + c) * 1024 + 64 * k), r[k]);
-        }
-}
 
 /* One panel slice, chunks [c0, c1) of segment s (chunk c's 16 * nat weight rows at abase + (c - c0) * cstep, astride
  * bytes apart), against token groups tg, tg + 1 (ntg of them). C starts at zero (first slice of the segment) or from
@@ -214,7 +75,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
                                                                       int last, int64_t n, int64_t n1, int64_t tg,
                                                                       const int ntg, const int nat, int32_t *cacc,
                                                                       float *yv) {
-    const int64_t nc = J->nb * amx_cpb(J);
+    const int64_t nc = J->nb * panel_cpb(J);
     const int8_t *x0 = J->xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
     if (first) {
         _tile_zero(0);
@@ -246,7 +107,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
     if (ntg == 2 && nat == 2) _tile_stored(3, cacc + 768, 64);
     if (!last) return;
     for (int g = 0; g < ntg; g++) {
-        const int64_t t0 = (tg + g) * AMX_TOK;
+        const int64_t t0 = (tg + g) * LANE_TOK;
         const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
         __m512i bs;
         if (J->S == 1) {
@@ -258,44 +119,28 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
         }
         for (int m = 0; m < 16 * nat && n + m < n1; m++) {
             const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
-            const __m512i acc = _mm512_load_si512(cacc + (g * AMX_ROWS + m) * 16);
+            const __m512i acc = _mm512_load_si512(cacc + (g * PANEL_ROWS + m) * 16);
             const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, bs));
-            float *yp = yv + (g * AMX_ROWS + m) * AMX_TOK;
+            float *yp = yv + (g * PANEL_ROWS + m) * LANE_TOK;
             _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
         }
     }
 }
 
-/* y for the panel's rows and token groups tg, tg + 1 (yv as in amx_step): each token's 16 rows as one 64-byte store
- * after a 16 x 16 transpose (scattering a row's 16 tokens touched 16 lines N floats apart, which for N a multiple of
- * 1024 all fall in one L1 set). */
+/* y for the panel's rows and token groups tg, tg + 1 (yv as in amx_step), 16 rows x 16 tokens at a time (store16). */
 TARGET_AMX static void amx_store(const job_t *J, const float *yv, int64_t n, int64_t n1, int64_t tg) {
-    for (int g = 0; g < 2; g++) {
-        const int64_t t0 = (tg + g) * AMX_TOK;
-        if (t0 >= J->T) break;
-        const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
-        const __m512 xs = _mm512_maskz_loadu_ps(live, J->xs + t0);
-        for (int h = 0; h < 2; h++) {
-            const int64_t nh = n + 16 * h;
-            if (nh >= n1) break;
-            const __mmask16 rows = (__mmask16)(n1 - nh >= 16 ? 0xffff : (1u << (n1 - nh)) - 1);
-            __m512 r[16];
-            for (int m = 0; m < 16; m++)
-                r[m] = _mm512_mul_ps(_mm512_load_ps(yv + (g * AMX_ROWS + 16 * h + m) * AMX_TOK), xs);
-            transpose16_ps(r);
-            for (int k = 0; k < 16 && t0 + k < J->T; k++)
-                _mm512_mask_storeu_ps(J->y + (t0 + k) * J->N + nh, rows, r[k]);
-        }
-    }
+    for (int g = 0; g < 2 && (tg + g) * LANE_TOK < J->T; g++)
+        for (int h = 0; h < 2 && n + 16 * h < n1; h++)
+            store16(J, yv + (g * PANEL_ROWS + 16 * h) * LANE_TOK, n + 16 * h, n1, (tg + g) * LANE_TOK);
 }
 
 /* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the buffers cannot be allocated. Per panel of 32 rows
- * and scale segment, the weights are decoded AMX_SLICE blocks at a time into an L1-sized panel slice that every token
+ * and scale segment, the weights are decoded PANEL_SLICE blocks at a time into an L1-sized panel slice that every token
  * group then reads; the C tiles of each pair of token groups wait in cacc between slices. */
 TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t cpb = amx_cpb(J), G = (J->T + AMX_TOK - 1) / AMX_TOK, P = (G + 1) / 2;
-    const size_t panel_bytes = (size_t)(AMX_SLICE * cpb * AMX_ROWS * 64), pair_bytes = 2 * AMX_ROWS * AMX_TOK * 4;
-    uint8_t *panel = (uint8_t *)amx_panel_get(panel_bytes + 2 * (size_t)P * pair_bytes);
+    const int64_t cpb = panel_cpb(J), G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2;
+    const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64), pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
+    uint8_t *panel = (uint8_t *)panel_get(panel_bytes + 2 * (size_t)P * pair_bytes);
     if (!panel) return 0;
     int32_t *cacc = (int32_t *)(void *)(panel + panel_bytes);
     float *yv = (float *)(void *)(panel + panel_bytes + (size_t)P * pair_bytes);
@@ -305,19 +150,18 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     cfg.palette = 1;
     for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
     _tile_loadconfig(&cfg);
-    for (int64_t n = n0; n < n1; n += AMX_ROWS) {
+    for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int two = n1 - n > 16; /* else the last rows of a range: one A tile */
         for (int64_t i = 0; i < P * pair_words; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
         for (int64_t s = 0; s < J->S; s++)
-            for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += AMX_SLICE) {
-                const int64_t b1 = b0 + AMX_SLICE < J->bounds[s + 1] ? b0 + AMX_SLICE : J->bounds[s + 1];
-                if (J->fmt == FMT_TQ1) amx_decode_tq1(J, n, n1, b0, b1, panel);
-                else amx_decode_tq2(J, n, n1, b0, b1, panel);
+            for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
+                const int64_t b1 = b0 + PANEL_SLICE < J->bounds[s + 1] ? b0 + PANEL_SLICE : J->bounds[s + 1];
+                panel_decode(J, n, n1, b0, b1, panel);
                 const int first = b0 == J->bounds[s], last = b1 == J->bounds[s + 1];
                 for (int64_t p = 0; p < P; p++) {
                     int32_t *ca = cacc + p * pair_words;
                     float *yp = yv + p * pair_words;
-                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb, PS = AMX_ROWS * 64; /* chunk step */
+                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb, PS = PANEL_ROWS * 64; /* chunk step */
                     if (tg + 1 < G) {
                         if (two) amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 2, 2, ca, yp);
                         else amx_step(J, panel, 64, PS, c0, c1, s, first, last, n, n1, tg, 2, 1, ca, yp);
@@ -337,9 +181,9 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
  * the A tiles are read straight from the matrix, K bytes apart (rows past n1 come from a zero-padded copy). The
  * epilogue is amx_step's with one segment: y = s * (0 + d * f(sum u a - 128 sum a)), as i8_rows_scalar. */
 TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t G = (J->T + AMX_TOK - 1) / AMX_TOK, P = (G + 1) / 2, K = J->K;
-    const size_t tail_bytes = (size_t)(AMX_ROWS * K), pair_bytes = 2 * AMX_ROWS * AMX_TOK * 4;
-    uint8_t *tail = (uint8_t *)amx_panel_get(tail_bytes + 2 * (size_t)P * pair_bytes);
+    const int64_t G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2, K = J->K;
+    const size_t tail_bytes = (size_t)(PANEL_ROWS * K), pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
+    uint8_t *tail = (uint8_t *)panel_get(tail_bytes + 2 * (size_t)P * pair_bytes);
     if (!tail) return 0;
     int32_t *cacc = (int32_t *)(void *)(tail + tail_bytes);
     float *yv = (float *)(void *)(tail + tail_bytes + (size_t)P * pair_bytes);
@@ -349,8 +193,8 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
     cfg.palette = 1;
     for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
     _tile_loadconfig(&cfg);
-    for (int64_t n = n0; n < n1; n += AMX_ROWS) {
-        const int64_t rows = n1 - n < AMX_ROWS ? n1 - n : AMX_ROWS;
+    for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
+        const int64_t rows = n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS;
         const int two = rows > 16;
         const uint8_t *a = J->qs + n * K;
         if (rows % 16) { /* a tile reads 16 rows: copy the last ones and pad with zeros */
@@ -377,12 +221,6 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
     return 1;
 }
 #endif /* SPECTRA_AMX */
-
-#ifndef SPECTRA_AMX
-static void amx_build_xt(const job_t *J, const int8_t *xq, int8_t *xt) { /* never called: amx_xt_bytes is 0 */
-    (void)J, (void)xq, (void)xt;
-}
-#endif
 
 /* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
 static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {

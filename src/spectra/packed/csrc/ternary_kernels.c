@@ -737,8 +737,15 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 /* ---------------------------------------------------------------- dispatch */
 
 #include "tq1_kernels.h"
+#include "lane_kernels.h"
 #include "amx_kernels.h"
 #include "pool.h"
+
+/* Bytes of a job's activations in the VNNI layout (lane_kernels.h) when the AMX or the token-lane GEMM will run it,
+ * else 0 (the other kernels read the row-major activations). */
+static size_t vnni_xt_bytes(int path, const job_t *J) {
+    return amx_applies(path, J) || lane_applies(path, J) ? xt_bytes_for(J) : 0;
+}
 
 /* fn(ctx, c) for c = 0 .. n_chunks - 1 on up to n_threads threads: the kernels' pool (pool.h) where there is one,
  * else OpenMP's dynamic schedule, else a plain loop. */
@@ -788,7 +795,7 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
-    if (amx_run_rows(path, J, n0, n1)) return;
+    if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
     if (J->fmt == FMT_TQ1) {
         tq1_run_rows(path, J, n0, n1);
         return;
@@ -1462,7 +1469,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(J.T * J.K));
     const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) : 0;
-    const size_t xt_bytes = amx_xt_bytes(path, &J);
+    const size_t xt_bytes = vnni_xt_bytes(path, &J);
     void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
                                 sizeof(float) * (size_t)J.T);
     if (!scratch) return PyErr_NoMemory();
@@ -1475,7 +1482,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
-    if (xt_bytes) amx_build_xt(&J, J.xq, xt), J.xt = xt;
+    if (xt_bytes) xt_build(&J, J.xq, xt), J.xt = xt;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1535,7 +1542,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) : 0;
     size_t xt_bytes[2] = {0, 0}; /* AMX tile-layout activations for TQ2_0, TQ1_0 jobs */
     for (int g = 0; g < G; g++) {
-        const size_t need = amx_xt_bytes(path, &jobs[g]);
+        const size_t need = vnni_xt_bytes(path, &jobs[g]);
         if (need > xt_bytes[jobs[g].fmt == FMT_TQ1]) xt_bytes[jobs[g].fmt == FMT_TQ1] = need;
     }
     void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T +
@@ -1559,7 +1566,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     for (int f = 0; f < 2; f++) {
         job_t X = Q;
         X.fmt = f ? FMT_TQ1 : FMT_TQ2;
-        if (xt_bytes[f]) amx_build_xt(&X, f ? xq1 : xq, xt[f]);
+        if (xt_bytes[f]) xt_build(&X, f ? xq1 : xq, xt[f]);
     }
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
@@ -1623,7 +1630,7 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
     job_t Jx; /* sizes only, for the AMX activations */
     memset(&Jx, 0, sizeof(Jx));
     Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
-    const size_t xt_bytes = amx_xt_bytes(path, &Jx);
+    const size_t xt_bytes = amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0; /* the lane GEMM does not take int8 */
     void *scratch = scratch_get(q_bytes + xt_bytes + sizeof(int32_t) * (size_t)T + sizeof(float) * (size_t)T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
@@ -1642,7 +1649,7 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
     quantize_rows(path, (const float *)(uintptr_t)px, &J, xq, bsum, xs);
     for (int64_t t = 0; t < T; t++) bsum[t] *= 128; /* sum u a = sum w a + 128 sum a */
     J.xq = xq, J.bsum = bsum, J.xs = xs;
-    if (xt_bytes) amx_build_xt(&J, xq, xt), J.xt = xt;
+    if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt;
     run_parallel(run_rows_i8, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1971,6 +1978,18 @@ static PyObject *py_huge_pages(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(done);
 }
 
+/* set_lane(min_tokens) -> int: products of at least min_tokens tokens (0: none) use the token-lane GEMM
+ * (lane_kernels.h) where AMX does not take them; returns the previous setting. For A/B runs and tests. */
+static PyObject *py_set_lane(PyObject *self, PyObject *args) {
+    int min_t;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &min_t)) return NULL;
+    if (min_t < 0) return PyErr_Format(PyExc_ValueError, "min_tokens must be >= 0 (0 switches the lane GEMM off)");
+    const int before = lane_min_t;
+    lane_min_t = min_t;
+    return PyLong_FromLong(before);
+}
+
 /* set_amx(on) -> bool: use the AMX GEMM where the CPU has it (the default) or not (for A/B runs and tests of the
  * AVX-512 GEMM on AMX machines); returns whether it was in use before. */
 static PyObject *py_set_amx(PyObject *self, PyObject *args) {
@@ -2042,6 +2061,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
+    {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},

@@ -1,0 +1,97 @@
+"""The token-lane GEMM (csrc/lane_kernels.h) against the 4 x 4 tile GEMM it replaces from 32 tokens on, in one run.
+
+    python benchmarks/lane_gemm.py [--size trilm-1.1b] [--threads 1 2] [--tokens 16 32 64 128] [--rounds 7]
+                                   [--prompt-len 128]
+
+Two measurements, each interleaved round by round (lanes off, lanes on) so that a shared machine's drift hits both:
+- the block matrices of one layer of `--size` (q, gate, down shapes; random ternary codes, TQ2_0) multiplied by T
+  token rows: GMAC/s of each kernel and the per-round ratio lanes / tiles;
+- `--prompt-len` tokens of prefill through the synthetic packed model of that size (`time_torch`, the path
+  `spectra generate` takes): tok/s of each.
+Prints medians and the range of the per-round ratios; the kernels give identical outputs either way (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from spectra.config import SIZES
+from spectra.inference.bench import packed_copy, synthetic_trilm, time_torch
+from spectra.packed import formats as F
+from spectra.packed import kernels as K
+
+
+def _matrix(N: int, Kdim: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
+    qs, d = F.blocks_from_ternary(codes, torch.tensor([0.02]), 0)
+    bounds, seg_d = F.scale_segments(d)
+    return torch.from_numpy(qs), torch.from_numpy(bounds), torch.from_numpy(seg_d)
+
+
+def _ab(fn, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of fn() with the lanes off and on, `rounds` interleaved pairs (each the mean of two calls)."""
+    off, on = [], []
+    for _ in range(rounds):
+        for lane, out in ((0, off), (32, on)):
+            K.use_lane(lane)
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            fn()
+            out.append((time.perf_counter() - t0) / 2)
+    K.use_lane(32)
+    return off, on
+
+
+def _span(off: list[float], on: list[float]) -> str:
+    r = sorted(a / b for a, b in zip(off, on))
+    return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}], faster in {sum(x > 1 for x in r)}/{len(r)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="trilm-1.1b")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    args = parser.parse_args()
+    if K.extension() is None or "avx512vnni" not in K.supported_paths():
+        raise SystemExit("the token-lane GEMM needs the C extension and an AVX-512 VNNI CPU")
+    amx_before = K.use_amx(False)
+    shape = SIZES[args.size.removeprefix("trilm-").removeprefix("floatlm-")]
+    C, G = shape["dim"], shape["glu_dim"]
+    mats = {f"{C}x{C}": _matrix(C, C, 0), f"{G}x{C}": _matrix(G, C, 1), f"{C}x{G}": _matrix(C, G, 2)}
+    print(f"{args.size}: lanes / tiles, median [range] of per-round ratios over {args.rounds} interleaved rounds")
+    for t in args.threads:
+        for name, (qs, bounds, seg_d) in mats.items():
+            for T in args.tokens:
+                x = torch.randn(T, qs.shape[1] // 64 * 256)
+                off, on = _ab(lambda: K.ternary_matmul(x, qs, bounds, seg_d, n_threads=t), args.rounds)
+                macs = qs.shape[0] * x.shape[1] * T
+                print(f"  {t}T {name:>10} T={T:<4} tiles {macs / statistics.median(off) / 1e9:6.1f} GMAC/s, "
+                      f"lanes {macs / statistics.median(on) / 1e9:6.1f}: {_span(off, on)}", flush=True)
+    model = packed_copy(synthetic_trilm(args.size, vocab_size=32000), "tq2", inplace=True)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 32000, (1, args.prompt_len), generator=g)
+    one = torch.randint(0, 32000, (1, 1), generator=g)
+    for t in args.threads:
+        torch.set_num_threads(t)
+        off, on = [], []
+        for _ in range(args.rounds):
+            for lane, out in ((0, off), (32, on)):
+                K.use_lane(lane)
+                out.append(time_torch(model, prompt, one, kv_dtype=torch.float16)[0])
+        K.use_lane(32)
+        print(f"  {t}T prefill {args.prompt_len}: tiles {args.prompt_len / statistics.median(off):.1f} tok/s, lanes "
+              f"{args.prompt_len / statistics.median(on):.1f}: {_span(off, on)}", flush=True)
+    K.use_amx(amx_before)
+
+
+if __name__ == "__main__":
+    main()
