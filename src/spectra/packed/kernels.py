@@ -99,8 +99,8 @@ def use_amx(on: bool = True) -> bool:
 
 def use_lane(min_tokens: int = 32) -> int:
     """Let the `avx512vnni` path compute ternary products of `min_tokens` or more tokens with the token-lane GEMM (the
-    default is 32; 0 switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the previous
-    setting; 0 without the extension."""
+    default is 32; 0 switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the
+    previous setting; 0 without the extension."""
     ext = extension()
     return int(ext.set_lane(int(min_tokens))) if ext is not None else 0
 
