@@ -517,6 +517,31 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_store(float
     if (TT > 3) _mm_mask_storeu_ps(y0 + 3 * N, m, _mm512_extractf32x4_ps(tr, 3));
 }
 
+/* The 16 accumulators of a 4 x 4 tile (row r, token k) as named variables, each vpdpbusd written out (DPBUSD_R) and
+ * pinned to its register once per block (TILE_PIN): with an [4][4] array and the intrinsic, GCC 12 copied accumulators
+ * through other registers and spilled some to the stack every block, and the tiles ran at about 45 % of vpdpbusd's
+ * rate. Unused ones (r >= R or k >= TT) stay zero. */
+#define TILE_ACCS(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) \
+                     X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+#define TILE_ZERO(r, k) __m512i a##r##k = _mm512_setzero_si512();
+#define TILE_PIN()                                                                                             \
+    do {                                                                                                     \
+        __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); \
+        __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23), "+v"(a30), "+v"(a31), "+v"(a32), "+v"(a33)); \
+    } while (0)
+/* Token k's 64 activation bytes at p against the R row vectors w[0..R-1]. */
+#define TILE_TOKEN(k, p, w)                                      \
+    do {                                                         \
+        if (k < TT) {                                            \
+            const __m512i x_ = _mm512_loadu_si512(p);            \
+            DPBUSD_R(a0##k, w[0], x_);                           \
+            if (R > 1) DPBUSD_R(a1##k, w[1], x_);                \
+            if (R > 2) DPBUSD_R(a2##k, w[2], x_);                \
+            if (R > 3) DPBUSD_R(a3##k, w[3], x_);                \
+        }                                                        \
+    } while (0)
+#define TILE_OUT(r, k) v[4 * r + k] = a##r##k;
+
 /* GEMM tile: R rows x TT tokens (<= 4 x 4). Each 64-byte block of a row is unpacked once into four code vectors and
  * used against TT tokens; 16 int32 accumulators stay in registers. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const job_t *J, int64_t n, int64_t t,
@@ -525,45 +550,37 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
     /* The epilogue runs on lane 4r + k of one vector for row n + r and token t + k (unused lanes: zeros). */
     __m512 yv = _mm512_setzero_ps();
     __m512i v[16];
-    for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512();
-    const int64_t S = J->S;
+    const int64_t S = J->S, K = J->K;
     for (int64_t s = 0; s < J->S; s++) {
-        __m512i acc[4][4];
-        _Pragma("GCC unroll 4")
-        for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++) acc[r][k] = _mm512_setzero_si512();
+        TILE_ACCS(TILE_ZERO)
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
             __m512i w[4];
             _Pragma("GCC unroll 4")
             for (int r = 0; r < R; r++) w[r] = _mm512_loadu_si512(J->qs + ((n + r) * J->nb + b) * QB);
+            const int8_t *x = J->xq + t * K + b * QK;
             _Pragma("GCC unroll 4")
             for (int l = 0; l < 4; l++) {
                 __m512i wl[4];
                 _Pragma("GCC unroll 4")
                 for (int r = 0; r < R; r++) {
-                    __m512i v = w[r];
-                    if (l == 1) v = _mm512_srli_epi16(v, 2);
-                    if (l == 2) v = _mm512_srli_epi16(v, 4);
-                    if (l == 3) v = _mm512_srli_epi16(v, 6);
-                    wl[r] = _mm512_and_si512(v, m3);
+                    __m512i c = w[r];
+                    if (l == 1) c = _mm512_srli_epi16(c, 2);
+                    if (l == 2) c = _mm512_srli_epi16(c, 4);
+                    if (l == 3) c = _mm512_srli_epi16(c, 6);
+                    wl[r] = _mm512_and_si512(c, m3);
                 }
-                _Pragma("GCC unroll 4")
-                for (int k = 0; k < TT; k++) {
-                    const __m512i a = _mm512_loadu_si512(J->xq + (t + k) * J->K + b * QK + 64 * l);
-                    _Pragma("GCC unroll 4")
-                    for (int r = 0; r < R; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], wl[r], a);
-                }
+                TILE_TOKEN(0, x + 64 * l, wl);
+                TILE_TOKEN(1, x + K + 64 * l, wl);
+                TILE_TOKEN(2, x + 2 * K + 64 * l, wl);
+                TILE_TOKEN(3, x + 3 * K + 64 * l, wl);
             }
+            TILE_PIN();
         }
         /* Per segment, the R x TT sums are reduced together (hsum16x16) and finished in one vector epilogue: lane by
          * lane the float32 operations of the scalar epilogue, so bit-identical to it. R x TT horizontal reductions
          * and scalar epilogues instead cost about as much as 3 blocks, i.e. 10-25 % per extra scale segment at dim
          * 1792 (7 blocks; measured A/B on the same weights with 1 and 2 segments). */
-        _Pragma("GCC unroll 4")
-        for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
+        TILE_ACCS(TILE_OUT)
         /* Lane 4r + k: seg_d[(n + r) * S + s] and bsum[(t + k) * S + s]; lanes outside the R x TT tile get 0. */
         const __m512 dd = tile_rows(first4_ps(J->seg_d + n * S + s, S, R));
         const __m512i bs = _mm512_broadcast_i32x4(first4_epi32(J->bsum + t * S + s, S, TT));
@@ -645,33 +662,26 @@ TARGET_AVX512 __attribute__((noinline)) static void i8_gemv1_avx512(const job_t 
 #define I8_PF_GROUPS 2
 TARGET_AVX512 static inline __attribute__((always_inline)) void i8_tile_avx512(const job_t *J, int64_t n, int64_t t,
                                                                                const int R, const int TT, const int pf) {
-    __m512i acc[4][4];
-    _Pragma("GCC unroll 4")
-    for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) acc[r][k] = _mm512_setzero_si512();
-    const uint8_t *ahead = J->qs + (n + I8_PF_GROUPS * 4) * J->K;
-    for (int64_t i = 0; i < J->K; i += 64) {
+    TILE_ACCS(TILE_ZERO)
+    const int64_t K = J->K;
+    const uint8_t *ahead = J->qs + (n + I8_PF_GROUPS * 4) * K;
+    for (int64_t i = 0; i < K; i += 64) {
         if (pf) {
             _Pragma("GCC unroll 4")
-            for (int r = 0; r < 4; r++) PREFETCH(ahead + r * J->K + i);
+            for (int r = 0; r < 4; r++) PREFETCH(ahead + r * K + i);
         }
         __m512i w[4];
         _Pragma("GCC unroll 4")
-        for (int r = 0; r < R; r++) w[r] = _mm512_loadu_si512(J->qs + (n + r) * J->K + i);
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) {
-            const __m512i a = _mm512_loadu_si512(J->xq + (t + k) * J->K + i);
-            _Pragma("GCC unroll 4")
-            for (int r = 0; r < R; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], w[r], a);
-        }
+        for (int r = 0; r < R; r++) w[r] = _mm512_loadu_si512(J->qs + (n + r) * K + i);
+        const int8_t *x = J->xq + t * K + i;
+        TILE_TOKEN(0, x, w);
+        TILE_TOKEN(1, x + K, w);
+        TILE_TOKEN(2, x + 2 * K, w);
+        TILE_TOKEN(3, x + 3 * K, w);
+        TILE_PIN();
     }
     __m512i v[16];
-    for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_si512();
-    _Pragma("GCC unroll 4")
-    for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4")
-        for (int k = 0; k < TT; k++) v[4 * r + k] = acc[r][k];
+    TILE_ACCS(TILE_OUT)
     const __m512 dd = tile_rows(first4_ps(J->seg_d + n, 1, R));
     const __m512i bs = _mm512_broadcast_i32x4(first4_epi32(J->bsum + t, 1, TT));
     const __m512 xs = _mm512_broadcast_f32x4(first4_ps(J->xs + t, 1, TT));
