@@ -297,10 +297,40 @@ TARGET_AVX2 static void rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 
 /* ---------------------------------------------------------------- AVX-512 VNNI path */
 
+/* acc += vpdpbusd(w, *p) with p's 64 bytes as the memory operand. Written out because with the intrinsic GCC 12 kept
+ * each accumulator in two registers and copied it every iteration (vpdpbusd overwrites its accumulator). */
+#define DPBUSD(acc, w, p) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const __m512i *)(const void *)(p)))
+/* The same with the activations in a register, for two rows that share them. */
+#define DPBUSD_R(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
+
 /* GEMV for 1..4 tokens (decoding, small batches), one sequential weight stream per thread. The 2-bit fields are isolated with a mask only (no
  * shift): field l is then c * 4^l, and vpdpbusd accumulates c * 4^l * a exactly, so each of the four accumulators is
  * 4^l times its true sum and an arithmetic right shift by 2l recovers it. Products are at most 128 * 127, four per
  * lane and block, so a lane stays below 2^31 for K <= 2^22. */
+/* The 16 accumulators of gemv_rows_avx512 (token k, field l) as named variables pinned once per block, for the reason
+ * of TILE_ACCS (GCC 12 copied the [4][4] array's accumulators every block and read the masks from the stack). */
+#define GEMV_ACCS(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) \
+                     X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+#define GEMV_ZERO(k, l) __m512i g##k##l = _mm512_setzero_si512();
+#define GEMV_TOKEN(k)                                                  \
+    do {                                                               \
+        if (k < TT) {                                                  \
+            const int8_t *ab_ = J->xq + k * J->K + b * QK;             \
+            DPBUSD(g##k##0, w0_, ab_);                                 \
+            DPBUSD(g##k##1, w1_, ab_ + 64);                            \
+            DPBUSD(g##k##2, w2_, ab_ + 128);                           \
+            DPBUSD(g##k##3, w3_, ab_ + 192);                           \
+        }                                                              \
+    } while (0)
+#define GEMV_FINISH(k)                                                                                       \
+    do {                                                                                                     \
+        if (k < TT) {                                                                                        \
+            __m512i v_ = _mm512_add_epi32(g##k##0, _mm512_srai_epi32(g##k##1, 2));                          \
+            v_ = _mm512_add_epi32(v_, _mm512_srai_epi32(g##k##2, 4));                                        \
+            v_ = _mm512_add_epi32(v_, _mm512_srai_epi32(g##k##3, 6));                                        \
+            yv[k] = yv[k] + d * (float)(_mm512_reduce_add_epi32(v_) - J->bsum[k * J->S + s]);                \
+        }                                                                                                    \
+    } while (0)
 TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512(const job_t *J, int64_t n0,
                                                                                  int64_t n1, const int TT) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
@@ -309,45 +339,31 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512
         const uint8_t *w = J->qs + n * J->nb * QB;
         float yv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int64_t s = 0; s < J->S; s++) {
-            __m512i acc[4][4]; /* [token][field] */
-            _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++)
-                _Pragma("GCC unroll 4")
-                for (int l = 0; l < 4; l++) acc[k][l] = _mm512_setzero_si512();
+            GEMV_ACCS(GEMV_ZERO)
             for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
 #if PREFETCH_BYTES > 0
                 PREFETCH(w + b * QB + PREFETCH_BYTES);
 #endif
-                const __m512i w0 = _mm512_loadu_si512(w + b * QB);
-                const __m512i wm[4] = {_mm512_and_si512(w0, m0), _mm512_and_si512(w0, m1), _mm512_and_si512(w0, m2),
-                                       _mm512_and_si512(w0, m3)};
-                _Pragma("GCC unroll 4")
-                for (int k = 0; k < TT; k++) {
-                    const int8_t *ab = J->xq + k * J->K + b * QK;
-                    _Pragma("GCC unroll 4")
-                    for (int l = 0; l < 4; l++)
-                        acc[k][l] = _mm512_dpbusd_epi32(acc[k][l], wm[l], _mm512_loadu_si512(ab + 64 * l));
-                }
+                const __m512i wv = _mm512_loadu_si512(w + b * QB);
+                const __m512i w0_ = _mm512_and_si512(wv, m0), w1_ = _mm512_and_si512(wv, m1);
+                const __m512i w2_ = _mm512_and_si512(wv, m2), w3_ = _mm512_and_si512(wv, m3);
+                GEMV_TOKEN(0);
+                GEMV_TOKEN(1);
+                GEMV_TOKEN(2);
+                GEMV_TOKEN(3);
+                __asm__("" : "+v"(g00), "+v"(g01), "+v"(g02), "+v"(g03), "+v"(g10), "+v"(g11), "+v"(g12), "+v"(g13));
+                __asm__("" : "+v"(g20), "+v"(g21), "+v"(g22), "+v"(g23), "+v"(g30), "+v"(g31), "+v"(g32), "+v"(g33));
             }
             const float d = J->seg_d[n * J->S + s];
-            _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++) {
-                __m512i v = _mm512_add_epi32(acc[k][0], _mm512_srai_epi32(acc[k][1], 2));
-                v = _mm512_add_epi32(v, _mm512_srai_epi32(acc[k][2], 4));
-                v = _mm512_add_epi32(v, _mm512_srai_epi32(acc[k][3], 6));
-                yv[k] = yv[k] + d * (float)(_mm512_reduce_add_epi32(v) - J->bsum[k * J->S + s]);
-            }
+            GEMV_FINISH(0);
+            GEMV_FINISH(1);
+            GEMV_FINISH(2);
+            GEMV_FINISH(3);
         }
         _Pragma("GCC unroll 4")
         for (int k = 0; k < TT; k++) J->y[k * J->N + n] = yv[k] * J->xs[k];
     }
 }
-
-/* acc += vpdpbusd(w, *p) with p's 64 bytes as the memory operand. Written out because with the intrinsic GCC 12 kept
- * each accumulator in two registers and copied it every iteration (vpdpbusd overwrites its accumulator). */
-#define DPBUSD(acc, w, p) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const __m512i *)(const void *)(p)))
-/* The same with the activations in a register, for two rows that share them. */
-#define DPBUSD_R(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
 
 /* Lane r of the result = the sum of the 16 lanes of v[r]. Integer adds, so the order does not change the result. */
 TARGET_AVX512 static inline __m512i hsum16x16(const __m512i *v) {
