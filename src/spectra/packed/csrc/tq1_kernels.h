@@ -271,11 +271,7 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
         _Pragma("GCC unroll 4")
         for (int k = 0; k < TT; k++) yv[r][k] = 0.0f;
     for (int64_t s = 0; s < J->S; s++) {
-        __m512i acc[4][4];
-        _Pragma("GCC unroll 4")
-        for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4")
-            for (int k = 0; k < TT; k++) acc[r][k] = _mm512_setzero_si512();
+        TILE_ACCS(TILE_ZERO) /* named accumulators, as in tile_avx512 */
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
             __m512i fa[4], fb[4];
             _Pragma("GCC unroll 4")
@@ -300,14 +296,17 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
                     if (c == 4) x = _mm512_srli_epi16(x, 6);
                     wc[r] = c == 0 ? x : _mm512_and_si512(x, m3);
                 }
-                _Pragma("GCC unroll 4")
-                for (int k = 0; k < TT; k++) {
-                    const __m512i a = _mm512_loadu_si512(J->xq + (t + k) * ab_row + b * TQ1_AB + 64 * c);
-                    _Pragma("GCC unroll 4")
-                    for (int r = 0; r < R; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], wc[r], a);
-                }
+                const int8_t *x = J->xq + t * ab_row + b * TQ1_AB + 64 * c;
+                TILE_TOKEN(0, x, wc);
+                TILE_TOKEN(1, x + ab_row, wc);
+                TILE_TOKEN(2, x + 2 * ab_row, wc);
+                TILE_TOKEN(3, x + 3 * ab_row, wc);
             }
+            TILE_PIN();
         }
+        __m512i acc[4][4];
+#define TQ1_TILE_OUT(r, k) acc[r][k] = a##r##k;
+        TILE_ACCS(TQ1_TILE_OUT)
         _Pragma("GCC unroll 4")
         for (int r = 0; r < R; r++) {
             const float d = J->seg_d[(n + r) * J->S + s];
