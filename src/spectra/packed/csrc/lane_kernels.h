@@ -10,10 +10,11 @@
  * each of 16 tokens (the VNNI layout below), so an accumulator ends holding the finished sums of one row for 16
  * tokens, and the epilogue is 16 lanes of float work per row and a 16 x 16 transpose per 16 rows. This is the AMX
  * tile product, C[m][n] += sum_k A[m][k] B[k/4][4n + k%4], done by vpdpbusd: both kernels issue one vpdpbusd per 64
- * products, the lanes save the reductions and the tiles' repeated unpacking. Measured on Zen 4 (2 cores,
- * benchmarks/lane_gemm.py): 1.05-1.3x the tiles' rate from 32 tokens on, no gain at 16 (a single token group: the
- * panel decode is shared by fewer products), and slower for the int8 output layer, whose rows the tiles read in place
- * (a panel copy cost more than the reductions saved), so int8 weights keep the tiles.
+ * products, the lanes save the reductions and the tiles' repeated unpacking. Measured (benchmarks/lane_gemm.py,
+ * README): TriLM-1.1B prefill 1.32x / 1.20x on 1 / 2 threads of an Intel Xeon with AMX off; on Zen 4 1.2-1.3x for
+ * the 99M's K = 512 matrices and within noise at 1.1B shapes. No gain at 16 tokens (one token group: the panel decode
+ * is shared by fewer products), hence LANE_MIN_T; slower for the int8 output layer, whose rows the tiles read in
+ * place (a panel copy cost more than the reductions saved), so int8 weights keep the tiles.
  *
  * - Panels (panel_decode_tq2 / _tq1): PANEL_ROWS weight rows, PANEL_SLICE blocks at a time, decoded to one code byte
  *   c in {0,1,2} per weight: [chunk][PANEL_ROWS][64]. A "chunk" is 64 activation bytes of the kernels' layout: 4 per
