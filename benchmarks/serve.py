@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -176,8 +175,6 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
 
     torch.set_num_threads(threads)
     model = with_int8_head(load(model_dir))
-    gc.collect()
-    gc.freeze()  # as `spectra generate` and `spectra serve` do after loading
     rng = random.Random(1)
     generate(model, None, [1, 2, 3], max_new_tokens=4, stop_at_eos=False)  # warm-up (first-call costs)
     t0 = time.perf_counter()

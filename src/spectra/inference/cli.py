@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 
@@ -51,7 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spectra.inference.generate import kv_dtype_from_name, threads_from_env
+    from spectra.inference.generate import generate, kv_dtype_from_name, threads_from_env
     from spectra.loading import find_tokenizer, load
 
     torch.set_num_threads(threads_from_env(args.threads))
@@ -66,19 +65,6 @@ def run_generate(args: argparse.Namespace) -> int:
         from spectra.ptq.qlinear import cache_dequantized
 
         cache_dequantized(model)
-    # The model lives until the end: frozen, it is not walked by the collector's full passes during decoding (see
-    # serve); unfrozen after, for in-process callers.
-    gc.collect()
-    gc.freeze()
-    try:
-        return _generate_and_print(args, model, tokenizer, kv_dtype)
-    finally:
-        gc.unfreeze()
-
-
-def _generate_and_print(args: argparse.Namespace, model, tokenizer, kv_dtype) -> int:
-    from spectra.inference.generate import generate
-
     if len(args.prompt) > 1:  # several prompts: decoded together, printed when all are done
         outs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,

@@ -12,7 +12,6 @@ to finish; what is still running then is cancelled (the engine finishes each wit
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import logging
 from pathlib import Path
@@ -95,11 +94,6 @@ def serve(
         log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
     engine, name, template = build_engine(model_path, **engine_options)
     app = create_app(engine, name, api_key=api_key, chat_template=template)
-    # The model, the engine and the app live as long as the process: freezing them keeps the collector's full passes,
-    # which every step's small allocations trigger, from walking them again and again (7 % of a 99m 16-row decode's
-    # time in a Zen 4 profile before, 0.01 % after).
-    gc.collect()
-    gc.freeze()
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
     log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s)",
@@ -108,7 +102,4 @@ def serve(
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")
-    try:
-        uvicorn.Server(config).run()
-    finally:
-        gc.unfreeze()
+    uvicorn.Server(config).run()
