@@ -41,6 +41,21 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def ternary_codes(N: int, Kdim: int, shards: int = 1, dim: int = 0, seed: int = 0):
+    """Random ternary codes of an [N, Kdim] layer as (TQ2 code bytes, TQ1 code bytes, bounds, seg_d) tensors, with
+    `shards` scales along `dim` and an all-zero run of blocks in row N // 2 (d = 0): the kernels' test matrices."""
+    import numpy as np
+
+    from spectra.packed import formats as F
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
+    codes[N // 2, : min(Kdim, 512)] = 0
+    qs, d = F.blocks_from_ternary(codes, 0.01 + 0.04 * torch.rand(shards, generator=g), dim)
+    bounds, seg_d = F.scale_segments(d)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, F.tq1_code_bytes(qs), bounds, seg_d))
+
+
 def byte_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer trained on `text` repeated (the tests' small tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -8,20 +8,12 @@ import torch
 
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
+from tests.conftest import ternary_codes
 
 HAS_AMX = K.extension() is not None and K.cpu_features().get("amx_int8", False)
 pytestmark = pytest.mark.skipif(
     not HAS_AMX or "avx512vnni" not in K.supported_paths(), reason="needs a CPU with AMX-INT8 and the C extension"
 )
-
-
-def _both(N, Kdim, shards=1, dim=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
-    codes[N // 2, : min(Kdim, 512)] = 0  # all-zero blocks
-    qs, d = F.blocks_from_ternary(codes, 0.01 + 0.04 * torch.rand(shards, generator=g), dim)
-    bounds, seg_d = F.scale_segments(d)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, F.tq1_code_bytes(qs), bounds, seg_d))
 
 
 @pytest.fixture
@@ -42,7 +34,7 @@ def _vnni(x, *args, **kw):
 def test_amx_equals_reference_and_avx512(T):
     # rows: fewer than one tile, one panel and a half (the one-A-tile tail), several panels; 1, 2 and 3 segments
     for N, Kdim, shards, dim in ((9, 256, 1, 0), (48, 1536, 3, 1), (100, 768, 2, 0), (70, 1024, 1, 0)):
-        qs, q1, bounds, seg_d = _both(N, Kdim, shards, dim, seed=T + N)
+        qs, q1, bounds, seg_d = ternary_codes(N, Kdim, shards, dim, seed=T + N)
         x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
         x[0, 5] = 40.0
         x[1] = 0.0  # amax 0
@@ -71,7 +63,7 @@ def test_amx_per_block_scales_non_finite_input_and_mixed_group():
     ok[[2, 17]] = False
     y = K.ternary_matmul(x, *args, path="avx512vnni")
     assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
-    other = _both(38, 1280, 2, 0, seed=5)
+    other = ternary_codes(38, 1280, 2, 0, seed=5)
     mats = [(*args, "tq2_0"), (q1, args[1], args[2], "tq1_0"), (other[1], other[2], other[3], "tq1_0")]
     ys = K.ternary_matmul_group(x, mats, path="avx512vnni", n_threads=2)
     for yg, m in zip(ys, mats):

@@ -9,19 +9,11 @@ import torch
 
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
+from tests.conftest import ternary_codes
 
 pytestmark = pytest.mark.skipif(
     K.extension() is None or "avx512vnni" not in K.supported_paths(), reason="needs AVX-512 VNNI and the C extension"
 )
-
-
-def _both(N, Kdim, shards=1, dim=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
-    codes[N // 2, : min(Kdim, 512)] = 0  # all-zero blocks
-    qs, d = F.blocks_from_ternary(codes, 0.01 + 0.04 * torch.rand(shards, generator=g), dim)
-    bounds, seg_d = F.scale_segments(d)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, F.tq1_code_bytes(qs), bounds, seg_d))
 
 
 @pytest.fixture
@@ -55,8 +47,8 @@ def test_lane_equals_reference_and_tiles(lane_from, T):
     qb, db = F.blocks_from_weight(W, lossy=True)
     bb, sb = F.scale_segments(db)
     per_block = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qb, F.tq1_code_bytes(qb), bb, sb))
-    cases = [_both(64, 512, 1, 0, T), _both(48, 1536, 2, 1, T), _both(37, 768, 3, 1, T), _both(9, 256, 1, 0, T),
-             _both(33, 1792, 1, 0, T), per_block]  # fmt: skip
+    shapes = ((64, 512, 1, 0), (48, 1536, 2, 1), (37, 768, 3, 1), (9, 256, 1, 0), (33, 1792, 1, 0))
+    cases = [ternary_codes(*shape, seed=T) for shape in shapes] + [per_block]
     for qs, q1, bounds, seg_d in cases:
         Kdim = qs.shape[1] // 64 * 256
         x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
@@ -75,7 +67,7 @@ def test_lane_equals_reference_and_tiles(lane_from, T):
 
 def test_lane_non_finite_input_and_mixed_group(lane_from):
     lane_from(32)  # the default: 40 tokens run in the lanes
-    qs, q1, bounds, seg_d = _both(40, 1280, 5, 1, seed=3)
+    qs, q1, bounds, seg_d = ternary_codes(40, 1280, 5, 1, seed=3)
     x = torch.randn(40, 1280)
     x[2, 3] = float("nan")
     x[37, 9] = float("inf")
@@ -84,7 +76,7 @@ def test_lane_non_finite_input_and_mixed_group(lane_from):
     ref = K.reference_matmul(x, qs, bounds, seg_d)
     y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni")
     assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
-    other = _both(70, 1280, 1, 0, seed=5)
+    other = ternary_codes(70, 1280, 1, 0, seed=5)
     mats = [(qs, bounds, seg_d, "tq2_0"), (q1, bounds, seg_d, "tq1_0"), (other[0], other[2], other[3], "tq2_0")]
     ys = K.ternary_matmul_group(x, mats, path="avx512vnni", n_threads=2)
     for yg, m in zip(ys, mats):

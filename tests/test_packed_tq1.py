@@ -10,25 +10,14 @@ from spectra.model import build_model
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
 from spectra.packed.linear import PackedTernaryLinear, convert_to_packed
-from tests.conftest import tiny_config
+from tests.conftest import ternary_codes, tiny_config
 
 COMPILED = [p for p in K.PATHS if p in K.supported_paths()]
 needs_ext = pytest.mark.skipif(K.extension() is None, reason="spectra's C extension is not built")
 
 
-def _both(N, Kdim, shards=1, dim=0, seed=0):
-    """The same random codes as (TQ2 code bytes, TQ1 code bytes, bounds, seg_d), with an all-zero row prefix."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-1, 2, (N, Kdim), generator=g, dtype=torch.int8)
-    codes[N // 2, : min(Kdim, 512)] = 0  # all-zero blocks (d = 0)
-    qs, d = F.blocks_from_ternary(codes, 0.01 + 0.04 * torch.rand(shards, generator=g), dim)
-    q1 = F.tq1_code_bytes(qs)
-    bounds, seg_d = F.scale_segments(d)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, q1, bounds, seg_d))
-
-
 def test_code_bytes_round_trip_and_validation():
-    qs, q1, _, _ = _both(7, 1280, seed=1)
+    qs, q1, _, _ = ternary_codes(7, 1280, seed=1)
     assert q1.shape == (7, 5 * F.TQ1_CODE_BYTES)
     assert np.array_equal(F.tq2_code_bytes(q1.numpy()), qs.numpy())
     # the llama.cpp blocks are these 52 bytes followed by d
@@ -54,7 +43,7 @@ def test_code_bytes_round_trip_and_validation():
 def test_tq1_kernels_equal_reference_and_tq2(path, T):
     """Rows that are not a multiple of the GEMV's 16 or the GEMM's 4, K from one block to 7, 1..6 scale segments."""
     for N, Kdim, shards, dim in ((37, 1024, 1, 0), (20, 1536, 3, 1), (9, 256, 1, 0), (64, 512, 2, 0), (17, 1792, 1, 0)):
-        qs, q1, bounds, seg_d = _both(N, Kdim, shards, dim, seed=T)
+        qs, q1, bounds, seg_d = ternary_codes(N, Kdim, shards, dim, seed=T)
         x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
         x[0, 7] = 50.0  # an outlier
         if T > 2:
@@ -84,7 +73,7 @@ def test_tq1_per_block_scales_non_finite_input_and_mixed_groups(path):
     y = K.ternary_matmul(x, q1, bounds, seg_d, fmt="tq1_0", path=path)
     assert torch.equal(y[:2], ref[:2]) and y[2:].isnan().all()
     # one group may mix the two layouts; each output equals its own call
-    other = _both(40, 1280, 5, 1, seed=5)  # 5 input shards: 5 segments
+    other = ternary_codes(40, 1280, 5, 1, seed=5)  # 5 input shards: 5 segments
     ops = [(q1, bounds, seg_d, "tq1_0"), (qs, bounds, seg_d), (other[1], other[2], other[3], "tq1")]
     for T in (1, 3):
         xt = torch.randn(T, 1280)
@@ -99,7 +88,7 @@ def test_tq1_per_block_scales_non_finite_input_and_mixed_groups(path):
 @needs_ext
 def test_forced_paths_agree_on_a_large_matrix():
     """4096x4096 (the benchmark's shape), one token and 64: every path gives the same bits in both layouts."""
-    qs, q1, bounds, seg_d = _both(4096, 4096, 1, 0, seed=9)
+    qs, q1, bounds, seg_d = ternary_codes(4096, 4096, 1, 0, seed=9)
     for T in (1, 64):
         x = torch.randn(T, 4096)
         want = K.ternary_matmul(x, qs, bounds, seg_d, path=COMPILED[0])
@@ -108,7 +97,7 @@ def test_forced_paths_agree_on_a_large_matrix():
 
 
 def test_layer_holds_tq1_bytes_and_converts():
-    qs, q1, _, _ = _both(24, 768, seed=3)
+    qs, q1, _, _ = ternary_codes(24, 768, seed=3)
     d = torch.full((24, 3), 0.03, dtype=torch.float16)
     d[12, :2] = 0  # the all-zero row prefix
     tq2 = PackedTernaryLinear(768, 24, qs, d)
