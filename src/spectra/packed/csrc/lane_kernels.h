@@ -62,14 +62,7 @@ static inline size_t xt_bytes_for(const job_t *J) {
 static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (the caller's thread runs rows too) */
     static _Thread_local void *panel = NULL;
     static _Thread_local size_t size = 0;
-    if (need > size) {
-        free(panel);
-        size = 0;
-        panel = aligned_alloc(64, (need + 63) & ~(size_t)63);
-        if (!panel) return NULL;
-        size = need;
-    }
-    return panel;
+    return grow_buffer(&panel, &size, need);
 }
 
 #ifdef SPECTRA_X86

@@ -98,6 +98,19 @@ typedef struct {
 
 enum { FMT_TQ2 = 0, FMT_TQ1 = 1 };
 
+/* *buf grown to at least `need` bytes (64-byte aligned, contents not kept), *size updated; NULL when it cannot grow.
+ * The per-thread buffers (scratch_get, panel_get) keep theirs across calls. */
+static void *grow_buffer(void **buf, size_t *size, size_t need) {
+    if (need > *size) {
+        free(*buf);
+        *size = 0;
+        *buf = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        if (!*buf) return NULL;
+        *size = need;
+    }
+    return *buf;
+}
+
 /* ---------------------------------------------------------------- activation quantization */
 
 static inline int64_t perm_pos(int64_t e) {
@@ -1472,14 +1485,7 @@ static int parse_job(PyObject *args, int *path, const float **x, job_t *J, int *
 static void *scratch_get(size_t need) {
     static _Thread_local void *scratch = NULL;
     static _Thread_local size_t scratch_size = 0;
-    if (need > scratch_size) {
-        free(scratch);
-        scratch_size = 0;
-        scratch = aligned_alloc(64, (need + 63) & ~(size_t)63);
-        if (!scratch) return NULL;
-        scratch_size = need;
-    }
-    return scratch;
+    return grow_buffer(&scratch, &scratch_size, need);
 }
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
