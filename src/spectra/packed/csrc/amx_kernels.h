@@ -107,23 +107,10 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
     if (ntg == 2 && nat == 2) _tile_stored(3, cacc + 768, 64);
     if (!last) return;
     for (int g = 0; g < ntg; g++) {
-        const int64_t t0 = (tg + g) * LANE_TOK;
-        const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
-        __m512i bs;
-        if (J->S == 1) {
-            bs = _mm512_maskz_loadu_epi32(live, J->bsum + t0);
-        } else {
-            int32_t tmp[16] = {0};
-            for (int k = 0; k < 16 && t0 + k < J->T; k++) tmp[k] = J->bsum[(t0 + k) * J->S + s];
-            bs = _mm512_loadu_si512(tmp);
-        }
-        for (int m = 0; m < 16 * nat && n + m < n1; m++) {
-            const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
-            const __m512i acc = _mm512_load_si512(cacc + (g * PANEL_ROWS + m) * 16);
-            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, bs));
-            float *yp = yv + (g * PANEL_ROWS + m) * LANE_TOK;
-            _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
-        }
+        const __m512i bs = token_sums(J, (tg + g) * LANE_TOK, s);
+        for (int m = 0; m < 16 * nat && n + m < n1; m++)
+            finish_row(J, yv + (g * PANEL_ROWS + m) * LANE_TOK, _mm512_load_si512(cacc + (g * PANEL_ROWS + m) * 16), bs,
+                       n + m, s);
     }
 }
 
@@ -139,7 +126,8 @@ TARGET_AMX static void amx_store(const job_t *J, const float *yv, int64_t n, int
  * group then reads; the C tiles of each pair of token groups wait in cacc between slices. */
 TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     const int64_t cpb = panel_cpb(J), G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2;
-    const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64), pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
+    const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64);
+    const size_t pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
     uint8_t *panel = (uint8_t *)panel_get(panel_bytes + 2 * (size_t)P * pair_bytes);
     if (!panel) return 0;
     int32_t *cacc = (int32_t *)(void *)(panel + panel_bytes);

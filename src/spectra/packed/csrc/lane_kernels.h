@@ -179,21 +179,33 @@ TARGET_AVX512 static void xt_build(const job_t *J, const int8_t *xq, int8_t *xt)
         }
 }
 
+/* Lanes of the tokens t0 .. t0+15 that exist (< T). */
+static inline __mmask16 token_mask(const job_t *J, int64_t t0) {
+    return (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
+}
+
 /* Lane k of bs: token t0 + k's activation sum over segment s (0 for tokens past T). */
 TARGET_AVX512 static inline __m512i token_sums(const job_t *J, int64_t t0, int64_t s) {
-    const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
-    if (J->S == 1) return _mm512_maskz_loadu_epi32(live, J->bsum + t0);
+    if (J->S == 1) return _mm512_maskz_loadu_epi32(token_mask(J, t0), J->bsum + t0);
     int32_t tmp[16] = {0};
     for (int k = 0; k < 16 && t0 + k < J->T; k++) tmp[k] = J->bsum[(t0 + k) * J->S + s];
     return _mm512_loadu_si512(tmp);
+}
+
+/* yp[16] += d * f(acc - bs) for weight row `row` and segment s, lane by lane the scalar epilogue's float32
+ * operations (acc: the row's integer sums for 16 tokens, bs: token_sums). */
+TARGET_AVX512 static inline void finish_row(const job_t *J, float *yp, __m512i acc, __m512i bs, int64_t row,
+                                            int64_t s) {
+    const __m512 d = _mm512_set1_ps(J->seg_d[row * J->S + s]);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, bs));
+    _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
 }
 
 /* yv [16 rows][16 tokens] (rows n.., tokens t0..) times the activation scales into y: each token's 16 rows as one
  * 64-byte store after a 16 x 16 transpose (scattering a row's 16 tokens touched 16 lines N floats apart, which for N a
  * multiple of 1024 all fall in one L1 set). */
 TARGET_AVX512 static void store16(const job_t *J, const float *yv, int64_t n, int64_t n1, int64_t t0) {
-    const __mmask16 live = (__mmask16)(J->T - t0 >= 16 ? 0xffff : (1u << (J->T - t0)) - 1);
-    const __m512 xs = _mm512_maskz_loadu_ps(live, J->xs + t0);
+    const __m512 xs = _mm512_maskz_loadu_ps(token_mask(J, t0), J->xs + t0);
     const __mmask16 rows = (__mmask16)(n1 - n >= 16 ? 0xffff : (1u << (n1 - n)) - 1);
     __m512 r[16];
     for (int m = 0; m < 16; m++) r[m] = _mm512_mul_ps(_mm512_load_ps(yv + m * LANE_TOK), xs);
@@ -240,11 +252,7 @@ TARGET_AVX512 static void lane_step(const job_t *J, const uint8_t *a, int64_t c0
     }
     const __m512i acc[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
     const __m512i bs = token_sums(J, tg * LANE_TOK, s);
-    for (int m = 0; m < 16 && n + m < n1; m++) {
-        const __m512 d = _mm512_set1_ps(J->seg_d[(n + m) * J->S + s]);
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], bs));
-        _mm512_store_ps(yv + 16 * m, _mm512_add_ps(_mm512_load_ps(yv + 16 * m), _mm512_mul_ps(d, v)));
-    }
+    for (int m = 0; m < 16 && n + m < n1; m++) finish_row(J, yv + 16 * m, acc[m], bs, n + m, s);
 }
 
 /* Rows [n0, n1) for all tokens; returns 0 (nothing done) when the buffers cannot be allocated. Per panel of 32 rows

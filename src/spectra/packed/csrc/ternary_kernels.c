@@ -316,10 +316,6 @@ TARGET_AVX2 static void rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 /* The same with the activations in a register, for two rows that share them. */
 #define DPBUSD_R(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
 
-/* GEMV for 1..4 tokens (decoding, small batches), one sequential weight stream per thread. The 2-bit fields are isolated with a mask only (no
- * shift): field l is then c * 4^l, and vpdpbusd accumulates c * 4^l * a exactly, so each of the four accumulators is
- * 4^l times its true sum and an arithmetic right shift by 2l recovers it. Products are at most 128 * 127, four per
- * lane and block, so a lane stays below 2^31 for K <= 2^22. */
 /* The 16 accumulators of gemv_rows_avx512 (token k, field l) as named variables pinned once per block, for the reason
  * of TILE_ACCS (GCC 12 copied the [4][4] array's accumulators every block and read the masks from the stack). */
 #define GEMV_ACCS(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) \
@@ -344,6 +340,10 @@ TARGET_AVX2 static void rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
             yv[k] = yv[k] + d * (float)(_mm512_reduce_add_epi32(v_) - J->bsum[k * J->S + s]);                \
         }                                                                                                    \
     } while (0)
+/* GEMV for 1..4 tokens (decoding, small batches), one sequential weight stream per thread. The 2-bit fields are isolated with a mask only (no
+ * shift): field l is then c * 4^l, and vpdpbusd accumulates c * 4^l * a exactly, so each of the four accumulators is
+ * 4^l times its true sum and an arithmetic right shift by 2l recovers it. Products are at most 128 * 127, four per
+ * lane and block, so a lane stays below 2^31 for K <= 2^22. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void gemv_rows_avx512(const job_t *J, int64_t n0,
                                                                                  int64_t n1, const int TT) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
@@ -1572,7 +1572,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     int any_tq1 = 0;
     for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
     const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) : 0;
-    size_t xt_bytes[2] = {0, 0}; /* AMX tile-layout activations for TQ2_0, TQ1_0 jobs */
+    size_t xt_bytes[2] = {0, 0}; /* VNNI-layout activations (AMX or lane GEMM) for TQ2_0, TQ1_0 jobs */
     for (int g = 0; g < G; g++) {
         const size_t need = vnni_xt_bytes(path, &jobs[g]);
         if (need > xt_bytes[jobs[g].fmt == FMT_TQ1]) xt_bytes[jobs[g].fmt == FMT_TQ1] = need;
