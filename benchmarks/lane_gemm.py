@@ -33,19 +33,25 @@ def _matrix(N: int, Kdim: int, seed: int) -> tuple:
     return torch.from_numpy(qs), torch.from_numpy(bounds), torch.from_numpy(seg_d)
 
 
-def _ab(fn, rounds: int) -> tuple[list[float], list[float]]:
-    """Seconds of fn() with the lanes off and on, `rounds` interleaved pairs (each the mean of two calls)."""
+def _ab(measure, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds from measure() with the lanes off and on (from 32 tokens), `rounds` interleaved pairs."""
+    before = K.use_lane(0)
     off, on = [], []
     for _ in range(rounds):
         for lane, out in ((0, off), (32, on)):
             K.use_lane(lane)
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            fn()
-            out.append((time.perf_counter() - t0) / 2)
-    K.use_lane(32)
+            out.append(measure())
+    K.use_lane(before)
     return off, on
+
+
+def _twice(fn) -> float:
+    """Mean seconds of two calls of fn after a warm-up call."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    fn()
+    return (time.perf_counter() - t0) / 2
 
 
 def _span(off: list[float], on: list[float]) -> str:
@@ -72,7 +78,7 @@ def main() -> None:
         for name, (qs, bounds, seg_d) in mats.items():
             for T in args.tokens:
                 x = torch.randn(T, qs.shape[1] // 64 * 256)
-                off, on = _ab(lambda: K.ternary_matmul(x, qs, bounds, seg_d, n_threads=t), args.rounds)
+                off, on = _ab(lambda: _twice(lambda: K.ternary_matmul(x, qs, bounds, seg_d, n_threads=t)), args.rounds)
                 macs = qs.shape[0] * x.shape[1] * T
                 print(f"  {t}T {name:>10} T={T:<4} tiles {macs / statistics.median(off) / 1e9:6.1f} GMAC/s, "
                       f"lanes {macs / statistics.median(on) / 1e9:6.1f}: {_span(off, on)}", flush=True)
@@ -82,12 +88,7 @@ def main() -> None:
     one = torch.randint(0, 32000, (1, 1), generator=g)
     for t in args.threads:
         torch.set_num_threads(t)
-        off, on = [], []
-        for _ in range(args.rounds):
-            for lane, out in ((0, off), (32, on)):
-                K.use_lane(lane)
-                out.append(time_torch(model, prompt, one, kv_dtype=torch.float16)[0])
-        K.use_lane(32)
+        off, on = _ab(lambda: time_torch(model, prompt, one, kv_dtype=torch.float16)[0], args.rounds)
         print(f"  {t}T prefill {args.prompt_len}: tiles {args.prompt_len / statistics.median(off):.1f} tok/s, lanes "
               f"{args.prompt_len / statistics.median(on):.1f}: {_span(off, on)}", flush=True)
     K.use_amx(amx_before)
