@@ -1068,9 +1068,9 @@ TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
     ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(base) + (i))))                   \
             : _mm512_loadu_ps((const float *)(base) + (i)))
 
-/* Prefetching, two ways. A short head (`near`, attend_pair): while its keys are read, row r of its values and row r
- * of the next head's keys (nk, nS rows; NULL: none) are fetched, every line of each row, so the value pass and the
- * next head find their rows in cache. A long head: keys and values ATT_AHEAD rows ahead of their use. */
+/* Prefetching, two ways, every line of a row. A short head (`near`, attend_pair): while its keys are read, row r of
+ * its values and row r of the next head's keys (nk, nS rows; NULL: none), so the value pass and the next head find
+ * their rows in cache. A long head: keys and values ATT_AHEAD rows ahead of their use, up to the last row. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx512_impl(
     const float *q, const void *k, const void *v, float *out, float *p, int64_t S, int64_t D, float scale,
     const int half, const int near, const char *nk, int64_t nS) {
@@ -1093,8 +1093,9 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx5
                     _mm_prefetch((const char *)v + kj * es + c, _MM_HINT_T1);
                     if (j0 + r < nS) _mm_prefetch(nk + kj * es + c, _MM_HINT_T1);
                 }
-            else
-                _mm_prefetch((const char *)k + (kj + ATT_AHEAD * D) * es, _MM_HINT_T1);
+            else if (j0 + r + ATT_AHEAD < S)
+                for (int64_t c = 0; c < D * es; c += 64)
+                    _mm_prefetch((const char *)k + (kj + ATT_AHEAD * D) * es + c, _MM_HINT_T1);
             __m512 acc = _mm512_mul_ps(qv[0], KV_LOAD16(k, kj, half));
             for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], KV_LOAD16(k, kj + 16 * c, half), acc);
             dots[r] = acc;
@@ -1118,7 +1119,9 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx5
     for (int64_t c = 0; c < nv; c++) o[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j++) {
         const int64_t vj = j * D;
-        if (!near) _mm_prefetch((const char *)v + (vj + ATT_AHEAD * D) * es, _MM_HINT_T1);
+        if (!near && j + ATT_AHEAD < S)
+            for (int64_t c = 0; c < D * es; c += 64)
+                _mm_prefetch((const char *)v + (vj + ATT_AHEAD * D) * es + c, _MM_HINT_T1);
         const __m512 pj = _mm512_set1_ps(p[j]);
         for (int64_t c = 0; c < nv; c++) o[c] = _mm512_fmadd_ps(pj, KV_LOAD16(v, vj + 16 * c, half), o[c]);
     }
