@@ -245,3 +245,47 @@ def test_all_layers_in_one_call_equal_one_call_per_layer():
         outs.append((logits, bd.kernel["rows"].x[:5].clone(), [bd.caches[s].k.clone() for s in slots]))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+
+
+def test_serial_torch_keeps_the_kernels_thread_count_and_restores_torchs():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.serial_torch() as n:
+            assert n == 2 and torch.get_num_threads() == 1 and kernels.default_threads() == 2
+            with kernels.serial_torch() as inner:  # nested (a Scheduler step around a BatchDecoder step)
+                assert inner == 2 and torch.get_num_threads() == 1
+            assert kernels.default_threads() == 2
+        assert torch.get_num_threads() == 2 and kernels.default_threads() == 2
+        torch.set_num_threads(1)
+        assert kernels.default_threads() == 1  # outside the context: torch's count again
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+def test_packed_steps_run_torch_on_one_thread_and_the_kernels_on_torchs_count(monkeypatch):
+    """On the C path a step's torch ops run single-threaded (`serial_torch`: torch's OpenMP threads would spin on the
+    cores the kernels' pool uses) while the kernels get the thread count torch had outside the step."""
+    import spectra.inference.batch as batch_mod
+
+    seen = []
+    real = batch_mod.argmax_logsumexp
+
+    def spy(rows, *, with_lse=True, n_threads=None, **kw):
+        seen.append((torch.get_num_threads(), n_threads))
+        return real(rows, with_lse=with_lse, n_threads=n_threads, **kw)
+
+    monkeypatch.setattr(batch_mod, "argmax_logsumexp", spy)
+    model = model_of("packed-int8-head", seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prompts, limits = prompts_and_lengths(3)
+        out = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False)
+        assert torch.get_num_threads() == 2  # restored after every step
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {(1, 2)}
+    for p, n, o in zip(prompts, limits, out):  # and the tokens are what one sequence alone gives
+        assert o["tokens"] == generate(model, None, p, max_new_tokens=n, stop_at_eos=False)["tokens"]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, unsupported_reason
 from spectra.inference.sampling import held_back, sample_next, validate_sampling
-from spectra.packed.kernels import argmax_logsumexp, logsumexp
+from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, serial_torch
 
 
 class BatchDecoder:
@@ -68,7 +68,7 @@ class BatchDecoder:
     def n_threads(self) -> int:
         """Threads the packed kernels use for a step (their `n_threads`, else torch's count)."""
         dec = self.kernel["decoder"] if self.kernel is not None else None
-        return (dec._threads if dec is not None else None) or torch.get_num_threads()
+        return (dec._threads if dec is not None else None) or default_threads()
 
     # ---- slots ---------------------------------------------------------------------------------------------------
     @property
@@ -100,7 +100,8 @@ class BatchDecoder:
         idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
         with torch.inference_mode():
             if self.kernel is not None:  # the C rows: what `generate` does for a packed TriLM (bit for bit)
-                return self.kernel["decoder"].prefill(idx, cache)[0, -1]
+                with serial_torch():
+                    return self.kernel["decoder"].prefill(idx, cache)[0, -1]
             return self.model(idx, cache=cache)[0, -1]
 
     # ---- a decode step with prefill chunks in it -----------------------------------------------------------------
@@ -118,7 +119,7 @@ class BatchDecoder:
             pre = [self.prefill(slot, ids) for slot, ids in prefills]
             return (self.step(slots, tokens) if slots else None), pre
         self._check_rows(slots, tokens, prefills)
-        with torch.inference_mode():
+        with torch.inference_mode(), serial_torch():
             logits = self._run_rows(slots, tokens, prefills)
         return (logits[: len(slots)] if slots else None), list(logits[len(slots) :])
 
@@ -145,8 +146,11 @@ class BatchDecoder:
             pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
         idx = torch.tensor(row_slots, dtype=torch.long)
         ids_all = torch.tensor(list(tokens) + [t for _, ids in prefills for t in ids], dtype=torch.long)
-        x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"][idx].contiguous(),
-                             kern["v_ptrs"][idx].contiguous(), self.caches[row_slots[0]])
+        # index_select, not x[idx]: advanced indexing runs torch's OpenMP team for a few rows, whose threads then
+        # spin on the cores the kernels' own pool needs (a step of 16 rows plus a 32-token prefill chunk took 16-20
+        # ms with it, 13 without, on 2 cores).
+        x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"].index_select(0, idx),
+                             kern["v_ptrs"].index_select(0, idx), self.caches[row_slots[0]])
         heads = [*range(len(slots))]
         for _, ids in prefills:
             heads.append((heads[-1] if heads else -1) + len(ids))
@@ -154,7 +158,7 @@ class BatchDecoder:
             self.caches[s].pos += 1
         for s, ids in prefills:
             self.caches[s].pos += len(ids)
-        rows = x if not prefills else x[heads]  # decode rows only: all of x, no gather
+        rows = x if not prefills else x.index_select(0, torch.tensor(heads))  # decode rows only: all of x
         return model.lm_head(model.norm(rows.view(len(heads), 1, self.config.dim)))[:, 0]
 
     # ---- one decode step -----------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ class BatchDecoder:
         self._check_rows(slots, tokens, ())
         with torch.inference_mode():
             if self.kernel is not None:
-                return self._run_rows(slots, tokens, ())
+                with serial_torch():
+                    return self._run_rows(slots, tokens, ())
             return self._step_modules(slots, tokens)
 
     def _build_kernel(self):
@@ -313,7 +318,15 @@ class Scheduler:
     # ---- one iteration -------------------------------------------------------------------------------------------
     def step(self) -> None:
         """Drop cancelled sequences, admit waiting ones into free slots, then one decode step for every sequence past
-        its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path)."""
+        its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path).
+        On the C path torch's ops of the step (sampling, log-probabilities) run on this thread (`serial_torch`)."""
+        if self.decoder.kernel is None:
+            self._step()
+            return
+        with serial_torch():
+            self._step()
+
+    def _step(self) -> None:
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
         while self.waiting and self.waiting[0].cancelled:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from spectra.packed import kernels as K
+
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -71,7 +73,6 @@ class Decoder:
     """Callable like the model, `decoder(idx, cache) -> logits`, fast for one token at a time (module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
-        from spectra.packed import kernels as K
         from spectra.packed import linear as L
 
         reason = unsupported_reason(model)
@@ -172,7 +173,7 @@ class Decoder:
         ck, cv = cache.k, cache.v
         self._check_cache(cache, 1)
         ext, pid = self._ext, self._path_id
-        nt = self._threads or torch.get_num_threads()
+        nt = self._threads or K.default_threads()
         H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
         # The cache (L, 1, H, max_len, D) is read and written in place: layer i starts layer_stride bytes after layer
         # i-1, and head h's rows (one per position, D floats each) start h·head_stride floats into the layer.
@@ -230,8 +231,6 @@ class Rows:
         self._all = tuple(self.layers)
 
     def _specs(self, mods, outs) -> tuple:
-        from spectra.packed import kernels as K
-
         out = []
         for m, y in zip(mods, outs):
             self._keep.extend([m.qs, m.seg_bounds, m.seg_d])
@@ -256,7 +255,7 @@ class Rows:
             x.copy_(emb[tokens])
         ck = cache_like.k
         layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
-        nt = dec._threads or torch.get_num_threads()
+        nt = dec._threads or K.default_threads()
         args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
                 dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
         scale = cfg.head_dim**-0.5

@@ -17,6 +17,7 @@ BPE token can end inside a UTF-8 character, and a text tail that may still becom
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, decoder_for
 from spectra.inference.sampling import held_back, sample_next, validate_sampling
 from spectra.layers import freeze_for_inference
+from spectra.packed import kernels as K
 
 
 def generate(
@@ -109,43 +111,46 @@ def generate(
         with torch.inference_mode():
             cache = model.new_cache(1, max_len, kv_dtype) if use_cache else None
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-            t0 = time.perf_counter()
-            for step in range(max_new_tokens):
-                if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
-                    if step > 0:
-                        logits = decode(seq[:, -1:], cache=cache)
-                    elif isinstance(decode, Decoder):  # the prompt through the C rows, as `serve` prefills it
-                        logits = decode.prefill(seq, cache)
+            # The C decoder's own thread pool does the work; torch's few ops run on this thread (`serial_torch`).
+            loop = K.serial_torch() if isinstance(decode, Decoder) else contextlib.nullcontext()
+            with loop:
+                t0 = time.perf_counter()
+                for step in range(max_new_tokens):
+                    if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
+                        if step > 0:
+                            logits = decode(seq[:, -1:], cache=cache)
+                        elif isinstance(decode, Decoder):  # the prompt through the C rows, as `serve` prefills it
+                            logits = decode.prefill(seq, cache)
+                        else:
+                            logits = model(seq, cache=cache)
+                    else:  # no KV cache: recompute the whole sequence every step
+                        logits = model(seq)
+                    nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                    now = time.perf_counter()
+                    if step == 0:
+                        prompt_s = now - t0
                     else:
-                        logits = model(seq, cache=cache)
-                else:  # no KV cache: recompute the whole sequence every step
-                    logits = model(seq)
-                nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-                now = time.perf_counter()
-                if step == 0:
-                    prompt_s = now - t0
-                else:
-                    decode_s += now - t0
-                t0 = now
-                out_ids.append(nxt)
-                seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
-                if tok is not None:
-                    text = tok.decode(out_ids)
-                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        text, finish = text[:hit], "stop"
-                    if stream is not None:
-                        final = len(text) if finish == "stop" else len(text) - held_back(text, stops)
-                        if text.endswith("\ufffd") and finish != "stop":
-                            final = min(final, len(text) - 1)  # an incomplete UTF-8 character
-                        if final > emitted:
-                            stream(text[emitted:final])
-                            emitted = final
-                if finish == "stop":
-                    break
-                if eos is not None and nxt == eos:
-                    finish = "eos"
-                    break
+                        decode_s += now - t0
+                    t0 = now
+                    out_ids.append(nxt)
+                    seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
+                    if tok is not None:
+                        text = tok.decode(out_ids)
+                        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                        if hit >= 0:
+                            text, finish = text[:hit], "stop"
+                        if stream is not None:
+                            final = len(text) if finish == "stop" else len(text) - held_back(text, stops)
+                            if text.endswith("\ufffd") and finish != "stop":
+                                final = min(final, len(text) - 1)  # an incomplete UTF-8 character
+                            if final > emitted:
+                                stream(text[emitted:final])
+                                emitted = final
+                    if finish == "stop":
+                        break
+                    if eos is not None and nxt == eos:
+                        finish = "eos"
+                        break
     finally:
         model.train(was_training)
     if stream is not None and len(text) > emitted:

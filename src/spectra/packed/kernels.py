@@ -53,9 +53,11 @@ contiguous chunks of rows, so each reads one sequential weight stream at a time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -71,6 +73,34 @@ _REQUIRES = {
     "avx2": ("avx2", "fma"),
     "scalar": (),
 }
+
+
+_threads = threading.local()  # .n: the kernels' thread count while `serial_torch` holds torch to one thread
+
+
+def default_threads() -> int:
+    """Threads a kernel call uses when none is given: torch's count, or the one `serial_torch` kept for them."""
+    return getattr(_threads, "n", None) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def serial_torch() -> Iterator[int]:
+    """Run torch's own ops on the calling thread alone, while the packed kernels keep the thread count torch had
+    (`default_threads`; yielded). After a parallel op, torch's OpenMP threads spin for a while waiting for the next
+    one, on the very cores that the kernels' pool (csrc/pool.h) needs: a decode step of 16 rows plus a 32-token
+    prompt chunk took 16-20 ms with torch at 2 threads on a 2-core machine, 12 ms like this. Decoding loops run their
+    steps inside it; the count is per calling thread, as torch's is."""
+    n = default_threads()
+    before, kept = torch.get_num_threads(), getattr(_threads, "n", None)
+    _threads.n = n
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+        _threads.n = kept
 
 
 @functools.cache
@@ -236,7 +266,7 @@ def ternary_matmul(
         bounds.numel() - 1,
         seg_d.data_ptr(),
         y.data_ptr(),
-        n_threads or torch.get_num_threads(),
+        n_threads or default_threads(),
         FORMAT_IDS[fmt],
     )
     return y
@@ -270,7 +300,7 @@ def ternary_matmul_group(
     ys = [torch.empty(x.shape[0], op[0].shape[0], dtype=torch.float32) for op in ops]
     specs = tuple(group_spec(qs, bounds, seg_d, y, FORMAT_IDS[fmt]) for (qs, bounds, seg_d, fmt), y in zip(ops, ys))
     extension().matmul_group(
-        _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or torch.get_num_threads(), specs
+        _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or default_threads(), specs
     )
     return ys
 
@@ -361,7 +391,7 @@ def int8_matmul(x: Tensor, u: Tensor, scale: Tensor, *, path: str = "auto", n_th
         u.shape[0],
         scale.data_ptr(),
         y.data_ptr(),
-        n_threads or torch.get_num_threads(),
+        n_threads or default_threads(),
     )
     return y
 
@@ -405,7 +435,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads:
         D,
         k.stride(0),
         D**-0.5,
-        n_threads or torch.get_num_threads(),
+        n_threads or default_threads(),
         half,
     )
     return out

@@ -226,7 +226,7 @@ class PackedTernaryLinear(nn.Module):
                 n_seg,
                 d_ptr,
                 y.data_ptr(),
-                self.n_threads or torch.get_num_threads(),
+                self.n_threads or K.default_threads(),
                 self._fmt_id,
             )
         return y if x.dtype is torch.float32 else y.to(x.dtype)
