@@ -40,6 +40,7 @@ from torch import nn
 from spectra.inference.decode import Decoder, decoder_for
 from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name
 from spectra.interop.weights import check_plain_linear, dense_weight
+from spectra.packed import kernels as K
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,13 @@ def with_int8_head(model: nn.Module) -> nn.Module:
     head = model.lm_head
     if type(head) is not nn.Linear:
         return model
-    from spectra.packed import kernels
     from spectra.packed.linear import Int8Linear
 
     if (
         head.bias is None
-        and kernels.resolve_path("auto") != "torch"
+        and K.resolve_path("auto") != "torch"
         and head.in_features % 256 == 0
-        and head.in_features <= kernels.INT8_MAX_K
+        and head.in_features <= K.INT8_MAX_K
     ):
         int8_head = Int8Linear.from_linear(head)
     else:
@@ -181,8 +181,10 @@ def time_torch(
     P, G = prompt.shape[1], decode_ids.shape[1]
     step = decoder_for(model)  # the lean single-token path for a packed TriLM (spectra.inference.decode)
     prefill = step.prefill if isinstance(step, Decoder) else (lambda ids, cache: model(ids, cache=cache))
+    serial = K.serial_torch() if isinstance(step, Decoder) else contextlib.nullcontext()  # as `generate` runs
     with torch.inference_mode():
         cache = model.new_cache(1, P + G, kv_dtype)
+    with torch.inference_mode(), serial:
         t0 = time.perf_counter()
         prefill(prompt, cache)[:, -1].argmax(-1)
         t1 = time.perf_counter()
