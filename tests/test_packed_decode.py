@@ -123,6 +123,30 @@ def test_decoder_threads_give_the_same_logits():
 
 
 @needs_ext
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_prompt_rows_on_the_pool_equal_one_thread_and_token_by_token(kv):
+    """A prompt of 48 positions: the per-row work (norms, RoPE and cache writes, SiLU, residuals) and the activations'
+    preparation are spread over the pool from 32 rows on (16 rows a chunk, 3 chunks): the same logits and cache bits as
+    on one thread, and as feeding the prompt one token at a time."""
+    model = packed_model(seed=7, max_seq_len=64)
+    ids = torch.randint(0, 384, (1, 48), generator=torch.Generator().manual_seed(2))
+    dec = Decoder(model)
+    got = []
+    with torch.inference_mode():
+        for threads in (1, 2, 3):
+            dec._threads = threads
+            cache = dec.new_cache(1, 48, kv)
+            got.append((dec.prefill(ids, cache), cache.k.clone(), cache.v.clone()))
+        one = dec.new_cache(1, 48, kv)
+        for t in range(48):
+            last = dec.step(ids[:, t : t + 1], one)
+    for logits, k, v in got[1:]:
+        assert torch.equal(logits, got[0][0]) and torch.equal(k, got[0][1]) and torch.equal(v, got[0][2])
+    assert torch.equal(got[0][0][:, -1:], last)
+    assert torch.equal(got[0][1], one.k) and torch.equal(got[0][2], one.v)
+
+
+@needs_ext
 def test_prefill_falls_back_to_the_model_for_other_caches():
     """A bfloat16 or batch-2 cache is not the C rows' business: `prefill` gives the model's own last logits."""
     model = packed_model()

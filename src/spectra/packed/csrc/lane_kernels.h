@@ -164,19 +164,23 @@ TARGET_AVX512 static inline void transpose16_ps(__m512 *r) {
 }
 
 /* xq [T, nb * cpb * 64] (the kernels' layout for the format) -> xt [T/16][chunk][16][64]: per chunk and token group a
- * 16 x 16 transpose of 4-byte groups (transpose16_ps only moves bits); missing tokens are zero. */
-TARGET_AVX512 static void xt_build(const job_t *J, const int8_t *xq, int8_t *xt) {
-    const int64_t nc = J->nb * panel_cpb(J), row = nc * 64, G = (J->T + LANE_TOK - 1) / LANE_TOK;
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < nc; c++) {
-            __m512 r[16];
-            for (int n = 0; n < LANE_TOK; n++) {
-                const int64_t t = g * LANE_TOK + n;
-                r[n] = t < J->T ? _mm512_castsi512_ps(_mm512_loadu_si512(xq + t * row + c * 64)) : _mm512_setzero_ps();
-            }
-            transpose16_ps(r);
-            for (int k = 0; k < 16; k++) _mm512_storeu_ps((float *)(void *)(xt + (g * nc + c) * 1024 + 64 * k), r[k]);
+ * 16 x 16 transpose of 4-byte groups (transpose16_ps only moves bits); missing tokens are zero. xt_build_group does
+ * token group g (tokens 16g .. 16g+15) alone. */
+TARGET_AVX512 static void xt_build_group(const job_t *J, const int8_t *xq, int8_t *xt, int64_t g) {
+    const int64_t nc = J->nb * panel_cpb(J), row = nc * 64;
+    for (int64_t c = 0; c < nc; c++) {
+        __m512 r[16];
+        for (int n = 0; n < LANE_TOK; n++) {
+            const int64_t t = g * LANE_TOK + n;
+            r[n] = t < J->T ? _mm512_castsi512_ps(_mm512_loadu_si512(xq + t * row + c * 64)) : _mm512_setzero_ps();
         }
+        transpose16_ps(r);
+        for (int k = 0; k < 16; k++) _mm512_storeu_ps((float *)(void *)(xt + (g * nc + c) * 1024 + 64 * k), r[k]);
+    }
+}
+
+TARGET_AVX512 static void xt_build(const job_t *J, const int8_t *xq, int8_t *xt) {
+    for (int64_t g = 0; g < (J->T + LANE_TOK - 1) / LANE_TOK; g++) xt_build_group(J, xq, xt, g);
 }
 
 /* Lanes of the tokens t0 .. t0+15 that exist (< T). */
@@ -285,6 +289,10 @@ TARGET_AVX512 static int lane_rows(const job_t *J, int64_t n0, int64_t n1) {
     }
     return 1;
 }
+#else
+/* Never called without SPECTRA_X86 (vnni_xt_bytes is 0 there); defined so that the callers compile everywhere. */
+static void xt_build_group(const job_t *J, const int8_t *xq, int8_t *xt, int64_t g) { (void)J, (void)xq, (void)xt, (void)g; }
+static void xt_build(const job_t *J, const int8_t *xq, int8_t *xt) { (void)J, (void)xq, (void)xt; }
 #endif /* SPECTRA_X86 */
 
 /* Run the token-lane GEMM on rows [n0, n1) if it applies and the activations were prepared (J->xt); 1 when done. */

@@ -1606,6 +1606,38 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     return check_bounds(J->bounds, S, nb);
 }
 
+/* group_run's activations, 16 rows (one token group of the VNNI layout) per chunk, so that a prompt's rows are
+ * prepared on every thread: int8 rows with one sum per block (Q: S = nb), their TQ1_0 form (xq1 when a job is TQ1_0)
+ * and the VNNI layouts (xt[f] when the AMX or lane GEMM runs format f). Rows do not depend on one another, so the
+ * bytes are those of the one-thread loop. */
+#ifndef PREP_PAR_MIN
+#define PREP_PAR_MIN 32
+#endif
+
+typedef struct {
+    int path;
+    job_t Q;
+    const float *x;
+    int8_t *xq, *xq1, *xt[2];
+    int32_t *blk_sum;
+    float *xs;
+} group_prep_t;
+
+static void group_prep_chunk(void *ctx, int64_t g) {
+    const group_prep_t *p = (const group_prep_t *)ctx;
+    const job_t *Q = &p->Q;
+    const int64_t t0 = g * LANE_TOK, t1 = t0 + LANE_TOK < Q->T ? t0 + LANE_TOK : Q->T;
+    job_t R = *Q;
+    R.T = t1 - t0;
+    quantize_rows(p->path, p->x + t0 * Q->K, &R, p->xq + t0 * Q->K, p->blk_sum + t0 * Q->nb, p->xs + t0);
+    if (p->xq1) tq1_activations(p->xq + t0 * Q->K, p->xq1 + t0 * Q->nb * TQ1_AB, t1 - t0, Q->nb);
+    for (int f = 0; f < 2; f++) {
+        job_t X = *Q;
+        X.fmt = f ? FMT_TQ1 : FMT_TQ2;
+        if (p->xt[f]) xt_build_group(&X, f ? p->xq1 : p->xq, p->xt[f], g);
+    }
+}
+
 /* Quantize x [T, K] once (one sum per block) and run every job on it. Needs no Python (call it with the GIL released);
  * returns 0 when scratch memory cannot be allocated. */
 static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs, int G, int n_threads) {
@@ -1637,16 +1669,17 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     int32_t *sum = (int32_t *)((char *)scratch + q_bytes + b_bytes + blk_bytes);
     float *xs = (float *)((char *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes);
     for (int64_t b = 0; b <= nb; b++) blocks[b] = (int32_t)b;
-    job_t Q;
-    memset(&Q, 0, sizeof(Q));
-    Q.T = T, Q.K = K, Q.nb = nb, Q.S = nb, Q.bounds = blocks;
-    quantize_rows(path, x, &Q, xq, blk_sum, xs);
-    if (any_tq1) tq1_activations(xq, xq1, T, nb);
-    for (int f = 0; f < 2; f++) {
-        job_t X = Q;
-        X.fmt = f ? FMT_TQ1 : FMT_TQ2;
-        if (xt_bytes[f]) xt_build(&X, f ? xq1 : xq, xt[f]);
-    }
+    group_prep_t prep;
+    memset(&prep, 0, sizeof(prep));
+    job_t *Q = &prep.Q;
+    Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
+    prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
+    for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
+    const int64_t n_groups = (T + LANE_TOK - 1) / LANE_TOK;
+    if (T >= PREP_PAR_MIN)
+        for_chunks(n_threads, n_groups, group_prep_chunk, (void *)&prep);
+    else
+        for (int64_t g = 0; g < n_groups; g++) group_prep_chunk((void *)&prep, g);
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
         for (int64_t t = 0; t < T; t++)
@@ -1930,46 +1963,108 @@ static int parse_batch_layer(PyObject *layer, batch_layer_t *L, int64_t B, int64
     return 1;
 }
 
+/* The per-row work of a batched block (norms, RoPE and cache writes, SiLU, residuals) runs on the calling thread
+ * while the pool's workers wait; for a prompt chunk of ROWS_PAR_MIN rows or more it is spread over the pool, 16 rows
+ * a chunk (rows do not depend on one another, so the results are the same). */
+#ifndef ROWS_PAR_MIN
+#define ROWS_PAR_MIN 32
+#endif
+
+typedef struct {
+    int path;
+    const batch_layer_t *L;
+    float *xs;
+    int64_t C, H, D, A, G, B;
+    const int64_t *pos;
+    const float *cos0, *sin0;
+    const unsigned long long *kp, *vp;
+    long long loff, hs;
+    int half;
+    void **kcs;
+} layer_rows_t;
+
+typedef void (*rows_range_fn)(const layer_rows_t *t, int64_t b0, int64_t b1);
+
+typedef struct {
+    rows_range_fn fn;
+    const layer_rows_t *t;
+} rows_range_task_t;
+
+static void rows_range_chunk(void *ctx, int64_t c) {
+    const rows_range_task_t *r = (const rows_range_task_t *)ctx;
+    const int64_t b0 = 16 * c, b1 = b0 + 16 < r->t->B ? b0 + 16 : r->t->B;
+    r->fn(r->t, b0, b1);
+}
+
+static void for_rows(int n_threads, const layer_rows_t *t, rows_range_fn fn) {
+    if (t->B < ROWS_PAR_MIN || n_threads <= 1) {
+        fn(t, 0, t->B);
+        return;
+    }
+    const rows_range_task_t r = {fn, t};
+    for_chunks(n_threads, (t->B + 15) / 16, rows_range_chunk, (void *)&r);
+}
+
+static void rows_norm_in(const layer_rows_t *t, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        kv_prefetch((const char *)(uintptr_t)(t->kp[b] + (unsigned long long)t->loff),
+                    (const char *)(uintptr_t)(t->vp[b] + (unsigned long long)t->loff), t->H, t->D, t->hs, t->pos[b],
+                    t->half);
+        rms_norm_row(t->xs + b * t->C, t->L->w_in, t->L->eps_in, t->L->hb + b * t->C, t->C);
+    }
+}
+
+static void rows_rope_kv(const layer_rows_t *t, int64_t b0, int64_t b1) {
+    const batch_layer_t *L = t->L;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t p = t->pos[b], A = t->A, D = t->D;
+        void *kc = t->kcs[b] = (void *)(uintptr_t)(t->kp[b] + (unsigned long long)t->loff);
+        void *vc = t->kcs[t->B + b] = (void *)(uintptr_t)(t->vp[b] + (unsigned long long)t->loff);
+        rope_kv_row(t->path, L->jq[0].y + b * A, L->jq[1].y + b * A, L->jq[2].y + b * A, L->attb + b * A, kc, vc,
+                    t->cos0 + p * D, t->sin0 + p * D, t->H, D, t->hs, p, t->half);
+    }
+}
+
+static void rows_resid_norm(const layer_rows_t *t, int64_t b0, int64_t b1) {
+    const batch_layer_t *L = t->L;
+    for (int64_t b = b0; b < b1; b++) {
+        float *x = t->xs + b * t->C;
+        for (int64_t i = 0; i < t->C; i++) x[i] = x[i] + L->jo.y[b * t->C + i];
+        rms_norm_row(x, L->w_post, L->eps_post, L->hb + b * t->C, t->C);
+    }
+}
+
+static void rows_silu(const layer_rows_t *t, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) silu_mul(t->path, t->L->jg[0].y + b * t->G, t->L->jg[1].y + b * t->G, t->G);
+}
+
+static void rows_resid(const layer_rows_t *t, int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * t->C; i < b1 * t->C; i++) t->xs[i] = t->xs[i] + t->L->jd.y[i];
+}
+
 /* The batched block itself (no Python: call it with the GIL released); 0 when scratch memory cannot be allocated. */
 static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs, int64_t B, int64_t C, int64_t H,
                            int64_t D, const int64_t *pos, const float *cos0, const float *sin0,
                            const unsigned long long *kp, const unsigned long long *vp, long long loff, long long hs,
                            float scale, int half) {
     const int64_t A = H * D, G = L->jg[0].N;
-    float *hb = L->hb, *attb = L->attb;
     job_t *jq = L->jq, *jg = L->jg;
-    int ok = 1;
-    for (int64_t b = 0; b < B; b++)
-        kv_prefetch((const char *)(uintptr_t)(kp[b] + (unsigned long long)loff),
-                    (const char *)(uintptr_t)(vp[b] + (unsigned long long)loff), H, D, hs, pos[b], half);
-    for (int64_t b = 0; b < B; b++) rms_norm_row(xs + b * C, L->w_in, L->eps_in, hb + b * C, C);
-    ok = ok && group_run(path, hb, B, C, jq, 3, n_threads);
     /* Every row's k and v go into its cache first, then all rows attend in one job (rows are distinct sequences, or
      * distinct positions of one, each reading only positions up to its own). */
-    void **kcs = ok ? (void **)malloc(sizeof(void *) * 2 * (size_t)B) : NULL;
-    ok = ok && kcs != NULL;
-    for (int64_t b = 0; ok && b < B; b++) {
-        const int64_t p = pos[b];
-        kcs[b] = (void *)(uintptr_t)(kp[b] + (unsigned long long)loff);
-        kcs[B + b] = (void *)(uintptr_t)(vp[b] + (unsigned long long)loff);
-        rope_kv_row(path, jq[0].y + b * A, jq[1].y + b * A, jq[2].y + b * A, attb + b * A, kcs[b], kcs[B + b],
-                    cos0 + p * D, sin0 + p * D, H, D, hs, p, half);
-    }
-    ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, attb, B, H, D, hs, scale, n_threads, half);
+    void **kcs = (void **)malloc(sizeof(void *) * 2 * (size_t)B);
+    if (!kcs) return 0;
+    const layer_rows_t t = {path, L, xs, C, H, D, A, G, B, pos, cos0, sin0, kp, vp, loff, hs, half, kcs};
+    for_rows(n_threads, &t, rows_norm_in);
+    int ok = group_run(path, L->hb, B, C, jq, 3, n_threads);
+    if (ok) for_rows(n_threads, &t, rows_rope_kv);
+    ok = ok && attend_batch_run(path, jq[0].y, kcs, kcs + B, pos, L->attb, B, H, D, hs, scale, n_threads, half);
     free(kcs);
-    ok = ok && group_run(path, attb, B, A, &L->jo, 1, n_threads);
-    if (ok)
-        for (int64_t b = 0; b < B; b++) {
-            float *x = xs + b * C;
-            for (int64_t i = 0; i < C; i++) x[i] = x[i] + L->jo.y[b * C + i];
-            rms_norm_row(x, L->w_post, L->eps_post, hb + b * C, C);
-        }
-    ok = ok && group_run(path, hb, B, C, jg, 2, n_threads);
-    if (ok)
-        for (int64_t b = 0; b < B; b++) silu_mul(path, jg[0].y + b * G, jg[1].y + b * G, G);
+    ok = ok && group_run(path, L->attb, B, A, &L->jo, 1, n_threads);
+    if (ok) for_rows(n_threads, &t, rows_resid_norm);
+    ok = ok && group_run(path, L->hb, B, C, jg, 2, n_threads);
+    if (ok) for_rows(n_threads, &t, rows_silu);
     ok = ok && group_run(path, jg[0].y, B, G, &L->jd, 1, n_threads);
-    if (ok)
-        for (int64_t i = 0; i < B * C; i++) xs[i] = xs[i] + L->jd.y[i];
+    if (ok) for_rows(n_threads, &t, rows_resid);
     return ok;
 }
 
