@@ -167,3 +167,25 @@ def test_generate_quantlm_and_its_gguf(tmp_path):
     t = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}["blk.1.ffn_down.weight"]
     W = model.layers[1].mlp.down_proj.dequantize_weight()
     assert torch.equal(torch.from_numpy(t.data.astype("float32")).reshape(W.shape), W.half().float())
+
+
+@pytest.mark.parametrize("which", ["builtin", "small"])
+def test_text_decoder_equals_decoding_every_prefix(which, tok):
+    """`TextDecoder.text` (the streamed text of `generate` and the batched scheduler) equals `tokenizer.decode` of the
+    ids so far after every token and after jumps of several tokens: real text with 2-, 3- and 4-byte characters
+    split across tokens, and random ids, whose bytes are often not UTF-8 at all."""
+    import random
+
+    from spectra.data.tokenizer import builtin_tokenizer, load_tokenizer
+    from spectra.inference.sampling import TextDecoder
+
+    t = load_tokenizer(builtin_tokenizer()) if which == "builtin" else tok
+    text = "Now is the winter — of our discontent, été 日本語の冬 🙂 made glorious\nsummer ✓ by this sun of York"
+    rng = random.Random(0)
+    seqs = [t.encode(text).ids, [rng.randrange(t.get_vocab_size()) for _ in range(300)]]
+    seqs.append(t.encode("🙂🙂 ü" * 20).ids)
+    for ids in seqs:
+        for step in (1, 3):
+            dec = TextDecoder(t)
+            for n in range(0, len(ids) + 1, step):
+                assert dec.text(ids[:n]) == t.decode(ids[:n])

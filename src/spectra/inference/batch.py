@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, unsupported_reason
-from spectra.inference.sampling import held_back, sample_next, validate_sampling
+from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, serial_torch
 
 
@@ -249,6 +249,7 @@ class Request:
     cancelled: bool = False
     slot: int | None = None
     generator: torch.Generator | None = None
+    detok: TextDecoder | None = None
     prefilled: int = 0
     t_submit: float = 0.0
     t_first: float | None = None
@@ -417,7 +418,9 @@ class Scheduler:
         finish = None
         tok = self.tokenizer
         if tok is not None:
-            text = tok.decode(req.tokens)
+            if req.detok is None:
+                req.detok = TextDecoder(tok)
+            text = req.detok.text(req.tokens)  # tok.decode(req.tokens), without decoding them all every token
             hit = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
             if hit >= 0:
                 text, finish = text[:hit], "stop"

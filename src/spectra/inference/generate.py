@@ -28,7 +28,7 @@ from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, decoder_for
-from spectra.inference.sampling import held_back, sample_next, validate_sampling
+from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
 from spectra.layers import freeze_for_inference
 from spectra.packed import kernels as K
 
@@ -105,6 +105,7 @@ def generate(
     decode = decoder_for(model) if use_cache else model
 
     out_ids: list[int] = []
+    detok = TextDecoder(tok) if tok is not None else None
     text, emitted, finish = "", 0, "length"
     prompt_s = decode_s = 0.0
     try:
@@ -135,7 +136,7 @@ def generate(
                     out_ids.append(nxt)
                     seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
                     if tok is not None:
-                        text = tok.decode(out_ids)
+                        text = detok.text(out_ids)  # tok.decode(out_ids), without decoding them all every token
                         hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                         if hit >= 0:
                             text, finish = text[:hit], "stop"

@@ -57,3 +57,34 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 held = k
                 break
     return held
+
+
+class TextDecoder:
+    """`tokenizer.decode(ids)` of a growing token list, at a cost that does not grow with the list.
+
+    Decoding the whole list after every token costs O(n) per token: 7 us at 64 tokens and 190 us at 2000 with the
+    built-in BPE, per sequence, every step of a server with 16 long streams. Here the text of the tokens up to `_read`
+    is kept (`_done`), and a new token decodes only the window from `_prefix` (one token before `_read`, so that a
+    decoder that treats a text's first token specially, or joins neighbouring tokens, sees the same context as in the
+    full text): the new text is the window's decoding after its first part's. The window is committed when its new
+    text is complete (no U+FFFD: it ends at a character boundary), as text-generation servers do. `text(ids)` returns
+    what `tokenizer.decode(ids)` returns for a byte-level BPE (tested against it at every token)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self._done, self._prefix, self._read = "", 0, 0
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The decoding of `ids`, which extends the list of the previous call by any number of tokens."""
+        tok, p, r = self.tok, self._prefix, self._read
+        head = tok.decode(list(ids[p:r])) if r > p else ""
+        window = tok.decode(list(ids[p:]))
+        if not window.startswith(head):  # a decoder that rewrote the context: decode it all (exact, O(n))
+            self._done, self._prefix, self._read = "", 0, 0
+            return tok.decode(list(ids))
+        new = window[len(head) :]
+        if "\ufffd" not in new:
+            self._done += new
+            self._prefix, self._read = max(len(ids) - 1, 0), len(ids)
+            return self._done
+        return self._done + new

@@ -1606,14 +1606,14 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     return check_bounds(J->bounds, S, nb);
 }
 
+#ifndef PREP_PAR_MIN
+#define PREP_PAR_MIN 32 /* group_run prepares its activations on the pool from this many rows on */
+#endif
+
 /* group_run's activations, 16 rows (one token group of the VNNI layout) per chunk, so that a prompt's rows are
  * prepared on every thread: int8 rows with one sum per block (Q: S = nb), their TQ1_0 form (xq1 when a job is TQ1_0)
  * and the VNNI layouts (xt[f] when the AMX or lane GEMM runs format f). Rows do not depend on one another, so the
  * bytes are those of the one-thread loop. */
-#ifndef PREP_PAR_MIN
-#define PREP_PAR_MIN 32
-#endif
-
 typedef struct {
     int path;
     job_t Q;
