@@ -1,0 +1,150 @@
+"""The packed C kernels of a git revision against the working tree's, both loaded into one process.
+
+    python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
+                                   [--prefill 0] [--rounds 15] [-D NAME=VALUE ...]
+
+On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
+rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
+temporary folders with the same compiler flags (`--base`'s sources from `git archive`, the working tree's as they
+are; `-D` adds a macro to the working tree's build only, to try a tuning constant), loaded side by side with
+importlib, and swapped into the decoder (its layer, attention and output-layer calls) between alternating rounds.
+
+The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache):
+`--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`
+with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`.
+Prints each build's median time and the median [range] of the per-round ratios base / tree (above 1: the working
+tree is faster), and in how many rounds the tree was faster. The Python side is the working tree's for both, so a
+base whose C functions take other arguments cannot be compared this way (the call fails with a TypeError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spectra.inference.batch import BatchDecoder
+from spectra.inference.bench import packed_copy, synthetic_trilm, with_int8_head
+from spectra.inference.decode import Decoder
+from spectra.packed import kernels as K
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = "src/spectra/packed/csrc"
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
+def build(source_dir: Path, out_dir: Path, defines: list[str]) -> Path:
+    """Compile ternary_kernels.c of `source_dir` (a checkout's root) as setup.py does on Linux."""
+    out = out_dir / f"_kernels{SUFFIX}"
+    cmd = [sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC") else "cc",
+           "-O3", "-ffp-contract=off", "-std=c11", "-fopenmp", "-fPIC", "-shared", "-fwrapv",
+           f"-I{sysconfig.get_paths()['include']}", *[f"-D{d}" for d in defines],
+           str(source_dir / CSRC / "ternary_kernels.c"), "-o", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"compiling {source_dir / CSRC} failed:\n{r.stderr.strip()}")
+    return out
+
+
+def load(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader("_kernels", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_kernels", loader))
+    loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree against")
+    ap.add_argument("--size", default="trilm-99m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pos", type=int, default=32, help="position the batch's 64 steps start from")
+    ap.add_argument("--prefill", type=int, default=0, help="time a prompt of this many tokens instead")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE for the tree's build")
+    args = ap.parse_args()
+    if K.extension() is None:
+        raise SystemExit("the C extension is not built here (pip install -e .)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base_src = tmp / "base"
+        base_src.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base, CSRC], capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {args.base}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive.stdout, check=True)
+        (tmp / "a").mkdir()
+        (tmp / "b").mkdir()
+        builds = {"base": load(build(base_src, tmp / "a", [])), "tree": load(build(ROOT, tmp / "b", args.defines))}
+
+        torch.set_num_threads(args.threads)
+        model = with_int8_head(packed_copy(synthetic_trilm(args.size), "tq2", inplace=True))
+        vocab = model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        if args.prefill:
+            dec = Decoder(model)
+            ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
+
+            def measure() -> float:
+                cache = dec.new_cache(1, args.prefill, torch.float16)
+                with torch.inference_mode(), K.serial_torch():
+                    t0 = time.perf_counter()
+                    dec.prefill(ids, cache)
+                    return time.perf_counter() - t0
+
+            what = f"prompt of {args.prefill} tokens"
+        else:
+            bd = BatchDecoder(model, args.batch, args.pos + 64, torch.float16)
+            dec = bd.kernel["decoder"]
+            slots = [bd.acquire() for _ in range(args.batch)]
+            for s in slots:
+                bd.prefill(s, torch.randint(0, vocab, (args.pos,), generator=g).tolist())
+            steps = torch.randint(0, vocab, (64, args.batch), generator=g).tolist()
+
+            def measure() -> float:
+                for s in slots:
+                    bd.caches[s].pos = args.pos
+                t0 = time.perf_counter()
+                for tokens in steps:
+                    bd.step(slots, tokens)
+                return (time.perf_counter() - t0) / len(steps)
+
+            what = f"batch-{args.batch} step at positions {args.pos}-{args.pos + 63}"
+
+        real = K.extension
+
+        def run(name: str) -> float:
+            dec._ext = builds[name]
+            K.extension = lambda: builds[name]  # the output layer and argmax calls too
+            try:
+                return measure()
+            finally:
+                K.extension = real
+
+        run("base"), run("tree")  # first calls: page faults, buffers
+        times: dict[str, list[float]] = {"base": [], "tree": []}
+        for r in range(args.rounds):
+            for name in ("base", "tree") if r % 2 == 0 else ("tree", "base"):
+                times[name].append(run(name))
+    ratios = sorted(b / t for b, t in zip(times["base"], times["tree"]))
+    extra = f" (-D {' '.join(args.defines)})" if args.defines else ""
+    print(f"{args.size}, {args.threads} threads, {what}; {args.base} against the working tree{extra}, "
+          f"{args.rounds} alternating rounds in one process")
+    for name in ("base", "tree"):
+        print(f"  {name:5s} median {statistics.median(times[name]) * 1e3:.3f} ms")
+    print(f"  base / tree: {statistics.median(ratios):.3f}x [{ratios[0]:.3f}-{ratios[-1]:.3f}], "
+          f"tree faster in {sum(x > 1 for x in ratios)}/{len(ratios)} rounds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
