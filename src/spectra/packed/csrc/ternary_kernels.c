@@ -1606,9 +1606,21 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     return check_bounds(J->bounds, S, nb);
 }
 
-#ifndef PREP_PAR_MIN
-#define PREP_PAR_MIN 32 /* group_run prepares its activations on the pool from this many rows on */
+#ifndef ROWS_PAR_MIN
+#define ROWS_PAR_MIN 32 /* per-row work runs on the pool from this many rows on (a prompt chunk) */
 #endif
+
+/* fn(ctx, g) for the groups of LANE_TOK rows of T (row group g: rows LANE_TOK g ..): spread over the pool from
+ * ROWS_PAR_MIN rows on, else in order on the calling thread, where a decode step's few rows cost less than a hand-out.
+ * Rows do not depend on one another, so the results are the same either way. */
+static void for_row_groups(int n_threads, int64_t T, for_chunks_fn fn, void *ctx) {
+    const int64_t n = (T + LANE_TOK - 1) / LANE_TOK;
+    if (T >= ROWS_PAR_MIN) {
+        for_chunks(n_threads, n, fn, ctx);
+        return;
+    }
+    for (int64_t g = 0; g < n; g++) fn(ctx, g);
+}
 
 /* group_run's activations, 16 rows (one token group of the VNNI layout) per chunk, so that a prompt's rows are
  * prepared on every thread: int8 rows with one sum per block (Q: S = nb), their TQ1_0 form (xq1 when a job is TQ1_0)
@@ -1675,11 +1687,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
     for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
-    const int64_t n_groups = (T + LANE_TOK - 1) / LANE_TOK;
-    if (T >= PREP_PAR_MIN)
-        for_chunks(n_threads, n_groups, group_prep_chunk, (void *)&prep);
-    else
-        for (int64_t g = 0; g < n_groups; g++) group_prep_chunk((void *)&prep, g);
+    for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
         for (int64_t t = 0; t < T; t++)
@@ -1963,13 +1971,8 @@ static int parse_batch_layer(PyObject *layer, batch_layer_t *L, int64_t B, int64
     return 1;
 }
 
-/* The per-row work of a batched block (norms, RoPE and cache writes, SiLU, residuals) runs on the calling thread
- * while the pool's workers wait; for a prompt chunk of ROWS_PAR_MIN rows or more it is spread over the pool, 16 rows
- * a chunk (rows do not depend on one another, so the results are the same). */
-#ifndef ROWS_PAR_MIN
-#define ROWS_PAR_MIN 32
-#endif
-
+/* The per-row work of a batched block (norms, RoPE and cache writes, SiLU, residuals), by row groups
+ * (for_row_groups): on the calling thread while the pool's workers wait, or for a prompt chunk over the pool. */
 typedef struct {
     int path;
     const batch_layer_t *L;
@@ -1990,19 +1993,15 @@ typedef struct {
     const layer_rows_t *t;
 } rows_range_task_t;
 
-static void rows_range_chunk(void *ctx, int64_t c) {
+static void rows_range_chunk(void *ctx, int64_t g) {
     const rows_range_task_t *r = (const rows_range_task_t *)ctx;
-    const int64_t b0 = 16 * c, b1 = b0 + 16 < r->t->B ? b0 + 16 : r->t->B;
+    const int64_t b0 = LANE_TOK * g, b1 = b0 + LANE_TOK < r->t->B ? b0 + LANE_TOK : r->t->B;
     r->fn(r->t, b0, b1);
 }
 
 static void for_rows(int n_threads, const layer_rows_t *t, rows_range_fn fn) {
-    if (t->B < ROWS_PAR_MIN || n_threads <= 1) {
-        fn(t, 0, t->B);
-        return;
-    }
     const rows_range_task_t r = {fn, t};
-    for_chunks(n_threads, (t->B + 15) / 16, rows_range_chunk, (void *)&r);
+    for_row_groups(n_threads, t->B, rows_range_chunk, (void *)&r);
 }
 
 static void rows_norm_in(const layer_rows_t *t, int64_t b0, int64_t b1) {
