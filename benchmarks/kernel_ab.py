@@ -45,8 +45,8 @@ SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 def build(source_dir: Path, out_dir: Path, defines: list[str]) -> Path:
     """Compile ternary_kernels.c of `source_dir` (a checkout's root) as setup.py does on Linux."""
     out = out_dir / f"_kernels{SUFFIX}"
-    cmd = [sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC") else "cc",
-           "-O3", "-ffp-contract=off", "-std=c11", "-fopenmp", "-fPIC", "-shared", "-fwrapv",
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cmd = [cc, "-O3", "-ffp-contract=off", "-std=c11", "-fopenmp", "-fPIC", "-shared", "-fwrapv",
            f"-I{sysconfig.get_paths()['include']}", *[f"-D{d}" for d in defines],
            str(source_dir / CSRC / "ternary_kernels.c"), "-o", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from spectra.inference.batch import Request, Scheduler
-from spectra.inference.decode import unsupported_reason
-from spectra.packed.linear import Int8Linear, PackedTernaryLinear
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +128,12 @@ class Engine:
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.torch_threads = threads
-        if unsupported_reason(model) is None:
-            # A packed TriLM: its kernels split their work over their own pool of `threads` threads, which never waits
-            # for a thread the OS has not scheduled. torch's few ops in a step (embedding, sampling, a prefill's
-            # attention) run on the engine thread alone: an OpenMP team of torch's would wait at every barrier for a
-            # core that the HTTP loop or the clients hold, and spin on it afterwards.
-            n = threads or torch.get_num_threads()
-            for m in model.modules():
-                if isinstance(m, (PackedTernaryLinear, Int8Linear)):
-                    m.n_threads = n
-            self.torch_threads = 1
+        # The engine thread's torch count (OpenMP's is per calling thread, so it is set there, from this thread's
+        # default). A packed TriLM's kernels split their work over their own pool of that many threads, which never
+        # waits for a thread the OS has not scheduled, and a step's few torch ops (embedding, sampling) run on the
+        # engine thread alone (`Scheduler.step`, `kernels.serial_torch`): an OpenMP team of torch's would wait at
+        # every barrier for a core that the HTTP loop or the clients hold, and spin on it afterwards.
+        self.torch_threads = threads or torch.get_num_threads()
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk,
                                    kv_dtype=kv_dtype)
         self.tokenizer = self.scheduler.tokenizer
@@ -205,8 +198,7 @@ class Engine:
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # OpenMP's thread count is per calling thread
+        torch.set_num_threads(self.torch_threads)
         sched = self.scheduler
         while True:
             with self._cond:
