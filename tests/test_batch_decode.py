@@ -267,16 +267,14 @@ def test_serial_torch_keeps_the_kernels_thread_count_and_restores_torchs():
 def test_packed_steps_run_torch_on_one_thread_and_the_kernels_on_torchs_count(monkeypatch):
     """On the C path a step's torch ops run single-threaded (`serial_torch`: torch's OpenMP threads would spin on the
     cores the kernels' pool uses) while the kernels get the thread count torch had outside the step."""
-    import spectra.inference.batch as batch_mod
-
     seen = []
-    real = batch_mod.argmax_logsumexp
+    real = kernels.head_rows  # the step's last C call: final norm, output layer and the greedy picks
 
-    def spy(rows, *, with_lse=True, n_threads=None, **kw):
-        seen.append((torch.get_num_threads(), n_threads))
-        return real(rows, with_lse=with_lse, n_threads=n_threads, **kw)
+    def spy(*args, n_threads=None, **kw):
+        seen.append((torch.get_num_threads(), n_threads or kernels.default_threads()))
+        return real(*args, n_threads=n_threads, **kw)
 
-    monkeypatch.setattr(batch_mod, "argmax_logsumexp", spy)
+    monkeypatch.setattr(kernels, "head_rows", spy)
     model = model_of("packed-int8-head", seed=2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -402,6 +402,49 @@ def test_argmax_logsumexp_equals_the_two_calls(path, n_threads):
     assert torch.equal(i64, idx[4:6]) and torch.allclose(l64.float(), lse[4:6], rtol=2e-6)
 
 
+def _c_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The decoder's C RMSNorm restated in float32 numpy (IEEE single-precision operations, as C's): 16 interleaved
+    partial sums of squares, added pairwise, r = 1 / sqrt(sum / C + eps), then (x · r) · w."""
+    f32 = np.float32
+    rows = []
+    for row in x.numpy():
+        part = np.zeros(16, f32)
+        for i in range(0, row.size, 16):
+            part = part + row[i : i + 16] * row[i : i + 16]
+        for n in (8, 4, 2, 1):
+            part[:n] = part[:n] + part[n : 2 * n]
+        r = f32(1) / np.sqrt(part[0] / f32(row.size) + f32(eps))
+        rows.append((row * r) * w.numpy())
+    return torch.from_numpy(np.stack(rows))
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_head_rows_equals_norm_then_int8_matmul(path, n_threads):
+    """A decode step's end in one call: the final RMSNorm (restated in torch), the int8 output layer (its reference,
+    bit for bit), then argmax and log-sum-exp as `argmax_logsumexp` gives them, for 1, 5 and 16 rows; without the
+    statistics when not asked; a bad norm weight is refused by name."""
+    g = torch.Generator().manual_seed(5)
+    C, V = 512, 3000
+    W = torch.randn(V, C, generator=g) * 0.05
+    u, scale = K.quantize_weight_int8(W)
+    w_norm = 1 + 0.1 * torch.randn(C, generator=g)
+    for B in (1, 5, 16):
+        x = torch.randn(B, C, generator=g) * 3
+        y, idx, lse = K.head_rows(x, w_norm, 1e-5, u, scale, lse=True, n_threads=n_threads, path=path)
+        ref = K.reference_int8_matmul(_c_rms_norm(x, w_norm, 1e-5), u, scale)
+        assert torch.equal(y, ref), B
+        ref_idx, ref_lse = K.argmax_logsumexp(ref, n_threads=1, path=path)
+        assert torch.equal(idx, ref_idx) and torch.equal(lse, ref_lse)
+        y2, idx2, none = K.head_rows(x, w_norm, 1e-5, u, scale, argmax=True, n_threads=n_threads, path=path)
+        assert torch.equal(y2, y) and torch.equal(idx2, idx) and none is None
+        y3, n1, n2 = K.head_rows(x, w_norm, 1e-5, u, scale, n_threads=n_threads, path=path)
+        assert torch.equal(y3, y) and n1 is None and n2 is None
+    with pytest.raises(ValueError, match="norm_weight"):
+        K.head_rows(x, w_norm[:-1], 1e-5, u, scale, path=path)
+
+
 @needs_ext
 @pytest.mark.parametrize("path", COMPILED)
 def test_logsumexp_close_to_torch(path):

@@ -113,15 +113,31 @@ class BatchDecoder:
         one larger batch instead of several small ones. Rows do not depend on one another (`Rows`), so the results
         equal the separate calls bit for bit. Returns (the step's logits (B, V) or None without slots, the last-
         position logits (V,) of each prefill)."""
+        return self.step_rows(slots, tokens, prefills)[:2]
+
+    def step_rows(
+        self, slots: Sequence[int], tokens: Sequence[int], prefills: Sequence[tuple[int, Sequence[int]]] = (), *,
+        argmax: bool = False, lse: bool = False,
+    ) -> tuple[Tensor | None, list[Tensor], Tensor | None, Tensor | None]:
+        """`step_with_prefill`, plus the argmax (`argmax` or `lse`) and log-sum-exp (`lse`) of each decode row's logits
+        (None without slots or when not asked): (logits (B, V) float32 or None, prefill logits, argmax (B,), lse (B,)).
+        On the C path the statistics come from the same C call as the logits (`Decoder.head`)."""
         n_rows = len(slots) + sum(len(ids) for _, ids in prefills)
         kern = self.kernel
-        if kern is None or not prefills or n_rows > kern["rows"].n:
+        if kern is None or n_rows > kern["rows"].n or (not slots and not prefills):
             pre = [self.prefill(slot, ids) for slot, ids in prefills]
-            return (self.step(slots, tokens) if slots else None), pre
+            logits = self.step(slots, tokens).float().contiguous() if slots else None
+            idx = out_lse = None
+            if logits is not None and (argmax or lse):
+                idx, out_lse = argmax_logsumexp(logits, with_lse=lse, n_threads=self.n_threads)
+            return logits, pre, idx, out_lse
         self._check_rows(slots, tokens, prefills)
         with torch.inference_mode(), serial_torch():
-            logits = self._run_rows(slots, tokens, prefills)
-        return (logits[: len(slots)] if slots else None), list(logits[len(slots) :])
+            logits, idx, out_lse = self._run_rows(slots, tokens, prefills, argmax=argmax, lse=lse)
+        B = len(slots)
+        if not slots:
+            return None, list(logits), None, None
+        return logits[:B], list(logits[B:]), None if idx is None else idx[:B], None if out_lse is None else out_lse[:B]
 
     def _check_rows(self, slots: Sequence[int], tokens: Sequence[int], prefills) -> None:
         """What `step` and `step_with_prefill` refuse: a token count that is not one per decode slot, a slot used
@@ -136,10 +152,13 @@ class BatchDecoder:
             if self.caches[s].pos + n > self.max_len:
                 raise ValueError(f"slot {s} is full: {self.caches[s].pos} + {n} positions exceed its {self.max_len}")
 
-    def _run_rows(self, slots: Sequence[int], tokens: Sequence[int], prefills) -> Tensor:
+    def _run_rows(
+        self, slots: Sequence[int], tokens: Sequence[int], prefills, *, argmax: bool = False, lse: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The C path for decode rows (slots[i] at its next position) then each prefill chunk's positions, in one
-        `Rows` pass; logits (B + len(prefills), V): one per decode row, then each chunk's last position."""
-        kern, model = self.kernel, self.model
+        `Rows` pass; (logits (B + len(prefills), V): one per decode row, then each chunk's last position; their argmax
+        and logsumexp when asked, `Decoder.head`)."""
+        kern = self.kernel
         row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
         pos = [self.caches[s].pos for s in slots]
         for s, ids in prefills:
@@ -159,7 +178,7 @@ class BatchDecoder:
         for s, ids in prefills:
             self.caches[s].pos += len(ids)
         rows = x if not prefills else x.index_select(0, torch.tensor(heads))  # decode rows only: all of x
-        return model.lm_head(model.norm(rows.view(len(heads), 1, self.config.dim)))[:, 0]
+        return kern["decoder"].head(rows, argmax=argmax, lse=lse)
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -170,7 +189,7 @@ class BatchDecoder:
         with torch.inference_mode():
             if self.kernel is not None:
                 with serial_torch():
-                    return self._run_rows(slots, tokens, ())
+                    return self._run_rows(slots, tokens, ())[0]
             return self._step_modules(slots, tokens)
 
     def _build_kernel(self):
@@ -351,28 +370,23 @@ class Scheduler:
                 chunks.append((req, min(n, (req.prefilled // size + 1) * size)))  # fixed boundaries, every run
         if not decoding and not chunks:
             return
-        # One pass for the decode rows and the prefill chunks together (`step_with_prefill`).
-        logits, pre = self.decoder.step_with_prefill(
+        # One pass for the decode rows and the prefill chunks together (`step_rows`), with the greedy rows' picks
+        # (sample_next's own rule: the first maximum) and, for log-probabilities, every row's log-sum-exp taken in the
+        # same C call as the logits. The greedy picks' logits come in one gather: a greedy row without top
+        # alternatives then needs no tensor op of its own (each op lets the HTTP loop take the GIL, and the engine
+        # waits to get it back).
+        greedy_any = any(r.temperature == 0 for r in decoding)
+        want_lse = any(r.logprobs is not None for r in decoding)
+        rows, pre, picks_t, lse_t = self.decoder.step_rows(
             [r.slot for r in decoding], [r.tokens[-1] for r in decoding],
-            [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks])  # fmt: skip
+            [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks], argmax=greedy_any, lse=want_lse)
         if decoding:
             self.stats["steps"] += 1
-            # Greedy rows' picks in one call for the whole step (sample_next's own rule: the first maximum).
-            # The greedy picks' logits too, in one gather: a greedy row without top alternatives then needs no
-            # tensor op of its own (each op lets the HTTP loop take the GIL, and the engine waits to get it back).
-            # argmax and logsumexp of every row in one C call over the kernels' threads (`argmax_logsumexp`).
-            rows = logits.float().contiguous()
-            greedy_any = any(r.temperature == 0 for r in decoding)
-            want_lse = any(r.logprobs is not None for r in decoding)
-            picks = lses = chosen = None
-            if greedy_any:
-                picks_t, lse_t = argmax_logsumexp(rows, with_lse=want_lse, n_threads=self.decoder.n_threads)
-                picks = picks_t.tolist()
-                if lse_t is not None:
-                    lses = lse_t.tolist()
-                    chosen = rows.gather(1, picks_t.unsqueeze(1)).squeeze(1).tolist()
-            elif want_lse:
-                lses = logsumexp(rows).tolist()
+            picks = None if picks_t is None or not greedy_any else picks_t.tolist()
+            lses = None if lse_t is None else lse_t.tolist()
+            chosen = None
+            if picks is not None and lses is not None:
+                chosen = rows.gather(1, picks_t.unsqueeze(1)).squeeze(1).tolist()
             for i, r in enumerate(decoding):
                 self._accept(r, rows[i], None if picks is None else picks[i], None if lses is None else lses[i],
                              None if chosen is None else chosen[i])

@@ -19,8 +19,9 @@ The linear layers are the ternary kernels (bit-identical to the modules' forward
 float32 C whose sums run in another order than torch's, so the logits equal the model's `model(idx, cache)` up to
 float rounding (~1e-6 relative, tested). The decoder uses the model's own `KVCache`, so it can take over from a
 prefill made by the model and the model can continue from the decoder's cache. Any other call (several tokens, batch
-> 1, no cache, grad enabled) goes to the model unchanged. Embedding (float32, or a 16-bit `CompactEmbedding` from a
-packed checkpoint), final norm and lm_head (e.g. the checkpoint's `Int8Linear`) are the model's own.
+> 1, no cache, grad enabled) goes to the model unchanged. The embedding (float32, or a 16-bit `CompactEmbedding` from
+a packed checkpoint) is the model's own; so are the final norm and lm_head, except that an int8 lm_head (`Int8Linear`,
+a packed checkpoint's or `with_int8_head`'s) runs with the final norm in one C call (`Decoder.head`).
 
 The decoder reads the layers' buffers when it is built: rebuild it after changing the model (`Decoder(model)` is
 cheap). A packed layer whose buffers or kernel path changed after that (`refresh`, `load_state_dict`, `set_path`) is
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from spectra.layers import RMSNorm
 from spectra.packed import kernels as K
 
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,6 +96,30 @@ class Decoder:
         threads = {m.n_threads for m in packed}
         self._threads = threads.pop() if len(threads) == 1 else None
         self._rows: Rows | None = None
+        head = model.lm_head
+        self._c_head = (
+            isinstance(head, L.Int8Linear) and head.path != "torch" and type(model.norm) is RMSNorm
+            and hasattr(self._ext, "head_rows")
+        )  # fmt: skip
+
+    def head(
+        self, x: Tensor, *, argmax: bool = False, lse: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(logits (B, V), argmax (B,) or None, logsumexp (B,) or None) of the rows x (B, C) of the residual stream
+        after the last block. An int8 lm_head: the final norm (the blocks' C norm), the output layer and the row
+        statistics in one C call (`kernels.head_rows`); else the model's norm and lm_head, and
+        `kernels.argmax_logsumexp`. The same rows give the same results whatever else is in x."""
+        model = self.model
+        if self._c_head:
+            head = model.lm_head
+            return K.head_rows(x, model.norm.weight.detach(), model.norm.eps, head.qw, head.scale, argmax=argmax,
+                               lse=lse, n_threads=head.n_threads or self._threads, path=head.path)
+        logits = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
+        if not (argmax or lse):
+            return logits, None, None
+        logits = logits.float().contiguous()
+        idx, out_lse = K.argmax_logsumexp(logits, with_lse=lse, n_threads=self._threads or K.default_threads())
+        return logits, idx, out_lse
 
     # ---- several rows per call ---------------------------------------------------------------------------------
     PREFILL_ROWS = 128  # prompt positions per C call in `prefill`
@@ -125,8 +151,7 @@ class Decoder:
             v_ptrs = torch.full((len(chunk),), v_ptr, dtype=torch.int64)
             x = rows.run(chunk, pos, k_ptrs, v_ptrs, cache)
             cache.pos += len(chunk)
-        model = self.model
-        return model.lm_head(model.norm(x[-1:].view(1, 1, self.config.dim)))
+        return self.head(x[-1:])[0].unsqueeze(1)
 
     def _check_cache(self, cache, n: int) -> None:
         cfg = self.config
@@ -194,7 +219,7 @@ class Decoder:
                 pid, nt, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr + off, v_ptr + off, head_stride, scale, spec, half
             )
         cache.pos = pos + 1
-        return model.lm_head(model.norm(x.view(1, 1, C)))  # (1, 1, V)
+        return self.head(x.view(1, C))[0].unsqueeze(1)  # (1, 1, V)
 
 
 class Rows:

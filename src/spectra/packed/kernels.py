@@ -506,6 +506,39 @@ def argmax_logsumexp(
     return idx.reshape(x.shape[:-1]), (None if lse is None else lse.reshape(x.shape[:-1]))
 
 
+def head_rows(
+    x: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    head: Tensor,
+    scale: Tensor,
+    *,
+    argmax: bool = False,
+    lse: bool = False,
+    n_threads: int | None = None,
+    path: str = "auto",
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The end of a decode step for the rows x [B, C] of the residual stream: (logits [B, V], argmax [B] or None,
+    logsumexp [B] or None), where the logits are the int8 output layer (`int8_matmul`, head u [V, C] and its row
+    scales) of the final RMSNorm of x (weight `norm_weight`, the decoder's per-row norm: equal to the model's RMSNorm
+    up to rounding), and argmax / logsumexp those of `argmax_logsumexp`; one C call (`lse` computes the argmax too)."""
+    check_int8_operands(x, head, scale)
+    if norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous() or norm_weight.shape != (x.shape[1],):
+        raise ValueError(f"norm_weight must be contiguous float32 [{x.shape[1]}], got {norm_weight.dtype} "
+                         f"{tuple(norm_weight.shape)}")
+    path = resolve_path(path)
+    if path == "torch":
+        raise ValueError("head_rows runs the compiled kernels only; no kernel path is available here")
+    B, V = x.shape[0], head.shape[0]
+    y = torch.empty(B, V, dtype=torch.float32)
+    idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
+    out_lse = torch.empty(B, dtype=torch.float32) if lse else None
+    extension().head_rows(_PATH_IDS[path], max(1, int(n_threads or default_threads())), x.data_ptr(), B, x.shape[1],
+                          norm_weight.data_ptr(), float(eps), head.data_ptr(), scale.data_ptr(), V, y.data_ptr(),
+                          0 if idx is None else idx.data_ptr(), 0 if out_lse is None else out_lse.data_ptr())
+    return y, idx, out_lse
+
+
 def _row_path(x: Tensor, path: str) -> str | None:
     """The compiled path that runs a per-row C function (argmax, logsumexp) on x, or None where torch must: no
     extension, or x not float32 / CPU / contiguous, or empty."""
