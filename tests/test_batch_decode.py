@@ -268,13 +268,21 @@ def test_packed_steps_run_torch_on_one_thread_and_the_kernels_on_torchs_count(mo
     """On the C path a step's torch ops run single-threaded (`serial_torch`: torch's OpenMP threads would spin on the
     cores the kernels' pool uses) while the kernels get the thread count torch had outside the step."""
     seen = []
-    real = kernels.head_rows  # the step's last C call: final norm, output layer and the greedy picks
+    real = kernels.extension()
 
-    def spy(*args, n_threads=None, **kw):
-        seen.append((torch.get_num_threads(), n_threads or kernels.default_threads()))
-        return real(*args, n_threads=n_threads, **kw)
+    class Spy:  # the extension, recording the thread counts of the step's last C call (final norm, head, picks)
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name != "head_rows":
+                return fn
 
-    monkeypatch.setattr(kernels, "head_rows", spy)
+            def head_rows(path_id, n_threads, *rest):
+                seen.append((torch.get_num_threads(), n_threads))
+                return fn(path_id, n_threads, *rest)
+
+            return head_rows
+
+    monkeypatch.setattr(kernels, "extension", Spy)
     model = model_of("packed-int8-head", seed=2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -91,16 +91,38 @@ class Decoder:
         self._one = Rows(self, 1)
         self._layers, self._x = self._one.layers, self._one.x[0]
         packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]
-        self._packed = packed
+        self._packed, self._packed_cls = packed, L.PackedTernaryLinear
         self._version = sum(m.version for m in packed)  # versions only grow: any change raises the sum
+        self._changes = L.PackedTernaryLinear.changes  # any layer's change anywhere: then the sum is compared
         threads = {m.n_threads for m in packed}
         self._threads = threads.pop() if len(threads) == 1 else None
         self._rows: Rows | None = None
-        head = model.lm_head
-        self._c_head = (
-            isinstance(head, L.Int8Linear) and head.path != "torch" and type(model.norm) is RMSNorm
-            and hasattr(self._ext, "head_rows")
-        )  # fmt: skip
+        self._head_mod = None
+        self._c_head: tuple | None = None
+
+    def check_unchanged(self) -> None:
+        """RuntimeError when a packed layer's buffers or kernel path changed since this decoder was built (one integer
+        compared in the common case: `PackedTernaryLinear.changes`)."""
+        changes = self._packed_cls.changes
+        if changes != self._changes:
+            if sum(m.version for m in self._packed) != self._version:
+                raise RuntimeError("a packed layer changed after this Decoder was built; build a new Decoder")
+            self._changes = changes  # another model's layer changed
+
+    def _head_setup(self) -> None:
+        """What `head`'s C call takes, when lm_head is an `Int8Linear` on the kernels' path (else None), for the
+        lm_head module now in the model."""
+        from spectra.packed import linear as L
+
+        model = self.model
+        head, norm = model.lm_head, model.norm
+        self._head_mod, self._c_head = head, None
+        if isinstance(head, L.Int8Linear) and head.path != "torch" and type(norm) is RMSNorm:
+            ext = K.extension()
+            if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
+                w = norm.weight.detach()
+                self._c_head = (ext.head_rows, K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps),
+                                head.qw.data_ptr(), head.scale.data_ptr(), head.out_features, head)  # fmt: skip
 
     def head(
         self, x: Tensor, *, argmax: bool = False, lse: bool = False
@@ -110,10 +132,20 @@ class Decoder:
         statistics in one C call (`kernels.head_rows`); else the model's norm and lm_head, and
         `kernels.argmax_logsumexp`. The same rows give the same results whatever else is in x."""
         model = self.model
-        if self._c_head:
-            head = model.lm_head
-            return K.head_rows(x, model.norm.weight.detach(), model.norm.eps, head.qw, head.scale, argmax=argmax,
-                               lse=lse, n_threads=head.n_threads or self._threads, path=head.path)
+        if model.lm_head is not self._head_mod:
+            self._head_setup()
+        if self._c_head is not None:  # `kernels.head_rows` without its checks: the operands were checked once
+            fn, pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head = self._c_head
+            B, C = x.shape
+            if x.dtype is not torch.float32 or not x.is_contiguous():
+                x = x.float().contiguous()
+            y = torch.empty(B, V)
+            idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
+            out_lse = torch.empty(B) if lse else None
+            nt = head.n_threads or self._threads or K.default_threads()
+            fn(pid, nt, x.data_ptr(), B, C, w_ptr, eps, qw_ptr, scale_ptr, V, y.data_ptr(),
+               0 if idx is None else idx.data_ptr(), 0 if out_lse is None else out_lse.data_ptr())  # fmt: skip
+            return y, idx, out_lse
         logits = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return logits, None, None
@@ -191,8 +223,7 @@ class Decoder:
     # ---- one token ---------------------------------------------------------------------------------------------
     def step(self, idx: Tensor, cache) -> Tensor:
         """Logits (1, 1, V) for the single token idx (1, 1) at position cache.pos; advances the cache by one."""
-        if sum(m.version for m in self._packed) != self._version:
-            raise RuntimeError("a packed layer changed after this Decoder was built; build a new Decoder")
+        self.check_unchanged()
         model, cfg = self.model, self.config
         pos = cache.pos
         ck, cv = cache.k, cache.v
@@ -254,6 +285,10 @@ class Rows:
                 h.data_ptr(), att.data_ptr(),
             ))  # fmt: skip
         self._all = tuple(self.layers)
+        emb = dec.model.embed_tokens.weight
+        self._emb, self._emb_f32 = emb, emb.dtype is torch.float32
+        self._fixed = (C, cfg.n_heads, cfg.head_dim)
+        self._rope = (dec._cos.data_ptr(), dec._sin.data_ptr())
 
     def _specs(self, mods, outs) -> tuple:
         out = []
@@ -266,24 +301,21 @@ class Rows:
         """The last hidden states (before the final norm) of len(tokens) <= n rows, `self.x[:B]`. tokens: int64 (B,);
         pos, k_ptrs, v_ptrs: contiguous int64 (B,); `cache_like`: a KVCache of the caches' layout and dtype."""
         dec = self.dec
-        if sum(m.version for m in dec._packed) != dec._version:
-            raise RuntimeError("a packed layer changed after this Decoder was built; build a new one")
-        model, cfg = dec.model, dec.config
-        B, C = len(tokens), cfg.dim
+        dec.check_unchanged()
+        B = len(tokens)
         if not 0 < B <= self.n:
             raise ValueError(f"{B} rows for scratch of {self.n}")
         x = self.x[:B]
-        emb = model.embed_tokens.weight
-        if emb.dtype is torch.float32:
-            torch.index_select(emb, 0, tokens, out=x)
+        if self._emb_f32:
+            torch.index_select(self._emb, 0, tokens, out=x)
         else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
-            x.copy_(emb[tokens])
+            x.copy_(torch.index_select(self._emb, 0, tokens))
         ck = cache_like.k
         layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
         nt = dec._threads or K.default_threads()
-        args = (x.data_ptr(), B, C, cfg.n_heads, cfg.head_dim, pos.data_ptr(), dec._cos.data_ptr(),
-                dec._sin.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr())  # fmt: skip
-        scale = cfg.head_dim**-0.5
+        C, H, D = self._fixed
+        args = (x.data_ptr(), B, C, H, D, pos.data_ptr(), *self._rope, k_ptrs.data_ptr(), v_ptrs.data_ptr())
+        scale = D**-0.5
         if hasattr(dec._ext, "decode_layers_batch"):  # every block in one call: the GIL is released once per pass
             dec._ext.decode_layers_batch(dec._path_id, nt, *args, layer_bytes, head_stride, scale, self._all, half)
             return x

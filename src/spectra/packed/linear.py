@@ -41,6 +41,8 @@ class PackedTernaryLinear(nn.Module):
     `path` selects the kernel (see `spectra.packed.kernels`).
     """
 
+    changes = 0  # class-wide: bumped with every layer's `version`, so a decoder checks one integer before each step
+
     def __init__(
         self,
         in_features: int,
@@ -100,6 +102,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("seg_d", torch.from_numpy(seg_d), persistent=False)
         self._ptr_cache: tuple | None = None
         self.version = getattr(self, "version", -1) + 1  # bumped whenever the buffers or the path change
+        PackedTernaryLinear.changes += 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
@@ -235,6 +238,7 @@ class PackedTernaryLinear(nn.Module):
         self.path = K.resolve_path(path)
         self._path_id = K._PATH_IDS.get(self.path)
         self.version += 1
+        PackedTernaryLinear.changes += 1
 
 
 class Int8Linear(nn.Module):
