@@ -1,7 +1,7 @@
 """`spectra serve` under load: 1, 4 and 16 concurrent streaming clients against sequential single-stream decoding.
 
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
-                               [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS]
+                               [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS] [--in-process]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -20,6 +20,10 @@ byte-level BPE as its vocabulary, since llama.cpp refuses a model without one) w
 slots and its defaults otherwise (f16 KV cache, continuous batching) except `--no-repack` (see start_llama), and
 is driven the same way. Prompts are ids
 below the built-in BPE's 4096 for every server.
+
+`--in-process`: each repeat also runs the largest concurrency's requests (clients x rounds, all submitted at once)
+through `spectra.inference.batch.Scheduler` in this process, without HTTP, with the engine's settings; its row
+("in process") is the rate the server would reach if HTTP, the clients and the event hand-off cost nothing.
 
 `--repeats N` runs the whole comparison (sequential, then each server) N times. The table lists every repeat; the
 summary gives the median and range over repeats of each ratio taken within its repeat, since a shared VM's speed
@@ -186,6 +190,40 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
     return total / (time.perf_counter() - t0)
 
 
+def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int, kv_cache: str,
+                   max_batch: int = 16) -> float:
+    """Tokens/s of `n` requests through `spectra.inference.batch.Scheduler` in this process, without HTTP: the server's
+    engine settings (`max_batch` slots, 128-token prefill chunks, int8 head, the built-in tokenizer's text) and the
+    clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once."""
+    import random
+
+    import torch
+
+    from spectra.data.tokenizer import builtin_tokenizer
+    from spectra.inference.batch import Request, Scheduler
+    from spectra.inference.bench import with_int8_head
+    from spectra.inference.generate import kv_dtype_from_name
+    from spectra.loading import load
+
+    torch.set_num_threads(threads)
+    sched = Scheduler(with_int8_head(load(model_dir)), builtin_tokenizer(), max_batch=max_batch,
+                      max_len=prompt_len + gen_len + 8, prefill_chunk=128, kv_dtype=kv_dtype_from_name(kv_cache))
+    rng = random.Random(2)
+
+    def run(count: int, new_tokens: int) -> float:
+        reqs = [Request([rng.randrange(1, vocab) for _ in range(prompt_len)], new_tokens, stop_at_eos=False,
+                        logprobs=0) for _ in range(count)]  # fmt: skip
+        t0 = time.perf_counter()
+        for r in reqs:
+            sched.submit(r)
+        while not sched.idle:
+            sched.step()
+        return sum(len(r.tokens) for r in reqs) / (time.perf_counter() - t0)
+
+    run(2, 4)  # warm-up
+    return run(n, gen_len)
+
+
 def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
@@ -290,6 +328,9 @@ def main() -> None:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
                         help="the clients' HTTP library (they share the cores with the server: aiohttp's C parser "
                              "costs them less CPU than httpx's pure-Python one)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also run the 16-client workload through the scheduler in this process (no HTTP) and "
+                             "print its ratio to the same repeat's single stream: the ceiling the server can reach")
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
                         help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
     args = parser.parse_args()
@@ -328,6 +369,15 @@ def main() -> None:
             seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
                                   args.kv_cache)
             seqs.append(seq)
+            if args.in_process:
+                c = max(args.clients)
+                rate = scheduler_rate(model_dir, args.threads, c * args.rounds, args.prompt_len, args.gen_len, vocab,
+                                      args.kv_cache)
+                nan = float("nan")
+                rows.append({"server": "in process", "repeat": rep, "sequential_tok_s": seq, "clients": c,
+                             "requests": c * args.rounds, "tokens": c * args.rounds * args.gen_len, "wall_s": nan,
+                             "tok_s": rate, "ttft_p50": nan, "ttft_p99": nan, "tpot_p50": nan, "tpot_p99": nan,
+                             "status_5xx": 0, "status_other": 0, "transport_errors": 0})  # fmt: skip
             for name, start, llama in servers:
                 proc, url = start()
                 try:
@@ -347,11 +397,14 @@ def main() -> None:
         print("sequential single stream (generate, in process): " + ", ".join(f"{v:.1f}" for v in seqs) + " tok/s")
         print(f"{'server':<13} {'rep':>3} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
               f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4}")
+        def ms(v: float, width: int, unit: str = "") -> str:  # "-" where a row has no latencies (in process)
+            return f"{'-':>{width + len(unit)}}" if v != v else f"{1000 * v:>{width}.{2 if not unit else 1}f}{unit}"
+
         for r in rows:
             print(f"{r['server']:<13} {r['repeat']:>3} {r['clients']:>7} {r['tok_s']:>8.1f} "
                   f"{r['tok_s'] / r['sequential_tok_s']:>6.2f}x "
-                  f"{1000 * r['ttft_p50']:>7.1f}ms {1000 * r['ttft_p99']:>6.1f}ms {1000 * r['tpot_p50']:>10.2f} "
-                  f"{1000 * r['tpot_p99']:>7.2f} {r['status_5xx']:>4}")
+                  f"{ms(r['ttft_p50'], 7, 'ms')} {ms(r['ttft_p99'], 6, 'ms')} {ms(r['tpot_p50'], 10)} "
+                  f"{ms(r['tpot_p99'], 7)} {r['status_5xx']:>4}")
         summary = summarize(rows)
         for line in summary["lines"]:
             print(line)
