@@ -25,6 +25,8 @@ Two variants share step 1 and the epilogue:
   Q8_0 `output` tensor): y = s · (0 + r·f(Σ w_i a_i)). They are stored as u = w + 128 (uint8) in the activations'
   block order, and the AVX-512 path computes Σ u·a − 128·Σ a (`vpdpbusd` multiplies unsigned by signed bytes).
   `quantize_weight_int8` makes them: r = amax/127, w = clamp(round_half_even(W · (127/amax)), −127, 127) per row.
+  `head_rows` is the end of a decode step around it: the final RMSNorm (the decoder's C norm), `int8_matmul`, and each
+  row's argmax / log-sum-exp (`argmax_logsumexp`), in one C call.
 
 `attention` (single-query attention per head over a KV cache slice, for decoding) is float32 and matches torch's
 `scaled_dot_product_attention` to rounding, not bit for bit.
