@@ -147,6 +147,26 @@ def test_prompt_rows_on_the_pool_equal_one_thread_and_token_by_token(kv):
 
 
 @needs_ext
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_a_prompt_in_two_calls_equals_token_by_token(kv):
+    """A 13-token prompt, then 30 more tokens in a second call (rows that start mid-cache and attend over the first
+    call's keys too): the logits and cache bits of feeding the 43 tokens one at a time, on 1 and 2 threads."""
+    model = packed_model(seed=8, max_seq_len=64)
+    ids = torch.randint(0, 384, (1, 43), generator=torch.Generator().manual_seed(4))
+    dec = Decoder(model)
+    with torch.inference_mode():
+        one = dec.new_cache(1, 43, kv)
+        steps = [dec.step(ids[:, t : t + 1], one) for t in range(43)]
+        for threads in (1, 2):
+            dec._threads = threads
+            cache = dec.new_cache(1, 43, kv)
+            first = dec.prefill(ids[:, :13], cache)
+            second = dec.prefill(ids[:, 13:], cache)
+            assert torch.equal(first, steps[12]) and torch.equal(second, steps[42]), threads
+            assert torch.equal(cache.k, one.k) and torch.equal(cache.v, one.v), threads
+
+
+@needs_ext
 def test_prefill_falls_back_to_the_model_for_other_caches():
     """A bfloat16 or batch-2 cache is not the C rows' business: `prefill` gives the model's own last logits."""
     model = packed_model()
