@@ -24,7 +24,10 @@ The run:
    are every tensor but the token embedding (one row of it is read per token): for spectra the packed blocks, their
    scales, the int8 head and the norms; for a peer the tensors of its GGUF file.
 
-Speeds are medians over all samples. Both sides run llama-bench's tests: the prompt of P tokens from an empty context
+Speeds are medians over all samples. Under the ratio row, the ratios are also taken within each round (each side's
+median sample of that round) and printed as median [min-max] over the rounds, with spectra's fraction of the bound
+per round against that round's read rate: on a shared VM whose speed drifts, the spread says how far to trust the
+ratio of the medians. Both sides run llama-bench's tests: the prompt of P tokens from an empty context
 (`pp`), and G single-token steps from an empty context (`tg`: positions 0 .. G-1), with a float16 KV cache (llama.cpp's
 default). Until 2026-12-03 spectra decoded after its prompt (positions P .. P+G-1) into a float32 cache, which on the
 1.1B at P = 128 cost it 8-9 % of its decode rate on 2 Zen 4 threads (attention was 14 % of the profile); the README's
@@ -312,6 +315,22 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def per_round(samples: list[float], rounds: int, reps: int) -> list[float]:
+    """The median of each round's samples (a round holds `reps` consecutive samples)."""
+    return [statistics.median(samples[i * reps : (i + 1) * reps]) for i in range(rounds)]
+
+
+def paired_ratio(result: dict, ours: str, peer: str, key: str, threads: int) -> str:
+    """spectra over `peer` within each interleaved round (both ran minutes apart at most), as median [min-max]: the
+    spread a shared machine's drift leaves on the ratio of the medians."""
+    by = {(r["runtime"], r["threads"]): r for r in result["rows"]}
+    field = "decode_samples" if key == "decode_tok_s" else "prompt_samples"
+    a = per_round(by[(ours, threads)][field], result["rounds"], result["reps"])
+    b = per_round(by[(peer, threads)][field], result["rounds"], result["reps"])
+    ratios = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
+
+
 def markdown(result: dict) -> str:
     """The README table: tok/s per runtime and thread count, ratios to the best peer, fraction of the DRAM bound."""
     threads, P, G = result["threads"], result["prompt_len"], result["gen_len"]
@@ -349,7 +368,19 @@ def markdown(result: dict) -> str:
                 b = best[(key, t)]
                 cells.append(f"{by[(ours, t)][key] / by[(b, t)][key]:.2f}× ({b})")
         rat.append("| ratio (best peer) | " + " | ".join(cells) + " |")
+        rat.append(f"| paired per round (median [range] of {result['rounds']}) | "
+                   + " | ".join(paired_ratio(result, ours, best[(key, t)], key, t) for t in threads
+                                for key in ("decode_tok_s", "prompt_tok_s")) + " |")  # fmt: skip
         out += ["\n".join(rat), ""]
+        fractions = []
+        for t in threads:
+            r = by[(ours, t)]
+            per = per_round(r["decode_samples"], result["rounds"], result["reps"])
+            bws = result["bandwidth_samples"][str(t)]
+            fractions.append(f"{t}T " + ", ".join(f"{100 * tg * r['weight_bytes_per_token'] / bw:.0f}"
+                                                  for tg, bw in zip(per, bws)) + " %")  # fmt: skip
+        out += ["spectra's decode as a fraction of the bound, round by round (that round's read rate): "
+                + "; ".join(fractions) + ".", ""]
     bw = ", ".join(
         f"{t}T {statistics.median(v) / 1e9:.1f} GB/s (samples {', '.join(f'{x / 1e9:.1f}' for x in v)})"
         for t, v in ((int(k), v) for k, v in result["bandwidth_samples"].items())

@@ -166,3 +166,33 @@ def test_time_torch_decodes_at_the_positions_asked(monkeypatch, from_empty):
     B.time_torch(model, prompt, decode_ids, decode_from_empty=from_empty, kv_dtype=torch.float16)
     start = 0 if from_empty else 7
     assert seen == [(start + i, torch.float16) for i in range(4)]
+
+
+def test_peers_pairs_each_round_and_reports_the_spread():
+    """benchmarks/peers.py: the ratio to a peer is also taken within each interleaved round (median of that round's
+    samples on each side) and printed as median [min-max], with spectra's fraction of the bound round by round."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+    spec = importlib.util.spec_from_file_location("peers", script)
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    assert peers.per_round([1.0, 3.0, 10.0, 20.0], 2, 2) == [2.0, 15.0]
+    ours, peer = "spectra (packed checkpoint, spectra.load)", "ik_llama.cpp IQ2_BN (-fa 0 -rtr 1)"
+    rows = [
+        {"runtime": ours, "threads": 1, "decode_tok_s": 60.0, "prompt_tok_s": 150.0,
+         "decode_samples": [60.0, 80.0, 40.0], "prompt_samples": [150.0, 150.0, 160.0],
+         "weight_bytes_per_token": 10**8, "read_bytes_s": 1e10,
+         "bound_fraction": 0.6},
+        {"runtime": peer, "threads": 1, "decode_tok_s": 40.0, "prompt_tok_s": 100.0,
+         "decode_samples": [40.0, 40.0, 50.0], "prompt_samples": [100.0, 120.0, 100.0],
+         "weight_bytes_per_token": 10**8, "read_bytes_s": 1e10,
+         "bound_fraction": 0.4},
+    ]  # fmt: skip
+    result = {"threads": [1], "prompt_len": 128, "gen_len": 64, "rounds": 3, "reps": 1, "rows": rows,
+              "bandwidth_samples": {"1": [1e10, 1e10, 2e10]}, "loadavg_before": (0.5,), "loadavg_after": (0.6,),
+              "size": "trilm-1.1b", "model": {"scale_shards": 2, "lossy": True}}  # fmt: skip
+    assert peers.paired_ratio(result, ours, peer, "decode_tok_s", 1) == "1.50× [0.80–2.00]"  # 1.5, 2.0, 0.8
+    text = peers.markdown(result)
+    assert "| paired per round (median [range] of 3) | 1.50× [0.80–2.00] | 1.50× [1.25–1.60] |" in text
+    assert "1T 60, 80, 20 %" in text  # 60 tok/s x 1e8 B / 1e10 B/s, then 80 %, then 40 x 1e8 / 2e10
