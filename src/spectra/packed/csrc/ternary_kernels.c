@@ -1732,28 +1732,25 @@ static PyObject *py_matmul_group(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* matmul_i8(path, x_ptr, T, K, w_ptr, N, scale_ptr, y_ptr, n_threads) -> None: y[T, N] = x W^T for int8 weights stored
- * as u = w + 128 (uint8 [N, K], in the activations' permuted block order) with one float32 scale per row:
- * y = s * (0 + d * f(X)), X = sum_i w_i a_i exactly (int32 suffices for K <= 2^16). */
-/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI copy where the AMX GEMM runs them, the
- * row sums and the row scales. */
-static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
-    job_t Jx; /* sizes only, for the AMX activations */
+/* Bytes of the VNNI copy of T int8 rows of K where the AMX GEMM runs them, else 0 (the lane GEMM takes no int8). */
+static size_t i8_xt_bytes(int path, int64_t T, int64_t K) {
+    job_t Jx; /* sizes only */
     memset(&Jx, 0, sizeof(Jx));
     Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
-    const size_t xt_bytes = amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0; /* the lane GEMM does not take int8 */
-    return round64((size_t)(T * K)) + xt_bytes + sizeof(int32_t) * (size_t)T + sizeof(float) * (size_t)T;
+    return amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0;
+}
+
+/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI copy (i8_xt_bytes), the row sums and the
+ * row scales. */
+static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
+    return round64((size_t)(T * K)) + i8_xt_bytes(path, T, K) + (sizeof(int32_t) + sizeof(float)) * (size_t)T;
 }
 
 /* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
  * i8_scratch_bytes(path, T, K); needs no GIL. */
 static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
                           const float *d, float *y, void *scratch) {
-    job_t Jx;
-    memset(&Jx, 0, sizeof(Jx));
-    Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
-    const size_t q_bytes = round64((size_t)(T * K));
-    const size_t xt_bytes = amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0;
+    const size_t q_bytes = round64((size_t)(T * K)), xt_bytes = i8_xt_bytes(path, T, K);
     int8_t *xq = (int8_t *)scratch;
     int8_t *xt = (int8_t *)scratch + q_bytes;
     int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes);
@@ -1773,6 +1770,9 @@ static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, in
     run_parallel(run_rows_i8, path, &J, n_threads);
 }
 
+/* matmul_i8(path, x_ptr, T, K, w_ptr, N, scale_ptr, y_ptr, n_threads) -> None: y[T, N] = x W^T for int8 weights stored
+ * as u = w + 128 (uint8 [N, K], in the activations' permuted block order) with one float32 scale per row:
+ * y = s * (0 + d * f(X)), X = sum_i w_i a_i exactly (int32 suffices for K <= 2^16). */
 static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
     int path, n_threads;
     unsigned long long px, pw, pd, py;
@@ -1811,8 +1811,9 @@ static PyObject *py_head_rows(PyObject *self, PyObject *args) {
                           &pl))
         return NULL;
     if (B < 0 || V <= 0 || C <= 0 || C % QK || C > (1LL << 16) || n_threads < 1)
-        return PyErr_Format(PyExc_ValueError, "bad head_rows sizes B=%lld C=%lld V=%lld threads=%d (C a multiple of %d)",
-                            B, C, V, n_threads, QK);
+        return PyErr_Format(PyExc_ValueError,
+                            "bad head_rows sizes B=%lld C=%lld V=%lld threads=%d (C a multiple of %d)", B, C, V,
+                            n_threads, QK);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (B == 0) Py_RETURN_NONE;
     const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C));
