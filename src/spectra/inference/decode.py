@@ -121,8 +121,8 @@ class Decoder:
             ext = K.extension()
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
-                self._c_head = (ext.head_rows, K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps),
-                                head.qw.data_ptr(), head.scale.data_ptr(), head.out_features, head)  # fmt: skip
+                self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
+                                head.scale.data_ptr(), head.out_features, head)  # fmt: skip
 
     def head(
         self, x: Tensor, *, argmax: bool = False, lse: bool = False
@@ -135,17 +135,11 @@ class Decoder:
         if model.lm_head is not self._head_mod:
             self._head_setup()
         if self._c_head is not None:  # `kernels.head_rows` without its checks: the operands were checked once
-            fn, pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head = self._c_head
-            B, C = x.shape
+            pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head = self._c_head
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
-            y = torch.empty(B, V)
-            idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
-            out_lse = torch.empty(B) if lse else None
             nt = head.n_threads or self._threads or K.default_threads()
-            fn(pid, nt, x.data_ptr(), B, C, w_ptr, eps, qw_ptr, scale_ptr, V, y.data_ptr(),
-               0 if idx is None else idx.data_ptr(), 0 if out_lse is None else out_lse.data_ptr())  # fmt: skip
-            return y, idx, out_lse
+            return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse)
         logits = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return logits, None, None

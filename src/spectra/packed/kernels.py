@@ -531,13 +531,24 @@ def head_rows(
     path = resolve_path(path)
     if path == "torch":
         raise ValueError("head_rows runs the compiled kernels only; no kernel path is available here")
-    B, V = x.shape[0], head.shape[0]
+    return head_rows_unchecked(_PATH_IDS[path], max(1, int(n_threads or default_threads())), x, norm_weight.data_ptr(),
+                             float(eps), head.data_ptr(), scale.data_ptr(), head.shape[0], argmax=argmax, lse=lse)
+
+
+def head_rows_unchecked(
+    path_id: int, n_threads: int, x: Tensor, norm_ptr: int, eps: float, head_ptr: int, scale_ptr: int, V: int, *,
+    argmax: bool = False, lse: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`head_rows` on operands its caller has already checked (`Decoder.head` checks them once per lm_head): x a
+    contiguous float32 [B, C], the norm weight, head and scales given by address. Allocates the outputs and calls the
+    extension."""
+    B = x.shape[0]
     y = torch.empty(B, V, dtype=torch.float32)
     idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
     out_lse = torch.empty(B, dtype=torch.float32) if lse else None
-    extension().head_rows(_PATH_IDS[path], max(1, int(n_threads or default_threads())), x.data_ptr(), B, x.shape[1],
-                          norm_weight.data_ptr(), float(eps), head.data_ptr(), scale.data_ptr(), V, y.data_ptr(),
-                          0 if idx is None else idx.data_ptr(), 0 if out_lse is None else out_lse.data_ptr())
+    extension().head_rows(path_id, n_threads, x.data_ptr(), B, x.shape[1], norm_ptr, eps, head_ptr, scale_ptr, V,
+                          y.data_ptr(), 0 if idx is None else idx.data_ptr(),
+                          0 if out_lse is None else out_lse.data_ptr())  # fmt: skip
     return y, idx, out_lse
 
 
