@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
-from spectra.inference.decode import Decoder, unsupported_reason
+from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
 from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, serial_torch
 
@@ -340,10 +340,8 @@ class Scheduler:
         """Drop cancelled sequences, admit waiting ones into free slots, then one decode step for every sequence past
         its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path).
         On the C path torch's ops of the step (sampling, log-probabilities) run on this thread (`serial_torch`)."""
-        if self.decoder.kernel is None:
-            self._step()
-            return
-        with serial_torch():
+        kern = self.decoder.kernel
+        with torch_threads_for(kern["decoder"] if kern is not None else None):
             self._step()
 
     def _step(self) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectra.inference.decode import Decoder, decoder_for
+from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
 from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name
 from spectra.interop.weights import check_plain_linear, dense_weight
 from spectra.packed import kernels as K
@@ -181,10 +181,9 @@ def time_torch(
     P, G = prompt.shape[1], decode_ids.shape[1]
     step = decoder_for(model)  # the lean single-token path for a packed TriLM (spectra.inference.decode)
     prefill = step.prefill if isinstance(step, Decoder) else (lambda ids, cache: model(ids, cache=cache))
-    serial = K.serial_torch() if isinstance(step, Decoder) else contextlib.nullcontext()  # as `generate` runs
     with torch.inference_mode():
         cache = model.new_cache(1, P + G, kv_dtype)
-    with torch.inference_mode(), serial:
+    with torch.inference_mode(), torch_threads_for(step):  # as `generate` runs
         t0 = time.perf_counter()
         prefill(prompt, cache)[:, -1].argmax(-1)
         t1 = time.perf_counter()

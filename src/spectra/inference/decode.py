@@ -30,6 +30,8 @@ detected and refused. A decoder holds scratch buffers: use one decoder per threa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -316,6 +318,13 @@ class Rows:
         for i, spec in enumerate(self.layers):  # an extension built before decode_layers_batch
             dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, scale, spec, half)
         return x
+
+
+def torch_threads_for(step) -> contextlib.AbstractContextManager:
+    """What a decoding loop runs its steps in: for a `Decoder` (whose kernels' pool does the work),
+    `kernels.serial_torch()`, so that torch's few ops run on the calling thread and its OpenMP team does not spin on
+    the pool's cores; for anything else (the model's own forward), nothing."""
+    return K.serial_torch() if isinstance(step, Decoder) else contextlib.nullcontext()
 
 
 def decoder_for(model: nn.Module):

@@ -17,7 +17,6 @@ BPE token can end inside a UTF-8 character, and a text tail that may still becom
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +26,9 @@ import torch
 from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
-from spectra.inference.decode import Decoder, decoder_for
+from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
 from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
 from spectra.layers import freeze_for_inference
-from spectra.packed import kernels as K
 
 
 def generate(
@@ -112,9 +110,7 @@ def generate(
         with torch.inference_mode():
             cache = model.new_cache(1, max_len, kv_dtype) if use_cache else None
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-            # The C decoder's own thread pool does the work; torch's few ops run on this thread (`serial_torch`).
-            loop = K.serial_torch() if isinstance(decode, Decoder) else contextlib.nullcontext()
-            with loop:
+            with torch_threads_for(decode):  # the C decoder's pool does the work; torch's ops run on this thread
                 t0 = time.perf_counter()
                 for step in range(max_new_tokens):
                     if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
