@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
-from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
+from spectra.inference.sampling import TextDecoder, cut_at_stop, sample_next, settled, validate_sampling
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, serial_torch
 
 
@@ -432,14 +432,12 @@ class Scheduler:
         if tok is not None:
             if req.detok is None:
                 req.detok = TextDecoder(tok)
-            text = req.detok.text(req.tokens)  # tok.decode(req.tokens), without decoding them all every token
-            hit = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
+            # tok.decode(req.tokens), without decoding them all every token
+            text, stopped = cut_at_stop(req.detok.text(req.tokens), req.stop)
+            if stopped:
+                finish = "stop"
             req.text = text
-            final = len(text) if finish == "stop" else len(text) - held_back(text, req.stop)
-            if text.endswith("\ufffd") and finish != "stop":
-                final = min(final, len(text) - 1)  # an incomplete UTF-8 character
+            final = settled(text, req.stop, stopped)
             if final > req.emitted:
                 event["text"] = text[req.emitted : final]
                 req.emitted = final

@@ -27,7 +27,7 @@ from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
-from spectra.inference.sampling import TextDecoder, held_back, sample_next, validate_sampling
+from spectra.inference.sampling import TextDecoder, cut_at_stop, sample_next, settled, validate_sampling
 from spectra.layers import freeze_for_inference
 
 
@@ -132,14 +132,12 @@ def generate(
                     out_ids.append(nxt)
                     seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
                     if tok is not None:
-                        text = detok.text(out_ids)  # tok.decode(out_ids), without decoding them all every token
-                        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                        if hit >= 0:
-                            text, finish = text[:hit], "stop"
+                        # tok.decode(out_ids), without decoding them all every token
+                        text, stopped = cut_at_stop(detok.text(out_ids), stops)
+                        if stopped:
+                            finish = "stop"
                         if stream is not None:
-                            final = len(text) if finish == "stop" else len(text) - held_back(text, stops)
-                            if text.endswith("\ufffd") and finish != "stop":
-                                final = min(final, len(text) - 1)  # an incomplete UTF-8 character
+                            final = settled(text, stops, stopped)
                             if final > emitted:
                                 stream(text[emitted:final])
                                 emitted = final

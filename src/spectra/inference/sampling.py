@@ -59,6 +59,21 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return held
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest occurrence of any stop string, and whether there was one."""
+    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:hit], True) if hit >= 0 else (text, False)
+
+
+def settled(text: str, stops: Sequence[str], stopped: bool) -> int:
+    """How much of `text` can be streamed now: all of it after a stop; else all but a tail that may still become a
+    stop string (`held_back`) and a trailing incomplete UTF-8 character (U+FFFD)."""
+    if stopped:
+        return len(text)
+    final = len(text) - held_back(text, stops)
+    return min(final, len(text) - 1) if text.endswith("\ufffd") else final
+
+
 class TextDecoder:
     """`tokenizer.decode(ids)` of a growing token list, at a cost that does not grow with the list.
 
