@@ -67,18 +67,28 @@ static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (t
 
 #ifdef SPECTRA_X86
 /* A panel reads its 32 rows a slice at a time: 32 streams, too many for the hardware prefetchers. Each block decoded
- * fetches the block PANEL_AHEAD slices later in its row into L1, or past the row's end the same offset in the row 32
- * further on (the next panel). A stray prefetch past the matrix is harmless (it never faults). */
+ * fetches the block PANEL_AHEAD slices later in its row, or past the row's end the same offset in the row 32 further
+ * on (the next panel). A stray prefetch past the matrix is harmless (it never faults). The fetch goes to L2: between
+ * two slices 16 token groups stream up to 64 KiB of activations through L1, which evicted lines fetched into L1, and
+ * the panel decode then waited on its loads. Likewise lane_rows fetches the output lines a panel's store16 calls
+ * will write (T x 128 bytes) into L2 when the panel starts. On Zen 4 (benchmarks/kernel_ab.py, TriLM-1.1B prompt of
+ * 128, 1 thread) L1 and 2 slices ahead -> L2 and 6: 1.015x (8/9 rounds); with the output lines too: 1.027x (9/9). */
 #ifndef PANEL_AHEAD
-#define PANEL_AHEAD 2
+#define PANEL_AHEAD 6
+#endif
+#ifndef PANEL_HINT
+#define PANEL_HINT _MM_HINT_T1
+#endif
+#ifndef LANE_Y_PREFETCH
+#define LANE_Y_PREFETCH 1
 #endif
 #define PANEL_PREFETCH(w, b, nb, rowb, bytes)                                                                     \
     do {                                                                                                        \
         const int64_t ahead_ = (b) + PANEL_AHEAD * PANEL_SLICE;                                                 \
         const uint8_t *p_ =                                                                                     \
             ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + PANEL_ROWS * (rowb) + (ahead_ - (nb)) * (bytes);     \
-        _mm_prefetch((const char *)p_, _MM_HINT_T0);                                                            \
-        if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, _MM_HINT_T0);                          \
+        _mm_prefetch((const char *)p_, PANEL_HINT);                                                             \
+        if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, PANEL_HINT);                           \
     } while (0)
 
 /* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> panel [chunk - 4 b0][32][64] of codes. TQ2_0: field l of a
@@ -271,6 +281,12 @@ TARGET_AVX512 static int lane_rows(const job_t *J, int64_t n0, int64_t n1) {
     float *yv = (float *)(void *)(cacc + 2 * G * part);
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int halves = n1 - n > 16 ? 2 : 1;
+#if LANE_Y_PREFETCH
+        for (int64_t t = 0; t < J->T; t++) { /* the output lines store16 writes at the panel's end, into L2 */
+            _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
+            _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
+        }
+#endif
         for (int64_t i = 0; i < 2 * G * (int64_t)part; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
         for (int64_t s = 0; s < J->S; s++)
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
