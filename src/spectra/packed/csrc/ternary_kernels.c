@@ -1071,9 +1071,13 @@ TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
 /* Prefetching, two ways, every line of a row. A short head (`near`, attend_pair): while its keys are read, row r of
  * its values and row r of the next head's keys (nk, nS rows; NULL: none), so the value pass and the next head find
  * their rows in cache. A long head: keys and values ATT_AHEAD rows ahead of their use, up to the last row. */
-TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx512_impl(
-    const float *q, const void *k, const void *v, float *out, float *p, int64_t S, int64_t D, float scale,
-    const int half, const int near, const char *nk, int64_t nS) {
+/* The two halves of one head's attention: the scores (p[j] = e^(score_j - max), their sum returned) and the
+ * values (out = sum_j p[j] v_j / sum). attend_head_avx512 runs one after the other; attend_shared_chunk runs all the
+ * scores of a head first and then all its values, with the same float operations. With `pf` 0 nothing is prefetched
+ * (keys and values already in cache). */
+TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_impl(
+    const float *q, const void *k, const void *v, float *p, int64_t S, int64_t D, float scale, const int half,
+    const int near, const char *nk, int64_t nS, const int pf) {
     const int64_t es = half ? 2 : 4;
     const int64_t nv = D / 16;
     __m512 qv[16];
@@ -1088,7 +1092,9 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx5
                 continue;
             }
             const int64_t kj = (j0 + r) * D;
-            if (near)
+            if (!pf)
+                ;
+            else if (near)
                 for (int64_t c = 0; c < D * es; c += 64) {
                     _mm_prefetch((const char *)v + kj * es + c, _MM_HINT_T1);
                     if (j0 + r < nS) _mm_prefetch(nk + kj * es + c, _MM_HINT_T1);
@@ -1114,12 +1120,19 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void attend_head_avx5
         _mm512_mask_storeu_ps(p + j0, live, e);
         vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
     }
-    const float sum = _mm512_reduce_add_ps(vsum);
+    return _mm512_reduce_add_ps(vsum);
+}
+
+TARGET_AVX512 static inline __attribute__((always_inline)) void att_values_impl(
+    const void *v, const float *p, float sum, float *out, int64_t S, int64_t D, const int half, const int near,
+    const int pf) {
+    const int64_t es = half ? 2 : 4;
+    const int64_t nv = D / 16;
     __m512 o[16];
     for (int64_t c = 0; c < nv; c++) o[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j++) {
         const int64_t vj = j * D;
-        if (!near && j + ATT_AHEAD < S)
+        if (pf && !near && j + ATT_AHEAD < S)
             for (int64_t c = 0; c < D * es; c += 64)
                 _mm_prefetch((const char *)v + (vj + ATT_AHEAD * D) * es + c, _MM_HINT_T1);
         const __m512 pj = _mm512_set1_ps(p[j]);
@@ -1133,9 +1146,20 @@ TARGET_AVX512 static void attend_head_avx512(const float *q, const void *k, cons
                                              int64_t S, int64_t D, float scale, int half, int near,
                                              const char *nk, int64_t nS) {
     if (half)
-        attend_head_avx512_impl(q, k, v, out, p, S, D, scale, 1, near, nk, nS);
+        att_values_impl(v, p, att_scores_impl(q, k, v, p, S, D, scale, 1, near, nk, nS, 1), out, S, D, 1, near, 1);
     else
-        attend_head_avx512_impl(q, k, v, out, p, S, D, scale, 0, near, nk, nS);
+        att_values_impl(v, p, att_scores_impl(q, k, v, p, S, D, scale, 0, near, nk, nS, 1), out, S, D, 0, near, 1);
+}
+
+/* The halves on float32 keys or values already in cache (attend_shared_chunk's widened head). */
+TARGET_AVX512 static float att_scores_cached(const float *q, const float *k, float *p, int64_t S, int64_t D,
+                                             float scale) {
+    return att_scores_impl(q, k, NULL, p, S, D, scale, 0, 0, NULL, 0, 0);
+}
+
+TARGET_AVX512 static void att_values_cached(const float *v, const float *p, float sum, float *out, int64_t S,
+                                            int64_t D) {
+    att_values_impl(v, p, sum, out, S, D, 0, 0, 0);
 }
 
 /* One cache row from float32, rounded to float16 16 lanes at a time (vcvtps2ph, nearest even); D % 16 == 0. */
@@ -1216,6 +1240,66 @@ static void attend_batch_chunk(void *ctx, int64_t c) {
     for (int64_t i = i0; i < i1; i++) attend_pair(t, i, i + 1 < i1 ? i + 1 : -1, i == i0);
 }
 
+#ifdef SPECTRA_X86
+/* Rows that share one float16 cache (a prompt's rows: consecutive positions of one sequence). Each would widen every
+ * key and value it reads to float32, and on Zen 4 vcvtph2ps (1.5 cycles per 16 values, on the pipes of the
+ * multiply-adds) costs more than the multiply-add it feeds (1 cycle): about 20 cycles a key at head size 64, against
+ * 13 on float32 keys and values in L1. Here the pairs go head by head (pair i = (row i % B, head i / B)); for each head
+ * of its run a thread widens the keys, positions 0 .. max pos, once into a buffer of its own, computes the scores of
+ * all its rows of that head, then widens the values into the same buffer and finishes the rows. The widened values
+ * are the cache's exactly and each row's float operations are those of attend_head_avx512, so the outputs are
+ * bit-identical to attending row by row (tests/test_packed_decode.py: a prompt equals feeding it token by token). */
+#ifndef ATT_SHARED_MIN_ROWS
+#define ATT_SHARED_MIN_ROWS 4 /* fewer rows sharing a cache attend row by row */
+#endif
+static float *att_shared_buffer(int64_t n) { /* per thread, grown as needed and kept, as att_scores */
+    static _Thread_local float *buf = NULL;
+    static _Thread_local int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(sizeof(float) * (size_t)n);
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+TARGET_AVX512 static void widen_half(float *dst, const uint16_t *src, int64_t n) { /* n % 16 == 0 */
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+}
+
+static void attend_shared_chunk(void *ctx, int64_t c) {
+    const attend_batch_task_t *t = (const attend_batch_task_t *)ctx;
+    const int64_t H = t->H, D = t->D, B = t->B, P = B * H, i0 = c * P / t->n_chunks, i1 = (c + 1) * P / t->n_chunks;
+    int64_t smax = 0;
+    for (int64_t b = 0; b < B; b++) smax = t->pos[b] + 1 > smax ? t->pos[b] + 1 : smax;
+    /* widened keys or values [smax][D], then the rows' scores [B][smax] and sums [B] */
+    float *w = att_shared_buffer(smax * D + B * smax + B);
+    if (!w) {
+        atomic_store(t->failed, 1);
+        return;
+    }
+    float *ps = w + smax * D, *sums = ps + B * smax;
+    for (int64_t h = i0 / B; h * B < i1; h++) {
+        const int64_t b0 = i0 > h * B ? i0 - h * B : 0, b1 = i1 < (h + 1) * B ? i1 - h * B : B;
+        widen_half(w, (const uint16_t *)t->kcs[0] + h * t->hs, smax * D);
+        for (int64_t b = b0; b < b1; b++)
+            sums[b] = att_scores_cached(t->qs + b * t->A + h * D, w, ps + b * smax, t->pos[b] + 1, D, t->scale);
+        widen_half(w, (const uint16_t *)t->vcs[0] + h * t->hs, smax * D);
+        for (int64_t b = b0; b < b1; b++)
+            att_values_cached(w, ps + b * smax, sums[b], t->outs + b * t->A + h * D, t->pos[b] + 1, D);
+    }
+}
+
+/* 1 when the rows can take attend_shared_chunk: enough of them, one float16 cache, the AVX-512 kernel. */
+static int attend_shared(const attend_batch_task_t *t) {
+    if (!t->half || !t->simd || t->B < ATT_SHARED_MIN_ROWS) return 0;
+    for (int64_t b = 1; b < t->B; b++)
+        if (t->kcs[b] != t->kcs[0] || t->vcs[b] != t->vcs[0]) return 0;
+    return 1;
+}
+#endif
+
 #ifndef ATT_CHUNKS_PER_THREAD
 #define ATT_CHUNKS_PER_THREAD 8 /* pairs are handed out in this many runs per thread (one claim per run) */
 #endif
@@ -1227,6 +1311,12 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
     const int64_t P = B * H, want = (int64_t)ATT_CHUNKS_PER_THREAD * n_threads;
     const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, B, want < P ? want : P, scale,
                                       path == PATH_AVX512VNNI && D % 16 == 0, half, &failed};
+#ifdef SPECTRA_X86
+    if (attend_shared(&task)) {
+        for_chunks(n_threads, task.n_chunks, attend_shared_chunk, (void *)&task);
+        return !atomic_load(&failed);
+    }
+#endif
     for_chunks(n_threads, task.n_chunks, attend_batch_chunk, (void *)&task);
     return !atomic_load(&failed);
 }
