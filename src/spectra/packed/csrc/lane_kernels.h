@@ -67,8 +67,8 @@ static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (t
 
 #ifdef SPECTRA_X86
 /* A panel reads its 32 rows a slice at a time: 32 streams, too many for the hardware prefetchers. Each block decoded
- * fetches the block PANEL_AHEAD slices later in its row, or past the row's end the same offset in the row 32 further
- * on (the next panel). A stray prefetch past the matrix is harmless (it never faults). The fetch goes to L2: between
+ * fetches the block PANEL_AHEAD slices later in its row or, past the row's end, in the same row of the next panel (or
+ * the one after, for rows shorter than the distance). A stray prefetch past the matrix is harmless (it never faults). The fetch goes to L2: between
  * two slices 16 token groups stream up to 64 KiB of activations through L1, which evicted lines fetched into L1, and
  * the panel decode then waited on its loads. Likewise lane_rows fetches the output lines a panel's store16 calls
  * will write (T x 128 bytes) into L2 when the panel starts. On Zen 4 (benchmarks/kernel_ab.py, TriLM-1.1B prompt of
@@ -84,9 +84,10 @@ static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (t
 #endif
 #define PANEL_PREFETCH(w, b, nb, rowb, bytes)                                                                     \
     do {                                                                                                        \
-        const int64_t ahead_ = (b) + PANEL_AHEAD * PANEL_SLICE;                                                 \
-        const uint8_t *p_ =                                                                                     \
-            ahead_ < (nb) ? (w) + ahead_ * (bytes) : (w) + PANEL_ROWS * (rowb) + (ahead_ - (nb)) * (bytes);     \
+        int64_t ahead_ = (b) + PANEL_AHEAD * PANEL_SLICE;                                                       \
+        const uint8_t *p_ = (w);                                                                                \
+        for (; ahead_ >= (nb); ahead_ -= (nb)) p_ += PANEL_ROWS * (rowb); /* rows shorter than the distance */  \
+        p_ += ahead_ * (bytes);                                                                                 \
         _mm_prefetch((const char *)p_, PANEL_HINT);                                                             \
         if ((bytes) != 64) _mm_prefetch((const char *)p_ + (bytes) - 1, PANEL_HINT);                           \
     } while (0)
