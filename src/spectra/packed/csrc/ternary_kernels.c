@@ -1174,14 +1174,9 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
  * call allocates: a prefill chunk of 128 rows at position 2000 would otherwise ask for 128 * H * 2000 floats per
  * layer. NULL when it cannot grow. */
 static float *att_scores(int64_t S) {
-    static _Thread_local float *buf = NULL;
-    static _Thread_local int64_t cap = 0;
-    if (S > cap) {
-        free(buf);
-        buf = (float *)malloc(sizeof(float) * (size_t)S);
-        cap = buf ? S : 0;
-    }
-    return buf;
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    return (float *)grow_buffer(&buf, &size, sizeof(float) * (size_t)S);
 }
 
 /* Attention of B rows, each over its own cache (row b: q at qs + b * A, keys / values of head h at kcs[b] + h * hs
@@ -1253,14 +1248,9 @@ static void attend_batch_chunk(void *ctx, int64_t c) {
 #define ATT_SHARED_MIN_ROWS 4 /* fewer rows sharing a cache attend row by row */
 #endif
 static float *att_shared_buffer(int64_t n) { /* per thread, grown as needed and kept, as att_scores */
-    static _Thread_local float *buf = NULL;
-    static _Thread_local int64_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = (float *)malloc(sizeof(float) * (size_t)n);
-        cap = buf ? n : 0;
-    }
-    return buf;
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    return (float *)grow_buffer(&buf, &size, sizeof(float) * (size_t)n);
 }
 
 TARGET_AVX512 static void widen_half(float *dst, const uint16_t *src, int64_t n) { /* n % 16 == 0 */
