@@ -68,11 +68,12 @@ static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (t
 #ifdef SPECTRA_X86
 /* A panel reads its 32 rows a slice at a time: 32 streams, too many for the hardware prefetchers. Each block decoded
  * fetches the block PANEL_AHEAD slices later in its row or, past the row's end, in the same row of the next panel (or
- * the one after, for rows shorter than the distance). A stray prefetch past the matrix is harmless (it never faults). The fetch goes to L2: between
- * two slices 16 token groups stream up to 64 KiB of activations through L1, which evicted lines fetched into L1, and
- * the panel decode then waited on its loads. Likewise lane_rows fetches the output lines a panel's store16 calls
- * will write (T x 128 bytes) into L2 when the panel starts. On Zen 4 (benchmarks/kernel_ab.py, TriLM-1.1B prompt of
- * 128, 1 thread) L1 and 2 slices ahead -> L2 and 6: 1.015x (8/9 rounds); with the output lines too: 1.027x (9/9). */
+ * the one after, for rows shorter than the distance). A stray prefetch past the matrix is harmless (it never faults).
+ * The fetch goes to L2: between two slices 16 token groups stream up to 64 KiB of activations through L1, which
+ * evicted lines fetched into L1, and the panel decode then waited on its loads. Likewise lane_rows fetches the output
+ * lines a panel's store16 calls will write (T x 128 bytes) into L2 when the panel starts. On Zen 4
+ * (benchmarks/kernel_ab.py, TriLM-1.1B prompt of 128, 1 thread) L1 and 2 slices ahead -> L2 and 6: 1.015x (8/9
+ * rounds); with the output lines too: 1.027x (9/9). */
 #ifndef PANEL_AHEAD
 #define PANEL_AHEAD 6
 #endif

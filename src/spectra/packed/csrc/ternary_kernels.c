@@ -1068,13 +1068,13 @@ TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
     ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(base) + (i))))                   \
             : _mm512_loadu_ps((const float *)(base) + (i)))
 
-/* Prefetching, two ways, every line of a row. A short head (`near`, attend_pair): while its keys are read, row r of
- * its values and row r of the next head's keys (nk, nS rows; NULL: none), so the value pass and the next head find
- * their rows in cache. A long head: keys and values ATT_AHEAD rows ahead of their use, up to the last row. */
-/* The two halves of one head's attention: the scores (p[j] = e^(score_j - max), their sum returned) and the
- * values (out = sum_j p[j] v_j / sum). attend_head_avx512 runs one after the other; attend_shared_chunk runs all the
- * scores of a head first and then all its values, with the same float operations. With `pf` 0 nothing is prefetched
- * (keys and values already in cache). */
+/* The two halves of one head's attention: the scores (p[j] = e^(score_j - max), their sum returned) and the values
+ * (out = sum_j p[j] v_j / sum). attend_head_avx512 runs one after the other; attend_shared_chunk runs all the scores
+ * of a head first and then all its values, with the same float operations.
+ * Prefetching (`pf`; 0: keys and values already in cache), two ways, every line of a row. A short head (`near`,
+ * attend_pair): while its keys are read, row r of its values and row r of the next head's keys (nk, nS rows; NULL:
+ * none), so the value pass and the next head find their rows in cache. A long head: keys and values ATT_AHEAD rows
+ * ahead of their use, up to the last row. */
 TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_impl(
     const float *q, const void *k, const void *v, float *p, int64_t S, int64_t D, float scale, const int half,
     const int near, const char *nk, int64_t nS, const int pf) {
@@ -1092,14 +1092,12 @@ TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_impl
                 continue;
             }
             const int64_t kj = (j0 + r) * D;
-            if (!pf)
-                ;
-            else if (near)
+            if (pf && near)
                 for (int64_t c = 0; c < D * es; c += 64) {
                     _mm_prefetch((const char *)v + kj * es + c, _MM_HINT_T1);
                     if (j0 + r < nS) _mm_prefetch(nk + kj * es + c, _MM_HINT_T1);
                 }
-            else if (j0 + r + ATT_AHEAD < S)
+            else if (pf && j0 + r + ATT_AHEAD < S)
                 for (int64_t c = 0; c < D * es; c += 64)
                     _mm_prefetch((const char *)k + (kj + ATT_AHEAD * D) * es + c, _MM_HINT_T1);
             __m512 acc = _mm512_mul_ps(qv[0], KV_LOAD16(k, kj, half));
