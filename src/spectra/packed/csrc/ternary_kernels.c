@@ -1279,12 +1279,11 @@ static void attend_shared_chunk(void *ctx, int64_t c) {
     }
 }
 
-/* 1 when the rows can take attend_shared_chunk: enough of them, one float16 cache, the AVX-512 kernel. */
-static int attend_shared(const attend_batch_task_t *t) {
-    if (!t->half || !t->simd || t->B < ATT_SHARED_MIN_ROWS) return 0;
-    for (int64_t b = 1; b < t->B; b++)
-        if (t->kcs[b] != t->kcs[0] || t->vcs[b] != t->vcs[0]) return 0;
-    return 1;
+/* The end of the run of rows from r0 on that share row r0's cache. */
+static int64_t same_cache_end(void *const *kcs, void *const *vcs, int64_t r0, int64_t B) {
+    int64_t r = r0 + 1;
+    while (r < B && kcs[r] == kcs[r0] && vcs[r] == vcs[r0]) r++;
+    return r;
 }
 #endif
 
@@ -1292,20 +1291,52 @@ static int attend_shared(const attend_batch_task_t *t) {
 #define ATT_CHUNKS_PER_THREAD 8 /* pairs are handed out in this many runs per thread (one claim per run) */
 #endif
 
+/* Rows [0, B) as one job: attend_shared_chunk's head-by-head order when `shared`, else attend_batch_chunk's. */
+static void attend_rows(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos, float *outs,
+                        int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads, int half, int shared,
+                        _Atomic int *failed) {
+    const int64_t P = B * H, want = (int64_t)ATT_CHUNKS_PER_THREAD * n_threads;
+    const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, B, want < P ? want : P, scale,
+                                      path == PATH_AVX512VNNI && D % 16 == 0, half, failed};
+#ifdef SPECTRA_X86
+    if (shared) {
+        for_chunks(n_threads, task.n_chunks, attend_shared_chunk, (void *)&task);
+        return;
+    }
+#endif
+    (void)shared;
+    for_chunks(n_threads, task.n_chunks, attend_batch_chunk, (void *)&task);
+}
+
+/* The rows in stretches: each run of at least ATT_SHARED_MIN_ROWS rows on one float16 cache (a prompt chunk, alone or
+ * after a batched step's decode rows) is one attend_shared_chunk job, the rows between such runs one row-by-row job. */
 static int attend_batch_run(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos,
                             float *outs, int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads,
                             int half) {
     _Atomic int failed = 0;
-    const int64_t P = B * H, want = (int64_t)ATT_CHUNKS_PER_THREAD * n_threads;
-    const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, B, want < P ? want : P, scale,
-                                      path == PATH_AVX512VNNI && D % 16 == 0, half, &failed};
+    const int64_t A = H * D;
+    int can_share = 0;
 #ifdef SPECTRA_X86
-    if (attend_shared(&task)) {
-        for_chunks(n_threads, task.n_chunks, attend_shared_chunk, (void *)&task);
-        return !atomic_load(&failed);
-    }
+    can_share = half && path == PATH_AVX512VNNI && D % 16 == 0 && B >= ATT_SHARED_MIN_ROWS;
 #endif
-    for_chunks(n_threads, task.n_chunks, attend_batch_chunk, (void *)&task);
+    (void)can_share;
+    for (int64_t r0 = 0, r1; r0 < B && !atomic_load(&failed); r0 = r1) {
+        int shared = 0;
+        r1 = r0;
+        while (r1 < B) { /* up to the next shared run, or to the end of this one if it starts at r0 */
+            int64_t e = B;
+#ifdef SPECTRA_X86
+            e = can_share ? same_cache_end(kcs, vcs, r1, B) : B;
+            if (can_share && e - r1 >= ATT_SHARED_MIN_ROWS) {
+                if (r1 == r0) r1 = e, shared = 1;
+                break;
+            }
+#endif
+            r1 = e;
+        }
+        attend_rows(path, qs + r0 * A, kcs + r0, vcs + r0, pos + r0, outs + r0 * A, r1 - r0, H, D, hs, scale,
+                    n_threads, half, shared, &failed);
+    }
     return !atomic_load(&failed);
 }
 
