@@ -1242,9 +1242,6 @@ static void attend_batch_chunk(void *ctx, int64_t c) {
  * all its rows of that head, then widens the values into the same buffer and finishes the rows. The widened values
  * are the cache's exactly and each row's float operations are those of attend_head_avx512, so the outputs are
  * bit-identical to attending row by row (tests/test_packed_decode.py: a prompt equals feeding it token by token). */
-#ifndef ATT_SHARED_MIN_ROWS
-#define ATT_SHARED_MIN_ROWS 4 /* fewer rows sharing a cache attend row by row */
-#endif
 static float *att_shared_buffer(int64_t n) { /* per thread, grown as needed and kept, as att_scores */
     static _Thread_local void *buf = NULL;
     static _Thread_local size_t size = 0;
@@ -1278,6 +1275,11 @@ static void attend_shared_chunk(void *ctx, int64_t c) {
             att_values_cached(w, ps + b * smax, sums[b], t->outs + b * t->A + h * D, t->pos[b] + 1, D);
     }
 }
+#endif
+
+#ifndef ATT_SHARED_MIN_ROWS
+#define ATT_SHARED_MIN_ROWS 4 /* fewer rows sharing a cache attend row by row */
+#endif
 
 /* The end of the run of rows from r0 on that share row r0's cache. */
 static int64_t same_cache_end(void *const *kcs, void *const *vcs, int64_t r0, int64_t B) {
@@ -1285,7 +1287,6 @@ static int64_t same_cache_end(void *const *kcs, void *const *vcs, int64_t r0, in
     while (r < B && kcs[r] == kcs[r0] && vcs[r] == vcs[r0]) r++;
     return r;
 }
-#endif
 
 #ifndef ATT_CHUNKS_PER_THREAD
 #define ATT_CHUNKS_PER_THREAD 8 /* pairs are handed out in this many runs per thread (one claim per run) */
@@ -1319,19 +1320,14 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
 #ifdef SPECTRA_X86
     can_share = half && path == PATH_AVX512VNNI && D % 16 == 0 && B >= ATT_SHARED_MIN_ROWS;
 #endif
-    (void)can_share;
     for (int64_t r0 = 0, r1; r0 < B && !atomic_load(&failed); r0 = r1) {
         int shared = 0;
-        r1 = r0;
-        while (r1 < B) { /* up to the next shared run, or to the end of this one if it starts at r0 */
-            int64_t e = B;
-#ifdef SPECTRA_X86
-            e = can_share ? same_cache_end(kcs, vcs, r1, B) : B;
+        for (r1 = r0; r1 < B;) { /* up to the next shared run, or to the end of this one if it starts at r0 */
+            const int64_t e = can_share ? same_cache_end(kcs, vcs, r1, B) : B;
             if (can_share && e - r1 >= ATT_SHARED_MIN_ROWS) {
                 if (r1 == r0) r1 = e, shared = 1;
                 break;
             }
-#endif
             r1 = e;
         }
         attend_rows(path, qs + r0 * A, kcs + r0, vcs + r0, pos + r0, outs + r0 * A, r1 - r0, H, D, hs, scale,
