@@ -201,8 +201,10 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dot2_av
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *wa = w + b * TQ1_CB, *wb = wa + rowb;
-        PREFETCH(wa + 2 * GEMV1_PREFETCH_STEP);
-        PREFETCH(wb + 2 * GEMV1_PREFETCH_STEP);
+        /* Each line three times, as gemv1_avx512 (TriLM-1.1B decode against one prefetch 12 KiB ahead, builds A/B
+         * in one process: 2 threads 1.038x, faster in 7/7 rounds; 1 thread 0.997x). */
+        PREFETCH3(wa);
+        PREFETCH3(wb);
         __m512i fa, fb, ga, gb;
         tq1_decode(wa, L, &fa, &fb);
         tq1_decode(wb, L, &ga, &gb);
