@@ -30,11 +30,12 @@ def lane_from():
 
 
 def _tiles(x, *args, **kw):
-    before = K.use_lane(0)
+    before, quad = K.use_lane(0), K.use_quad(0)
     try:
         return K.ternary_matmul(x, *args, path="avx512vnni", **kw)
     finally:
         K.use_lane(before)
+        K.use_quad(quad)
 
 
 @pytest.mark.parametrize("T", [1, 5, 16, 17, 31, 32, 33, 48, 70])

@@ -91,6 +91,7 @@ typedef struct {
     const int32_t *bsum;   /* [T, S] */
     const float *xs;       /* [T] activation scales */
     const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
+    const int8_t *x4;      /* quad GEMM only: the activations in quad layout (quad_kernels.h), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
@@ -778,6 +779,7 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 #include "tq1_kernels.h"
 #include "lane_kernels.h"
 #include "amx_kernels.h"
+#include "quad_kernels.h"
 #include "pool.h"
 
 /* Bytes of a job's activations in the VNNI layout (lane_kernels.h) when the AMX or the token-lane GEMM will run it,
@@ -818,7 +820,7 @@ static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
 
 static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
-    if (amx_run_rows_i8(path, J, n0, n1)) return;
+    if (amx_run_rows_i8(path, J, n0, n1) || quad_run_rows(J, n0, n1, 1)) return;
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) {
         i8_rows_avx512(J, n0, n1);
@@ -835,6 +837,7 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
+    if (J->fmt == FMT_TQ2 && quad_run_rows(J, n0, n1, 0)) return;
     if (J->fmt == FMT_TQ1) {
         tq1_run_rows(path, J, n0, n1);
         return;
@@ -1654,19 +1657,22 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     const size_t q_bytes = round64((size_t)(J.T * J.K));
     const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) : 0;
     const size_t xt_bytes = vnni_xt_bytes(path, &J);
-    void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
+    const size_t x4_bytes = quad_applies(path, &J) ? round64(quad_bytes(J.T, J.K)) : 0;
+    void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + x4_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
                                 sizeof(float) * (size_t)J.T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
     int8_t *xq1 = (int8_t *)scratch + q_bytes;
     int8_t *xt = (int8_t *)scratch + q_bytes + q1_bytes;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes + xt_bytes);
+    int8_t *x4 = (int8_t *)scratch + q_bytes + q1_bytes + xt_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes + xt_bytes + x4_bytes);
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, J.xq, xt), J.xt = xt;
+    if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1735,7 +1741,7 @@ typedef struct {
     int path;
     job_t Q;
     const float *x;
-    int8_t *xq, *xq1, *xt[2];
+    int8_t *xq, *xq1, *xt[2], *x4;
     int32_t *blk_sum;
     float *xs;
 } group_prep_t;
@@ -1753,6 +1759,8 @@ static void group_prep_chunk(void *ctx, int64_t g) {
         X.fmt = f ? FMT_TQ1 : FMT_TQ2;
         if (p->xt[f]) xt_build_group(&X, f ? p->xq1 : p->xq, p->xt[f], g);
     }
+    if (p->x4) /* the full token groups of 4 inside this group of 16 */
+        for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->T, Q->K, p->x4, q);
 }
 
 /* Quantize x [T, K] once (one sum per block) and run every job on it. Needs no Python (call it with the GIL released);
@@ -1773,12 +1781,16 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
         const size_t need = vnni_xt_bytes(path, &jobs[g]);
         if (need > xt_bytes[jobs[g].fmt == FMT_TQ1]) xt_bytes[jobs[g].fmt == FMT_TQ1] = need;
     }
+    size_t x4_bytes = 0; /* quad-layout activations, when a TQ2_0 job runs the quad GEMM */
+    for (int g = 0; g < G; g++)
+        if (quad_applies(path, &jobs[g])) x4_bytes = round64(quad_bytes(T, K));
     void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T +
-                                xt_bytes[0] + xt_bytes[1] + 64);
+                                xt_bytes[0] + xt_bytes[1] + x4_bytes + 64);
     if (!scratch) return 0;
     int8_t *xt[2];
     xt[0] = (int8_t *)scratch + round64(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
     xt[1] = xt[0] + xt_bytes[0];
+    int8_t *x4 = xt[1] + xt_bytes[1];
     int8_t *xq1 = (int8_t *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes;
     int8_t *xq = (int8_t *)scratch;
     int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
@@ -1792,6 +1804,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
     for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
+    prep.x4 = x4_bytes ? x4 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
@@ -1803,6 +1816,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
             }
         J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
         if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
+        if (quad_applies(path, J)) J->x4 = x4;
         sum += T * J->S;
     }
     run_parallel_jobs(run_rows, path, jobs, G, n_threads);
@@ -1845,10 +1859,16 @@ static size_t i8_xt_bytes(int path, int64_t T, int64_t K) {
     return amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0;
 }
 
-/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI copy (i8_xt_bytes), the row sums and the
- * row scales. */
+/* Bytes of the quad copy of T int8 rows of K where the quad GEMM runs them, else 0. */
+static size_t i8_x4_bytes(int path, int64_t T, int64_t K) {
+    return quad_applies_i8(path, T, K) ? round64(quad_bytes(T, K)) : 0;
+}
+
+/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI or quad copy (i8_xt_bytes,
+ * i8_x4_bytes), the row sums and the row scales. */
 static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
-    return round64((size_t)(T * K)) + i8_xt_bytes(path, T, K) + (sizeof(int32_t) + sizeof(float)) * (size_t)T;
+    return round64((size_t)(T * K)) + i8_xt_bytes(path, T, K) + i8_x4_bytes(path, T, K) +
+           (sizeof(int32_t) + sizeof(float)) * (size_t)T;
 }
 
 /* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
@@ -1856,9 +1876,11 @@ static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
 static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
                           const float *d, float *y, void *scratch) {
     const size_t q_bytes = round64((size_t)(T * K)), xt_bytes = i8_xt_bytes(path, T, K);
+    const size_t x4_bytes = i8_x4_bytes(path, T, K);
     int8_t *xq = (int8_t *)scratch;
     int8_t *xt = (int8_t *)scratch + q_bytes;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes);
+    int8_t *x4 = xt + xt_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes + x4_bytes);
     float *xs = (float *)(bsum + T);
     int32_t bounds[2] = {0, (int32_t)(K / QK)};
     job_t J;
@@ -1872,6 +1894,7 @@ static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, in
     for (int64_t t = 0; t < T; t++) bsum[t] *= 128; /* sum u a = sum w a + 128 sum a */
     J.xq = xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt;
+    if (x4_bytes) quad_build(xq, T, K, x4), J.x4 = x4;
     run_parallel(run_rows_i8, path, &J, n_threads);
 }
 
@@ -2346,6 +2369,18 @@ static PyObject *py_set_lane(PyObject *self, PyObject *args) {
     return PyLong_FromLong(before);
 }
 
+/* set_quad(min_tokens) -> int: products of at least min_tokens tokens (0: none) that the tiles would run use the quad
+ * GEMM (quad_kernels.h); returns the previous value. For A/B runs and tests of both kernels. */
+static PyObject *py_set_quad(PyObject *self, PyObject *args) {
+    int min_t;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &min_t)) return NULL;
+    if (min_t < 0) return PyErr_Format(PyExc_ValueError, "min_tokens must be >= 0 (0 switches the quad GEMM off)");
+    const int before = quad_min_t;
+    quad_min_t = min_t;
+    return PyLong_FromLong(before);
+}
+
 /* set_amx(on) -> bool: use the AMX GEMM where the CPU has it (the default) or not (for A/B runs and tests of the
  * AVX-512 GEMM on AMX machines); returns whether it was in use before. */
 static PyObject *py_set_amx(PyObject *self, PyObject *args) {
@@ -2419,6 +2454,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
+    {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},

@@ -1,0 +1,286 @@
+/*
+ * Quad GEMM for small batches (QUAD_MIN_T tokens up to the token-lane GEMM's LANE_MIN_T: a batched decode step) on
+ * AVX-512 VNNI, for TQ2_0 weights, and for int8 weights (the output layer) from QUAD_MIN_T tokens on. Included by
+ * ternary_kernels.c after amx_kernels.h; run_rows and run_rows_i8 call it in place of the 4 x 4 tiles.
+ *
+ * The tiles (gemm_avx512, i8_tile_avx512) give each accumulator the 16 lanes of one token: 16 partial sums over K,
+ * so every 16 outputs end in a 16-way reduction (hsum16x16, 37 vector operations) plus a float epilogue from gathered
+ * scalars. At K = 512 (TriLM-99M) that is as much work as the products: the tiles ran at 69 % of vpdpbusd's rate
+ * there against 87-92 % at K = 1792-5120, and an experiment that dropped the reduction made the 99M's matrices
+ * 1.10-1.22x faster at 16 tokens. Here a vector holds 4 tokens x 4 lanes ("quad" layout of the activations: 16
+ * consecutive bytes of each of 4 tokens), and the weights are 16 bytes broadcast to the four 128-bit lanes
+ * (vbroadcasti32x4, a load): an accumulator ends holding 4 partial sums for each of 4 tokens, so 4 accumulators
+ * reduce to 16 finished outputs (4 rows x 4 tokens) in 6 operations, a quarter of the tiles' reduction, and the
+ * epilogue works on 16 outputs per vector.
+ *
+ * - Activations (quad_build): x4 [T/4][K/16][4 tokens][16 bytes], from the int8 rows of the TQ2_0 / int8 layout by a
+ *   4 x 4 transpose of 128-bit lanes per 64 bytes, zero tokens past T.
+ * - TQ2_0: 16 code bytes of a block (bytes 16q .. 16q+15) hold, in field l, the codes of elements 64l + 16q .. +15,
+ *   which meet activation chunk 16b + 4l + q. Per row and 16 bytes: one broadcast, three shifts and four ANDs, used
+ *   by 4 token groups: 0.44 vector operations per vpdpbusd, as in the tiles.
+ * - int8: the rows' bytes u = w + 128 are broadcast as they are.
+ * - Per pass: 4 rows x up to 16 tokens (4 token groups), 16 accumulators, all K. The last T % 4 tokens go to one
+ *   tile of the tiles' GEMM after the passes (a pass over a partly empty group would compute the empty lanes too),
+ *   and below QUAD_MIN_T tokens the tiles run alone: with one or two groups a broadcast code vector serves only one
+ *   or two vpdpbusd, where a tile's serves four.
+ *
+ * Measured on Zen 4 (one thread, cache-resident, builds in one process, median of 7 alternating rounds), quad
+ * against the tiles: TQ2_0 1280 x 512 1.12-1.18x at 9-31 tokens (16: 76 -> 83 % of vpdpbusd's rate), 512 x 512 1.14x,
+ * 512 x 1280 1.05x, 1792 x 1792 1.05x at 16 tokens, 5120 x 1792 at 24 1.04x; at 5-7 tokens 0.75-0.87x, hence
+ * QUAD_MIN_T. int8 at 16 tokens: the 99M's 50304 x 512 output layer 1.16x, the 1.1B's 32000 x 1792 1.42x (both read
+ * from L3 / DRAM; a 2048 x 512 layer in L2 0.94x). A layout with the 4 groups of a chunk side by side (one 256-byte
+ * run per step) was 0.88x of the one here at K = 512.
+ *
+ * The integer sums are the other kernels' (sum c a per segment, exact in int32), and the epilogue does the scalar
+ * epilogue's float32 operations in the same order, lane by lane, so the outputs are bit-identical to every other
+ * path and to the pure-torch reference.
+ */
+
+#ifndef QUAD_MIN_T
+#define QUAD_MIN_T 8 /* fewer tokens: the tiles (or the GEMV kernels) */
+#endif
+
+static int quad_min_t = QUAD_MIN_T; /* 0: off (set_quad) */
+
+/* The quad GEMM runs TQ2_0 products of T tokens here (the token-lane GEMM or AMX take larger T). */
+static inline int quad_applies(int path, const job_t *J) {
+#ifdef SPECTRA_X86
+    return path == PATH_AVX512VNNI && quad_min_t > 0 && J->T >= quad_min_t && J->fmt == FMT_TQ2 &&
+           !amx_applies(path, J) && !lane_applies(path, J);
+#else
+    (void)path, (void)J;
+    return 0;
+#endif
+}
+
+/* The same for int8 weights (matmul_i8: the output layer), where the lane GEMM never runs. */
+static inline int quad_applies_i8(int path, int64_t T, int64_t K) {
+#ifdef SPECTRA_X86
+    job_t Jx; /* sizes only */
+    memset(&Jx, 0, sizeof(Jx));
+    Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
+    return path == PATH_AVX512VNNI && quad_min_t > 0 && T >= quad_min_t && !amx_applies(path, &Jx);
+#else
+    (void)path, (void)T, (void)K;
+    return 0;
+#endif
+}
+
+/* Bytes of the full groups of 4 of T int8 rows of K in the quad layout. */
+static inline size_t quad_bytes(int64_t T, int64_t K) { return (size_t)((T / 4) * 4 * K); }
+
+#ifdef SPECTRA_X86
+/* Tokens 4g .. 4g+3 of xq [T, K] (zeros past T) -> x4 group g: per 64 bytes, a 4 x 4 transpose of 128-bit lanes. */
+TARGET_AVX512 static void quad_build_group(const int8_t *xq, int64_t T, int64_t K, int8_t *x4, int64_t g) {
+    int8_t *out = x4 + g * 4 * K;
+    for (int64_t j = 0; j < K; j += 64) {
+        __m512i a[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t t = 4 * g + i;
+            a[i] = t < T ? _mm512_loadu_si512(xq + t * K + j) : _mm512_setzero_si512();
+        }
+        const __m512i s0 = _mm512_shuffle_i64x2(a[0], a[1], 0x44), s1 = _mm512_shuffle_i64x2(a[0], a[1], 0xee);
+        const __m512i s2 = _mm512_shuffle_i64x2(a[2], a[3], 0x44), s3 = _mm512_shuffle_i64x2(a[2], a[3], 0xee);
+        int8_t *o = out + 4 * j; /* chunks j/16 .. j/16 + 3, 64 bytes each */
+        _mm512_storeu_si512(o, _mm512_shuffle_i64x2(s0, s2, 0x88));
+        _mm512_storeu_si512(o + 64, _mm512_shuffle_i64x2(s0, s2, 0xdd));
+        _mm512_storeu_si512(o + 128, _mm512_shuffle_i64x2(s1, s3, 0x88));
+        _mm512_storeu_si512(o + 192, _mm512_shuffle_i64x2(s1, s3, 0xdd));
+    }
+}
+
+/* Lane 4i + r: a[r] summed over the 4 dwords of 128-bit lane i (rows r = 0..3, token i of the group). */
+TARGET_AVX512 static inline __m512i quad_reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* Lane 4i + r = p[(t0 + i) * stride] for tokens t0 + i < T, else 0. Built in registers (a masked load, or inserts):
+ * scalars stored to an array and read back as a vector stall on store forwarding. */
+TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t stride, int64_t t0, int64_t T) {
+    const int live = T - t0 >= 4 ? 4 : (int)(T - t0);
+    const __m128i v = stride == 1 ? _mm_maskz_loadu_epi32((__mmask8)((1u << live) - 1), p + t0)
+                                  : first4_epi32(p + t0 * stride, stride, live);
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                    _mm512_castsi128_si512(v));
+}
+
+/* Row group n .. n+R-1 (R <= 4) against token groups g0 .. g0+NG-1 (NG <= 4): accumulators a<r><g>. `I8`: the rows
+ * are int8 bytes (K per row), else TQ2_0 code bytes. The finish is per segment: out_g += d * f(sum - bsum), lane 4i
+ * + r for row n + r and token 4 (g0 + g) + i, then y = out * xs. */
+#define QUAD_ZERO(r, g) __m512i a##r##g = _mm512_setzero_si512();
+#define QUAD_DP(g)                                                             \
+    do {                                                                       \
+        if (g < NG) {                                                          \
+            const __m512i x_ = _mm512_loadu_si512(xc + (g) * 4 * K);           \
+            DPBUSD_R(a0##g, w[0], x_);                                         \
+            if (R > 1) DPBUSD_R(a1##g, w[1], x_);                              \
+            if (R > 2) DPBUSD_R(a2##g, w[2], x_);                              \
+            if (R > 3) DPBUSD_R(a3##g, w[3], x_);                              \
+        }                                                                      \
+    } while (0)
+#define QUAD_PIN()                                                                                             \
+    do {                                                                                                     \
+        __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); \
+        __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23), "+v"(a30), "+v"(a31), "+v"(a32), "+v"(a33)); \
+    } while (0)
+#define QUAD_FINISH(g)                                                                                          \
+    do {                                                                                                      \
+        if (g < NG) {                                                                                         \
+            const __m512i sum_ = quad_reduce4(a0##g, a1##g, a2##g, a3##g);                                    \
+            const __m512i bs_ = quad_tokens_epi32(J->bsum + s, J->S, 4 * (g0 + g), J->T);                     \
+            out[g] = _mm512_add_ps(out[g], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_sub_epi32(sum_, bs_)))); \
+        }                                                                                                     \
+    } while (0)
+
+TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const job_t *J, const int8_t *x4, int64_t n,
+                                                                          int64_t g0, const int R, const int NG,
+                                                                          const int I8) {
+    const int64_t K = J->K, S = J->S;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const int8_t *xg = x4 + g0 * 4 * K;
+    __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t s = 0; s < S; s++) {
+        TILE_ACCS(QUAD_ZERO)
+        for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+            if (I8) {
+                /* int8 rows are only K bytes: too short a stream for the hardware prefetcher (i8_tile_avx512) */
+                const uint8_t *ahead = J->qs + (n + 8) * K + b * QK;
+                _Pragma("GCC unroll 4")
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < QK; c += 64) PREFETCH(ahead + r * K + c);
+                _Pragma("GCC unroll 16")
+                for (int c = 0; c < 16; c++) {
+                    __m512i w[4];
+                    _Pragma("GCC unroll 4")
+                    for (int r = 0; r < R; r++)
+                        w[r] = _mm512_broadcast_i32x4(
+                            _mm_loadu_si128((const __m128i *)(J->qs + (n + r) * K + b * QK + 16 * c)));
+                    const int8_t *xc = xg + (16 * b + c) * 64;
+                    QUAD_DP(0);
+                    QUAD_DP(1);
+                    QUAD_DP(2);
+                    QUAD_DP(3);
+                }
+            } else {
+                __m512i raw[4];
+                _Pragma("GCC unroll 4")
+                for (int r = 0; r < R; r++) PREFETCH(J->qs + ((n + r) * J->nb + b) * QB + PREFETCH_BYTES);
+                _Pragma("GCC unroll 4")
+                for (int q = 0; q < 4; q++) {
+                    _Pragma("GCC unroll 4")
+                    for (int r = 0; r < R; r++)
+                        raw[r] = _mm512_broadcast_i32x4(
+                            _mm_loadu_si128((const __m128i *)(J->qs + ((n + r) * J->nb + b) * QB + 16 * q)));
+                    _Pragma("GCC unroll 4")
+                    for (int l = 0; l < 4; l++) {
+                        __m512i w[4];
+                        _Pragma("GCC unroll 4")
+                        for (int r = 0; r < R; r++) {
+                            __m512i c = raw[r];
+                            if (l == 1) c = _mm512_srli_epi16(c, 2);
+                            if (l == 2) c = _mm512_srli_epi16(c, 4);
+                            if (l == 3) c = _mm512_srli_epi16(c, 6);
+                            w[r] = _mm512_and_si512(c, m3);
+                        }
+                        const int8_t *xc = xg + (16 * b + 4 * l + q) * 64;
+                        QUAD_DP(0);
+                        QUAD_DP(1);
+                        QUAD_DP(2);
+                        QUAD_DP(3);
+                    }
+                }
+            }
+            QUAD_PIN();
+        }
+        /* lane 4i + r: seg_d[(n + r) * S + s], the same for every token */
+        const __m512 dd = _mm512_broadcast_f32x4(first4_ps(J->seg_d + n * S + s, S, R));
+        QUAD_FINISH(0);
+        QUAD_FINISH(1);
+        QUAD_FINISH(2);
+        QUAD_FINISH(3);
+    }
+    const __mmask8 rows = (__mmask8)((1u << R) - 1);
+    for (int g = 0; g < NG; g++) {
+        const int64_t t0 = 4 * (g0 + g);
+        const __m512 xs = _mm512_castsi512_ps(quad_tokens_epi32((const int32_t *)(const void *)J->xs, 1, t0, J->T));
+        const __m512 y = _mm512_mul_ps(out[g], xs);
+        float *yp = J->y + t0 * J->N + n;
+        _mm_mask_storeu_ps(yp, rows, _mm512_castps512_ps128(y));
+        if (t0 + 1 < J->T) _mm_mask_storeu_ps(yp + J->N, rows, _mm512_extractf32x4_ps(y, 1));
+        if (t0 + 2 < J->T) _mm_mask_storeu_ps(yp + 2 * J->N, rows, _mm512_extractf32x4_ps(y, 2));
+        if (t0 + 3 < J->T) _mm_mask_storeu_ps(yp + 3 * J->N, rows, _mm512_extractf32x4_ps(y, 3));
+    }
+}
+
+/* The full groups of 4 tokens in passes of up to 4; the last T % 4 tokens in one tile of the tiles' GEMM (a pass
+ * over a partly empty group computes its empty lanes too). */
+#define QUAD_TILE(R, TT, I8)                                                  \
+    do {                                                                      \
+        if (I8) i8_tile_avx512(J, n, 4 * G, R, TT, 0);                        \
+        else tile_avx512(J, n, 4 * G, R, TT);                                 \
+    } while (0)
+#define QUAD_GROUPS(R, I8)                                                    \
+    do {                                                                      \
+        int64_t g = 0;                                                        \
+        for (; g + 4 <= G; g += 4) quad_pass(J, x4, n, g, R, 4, I8);          \
+        switch (G - g) {                                                      \
+            case 3: quad_pass(J, x4, n, g, R, 3, I8); break;                  \
+            case 2: quad_pass(J, x4, n, g, R, 2, I8); break;                  \
+            case 1: quad_pass(J, x4, n, g, R, 1, I8); break;                  \
+            default: break;                                                   \
+        }                                                                     \
+        switch (J->T % 4) {                                                   \
+            case 3: QUAD_TILE(R, 3, I8); break;                               \
+            case 2: QUAD_TILE(R, 2, I8); break;                               \
+            case 1: QUAD_TILE(R, 1, I8); break;                               \
+            default: break;                                                   \
+        }                                                                     \
+    } while (0)
+
+/* Rows [n0, n1) for all tokens. */
+#define QUAD_ROWS(I8)                                                         \
+    do {                                                                      \
+        const int64_t G = J->T / 4; /* full token groups */                   \
+        const int8_t *x4 = J->x4;                                             \
+        int64_t n = n0;                                                       \
+        for (; n + 4 <= n1; n += 4) QUAD_GROUPS(4, I8);                       \
+        switch (n1 - n) {                                                     \
+            case 3: QUAD_GROUPS(3, I8); break;                                \
+            case 2: QUAD_GROUPS(2, I8); break;                                \
+            case 1: QUAD_GROUPS(1, I8); break;                                \
+            default: break;                                                   \
+        }                                                                     \
+    } while (0)
+
+TARGET_AVX512 __attribute__((noinline)) static void quad_rows_tq2(const job_t *J, int64_t n0, int64_t n1) {
+    QUAD_ROWS(0);
+}
+
+TARGET_AVX512 __attribute__((noinline)) static void quad_rows_i8(const job_t *J, int64_t n0, int64_t n1) {
+    QUAD_ROWS(1);
+}
+#else
+static void quad_build_group(const int8_t *xq, int64_t T, int64_t K, int8_t *x4, int64_t g) {
+    (void)xq, (void)T, (void)K, (void)x4, (void)g;
+}
+#endif /* SPECTRA_X86 */
+
+/* The full token groups of xq [T, K] into x4. */
+static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
+    for (int64_t g = 0; g < T / 4; g++) quad_build_group(xq, T, K, x4, g);
+}
+
+/* Run the quad GEMM on rows [n0, n1) if the activations were prepared (J->x4); 1 when done. */
+static int quad_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8) {
+#ifdef SPECTRA_X86
+    if (!J->x4) return 0;
+    if (i8) quad_rows_i8(J, n0, n1);
+    else quad_rows_tq2(J, n0, n1);
+    return 1;
+#else
+    (void)J, (void)n0, (void)n1, (void)i8;
+    return 0;
+#endif
+}

@@ -1,0 +1,93 @@
+"""The quad GEMM (csrc/quad_kernels.h) equals the pure-torch reference and the 4 x 4 tiles bit for bit: TQ2_0 and int8
+weights, token counts on and between its groups of 4 (the last T % 4 tokens go to a tile), up to the token-lane
+GEMM's threshold and past it, ragged row counts around its 4-row passes, several scale segments, non-finite inputs,
+one to three threads, matmul, matmul_group (TQ2_0 and TQ1_0 in one group) and the output layer's matmul_i8; and the
+switch that sets where it starts."""
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.packed import formats as F
+from spectra.packed import kernels as K
+from tests.conftest import ternary_codes
+
+pytestmark = pytest.mark.skipif(
+    K.extension() is None or "avx512vnni" not in K.supported_paths(), reason="needs AVX-512 VNNI and the C extension"
+)
+
+
+@pytest.fixture
+def quad_from():
+    """Set the quad GEMM's first token count (AMX off, so that it runs on AMX machines too); restored after."""
+    amx, before = K.use_amx(False), K.use_quad(8)
+    yield K.use_quad
+    K.use_quad(before)
+    K.use_amx(amx)
+
+
+def _tiles(fn, *args, **kw):
+    before = K.use_quad(0)
+    try:
+        return fn(*args, path="avx512vnni", **kw)
+    finally:
+        K.use_quad(before)
+
+
+@pytest.mark.parametrize("T", [4, 5, 7, 8, 9, 11, 16, 17, 22, 31, 40])
+def test_quad_equals_reference_and_tiles(quad_from, T):
+    quad_from(5)  # from 5 tokens: one full group and a tile of 1 at T = 5
+    rng = np.random.default_rng(T)
+    W = rng.standard_normal((23, 1792)).astype(np.float32)
+    qb, db = F.blocks_from_weight(W, lossy=True)
+    bb, sb = F.scale_segments(db)
+    per_block = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qb, F.tq1_code_bytes(qb), bb, sb))
+    # rows: whole 4-row passes and ragged tails; K: 1 to 7 blocks; segments: 1, 2, 3 and one per block
+    shapes = ((64, 512, 1, 0), (50, 1536, 2, 1), (37, 768, 3, 1), (9, 256, 1, 0), (6, 1792, 1, 0), (3, 512, 1, 0))
+    for qs, q1, bounds, seg_d in [ternary_codes(*shape, seed=T) for shape in shapes] + [per_block]:
+        Kdim = qs.shape[1] // 64 * 256
+        x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
+        x[0, 7] = 50.0  # an outlier
+        x[T // 2] = 0.0  # a zero token: scale 0
+        ref = K.reference_matmul(x, qs, bounds, seg_d)
+        assert torch.equal(_tiles(K.ternary_matmul, x, qs, bounds, seg_d), ref)
+        for threads in (1, 2, 3):
+            y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni", n_threads=threads)
+            assert torch.equal(y, ref), f"T={T} N={qs.shape[0]} K={Kdim} threads={threads}"
+        ys = K.ternary_matmul_group(x, [(qs, bounds, seg_d, "tq2_0"), (q1, bounds, seg_d, "tq1_0")], path="avx512vnni")
+        assert torch.equal(ys[0], ref) and torch.equal(ys[1], ref), f"group T={T} N={qs.shape[0]}"
+
+
+@pytest.mark.parametrize("T", [5, 8, 13, 16, 33])
+def test_quad_int8_equals_reference_and_tiles(quad_from, T):
+    quad_from(5)
+    torch.manual_seed(T)
+    for N, Kdim in ((801, 512), (37, 1792), (5, 256), (64, 2048)):
+        u, scale = K.quantize_weight_int8(torch.randn(N, Kdim))
+        x = torch.randn(T, Kdim) * 2
+        x[T - 1] = 0.0
+        ref = K.reference_int8_matmul(x, u, scale)
+        assert torch.equal(_tiles(K.int8_matmul, x, u, scale), ref)
+        for threads in (1, 2, 3):
+            y = K.int8_matmul(x, u, scale, path="avx512vnni", n_threads=threads)
+            assert torch.equal(y, ref), f"int8 T={T} N={N} K={Kdim} threads={threads}"
+
+
+def test_quad_non_finite_input(quad_from):
+    qs, _, bounds, seg_d = ternary_codes(40, 1280, 5, 1, seed=3)
+    x = torch.randn(16, 1280)
+    x[2, 3] = float("nan")
+    x[13, 9] = float("inf")
+    ok = torch.ones(16, dtype=torch.bool)
+    ok[[2, 13]] = False
+    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni")
+    assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
+
+
+def test_use_quad_switch(quad_from):
+    assert K.use_quad(0) == 8  # the default: from 8 tokens
+    assert K.use_quad(5) == 0
+    assert K.use_quad(8) == 5
+    with pytest.raises(ValueError, match="min_tokens"):
+        K.use_quad(-1)
