@@ -18,14 +18,16 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def lane_from():
-    """Set the lane GEMM's first token count (AMX off, so that the lanes run on AMX machines too); restored after."""
-    amx, before = K.use_amx(False), K.use_lane(32)
+    """Set the lane GEMM's first token count (AMX off, so that the lanes run on AMX machines too, and the quad GEMM
+    off, which would take the counts below 128 / 256); restored after."""
+    amx, before, quad = K.use_amx(False), K.use_lane(32), K.use_quad(0)
 
     def set_from(n):
         K.use_lane(n)
 
     yield set_from
     K.use_lane(before)
+    K.use_quad(quad)
     K.use_amx(amx)
 
 

@@ -1,8 +1,8 @@
 """The quad GEMM (csrc/quad_kernels.h) equals the pure-torch reference and the 4 x 4 tiles bit for bit: TQ2_0 and int8
-weights, token counts on and between its groups of 4 (the last T % 4 tokens go to a tile), up to the token-lane
-GEMM's threshold and past it, ragged row counts around its 4-row passes, several scale segments, non-finite inputs,
-one to three threads, matmul, matmul_group (TQ2_0 and TQ1_0 in one group) and the output layer's matmul_i8; and the
-switch that sets where it starts."""
+weights, token counts on and between its groups of 4 (the last T % 4 tokens go to a tile), up to where the token-lane
+GEMM takes over (128 tokens for K < 1024, 256 from K = 1024) and past it, ragged row counts around its 4-row passes,
+several scale segments, non-finite inputs, one to three threads, matmul, matmul_group (TQ2_0 and TQ1_0 in one group)
+and the output layer's matmul_i8; and the switch that sets where it starts."""
 
 import numpy as np
 import pytest
@@ -34,7 +34,7 @@ def _tiles(fn, *args, **kw):
         K.use_quad(before)
 
 
-@pytest.mark.parametrize("T", [4, 5, 7, 8, 9, 11, 16, 17, 22, 31, 40])
+@pytest.mark.parametrize("T", [4, 5, 7, 8, 9, 11, 16, 17, 22, 31, 40, 130])
 def test_quad_equals_reference_and_tiles(quad_from, T):
     quad_from(5)  # from 5 tokens: one full group and a tile of 1 at T = 5
     rng = np.random.default_rng(T)

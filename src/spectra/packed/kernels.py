@@ -45,10 +45,11 @@ Without AMX (or with it off) the `avx512vnni` path computes ternary products of 
 token-lane GEMM (`csrc/lane_kernels.h`): the same decoded panels, multiplied with `vpdpbusd` by one row's four codes
 broadcast against four activations of each of 16 tokens, so an accumulator holds finished sums of one row for 16
 tokens and needs no horizontal reduction. The integer sums are the same, so are the outputs; `use_lane(0)` switches
-it off. Between 8 tokens and that threshold (a batched decode step), and for int8 weights from 8 tokens on, it runs
-the quad GEMM (`csrc/quad_kernels.h`): vectors of 4 tokens x 16 activation bytes against 16 weight bytes broadcast to
-all four 128-bit lanes, so 4 accumulators reduce to 16 finished outputs in 6 operations instead of the 4 x 4 tiles'
-37-operation reduction per 16; `use_quad(0)` switches it off. Fewer tokens use the 4 x 4 tiles (2 to 7) or the GEMV.
+it off. TQ2_0 products of 8 tokens up to 127 (K < 1024) or 255 (K >= 1024) tokens (batched decode steps, prompt
+chunks), and int8 products from 8 tokens on, run the quad GEMM (`csrc/quad_kernels.h`) instead: vectors of 4 tokens
+x 16 activation bytes against 16 weight bytes broadcast to all four 128-bit lanes, so 4 accumulators reduce to 16
+finished outputs in 6 operations instead of the 4 x 4 tiles' 37-operation reduction per 16; `use_quad(0)` switches it
+off (the lanes then start at 32 tokens). Fewer tokens use the 4 x 4 tiles (2 to 7) or the GEMV.
 
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
@@ -141,17 +142,18 @@ def use_amx(on: bool = True) -> bool:
 
 def use_lane(min_tokens: int = 32) -> int:
     """Let the `avx512vnni` path compute ternary products of `min_tokens` or more tokens with the token-lane GEMM (the
-    default is 32; 0 switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the
-    previous setting; 0 without the extension."""
+    default is 32; 0 switches it off, for A/B runs and tests). While the quad GEMM is on (`use_quad`), TQ2_0 products
+    reach the lanes only from 128 tokens (K < 1024) or 256 (K >= 1024). Results are bit-identical either way. Returns
+    the previous setting; 0 without the extension."""
     ext = extension()
     return int(ext.set_lane(int(min_tokens))) if ext is not None else 0
 
 
 def use_quad(min_tokens: int = 8) -> int:
-    """Let the `avx512vnni` path compute products of `min_tokens` or more tokens that the 4 x 4 tiles would run (a
-    batched decode step; ternary below the token-lane GEMM's threshold, int8 at any size) with the quad GEMM
-    (`csrc/quad_kernels.h`; the default is 8, 0 switches it off, for A/B runs and tests). Results are bit-identical
-    either way. Returns the previous setting; 0 without the extension."""
+    """Let the `avx512vnni` path compute products of `min_tokens` or more tokens with the quad GEMM
+    (`csrc/quad_kernels.h`): TQ2_0 up to 127 tokens (K < 1024) or 255 (K >= 1024), int8 at any count (the default
+    is 8; 0 switches it off, for A/B runs and tests: the 4 x 4 tiles and, from 32 tokens, the lanes run instead).
+    Results are bit-identical either way. Returns the previous setting; 0 without the extension."""
     ext = extension()
     return int(ext.set_quad(int(min_tokens))) if ext is not None else 0
 

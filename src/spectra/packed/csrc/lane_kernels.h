@@ -1,8 +1,9 @@
 /*
  * Token-lane GEMM for TQ2_0 and TQ1_0 weights on AVX-512 VNNI, and the code it shares with the AMX GEMM
  * (amx_kernels.h): weight panels with one code byte per weight, activations in the VNNI layout, 16 x 16 stores.
- * Included by ternary_kernels.c after tq1_kernels.h; run_rows calls lane_rows for LANE_MIN_T or more tokens where the
- * CPU has no AMX (or it is switched off).
+ * Included by ternary_kernels.c after tq1_kernels.h; run_rows calls lane_rows where the CPU has no AMX (or it is
+ * switched off) for lane_from(J) or more tokens: LANE_MIN_T for TQ1_0, and for TQ2_0 from where the quad GEMM
+ * (quad_kernels.h) stops being faster, 128 tokens for K < 1024 and 256 from K = 1024.
  *
  * The 4 x 4 tiles of gemm_avx512 hold one accumulator per (row, token) whose 16 lanes are partial sums over K, so
  * every tile ends in a 16-way horizontal reduction (hsum16x16) per scale segment. Here the 16 lanes of an accumulator
@@ -41,11 +42,24 @@
 
 static int lane_min_t = LANE_MIN_T; /* 0: off (set_lane) */
 
+/* Where TQ2_0 products pass from the quad GEMM (quad_kernels.h, from quad_min_t tokens) to the lanes: measured on
+ * Zen 4 (one thread, alternating rounds), quad against lanes at 32 tokens 1.01-1.03x for K = 512 and 1.09x for the
+ * 1.1B's matrices; at 128 0.97-0.99x for K = 512, 1.02x for K = 1792 and 5120; at 512 0.93-1.01x. */
+#ifndef QUAD_MIN_T
+#define QUAD_MIN_T 8 /* fewer tokens: the tiles (or the GEMV kernels) */
+#endif
+static int quad_min_t = QUAD_MIN_T; /* 0: off (set_quad) */
+
+static inline int64_t lane_from(const job_t *J) {
+    const int64_t quad_to = J->fmt == FMT_TQ2 && quad_min_t > 0 ? (J->K >= 1024 ? 256 : 128) : 0;
+    return lane_min_t > quad_to ? lane_min_t : quad_to;
+}
+
 /* Chunks per block for this job's format. */
 static inline int64_t panel_cpb(const job_t *J) { return J->fmt == FMT_TQ1 ? 5 : 4; }
 
 static inline int lane_applies(int path, const job_t *J) {
-    if (path != PATH_AVX512VNNI || lane_min_t <= 0 || J->T < lane_min_t) return 0;
+    if (path != PATH_AVX512VNNI || lane_min_t <= 0 || J->T < lane_from(J)) return 0;
 #ifdef SPECTRA_X86
     if (J->fmt == FMT_TQ1 && !tq1_has_vbmi()) return 0;
     return 1;

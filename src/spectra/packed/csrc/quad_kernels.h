@@ -1,7 +1,8 @@
 /*
- * Quad GEMM for small batches (QUAD_MIN_T tokens up to the token-lane GEMM's LANE_MIN_T: a batched decode step) on
- * AVX-512 VNNI, for TQ2_0 weights, and for int8 weights (the output layer) from QUAD_MIN_T tokens on. Included by
- * ternary_kernels.c after amx_kernels.h; run_rows and run_rows_i8 call it in place of the 4 x 4 tiles.
+ * Quad GEMM on AVX-512 VNNI for TQ2_0 weights from QUAD_MIN_T tokens up to the token-lane GEMM's start (lane_from in
+ * lane_kernels.h: 128 tokens for K < 1024, 256 from K = 1024; batched decode steps, prompt chunks), and for int8
+ * weights (the output layer) from QUAD_MIN_T tokens on. Included by ternary_kernels.c after amx_kernels.h; run_rows
+ * and run_rows_i8 call it in place of the 4 x 4 tiles and the lanes.
  *
  * The tiles (gemm_avx512, i8_tile_avx512) give each accumulator the 16 lanes of one token: 16 partial sums over K,
  * so every 16 outputs end in a 16-way reduction (hsum16x16, 37 vector operations) plus a float epilogue from gathered
@@ -29,18 +30,15 @@
  * 512 x 1280 1.05x, 1792 x 1792 1.05x at 16 tokens, 5120 x 1792 at 24 1.04x; at 5-7 tokens 0.75-0.87x, hence
  * QUAD_MIN_T. int8 at 16 tokens: the 99M's 50304 x 512 output layer 1.16x, the 1.1B's 32000 x 1792 1.42x (both read
  * from L3 / DRAM; a 2048 x 512 layer in L2 0.94x). A layout with the 4 groups of a chunk side by side (one 256-byte
- * run per step) was 0.88x of the one here at K = 512.
+ * run per step) was 0.88x of the one here at K = 512. Against the lanes see lane_from; TriLM-1.1B prompt of 128
+ * (benchmarks/kernel_ab.py, quad instead of lanes): 1 thread 1.023x [1.006-1.034], 9/9 rounds; 2 threads 1.006x (5/9).
+ * Running every pass of 16 tokens over a block of 8 or 32 rows before the next pass (weights kept, activations
+ * streamed) instead of all passes per 4 rows: 0.98x there.
  *
  * The integer sums are the other kernels' (sum c a per segment, exact in int32), and the epilogue does the scalar
  * epilogue's float32 operations in the same order, lane by lane, so the outputs are bit-identical to every other
  * path and to the pure-torch reference.
  */
-
-#ifndef QUAD_MIN_T
-#define QUAD_MIN_T 8 /* fewer tokens: the tiles (or the GEMV kernels) */
-#endif
-
-static int quad_min_t = QUAD_MIN_T; /* 0: off (set_quad) */
 
 /* The quad GEMM runs TQ2_0 products of T tokens here (the token-lane GEMM or AMX take larger T). */
 static inline int quad_applies(int path, const job_t *J) {
