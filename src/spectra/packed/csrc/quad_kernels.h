@@ -127,14 +127,14 @@ TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t 
     do {                                                                                                      \
         if (g < NG) {                                                                                         \
             const __m512i sum_ = quad_reduce4(a0##g, a1##g, a2##g, a3##g);                                    \
-            const __m512i bs_ = quad_tokens_epi32(J->bsum + s, J->S, 4 * (g0 + g), J->T);                     \
+            const __m512i bs_ = quad_tokens_epi32(bq + s * J->T, 1, 4 * (g0 + g), J->T);                      \
             out[g] = _mm512_add_ps(out[g], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_sub_epi32(sum_, bs_)))); \
         }                                                                                                     \
     } while (0)
 
-TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const job_t *J, const int8_t *x4, int64_t n,
-                                                                          int64_t g0, const int R, const int NG,
-                                                                          const int I8) {
+TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const job_t *J, const int8_t *x4,
+                                                                          const int32_t *bq, int64_t n, int64_t g0,
+                                                                          const int R, const int NG, const int I8) {
     const int64_t K = J->K, S = J->S;
     const __m512i m3 = _mm512_set1_epi8(3);
     const int8_t *xg = x4 + g0 * 4 * K;
@@ -222,11 +222,11 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
 #define QUAD_GROUPS(R, I8)                                                    \
     do {                                                                      \
         int64_t g = 0;                                                        \
-        for (; g + 4 <= G; g += 4) quad_pass(J, x4, n, g, R, 4, I8);          \
+        for (; g + 4 <= G; g += 4) quad_pass(J, x4, bq, n, g, R, 4, I8);          \
         switch (G - g) {                                                      \
-            case 3: quad_pass(J, x4, n, g, R, 3, I8); break;                  \
-            case 2: quad_pass(J, x4, n, g, R, 2, I8); break;                  \
-            case 1: quad_pass(J, x4, n, g, R, 1, I8); break;                  \
+            case 3: quad_pass(J, x4, bq, n, g, R, 3, I8); break;                  \
+            case 2: quad_pass(J, x4, bq, n, g, R, 2, I8); break;                  \
+            case 1: quad_pass(J, x4, bq, n, g, R, 1, I8); break;                  \
             default: break;                                                   \
         }                                                                     \
         switch (J->T % 4) {                                                   \
@@ -242,6 +242,8 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
     do {                                                                      \
         const int64_t G = J->T / 4; /* full token groups */                   \
         const int8_t *x4 = J->x4;                                             \
+        const int32_t *bq = quad_token_sums(J);                               \
+        if (!bq) return 0;                                                    \
         int64_t n = n0;                                                       \
         for (; n + 4 <= n1; n += 4) QUAD_GROUPS(4, I8);                       \
         switch (n1 - n) {                                                     \
@@ -252,12 +254,28 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
         }                                                                     \
     } while (0)
 
-TARGET_AVX512 __attribute__((noinline)) static void quad_rows_tq2(const job_t *J, int64_t n0, int64_t n1) {
-    QUAD_ROWS(0);
+/* The token sums by segment, bq[s * T + t]: J->bsum ([T][S]) itself for one segment, else a copy in a per-thread
+ * buffer, so that a pass loads 4 tokens' sums as one vector (gathering them at stride S cost the passes of a
+ * 2-segment matrix 2-4 % at 128 tokens). NULL when the buffer cannot grow. */
+static const int32_t *quad_token_sums(const job_t *J) {
+    if (J->S == 1) return J->bsum;
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    int32_t *bq = (int32_t *)grow_buffer(&buf, &size, sizeof(int32_t) * (size_t)(J->T * J->S));
+    if (!bq) return NULL;
+    for (int64_t t = 0; t < J->T; t++)
+        for (int64_t s = 0; s < J->S; s++) bq[s * J->T + t] = J->bsum[t * J->S + s];
+    return bq;
 }
 
-TARGET_AVX512 __attribute__((noinline)) static void quad_rows_i8(const job_t *J, int64_t n0, int64_t n1) {
+TARGET_AVX512 __attribute__((noinline)) static int quad_rows_tq2(const job_t *J, int64_t n0, int64_t n1) {
+    QUAD_ROWS(0);
+    return 1;
+}
+
+TARGET_AVX512 __attribute__((noinline)) static int quad_rows_i8(const job_t *J, int64_t n0, int64_t n1) {
     QUAD_ROWS(1);
+    return 1;
 }
 #else
 static void quad_build_group(const int8_t *xq, int64_t T, int64_t K, int8_t *x4, int64_t g) {
@@ -270,13 +288,12 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
     for (int64_t g = 0; g < T / 4; g++) quad_build_group(xq, T, K, x4, g);
 }
 
-/* Run the quad GEMM on rows [n0, n1) if the activations were prepared (J->x4); 1 when done. */
+/* Run the quad GEMM on rows [n0, n1) if the activations were prepared (J->x4); 1 when done (0: not done, the
+ * caller's other kernels run the rows). */
 static int quad_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8) {
 #ifdef SPECTRA_X86
     if (!J->x4) return 0;
-    if (i8) quad_rows_i8(J, n0, n1);
-    else quad_rows_tq2(J, n0, n1);
-    return 1;
+    return i8 ? quad_rows_i8(J, n0, n1) : quad_rows_tq2(J, n0, n1);
 #else
     (void)J, (void)n0, (void)n1, (void)i8;
     return 0;
