@@ -54,7 +54,11 @@
 #define QB 64          /* code bytes per block */
 #define TOKEN_CHUNK 64 /* GEMM: tokens whose int8 activations are reused per pass over a row group */
 #ifndef CHUNKS_PER_THREAD
-#define CHUNKS_PER_THREAD 8 /* row chunks per thread, handed out dynamically */
+/* Row chunks per thread, handed out dynamically. Each claim is a compare-and-swap on a line the other core also
+ * writes, which costs far more between this VM's two cores than in one core's cache: 4 instead of 8 (kernel_ab-style
+ * A/B of two builds in one process, Zen 4, 2 threads): TriLM-1.1B decode 1.087x [1.06-1.12] (11/11), 99M decode
+ * 1.070x (9/9), 99M batch-16 step 1.025x (8/9), 1.1B prompt of 128 0.996x; 2 per thread lost on the batch step. */
+#define CHUNKS_PER_THREAD 4
 #endif
 /* GEMV: software prefetch distance along the weight stream, into L2 (hint T1). Without it a GEMV reading from DRAM
  * takes about the sum of its compute time and its memory time (0.30 ms for 4096x4096 here, 0.11 ms of it compute):
@@ -856,7 +860,7 @@ static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     rows_scalar(J, n0, n1);
 }
 
-/* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; about 8 per thread), so each
+/* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; about 4 per thread), so each
  * thread reads one sequential stream of weights at a time. Chunks rather than one range per thread because machines
  * are shared: with the pool (pool.h) a thread that the OS deschedules delays the call by at most its chunk, and one
  * that has not started yet delays it by nothing. */
