@@ -1,17 +1,21 @@
 """The packed C kernels of a git revision against the working tree's, both loaded into one process.
 
     python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
-                                   [--prefill 0] [--rounds 15] [-D NAME=VALUE ...]
+                                   [--prefill 0 | --decode] [--format tq2] [--vocab V] [--rounds 15]
+                                   [-D NAME=VALUE ...] [--base-define NAME=VALUE ...]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
 rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
 temporary folders with the same compiler flags (`--base`'s sources from `git archive`, the working tree's as they
-are; `-D` adds a macro to the working tree's build only, to try a tuning constant), loaded side by side with
+are; `-D` adds a macro to the working tree's build only, to try a tuning constant, `--base-define` one to the
+base's), loaded side by side with
 importlib, and swapped into the decoder (its layer, attention and output-layer calls) between alternating rounds.
 
 The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache):
 `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`
-with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`.
+with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`,
+or with `--decode` 64 single-token steps of `Decoder` from an empty cache (`generate`'s decode, llama-bench's `tg`).
+`--format tq1` packs the model as TQ1_0; `--vocab` overrides the vocabulary (32000: `benchmarks/decode.py`).
 Prints each build's median time and the median [range] of the per-round ratios base / tree (above 1: the working
 tree is faster), and in how many rounds the tree was faster. The Python side is the working tree's for both, so a
 base whose C functions take other arguments cannot be compared this way (the call fails with a TypeError).
@@ -70,8 +74,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pos", type=int, default=32, help="position the batch's 64 steps start from")
     ap.add_argument("--prefill", type=int, default=0, help="time a prompt of this many tokens instead")
+    ap.add_argument("--decode", action="store_true", help="time 64 single-token decode steps instead")
+    ap.add_argument("--format", choices=["tq2", "tq1"], default="tq2")
+    ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE for the tree's build")
+    ap.add_argument("--base-define", dest="base_defines", action="append", default=[],
+                    help="NAME=VALUE for the base's build")
     args = ap.parse_args()
     if K.extension() is None:
         raise SystemExit("the C extension is not built here (pip install -e .)")
@@ -85,10 +94,12 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive.stdout, check=True)
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
-        builds = {"base": load(build(base_src, tmp / "a", [])), "tree": load(build(ROOT, tmp / "b", args.defines))}
+        builds = {"base": load(build(base_src, tmp / "a", args.base_defines)),
+                  "tree": load(build(ROOT, tmp / "b", args.defines))}
 
         torch.set_num_threads(args.threads)
-        model = with_int8_head(packed_copy(synthetic_trilm(args.size), "tq2", inplace=True))
+        latent = synthetic_trilm(args.size, vocab_size=args.vocab)
+        model = with_int8_head(packed_copy(latent, args.format, inplace=True))
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(0)
         if args.prefill:
@@ -103,6 +114,21 @@ def main() -> None:
                     return time.perf_counter() - t0
 
             what = f"prompt of {args.prefill} tokens"
+        elif args.decode:
+            dec = Decoder(model)
+            ids = torch.randint(0, vocab, (65, 1, 1), generator=g)
+            cache = model.new_cache(1, 66, torch.float16)
+
+            def measure() -> float:
+                with torch.inference_mode():
+                    cache.pos = 0
+                    dec(ids[0], cache=cache)
+                    t0 = time.perf_counter()
+                    for t in ids[1:]:
+                        dec(t, cache=cache)
+                    return (time.perf_counter() - t0) / 64
+
+            what = "decode step, 64 tokens from an empty cache"
         else:
             bd = BatchDecoder(model, args.batch, args.pos + 64, torch.float16)
             dec = bd.kernel["decoder"]
@@ -138,7 +164,8 @@ def main() -> None:
                 times[name].append(run(name))
     ratios = sorted(b / t for b, t in zip(times["base"], times["tree"]))
     extra = f" (-D {' '.join(args.defines)})" if args.defines else ""
-    print(f"{args.size}, {args.threads} threads, {what}; {args.base} against the working tree{extra}, "
+    extra += f" (base -D {' '.join(args.base_defines)})" if args.base_defines else ""
+    print(f"{args.size} {args.format}, {args.threads} threads, {what}; {args.base} against the working tree{extra}, "
           f"{args.rounds} alternating rounds in one process")
     for name in ("base", "tree"):
         print(f"  {name:5s} median {statistics.median(times[name]) * 1e3:.3f} ms")
