@@ -56,6 +56,22 @@ def ternary_codes(N: int, Kdim: int, shards: int = 1, dim: int = 0, seed: int = 
     return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qs, F.tq1_code_bytes(qs), bounds, seg_d))
 
 
+def non_finite_input(T: int, Kdim: int, nan_row: int, inf_row: int):
+    """(x [T, Kdim] with a NaN in row nan_row and an inf in row inf_row, mask of the other rows): a kernel must give
+    the reference's outputs on the masked rows and NaN on the two others."""
+    x = torch.randn(T, Kdim)
+    x[nan_row, 3] = float("nan")
+    x[inf_row, 9] = float("inf")
+    ok = torch.ones(T, dtype=torch.bool)
+    ok[[nan_row, inf_row]] = False
+    return x, ok
+
+
+def assert_rows_or_nan(y, ref, ok) -> None:
+    """y equals ref on the rows of `ok` and is NaN on the others."""
+    assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
+
+
 def byte_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer trained on `text` repeated (the tests' small tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

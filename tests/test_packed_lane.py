@@ -9,7 +9,7 @@ import torch
 
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
-from tests.conftest import ternary_codes
+from tests.conftest import assert_rows_or_nan, non_finite_input, ternary_codes
 
 pytestmark = pytest.mark.skipif(
     K.extension() is None or "avx512vnni" not in K.supported_paths(), reason="needs AVX-512 VNNI and the C extension"
@@ -71,20 +71,14 @@ def test_lane_equals_reference_and_tiles(lane_from, T):
 def test_lane_non_finite_input_and_mixed_group(lane_from):
     lane_from(32)  # the default: 40 tokens run in the lanes
     qs, q1, bounds, seg_d = ternary_codes(40, 1280, 5, 1, seed=3)
-    x = torch.randn(40, 1280)
-    x[2, 3] = float("nan")
-    x[37, 9] = float("inf")
-    ok = torch.ones(40, dtype=torch.bool)
-    ok[[2, 37]] = False
-    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    x, ok = non_finite_input(40, 1280, 2, 37)
     y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni")
-    assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
+    assert_rows_or_nan(y, K.reference_matmul(x, qs, bounds, seg_d), ok)
     other = ternary_codes(70, 1280, 1, 0, seed=5)
     mats = [(qs, bounds, seg_d, "tq2_0"), (q1, bounds, seg_d, "tq1_0"), (other[0], other[2], other[3], "tq2_0")]
     ys = K.ternary_matmul_group(x, mats, path="avx512vnni", n_threads=2)
     for yg, m in zip(ys, mats):
-        r = K.reference_matmul(x, *m[:3], fmt=m[3])
-        assert torch.equal(yg[ok], r[ok]) and yg[~ok].isnan().all()
+        assert_rows_or_nan(yg, K.reference_matmul(x, *m[:3], fmt=m[3]), ok)
 
 
 def test_use_lane_switch(lane_from):

@@ -10,7 +10,7 @@ import torch
 
 from spectra.packed import formats as F
 from spectra.packed import kernels as K
-from tests.conftest import ternary_codes
+from tests.conftest import assert_rows_or_nan, non_finite_input, ternary_codes
 
 pytestmark = pytest.mark.skipif(
     K.extension() is None or "avx512vnni" not in K.supported_paths(), reason="needs AVX-512 VNNI and the C extension"
@@ -75,14 +75,11 @@ def test_quad_int8_equals_reference_and_tiles(quad_from, T):
 
 def test_quad_non_finite_input(quad_from):
     qs, _, bounds, seg_d = ternary_codes(40, 1280, 5, 1, seed=3)
-    x = torch.randn(16, 1280)
-    x[2, 3] = float("nan")
-    x[13, 9] = float("inf")
-    ok = torch.ones(16, dtype=torch.bool)
-    ok[[2, 13]] = False
-    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    x, ok = non_finite_input(16, 1280, 2, 13)
     y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni")
-    assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
+    assert_rows_or_nan(y, K.reference_matmul(x, qs, bounds, seg_d), ok)
+    u, scale = K.quantize_weight_int8(torch.randn(37, 1280))
+    assert_rows_or_nan(K.int8_matmul(x, u, scale, path="avx512vnni"), K.reference_int8_matmul(x, u, scale), ok)
 
 
 def test_use_quad_switch(quad_from):
