@@ -1,14 +1,17 @@
-"""The token-lane GEMM (csrc/lane_kernels.h) against the 4 x 4 tile GEMM it replaces from 32 tokens on, in one run.
+"""The token-lane GEMM (csrc/lane_kernels.h) and the quad GEMM (csrc/quad_kernels.h) against the 4 x 4 tile GEMM, in
+one run.
 
     python benchmarks/lane_gemm.py [--size trilm-1.1b] [--threads 1 2] [--tokens 16 32 64 128] [--rounds 7]
                                    [--prompt-len 128]
 
-Two measurements, each interleaved round by round (lanes off, lanes on) so that a shared machine's drift hits both:
+Two measurements, each interleaved round by round (tiles: both off; lanes: from 32 tokens, quad off; quad: from 8
+tokens, lanes off) so that a shared machine's drift hits all three:
 - the block matrices of one layer of `--size` (q, gate, down shapes; random ternary codes, TQ2_0) multiplied by T
-  token rows: GMAC/s of each kernel and the per-round ratio lanes / tiles;
+  token rows: GMAC/s of each kernel and the per-round ratios lanes / tiles and quad / lanes;
 - `--prompt-len` tokens of prefill through the synthetic packed model of that size (`time_torch`, the path
   `spectra generate` takes): tok/s of each.
-Prints medians and the range of the per-round ratios; the kernels give identical outputs either way (tests).
+Prints medians and the range of the per-round ratios; the kernels give identical outputs either way (tests). The
+default setting (quad below 128 / 256 tokens, lanes above) is `kernels.use_quad`'s.
 """
 
 from __future__ import annotations
@@ -33,16 +36,21 @@ def _matrix(N: int, Kdim: int, seed: int) -> tuple:
     return torch.from_numpy(qs), torch.from_numpy(bounds), torch.from_numpy(seg_d)
 
 
-def _ab(measure, rounds: int) -> tuple[list[float], list[float]]:
-    """Seconds from measure() with the lanes off and on (from 32 tokens), `rounds` interleaved pairs."""
-    before = K.use_lane(0)
-    off, on = [], []
+KERNELS = {"tiles": (0, 0), "lanes": (32, 0), "quad": (0, 8)}  # (use_lane, use_quad)
+
+
+def _ab(measure, rounds: int) -> dict[str, list[float]]:
+    """Seconds from measure() with each of KERNELS, `rounds` interleaved rounds."""
+    lane, quad = K.use_lane(32), K.use_quad(8)
+    out: dict[str, list[float]] = {name: [] for name in KERNELS}
     for _ in range(rounds):
-        for lane, out in ((0, off), (32, on)):
-            K.use_lane(lane)
-            out.append(measure())
-    K.use_lane(before)
-    return off, on
+        for name, (ln, qd) in KERNELS.items():
+            K.use_lane(ln)
+            K.use_quad(qd)
+            out[name].append(measure())
+    K.use_lane(lane)
+    K.use_quad(quad)
+    return out
 
 
 def _twice(fn) -> float:
@@ -73,24 +81,29 @@ def main() -> None:
     shape = SIZES[args.size.removeprefix("trilm-").removeprefix("floatlm-")]
     C, G = shape["dim"], shape["glu_dim"]
     mats = {f"{C}x{C}": _matrix(C, C, 0), f"{G}x{C}": _matrix(G, C, 1), f"{C}x{G}": _matrix(C, G, 2)}
-    print(f"{args.size}: lanes / tiles, median [range] of per-round ratios over {args.rounds} interleaved rounds")
+    print(f"{args.size}: lanes / tiles and quad / lanes, median [range] of per-round ratios over {args.rounds} "
+          "interleaved rounds")
     for t in args.threads:
         for name, (qs, bounds, seg_d) in mats.items():
             for T in args.tokens:
                 x = torch.randn(T, qs.shape[1] // 64 * 256)
-                off, on = _ab(lambda: _twice(lambda: K.ternary_matmul(x, qs, bounds, seg_d, n_threads=t)), args.rounds)
+                s = _ab(lambda: _twice(lambda: K.ternary_matmul(x, qs, bounds, seg_d, n_threads=t)), args.rounds)
                 macs = qs.shape[0] * x.shape[1] * T
-                print(f"  {t}T {name:>10} T={T:<4} tiles {macs / statistics.median(off) / 1e9:6.1f} GMAC/s, "
-                      f"lanes {macs / statistics.median(on) / 1e9:6.1f}: {_span(off, on)}", flush=True)
+                rate = {k: macs / statistics.median(v) / 1e9 for k, v in s.items()}
+                print(f"  {t}T {name:>10} T={T:<4} GMAC/s tiles {rate['tiles']:6.1f}, lanes {rate['lanes']:6.1f}, "
+                      f"quad {rate['quad']:6.1f}; lanes/tiles {_span(s['tiles'], s['lanes'])}; "
+                      f"quad/lanes {_span(s['lanes'], s['quad'])}", flush=True)
     model = packed_copy(synthetic_trilm(args.size, vocab_size=32000), "tq2", inplace=True)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 32000, (1, args.prompt_len), generator=g)
     one = torch.randint(0, 32000, (1, 1), generator=g)
     for t in args.threads:
         torch.set_num_threads(t)
-        off, on = _ab(lambda: time_torch(model, prompt, one, kv_dtype=torch.float16)[0], args.rounds)
-        print(f"  {t}T prefill {args.prompt_len}: tiles {args.prompt_len / statistics.median(off):.1f} tok/s, lanes "
-              f"{args.prompt_len / statistics.median(on):.1f}: {_span(off, on)}", flush=True)
+        s = _ab(lambda: time_torch(model, prompt, one, kv_dtype=torch.float16)[0], args.rounds)
+        rate = {k: args.prompt_len / statistics.median(v) for k, v in s.items()}
+        print(f"  {t}T prefill {args.prompt_len}: tok/s tiles {rate['tiles']:.1f}, lanes {rate['lanes']:.1f}, quad "
+              f"{rate['quad']:.1f}; lanes/tiles {_span(s['tiles'], s['lanes'])}; quad/lanes "
+              f"{_span(s['lanes'], s['quad'])}", flush=True)
     K.use_amx(amx_before)
 
 
