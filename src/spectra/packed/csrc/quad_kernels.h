@@ -14,8 +14,8 @@
  * reduce to 16 finished outputs (4 rows x 4 tokens) in 6 operations, a quarter of the tiles' reduction, and the
  * epilogue works on 16 outputs per vector.
  *
- * - Activations (quad_build): x4 [T/4][K/16][4 tokens][16 bytes], from the int8 rows of the TQ2_0 / int8 layout by a
- *   4 x 4 transpose of 128-bit lanes per 64 bytes, zero tokens past T.
+ * - Activations (quad_build): x4 [T/4][K/16][4 tokens][16 bytes] for the full groups of 4 tokens, from the int8 rows
+ *   of the TQ2_0 / int8 layout by a 4 x 4 transpose of 128-bit lanes per 64 bytes.
  * - TQ2_0: 16 code bytes of a block (bytes 16q .. 16q+15) hold, in field l, the codes of elements 64l + 16q .. +15,
  *   which meet activation chunk 16b + 4l + q. Per row and 16 bytes: one broadcast, three shifts and four ANDs, used
  *   by 4 token groups: 0.44 vector operations per vpdpbusd, as in the tiles.
@@ -52,14 +52,11 @@ static inline int quad_applies(int path, const job_t *J) {
 }
 
 /* The same for int8 weights (matmul_i8: the output layer), where the lane GEMM never runs. */
-static inline int quad_applies_i8(int path, int64_t T, int64_t K) {
+static inline int quad_applies_i8(int path, const job_t *J) {
 #ifdef SPECTRA_X86
-    job_t Jx; /* sizes only */
-    memset(&Jx, 0, sizeof(Jx));
-    Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
-    return path == PATH_AVX512VNNI && quad_min_t > 0 && T >= quad_min_t && !amx_applies(path, &Jx);
+    return path == PATH_AVX512VNNI && quad_min_t > 0 && J->T >= quad_min_t && !amx_applies(path, J);
 #else
-    (void)path, (void)T, (void)K;
+    (void)path, (void)J;
     return 0;
 #endif
 }
@@ -68,15 +65,13 @@ static inline int quad_applies_i8(int path, int64_t T, int64_t K) {
 static inline size_t quad_bytes(int64_t T, int64_t K) { return (size_t)((T / 4) * 4 * K); }
 
 #ifdef SPECTRA_X86
-/* Tokens 4g .. 4g+3 of xq [T, K] (zeros past T) -> x4 group g: per 64 bytes, a 4 x 4 transpose of 128-bit lanes. */
-TARGET_AVX512 static void quad_build_group(const int8_t *xq, int64_t T, int64_t K, int8_t *x4, int64_t g) {
+/* Tokens 4g .. 4g+3 of xq [T, K] (a full group: 4g + 3 < T) -> x4 group g: per 64 bytes, a 4 x 4 transpose of
+ * 128-bit lanes. */
+TARGET_AVX512 static void quad_build_group(const int8_t *xq, int64_t K, int8_t *x4, int64_t g) {
     int8_t *out = x4 + g * 4 * K;
     for (int64_t j = 0; j < K; j += 64) {
         __m512i a[4];
-        for (int i = 0; i < 4; i++) {
-            const int64_t t = 4 * g + i;
-            a[i] = t < T ? _mm512_loadu_si512(xq + t * K + j) : _mm512_setzero_si512();
-        }
+        for (int i = 0; i < 4; i++) a[i] = _mm512_loadu_si512(xq + (4 * g + i) * K + j);
         const __m512i s0 = _mm512_shuffle_i64x2(a[0], a[1], 0x44), s1 = _mm512_shuffle_i64x2(a[0], a[1], 0xee);
         const __m512i s2 = _mm512_shuffle_i64x2(a[2], a[3], 0x44), s3 = _mm512_shuffle_i64x2(a[2], a[3], 0xee);
         int8_t *o = out + 4 * j; /* chunks j/16 .. j/16 + 3, 64 bytes each */
@@ -94,20 +89,17 @@ TARGET_AVX512 static inline __m512i quad_reduce4(__m512i a0, __m512i a1, __m512i
     return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
 }
 
-/* Lane 4i + r = p[(t0 + i) * stride] for tokens t0 + i < T, else 0. Built in registers (a masked load, or inserts):
- * scalars stored to an array and read back as a vector stall on store forwarding. */
-TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t stride, int64_t t0, int64_t T) {
-    const int live = T - t0 >= 4 ? 4 : (int)(T - t0);
-    const __m128i v = stride == 1 ? _mm_maskz_loadu_epi32((__mmask8)((1u << live) - 1), p + t0)
-                                  : first4_epi32(p + t0 * stride, stride, live);
+/* Lane 4i + r = p[t0 + i]: one load of a full group's 4 values (scalars stored to an array and read back as a vector
+ * stall on store forwarding). */
+TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t t0) {
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                    _mm512_castsi128_si512(v));
+                                    _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + t0))));
 }
 
-/* Row group n .. n+R-1 (R <= 4) against token groups g0 .. g0+NG-1 (NG <= 4): accumulators a<r><g>. `I8`: the rows
- * are int8 bytes (K per row), else TQ2_0 code bytes. The finish is per segment: out_g += d * f(sum - bsum), lane 4i
- * + r for row n + r and token 4 (g0 + g) + i, then y = out * xs. */
-#define QUAD_ZERO(r, g) __m512i a##r##g = _mm512_setzero_si512();
+/* Row group n .. n+R-1 (R <= 4) against the full token groups g0 .. g0+NG-1 (NG <= 4): accumulators a<r><g>, named
+ * and pinned as the tiles' (TILE_ZERO, TILE_PIN). `I8`: the rows are int8 bytes (K per row), else TQ2_0 code bytes.
+ * The finish is per segment: out_g += d * f(sum - bsum), lane 4i + r for row n + r and token 4 (g0 + g) + i, then
+ * y = out * xs. */
 #define QUAD_DP(g)                                                             \
     do {                                                                       \
         if (g < NG) {                                                          \
@@ -118,16 +110,11 @@ TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t 
             if (R > 3) DPBUSD_R(a3##g, w[3], x_);                              \
         }                                                                      \
     } while (0)
-#define QUAD_PIN()                                                                                             \
-    do {                                                                                                     \
-        __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); \
-        __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23), "+v"(a30), "+v"(a31), "+v"(a32), "+v"(a33)); \
-    } while (0)
 #define QUAD_FINISH(g)                                                                                          \
     do {                                                                                                      \
         if (g < NG) {                                                                                         \
             const __m512i sum_ = quad_reduce4(a0##g, a1##g, a2##g, a3##g);                                    \
-            const __m512i bs_ = quad_tokens_epi32(bq + s * J->T, 1, 4 * (g0 + g), J->T);                      \
+            const __m512i bs_ = quad_tokens_epi32(bq + s * J->T, 4 * (g0 + g));                              \
             out[g] = _mm512_add_ps(out[g], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_sub_epi32(sum_, bs_)))); \
         }                                                                                                     \
     } while (0)
@@ -140,11 +127,11 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
     const int8_t *xg = x4 + g0 * 4 * K;
     __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t s = 0; s < S; s++) {
-        TILE_ACCS(QUAD_ZERO)
+        TILE_ACCS(TILE_ZERO)
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
             if (I8) {
                 /* int8 rows are only K bytes: too short a stream for the hardware prefetcher (i8_tile_avx512) */
-                const uint8_t *ahead = J->qs + (n + 8) * K + b * QK;
+                const uint8_t *ahead = J->qs + (n + I8_PF_GROUPS * 4) * K + b * QK;
                 _Pragma("GCC unroll 4")
                 for (int r = 0; r < 4; r++)
                     for (int c = 0; c < QK; c += 64) PREFETCH(ahead + r * K + c);
@@ -190,7 +177,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
                     }
                 }
             }
-            QUAD_PIN();
+            TILE_PIN();
         }
         /* lane 4i + r: seg_d[(n + r) * S + s], the same for every token */
         const __m512 dd = _mm512_broadcast_f32x4(first4_ps(J->seg_d + n * S + s, S, R));
@@ -202,13 +189,13 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
     const __mmask8 rows = (__mmask8)((1u << R) - 1);
     for (int g = 0; g < NG; g++) {
         const int64_t t0 = 4 * (g0 + g);
-        const __m512 xs = _mm512_castsi512_ps(quad_tokens_epi32((const int32_t *)(const void *)J->xs, 1, t0, J->T));
+        const __m512 xs = _mm512_castsi512_ps(quad_tokens_epi32((const int32_t *)(const void *)J->xs, t0));
         const __m512 y = _mm512_mul_ps(out[g], xs);
         float *yp = J->y + t0 * J->N + n;
         _mm_mask_storeu_ps(yp, rows, _mm512_castps512_ps128(y));
-        if (t0 + 1 < J->T) _mm_mask_storeu_ps(yp + J->N, rows, _mm512_extractf32x4_ps(y, 1));
-        if (t0 + 2 < J->T) _mm_mask_storeu_ps(yp + 2 * J->N, rows, _mm512_extractf32x4_ps(y, 2));
-        if (t0 + 3 < J->T) _mm_mask_storeu_ps(yp + 3 * J->N, rows, _mm512_extractf32x4_ps(y, 3));
+        _mm_mask_storeu_ps(yp + J->N, rows, _mm512_extractf32x4_ps(y, 1));
+        _mm_mask_storeu_ps(yp + 2 * J->N, rows, _mm512_extractf32x4_ps(y, 2));
+        _mm_mask_storeu_ps(yp + 3 * J->N, rows, _mm512_extractf32x4_ps(y, 3));
     }
 }
 
@@ -222,11 +209,11 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
 #define QUAD_GROUPS(R, I8)                                                    \
     do {                                                                      \
         int64_t g = 0;                                                        \
-        for (; g + 4 <= G; g += 4) quad_pass(J, x4, bq, n, g, R, 4, I8);          \
+        for (; g + 4 <= G; g += 4) quad_pass(J, x4, bq, n, g, R, 4, I8);      \
         switch (G - g) {                                                      \
-            case 3: quad_pass(J, x4, bq, n, g, R, 3, I8); break;                  \
-            case 2: quad_pass(J, x4, bq, n, g, R, 2, I8); break;                  \
-            case 1: quad_pass(J, x4, bq, n, g, R, 1, I8); break;                  \
+            case 3: quad_pass(J, x4, bq, n, g, R, 3, I8); break;              \
+            case 2: quad_pass(J, x4, bq, n, g, R, 2, I8); break;              \
+            case 1: quad_pass(J, x4, bq, n, g, R, 1, I8); break;              \
             default: break;                                                   \
         }                                                                     \
         switch (J->T % 4) {                                                   \
@@ -278,14 +265,14 @@ TARGET_AVX512 __attribute__((noinline)) static int quad_rows_i8(const job_t *J, 
     return 1;
 }
 #else
-static void quad_build_group(const int8_t *xq, int64_t T, int64_t K, int8_t *x4, int64_t g) {
-    (void)xq, (void)T, (void)K, (void)x4, (void)g;
+static void quad_build_group(const int8_t *xq, int64_t K, int8_t *x4, int64_t g) {
+    (void)xq, (void)K, (void)x4, (void)g;
 }
 #endif /* SPECTRA_X86 */
 
 /* The full token groups of xq [T, K] into x4. */
 static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
-    for (int64_t g = 0; g < T / 4; g++) quad_build_group(xq, T, K, x4, g);
+    for (int64_t g = 0; g < T / 4; g++) quad_build_group(xq, K, x4, g);
 }
 
 /* Run the quad GEMM on rows [n0, n1) if the activations were prepared (J->x4); 1 when done (0: not done, the

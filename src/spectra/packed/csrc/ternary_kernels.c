@@ -55,9 +55,10 @@
 #define TOKEN_CHUNK 64 /* GEMM: tokens whose int8 activations are reused per pass over a row group */
 #ifndef CHUNKS_PER_THREAD
 /* Row chunks per thread, handed out dynamically. Each claim is a compare-and-swap on a line the other core also
- * writes, which costs far more between this VM's two cores than in one core's cache: 4 instead of 8 (kernel_ab-style
- * A/B of two builds in one process, Zen 4, 2 threads): TriLM-1.1B decode 1.087x [1.06-1.12] (11/11), 99M decode
- * 1.070x (9/9), 99M batch-16 step 1.025x (8/9), 1.1B prompt of 128 0.996x; 2 per thread lost on the batch step. */
+ * writes, which costs far more between this VM's two cores than in one core's cache: 4 instead of 8 (Zen 4, 2
+ * threads, benchmarks/kernel_ab.py --decode / --batch with --base-define CHUNKS_PER_THREAD=8): TriLM-1.1B decode
+ * 1.087x [1.06-1.12] (11/11), 99M decode 1.070x (9/9), 99M batch-16 step 1.025x (8/9), 1.1B prompt of 128 0.996x; 2
+ * per thread lost on the batch step. */
 #define CHUNKS_PER_THREAD 4
 #endif
 /* GEMV: software prefetch distance along the weight stream, into L2 (hint T1). Without it a GEMV reading from DRAM
@@ -841,7 +842,7 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
-    if (J->fmt == FMT_TQ2 && quad_run_rows(J, n0, n1, 0)) return;
+    if (quad_run_rows(J, n0, n1, 0)) return; /* J->x4 is set for TQ2_0 jobs only (quad_applies) */
     if (J->fmt == FMT_TQ1) {
         tq1_run_rows(path, J, n0, n1);
         return;
@@ -1764,7 +1765,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
         if (p->xt[f]) xt_build_group(&X, f ? p->xq1 : p->xq, p->xt[f], g);
     }
     if (p->x4) /* the full token groups of 4 inside this group of 16 */
-        for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->T, Q->K, p->x4, q);
+        for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->K, p->x4, q);
 }
 
 /* Quantize x [T, K] once (one sum per block) and run every job on it. Needs no Python (call it with the GIL released);
@@ -1855,17 +1856,24 @@ static PyObject *py_matmul_group(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Bytes of the VNNI copy of T int8 rows of K where the AMX GEMM runs them, else 0 (the lane GEMM takes no int8). */
-static size_t i8_xt_bytes(int path, int64_t T, int64_t K) {
-    job_t Jx; /* sizes only */
+/* The sizes of a matmul_i8 job of T rows of K (for the kernels' applies tests). */
+static job_t i8_sizes(int64_t T, int64_t K) {
+    job_t Jx;
     memset(&Jx, 0, sizeof(Jx));
     Jx.T = T, Jx.K = K, Jx.nb = K / QK, Jx.S = 1;
+    return Jx;
+}
+
+/* Bytes of the VNNI copy of T int8 rows of K where the AMX GEMM runs them, else 0 (the lane GEMM takes no int8). */
+static size_t i8_xt_bytes(int path, int64_t T, int64_t K) {
+    const job_t Jx = i8_sizes(T, K);
     return amx_applies(path, &Jx) ? xt_bytes_for(&Jx) : 0;
 }
 
 /* Bytes of the quad copy of T int8 rows of K where the quad GEMM runs them, else 0. */
 static size_t i8_x4_bytes(int path, int64_t T, int64_t K) {
-    return quad_applies_i8(path, T, K) ? round64(quad_bytes(T, K)) : 0;
+    const job_t Jx = i8_sizes(T, K);
+    return quad_applies_i8(path, &Jx) ? round64(quad_bytes(T, K)) : 0;
 }
 
 /* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI or quad copy (i8_xt_bytes,
@@ -2373,8 +2381,9 @@ static PyObject *py_set_lane(PyObject *self, PyObject *args) {
     return PyLong_FromLong(before);
 }
 
-/* set_quad(min_tokens) -> int: products of at least min_tokens tokens (0: none) that the tiles would run use the quad
- * GEMM (quad_kernels.h); returns the previous value. For A/B runs and tests of both kernels. */
+/* set_quad(min_tokens) -> int: products of at least min_tokens tokens (0: none) use the quad GEMM (quad_kernels.h):
+ * TQ2_0 up to where the lanes take over (lane_from), int8 at any count; returns the previous value. For A/B runs and
+ * tests. */
 static PyObject *py_set_quad(PyObject *self, PyObject *args) {
     int min_t;
     (void)self;
