@@ -8,8 +8,8 @@ On a shared VM whose speed drifts by half between minutes, two builds timed in s
 rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
 temporary folders with the same compiler flags (`--base`'s sources from `git archive`, the working tree's as they
 are; `-D` adds a macro to the working tree's build only, to try a tuning constant, `--base-define` one to the
-base's), loaded side by side with
-importlib, and swapped into the decoder (its layer, attention and output-layer calls) between alternating rounds.
+base's), loaded side by side with importlib, and swapped into the decoder (its layer, attention and output-layer
+calls) between alternating rounds.
 
 The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache):
 `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`

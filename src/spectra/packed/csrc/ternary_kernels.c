@@ -2369,29 +2369,29 @@ static PyObject *py_huge_pages(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(done);
 }
 
+/* *setting = min_tokens from args (>= 0; 0 switches the `kernel` GEMM off); returns the previous value. */
+static PyObject *set_min_tokens(PyObject *args, int *setting, const char *kernel) {
+    int min_t;
+    if (!PyArg_ParseTuple(args, "i", &min_t)) return NULL;
+    if (min_t < 0) return PyErr_Format(PyExc_ValueError, "min_tokens must be >= 0 (0 switches the %s GEMM off)", kernel);
+    const int before = *setting;
+    *setting = min_t;
+    return PyLong_FromLong(before);
+}
+
 /* set_lane(min_tokens) -> int: products of at least min_tokens tokens (0: none) use the token-lane GEMM
  * (lane_kernels.h) where AMX does not take them; returns the previous setting. For A/B runs and tests. */
 static PyObject *py_set_lane(PyObject *self, PyObject *args) {
-    int min_t;
     (void)self;
-    if (!PyArg_ParseTuple(args, "i", &min_t)) return NULL;
-    if (min_t < 0) return PyErr_Format(PyExc_ValueError, "min_tokens must be >= 0 (0 switches the lane GEMM off)");
-    const int before = lane_min_t;
-    lane_min_t = min_t;
-    return PyLong_FromLong(before);
+    return set_min_tokens(args, &lane_min_t, "lane");
 }
 
 /* set_quad(min_tokens) -> int: products of at least min_tokens tokens (0: none) use the quad GEMM (quad_kernels.h):
  * TQ2_0 up to where the lanes take over (lane_from), int8 at any count; returns the previous value. For A/B runs and
  * tests. */
 static PyObject *py_set_quad(PyObject *self, PyObject *args) {
-    int min_t;
     (void)self;
-    if (!PyArg_ParseTuple(args, "i", &min_t)) return NULL;
-    if (min_t < 0) return PyErr_Format(PyExc_ValueError, "min_tokens must be >= 0 (0 switches the quad GEMM off)");
-    const int before = quad_min_t;
-    quad_min_t = min_t;
-    return PyLong_FromLong(before);
+    return set_min_tokens(args, &quad_min_t, "quad");
 }
 
 /* set_amx(on) -> bool: use the AMX GEMM where the CPU has it (the default) or not (for A/B runs and tests of the
