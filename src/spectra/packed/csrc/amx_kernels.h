@@ -140,7 +140,6 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     _tile_loadconfig(&cfg);
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int two = n1 - n > 16; /* else the last rows of a range: one A tile */
-        for (int64_t i = 0; i < P * pair_words; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
         for (int64_t s = 0; s < J->S; s++)
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
                 const int64_t b1 = b0 + PANEL_SLICE < J->bounds[s + 1] ? b0 + PANEL_SLICE : J->bounds[s + 1];
@@ -190,7 +189,6 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
             memset(tail + rows * K, 0, (size_t)((two ? 32 : 16) - rows) * (size_t)K);
             a = tail;
         }
-        for (int64_t i = 0; i < P * pair_words; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
         for (int64_t p = 0; p < P; p++) {
             int32_t *ca = cacc + p * pair_words;
             float *yp = yv + p * pair_words;

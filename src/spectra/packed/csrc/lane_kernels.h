@@ -223,12 +223,14 @@ TARGET_AVX512 static inline __m512i token_sums(const job_t *J, int64_t t0, int64
 }
 
 /* yp[16] += d * f(acc - bs) for weight row `row` and segment s, lane by lane the scalar epilogue's float32
- * operations (acc: the row's integer sums for 16 tokens, bs: token_sums). */
+ * operations (acc: the row's integer sums for 16 tokens, bs: token_sums). At s = 0 the sum starts from 0 in a
+ * register, so yp needs no zeroing first. */
 TARGET_AVX512 static inline void finish_row(const job_t *J, float *yp, __m512i acc, __m512i bs, int64_t row,
                                             int64_t s) {
     const __m512 d = _mm512_set1_ps(J->seg_d[row * J->S + s]);
     const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, bs));
-    _mm512_store_ps(yp, _mm512_add_ps(_mm512_load_ps(yp), _mm512_mul_ps(d, v)));
+    const __m512 y = s ? _mm512_load_ps(yp) : _mm512_setzero_ps(); /* the first segment starts from 0 (not stored) */
+    _mm512_store_ps(yp, _mm512_add_ps(y, _mm512_mul_ps(d, v)));
 }
 
 /* yv [16 rows][16 tokens] (rows n.., tokens t0..) times the activation scales into y: each token's 16 rows as one
@@ -303,7 +305,6 @@ TARGET_AVX512 static int lane_rows(const job_t *J, int64_t n0, int64_t n1) {
             _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
         }
 #endif
-        for (int64_t i = 0; i < 2 * G * (int64_t)part; i += 16) _mm512_store_ps(yv + i, _mm512_setzero_ps());
         for (int64_t s = 0; s < J->S; s++)
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
                 const int64_t b1 = b0 + PANEL_SLICE < J->bounds[s + 1] ? b0 + PANEL_SLICE : J->bounds[s + 1];
