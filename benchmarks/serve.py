@@ -106,9 +106,11 @@ async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: 
             if r.status != 200:
                 await r.read()
                 return {"status": r.status, "times": [], "t0": t0}
-            async for line in r.content:
-                if _timed_event(line, llama):
-                    times.append(time.perf_counter())
+            buf = b""
+            async for data in r.content.iter_any():  # whatever arrived: a step's events for this stream, usually
+                now = time.perf_counter()
+                *events, buf = (buf + data).split(b"\n\n")
+                times += [now for ev in events if _timed_event(ev, llama)]
         return {"status": 200, "times": times, "t0": t0}
     async with client.stream("POST", url + "/v1/completions", json=body) as r:  # httpx.AsyncClient
         if r.status_code != 200:

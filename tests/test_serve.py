@@ -148,6 +148,14 @@ def test_completions_and_chat_streaming_and_not(server, reference, model_dir):
     lp = complete(c, PROMPTS[1], max_tokens=5, logprobs=2).choices[0].logprobs
     assert len(lp.token_logprobs) == 5 and all(v <= 0 for v in lp.token_logprobs)
     assert all(len(t) <= 2 for t in lp.top_logprobs)
+    for k in (0, 2):  # streamed: one event per token (Chunks' hand-built JSON), the same values as the whole answer
+        events = [p.choices[0].logprobs for p in c.completions.create(
+            model="m", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=k, stream=True)]
+        events = [e for e in events if e is not None]
+        assert [e.tokens[0] for e in events] == lp.tokens
+        assert [e.token_logprobs[0] for e in events] == pytest.approx(lp.token_logprobs, abs=1e-6)
+        assert [e.text_offset[0] for e in events] == lp.text_offset
+        assert [e.top_logprobs[0] for e in events] == (lp.top_logprobs if k else [{}] * 5)
     import torch
 
     from spectra.data.tokenizer import load_tokenizer
@@ -324,3 +332,30 @@ def test_mailbox_delivers_in_order_with_one_wakeup_per_batch():
         assert len(calls) == 2 and queues[0].get_nowait() == {"i": 100}
 
     asyncio.run(main())
+
+
+def test_sse_chunks_are_what_json_dumps_writes():
+    """`Chunks` lays the streamed events out by hand; the text must be json.dumps' of the same object, byte for byte
+    (escapes, non-ASCII, non-finite log-probabilities, top alternatives, finish reasons)."""
+    from spectra.serve.app import Chunks
+
+    rid, created, model = "cmpl-0123abcd", 1765000000, 'p99 \u00fc"\\'
+    for obj in ("text_completion", "chat.completion.chunk"):
+        f = Chunks(rid, obj, created, model)
+
+        def line(choice):
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                          "choices": [choice]}) + "\n\n"
+
+        for text in ["", "hello", "\u00fc\u20ac\n\"\\\t", "\ufffd", "\U0001f600"]:
+            assert f.content(text) == line({"index": 0, "delta": {"content": text}, "finish_reason": None})
+            for fin in (None, "stop", "length"):
+                assert f.delta({"role": "assistant", "content": text}, fin) == line(
+                    {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": fin})
+                assert f.text(text, "null", fin) == line({"index": 0, "text": text, "logprobs": None,
+                                                          "finish_reason": fin})
+            for v in (-0.5, 0.0, -1e-300, -3.141592653589793, float("-inf"), float("nan")):
+                for top in ({}, {"a": -0.1, "\u00fc": float("-inf")}):
+                    body = {"tokens": [text], "token_logprobs": [v], "top_logprobs": [top], "text_offset": [7]}
+                    assert f.text(text, Chunks.one_logprob(text, v, top, 7)) == line(
+                        {"index": 0, "text": text, "logprobs": body, "finish_reason": None})

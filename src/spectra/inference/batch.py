@@ -385,9 +385,9 @@ class Scheduler:
             chosen = None
             if picks is not None and lses is not None:
                 chosen = rows.gather(1, picks_t.unsqueeze(1)).squeeze(1).tolist()
-            for i, r in enumerate(decoding):
-                self._accept(r, rows[i], None if picks is None else picks[i], None if lses is None else lses[i],
-                             None if chosen is None else chosen[i])
+            for i, r in enumerate(decoding):  # rows[i] only where it is read: a tensor view costs microseconds
+                self._accept(r, rows, None if picks is None else picks[i], None if lses is None else lses[i],
+                             None if chosen is None else chosen[i], row=i)
         for (req, end), row in zip(chunks, pre):
             self.stats["prefilled"] += end - req.prefilled
             req.prefilled = end
@@ -398,12 +398,15 @@ class Scheduler:
                     self._accept(req, row)
 
     def _accept(self, req: Request, logits: Tensor, greedy: int | None = None, lse: float | None = None,
-                greedy_logit: float | None = None) -> None:
-        """Sample the next token of `req` from its logits (V,) (`greedy`: its argmax, `lse`: its log-sum-exp and
-        `greedy_logit`: logits[greedy], when already taken for the whole step), emit its text, and finish it if it is
-        done."""
+                greedy_logit: float | None = None, row: int | None = None) -> None:
+        """Sample the next token of `req` from its logits (V,), or row `row` of logits (B, V) (`greedy`: its argmax,
+        `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step), emit its
+        text, and finish it if it is done."""
         if req.generator is None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
+        if row is not None and (greedy is None or req.temperature != 0 or req.logprobs is not None and (
+                req.logprobs != 0 or lse is None or greedy_logit is None)):  # the row's logits are read below
+            logits, row = logits[row], None
         if greedy is not None and req.temperature == 0:
             nxt = greedy
         else:

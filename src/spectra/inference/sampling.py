@@ -61,6 +61,8 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the earliest occurrence of any stop string, and whether there was one."""
+    if not stops:
+        return text, False
     hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:hit], True) if hit >= 0 else (text, False)
 
