@@ -30,7 +30,8 @@ summary gives the median and range over repeats of each ratio taken within its r
 can drift by half between runs a minute apart.
 
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
-requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak (and its maximum).
+requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak, its maximum, and the
+largest sample up to each tenth of it (a level that settles, or one that keeps climbing).
 Targets (issue 19): with 16 clients on 2 cores, aggregate tok/s >= 4x one stream and ahead of llama-server.
 """
 
@@ -265,14 +266,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run_soak(proc: subprocess.Popen, url: str, args: argparse.Namespace, vocab: int) -> dict:
-    """16 clients without pause for args.soak seconds, with the server's RSS sampled every second."""
+    """16 clients without pause for args.soak seconds, with the server's RSS sampled every second; `rss_tenths_mb`:
+    the RSS at each tenth of the soak, to tell a level that settles from one that keeps climbing."""
     rss0 = rss_mb(proc.pid)
-    peak = [rss0]
-    until = time.perf_counter() + args.soak
+    samples = [(0.0, rss0)]
+    t0 = time.perf_counter()
+    until = t0 + args.soak
 
     async def sample() -> None:
         while time.perf_counter() < until:
-            peak.append(rss_mb(proc.pid))
+            samples.append((time.perf_counter() - t0, rss_mb(proc.pid)))
             await asyncio.sleep(1)
 
     async def soak_run() -> dict:
@@ -280,7 +283,10 @@ def run_soak(proc: subprocess.Popen, url: str, args: argparse.Namespace, vocab: 
         return (await asyncio.gather(d, sample()))[0]
 
     soak = asyncio.run(soak_run())
-    soak.update(rss_start_mb=rss0, rss_end_mb=rss_mb(proc.pid), rss_max_mb=max(peak), seconds=args.soak)
+    samples.append((args.soak, rss_mb(proc.pid)))
+    tenths = [max(r for t, r in samples if t <= args.soak * k / 10 + 0.5) for k in range(11)]
+    soak.update(rss_start_mb=rss0, rss_end_mb=samples[-1][1], rss_max_mb=max(r for _, r in samples),
+                rss_tenths_mb=tenths, seconds=args.soak)
     return soak
 
 
@@ -414,7 +420,8 @@ def main() -> None:
             print(f"soak: {soak['seconds']:.0f} s of 16 clients, {soak['requests']} requests, {soak['tokens']} tokens "
                   f"({soak['tok_s']:.1f} tok/s); 5xx {soak['status_5xx']}, other non-200 {soak['status_other']}, "
                   f"transport errors {soak['transport_errors']}; server RSS {soak['rss_start_mb']:.0f} MiB at start, "
-                  f"{soak['rss_end_mb']:.0f} MiB at end, max {soak['rss_max_mb']:.0f} MiB")
+                  f"{soak['rss_end_mb']:.0f} MiB at end, max {soak['rss_max_mb']:.0f} MiB; at each tenth: "
+                  f"{' '.join(f'{r:.0f}' for r in soak['rss_tenths_mb'])} MiB")
         if args.json:
             Path(args.json).write_text(json.dumps({"sequential_tok_s": seqs, "rows": rows, "summary":
                                                    summary["ratios"], "soak": soak}, indent=2))
