@@ -880,10 +880,33 @@ static void rows_chunk(void *ctx, int64_t c) {
     t->rows(t->path, t->J, n0, n1);
 }
 
-/* How N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16), and the number of chunks. */
-static int64_t row_chunks(int64_t N, int n_threads, int64_t *n_chunks) {
-    const int64_t groups = (N + 3) / 4;
-    int64_t per_chunk = groups / (CHUNKS_PER_THREAD * n_threads);
+#ifndef GEMV_CHUNKS_PER_THREAD
+/* One chunk per thread for the GEMV kernels (up to 4 tokens) and for AMX products of up to AMX_FEW_CHUNKS_T tokens:
+ * each chunk is a claim on the shared counter and a new weight stream for the prefetchers, and these rows are short
+ * work. On the 2-core Intel Xeon (AMX), builds A/B in one process against 4 per thread for every job
+ * (benchmarks/kernel_ab.py, 2 threads): TriLM-1.1B decode 1.076x (9/9), TQ1_0 1.026x (6/7), 99M decode 1.093x (9/9),
+ * 99M batch-16 step 1.134x (9/9), the 16-client server 1.072x (10/10); with another process spinning on one core,
+ * 1.1B decode 1.054x [0.944-1.092] (4/7). A 1.1B prompt of 128 tokens gave 0.996x with one chunk, so more tokens keep
+ * CHUNKS_PER_THREAD (as do the AVX-512 GEMMs, where 2 per thread lost on Zen 4). Not measured on Zen 4. */
+#define GEMV_CHUNKS_PER_THREAD 1
+#endif
+#ifndef AMX_CHUNKS_PER_THREAD
+#define AMX_CHUNKS_PER_THREAD 1
+#endif
+#ifndef AMX_FEW_CHUNKS_T
+#define AMX_FEW_CHUNKS_T 32
+#endif
+
+static int chunks_per_thread(int path, const job_t *J) {
+    if (J->T <= 4) return GEMV_CHUNKS_PER_THREAD;
+    if (J->T <= AMX_FEW_CHUNKS_T && amx_applies(path, J)) return AMX_CHUNKS_PER_THREAD;
+    return CHUNKS_PER_THREAD;
+}
+
+/* How a job's N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16), and the number of chunks. */
+static int64_t row_chunks(int path, const job_t *J, int n_threads, int64_t *n_chunks) {
+    const int64_t N = J->N, groups = (N + 3) / 4;
+    int64_t per_chunk = groups / (chunks_per_thread(path, J) * n_threads);
     if (per_chunk < 4) per_chunk = 4;
     *n_chunks = (groups + per_chunk - 1) / per_chunk;
     return 4 * per_chunk;
@@ -895,7 +918,7 @@ static void run_parallel(rows_fn rows, int path, const job_t *J, int n_threads) 
         return;
     }
     int64_t n_chunks;
-    const rows_task_t task = {rows, path, J, row_chunks(J->N, n_threads, &n_chunks)};
+    const rows_task_t task = {rows, path, J, row_chunks(path, J, n_threads, &n_chunks)};
     for_chunks(n_threads, n_chunks, rows_chunk, (void *)&task);
 }
 
@@ -929,7 +952,7 @@ static void run_parallel_jobs(rows_fn rows, int path, const job_t *jobs, int G, 
     rows_multi_t task = {rows, path, G, jobs, {0, 0, 0}, {0, 0, 0, 0}};
     for (int g = 0; g < G; g++) {
         int64_t n_chunks;
-        task.per_chunk[g] = row_chunks(jobs[g].N, n_threads, &n_chunks);
+        task.per_chunk[g] = row_chunks(path, &jobs[g], n_threads, &n_chunks);
         task.first[g + 1] = task.first[g] + n_chunks;
     }
     for_chunks(n_threads, task.first[G], rows_multi_chunk, (void *)&task);
