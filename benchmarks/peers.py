@@ -3,7 +3,7 @@ the same run.
 
     python benchmarks/peers.py --llama-bench /path/to/llama.cpp/build/bin/llama-bench \
         --llama-bench /path/to/ik_llama.cpp/build/bin/llama-bench [--threads 1 2] [--prompt-len 128] [--gen-len 64] \
-        [--rounds 2] [--reps 1] [--workdir DIR] [--json FILE]
+        [--rounds 2] [--reps 1] [--spectra-tq1] [--workdir DIR] [--json FILE]
 
 The peers are llama-bench binaries you built yourself from their public sources (nothing of them is in this repo).
 The run:
@@ -23,6 +23,9 @@ The run:
    (bytes of weights read per decoded token / the median read rate) / (seconds per decoded token). Bytes of weights
    are every tensor but the token embedding (one row of it is read per token): for spectra the packed blocks, their
    scales, the int8 head and the norms; for a peer the tensors of its GGUF file.
+
+`--spectra-tq1` also packs the same latent model as TQ1_0 and times it as a second spectra row in every round, and
+prints TQ1_0 / TQ2_0 paired per round (issue 18's row "TQ1_0 decode faster than TQ2_0", in the same run).
 
 Speeds are medians over all samples. Under the ratio row, the ratios are also taken within each round (each side's
 median sample of that round) and printed as median [min-max] over the rounds, with spectra's fraction of the bound
@@ -57,6 +60,7 @@ import torch
 from tqdm import tqdm
 
 TERNARY_TYPES = ("TQ2_0", "TQ1_0", "IQ2_BN", "IQ1_BN")
+OURS_TQ1 = "spectra TQ1_0 (packed checkpoint, spectra.load)"
 PROBE_BYTES = 1 << 30
 
 
@@ -116,8 +120,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def build_spectra(size: str, workdir: Path, seed: int) -> tuple[torch.nn.Module, Path, dict]:
-    """(the packed model as users open it, the f16 GGUF of the same latent model, facts about both)."""
+def build_spectra(size: str, workdir: Path, seed: int, tq1: bool = False) -> tuple[torch.nn.Module, Path, dict]:
+    """(the packed model as users open it, the f16 GGUF of the same latent model, facts about both); with `tq1`, facts
+    also hold "tq1_model": the same latent model packed as TQ1_0 and opened the same way."""
     from spectra.config import from_name
     from spectra.inference.bench import with_int8_head
     from spectra.interop.gguf import export_gguf
@@ -134,11 +139,15 @@ def build_spectra(size: str, workdir: Path, seed: int) -> tuple[torch.nn.Module,
     except ValueError:  # shards of 896 columns at dim 1792: blocks straddle two shards, as `spectra pack --lossy`
         summary = pack_model(latent, packed_dir, lossy=True)
         lossy = True
+    facts = {"scale_shards": shards, "lossy": lossy, "packed_file_bytes": summary["file_bytes"]}
+    if tq1:
+        facts["tq1_file_bytes"] = pack_model(latent, workdir / "packed-tq1", format="tq1", lossy=lossy)["file_bytes"]
     export_gguf(latent, f16, qtype="f16")
     del latent
     gc.collect()
     model = with_int8_head(load(packed_dir))
-    facts = {"scale_shards": shards, "lossy": lossy, "packed_file_bytes": summary["file_bytes"]}
+    if tq1:
+        facts["tq1_model"] = with_int8_head(load(workdir / "packed-tq1"))
     return model, f16, facts
 
 
@@ -243,13 +252,16 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="spectra-peers-", dir=args.workdir))
     try:
         print(f"building {args.size} (random weights), packing it and exporting the f16 GGUF into {workdir} ...")
-        model, f16, facts = build_spectra(args.size, workdir, args.seed)
+        model, f16, facts = build_spectra(args.size, workdir, args.seed, tq1=args.spectra_tq1)
+        tq1_model = facts.pop("tq1_model", None)
         for p in peers:
             print(f"{p.name}: quantizing to {', '.join(p.types)} with {p.quantize}")
             p.prepare(f16, workdir)
         f16.unlink()
         ours = "spectra (packed checkpoint, spectra.load)"
-        runtimes: dict[str, dict] = {ours: {"bytes": weight_bytes_per_token(model)}}
+        runtimes: dict[str, dict] = {ours: {"bytes": weight_bytes_per_token(model), "model": model}}
+        if tq1_model is not None:
+            runtimes[OURS_TQ1] = {"bytes": weight_bytes_per_token(tq1_model), "model": tq1_model}
         for p in peers:
             for cfg in p.configs():
                 runtimes[p.label(cfg)] = {"bytes": p.bytes[cfg["type"]], "peer": p, "cfg": cfg}
@@ -258,7 +270,9 @@ def run(args: argparse.Namespace) -> dict:
         prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=g)
         decode_ids = torch.randint(0, vocab, (1, args.gen_len), generator=g)
         probe = ReadProbe()
-        time_spectra(model, prompt[:, :8], decode_ids[:, :4], 1)  # warm up: page faults, dispatch
+        for rt in runtimes.values():  # warm up: page faults, dispatch
+            if "model" in rt:
+                time_spectra(rt["model"], prompt[:, :8], decode_ids[:, :4], 1)
         samples = {(name, t): {"pp": [], "tg": []} for name in runtimes for t in args.threads}
         bandwidth: dict[int, list[float]] = {t: [] for t in args.threads}
         load_before = os.getloadavg()
@@ -275,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
                             s["tg"] += tg
                         else:
                             for _ in range(args.reps):
-                                pp, tg = time_spectra(model, prompt, decode_ids, t)
+                                pp, tg = time_spectra(rt["model"], prompt, decode_ids, t)
                                 s["pp"].append(pp)
                                 s["tg"].append(tg)
                         bar.set_postfix_str(f"{t}T {name[:40]}")
@@ -298,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
                 "weight_bytes_per_token": runtimes[name]["bytes"],
                 "read_bytes_s": bw,
                 "bound_fraction": tg * runtimes[name]["bytes"] / bw,
+                "spectra": "model" in runtimes[name],
             }
         )
     return {
@@ -337,7 +352,7 @@ def markdown(result: dict) -> str:
     by = {(r["runtime"], r["threads"]): r for r in result["rows"]}
     names = list(dict.fromkeys(r["runtime"] for r in result["rows"]))
     ours = names[0]
-    peers = names[1:]
+    peers = [n for n in names if not by[(n, threads[0])].get("spectra", n == ours)]
     head = ["runtime"]
     for t in threads:
         head += [f"decode {t}T", f"% of bound {t}T", f"prompt {P} {t}T"]
@@ -381,6 +396,11 @@ def markdown(result: dict) -> str:
                                                   for tg, bw in zip(per, bws)) + " %")  # fmt: skip
         out += ["spectra's decode as a fraction of the bound, round by round (that round's read rate): "
                 + "; ".join(fractions) + ".", ""]
+    if OURS_TQ1 in names:
+        out += ["spectra TQ1_0 / TQ2_0, paired per round (median [range]): decode "
+                + ", ".join(f"{t}T {paired_ratio(result, OURS_TQ1, ours, 'decode_tok_s', t)}" for t in threads)
+                + "; prompt " + ", ".join(f"{t}T {paired_ratio(result, OURS_TQ1, ours, 'prompt_tok_s', t)}"
+                                          for t in threads) + ".", ""]
     bw = ", ".join(
         f"{t}T {statistics.median(v) / 1e9:.1f} GB/s (samples {', '.join(f'{x / 1e9:.1f}' for x in v)})"
         for t, v in ((int(k), v) for k, v in result["bandwidth_samples"].items())
@@ -394,7 +414,8 @@ def markdown(result: dict) -> str:
         f"prompt {P}, decode {G} tokens; tok/s are medians of {result['rounds']} interleaved rounds × "
         f"{result['reps']} samples. DRAM read rate measured in the same run: {bw}. Bound = weight bytes per decoded "
         f"token / read rate; weight MiB per token: "
-        + ", ".join(f"{'spectra' if n == ours else n.split(' (')[0]} {v:.0f}" for n, v in mb.items())
+        + ", ".join(f"{'spectra' if n == ours else n.split(' (')[0]} {v:.0f}" for n, v in mb.items() if n != OURS_TQ1)
+        + (f", spectra TQ1_0 {mb[OURS_TQ1]:.0f}" if OURS_TQ1 in mb else "")
         + f". Load average before {result['loadavg_before'][0]:.2f}, after {result['loadavg_after'][0]:.2f}."
     )
     return "\n".join(out)
@@ -411,6 +432,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     ap.add_argument("--reps", type=int, default=1, help="samples per runtime per round (llama-bench -r)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spectra-tq1", action="store_true",
+                    help="also time the same model packed as TQ1_0 (a second spectra row, and TQ1_0 / TQ2_0 paired)")
     ap.add_argument("--workdir", default=None, help="where the temporary models go (default: the system temp dir)")
     ap.add_argument("--json", default=None, help="also write the full result to this file")
     args = ap.parse_args()

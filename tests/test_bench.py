@@ -196,3 +196,14 @@ def test_peers_pairs_each_round_and_reports_the_spread():
     text = peers.markdown(result)
     assert "| paired per round (median [range] of 3) | 1.50× [0.80–2.00] | 1.50× [1.25–1.60] |" in text
     assert "1T 60, 80, 20 %" in text  # 60 tok/s x 1e8 B / 1e10 B/s, then 80 %, then 40 x 1e8 / 2e10
+    assert "TQ1_0 / TQ2_0" not in text
+
+    # --spectra-tq1: a second spectra row, never taken for the best peer, and TQ1_0 over TQ2_0 paired per round
+    result["rows"].append({"runtime": peers.OURS_TQ1, "threads": 1, "decode_tok_s": 70.0, "prompt_tok_s": 150.0,
+                           "decode_samples": [66.0, 76.0, 44.0], "prompt_samples": [120.0, 150.0, 160.0],
+                           "weight_bytes_per_token": 8 * 10**7, "read_bytes_s": 1e10, "bound_fraction": 0.56,
+                           "spectra": True})  # fmt: skip
+    text = peers.markdown(result)
+    assert "| ratio (best peer) | 1.50× (ik_llama.cpp IQ2_BN (-fa 0 -rtr 1)) |" in text
+    assert "spectra TQ1_0 / TQ2_0, paired per round (median [range]): decode 1T 1.10× [0.95–1.10]; prompt 1T 1.00× " \
+           "[0.80–1.00]." in text  # decode 66/60, 76/80, 44/40; prompt 120/150, 150/150, 160/160
