@@ -881,25 +881,24 @@ static void rows_chunk(void *ctx, int64_t c) {
 }
 
 #ifndef GEMV_CHUNKS_PER_THREAD
-/* One chunk per thread for the GEMV kernels (up to 4 tokens) and for AMX products of up to AMX_FEW_CHUNKS_T tokens:
- * each chunk is a claim on the shared counter and a new weight stream for the prefetchers, and these rows are short
- * work. On the 2-core Intel Xeon (AMX), builds A/B in one process against 4 per thread for every job
+/* One chunk per thread for the GEMV kernels (up to 4 tokens) and for products on the AMX tile unit: each chunk is a
+ * claim on the shared counter and a new weight stream for the prefetchers (and, for AMX, a tile configuration load).
+ * On the 2-core Intel Xeon (AMX), builds A/B in one process against 4 per thread for every job
  * (benchmarks/kernel_ab.py, 2 threads): TriLM-1.1B decode 1.076x (9/9), TQ1_0 1.026x (6/7), 99M decode 1.093x (9/9),
  * 99M batch-16 step 1.134x (9/9), the 16-client server 1.072x (10/10); with another process spinning on one core,
- * 1.1B decode 1.054x [0.944-1.092] (4/7). A 1.1B prompt of 128 tokens gave 0.996x with one chunk, so more tokens keep
- * CHUNKS_PER_THREAD (as do the AVX-512 GEMMs, where 2 per thread lost on Zen 4). Not measured on Zen 4. */
+ * 1.1B decode 1.054x [0.944-1.092] (4/7). AMX prompts against one chunk up to 32 tokens only: 1.1B prompt of 64
+ * 1.066x (7/7), 128 1.015x (6/7), 512 1.007x (3/5), 99M 128 1.034x (6/9), the 16-client server (whose steps carry
+ * 32-token prompt chunks) 1.026x (7/10). The AVX-512 GEMMs keep CHUNKS_PER_THREAD (2 per thread lost on Zen 4's
+ * batch step). Not measured on Zen 4. */
 #define GEMV_CHUNKS_PER_THREAD 1
 #endif
 #ifndef AMX_CHUNKS_PER_THREAD
 #define AMX_CHUNKS_PER_THREAD 1
 #endif
-#ifndef AMX_FEW_CHUNKS_T
-#define AMX_FEW_CHUNKS_T 32
-#endif
 
 static int chunks_per_thread(int path, const job_t *J) {
     if (J->T <= 4) return GEMV_CHUNKS_PER_THREAD;
-    if (J->T <= AMX_FEW_CHUNKS_T && amx_applies(path, J)) return AMX_CHUNKS_PER_THREAD;
+    if (amx_applies(path, J)) return AMX_CHUNKS_PER_THREAD;
     return CHUNKS_PER_THREAD;
 }
 
