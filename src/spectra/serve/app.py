@@ -83,8 +83,8 @@ class Mailbox:
 class Chunks:
     """The `data:` lines of one stream: what `json.dumps` gives for each chunk object, built faster. The envelope (id,
     object, created, model) is encoded once per stream, and an event's strings with json's own C encoder; a one-token
-    logprobs body (every event of a `logprobs` stream) is laid out by hand. `json.dumps` of the whole object cost the
-    HTTP loop ~10 us per event; tests compare the text with it."""
+    logprobs body (every event of a `logprobs` stream) is laid out by hand. `json.dumps` of the whole object was about
+    a quarter of the HTTP loop's Python time at 16 streams (py-spy); tests compare the text with it."""
 
     def __init__(self, rid: str, obj: str, created: int, model: str) -> None:
         self.head = (f'data: {{"id": {_enc(rid)}, "object": {_enc(obj)}, "created": {int(created)}, "model": '
