@@ -120,9 +120,11 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def build_spectra(size: str, workdir: Path, seed: int, tq1: bool = False) -> tuple[torch.nn.Module, Path, dict]:
-    """(the packed model as users open it, the f16 GGUF of the same latent model, facts about both); with `tq1`, facts
-    also hold "tq1_model": the same latent model packed as TQ1_0 and opened the same way."""
+def build_spectra(
+    size: str, workdir: Path, seed: int, tq1: bool = False
+) -> tuple[torch.nn.Module, torch.nn.Module | None, Path, dict]:
+    """(the packed model as users open it, with `tq1` the same latent model packed as TQ1_0 and opened the same way
+    (else None), the f16 GGUF of the same latent model, facts about them)."""
     from spectra.config import from_name
     from spectra.inference.bench import with_int8_head
     from spectra.interop.gguf import export_gguf
@@ -146,9 +148,8 @@ def build_spectra(size: str, workdir: Path, seed: int, tq1: bool = False) -> tup
     del latent
     gc.collect()
     model = with_int8_head(load(packed_dir))
-    if tq1:
-        facts["tq1_model"] = with_int8_head(load(workdir / "packed-tq1"))
-    return model, f16, facts
+    tq1_model = with_int8_head(load(workdir / "packed-tq1")) if tq1 else None
+    return model, tq1_model, f16, facts
 
 
 def time_spectra(model, prompt: torch.Tensor, decode_ids: torch.Tensor, threads: int) -> tuple[float, float]:
@@ -252,8 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="spectra-peers-", dir=args.workdir))
     try:
         print(f"building {args.size} (random weights), packing it and exporting the f16 GGUF into {workdir} ...")
-        model, f16, facts = build_spectra(args.size, workdir, args.seed, tq1=args.spectra_tq1)
-        tq1_model = facts.pop("tq1_model", None)
+        model, tq1_model, f16, facts = build_spectra(args.size, workdir, args.seed, tq1=args.spectra_tq1)
         for p in peers:
             print(f"{p.name}: quantizing to {', '.join(p.types)} with {p.quantize}")
             p.prepare(f16, workdir)

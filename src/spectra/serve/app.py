@@ -289,27 +289,28 @@ class Api:
             t = self._pieces[i] = tok.decode([i]) if tok is not None else str(i)
         return t
 
+    def top_pieces(self, entry: dict) -> dict[str, float]:
+        """An entry's top alternatives by text. Two ids can decode to one string (a partial UTF-8 character): the
+        likelier one (listed first) is kept."""
+        top: dict[str, float] = {}
+        for i, v in entry["top"]:
+            top.setdefault(self.piece(i), v)
+        return top
+
     def logprobs_body(self, entries: list[dict], text_offset: int = 0) -> dict:
-        piece = self.piece
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
-            t = piece(e["token"])
+            t = self.piece(e["token"])
             out["tokens"].append(t)
             out["token_logprobs"].append(e["logprob"])
-            top: dict[str, float] = {}
-            for i, v in e["top"]:  # two ids can decode to one string (a partial UTF-8 character): keep the likelier
-                top.setdefault(piece(i), v)
-            out["top_logprobs"].append(top)
+            out["top_logprobs"].append(self.top_pieces(e))
             out["text_offset"].append(text_offset)
             text_offset += len(t)
         return out
 
     def logprob_json(self, entry: dict, text_offset: int) -> str:
         """json.dumps(self.logprobs_body([entry], text_offset)), built by `Chunks.one_logprob`."""
-        top: dict[str, float] = {}
-        for i, v in entry["top"]:
-            top.setdefault(self.piece(i), v)
-        return Chunks.one_logprob(self.piece(entry["token"]), entry["logprob"], top, text_offset)
+        return Chunks.one_logprob(self.piece(entry["token"]), entry["logprob"], self.top_pieces(entry), text_offset)
 
     @staticmethod
     def finish_reason(req: Request) -> str:
@@ -439,7 +440,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                     return None
 
     async def sse(req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool, include_usage: bool):
-        fmt = Chunks(rid, "chat.completion.chunk" if chat else "text_completion", created, model_name)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        fmt = Chunks(rid, obj, created, model_name)
         try:
             if chat:
                 yield fmt.delta({"role": "assistant", "content": ""})
@@ -470,7 +472,6 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                 finish = api.finish_reason(req)
                 yield fmt.delta({}, finish) if chat else fmt.text("", "null", finish)
                 if include_usage:
-                    obj = "chat.completion.chunk" if chat else "text_completion"
                     body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [],
                             "usage": api.usage(req)}
                     yield f"data: {json.dumps(body)}\n\n"

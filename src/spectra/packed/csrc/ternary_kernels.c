@@ -861,10 +861,10 @@ static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     rows_scalar(J, n0, n1);
 }
 
-/* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; about 4 per thread), so each
- * thread reads one sequential stream of weights at a time. Chunks rather than one range per thread because machines
- * are shared: with the pool (pool.h) a thread that the OS deschedules delays the call by at most its chunk, and one
- * that has not started yet delays it by nothing. */
+/* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; how many per thread:
+ * chunks_per_thread), so each thread reads one sequential stream of weights at a time. Chunks are claimed, not
+ * assigned, because machines are shared: with the pool (pool.h) a thread that the OS deschedules delays the call by
+ * at most its chunk, and one that has not started yet delays it by nothing (another thread takes its chunk). */
 typedef void (*rows_fn)(int path, const job_t *J, int64_t n0, int64_t n1);
 
 typedef struct {
