@@ -18,8 +18,12 @@ The run:
    head is int8 too). Blocks that straddle two shards are rounded to their absmax by both sides alike;
 3. runs everything interleaved: each round runs, per thread count, spectra and then every peer configuration (each
    type, flash attention off and on, and `-rtr 1` where the binary has run-time repacking), `--reps` samples each;
-4. measures the DRAM read rate per thread count in every round (`read_bandwidth`: the best of a torch sum and a
-   numpy OR-reduce over 1 GiB on 2 MiB pages), and reports each runtime's fraction of the bandwidth bound:
+4. measures the DRAM read rate per thread count in every round, right before and right after spectra's rows (the
+   larger of the two: the rate drifts within seconds on a shared VM), each the best of a torch sum, a numpy
+   OR-reduce and the kernels' `stream_read` with 1, 2 and 4 streams per thread, with and without software prefetch,
+   over 1 GiB on 2 MiB pages (`ReadProbe`; until 2026-12-05 only torch and numpy, which read 9-15 % below
+   `stream_read` on the 2-core Xeon, so a decode could score above 100 %), and reports each runtime's fraction of
+   the bandwidth bound:
    (bytes of weights read per decoded token / the median read rate) / (seconds per decoded token). Bytes of weights
    are every tensor but the token embedding (one row of it is read per token): for spectra the packed blocks, their
    scales, the int8 head and the norms; for a peer the tensors of its GGUF file.
@@ -67,6 +71,9 @@ PROBE_BYTES = 1 << 30
 # ---- DRAM read rate -------------------------------------------------------------------------------------------------
 
 
+STREAM_SETTINGS = ((1, 0), (2, 1024), (4, 1024))  # (streams per thread, prefetch bytes) of the stream_read probes
+
+
 class ReadProbe:
     """A 1 GiB buffer on 2 MiB pages, read whole with `threads` threads; best of a few reads, in bytes/s."""
 
@@ -97,9 +104,24 @@ class ReadProbe:
             w.join()
         return time.perf_counter() - t0
 
+    def _stream(self, threads: int, streams: int, prefetch: int) -> float:  # seconds per byte
+        from spectra.packed import kernels as K
+
+        t0 = time.perf_counter()
+        n = K.stream_read(self.t, threads, streams=streams, prefetch=prefetch)
+        return (time.perf_counter() - t0) / n
+
     def __call__(self, threads: int, tries: int = 3) -> float:
-        best = min(min(self._torch(threads), self._numpy(threads)) for _ in range(tries))
-        return self.t.nbytes / best
+        """The best rate over `tries` reads by each method: torch's sum, numpy's OR-reduce, and the kernels'
+        `stream_read` with 1, 2 and 4 streams per thread, with and without software prefetch (2 streams and prefetch
+        read 9-15 % faster than numpy on the 2-core Xeon; a decode that prefetches must not beat its own bound)."""
+        n = self.t.nbytes
+        per_byte = [self._torch(threads) / n, self._numpy(threads) / n]
+        for _ in range(tries - 1):
+            per_byte += [self._torch(threads) / n, self._numpy(threads) / n]
+        for streams, prefetch in STREAM_SETTINGS:
+            per_byte += [self._stream(threads, streams, prefetch) for _ in range(tries)]
+        return 1.0 / min(per_byte)
 
 
 # ---- spectra --------------------------------------------------------------------------------------------------------
@@ -280,8 +302,11 @@ def run(args: argparse.Namespace) -> dict:
         with tqdm(total=steps, desc="interleaved rounds", unit="run") as bar:
             for _ in range(args.rounds):
                 for t in args.threads:
-                    bandwidth[t].append(probe(t))
+                    before = probe(t)
                     for name, rt in runtimes.items():
+                        if "peer" in rt and before is not None:  # spectra's rows are done: their round's read rate
+                            bandwidth[t].append(max(before, probe(t)))
+                            before = None
                         s = samples[(name, t)]
                         if "peer" in rt:
                             pp, tg = rt["peer"].run(rt["cfg"], t, args.prompt_len, args.gen_len, args.reps)
@@ -294,6 +319,8 @@ def run(args: argparse.Namespace) -> dict:
                                 s["tg"].append(tg)
                         bar.set_postfix_str(f"{t}T {name[:40]}")
                         bar.update()
+                    if before is not None:  # no peers
+                        bandwidth[t].append(max(before, probe(t)))
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

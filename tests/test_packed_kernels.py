@@ -251,6 +251,31 @@ def test_huge_pages_keep_addresses_values_and_results():
         K.use_huge_pages(torch.empty(4, device="meta"))
 
 
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_stream_read_reads_every_byte_it_counts(path):
+    """stream_read (the read-rate probe of benchmarks/peers.py) reads exactly the bytes it says it read: the largest
+    multiple of 256 x streams x threads, each part by every stream. Its C call returns the OR of the 64-bit words read,
+    folded to 32 bits; a distinct bit is planted every 256 bytes, so a skipped range or a byte read past the count
+    changes the answer."""
+    n = 256 * 4 * 3 * 5 + 1000  # not a multiple of any unit below; under 64 x 256 bytes, so no bit repeats
+    words = np.zeros(n // 8, dtype=np.uint64)
+    spots = np.arange(0, n // 8, 32)
+    words[spots] = np.uint64(1) << (np.arange(len(spots), dtype=np.uint64) % np.uint64(64))
+    buf = torch.from_numpy(words.view(np.uint8).copy())
+    for threads in (1, 2, 3):
+        for streams, prefetch in ((1, 0), (2, 1024), (4, 64)):
+            read = K.stream_read(buf, threads, streams=streams, prefetch=prefetch, path=path)
+            unit = 256 * streams * threads
+            assert read == n // unit * unit
+            v = np.bitwise_or.reduce(buf[:read].numpy().view(np.uint64))
+            folded = int(v ^ (v >> np.uint64(32))) & 0xFFFFFFFF
+            got = K.extension().stream_read(K._PATH_IDS[path], threads, buf.data_ptr(), n, streams, prefetch)
+            assert got == folded, (threads, streams, prefetch)
+    with pytest.raises(ValueError, match="streams 1..8"):
+        K.extension().stream_read(K._PATH_IDS[path], 2, buf.data_ptr(), n, 9, 0)
+
+
 # ---- the kernels' thread pool (pool.h) -------------------------------------------------------------------------------
 
 

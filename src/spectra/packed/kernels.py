@@ -321,6 +321,22 @@ def ternary_matmul_group(
     return ys
 
 
+def stream_read(buf: Tensor, n_threads: int, *, streams: int = 2, prefetch: int = 1024, path: str = "auto") -> int:
+    """Read the contiguous CPU tensor `buf` once with n_threads threads of the kernels' pool, each reading its part as
+    `streams` sequential streams side by side with software prefetch `prefetch` bytes ahead (0: none); returns how
+    many bytes were read (the largest multiple of 256 * streams * n_threads that fits). The read-rate probe of
+    `benchmarks/peers.py`: time it to bound what a GEMV that streams its weights can reach."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("stream_read needs the compiled extension")
+    if buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError(f"stream_read takes a contiguous CPU tensor, got one on {buf.device}")
+    nbytes = buf.numel() * buf.element_size()
+    ext.stream_read(_PATH_IDS[resolve_path(path)], n_threads, buf.data_ptr(), nbytes, streams, prefetch)
+    unit = 256 * streams * n_threads
+    return nbytes // unit * unit
+
+
 def use_huge_pages(*tensors: Tensor) -> int:
     """Back the memory of CPU tensors with 2 MiB pages in place (Linux transparent huge pages; same addresses and
     values). Returns the bytes now in 2 MiB pages (0 without the extension, off Linux, or before Linux 6.1).

@@ -2360,6 +2360,83 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* stream_read(path, n_threads, ptr, nbytes, streams, prefetch) -> int: read the first bytes of [ptr, ptr + nbytes),
+ * the largest multiple of 256 * streams * n_threads of them, once: one part per thread of the pool, each part as `streams` (1..8) sequential streams side by side, with software prefetch
+ * `prefetch` bytes ahead of each (0: none, the hardware prefetchers alone), and return the OR of its 64-bit words
+ * folded to 32 bits (so no read can be dropped). benchmarks/peers.py times it as the DRAM read rate that bounds a
+ * decode: numpy's and torch's reductions read one stream per thread without prefetch, and on the 2-core Xeon they
+ * measured 10-15 % below the best of these settings over the same 1 GiB, so a GEMV that prefetches could read faster
+ * than their "bound". */
+typedef struct {
+    const uint8_t *p;
+    int64_t part, streams, prefetch;
+    uint64_t *out; /* one word per part */
+    int simd;
+} stream_read_t;
+
+#ifdef SPECTRA_X86
+TARGET_AVX512 static uint64_t stream_read_avx512(const uint8_t *base, int64_t sub, int64_t S, int64_t pf) {
+    __m512i acc[8];
+    for (int s = 0; s < 8; s++) acc[s] = _mm512_setzero_si512();
+    for (int64_t i = 0; i + 256 <= sub; i += 256)
+        for (int64_t s = 0; s < S; s++) {
+            const uint8_t *q = base + s * sub + i;
+            if (pf)
+                for (int j = 0; j < 256; j += 64) _mm_prefetch((const char *)q + pf + j, _MM_HINT_T0);
+            const __m512i a = _mm512_or_si512(_mm512_loadu_si512(q), _mm512_loadu_si512(q + 64));
+            const __m512i b = _mm512_or_si512(_mm512_loadu_si512(q + 128), _mm512_loadu_si512(q + 192));
+            acc[s] = _mm512_or_si512(acc[s], _mm512_or_si512(a, b));
+        }
+    __m512i a = acc[0];
+    for (int s = 1; s < 8; s++) a = _mm512_or_si512(a, acc[s]);
+    return (uint64_t)_mm512_reduce_or_epi64(a);
+}
+#endif
+
+static void stream_read_chunk(void *ctx, int64_t c) {
+    const stream_read_t *t = (const stream_read_t *)ctx;
+    const uint8_t *base = t->p + c * t->part;
+    const int64_t sub = t->part / t->streams; /* bytes per stream, a multiple of 256 */
+    uint64_t v = 0;
+#ifdef SPECTRA_X86
+    if (t->simd) {
+        t->out[c] = stream_read_avx512(base, sub, t->streams, t->prefetch);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i + 8 <= t->streams * sub; i += 8) {
+        uint64_t w;
+        memcpy(&w, base + i, 8);
+        v |= w;
+    }
+    t->out[c] = v;
+}
+
+static PyObject *py_stream_read(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long p;
+    long long n, streams, prefetch;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLLL", &path, &n_threads, &p, &n, &streams, &prefetch)) return NULL;
+    if (n_threads < 1 || n < 0 || streams < 1 || streams > 8 || prefetch < 0)
+        return PyErr_Format(PyExc_ValueError, "bad stream_read arguments: threads %d, bytes %lld, streams %lld, "
+                            "prefetch %lld (threads >= 1, streams 1..8, prefetch >= 0)", n_threads, n, streams,
+                            prefetch);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    const int64_t unit = 256 * streams * n_threads;
+    uint64_t *out = (uint64_t *)calloc((size_t)n_threads, sizeof(uint64_t));
+    if (!out) return PyErr_NoMemory();
+    const stream_read_t task = {(const uint8_t *)(uintptr_t)p, n / unit * 256 * streams, streams, prefetch, out,
+                                path == PATH_AVX512VNNI};
+    Py_BEGIN_ALLOW_THREADS
+    if (task.part > 0) for_chunks(n_threads, n_threads, stream_read_chunk, (void *)&task);
+    Py_END_ALLOW_THREADS
+    uint64_t v = 0;
+    for (int i = 0; i < n_threads; i++) v |= out[i];
+    free(out);
+    return PyLong_FromUnsignedLong((unsigned long)(uint32_t)(v ^ (v >> 32)));
+}
+
 /* huge_pages(ptr, nbytes) -> int: back the memory [ptr, ptr + nbytes) with 2 MiB pages where Linux allows it, in place
  * (same addresses, same contents). Streaming a 4 MiB matrix from DRAM on 4 KiB pages costs one TLB miss per 4 KiB
  * and the hardware prefetchers stop at every 4 KiB boundary: here a plain read of 4 MiB takes 0.21-0.24 ms on 4 KiB
@@ -2488,6 +2565,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
+    {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
