@@ -69,22 +69,53 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-/* The one-token GEMV (gemv1_avx512) prefetches every line three times, 6, 12 and 18 KiB ahead. On Zen 4 a PREFETCHT1
- * is sometimes lost (others report it on EPYC 9124), and a line whose prefetch is lost costs a whole DRAM latency.
- * Here it looks worse the faster the loop runs: a read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB
- * ahead, 0.16 ms with none. With one prefetch per line no distance from 2 to 24 KiB beat 8 KiB; two or three copies
- * (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8 KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in
- * interleaved A/B runs of benchmarks/kernels.py, with little difference between them. */
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T1
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p), PREFETCH_HINT)
+/* The one-token GEMV (gemv1_avx512) prefetches every line three times, at 1, 2 and 3 x gemv1_pf_step ahead.
+ * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's): a PREFETCHT1 is sometimes lost (others report it on EPYC 9124),
+ *   and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the loop runs: a
+ *   read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB ahead, 0.16 ms with none. With one prefetch per
+ *   line no distance from 2 to 24 KiB beat 8 KiB; two or three copies (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8
+ *   KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in interleaved A/B runs of benchmarks/kernels.py,
+ *   with little difference between them.
+ * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL): steps of 3 KiB, with the output
+ *   layer's prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
+ *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster). Chosen at import by the CPU's vendor
+ *   (prefetch_tune). */
 #ifndef GEMV1_PREFETCH_STEP
 #define GEMV1_PREFETCH_STEP 6144
 #endif
+#ifndef GEMV1_PREFETCH_STEP_INTEL
+#define GEMV1_PREFETCH_STEP_INTEL 3072
+#endif
+static int64_t gemv1_pf_step = GEMV1_PREFETCH_STEP;
 #define PREFETCH3(p)                                   \
     do {                                               \
-        PREFETCH((p) + GEMV1_PREFETCH_STEP);           \
-        PREFETCH((p) + 2 * GEMV1_PREFETCH_STEP);       \
-        PREFETCH((p) + 3 * GEMV1_PREFETCH_STEP);       \
+        PREFETCH((p) + gemv1_pf_step);                 \
+        PREFETCH((p) + 2 * gemv1_pf_step);             \
+        PREFETCH((p) + 3 * gemv1_pf_step);             \
     } while (0)
+
+/* The int8 output layer's GEMV (i8_row_avx512): on Zen 4 one prefetch per 4 lines, PREFETCH_BYTES ahead (24 against
+ * 18 GB/s from DRAM with one per line, 50304 x 1792); on the Intel Xeon every line, I8_PF_BYTES_INTEL ahead (the
+ * 50304 x 2048 layer alone: 18 against 15 GB/s, where a plain read of it gets 18-19). */
+#ifndef I8_PF_BYTES_INTEL
+#define I8_PF_BYTES_INTEL 2048
+#endif
+static int64_t i8_pf_bytes = PREFETCH_BYTES;
+static int i8_pf_every_line = 0;
+
+static void prefetch_tune(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_is("intel")) {
+        gemv1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
+        i8_pf_bytes = I8_PF_BYTES_INTEL;
+        i8_pf_every_line = 1;
+    }
+#endif
+}
 
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512VNNI = 2 };
 
@@ -658,11 +689,18 @@ TARGET_AVX512 static void gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
  * independent accumulators so that vpdpbusd's latency is hidden (DPBUSD: see gemv1_avx512). */
 TARGET_AVX512 static inline __m512i i8_row_avx512(const uint8_t *w, const int8_t *a, int64_t K) {
     __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+    const int64_t ahead = i8_pf_bytes;
+    const int every = i8_pf_every_line;
     for (int64_t k = 0; k < K; k += QK) {
 #if PREFETCH_BYTES > 0
-        /* One prefetch per 4 lines: measured faster here than one per line (24 vs 18 GB/s from DRAM for the
-         * 50304 x 1792 output layer); the L2 streamer fetches the neighbours. */
-        PREFETCH(w + k + PREFETCH_BYTES);
+        if (every) { /* i8_pf_every_line, i8_pf_bytes: see prefetch_tune */
+            PREFETCH(w + k + ahead);
+            PREFETCH(w + k + ahead + 64);
+            PREFETCH(w + k + ahead + 128);
+            PREFETCH(w + k + ahead + 192);
+        } else {
+            PREFETCH(w + k + ahead); /* the L2 streamer fetches the neighbours */
+        }
 #endif
         DPBUSD(c0, _mm512_loadu_si512(w + k), a + k);
         DPBUSD(c1, _mm512_loadu_si512(w + k + 64), a + k + 64);
@@ -2579,6 +2617,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
+    prefetch_tune(); /* before any thread runs a kernel */
 #ifdef SPECTRA_X86
     tq1_has_vbmi(); /* fills the TQ1 decode tables once, before any thread reads them */
     amx_ready(); /* asks Linux for the tile registers once */
