@@ -321,6 +321,18 @@ def ternary_matmul_group(
     return ys
 
 
+def set_prefetch(gemv_step: int, i8_bytes: int, i8_every_line: bool) -> tuple[int, int, bool]:
+    """Set the GEMV prefetch distances the extension chose for this CPU at import (on Intel: 3072, 2048, True; else
+    6144, 8192, False), returning the previous three: `gemv_step`, the one-token ternary GEMV's three prefetches at
+    1, 2 and 3 x gemv_step bytes ahead; `i8_bytes` and `i8_every_line`, the int8 output layer's distance and whether
+    every line is prefetched (else one per 4). For tuning on other CPUs and A/B runs; call it while no kernel runs.
+    Outputs do not depend on it."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "set_prefetch"):
+        raise RuntimeError("set_prefetch needs the compiled extension")
+    return ext.set_prefetch(int(gemv_step), int(i8_bytes), bool(i8_every_line))
+
+
 def stream_read(buf: Tensor, n_threads: int, *, streams: int = 2, prefetch: int = 1024, path: str = "auto") -> int:
     """Read the contiguous CPU tensor `buf` once with n_threads threads of the kernels' pool, each reading its part as
     `streams` sequential streams side by side with software prefetch `prefetch` bytes ahead (0: none); returns how

@@ -2516,6 +2516,24 @@ static PyObject *set_min_tokens(PyObject *args, int *setting, const char *kernel
     return PyLong_FromLong(before);
 }
 
+/* set_prefetch(gemv_step, i8_bytes, i8_every_line) -> (previous three): the GEMV prefetch settings that prefetch_tune
+ * chose for this CPU (gemv_step: the one-token ternary GEMV's three prefetches at 1, 2, 3 x gemv_step bytes ahead;
+ * i8_bytes and i8_every_line: the int8 output layer's distance, and one prefetch per line or per 4 lines). For A/B
+ * runs and tuning on other CPUs; set it while no kernel runs. */
+static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
+    long long step, i8_bytes;
+    int every;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "LLp", &step, &i8_bytes, &every)) return NULL;
+    if (step < 0 || step > (1 << 20) || i8_bytes < 0 || i8_bytes > (1 << 20))
+        return PyErr_Format(PyExc_ValueError, "prefetch distances must be 0 .. 1048576 bytes, got %lld and %lld", step,
+                            i8_bytes);
+    PyObject *before = Py_BuildValue("LLO", (long long)gemv1_pf_step, (long long)i8_pf_bytes,
+                                     i8_pf_every_line ? Py_True : Py_False);
+    gemv1_pf_step = step, i8_pf_bytes = i8_bytes, i8_pf_every_line = every;
+    return before;
+}
+
 /* set_lane(min_tokens) -> int: products of at least min_tokens tokens (0: none) use the token-lane GEMM
  * (lane_kernels.h) where AMX does not take them; returns the previous setting. For A/B runs and tests. */
 static PyObject *py_set_lane(PyObject *self, PyObject *args) {
@@ -2603,6 +2621,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
+    {"set_prefetch", py_set_prefetch, METH_VARARGS, "Set the GEMV prefetch distances (for A/B runs and tuning)."},
     {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
