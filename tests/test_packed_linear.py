@@ -120,6 +120,33 @@ def test_weights_match_reads_the_packed_file_back_against_the_latent_forward_wei
 
 
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_loaded_codes_share_one_buffer_in_decode_order(tmp_path, fmt):
+    """load_packed puts every layer's code bytes in one code_arena buffer: slices in module order (the order a decode
+    step reads them), each at a 64-byte boundary, the first on a 2 MiB boundary, with the bytes the layers had; the
+    model's outputs do not change. move_codes refuses a destination of the wrong size."""
+    model = build_model(_cfg(num_scale_shards=2), seed=5).eval()
+    pack_model(model, tmp_path / "p", format=fmt)
+    loaded = load_packed(tmp_path / "p")
+    layers = [m for m in loaded.modules() if isinstance(m, PackedTernaryLinear)]
+    assert len(layers) == 14
+    base = layers[0].qs.untyped_storage().data_ptr()
+    assert all(m.qs.untyped_storage().data_ptr() == base for m in layers)
+    ptrs = [m.qs.data_ptr() for m in layers]
+    assert ptrs[0] % (2 << 20) == 0 and all(p % 64 == 0 for p in ptrs)
+    assert all(b - a == (m.qs.numel() + 63) // 64 * 64 for a, b, m in zip(ptrs, ptrs[1:], layers))
+    convert_to_packed(model, fmt)
+    for a, b in zip(layers, [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]):
+        assert torch.equal(a.qs, b.qs)
+    idx = torch.randint(0, 320, (1, 5))
+    with torch.no_grad():
+        before = loaded(idx)
+        layers[0].move_codes(torch.empty(layers[0].qs.numel(), dtype=torch.uint8))  # moved again: same outputs
+        assert torch.equal(loaded(idx), before)
+    with pytest.raises(ValueError, match="move_codes needs"):
+        layers[0].move_codes(torch.empty(7, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 def test_save_load_round_trip(tmp_path, fmt):
     model = build_model(_cfg(num_scale_shards=2), seed=3).eval()
     (tmp_path / "tok.json").write_text("{}")

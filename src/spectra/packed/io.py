@@ -58,7 +58,14 @@ from spectra.files import (
 from spectra.layers import TernaryLinear, rope_cache
 from spectra.model import Transformer
 from spectra.packed import formats, kernels
-from spectra.packed.linear import CompactEmbedding, Int8Linear, PackedTernaryLinear, as_packed, is_trilm
+from spectra.packed.linear import (
+    CompactEmbedding,
+    Int8Linear,
+    PackedTernaryLinear,
+    as_packed,
+    code_arena,
+    is_trilm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +284,11 @@ def load_packed(
     with torch.device("meta"):
         model = Transformer(cfg)
     modules = dict(model.named_modules())
-    for name, (out_f, in_f) in shapes.items():
+    order = [n for n in modules if n in shapes] + [n for n in shapes if n not in modules]  # a decode step's order
+    code_bytes = formats.BLOCK_BYTES[fmt] - 2  # per 256 weights, without the fp16 block scale
+    homes = iter(code_arena([shapes[n][0] * shapes[n][1] // formats.QK * code_bytes for n in order]))
+    for name in order:
+        out_f, in_f = shapes[name]
         target = modules.get(name)
         if not isinstance(target, TernaryLinear) or (target.out_features, target.in_features) != (out_f, in_f):
             raise FormatError(
@@ -290,6 +301,7 @@ def load_packed(
             layer = PackedTernaryLinear.from_bytes(state.pop(key), (out_f, in_f), fmt, path=kernel)
         except ValueError as e:
             raise FormatError(f"{weights}: {key}: {e}") from None
+        layer.move_codes(next(homes))  # one buffer on 2 MiB pages for every layer (code_arena)
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, leaf, layer)
     own = model.state_dict()
