@@ -134,8 +134,11 @@ def test_loaded_codes_share_one_buffer_in_decode_order(tmp_path, fmt):
     ptrs = [m.qs.data_ptr() for m in layers]
     assert ptrs[0] % (2 << 20) == 0 and all(p % 64 == 0 for p in ptrs)
     assert all(b - a == (m.qs.numel() + 63) // 64 * 64 for a, b, m in zip(ptrs, ptrs[1:], layers))
-    convert_to_packed(model, fmt)
-    for a, b in zip(layers, [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]):
+    convert_to_packed(model, fmt)  # an in-memory conversion gathers its layers' code bytes the same way
+    converted = [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]
+    assert len({m.qs.untyped_storage().data_ptr() for m in converted}) == 1
+    assert converted[0].qs.data_ptr() % (2 << 20) == 0
+    for a, b in zip(layers, converted):
         assert torch.equal(a.qs, b.qs)
     idx = torch.randint(0, 320, (1, 5))
     with torch.no_grad():

@@ -8,7 +8,8 @@ one C call per forward, a GEMV for a single token (decoding) and a GEMM that reu
 output norm for Gaussian inputs, see tests/test_packed_linear.py) and fp16 rounding of γ (≤ 2⁻¹¹ relative).
 
 `convert_to_packed(model, format)` swaps every TernaryLinear of a model for a PackedTernaryLinear and returns how many
-it swapped. Inference only: the layer has no parameters and no backward.
+it swapped; the layers' code bytes then share one buffer on 2 MiB pages (`code_arena`, as `load_packed` leaves them).
+Inference only: the layer has no parameters and no backward.
 """
 
 from __future__ import annotations
@@ -412,4 +413,14 @@ def convert_to_packed(model: nn.Module, format: str = "tq2", *, path: str = "aut
             if new is not None:
                 setattr(parent, name, new)
                 count += 1
+    if count:
+        gather_codes(model)
     return count
+
+
+def gather_codes(model: nn.Module) -> None:
+    """Move the code bytes of every PackedTernaryLinear of `model`, in module order, into one `code_arena` buffer on
+    2 MiB pages (what `load_packed` does as it builds the layers); outputs do not change."""
+    layers = [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]
+    for layer, home in zip(layers, code_arena([m.qs.numel() for m in layers])):
+        layer.move_codes(home)
