@@ -116,9 +116,7 @@ class ReadProbe:
         `stream_read` with 1, 2 and 4 streams per thread, with and without software prefetch (2 streams and prefetch
         read 9-15 % faster than numpy on the 2-core Xeon; a decode that prefetches must not beat its own bound)."""
         n = self.t.nbytes
-        per_byte = [self._torch(threads) / n, self._numpy(threads) / n]
-        for _ in range(tries - 1):
-            per_byte += [self._torch(threads) / n, self._numpy(threads) / n]
+        per_byte = [read(threads) / n for _ in range(tries) for read in (self._torch, self._numpy)]
         for streams, prefetch in STREAM_SETTINGS:
             per_byte += [self._stream(threads, streams, prefetch) for _ in range(tries)]
         return 1.0 / min(per_byte)

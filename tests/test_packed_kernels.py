@@ -255,8 +255,8 @@ def test_huge_pages_keep_addresses_values_and_results():
 @pytest.mark.parametrize("path", COMPILED)
 def test_stream_read_reads_every_byte_it_counts(path):
     """stream_read (the read-rate probe of benchmarks/peers.py) reads exactly the bytes it says it read: the largest
-    multiple of 256 x streams x threads, each part by every stream. Its C call returns the OR of the 64-bit words read,
-    folded to 32 bits; a distinct bit is planted every 256 bytes, so a skipped range or a byte read past the count
+    multiple of 256 x streams x threads, each part by every stream. Its C call also returns the OR of the 64-bit words
+    read, folded to 32 bits; a distinct bit is planted every 256 bytes, so a skipped range or a byte read past the count
     changes the answer."""
     n = 256 * 4 * 3 * 5 + 1000  # not a multiple of any unit below; under 64 x 256 bytes, so no bit repeats
     words = np.zeros(n // 8, dtype=np.uint64)
@@ -271,7 +271,7 @@ def test_stream_read_reads_every_byte_it_counts(path):
             v = np.bitwise_or.reduce(buf[:read].numpy().view(np.uint64))
             folded = int(v ^ (v >> np.uint64(32))) & 0xFFFFFFFF
             got = K.extension().stream_read(K._PATH_IDS[path], threads, buf.data_ptr(), n, streams, prefetch)
-            assert got == folded, (threads, streams, prefetch)
+            assert got == (read, folded), (threads, streams, prefetch)
     with pytest.raises(ValueError, match="streams 1..8"):
         K.extension().stream_read(K._PATH_IDS[path], 2, buf.data_ptr(), n, 9, 0)
 

@@ -38,6 +38,7 @@ TQ1_BLOCK_BYTES = 54  # 48 + 4 code bytes + fp16 d
 TQ1_CODE_BYTES = 52  # code bytes of a TQ1_0 block (its fp16 d kept apart)
 FORMATS = {"tq2": "tq2_0", "tq1": "tq1_0", "tq2_0": "tq2_0", "tq1_0": "tq1_0"}
 BLOCK_BYTES = {"tq2_0": TQ2_BLOCK_BYTES, "tq1_0": TQ1_BLOCK_BYTES}
+CODE_BYTES = {"tq2_0": 64, "tq1_0": TQ1_CODE_BYTES}  # per block in a PackedTernaryLinear's qs (d kept apart)
 
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
 # Every valid TQ1_0 byte: ⌈256·v/243⌉ for v in [0, 242]; for qh, v must be a multiple of 3 (its fifth code is 0).

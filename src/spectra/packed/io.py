@@ -285,8 +285,10 @@ def load_packed(
         model = Transformer(cfg)
     modules = dict(model.named_modules())
     order = [n for n in modules if n in shapes] + [n for n in shapes if n not in modules]  # a decode step's order
-    code_bytes = formats.BLOCK_BYTES[fmt] - 2  # per 256 weights, without the fp16 block scale
-    homes = iter(code_arena([shapes[n][0] * shapes[n][1] // formats.QK * code_bytes for n in order]))
+    # Each layer's codes move into the arena as soon as it is built (not `gather_codes` afterwards), so no more than
+    # one layer's codes exist twice at a time.
+    block = formats.CODE_BYTES[fmt]
+    homes = iter(code_arena([shapes[n][0] * shapes[n][1] // formats.QK * block for n in order]))
     for name in order:
         out_f, in_f = shapes[name]
         target = modules.get(name)

@@ -344,9 +344,7 @@ def stream_read(buf: Tensor, n_threads: int, *, streams: int = 2, prefetch: int 
     if buf.device.type != "cpu" or not buf.is_contiguous():
         raise ValueError(f"stream_read takes a contiguous CPU tensor, got one on {buf.device}")
     nbytes = buf.numel() * buf.element_size()
-    ext.stream_read(_PATH_IDS[resolve_path(path)], n_threads, buf.data_ptr(), nbytes, streams, prefetch)
-    unit = 256 * streams * n_threads
-    return nbytes // unit * unit
+    return ext.stream_read(_PATH_IDS[resolve_path(path)], n_threads, buf.data_ptr(), nbytes, streams, prefetch)[0]
 
 
 def use_huge_pages(*tensors: Tensor) -> int:

@@ -69,10 +69,7 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
 #endif
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_T1
-#endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p), PREFETCH_HINT)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 /* The one-token GEMV (gemv1_avx512) prefetches every line three times, at 1, 2 and 3 x gemv1_pf_step ahead.
  * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's): a PREFETCHT1 is sometimes lost (others report it on EPYC 9124),
  *   and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the loop runs: a
@@ -108,7 +105,7 @@ static int64_t i8_pf_bytes = PREFETCH_BYTES;
 static int i8_pf_every_line = 0;
 
 static void prefetch_tune(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef SPECTRA_X86
     if (__builtin_cpu_is("intel")) {
         gemv1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
         i8_pf_bytes = I8_PF_BYTES_INTEL;
@@ -2398,10 +2395,11 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* stream_read(path, n_threads, ptr, nbytes, streams, prefetch) -> int: read the first bytes of [ptr, ptr + nbytes),
- * the largest multiple of 256 * streams * n_threads of them, once: one part per thread of the pool, each part as `streams` (1..8) sequential streams side by side, with software prefetch
- * `prefetch` bytes ahead of each (0: none, the hardware prefetchers alone), and return the OR of its 64-bit words
- * folded to 32 bits (so no read can be dropped). benchmarks/peers.py times it as the DRAM read rate that bounds a
+/* stream_read(path, n_threads, ptr, nbytes, streams, prefetch) -> (bytes read, fold): read the first bytes of
+ * [ptr, ptr + nbytes), the largest multiple of 256 * streams * n_threads of them, once: one part per thread of the
+ * pool, each part as `streams` (1..8) sequential streams side by side, with software prefetch `prefetch` bytes ahead
+ * of each (0: none, the hardware prefetchers alone); `fold` is the OR of the 64-bit words read folded to 32 bits (so
+ * no read can be dropped). benchmarks/peers.py times it as the DRAM read rate that bounds a
  * decode: numpy's and torch's reductions read one stream per thread without prefetch, and on the 2-core Xeon they
  * measured 10-15 % below the best of these settings over the same 1 GiB, so a GEMV that prefetches could read faster
  * than their "bound". */
@@ -2472,7 +2470,7 @@ static PyObject *py_stream_read(PyObject *self, PyObject *args) {
     uint64_t v = 0;
     for (int i = 0; i < n_threads; i++) v |= out[i];
     free(out);
-    return PyLong_FromUnsignedLong((unsigned long)(uint32_t)(v ^ (v >> 32)));
+    return Py_BuildValue("Lk", (long long)(n_threads * task.part), (unsigned long)(uint32_t)(v ^ (v >> 32)));
 }
 
 /* huge_pages(ptr, nbytes) -> int: back the memory [ptr, ptr + nbytes) with 2 MiB pages where Linux allows it, in place
