@@ -247,6 +247,48 @@ def test_all_layers_in_one_call_equal_one_call_per_layer():
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
 
 
+HAS_AMX = kernels.extension() is not None and kernels.cpu_features().get("amx_int8", False)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the rows of a step are split over the threads only where AMX runs the parts")
+@pytest.mark.parametrize("kind,kv", [("packed-int8-head", torch.float16), ("packed", None)])
+def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(kind, kv):
+    """Eleven sequences on two threads: the step runs as two row ranges (5 and 6 rows), each through every block on its
+    own thread (`use_batch_split`). Hidden states, caches and logits equal those of the step spread over the threads
+    block by block, bit for bit, and each row equals the batch-1 decoder on that sequence alone."""
+    model = model_of(kind, num_scale_shards=2, n_layers=3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 4, 9, 2, 6, 3, 11, 5, 7, 8, 2)]
+    dec = Decoder(model)
+    runs = []
+    try:
+        for split in (True, False):
+            kernels.use_batch_split(split)
+            bd = BatchDecoder(model, len(prompts), 48, kv)
+            bd.kernel["decoder"]._threads = 2
+            slots = [bd.acquire() for _ in prompts]
+            solo = [model.new_cache(1, 48, kv) for _ in prompts]
+            rows = []
+            with torch.inference_mode():
+                last = [int(bd.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
+                for c, p in zip(solo, prompts):
+                    dec.prefill(torch.tensor([p]), c)
+                for _ in range(3):
+                    logits = bd.step(slots, last)
+                    rows.append((logits.clone(), bd.kernel["rows"].x[: len(prompts)].clone()))
+                    for i, c in enumerate(solo):
+                        dec.step(torch.tensor([[last[i]]]), c)
+                        assert torch.equal(bd.kernel["rows"].x[i], dec._x)
+                    last = [int(r.argmax()) for r in logits]
+            runs.append((rows, [bd.caches[s].k.clone() for s in slots], [bd.caches[s].v.clone() for s in slots]))
+    finally:
+        kernels.use_batch_split(True)
+    (split_rows, split_k, split_v), (joint_rows, joint_k, joint_v) = runs
+    for (la, xa), (lb, xb) in zip(split_rows, joint_rows):
+        assert torch.equal(la, lb) and torch.equal(xa, xb)
+    assert all(torch.equal(a, b) for a, b in zip(split_k + split_v, joint_k + joint_v))
+
+
 def test_serial_torch_keeps_the_kernels_thread_count_and_restores_torchs():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -140,6 +140,15 @@ def use_amx(on: bool = True) -> bool:
     return bool(ext.set_amx(on)) if ext is not None else False
 
 
+def use_batch_split(on: bool = True) -> bool:
+    """Let a batched decode step of 8 or more sequences on n >= 2 threads run as n independent row ranges, each
+    through every block on its own thread (the default), or spread each block's GEMMs, attention and per-row steps
+    over the threads in turn (`on=False`, for A/B runs and tests). Results are bit-identical either way. Returns the
+    previous setting; False without the extension."""
+    ext = extension()
+    return bool(ext.set_batch_split(on)) if ext is not None and hasattr(ext, "set_batch_split") else False
+
+
 def use_lane(min_tokens: int = 32) -> int:
     """Let the `avx512vnni` path compute ternary products of `min_tokens` or more tokens with the token-lane GEMM (the
     default is 32; 0 switches it off, for A/B runs and tests). While the quad GEMM is on (`use_quad`), TQ2_0 products
