@@ -289,6 +289,51 @@ def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(
     assert all(torch.equal(a, b) for a, b in zip(split_k + split_v, joint_k + joint_v))
 
 
+@needs_ext
+def test_where_a_steps_rows_split_over_the_threads():
+    """The split rule (split_cuts) on rows given by their cache addresses: even shares of distinct caches, a prompt
+    chunk's rows (one cache) never cut, at least 5 rows a part, parts within 3.5x of each other, one cache in two
+    runs never split."""
+    cuts = kernels.extension().batch_split_cuts
+    distinct = tuple(range(100, 116))
+    assert cuts(2, distinct) == [0, 8, 16] and cuts(4, distinct[:15]) == [0, 5, 10, 15]
+    assert cuts(1, distinct) == [0, 16] and cuts(2, distinct[:9]) == [0, 9] and cuts(2, distinct[:10]) == [0, 5, 10]
+    assert cuts(2, distinct[:7] + (7,) * 9) == [0, 7, 16]  # the chunk's 9 rows stay together
+    assert cuts(2, distinct[:15] + (7,) * 48) == [0, 15, 63]  # 48 / 15 = 3.2
+    assert cuts(2, distinct[:8] + (7,) * 32) == [0, 40]  # 32 / 8 = 4: not split
+    assert cuts(2, (7,) * 32) == [0, 32]  # one cache
+    assert cuts(2, (1, 2, 1) + distinct[3:]) == [0, 16]  # cache 1 in two runs
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the rows of a step are split over the threads only where AMX runs the parts")
+def test_a_step_with_a_prompt_chunk_splits_between_the_decode_rows_and_the_chunk():
+    """Seven decode rows and a 9-token prompt chunk on two threads: the chunk's rows read each other's keys, so they
+    form one part and the decode rows the other. Logits, the chunk's last-position logits and every cache equal the
+    step spread over the threads block by block (`use_batch_split(False)`), bit for bit."""
+    model = model_of("packed-int8-head", n_layers=3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 1, 8, 5, 2, 6, 4)]
+    chunk = torch.randint(0, VOCAB, (9,), generator=g).tolist()
+    outs = []
+    try:
+        for split in (True, False):
+            kernels.use_batch_split(split)
+            bd = BatchDecoder(model, len(prompts) + 1, 48, torch.float16)
+            bd.kernel["decoder"]._threads = 2
+            slots = [bd.acquire() for _ in prompts]
+            with torch.inference_mode():
+                last = [int(bd.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
+                new = bd.acquire()
+                logits, pre = bd.step_with_prefill(slots, last, [(new, chunk)])
+                after = bd.step(slots + [new], [1] * len(slots) + [int(pre[0].argmax())])
+            outs.append((logits, pre[0], after, [bd.caches[s].k.clone() for s in slots + [new]]))
+    finally:
+        kernels.use_batch_split(True)
+    (la, pa, aa, ka), (lb, pb, ab, kb) = outs
+    assert torch.equal(la, lb) and torch.equal(pa, pb) and torch.equal(aa, ab)
+    assert all(torch.equal(a, b) for a, b in zip(ka, kb))
+
+
 def test_serial_torch_keeps_the_kernels_thread_count_and_restores_torchs():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -2321,22 +2321,26 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
     return ok;
 }
 
-/* A decode step's rows split over the threads: each of n_threads parts of the rows runs every block on its own thread
+/* A batched step's rows split over the threads: each of n_threads parts of the rows runs every block on its own thread
  * (batch_layer_run with one thread), instead of each block's GEMMs, attention and per-row steps running across the
  * threads in turn. At a small model's sizes a GEMM's rows cost about as much on two threads as on one (the
  * activations, made on one core, and the outputs, read back on one core by the per-row steps, cross between the
  * cores, and each hand-out ends in a wait), and the per-row steps run on the calling thread alone. Split, each part
  * reads every weight matrix and decodes its panels itself, and nothing crosses between the threads until the output
  * layer. Rows do not depend on one another (Rows), so the results are the same bits.
- * When: the AMX GEMM takes each part (at least AMX_MIN_T rows: parts of 4 ran the GEMV kernels, 0.83x), the rows have
- * distinct caches (a prompt chunk's rows read each other's keys), and a block's code bytes are at most
- * SPLIT_MAX_LAYER_BYTES (twice the weight reads: at TriLM-1.1B's 9.6 MB per block the 16-row step ran 0.80x).
- * The 2-core Xeon, 16-row steps, split against not, alternating in one process: TriLM-99M (0.75 MB per block) 1.19x
- * [1.14-1.23] (7/7), 12 rows 1.12x, 10 rows 1.11x; 190M (1.8 MB) 1.04x (4/5); 390M (3.1 MB) 0.98x (0/5). Not
- * measured on a CPU without AMX, where it stays off. set_batch_split turns it off (A/B runs and tests). */
+ * When: the AMX GEMM takes each part (at least AMX_MIN_T rows: parts of 4 ran the GEMV kernels, 0.83x), a block's
+ * code bytes are at most SPLIT_MAX_LAYER_BYTES (twice the weight reads: at TriLM-1.1B's 9.6 MB per block the 16-row
+ * step ran 0.80x), and the parts are within 3.5x of each other in rows. A prompt chunk's rows read each other's keys,
+ * so a cache's rows stay in one part (split_parts): a step of decode rows and one prompt chunk splits between them.
+ * The 2-core Xeon, TriLM-99M (0.75 MB per block), split against not, alternating in one process: 16 decode rows
+ * 1.19x [1.14-1.23] (7/7), 12 rows 1.12x, 10 rows 1.11x; 15 decode rows with a 16 / 32 / 48-token chunk 1.32x /
+ * 1.085x / 1.22x, 12 with 32 1.02x, 8 with 32 0.92x (hence the 3.5x). 16 rows of 190M (1.8 MB): 1.04x (4/5); 390M
+ * (3.1 MB): 0.98x (0/5). Not measured on a CPU without AMX, where it stays off. set_batch_split turns it off (A/B
+ * runs and tests). */
 #ifndef SPLIT_MAX_LAYER_BYTES
 #define SPLIT_MAX_LAYER_BYTES (1 << 20)
 #endif
+#define SPLIT_MAX_PARTS 16
 static int batch_split_on = 1;
 
 typedef struct {
@@ -2345,7 +2349,8 @@ typedef struct {
     Py_ssize_t n_layers;
     int all_layers, half;
     float *xs;
-    int64_t B, C, H, D, parts;
+    int64_t B, C, H, D;
+    int64_t cut[SPLIT_MAX_PARTS + 1]; /* part c: rows [cut[c], cut[c + 1]) */
     const int64_t *pos;
     const float *cos0, *sin0;
     const unsigned long long *kp, *vp;
@@ -2363,7 +2368,7 @@ static void layer_rows_from(batch_layer_t *L, int64_t r0, int64_t n, int64_t C, 
 
 static void split_chunk(void *ctx, int64_t c) {
     split_task_t *t = (split_task_t *)ctx;
-    const int64_t r0 = t->B * c / t->parts, r1 = t->B * (c + 1) / t->parts, A = t->H * t->D;
+    const int64_t r0 = t->cut[c], r1 = t->cut[c + 1], A = t->H * t->D;
     for (Py_ssize_t i = 0; i < t->n_layers && !atomic_load(&t->failed); i++) {
         batch_layer_t L = t->Ls[i];
         layer_rows_from(&L, r0, r1 - r0, t->C, A);
@@ -2374,23 +2379,53 @@ static void split_chunk(void *ctx, int64_t c) {
     }
 }
 
-/* How many parts B rows of blocks L run in (batch_layers): 1 (not split) unless the conditions above hold. */
-static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp) {
+/* Where B rows whose caches start at kp[] split into parts for n_threads (cut[0] = 0 .. cut[parts] = B); returns the
+ * number of parts, 1 for not split. A cache's rows (a prompt chunk's positions) stay in one part: parts end at the
+ * row boundaries nearest to even shares where the cache changes; each needs AMX_MIN_T rows, and the largest may
+ * have at most 3.5 times the smallest's. */
+static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp, int64_t *cut) {
     int64_t parts = B / AMX_MIN_T < n_threads ? B / AMX_MIN_T : n_threads;
-    if (!batch_split_on || parts < 2) return 1;
+    if (parts > SPLIT_MAX_PARTS) parts = SPLIT_MAX_PARTS;
+    if (parts < 2) return 1;
+    for (int64_t i = 1; i < B; i++) /* each cache's rows in one run */
+        if (kp[i] != kp[i - 1])
+            for (int64_t j = 0; j < i - 1; j++)
+                if (kp[j] == kp[i]) return 1;
+    cut[0] = 0, cut[parts] = B;
+    int64_t smallest = B, largest = 0;
+    for (int64_t c = 1; c <= parts; c++) {
+        if (c < parts) {
+            const int64_t want = B * c / parts;
+            int64_t best = -1;
+            for (int64_t r = cut[c - 1] + 1; r < B; r++)
+                if (kp[r] != kp[r - 1] && (best < 0 || llabs(r - want) < llabs(best - want))) best = r;
+            if (best < 0) return 1;
+            cut[c] = best;
+        }
+        if (cut[c] - cut[c - 1] < smallest) smallest = cut[c] - cut[c - 1];
+        if (cut[c] - cut[c - 1] > largest) largest = cut[c] - cut[c - 1];
+    }
+    return smallest < AMX_MIN_T || 2 * largest > 7 * smallest ? 1 : parts;
+}
+
+/* split_cuts for blocks L (batch_layers), when the split is on, the AMX GEMM takes the smallest part and a block's
+ * code bytes are at most SPLIT_MAX_LAYER_BYTES; else 1. */
+static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
+                           int64_t *cut) {
+    const int64_t parts = batch_split_on ? split_cuts(n_threads, B, kp, cut) : 1;
+    if (parts < 2) return 1;
+    int64_t smallest = B;
+    for (int64_t c = 0; c < parts; c++)
+        if (cut[c + 1] - cut[c] < smallest) smallest = cut[c + 1] - cut[c];
     const job_t *jobs[7] = {&L->jq[0], &L->jq[1], &L->jq[2], &L->jo, &L->jg[0], &L->jg[1], &L->jd};
     int64_t bytes = 0;
     for (int i = 0; i < 7; i++) {
         job_t part = *jobs[i];
-        part.T = B / parts;
+        part.T = smallest;
         if (!amx_applies(path, &part)) return 1;
         bytes += part.N * part.nb * (part.fmt == FMT_TQ1 ? TQ1_CB : QB);
     }
-    if (bytes > SPLIT_MAX_LAYER_BYTES) return 1;
-    for (int64_t i = 0; i < B; i++)
-        for (int64_t j = 0; j < i; j++)
-            if (kp[i] == kp[j]) return 1;
-    return parts;
+    return bytes > SPLIT_MAX_LAYER_BYTES ? 1 : parts;
 }
 
 static PyObject *batch_layers(PyObject *args, int all_layers) {
@@ -2428,10 +2463,10 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    const int64_t parts = split_parts(path, n_threads, Ls, B, kp);
+    split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, {0}, pos, cos0, sin0, kp, vp,
+                         loff, hs, scale, 0};
+    const int64_t parts = split_parts(path, n_threads, Ls, B, kp, task.cut);
     if (parts > 1) {
-        split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, parts, pos, cos0, sin0, kp, vp,
-                             loff, hs, scale, 0};
         for_chunks(n_threads, parts, split_chunk, (void *)&task);
         ok = !atomic_load(&task.failed);
     } else {
@@ -2638,6 +2673,30 @@ static PyObject *py_set_amx(PyObject *self, PyObject *args) {
     return PyBool_FromLong(before);
 }
 
+/* batch_split_cuts(n_threads, caches) -> list: where a step whose rows have these cache addresses (one int per row)
+ * splits over n_threads threads (split_cuts: [0, .., B], or [0, B] when it does not), before the model-size and AMX
+ * conditions. For tests. */
+static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
+    int n_threads;
+    PyObject *caches;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iO!", &n_threads, &PyTuple_Type, &caches)) return NULL;
+    const Py_ssize_t B = PyTuple_GET_SIZE(caches);
+    if (B < 1 || B > 4096) return PyErr_Format(PyExc_ValueError, "need 1..4096 rows, got %zd", B);
+    unsigned long long kp[4096];
+    for (Py_ssize_t i = 0; i < B; i++) {
+        kp[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(caches, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    int64_t cut[SPLIT_MAX_PARTS + 1] = {0, B};
+    const int64_t parts = split_cuts(n_threads, B, kp, cut);
+    if (parts < 2) cut[1] = B;
+    PyObject *out = PyList_New(parts + 1);
+    if (!out) return NULL;
+    for (int64_t c = 0; c <= parts; c++) PyList_SET_ITEM(out, c, PyLong_FromLongLong(cut[c]));
+    return out;
+}
+
 /* set_batch_split(on) -> bool: split a batched decode step's rows over the threads (the default; batch_layers) or not
  * (every block's work spread over the threads in turn); returns the previous setting. For A/B runs and tests. */
 static PyObject *py_set_batch_split(PyObject *self, PyObject *args) {
@@ -2715,6 +2774,7 @@ static PyMethodDef methods[] = {
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
+    {"batch_split_cuts", py_batch_split_cuts, METH_VARARGS, "Where a step's rows split over the threads (tests)."},
     {"set_batch_split", py_set_batch_split, METH_VARARGS, "Split batched decode steps' rows over the threads or not."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
