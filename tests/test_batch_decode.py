@@ -250,17 +250,25 @@ def test_all_layers_in_one_call_equal_one_call_per_layer():
 HAS_AMX = kernels.extension() is not None and kernels.cpu_features().get("amx_int8", False)
 
 
-@pytest.mark.skipif(not HAS_AMX, reason="the rows of a step are split over the threads only where AMX runs the parts")
-@pytest.mark.parametrize("kind,kv", [("packed-int8-head", torch.float16), ("packed", None)])
-def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(kind, kv):
-    """Eleven sequences on two threads: the step runs as two row ranges (5 and 6 rows), each through every block on its
-    own thread (`use_batch_split`). Hidden states, caches and logits equal those of the step spread over the threads
-    block by block, bit for bit, and each row equals the batch-1 decoder on that sequence alone."""
+HAS_VNNI = kernels.extension() is not None and kernels.cpu_features().get("avx512vnni", False)
+
+
+@pytest.mark.parametrize("kind,kv,amx", [("packed-int8-head", torch.float16, True), ("packed", None, True),
+                                         ("packed-int8-head", torch.float16, False)])
+def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(kind, kv, amx):
+    """Eleven sequences (AMX: parts of 5 and 6 rows) or sixteen (the AVX-512 GEMMs, AMX off: 8 and 8) on two threads:
+    the step runs as two row ranges, each through every block on its own thread (`use_batch_split`). Hidden states,
+    caches and logits equal those of the step spread over the threads block by block, bit for bit, and each row
+    equals the batch-1 decoder on that sequence alone."""
+    if not (HAS_AMX if amx else HAS_VNNI):
+        pytest.skip("the rows of a step are split only where AMX or the AVX-512 GEMMs run the parts")
     model = model_of(kind, num_scale_shards=2, n_layers=3)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 4, 9, 2, 6, 3, 11, 5, 7, 8, 2)]
+    sizes = (1, 4, 9, 2, 6, 3, 11, 5, 7, 8, 2) + (() if amx else (3, 10, 1, 6, 4))
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in sizes]
     dec = Decoder(model)
     runs = []
+    was_amx = kernels.use_amx(amx)
     try:
         for split in (True, False):
             kernels.use_batch_split(split)
@@ -283,6 +291,7 @@ def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(
             runs.append((rows, [bd.caches[s].k.clone() for s in slots], [bd.caches[s].v.clone() for s in slots]))
     finally:
         kernels.use_batch_split(True)
+        kernels.use_amx(was_amx)
     (split_rows, split_k, split_v), (joint_rows, joint_k, joint_v) = runs
     for (la, xa), (lb, xb) in zip(split_rows, joint_rows):
         assert torch.equal(la, lb) and torch.equal(xa, xb)

@@ -2328,17 +2328,23 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
  * cores, and each hand-out ends in a wait), and the per-row steps run on the calling thread alone. Split, each part
  * reads every weight matrix and decodes its panels itself, and nothing crosses between the threads until the output
  * layer. Rows do not depend on one another (Rows), so the results are the same bits.
- * When: the AMX GEMM takes each part (at least AMX_MIN_T rows: parts of 4 ran the GEMV kernels, 0.83x), a block's
- * code bytes are at most SPLIT_MAX_LAYER_BYTES (twice the weight reads: at TriLM-1.1B's 9.6 MB per block the 16-row
- * step ran 0.80x), and the parts are within 3.5x of each other in rows. A prompt chunk's rows read each other's keys,
+ * When: each part has at least AMX_MIN_T rows (parts of 4 ran the GEMV kernels, 0.83x) and its GEMMs are ones the
+ * split was measured with (split_parts), a block's code bytes are at most SPLIT_MAX_LAYER_BYTES (twice the weight
+ * reads: at TriLM-1.1B's 9.6 MB per block the 16-row step ran 0.80x with AMX, 0.94x without), and the parts are
+ * within 3.5x of each other in rows. A prompt chunk's rows read each other's keys,
  * so a cache's rows stay in one part (split_parts): a step of decode rows and one prompt chunk splits between them.
  * The 2-core Xeon, TriLM-99M (0.75 MB per block), split against not, alternating in one process: 16 decode rows
  * 1.19x [1.14-1.23] (7/7), 12 rows 1.12x, 10 rows 1.11x; 15 decode rows with a 16 / 32 / 48-token chunk 1.32x /
  * 1.085x / 1.22x, 12 with 32 1.02x, 8 with 32 0.92x (hence the 3.5x). 16 rows of 190M (1.8 MB): 1.04x (4/5); 390M
- * (3.1 MB): 0.98x (0/5). Not measured on a CPU without AMX, where it stays off. set_batch_split turns it off (A/B
- * runs and tests). */
+ * (3.1 MB): 0.98x (0/5). TQ1_0 codes on AMX: 0.886x (each part decodes the base-3 panels again), so not split.
+ * With AMX switched off (use_amx: the AVX-512 GEMMs Zen 4 runs, on this Xeon): 99M 16 rows TQ2_0 1.107x (7/7), TQ1_0
+ * 1.124x (5/5), 12 rows (parts of 6, the 4 x 4 tiles) 1.024x, hence SPLIT_MIN_VNNI_ROWS; 390M 0.987x, 1.1B 0.943x.
+ * Not measured on Zen 4 itself. set_batch_split turns it off (A/B runs and tests). */
 #ifndef SPLIT_MAX_LAYER_BYTES
 #define SPLIT_MAX_LAYER_BYTES (1 << 20)
+#endif
+#ifndef SPLIT_MIN_VNNI_ROWS
+#define SPLIT_MIN_VNNI_ROWS 8
 #endif
 #define SPLIT_MAX_PARTS 16
 static int batch_split_on = 1;
@@ -2408,8 +2414,9 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
     return smallest < AMX_MIN_T || 2 * largest > 7 * smallest ? 1 : parts;
 }
 
-/* split_cuts for blocks L (batch_layers), when the split is on, the AMX GEMM takes the smallest part and a block's
- * code bytes are at most SPLIT_MAX_LAYER_BYTES; else 1. */
+/* split_cuts for blocks L (batch_layers) when the split is on, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES
+ * and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0 codes, or the
+ * AVX-512 GEMMs (no AMX) from SPLIT_MIN_VNNI_ROWS rows; else 1. */
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
     const int64_t parts = batch_split_on ? split_cuts(n_threads, B, kp, cut) : 1;
@@ -2422,7 +2429,8 @@ static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int6
     for (int i = 0; i < 7; i++) {
         job_t part = *jobs[i];
         part.T = smallest;
-        if (!amx_applies(path, &part)) return 1;
+        const int amx = amx_applies(path, &part);
+        if (amx ? part.fmt != FMT_TQ2 : path != PATH_AVX512VNNI || smallest < SPLIT_MIN_VNNI_ROWS) return 1;
         bytes += part.N * part.nb * (part.fmt == FMT_TQ1 ? TQ1_CB : QB);
     }
     return bytes > SPLIT_MAX_LAYER_BYTES ? 1 : parts;
