@@ -2346,6 +2346,9 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
 #ifndef SPLIT_MIN_VNNI_ROWS
 #define SPLIT_MIN_VNNI_ROWS 8
 #endif
+#ifndef SPLIT_MAX_THREADS
+#define SPLIT_MAX_THREADS 2 /* measured on 2 cores only: with more, each part reads all weights (n times per step) */
+#endif
 #define SPLIT_MAX_PARTS 16
 static int batch_split_on = 1;
 
@@ -2414,13 +2417,15 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
     return smallest < AMX_MIN_T || 2 * largest > 7 * smallest ? 1 : parts;
 }
 
-/* split_cuts for blocks L (batch_layers) when the split is on, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES
+/* split_cuts for blocks L (batch_layers) when the split is on, every one of at most SPLIT_MAX_THREADS threads gets a
+ * part, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES
  * and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0 codes, or the
  * AVX-512 GEMMs (no AMX) from SPLIT_MIN_VNNI_ROWS rows; else 1. */
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
-    const int64_t parts = batch_split_on ? split_cuts(n_threads, B, kp, cut) : 1;
-    if (parts < 2) return 1;
+    if (!batch_split_on || n_threads > SPLIT_MAX_THREADS) return 1;
+    const int64_t parts = split_cuts(n_threads, B, kp, cut);
+    if (parts < n_threads) return 1; /* a thread without a part would wait */
     int64_t smallest = B;
     for (int64_t c = 0; c < parts; c++)
         if (cut[c + 1] - cut[c] < smallest) smallest = cut[c + 1] - cut[c];
