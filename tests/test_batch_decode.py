@@ -314,6 +314,28 @@ def test_where_a_steps_rows_split_over_the_threads():
     assert cuts(2, (1, 2, 1) + distinct[3:]) == [0, 16]  # cache 1 in two runs
 
 
+@pytest.mark.skipif(not HAS_VNNI, reason="the rows of a step are split only where AMX or the AVX-512 GEMMs run them")
+def test_a_scheduler_of_twelve_slots_on_two_threads_gives_each_sequence_its_own_tokens():
+    """Sixteen prompts through twelve slots on two threads, prompts prefilled 4 positions a step beside the decode
+    rows: steps split over the threads whenever the rule allows (decode rows alone, or beside a prompt chunk), and
+    sequences join and leave between them. Each gets exactly the tokens `generate` gives it alone."""
+    model = model_of("packed-int8-head", n_layers=2)
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.randint(1, 14, (16,), generator=g)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in sizes]
+    limits = [int(n) for n in torch.randint(3, 24, (16,), generator=g)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False, kv_dtype=torch.float16)["tokens"]
+                 for p, n in zip(prompts, limits)]
+        batched = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=12,
+                                 prefill_chunk=4, kv_dtype=torch.float16)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["tokens"] for r in batched] == alone
+
+
 @pytest.mark.skipif(not HAS_AMX, reason="the rows of a step are split over the threads only where AMX runs the parts")
 def test_a_step_with_a_prompt_chunk_splits_between_the_decode_rows_and_the_chunk():
     """Seven decode rows and a 9-token prompt chunk on two threads: the chunk's rows read each other's keys, so they
