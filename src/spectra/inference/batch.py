@@ -10,7 +10,8 @@ pos_i + 1 keys. Sequences join (prefill into a free slot) and leave (free the sl
 forward and the batch-1 `Decoder` take), and runs a step two ways:
 
 - a packed TriLM with compiled kernels: one C call for all layers (`_kernels.decode_layers_batch`), the GEMM kernels
-  over all B rows and, for each row, the same norm / RoPE / attention / SiLU functions `Decoder`'s `decode_layer` runs.
+  over all B rows and, for each row, the same norm / RoPE / attention / SiLU functions as the batch-1 `Decoder`'s
+  call with one row.
   The packed kernels' output rows do not depend on the other rows (integer dot products, per-row scales, a fixed
   epilogue), so every row of a batched step is bit-identical to decoding that sequence alone with `Decoder`;
 - any other model `spectra.load` opens: the model's own modules on (B, 1, C), per-row RoPE, and attention per sequence

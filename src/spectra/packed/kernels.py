@@ -298,7 +298,7 @@ def ternary_matmul(
 
 
 def group_spec(qs: Tensor, bounds: Tensor, seg_d: Tensor, y: Tensor, fmt_id: int) -> tuple:
-    """One matrix as the C group calls take it (`matmul_group`, `decode_layer`, `decode_layer_batch`):
+    """One matrix as the C group calls take it (`matmul_group`, `decode_layer_batch`, `decode_layers_batch`):
     (qs, N, bounds, S, seg_d, y, fmt) with addresses for the tensors; y receives x Wᵀ. The caller keeps the tensors
     alive for as long as the spec is used."""
     return (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr(), fmt_id)

@@ -19,8 +19,8 @@
  *
  * Also here: matmul_group (several matrices of one input, quantized once), matmul_i8 (int8 weights, for the output
  * layer; integer-exact like the ternary products), attend (single-query attention over a KV cache slice, float32) and
- * decode_layer (one Llama block for one token, built from the others; spectra.inference.decode). The last two are
- * float code whose results equal torch's to rounding, not bit for bit.
+ * decode_layer_batch / decode_layers_batch (Llama blocks for token rows, built from the others;
+ * spectra.inference.decode). The last two are float code whose results equal torch's to rounding, not bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2105,85 +2105,18 @@ static void silu_mul(int path, float *g, const float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* decode_layer(path, n_threads, x_ptr, C, H, D, pos, cos_ptr, sin_ptr, k_ptr, v_ptr, head_stride, scale, layer)
- * One Llama block (RMSNorm, q|k|v, RoPE, KV-cache write at `pos`, attention over positions 0..pos, o_proj and the
- * residual, RMSNorm, gate|up, SiLU(gate)*up, down_proj and the residual) for one token x [C], updated in place.
- * layer = (w_in_ptr, eps_in, w_post_ptr, eps_post, (q, k, v specs), o spec, (gate, up specs), down spec, h_ptr,
- * att_ptr) with matrix specs as in matmul_group (their y pointers are the layer's output buffers); h [C] and att
- * [H*D] are scratch. k_ptr/v_ptr: this layer's cache, head h's row j at k_ptr + h * head_stride + j * D. The linear
- * layers are the ternary kernels above (bit-identical to separate calls); norms, RoPE, attention and SiLU are float32
- * C and equal torch's to rounding. */
-static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
-    int path, n_threads;
-    unsigned long long px, pcos, psin, pk, pv;
-    long long C, H, D, pos, hs;
-    float scale;
-    PyObject *layer;
-    (void)self;
-    int half = 0;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKLfO!|p", &path, &n_threads, &px, &C, &H, &D, &pos, &pcos, &psin, &pk,
-                          &pv, &hs, &scale, &PyTuple_Type, &layer, &half))
-        return NULL;
-    unsigned long long pw_in, pw_post, ph, patt;
-    float eps_in, eps_post;
-    PyObject *qkv, *o, *gu, *down;
-    if (!PyArg_ParseTuple(layer, "KfKfO!OO!OKK", &pw_in, &eps_in, &pw_post, &eps_post, &PyTuple_Type, &qkv, &o,
-                          &PyTuple_Type, &gu, &down, &ph, &patt))
-        return NULL;
-    const long long A = H * D;
-    if (C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || pos < 0 || hs < (pos + 1) * D ||
-        PyTuple_GET_SIZE(qkv) != 3 || PyTuple_GET_SIZE(gu) != 2)
-        return PyErr_Format(PyExc_ValueError, "bad decode_layer sizes C=%lld H=%lld D=%lld pos=%lld", C, H, D, pos);
-    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
-    job_t jq[3], jo, jg[2], jd;
-    for (int i = 0; i < 3; i++)
-        if (!parse_spec(PyTuple_GET_ITEM(qkv, i), &jq[i], 1, C)) return NULL;
-    if (!parse_spec(o, &jo, 1, A)) return NULL;
-    for (int i = 0; i < 2; i++)
-        if (!parse_spec(PyTuple_GET_ITEM(gu, i), &jg[i], 1, C)) return NULL;
-    const int64_t G = jg[0].N;
-    if (G <= 0 || G % QK || jg[1].N != G || !parse_spec(down, &jd, 1, G)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "gate and up need equal sizes, multiples of 256");
-        return NULL;
-    }
-    if (jq[0].N != A || jq[1].N != A || jq[2].N != A || jo.N != C || jd.N != C)
-        return PyErr_Format(PyExc_ValueError, "matrix sizes do not fit C=%lld and H*D=%lld", C, A);
-    float *x = (float *)(uintptr_t)px, *h = (float *)(uintptr_t)ph, *att = (float *)(uintptr_t)patt;
-    const float *cos = (const float *)(uintptr_t)pcos, *sin = (const float *)(uintptr_t)psin;
-    void *kc = (void *)(uintptr_t)pk, *vc = (void *)(uintptr_t)pv;
-    int ok = 1;
-    Py_BEGIN_ALLOW_THREADS
-    kv_prefetch((const char *)kc, (const char *)vc, H, D, hs, pos, half);
-    rms_norm_row(x, (const float *)(uintptr_t)pw_in, eps_in, h, C);
-    ok = ok && group_run(path, h, 1, C, jq, 3, n_threads);
-    if (ok) {
-        float *q = jq[0].y;
-        rope_kv_row(path, q, jq[1].y, jq[2].y, att, kc, vc, cos, sin, H, D, hs, pos, half);
-        ok = attend_run(path, q, kc, vc, att, H, pos + 1, D, hs, scale, n_threads, half);
-    }
-    ok = ok && group_run(path, att, 1, A, &jo, 1, n_threads);
-    if (ok) {
-        for (int64_t i = 0; i < C; i++) x[i] = x[i] + jo.y[i];
-        rms_norm_row(x, (const float *)(uintptr_t)pw_post, eps_post, h, C);
-    }
-    ok = ok && group_run(path, h, 1, C, jg, 2, n_threads);
-    if (ok) silu_mul(path, jg[0].y, jg[1].y, G);
-    ok = ok && group_run(path, jg[0].y, 1, G, &jd, 1, n_threads);
-    if (ok)
-        for (int64_t i = 0; i < C; i++) x[i] = x[i] + jd.y[i];
-    Py_END_ALLOW_THREADS
-    if (!ok) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 /* decode_layer_batch(path, n_threads, x_ptr, B, C, H, D, pos_ptr, cos_ptr, sin_ptr, k_ptrs, v_ptrs, layer_off,
- * head_stride, scale, layer): decode_layer for B tokens of B different sequences, x [B, C] updated in place. Row b sits
- * at position pos[b] (int64) of its own KV cache, whose layer 0 starts at k_ptrs[b] / v_ptrs[b] (uint64 addresses);
- * this layer's starts layer_off bytes later. cos/sin: the whole (max_len, D) tables. The matrix specs are as in
- * matmul_group with room for B rows in every y (q, k and v in separate [B, H*D] buffers); h [B, C] and att [B, H*D]
- * are scratch. Each weight matrix is read once for all B rows (the GEMM kernels), and every per-row step (norm, RoPE,
- * attention over that row's own positions, SiLU, residual) is the function decode_layer runs, so each row's result is
- * bit-identical to decode_layer on that token alone. */
+ * head_stride, scale, layer): one Llama block (RMSNorm, q|k|v, RoPE, KV-cache writes, attention, o_proj and the
+ * residual, RMSNorm, gate|up, SiLU(gate)*up, down_proj and the residual) for B token rows, x [B, C] updated in place.
+ * Row b sits at position pos[b] (int64) of its KV cache, whose layer 0 starts at k_ptrs[b] / v_ptrs[b] (uint64
+ * addresses); this layer's starts layer_off bytes later; head h's row j at + h * head_stride + j * D elements. cos/sin:
+ * the whole (max_len, D) tables. layer = (w_in_ptr, eps_in, w_post_ptr, eps_post, (q, k, v specs), o spec, (gate, up
+ * specs), down spec, h_ptr, att_ptr), the matrix specs as in matmul_group with room for B rows in every y (q, k and v
+ * in separate [B, H*D] buffers); h [B, C] and att [B, H*D] are scratch. Each weight matrix is read once for all B rows
+ * (the GEMM kernels), and every per-row step (norm, RoPE, attention over that row's own positions, SiLU, residual) is
+ * a function of that row alone, so each row's result is the same bits whatever else is in the call: a batch-1 decode
+ * step is the call with one row. The linear layers are the ternary kernels (bit-identical to the reference); norms,
+ * RoPE, attention and SiLU are float32 C and equal torch's to rounding. */
 /* One block's matrices and buffers for `decode_layer_batch` / `decode_layers_batch`, parsed from its Python tuple
  * (w_in, eps_in, w_post, eps_post, (q, k, v), o, (gate, up), down, h_buf, att_buf) with the GIL held. */
 typedef struct {
@@ -2772,8 +2705,7 @@ static PyMethodDef methods[] = {
     {"matmul_group", py_matmul_group, METH_VARARGS, "Several ternary matmuls of one input, quantized once."},
     {"matmul_i8", py_matmul_i8, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for int8 W (w+128, permuted blocks, row scales)."},
     {"head_rows", py_head_rows, METH_VARARGS, "Final RMSNorm, int8 output layer and row argmax / logsumexp in one call."},
-    {"decode_layer", py_decode_layer, METH_VARARGS, "One Llama block for one token, in place (see the source)."},
-    {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "decode_layer for B tokens of B sequences."},
+    {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "One Llama block for B token rows (see the source)."},
     {"decode_layers_batch", py_decode_layers_batch, METH_VARARGS, "decode_layer_batch for every block in one call."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
