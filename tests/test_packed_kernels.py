@@ -119,7 +119,8 @@ def test_operand_checks():
 def test_group_equals_separate_calls(path, T):
     """q|k|v-style groups: one quantization, each output bit-identical to its own call (and to the reference), for
     matrices with one scale, scales per input shard (2 and 6 segments: the 16-row and the row-by-row GEMV), and rows
-    that are not a multiple of 16."""
+    that are not a multiple of 16. On 3 threads a one-token group's ranges over the matrices laid end to end
+    (rows_span_chunk) cut inside the first two matrices."""
     rng = np.random.default_rng(T)
     W = rng.standard_normal((19, 1536)).astype(np.float32)
     qs6, d6 = F.blocks_from_weight(W, lossy=True)  # one scale per block: 6 segments
@@ -130,7 +131,7 @@ def test_group_equals_separate_calls(path, T):
         (torch.from_numpy(qs6), torch.from_numpy(b6), torch.from_numpy(s6)),
     ]
     x = torch.randn(T, 1536) * 2
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         ys = K.ternary_matmul_group(x, mats, path=path, n_threads=threads)
         for y, m in zip(ys, mats):
             assert torch.equal(y, K.reference_matmul(x, *m))
