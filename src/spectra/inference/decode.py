@@ -91,7 +91,7 @@ class Decoder:
         # One row's scratch and per-layer specs (`Rows`): x is the residual stream, updated in place layer by layer;
         # every other buffer is consumed before the next layer writes it.
         self._one = Rows(self, 1)
-        self._layers, self._x = self._one.layers, self._one.x[0]
+        self._x = self._one.x[0]
         where = torch.zeros(3, dtype=torch.int64)  # step's row: position, layer-0 keys, layer-0 values (addresses)
         self._where, self._where_t = where.numpy(), (where[0:1], where[1:2], where[2:3])
         packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]

@@ -141,10 +141,12 @@ def use_amx(on: bool = True) -> bool:
 
 
 def use_batch_split(on: bool = True) -> bool:
-    """Let a batched decode step of 8 or more sequences on n >= 2 threads run as n independent row ranges, each
-    through every block on its own thread (the default), or spread each block's GEMMs, attention and per-row steps
-    over the threads in turn (`on=False`, for A/B runs and tests). Results are bit-identical either way. Returns the
-    previous setting; False without the extension."""
+    """Let a batched step of a small packed model on 2 threads run as two row ranges, each through every block on its
+    own thread (the default), or spread each block's GEMMs, attention and per-row steps over the threads in turn
+    (`on=False`, for A/B runs and tests). Where it applies is the extension's rule (`split_parts` in
+    ternary_kernels.c: blocks of at most 1 MiB of codes, AMX on TQ2_0 codes from 5 rows a range or the AVX-512 GEMMs
+    from 8, a prompt chunk's rows in one range). Results are bit-identical either way. Returns the previous setting;
+    False without the extension."""
     ext = extension()
     return bool(ext.set_batch_split(on)) if ext is not None and hasattr(ext, "set_batch_split") else False
 

@@ -2336,9 +2336,12 @@ typedef struct {
     _Atomic int failed;
 } split_task_t;
 
+/* A block's seven matrices (q, k, v, o, gate, up, down), as an initializer of job pointers. */
+#define LAYER_JOBS(L) {&(L)->jq[0], &(L)->jq[1], &(L)->jq[2], &(L)->jo, &(L)->jg[0], &(L)->jg[1], &(L)->jd}
+
 /* Layer L's jobs and scratch for rows [r0, r0 + n) of its B: each buffer starts r0 rows in. */
 static void layer_rows_from(batch_layer_t *L, int64_t r0, int64_t n, int64_t C, int64_t A) {
-    job_t *jobs[7] = {&L->jq[0], &L->jq[1], &L->jq[2], &L->jo, &L->jg[0], &L->jg[1], &L->jd};
+    job_t *jobs[7] = LAYER_JOBS(L);
     for (int i = 0; i < 7; i++) jobs[i]->y += r0 * jobs[i]->N, jobs[i]->T = n;
     L->hb += r0 * C, L->attb += r0 * A;
 }
@@ -2356,11 +2359,11 @@ static void split_chunk(void *ctx, int64_t c) {
     }
 }
 
-/* Where B rows whose caches start at kp[] split into parts for n_threads (cut[0] = 0 .. cut[parts] = B); returns the
- * number of parts, 1 for not split. A cache's rows (a prompt chunk's positions) stay in one part: parts end at the
- * row boundaries nearest to even shares where the cache changes; each needs AMX_MIN_T rows, and the largest may
- * have at most 3.5 times the smallest's. */
-static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp, int64_t *cut) {
+/* Where B rows whose caches start at kp[] split into parts for n_threads (cut[0] = 0 .. cut[parts] = B, and the
+ * smallest part's rows in *smallest); returns the number of parts, 1 for not split. A cache's rows (a prompt chunk's
+ * positions) stay in one part: parts end at the row boundaries nearest to even shares where the cache changes; each
+ * needs AMX_MIN_T rows, and the largest may have at most 3.5 times the smallest's. */
+static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp, int64_t *cut, int64_t *smallest) {
     int64_t parts = B / AMX_MIN_T < n_threads ? B / AMX_MIN_T : n_threads;
     if (parts > SPLIT_MAX_PARTS) parts = SPLIT_MAX_PARTS;
     if (parts < 2) return 1;
@@ -2369,7 +2372,7 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
             for (int64_t j = 0; j < i - 1; j++)
                 if (kp[j] == kp[i]) return 1;
     cut[0] = 0, cut[parts] = B;
-    int64_t smallest = B, largest = 0;
+    int64_t least = B, largest = 0;
     for (int64_t c = 1; c <= parts; c++) {
         if (c < parts) {
             const int64_t want = B * c / parts;
@@ -2379,10 +2382,11 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
             if (best < 0) return 1;
             cut[c] = best;
         }
-        if (cut[c] - cut[c - 1] < smallest) smallest = cut[c] - cut[c - 1];
+        if (cut[c] - cut[c - 1] < least) least = cut[c] - cut[c - 1];
         if (cut[c] - cut[c - 1] > largest) largest = cut[c] - cut[c - 1];
     }
-    return smallest < AMX_MIN_T || 2 * largest > 7 * smallest ? 1 : parts;
+    *smallest = least;
+    return least < AMX_MIN_T || 2 * largest > 7 * least ? 1 : parts;
 }
 
 /* split_cuts for blocks L (batch_layers) when the split is on, every one of at most SPLIT_MAX_THREADS threads gets a
@@ -2392,12 +2396,10 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
     if (!batch_split_on || n_threads > SPLIT_MAX_THREADS) return 1;
-    const int64_t parts = split_cuts(n_threads, B, kp, cut);
+    int64_t smallest;
+    const int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest);
     if (parts < n_threads) return 1; /* a thread without a part would wait */
-    int64_t smallest = B;
-    for (int64_t c = 0; c < parts; c++)
-        if (cut[c + 1] - cut[c] < smallest) smallest = cut[c + 1] - cut[c];
-    const job_t *jobs[7] = {&L->jq[0], &L->jq[1], &L->jq[2], &L->jo, &L->jg[0], &L->jg[1], &L->jd};
+    const job_t *jobs[7] = LAYER_JOBS(L);
     int64_t bytes = 0;
     for (int i = 0; i < 7; i++) {
         job_t part = *jobs[i];
@@ -2669,8 +2671,8 @@ static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
         kp[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(caches, i));
         if (PyErr_Occurred()) return NULL;
     }
-    int64_t cut[SPLIT_MAX_PARTS + 1] = {0, B};
-    const int64_t parts = split_cuts(n_threads, B, kp, cut);
+    int64_t cut[SPLIT_MAX_PARTS + 1] = {0, B}, smallest;
+    const int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest);
     if (parts < 2) cut[1] = B;
     PyObject *out = PyList_New(parts + 1);
     if (!out) return NULL;
