@@ -38,6 +38,27 @@ def test_code_bytes_round_trip_and_validation():
 
 
 @needs_ext
+def test_kernel_byte_order_and_encoding():
+    """The kernels' TQ1_0 bytes (csrc/tq1_kernels.h): a permutation of the 256 byte values; where the VBMI kernels run,
+    code 0 of every valid byte is (low 6 bits) // 21 of its encoding and codes 1..4 are kept; round trip exact."""
+    enc = np.frombuffer(K.extension().tq1_encoding(), np.uint8)
+    assert sorted(enc.tolist()) == list(range(256)) and enc[0] == 0
+    valid = [(v * 256 + 242) // 243 for v in range(243)]
+    code = [[(((b * 3**n) & 255) * 3) >> 8 for n in range(5)] for b in range(256)]
+    if K.cpu_features().get("avx512vbmi"):
+        for v, b in enumerate(valid):
+            e = int(enc[b])
+            assert code[b][0] == v // 81 == (e & 63) // 21, b
+            assert e == 21 * (v // 81) + (v % 81) % 21 + 64 * ((v % 81) // 21)
+    else:
+        assert np.array_equal(enc, np.arange(256))
+    _, q1, _, _ = ternary_codes(9, 1792, seed=4)
+    qk = K.tq1_to_kernel(q1)
+    assert qk.shape == q1.shape and np.array_equal(K.tq1_from_kernel(qk), q1.numpy())
+    assert np.array_equal(F.tq1_llama_order(F.tq1_kernel_order(q1)), q1.numpy())
+
+
+@needs_ext
 @pytest.mark.parametrize("path", COMPILED)
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 7, 13, 67])
 def test_tq1_kernels_equal_reference_and_tq2(path, T):
@@ -103,7 +124,12 @@ def test_layer_holds_tq1_bytes_and_converts():
     tq2 = PackedTernaryLinear(768, 24, qs, d)
     tq1 = PackedTernaryLinear(768, 24, qs, d, format="tq1")  # given TQ2 bytes: converted
     assert tq1.qs.shape == (24, 3 * 52) and tq1.qs.nbytes * 64 == tq2.qs.nbytes * 52
-    assert np.array_equal(tq1.qs.numpy(), q1.numpy())
+    assert np.array_equal(tq1.tq1_code_bytes(), q1.numpy()) and np.array_equal(tq2.tq1_code_bytes(), q1.numpy())
+    # held in the kernels' order: row 0's 3 x 48 qs bytes, then its 3 x 4 qh bytes, each through this CPU's encoding
+    enc = np.frombuffer(K.extension().tq1_encoding(), np.uint8) if K.extension() else np.arange(256, dtype=np.uint8)
+    row = q1.numpy()[0].reshape(3, 52)
+    assert np.array_equal(tq1.qs.numpy()[0], enc[np.concatenate([row[:, :48].ravel(), row[:, 48:].ravel()])])
+    assert torch.equal(tq1.state_dict()["qs"], q1)  # saved in llama.cpp's order
     x = torch.randn(5, 768)
     assert torch.equal(tq1(x), tq2(x))
     assert np.array_equal(tq1.codes(), tq2.codes())

@@ -279,6 +279,26 @@ def tq1_code_bytes(qs) -> np.ndarray:
     return ((v * 256 + 242) // 243).astype(np.uint8).reshape(N, nb * TQ1_CODE_BYTES)
 
 
+def tq1_kernel_order(q1, enc: np.ndarray | None = None) -> np.ndarray:
+    """TQ1_0 code bytes uint8 [N, nb·52] -> the kernels' order (`csrc/tq1_kernels.h`): each row's 48 qs bytes of every
+    block, then its 4 qh bytes of every block, each byte mapped through `enc` (uint8 [256], the kernels' encoding;
+    None: unchanged). Same size."""
+    q1 = _numpy(q1)
+    N, nb = q1.shape[0], q1.shape[1] // TQ1_CODE_BYTES
+    blocks = q1.reshape(N, nb, TQ1_CODE_BYTES)
+    out = np.concatenate([blocks[:, :, :48].reshape(N, nb * 48), blocks[:, :, 48:].reshape(N, nb * 4)], axis=1)
+    return np.ascontiguousarray(out if enc is None else enc[out])
+
+
+def tq1_llama_order(qk, dec: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of `tq1_kernel_order` (`dec`: the inverse permutation of its `enc`)."""
+    qk = _numpy(qk)
+    N, nb = qk.shape[0], qk.shape[1] // TQ1_CODE_BYTES
+    q = qk if dec is None else dec[qk]
+    blocks = np.concatenate([q[:, : nb * 48].reshape(N, nb, 48), q[:, nb * 48 :].reshape(N, nb, 4)], axis=2)
+    return np.ascontiguousarray(blocks.reshape(N, nb * TQ1_CODE_BYTES))
+
+
 def check_tq1_codes(q1: np.ndarray) -> None:
     """Raise if a TQ1_0 code byte is not a valid base-3 encoding (243 of 256 values for qs, 81 for qh)."""
     N = q1.shape[0]

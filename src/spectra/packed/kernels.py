@@ -65,6 +65,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -117,6 +118,28 @@ def extension():
     except ImportError:
         return None
     return _kernels
+
+
+@functools.cache
+def _tq1_tables() -> tuple[np.ndarray, np.ndarray]:
+    ext = extension()
+    enc = np.frombuffer(ext.tq1_encoding(), dtype=np.uint8) if ext is not None and hasattr(ext, "tq1_encoding") \
+        else np.arange(256, dtype=np.uint8)
+    dec = np.empty(256, dtype=np.uint8)
+    dec[enc] = np.arange(256, dtype=np.uint8)
+    return enc, dec
+
+
+def tq1_to_kernel(q1) -> np.ndarray:
+    """TQ1_0 code bytes uint8 [N, K/256·52] (llama.cpp's order) -> the bytes a TQ1_0 `PackedTernaryLinear` holds and the
+    compiled kernels read: dense rows (all qs bytes, then all qh bytes), each byte in this CPU's encoding
+    (`csrc/tq1_kernels.h`: re-encoded where the AVX-512 VBMI kernels run, else unchanged). Same size."""
+    return formats.tq1_kernel_order(q1, _tq1_tables()[0])
+
+
+def tq1_from_kernel(qk) -> np.ndarray:
+    """The inverse of `tq1_to_kernel`: TQ1_0 code bytes in llama.cpp's order."""
+    return formats.tq1_llama_order(qk, _tq1_tables()[1])
 
 
 def cpu_features() -> dict[str, bool]:
@@ -275,12 +298,15 @@ def ternary_matmul(
     n_threads: int | None = None,
 ) -> Tensor:
     """y [T, N] float32 = x [T, K] Wᵀ for packed ternary W (see module docstring), `qs` in the layout of `fmt`
-    ('tq2_0' code bytes [N, K/4] or 'tq1_0' code bytes [N, K/256·52]). Validates its operands."""
+    ('tq2_0' code bytes [N, K/4] or 'tq1_0' code bytes [N, K/256·52], llama.cpp's order: copied into the kernels' order
+    per call, which a `PackedTernaryLinear` holds instead). Validates its operands."""
     fmt = formats.canonical_format(fmt)
     check_operands(x, qs, bounds, seg_d, fmt)
     path = resolve_path(path)
     if path == "torch":
         return reference_matmul(x, qs, bounds, seg_d, fmt)
+    if fmt == "tq1_0":
+        qs = torch.from_numpy(tq1_to_kernel(qs.numpy()))
     y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
     extension().matmul(
         _PATH_IDS[path],
@@ -324,6 +350,7 @@ def ternary_matmul_group(
     path = resolve_path(path)
     if path == "torch":
         return [reference_matmul(x, *op) for op in ops]
+    ops = [(torch.from_numpy(tq1_to_kernel(op[0].numpy())), *op[1:]) if op[3] == "tq1_0" else op for op in ops]
     ys = [torch.empty(x.shape[0], op[0].shape[0], dtype=torch.float32) for op in ops]
     specs = tuple(group_spec(qs, bounds, seg_d, y, FORMAT_IDS[fmt]) for (qs, bounds, seg_d, fmt), y in zip(ops, ys))
     extension().matmul_group(

@@ -62,7 +62,9 @@ class PackedTernaryLinear(nn.Module):
     `format` 'tq2_0': `qs` is [out, in/4], the 64 code bytes of each TQ2_0 block (2.0 bits per weight); 'tq1_0': `qs`
     is [out, in/256·52], the 52 base-3 code bytes of each TQ1_0 block (1.625 bits per weight), which the TQ1 kernels
     read directly. The kernels read either as one sequential stream per row range, and both give the same outputs
-    bit for bit. `qs` may be passed in either layout (told apart by its width) and is converted to `format`'s.
+    bit for bit. `qs` may be passed in either layout (told apart by its width) and is converted to `format`'s. A
+    TQ1_0 layer holds its bytes in the kernels' order (`kernels.tq1_to_kernel`: dense rows, re-encoded on CPUs with
+    AVX-512 VBMI); its state dict, `to_bytes` and `tq1_code_bytes` give llama.cpp's order.
     `path` selects the kernel (see `spectra.packed.kernels`).
     """
 
@@ -118,8 +120,14 @@ class PackedTernaryLinear(nn.Module):
 
     def refresh(self) -> None:
         """Validate `qs` and `d` and rebuild what the kernels derive from them (after any change to the buffers)."""
-        qs_np, d_np = self._checked(self.qs, self.d)
+        held = self.qs
+        if getattr(self, "_qs_kernel", False):  # TQ1_0 bytes in the kernels' order: checked in llama.cpp's
+            held = torch.from_numpy(K.tq1_from_kernel(held.numpy()))
+        qs_np, d_np = self._checked(held, self.d)
         bounds, seg_d = formats.scale_segments(d_np)
+        self._qs_kernel = self.format == "tq1_0"
+        if self._qs_kernel:
+            qs_np = K.tq1_to_kernel(qs_np)
         self.qs = torch.from_numpy(np.ascontiguousarray(qs_np))
         _stream_from_huge_pages(self.qs)
         self.d = torch.from_numpy(np.ascontiguousarray(d_np))
@@ -132,10 +140,17 @@ class PackedTernaryLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
             qs, _ = self._checked(state_dict[prefix + "qs"], state_dict[prefix + "d"])
+            if self.format == "tq1_0":
+                qs = K.tq1_to_kernel(qs)
             state_dict[prefix + "qs"] = torch.from_numpy(np.ascontiguousarray(qs))  # in this layer's layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "qs" in state_dict or prefix + "d" in state_dict:
             self.refresh()  # load_state_dict writes qs/d in place (or assigns them): the derived segments must follow
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._qs_kernel:  # saved in llama.cpp's order, whatever the CPU's encoding
+            destination[prefix + "qs"] = torch.from_numpy(self.tq1_code_bytes())
 
     # ---- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -180,7 +195,13 @@ class PackedTernaryLinear(nn.Module):
     def tq2_code_bytes(self) -> np.ndarray:
         """The TQ2_0 code bytes uint8 [out, in/4] of the layer's codes (a copy when the layer holds TQ1_0)."""
         q = self.qs.numpy()
-        return formats.tq2_code_bytes(q) if self.format == "tq1_0" else q
+        return formats.tq2_code_bytes(K.tq1_from_kernel(q)) if self.format == "tq1_0" else q
+
+    def tq1_code_bytes(self) -> np.ndarray:
+        """The TQ1_0 code bytes uint8 [out, in/256·52] of the layer's codes in llama.cpp's order (a copy)."""
+        if self.format == "tq1_0":
+            return K.tq1_from_kernel(self.qs.numpy())
+        return formats.tq1_code_bytes(self.qs.numpy())
 
     def codes(self) -> np.ndarray:
         """Ternary codes q int8 [out, in]."""
@@ -190,7 +211,7 @@ class PackedTernaryLinear(nn.Module):
         """llama.cpp block bytes uint8 [out, blocks·bytes_per_block] in `format` (default: the layer's)."""
         fmt = formats.canonical_format(format or self.format)
         if fmt == "tq1_0" and self.format == "tq1_0":
-            return formats.tq1_blocks(self.qs.numpy(), self.d.numpy())
+            return formats.tq1_blocks(self.tq1_code_bytes(), self.d.numpy())
         return formats.to_format(self.tq2_code_bytes(), self.d.numpy(), fmt)
 
     def set_format(self, format: str) -> None:
@@ -246,8 +267,9 @@ class PackedTernaryLinear(nn.Module):
             raise ValueError(f"input has {shape[-1]} features, layer expects {self.in_features}")
         x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
         if self._path_id is None:  # the pure-torch reference
+            qs = torch.from_numpy(self.tq1_code_bytes()) if self.format == "tq1_0" else self.qs
             y = K.ternary_matmul(
-                x32.view(-1, self.in_features), self.qs, self.seg_bounds, self.seg_d, fmt=self.format, path="torch"
+                x32.view(-1, self.in_features), qs, self.seg_bounds, self.seg_d, fmt=self.format, path="torch"
             )
             y = y.view(*shape[:-1], self.out_features)
         else:

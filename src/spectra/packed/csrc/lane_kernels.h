@@ -147,9 +147,9 @@ TARGET_AVX512_VBMI static void panel_decode_tq1(const job_t *J, int64_t n, int64
         }
         const uint8_t *w = J->qs + (n + m) * rowb;
         for (int64_t b = b0; b < b1; b++) {
-            PANEL_PREFETCH(w, b, J->nb, rowb, TQ1_CB);
+            PANEL_PREFETCH(w, b, J->nb, rowb, TQ1_QS); /* along the row's qs run */
             __m512i fa, fb;
-            tq1_decode(w + b * TQ1_CB, &L, &fa, &fb);
+            tq1_decode(w, J->nb, b, &L, &fa, &fb);
             uint8_t *p = panel + (5 * (b - b0) * PANEL_ROWS + m) * 64;
             _mm512_store_si512(p, fb);
             _mm512_store_si512(p + PANEL_ROWS * 64, _mm512_and_si512(fa, m3));

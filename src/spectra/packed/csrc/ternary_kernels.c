@@ -125,6 +125,7 @@ typedef struct {
     const float *xs;       /* [T] activation scales */
     const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
     const int8_t *x4;      /* quad GEMM only: the activations in quad layout (quad_kernels.h), else NULL */
+    const int8_t *xd;      /* TQ1_0 with T = 1: the dense activation layout (tq1_kernels.h), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
@@ -1752,7 +1753,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (!parse_job(args, &path, &x, &J, &n_threads)) return NULL;
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(J.T * J.K));
-    const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) : 0;
+    const size_t xd_bytes = J.fmt == FMT_TQ1 && J.T == 1 ? round64(tq1_dense_bytes(J.nb)) : 0;
+    const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) + xd_bytes : 0;
     const size_t xt_bytes = vnni_xt_bytes(path, &J);
     const size_t x4_bytes = quad_applies(path, &J) ? round64(quad_bytes(J.T, J.K)) : 0;
     void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + x4_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
@@ -1767,6 +1769,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
+    if (xd_bytes) tq1_activations_dense(xq, xq1 + q1_bytes - xd_bytes, J.nb), J.xd = xq1 + q1_bytes - xd_bytes;
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, J.xq, xt), J.xt = xt;
     if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
@@ -1838,7 +1841,7 @@ typedef struct {
     int path;
     job_t Q;
     const float *x;
-    int8_t *xq, *xq1, *xt[2], *x4;
+    int8_t *xq, *xq1, *xd, *xt[2], *x4;
     int32_t *blk_sum;
     float *xs;
 } group_prep_t;
@@ -1851,6 +1854,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
     R.T = t1 - t0;
     quantize_rows(p->path, p->x + t0 * Q->K, &R, p->xq + t0 * Q->K, p->blk_sum + t0 * Q->nb, p->xs + t0);
     if (p->xq1) tq1_activations(p->xq + t0 * Q->K, p->xq1 + t0 * Q->nb * TQ1_AB, t1 - t0, Q->nb);
+    if (p->xd) tq1_activations_dense(p->xq, p->xd, Q->nb); /* one token */
     for (int f = 0; f < 2; f++) {
         job_t X = *Q;
         X.fmt = f ? FMT_TQ1 : FMT_TQ2;
@@ -1872,7 +1876,8 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     const size_t s_bytes = round64(sizeof(int32_t) * sums);
     int any_tq1 = 0;
     for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
-    const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) : 0;
+    const size_t xd_bytes = any_tq1 && T == 1 ? round64(tq1_dense_bytes(nb)) : 0;
+    const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) + xd_bytes : 0;
     size_t xt_bytes[2] = {0, 0}; /* VNNI-layout activations (AMX or lane GEMM) for TQ2_0, TQ1_0 jobs */
     for (int g = 0; g < G; g++) {
         const size_t need = vnni_xt_bytes(path, &jobs[g]);
@@ -1900,6 +1905,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     job_t *Q = &prep.Q;
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
+    prep.xd = xd_bytes ? xq1 + q1_bytes - xd_bytes : NULL;
     for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
     prep.x4 = x4_bytes ? x4 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
@@ -1912,6 +1918,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 sum[t * J->S + s] = v;
             }
         J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
+        J->xd = J->fmt == FMT_TQ1 ? prep.xd : NULL;
         if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
         if (quad_applies(path, J)) J->x4 = x4;
         sum += T * J->S;
@@ -2697,11 +2704,12 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     if (!d) return NULL;
 #ifdef SPECTRA_X86
     __builtin_cpu_init();
-    const char *names[] = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"};
-    int values[] = {__builtin_cpu_supports("avx2"),     __builtin_cpu_supports("fma"),
-                    __builtin_cpu_supports("avx512f"),  __builtin_cpu_supports("avx512bw"),
-                    __builtin_cpu_supports("avx512vl"), __builtin_cpu_supports("avx512vnni")};
-    for (int i = 0; i < 6; i++) {
+    const char *names[] = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"};
+    int values[] = {__builtin_cpu_supports("avx2"),       __builtin_cpu_supports("fma"),
+                    __builtin_cpu_supports("avx512f"),    __builtin_cpu_supports("avx512bw"),
+                    __builtin_cpu_supports("avx512vl"),   __builtin_cpu_supports("avx512vnni"),
+                    __builtin_cpu_supports("avx512vbmi")};
+    for (int i = 0; i < 7; i++) {
         if (PyDict_SetItemString(d, names[i], values[i] ? Py_True : Py_False) < 0) {
             Py_DECREF(d);
             return NULL;
@@ -2714,6 +2722,13 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
     }
 #endif
     return d;
+}
+
+/* tq1_encoding() -> bytes(256): the stored value of each llama.cpp TQ1_0 byte in the kernels' order (tq1_kernels.h; the
+ * identity where the bytes are not encoded). */
+static PyObject *py_tq1_encoding(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    return PyBytes_FromStringAndSize((const char *)tq1_enc, 256);
 }
 
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
@@ -2759,6 +2774,7 @@ static PyMethodDef methods[] = {
     {"batch_split_cuts", py_batch_split_cuts, METH_VARARGS, "Where a step's rows split over the threads (tests)."},
     {"set_batch_split", py_set_batch_split, METH_VARARGS, "Split batched decode steps' rows over the threads or not."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
+    {"tq1_encoding", py_tq1_encoding, METH_NOARGS, "The stored value of each TQ1_0 code byte (kernel order)."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
     {NULL, NULL, 0, NULL},
 };
@@ -2770,8 +2786,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__kernels(void) {
     prefetch_tune(); /* before any thread runs a kernel */
 #ifdef SPECTRA_X86
-    tq1_has_vbmi(); /* fills the TQ1 decode tables once, before any thread reads them */
+    tq1_has_vbmi(); /* fills the TQ1 decode tables (and chooses the byte encoding) once, before any thread reads them */
     amx_ready(); /* asks Linux for the tile registers once */
+#else
+    tq1_encoding_init(0);
 #endif
     return PyModule_Create(&module);
 }

@@ -1,41 +1,92 @@
 /*
- * TQ1_0 kernels: ternary x int8 products read straight from llama.cpp's base-3 layout (1.625 bits of codes per
- * weight, plus the block scale kept apart as for TQ2_0). Included by ternary_kernels.c, whose job_t, activation
- * quantization, epilogue and dispatch they share; J->fmt == FMT_TQ1 selects them.
+ * TQ1_0 kernels: ternary x int8 products read straight from llama.cpp's base-3 bytes (1.625 bits of codes per weight,
+ * plus the block scale kept apart as for TQ2_0). Included by ternary_kernels.c, whose job_t, activation quantization,
+ * epilogue and dispatch they share; J->fmt == FMT_TQ1 selects them.
  *
- * Weights: N rows of nb blocks of TQ1_CB = 52 code bytes: the llama.cpp block without its fp16 scale (qs[48] then
- * qh[4]). Byte b holds five codes, most significant first, as the fraction ceil(256 v / 243) of v = sum c_n 3^(4-n);
- * code n is ((b * 3^n mod 256) * 3) >> 8. For bytes 0..31 code n is element 32n + j, for bytes 32..47 element
- * 160 + 16n + (j - 32), for bytes 48..51 (n < 4) element 240 + 4n + (j - 48); the qh bytes' fifth code is 0.
+ * llama.cpp's block: 52 code bytes (qs[48] then qh[4]; its fp16 scale is kept apart). Byte b holds five codes, most
+ * significant first, as the fraction ceil(256 v / 243) of v = sum c_n 3^(4-n); code n is ((b * 3^n mod 256) * 3) >> 8.
+ * For bytes 0..31 code n is element 32n + j, for bytes 32..47 element 160 + 16n + (j - 32), for bytes 48..51 (n < 4)
+ * element 240 + 4n + (j - 48); the qh bytes' fifth code is 0.
  *
- * Activations (TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds the
- * activation of the element that code n of weight byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
- * 48..51. So one 64-byte load of a block's 52 code bytes (12 more masked off) against plane n is a full dot product,
- * and bytes that are not codes meet zero activations. It is built from the TQ2 layout by copying 32-, 16- and 4-byte
- * runs (tq1_activations).
+ * The kernels' order of those bytes (`kernels.tq1_to_kernel` in Python), N rows of nb blocks, 52 nb bytes a row:
+ * - Dense rows: a row holds the 48 qs bytes of every block (block b at 48 b), then the 4 qh bytes of every block (at
+ *   48 nb + 4 b). The one-token GEMV reads a row's qs bytes as one run, 64 at a time: a block's own 52 bytes filled 52
+ *   of a register's 64 lanes, so a fifth of every decode and product was spent on padding.
+ * - Encoded bytes where the AVX-512 VBMI kernels run (tq1_has_vbmi; elsewhere the bytes are llama.cpp's): each byte is
+ *   stored as e = tq1_enc[b], with v = 81 c0 + u (u = the codes 1..4 as a base-3 number) written as
+ *   e = 21 c0 + (u mod 21) + 64 (u div 21). Its low 6 bits then determine c0 (= (e & 63) / 21), so one vpermb reads
+ *   code 0 where llama.cpp's byte needs two compares and two masked moves; codes 1..4 come from the same 256-entry table
+ *   lookup as before, indexed by e. e = 0 is the all-zero codes, as b = 0 is, so masked-off bytes contribute nothing.
+ *   The 13 bytes that are no valid code map to the 13 unused values, so the map is a permutation.
+ *
+ * Activations (per-block TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds
+ * the activation of the element that code n of block byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
+ * 48..51. So one 64-byte register of a block's 52 code bytes (12 more zero) against plane n is a full dot product.
+ * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products also get the
+ * dense layout (tq1_activations_dense, J->xd): per 64-byte chunk c of the qs run, 5 planes (plane n, slot j: the
+ * activation of code n of qs byte 64 c + j), then per chunk of the qh run 4 planes (codes 0..3), zero past the runs.
  *
  * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
  * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
  *
  * Decoding the codes:
- * - scalar: the formula above.
- * - AVX2: t_n = b * 3^n mod 256 by byte adds (t + t + t), and c = [t >= 86] + [t >= 171] (= (3t) >> 8) with
- *   saturating subtractions, then vpmaddubsw like the TQ2 AVX2 path.
- * - AVX-512 (VBMI): a 256-entry byte table indexed by the weight byte itself, looked up with two vpermi2b (entries
- *   0..127 and 128..255) and a blend on the byte's top bit, gives codes 1..4 as the four 2-bit fields of a TQ2 byte;
- *   code 0 is [b >= 86] + [b >= 171] from two compares. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd
- *   then accumulates 4^l c a, and a right shift by 2l recovers the exact sum. Per block: one load, 3 table ops,
- *   4 mask ops, 4 ANDs, 5 vpdpbusd.
- *   Without VBMI (AVX-512 VNNI CPUs before Ice Lake) the AVX2 code runs.
+ * - scalar: the formula above (on tq1_dec[e] where the bytes are encoded).
+ * - AVX2 (CPUs without VBMI, or forced): t_n = b * 3^n mod 256 by byte adds (t + t + t), and c = [t >= 86] + [t >= 171]
+ *   (= (3t) >> 8) with saturating subtractions, then vpmaddubsw like the TQ2 AVX2 path. On encoded bytes (a VBMI CPU
+ *   forced onto this path) each block is first translated back through tq1_dec.
+ * - AVX-512 (VBMI): codes 1..4 from a 256-entry byte table indexed by the stored byte, looked up with two vpermi2b
+ *   (entries 0..127 and 128..255) and a blend on the byte's top bit, as the four 2-bit fields of a TQ2 byte; code 0 from
+ *   vpermb on the low 6 bits. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd then accumulates 4^l c a,
+ *   and a right shift by 2l recovers the exact sum.
  */
 
 #define TQ1_CB 52  /* code bytes per block */
+#define TQ1_QS 48  /* of which qs bytes (five codes each), stored as one run per row */
+#define TQ1_QH 4   /* and qh bytes (four codes each), stored after the row's qs run */
 #define TQ1_AB 320 /* activation bytes per block in the TQ1 layout */
-#define TQ1_LOAD_MASK 0x000FFFFFFFFFFFFFULL
 
 static const uint8_t tq1_pow3[5] = {1, 3, 9, 27, 81};
 
 static inline int tq1_code(int b, int n) { return (((b * tq1_pow3[n]) & 0xFF) * 3) >> 8; }
+
+/* llama.cpp byte -> stored byte and back: the identity until tq1_encoding_init(1) runs (on VBMI CPUs, at import). */
+static uint8_t tq1_enc[256], tq1_dec[256];
+static uint8_t tq1_c0[64];    /* code 0 of a stored byte, by its low 6 bits (encoded bytes) */
+static uint8_t tq1_table[256]; /* codes 1..4 of a stored byte as the 2-bit fields of one byte */
+static int tq1_encoded = 0;
+
+static void tq1_encoding_init(int encode) {
+    int used[256] = {0};
+    for (int b = 0; b < 256; b++) tq1_enc[b] = (uint8_t)b;
+    if (encode) {
+        int taken[256] = {0};
+        for (int v = 0; v < 243; v++) {
+            const int c0 = v / 81, u = v % 81, b = (v * 256 + 242) / 243;
+            const int e = 21 * c0 + u % 21 + 64 * (u / 21);
+            tq1_enc[b] = (uint8_t)e, used[b] = 1, taken[e] = 1;
+        }
+        int e = 0; /* the 13 bytes that are no valid code take the 13 free values, in order */
+        for (int b = 0; b < 256; b++) {
+            if (used[b]) continue;
+            while (taken[e]) e++;
+            tq1_enc[b] = (uint8_t)e, taken[e] = 1;
+        }
+    }
+    for (int b = 0; b < 256; b++) tq1_dec[tq1_enc[b]] = (uint8_t)b;
+    for (int l = 0; l < 64; l++) tq1_c0[l] = (uint8_t)(l < 63 ? l / 21 : 0);
+    for (int e = 0; e < 256; e++) {
+        const int b = tq1_dec[e];
+        tq1_table[e] = (uint8_t)(tq1_code(b, 1) | tq1_code(b, 2) << 2 | tq1_code(b, 3) << 4 | tq1_code(b, 4) << 6);
+    }
+    tq1_encoded = encode;
+}
+
+/* Block b's 52 stored bytes of a row (kernel order), copied into one buffer in llama.cpp's order and byte values. */
+static inline void tq1_block_llama(const uint8_t *row, int64_t nb, int64_t b, uint8_t *out) {
+    const uint8_t *qs = row + TQ1_QS * b, *qh = row + TQ1_QS * nb + TQ1_QH * b;
+    for (int j = 0; j < TQ1_QS; j++) out[j] = tq1_dec[qs[j]];
+    for (int j = 0; j < TQ1_QH; j++) out[TQ1_QS + j] = tq1_dec[qh[j]];
+}
 
 /* TQ2-layout int8 activations [T, nb*256] -> TQ1 layout [T, nb*320]. In the TQ2 layout the 32 elements 32j..32j+31 of
  * a block are contiguous at 64 (j % 4) + 32 (j / 4). */
@@ -54,6 +105,36 @@ static void tq1_activations(const int8_t *a2, int8_t *a1, int64_t T, int64_t nb)
     }
 }
 
+/* The dense layout of one token (header): qs chunks of 5 planes, then qh chunks of 4 planes. */
+static inline int64_t tq1_qs_chunks(int64_t nb) { return (TQ1_QS * nb + 63) / 64; }
+static inline int64_t tq1_qh_chunks(int64_t nb) { return (TQ1_QH * nb + 63) / 64; }
+static inline size_t tq1_dense_bytes(int64_t nb) {
+    return (size_t)(5 * 64 * tq1_qs_chunks(nb) + 4 * 64 * tq1_qh_chunks(nb));
+}
+
+/* len activation bytes for plane n of the run starting at byte s of a run whose chunks hold `planes` planes. */
+static inline void tq1_dense_put(int8_t *run, int planes, int64_t s, int n, const int8_t *src, int64_t len) {
+    while (len > 0) {
+        const int64_t c = s / 64, off = s % 64, take = len < 64 - off ? len : 64 - off;
+        memcpy(run + (c * planes + n) * 64 + off, src, (size_t)take);
+        s += take, src += take, len -= take;
+    }
+}
+
+static void tq1_activations_dense(const int8_t *a2, int8_t *ad, int64_t nb) {
+    memset(ad, 0, tq1_dense_bytes(nb));
+    int8_t *qh_run = ad + 5 * 64 * tq1_qs_chunks(nb);
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *s = a2 + b * QK;
+        for (int n = 0; n < 5; n++) {
+            const int j = 5 + n / 2;
+            tq1_dense_put(ad, 5, TQ1_QS * b, n, s + 64 * (n % 4) + 32 * (n / 4), 32);
+            tq1_dense_put(ad, 5, TQ1_QS * b + 32, n, s + 64 * (j % 4) + 32 * (j / 4) + 16 * (n % 2), 16);
+            if (n < 4) tq1_dense_put(qh_run, 4, TQ1_QH * b, n, s + 64 * 3 + 32 + 16 + 4 * n, 4);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- scalar */
 
 static void tq1_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
@@ -65,7 +146,8 @@ static void tq1_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
             for (int64_t s = 0; s < J->S; s++) {
                 int32_t acc = 0;
                 for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-                    const uint8_t *wb = w + b * TQ1_CB;
+                    uint8_t wb[TQ1_CB];
+                    tq1_block_llama(w, J->nb, b, wb);
                     const int8_t *ab = a + b * TQ1_AB;
                     for (int j = 0; j < TQ1_CB; j++)
                         for (int c = 0; c < 5; c++) acc += tq1_code(wb[j], c) * ab[64 * c + j];
@@ -91,7 +173,6 @@ TARGET_AVX2 static inline __m256i tq1_code_avx2(__m256i t) {
 /* One row against one token. maddubs pairs are at most 2 * 127 * 2 = 508; ten per block sum to at most 5080 in int16. */
 TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
     const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i tail = _mm256_setr_epi32(-1, -1, -1, -1, -1, 0, 0, 0); /* bytes 32..51 of a block */
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = J->qs + n * J->nb * TQ1_CB;
         for (int64_t t = 0; t < J->T; t++) {
@@ -100,10 +181,15 @@ TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
             for (int64_t s = 0; s < J->S; s++) {
                 __m256i acc = _mm256_setzero_si256();
                 for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-                    const uint8_t *wb = w + b * TQ1_CB;
-                    PREFETCH(wb + PREFETCH_BYTES);
-                    __m256i t0 = _mm256_loadu_si256((const __m256i *)wb);
-                    __m256i t1 = _mm256_maskload_epi32((const int *)(wb + 32), tail);
+                    const uint8_t *qs = w + TQ1_QS * b, *qh = w + TQ1_QS * J->nb + TQ1_QH * b;
+                    PREFETCH(qs + PREFETCH_BYTES);
+                    uint8_t llama[TQ1_CB + 12]; /* encoded bytes (a VBMI CPU on this path): llama.cpp's first */
+                    if (tq1_encoded) tq1_block_llama(w, J->nb, b, llama), qs = llama, qh = llama + TQ1_QS;
+                    __m256i t0 = _mm256_loadu_si256((const __m256i *)qs); /* bytes 0..31, then 32..51: */
+                    int32_t h;
+                    memcpy(&h, qh, 4);
+                    __m256i t1 = _mm256_inserti128_si256(
+                        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(qs + 32))), _mm_cvtsi32_si128(h), 1);
                     const int8_t *ab = a + b * TQ1_AB;
                     __m256i sum16 = _mm256_setzero_si256();
                     for (int c = 0; c < 5; c++) {
@@ -129,86 +215,70 @@ TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 
 #define TARGET_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
-static uint8_t tq1_table[256]; /* codes 1..4 of a byte as the 2-bit fields of one byte */
-
-static void tq1_tables_init(void) {
-    static int done = 0;
-    if (done) return;
-    for (int b = 0; b < 256; b++)
-        tq1_table[b] = (uint8_t)(tq1_code(b, 1) | tq1_code(b, 2) << 2 | tq1_code(b, 3) << 4 | tq1_code(b, 4) << 6);
-    done = 1;
-}
-
 typedef struct {
-    __m512i t0, t1, t2, t3;
+    __m512i t0, t1, t2, t3, c0;
 } tq1_tables_t;
 
 TARGET_AVX512_VBMI static inline tq1_tables_t tq1_tables_load(void) {
     tq1_tables_t L;
     L.t0 = _mm512_loadu_si512(tq1_table), L.t1 = _mm512_loadu_si512(tq1_table + 64);
     L.t2 = _mm512_loadu_si512(tq1_table + 128), L.t3 = _mm512_loadu_si512(tq1_table + 192);
+    L.c0 = _mm512_loadu_si512(tq1_c0);
     return L;
 }
 
-/* A block's 52 code bytes -> codes 1..4 as 2-bit fields (*fa, one table lookup: two vpermi2b and a blend on the top
- * bit) and code 0 (*fb) = (3b) >> 8 = [b >= 86] + [b >= 171] from two compares: table lookups are the expensive part
- * (a second table for a fifth code made the GEMV 1.7x slower than TQ2_0; with compares it is about 1.3x). */
-TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode(const uint8_t *p, const tq1_tables_t *L,
-                                                                             __m512i *fa, __m512i *fb) {
-    const __m512i w = _mm512_maskz_loadu_epi8((__mmask64)TQ1_LOAD_MASK, p);
+/* 64 stored (encoded) bytes -> codes 1..4 as 2-bit fields (*fa: one table lookup, two vpermi2b and a blend on the top
+ * bit) and code 0 (*fb: vpermb on the low 6 bits). Bytes that are 0 give 0 in both. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode_bytes(__m512i w, const tq1_tables_t *L,
+                                                                                   __m512i *fa, __m512i *fb) {
     const __mmask64 high = _mm512_movepi8_mask(w); /* bytes >= 128 take the second half of the table */
     *fa = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->t0, w, L->t1),
                                  _mm512_permutex2var_epi8(L->t2, w, L->t3));
-    const __mmask64 one = _mm512_cmpge_epu8_mask(w, _mm512_set1_epi8(86));
-    const __mmask64 two = _mm512_cmpge_epu8_mask(w, _mm512_set1_epi8((char)171));
-    *fb = _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(one, _mm512_set1_epi8(1)), two, _mm512_set1_epi8(2));
+    *fb = _mm512_permutexvar_epi8(w, L->c0);
 }
 
-/* One row's segment [b0, b1) against one token's TQ1 activations: the 16 lane sums of sum c a. */
-TARGET_AVX512_VBMI static inline __attribute__((always_inline)) __m512i tq1_dot_avx512(const uint8_t *w, const int8_t *a,
-                                                                                     int64_t b0, int64_t b1,
-                                                                                     const tq1_tables_t *L) {
-    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
-    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
-    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *wb = w + b * TQ1_CB;
-        PREFETCH3(wb);
-        __m512i fa, fb;
-        tq1_decode(wb, L, &fa, &fb);
-        const int8_t *ab = a + b * TQ1_AB;
-        DPBUSD(c4, fb, ab);
-        DPBUSD(c0, _mm512_and_si512(fa, m0), ab + 64);
-        DPBUSD(c1, _mm512_and_si512(fa, m1), ab + 128);
-        DPBUSD(c2, _mm512_and_si512(fa, m2), ab + 192);
-        DPBUSD(c3, _mm512_and_si512(fa, m3), ab + 256);
-    }
-    __m512i v = _mm512_add_epi32(c0, _mm512_srai_epi32(c1, 2));
-    v = _mm512_add_epi32(v, _mm512_srai_epi32(c2, 4));
-    v = _mm512_add_epi32(v, _mm512_srai_epi32(c3, 6));
-    return _mm512_add_epi32(v, c4);
+/* Block b of a row in the kernel order -> its 52 bytes in one register in llama.cpp's order (12 zero bytes after). */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) __m512i tq1_block_load(const uint8_t *row, int64_t nb,
+                                                                                     int64_t b) {
+    const __m512i qs = _mm512_maskz_loadu_epi8((__mmask64)0xFFFFFFFFFFFFULL, row + TQ1_QS * b);
+    return _mm512_mask_loadu_epi32(qs, (__mmask16)(1 << 12), row + TQ1_QS * nb + TQ1_QH * b - TQ1_QS); /* lane 12 */
 }
 
-/* Two adjacent rows at once, sharing the five activation loads of every block (the loads, not the arithmetic, limit
- * one row at a time); codes 0 and 4 are not scaled and share an accumulator, so 8 accumulators, 5 activations and the
- * 8 table registers fit in the 32 zmm registers. */
-TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dot2_avx512(const uint8_t *w, int64_t rowb,
-                                                                                   const int8_t *a, int64_t b0,
-                                                                                   int64_t b1, const tq1_tables_t *L,
-                                                                                   __m512i *out0, __m512i *out1) {
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode(const uint8_t *row, int64_t nb,
+                                                                             int64_t b, const tq1_tables_t *L,
+                                                                             __m512i *fa, __m512i *fb) {
+    tq1_decode_bytes(tq1_block_load(row, nb, b), L, fa, fb);
+}
+
+/* Byte mask of run bytes [lo, hi) inside the 64-byte chunk at 64 c. */
+static inline __mmask64 tq1_chunk_mask(int64_t c, int64_t lo, int64_t hi) {
+    const int64_t a = lo > 64 * c ? lo - 64 * c : 0, z = hi < 64 * c + 64 ? hi - 64 * c : 64;
+    const __mmask64 upto = z >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << z) - 1);
+    return upto & ~(((__mmask64)1 << a) - 1);
+}
+
+/* One-token dot products of rows R (1 or 2, adjacent: row r at w + r * rowb) over blocks [b0, b1), from the dense
+ * layout: the qs run's chunks (5 codes each) and the qh run's (4 codes). Out: each row's 16 lane sums of sum c a.
+ * Two rows share the activation loads; codes 0 and 4 are not scaled and share an accumulator, so 8 accumulators, 5
+ * activations and the 5 table registers fit in the 32 zmm registers. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_dot(const uint8_t *w, int64_t rowb,
+                                                                                 int64_t nb, const int8_t *xd,
+                                                                                 int64_t b0, int64_t b1, const int R,
+                                                                                 const tq1_tables_t *L, __m512i *out) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t *wa = w + b * TQ1_CB, *wb = wa + rowb;
-        /* Each line three times, as gemv1_avx512 (TriLM-1.1B decode against one prefetch 12 KiB ahead, builds A/B
-         * in one process: 2 threads 1.038x, faster in 7/7 rounds; 1 thread 0.997x). */
+    const int64_t lo = TQ1_QS * b0, hi = TQ1_QS * b1;
+    for (int64_t c = lo / 64; 64 * c < hi; c++) {
+        const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
+        const __mmask64 k = tq1_chunk_mask(c, lo, hi);
+        /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */
         PREFETCH3(wa);
-        PREFETCH3(wb);
-        __m512i fa, fb, ga, gb;
-        tq1_decode(wa, L, &fa, &fb);
-        tq1_decode(wb, L, &ga, &gb);
-        const int8_t *ab = a + b * TQ1_AB;
+        if (R == 2) PREFETCH3(wb);
+        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
+        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
+        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
+        const int8_t *ab = xd + 5 * 64 * c;
         __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);
         __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);
         __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));
@@ -217,22 +287,49 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dot2_av
         DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
         DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
         DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);
-        DPBUSD_R(q0, gb, x0);
-        DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
-        DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
-        DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
-        DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
+        if (R == 2) {
+            DPBUSD_R(q0, gb, x0);
+            DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
+            DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
+            DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
+            DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
+        }
         __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));
+    }
+    const int64_t hlo = TQ1_QH * b0, hhi = TQ1_QH * b1;
+    const int8_t *xh = xd + 5 * 64 * tq1_qs_chunks(nb);
+    for (int64_t c = hlo / 64; 64 * c < hhi; c++) { /* qh bytes: codes 0..3 (their fifth code meets no activation) */
+        const uint8_t *wa = w + TQ1_QS * nb + 64 * c, *wb = wa + rowb;
+        const __mmask64 k = tq1_chunk_mask(c, hlo, hhi);
+        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
+        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
+        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
+        const int8_t *ab = xh + 4 * 64 * c;
+        const __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
+        const __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
+        DPBUSD_R(p0, fb, x0);
+        DPBUSD_R(p0, _mm512_and_si512(fa, m0), x1);
+        DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
+        DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
+        if (R == 2) {
+            DPBUSD_R(q0, gb, x0);
+            DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
+            DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
+            DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
+        }
     }
     __m512i v = _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2));
     v = _mm512_add_epi32(v, _mm512_srai_epi32(p2, 4));
-    *out0 = _mm512_add_epi32(v, _mm512_srai_epi32(p3, 6));
-    v = _mm512_add_epi32(q0, _mm512_srai_epi32(q1, 2));
-    v = _mm512_add_epi32(v, _mm512_srai_epi32(q2, 4));
-    *out1 = _mm512_add_epi32(v, _mm512_srai_epi32(q3, 6));
+    out[0] = _mm512_add_epi32(v, _mm512_srai_epi32(p3, 6));
+    if (R == 2) {
+        v = _mm512_add_epi32(q0, _mm512_srai_epi32(q1, 2));
+        v = _mm512_add_epi32(v, _mm512_srai_epi32(q2, 4));
+        out[1] = _mm512_add_epi32(v, _mm512_srai_epi32(q3, 6));
+    }
 }
 
-/* One token: rows 16 at a time reduced together (hsum16x16) and finished with one vector epilogue, as gemv1_avx512. */
+/* One token: rows 16 at a time reduced together (hsum16x16) and finished with one vector epilogue, as gemv1_avx512.
+ * Reads the dense activations (J->xd). */
 TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const tq1_tables_t L = tq1_tables_load();
     const int64_t rowb = J->nb * TQ1_CB;
@@ -241,17 +338,20 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
         __m512i v[GROUP_SEGMENTS][16];
         for (; n + 16 <= n1; n += 16) {
             for (int r = 0; r < 16; r += 2)
-                for (int64_t s = 0; s < J->S; s++)
-                    tq1_dot2_avx512(J->qs + (n + r) * rowb, rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L, &v[s][r],
-                                    &v[s][r + 1]);
+                for (int64_t s = 0; s < J->S; s++) {
+                    __m512i o[2];
+                    tq1_dense_dot(J->qs + (n + r) * rowb, rowb, J->nb, J->xd, J->bounds[s], J->bounds[s + 1], 2, &L, o);
+                    v[s][r] = o[0], v[s][r + 1] = o[1];
+                }
             epilogue16(J, n, v, 0);
         }
     }
     for (; n < n1; n++) {
         float yv = 0.0f;
         for (int64_t s = 0; s < J->S; s++) {
-            const int32_t acc = _mm512_reduce_add_epi32(
-                tq1_dot_avx512(J->qs + n * rowb, J->xq, J->bounds[s], J->bounds[s + 1], &L));
+            __m512i o[2];
+            tq1_dense_dot(J->qs + n * rowb, rowb, J->nb, J->xd, J->bounds[s], J->bounds[s + 1], 1, &L, o);
+            const int32_t acc = _mm512_reduce_add_epi32(o[0]);
             yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);
         }
         J->y[n] = yv * J->xs[0];
@@ -282,9 +382,9 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
                     fa[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128);
                     fb[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128 + 64);
                 } else {
-                    const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
-                    if (TT < 4) PREFETCH(wb + PREFETCH_BYTES);
-                    tq1_decode(wb, L, &fa[r], &fb[r]);
+                    const uint8_t *row = J->qs + (n + r) * rowb;
+                    if (TT < 4) PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
+                    tq1_decode(row, J->nb, b, L, &fa[r], &fb[r]);
                 }
             }
             _Pragma("GCC unroll 5")
@@ -343,10 +443,10 @@ TARGET_AVX512_VBMI static void tq1_predecode(const job_t *J, const tq1_tables_t 
     const int64_t rowb = J->nb * TQ1_CB;
     for (int r = 0; r < R; r++)
         for (int64_t b = 0; b < J->nb; b++) {
-            const uint8_t *wb = J->qs + (n + r) * rowb + b * TQ1_CB;
-            PREFETCH(wb + PREFETCH_BYTES);
+            const uint8_t *row = J->qs + (n + r) * rowb;
+            PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
             __m512i fa, fb;
-            tq1_decode(wb, L, &fa, &fb);
+            tq1_decode(row, J->nb, b, L, &fa, &fb);
             _mm512_storeu_si512(dec + (r * J->nb + b) * 128, fa);
             _mm512_storeu_si512(dec + (r * J->nb + b) * 128 + 64, fb);
         }
@@ -389,7 +489,7 @@ static int tq1_has_vbmi(void) {
     if (cached < 0) {
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
-        if (cached) tq1_tables_init();
+        tq1_encoding_init(cached); /* the VBMI kernels read encoded bytes (header) */
     }
     return cached;
 }
