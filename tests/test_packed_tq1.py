@@ -2,6 +2,9 @@
 codes bit for bit (every path, ragged shapes, batches 1..67, threads), the layer keeps 52 code bytes per block, and the
 batch-1 decoder runs TQ1 layers with the same logits as TQ2 layers."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +133,12 @@ def test_layer_holds_tq1_bytes_and_converts():
     row = q1.numpy()[0].reshape(3, 52)
     assert np.array_equal(tq1.qs.numpy()[0], enc[np.concatenate([row[:, :48].ravel(), row[:, 48:].ravel()])])
     assert torch.equal(tq1.state_dict()["qs"], q1)  # saved in llama.cpp's order
+    x0 = torch.randn(3, 768)
+    for layer in (tq1, tq2):  # deep copies and pickles run, and pickle TQ1_0 bytes in llama.cpp's order
+        twin, blob = copy.deepcopy(layer), pickle.dumps(layer)
+        assert torch.equal(twin(x0), layer(x0)) and torch.equal(twin.qs, layer.qs)
+        assert torch.equal(pickle.loads(blob)(x0), layer(x0))
+    assert q1.numpy().tobytes() in pickle.dumps(tq1)
     x = torch.randn(5, 768)
     assert torch.equal(tq1(x), tq2(x))
     assert np.array_equal(tq1.codes(), tq2.codes())

@@ -147,6 +147,22 @@ class PackedTernaryLinear(nn.Module):
         if prefix + "qs" in state_dict or prefix + "d" in state_dict:
             self.refresh()  # load_state_dict writes qs/d in place (or assigns them): the derived segments must follow
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle (torch.save of a whole model): without the extension module (not picklable) and the
+        # cached addresses, and TQ1_0 bytes in llama.cpp's order, which every CPU reads back into its own encoding.
+        state = self.__dict__.copy()
+        state["_ext"], state["_ptr_cache"] = None, None
+        if state.get("_qs_kernel"):
+            state["_buffers"] = {**state["_buffers"], "qs": torch.from_numpy(self.tq1_code_bytes())}
+            state["_qs_kernel"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._ext = K.extension()
+        if self.format == "tq1_0" and not self._qs_kernel:
+            self.refresh()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._qs_kernel:  # saved in llama.cpp's order, whatever the CPU's encoding
