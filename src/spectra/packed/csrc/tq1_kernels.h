@@ -268,6 +268,14 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+    /* codes 0..3 of one row's register against activation planes x0..x3 (code 4's plane, x4, only in qs chunks) */
+#define TQ1_CODES_0_3(A0, A1, A2, FA, FB)                  \
+    do {                                                   \
+        DPBUSD_R(A0, FB, x0);                              \
+        DPBUSD_R(A0, _mm512_and_si512(FA, m0), x1);        \
+        DPBUSD_R(A1, _mm512_and_si512(FA, m1), x2);        \
+        DPBUSD_R(A2, _mm512_and_si512(FA, m2), x3);        \
+    } while (0)
     const int64_t lo = TQ1_QS * b0, hi = TQ1_QS * b1;
     for (int64_t c = lo / 64; 64 * c < hi; c++) {
         const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
@@ -282,16 +290,10 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
         __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);
         __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);
         __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));
-        DPBUSD_R(p0, fb, x0);
-        DPBUSD_R(p0, _mm512_and_si512(fa, m0), x1);
-        DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
-        DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
+        TQ1_CODES_0_3(p0, p1, p2, fa, fb);
         DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);
         if (R == 2) {
-            DPBUSD_R(q0, gb, x0);
-            DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
-            DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
-            DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
+            TQ1_CODES_0_3(q0, q1, q2, ga, gb);
             DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
         }
         __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));
@@ -307,17 +309,10 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
         const int8_t *ab = xh + 4 * 64 * c;
         const __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
         const __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
-        DPBUSD_R(p0, fb, x0);
-        DPBUSD_R(p0, _mm512_and_si512(fa, m0), x1);
-        DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
-        DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
-        if (R == 2) {
-            DPBUSD_R(q0, gb, x0);
-            DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
-            DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
-            DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
-        }
+        TQ1_CODES_0_3(p0, p1, p2, fa, fb);
+        if (R == 2) TQ1_CODES_0_3(q0, q1, q2, ga, gb);
     }
+#undef TQ1_CODES_0_3
     __m512i v = _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2));
     v = _mm512_add_epi32(v, _mm512_srai_epi32(p2, 4));
     out[0] = _mm512_add_epi32(v, _mm512_srai_epi32(p3, 6));
