@@ -1,7 +1,7 @@
 """The packed C kernels of a git revision against the working tree's, both loaded into one process.
 
     python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
-                                   [--prefill 0 | --decode] [--format tq2] [--vocab V] [--rounds 15]
+                                   [--prefill 0 | --decode] [--format tq2] [--vocab V] [--shards 1] [--rounds 15]
                                    [-D NAME=VALUE ...] [--base-define NAME=VALUE ...]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
@@ -15,7 +15,9 @@ The workload is the synthetic packed model of `--size` (random ternary blocks, i
 `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`
 with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`,
 or with `--decode` 64 single-token steps of `Decoder` from an empty cache (`generate`'s decode, llama-bench's `tg`).
-`--format tq1` packs the model as TQ1_0; `--vocab` overrides the vocabulary (32000: `benchmarks/decode.py`).
+`--format tq1` packs the model as TQ1_0; `--vocab` overrides the vocabulary (32000: `benchmarks/decode.py`);
+`--shards 2` gives every matrix two scale shards, as real checkpoints have (the row-parallel ones then have two scale
+segments per row).
 Prints each build's median time and the median [range] of the per-round ratios base / tree (above 1: the working
 tree is faster), and in how many rounds the tree was faster. The Python side is the working tree's for both, so a
 base whose C functions take other arguments cannot be compared this way (the call fails with a TypeError).
@@ -36,10 +38,13 @@ from pathlib import Path
 
 import torch
 
+from spectra.config import from_name
 from spectra.inference.batch import BatchDecoder
 from spectra.inference.bench import packed_copy, synthetic_trilm, with_int8_head
 from spectra.inference.decode import Decoder
+from spectra.model import build_model
 from spectra.packed import kernels as K
+from spectra.packed.linear import convert_to_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = "src/spectra/packed/csrc"
@@ -77,6 +82,9 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="time 64 single-token decode steps instead")
     ap.add_argument("--format", choices=["tq2", "tq1"], default="tq2")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="scale shards per matrix (2: as `spectra.load('trilm-1.1b')` and packed checkpoints; blocks "
+                         "that straddle two shards are rounded as `spectra pack --lossy` does)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE for the tree's build")
     ap.add_argument("--base-define", dest="base_defines", action="append", default=[],
@@ -98,8 +106,15 @@ def main() -> None:
                   "tree": load(build(ROOT, tmp / "b", args.defines))}
 
         torch.set_num_threads(args.threads)
-        latent = synthetic_trilm(args.size, vocab_size=args.vocab)
-        model = with_int8_head(packed_copy(latent, args.format, inplace=True))
+        if args.shards == 1:
+            latent = synthetic_trilm(args.size, vocab_size=args.vocab)
+            model = with_int8_head(packed_copy(latent, args.format, inplace=True))
+        else:
+            name = args.size if args.size.startswith("trilm-") else f"trilm-{args.size}"
+            cfg = from_name(name, num_scale_shards=args.shards, **({"vocab_size": args.vocab} if args.vocab else {}))
+            latent = build_model(cfg, seed=0).eval()
+            convert_to_packed(latent, args.format, lossy=True)
+            model = with_int8_head(latent)
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(0)
         if args.prefill:
