@@ -139,6 +139,11 @@ def test_layer_holds_tq1_bytes_and_converts():
         assert torch.equal(twin(x0), layer(x0)) and torch.equal(twin.qs, layer.qs)
         assert torch.equal(pickle.loads(blob)(x0), layer(x0))
     assert q1.numpy().tobytes() in pickle.dumps(tq1)
+    want = tq1(x0)
+    for path in [*COMPILED, "torch"]:  # the layer's own (kernel-order, maybe encoded) bytes on every path
+        tq1.set_path(path)
+        assert torch.equal(tq1(x0), want), path
+    tq1.set_path("auto")
     x = torch.randn(5, 768)
     assert torch.equal(tq1(x), tq2(x))
     assert np.array_equal(tq1.codes(), tq2.codes())
