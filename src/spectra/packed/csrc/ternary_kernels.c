@@ -125,7 +125,6 @@ typedef struct {
     const float *xs;       /* [T] activation scales */
     const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
     const int8_t *x4;      /* quad GEMM only: the activations in quad layout (quad_kernels.h), else NULL */
-    const int8_t *xd;      /* TQ1_0 with T = 1: the dense activation layout (tq1_kernels.h), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
@@ -1743,6 +1742,33 @@ static void *scratch_get(size_t need) {
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+/* Bytes of TQ1_0 activations a product of T tokens reads (tq1_kernels.h): the dense layout alone where run_rows hands
+ * a one-token TQ1_0 job to the VBMI GEMV (tq1_gemv1_avx512, then its only reader: not AMX, not the lanes, which
+ * use_lane can open to one token), else the per-block layout. Depends on the format and T only, so it is the same for
+ * every TQ1_0 job of a group. */
+static int tq1_dense_applies(int path, int64_t T) {
+#ifdef SPECTRA_X86
+    job_t J;
+    memset(&J, 0, sizeof(J));
+    J.fmt = FMT_TQ1, J.T = T;
+    return T == 1 && path == PATH_AVX512VNNI && tq1_has_vbmi() && !amx_applies(path, &J) && !lane_applies(path, &J);
+#else
+    (void)path, (void)T;
+    return 0;
+#endif
+}
+
+static size_t tq1_act_bytes(int path, int64_t T, int64_t nb) {
+    return round64(tq1_dense_applies(path, T) ? tq1_dense_bytes(nb) : (size_t)(T * nb * TQ1_AB));
+}
+
+/* Tokens [t0, t1) of a product of T tokens: TQ2-layout activations xq [T, nb*256] -> the TQ1_0 layout of
+ * tq1_act_bytes at xq1 (both buffers of all T tokens; decided by T, not by the range). */
+static void tq1_act_build(int path, int64_t T, const int8_t *xq, int8_t *xq1, int64_t t0, int64_t t1, int64_t nb) {
+    if (tq1_dense_applies(path, T)) tq1_activations_dense(xq, xq1, nb);
+    else tq1_activations(xq + t0 * nb * QK, xq1 + t0 * nb * TQ1_AB, t1 - t0, nb);
+}
+
 /* matmul(path, x_ptr, T, K, qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr, n_threads[, fmt]) -> None; y[T, N] = x[T, K] W^T
  * for TQ2_0 code bytes (fmt 0, the default) or TQ1_0 code bytes (fmt 1, see tq1_kernels.h) */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
@@ -1753,8 +1779,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (!parse_job(args, &path, &x, &J, &n_threads)) return NULL;
     if (J.T == 0 || J.N == 0) Py_RETURN_NONE;
     const size_t q_bytes = round64((size_t)(J.T * J.K));
-    const size_t xd_bytes = J.fmt == FMT_TQ1 && J.T == 1 ? round64(tq1_dense_bytes(J.nb)) : 0;
-    const size_t q1_bytes = J.fmt == FMT_TQ1 ? round64((size_t)(J.T * J.nb * TQ1_AB)) + xd_bytes : 0;
+    const size_t q1_bytes = J.fmt == FMT_TQ1 ? tq1_act_bytes(path, J.T, J.nb) : 0;
     const size_t xt_bytes = vnni_xt_bytes(path, &J);
     const size_t x4_bytes = quad_applies(path, &J) ? round64(quad_bytes(J.T, J.K)) : 0;
     void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + x4_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
@@ -1768,8 +1793,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
-    if (J.fmt == FMT_TQ1) tq1_activations(xq, xq1, J.T, J.nb);
-    if (xd_bytes) tq1_activations_dense(xq, xq1 + q1_bytes - xd_bytes, J.nb), J.xd = xq1 + q1_bytes - xd_bytes;
+    if (J.fmt == FMT_TQ1) tq1_act_build(path, J.T, xq, xq1, 0, J.T, J.nb);
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, J.xq, xt), J.xt = xt;
     if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
@@ -1841,7 +1865,7 @@ typedef struct {
     int path;
     job_t Q;
     const float *x;
-    int8_t *xq, *xq1, *xd, *xt[2], *x4;
+    int8_t *xq, *xq1, *xt[2], *x4;
     int32_t *blk_sum;
     float *xs;
 } group_prep_t;
@@ -1853,8 +1877,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
     job_t R = *Q;
     R.T = t1 - t0;
     quantize_rows(p->path, p->x + t0 * Q->K, &R, p->xq + t0 * Q->K, p->blk_sum + t0 * Q->nb, p->xs + t0);
-    if (p->xq1) tq1_activations(p->xq + t0 * Q->K, p->xq1 + t0 * Q->nb * TQ1_AB, t1 - t0, Q->nb);
-    if (p->xd) tq1_activations_dense(p->xq, p->xd, Q->nb); /* one token */
+    if (p->xq1) tq1_act_build(p->path, Q->T, p->xq, p->xq1, t0, t1, Q->nb);
     for (int f = 0; f < 2; f++) {
         job_t X = *Q;
         X.fmt = f ? FMT_TQ1 : FMT_TQ2;
@@ -1876,8 +1899,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     const size_t s_bytes = round64(sizeof(int32_t) * sums);
     int any_tq1 = 0;
     for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
-    const size_t xd_bytes = any_tq1 && T == 1 ? round64(tq1_dense_bytes(nb)) : 0;
-    const size_t q1_bytes = any_tq1 ? round64((size_t)(T * nb * TQ1_AB)) + xd_bytes : 0;
+    const size_t q1_bytes = any_tq1 ? tq1_act_bytes(path, T, nb) : 0;
     size_t xt_bytes[2] = {0, 0}; /* VNNI-layout activations (AMX or lane GEMM) for TQ2_0, TQ1_0 jobs */
     for (int g = 0; g < G; g++) {
         const size_t need = vnni_xt_bytes(path, &jobs[g]);
@@ -1905,7 +1927,6 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     job_t *Q = &prep.Q;
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
-    prep.xd = xd_bytes ? xq1 + q1_bytes - xd_bytes : NULL;
     for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
     prep.x4 = x4_bytes ? x4 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
@@ -1918,7 +1939,6 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 sum[t * J->S + s] = v;
             }
         J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
-        J->xd = J->fmt == FMT_TQ1 ? prep.xd : NULL;
         if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
         if (quad_applies(path, J)) J->x4 = x4;
         sum += T * J->S;

@@ -22,9 +22,10 @@
  * Activations (per-block TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds
  * the activation of the element that code n of block byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
  * 48..51. So one 64-byte register of a block's 52 code bytes (12 more zero) against plane n is a full dot product.
- * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products also get the
- * dense layout (tq1_activations_dense, J->xd): per 64-byte chunk c of the qs run, 5 planes (plane n, slot j: the
- * activation of code n of qs byte 64 c + j), then per chunk of the qh run 4 planes (codes 0..3), zero past the runs.
+ * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products on the VBMI
+ * GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
+ * per 64-byte chunk c of the qs run, 5 planes (plane n, slot j: the activation of code n of qs byte 64 c + j), then per
+ * chunk of the qh run 4 planes (codes 0..3), zero past the runs.
  *
  * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
  * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
@@ -324,7 +325,7 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
 }
 
 /* One token: rows 16 at a time reduced together (hsum16x16) and finished with one vector epilogue, as gemv1_avx512.
- * Reads the dense activations (J->xd). */
+ * J->xq holds the dense activation layout here (tq1_act_build). */
 TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const tq1_tables_t L = tq1_tables_load();
     const int64_t rowb = J->nb * TQ1_CB;
@@ -335,7 +336,7 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
             for (int r = 0; r < 16; r += 2)
                 for (int64_t s = 0; s < J->S; s++) {
                     __m512i o[2];
-                    tq1_dense_dot(J->qs + (n + r) * rowb, rowb, J->nb, J->xd, J->bounds[s], J->bounds[s + 1], 2, &L, o);
+                    tq1_dense_dot(J->qs + (n + r) * rowb, rowb, J->nb, J->xq, J->bounds[s], J->bounds[s + 1], 2, &L, o);
                     v[s][r] = o[0], v[s][r + 1] = o[1];
                 }
             epilogue16(J, n, v, 0);
@@ -345,7 +346,7 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
         float yv = 0.0f;
         for (int64_t s = 0; s < J->S; s++) {
             __m512i o[2];
-            tq1_dense_dot(J->qs + n * rowb, rowb, J->nb, J->xd, J->bounds[s], J->bounds[s + 1], 1, &L, o);
+            tq1_dense_dot(J->qs + n * rowb, rowb, J->nb, J->xq, J->bounds[s], J->bounds[s + 1], 1, &L, o);
             const int32_t acc = _mm512_reduce_add_epi32(o[0]);
             yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);
         }
