@@ -133,6 +133,9 @@ def test_layer_holds_tq1_bytes_and_converts():
     row = q1.numpy()[0].reshape(3, 52)
     assert np.array_equal(tq1.qs.numpy()[0], enc[np.concatenate([row[:, :48].ravel(), row[:, 48:].ravel()])])
     assert torch.equal(tq1.state_dict()["qs"], q1)  # saved in llama.cpp's order
+    same = PackedTernaryLinear(768, 24, qs, torch.full((24, 3), 0.05, dtype=torch.float16), format="tq1")
+    same.load_state_dict(tq1.state_dict())  # and loaded back into the kernels' order
+    assert torch.equal(same.qs, tq1.qs) and torch.equal(same.d, tq1.d)
     x0 = torch.randn(3, 768)
     for layer in (tq1, tq2):  # deep copies and pickles run, and pickle TQ1_0 bytes in llama.cpp's order
         twin, blob = copy.deepcopy(layer), pickle.dumps(layer)

@@ -91,6 +91,7 @@ class PackedTernaryLinear(nn.Module):
         self._path_id = K._PATH_IDS.get(self.path)
         self._fmt_id = K.FORMAT_IDS[self.format]
         self._ext = K.extension()
+        self._qs_kernel = False  # whether `qs` holds TQ1_0 bytes in the kernels' order (set by refresh)
         self.register_buffer("qs", torch.as_tensor(np.asarray(qs)))
         self.register_buffer("d", torch.as_tensor(np.asarray(d)))
         self.refresh()
@@ -121,7 +122,7 @@ class PackedTernaryLinear(nn.Module):
     def refresh(self) -> None:
         """Validate `qs` and `d` and rebuild what the kernels derive from them (after any change to the buffers)."""
         held = self.qs
-        if getattr(self, "_qs_kernel", False):  # TQ1_0 bytes in the kernels' order: checked in llama.cpp's
+        if self._qs_kernel:  # TQ1_0 bytes in the kernels' order: checked in llama.cpp's
             held = torch.from_numpy(K.tq1_from_kernel(held.numpy()))
         qs_np, d_np = self._checked(held, self.d)
         bounds, seg_d = formats.scale_segments(d_np)
@@ -140,10 +141,10 @@ class PackedTernaryLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "qs" in state_dict and prefix + "d" in state_dict:  # reject bad data before it is copied in
             qs, _ = self._checked(state_dict[prefix + "qs"], state_dict[prefix + "d"])
-            if self.format == "tq1_0":
-                qs = K.tq1_to_kernel(qs)
             state_dict[prefix + "qs"] = torch.from_numpy(np.ascontiguousarray(qs))  # in this layer's layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "qs" in state_dict:
+            self._qs_kernel = False  # llama.cpp's order now: refresh puts TQ1_0 bytes in the kernels' order
         if prefix + "qs" in state_dict or prefix + "d" in state_dict:
             self.refresh()  # load_state_dict writes qs/d in place (or assigns them): the derived segments must follow
 
