@@ -184,7 +184,7 @@ TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
                 for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
                     const uint8_t *qs = w + TQ1_QS * b, *qh = w + TQ1_QS * J->nb + TQ1_QH * b;
                     PREFETCH(qs + PREFETCH_BYTES);
-                    uint8_t llama[TQ1_CB + 12]; /* encoded bytes (a VBMI CPU on this path): llama.cpp's first */
+                    uint8_t llama[TQ1_CB]; /* encoded bytes (a VBMI CPU on this path): llama.cpp's first */
                     if (tq1_encoded) tq1_block_llama(w, J->nb, b, llama), qs = llama, qh = llama + TQ1_QS;
                     __m256i t0 = _mm256_loadu_si256((const __m256i *)qs); /* bytes 0..31, then 32..51: */
                     int32_t h;
