@@ -220,19 +220,21 @@ def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones():
 
 @needs_ext
 def test_all_layers_in_one_call_equal_one_call_per_layer():
-    """`Rows.run` takes every block in one C call (`decode_layers_batch`); an extension without it runs one call per
-    block (`decode_layer_batch`). Both give the same hidden states and caches, bit for bit."""
+    """`Rows.run` takes every block in one C call (`decode_layers_batch`) on the blocks parsed once
+    (`layers_plan`); an extension without layers_plan passes the tuple of blocks each call, one without
+    decode_layers_batch runs one call per block (`decode_layer_batch`). All give the same hidden states and caches,
+    bit for bit."""
     model = model_of("packed", num_scale_shards=2)
     prompts, _ = prompts_and_lengths(5, seed=6)
     outs = []
-    for per_layer in (False, True):
+    for missing in (None, "layers_plan", "decode_layers_batch"):
         bd = BatchDecoder(model, 5, 48, torch.float16)
-        if per_layer:
+        if missing:
             real = bd.kernel["decoder"]._ext
 
-            class OldExtension:  # the extension minus its all-layers entry point
+            class OldExtension:  # the extension minus one entry point
                 def __getattr__(self, name):
-                    if name == "decode_layers_batch":
+                    if name == missing:
                         raise AttributeError(name)
                     return getattr(real, name)
 
@@ -242,9 +244,38 @@ def test_all_layers_in_one_call_equal_one_call_per_layer():
             for s, p in zip(slots, prompts):
                 bd.prefill(s, p)
             logits = bd.step(slots, [1, 2, 3, 4, 5])
-        outs.append((logits, bd.kernel["rows"].x[:5].clone(), [bd.caches[s].k.clone() for s in slots]))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+        outs.append((logits, bd.kernel["rows"].x[:5].clone(), [bd.caches[s].k.clone() for s in slots],
+                     bd.kernel["rows"]._plan))
+    rows = bd.kernel["rows"]
+    assert type(rows._plan).__name__ == "tuple" and type(outs[0][3]).__name__ == "PyCapsule"
+    for other in outs[1:]:
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1], other[1])
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][2], other[2]))
+
+
+@needs_ext
+def test_a_layers_plan_is_checked_against_the_call():
+    """`layers_plan` parses and checks the blocks once; decode_layers_batch refuses a plan made for other sizes, and
+    anything that is neither a tuple nor a plan, with a one-line error."""
+    model = model_of("packed")
+    dec = Decoder(model)
+    rows, ext, cfg = dec._one, dec._ext, model.config
+    A = cfg.n_heads * cfg.head_dim
+    with pytest.raises(ValueError, match="segment bounds must .* end at K/256"):
+        ext.layers_plan(rows._all, 256, A)  # the matrices' rows are 512 long
+    with pytest.raises(ValueError, match="C=500"):
+        ext.layers_plan(rows._all, 500, A)  # C not a multiple of 256
+    plan = rows._plan_for(ext)
+    x = torch.zeros(1, cfg.dim)
+    where = torch.zeros(3, dtype=torch.int64)
+    cache = model.new_cache(1, 8)
+    args = (x.data_ptr(), 1, 1024, cfg.n_heads, cfg.head_dim, where[0:1].data_ptr(), dec._cos.data_ptr(),
+            dec._sin.data_ptr(), where[1:2].data_ptr(), where[2:3].data_ptr(), cache.k.stride(0) * 4,
+            cache.k.stride(2), 0.125)
+    with pytest.raises(ValueError, match="plan for C=512"):
+        ext.decode_layers_batch(dec._path_id, 1, *args, plan, False)
+    with pytest.raises(TypeError, match="a tuple or a layers_plan capsule, not list"):
+        ext.decode_layers_batch(dec._path_id, 1, *args, list(rows._all), False)
 
 
 HAS_AMX = kernels.extension() is not None and kernels.cpu_features().get("amx_int8", False)

@@ -14,8 +14,10 @@ The model is a loaded model / directory, or a size name (`trilm-1.1b`) for a syn
 block weights are random ternary (one scale per matrix; speed does not depend on the values).
 
 Prompt speed is P / t(prefill of P tokens); decode speed is G / t(G single-token steps with a KV cache), each step
-including the logits and an argmax; the decode tokens are fixed random ids, as in llama-bench's `tg` test. Memory is
-the weight bytes of each variant and the process's resident set size (RSS) after building it.
+including the logits and the greedy pick `generate` makes (`sampling.sample_next`: the kernels' argmax, 5 us where
+torch.argmax over a 50k vocabulary took 65 us of each step); the decode tokens are fixed random ids, as in
+llama-bench's `tg` test. Memory is the weight bytes of each variant and the process's resident set size (RSS) after
+building it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 
 from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
 from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name
+from spectra.inference.sampling import sample_next
 from spectra.interop.weights import check_plain_linear, dense_weight
 from spectra.packed import kernels as K
 
@@ -185,12 +188,12 @@ def time_torch(
         cache = model.new_cache(1, P + G, kv_dtype)
     with torch.inference_mode(), torch_threads_for(step):  # as `generate` runs
         t0 = time.perf_counter()
-        prefill(prompt, cache)[:, -1].argmax(-1)
+        sample_next(prefill(prompt, cache)[0, -1])
         t1 = time.perf_counter()
         if decode_from_empty:
             cache.pos = 0  # the prompt's keys and values are overwritten position by position
         for i in range(G):
-            step(decode_ids[:, i : i + 1], cache=cache)[:, -1].argmax(-1)
+            sample_next(step(decode_ids[:, i : i + 1], cache=cache)[0, -1])  # greedy, as `generate` picks it
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

@@ -2438,6 +2438,49 @@ static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int6
     return bytes > SPLIT_MAX_LAYER_BYTES ? 1 : parts;
 }
 
+/* A model's blocks parsed once (`layers_plan`), for decode_layers_batch to take instead of the tuple of every block's
+ * tuple: parsing that tuple (8 PyArg_ParseTuple calls a block, 192 for TriLM-1.1B) took 50 us of every decode step
+ * on the 2-core Xeon, with the interpreter's memory evicted by the weights the step before had streamed. A call copies
+ * the parsed blocks (the jobs' fields are set per call) and sets their token count; the plan holds addresses only,
+ * so its owner keeps the tensors alive and builds a new plan when they change (spectra.inference.decode.Rows). */
+#define PLAN_CAPSULE "spectra.packed._kernels.layers_plan"
+typedef struct {
+    Py_ssize_t n;
+    int64_t C, A;
+    batch_layer_t L[];
+} layers_plan_t;
+
+static void plan_free(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, PLAN_CAPSULE)); }
+
+/* layers_plan(layers, C, A) -> capsule: the tuple decode_layers_batch takes, parsed and checked once. */
+static PyObject *py_layers_plan(PyObject *self, PyObject *args) {
+    PyObject *layers;
+    long long C, A;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!LL", &PyTuple_Type, &layers, &C, &A)) return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(layers);
+    if (n < 1 || C <= 0 || C % QK || A <= 0 || A % QK)
+        return PyErr_Format(PyExc_ValueError, "layers_plan: %zd layers, C=%lld, A=%lld (C and A multiples of %d)", n,
+                            C, A, QK);
+    layers_plan_t *plan = (layers_plan_t *)malloc(sizeof(layers_plan_t) + sizeof(batch_layer_t) * (size_t)n);
+    if (!plan) return PyErr_NoMemory();
+    plan->n = n, plan->C = C, plan->A = A;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!parse_batch_layer(PyTuple_GET_ITEM(layers, i), &plan->L[i], 1, C, A)) {
+            free(plan);
+            return NULL;
+        }
+    PyObject *capsule = PyCapsule_New(plan, PLAN_CAPSULE, plan_free);
+    if (!capsule) free(plan);
+    return capsule;
+}
+
+static void plan_rows(batch_layer_t *L, int64_t B) {
+    for (int i = 0; i < 3; i++) L->jq[i].T = B;
+    for (int i = 0; i < 2; i++) L->jg[i].T = B;
+    L->jo.T = B, L->jd.T = B;
+}
+
 static PyObject *batch_layers(PyObject *args, int all_layers) {
     int path, n_threads;
     unsigned long long px, ppos, pcos, psin, pks, pvs;
@@ -2445,9 +2488,19 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     float scale;
     PyObject *layers;
     int half = 0;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO!|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
-                          &pks, &pvs, &loff, &hs, &scale, &PyTuple_Type, &layers, &half))
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
+                          &pks, &pvs, &loff, &hs, &scale, &layers, &half))
         return NULL;
+    const layers_plan_t *plan = NULL;
+    if (all_layers && PyCapsule_IsValid(layers, PLAN_CAPSULE)) {
+        plan = (const layers_plan_t *)PyCapsule_GetPointer(layers, PLAN_CAPSULE);
+        if (plan->C != C || plan->A != H * D)
+            return PyErr_Format(PyExc_ValueError, "a layers plan for C=%lld, H*D=%lld called with C=%lld, H*D=%lld",
+                                (long long)plan->C, (long long)plan->A, C, H * D);
+    } else if (!PyTuple_Check(layers)) {
+        return PyErr_Format(PyExc_TypeError, "layers must be a tuple%s, not %s",
+                            all_layers ? " or a layers_plan capsule" : "", Py_TYPE(layers)->tp_name);
+    }
     const long long A = H * D;
     if (B <= 0 || C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || loff < 0)
         return PyErr_Format(PyExc_ValueError, "bad decode_layer_batch sizes B=%lld C=%lld H=%lld D=%lld", B, C, H, D);
@@ -2458,15 +2511,20 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
             return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
     /* decode_layer_batch: `layers` is one layer's tuple and loff its byte offset in the caches; decode_layers_batch:
      * a tuple of every layer's, and loff the bytes between two layers' caches (layer i at i * loff). */
-    const Py_ssize_t n_layers = all_layers ? PyTuple_GET_SIZE(layers) : 1;
+    const Py_ssize_t n_layers = plan ? plan->n : all_layers ? PyTuple_GET_SIZE(layers) : 1;
     if (n_layers < 1) return PyErr_Format(PyExc_ValueError, "no layers given");
     batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
     if (!Ls) return PyErr_NoMemory();
-    for (Py_ssize_t i = 0; i < n_layers; i++)
-        if (!parse_batch_layer(all_layers ? PyTuple_GET_ITEM(layers, i) : layers, &Ls[i], B, C, A)) {
-            free(Ls);
-            return NULL;
-        }
+    if (plan) {
+        memcpy(Ls, plan->L, sizeof(batch_layer_t) * (size_t)n_layers);
+        for (Py_ssize_t i = 0; i < n_layers; i++) plan_rows(&Ls[i], B);
+    } else {
+        for (Py_ssize_t i = 0; i < n_layers; i++)
+            if (!parse_batch_layer(all_layers ? PyTuple_GET_ITEM(layers, i) : layers, &Ls[i], B, C, A)) {
+                free(Ls);
+                return NULL;
+            }
+    }
     float *xs = (float *)(uintptr_t)px;
     const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
     const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
@@ -2779,6 +2837,7 @@ static PyMethodDef methods[] = {
     {"head_rows", py_head_rows, METH_VARARGS, "Final RMSNorm, int8 output layer and row argmax / logsumexp in one call."},
     {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "One Llama block for B token rows (see the source)."},
     {"decode_layers_batch", py_decode_layers_batch, METH_VARARGS, "decode_layer_batch for every block in one call."},
+    {"layers_plan", py_layers_plan, METH_VARARGS, "decode_layers_batch's tuple of blocks, parsed once (a capsule)."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
     {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
