@@ -178,3 +178,83 @@ def test_prefill_falls_back_to_the_model_for_other_caches():
             x = ids.expand(cache_args[0], -1)
             assert torch.equal(dec.prefill(x, c1), model(x, cache=c2)[:, -1:])
             assert c1.pos == 6
+
+
+def int8_head_model(emb_dtype=torch.float32, seed=0):
+    """A packed TriLM with an int8 lm_head, its embedding held in `emb_dtype` (a compact packed checkpoint's)."""
+    model = packed_model(seed=seed, num_scale_shards=2)
+    model.lm_head = packed_linear.Int8Linear.from_linear(model.lm_head)
+    if emb_dtype is not torch.float32:
+        w = model.embed_tokens.weight.detach().to(emb_dtype)
+        model.embed_tokens = packed_linear.CompactEmbedding(w.shape[0], w.shape[1], _weight=w, _freeze=True)
+    return model
+
+
+@needs_ext
+@pytest.mark.parametrize("emb_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_greedy_is_step_and_sample_next_in_one_call(emb_dtype, kv):
+    """`Decoder.greedy` (one `decode_token` C call: embedding row, blocks, int8 head, argmax) picks the token that
+    `sample_next(step(...))` picks, with the same logits and caches, bit for bit, on every embedding dtype."""
+    from spectra.inference.sampling import sample_next
+
+    model = int8_head_model(emb_dtype)
+    dec = Decoder(model)
+    prompt = torch.randint(0, 384, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        c_ref, c_fast = dec.new_cache(1, 40, kv), dec.new_cache(1, 40, kv)
+        assert dec.greedy_ready(c_fast) and not dec.greedy_ready(dec.new_cache(2, 40, kv))
+        t_ref = t_fast = sample_next(dec.prefill(prompt, c_ref)[0, -1])
+        dec.prefill(prompt, c_fast)
+        for _ in range(20):
+            logits = dec.step(torch.tensor([[t_ref]]), c_ref)[0, -1]
+            t_ref = sample_next(logits)
+            t_fast = dec.greedy(t_fast, c_fast)
+            assert t_fast == t_ref and torch.equal(dec.last_logits, logits)
+        assert c_fast.pos == c_ref.pos == 25
+        assert torch.equal(c_fast.k, c_ref.k) and torch.equal(c_fast.v, c_ref.v)
+
+
+@needs_ext
+def test_greedy_falls_back_and_generate_gives_the_same_tokens():
+    """Without an int8 head `greedy` is `step` and `sample_next`; `generate` at temperature 0 gives the same tokens
+    through `greedy` as through the per-step path (greedy_ready off)."""
+    from spectra.inference.sampling import sample_next
+
+    plain = packed_model()
+    dec = Decoder(plain)
+    with torch.inference_mode():
+        cache, ref = dec.new_cache(1, 8), dec.new_cache(1, 8)
+        assert not dec.greedy_ready(cache)
+        assert dec.greedy(7, cache) == sample_next(dec.step(torch.tensor([[7]]), ref)[0, -1])
+    model = int8_head_model(torch.float16)
+    prompt = torch.randint(0, 384, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    calls, greedy = [], Decoder.greedy
+    try:
+        Decoder.greedy = lambda self, token, cache: calls.append(token) or greedy(self, token, cache)
+        fast = generate(model, None, prompt, max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+    finally:
+        Decoder.greedy = greedy
+    assert len(calls) == 23  # every step after the prompt's
+    ready = Decoder.greedy_ready
+    try:
+        Decoder.greedy_ready = lambda self, cache: False
+        slow = generate(model, None, prompt, max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+    finally:
+        Decoder.greedy_ready = ready
+    assert fast["tokens"] == slow["tokens"] and len(fast["tokens"]) == 24
+
+
+@needs_ext
+def test_decode_token_rejects_bad_input():
+    model = int8_head_model()
+    dec = Decoder(model)
+    with torch.inference_mode():
+        cache = dec.new_cache(1, 8)
+        with pytest.raises(ValueError, match="token id 384 is outside the embedding's 384 rows"):
+            dec.greedy(384, cache)
+        assert cache.pos == 0
+        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = dec._c_head
+        with pytest.raises(TypeError, match="takes a layers_plan capsule, not tuple"):
+            dec._ext.decode_token(pid, 1, 0, 0, 0, 384, 0, 512, 4, 128, 0, 0, 0, 0, 0, 0, 1024, 0.1, dec._one._all,
+                                  False, w_ptr, eps, qw_ptr, scale_ptr, V, 0)

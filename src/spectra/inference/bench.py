@@ -14,8 +14,8 @@ The model is a loaded model / directory, or a size name (`trilm-1.1b`) for a syn
 block weights are random ternary (one scale per matrix; speed does not depend on the values).
 
 Prompt speed is P / t(prefill of P tokens); decode speed is G / t(G single-token steps with a KV cache), each step
-including the logits and the greedy pick `generate` makes (`sampling.sample_next`: the kernels' argmax, 5 us where
-torch.argmax over a 50k vocabulary took 65 us of each step); the decode tokens are fixed random ids, as in
+including the logits and the greedy pick, as `generate` runs them (a packed TriLM with an int8 head:
+`Decoder.greedy`, one C call a step; else `sampling.sample_next`); the decode tokens are fixed random ids, as in
 llama-bench's `tg` test. Memory is the weight bytes of each variant and the process's resident set size (RSS) after
 building it.
 """
@@ -192,8 +192,12 @@ def time_torch(
         t1 = time.perf_counter()
         if decode_from_empty:
             cache.pos = 0  # the prompt's keys and values are overwritten position by position
-        for i in range(G):
-            sample_next(step(decode_ids[:, i : i + 1], cache=cache)[0, -1])  # greedy, as `generate` picks it
+        if isinstance(step, Decoder) and step.greedy_ready(cache):  # generate's greedy steps: one C call each
+            for t in decode_ids[0].tolist():
+                step.greedy(t, cache)
+        else:
+            for i in range(G):
+                sample_next(step(decode_ids[:, i : i + 1], cache=cache)[0, -1])  # greedy, as `generate` picks it
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

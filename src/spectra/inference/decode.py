@@ -94,6 +94,9 @@ class Decoder:
         self._x = self._one.x[0]
         where = torch.zeros(3, dtype=torch.int64)  # step's row: position, layer-0 keys, layer-0 values (addresses)
         self._where, self._where_t = where.numpy(), (where[0:1], where[1:2], where[2:3])
+        self._where_ptrs = tuple(t.data_ptr() for t in self._where_t)
+        self._logits: Tensor | None = None  # `greedy`'s logits buffer
+        self._last: Tensor | None = None
         packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]
         self._packed, self._packed_cls = packed, L.PackedTernaryLinear
         self._version = sum(m.version for m in packed)  # versions only grow: any change raises the sum
@@ -219,6 +222,60 @@ class Decoder:
         return self.step(idx, cache)
 
     # ---- one token ---------------------------------------------------------------------------------------------
+    _EMB_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # decode_token's emb_kind
+
+    def greedy_ready(self, cache) -> bool:
+        """Whether `greedy` runs its one-C-call step on `cache`: an int8 lm_head after an RMSNorm (`head`), an
+        extension with `decode_token`, a batch-1 float32 / float16 cache outside autograd, an embedding of float32,
+        float16 or bfloat16 rows, and the head on the blocks' thread count."""
+        if self.model.lm_head is not self._head_mod:
+            self._head_setup()
+        if self._c_head is None or not hasattr(self._ext, "decode_token") or not self._takes(cache):
+            return False
+        emb, head = self._one._emb, self._c_head[-1]
+        return emb.dtype in self._EMB_KINDS and emb.is_contiguous() and head.n_threads in (None, self._threads)
+
+    def greedy(self, token: int, cache) -> int:
+        """The token greedy decoding picks after `token` at position cache.pos (what
+        `sample_next(self.step(...)[0, -1])` picks at temperature 0: the first index of the largest logit), advancing
+        the cache by one. Where `greedy_ready(cache)`, the whole step is one C call (`decode_token`: embedding row,
+        every block, final norm, int8 output layer, argmax) and no torch op runs: on the 2-core Xeon the torch ops
+        of a step cost 0.4-0.5 ms of each TriLM-1.1B token on 2 threads (their code and data evicted by the weights
+        the step before streamed). `last_logits` (V,) then holds the step's logits until the next call; otherwise
+        this is `step` and `sample_next`."""
+        if not self.greedy_ready(cache):
+            from spectra.inference.sampling import sample_next
+
+            logits = self.step(torch.tensor([[token]], dtype=torch.long), cache)
+            self._last = logits[0, -1]
+            return sample_next(self._last)
+        self.check_unchanged()
+        pos = cache.pos
+        self._check_cache(cache, 1)
+        rows, ck = self._one, cache.k
+        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = self._c_head
+        if self._logits is None or self._logits.numel() != V:
+            self._logits = torch.empty(V, dtype=torch.float32)
+        self._where[:] = (pos, ck.data_ptr(), cache.v.data_ptr())
+        emb = rows._emb
+        C, H, D = rows._fixed
+        nt = self._threads or K.default_threads()
+        plan = rows._plan if rows._plan_ext is self._ext else rows._plan_for(self._ext)
+        nxt = self._ext.decode_token(
+            self._path_id, nt, int(token), emb.data_ptr(), self._EMB_KINDS[emb.dtype], emb.shape[0],
+            rows.x.data_ptr(), C, H, D, self._where_ptrs[0], *rows._rope, self._where_ptrs[1], self._where_ptrs[2],
+            ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, ck.dtype is torch.float16,
+            w_ptr, eps, qw_ptr, scale_ptr, V, self._logits.data_ptr(),
+        )  # fmt: skip
+        cache.pos = pos + 1
+        self._last = self._logits
+        return nxt
+
+    @property
+    def last_logits(self) -> Tensor | None:
+        """The logits (V,) of the last `greedy` step (overwritten by the next one)."""
+        return self._last
+
     def step(self, idx: Tensor, cache) -> Tensor:
         """Logits (1, 1, V) for the single token idx (1, 1) at position cache.pos; advances the cache by one. Every
         block runs in one C call (`Rows` of one row, `decode_layers_batch`): one call per block from Python measured

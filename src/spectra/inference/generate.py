@@ -110,10 +110,15 @@ def generate(
         with torch.inference_mode():
             cache = model.new_cache(1, max_len, kv_dtype) if use_cache else None
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+            # greedy decoding of a packed TriLM: each step after the prompt is one C call (`Decoder.greedy`, the
+            # token sample_next would pick from the same logits) and `seq` is no longer needed
+            greedy = isinstance(decode, Decoder) and temperature == 0 and decode.greedy_ready(cache)
             with torch_threads_for(decode):  # the C decoder's pool does the work; torch's ops run on this thread
                 t0 = time.perf_counter()
                 for step in range(max_new_tokens):
-                    if cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
+                    if greedy and step > 0:
+                        nxt = decode.greedy(out_ids[-1], cache)
+                    elif cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
                         if step > 0:
                             logits = decode(seq[:, -1:], cache=cache)
                         elif isinstance(decode, Decoder):  # the prompt through the C rows, as `serve` prefills it
@@ -122,7 +127,9 @@ def generate(
                             logits = model(seq, cache=cache)
                     else:  # no KV cache: recompute the whole sequence every step
                         logits = model(seq)
-                    nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                    if not greedy or step == 0:
+                        nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=gen)
                     now = time.perf_counter()
                     if step == 0:
                         prompt_s = now - t0
@@ -130,7 +137,8 @@ def generate(
                         decode_s += now - t0
                     t0 = now
                     out_ids.append(nxt)
-                    seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
+                    if not greedy:
+                        seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
                     if tok is not None:
                         # tok.decode(out_ids), without decoding them all every token
                         text, stopped = cut_at_stop(detok.text(out_ids), stops)

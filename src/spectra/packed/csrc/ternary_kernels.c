@@ -2560,6 +2560,86 @@ static PyObject *py_decode_layers_batch(PyObject *self, PyObject *args) {
     return batch_layers(args, 1);
 }
 
+/* decode_token(path, n_threads, token, emb_ptr, emb_kind, emb_rows, x_ptr, C, H, D, pos_ptr, cos_ptr, sin_ptr,
+ * k_ptrs, v_ptrs, layer_bytes, head_stride, scale, plan, half, norm_ptr, eps, head_ptr, head_scale_ptr, V, y_ptr)
+ * -> int: one greedy decode step of one sequence in one call with the GIL released once: the token's embedding row
+ * into x (emb_kind 0 float32, 1 float16, 2 bfloat16: widened exactly), every block (decode_layers_batch's row, from a
+ * layers_plan), the final norm and the int8 output layer into y (head_rows), and y's argmax (argmax's rule). The
+ * same bits as those calls one after the other. Between two such calls the interpreter runs only the caller's loop:
+ * on the 2-core Xeon the torch ops of a step (the embedding lookup, the logits' allocation, the greedy pick) cost
+ * 0.4-0.5 ms of every TriLM-1.1B token on 2 threads, each finding its code and data evicted by the weights the step
+ * before had streamed. */
+static PyObject *py_decode_token(PyObject *self, PyObject *args) {
+    int path, n_threads, emb_kind, half;
+    unsigned long long pe, px, ppos, pcos, psin, pks, pvs, pn, pw, pd, py;
+    long long token, n_emb, C, H, D, loff, hs, V;
+    float scale, eps;
+    PyObject *capsule;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiLKiLKLLLKKKKKLLfOpKfKKLK", &path, &n_threads, &token, &pe, &emb_kind, &n_emb, &px,
+                          &C, &H, &D, &ppos, &pcos, &psin, &pks, &pvs, &loff, &hs, &scale, &capsule, &half, &pn, &eps,
+                          &pw, &pd, &V, &py))
+        return NULL;
+    if (!PyCapsule_IsValid(capsule, PLAN_CAPSULE))
+        return PyErr_Format(PyExc_TypeError, "decode_token takes a layers_plan capsule, not %s",
+                            Py_TYPE(capsule)->tp_name);
+    const layers_plan_t *plan = (const layers_plan_t *)PyCapsule_GetPointer(capsule, PLAN_CAPSULE);
+    if (C <= 0 || H <= 0 || D <= 0 || D % 2 || D > 256 || plan->C != C || plan->A != H * D || C > (1LL << 16) ||
+        V <= 0 || n_threads < 1 || loff < 0)
+        return PyErr_Format(PyExc_ValueError, "bad decode_token sizes C=%lld H=%lld D=%lld V=%lld threads=%d for a "
+                            "plan of C=%lld, H*D=%lld", C, H, D, V, n_threads, (long long)plan->C, (long long)plan->A);
+    if (token < 0 || token >= n_emb)
+        return PyErr_Format(PyExc_ValueError, "token id %lld is outside the embedding's %lld rows", token, n_emb);
+    if (emb_kind < 0 || emb_kind > 2)
+        return PyErr_Format(PyExc_ValueError, "embedding kind %d (0 float32, 1 float16, 2 bfloat16)", emb_kind);
+    if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
+    if (pos[0] < 0 || hs < (pos[0] + 1) * D)
+        return PyErr_Format(PyExc_ValueError, "position %lld outside its cache", (long long)pos[0]);
+    const Py_ssize_t n_layers = plan->n;
+    batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
+    if (!Ls) return PyErr_NoMemory();
+    memcpy(Ls, plan->L, sizeof(batch_layer_t) * (size_t)n_layers);
+    for (Py_ssize_t i = 0; i < n_layers; i++) plan_rows(&Ls[i], 1);
+    float *x = (float *)(uintptr_t)px, *y = (float *)(uintptr_t)py;
+    const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
+    const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
+    const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
+    const size_t i8_bytes = round64(i8_scratch_bytes(path, 1, C));
+    int ok = 1;
+    int64_t best = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (emb_kind == 0) {
+        memcpy(x, (const float *)(uintptr_t)pe + token * C, sizeof(float) * (size_t)C);
+    } else {
+        const uint16_t *e = (const uint16_t *)(uintptr_t)pe + token * C;
+        for (int64_t i = 0; i < C; i++) {
+            if (emb_kind == 1) {
+                x[i] = half_to_float(e[i]);
+            } else {
+                const uint32_t bits = (uint32_t)e[i] << 16;
+                memcpy(&x[i], &bits, 4);
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; ok && i < n_layers; i++)
+        ok = batch_layer_run(path, n_threads, &Ls[i], x, 1, C, H, D, pos, cos0, sin0, kp, vp, (long long)i * loff, hs,
+                             scale, half);
+    void *scratch = ok ? scratch_get(i8_bytes + sizeof(float) * (size_t)C) : NULL;
+    if (scratch) {
+        float *h = (float *)((char *)scratch + i8_bytes);
+        rms_norm_row(x, (const float *)(uintptr_t)pn, eps, h, C);
+        matmul_i8_run(path, n_threads, h, 1, C, (const uint8_t *)(uintptr_t)pw, V, (const float *)(uintptr_t)pd, y,
+                      scratch);
+        best = argmax_row(path, y, V);
+    }
+    ok = scratch != NULL;
+    Py_END_ALLOW_THREADS
+    free(Ls);
+    if (!ok) return PyErr_NoMemory();
+    return PyLong_FromLongLong((long long)best);
+}
+
 /* quantize(path, x_ptr, T, K, bounds_ptr, S, q_ptr, bsum_ptr, scale_ptr): the int8 activations the kernels use. */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int path;
@@ -2838,6 +2918,7 @@ static PyMethodDef methods[] = {
     {"decode_layer_batch", py_decode_layer_batch, METH_VARARGS, "One Llama block for B token rows (see the source)."},
     {"decode_layers_batch", py_decode_layers_batch, METH_VARARGS, "decode_layer_batch for every block in one call."},
     {"layers_plan", py_layers_plan, METH_VARARGS, "decode_layers_batch's tuple of blocks, parsed once (a capsule)."},
+    {"decode_token", py_decode_token, METH_VARARGS, "One greedy step: embedding, every block, output layer, argmax."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
     {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
