@@ -254,6 +254,12 @@ def test_decode_token_rejects_bad_input():
         with pytest.raises(ValueError, match="token id 384 is outside the embedding's 384 rows"):
             dec.greedy(384, cache)
         assert cache.pos == 0
+        short, other = dec.new_cache(1, 2), dec.new_cache(1, 8)
+        a, b = dec.greedy(5, short), dec.greedy(5, other)  # the prepared call follows the cache
+        assert a == b and dec.greedy(a, short) == dec.greedy(b, other) and short.pos == other.pos == 2
+        with pytest.raises(ValueError, match=r"positions 2\.\.2 go past"):
+            dec.greedy(1, short)
+        assert short.pos == 2
         pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = dec._c_head
         with pytest.raises(TypeError, match="takes a layers_plan capsule, not tuple"):
             dec._ext.decode_token(pid, 1, 0, 0, 0, 384, 0, 512, 4, 128, 0, 0, 0, 0, 0, 0, 1024, 0.1, dec._one._all,

@@ -96,6 +96,7 @@ class Decoder:
         self._where, self._where_t = where.numpy(), (where[0:1], where[1:2], where[2:3])
         self._where_ptrs = tuple(t.data_ptr() for t in self._where_t)
         self._logits: Tensor | None = None  # `greedy`'s logits buffer
+        self._prep: tuple | None = None  # `greedy`'s prepared call (`_greedy_prepare`)
         self._last: Tensor | None = None
         packed = [m for m in model.modules() if isinstance(m, L.PackedTernaryLinear)]
         self._packed, self._packed_cls = packed, L.PackedTernaryLinear
@@ -243,33 +244,48 @@ class Decoder:
         of a step cost 0.4-0.5 ms of each TriLM-1.1B token on 2 threads (their code and data evicted by the weights
         the step before streamed). `last_logits` (V,) then holds the step's logits until the next call; otherwise
         this is `step` and `sample_next`."""
-        if not self.greedy_ready(cache):
-            from spectra.inference.sampling import sample_next
+        prep = self._prep
+        if (prep is None or prep[0] is not cache or prep[1] is not cache.k or prep[2] is not cache.v
+                or prep[3] is not self._ext or self.model.lm_head is not self._head_mod or torch.is_grad_enabled()):
+            prep = self._greedy_prepare(cache)
+            if prep is None:
+                from spectra.inference.sampling import sample_next
 
-            logits = self.step(torch.tensor([[token]], dtype=torch.long), cache)
-            self._last = logits[0, -1]
-            return sample_next(self._last)
-        self.check_unchanged()
+                logits = self.step(torch.tensor([[token]], dtype=torch.long), cache)
+                self._last = logits[0, -1]
+                return sample_next(self._last)
+        if self._packed_cls.changes != self._changes:
+            self.check_unchanged()
         pos = cache.pos
-        self._check_cache(cache, 1)
-        rows, ck = self._one, cache.k
-        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = self._c_head
-        if self._logits is None or self._logits.numel() != V:
-            self._logits = torch.empty(V, dtype=torch.float32)
-        self._where[:] = (pos, ck.data_ptr(), cache.v.data_ptr())
-        emb = rows._emb
-        C, H, D = rows._fixed
-        nt = self._threads or K.default_threads()
-        plan = rows._plan if rows._plan_ext is self._ext else rows._plan_for(self._ext)
-        nxt = self._ext.decode_token(
-            self._path_id, nt, int(token), emb.data_ptr(), self._EMB_KINDS[emb.dtype], emb.shape[0],
-            rows.x.data_ptr(), C, H, D, self._where_ptrs[0], *rows._rope, self._where_ptrs[1], self._where_ptrs[2],
-            ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, ck.dtype is torch.float16,
-            w_ptr, eps, qw_ptr, scale_ptr, V, self._logits.data_ptr(),
-        )  # fmt: skip
+        if pos >= prep[4]:
+            self._check_cache(cache, 1)  # raises, naming the positions
+        self._where[:] = (pos, prep[5], prep[6])
+        nxt = self._ext.decode_token(self._path_id, self._threads or K.default_threads(), int(token), *prep[7])
         cache.pos = pos + 1
         self._last = self._logits
         return nxt
+
+    def _greedy_prepare(self, cache) -> tuple | None:
+        """`greedy`'s checks and decode_token's arguments for `cache`, made once per cache, extension and head (None
+        where `greedy_ready` is false): each step then only writes its position and calls."""
+        self._prep = None
+        if not self.greedy_ready(cache):
+            return None
+        self._check_cache(cache, 1)
+        rows, ck, cfg = self._one, cache.k, self.config
+        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = self._c_head
+        if self._logits is None or self._logits.numel() != V:
+            self._logits = torch.empty(V, dtype=torch.float32)
+        emb = rows._emb
+        C, H, D = rows._fixed
+        plan = rows._plan if rows._plan_ext is self._ext else rows._plan_for(self._ext)
+        args = (emb.data_ptr(), self._EMB_KINDS[emb.dtype], emb.shape[0], rows.x.data_ptr(), C, H, D,
+                self._where_ptrs[0], *rows._rope, self._where_ptrs[1], self._where_ptrs[2],
+                ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, ck.dtype is torch.float16,
+                w_ptr, eps, qw_ptr, scale_ptr, V, self._logits.data_ptr())  # fmt: skip
+        end = min(cfg.max_seq_len, cache.max_len)  # the first position a step may not write
+        self._prep = (cache, ck, cache.v, self._ext, end, ck.data_ptr(), cache.v.data_ptr(), args)
+        return self._prep
 
     @property
     def last_logits(self) -> Tensor | None:
