@@ -152,8 +152,8 @@ def test_cancel_frees_the_slot_and_bad_requests_are_refused():
     a.cancel()
     sched.step()
     assert a.finish_reason == "cancelled" and events[-1] == {"type": "done", "finish_reason": "cancelled"}
-    # b: prefilled at step 2 (one chunk a step; its first token), decoded at step 3
-    assert sched.decoder.free_slots == 1 and len(b.tokens) == 2
+    # b: prefilled with a at step 1 (both prompts fit in one chunk's rows; its first token), decoded at steps 2, 3
+    assert sched.decoder.free_slots == 1 and len(b.tokens) == 3
     for bad, msg in [
         (Request([1] * 30, 3), "context of 32"),
         (Request([], 3), "empty"),
@@ -165,6 +165,30 @@ def test_cancel_frees_the_slot_and_bad_requests_are_refused():
             sched.submit(bad)
     with pytest.raises(ValueError, match="slot"):
         BatchDecoder(model, 2).step([0], [1])  # a free slot
+
+
+@pytest.mark.parametrize("per_step", [None, 1])
+def test_prompt_chunks_share_a_step_within_one_chunks_rows(per_step):
+    """By default a step takes the waiting prompts' next whole chunks, in arrival order, while their rows fit in
+    `prefill_chunk`; `prefill_chunks_per_step=1` takes one a step. Chunk boundaries and tokens are the same either
+    way."""
+    model = model_of("packed-int8-head")
+    sched = Scheduler(model, max_batch=4, max_len=32, prefill_chunk=4, prefill_chunks_per_step=per_step)
+    reqs = [sched.submit(Request(p, 5, stop_at_eos=False)) for p in ([1, 2], [3, 4], [5, 6, 7], [8] * 10)]
+    seen = []
+    while not sched.idle:
+        sched.step()
+        seen.append([r.prefilled for r in reqs])
+    if per_step is None:  # 2 + 2 rows, then 3 (3 + 4 > 4), then 4, 4 and 2 of the long prompt
+        assert seen[:5] == [[2, 2, 0, 0], [2, 2, 3, 0], [2, 2, 3, 4], [2, 2, 3, 8], [2, 2, 3, 10]]
+    else:
+        assert seen[:6] == [[2, 0, 0, 0], [2, 2, 0, 0], [2, 2, 3, 0], [2, 2, 3, 4], [2, 2, 3, 8], [2, 2, 3, 10]]
+    alone = Scheduler(model, max_batch=1, max_len=32, prefill_chunk=4)
+    for r in reqs:
+        again = alone.submit(Request(r.prompt_ids, 5, stop_at_eos=False))
+        while not alone.idle:
+            alone.step()
+        assert again.tokens == r.tokens
 
 
 @needs_ext

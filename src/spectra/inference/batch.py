@@ -20,7 +20,9 @@ forward and the batch-1 `Decoder` take), and runs a step two ways:
 
 `Scheduler` is continuous batching on top: requests wait in a queue, are admitted into free slots between steps,
 prefilled in fixed chunks (a long prompt costs the running streams at most one chunk per step, and the chunking of a
-prompt does not depend on what else runs, so neither do its results), sampled with their own parameters and generator,
+prompt does not depend on what else runs, so neither do its results; by default a step takes the waiting prompts'
+next chunks in arrival order while their rows fit in one chunk's budget, so a burst of short prompts is prefilled in
+a few steps rather than one prompt a step), sampled with their own parameters and generator,
 and finish on their own stop condition or on cancellation. `generate_batch` runs it to completion for a list of
 prompts; `spectra.serve` runs it behind an HTTP server.
 """
@@ -295,7 +297,7 @@ class Scheduler:
         max_batch: int = 8,
         max_len: int | None = None,
         prefill_chunk: int | None = 256,
-        prefill_chunks_per_step: int = 1,
+        prefill_chunks_per_step: int | None = None,
         kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.decoder = BatchDecoder(model, max_batch, max_len, kv_dtype)
@@ -359,14 +361,22 @@ class Scheduler:
             self.running.append(req)
         decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
         decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
+        # Prompt chunks for this step: at most `prefill_chunks_per_step` of them, or (None) as many whole chunks, in
+        # arrival order, as fit together in `prefill_chunk` rows (always one); without chunking one prompt a step.
         chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
+        most = self.prefill_chunks_per_step or (1 if self.prefill_chunk is None else len(self.running))
+        rows = 0
         for req in self.running:
-            if len(chunks) == self.prefill_chunks_per_step:
+            if len(chunks) == most:
                 break
             n = len(req.prompt_ids)
             if req.prefilled < n:
                 size = self.prefill_chunk or n
-                chunks.append((req, min(n, (req.prefilled // size + 1) * size)))  # fixed boundaries, every run
+                end = min(n, (req.prefilled // size + 1) * size)  # fixed boundaries, every run
+                if self.prefill_chunks_per_step is None and chunks and rows + end - req.prefilled > size:
+                    break
+                chunks.append((req, end))
+                rows += end - req.prefilled
         if not decoding and not chunks:
             return
         # One pass for the decode rows and the prefill chunks together (`step_rows`), with the greedy rows' picks
