@@ -264,3 +264,23 @@ def test_decode_token_rejects_bad_input():
         with pytest.raises(TypeError, match="takes a layers_plan capsule, not tuple"):
             dec._ext.decode_token(pid, 1, 0, 0, 0, 384, 0, 512, 4, 128, 0, 0, 0, 0, 0, 0, 1024, 0.1, dec._one._all,
                                   False, w_ptr, eps, qw_ptr, scale_ptr, V, 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_embed_rows_widens_exactly(dtype):
+    """`embed_rows` (the C path of `Rows.run`'s embedding lookup) gives torch's rows widened to float32, bit for bit,
+    subnormals, infinities and signed zeros included; an id outside the table is a one-line error."""
+    ext = kernels.extension()
+    g = torch.Generator().manual_seed(0)
+    emb = (torch.randn(50, 256, generator=g) * 10).to(dtype)
+    emb[3, :4] = torch.tensor([float("inf"), -float("inf"), -0.0, torch.finfo(dtype).tiny / 4], dtype=dtype)
+    ids = torch.tensor([3, 0, 49, 3, 17], dtype=torch.int64)
+    x = torch.full((5, 256), float("nan"))
+    kind = Decoder._EMB_KINDS[dtype]
+    ext.embed_rows(emb.data_ptr(), kind, 50, 256, ids.data_ptr(), 5, x.data_ptr())
+    ref = emb[ids].float()
+    assert torch.equal(x.view(torch.int32), ref.view(torch.int32))
+    bad = torch.tensor([1, 50])
+    with pytest.raises(ValueError, match="token id 50 is outside the embedding's 50 rows"):
+        ext.embed_rows(emb.data_ptr(), kind, 50, 256, bad.data_ptr(), 2, x.data_ptr())

@@ -369,10 +369,15 @@ class Rows:
         if not 0 < B <= self.n:
             raise ValueError(f"{B} rows for scratch of {self.n}")
         x = self.x[:B]
-        if self._emb_f32:
-            torch.index_select(self._emb, 0, tokens, out=x)
+        emb, kind = self._emb, Decoder._EMB_KINDS.get(self._emb.dtype)
+        if (kind is not None and tokens.dtype is torch.int64 and tokens.is_contiguous() and emb.is_contiguous()
+                and hasattr(dec._ext, "embed_rows")):
+            # one C call (a float16 / bfloat16 CompactEmbedding's rows widened exactly), not two cold torch ops
+            dec._ext.embed_rows(emb.data_ptr(), kind, emb.shape[0], emb.shape[1], tokens.data_ptr(), B, x.data_ptr())
+        elif self._emb_f32:
+            torch.index_select(emb, 0, tokens, out=x)
         else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
-            x.copy_(torch.index_select(self._emb, 0, tokens))
+            x.copy_(torch.index_select(emb, 0, tokens))
         ck = cache_like.k
         layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
         nt = dec._threads or K.default_threads()

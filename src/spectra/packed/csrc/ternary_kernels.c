@@ -2560,6 +2560,46 @@ static PyObject *py_decode_layers_batch(PyObject *self, PyObject *args) {
     return batch_layers(args, 1);
 }
 
+/* Row `token` of an embedding table [rows, C] of float32 (kind 0), float16 (1) or bfloat16 (2), widened exactly to
+ * float32 in x. */
+static void embed_row(const void *emb, int kind, int64_t token, int64_t C, float *x) {
+    if (kind == 0) {
+        memcpy(x, (const float *)emb + token * C, sizeof(float) * (size_t)C);
+        return;
+    }
+    const uint16_t *e = (const uint16_t *)emb + token * C;
+    for (int64_t i = 0; i < C; i++) {
+        if (kind == 1) {
+            x[i] = half_to_float(e[i]);
+        } else {
+            const uint32_t bits = (uint32_t)e[i] << 16;
+            memcpy(&x[i], &bits, 4);
+        }
+    }
+}
+
+/* embed_rows(emb_ptr, emb_kind, emb_rows, C, ids_ptr, B, x_ptr): x[b] = row ids[b] of the embedding (embed_row), for
+ * a batched step's rows: one call where `torch.index_select` (and a float16 table's widening copy) cost 2 torch ops
+ * a step, each run with its code evicted by the step's weight stream. */
+static PyObject *py_embed_rows(PyObject *self, PyObject *args) {
+    unsigned long long pe, pi, px;
+    int kind;
+    long long n_emb, C, B;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiLLKLK", &pe, &kind, &n_emb, &C, &pi, &B, &px)) return NULL;
+    if (kind < 0 || kind > 2 || C <= 0 || B < 0)
+        return PyErr_Format(PyExc_ValueError, "embed_rows: kind %d (0 float32, 1 float16, 2 bfloat16), C=%lld, B=%lld",
+                            kind, C, B);
+    const int64_t *ids = (const int64_t *)(uintptr_t)pi;
+    for (long long b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= n_emb)
+            return PyErr_Format(PyExc_ValueError, "token id %lld is outside the embedding's %lld rows",
+                                (long long)ids[b], n_emb);
+    for (long long b = 0; b < B; b++)
+        embed_row((const void *)(uintptr_t)pe, kind, ids[b], C, (float *)(uintptr_t)px + b * C);
+    Py_RETURN_NONE;
+}
+
 /* decode_token(path, n_threads, token, emb_ptr, emb_kind, emb_rows, x_ptr, C, H, D, pos_ptr, cos_ptr, sin_ptr,
  * k_ptrs, v_ptrs, layer_bytes, head_stride, scale, plan, half, norm_ptr, eps, head_ptr, head_scale_ptr, V, y_ptr)
  * -> int: one greedy decode step of one sequence in one call with the GIL released once: the token's embedding row
@@ -2609,19 +2649,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     int ok = 1;
     int64_t best = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (emb_kind == 0) {
-        memcpy(x, (const float *)(uintptr_t)pe + token * C, sizeof(float) * (size_t)C);
-    } else {
-        const uint16_t *e = (const uint16_t *)(uintptr_t)pe + token * C;
-        for (int64_t i = 0; i < C; i++) {
-            if (emb_kind == 1) {
-                x[i] = half_to_float(e[i]);
-            } else {
-                const uint32_t bits = (uint32_t)e[i] << 16;
-                memcpy(&x[i], &bits, 4);
-            }
-        }
-    }
+    embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
     for (Py_ssize_t i = 0; ok && i < n_layers; i++)
         ok = batch_layer_run(path, n_threads, &Ls[i], x, 1, C, H, D, pos, cos0, sin0, kp, vp, (long long)i * loff, hs,
                              scale, half);
@@ -2919,6 +2947,7 @@ static PyMethodDef methods[] = {
     {"decode_layers_batch", py_decode_layers_batch, METH_VARARGS, "decode_layer_batch for every block in one call."},
     {"layers_plan", py_layers_plan, METH_VARARGS, "decode_layers_batch's tuple of blocks, parsed once (a capsule)."},
     {"decode_token", py_decode_token, METH_VARARGS, "One greedy step: embedding, every block, output layer, argmax."},
+    {"embed_rows", py_embed_rows, METH_VARARGS, "Embedding rows (float32, float16 or bfloat16) widened to float32."},
     {"logsumexp", py_logsumexp, METH_VARARGS, "Row-wise log-sum-exp of float32 rows."},
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
     {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
