@@ -339,6 +339,7 @@ class Rows:
         self._plan, self._plan_ext = self._all, None  # what decode_layers_batch takes: `_plan_for`
         emb = dec.model.embed_tokens.weight
         self._emb, self._emb_f32 = emb, emb.dtype is torch.float32
+        self._embed_c = emb.dtype in Decoder._EMB_KINDS and emb.is_contiguous()  # `run_ptrs` can take its rows
         self._fixed = (C, cfg.n_heads, cfg.head_dim)
         self._rope = (dec._cos.data_ptr(), dec._sin.data_ptr())
 
@@ -364,17 +365,17 @@ class Rows:
         """The last hidden states (before the final norm) of len(tokens) <= n rows, `self.x[:B]`. tokens: int64 (B,);
         pos, k_ptrs, v_ptrs: contiguous int64 (B,); `cache_like`: a KVCache of the caches' layout and dtype."""
         dec = self.dec
-        dec.check_unchanged()
         B = len(tokens)
         if not 0 < B <= self.n:
             raise ValueError(f"{B} rows for scratch of {self.n}")
+        if (self._embed_c and tokens.dtype is torch.int64 and tokens.is_contiguous()
+                and hasattr(dec._ext, "embed_rows") and hasattr(dec._ext, "decode_layers_batch")):  # no torch op
+            self.run_ptrs(B, tokens.data_ptr(), pos.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), cache_like)
+            return self.x[:B]
+        dec.check_unchanged()
         x = self.x[:B]
-        emb, kind = self._emb, Decoder._EMB_KINDS.get(self._emb.dtype)
-        if (kind is not None and tokens.dtype is torch.int64 and tokens.is_contiguous() and emb.is_contiguous()
-                and hasattr(dec._ext, "embed_rows")):
-            # one C call (a float16 / bfloat16 CompactEmbedding's rows widened exactly), not two cold torch ops
-            dec._ext.embed_rows(emb.data_ptr(), kind, emb.shape[0], emb.shape[1], tokens.data_ptr(), B, x.data_ptr())
-        elif self._emb_f32:
+        emb = self._emb
+        if self._emb_f32:
             torch.index_select(emb, 0, tokens, out=x)
         else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
             x.copy_(torch.index_select(emb, 0, tokens))
@@ -391,6 +392,24 @@ class Rows:
         for i, spec in enumerate(self.layers):  # an extension built before decode_layers_batch
             dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, scale, spec, half)
         return x
+
+    def run_ptrs(self, B: int, ids: int, pos: int, k_ptrs: int, v_ptrs: int, cache_like) -> None:
+        """`run` on rows given by address (int64 arrays of B token ids, positions and cache addresses), for callers
+        that keep those arrays (`BatchDecoder`): the embedding rows (`embed_rows`) and every block in two C calls and
+        no torch op. Needs an extension with `embed_rows` and an embedding of float32, float16 or bfloat16 rows
+        (`_embed_c`); the hidden states are `self.x[:B]`."""
+        dec = self.dec
+        dec.check_unchanged()
+        if not 0 < B <= self.n:
+            raise ValueError(f"{B} rows for scratch of {self.n}")
+        ext, emb, x = dec._ext, self._emb, self.x.data_ptr()
+        ext.embed_rows(emb.data_ptr(), Decoder._EMB_KINDS[emb.dtype], emb.shape[0], emb.shape[1], ids, B, x)
+        ck = cache_like.k
+        C, H, D = self._fixed
+        plan = self._plan if self._plan_ext is ext else self._plan_for(ext)
+        ext.decode_layers_batch(dec._path_id, dec._threads or K.default_threads(), x, B, C, H, D, pos, *self._rope,
+                                k_ptrs, v_ptrs, ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan,
+                                ck.dtype is torch.float16)
 
 
 def torch_threads_for(step) -> contextlib.AbstractContextManager:
