@@ -444,7 +444,8 @@ class Scheduler:
             lses = None if lse_t is None else lse_t.tolist()
             chosen = None
             if picks is not None and lses is not None:
-                chosen = rows.gather(1, picks_t.unsqueeze(1)).squeeze(1).tolist()
+                logit = rows.numpy()  # one call for the greedy picks' logits, not gather / unsqueeze / squeeze
+                chosen = [float(logit[i, p]) for i, p in enumerate(picks)]
             for i, r in enumerate(decoding):  # rows[i] only where it is read: a tensor view costs microseconds
                 self._accept(r, rows, None if picks is None else picks[i], None if lses is None else lses[i],
                              None if chosen is None else chosen[i], row=i)
