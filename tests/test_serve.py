@@ -251,7 +251,8 @@ def _has(server, outcome):
 
 
 def test_burst_beyond_the_queue_gets_429_and_admitted_requests_complete(model_dir):
-    srv = Server(model_dir, "--max-batch", "2", "--max-queue", "1", "--ctx-len", "1024", "--api-key", "sekrit")
+    srv = Server(model_dir, "--max-batch", "2", "--max-queue", "1", "--ctx-len", "1024", "--api-key", "sekrit",
+                 "--prefill-chunks-per-step", "1")  # the one-prompt-a-step rule, end to end
     try:
         with pytest.raises(openai.AuthenticationError):
             complete(srv.client(), "hi", 2)
@@ -359,3 +360,11 @@ def test_sse_chunks_are_what_json_dumps_writes():
                     body = {"tokens": [text], "token_logprobs": [v], "top_logprobs": [top], "text_offset": [7]}
                     assert f.text(text, Chunks.one_logprob(text, v, top, 7)) == line(
                         {"index": 0, "text": text, "logprobs": body, "finish_reason": None})
+
+
+def test_bad_prefill_options_are_one_line_errors():
+    for args, msg in [(["--prefill-chunks-per-step", "0"], "--prefill-chunks-per-step must be positive, got 0"),
+                      (["--prefill-chunk", "0"], "--prefill-chunk must be positive, got 0")]:
+        r = subprocess.run([sys.executable, "-m", "spectra", "serve", "no-such-model", *args], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

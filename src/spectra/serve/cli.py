@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--ctx-len", type=int, default=None, help="positions per slot (default: the model's max)")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per decode step")
+    p.add_argument("--prefill-chunks-per-step", type=int, default=None,
+                   help="prompts whose chunks one step may prefill (default: as many whole chunks, in arrival order, "
+                        "as fit in --prefill-chunk tokens; 1: one prompt a step)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model's; 'builtin' for ours)")
     p.add_argument("--float-head", action="store_true", help="keep a packed model's lm_head in float (default int8)")
@@ -29,12 +32,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from spectra.inference.generate import kv_dtype_from_name, threads_from_env
     from spectra.serve import serve
 
-    for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk"):
+    for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk", "prefill_chunks_per_step"):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("port", "max_queue") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,
-          prefill_chunk=args.prefill_chunk, threads=threads_from_env(args.threads), int8_head=not args.float_head,
+          prefill_chunk=args.prefill_chunk, prefill_chunks_per_step=args.prefill_chunks_per_step,
+          threads=threads_from_env(args.threads), int8_head=not args.float_head,
           kv_dtype=kv_dtype_from_name(args.kv_cache))
     return 0

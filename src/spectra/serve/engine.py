@@ -123,6 +123,7 @@ class Engine:
         max_queue: int = 64,
         ctx_len: int | None = None,
         prefill_chunk: int = 128,
+        prefill_chunks_per_step: int | None = None,
         threads: int | None = None,
         kv_dtype: torch.dtype | None = None,
     ) -> None:
@@ -135,7 +136,7 @@ class Engine:
         # every barrier for a core that the HTTP loop or the clients hold, and spin on it afterwards.
         self.torch_threads = threads or torch.get_num_threads()
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk,
-                                   kv_dtype=kv_dtype)
+                                   prefill_chunks_per_step=prefill_chunks_per_step, kv_dtype=kv_dtype)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
         self.max_batch, self.max_queue = max_batch, max_queue

@@ -39,6 +39,7 @@ def build_engine(
     max_queue: int = 64,
     ctx_len: int | None = None,
     prefill_chunk: int = 128,
+    prefill_chunks_per_step: int | None = None,
     threads: int | None = None,
     int8_head: bool = True,
     kv_dtype: torch.dtype | None = torch.float16,
@@ -65,7 +66,8 @@ def build_engine(
         # output use) reads 1/4 of the bytes, and its rows are exact whatever else is in the batch.
         model = with_int8_head(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
-                    prefill_chunk=prefill_chunk, threads=threads, kv_dtype=kv_dtype)
+                    prefill_chunk=prefill_chunk, prefill_chunks_per_step=prefill_chunks_per_step, threads=threads,
+                    kv_dtype=kv_dtype)
     name = Path(model_path).name if is_dir else str(model_path)
     return engine, name, load_chat_template(model_path if is_dir else None)
 
@@ -82,8 +84,9 @@ def serve(
     """Serve `model_path` (anything `spectra.load` opens) on http://host:port until SIGTERM / SIGINT.
 
     engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
-    them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk, threads,
-    int8_head (default True: a packed TriLM's lm_head in int8), kv_dtype (default torch.float16; None: the model's)."""
+    them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk,
+    prefill_chunks_per_step (`Scheduler`'s), threads, int8_head (default True: a packed TriLM's lm_head in int8),
+    kv_dtype (default torch.float16; None: the model's)."""
     try:
         import uvicorn
 
