@@ -163,49 +163,28 @@ class BatchDecoder:
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The C path for decode rows (slots[i] at its next position) then each prefill chunk's positions, in one
         `Rows` pass; (logits (B + len(prefills), V): one per decode row, then each chunk's last position; their argmax
-        and logsumexp when asked, `Decoder.head`)."""
+        and logsumexp when asked, `Decoder.head`). The rows' token ids, positions and cache addresses go into one kept
+        int64 array (numpy) and the blocks take them by address (`Rows.run_ptrs`); with an int8 head the output layer
+        writes into kept buffers, so the logits returned are views valid until the next step. A 99m step of 16 rows
+        spent 0.2 ms (7 %) in about twenty torch ops (index tensors, index_select, allocations, slices), each run cold
+        after the weight stream."""
         kern = self.kernel
+        dec, rows = kern["decoder"], kern["rows"]
         row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
         pos = [self.caches[s].pos for s in slots]
         for s, ids in prefills:
             pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
-        dec = kern["decoder"]
-        if dec.model.lm_head is not dec._head_mod:
-            dec._head_setup()
-        if kern["rows"]._embed_c and dec._c_head is not None and hasattr(dec._ext, "embed_rows"):
-            return self._run_rows_c(slots, tokens, prefills, row_slots, pos, argmax=argmax, lse=lse)
-        idx = torch.tensor(row_slots, dtype=torch.long)
-        ids_all = torch.tensor(list(tokens) + [t for _, ids in prefills for t in ids], dtype=torch.long)
-        # index_select, not x[idx]: advanced indexing runs torch's OpenMP team for a few rows, whose threads then
-        # spin on the cores the kernels' own pool needs (a step of 16 rows plus a 32-token prefill chunk took 16-20
-        # ms with it, 13 without, on 2 cores).
-        x = kern["rows"].run(ids_all, torch.tensor(pos, dtype=torch.int64), kern["k_ptrs"].index_select(0, idx),
-                             kern["v_ptrs"].index_select(0, idx), self.caches[row_slots[0]])
-        heads = [*range(len(slots))]
-        for _, ids in prefills:
-            heads.append((heads[-1] if heads else -1) + len(ids))
-        for s in slots:
-            self.caches[s].pos += 1
-        for s, ids in prefills:
-            self.caches[s].pos += len(ids)
-        rows = x if not prefills else x.index_select(0, torch.tensor(heads))  # decode rows only: all of x
-        return kern["decoder"].head(rows, argmax=argmax, lse=lse)
-
-    def _run_rows_c(self, slots, tokens, prefills, row_slots, pos, *, argmax: bool, lse: bool):
-        """`_run_rows` with no torch op before the logits (none at all without prefill chunks): the rows' token ids,
-        positions and cache addresses written into one kept int64 array (numpy), the embedding and the blocks by
-        address (`Rows.run_ptrs`), and the output layer with its argmax and log-sum-exp into kept buffers
-        (`head_rows`). A 99m step of 16 rows spent 0.2 ms (7 %) in about twenty torch ops (building index tensors,
-        index_select, allocations, slices), each run cold after the weight stream. The logits returned are views of
-        the kept buffers: valid until the next step."""
-        kern = self.kernel
-        dec, io, R = kern["decoder"], kern["io_np"], len(row_slots)
-        io[0, :R] = list(tokens) + [t for _, ids in prefills for t in ids]
-        io[1, :R] = pos
-        io[2, :R] = [kern["k_list"][s] for s in row_slots]
-        io[3, :R] = [kern["v_list"][s] for s in row_slots]
-        base, n = kern["io"].data_ptr(), io.shape[1]
-        kern["rows"].run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, self.caches[row_slots[0]])
+        io, io_np, R = kern["io"], kern["io_np"], len(row_slots)
+        io_np[0, :R] = list(tokens) + [t for _, ids in prefills for t in ids]
+        io_np[1, :R] = pos
+        io_np[2, :R] = [kern["k_addr"][s] for s in row_slots]
+        io_np[3, :R] = [kern["v_addr"][s] for s in row_slots]
+        cache = self.caches[row_slots[0]]
+        if rows._embed_c and hasattr(dec._ext, "embed_rows"):
+            base, n = io.data_ptr(), io.shape[1]
+            rows.run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, cache)
+        else:
+            rows.run(io[0, :R], io[1, :R], io[2, :R], io[3, :R], cache)
         for s in slots:
             self.caches[s].pos += 1
         for s, ids in prefills:
@@ -213,17 +192,12 @@ class BatchDecoder:
         heads = [*range(len(slots))]
         for _, ids in prefills:
             heads.append((heads[-1] if heads else -1) + len(ids))
-        x = kern["rows"].x
+        x = rows.x
         for i, h in enumerate(heads):  # each chunk's last position right after the decode rows (rows move down)
             if i != h:
                 x[i].copy_(x[h])
         m = len(heads)
-        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = dec._c_head
-        y, idx, out_lse = kern["y"], kern["idx"], kern["lse"]
-        stats = argmax or lse
-        dec._ext.head_rows(pid, self.n_threads, x.data_ptr(), m, x.shape[1], w_ptr, eps, qw_ptr, scale_ptr, V,
-                           y.data_ptr(), idx.data_ptr() if stats else 0, out_lse.data_ptr() if lse else 0)
-        return y[:m], (idx[:m] if stats else None), (out_lse[:m] if lse else None)
+        return dec.head(x[:m], argmax=argmax, lse=lse, out=(kern["y"], kern["idx"], kern["lse"]))
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -247,13 +221,11 @@ class BatchDecoder:
         if not hasattr(dec._ext, "decode_layer_batch"):
             return None
         rows = dec.rows(self.max_batch + Decoder.PREFILL_ROWS)  # a step and a prefill chunk
-        io = torch.zeros(4, rows.n, dtype=torch.int64)  # `_run_rows_c`: token ids, positions, k / v addresses
+        io = torch.zeros(4, rows.n, dtype=torch.int64)  # `_run_rows`: token ids, positions, k / v addresses
         V = model.lm_head.out_features
         return {
             "decoder": dec, "rows": rows,
-            "k_ptrs": torch.tensor([c.k.data_ptr() for c in self.caches], dtype=torch.int64),
-            "v_ptrs": torch.tensor([c.v.data_ptr() for c in self.caches], dtype=torch.int64),
-            "k_list": [c.k.data_ptr() for c in self.caches], "v_list": [c.v.data_ptr() for c in self.caches],
+            "k_addr": [c.k.data_ptr() for c in self.caches], "v_addr": [c.v.data_ptr() for c in self.caches],
             "io": io, "io_np": io.numpy(), "y": torch.empty(rows.n, V), "idx": torch.empty(rows.n, dtype=torch.int64),
             "lse": torch.empty(rows.n),
         }  # fmt: skip

@@ -133,12 +133,14 @@ class Decoder:
                                 head.scale.data_ptr(), head.out_features, head)  # fmt: skip
 
     def head(
-        self, x: Tensor, *, argmax: bool = False, lse: bool = False
+        self, x: Tensor, *, argmax: bool = False, lse: bool = False, out: tuple[Tensor, Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(logits (B, V), argmax (B,) or None, logsumexp (B,) or None) of the rows x (B, C) of the residual stream
         after the last block. An int8 lm_head: the final norm (the blocks' C norm), the output layer and the row
         statistics in one C call (`kernels.head_rows`); else the model's norm and lm_head, and
-        `kernels.argmax_logsumexp`. The same rows give the same results whatever else is in x."""
+        `kernels.argmax_logsumexp`. The same rows give the same results whatever else is in x. `out`: kept buffers
+        (logits [n, V], argmax [n], logsumexp [n], n >= B) the C call writes into, returning views of their first B
+        rows (the torch head ignores them)."""
         model = self.model
         if model.lm_head is not self._head_mod:
             self._head_setup()
@@ -147,7 +149,7 @@ class Decoder:
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             nt = head.n_threads or self._threads or K.default_threads()
-            return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse)
+            return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse, out=out)
         logits = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return logits, None, None
@@ -278,7 +280,7 @@ class Decoder:
             self._logits = torch.empty(V, dtype=torch.float32)
         emb = rows._emb
         C, H, D = rows._fixed
-        plan = rows._plan if rows._plan_ext is self._ext else rows._plan_for(self._ext)
+        plan = rows._plan_for(self._ext)
         args = (emb.data_ptr(), self._EMB_KINDS[emb.dtype], emb.shape[0], rows.x.data_ptr(), C, H, D,
                 self._where_ptrs[0], *rows._rope, self._where_ptrs[1], self._where_ptrs[2],
                 ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, ck.dtype is torch.float16,
@@ -356,9 +358,10 @@ class Rows:
         before layers_plan. Kept per extension module (benchmarks swap `Decoder._ext` for another build); the
         addresses stay valid while this object keeps the tensors (`_keep`), and the Decoder is rebuilt when a packed
         layer changes (`check_unchanged`)."""
-        C, H, D = self._fixed
-        self._plan = ext.layers_plan(self._all, C, H * D) if hasattr(ext, "layers_plan") else self._all
-        self._plan_ext = ext
+        if self._plan_ext is not ext:
+            C, H, D = self._fixed
+            self._plan = ext.layers_plan(self._all, C, H * D) if hasattr(ext, "layers_plan") else self._all
+            self._plan_ext = ext
         return self._plan
 
     def run(self, tokens: Tensor, pos: Tensor, k_ptrs: Tensor, v_ptrs: Tensor, cache_like) -> Tensor:
@@ -368,29 +371,16 @@ class Rows:
         B = len(tokens)
         if not 0 < B <= self.n:
             raise ValueError(f"{B} rows for scratch of {self.n}")
-        if (self._embed_c and tokens.dtype is torch.int64 and tokens.is_contiguous()
-                and hasattr(dec._ext, "embed_rows") and hasattr(dec._ext, "decode_layers_batch")):  # no torch op
+        if self._embed_c and tokens.dtype is torch.int64 and tokens.is_contiguous() and hasattr(dec._ext, "embed_rows"):
             self.run_ptrs(B, tokens.data_ptr(), pos.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), cache_like)
             return self.x[:B]
         dec.check_unchanged()
         x = self.x[:B]
-        emb = self._emb
         if self._emb_f32:
-            torch.index_select(emb, 0, tokens, out=x)
+            torch.index_select(self._emb, 0, tokens, out=x)
         else:  # a packed checkpoint's 16-bit CompactEmbedding: rows widened to float32 (exact)
-            x.copy_(torch.index_select(emb, 0, tokens))
-        ck = cache_like.k
-        layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
-        nt = dec._threads or K.default_threads()
-        C, H, D = self._fixed
-        args = (x.data_ptr(), B, C, H, D, pos.data_ptr(), *self._rope, k_ptrs.data_ptr(), v_ptrs.data_ptr())
-        scale = D**-0.5
-        if hasattr(dec._ext, "decode_layers_batch"):  # every block in one call: the GIL is released once per pass
-            plan = self._plan if self._plan_ext is dec._ext else self._plan_for(dec._ext)
-            dec._ext.decode_layers_batch(dec._path_id, nt, *args, layer_bytes, head_stride, scale, plan, half)
-            return x
-        for i, spec in enumerate(self.layers):  # an extension built before decode_layers_batch
-            dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, scale, spec, half)
+            x.copy_(torch.index_select(self._emb, 0, tokens))
+        self._blocks(B, pos.data_ptr(), k_ptrs.data_ptr(), v_ptrs.data_ptr(), cache_like)
         return x
 
     def run_ptrs(self, B: int, ids: int, pos: int, k_ptrs: int, v_ptrs: int, cache_like) -> None:
@@ -402,14 +392,25 @@ class Rows:
         dec.check_unchanged()
         if not 0 < B <= self.n:
             raise ValueError(f"{B} rows for scratch of {self.n}")
-        ext, emb, x = dec._ext, self._emb, self.x.data_ptr()
-        ext.embed_rows(emb.data_ptr(), Decoder._EMB_KINDS[emb.dtype], emb.shape[0], emb.shape[1], ids, B, x)
+        emb = self._emb
+        dec._ext.embed_rows(emb.data_ptr(), Decoder._EMB_KINDS[emb.dtype], emb.shape[0], emb.shape[1], ids, B,
+                            self.x.data_ptr())
+        self._blocks(B, pos, k_ptrs, v_ptrs, cache_like)
+
+    def _blocks(self, B: int, pos: int, k_ptrs: int, v_ptrs: int, cache_like) -> None:
+        """Every block on the B rows of `self.x` (arrays by address, as `run_ptrs`)."""
+        dec = self.dec
         ck = cache_like.k
+        layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
+        nt = dec._threads or K.default_threads()
         C, H, D = self._fixed
-        plan = self._plan if self._plan_ext is ext else self._plan_for(ext)
-        ext.decode_layers_batch(dec._path_id, dec._threads or K.default_threads(), x, B, C, H, D, pos, *self._rope,
-                                k_ptrs, v_ptrs, ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan,
-                                ck.dtype is torch.float16)
+        args = (self.x.data_ptr(), B, C, H, D, pos, *self._rope, k_ptrs, v_ptrs)
+        if hasattr(dec._ext, "decode_layers_batch"):  # every block in one call: the GIL is released once per pass
+            plan = self._plan_for(dec._ext)
+            dec._ext.decode_layers_batch(dec._path_id, nt, *args, layer_bytes, head_stride, D**-0.5, plan, half)
+            return
+        for i, spec in enumerate(self.layers):  # an extension built before decode_layers_batch
+            dec._ext.decode_layer_batch(dec._path_id, nt, *args, i * layer_bytes, head_stride, D**-0.5, spec, half)
 
 
 def torch_threads_for(step) -> contextlib.AbstractContextManager:

@@ -618,15 +618,19 @@ def head_rows(
 
 def head_rows_unchecked(
     path_id: int, n_threads: int, x: Tensor, norm_ptr: int, eps: float, head_ptr: int, scale_ptr: int, V: int, *,
-    argmax: bool = False, lse: bool = False,
+    argmax: bool = False, lse: bool = False, out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`head_rows` on operands its caller has already checked (`Decoder.head` checks them once per lm_head): x a
-    contiguous float32 [B, C], the norm weight, head and scales given by address. Allocates the outputs and calls the
-    extension."""
+    contiguous float32 [B, C], the norm weight, head and scales given by address. Allocates the outputs, or writes
+    into `out` (contiguous float32 [n, V], int64 [n], float32 [n], n >= B; views of their first B rows are
+    returned), and calls the extension."""
     B = x.shape[0]
-    y = torch.empty(B, V, dtype=torch.float32)
-    idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
-    out_lse = torch.empty(B, dtype=torch.float32) if lse else None
+    if out is None:
+        y = torch.empty(B, V, dtype=torch.float32)
+        idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
+        out_lse = torch.empty(B, dtype=torch.float32) if lse else None
+    else:
+        y, idx, out_lse = out[0][:B], (out[1][:B] if argmax or lse else None), (out[2][:B] if lse else None)
     extension().head_rows(path_id, n_threads, x.data_ptr(), B, x.shape[1], norm_ptr, eps, head_ptr, scale_ptr, V,
                           y.data_ptr(), 0 if idx is None else idx.data_ptr(),
                           0 if out_lse is None else out_lse.data_ptr())  # fmt: skip
