@@ -2060,6 +2060,22 @@ static void rms_norm_row(const float *x, const float *w, float eps, float *h, in
  * argmax / log-sum-exp (argmax_logsumexp's functions, over the pool), in one call that releases the GIL once. On
  * Python's side these were six tensor operations for the norm, the output layer's call and the statistics' call, each
  * taking the GIL back (about 0.3 ms of a 99M batch-16 step). */
+/* The end of a step for B rows (no Python: call it with the GIL released): the final RMSNorm, the int8 output layer
+ * into y [B, V] and, when idx is given, each row's argmax (and logsumexp into lse when given). 0 when scratch memory
+ * cannot be allocated. */
+static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t C, const float *w, float eps,
+                     const uint8_t *qw, const float *d, int64_t V, float *y, int64_t *idx, float *lse) {
+    const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C));
+    void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
+    if (!scratch) return 0;
+    float *h = (float *)((char *)scratch + i8_bytes);
+    for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
+    matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
+    const rowstat_task_t stats = {path, y, V, idx, lse};
+    if (idx) for_chunks(n_threads, B, rowstat_one, (void *)&stats);
+    return 1;
+}
+
 static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     int path, n_threads;
     unsigned long long px, pn, pw, pd, py, pi, pl;
@@ -2075,19 +2091,13 @@ static PyObject *py_head_rows(PyObject *self, PyObject *args) {
                             n_threads, QK);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (B == 0) Py_RETURN_NONE;
-    const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C));
-    void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
-    if (!scratch) return PyErr_NoMemory();
-    float *h = (float *)((char *)scratch + i8_bytes);
-    const float *x = (const float *)(uintptr_t)px, *w = (const float *)(uintptr_t)pn;
-    const rowstat_task_t stats = {path, (const float *)(uintptr_t)py, V, (int64_t *)(uintptr_t)pi,
-                                  (float *)(uintptr_t)pl};
+    int ok;
     Py_BEGIN_ALLOW_THREADS
-    for (long long b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
-    matmul_i8_run(path, n_threads, h, B, C, (const uint8_t *)(uintptr_t)pw, V, (const float *)(uintptr_t)pd,
-                  (float *)(uintptr_t)py, scratch);
-    if (pi) for_chunks(n_threads, B, rowstat_one, (void *)&stats);
+    ok = head_exec(path, n_threads, (const float *)(uintptr_t)px, B, C, (const float *)(uintptr_t)pn, eps,
+                   (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pd, V, (float *)(uintptr_t)py,
+                   (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl);
     Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2481,6 +2491,36 @@ static void plan_rows(batch_layer_t *L, int64_t B) {
     L->jo.T = B, L->jd.T = B;
 }
 
+/* A call's own copy of a plan's blocks for B rows (malloc'd; NULL when out of memory). */
+static batch_layer_t *plan_copy(const layers_plan_t *plan, int64_t B) {
+    batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)plan->n);
+    if (!Ls) return NULL;
+    memcpy(Ls, plan->L, sizeof(batch_layer_t) * (size_t)plan->n);
+    for (Py_ssize_t i = 0; i < plan->n; i++) plan_rows(&Ls[i], B);
+    return Ls;
+}
+
+/* Every block on B rows (no Python: call it with the GIL released): split over the threads by rows where
+ * split_parts says so, else block after block. all_layers: layer i's caches at i * loff (else loff itself). 0 when
+ * scratch memory cannot be allocated. */
+static int layers_exec(int path, int n_threads, batch_layer_t *Ls, Py_ssize_t n_layers, int all_layers, int half,
+                       float *xs, int64_t B, int64_t C, int64_t H, int64_t D, const int64_t *pos, const float *cos0,
+                       const float *sin0, const unsigned long long *kp, const unsigned long long *vp, long long loff,
+                       long long hs, float scale) {
+    split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, {0}, pos, cos0, sin0, kp, vp,
+                         loff, hs, scale, 0};
+    const int64_t parts = split_parts(path, n_threads, Ls, B, kp, task.cut);
+    if (parts > 1) {
+        for_chunks(n_threads, parts, split_chunk, (void *)&task);
+        return !atomic_load(&task.failed);
+    }
+    int ok = 1;
+    for (Py_ssize_t i = 0; ok && i < n_layers; i++)
+        ok = batch_layer_run(path, n_threads, &Ls[i], xs, B, C, H, D, pos, cos0, sin0, kp, vp,
+                             all_layers ? (long long)i * loff : loff, hs, scale, half);
+    return ok;
+}
+
 static PyObject *batch_layers(PyObject *args, int all_layers) {
     int path, n_threads;
     unsigned long long px, ppos, pcos, psin, pks, pvs;
@@ -2513,12 +2553,9 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
      * a tuple of every layer's, and loff the bytes between two layers' caches (layer i at i * loff). */
     const Py_ssize_t n_layers = plan ? plan->n : all_layers ? PyTuple_GET_SIZE(layers) : 1;
     if (n_layers < 1) return PyErr_Format(PyExc_ValueError, "no layers given");
-    batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
+    batch_layer_t *Ls = plan ? plan_copy(plan, B) : (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
     if (!Ls) return PyErr_NoMemory();
-    if (plan) {
-        memcpy(Ls, plan->L, sizeof(batch_layer_t) * (size_t)n_layers);
-        for (Py_ssize_t i = 0; i < n_layers; i++) plan_rows(&Ls[i], B);
-    } else {
+    if (!plan) {
         for (Py_ssize_t i = 0; i < n_layers; i++)
             if (!parse_batch_layer(all_layers ? PyTuple_GET_ITEM(layers, i) : layers, &Ls[i], B, C, A)) {
                 free(Ls);
@@ -2529,19 +2566,10 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
     const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
     const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
-    int ok = 1;
+    int ok;
     Py_BEGIN_ALLOW_THREADS
-    split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, {0}, pos, cos0, sin0, kp, vp,
-                         loff, hs, scale, 0};
-    const int64_t parts = split_parts(path, n_threads, Ls, B, kp, task.cut);
-    if (parts > 1) {
-        for_chunks(n_threads, parts, split_chunk, (void *)&task);
-        ok = !atomic_load(&task.failed);
-    } else {
-        for (Py_ssize_t i = 0; ok && i < n_layers; i++)
-            ok = batch_layer_run(path, n_threads, &Ls[i], xs, B, C, H, D, pos, cos0, sin0, kp, vp,
-                                 all_layers ? (long long)i * loff : loff, hs, scale, half);
-    }
+    ok = layers_exec(path, n_threads, Ls, n_layers, all_layers, half, xs, B, C, H, D, pos, cos0, sin0, kp, vp, loff,
+                     hs, scale);
     Py_END_ALLOW_THREADS
     free(Ls);
     if (!ok) return PyErr_NoMemory();
@@ -2636,32 +2664,19 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
     if (pos[0] < 0 || hs < (pos[0] + 1) * D)
         return PyErr_Format(PyExc_ValueError, "position %lld outside its cache", (long long)pos[0]);
-    const Py_ssize_t n_layers = plan->n;
-    batch_layer_t *Ls = (batch_layer_t *)malloc(sizeof(batch_layer_t) * (size_t)n_layers);
+    batch_layer_t *Ls = plan_copy(plan, 1);
     if (!Ls) return PyErr_NoMemory();
-    memcpy(Ls, plan->L, sizeof(batch_layer_t) * (size_t)n_layers);
-    for (Py_ssize_t i = 0; i < n_layers; i++) plan_rows(&Ls[i], 1);
     float *x = (float *)(uintptr_t)px, *y = (float *)(uintptr_t)py;
     const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
     const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
     const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
-    const size_t i8_bytes = round64(i8_scratch_bytes(path, 1, C));
-    int ok = 1;
+    int ok;
     int64_t best = 0;
     Py_BEGIN_ALLOW_THREADS
     embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
-    for (Py_ssize_t i = 0; ok && i < n_layers; i++)
-        ok = batch_layer_run(path, n_threads, &Ls[i], x, 1, C, H, D, pos, cos0, sin0, kp, vp, (long long)i * loff, hs,
-                             scale, half);
-    void *scratch = ok ? scratch_get(i8_bytes + sizeof(float) * (size_t)C) : NULL;
-    if (scratch) {
-        float *h = (float *)((char *)scratch + i8_bytes);
-        rms_norm_row(x, (const float *)(uintptr_t)pn, eps, h, C);
-        matmul_i8_run(path, n_threads, h, 1, C, (const uint8_t *)(uintptr_t)pw, V, (const float *)(uintptr_t)pd, y,
-                      scratch);
-        best = argmax_row(path, y, V);
-    }
-    ok = scratch != NULL;
+    ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
+         head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw,
+                   (const float *)(uintptr_t)pd, V, y, &best, NULL);
     Py_END_ALLOW_THREADS
     free(Ls);
     if (!ok) return PyErr_NoMemory();
