@@ -448,6 +448,36 @@ def test_argmax_logsumexp_equals_the_two_calls(path, n_threads):
     assert torch.equal(i64, idx[4:6]) and torch.allclose(l64.float(), lse[4:6], rtol=2e-6)
 
 
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_row_statistics_across_pieces(path, n_threads):
+    """Rows longer than one piece of the log-sum-exp (4096 values, taken on different threads in `head_rows`):
+    maxima that differ by a lot from piece to piece, a piece of -inf only, a tie between the first and the last piece
+    (the first wins), a NaN in a later piece (its index, and NaN), +inf (itself): torch's argmax and logsumexp, and the
+    three calls agree bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    V = 3 * 4096 + 5
+    x = torch.randn(6, V, generator=g)
+    x[0, 4096:8192] += 50.0  # the middle piece dominates
+    x[1, 4096:8192] = float("-inf")  # a piece with nothing in it
+    x[1, :4096] -= 30.0
+    x[2, 10] = x[2, V - 1] = 20.0  # a tie across pieces: the first index
+    x[3, 9000] = float("nan")
+    x[3, 20] = 100.0
+    x[4, 5000] = float("inf")
+    x[5, :4096] = float("-inf")
+    x[5, 8192:] = float("-inf")
+    idx, lse = K.argmax_logsumexp(x, n_threads=n_threads, path=path)
+    assert torch.equal(idx, torch.argmax(x, -1)) and idx[2].item() == 10 and idx[3].item() == 9000
+    assert torch.equal(idx, K.argmax(x, path=path))
+    assert torch.allclose(lse, K.logsumexp(x, path=path), rtol=0, atol=0, equal_nan=True)
+    ref = torch.logsumexp(x, -1)
+    assert torch.isnan(lse[3]) and lse[4].item() == float("inf")
+    keep = [0, 1, 2, 5]
+    torch.testing.assert_close(lse[keep], ref[keep], rtol=2e-6, atol=2e-6)
+
+
 def _c_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """The decoder's C RMSNorm restated in float32 numpy (IEEE single-precision operations, as C's): 16 interleaved
     partial sums of squares, added pairwise, r = 1 / sqrt(sum / C + eps), then (x · r) · w."""
@@ -472,7 +502,7 @@ def test_head_rows_equals_norm_then_int8_matmul(path, n_threads):
     bit for bit), then argmax and log-sum-exp as `argmax_logsumexp` gives them, for 1, 5 and 16 rows; without the
     statistics when not asked; a bad norm weight is refused by name."""
     g = torch.Generator().manual_seed(5)
-    C, V = 512, 3000
+    C, V = 512, 9000  # three pieces of the row statistics (4096 values each), taken on different threads
     W = torch.randn(V, C, generator=g) * 0.05
     u, scale = K.quantize_weight_int8(W)
     w_norm = 1 + 0.1 * torch.randn(C, generator=g)

@@ -1505,13 +1505,23 @@ static int64_t argmax_scalar(const float *x, int64_t V) {
 #ifdef SPECTRA_X86
 TARGET_AVX512 static int64_t argmax_avx512(const float *x, int64_t V) {
     const int64_t V16 = V & ~(int64_t)15;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < V16; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return argmax_scalar(x, V); /* a NaN: the scalar rule */
-        mx = _mm512_max_ps(mx, v);
+    /* four running maxima (a max does not depend on the order), so the loop is not bound by vmaxps's latency */
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t i = 0;
+    for (; i + 64 <= V16; i += 64) {
+        const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
+        const __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
+        if (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q) |
+            _mm512_cmp_ps_mask(v2, v2, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v3, v3, _CMP_UNORD_Q))
+            return argmax_scalar(x, V); /* a NaN: the scalar rule */
+        m0 = _mm512_max_ps(m0, v0), m1 = _mm512_max_ps(m1, v1), m2 = _mm512_max_ps(m2, v2), m3 = _mm512_max_ps(m3, v3);
     }
-    float m = _mm512_reduce_max_ps(mx);
+    for (; i < V16; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return argmax_scalar(x, V);
+        m0 = _mm512_max_ps(m0, v);
+    }
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
     for (int64_t i = V16; i < V; i++) {
         if (x[i] != x[i]) return argmax_scalar(x, V);
         if (x[i] > m) m = x[i];
@@ -1549,53 +1559,106 @@ static PyObject *py_argmax(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* logsumexp(path, ptr, B, V, out_ptr): out[b] = log(sum_i exp(x[b, i])), computed as max + log(sum exp(x - max)) in
- * float32 (the AVX-512 exp of the attention kernels, about 2 ulp), for the log-probabilities a server returns: log p_i =
- * x_i - out. Agrees with torch.logsumexp to about 1e-6 relative. A row with a NaN gives NaN; a row of -inf gives -inf. */
-static float logsumexp_scalar(const float *x, int64_t V) {
-    float m = -INFINITY;
-    for (int64_t i = 0; i < V; i++) {
-        if (x[i] != x[i]) return x[i];
-        if (x[i] > m) m = x[i];
-    }
-    if (m == -INFINITY || m == INFINITY) return m;
+/* logsumexp(path, ptr, B, V, out_ptr): out[b] = log(sum_i exp(x[b, i])) in float32 (the AVX-512 exp of the
+ * attention kernels, about 2 ulp), for the log-probabilities a server returns: log p_i = x_i - out. A row is taken in
+ * pieces of LSE_PIECE values: piece p's largest value m_p (argmax_row) and s_p = sum exp(x - m_p) over it, then
+ * out = M + log(sum_p s_p exp(m_p - M)) with M the largest m_p (sums in double, pieces in order). So the statistics of
+ * a row can be taken piece by piece on different threads (head_exec: each thread reads the part of the output
+ * layer's logits it has just written, in its own cache) and combined into the same bits as one thread's. Agrees with
+ * torch.logsumexp to about 1e-6 relative. A row with a NaN gives its first NaN; a row of -inf gives -inf. */
+#ifndef LSE_PIECE
+#define LSE_PIECE 4096
+#endif
+typedef struct {
+    float m;     /* the piece's largest value (its first NaN if it has one) */
+    int64_t idx; /* where, in the piece */
+    double s;    /* sum exp(x - m) over the piece (0 when m is infinite or NaN, or not asked for) */
+} piece_t;
+
+static double expsum_scalar(const float *x, int64_t n, float m) {
     double sum = 0.0;
-    for (int64_t i = 0; i < V; i++) sum += expf(x[i] - m);
-    return m + (float)log(sum);
+    for (int64_t i = 0; i < n; i++) sum += expf(x[i] - m);
+    return sum;
 }
 
 #ifdef SPECTRA_X86
-TARGET_AVX512 static float logsumexp_avx512(const float *x, int64_t V) {
-    const int64_t V16 = V & ~(int64_t)15;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < V16; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return logsumexp_scalar(x, V);
-        mx = _mm512_max_ps(mx, v);
-    }
-    float m = _mm512_reduce_max_ps(mx);
-    for (int64_t i = V16; i < V; i++) {
-        if (x[i] != x[i]) return x[i];
-        if (x[i] > m) m = x[i];
-    }
-    if (m == -INFINITY || m == INFINITY) return m;
+TARGET_AVX512 static double expsum_avx512(const float *x, int64_t n, float m) {
+    const int64_t n16 = n & ~(int64_t)15;
     const __m512 mv = _mm512_set1_ps(m);
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < V16; i += 16) acc = _mm512_add_ps(acc, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
+    for (int64_t i = 0; i < n16; i += 16) acc = _mm512_add_ps(acc, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
     double sum = (double)_mm512_reduce_add_ps(acc);
-    for (int64_t i = V16; i < V; i++) sum += expf(x[i] - m);
-    return m + (float)log(sum);
+    for (int64_t i = n16; i < n; i++) sum += expf(x[i] - m);
+    return sum;
 }
 #endif
 
-/* One row's log-sum-exp on `path`. */
-static float logsumexp_row(int path, const float *x, int64_t V) {
+static void piece_stats(int path, const float *x, int64_t n, int want_s, piece_t *p) {
+    p->idx = argmax_row(path, x, n);
+    p->m = x[p->idx];
+    p->s = 0.0;
+    if (!want_s || p->m != p->m || p->m == INFINITY || p->m == -INFINITY) return;
 #ifdef SPECTRA_X86
-    if (path == PATH_AVX512VNNI) return logsumexp_avx512(x, V);
+    if (path == PATH_AVX512VNNI) {
+        p->s = expsum_avx512(x, n, p->m);
+        return;
+    }
 #endif
-    (void)path;
-    return logsumexp_scalar(x, V);
+    p->s = expsum_scalar(x, n, p->m);
 }
+
+static inline int64_t lse_pieces(int64_t V) { return (V + LSE_PIECE - 1) / LSE_PIECE; }
+
+/* A row's argmax (and, with lse, its log-sum-exp) from its pieces' statistics: argmax_row's answer (the first largest
+ * value, or the first NaN), and the log-sum-exp above. */
+static void pieces_combine(const piece_t *ps, int64_t P, int64_t *idx, float *lse) {
+    for (int64_t q = 0; q < P; q++)
+        if (ps[q].m != ps[q].m) {
+            if (idx) *idx = q * LSE_PIECE + ps[q].idx;
+            if (lse) *lse = ps[q].m;
+            return;
+        }
+    int64_t best = 0;
+    for (int64_t q = 1; q < P; q++)
+        if (ps[q].m > ps[best].m) best = q;
+    if (idx) *idx = best * LSE_PIECE + ps[best].idx;
+    if (!lse) return;
+    const float M = ps[best].m;
+    if (M == -INFINITY || M == INFINITY) {
+        *lse = M;
+        return;
+    }
+    double sum = 0.0;
+    for (int64_t q = 0; q < P; q++)
+        if (ps[q].m != -INFINITY) sum += ps[q].s * exp((double)ps[q].m - (double)M);
+    *lse = M + (float)log(sum);
+}
+
+/* Pieces [q0, q1) of a row of V values. */
+static void row_pieces(int path, const float *x, int64_t V, int64_t q0, int64_t q1, int want_s, piece_t *ps) {
+    for (int64_t q = q0; q < q1; q++) {
+        const int64_t v0 = q * LSE_PIECE, n = V - v0 < LSE_PIECE ? V - v0 : LSE_PIECE;
+        piece_stats(path, x + v0, n, want_s, ps + q);
+    }
+}
+
+/* One row's log-sum-exp, and its argmax where idx is given (from the same pieces), on `path`. */
+static float row_stats(int path, const float *x, int64_t V, int64_t *idx) {
+    piece_t local[16];
+    const int64_t P = lse_pieces(V);
+    piece_t *ps = P <= 16 ? local : (piece_t *)malloc(sizeof(piece_t) * (size_t)P);
+    float out = NAN;
+    if (ps) {
+        row_pieces(path, x, V, 0, P, 1, ps);
+        pieces_combine(ps, P, idx, &out);
+    } else if (idx) {
+        *idx = argmax_row(path, x, V);
+    }
+    if (ps != local) free(ps);
+    return out;
+}
+
+static float logsumexp_row(int path, const float *x, int64_t V) { return row_stats(path, x, V, NULL); }
 
 static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
     int path;
@@ -1626,8 +1689,26 @@ typedef struct {
 static void rowstat_one(void *ctx, int64_t b) {
     const rowstat_task_t *t = (const rowstat_task_t *)ctx;
     const float *row = t->x + b * t->V;
-    t->idx[b] = argmax_row(t->path, row, t->V);
-    if (t->lse) t->lse[b] = logsumexp_row(t->path, row, t->V);
+    if (t->lse) t->lse[b] = row_stats(t->path, row, t->V, t->idx + b);
+    else t->idx[b] = argmax_row(t->path, row, t->V);
+}
+
+/* The same statistics for B rows taken by vocabulary range: chunk c (of n_threads) takes pieces [P c / n, P (c + 1) /
+ * n) of every row into ps [B][P], combined afterwards (pieces_combine), so each thread reads the logits of about the
+ * range of the output layer's rows it computed itself (run_parallel's one chunk per thread, claimed in the same
+ * order), not rows that the other thread's cache holds half of. */
+typedef struct {
+    int path, n;
+    const float *x;
+    int64_t B, V, P;
+    int want_s;
+    piece_t *ps;
+} piece_task_t;
+
+static void piece_chunk(void *ctx, int64_t c) {
+    const piece_task_t *t = (const piece_task_t *)ctx;
+    const int64_t q0 = t->P * c / t->n, q1 = t->P * (c + 1) / t->n;
+    for (int64_t b = 0; b < t->B; b++) row_pieces(t->path, t->x + b * t->V, t->V, q0, q1, t->want_s, t->ps + b * t->P);
 }
 
 static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
@@ -2071,8 +2152,15 @@ static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t
     float *h = (float *)((char *)scratch + i8_bytes);
     for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
     matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
-    const rowstat_task_t stats = {path, y, V, idx, lse};
-    if (idx) for_chunks(n_threads, B, rowstat_one, (void *)&stats);
+    if (!idx) return 1;
+    const int64_t P = lse_pieces(V);
+    piece_t *ps = (piece_t *)malloc(sizeof(piece_t) * (size_t)(B * P));
+    if (!ps) return 0;
+    const int n = n_threads < P ? n_threads : (int)P;
+    const piece_task_t task = {path, n, y, B, V, P, lse != NULL, ps};
+    for_chunks(n, n, piece_chunk, (void *)&task);
+    for (int64_t b = 0; b < B; b++) pieces_combine(ps + b * P, P, idx + b, lse ? lse + b : NULL);
+    free(ps);
     return 1;
 }
 
