@@ -476,6 +476,15 @@ def test_row_statistics_across_pieces(path, n_threads):
     assert torch.isnan(lse[3]) and lse[4].item() == float("inf")
     keep = [0, 1, 2, 5]
     torch.testing.assert_close(lse[keep], ref[keep], rtol=2e-6, atol=2e-6)
+    # rows of more than 256 pieces take two passes over them instead of keeping them: the same rules
+    long = torch.randn(3, 256 * 4096 + 100, generator=g)
+    long[0, 5 * 4096 + 3] = 40.0
+    long[1, 300 * 4096 // 2] = float("nan")
+    long[2, : 128 * 4096] -= 60.0
+    idx, lse = K.argmax_logsumexp(long, n_threads=n_threads, path=path)
+    assert torch.equal(idx, torch.argmax(long, -1)) and torch.isnan(lse[1])
+    assert torch.allclose(lse, K.logsumexp(long, path=path), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse[[0, 2]], torch.logsumexp(long[[0, 2]], -1), rtol=2e-6, atol=2e-6)
 
 
 def _c_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1642,20 +1642,39 @@ static void row_pieces(int path, const float *x, int64_t V, int64_t q0, int64_t 
     }
 }
 
-/* One row's log-sum-exp, and its argmax where idx is given (from the same pieces), on `path`. */
+/* One row's log-sum-exp, and its argmax where idx is given (from the same pieces), on `path`. Rows of up to
+ * ROW_PIECES pieces keep them on the stack; longer ones take two passes over the pieces (the largest value first, then
+ * the sums, each piece's statistics computed again: the same values in the same order, so the same bits). */
+#define ROW_PIECES 256 /* rows of up to 2^20 values */
 static float row_stats(int path, const float *x, int64_t V, int64_t *idx) {
-    piece_t local[16];
     const int64_t P = lse_pieces(V);
-    piece_t *ps = P <= 16 ? local : (piece_t *)malloc(sizeof(piece_t) * (size_t)P);
-    float out = NAN;
-    if (ps) {
+    float out;
+    if (P <= ROW_PIECES) {
+        piece_t ps[ROW_PIECES];
         row_pieces(path, x, V, 0, P, 1, ps);
         pieces_combine(ps, P, idx, &out);
-    } else if (idx) {
-        *idx = argmax_row(path, x, V);
+        return out;
     }
-    if (ps != local) free(ps);
-    return out;
+    piece_t best = {0.0f, 0, 0.0}, cur;
+    int64_t at = -1; /* best's piece */
+    for (int64_t q = 0; q < P; q++) {
+        const int64_t v0 = q * LSE_PIECE, n = V - v0 < LSE_PIECE ? V - v0 : LSE_PIECE;
+        piece_stats(path, x + v0, n, 0, &cur);
+        if (cur.m != cur.m) { /* the first piece with a NaN: its first NaN */
+            if (idx) *idx = v0 + cur.idx;
+            return cur.m;
+        }
+        if (at < 0 || cur.m > best.m) best = cur, at = q;
+    }
+    if (idx) *idx = at * LSE_PIECE + best.idx;
+    if (best.m == -INFINITY || best.m == INFINITY) return best.m;
+    double sum = 0.0;
+    for (int64_t q = 0; q < P; q++) {
+        const int64_t v0 = q * LSE_PIECE, n = V - v0 < LSE_PIECE ? V - v0 : LSE_PIECE;
+        piece_stats(path, x + v0, n, 1, &cur);
+        if (cur.m != -INFINITY) sum += cur.s * exp((double)cur.m - (double)best.m);
+    }
+    return best.m + (float)log(sum);
 }
 
 static float logsumexp_row(int path, const float *x, int64_t V) { return row_stats(path, x, V, NULL); }
