@@ -1642,77 +1642,7 @@ static void row_pieces(int path, const float *x, int64_t V, int64_t q0, int64_t 
     }
 }
 
-/* One row's log-sum-exp, and its argmax where idx is given (from the same pieces), on `path`. Rows of up to
- * ROW_PIECES pieces keep them on the stack; longer ones take two passes over the pieces (the largest value first, then
- * the sums, each piece's statistics computed again: the same values in the same order, so the same bits). */
-#define ROW_PIECES 256 /* rows of up to 2^20 values */
-static float row_stats(int path, const float *x, int64_t V, int64_t *idx) {
-    const int64_t P = lse_pieces(V);
-    float out;
-    if (P <= ROW_PIECES) {
-        piece_t ps[ROW_PIECES];
-        row_pieces(path, x, V, 0, P, 1, ps);
-        pieces_combine(ps, P, idx, &out);
-        return out;
-    }
-    piece_t best = {0.0f, 0, 0.0}, cur;
-    int64_t at = -1; /* best's piece */
-    for (int64_t q = 0; q < P; q++) {
-        const int64_t v0 = q * LSE_PIECE, n = V - v0 < LSE_PIECE ? V - v0 : LSE_PIECE;
-        piece_stats(path, x + v0, n, 0, &cur);
-        if (cur.m != cur.m) { /* the first piece with a NaN: its first NaN */
-            if (idx) *idx = v0 + cur.idx;
-            return cur.m;
-        }
-        if (at < 0 || cur.m > best.m) best = cur, at = q;
-    }
-    if (idx) *idx = at * LSE_PIECE + best.idx;
-    if (best.m == -INFINITY || best.m == INFINITY) return best.m;
-    double sum = 0.0;
-    for (int64_t q = 0; q < P; q++) {
-        const int64_t v0 = q * LSE_PIECE, n = V - v0 < LSE_PIECE ? V - v0 : LSE_PIECE;
-        piece_stats(path, x + v0, n, 1, &cur);
-        if (cur.m != -INFINITY) sum += cur.s * exp((double)cur.m - (double)best.m);
-    }
-    return best.m + (float)log(sum);
-}
-
-static float logsumexp_row(int path, const float *x, int64_t V) { return row_stats(path, x, V, NULL); }
-
-static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
-    int path;
-    unsigned long long px, po;
-    long long B, V;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "iKLLK", &path, &px, &B, &V, &po)) return NULL;
-    if (B < 0 || V <= 0 || !path_supported(path))
-        return PyErr_Format(PyExc_ValueError, "bad logsumexp B=%lld V=%lld", B, V);
-    const float *x = (const float *)(uintptr_t)px;
-    float *out = (float *)(uintptr_t)po;
-    for (long long b = 0; b < B; b++) out[b] = logsumexp_row(path, x + b * V, V);
-    Py_RETURN_NONE;
-}
-
-/* argmax_logsumexp(path, n_threads, ptr, B, V, idx_ptr, lse_ptr): argmax and, when lse_ptr is not 0, logsumexp of
- * each of B rows, exactly the two functions above, with the rows split over the kernels' pool and the GIL released. A
- * batched decode step needs both for every row (greedy picks, and log-probabilities for the server's streams): one call
- * instead of two serial ones on the engine thread, while the other threads would otherwise wait. */
-typedef struct {
-    int path;
-    const float *x;
-    int64_t V;
-    int64_t *idx;
-    float *lse;
-} rowstat_task_t;
-
-static void rowstat_one(void *ctx, int64_t b) {
-    const rowstat_task_t *t = (const rowstat_task_t *)ctx;
-    const float *row = t->x + b * t->V;
-    if (t->lse) t->lse[b] = row_stats(t->path, row, t->V, t->idx + b);
-    else t->idx[b] = argmax_row(t->path, row, t->V);
-}
-
-/* The statistics of B rows by vocabulary range (head_exec): chunk c (of n) takes pieces [P c / n, P (c + 1) / n) of
+/* The statistics of B rows by vocabulary range (rows_stats): chunk c (of n) takes pieces [P c / n, P (c + 1) / n) of
  * every row into ps [B][P], combined afterwards (pieces_combine). Split by rows instead, each thread read logits half
  * of which the other core had just written (16 rows of 50304 x 512: 0.36 ms of statistics after the logits, 0.20
  * this way). With a job J (from HEAD_FUSE_ROWS rows on), the chunk also computes each piece's logits first (the
@@ -1743,21 +1673,57 @@ static void piece_chunk(void *ctx, int64_t c) {
     }
 }
 
+/* Argmax (idx, or NULL) and log-sum-exp (lse, or NULL) of the B rows of y [B, V] over n_threads, by pieces
+ * (piece_chunk); with a job J, its int8 product writes each piece of y first. 0 when the pieces' memory cannot be had. */
+static int rows_stats(int path, int n_threads, const float *y, int64_t B, int64_t V, int64_t *idx, float *lse,
+                      const job_t *J) {
+    if (B == 0) return 1;
+    const int64_t P = lse_pieces(V);
+    piece_t *ps = (piece_t *)malloc(sizeof(piece_t) * (size_t)(B * P));
+    if (!ps) return 0;
+    const int n = n_threads < P ? n_threads : (int)P;
+    const piece_task_t task = {path, n, y, B, V, P, lse != NULL, ps, J};
+    for_chunks(n, n, piece_chunk, (void *)&task);
+    for (int64_t b = 0; b < B; b++) pieces_combine(ps + b * P, P, idx ? idx + b : NULL, lse ? lse + b : NULL);
+    free(ps);
+    return 1;
+}
+
+static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
+    int path, ok;
+    unsigned long long px, po;
+    long long B, V;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKLLK", &path, &px, &B, &V, &po)) return NULL;
+    if (B < 0 || V <= 0 || !path_supported(path))
+        return PyErr_Format(PyExc_ValueError, "bad logsumexp B=%lld V=%lld", B, V);
+    Py_BEGIN_ALLOW_THREADS
+    ok = rows_stats(path, 1, (const float *)(uintptr_t)px, B, V, NULL, (float *)(uintptr_t)po, NULL);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* argmax_logsumexp(path, n_threads, ptr, B, V, idx_ptr, lse_ptr): argmax and, when lse_ptr is not 0, logsumexp of
+ * each of B rows, exactly `argmax` and `logsumexp` (the same pieces), over the kernels' pool with the GIL released. A
+ * batched decode step needs both for every row (greedy picks, and log-probabilities for the server's streams): one call
+ * instead of two serial ones on the engine thread, while the other threads would otherwise wait. */
 static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
-    int path, n_threads;
+    int path, n_threads, ok;
     unsigned long long px, pi, pl;
     long long B, V;
     (void)self;
     if (!PyArg_ParseTuple(args, "iiKLLKK", &path, &n_threads, &px, &B, &V, &pi, &pl)) return NULL;
     if (B < 0 || V <= 0 || n_threads < 1 || !path_supported(path))
         return PyErr_Format(PyExc_ValueError, "bad argmax_logsumexp B=%lld V=%lld threads=%d", B, V, n_threads);
-    const rowstat_task_t task = {path, (const float *)(uintptr_t)px, V, (int64_t *)(uintptr_t)pi,
-                                 (float *)(uintptr_t)pl};
     Py_BEGIN_ALLOW_THREADS
-    for_chunks(n_threads, B, rowstat_one, (void *)&task);
+    ok = rows_stats(path, n_threads, (const float *)(uintptr_t)px, B, V, (int64_t *)(uintptr_t)pi,
+                    (float *)(uintptr_t)pl, NULL);
     Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
 
 /* to_half(path, src_ptr, dst_ptr, n): n float32 -> float16 with the KV cache's rounding (kv_write's code: the AVX-512
  * conversion for whole rows of 16 on that path, the scalar one otherwise), for checking it against torch's. */
@@ -2115,8 +2081,6 @@ static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
            (sizeof(int32_t) + sizeof(float)) * (size_t)T;
 }
 
-/* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
- * i8_scratch_bytes(path, T, K); needs no GIL. */
 /* The int8 product's job for x [T, K] against qw [N, K] (its activations quantized into scratch, laid out as
  * i8_scratch_bytes says; bounds holds the one segment), ready for run_rows_i8 on any rows. */
 static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
@@ -2144,6 +2108,8 @@ static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const
     *Jp = J;
 }
 
+/* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
+ * i8_scratch_bytes(path, T, K); needs no GIL. */
 static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
                           const float *d, float *y, void *scratch) {
     int32_t bounds[2];
@@ -2193,21 +2159,14 @@ static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t
     if (!scratch) return 0;
     float *h = (float *)((char *)scratch + i8_bytes);
     for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
-    const int fuse = idx && B >= HEAD_FUSE_ROWS;
-    if (!fuse) matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
-    if (!idx) return 1;
-    const int64_t P = lse_pieces(V);
-    piece_t *ps = (piece_t *)malloc(sizeof(piece_t) * (size_t)(B * P));
-    if (!ps) return 0;
+    if (!idx || B < HEAD_FUSE_ROWS) {
+        matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
+        return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, NULL);
+    }
     int32_t bounds[2];
     job_t J;
-    if (fuse) matmul_i8_prep(path, h, B, C, qw, V, d, y, scratch, bounds, &J);
-    const int n = n_threads < P ? n_threads : (int)P;
-    const piece_task_t task = {path, n, y, B, V, P, lse != NULL, ps, fuse ? &J : NULL};
-    for_chunks(n, n, piece_chunk, (void *)&task);
-    for (int64_t b = 0; b < B; b++) pieces_combine(ps + b * P, P, idx + b, lse ? lse + b : NULL);
-    free(ps);
-    return 1;
+    matmul_i8_prep(path, h, B, C, qw, V, d, y, scratch, bounds, &J);
+    return rows_stats(path, n_threads, y, B, V, idx, lse, &J);
 }
 
 static PyObject *py_head_rows(PyObject *self, PyObject *args) {
