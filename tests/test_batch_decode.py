@@ -215,18 +215,39 @@ def test_step_with_prefill_equals_separate_calls(kv):
 
 
 @needs_ext
-def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones():
-    """logprobs=0 on greedy rows comes from one gather per step (`Scheduler.step`); it equals, bit for bit, what the
-    per-row path gives (logprobs=1, which also takes the top alternative), and the model's own log-softmax."""
+def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones(monkeypatch):
+    """logprobs=0 on greedy rows comes from the output layer's C call (argmax, its logit and the log-sum-exp, without
+    writing the logits: `Scheduler.step`); it equals, bit for bit, what the per-row path gives (logprobs=1, which also
+    takes the top alternative from the logits), and the model's own log-softmax."""
+    real = kernels.extension()
+    no_logits = []
+
+    class Spy:  # the extension, counting the head calls that leave the logits out (y_ptr 0)
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name != "head_rows":
+                return fn
+
+            def head_rows(*args):
+                no_logits.append(args[10] == 0)
+                return fn(*args)
+
+            return head_rows
+
+    monkeypatch.setattr(kernels, "extension", Spy)
     model = model_of("packed-int8-head", seed=5)
     prompts, limits = prompts_and_lengths(4, seed=3)
     runs = {}
     for k in (0, 1):
+        no_logits.clear()
         sched = Scheduler(model, max_batch=4)
         reqs = [sched.submit(Request(p, n, stop_at_eos=False, logprobs=k)) for p, n in zip(prompts, limits)]
         while not sched.idle:
             sched.step()
         runs[k] = reqs
+        # the four prompts are prefilled together in the first step (their last logits are read); then logprobs=0
+        # leaves the logits out of every decode step, and logprobs=1 reads them
+        assert no_logits == [False] + [k == 0] * sched.stats["steps"]
     for fast, slow in zip(runs[0], runs[1]):
         assert fast.tokens == slow.tokens
         assert [e["logprob"] for e in fast.token_logprobs] == [e["logprob"] for e in slow.token_logprobs]

@@ -476,7 +476,7 @@ def test_row_statistics_across_pieces(path, n_threads):
     assert torch.isnan(lse[3]) and lse[4].item() == float("inf")
     keep = [0, 1, 2, 5]
     torch.testing.assert_close(lse[keep], ref[keep], rtol=2e-6, atol=2e-6)
-    # rows of more than 256 pieces take two passes over them instead of keeping them: the same rules
+    # rows of more than 256 pieces: the same rules
     long = torch.randn(3, 256 * 4096 + 100, generator=g)
     long[0, 5 * 4096 + 3] = 40.0
     long[1, 300 * 4096 // 2] = float("nan")
@@ -508,8 +508,9 @@ def _c_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_head_rows_equals_norm_then_int8_matmul(path, n_threads):
     """A decode step's end in one call: the final RMSNorm (restated in torch), the int8 output layer (its reference,
-    bit for bit), then argmax and log-sum-exp as `argmax_logsumexp` gives them, for 1, 5 and 16 rows; without the
-    statistics when not asked; a bad norm weight is refused by name."""
+    bit for bit), then argmax and log-sum-exp as `argmax_logsumexp` gives them and the logit at the argmax, for 1, 5
+    and 16 rows; without the statistics when not asked; the same statistics without writing the logits
+    (`logits=False`, each piece kept in a per-thread buffer); a bad norm weight is refused by name."""
     g = torch.Generator().manual_seed(5)
     C, V = 512, 9000  # three pieces of the row statistics (4096 values each), taken on different threads
     W = torch.randn(V, C, generator=g) * 0.05
@@ -517,17 +518,25 @@ def test_head_rows_equals_norm_then_int8_matmul(path, n_threads):
     w_norm = 1 + 0.1 * torch.randn(C, generator=g)
     for B in (1, 5, 16):
         x = torch.randn(B, C, generator=g) * 3
-        y, idx, lse = K.head_rows(x, w_norm, 1e-5, u, scale, lse=True, n_threads=n_threads, path=path)
+        y, idx, lse, top = K.head_rows(x, w_norm, 1e-5, u, scale, lse=True, n_threads=n_threads, path=path)
         ref = K.reference_int8_matmul(_c_rms_norm(x, w_norm, 1e-5), u, scale)
         assert torch.equal(y, ref), B
         ref_idx, ref_lse = K.argmax_logsumexp(ref, n_threads=1, path=path)
         assert torch.equal(idx, ref_idx) and torch.equal(lse, ref_lse)
-        y2, idx2, none = K.head_rows(x, w_norm, 1e-5, u, scale, argmax=True, n_threads=n_threads, path=path)
-        assert torch.equal(y2, y) and torch.equal(idx2, idx) and none is None
-        y3, n1, n2 = K.head_rows(x, w_norm, 1e-5, u, scale, n_threads=n_threads, path=path)
-        assert torch.equal(y3, y) and n1 is None and n2 is None
+        assert torch.equal(top, ref.gather(1, ref_idx.view(-1, 1)).view(-1))
+        y2, idx2, none, top2 = K.head_rows(x, w_norm, 1e-5, u, scale, argmax=True, n_threads=n_threads, path=path)
+        assert torch.equal(y2, y) and torch.equal(idx2, idx) and none is None and torch.equal(top2, top)
+        y3, n1, n2, n3 = K.head_rows(x, w_norm, 1e-5, u, scale, n_threads=n_threads, path=path)
+        assert torch.equal(y3, y) and n1 is None and n2 is None and n3 is None
+        for want_lse in (True, False):
+            y4, idx4, lse4, top4 = K.head_rows(x, w_norm, 1e-5, u, scale, argmax=True, lse=want_lse, logits=False,
+                                               n_threads=n_threads, path=path)  # fmt: skip
+            assert y4 is None and torch.equal(idx4, idx) and torch.equal(top4, top)
+            assert torch.equal(lse4, lse) if want_lse else lse4 is None
     with pytest.raises(ValueError, match="norm_weight"):
         K.head_rows(x, w_norm[:-1], 1e-5, u, scale, path=path)
+    with pytest.raises(ValueError, match="logits=False needs"):
+        K.head_rows(x, w_norm, 1e-5, u, scale, logits=False, path=path)
 
 
 @needs_ext

@@ -120,30 +120,35 @@ class BatchDecoder:
 
     def step_rows(
         self, slots: Sequence[int], tokens: Sequence[int], prefills: Sequence[tuple[int, Sequence[int]]] = (), *,
-        argmax: bool = False, lse: bool = False, copy: bool = True,
-    ) -> tuple[Tensor | None, list[Tensor], Tensor | None, Tensor | None]:
-        """`step_with_prefill`, plus the argmax (`argmax` or `lse`) and log-sum-exp (`lse`) of each decode row's logits
-        (None without slots or when not asked): (logits (B, V) float32 or None, prefill logits, argmax (B,), lse (B,)).
-        On the C path the statistics come from the same C call as the logits (`Decoder.head`). `copy=False` (the
+        argmax: bool = False, lse: bool = False, logits: bool = True, copy: bool = True,
+    ) -> tuple[Tensor | None, list[Tensor | None], Tensor | None, Tensor | None, Tensor | None]:
+        """`step_with_prefill`, plus the argmax (`argmax` or `lse`), log-sum-exp (`lse`) and the logit at the argmax
+        (either) of each decode row's logits (None without slots or when not asked): (logits (B, V) float32 or None,
+        prefill logits, argmax (B,), lse (B,), top (B,)). On the C path the statistics come from the same C call as the
+        logits (`Decoder.head`), and `logits=False` (with `argmax` or `lse`) skips writing the logits: the decode
+        rows' and the prefill chunks' logits are then None (elsewhere they are returned anyway). `copy=False` (the
         scheduler's steps): the results may be views of buffers the next step overwrites."""
         n_rows = len(slots) + sum(len(ids) for _, ids in prefills)
         kern = self.kernel
         if kern is None or n_rows > kern["rows"].n or (not slots and not prefills):
             pre = [self.prefill(slot, ids) for slot, ids in prefills]
-            logits = self.step(slots, tokens).float().contiguous() if slots else None
-            idx = out_lse = None
-            if logits is not None and (argmax or lse):
-                idx, out_lse = argmax_logsumexp(logits, with_lse=lse, n_threads=self.n_threads)
-            return logits, pre, idx, out_lse
+            out = self.step(slots, tokens).float().contiguous() if slots else None
+            idx = out_lse = top = None
+            if out is not None and (argmax or lse):
+                idx, out_lse = argmax_logsumexp(out, with_lse=lse, n_threads=self.n_threads)
+                top = out.gather(1, idx.view(-1, 1)).view(-1)
+            return out, pre, idx, out_lse, top
         self._check_rows(slots, tokens, prefills)
         with torch.inference_mode(), serial_torch():
-            logits, idx, out_lse = self._run_rows(slots, tokens, prefills, argmax=argmax, lse=lse)
+            res = self._run_rows(slots, tokens, prefills, argmax=argmax, lse=lse, logits=logits)
             if copy:
-                logits, idx, out_lse = (None if t is None else t.clone() for t in (logits, idx, out_lse))
+                res = tuple(None if t is None else t.clone() for t in res)
+        y, idx, out_lse, top = res
         B = len(slots)
+        pre = list(y[B:]) if y is not None else [None] * len(prefills)
         if not slots:
-            return None, list(logits), None, None
-        return logits[:B], list(logits[B:]), None if idx is None else idx[:B], None if out_lse is None else out_lse[:B]
+            return None, pre, None, None, None
+        return (None if y is None else y[:B]), pre, *(None if t is None else t[:B] for t in (idx, out_lse, top))
 
     def _check_rows(self, slots: Sequence[int], tokens: Sequence[int], prefills) -> None:
         """What `step` and `step_with_prefill` refuse: a token count that is not one per decode slot, a slot used
@@ -159,13 +164,15 @@ class BatchDecoder:
                 raise ValueError(f"slot {s} is full: {self.caches[s].pos} + {n} positions exceed its {self.max_len}")
 
     def _run_rows(
-        self, slots: Sequence[int], tokens: Sequence[int], prefills, *, argmax: bool = False, lse: bool = False
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        self, slots: Sequence[int], tokens: Sequence[int], prefills, *, argmax: bool = False, lse: bool = False,
+        logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """The C path for decode rows (slots[i] at its next position) then each prefill chunk's positions, in one
-        `Rows` pass; (logits (B + len(prefills), V): one per decode row, then each chunk's last position; their argmax
-        and logsumexp when asked, `Decoder.head`). The rows' token ids, positions and cache addresses go into one kept
-        int64 array (numpy) and the blocks take them by address (`Rows.run_ptrs`); with an int8 head the output layer
-        writes into kept buffers, so the logits returned are views valid until the next step. A 99m step of 16 rows
+        `Rows` pass; (logits (B + len(prefills), V): one per decode row, then each chunk's last position; their argmax,
+        logsumexp and argmax's logit when asked, `Decoder.head`, which may leave the logits out: `logits`). The rows'
+        token ids, positions and cache addresses go into one kept int64 array (numpy) and the blocks take them by
+        address (`Rows.run_ptrs`); with an int8 head the output layer writes into kept buffers, so the logits returned
+        are views valid until the next step. A 99m step of 16 rows
         spent 0.2 ms (7 %) in about twenty torch ops (index tensors, index_select, allocations, slices), each run cold
         after the weight stream."""
         kern = self.kernel
@@ -197,7 +204,8 @@ class BatchDecoder:
             if i != h:
                 x[i].copy_(x[h])
         m = len(heads)
-        return dec.head(x[:m], argmax=argmax, lse=lse, out=(kern["y"], kern["idx"], kern["lse"]))
+        return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits,
+                        out=(kern["y"], kern["idx"], kern["lse"], kern["top"]))
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -227,7 +235,7 @@ class BatchDecoder:
             "decoder": dec, "rows": rows,
             "k_addr": [c.k.data_ptr() for c in self.caches], "v_addr": [c.v.data_ptr() for c in self.caches],
             "io": io, "io_np": io.numpy(), "y": torch.empty(rows.n, V), "idx": torch.empty(rows.n, dtype=torch.int64),
-            "lse": torch.empty(rows.n),
+            "lse": torch.empty(rows.n), "top": torch.empty(rows.n),
         }  # fmt: skip
 
     def _step_modules(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -400,24 +408,24 @@ class Scheduler:
         if not decoding and not chunks:
             return
         # One pass for the decode rows and the prefill chunks together (`step_rows`), with the greedy rows' picks
-        # (sample_next's own rule: the first maximum) and, for log-probabilities, every row's log-sum-exp taken in the
-        # same C call as the logits. The greedy picks' logits come in one gather: a greedy row without top
-        # alternatives then needs no tensor op of its own (each op lets the HTTP loop take the GIL, and the engine
-        # waits to get it back).
+        # (sample_next's own rule: the first maximum), their logits and, for log-probabilities, every row's
+        # log-sum-exp taken in the same C call as the logits: a greedy row without top alternatives then needs no
+        # tensor op of its own (each op lets the HTTP loop take the GIL, and the engine waits to get it back). When
+        # no row reads its logits (every decode row greedy with at most the chosen token's log-probability, no prompt
+        # finishing), the C call does not write them out at all.
         greedy_any = any(r.temperature == 0 for r in decoding)
         want_lse = any(r.logprobs is not None for r in decoding)
-        rows, pre, picks_t, lse_t = self.decoder.step_rows(
+        logits = any(r.temperature != 0 or r.logprobs not in (None, 0) for r in decoding) or not decoding or any(
+            end == len(r.prompt_ids) for r, end in chunks)
+        rows, pre, picks_t, lse_t, top_t = self.decoder.step_rows(
             [r.slot for r in decoding], [r.tokens[-1] for r in decoding],
             [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks], argmax=greedy_any, lse=want_lse,
-            copy=False)  # read before the next step
+            logits=logits, copy=False)  # read before the next step
         if decoding:
             self.stats["steps"] += 1
             picks = None if picks_t is None or not greedy_any else picks_t.tolist()
             lses = None if lse_t is None else lse_t.tolist()
-            chosen = None
-            if picks is not None and lses is not None:
-                logit = rows.numpy()  # one call for the greedy picks' logits, not gather / unsqueeze / squeeze
-                chosen = [float(logit[i, p]) for i, p in enumerate(picks)]
+            chosen = None if picks is None or lses is None else top_t.tolist()
             for i, r in enumerate(decoding):  # rows[i] only where it is read: a tensor view costs microseconds
                 self._accept(r, rows, None if picks is None else picks[i], None if lses is None else lses[i],
                              None if chosen is None else chosen[i], row=i)

@@ -133,14 +133,16 @@ class Decoder:
                                 head.scale.data_ptr(), head.out_features, head)  # fmt: skip
 
     def head(
-        self, x: Tensor, *, argmax: bool = False, lse: bool = False, out: tuple[Tensor, Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(logits (B, V), argmax (B,) or None, logsumexp (B,) or None) of the rows x (B, C) of the residual stream
-        after the last block. An int8 lm_head: the final norm (the blocks' C norm), the output layer and the row
-        statistics in one C call (`kernels.head_rows`); else the model's norm and lm_head, and
-        `kernels.argmax_logsumexp`. The same rows give the same results whatever else is in x. `out`: kept buffers
-        (logits [n, V], argmax [n], logsumexp [n], n >= B) the C call writes into, returning views of their first B
-        rows (the torch head ignores them)."""
+        self, x: Tensor, *, argmax: bool = False, lse: bool = False, logits: bool = True,
+        out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """(logits (B, V), argmax (B,) or None, logsumexp (B,) or None, the logit at the argmax (B,) or None) of the
+        rows x (B, C) of the residual stream after the last block. An int8 lm_head: the final norm (the blocks' C
+        norm), the output layer and the row statistics in one C call (`kernels.head_rows`; `logits=False` with
+        `argmax` or `lse`: the statistics alone, the logits None); else the model's norm and lm_head, and
+        `kernels.argmax_logsumexp` (the logits are returned whatever `logits` says). The same rows give the same
+        results whatever else is in x. `out`: kept buffers (logits [n, V], argmax [n], logsumexp [n], top [n],
+        n >= B) the C call writes into, returning views of their first B rows (the torch head ignores them)."""
         model = self.model
         if model.lm_head is not self._head_mod:
             self._head_setup()
@@ -149,13 +151,14 @@ class Decoder:
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             nt = head.n_threads or self._threads or K.default_threads()
-            return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse, out=out)
-        logits = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
+            return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse,
+                                         logits=logits or not (argmax or lse), out=out)  # fmt: skip
+        y = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
-            return logits, None, None
-        logits = logits.float().contiguous()
-        idx, out_lse = K.argmax_logsumexp(logits, with_lse=lse, n_threads=self._threads or K.default_threads())
-        return logits, idx, out_lse
+            return y, None, None, None
+        y = y.float().contiguous()
+        idx, out_lse = K.argmax_logsumexp(y, with_lse=lse, n_threads=self._threads or K.default_threads())
+        return y, idx, out_lse, y.gather(1, idx.view(-1, 1)).view(-1)
 
     # ---- several rows per call ---------------------------------------------------------------------------------
     PREFILL_ROWS = 128  # prompt positions per C call in `prefill`

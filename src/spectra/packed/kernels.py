@@ -598,13 +598,18 @@ def head_rows(
     *,
     argmax: bool = False,
     lse: bool = False,
+    logits: bool = True,
     n_threads: int | None = None,
     path: str = "auto",
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The end of a decode step for the rows x [B, C] of the residual stream: (logits [B, V], argmax [B] or None,
-    logsumexp [B] or None), where the logits are the int8 output layer (`int8_matmul`, head u [V, C] and its row
-    scales) of the final RMSNorm of x (weight `norm_weight`, the decoder's per-row norm: equal to the model's RMSNorm
-    up to rounding), and argmax / logsumexp those of `argmax_logsumexp`; one C call (`lse` computes the argmax too)."""
+    logsumexp [B] or None, top [B] or None), where the logits are the int8 output layer (`int8_matmul`, head u [V, C]
+    and its row scales) of the final RMSNorm of x (weight `norm_weight`, the decoder's per-row norm: equal to the
+    model's RMSNorm up to rounding), argmax / logsumexp those of `argmax_logsumexp`, and top the logit at the argmax
+    (logits[b, argmax[b]]); one C call (`lse` computes the argmax too, and either gives top). `logits=False` (needs
+    `argmax` or `lse`): the statistics alone, logits None; the C call then keeps each piece of the logits in a
+    per-thread buffer instead of writing them out (a greedy step that wants at most the chosen token's
+    log-probability)."""
     check_int8_operands(x, head, scale)
     if norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous() or norm_weight.shape != (x.shape[1],):
         raise ValueError(f"norm_weight must be contiguous float32 [{x.shape[1]}], got {norm_weight.dtype} "
@@ -612,29 +617,34 @@ def head_rows(
     path = resolve_path(path)
     if path == "torch":
         raise ValueError("head_rows runs the compiled kernels only; no kernel path is available here")
+    if not (logits or argmax or lse):
+        raise ValueError("head_rows with logits=False needs argmax=True or lse=True (it would compute nothing)")
     return head_rows_unchecked(_PATH_IDS[path], max(1, int(n_threads or default_threads())), x, norm_weight.data_ptr(),
-                             float(eps), head.data_ptr(), scale.data_ptr(), head.shape[0], argmax=argmax, lse=lse)
+                               float(eps), head.data_ptr(), scale.data_ptr(), head.shape[0], argmax=argmax, lse=lse,
+                               logits=logits)  # fmt: skip
 
 
 def head_rows_unchecked(
     path_id: int, n_threads: int, x: Tensor, norm_ptr: int, eps: float, head_ptr: int, scale_ptr: int, V: int, *,
-    argmax: bool = False, lse: bool = False, out: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    argmax: bool = False, lse: bool = False, logits: bool = True,
+    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """`head_rows` on operands its caller has already checked (`Decoder.head` checks them once per lm_head): x a
     contiguous float32 [B, C], the norm weight, head and scales given by address. Allocates the outputs, or writes
-    into `out` (contiguous float32 [n, V], int64 [n], float32 [n], n >= B; views of their first B rows are
-    returned), and calls the extension."""
-    B = x.shape[0]
+    into `out` (contiguous float32 [n, V], int64 [n], float32 [n], float32 [n], n >= B; views of their first B rows
+    are returned), and calls the extension."""
+    B, stats = x.shape[0], argmax or lse
     if out is None:
-        y = torch.empty(B, V, dtype=torch.float32)
-        idx = torch.empty(B, dtype=torch.int64) if argmax or lse else None
+        y = torch.empty(B, V, dtype=torch.float32) if logits else None
+        idx = torch.empty(B, dtype=torch.int64) if stats else None
         out_lse = torch.empty(B, dtype=torch.float32) if lse else None
+        top = torch.empty(B, dtype=torch.float32) if stats else None
     else:
-        y, idx, out_lse = out[0][:B], (out[1][:B] if argmax or lse else None), (out[2][:B] if lse else None)
+        y, idx, out_lse, top = (out[0][:B] if logits else None), (out[1][:B] if stats else None), \
+            (out[2][:B] if lse else None), (out[3][:B] if stats else None)  # fmt: skip
     extension().head_rows(path_id, n_threads, x.data_ptr(), B, x.shape[1], norm_ptr, eps, head_ptr, scale_ptr, V,
-                          y.data_ptr(), 0 if idx is None else idx.data_ptr(),
-                          0 if out_lse is None else out_lse.data_ptr())  # fmt: skip
-    return y, idx, out_lse
+                          *(0 if t is None else t.data_ptr() for t in (y, idx, out_lse, top)))  # fmt: skip
+    return y, idx, out_lse, top
 
 
 def _row_path(x: Tensor, path: str) -> str | None:

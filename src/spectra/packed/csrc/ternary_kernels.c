@@ -1609,19 +1609,21 @@ static void piece_stats(int path, const float *x, int64_t n, int want_s, piece_t
 
 static inline int64_t lse_pieces(int64_t V) { return (V + LSE_PIECE - 1) / LSE_PIECE; }
 
-/* A row's argmax (and, with lse, its log-sum-exp) from its pieces' statistics: argmax_row's answer (the first largest
- * value, or the first NaN), and the log-sum-exp above. */
-static void pieces_combine(const piece_t *ps, int64_t P, int64_t *idx, float *lse) {
+/* A row's argmax (and, with lse, its log-sum-exp; with top, the value at the argmax) from its pieces' statistics:
+ * argmax_row's answer (the first largest value, or the first NaN), and the log-sum-exp above. */
+static void pieces_combine(const piece_t *ps, int64_t P, int64_t *idx, float *lse, float *top) {
     for (int64_t q = 0; q < P; q++)
         if (ps[q].m != ps[q].m) {
             if (idx) *idx = q * LSE_PIECE + ps[q].idx;
             if (lse) *lse = ps[q].m;
+            if (top) *top = ps[q].m;
             return;
         }
     int64_t best = 0;
     for (int64_t q = 1; q < P; q++)
         if (ps[q].m > ps[best].m) best = q;
     if (idx) *idx = best * LSE_PIECE + ps[best].idx;
+    if (top) *top = ps[best].m;
     if (!lse) return;
     const float M = ps[best].m;
     if (M == -INFINITY || M == INFINITY) {
@@ -1660,33 +1662,60 @@ typedef struct {
     int want_s;
     piece_t *ps;
     const job_t *J;
+    int keep; /* with J: 0 when the logits are not wanted (each piece goes to the thread's piece_buffer, not to y) */
 } piece_task_t;
+
+/* Per thread (apart from scratch_get's and panel_get's): one piece of the logits of B rows, [B][LSE_PIECE]. */
+static float *piece_buffer(int64_t B) {
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    return (float *)grow_buffer(&buf, &size, sizeof(float) * LSE_PIECE * (size_t)B);
+}
 
 static void piece_chunk(void *ctx, int64_t c) {
     const piece_task_t *t = (const piece_task_t *)ctx;
     const int64_t q0 = t->P * c / t->n, q1 = t->P * (c + 1) / t->n;
+    float *buf = t->J && !t->keep ? piece_buffer(t->B) : NULL;
+    if (t->J && !t->keep && !buf) { /* no memory for the buffer: mark the rows' pieces for rows_stats to refuse */
+        for (int64_t q = q0; q < q1; q++)
+            for (int64_t b = 0; b < t->B; b++) t->ps[b * t->P + q].idx = -1;
+        return;
+    }
     for (int64_t q = q0; q < q1; q++) {
         const int64_t v0 = q * LSE_PIECE, v1 = v0 + LSE_PIECE < t->V ? v0 + LSE_PIECE : t->V;
+        if (buf) { /* the job's rows [v0, v1) stored at buf [b][n - v0]: its stride LSE_PIECE, its origin moved back */
+            job_t J = *t->J;
+            J.N = LSE_PIECE;
+            J.y = (float *)((uintptr_t)buf - sizeof(float) * (size_t)v0);
+            run_rows_i8(t->path, &J, v0, v1);
+            for (int64_t b = 0; b < t->B; b++) piece_stats(t->path, buf + b * LSE_PIECE, v1 - v0, t->want_s,
+                                                           t->ps + b * t->P + q);
+            continue;
+        }
         if (t->J) run_rows_i8(t->path, t->J, v0, v1);
         for (int64_t b = 0; b < t->B; b++)
             row_pieces(t->path, t->x + b * t->V, t->V, q, q + 1, t->want_s, t->ps + b * t->P);
     }
 }
 
-/* Argmax (idx, or NULL) and log-sum-exp (lse, or NULL) of the B rows of y [B, V] over n_threads, by pieces
- * (piece_chunk); with a job J, its int8 product writes each piece of y first. 0 when the pieces' memory cannot be had. */
+/* Argmax (idx, or NULL), log-sum-exp (lse, or NULL) and the value at the argmax (top, or NULL) of the B rows of
+ * y [B, V] over n_threads, by pieces (piece_chunk); with a job J, its int8 product writes each piece of y first, or,
+ * with y NULL, each piece into a per-thread buffer that only the statistics read. 0 when memory cannot be had. */
 static int rows_stats(int path, int n_threads, const float *y, int64_t B, int64_t V, int64_t *idx, float *lse,
-                      const job_t *J) {
+                      float *top, const job_t *J) {
     if (B == 0) return 1;
     const int64_t P = lse_pieces(V);
     piece_t *ps = (piece_t *)malloc(sizeof(piece_t) * (size_t)(B * P));
     if (!ps) return 0;
     const int n = n_threads < P ? n_threads : (int)P;
-    const piece_task_t task = {path, n, y, B, V, P, lse != NULL, ps, J};
+    const piece_task_t task = {path, n, y, B, V, P, lse != NULL, ps, J, y != NULL};
     for_chunks(n, n, piece_chunk, (void *)&task);
-    for (int64_t b = 0; b < B; b++) pieces_combine(ps + b * P, P, idx ? idx + b : NULL, lse ? lse + b : NULL);
+    int ok = 1;
+    for (int64_t i = 0; i < B * P; i++) ok &= ps[i].idx >= 0;
+    for (int64_t b = 0; ok && b < B; b++)
+        pieces_combine(ps + b * P, P, idx ? idx + b : NULL, lse ? lse + b : NULL, top ? top + b : NULL);
     free(ps);
-    return 1;
+    return ok;
 }
 
 static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
@@ -1698,7 +1727,7 @@ static PyObject *py_logsumexp(PyObject *self, PyObject *args) {
     if (B < 0 || V <= 0 || !path_supported(path))
         return PyErr_Format(PyExc_ValueError, "bad logsumexp B=%lld V=%lld", B, V);
     Py_BEGIN_ALLOW_THREADS
-    ok = rows_stats(path, 1, (const float *)(uintptr_t)px, B, V, NULL, (float *)(uintptr_t)po, NULL);
+    ok = rows_stats(path, 1, (const float *)(uintptr_t)px, B, V, NULL, (float *)(uintptr_t)po, NULL, NULL);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -1718,7 +1747,7 @@ static PyObject *py_argmax_logsumexp(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "bad argmax_logsumexp B=%lld V=%lld threads=%d", B, V, n_threads);
     Py_BEGIN_ALLOW_THREADS
     ok = rows_stats(path, n_threads, (const float *)(uintptr_t)px, B, V, (int64_t *)(uintptr_t)pi,
-                    (float *)(uintptr_t)pl, NULL);
+                    (float *)(uintptr_t)pl, NULL, NULL);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -2143,52 +2172,57 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
 
 static void rms_norm_row(const float *x, const float *w, float eps, float *h, int64_t C);
 
-/* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr): the end of a
- * decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm), the int8
- * output layer y [B, V] (matmul_i8's quantization and kernels), and, where idx_ptr / lse_ptr are not 0, each row's
- * argmax / log-sum-exp (argmax_logsumexp's functions, over the pool), in one call that releases the GIL once. On
- * Python's side these were six tensor operations for the norm, the output layer's call and the statistics' call, each
- * taking the GIL back (about 0.3 ms of a 99M batch-16 step). */
+/* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr, top_ptr): the
+ * end of a decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
+ * the int8 output layer y [B, V] (matmul_i8's quantization and kernels), and, where idx_ptr / lse_ptr / top_ptr are
+ * not 0, each row's argmax / log-sum-exp / logit at the argmax (argmax_logsumexp's functions, over the pool), in one
+ * call that releases the GIL once. On Python's side these were six tensor operations for the norm, the output
+ * layer's call and the statistics' call, each taking the GIL back (about 0.3 ms of a 99M batch-16 step).
+ * y_ptr 0 (with idx_ptr): the statistics without the logits. A greedy step whose rows want no more than the chosen
+ * token's log-probability (the server's usual request) then keeps each piece of the logits in a per-thread buffer
+ * that stays in L2, instead of writing 16 x 50304 floats (3.2 MB, plus the reads that allocate their lines) that
+ * nothing reads again: the in-process server workload (99m, 16 slots, logprobs 0) 1.016x [1.004-1.028] 8/8. */
 /* The end of a step for B rows (no Python: call it with the GIL released): the final RMSNorm, the int8 output layer
- * into y [B, V] and, when idx is given, each row's argmax (and logsumexp into lse when given). 0 when scratch memory
- * cannot be allocated. */
+ * into y [B, V] (or, with y NULL, a buffer per piece) and, when idx is given, each row's argmax (and logsumexp into
+ * lse, the argmax's logit into top, when given). 0 when scratch memory cannot be allocated. */
 static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t C, const float *w, float eps,
-                     const uint8_t *qw, const float *d, int64_t V, float *y, int64_t *idx, float *lse) {
+                     const uint8_t *qw, const float *d, int64_t V, float *y, int64_t *idx, float *lse, float *top) {
     const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C));
     void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
     if (!scratch) return 0;
     float *h = (float *)((char *)scratch + i8_bytes);
     for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
-    if (!idx || B < HEAD_FUSE_ROWS) {
+    if (!idx || (y && B < HEAD_FUSE_ROWS)) {
         matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
-        return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, NULL);
+        return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, top, NULL);
     }
     int32_t bounds[2];
     job_t J;
     matmul_i8_prep(path, h, B, C, qw, V, d, y, scratch, bounds, &J);
-    return rows_stats(path, n_threads, y, B, V, idx, lse, &J);
+    return rows_stats(path, n_threads, y, B, V, idx, lse, top, &J);
 }
 
 static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     int path, n_threads;
-    unsigned long long px, pn, pw, pd, py, pi, pl;
+    unsigned long long px, pn, pw, pd, py, pi, pl, pt;
     long long B, C, V;
     float eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKK", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py, &pi,
-                          &pl))
+    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKKK", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py, &pi,
+                          &pl, &pt))
         return NULL;
     if (B < 0 || V <= 0 || C <= 0 || C % QK || C > (1LL << 16) || n_threads < 1)
         return PyErr_Format(PyExc_ValueError,
                             "bad head_rows sizes B=%lld C=%lld V=%lld threads=%d (C a multiple of %d)", B, C, V,
                             n_threads, QK);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
+    if (!py && !pi) return PyErr_Format(PyExc_ValueError, "head_rows without the logits needs the argmax (idx_ptr)");
     if (B == 0) Py_RETURN_NONE;
     int ok;
     Py_BEGIN_ALLOW_THREADS
     ok = head_exec(path, n_threads, (const float *)(uintptr_t)px, B, C, (const float *)(uintptr_t)pn, eps,
                    (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pd, V, (float *)(uintptr_t)py,
-                   (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl);
+                   (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl, (float *)(uintptr_t)pt);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -2769,7 +2803,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
     ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
          head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw,
-                   (const float *)(uintptr_t)pd, V, y, &best, NULL);
+                   (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
     Py_END_ALLOW_THREADS
     free(Ls);
     if (!ok) return PyErr_NoMemory();
