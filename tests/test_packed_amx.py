@@ -93,3 +93,31 @@ def test_amx_int8_weights_equal_reference(T):
         before = K.use_amx(False)
         assert torch.equal(K.int8_matmul(x, u, r, path="avx512vnni"), ref)
         K.use_amx(before)
+
+
+def test_head_rows_without_logits_on_the_tiles_and_the_avx512_kernels():
+    """`head_rows(logits=False)` runs each piece of the int8 output layer into a per-thread buffer whose row stride is
+    the piece's width, not V: on the AMX tiles and, with AMX off, the AVX-512 4 x 4 tiles, with and without the quad
+    GEMM, at token counts across both kernels' tile edges, its argmax, log-sum-exp and chosen logit equal those of the
+    logits written out, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    C, V = 512, 2 * 4096 + 37  # three pieces, the last ragged
+    u, scale = K.quantize_weight_int8(torch.randn(V, C, generator=g) * 0.05)
+    w = 1 + 0.1 * torch.randn(C, generator=g)
+    before = K.use_amx(True)
+    try:
+        for amx, quad in ((True, 8), (False, 8), (False, 0)):
+            K.use_amx(amx)
+            was_quad = K.use_quad(quad)
+            try:
+                for B in (1, 3, 5, 16, 17):
+                    x = torch.randn(B, C, generator=g) * 2
+                    y, idx, lse, top = K.head_rows(x, w, 1e-5, u, scale, lse=True, n_threads=2, path="avx512vnni")
+                    none, idx2, lse2, top2 = K.head_rows(x, w, 1e-5, u, scale, lse=True, logits=False, n_threads=2,
+                                                         path="avx512vnni")  # fmt: skip
+                    assert none is None and torch.equal(idx2, idx) and torch.equal(lse2, lse), (amx, quad, B)
+                    assert torch.equal(top2, top) and torch.equal(top, y.gather(1, idx.view(-1, 1)).view(-1))
+            finally:
+                K.use_quad(was_quad)
+    finally:
+        K.use_amx(before)
