@@ -7,7 +7,10 @@ one position (decode). The next token is drawn from the last position's logits z
     sampling                 p = softmax(z / T), restricted to
         top-k                    the k largest logits
         top-p (nucleus)          the smallest set of most likely tokens whose probability sums to ≥ p
-                             then x ~ p, drawn from a torch.Generator seeded with `seed` (reproducible).
+                                 (tokens of equal probability stay or go together)
+                             then x ~ p: the first token, in index order, whose cumulative probability passes
+                             u ~ U[0, 1), drawn from a torch.Generator seeded with `seed` (reproducible);
+                             `spectra.packed.kernels.sample`, one C call.
 
 top-k = 1 is therefore greedy at any temperature. Generation ends after `max_new_tokens`, at the model's EOS token
 (`stop_at_eos`), or as soon as the decoded text contains one of the `stop` strings; the returned text is cut before

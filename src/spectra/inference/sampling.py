@@ -18,23 +18,13 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     """Pick the next token id from a (V,) logit vector (see the module docstring for the rules)."""
-    logits = logits.float()
-    if temperature == 0:
-        from spectra.packed.kernels import argmax  # torch.argmax's answer, an order of magnitude sooner
+    from spectra.packed.kernels import argmax, sample
 
-        return int(argmax(logits.contiguous()))
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of strictly more likely tokens
-        drop = before >= top_p  # the first token always stays (before = 0)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    logits = logits.float().contiguous()
+    if temperature == 0:
+        return int(argmax(logits))  # torch.argmax's answer, an order of magnitude sooner
+    u = float(torch.rand((), dtype=torch.float64, generator=generator))
+    return sample(logits, temperature, top_k, top_p, u=u)
 
 
 def validate_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
