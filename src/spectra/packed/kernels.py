@@ -624,15 +624,11 @@ def reference_sample(x: Tensor, temperature: float, top_k: int | None = None, to
     if top_k is not None and top_k < s.numel():
         keep &= s >= torch.topk(s, top_k).values[-1]
     w = torch.where(keep, torch.exp(s.double() - m), torch.zeros((), dtype=torch.float64))
-    if top_p is not None and top_p < 1.0:
-        vals, order = torch.sort(s[keep], descending=True)
-        wk = w[keep][order]
-        strictly_above = torch.cumsum(wk, 0) - wk
-        for i in range(1, vals.numel()):  # ties weigh as one: a tie's members all see the weight above the tie
-            if vals[i] == vals[i - 1]:
-                strictly_above[i] = strictly_above[i - 1]
-        thr = vals[strictly_above < top_p * float(w.sum())].min()
-        w = torch.where(s >= thr, w, torch.zeros((), dtype=torch.float64))
+    if top_p is not None and top_p < 1.0:  # the weight strictly above each value (a tie's members see the same)
+        vals, order = torch.sort(s)
+        suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(w[order], [0]), 0), [0]), torch.zeros(1).double()])
+        above = suffix[torch.searchsorted(vals, s, right=True)]
+        w = torch.where(keep & (above < top_p * float(w.sum())), w, torch.zeros((), dtype=torch.float64))
     cum = torch.cumsum(w, 0)
     hit = torch.nonzero(cum > u * float(cum[-1]))
     return int(hit[0]) if hit.numel() else int(torch.nonzero(w)[-1])

@@ -1786,6 +1786,9 @@ static float exp_scalar(float x) {
 }
 
 #define SAMPLE_BLOCK 16
+#define SAMPLE_BINS 2048
+#define SAMPLE_DIRECT 4096 /* top_k up to this: the nucleus is searched among the kept values directly */
+#define SAMPLE_SPAN 32.0f /* nats below the largest s that the bins cover; weights below are under e^-32 */
 
 /* The sum of 16 float weights in double, in a fixed order (pairs 8 apart, then 4, 2, 1 apart): block_sum_avx512's. */
 static double block_sum(const float *w) {
@@ -1801,9 +1804,10 @@ static void sample_weights_scalar(const float *x, int64_t V, float T, float *s) 
     for (int64_t i = 0; i < V; i++) s[i] = x[i] / T;
 }
 
-static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w) {
+static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w, double *bsum) {
     const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK;
     for (int64_t i = 0; i < Vp; i++) w[i] = i < V && s[i] >= thr ? exp_scalar(s[i] - m) : 0.0f;
+    for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
 }
 
 #ifdef SPECTRA_X86
@@ -1814,13 +1818,24 @@ TARGET_AVX512 static void sample_weights_avx512(const float *x, int64_t V, float
     for (; i < V; i++) s[i] = x[i] / T;
 }
 
-TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, float thr, float *w) {
+/* block_sum of 16 weights in a register: the same pairs in the same order. */
+TARGET_AVX512 static inline double block_sum_avx512(__m512 e) {
+    const __m512d b = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    const __m256d c = _mm256_add_pd(_mm512_castpd512_pd256(b), _mm512_extractf64x4_pd(b, 1));
+    const __m128d d = _mm_add_pd(_mm256_castpd256_pd128(c), _mm256_extractf128_pd(c, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(d, _mm_unpackhi_pd(d, d)));
+}
+
+TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, float thr, float *w, double *bsum) {
     const __m512 mv = _mm512_set1_ps(m), tv = _mm512_set1_ps(thr);
     for (int64_t i = 0; i < V; i += 16) {
         const __mmask16 live = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(live, s + i);
         const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, v, tv, _CMP_GE_OQ);
-        _mm512_storeu_ps(w + i, _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(v, mv))));
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(v, mv)));
+        _mm512_storeu_ps(w + i, e);
+        bsum[i / 16] = block_sum_avx512(e);
     }
 }
 #endif
@@ -1847,21 +1862,66 @@ static float select_desc(float *a, int64_t n, int64_t k) {
     return a[lo];
 }
 
+/* The largest value of each block of 16 of s[0..V) into bm; the values of s at or above f into out (returns how
+ * many). */
+static void block_max_scalar(const float *s, int64_t V, float *bm) {
+    for (int64_t b = 0; b < (V + 15) / 16; b++) {
+        float mx = s[16 * b];
+        for (int64_t i = 16 * b + 1; i < 16 * b + 16 && i < V; i++) mx = s[i] > mx ? s[i] : mx;
+        bm[b] = mx;
+    }
+}
+
+static int64_t collect_scalar(const float *s, int64_t V, float f, float *out) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < V; i++)
+        if (s[i] >= f) out[n++] = s[i];
+    return n;
+}
+
+#ifdef SPECTRA_X86
+TARGET_AVX512 static void block_max_avx512(const float *s, int64_t V, float *bm) {
+    int64_t b = 0;
+    for (; 16 * b + 16 <= V; b++) bm[b] = _mm512_reduce_max_ps(_mm512_loadu_ps(s + 16 * b));
+    if (16 * b < V) {
+        const __mmask16 live = (__mmask16)((1u << (V - 16 * b)) - 1);
+        bm[b] = _mm512_mask_reduce_max_ps(live, _mm512_maskz_loadu_ps(live, s + 16 * b));
+    }
+}
+
+TARGET_AVX512 static int64_t collect_avx512(const float *s, int64_t V, float f, float *out) {
+    const __m512 fv = _mm512_set1_ps(f);
+    int64_t n = 0;
+    for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 live = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(live, s + i);
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(live, v, fv, _CMP_GE_OQ);
+        if (hit) {
+            _mm512_mask_compressstoreu_ps(out + n, hit, v);
+            n += __builtin_popcount((unsigned)hit);
+        }
+    }
+    return n;
+}
+#endif
+
 /* top_k's threshold: the k-th largest of s[0..V) (k < V). The largest value of each block of 16 first: the k-th
  * largest of those is at most the answer (k blocks hold a value at least that large), so only the values at or above
  * it are selected from (for k much smaller than V, a few times k of them). tmp: V floats. */
-static float top_k_threshold(const float *s, int64_t V, int64_t k, float *tmp) {
+static float top_k_threshold(int path, const float *s, int64_t V, int64_t k, float *tmp) {
     const int64_t nb = (V + 15) / 16;
     int64_t n = 0;
     if (k <= nb / 2) {
-        for (int64_t b = 0; b < nb; b++) {
-            float mx = s[16 * b];
-            for (int64_t i = 16 * b + 1; i < 16 * b + 16 && i < V; i++) mx = s[i] > mx ? s[i] : mx;
-            tmp[b] = mx;
+#ifdef SPECTRA_X86
+        if (path == PATH_AVX512VNNI) {
+            block_max_avx512(s, V, tmp);
+            n = collect_avx512(s, V, select_desc(tmp, nb, k), tmp);
+        } else
+#endif
+        {
+            block_max_scalar(s, V, tmp);
+            n = collect_scalar(s, V, select_desc(tmp, nb, k), tmp);
         }
-        const float floor_k = select_desc(tmp, nb, k);
-        for (int64_t i = 0; i < V; i++)
-            if (s[i] >= floor_k) tmp[n++] = s[i];
     } else {
         memcpy(tmp, s, sizeof(float) * (size_t)V);
         n = V;
@@ -1906,9 +1966,22 @@ static float top_p_threshold(float *a, float *wa, int64_t n, double P) {
     return kept;
 }
 
+/* The values of s with weight (w > 0) and their weights into a / wa, in index order (blocks of zero weight skipped);
+ * returns how many. */
+static int64_t collect_kept(const float *s, const float *w, const double *bsum, int64_t V, float *a, float *wa) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK; b++)
+        if (bsum[b] != 0.0)
+            for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
+                if (w[i] > 0.0f) a[n] = s[i], wa[n++] = w[i];
+    return n;
+}
+
 static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t k, double p, double u, float *buf) {
-    const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK;
+    const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK, nb = Vp / SAMPLE_BLOCK;
     float *s = buf, *w = buf + Vp, *tmp = buf + 2 * Vp, *tmpw = buf + 3 * Vp;
+    double *bsum = (double *)(void *)(buf + 4 * Vp);                 /* nb doubles */
+    uint16_t *bin = (uint16_t *)(void *)(buf + 4 * Vp + 2 * nb);      /* V of them: top_p's bins */
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) sample_weights_avx512(x, V, T, s);
     else
@@ -1917,36 +1990,60 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
     const int64_t top = argmax_row(path, s, V);
     const float m = s[top];
     if (m != m || m == INFINITY || m == -INFINITY) return top;
-    float thr = k > 0 && k < V ? top_k_threshold(s, V, k, tmp) : -INFINITY;
+    float thr = k > 0 && k < V ? top_k_threshold(path, s, V, k, tmp) : -INFINITY;
     if (thr < -FLT_MAX) thr = -FLT_MAX; /* -inf never drawn */
 #ifdef SPECTRA_X86
-    if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w);
+    if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w, bsum);
     else
 #endif
-        sample_exp_scalar(s, V, m, thr, w);
+        sample_exp_scalar(s, V, m, thr, w, bsum);
     double total = 0.0;
-    for (int64_t i = 0; i < Vp; i += SAMPLE_BLOCK) total += block_sum(w + i);
+    for (int64_t b = 0; b < nb; b++) total += bsum[b];
     if (p < 1.0) {
-        int64_t n = 0;
-        for (int64_t i = 0; i < V; i++)
-            if (s[i] >= thr) tmp[n] = s[i], tmpw[n++] = w[i];
-        const float v = top_p_threshold(tmp, tmpw, n, p * total);
+        /* The nucleus among the kept values: few (after top_k) are searched directly (top_p_threshold); many are
+         * weighed by bins of s below m first (SAMPLE_BINS over SAMPLE_SPAN, the last one open), the bins above the
+         * one where the weight from the top reaches p of the total all stay, and only that bin's values are
+         * searched, with the weight above it carried. */
+        const double P = p * total;
+        int64_t n = k > 0 && k <= SAMPLE_DIRECT ? collect_kept(s, w, bsum, V, tmp, tmpw) : SAMPLE_DIRECT + 1;
+        double above = 0.0;
+        if (n > SAMPLE_DIRECT) {
+            static _Thread_local double mass[SAMPLE_BINS];
+            for (int j = 0; j < SAMPLE_BINS; j++) mass[j] = 0.0;
+            const float scale = (float)SAMPLE_BINS / SAMPLE_SPAN;
+            for (int64_t i = 0; i < V; i++) {
+                const float d = (m - s[i]) * scale;
+                bin[i] = (uint16_t)(d < (float)(SAMPLE_BINS - 1) ? (int)d : SAMPLE_BINS - 1);
+                if (w[i] > 0.0f) mass[bin[i]] += (double)w[i];
+            }
+            int cut = 0;
+            while (cut < SAMPLE_BINS - 1 && above + mass[cut] < P) above += mass[cut++];
+            n = 0;
+            for (int64_t i = 0; i < V; i++)
+                if (bin[i] == cut && w[i] > 0.0f) tmp[n] = s[i], tmpw[n++] = w[i];
+        }
+        const float v = top_p_threshold(tmp, tmpw, n, P - above);
         if (v > thr) {
             thr = v;
-            for (int64_t i = 0; i < V; i++)
-                if (s[i] < thr) w[i] = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                if (bsum[b] == 0.0) continue;
+                int dirty = 0;
+                for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
+                    if (w[i] > 0.0f && s[i] < thr) w[i] = 0.0f, dirty = 1;
+                if (dirty) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
+            }
             total = 0.0;
-            for (int64_t i = 0; i < Vp; i += SAMPLE_BLOCK) total += block_sum(w + i);
+            for (int64_t b = 0; b < nb; b++) total += bsum[b];
         }
     }
     const double target = u * total;
     double acc = 0.0;
-    int64_t last = top;
-    for (int64_t b = 0; b < Vp; b += SAMPLE_BLOCK) {
-        const double bs = block_sum(w + b);
-        if (bs == 0.0) continue;
-        if (acc + bs > target) { /* in this block, unless rounding says otherwise: then its last kept token */
-            for (int64_t i = b; i < b + SAMPLE_BLOCK && i < V; i++)
+    int64_t lastb = -1;
+    for (int64_t b = 0; b < nb; b++) {
+        if (bsum[b] == 0.0) continue;
+        if (acc + bsum[b] > target) { /* in this block, unless rounding says otherwise: then its last kept token */
+            int64_t last = -1;
+            for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
                 if (w[i] > 0.0f) {
                     acc += (double)w[i];
                     last = i;
@@ -1954,21 +2051,21 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
                 }
             return last;
         }
-        acc += bs;
-        for (int64_t i = b + SAMPLE_BLOCK - 1; i >= b; i--)
-            if (i < V && w[i] > 0.0f) {
-                last = i;
-                break;
-            }
+        acc += bsum[b];
+        lastb = b;
     }
-    return last;
+    if (lastb < 0) return top;
+    for (int64_t i = SAMPLE_BLOCK * (lastb + 1) - 1; i >= SAMPLE_BLOCK * lastb; i--)
+        if (i < V && w[i] > 0.0f) return i;
+    return top;
 }
 
-/* Per thread: sample_row's buffers (4 rows of V floats, rounded up to whole blocks). */
+/* Per thread: sample_row's buffers (s, w, two rows of candidates, the block sums and the bins: under 5 rows of V
+ * floats, rounded up to whole blocks). */
 static float *sample_buffer(int64_t V) {
     static _Thread_local void *buf = NULL;
     static _Thread_local size_t size = 0;
-    return (float *)grow_buffer(&buf, &size, sizeof(float) * 4 * (size_t)((V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK *
+    return (float *)grow_buffer(&buf, &size, sizeof(float) * 5 * (size_t)((V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK *
                                                                              SAMPLE_BLOCK));
 }
 
