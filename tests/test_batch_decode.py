@@ -140,6 +140,49 @@ def test_sampling_stop_strings_and_text_match_generate():
         assert (b["tokens"], b["text"], b["finish_reason"]) == (a["tokens"], a["text"], a["finish_reason"])
 
 
+@needs_ext
+def test_mixed_greedy_and_sampled_rows_match_one_request_at_a_time(monkeypatch):
+    """A step whose rows mix greedy and sampled requests, with and without log-probabilities: the sampled rows are
+    drawn in one call for the step (`Scheduler._sample_rows`), each request's tokens and log-probabilities are those
+    of the same request run alone, and a sampled token's log-probability is its own (not the argmax's)."""
+    model = model_of("packed-int8-head", seed=6)
+    prompts, _ = prompts_and_lengths(6, seed=5)
+    specs = [dict(temperature=0.0, logprobs=0), dict(temperature=1.0, seed=1, logprobs=0),
+             dict(temperature=0.7, top_k=5, seed=2), dict(temperature=1.2, top_p=0.8, seed=3, logprobs=1),
+             dict(temperature=0.0), dict(temperature=0.9, top_k=3, top_p=0.9, seed=4, logprobs=0)]
+
+    import spectra.inference.batch as batch_mod
+
+    calls = []
+
+    def spy(x, *args, rows=None, **kw):
+        calls.append(list(rows))
+        return kernels.sample_rows(x, *args, rows=rows, **kw)
+
+    monkeypatch.setattr(batch_mod, "sample_rows", spy)
+
+    def run(max_batch, jobs):
+        sched = Scheduler(model, max_batch=max_batch)
+        reqs = [sched.submit(Request(p, 12, stop_at_eos=False, **kw)) for p, kw in jobs]
+        while not sched.idle:
+            sched.step()
+        return reqs
+
+    together = run(6, list(zip(prompts, specs)))
+    assert [1, 2, 3, 5] in calls  # one call for the step's four sampled rows
+    for (p, kw), r in zip(zip(prompts, specs), together):
+        alone = run(1, [(p, kw)])[0]
+        assert r.tokens == alone.tokens, kw
+        assert [e["logprob"] for e in r.token_logprobs] == [e["logprob"] for e in alone.token_logprobs], kw
+    r = together[1]  # sampled with logprobs=0: each entry is the drawn token's own log-probability
+    ids = torch.tensor([r.prompt_ids + r.tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).float(), -1)[0]
+    n = len(r.prompt_ids)
+    want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.tokens)]
+    assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(want, abs=2e-2)
+    assert len({t for q in together[1:4] for t in q.tokens}) > 3  # the sampled rows did sample
+
 def test_cancel_frees_the_slot_and_bad_requests_are_refused():
     model = model_of("floatlm")
     sched = Scheduler(model, max_batch=2, max_len=32)

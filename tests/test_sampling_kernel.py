@@ -86,3 +86,21 @@ def test_sample_refuses_bad_arguments():
                dict(temperature=1.0, top_p=0.0, u=0.5), dict(temperature=1.0, top_k=-1, u=0.5)):
         with pytest.raises(ValueError):
             K.sample(x, **kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_sample_rows_equals_sample_row_by_row(path):
+    """One call for several rows (any subset, in any order, over the pool) draws what `sample` draws row by row."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 3001, generator=g) * 2
+    T, k, p = [0.5, 1.0, 1.5, 0.8, 1.0, 2.0], [None, 10, None, 50, 1, 3001], [None, None, 0.9, 0.7, None, 0.5]
+    u = [0.1, 0.5, 0.9, 0.33, 0.7, 0.999]
+    rows = [6, 0, 3, 3, 2, 5]
+    for n_threads in (1, 2, 3):
+        got = K.sample_rows(x, T, k, p, u, rows=rows, n_threads=n_threads, path=path)
+        assert got == [K.sample(x[r], T[i], k[i], p[i], u=u[i], path=path) for i, r in enumerate(rows)]
+    with pytest.raises(ValueError, match="rows must be"):
+        K.sample_rows(x, T, k, p, u, rows=[7, 0, 1, 2, 3, 4], path=path)
+    with pytest.raises(ValueError, match="one temperature"):
+        K.sample_rows(x, T[:2], k, p, u, path=path)

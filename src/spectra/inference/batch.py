@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
 from spectra.inference.sampling import TextDecoder, cut_at_stop, sample_next, settled, validate_sampling
-from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, serial_torch
+from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, sample_rows, serial_torch
 
 
 class BatchDecoder:
@@ -426,9 +426,10 @@ class Scheduler:
             picks = None if picks_t is None or not greedy_any else picks_t.tolist()
             lses = None if lse_t is None else lse_t.tolist()
             chosen = None if picks is None or lses is None else top_t.tolist()
+            drawn = self._sample_rows(decoding, rows)
             for i, r in enumerate(decoding):  # rows[i] only where it is read: a tensor view costs microseconds
                 self._accept(r, rows, None if picks is None else picks[i], None if lses is None else lses[i],
-                             None if chosen is None else chosen[i], row=i)
+                             None if chosen is None else chosen[i], row=i, drawn=drawn.get(i))
         for (req, end), row in zip(chunks, pre):
             self.stats["prefilled"] += end - req.prefilled
             req.prefilled = end
@@ -438,17 +439,36 @@ class Scheduler:
                 else:
                     self._accept(req, row)
 
+    def _sample_rows(self, decoding: list[Request], rows: Tensor | None) -> dict[int, int]:
+        """The draws of the step's sampled rows (temperature > 0), one u each from its request's generator, in one C
+        call over the kernels' threads (`kernels.sample_rows`: the same draws as `sample_next` row by row):
+        {row: token id}."""
+        idx = [i for i, r in enumerate(decoding) if r.temperature != 0]
+        if not idx or rows is None:
+            return {}
+        for i in idx:
+            if decoding[i].generator is None:
+                decoding[i].generator = torch.Generator(device="cpu").manual_seed(decoding[i].seed)
+        reqs = [decoding[i] for i in idx]
+        u = [float(torch.rand((), dtype=torch.float64, generator=r.generator)) for r in reqs]
+        got = sample_rows(rows, [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], u,
+                          rows=idx, n_threads=self.decoder.n_threads)  # fmt: skip
+        return dict(zip(idx, got))
+
     def _accept(self, req: Request, logits: Tensor, greedy: int | None = None, lse: float | None = None,
-                greedy_logit: float | None = None, row: int | None = None) -> None:
+                greedy_logit: float | None = None, row: int | None = None, drawn: int | None = None) -> None:
         """Sample the next token of `req` from its logits (V,), or row `row` of logits (B, V) (`greedy`: its argmax,
-        `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step), emit its
-        text, and finish it if it is done."""
+        `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step; `drawn`:
+        its sampled token, when drawn for the whole step), emit its text, and finish it if it is done."""
         if req.generator is None:
             req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
-        if row is not None and (greedy is None or req.temperature != 0 or req.logprobs is not None and (
-                req.logprobs != 0 or lse is None or greedy_logit is None)):  # the row's logits are read below
+        sampled = req.temperature != 0
+        if row is not None and (drawn is None and (greedy is None or sampled) or req.logprobs is not None and (
+                req.logprobs != 0 or sampled or lse is None or greedy_logit is None)):  # the row's logits are read
             logits, row = logits[row], None
-        if greedy is not None and req.temperature == 0:
+        if drawn is not None:
+            nxt = drawn
+        elif greedy is not None and req.temperature == 0:
             nxt = greedy
         else:
             nxt = sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,

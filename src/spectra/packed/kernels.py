@@ -611,6 +611,38 @@ def sample(
     return extension().sample(_PATH_IDS[path], x.data_ptr(), x.numel(), float(temperature), k, p, float(u))
 
 
+def sample_rows(
+    x: Tensor, temperature: Sequence[float], top_k: Sequence[int | None], top_p: Sequence[float | None],
+    u: Sequence[float], *, rows: Sequence[int] | None = None, n_threads: int = 1, path: str = "auto",
+) -> list[int]:
+    """`sample` for rows `rows` of x [N, V] (default: every row), each with its own temperature, top_k, top_p and u,
+    in one C call over `n_threads` of the kernels' pool (a sampled batched step); row by row through `sample` where
+    the C function does not take x. The same draws as `sample` row by row."""
+    V = x.shape[1]
+    rows = list(range(x.shape[0])) if rows is None else [int(r) for r in rows]
+    B = len(rows)
+    if not len(temperature) == len(top_k) == len(top_p) == len(u) == B:
+        raise ValueError(f"need one temperature, top_k, top_p and u per sampled row ({B})")
+    if any(not 0 <= r < x.shape[0] for r in rows):
+        raise ValueError(f"rows must be in 0..{x.shape[0] - 1}, got {rows}")
+    path = _row_path(x, path)
+    if path is None or B == 0:
+        return [sample(x[r], temperature[b], top_k[b], top_p[b], u=u[b], path="torch" if path is None else path)
+                for b, r in enumerate(rows)]  # fmt: skip
+    for b in range(B):
+        if not temperature[b] > 0:
+            raise ValueError(f"temperature must be > 0 to sample, got {temperature[b]} for row {rows[b]}")
+    idx = torch.tensor(rows, dtype=torch.int64)
+    T = torch.tensor([float(t) for t in temperature], dtype=torch.float64)
+    k = torch.tensor([0 if t is None or t >= V else int(t) for t in top_k], dtype=torch.int64)
+    p = torch.tensor([1.0 if t is None else float(t) for t in top_p], dtype=torch.float64)
+    uu = torch.tensor([float(t) for t in u], dtype=torch.float64)
+    out = torch.empty(B, dtype=torch.int64)
+    extension().sample_rows(_PATH_IDS[path], max(1, int(n_threads)), x.data_ptr(), V, idx.data_ptr(), B, T.data_ptr(),
+                            k.data_ptr(), p.data_ptr(), uu.data_ptr(), out.data_ptr())  # fmt: skip
+    return out.tolist()
+
+
 def reference_sample(x: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None, *,
                      u: float) -> int:
     """`sample` restated in torch (float64 weights and sums, so a draw may differ from the C one's where u falls

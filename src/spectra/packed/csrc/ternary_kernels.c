@@ -2069,6 +2069,52 @@ static float *sample_buffer(int64_t V) {
                                                                              SAMPLE_BLOCK));
 }
 
+/* sample_rows(path, n_threads, x_ptr, V, rows_ptr, B, temperature_ptr, top_k_ptr, top_p_ptr, u_ptr, out_ptr):
+ * `sample` for B rows of x [., V] (row rows[b] of x, int64; rows_ptr 0: rows 0 .. B-1), each with its own float64
+ * temperature, int64 top_k, float64 top_p and u, spread over the kernels' pool (a sampled batched step: one call
+ * instead of one per row on the engine thread). The same draws as `sample` row by row. */
+typedef struct {
+    int path;
+    const float *x;
+    int64_t V;
+    const int64_t *rows;
+    const double *T, *p, *u;
+    const int64_t *k;
+    int64_t *out;
+} sample_task_t;
+
+static void sample_chunk(void *ctx, int64_t b) {
+    const sample_task_t *t = (const sample_task_t *)ctx;
+    float *buf = sample_buffer(t->V);
+    const int64_t r = t->rows ? t->rows[b] : b;
+    t->out[b] = buf ? sample_row(t->path, t->x + r * t->V, t->V, (float)t->T[b], t->k[b], t->p[b], t->u[b], buf) : -1;
+}
+
+static PyObject *py_sample_rows(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, pr, pT, pk, pp, pu, po;
+    long long B, V;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLKLKKKKK", &path, &n_threads, &px, &V, &pr, &B, &pT, &pk, &pp, &pu, &po))
+        return NULL;
+    if (B < 0 || V <= 0 || n_threads < 1 || !path_supported(path))
+        return PyErr_Format(PyExc_ValueError, "bad sample_rows sizes B=%lld V=%lld threads=%d", B, V, n_threads);
+    const sample_task_t t = {path, (const float *)(uintptr_t)px, V, (const int64_t *)(uintptr_t)pr,
+                             (const double *)(uintptr_t)pT,
+                             (const double *)(uintptr_t)pp, (const double *)(uintptr_t)pu,
+                             (const int64_t *)(uintptr_t)pk, (int64_t *)(uintptr_t)po};
+    for (long long b = 0; b < B; b++)
+        if (!(t.T[b] > 0) || t.k[b] < 0 || !(t.p[b] > 0 && t.p[b] <= 1) || !(t.u[b] >= 0 && t.u[b] < 1))
+            return PyErr_Format(PyExc_ValueError, "bad sampling arguments in row %lld: temperature=%g top_k=%lld "
+                                "top_p=%g u=%g", b, t.T[b], (long long)t.k[b], t.p[b], t.u[b]);
+    Py_BEGIN_ALLOW_THREADS
+    for_chunks(n_threads < B ? n_threads : (int)(B > 0 ? B : 1), B, sample_chunk, (void *)&t);
+    Py_END_ALLOW_THREADS
+    for (long long b = 0; b < B; b++)
+        if (t.out[b] < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sample(PyObject *self, PyObject *args) {
     int path;
     unsigned long long px;
@@ -3428,6 +3474,7 @@ static PyMethodDef methods[] = {
     {"argmax", py_argmax, METH_VARARGS, "Row-wise argmax of float32 rows (torch.argmax's ties and NaN rule)."},
     {"argmax_logsumexp", py_argmax_logsumexp, METH_VARARGS, "argmax and logsumexp of float32 rows, over the pool."},
     {"sample", py_sample, METH_VARARGS, "One draw from a float32 row with temperature, top-k and top-p (u given)."},
+    {"sample_rows", py_sample_rows, METH_VARARGS, "sample for each row of a float32 matrix, over the pool."},
     {"to_half", py_to_half, METH_VARARGS, "float32 -> float16 as the KV cache rounds (for tests)."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
