@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
                                [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS] [--in-process]
+                               [--temperature T [--top-p P]]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -32,6 +33,9 @@ can drift by half between runs a minute apart.
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
 requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak, its maximum, and the
 largest sample up to each tenth of it (a level that settles, or one that keeps climbing).
+`--temperature T [--top-p P]`: every request samples (the clients', the sequential baseline's and the in-process
+run's; top_k off on both servers, since llama-server's default is 40) instead of decoding greedily.
+
 Targets (issue 19): with 16 clients on 2 cores, aggregate tok/s >= 4x one stream and ahead of llama-server.
 """
 
@@ -96,8 +100,12 @@ def _timed_event(line: bytes | str, llama: bool) -> bool:
     return bool((llama and ch[0].get("finish_reason") is None) or ch[0].get("logprobs"))  # llama: 1 token per event
 
 
-async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: bool) -> dict:
-    body = {"prompt": prompt, "max_tokens": gen_len, "temperature": 0, "stream": True, "ignore_eos": True}
+async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: bool, sampling: dict | None = None,
+                      ) -> dict:
+    body = {"prompt": prompt, "max_tokens": gen_len, "temperature": 0, "stream": True, "ignore_eos": True,
+            **(sampling or {})}
+    if sampling:
+        body["top_k"] = 0  # no top-k on either server (llama-server's default is 40)
     if not llama:
         body["logprobs"] = 0  # one event per token (llama-server streams one token per event already)
     t0 = time.perf_counter()
@@ -124,7 +132,8 @@ async def one_request(client, url: str, prompt: list[int], gen_len: int, llama: 
 
 
 async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: int, vocab: int, llama: bool,
-                seed: int, until: float | None = None, client_lib: str = "aiohttp") -> dict:
+                seed: int, until: float | None = None, client_lib: str = "aiohttp", sampling: dict | None = None,
+                ) -> dict:
     rng = __import__("random").Random(seed)
     results: list[dict] = []
     errors = 0
@@ -146,7 +155,7 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
         while (until is None and n < rounds) or (until is not None and time.perf_counter() < until):
             prompt = [rng.randrange(1, vocab) for _ in range(prompt_len)]
             try:
-                results.append(await one_request(client, url, prompt, gen_len, llama))
+                results.append(await one_request(client, url, prompt, gen_len, llama, sampling))
             except transport_errors:
                 errors += 1
             n += 1
@@ -170,8 +179,9 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
 
 
 def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int,
-                    kv_cache: str) -> float:
-    """Tokens/s of `n` requests decoded one after another with `generate` in this process (int8 head, as served)."""
+                    kv_cache: str, sampling: dict | None = None) -> float:
+    """Tokens/s of `n` requests decoded one after another with `generate` in this process (int8 head, as served;
+    `sampling`: temperature / top_p, else greedy)."""
     import random
 
     import torch
@@ -188,13 +198,13 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
     total = 0
     for _ in range(n):
         out = generate(model, None, [rng.randrange(1, vocab) for _ in range(prompt_len)], max_new_tokens=gen_len,
-                       stop_at_eos=False, kv_dtype=kv_dtype_from_name(kv_cache))
+                       stop_at_eos=False, kv_dtype=kv_dtype_from_name(kv_cache), **(sampling or {}))
         total += out["n_generated"]
     return total / (time.perf_counter() - t0)
 
 
 def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int, kv_cache: str,
-                   max_batch: int = 16) -> float:
+                   max_batch: int = 16, sampling: dict | None = None) -> float:
     """Tokens/s of `n` requests through `spectra.inference.batch.Scheduler` in this process, without HTTP: the server's
     engine settings (`max_batch` slots, 128-token prefill chunks, int8 head, the built-in tokenizer's text) and the
     clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once."""
@@ -215,7 +225,7 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
 
     def run(count: int, new_tokens: int) -> float:
         reqs = [Request([rng.randrange(1, vocab) for _ in range(prompt_len)], new_tokens, stop_at_eos=False,
-                        logprobs=0) for _ in range(count)]  # fmt: skip
+                        logprobs=0, **(sampling or {})) for _ in range(count)]  # fmt: skip
         t0 = time.perf_counter()
         for r in reqs:
             sched.submit(r)
@@ -341,7 +351,15 @@ def main() -> None:
                              "print its ratio to the same repeat's single stream: the ceiling the server can reach")
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
                         help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature everywhere (the clients' requests, the sequential baseline "
+                             "and the in-process run; top_k off on both servers); 0: greedy")
+    parser.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
     args = parser.parse_args()
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    sampling = {} if args.temperature == 0 else {"temperature": args.temperature,
+                                                 **({"top_p": args.top_p} if args.top_p is not None else {})}
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: give 1 or more")
     import logging
@@ -375,12 +393,12 @@ def main() -> None:
         soak = None
         for rep in range(args.repeats):
             seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
-                                  args.kv_cache)
+                                  args.kv_cache, sampling)
             seqs.append(seq)
             if args.in_process:
                 c = max(args.clients)
                 rate = scheduler_rate(model_dir, args.threads, c * args.rounds, args.prompt_len, args.gen_len, vocab,
-                                      args.kv_cache)
+                                      args.kv_cache, sampling=sampling)
                 nan = float("nan")
                 rows.append({"server": "in process", "repeat": rep, "sequential_tok_s": seq, "clients": c,
                              "requests": c * args.rounds, "tokens": c * args.rounds * args.gen_len, "wall_s": nan,
@@ -392,14 +410,15 @@ def main() -> None:
                     asyncio.run(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))
                     for c in args.clients:
                         r = asyncio.run(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama,
-                                              c + 1000 * rep, client_lib=args.client))
+                                              c + 1000 * rep, client_lib=args.client, sampling=sampling))
                         rows.append({"server": name, "repeat": rep, "sequential_tok_s": seq, **r})
                     if args.soak and name == "spectra" and rep == args.repeats - 1:
                         soak = run_soak(proc, url, args, vocab)
                 finally:
                     stop(proc)
+        how = "greedy" if not sampling else ", ".join(f"{k} {v}" for k, v in sampling.items())
         print(f"{label}; {args.kv_cache} KV cache, {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} "
-              f"tokens per request, "
+              f"tokens per request ({how}), "
               f"{args.rounds} requests per client, {args.repeats} repeats; cpus={os.cpu_count()}, load average "
               f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}")
         print("sequential single stream (generate, in process): " + ", ".join(f"{v:.1f}" for v in seqs) + " tok/s")
