@@ -1787,6 +1787,10 @@ static float exp_scalar(float x) {
 
 #define SAMPLE_BLOCK 16
 #define SAMPLE_BINS 2048
+/* Weights of s more than 87 below the largest are 0: e^-87 is about the smallest normal float (the exp of anything
+ * smaller is subnormal, a microcode assist per lane: a row spread over hundreds took 6x as long), and such a token's
+ * chance is below 1e-37 of the largest's. */
+#define SAMPLE_FLOOR (-87.0f)
 #define SAMPLE_DIRECT 4096 /* top_k up to this: the nucleus is searched among the kept values directly */
 #define SAMPLE_SPAN 32.0f /* nats below the largest s that the bins cover; weights below are under e^-32 */
 
@@ -1806,7 +1810,10 @@ static void sample_weights_scalar(const float *x, int64_t V, float T, float *s) 
 
 static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w, double *bsum) {
     const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK;
-    for (int64_t i = 0; i < Vp; i++) w[i] = i < V && s[i] >= thr ? exp_scalar(s[i] - m) : 0.0f;
+    for (int64_t i = 0; i < Vp; i++) {
+        const float d = i < V ? s[i] - m : 0.0f;
+        w[i] = i < V && s[i] >= thr && d >= SAMPLE_FLOOR ? exp_scalar(d) : 0.0f;
+    }
     for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
 }
 
@@ -1832,8 +1839,10 @@ TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, 
     for (int64_t i = 0; i < V; i += 16) {
         const __mmask16 live = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(live, s + i);
-        const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, v, tv, _CMP_GE_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(v, mv)));
+        const __m512 d = _mm512_sub_ps(v, mv);
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, v, tv, _CMP_GE_OQ) &
+                               _mm512_cmp_ps_mask(d, _mm512_set1_ps(SAMPLE_FLOOR), _CMP_GE_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_max_ps(d, _mm512_set1_ps(SAMPLE_FLOOR))));
         _mm512_storeu_ps(w + i, e);
         bsum[i / 16] = block_sum_avx512(e);
     }
@@ -1905,13 +1914,94 @@ TARGET_AVX512 static int64_t collect_avx512(const float *s, int64_t V, float f, 
 }
 #endif
 
-/* top_k's threshold: the k-th largest of s[0..V) (k < V). The largest value of each block of 16 first: the k-th
- * largest of those is at most the answer (k blocks hold a value at least that large), so only the values at or above
- * it are selected from (for k much smaller than V, a few times k of them). tmp: V floats. */
-static float top_k_threshold(int path, const float *s, int64_t V, int64_t k, float *tmp) {
+/* The bins of top_k (large k) and top_p: bin[i] = floor((m - s[i]) * SAMPLE_BINS / SAMPLE_SPAN), the last one open (SAMPLE_BINS - 1). */
+static void sample_bins_scalar(const float *s, int64_t V, float m, uint16_t *bin) {
+    const float scale = (float)SAMPLE_BINS / SAMPLE_SPAN;
+    for (int64_t i = 0; i < V; i++) {
+        const float d = (m - s[i]) * scale;
+        bin[i] = (uint16_t)(d < (float)(SAMPLE_BINS - 1) ? (int)d : SAMPLE_BINS - 1);
+    }
+}
+
+#ifdef SPECTRA_X86
+TARGET_AVX512 static void sample_bins_avx512(const float *s, int64_t V, float m, uint16_t *bin) {
+    const __m512 mv = _mm512_set1_ps(m), sc = _mm512_set1_ps((float)SAMPLE_BINS / SAMPLE_SPAN);
+    const __m512 top = _mm512_set1_ps((float)(SAMPLE_BINS - 1));
+    int64_t i = 0;
+    for (; i + 16 <= V; i += 16) {
+        const __m512 d = _mm512_min_ps(_mm512_mul_ps(_mm512_sub_ps(mv, _mm512_loadu_ps(s + i)), sc), top);
+        _mm256_storeu_si256((__m256i *)(bin + i), _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(d)));
+    }
+    sample_bins_scalar(s + i, V - i, m, bin + i);
+}
+
+/* The weights of s below thr set to 0, and the sums of the blocks that changed taken again (block_sum's order). */
+TARGET_AVX512 static void sample_cut_avx512(const float *s, int64_t V, float thr, float *w, double *bsum) {
+    const __m512 tv = _mm512_set1_ps(thr);
+    for (int64_t i = 0; i < V; i += 16) {
+        if (bsum[i / 16] == 0.0) continue;
+        const __mmask16 live = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
+        const __m512 wv = _mm512_loadu_ps(w + i); /* w has whole blocks (zeros past V) */
+        const __mmask16 drop = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, s + i), tv, _CMP_LT_OQ) &
+                               _mm512_cmp_ps_mask(wv, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!drop) continue;
+        const __m512 kept = _mm512_maskz_mov_ps((__mmask16)~drop, wv);
+        _mm512_storeu_ps(w + i, kept);
+        bsum[i / 16] = block_sum_avx512(kept);
+    }
+}
+
+/* The values (and weights) of s with weight in bin `cut`, in index order; returns how many. */
+TARGET_AVX512 static int64_t sample_bin_collect_avx512(const float *s, const float *w, int64_t V, const uint16_t *bin,
+                                                       int cut, float *a, float *wa) {
+    const __m256i cv = _mm256_set1_epi16((short)cut);
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t n = 0, i = 0;
+    for (; i + 16 <= V; i += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + i);
+        const __mmask16 hit = _mm256_cmpeq_epi16_mask(_mm256_loadu_si256((const __m256i *)(bin + i)), cv) &
+                              _mm512_cmp_ps_mask(wv, zero, _CMP_GT_OQ);
+        if (hit) {
+            _mm512_mask_compressstoreu_ps(a + n, hit, _mm512_loadu_ps(s + i));
+            _mm512_mask_compressstoreu_ps(wa + n, hit, wv);
+            n += __builtin_popcount((unsigned)hit);
+        }
+    }
+    for (; i < V; i++)
+        if (bin[i] == cut && w[i] > 0.0f) a[n] = s[i], wa[n++] = w[i];
+    return n;
+}
+#endif
+
+/* top_k's threshold: the k-th largest of s[0..V) (k < V; m the largest). Small k: the largest value of each block of
+ * 16 first; the k-th largest of those is at most the answer (k blocks hold a value at least that large), so only the
+ * values at or above it are selected from (a few times k of them). Larger k: the values counted by bin below m
+ * (sample_bins), and only the bin where the count from the top reaches k is selected from (a quickselect over all V
+ * values took 0.5 ms, its comparisons unpredictable). tmp: V floats; bin: V. */
+static float top_k_threshold(int path, const float *s, int64_t V, float m, int64_t k, float *tmp, uint16_t *bin) {
     const int64_t nb = (V + 15) / 16;
     int64_t n = 0;
-    if (k <= nb / 2) {
+    if (k > nb / 2) {
+        static _Thread_local uint32_t count[4][SAMPLE_BINS];
+        memset(count, 0, sizeof(count));
+#ifdef SPECTRA_X86
+        if (path == PATH_AVX512VNNI) sample_bins_avx512(s, V, m, bin);
+        else
+#endif
+            sample_bins_scalar(s, V, m, bin);
+        for (int64_t i = 0; i < V; i++) count[i & 3][bin[i]]++;
+        int64_t above = 0;
+        int cut = 0;
+        for (; cut < SAMPLE_BINS - 1; cut++) {
+            const int64_t c = (int64_t)count[0][cut] + count[1][cut] + count[2][cut] + count[3][cut];
+            if (above + c >= k) break;
+            above += c;
+        }
+        for (int64_t i = 0; i < V; i++)
+            if (bin[i] == cut) tmp[n++] = s[i];
+        return select_desc(tmp, n, k - above);
+    }
+    {
 #ifdef SPECTRA_X86
         if (path == PATH_AVX512VNNI) {
             block_max_avx512(s, V, tmp);
@@ -1922,9 +2012,6 @@ static float top_k_threshold(int path, const float *s, int64_t V, int64_t k, flo
             block_max_scalar(s, V, tmp);
             n = collect_scalar(s, V, select_desc(tmp, nb, k), tmp);
         }
-    } else {
-        memcpy(tmp, s, sizeof(float) * (size_t)V);
-        n = V;
     }
     return select_desc(tmp, n, k);
 }
@@ -1990,7 +2077,7 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
     const int64_t top = argmax_row(path, s, V);
     const float m = s[top];
     if (m != m || m == INFINITY || m == -INFINITY) return top;
-    float thr = k > 0 && k < V ? top_k_threshold(path, s, V, k, tmp) : -INFINITY;
+    float thr = k > 0 && k < V ? top_k_threshold(path, s, V, m, k, tmp, bin) : -INFINITY;
     if (thr < -FLT_MAX) thr = -FLT_MAX; /* -inf never drawn */
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w, bsum);
@@ -2008,30 +2095,52 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
         int64_t n = k > 0 && k <= SAMPLE_DIRECT ? collect_kept(s, w, bsum, V, tmp, tmpw) : SAMPLE_DIRECT + 1;
         double above = 0.0;
         if (n > SAMPLE_DIRECT) {
-            static _Thread_local double mass[SAMPLE_BINS];
-            for (int j = 0; j < SAMPLE_BINS; j++) mass[j] = 0.0;
-            const float scale = (float)SAMPLE_BINS / SAMPLE_SPAN;
-            for (int64_t i = 0; i < V; i++) {
-                const float d = (m - s[i]) * scale;
-                bin[i] = (uint16_t)(d < (float)(SAMPLE_BINS - 1) ? (int)d : SAMPLE_BINS - 1);
-                if (w[i] > 0.0f) mass[bin[i]] += (double)w[i];
+            static _Thread_local double mass[2][SAMPLE_BINS];
+            memset(mass, 0, sizeof(mass));
+#ifdef SPECTRA_X86
+            if (path == PATH_AVX512VNNI) sample_bins_avx512(s, V, m, bin);
+            else
+#endif
+                sample_bins_scalar(s, V, m, bin);
+            /* weights by bin in index order: two tables (even and odd indices) and four running sums for the open
+             * bin, where most of a peaked row's values fall, so that the adds do not wait on one another */
+            double open[4] = {0.0, 0.0, 0.0, 0.0};
+            for (int64_t b = 0; b < nb; b++) {
+                if (bsum[b] == 0.0) continue;
+                for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
+                    if (w[i] > 0.0f) {
+                        if (bin[i] == SAMPLE_BINS - 1) open[i & 3] += (double)w[i];
+                        else mass[i & 1][bin[i]] += (double)w[i];
+                    }
             }
+            mass[0][SAMPLE_BINS - 1] = (open[0] + open[1]) + (open[2] + open[3]);
             int cut = 0;
-            while (cut < SAMPLE_BINS - 1 && above + mass[cut] < P) above += mass[cut++];
-            n = 0;
-            for (int64_t i = 0; i < V; i++)
-                if (bin[i] == cut && w[i] > 0.0f) tmp[n] = s[i], tmpw[n++] = w[i];
+            while (cut < SAMPLE_BINS - 1 && above + (mass[0][cut] + mass[1][cut]) < P)
+                above += mass[0][cut] + mass[1][cut], cut++;
+#ifdef SPECTRA_X86
+            if (path == PATH_AVX512VNNI) n = sample_bin_collect_avx512(s, w, V, bin, cut, tmp, tmpw);
+            else
+#endif
+            {
+                n = 0;
+                for (int64_t i = 0; i < V; i++)
+                    if (bin[i] == cut && w[i] > 0.0f) tmp[n] = s[i], tmpw[n++] = w[i];
+            }
         }
         const float v = top_p_threshold(tmp, tmpw, n, P - above);
         if (v > thr) {
             thr = v;
-            for (int64_t b = 0; b < nb; b++) {
-                if (bsum[b] == 0.0) continue;
-                int dirty = 0;
-                for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
-                    if (w[i] > 0.0f && s[i] < thr) w[i] = 0.0f, dirty = 1;
-                if (dirty) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
-            }
+#ifdef SPECTRA_X86
+            if (path == PATH_AVX512VNNI) sample_cut_avx512(s, V, thr, w, bsum);
+            else
+#endif
+                for (int64_t b = 0; b < nb; b++) {
+                    if (bsum[b] == 0.0) continue;
+                    int dirty = 0;
+                    for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
+                        if (w[i] > 0.0f && s[i] < thr) w[i] = 0.0f, dirty = 1;
+                    if (dirty) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
+                }
             total = 0.0;
             for (int64_t b = 0; b < nb; b++) total += bsum[b];
         }
