@@ -175,13 +175,9 @@ def test_mixed_greedy_and_sampled_rows_match_one_request_at_a_time(monkeypatch):
         assert r.tokens == alone.tokens, kw
         assert [e["logprob"] for e in r.token_logprobs] == [e["logprob"] for e in alone.token_logprobs], kw
     r = together[1]  # sampled with logprobs=0: each entry is the drawn token's own log-probability
-    ids = torch.tensor([r.prompt_ids + r.tokens])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).float(), -1)[0]
-    n = len(r.prompt_ids)
-    want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.tokens)]
-    assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(want, abs=2e-2)
+    assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(_model_logprobs(model, r), abs=2e-2)
     assert len({t for q in together[1:4] for t in q.tokens}) > 3  # the sampled rows did sample
+
 
 def test_cancel_frees_the_slot_and_bad_requests_are_refused():
     model = model_of("floatlm")
@@ -298,12 +294,16 @@ def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones(monkeyp
         assert [e["top"][0][1] for e in slow.token_logprobs] == [e["logprob"] for e in slow.token_logprobs]  # greedy
     r = runs[0][2]  # the longest prompt's sequence, scored by the same model in one forward pass (its attention sums in
     # another order than the decoder's cached steps: up to 0.009 apart here)
+    assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(_model_logprobs(model, r), abs=2e-2)
+
+
+def _model_logprobs(model, r):
+    """The model's own log-probability of each generated token of request r, from one forward pass."""
     ids = torch.tensor([r.prompt_ids + r.tokens])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).float(), -1)[0]
     n = len(r.prompt_ids)
-    want = [float(logp[n - 1 + i, t]) for i, t in enumerate(r.tokens)]
-    assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(want, abs=2e-2)
+    return [float(logp[n - 1 + i, t]) for i, t in enumerate(r.tokens)]
 
 
 @needs_ext

@@ -1973,6 +1973,17 @@ TARGET_AVX512 static int64_t sample_bin_collect_avx512(const float *s, const flo
 }
 #endif
 
+static void sample_bins(int path, const float *s, int64_t V, float m, uint16_t *bin) {
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI) {
+        sample_bins_avx512(s, V, m, bin);
+        return;
+    }
+#endif
+    (void)path;
+    sample_bins_scalar(s, V, m, bin);
+}
+
 /* top_k's threshold: the k-th largest of s[0..V) (k < V; m the largest). Small k: the largest value of each block of
  * 16 first; the k-th largest of those is at most the answer (k blocks hold a value at least that large), so only the
  * values at or above it are selected from (a few times k of them). Larger k: the values counted by bin below m
@@ -1984,11 +1995,7 @@ static float top_k_threshold(int path, const float *s, int64_t V, float m, int64
     if (k > nb / 2) {
         static _Thread_local uint32_t count[4][SAMPLE_BINS];
         memset(count, 0, sizeof(count));
-#ifdef SPECTRA_X86
-        if (path == PATH_AVX512VNNI) sample_bins_avx512(s, V, m, bin);
-        else
-#endif
-            sample_bins_scalar(s, V, m, bin);
+        sample_bins(path, s, V, m, bin);
         for (int64_t i = 0; i < V; i++) count[i & 3][bin[i]]++;
         int64_t above = 0;
         int cut = 0;
@@ -2097,11 +2104,7 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
         if (n > SAMPLE_DIRECT) {
             static _Thread_local double mass[2][SAMPLE_BINS];
             memset(mass, 0, sizeof(mass));
-#ifdef SPECTRA_X86
-            if (path == PATH_AVX512VNNI) sample_bins_avx512(s, V, m, bin);
-            else
-#endif
-                sample_bins_scalar(s, V, m, bin);
+            sample_bins(path, s, V, m, bin);
             /* weights by bin in index order: two tables (even and odd indices) and four running sums for the open
              * bin, where most of a peaked row's values fall, so that the adds do not wait on one another */
             double open[4] = {0.0, 0.0, 0.0, 0.0};
