@@ -217,8 +217,8 @@ def test_greedy_is_step_and_sample_next_in_one_call(emb_dtype, kv):
 
 @needs_ext
 def test_greedy_falls_back_and_generate_gives_the_same_tokens():
-    """Without an int8 head `greedy` is `step` and `sample_next`; `generate` at temperature 0 gives the same tokens
-    through `greedy` as through the per-step path (greedy_ready off)."""
+    """Without an int8 head `greedy` is `step` and `sample_next`; `generate` gives the same tokens through `greedy` as
+    through the per-step path (greedy_ready off), greedy and sampled (the draw inside `decode_token`)."""
     from spectra.inference.sampling import sample_next
 
     plain = packed_model()
@@ -231,15 +231,19 @@ def test_greedy_falls_back_and_generate_gives_the_same_tokens():
     prompt = torch.randint(0, 384, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     calls, greedy = [], Decoder.greedy
     try:
-        Decoder.greedy = lambda self, token, cache: calls.append(token) or greedy(self, token, cache)
+        Decoder.greedy = lambda self, token, cache, **kw: calls.append(token) or greedy(self, token, cache, **kw)
         fast = generate(model, None, prompt, max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+        drawn = [generate(model, None, prompt, max_new_tokens=24, stop_at_eos=False, seed=5, **kw)["tokens"]
+                 for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9))]
     finally:
         Decoder.greedy = greedy
-    assert len(calls) == 23  # every step after the prompt's
+    assert len(calls) == 3 * 23  # every step after the prompt's
     ready = Decoder.greedy_ready
     try:
         Decoder.greedy_ready = lambda self, cache: False
         slow = generate(model, None, prompt, max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+        assert drawn == [generate(model, None, prompt, max_new_tokens=24, stop_at_eos=False, seed=5, **kw)["tokens"]
+                         for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9))]
     finally:
         Decoder.greedy_ready = ready
     assert fast["tokens"] == slow["tokens"] and len(fast["tokens"]) == 24

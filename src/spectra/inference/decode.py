@@ -241,14 +241,16 @@ class Decoder:
         emb, head = self._one._emb, self._c_head[-1]
         return emb.dtype in self._EMB_KINDS and emb.is_contiguous() and head.n_threads in (None, self._threads)
 
-    def greedy(self, token: int, cache) -> int:
+    def greedy(self, token: int, cache, sample: tuple[float, int | None, float | None, float] | None = None) -> int:
         """The token greedy decoding picks after `token` at position cache.pos (what
         `sample_next(self.step(...)[0, -1])` picks at temperature 0: the first index of the largest logit), advancing
-        the cache by one. Where `greedy_ready(cache)`, the whole step is one C call (`decode_token`: embedding row,
-        every block, final norm, int8 output layer, argmax) and no torch op runs: on the 2-core Xeon the torch ops
-        of a step cost 0.4-0.5 ms of each TriLM-1.1B token on 2 threads (their code and data evicted by the weights
-        the step before streamed). `last_logits` (V,) then holds the step's logits until the next call; otherwise
-        this is `step` and `sample_next`."""
+        the cache by one; with `sample` = (temperature > 0, top_k, top_p, u), the token `kernels.sample` draws from the
+        same logits instead. Where `greedy_ready(cache)`, the whole step is one C call (`decode_token`: embedding row,
+        every block, final norm, int8 output layer, argmax or the draw) and no torch op runs: on the 2-core Xeon the
+        torch ops of a step cost 0.4-0.5 ms of each TriLM-1.1B token on 2 threads (their code and data evicted by the
+        weights the step before streamed); a sampled 99m step, 1.2 -> 1.1 ms with the draw in the call (its logits
+        still in cache). `last_logits` (V,) then holds the step's logits until the next call; otherwise this is
+        `step` and `sample_next` (or `kernels.sample`)."""
         prep = self._prep
         if (prep is None or prep[0] is not cache or prep[1] is not cache.k or prep[2] is not cache.v
                 or prep[3] is not self._ext or self.model.lm_head is not self._head_mod or torch.is_grad_enabled()):
@@ -258,6 +260,8 @@ class Decoder:
 
                 logits = self.step(torch.tensor([[token]], dtype=torch.long), cache)
                 self._last = logits[0, -1]
+                if sample is not None:
+                    return K.sample(self._last.float().contiguous(), sample[0], sample[1], sample[2], u=sample[3])
                 return sample_next(self._last)
         if self._packed_cls.changes != self._changes:
             self.check_unchanged()
@@ -265,7 +269,13 @@ class Decoder:
         if pos >= prep[4]:
             self._check_cache(cache, 1)  # raises, naming the positions
         self._where[:] = (pos, prep[5], prep[6])
-        nxt = self._ext.decode_token(self._path_id, self._threads or K.default_threads(), int(token), *prep[7])
+        if sample is None:
+            nxt = self._ext.decode_token(self._path_id, self._threads or K.default_threads(), int(token), *prep[7])
+        else:
+            T, k, p, u = sample
+            nxt = self._ext.decode_token(self._path_id, self._threads or K.default_threads(), int(token), *prep[7],
+                                         float(T), 0 if k is None else int(k), 1.0 if p is None else float(p),
+                                         float(u))  # fmt: skip
         cache.pos = pos + 1
         self._last = self._logits
         return nxt

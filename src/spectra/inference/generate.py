@@ -113,18 +113,16 @@ def generate(
         with torch.inference_mode():
             cache = model.new_cache(1, max_len, kv_dtype) if use_cache else None
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-            # a packed TriLM: each step after the prompt is one C call (`Decoder.greedy`, the token sample_next would
-            # pick greedily from the same logits, which it leaves in `last_logits` for sampling) and `seq` is no longer
-            # needed
+            # a packed TriLM: each step after the prompt is one C call (`Decoder.greedy`: the token sample_next would
+            # pick from the same logits, greedy or sampled) and `seq` is no longer needed
             greedy = isinstance(decode, Decoder) and decode.greedy_ready(cache)
             with torch_threads_for(decode):  # the C decoder's pool does the work; torch's ops run on this thread
                 t0 = time.perf_counter()
                 for step in range(max_new_tokens):
-                    if greedy and step > 0:
-                        nxt = decode.greedy(out_ids[-1], cache)
-                        if temperature != 0:
-                            nxt = sample_next(decode.last_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                              generator=gen)
+                    if greedy and step > 0:  # sampled: `sample_next`'s draw (one u from gen), in the same C call
+                        draw = None if temperature == 0 else (
+                            temperature, top_k, top_p, float(torch.rand((), dtype=torch.float64, generator=gen)))
+                        nxt = decode.greedy(out_ids[-1], cache, sample=draw)
                     elif cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
                         if step > 0:
                             logits = decode(seq[:, -1:], cache=cache)

@@ -3255,18 +3255,23 @@ static PyObject *py_embed_rows(PyObject *self, PyObject *args) {
  * same bits as those calls one after the other. Between two such calls the interpreter runs only the caller's loop:
  * on the 2-core Xeon the torch ops of a step (the embedding lookup, the logits' allocation, the greedy pick) cost
  * 0.4-0.5 ms of every TriLM-1.1B token on 2 threads, each finding its code and data evicted by the weights the step
- * before had streamed. */
+ * before had streamed. Optional trailing (temperature, top_k, top_p, u), temperature > 0: the token is `sample`'s
+ * draw from y instead of its argmax, in the same call (the logits still in cache). */
 static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     int path, n_threads, emb_kind, half;
     unsigned long long pe, px, ppos, pcos, psin, pks, pvs, pn, pw, pd, py;
-    long long token, n_emb, C, H, D, loff, hs, V;
+    long long token, n_emb, C, H, D, loff, hs, V, top_k = 0;
     float scale, eps;
+    double temperature = 0.0, top_p = 1.0, u = 0.0;
     PyObject *capsule;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiLKiLKLLLKKKKKLLfOpKfKKLK", &path, &n_threads, &token, &pe, &emb_kind, &n_emb, &px,
-                          &C, &H, &D, &ppos, &pcos, &psin, &pks, &pvs, &loff, &hs, &scale, &capsule, &half, &pn, &eps,
-                          &pw, &pd, &V, &py))
+    if (!PyArg_ParseTuple(args, "iiLKiLKLLLKKKKKLLfOpKfKKLK|dLdd", &path, &n_threads, &token, &pe, &emb_kind, &n_emb,
+                          &px, &C, &H, &D, &ppos, &pcos, &psin, &pks, &pvs, &loff, &hs, &scale, &capsule, &half, &pn,
+                          &eps, &pw, &pd, &V, &py, &temperature, &top_k, &top_p, &u))
         return NULL;
+    if (temperature < 0 || top_k < 0 || !(top_p > 0 && top_p <= 1) || !(u >= 0 && u < 1))
+        return PyErr_Format(PyExc_ValueError, "bad decode_token sampling temperature=%g top_k=%lld top_p=%g u=%g",
+                            temperature, top_k, top_p, u);
     if (!PyCapsule_IsValid(capsule, PLAN_CAPSULE))
         return PyErr_Format(PyExc_TypeError, "decode_token takes a layers_plan capsule, not %s",
                             Py_TYPE(capsule)->tp_name);
@@ -3283,6 +3288,8 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
     if (pos[0] < 0 || hs < (pos[0] + 1) * D)
         return PyErr_Format(PyExc_ValueError, "position %lld outside its cache", (long long)pos[0]);
+    float *sbuf = temperature > 0 ? sample_buffer(V) : NULL;
+    if (temperature > 0 && !sbuf) return PyErr_NoMemory();
     batch_layer_t *Ls = plan_copy(plan, 1);
     if (!Ls) return PyErr_NoMemory();
     float *x = (float *)(uintptr_t)px, *y = (float *)(uintptr_t)py;
@@ -3296,6 +3303,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
          head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw,
                    (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
+    if (ok && sbuf) best = sample_row(path, y, V, (float)temperature, top_k < V ? top_k : 0, top_p, u, sbuf);
     Py_END_ALLOW_THREADS
     free(Ls);
     if (!ok) return PyErr_NoMemory();
