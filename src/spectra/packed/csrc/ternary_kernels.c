@@ -1914,7 +1914,8 @@ TARGET_AVX512 static int64_t collect_avx512(const float *s, int64_t V, float f, 
 }
 #endif
 
-/* The bins of top_k (large k) and top_p: bin[i] = floor((m - s[i]) * SAMPLE_BINS / SAMPLE_SPAN), the last one open (SAMPLE_BINS - 1). */
+/* The bins of top_k (large k) and top_p: bin[i] = floor((m - s[i]) * SAMPLE_BINS / SAMPLE_SPAN), the last one
+ * (SAMPLE_BINS - 1) open. */
 static void sample_bins_scalar(const float *s, int64_t V, float m, uint16_t *bin) {
     const float scale = (float)SAMPLE_BINS / SAMPLE_SPAN;
     for (int64_t i = 0; i < V; i++) {
@@ -2130,7 +2131,7 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
                     if (bin[i] == cut && w[i] > 0.0f) tmp[n] = s[i], tmpw[n++] = w[i];
             }
         }
-        const float v = top_p_threshold(tmp, tmpw, n, P - above);
+        const float v = n > 0 ? top_p_threshold(tmp, tmpw, n, P - above) : thr; /* n = 0: sums short of P by rounding */
         if (v > thr) {
             thr = v;
 #ifdef SPECTRA_X86
