@@ -39,7 +39,8 @@ def test_sample_draws_the_token_whose_interval_holds_u(path):
     g = torch.Generator().manual_seed(3)
     for V, spread in ((5, 1.0), (97, 2.0), (5000, 3.0), (5000, 0.2)):
         x = torch.randn(V, generator=g) * spread
-        for T, k, p in ((1.0, None, None), (0.7, 7, None), (1.3, None, 0.9), (0.8, 20, 0.6), (1.0, None, 0.3)):
+        for T, k, p in ((1.0, None, None), (0.7, 7, None), (1.3, None, 0.9), (0.8, 20, 0.6), (1.0, None, 0.3),
+                        (0.9, 300, None), (1.0, 4500, 0.8)):  # the last two: top-k by bins, then the nucleus too
             kept = _kept_intervals(x, T, k, p)
             checked = 0
             for i, lo, hi in kept:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
-from spectra.inference.sampling import TextDecoder, cut_at_stop, sample_next, settled, validate_sampling
+from spectra.inference.sampling import TextDecoder, cut_at_stop, draw_u, sample_next, settled, validate_sampling
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, sample_rows, serial_torch
 
 
@@ -450,7 +450,7 @@ class Scheduler:
             if decoding[i].generator is None:
                 decoding[i].generator = torch.Generator(device="cpu").manual_seed(decoding[i].seed)
         reqs = [decoding[i] for i in idx]
-        u = [float(torch.rand((), dtype=torch.float64, generator=r.generator)) for r in reqs]
+        u = [draw_u(r.generator) for r in reqs]
         got = sample_rows(rows, [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], u,
                           rows=idx, n_threads=self.decoder.n_threads)  # fmt: skip
         return dict(zip(idx, got))

@@ -30,7 +30,7 @@ from torch import nn
 
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
-from spectra.inference.sampling import TextDecoder, cut_at_stop, sample_next, settled, validate_sampling
+from spectra.inference.sampling import TextDecoder, cut_at_stop, draw_u, sample_next, settled, validate_sampling
 from spectra.layers import freeze_for_inference
 
 
@@ -115,13 +115,12 @@ def generate(
             seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
             # a packed TriLM: each step after the prompt is one C call (`Decoder.greedy`: the token sample_next would
             # pick from the same logits, greedy or sampled) and `seq` is no longer needed
-            greedy = isinstance(decode, Decoder) and decode.greedy_ready(cache)
+            one_call = isinstance(decode, Decoder) and decode.greedy_ready(cache)
             with torch_threads_for(decode):  # the C decoder's pool does the work; torch's ops run on this thread
                 t0 = time.perf_counter()
                 for step in range(max_new_tokens):
-                    if greedy and step > 0:  # sampled: `sample_next`'s draw (one u from gen), in the same C call
-                        draw = None if temperature == 0 else (
-                            temperature, top_k, top_p, float(torch.rand((), dtype=torch.float64, generator=gen)))
+                    if one_call and step > 0:  # sampled: `sample_next`'s draw (one u from gen), in the same C call
+                        draw = None if temperature == 0 else (temperature, top_k, top_p, draw_u(gen))
                         nxt = decode.greedy(out_ids[-1], cache, sample=draw)
                     elif cache is not None:  # decode steps of a packed TriLM take the lean path (same logits)
                         if step > 0:
@@ -132,7 +131,7 @@ def generate(
                             logits = model(seq, cache=cache)
                     else:  # no KV cache: recompute the whole sequence every step
                         logits = model(seq)
-                    if not greedy or step == 0:
+                    if not one_call or step == 0:
                         nxt = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=gen)
                     now = time.perf_counter()
@@ -142,7 +141,7 @@ def generate(
                         decode_s += now - t0
                     t0 = now
                     out_ids.append(nxt)
-                    if not greedy:
+                    if not one_call:
                         seq = torch.cat([seq, torch.tensor([[nxt]], dtype=torch.long, device=device)], dim=1)
                     if tok is not None:
                         # tok.decode(out_ids), without decoding them all every token

@@ -23,8 +23,14 @@ def sample_next(
     logits = logits.float().contiguous()
     if temperature == 0:
         return int(argmax(logits))  # torch.argmax's answer, an order of magnitude sooner
-    u = float(torch.rand((), dtype=torch.float64, generator=generator))
-    return sample(logits, temperature, top_k, top_p, u=u)
+    return sample(logits, temperature, top_k, top_p, u=draw_u(generator))
+
+
+def draw_u(generator: torch.Generator | None = None) -> float:
+    """The uniform number in [0, 1) a sampled token is drawn with (float64, one per token from the request's
+    generator): every path that samples (`sample_next`, `generate`'s one-call steps, the batched `Scheduler`) takes it
+    here, so one seed gives the same tokens on each."""
+    return float(torch.rand((), dtype=torch.float64, generator=generator))
 
 
 def validate_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

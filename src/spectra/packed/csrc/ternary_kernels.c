@@ -1849,14 +1849,19 @@ TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, 
 }
 #endif
 
+/* The median of a[lo], a[mid], a[hi]: the quickselects' pivot. */
+static inline float median3(const float *a, int64_t lo, int64_t hi) {
+    const float x0 = a[lo], x1 = a[lo + (hi - lo) / 2], x2 = a[hi];
+    return x0 > x1 ? (x1 > x2 ? x1 : (x0 > x2 ? x2 : x0)) : (x0 > x2 ? x0 : (x1 > x2 ? x2 : x1));
+}
+
 /* The k-th largest of a[0..n) (1 <= k <= n, no NaN), counting repeats; reorders a. Quickselect with a three-way
  * partition (many equal values, such as -inf, cost one pass). */
 static float select_desc(float *a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n - 1;
     const int64_t want = k - 1;
     while (lo < hi) {
-        const float x0 = a[lo], x1 = a[lo + (hi - lo) / 2], x2 = a[hi];
-        const float pivot = x0 > x1 ? (x1 > x2 ? x1 : (x0 > x2 ? x2 : x0)) : (x0 > x2 ? x0 : (x1 > x2 ? x2 : x1));
+        const float pivot = median3(a, lo, hi);
         int64_t lt = lo, i = lo, gt = hi;
         while (i <= gt) {
             const float v = a[i];
@@ -1935,8 +1940,20 @@ TARGET_AVX512 static void sample_bins_avx512(const float *s, int64_t V, float m,
     }
     sample_bins_scalar(s + i, V - i, m, bin + i);
 }
+#endif
 
 /* The weights of s below thr set to 0, and the sums of the blocks that changed taken again (block_sum's order). */
+static void sample_cut_scalar(const float *s, int64_t V, float thr, float *w, double *bsum) {
+    for (int64_t b = 0; b < (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK; b++) {
+        if (bsum[b] == 0.0) continue;
+        int dirty = 0;
+        for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
+            if (w[i] > 0.0f && s[i] < thr) w[i] = 0.0f, dirty = 1;
+        if (dirty) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
+    }
+}
+
+#ifdef SPECTRA_X86
 TARGET_AVX512 static void sample_cut_avx512(const float *s, int64_t V, float thr, float *w, double *bsum) {
     const __m512 tv = _mm512_set1_ps(thr);
     for (int64_t i = 0; i < V; i += 16) {
@@ -1985,15 +2002,18 @@ static void sample_bins(int path, const float *s, int64_t V, float m, uint16_t *
     sample_bins_scalar(s, V, m, bin);
 }
 
+/* Whether top_k_threshold counts by bins (larger k) rather than by block maxima. */
+static inline int top_k_by_bins(int64_t V, int64_t k) { return k > (V + 15) / 16 / 2; }
+
 /* top_k's threshold: the k-th largest of s[0..V) (k < V; m the largest). Small k: the largest value of each block of
  * 16 first; the k-th largest of those is at most the answer (k blocks hold a value at least that large), so only the
  * values at or above it are selected from (a few times k of them). Larger k: the values counted by bin below m
  * (sample_bins), and only the bin where the count from the top reaches k is selected from (a quickselect over all V
- * values took 0.5 ms, its comparisons unpredictable). tmp: V floats; bin: V. */
+ * values took 0.5 ms, its comparisons unpredictable; top_k_by_bins: then bin[] holds them). tmp: V floats; bin: V. */
 static float top_k_threshold(int path, const float *s, int64_t V, float m, int64_t k, float *tmp, uint16_t *bin) {
     const int64_t nb = (V + 15) / 16;
     int64_t n = 0;
-    if (k > nb / 2) {
+    if (top_k_by_bins(V, k)) {
         static _Thread_local uint32_t count[4][SAMPLE_BINS];
         memset(count, 0, sizeof(count));
         sample_bins(path, s, V, m, bin);
@@ -2033,8 +2053,7 @@ static float top_p_threshold(float *a, float *wa, int64_t n, double P) {
     double above = 0.0;
     float kept = INFINITY;
     while (lo <= hi) {
-        const float x0 = a[lo], x1 = a[lo + (hi - lo) / 2], x2 = a[hi];
-        const float pivot = x0 > x1 ? (x1 > x2 ? x1 : (x0 > x2 ? x2 : x0)) : (x0 > x2 ? x0 : (x1 > x2 ? x2 : x1));
+        const float pivot = median3(a, lo, hi);
         int64_t lt = lo, i = lo, gt = hi;
         double mass_hi = 0.0, mass_eq = 0.0;
         while (i <= gt) {
@@ -2085,7 +2104,8 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
     const int64_t top = argmax_row(path, s, V);
     const float m = s[top];
     if (m != m || m == INFINITY || m == -INFINITY) return top;
-    float thr = k > 0 && k < V ? top_k_threshold(path, s, V, m, k, tmp, bin) : -INFINITY;
+    const int top_k = k > 0 && k < V;
+    float thr = top_k ? top_k_threshold(path, s, V, m, k, tmp, bin) : -INFINITY;
     if (thr < -FLT_MAX) thr = -FLT_MAX; /* -inf never drawn */
 #ifdef SPECTRA_X86
     if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w, bsum);
@@ -2105,7 +2125,7 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
         if (n > SAMPLE_DIRECT) {
             static _Thread_local double mass[2][SAMPLE_BINS];
             memset(mass, 0, sizeof(mass));
-            sample_bins(path, s, V, m, bin);
+            if (!(top_k && top_k_by_bins(V, k))) sample_bins(path, s, V, m, bin); /* else top_k's */
             /* weights by bin in index order, into two tables (even and odd indices) so that the adds to one bin
              * need not wait on one another; a plain loop over every value (zero weights add nothing): one with
              * branches for zero weights, zero blocks and the open bin took 0.12 ms of a row's 0.17, this 0.05 */
@@ -2130,13 +2150,7 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
             if (path == PATH_AVX512VNNI) sample_cut_avx512(s, V, thr, w, bsum);
             else
 #endif
-                for (int64_t b = 0; b < nb; b++) {
-                    if (bsum[b] == 0.0) continue;
-                    int dirty = 0;
-                    for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
-                        if (w[i] > 0.0f && s[i] < thr) w[i] = 0.0f, dirty = 1;
-                    if (dirty) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
-                }
+                sample_cut_scalar(s, V, thr, w, bsum);
             total = 0.0;
             for (int64_t b = 0; b < nb; b++) total += bsum[b];
         }
@@ -2164,6 +2178,9 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
         if (i < V && w[i] > 0.0f) return i;
     return top;
 }
+
+/* Whether (top_k, top_p, u) are arguments sample_row takes (with a temperature > 0). */
+static int sample_params_ok(long long k, double p, double u) { return k >= 0 && p > 0 && p <= 1 && u >= 0 && u < 1; }
 
 /* Per thread: sample_row's buffers (s, w, two rows of candidates, the block sums and the bins: under 5 rows of V
  * floats, rounded up to whole blocks). */
@@ -2209,7 +2226,7 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args) {
                              (const double *)(uintptr_t)pp, (const double *)(uintptr_t)pu,
                              (const int64_t *)(uintptr_t)pk, (int64_t *)(uintptr_t)po};
     for (long long b = 0; b < B; b++)
-        if (!(t.T[b] > 0) || t.k[b] < 0 || !(t.p[b] > 0 && t.p[b] <= 1) || !(t.u[b] >= 0 && t.u[b] < 1))
+        if (!(t.T[b] > 0) || !sample_params_ok((long long)t.k[b], t.p[b], t.u[b]))
             return PyErr_Format(PyExc_ValueError, "bad sampling arguments in row %lld: temperature=%g top_k=%lld "
                                 "top_p=%g u=%g", b, t.T[b], (long long)t.k[b], t.p[b], t.u[b]);
     Py_BEGIN_ALLOW_THREADS
@@ -2227,7 +2244,7 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
     double T, p, u;
     (void)self;
     if (!PyArg_ParseTuple(args, "iKLdLdd", &path, &px, &V, &T, &k, &p, &u)) return NULL;
-    if (V <= 0 || !(T > 0) || k < 0 || !(p > 0 && p <= 1) || !(u >= 0 && u < 1) || !path_supported(path))
+    if (V <= 0 || !(T > 0) || !sample_params_ok(k, p, u) || !path_supported(path))
         return PyErr_Format(PyExc_ValueError, "bad sample arguments V=%lld temperature=%g top_k=%lld top_p=%g u=%g", V,
                             T, k, p, u);
     float *buf = sample_buffer(V);
@@ -3262,7 +3279,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
                           &px, &C, &H, &D, &ppos, &pcos, &psin, &pks, &pvs, &loff, &hs, &scale, &capsule, &half, &pn,
                           &eps, &pw, &pd, &V, &py, &temperature, &top_k, &top_p, &u))
         return NULL;
-    if (temperature < 0 || top_k < 0 || !(top_p > 0 && top_p <= 1) || !(u >= 0 && u < 1))
+    if (temperature < 0 || !sample_params_ok(top_k, top_p, u))
         return PyErr_Format(PyExc_ValueError, "bad decode_token sampling temperature=%g top_k=%lld top_p=%g u=%g",
                             temperature, top_k, top_p, u);
     if (!PyCapsule_IsValid(capsule, PLAN_CAPSULE))
