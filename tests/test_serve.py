@@ -368,3 +368,81 @@ def test_bad_prefill_options_are_one_line_errors():
         r = subprocess.run([sys.executable, "-m", "spectra", "serve", "no-such-model", *args], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def _serve_bench():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_bench", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_raw_client_parses_chunked_sse_split_anywhere():
+    """benchmarks/serve.py's `--client raw` reads the status, the headers and a chunked body of SSE events however the
+    bytes are split between reads (here: at every offset, and one byte at a time)."""
+    import asyncio
+
+    bench = _serve_bench()
+    events = [b'data: {"choices": [{"text": "a", "logprobs": {"tokens": ["a"]}}]}', b'data: {"x": "\\r\\n0\\r\\n"}',
+              b"data: [DONE]"]
+    body = b"".join(ev + b"\n\n" for ev in events)
+    chunks = [body[:30], body[30:31], body[31:]]
+    wire = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
+
+    class Sink:
+        def write(self, data):
+            pass
+
+    async def parse(pieces):
+        proto = bench.RawStream()
+        proto.connection_made(Sink())
+        done = proto.request("h:1", "/v1/completions", b"{}")
+        for p in pieces:
+            proto.data_received(p)
+        assert done.done() and proto.status == 200 and proto.keep_alive
+        return [ev for _, ev in proto.events]
+
+    for cut in range(1, len(wire)):
+        assert asyncio.run(parse([wire[:cut], wire[cut:]])) == events, cut
+    assert asyncio.run(parse([wire[i : i + 1] for i in range(len(wire))])) == events
+    plain = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\nConnection: close\r\n\r\n"
+
+    async def status(pieces):
+        proto = bench.RawStream()
+        proto.connection_made(Sink())
+        done = proto.request("h:1", "/", b"{}")
+        for p in pieces:
+            assert not done.done()
+            proto.data_received(p)
+        assert done.done()
+        return proto.status, proto.keep_alive
+
+    assert asyncio.run(status([plain, b'{"e": 1}', b"\n"])) == (400, False)
+
+
+def test_bench_clients_count_every_token_on_every_client_library(server):
+    """benchmarks/serve.py's `drive` against a real server: with the raw client, aiohttp and httpx, every request
+    answers 200 with one timed event per generated token; a bad request on a raw connection answers 400 and the
+    same connection then serves the next request."""
+    import asyncio
+
+    bench = _serve_bench()
+    for lib in ("raw", "aiohttp", "httpx"):
+        r = asyncio.run(bench.drive(server.url, 3, 2, 5, 6, 384, False, 0, client_lib=lib))
+        assert (r["requests"], r["tokens"], r["status_5xx"], r["status_other"], r["transport_errors"]) == (
+            6, 36, 0, 0, 0), lib
+
+    async def bad_then_good():
+        conns: list = []
+        bad = await bench.raw_request(conns, server.url, {"prompt": [1], "max_tokens": 0}, False, 0.0)
+        first = conns[0]
+        good = await bench.one_request(conns, server.url, [1, 2, 3], 4, False)
+        assert conns[0] is first
+        first.transport.close()
+        return bad["status"], good["status"], len(good["times"])
+
+    assert asyncio.run(bad_then_good()) == (400, 200, 4)
