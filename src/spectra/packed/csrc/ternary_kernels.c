@@ -1808,13 +1808,21 @@ static void sample_weights_scalar(const float *x, int64_t V, float T, float *s) 
     for (int64_t i = 0; i < V; i++) s[i] = x[i] / T;
 }
 
-static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w, double *bsum) {
+static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w, double *bsum, double *pre) {
     const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK;
     for (int64_t i = 0; i < Vp; i++) {
         const float d = i < V ? s[i] - m : 0.0f;
         w[i] = i < V && s[i] >= thr && d >= SAMPLE_FLOOR ? exp_scalar(d) : 0.0f;
     }
-    for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
+    double acc = 0.0;
+    for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b), pre[b] = acc += bsum[b];
+}
+
+/* pre[b]: the blocks' sums added one after another from 0 through block b (the draw's running sum at each block's
+ * end; pre[nb - 1] is the total). */
+static void sample_prefix(const double *bsum, int64_t nb, double *pre) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < nb; b++) pre[b] = acc += bsum[b];
 }
 
 #ifdef SPECTRA_X86
@@ -1834,8 +1842,10 @@ TARGET_AVX512 static inline double block_sum_avx512(__m512 e) {
     return _mm_cvtsd_f64(_mm_add_sd(d, _mm_unpackhi_pd(d, d)));
 }
 
-TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, float thr, float *w, double *bsum) {
+TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, float thr, float *w, double *bsum,
+                                            double *pre) {
     const __m512 mv = _mm512_set1_ps(m), tv = _mm512_set1_ps(thr);
+    double acc = 0.0; /* the running sum's chain of adds hides under each block's exp */
     for (int64_t i = 0; i < V; i += 16) {
         const __mmask16 live = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(live, s + i);
@@ -1845,6 +1855,7 @@ TARGET_AVX512 static void sample_exp_avx512(const float *s, int64_t V, float m, 
         const __m512 e = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_max_ps(d, _mm512_set1_ps(SAMPLE_FLOOR))));
         _mm512_storeu_ps(w + i, e);
         bsum[i / 16] = block_sum_avx512(e);
+        pre[i / 16] = acc += bsum[i / 16];
     }
 }
 #endif
@@ -2093,14 +2104,19 @@ static int64_t collect_kept(const float *s, const float *w, const double *bsum, 
 
 static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t k, double p, double u, float *buf) {
     const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK, nb = Vp / SAMPLE_BLOCK;
-    float *s = buf, *w = buf + Vp, *tmp = buf + 2 * Vp, *tmpw = buf + 3 * Vp;
+    float *w = buf + Vp, *tmp = buf + 2 * Vp, *tmpw = buf + 3 * Vp;
     double *bsum = (double *)(void *)(buf + 4 * Vp);                 /* nb doubles */
-    uint16_t *bin = (uint16_t *)(void *)(buf + 4 * Vp + 2 * nb);      /* V of them: top_p's bins */
+    double *pre = (double *)(void *)(buf + 4 * Vp + 2 * nb);          /* nb doubles: sample_prefix */
+    uint16_t *bin = (uint16_t *)(void *)(buf + 4 * Vp + 4 * nb);      /* V of them: top_p's bins */
+    const float *s = x; /* x / 1 is x itself, bit for bit (OpenAI's default temperature): no division pass */
+    if (T != 1.0f) {
 #ifdef SPECTRA_X86
-    if (path == PATH_AVX512VNNI) sample_weights_avx512(x, V, T, s);
-    else
+        if (path == PATH_AVX512VNNI) sample_weights_avx512(x, V, T, buf);
+        else
 #endif
-        sample_weights_scalar(x, V, T, s);
+            sample_weights_scalar(x, V, T, buf);
+        s = buf;
+    }
     const int64_t top = argmax_row(path, s, V);
     const float m = s[top];
     if (m != m || m == INFINITY || m == -INFINITY) return top;
@@ -2108,12 +2124,11 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
     float thr = top_k ? top_k_threshold(path, s, V, m, k, tmp, bin) : -INFINITY;
     if (thr < -FLT_MAX) thr = -FLT_MAX; /* -inf never drawn */
 #ifdef SPECTRA_X86
-    if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w, bsum);
+    if (path == PATH_AVX512VNNI) sample_exp_avx512(s, V, m, thr, w, bsum, pre);
     else
 #endif
-        sample_exp_scalar(s, V, m, thr, w, bsum);
-    double total = 0.0;
-    for (int64_t b = 0; b < nb; b++) total += bsum[b];
+        sample_exp_scalar(s, V, m, thr, w, bsum, pre);
+    double total = pre[nb - 1];
     if (p < 1.0) {
         /* The nucleus among the kept values: few (after top_k) are searched directly (top_p_threshold); many are
          * weighed by bins of s below m first (SAMPLE_BINS over SAMPLE_SPAN, the last one open), the bins above the
@@ -2151,39 +2166,44 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
             else
 #endif
                 sample_cut_scalar(s, V, thr, w, bsum);
-            total = 0.0;
-            for (int64_t b = 0; b < nb; b++) total += bsum[b];
+            sample_prefix(bsum, nb, pre);
+            total = pre[nb - 1];
         }
     }
+    /* The first block whose running sum passes target (pre never decreases: a binary search; a block of zeros adds
+     * nothing, so it is never the first), then token by token from the sum before it, in the same double adds as a
+     * scan of every block would make. */
     const double target = u * total;
-    double acc = 0.0;
-    int64_t lastb = -1;
-    for (int64_t b = 0; b < nb; b++) {
-        if (bsum[b] == 0.0) continue;
-        if (acc + bsum[b] > target) { /* in this block, unless rounding says otherwise: then its last kept token */
-            int64_t last = -1;
-            for (int64_t i = SAMPLE_BLOCK * b; i < SAMPLE_BLOCK * (b + 1) && i < V; i++)
-                if (w[i] > 0.0f) {
-                    acc += (double)w[i];
-                    last = i;
-                    if (acc > target) return i;
-                }
-            return last;
+    if (pre[nb - 1] > target) {
+        int64_t lo = 0, hi = nb - 1;
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (pre[mid] > target) hi = mid;
+            else lo = mid + 1;
         }
-        acc += bsum[b];
-        lastb = b;
+        double acc = lo > 0 ? pre[lo - 1] : 0.0;
+        int64_t last = -1; /* in this block, unless rounding says otherwise: then its last kept token */
+        for (int64_t i = SAMPLE_BLOCK * lo; i < SAMPLE_BLOCK * (lo + 1) && i < V; i++)
+            if (w[i] > 0.0f) {
+                acc += (double)w[i];
+                last = i;
+                if (acc > target) return i;
+            }
+        return last;
     }
-    if (lastb < 0) return top;
-    for (int64_t i = SAMPLE_BLOCK * (lastb + 1) - 1; i >= SAMPLE_BLOCK * lastb; i--)
-        if (i < V && w[i] > 0.0f) return i;
+    for (int64_t b = nb - 1; b >= 0; b--) /* u * total rounded up to the total: the last kept token */
+        if (bsum[b] != 0.0) {
+            for (int64_t i = SAMPLE_BLOCK * (b + 1) - 1; i >= SAMPLE_BLOCK * b; i--)
+                if (i < V && w[i] > 0.0f) return i;
+        }
     return top;
 }
 
 /* Whether (top_k, top_p, u) are arguments sample_row takes (with a temperature > 0). */
 static int sample_params_ok(long long k, double p, double u) { return k >= 0 && p > 0 && p <= 1 && u >= 0 && u < 1; }
 
-/* Per thread: sample_row's buffers (s, w, two rows of candidates, the block sums and the bins: under 5 rows of V
- * floats, rounded up to whole blocks). */
+/* Per thread: sample_row's buffers (s, w, two rows of candidates, the block sums, their running sums and the bins:
+ * under 5 rows of V floats, rounded up to whole blocks). */
 static float *sample_buffer(int64_t V) {
     static _Thread_local void *buf = NULL;
     static _Thread_local size_t size = 0;
