@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
                                    [--prefill 0 | --decode] [--format tq2] [--vocab V] [--shards 1] [--rounds 15]
-                                   [-D NAME=VALUE ...] [--base-define NAME=VALUE ...]
+                                   [-D NAME=VALUE ...] [--base-define NAME=VALUE ...] [--no-amx]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
 rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
@@ -74,6 +74,7 @@ def load(path: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree against")
+    ap.add_argument("--no-amx", action="store_true", help="switch AMX off in both builds (the AVX-512 kernels)")
     ap.add_argument("--size", default="trilm-99m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
@@ -104,6 +105,9 @@ def main() -> None:
         (tmp / "b").mkdir()
         builds = {"base": load(build(base_src, tmp / "a", args.base_defines)),
                   "tree": load(build(ROOT, tmp / "b", args.defines))}
+        if args.no_amx:  # both builds on the AVX-512 kernels that CPUs without AMX (Zen 4) run
+            for mod in builds.values():
+                mod.set_amx(False)
 
         torch.set_num_threads(args.threads)
         if args.shards == 1:

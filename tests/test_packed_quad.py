@@ -2,7 +2,10 @@
 weights, token counts on and between its groups of 4 (the last T % 4 tokens go to a tile), up to where the token-lane
 GEMM takes over (128 tokens for K < 1024, 256 from K = 1024) and past it, ragged row counts around its 4-row passes,
 several scale segments, non-finite inputs, one to three threads, matmul, matmul_group (TQ2_0 and TQ1_0 in one group)
-and the output layer's matmul_i8; and the switch that sets where it starts."""
+and the output layer's matmul_i8, with the TQ2_0 code fields decoded by GFNI and by shifts; and the switch that sets
+where it starts."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +20,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def quad_from():
-    """Set the quad GEMM's first token count (AMX off, so that it runs on AMX machines too); restored after."""
-    amx, before = K.use_amx(False), K.use_quad(8)
+@pytest.fixture(params=[True, False], ids=["gfni", "shifts"])
+def quad_from(request):
+    """Set the quad GEMM's first token count (AMX off, so that it runs on AMX machines too), with the TQ2_0 field
+    decode by GFNI (where the CPU has it) and by shifts; restored after."""
+    amx, before, gfni = K.use_amx(False), K.use_quad(8), K.use_gfni(request.param)
     yield K.use_quad
     K.use_quad(before)
+    K.use_gfni(gfni)
     K.use_amx(amx)
 
 
@@ -88,3 +93,15 @@ def test_use_quad_switch(quad_from):
     assert K.use_quad(8) == 5
     with pytest.raises(ValueError, match="min_tokens"):
         K.use_quad(-1)
+
+
+def test_use_gfni_switch():
+    """`use_gfni` reports the state it replaces; without GFNI on the CPU it stays off."""
+    before = K.use_gfni(False)
+    try:
+        assert K.use_gfni(True) is False
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            assert K.use_gfni(True) == ("gfni" in cpuinfo.read_text().split())
+    finally:
+        K.use_gfni(before)

@@ -166,6 +166,15 @@ def use_amx(on: bool = True) -> bool:
     return bool(ext.set_amx(on)) if ext is not None else False
 
 
+def use_gfni(on: bool = True) -> bool:
+    """Let the quad GEMM (batched TQ2_0 steps on the `avx512vnni` path without AMX) take each 2-bit code field out of
+    its byte with one GFNI affine map where the CPU has GFNI (the default) or with a shift and an AND (`on=False`, as
+    on CPUs without GFNI). Results are bit-identical either way. Returns whether GFNI was in use before; False without
+    GFNI or without the extension."""
+    ext = extension()
+    return bool(ext.set_gfni(on)) if ext is not None and hasattr(ext, "set_gfni") else False
+
+
 def use_batch_split(on: bool = True) -> bool:
     """Let a batched step of a small packed model on 2 threads run as two row ranges, each through every block on its
     own thread (the default), or spread each block's GEMMs, attention and per-row steps over the threads in turn

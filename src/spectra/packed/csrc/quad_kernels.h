@@ -18,7 +18,11 @@
  *   of the TQ2_0 / int8 layout by a 4 x 4 transpose of 128-bit lanes per 64 bytes.
  * - TQ2_0: 16 code bytes of a block (bytes 16q .. 16q+15) hold, in field l, the codes of elements 64l + 16q .. +15,
  *   which meet activation chunk 16b + 4l + q. Per row and 16 bytes: one broadcast, three shifts and four ANDs, used
- *   by 4 token groups: 0.44 vector operations per vpdpbusd, as in the tiles.
+ *   by 4 token groups: 0.44 vector operations per vpdpbusd, as in the tiles. Where the CPU has GFNI (Ice Lake and
+ *   later, Zen 4) fields 1-3 are one gf2p8affineqb each instead of a shift and an AND (quad_pass.h, built twice):
+ *   a 99m batch-16 step with AMX off on the Xeon 1.067x [1.009-1.108] (11/11 rounds, benchmarks/kernel_ab.py
+ *   --no-amx), the 1.1B's 1.056x [1.002-1.106] (7/7); the 8 tokens a thread of a split step give each decoded field
+ *   only two vpdpbusd, so the decode weighs twice as much there.
  * - int8: the rows' bytes u = w + 128 are broadcast as they are.
  * - Per pass: 4 rows x up to 16 tokens (4 token groups), 16 accumulators, all K. The last T % 4 tokens go to one
  *   tile of the tiles' GEMM after the passes (a pass over a partly empty group would compute the empty lanes too),
@@ -60,6 +64,23 @@ static inline int quad_applies_i8(int path, const job_t *J) {
     return 0;
 #endif
 }
+
+/* GFNI for the TQ2_0 passes' field decode (quad_pass.h): -1 not probed, 0 absent or switched off (set_gfni), 1 on.
+ * Probed once from PyInit (single-threaded). CPUs with AVX-512 VNNI but no GFNI (Cascade Lake) take the shifts. */
+static int quad_gfni = -1;
+static int quad_gfni_ready(void) {
+    if (quad_gfni < 0) {
+#ifdef SPECTRA_X86
+        quad_gfni = __builtin_cpu_supports("gfni") ? 1 : 0;
+#else
+        quad_gfni = 0;
+#endif
+    }
+    return quad_gfni;
+}
+#ifdef SPECTRA_X86
+#define TARGET_AVX512_GFNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,gfni")))
+#endif
 
 /* Bytes of the full groups of 4 of T int8 rows of K in the quad layout. */
 static inline size_t quad_bytes(int64_t T, int64_t K) { return (size_t)((T / 4) * 4 * K); }
@@ -119,85 +140,20 @@ TARGET_AVX512 static inline __m512i quad_tokens_epi32(const int32_t *p, int64_t 
         }                                                                                                     \
     } while (0)
 
-TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const job_t *J, const int8_t *x4,
-                                                                          const int32_t *bq, int64_t n, int64_t g0,
-                                                                          const int R, const int NG, const int I8) {
-    const int64_t K = J->K, S = J->S;
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const int8_t *xg = x4 + g0 * 4 * K;
-    __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t s = 0; s < S; s++) {
-        TILE_ACCS(TILE_ZERO)
-        for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-            if (I8) {
-                /* int8 rows are only K bytes: too short a stream for the hardware prefetcher (i8_tile_avx512) */
-                const uint8_t *ahead = J->qs + (n + I8_PF_GROUPS * 4) * K + b * QK;
-                _Pragma("GCC unroll 4")
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < QK; c += 64) PREFETCH(ahead + r * K + c);
-                _Pragma("GCC unroll 16")
-                for (int c = 0; c < 16; c++) {
-                    __m512i w[4];
-                    _Pragma("GCC unroll 4")
-                    for (int r = 0; r < R; r++)
-                        w[r] = _mm512_broadcast_i32x4(
-                            _mm_loadu_si128((const __m128i *)(J->qs + (n + r) * K + b * QK + 16 * c)));
-                    const int8_t *xc = xg + (16 * b + c) * 64;
-                    QUAD_DP(0);
-                    QUAD_DP(1);
-                    QUAD_DP(2);
-                    QUAD_DP(3);
-                }
-            } else {
-                __m512i raw[4];
-                _Pragma("GCC unroll 4")
-                for (int r = 0; r < R; r++) PREFETCH(J->qs + ((n + r) * J->nb + b) * QB + PREFETCH_BYTES);
-                _Pragma("GCC unroll 4")
-                for (int q = 0; q < 4; q++) {
-                    _Pragma("GCC unroll 4")
-                    for (int r = 0; r < R; r++)
-                        raw[r] = _mm512_broadcast_i32x4(
-                            _mm_loadu_si128((const __m128i *)(J->qs + ((n + r) * J->nb + b) * QB + 16 * q)));
-                    _Pragma("GCC unroll 4")
-                    for (int l = 0; l < 4; l++) {
-                        __m512i w[4];
-                        _Pragma("GCC unroll 4")
-                        for (int r = 0; r < R; r++) {
-                            __m512i c = raw[r];
-                            if (l == 1) c = _mm512_srli_epi16(c, 2);
-                            if (l == 2) c = _mm512_srli_epi16(c, 4);
-                            if (l == 3) c = _mm512_srli_epi16(c, 6);
-                            w[r] = _mm512_and_si512(c, m3);
-                        }
-                        const int8_t *xc = xg + (16 * b + 4 * l + q) * 64;
-                        QUAD_DP(0);
-                        QUAD_DP(1);
-                        QUAD_DP(2);
-                        QUAD_DP(3);
-                    }
-                }
-            }
-            TILE_PIN();
-        }
-        /* lane 4i + r: seg_d[(n + r) * S + s], the same for every token */
-        const __m512 dd = _mm512_broadcast_f32x4(first4_ps(J->seg_d + n * S + s, S, R));
-        QUAD_FINISH(0);
-        QUAD_FINISH(1);
-        QUAD_FINISH(2);
-        QUAD_FINISH(3);
-    }
-    const __mmask8 rows = (__mmask8)((1u << R) - 1);
-    for (int g = 0; g < NG; g++) {
-        const int64_t t0 = 4 * (g0 + g);
-        const __m512 xs = _mm512_castsi512_ps(quad_tokens_epi32((const int32_t *)(const void *)J->xs, t0));
-        const __m512 y = _mm512_mul_ps(out[g], xs);
-        float *yp = J->y + t0 * J->N + n;
-        _mm_mask_storeu_ps(yp, rows, _mm512_castps512_ps128(y));
-        _mm_mask_storeu_ps(yp + J->N, rows, _mm512_extractf32x4_ps(y, 1));
-        _mm_mask_storeu_ps(yp + 2 * J->N, rows, _mm512_extractf32x4_ps(y, 2));
-        _mm_mask_storeu_ps(yp + 3 * J->N, rows, _mm512_extractf32x4_ps(y, 3));
-    }
-}
+#define QUAD_PASS quad_pass
+#define QUAD_PASS_TARGET TARGET_AVX512
+#define QUAD_PASS_GFNI 0
+#include "quad_pass.h"
+#undef QUAD_PASS
+#undef QUAD_PASS_TARGET
+#undef QUAD_PASS_GFNI
+#define QUAD_PASS quad_pass_gfni
+#define QUAD_PASS_TARGET TARGET_AVX512_GFNI
+#define QUAD_PASS_GFNI 1
+#include "quad_pass.h"
+#undef QUAD_PASS
+#undef QUAD_PASS_TARGET
+#undef QUAD_PASS_GFNI
 
 /* The full groups of 4 tokens in passes of up to 4; the last T % 4 tokens in one tile of the tiles' GEMM (a pass
  * over a partly empty group computes its empty lanes too). */
@@ -206,14 +162,14 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
         if (I8) i8_tile_avx512(J, n, 4 * G, R, TT, 0);                        \
         else tile_avx512(J, n, 4 * G, R, TT);                                 \
     } while (0)
-#define QUAD_GROUPS(R, I8)                                                    \
+#define QUAD_GROUPS(PASS, R, I8)                                                  \
     do {                                                                      \
         int64_t g = 0;                                                        \
-        for (; g + 4 <= G; g += 4) quad_pass(J, x4, bq, n, g, R, 4, I8);      \
+        for (; g + 4 <= G; g += 4) PASS(J, x4, bq, n, g, R, 4, I8);           \
         switch (G - g) {                                                      \
-            case 3: quad_pass(J, x4, bq, n, g, R, 3, I8); break;              \
-            case 2: quad_pass(J, x4, bq, n, g, R, 2, I8); break;              \
-            case 1: quad_pass(J, x4, bq, n, g, R, 1, I8); break;              \
+            case 3: PASS(J, x4, bq, n, g, R, 3, I8); break;                   \
+            case 2: PASS(J, x4, bq, n, g, R, 2, I8); break;                   \
+            case 1: PASS(J, x4, bq, n, g, R, 1, I8); break;                   \
             default: break;                                                   \
         }                                                                     \
         switch (J->T % 4) {                                                   \
@@ -225,18 +181,18 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void quad_pass(const 
     } while (0)
 
 /* Rows [n0, n1) for all tokens. */
-#define QUAD_ROWS(I8)                                                         \
+#define QUAD_ROWS(PASS, I8)                                                   \
     do {                                                                      \
         const int64_t G = J->T / 4; /* full token groups */                   \
         const int8_t *x4 = J->x4;                                             \
         const int32_t *bq = quad_token_sums(J);                               \
         if (!bq) return 0;                                                    \
         int64_t n = n0;                                                       \
-        for (; n + 4 <= n1; n += 4) QUAD_GROUPS(4, I8);                       \
+        for (; n + 4 <= n1; n += 4) QUAD_GROUPS(PASS, 4, I8);                 \
         switch (n1 - n) {                                                     \
-            case 3: QUAD_GROUPS(3, I8); break;                                \
-            case 2: QUAD_GROUPS(2, I8); break;                                \
-            case 1: QUAD_GROUPS(1, I8); break;                                \
+            case 3: QUAD_GROUPS(PASS, 3, I8); break;                          \
+            case 2: QUAD_GROUPS(PASS, 2, I8); break;                          \
+            case 1: QUAD_GROUPS(PASS, 1, I8); break;                          \
             default: break;                                                   \
         }                                                                     \
     } while (0)
@@ -256,12 +212,18 @@ static const int32_t *quad_token_sums(const job_t *J) {
 }
 
 TARGET_AVX512 __attribute__((noinline)) static int quad_rows_tq2(const job_t *J, int64_t n0, int64_t n1) {
-    QUAD_ROWS(0);
+    QUAD_ROWS(quad_pass, 0);
+    return 1;
+}
+
+/* The same with the GFNI field decode (quad_pass.h), where the CPU has GFNI (quad_gfni). */
+TARGET_AVX512_GFNI __attribute__((noinline)) static int quad_rows_tq2_gfni(const job_t *J, int64_t n0, int64_t n1) {
+    QUAD_ROWS(quad_pass_gfni, 0);
     return 1;
 }
 
 TARGET_AVX512 __attribute__((noinline)) static int quad_rows_i8(const job_t *J, int64_t n0, int64_t n1) {
-    QUAD_ROWS(1);
+    QUAD_ROWS(quad_pass, 1);
     return 1;
 }
 #else
@@ -280,7 +242,7 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
 static int quad_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8) {
 #ifdef SPECTRA_X86
     if (!J->x4) return 0;
-    return i8 ? quad_rows_i8(J, n0, n1) : quad_rows_tq2(J, n0, n1);
+    return i8 ? quad_rows_i8(J, n0, n1) : quad_gfni_ready() == 1 ? quad_rows_tq2_gfni(J, n0, n1) : quad_rows_tq2(J, n0, n1);
 #else
     (void)J, (void)n0, (void)n1, (void)i8;
     return 0;

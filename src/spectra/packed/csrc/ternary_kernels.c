@@ -3521,6 +3521,19 @@ static PyObject *py_set_amx(PyObject *self, PyObject *args) {
     return PyBool_FromLong(before);
 }
 
+/* set_gfni(on) -> bool: decode TQ2_0 code fields in the quad GEMM with GFNI where the CPU has it (the default) or with
+ * shifts (for A/B runs and tests of both on GFNI machines); returns whether GFNI was in use before. */
+static PyObject *py_set_gfni(PyObject *self, PyObject *args) {
+    int on;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    const int before = quad_gfni_ready() == 1;
+#ifdef SPECTRA_X86
+    quad_gfni = on && __builtin_cpu_supports("gfni");
+#endif
+    return PyBool_FromLong(before);
+}
+
 /* batch_split_cuts(n_threads, caches) -> list: where a step whose rows have these cache addresses (one int per row)
  * splits over n_threads threads (split_cuts: [0, .., B], or [0, B] when it does not), before the model-size and AMX
  * conditions. For tests. */
@@ -3633,6 +3646,7 @@ static PyMethodDef methods[] = {
     {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
+    {"set_gfni", py_set_gfni, METH_VARARGS, "Decode TQ2_0 code fields in the quad GEMM with GFNI where available (default) or not; returns the old state."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"batch_split_cuts", py_batch_split_cuts, METH_VARARGS, "Where a step's rows split over the threads (tests)."},
     {"set_batch_split", py_set_batch_split, METH_VARARGS, "Split batched decode steps' rows over the threads or not."},
@@ -3649,6 +3663,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__kernels(void) {
     prefetch_tune(); /* before any thread runs a kernel */
 #ifdef SPECTRA_X86
+    quad_gfni_ready(); /* probed once, before any thread reads it */
     tq1_has_vbmi(); /* fills the TQ1 decode tables (and chooses the byte encoding) once, before any thread reads them */
     amx_ready(); /* asks Linux for the tile registers once */
 #else
