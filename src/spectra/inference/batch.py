@@ -309,6 +309,12 @@ class Request:
         """Ask the scheduler to drop this sequence at its next step (safe from any thread)."""
         self.cancelled = True
 
+    def rng(self) -> torch.Generator:
+        """The request's generator, seeded with `seed` at its first sampled token."""
+        if self.generator is None:
+            self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return self.generator
+
 
 class Scheduler:
     """Continuous batching over a `BatchDecoder`: `submit` requests, call `step` until `idle` (module docstring).
@@ -446,11 +452,8 @@ class Scheduler:
         idx = [i for i, r in enumerate(decoding) if r.temperature != 0]
         if not idx or rows is None:
             return {}
-        for i in idx:
-            if decoding[i].generator is None:
-                decoding[i].generator = torch.Generator(device="cpu").manual_seed(decoding[i].seed)
         reqs = [decoding[i] for i in idx]
-        u = [draw_u(r.generator) for r in reqs]
+        u = [draw_u(r.rng()) for r in reqs]
         got = sample_rows(rows, [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], u,
                           rows=idx, n_threads=self.decoder.n_threads)  # fmt: skip
         return dict(zip(idx, got))
@@ -460,8 +463,6 @@ class Scheduler:
         """Sample the next token of `req` from its logits (V,), or row `row` of logits (B, V) (`greedy`: its argmax,
         `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step; `drawn`:
         its sampled token, when drawn for the whole step), emit its text, and finish it if it is done."""
-        if req.generator is None:
-            req.generator = torch.Generator(device="cpu").manual_seed(req.seed)
         sampled = req.temperature != 0
         if row is not None and (drawn is None and (greedy is None or sampled) or req.logprobs is not None and (
                 req.logprobs != 0 or sampled or lse is None or greedy_logit is None)):  # the row's logits are read
@@ -472,7 +473,7 @@ class Scheduler:
             nxt = greedy
         else:
             nxt = sample_next(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              generator=req.generator)
+                              generator=req.rng())
         if req.t_first is None:
             req.t_first = time.perf_counter()
         req.tokens.append(nxt)

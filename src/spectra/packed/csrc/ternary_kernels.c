@@ -1808,21 +1808,21 @@ static void sample_weights_scalar(const float *x, int64_t V, float T, float *s) 
     for (int64_t i = 0; i < V; i++) s[i] = x[i] / T;
 }
 
+/* pre[b]: the blocks' sums added one after another from 0 through block b (the draw's running sum at each block's
+ * end; pre[nb - 1] is the total). */
+static void sample_prefix(const double *bsum, int64_t nb, double *pre) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < nb; b++) pre[b] = acc += bsum[b];
+}
+
 static void sample_exp_scalar(const float *s, int64_t V, float m, float thr, float *w, double *bsum, double *pre) {
     const int64_t Vp = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK * SAMPLE_BLOCK;
     for (int64_t i = 0; i < Vp; i++) {
         const float d = i < V ? s[i] - m : 0.0f;
         w[i] = i < V && s[i] >= thr && d >= SAMPLE_FLOOR ? exp_scalar(d) : 0.0f;
     }
-    double acc = 0.0;
-    for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b), pre[b] = acc += bsum[b];
-}
-
-/* pre[b]: the blocks' sums added one after another from 0 through block b (the draw's running sum at each block's
- * end; pre[nb - 1] is the total). */
-static void sample_prefix(const double *bsum, int64_t nb, double *pre) {
-    double acc = 0.0;
-    for (int64_t b = 0; b < nb; b++) pre[b] = acc += bsum[b];
+    for (int64_t b = 0; b < Vp / SAMPLE_BLOCK; b++) bsum[b] = block_sum(w + SAMPLE_BLOCK * b);
+    sample_prefix(bsum, Vp / SAMPLE_BLOCK, pre);
 }
 
 #ifdef SPECTRA_X86
