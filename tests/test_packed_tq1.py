@@ -43,16 +43,21 @@ def test_code_bytes_round_trip_and_validation():
 @needs_ext
 def test_kernel_byte_order_and_encoding():
     """The kernels' TQ1_0 bytes (csrc/tq1_kernels.h): a permutation of the 256 byte values; where the VBMI kernels run,
-    code 0 of every valid byte is (low 6 bits) // 21 of its encoding and codes 1..4 are kept; round trip exact."""
-    enc = np.frombuffer(K.extension().tq1_encoding(), np.uint8)
+    every valid byte's encoding e gives its code 0 as c0[e & 63] and codes 1..4 as the 2-bit fields of
+    ta[e & 63] + tb[e >> 2] (mod 256); round trip exact."""
+    ext = K.extension()
+    enc = np.frombuffer(ext.tq1_encoding(), np.uint8)
     assert sorted(enc.tolist()) == list(range(256)) and enc[0] == 0
     valid = [(v * 256 + 242) // 243 for v in range(243)]
     code = [[(((b * 3**n) & 255) * 3) >> 8 for n in range(5)] for b in range(256)]
     if K.cpu_features().get("avx512vbmi"):
-        for v, b in enumerate(valid):
+        tables = np.frombuffer(ext.tq1_decoding(), np.uint8).astype(int)
+        c0, ta, tb = tables[:64], tables[64:128], tables[128:]
+        assert len({tuple(code[b]) for b in valid}) == 243
+        for b in valid:
             e = int(enc[b])
-            assert code[b][0] == v // 81 == (e & 63) // 21, b
-            assert e == 21 * (v // 81) + (v % 81) % 21 + 64 * ((v % 81) // 21)
+            f = (ta[e & 63] + tb[e >> 2]) & 255
+            assert [c0[e & 63], f & 3, f >> 2 & 3, f >> 4 & 3, f >> 6 & 3] == code[b], (b, e)
     else:
         assert np.array_equal(enc, np.arange(256))
     _, q1, _, _ = ternary_codes(9, 1792, seed=4)

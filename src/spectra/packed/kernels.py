@@ -34,7 +34,7 @@ Two variants share step 1 and the epilogue:
 Weights in the TQ1_0 layout (`fmt="tq1_0"`: `formats` TQ1 code bytes, five base-3 codes per byte) go through their own
 kernels (`csrc/tq1_kernels.h`), which decode the codes in registers and then make the same integer sums and the same
 epilogue: their outputs equal the TQ2_0 kernels' on the same codes, bit for bit. The `avx512vnni` path decodes TQ1_0
-with byte-table lookups (`vpermi2b`, `vpermb`: AVX-512 VBMI) and falls back to the AVX2 code on CPUs without VBMI.
+with 64-entry byte-table lookups (`vpermb`: AVX-512 VBMI) and falls back to the AVX2 code on CPUs without VBMI.
 The compiled kernels read TQ1_0 bytes in their own order (`tq1_to_kernel`: each row's qs bytes as one run, then its
 qh bytes; on VBMI CPUs each byte re-encoded), which a TQ1_0 `PackedTernaryLinear` holds; `ternary_matmul` takes
 llama.cpp's order and converts per call.

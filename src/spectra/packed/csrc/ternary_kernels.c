@@ -3602,6 +3602,16 @@ static PyObject *py_tq1_encoding(PyObject *self, PyObject *noargs) {
     return PyBytes_FromStringAndSize((const char *)tq1_enc, 256);
 }
 
+/* tq1_decoding() -> bytes(192): the VBMI kernels' decoding tables (tq1_kernels.h), 64 bytes each: code 0 by the stored
+ * byte's bits 0..5, then the two tables whose byte sum, by bits 0..5 and by bits 2..7, holds codes 1..4 as 2-bit
+ * fields (zero where the bytes are not encoded). */
+static PyObject *py_tq1_decoding(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    uint8_t t[192];
+    memcpy(t, tq1_c0, 64), memcpy(t + 64, tq1_ta, 64), memcpy(t + 128, tq1_tb, 64);
+    return PyBytes_FromStringAndSize((const char *)t, 192);
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
 #ifdef SPECTRA_X86
@@ -3652,6 +3662,7 @@ static PyMethodDef methods[] = {
     {"set_batch_split", py_set_batch_split, METH_VARARGS, "Split batched decode steps' rows over the threads or not."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"tq1_encoding", py_tq1_encoding, METH_NOARGS, "The stored value of each TQ1_0 code byte (kernel order)."},
+    {"tq1_decoding", py_tq1_decoding, METH_NOARGS, "The VBMI kernels' TQ1_0 decoding tables (code 0, two sum tables)."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
     {NULL, NULL, 0, NULL},
 };

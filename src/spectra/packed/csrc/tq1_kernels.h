@@ -13,11 +13,10 @@
  *   48 nb + 4 b). The one-token GEMV reads a row's qs bytes as one run, 64 at a time: a block's own 52 bytes filled 52
  *   of a register's 64 lanes, so a fifth of every decode and product was spent on padding.
  * - Encoded bytes where the AVX-512 VBMI kernels run (tq1_has_vbmi; elsewhere the bytes are llama.cpp's): each byte is
- *   stored as e = tq1_enc[b], with v = 81 c0 + u (u = the codes 1..4 as a base-3 number) written as
- *   e = 21 c0 + (u mod 21) + 64 (u div 21). Its low 6 bits then determine c0 (= (e & 63) / 21), so one vpermb reads
- *   code 0 where llama.cpp's byte needs two compares and two masked moves; codes 1..4 come from the same 256-entry table
- *   lookup as before, indexed by e. e = 0 is the all-zero codes, as b = 0 is, so masked-off bytes contribute nothing.
- *   The 13 bytes that are no valid code map to the 13 unused values, so the map is a permutation.
+ *   stored as e = tq1_enc[b], chosen so that code 0 is a lookup of e's bits 0..5 and codes 1..4, as the four 2-bit
+ *   fields of one byte, are the byte sum of a lookup of bits 0..5 and one of bits 2..7 (tq1_decode_tables_build). So
+ *   three vpermb, a shift and an add decode 64 bytes. e = 0 is the all-zero codes, as b = 0 is, so masked-off bytes
+ *   contribute nothing. The 13 bytes that are no valid code map to the 13 unused values, so the map is a permutation.
  *
  * Activations (per-block TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds
  * the activation of the element that code n of block byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
@@ -35,8 +34,7 @@
  * - AVX2 (CPUs without VBMI, or forced): t_n = b * 3^n mod 256 by byte adds (t + t + t), and c = [t >= 86] + [t >= 171]
  *   (= (3t) >> 8) with saturating subtractions, then vpmaddubsw like the TQ2 AVX2 path. On encoded bytes (a VBMI CPU
  *   forced onto this path) each block is first translated back through tq1_dec.
- * - AVX-512 (VBMI): codes 1..4 from a 256-entry byte table indexed by the stored byte, looked up with two vpermi2b
- *   (entries 0..127 and 128..255) and a blend on the byte's top bit, as the four 2-bit fields of a TQ2 byte; code 0 from
+ * - AVX-512 (VBMI): codes 1..4 as the 2-bit fields of a TQ2 byte, by the two 64-entry lookups and an add; code 0 by
  *   vpermb on the low 6 bits. Field l is masked, not shifted, as in the TQ2 GEMV: vpdpbusd then accumulates 4^l c a,
  *   and a right shift by 2l recovers the exact sum.
  */
@@ -52,19 +50,65 @@ static inline int tq1_code(int b, int n) { return (((b * tq1_pow3[n]) & 0xFF) * 
 
 /* llama.cpp byte -> stored byte and back: the identity until tq1_encoding_init(1) runs (on VBMI CPUs, at import). */
 static uint8_t tq1_enc[256], tq1_dec[256];
-static uint8_t tq1_c0[64];    /* code 0 of a stored byte, by its low 6 bits (encoded bytes) */
-static uint8_t tq1_table[256]; /* codes 1..4 of a stored byte as the 2-bit fields of one byte */
+static uint8_t tq1_c0[64]; /* code 0 of a stored byte e, by e & 63 */
+static uint8_t tq1_ta[64]; /* codes 1..4 of e as 2-bit fields: (tq1_ta[e & 63] + tq1_tb[e >> 2]) mod 256 */
+static uint8_t tq1_tb[64];
 static int tq1_encoded = 0;
 
+/* The decoding tables (header). Bits 0..1 of e are x, bits 2..5 y and bits 6..7 z. A row (x, y) holds code 0
+ * (tq1_c0) and a line L = (c2, c3, c4) (tq1_ta, as 4 c2 + 16 c3 + 64 c4). Each y adds the same 4 bytes to the lines of
+ * its 4 rows, by z (tq1_tb): 0, 1, 2 (code 1 = 0, 1, 2 on the row's own line) and o + tau, an offset o of the line
+ * with code 1 = tau. So a row covers its whole line and one more cell. Of the 27 lines of each code 0, 21 are rows'
+ * lines, and the 6 lines (2, c3, c4 < 2) are covered cell by cell: cell (line, tau) by the extra cell of a row whose
+ * line is that line minus the offset of its y. The kinds of y (`kinds`, each taking as many y as its rows fill):
+ *   tau 0, o = +2 c2, rows (0, c3, c4 < 2);   tau 1, o = +1 c2, rows (1, c3, c4 < 2);
+ *   tau 2, o = +2 c4, rows (2, c3, 2) (the carry leaves the byte: c4 2 -> 0);   tau 2, o = +1 c2 + 3 c4, rows
+ *   (1, c3, 2) -> (2, c3, 1).
+ * The lines (0, c3, 2) give no extra cell; they fill the last y of each kind, so 63 of the 64 rows are used and the
+ * bytes hold all 243 codes (13 values are repeats or no valid code). Row (0, 0) has code 0 = 0 and line 0, and y = 0
+ * adds 0 at z = 0, so e = 0 is the all-zero codes. */
+static void tq1_decode_tables_build(void) {
+    static const struct { int tau, off, c2, c4lo, c4hi; } kinds[4] = {
+        {0, 8, 0, 0, 1}, {1, 4, 1, 0, 1}, {2, 128, 2, 2, 2}, {2, 196, 1, 2, 2}};
+    int y = 0, x = 0, plain = 0; /* plain: how many rows (0, c3, 2) are placed */
+    for (int g = 0; g < 4; g++) {
+        const int nc4 = kinds[g].c4hi - kinds[g].c4lo + 1, n = 9 * nc4; /* code 0 x c3 x c4 */
+        for (int r = 0; r < n || x != 0; r++) { /* the group's rows, then plain rows to the end of its last group */
+            int k = 0, line = 0;                 /* (row 63, after the 9 plain rows: line 0 again) */
+            if (r < n) k = r / (3 * nc4), line = 4 * kinds[g].c2 + 16 * (r % 3) + 64 * (kinds[g].c4lo + r / 3 % nc4);
+            else if (plain < 9) k = plain / 3, line = 16 * (plain % 3) + 128, plain++;
+            if (x == 0)
+                for (int z = 0; z < 4; z++) tq1_tb[y | z << 4] = (uint8_t)(z < 3 ? z : kinds[g].tau + kinds[g].off);
+            tq1_c0[x | y << 2] = (uint8_t)k, tq1_ta[x | y << 2] = (uint8_t)line;
+            if (++x == 4) x = 0, y++;
+        }
+    }
+}
+
+/* Codes 0..4 of a stored byte under the decoding tables (5 bytes; 3 in a field of codes 1..4: no valid code). */
+static inline void tq1_decode_codes(int e, uint8_t *c) {
+    const int f = (tq1_ta[e & 63] + tq1_tb[e >> 2]) & 0xFF;
+    c[0] = tq1_c0[e & 63];
+    for (int n = 1; n < 5; n++) c[n] = (uint8_t)((f >> (2 * n - 2)) & 3);
+}
+
 static void tq1_encoding_init(int encode) {
-    int used[256] = {0};
     for (int b = 0; b < 256; b++) tq1_enc[b] = (uint8_t)b;
     if (encode) {
-        int taken[256] = {0};
-        for (int v = 0; v < 243; v++) {
-            const int c0 = v / 81, u = v % 81, b = (v * 256 + 242) / 243;
-            const int e = 21 * c0 + u % 21 + 64 * (u / 21);
-            tq1_enc[b] = (uint8_t)e, used[b] = 1, taken[e] = 1;
+        tq1_decode_tables_build();
+        int used[256] = {0}, taken[256] = {0};
+        for (int v = 0; v < 243; v++) { /* each valid byte takes the first stored value that decodes to its codes */
+            const int b = (v * 256 + 242) / 243;
+            for (int e = 0; e < 256; e++) {
+                uint8_t c[5];
+                tq1_decode_codes(e, c);
+                int same = !taken[e];
+                for (int n = 0; n < 5 && same; n++) same = c[n] == tq1_code(b, n);
+                if (same) {
+                    tq1_enc[b] = (uint8_t)e, used[b] = 1, taken[e] = 1;
+                    break;
+                }
+            }
         }
         int e = 0; /* the 13 bytes that are no valid code take the 13 free values, in order */
         for (int b = 0; b < 256; b++) {
@@ -74,11 +118,6 @@ static void tq1_encoding_init(int encode) {
         }
     }
     for (int b = 0; b < 256; b++) tq1_dec[tq1_enc[b]] = (uint8_t)b;
-    for (int l = 0; l < 64; l++) tq1_c0[l] = (uint8_t)(l < 63 ? l / 21 : 0);
-    for (int e = 0; e < 256; e++) {
-        const int b = tq1_dec[e];
-        tq1_table[e] = (uint8_t)(tq1_code(b, 1) | tq1_code(b, 2) << 2 | tq1_code(b, 3) << 4 | tq1_code(b, 4) << 6);
-    }
     tq1_encoded = encode;
 }
 
@@ -217,24 +256,21 @@ TARGET_AVX2 static void tq1_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 #define TARGET_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
 typedef struct {
-    __m512i t0, t1, t2, t3, c0;
+    __m512i ta, tb, c0;
 } tq1_tables_t;
 
 TARGET_AVX512_VBMI static inline tq1_tables_t tq1_tables_load(void) {
     tq1_tables_t L;
-    L.t0 = _mm512_loadu_si512(tq1_table), L.t1 = _mm512_loadu_si512(tq1_table + 64);
-    L.t2 = _mm512_loadu_si512(tq1_table + 128), L.t3 = _mm512_loadu_si512(tq1_table + 192);
-    L.c0 = _mm512_loadu_si512(tq1_c0);
+    L.ta = _mm512_loadu_si512(tq1_ta), L.tb = _mm512_loadu_si512(tq1_tb), L.c0 = _mm512_loadu_si512(tq1_c0);
     return L;
 }
 
-/* 64 stored (encoded) bytes -> codes 1..4 as 2-bit fields (*fa: one table lookup, two vpermi2b and a blend on the top
- * bit) and code 0 (*fb: vpermb on the low 6 bits). Bytes that are 0 give 0 in both. */
+/* 64 stored (encoded) bytes -> codes 1..4 as 2-bit fields (*fa: vpermb on bits 0..5 plus vpermb on bits 2..7, read
+ * through a 16-bit shift whose bits from the next byte land above the 6 that vpermb reads) and code 0 (*fb: vpermb
+ * on bits 0..5). Bytes that are 0 give 0 in both. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode_bytes(__m512i w, const tq1_tables_t *L,
                                                                                    __m512i *fa, __m512i *fb) {
-    const __mmask64 high = _mm512_movepi8_mask(w); /* bytes >= 128 take the second half of the table */
-    *fa = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(L->t0, w, L->t1),
-                                 _mm512_permutex2var_epi8(L->t2, w, L->t3));
+    *fa = _mm512_add_epi8(_mm512_permutexvar_epi8(w, L->ta), _mm512_permutexvar_epi8(_mm512_srli_epi16(w, 2), L->tb));
     *fb = _mm512_permutexvar_epi8(w, L->c0);
 }
 
@@ -261,7 +297,7 @@ static inline __mmask64 tq1_chunk_mask(int64_t c, int64_t lo, int64_t hi) {
 /* One-token dot products of rows R (1 or 2, adjacent: row r at w + r * rowb) over blocks [b0, b1), from the dense
  * layout: the qs run's chunks (5 codes each) and the qh run's (4 codes). Out: each row's 16 lane sums of sum c a.
  * Two rows share the activation loads; codes 0 and 4 are not scaled and share an accumulator, so 8 accumulators, 5
- * activations and the 5 table registers fit in the 32 zmm registers. */
+ * activations and the 3 table registers fit in the 32 zmm registers. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_dot(const uint8_t *w, int64_t rowb,
                                                                                  int64_t nb, const int8_t *xd,
                                                                                  int64_t b0, int64_t b1, const int R,
