@@ -490,12 +490,6 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
-        import os as _os, threading as _th
-        _m = _os.environ.get("SPECTRA_LOOP_SCHED", "")
-        if "batch" in _m:
-            _os.sched_setscheduler(0, _os.SCHED_BATCH, _os.sched_param(0))
-        if "nice" in _m:
-            _os.setpriority(_os.PRIO_PROCESS, _th.get_native_id(), int(_m.split("nice")[1][:2]))
         try:
             yield
         finally:
