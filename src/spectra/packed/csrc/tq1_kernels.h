@@ -24,7 +24,8 @@
  * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products on the VBMI
  * GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
  * per 64-byte chunk c of the qs run, 5 planes (plane n, slot j: the activation of code n of qs byte 64 c + j), then per
- * chunk of the qh run 4 planes (codes 0..3), zero past the runs.
+ * chunk of the qh run 4 planes (codes 0..3), zero past the runs, except that a last qh chunk of at most 32 bytes
+ * repeats its slots 0..31 in 32..63 (tq1_qh_short: the GEMV decodes two rows' tails in one register).
  *
  * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
  * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
@@ -148,6 +149,9 @@ static void tq1_activations(const int8_t *a2, int8_t *a1, int64_t T, int64_t nb)
 /* The dense layout of one token (header): qs chunks of 5 planes, then qh chunks of 4 planes. */
 static inline int64_t tq1_qs_chunks(int64_t nb) { return (TQ1_QS * nb + 63) / 64; }
 static inline int64_t tq1_qh_chunks(int64_t nb) { return (TQ1_QH * nb + 63) / 64; }
+/* Whether the qh run's last chunk holds at most 32 bytes: the dense layout then repeats that chunk's activations in
+ * lanes 32..63, where the GEMV puts a second row's bytes. */
+static inline int tq1_qh_short(int64_t nb) { return TQ1_QH * nb - 64 * (tq1_qh_chunks(nb) - 1) <= 32; }
 static inline size_t tq1_dense_bytes(int64_t nb) {
     return (size_t)(5 * 64 * tq1_qs_chunks(nb) + 4 * 64 * tq1_qh_chunks(nb));
 }
@@ -172,6 +176,10 @@ static void tq1_activations_dense(const int8_t *a2, int8_t *ad, int64_t nb) {
             tq1_dense_put(ad, 5, TQ1_QS * b + 32, n, s + 64 * (j % 4) + 32 * (j / 4) + 16 * (n % 2), 16);
             if (n < 4) tq1_dense_put(qh_run, 4, TQ1_QH * b, n, s + 64 * 3 + 32 + 16 + 4 * n, 4);
         }
+    }
+    if (tq1_qh_short(nb)) {
+        int8_t *last = qh_run + 4 * 64 * (tq1_qh_chunks(nb) - 1);
+        for (int n = 0; n < 4; n++) memcpy(last + 64 * n + 32, last + 64 * n, 32);
     }
 }
 
@@ -337,17 +345,34 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
     }
     const int64_t hlo = TQ1_QH * b0, hhi = TQ1_QH * b1;
     const int8_t *xh = xd + 5 * 64 * tq1_qs_chunks(nb);
+    const int64_t h_last = tq1_qh_chunks(nb) - 1; /* its planes repeat lanes 0..31 in 32..63 when it is that short */
     for (int64_t c = hlo / 64; 64 * c < hhi; c++) { /* qh bytes: codes 0..3 (their fifth code meets no activation) */
         const uint8_t *wa = w + TQ1_QS * nb + 64 * c, *wb = wa + rowb;
         const __mmask64 k = tq1_chunk_mask(c, hlo, hhi);
-        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
-        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
-        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
         const int8_t *ab = xh + 4 * 64 * c;
         const __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
         const __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
+        __m512i fa, fb, ga, gb;
+        if (R == 2 && c == h_last && tq1_qh_short(nb)) {
+            /* Both rows' bytes in one register (row a's in lanes 0..31, row b's in 32..63): one decode, and each
+             * product lands in its row's accumulators by the dword mask (dwords 0..7 are lanes 0..31). */
+            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8((__mmask32)k, wa)),
+                                                  _mm256_maskz_loadu_epi8((__mmask32)k, wb), 1);
+            tq1_decode_bytes(wv, L, &fa, &fb);
+            const __m512i f0 = _mm512_and_si512(fa, m0), f1 = _mm512_and_si512(fa, m1);
+            const __m512i f2 = _mm512_and_si512(fa, m2);
+            p0 = _mm512_mask_dpbusd_epi32(p0, 0x00FF, fb, x0), q0 = _mm512_mask_dpbusd_epi32(q0, 0xFF00, fb, x0);
+            p0 = _mm512_mask_dpbusd_epi32(p0, 0x00FF, f0, x1), q0 = _mm512_mask_dpbusd_epi32(q0, 0xFF00, f0, x1);
+            p1 = _mm512_mask_dpbusd_epi32(p1, 0x00FF, f1, x2), q1 = _mm512_mask_dpbusd_epi32(q1, 0xFF00, f1, x2);
+            p2 = _mm512_mask_dpbusd_epi32(p2, 0x00FF, f2, x3), q2 = _mm512_mask_dpbusd_epi32(q2, 0xFF00, f2, x3);
+            continue;
+        }
+        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
         TQ1_CODES_0_3(p0, p1, p2, fa, fb);
-        if (R == 2) TQ1_CODES_0_3(q0, q1, q2, ga, gb);
+        if (R == 2) {
+            tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
+            TQ1_CODES_0_3(q0, q1, q2, ga, gb);
+        }
     }
 #undef TQ1_CODES_0_3
     __m512i v = _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2));
