@@ -73,7 +73,8 @@ def test_tq1_kernels_equal_reference_and_tq2(path, T):
     """Rows that are not a multiple of the GEMV's 16 or the GEMM's 4, K from one block to 33 (qh runs of one to three
     chunks, whose last one the GEMV takes for two rows at once when it holds at most 32 bytes), 1..6 scale segments."""
     for N, Kdim, shards, dim in ((37, 1024, 1, 0), (20, 1536, 3, 1), (9, 256, 1, 0), (64, 512, 2, 0), (17, 1792, 1, 0),
-                                 (18, 4608, 2, 1), (32, 8448, 1, 0), (16, 4096, 1, 0)):
+                                 (18, 4608, 2, 1), (32, 8448, 1, 0), (16, 4096, 1, 0),
+                                 (32, 1024, 2, 1), (16, 5120, 2, 1)):
         qs, q1, bounds, seg_d = ternary_codes(N, Kdim, shards, dim, seed=T)
         x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
         x[0, 7] = 50.0  # an outlier
