@@ -74,7 +74,7 @@ static void tq1_decode_tables_build(void) {
     int y = 0, x = 0, plain = 0; /* plain: how many rows (0, c3, 2) are placed */
     for (int g = 0; g < 4; g++) {
         const int nc4 = kinds[g].c4hi - kinds[g].c4lo + 1, n = 9 * nc4; /* code 0 x c3 x c4 */
-        for (int r = 0; r < n || x != 0; r++) { /* the group's rows, then plain rows to the end of its last group */
+        for (int r = 0; r < n || x != 0; r++) { /* the kind's rows, then plain rows to the end of its last y */
             int k = 0, line = 0;                 /* (row 63, after the 9 plain rows: line 0 again) */
             if (r < n) k = r / (3 * nc4), line = 4 * kinds[g].c2 + 16 * (r % 3) + 64 * (kinds[g].c4lo + r / 3 % nc4);
             else if (plain < 9) k = plain / 3, line = 16 * (plain % 3) + 128, plain++;
@@ -304,7 +304,7 @@ static inline __mmask64 tq1_chunk_mask(int64_t c, int64_t lo, int64_t hi) {
 
 /* One-token dot products of rows R (1 or 2, adjacent: row r at w + r * rowb) over blocks [b0, b1), from the dense
  * layout: the qs run's chunks (5 codes each) and the qh run's (4 codes). Out: each row's 16 lane sums of sum c a.
- * Two rows share the activation loads; codes 0 and 4 are not scaled and share an accumulator, so 8 accumulators, 5
+ * Two rows share the activation loads; codes 0 and 1 are not scaled and share an accumulator, so 8 accumulators, 5
  * activations and the 3 table registers fit in the 32 zmm registers. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_dot(const uint8_t *w, int64_t rowb,
                                                                                  int64_t nb, const int8_t *xd,
