@@ -242,7 +242,8 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
 static int quad_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8) {
 #ifdef SPECTRA_X86
     if (!J->x4) return 0;
-    return i8 ? quad_rows_i8(J, n0, n1) : quad_gfni_ready() == 1 ? quad_rows_tq2_gfni(J, n0, n1) : quad_rows_tq2(J, n0, n1);
+    if (i8) return quad_rows_i8(J, n0, n1);
+    return quad_gfni_ready() == 1 ? quad_rows_tq2_gfni(J, n0, n1) : quad_rows_tq2(J, n0, n1);
 #else
     (void)J, (void)n0, (void)n1, (void)i8;
     return 0;
