@@ -279,20 +279,29 @@ def test_stream_read_reads_every_byte_it_counts(path):
 
 @needs_ext
 def test_prefetch_settings_change_no_output():
-    """set_prefetch returns the settings it replaces (the ones prefetch_tune chose for this CPU's vendor), and the GEMV
-    and the int8 output layer give the same bits under any distance, since prefetches only move data."""
+    """set_prefetch returns the settings it replaces (the ones prefetch_tune chose for this CPU's vendor and family),
+    and the GEMV and the int8 output layer give the same bits under any distance and copy count, since prefetches only
+    move data."""
     qs, bounds, seg_d, _ = _layer(64, 1024, shards=2)
     u, scale = K.quantize_weight_int8(torch.randn(48, 1024))
     x = torch.randn(1, 1024)
     y0, h0 = K.ternary_matmul(x, qs, bounds, seg_d), K.int8_matmul(x, u, scale)
     before = K.set_prefetch(0, 64, True)
     try:
-        assert before in ((3072, 2048, True), (6144, 8192, False))
-        assert K.set_prefetch(1024, 0, False) == (0, 64, True)
-        assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d), y0) and torch.equal(K.int8_matmul(x, u, scale), h0)
+        assert before in ((3072, 2048, True, 3, 3072), (6144, 8192, False, 3, 6144), (12288, 8192, False, 1, 6144))
+        assert K.set_prefetch(1024, 0, False, 1, 512) == (0, 64, True) + before[3:]
+        assert K.set_prefetch(2048, 0, False) == (1024, 0, False, 1, 512)  # None keeps the current count and step
+        for copies in (1, 2, 3):
+            K.set_prefetch(512, 256, copies == 2, copies, 256 * copies)
+            assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d), y0)
+            assert torch.equal(K.int8_matmul(x, u, scale), h0)
         assert torch.equal(y0, K.reference_matmul(x, qs, bounds, seg_d))
         with pytest.raises(ValueError, match="prefetch distances"):
             K.set_prefetch(-1, 0, False)
+        with pytest.raises(ValueError, match="prefetch distances"):
+            K.set_prefetch(0, 0, False, 1, 1 << 21)
+        with pytest.raises(ValueError, match="gemv_copies must be 1, 2 or 3"):
+            K.set_prefetch(1024, 0, False, 4)
     finally:
         K.set_prefetch(*before)
 

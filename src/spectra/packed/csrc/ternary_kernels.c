@@ -46,6 +46,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPECTRA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -71,29 +72,56 @@
 #define PREFETCH_BYTES 8192
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-/* The one-token GEMV (gemv1_avx512) prefetches every line three times, at 1, 2 and 3 x gemv1_pf_step ahead.
- * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's): a PREFETCHT1 is sometimes lost (others report it on EPYC 9124),
- *   and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the loop runs: a
- *   read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB ahead, 0.16 ms with none. With one prefetch per
- *   line no distance from 2 to 24 KiB beat 8 KiB; two or three copies (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8
- *   KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in interleaved A/B runs of benchmarks/kernels.py,
- *   with little difference between them.
- * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL): steps of 3 KiB, with the output
- *   layer's prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
- *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster). Chosen at import by the CPU's vendor
- *   (prefetch_tune). */
+/* The one-token GEMV (gemv1_avx512) prefetches every line gemv1_pf_copies times, at 1, 2, 3 x gemv1_pf_step ahead.
+ * - Zen 4 (GEMV1_PREFETCH_STEP, 3 copies: AMD before family 1Ah, and any CPU neither Intel's nor AMD's): a PREFETCHT1
+ *   is sometimes lost (others report it on EPYC 9124), and a line whose prefetch is lost costs a whole DRAM latency.
+ *   Here it looks worse the faster the loop runs: a read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB
+ *   ahead, 0.16 ms with none. With one prefetch per line no distance from 2 to 24 KiB beat 8 KiB; two or three copies
+ *   (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8 KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in
+ *   interleaved A/B runs of benchmarks/kernels.py, with little difference between them.
+ * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL, 3 copies): steps of 3 KiB, with the
+ *   output layer's prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
+ *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster).
+ * - Zen 5 (AMD family 1Ah; GEMV1_PREFETCH_STEP_ZEN5, GEMV1_PF_COPIES_ZEN5): one copy, 12 KiB ahead. On the 2-core
+ *   EPYC (family 1Ah model 2) TriLM-1.1B decoding with 2 scale shards against three copies 6 KiB apart (kernel_ab.py
+ *   --decode --shards 2 -D GEMV1_PF_COPIES=..., 9 rounds): one copy 1.063x (8/9) at 6 KiB, 1.065x (8/9) at 12 KiB,
+ *   0.984x (0/9) at 4 KiB; two copies 1.057x (8/9); none 0.874x (0/9); 2 threads one copy at 12 KiB 1.142x (9/9).
+ * Chosen at import by the CPU's vendor and family (prefetch_tune). */
 #ifndef GEMV1_PREFETCH_STEP
 #define GEMV1_PREFETCH_STEP 6144
 #endif
 #ifndef GEMV1_PREFETCH_STEP_INTEL
 #define GEMV1_PREFETCH_STEP_INTEL 3072
 #endif
+#ifndef GEMV1_PREFETCH_STEP_ZEN5
+#define GEMV1_PREFETCH_STEP_ZEN5 12288
+#endif
+#ifndef GEMV1_PF_COPIES
+#define GEMV1_PF_COPIES 3
+#endif
+#ifndef GEMV1_PF_COPIES_ZEN5
+#define GEMV1_PF_COPIES_ZEN5 1
+#endif
 static int64_t gemv1_pf_step = GEMV1_PREFETCH_STEP;
-#define PREFETCH3(p)                                   \
-    do {                                               \
-        PREFETCH((p) + gemv1_pf_step);                 \
-        PREFETCH((p) + 2 * gemv1_pf_step);             \
-        PREFETCH((p) + 3 * gemv1_pf_step);             \
+static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
+#define PREFETCH3(p)                                                    \
+    do {                                                                \
+        PREFETCH((p) + gemv1_pf_step);                                  \
+        if (gemv1_pf_copies > 1) {                                      \
+            PREFETCH((p) + 2 * gemv1_pf_step);                          \
+            if (gemv1_pf_copies > 2) PREFETCH((p) + 3 * gemv1_pf_step); \
+        }                                                               \
+    } while (0)
+/* The TQ1_0 GEMV (tq1_gemv1_avx512) keeps three copies at 1, 2, 3 x tq1_pf_step everywhere: the Zen 5 setting above
+ * made TriLM-1.1B TQ1_0 decoding slower there (kernel_ab.py --decode --shards 2 --format tq1, 1 thread, 9 rounds:
+ * 0.935x, 0/9; one copy at 6 KiB 0.942x, three at 12 KiB 0.941x, two at 6 KiB 1.005x), as a TQ1_0 row's 52 bytes per
+ * block take more work per byte than TQ2_0's 64. */
+static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
+#define PREFETCH3_TQ1(p)                     \
+    do {                                     \
+        PREFETCH((p) + tq1_pf_step);         \
+        PREFETCH((p) + 2 * tq1_pf_step);     \
+        PREFETCH((p) + 3 * tq1_pf_step);     \
     } while (0)
 
 /* The int8 output layer's GEMV (i8_row_avx512): on Zen 4 one prefetch per 4 lines, PREFETCH_BYTES ahead (24 against
@@ -108,9 +136,15 @@ static int i8_pf_every_line = 0;
 static void prefetch_tune(void) {
 #ifdef SPECTRA_X86
     if (__builtin_cpu_is("intel")) {
-        gemv1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
+        gemv1_pf_step = tq1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
         i8_pf_bytes = I8_PF_BYTES_INTEL;
         i8_pf_every_line = 1;
+    } else if (__builtin_cpu_is("amd")) {
+        unsigned a, b, c, d;
+        if (__get_cpuid(1, &a, &b, &c, &d)) {
+            const unsigned family = (a >> 8 & 0xf) == 0xf ? 0xf + (a >> 20 & 0xff) : a >> 8 & 0xf;
+            if (family >= 0x1a) gemv1_pf_step = GEMV1_PREFETCH_STEP_ZEN5, gemv1_pf_copies = GEMV1_PF_COPIES_ZEN5;
+        }
     }
 #endif
 }
@@ -3477,21 +3511,26 @@ static PyObject *set_min_tokens(PyObject *args, int *setting, const char *kernel
     return PyLong_FromLong(before);
 }
 
-/* set_prefetch(gemv_step, i8_bytes, i8_every_line) -> (previous three): the GEMV prefetch settings that prefetch_tune
- * chose for this CPU (gemv_step: the one-token ternary GEMV's three prefetches at 1, 2, 3 x gemv_step bytes ahead;
- * i8_bytes and i8_every_line: the int8 output layer's distance, and one prefetch per line or per 4 lines). For A/B
- * runs and tuning on other CPUs; set it while no kernel runs. */
-static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
-    long long step, i8_bytes;
-    int every;
+/* set_prefetch(gemv_step, i8_bytes, i8_every_line[, gemv_copies[, tq1_step]]) -> (previous five): the GEMV prefetch
+ * settings that prefetch_tune chose for this CPU (gemv_step and gemv_copies: the one-token TQ2_0 GEMV prefetches every
+ * line gemv_copies times, at 1 .. gemv_copies x gemv_step bytes ahead; i8_bytes and i8_every_line: the int8 output
+ * layer's distance, and one prefetch per line or per 4 lines; tq1_step: the TQ1_0 GEMV's three prefetches at 1, 2, 3 x
+ * tq1_step). For A/B runs and tuning on other CPUs; set it while no kernel runs. */
+static PyObject *py_set_prefetch(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"gemv_step", "i8_bytes", "i8_every_line", "gemv_copies", "tq1_step", NULL};
+    long long step, i8_bytes, t1_step = tq1_pf_step;
+    int every, copies = gemv1_pf_copies;
     (void)self;
-    if (!PyArg_ParseTuple(args, "LLp", &step, &i8_bytes, &every)) return NULL;
-    if (step < 0 || step > (1 << 20) || i8_bytes < 0 || i8_bytes > (1 << 20))
-        return PyErr_Format(PyExc_ValueError, "prefetch distances must be 0 .. 1048576 bytes, got %lld and %lld", step,
-                            i8_bytes);
-    PyObject *before = Py_BuildValue("LLO", (long long)gemv1_pf_step, (long long)i8_pf_bytes,
-                                     i8_pf_every_line ? Py_True : Py_False);
-    gemv1_pf_step = step, i8_pf_bytes = i8_bytes, i8_pf_every_line = every;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLp|iL", names, &step, &i8_bytes, &every, &copies, &t1_step))
+        return NULL;
+    if (step < 0 || step > (1 << 20) || i8_bytes < 0 || i8_bytes > (1 << 20) || t1_step < 0 || t1_step > (1 << 20))
+        return PyErr_Format(PyExc_ValueError, "prefetch distances must be 0 .. 1048576 bytes, got %lld, %lld and %lld",
+                            step, i8_bytes, t1_step);
+    if (copies < 1 || copies > 3) return PyErr_Format(PyExc_ValueError, "gemv_copies must be 1, 2 or 3, got %d", copies);
+    PyObject *before = Py_BuildValue("LLOiL", (long long)gemv1_pf_step, (long long)i8_pf_bytes,
+                                     i8_pf_every_line ? Py_True : Py_False, gemv1_pf_copies, (long long)tq1_pf_step);
+    gemv1_pf_step = step, i8_pf_bytes = i8_bytes, i8_pf_every_line = every, gemv1_pf_copies = copies;
+    tq1_pf_step = t1_step;
     return before;
 }
 
@@ -3652,7 +3691,8 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
-    {"set_prefetch", py_set_prefetch, METH_VARARGS, "Set the GEMV prefetch distances (for A/B runs and tuning)."},
+    {"set_prefetch", (PyCFunction)(void (*)(void))py_set_prefetch, METH_VARARGS | METH_KEYWORDS,
+     "Set the GEMV prefetch distances (for A/B runs and tuning)."},
     {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},

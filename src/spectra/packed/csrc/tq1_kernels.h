@@ -326,8 +326,8 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
         const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
         const __mmask64 k = tq1_chunk_mask(c, lo, hi);
         /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */
-        PREFETCH3(wa);
-        if (R == 2) PREFETCH3(wb);
+        PREFETCH3_TQ1(wa);
+        if (R == 2) PREFETCH3_TQ1(wb);
         __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
         tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
         if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
