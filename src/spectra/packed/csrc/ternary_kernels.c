@@ -46,7 +46,6 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPECTRA_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -72,35 +71,30 @@
 #define PREFETCH_BYTES 8192
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-/* The one-token GEMV (gemv1_avx512) prefetches every line gemv1_pf_copies times, at 1, 2, 3 x gemv1_pf_step ahead.
- * - Zen 4 (GEMV1_PREFETCH_STEP, 3 copies: AMD before family 1Ah, and any CPU neither Intel's nor AMD's): a PREFETCHT1
- *   is sometimes lost (others report it on EPYC 9124), and a line whose prefetch is lost costs a whole DRAM latency.
- *   Here it looks worse the faster the loop runs: a read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB
- *   ahead, 0.16 ms with none. With one prefetch per line no distance from 2 to 24 KiB beat 8 KiB; two or three copies
- *   (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8 KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in
- *   interleaved A/B runs of benchmarks/kernels.py, with little difference between them.
- * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL, 3 copies): steps of 3 KiB, with the
- *   output layer's prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
- *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster).
- * - Zen 5 (AMD family 1Ah; GEMV1_PREFETCH_STEP_ZEN5, GEMV1_PF_COPIES_ZEN5): one copy, 12 KiB ahead. On the 2-core
- *   EPYC (family 1Ah model 2) TriLM-1.1B decoding with 2 scale shards against three copies 6 KiB apart (kernel_ab.py
- *   --decode --shards 2 -D GEMV1_PF_COPIES=..., 9 rounds): one copy 1.063x (8/9) at 6 KiB, 1.065x (8/9) at 12 KiB,
- *   0.984x (0/9) at 4 KiB; two copies 1.057x (8/9); none 0.874x (0/9); 2 threads one copy at 12 KiB 1.142x (9/9).
- * Chosen at import by the CPU's vendor and family (prefetch_tune). */
+/* The one-token GEMV (gemv1_avx512) prefetches every line gemv1_pf_copies (3) times, at 1, 2, 3 x gemv1_pf_step ahead.
+ * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's): a PREFETCHT1 is sometimes lost (others report it on EPYC 9124),
+ *   and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the loop runs: a
+ *   read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB ahead, 0.16 ms with none. With one prefetch per
+ *   line no distance from 2 to 24 KiB beat 8 KiB; two or three copies (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8
+ *   KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in interleaved A/B runs of benchmarks/kernels.py,
+ *   with little difference between them.
+ * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL): steps of 3 KiB, with the output layer's
+ *   prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
+ *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster). Chosen at import by the CPU's vendor
+ *   (prefetch_tune).
+ * - Zen 5 (the 2-core EPYC of family 1Ah, 2026-12-06) keeps Zen 4's: one copy 12 KiB ahead against three 6 KiB apart
+ *   was 0.975x on 1 thread (kernel_ab.py --decode --shards 2, 9 rounds, 1/9) and level on 2 (1.002x, 11 rounds).
+ * The copy count is a variable (set_prefetch), and the loop tests it: GCC 12 then lays the GEMV's pair loop out
+ *   otherwise (the prefetches first, the loads after), and that loop ran TriLM-1.1B decoding 1.090x faster on Zen 5
+ *   with the same three prefetches (kernel_ab.py --decode --shards 2 --base 2710cd8, 1 thread, 9/9 rounds). */
 #ifndef GEMV1_PREFETCH_STEP
 #define GEMV1_PREFETCH_STEP 6144
 #endif
 #ifndef GEMV1_PREFETCH_STEP_INTEL
 #define GEMV1_PREFETCH_STEP_INTEL 3072
 #endif
-#ifndef GEMV1_PREFETCH_STEP_ZEN5
-#define GEMV1_PREFETCH_STEP_ZEN5 12288
-#endif
 #ifndef GEMV1_PF_COPIES
 #define GEMV1_PF_COPIES 3
-#endif
-#ifndef GEMV1_PF_COPIES_ZEN5
-#define GEMV1_PF_COPIES_ZEN5 1
 #endif
 static int64_t gemv1_pf_step = GEMV1_PREFETCH_STEP;
 static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
@@ -112,10 +106,10 @@ static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
             if (gemv1_pf_copies > 2) PREFETCH((p) + 3 * gemv1_pf_step); \
         }                                                               \
     } while (0)
-/* The TQ1_0 GEMV (tq1_gemv1_avx512) keeps three copies at 1, 2, 3 x tq1_pf_step everywhere: the Zen 5 setting above
- * made TriLM-1.1B TQ1_0 decoding slower there (kernel_ab.py --decode --shards 2 --format tq1, 1 thread, 9 rounds:
- * 0.935x, 0/9; one copy at 6 KiB 0.942x, three at 12 KiB 0.941x, two at 6 KiB 1.005x), as a TQ1_0 row's 52 bytes per
- * block take more work per byte than TQ2_0's 64. */
+/* The TQ1_0 GEMV (tq1_gemv1_avx512) prefetches three copies at 1, 2, 3 x tq1_pf_step, its own distance (the same as
+ * gemv1_pf_step unless set_prefetch changes it). On Zen 5 one copy lost there (kernel_ab.py --decode --shards 2
+ * --format tq1, 1 thread, 9 rounds: one copy at 12 KiB 0.935x, at 6 KiB 0.942x; three at 12 KiB 0.941x; two at 6 KiB
+ * 1.005x), and no step from 3 to 12 KiB beat 6 (in one process, 7 rounds: 0.978-0.995x). */
 static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
 #define PREFETCH3_TQ1(p)                     \
     do {                                     \
@@ -139,12 +133,6 @@ static void prefetch_tune(void) {
         gemv1_pf_step = tq1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
         i8_pf_bytes = I8_PF_BYTES_INTEL;
         i8_pf_every_line = 1;
-    } else if (__builtin_cpu_is("amd")) {
-        unsigned a, b, c, d;
-        if (__get_cpuid(1, &a, &b, &c, &d)) {
-            const unsigned family = (a >> 8 & 0xf) == 0xf ? 0xf + (a >> 20 & 0xff) : a >> 8 & 0xf;
-            if (family >= 0x1a) gemv1_pf_step = GEMV1_PREFETCH_STEP_ZEN5, gemv1_pf_copies = GEMV1_PF_COPIES_ZEN5;
-        }
     }
 #endif
 }
