@@ -14,7 +14,8 @@ calls) between alternating rounds.
 The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache):
 `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`
 with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`,
-or with `--decode` 64 single-token steps of `Decoder` from an empty cache (`generate`'s decode, llama-bench's `tg`).
+or with `--decode` 64 single-token steps of `Decoder` from an empty cache (llama-bench's `tg`; with `--greedy` through
+`Decoder.greedy`, one C call per token, as `generate` and `spectra bench` decode).
 `--format tq1` packs the model as TQ1_0; `--vocab` overrides the vocabulary (32000: `benchmarks/decode.py`);
 `--shards 2` gives every matrix two scale shards, as real checkpoints have (the row-parallel ones then have two scale
 segments per row).
@@ -26,6 +27,7 @@ base whose C functions take other arguments cannot be compared this way (the cal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.machinery
 import importlib.util
 import statistics
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--pos", type=int, default=32, help="position the batch's 64 steps start from")
     ap.add_argument("--prefill", type=int, default=0, help="time a prompt of this many tokens instead")
     ap.add_argument("--decode", action="store_true", help="time 64 single-token decode steps instead")
+    ap.add_argument("--greedy", action="store_true",
+                    help="with --decode: step through Decoder.greedy (one C call per token: what `generate` and "
+                         "`spectra bench` run) instead of the decoder's per-layer calls")
     ap.add_argument("--format", choices=["tq2", "tq1"], default="tq2")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary")
     ap.add_argument("--shards", type=int, default=1,
@@ -139,15 +144,22 @@ def main() -> None:
             cache = model.new_cache(1, 66, torch.float16)
 
             def measure() -> float:
-                with torch.inference_mode():
+                with torch.inference_mode(), K.serial_torch() if args.greedy else contextlib.nullcontext():
                     cache.pos = 0
                     dec(ids[0], cache=cache)
                     t0 = time.perf_counter()
                     for t in ids[1:]:
-                        dec(t, cache=cache)
+                        if args.greedy:
+                            dec.greedy(int(t), cache)
+                        else:
+                            dec(t, cache=cache)
                     return (time.perf_counter() - t0) / 64
 
-            what = "decode step, 64 tokens from an empty cache"
+            if args.greedy:
+                with torch.inference_mode():
+                    if not dec.greedy_ready(cache):
+                        raise SystemExit("--greedy: this model's decoder has no one-call greedy step")
+            what = f"decode step{' (Decoder.greedy)' if args.greedy else ''}, 64 tokens from an empty cache"
         else:
             bd = BatchDecoder(model, args.batch, args.pos + 64, torch.float16)
             dec = bd.kernel["decoder"]
