@@ -321,28 +321,40 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
         DPBUSD_R(A1, _mm512_and_si512(FA, m1), x2);        \
         DPBUSD_R(A2, _mm512_and_si512(FA, m2), x3);        \
     } while (0)
+    /* One qs chunk c under byte mask K (a constant all-ones mask for the chunks the run covers whole: plain loads, no
+     * mask to compute). */
+#define TQ1_QS_CHUNK(C, K)                                                                                            \
+    do {                                                                                                             \
+        const uint8_t *wa = w + 64 * (C), *wb = wa + rowb;                                                           \
+        /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */        \
+        PREFETCH3_TQ1(wa);                                                                                           \
+        if (R == 2) PREFETCH3_TQ1(wb);                                                                               \
+        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;                                                        \
+        tq1_decode_bytes(_mm512_maskz_loadu_epi8((K), wa), L, &fa, &fb);                                             \
+        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8((K), wb), L, &ga, &gb);                                 \
+        const int8_t *ab = xd + 5 * 64 * (C);                                                                        \
+        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);   \
+        __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);                               \
+        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));                                             \
+        TQ1_CODES_0_3(p0, p1, p2, fa, fb);                                                                           \
+        DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);                                                                  \
+        if (R == 2) {                                                                                                \
+            TQ1_CODES_0_3(q0, q1, q2, ga, gb);                                                                       \
+            DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);                                                              \
+        }                                                                                                            \
+        __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));               \
+    } while (0)
     const int64_t lo = TQ1_QS * b0, hi = TQ1_QS * b1;
-    for (int64_t c = lo / 64; 64 * c < hi; c++) {
-        const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
-        const __mmask64 k = tq1_chunk_mask(c, lo, hi);
-        /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */
-        PREFETCH3_TQ1(wa);
-        if (R == 2) PREFETCH3_TQ1(wb);
-        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
-        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
-        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
-        const int8_t *ab = xd + 5 * 64 * c;
-        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);
-        __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);
-        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));
-        TQ1_CODES_0_3(p0, p1, p2, fa, fb);
-        DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);
-        if (R == 2) {
-            TQ1_CODES_0_3(q0, q1, q2, ga, gb);
-            DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
-        }
-        __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));
+    const int64_t c_lo = lo / 64, c_hi = (hi + 63) / 64; /* chunks [c_lo, c_hi) meet the run */
+    const int64_t f_lo = (lo + 63) / 64, f_hi = hi / 64;  /* chunks [f_lo, f_hi) lie in it whole */
+    if (f_lo >= f_hi) {
+        for (int64_t c = c_lo; c < c_hi; c++) TQ1_QS_CHUNK(c, tq1_chunk_mask(c, lo, hi));
+    } else {
+        if (c_lo < f_lo) TQ1_QS_CHUNK(c_lo, tq1_chunk_mask(c_lo, lo, hi));
+        for (int64_t c = f_lo; c < f_hi; c++) TQ1_QS_CHUNK(c, ~(__mmask64)0);
+        if (f_hi < c_hi) TQ1_QS_CHUNK(f_hi, tq1_chunk_mask(f_hi, lo, hi));
     }
+#undef TQ1_QS_CHUNK
     const int64_t hlo = TQ1_QH * b0, hhi = TQ1_QH * b1;
     const int8_t *xh = xd + 5 * 64 * tq1_qs_chunks(nb);
     const int64_t h_last = tq1_qh_chunks(nb) - 1; /* its planes repeat lanes 0..31 in 32..63 when it is that short */
