@@ -46,6 +46,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPECTRA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -82,8 +83,12 @@
  *   prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
  *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster). Chosen at import by the CPU's vendor
  *   (prefetch_tune).
- * - Zen 5 (the 2-core EPYC of family 1Ah, 2026-12-06) keeps Zen 4's: one copy 12 KiB ahead against three 6 KiB apart
- *   was 0.975x on 1 thread (kernel_ab.py --decode --shards 2, 9 rounds, 1/9) and level on 2 (1.002x, 11 rounds).
+ * - Zen 5 (AMD family 1Ah; GEMV1_PREFETCH_STEP_ZEN5): three copies 8 KiB apart. On the 2-core EPYC of family 1Ah
+ *   model 2 (2026-12-06), TriLM-1.5B decoding (2048-wide rows) ran at 6 KiB steps far below its bound: against them,
+ *   in one process (set_prefetch alternating, 5 rounds) 8 KiB gave 1.108x (5/5) and 1.041x (3/5) in two runs on 1
+ *   thread, 1.161x (5/5) on 2; TriLM-1.1B 1.003x (4/7) and 1.030x (5/7). As builds (kernel_ab.py --decode --greedy
+ *   --shards 2, 7 rounds): 1.5B 1.090x (7/7) on 1 thread, 0.986x (3/7) on 2; 1.1B 0.994x (2/7) on 1. One copy 12
+ *   KiB ahead against three 6 KiB apart was 0.975x on 1 thread at 1.1B (9 rounds, 1/9) and level on 2.
  * The copy count is a variable (set_prefetch), and the loop tests it: GCC 12 then lays the GEMV's pair loop out
  *   otherwise (the prefetches first, the loads after), and that loop ran TriLM-1.1B decoding 1.090x faster on Zen 5
  *   with the same three prefetches (kernel_ab.py --decode --shards 2 --base 2710cd8, 1 thread, 9/9 rounds). */
@@ -92,6 +97,9 @@
 #endif
 #ifndef GEMV1_PREFETCH_STEP_INTEL
 #define GEMV1_PREFETCH_STEP_INTEL 3072
+#endif
+#ifndef GEMV1_PREFETCH_STEP_ZEN5
+#define GEMV1_PREFETCH_STEP_ZEN5 8192
 #endif
 #ifndef GEMV1_PF_COPIES
 #define GEMV1_PF_COPIES 3
@@ -133,6 +141,12 @@ static void prefetch_tune(void) {
         gemv1_pf_step = tq1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
         i8_pf_bytes = I8_PF_BYTES_INTEL;
         i8_pf_every_line = 1;
+    } else if (__builtin_cpu_is("amd")) {
+        unsigned a, b, c, d;
+        if (__get_cpuid(1, &a, &b, &c, &d)) {
+            const unsigned family = (a >> 8 & 0xf) == 0xf ? 0xf + (a >> 20 & 0xff) : a >> 8 & 0xf;
+            if (family >= 0x1a) gemv1_pf_step = GEMV1_PREFETCH_STEP_ZEN5; /* the TQ1_0 GEMV keeps its step */
+        }
     }
 #endif
 }
