@@ -376,11 +376,11 @@ def set_prefetch(
 ) -> tuple[int, int, bool, int, int]:
     """Set the GEMV prefetch settings the extension chose for this CPU at import, returning the previous five (on
     Intel: 3072, 2048, True, 3, 3072; on AMD Zen 5, family 1Ah: 8192, 8192, False, 3, 6144; else 6144, 8192, False,
-    3, 6144): `gemv_step` and `gemv_copies`, the one-token
-    TQ2_0 GEMV prefetches every line `gemv_copies` (1-3) times, at 1 .. gemv_copies x gemv_step bytes ahead;
-    `i8_bytes` and `i8_every_line`, the int8 output layer's distance and whether every line is prefetched (else one
-    per 4); `tq1_step`, the TQ1_0 GEMV's three prefetches at 1, 2, 3 x tq1_step. None keeps the current value. For
-    tuning on other CPUs and A/B runs; call it while no kernel runs. Outputs do not depend on it."""
+    3, 6144): `gemv_step` and `gemv_copies`, the one-token TQ2_0 GEMV prefetches every line `gemv_copies` (1-3)
+    times, at 1 .. gemv_copies x gemv_step bytes ahead; `i8_bytes` and `i8_every_line`, the int8 output layer's
+    distance and whether every line is prefetched (else one per 4); `tq1_step`, the TQ1_0 GEMV's three prefetches at
+    1, 2, 3 x tq1_step. None keeps the current value. For tuning on other CPUs and A/B runs; call it while no kernel
+    runs. Outputs do not depend on it."""
     ext = extension()
     if ext is None or not hasattr(ext, "set_prefetch"):
         raise RuntimeError("set_prefetch needs the compiled extension")

@@ -73,12 +73,12 @@
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 /* The one-token GEMV (gemv1_avx512) prefetches every line gemv1_pf_copies (3) times, at 1, 2, 3 x gemv1_pf_step ahead.
- * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's): a PREFETCHT1 is sometimes lost (others report it on EPYC 9124),
- *   and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the loop runs: a
- *   read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB ahead, 0.16 ms with none. With one prefetch per
- *   line no distance from 2 to 24 KiB beat 8 KiB; two or three copies (8+16, 10+20, 12+24 KiB; steps of 4, 5, 6, 8
- *   KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in interleaved A/B runs of benchmarks/kernels.py,
- *   with little difference between them.
+ * - Zen 4 (GEMV1_PREFETCH_STEP, any CPU but Intel's and Zen 5): a PREFETCHT1 is sometimes lost (others report it on
+ *   EPYC 9124), and a line whose prefetch is lost costs a whole DRAM latency. Here it looks worse the faster the
+ *   loop runs: a read-only loop over 4 MiB took 0.23 ms with one prefetch 8 KiB ahead, 0.16 ms with none. With one
+ *   prefetch per line no distance from 2 to 24 KiB beat 8 KiB; two or three copies (8+16, 10+20, 12+24 KiB; steps
+ *   of 4, 5, 6, 8 KiB x 1, 2, 3) made the streamed 4096x4096 GEMV 4-8 % faster in interleaved A/B runs of
+ *   benchmarks/kernels.py, with little difference between them.
  * - The 2-core Intel Xeon (Sapphire Rapids class; GEMV1_PREFETCH_STEP_INTEL): steps of 3 KiB, with the output layer's
  *   prefetch below (I8_PF_BYTES_INTEL), made TriLM-1.1B decoding 1.031x faster on 1 and on 2 threads
  *   (benchmarks/kernel_ab.py --decode, 9 rounds: 9/9 and 7/9 faster). Chosen at import by the CPU's vendor
@@ -114,8 +114,8 @@ static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
             if (gemv1_pf_copies > 2) PREFETCH((p) + 3 * gemv1_pf_step); \
         }                                                               \
     } while (0)
-/* The TQ1_0 GEMV (tq1_gemv1_avx512) prefetches three copies at 1, 2, 3 x tq1_pf_step, its own distance (the same as
- * gemv1_pf_step unless set_prefetch changes it). On Zen 5 one copy lost there (kernel_ab.py --decode --shards 2
+/* The TQ1_0 GEMV (tq1_gemv1_avx512) prefetches three copies at 1, 2, 3 x tq1_pf_step, its own distance (Intel's
+ * GEMV1_PREFETCH_STEP_INTEL there, GEMV1_PREFETCH_STEP on every other CPU, Zen 5 included). On Zen 5 one copy lost there (kernel_ab.py --decode --shards 2
  * --format tq1, 1 thread, 9 rounds: one copy at 12 KiB 0.935x, at 6 KiB 0.942x; three at 12 KiB 0.941x; two at 6 KiB
  * 1.005x), and no step from 3 to 12 KiB beat 6 (in one process, 7 rounds: 0.978-0.995x). */
 static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
