@@ -115,9 +115,10 @@ static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
         }                                                               \
     } while (0)
 /* The TQ1_0 GEMV (tq1_gemv1_avx512) prefetches three copies at 1, 2, 3 x tq1_pf_step, its own distance (Intel's
- * GEMV1_PREFETCH_STEP_INTEL there, GEMV1_PREFETCH_STEP on every other CPU, Zen 5 included). On Zen 5 one copy lost there (kernel_ab.py --decode --shards 2
- * --format tq1, 1 thread, 9 rounds: one copy at 12 KiB 0.935x, at 6 KiB 0.942x; three at 12 KiB 0.941x; two at 6 KiB
- * 1.005x), and no step from 3 to 12 KiB beat 6 (in one process, 7 rounds: 0.978-0.995x). */
+ * GEMV1_PREFETCH_STEP_INTEL there, GEMV1_PREFETCH_STEP on every other CPU, Zen 5 included). On Zen 5 one copy lost
+ * there (kernel_ab.py --decode --shards 2 --format tq1, 1 thread, 9 rounds: one copy at 12 KiB 0.935x, at 6 KiB
+ * 0.942x; three at 12 KiB 0.941x; two at 6 KiB 1.005x), and no step from 3 to 12 KiB beat 6 (in one process, 7
+ * rounds: 0.978-0.995x). */
 static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
 #define PREFETCH3_TQ1(p)                     \
     do {                                     \
