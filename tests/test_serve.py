@@ -425,9 +425,9 @@ def test_bench_raw_client_parses_chunked_sse_split_anywhere():
 
 
 def test_bench_clients_count_every_token_on_every_client_library(server):
-    """benchmarks/serve.py's `drive` against a real server: with the raw client, aiohttp and httpx, every request
-    answers 200 with one timed event per generated token; a bad request on a raw connection answers 400 and the
-    same connection then serves the next request."""
+    """benchmarks/serve.py's `drive` against a real server: with the raw client (on asyncio's loop and on the
+    benchmark's own, `run_loop`), aiohttp and httpx, every request answers 200 with one timed event per generated
+    token; a bad request on a raw connection answers 400 and the same connection then serves the next request."""
     import asyncio
 
     bench = _serve_bench()
@@ -435,6 +435,8 @@ def test_bench_clients_count_every_token_on_every_client_library(server):
         r = asyncio.run(bench.drive(server.url, 3, 2, 5, 6, 384, False, 0, client_lib=lib))
         assert (r["requests"], r["tokens"], r["status_5xx"], r["status_other"], r["transport_errors"]) == (
             6, 36, 0, 0, 0), lib
+    r = bench.run_loop(bench.drive(server.url, 3, 2, 5, 6, 384, False, 0, client_lib="raw"))  # uvloop, as it runs
+    assert (r["requests"], r["tokens"], r["status_5xx"], r["status_other"], r["transport_errors"]) == (6, 36, 0, 0, 0)
 
     async def bad_then_good():
         conns: list = []
