@@ -216,6 +216,35 @@ def test_greedy_is_step_and_sample_next_in_one_call(emb_dtype, kv):
 
 
 @needs_ext
+def test_far_pairs_leave_decoding_unchanged():
+    """Greedy decoding with the one-token GEMV's far pairs forced on (`kernels.use_far_pairs(1)`; a Zen 5 CPU takes
+    them by itself for a model whose blocks exceed its last-level cache) gives the adjacent loop's tokens, logits and
+    caches, on 1 and 2 threads."""
+    model = int8_head_model(torch.float32, seed=3)
+    before, old = kernels.use_far_pairs(0), torch.get_num_threads()
+    runs = []
+    try:
+        for mode in (0, 1):
+            kernels.use_far_pairs(mode)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                dec = Decoder(model)
+                with torch.inference_mode():
+                    cache = dec.new_cache(1, 40, torch.float16)
+                    toks, logits = [7], []
+                    for _ in range(12):
+                        toks.append(dec.greedy(toks[-1], cache))
+                        logits.append(dec.last_logits.clone())
+                runs.append((toks, torch.stack(logits), cache.k.clone(), cache.v.clone()))
+    finally:
+        kernels.use_far_pairs(*before)
+        torch.set_num_threads(old)
+    for toks, logits, k, v in runs[1:]:
+        assert toks == runs[0][0]
+        assert torch.equal(logits, runs[0][1]) and torch.equal(k, runs[0][2]) and torch.equal(v, runs[0][3])
+
+
+@needs_ext
 def test_greedy_falls_back_and_generate_gives_the_same_tokens():
     """Without an int8 head `greedy` is `step` and `sample_next`; `generate` gives the same tokens through `greedy` as
     through the per-step path (greedy_ready off), greedy and sampled (the draw inside `decode_token`)."""

@@ -306,6 +306,38 @@ def test_prefetch_settings_change_no_output():
         K.set_prefetch(*before)
 
 
+@needs_ext
+@pytest.mark.skipif("avx512vnni" not in COMPILED, reason="far pairs are the AVX-512 GEMV's")
+def test_far_pairs_equal_the_reference():
+    """The one-token GEMV's far pairs (use_far_pairs(1): row r of a 16-row group with row r of the group half the range
+    away, in one block loop) give the reference's bits at ragged sizes: fewer than 32 rows (no pair), an odd group
+    left over, rows past the last whole group, 1-4 scale segments per row and more (such rows go one at a time), on
+    1 and 2 threads, with and without the far loop's prefetch; use_far_pairs returns what it replaces and checks its
+    arguments."""
+    before = K.use_far_pairs(1, 0)
+    try:
+        assert before[0] == -1  # the default: by CPU and model size
+        for N, Kdim, shards, dim in ((16, 512, 1, 0), (31, 512, 1, 0), (48, 1024, 2, 0), (77, 2048, 2, 1),
+                                     (130, 768, 3, 1), (96, 1536, 6, 1), (200, 512, 4, 0)):
+            qs, bounds, seg_d, _ = _layer(N, Kdim, shards, dim, seed=N)
+            x = torch.randn(1, Kdim)
+            ref = K.reference_matmul(x, qs, bounds, seg_d)
+            for step in (0, 4096):
+                K.use_far_pairs(1, step)
+                for threads in (1, 2):
+                    y = K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni", n_threads=threads)
+                    assert torch.equal(y, ref), (N, Kdim, shards, dim, step, threads)
+            K.use_far_pairs(0)
+            assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path="avx512vnni", n_threads=1), ref)
+        assert K.use_far_pairs(-1, 8192) == (0, 4096)
+        with pytest.raises(ValueError, match="mode must be -1, 0 or 1"):
+            K.use_far_pairs(2)
+        with pytest.raises(ValueError, match="prefetch distance"):
+            K.use_far_pairs(1, -5)
+    finally:
+        K.use_far_pairs(*before)
+
+
 # ---- the kernels' thread pool (pool.h) -------------------------------------------------------------------------------
 
 

@@ -186,6 +186,19 @@ def use_batch_split(on: bool = True) -> bool:
     return bool(ext.set_batch_split(on)) if ext is not None and hasattr(ext, "set_batch_split") else False
 
 
+def use_far_pairs(mode: int = -1, pf_step: int | None = None) -> tuple[int, int]:
+    """How the one-token TQ2_0 GEMV pairs its rows: `mode` -1 (the default) reads far pairs (row r of a 16-row group
+    with row r of the group half its range away: two DRAM streams side by side, one prefetch per line `pf_step`
+    bytes ahead, 0 for none) in a decode step on the CPUs they were measured on (AMD Zen 5) when the model's blocks do
+    not fit in the last-level cache; 1 always (every one-token TQ2_0 product); 0 never (adjacent pairs, one stream).
+    Results are bit-identical either way. Returns the previous (mode, pf_step); (0, 0) without the extension. For
+    A/B runs and tests (`ternary_kernels.c`: gemv1_far_avx512)."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "set_far_pairs"):
+        return (0, 0)
+    return tuple(ext.set_far_pairs(int(mode), -1 if pf_step is None else int(pf_step)))
+
+
 def use_lane(min_tokens: int = 32) -> int:
     """Let the `avx512vnni` path compute ternary products of `min_tokens` or more tokens with the token-lane GEMM (the
     default is 32; 0 switches it off, for A/B runs and tests). While the quad GEMM is on (`use_quad`), TQ2_0 products

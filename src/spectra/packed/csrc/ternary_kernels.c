@@ -24,6 +24,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdio.h>
 
 #include <float.h>
 #include <math.h>
@@ -136,6 +137,27 @@ static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
 static int64_t i8_pf_bytes = PREFETCH_BYTES;
 static int i8_pf_every_line = 0;
 
+/* Far pairs (gemv1_far_avx512): the one-token TQ2_0 GEMV reads row r of a 16-row group together with row r of the
+ * group half its row range away, two streams side by side, instead of two adjacent rows (one stream), and prefetches
+ * each line once, gemv1_far_pf_step ahead (0: not at all). From DRAM one Zen 5 core reads one stream at 36-39 GB/s
+ * and two at 41-42 (kernels' stream_read, 1 GiB on 2 MiB pages), and the GEMV's three prefetches per line were what
+ * kept its single stream near 34. On the 2-core EPYC of AMD family 1Ah (2026-12-06), TriLM-1.1B with 2 scale shards
+ * decoded through Decoder.greedy, far pairs against the adjacent loop in one process, 11 alternating rounds: one
+ * prefetch 16 KiB ahead 1.069x [1.036-1.083] (11/11) on 1 thread and 1.087x (8/11) on 2; no prefetch 1.056x (11/11)
+ * and 1.112x (10/11); 12 KiB 1.054x (11/11) and 1.084x (9/11); far pairs with the adjacent loop's three prefetches
+ * 0.998x. Far pairs pay only when the weights stream from DRAM: on a model whose blocks fit in the last-level cache
+ * (TriLM-99M: 12 MB) they cost 0.87-0.89x (session 31). So far_pairs_mode -1 (the default) takes them for a decode
+ * step (decode_layers_batch / decode_token, one row) when the CPU is one they were measured on (gemv1_far_auto:
+ * Zen 5) and the blocks' code bytes exceed the last-level cache (llc_bytes); set_far_pairs forces them on (1, every
+ * one-token TQ2_0 product: A/B runs and tests) or off (0). The sums and the epilogue are the adjacent loop's, so the
+ * outputs are the same bits. */
+#ifndef GEMV1_FAR_PF_STEP
+#define GEMV1_FAR_PF_STEP 0
+#endif
+static int64_t gemv1_far_pf_step = GEMV1_FAR_PF_STEP;
+static int gemv1_far_auto = 0;  /* set by prefetch_tune on CPUs the far pairs were measured on */
+static int far_pairs_mode = -1; /* -1: by CPU and model size (set_far), 0: never, 1: always */
+
 static void prefetch_tune(void) {
 #ifdef SPECTRA_X86
     if (__builtin_cpu_is("intel")) {
@@ -146,7 +168,10 @@ static void prefetch_tune(void) {
         unsigned a, b, c, d;
         if (__get_cpuid(1, &a, &b, &c, &d)) {
             const unsigned family = (a >> 8 & 0xf) == 0xf ? 0xf + (a >> 20 & 0xff) : a >> 8 & 0xf;
-            if (family >= 0x1a) gemv1_pf_step = GEMV1_PREFETCH_STEP_ZEN5; /* the TQ1_0 GEMV keeps its step */
+            if (family >= 0x1a) {
+                gemv1_pf_step = GEMV1_PREFETCH_STEP_ZEN5; /* the TQ1_0 GEMV keeps its step */
+                gemv1_far_auto = 1;
+            }
         }
     }
 #endif
@@ -166,6 +191,7 @@ typedef struct {
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
+    int far; /* a one-token TQ2_0 product reads far pairs (gemv1_far_avx512; set_far) */
 } job_t;
 
 enum { FMT_TQ2 = 0, FMT_TQ1 = 1 };
@@ -569,6 +595,8 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J,
     }
 }
 
+TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t *J, int64_t n0, int64_t n1);
+
 TARGET_AVX512 __attribute__((noinline)) static void gemv2_avx512(const job_t *J, int64_t n0, int64_t n1) {
     gemv_rows_avx512(J, n0, n1, 2);
 }
@@ -581,7 +609,10 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv4_avx512(const job_t *J,
 
 TARGET_AVX512 static void gemv_avx512(const job_t *J, int64_t n0, int64_t n1) {
     switch (J->T) {
-        case 1: gemv1_avx512(J, n0, n1); break;
+        case 1:
+            if (J->far || far_pairs_mode == 1) gemv1_far_avx512(J, n0, n1);
+            else gemv1_avx512(J, n0, n1);
+            break;
         case 2: gemv2_avx512(J, n0, n1); break;
         case 3: gemv3_avx512(J, n0, n1); break;
         default: gemv4_avx512(J, n0, n1); break;
@@ -3189,12 +3220,47 @@ static batch_layer_t *plan_copy(const layers_plan_t *plan, int64_t B) {
 /* Every block on B rows (no Python: call it with the GIL released): split over the threads by rows where
  * split_parts says so, else block after block. all_layers: layer i's caches at i * loff (else loff itself). 0 when
  * scratch memory cannot be allocated. */
+/* The last-level cache the VM's cores share, in bytes: sysfs's size of cpu0's index 3 (CPUID and sysconf report the
+ * host's whole L3: 384 MiB on the 2-core EPYC VM of family 1Ah, whose cores share 32 MiB), else 32 MiB. */
+static long long llc_bytes(void) {
+    static long long bytes = -1;
+    if (bytes < 0) {
+        long long kb = 0;
+        FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+        if (f) {
+            if (fscanf(f, "%lld", &kb) != 1) kb = 0;
+            fclose(f);
+        }
+        bytes = kb > 0 ? kb << 10 : 32LL << 20;
+    }
+    return bytes;
+}
+
+/* far_pairs_mode -1: the blocks' TQ2_0 jobs of a one-row step read far pairs when the CPU is one they were measured on
+ * and the blocks' code bytes exceed the last-level cache (gemv1_far_pf_step). */
+static void set_far(batch_layer_t *Ls, Py_ssize_t n_layers) {
+    int far = 0;
+    if (far_pairs_mode < 0 && gemv1_far_auto) {
+        long long bytes = 0;
+        for (Py_ssize_t i = 0; i < n_layers; i++) {
+            job_t *jobs[7] = LAYER_JOBS(&Ls[i]);
+            for (int j = 0; j < 7; j++) bytes += jobs[j]->N * jobs[j]->nb * (jobs[j]->fmt == FMT_TQ1 ? TQ1_CB : QB);
+        }
+        far = bytes > llc_bytes();
+    }
+    for (Py_ssize_t i = 0; i < n_layers; i++) {
+        job_t *jobs[7] = LAYER_JOBS(&Ls[i]);
+        for (int j = 0; j < 7; j++) jobs[j]->far = far && jobs[j]->fmt == FMT_TQ2;
+    }
+}
+
 static int layers_exec(int path, int n_threads, batch_layer_t *Ls, Py_ssize_t n_layers, int all_layers, int half,
                        float *xs, int64_t B, int64_t C, int64_t H, int64_t D, const int64_t *pos, const float *cos0,
                        const float *sin0, const unsigned long long *kp, const unsigned long long *vp, long long loff,
                        long long hs, float scale) {
     split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, {0}, pos, cos0, sin0, kp, vp,
                          loff, hs, scale, 0};
+    if (B == 1) set_far(Ls, n_layers);
     const int64_t parts = split_parts(path, n_threads, Ls, B, kp, task.cut);
     if (parts > 1) {
         for_chunks(n_threads, parts, split_chunk, (void *)&task);
@@ -3600,6 +3666,23 @@ static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* set_far_pairs(mode, pf_step=-1) -> (mode, pf_step): far pairs in the one-token TQ2_0 GEMV (far_pairs_mode: -1 by
+ * CPU and model size, 0 never, 1 always) and their prefetch distance (0: none; -1 keeps it); returns the previous
+ * two. For A/B runs and tests; outputs do not depend on them. */
+static PyObject *py_set_far_pairs(PyObject *self, PyObject *args) {
+    int mode;
+    long long step = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i|L", &mode, &step)) return NULL;
+    if (mode < -1 || mode > 1) return PyErr_Format(PyExc_ValueError, "far pairs mode must be -1, 0 or 1, got %d", mode);
+    if (step < -1 || step > (1 << 20))
+        return PyErr_Format(PyExc_ValueError, "far pairs prefetch distance must be 0 .. 1048576 bytes, got %lld", step);
+    PyObject *before = Py_BuildValue("iL", far_pairs_mode, (long long)gemv1_far_pf_step);
+    far_pairs_mode = mode;
+    if (step >= 0) gemv1_far_pf_step = step;
+    return before;
+}
+
 /* set_batch_split(on) -> bool: split a batched decode step's rows over the threads (the default; batch_layers) or not
  * (every block's work spread over the threads in turn); returns the previous setting. For A/B runs and tests. */
 static PyObject *py_set_batch_split(PyObject *self, PyObject *args) {
@@ -3675,6 +3758,61 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
                          "thread_pool", pool ? Py_True : Py_False);
 }
 
+#ifdef SPECTRA_X86
+/* (Defined here, after the hot code, so that adding it moved no other kernel: see gemv1_far_pf_step.) */
+/* Far pairs (see gemv1_far_pf_step): rows n + r and n + 16 * half + r of [n0, n1) in one block loop, for the first
+ * 2 * half whole 16-row groups; the rest (an odd group, the last rows, rows with many segments) as gemv1_avx512 does
+ * them. The block loop is not shared with gemv1_avx512 through a helper or macro on purpose: that loop's layout is
+ * what GCC 12 makes of its own code (see gemv1_pf_copies), and it measured faster as it is. */
+TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
+    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
+    const int8_t *a = J->xq;
+    const int64_t rowb = J->nb * QB, half = J->S <= GROUP_SEGMENTS ? (n1 - n0) / 32 : 0, gap = 16 * half * rowb;
+    const int64_t ahead = gemv1_far_pf_step;
+    __m512i v[GROUP_SEGMENTS][16], u[GROUP_SEGMENTS][16];
+    int64_t n = n0;
+    for (int64_t g = 0; g < half; g++, n += 16) {
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *w = J->qs + (n + r) * rowb; /* its partner at w + gap */
+            for (int64_t s = 0; s < J->S; s++) {
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+                    const uint8_t *wa = w + b * QB, *wb = wa + gap;
+                    if (ahead) {
+                        PREFETCH(wa + ahead);
+                        PREFETCH(wb + ahead);
+                    }
+                    const __m512i w0 = _mm512_loadu_si512(wa), w1 = _mm512_loadu_si512(wb);
+                    const int8_t *ab = a + b * QK;
+                    __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
+                    __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
+                    __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3)); /* else GCC 12 loads each twice */
+                    DPBUSD_R(a0, _mm512_and_si512(w0, m0), x0);
+                    DPBUSD_R(a1, _mm512_and_si512(w0, m1), x1);
+                    DPBUSD_R(a2, _mm512_and_si512(w0, m2), x2);
+                    DPBUSD_R(a3, _mm512_and_si512(w0, m3), x3);
+                    DPBUSD_R(b0, _mm512_and_si512(w1, m0), x0);
+                    DPBUSD_R(b1, _mm512_and_si512(w1, m1), x1);
+                    DPBUSD_R(b2, _mm512_and_si512(w1, m2), x2);
+                    DPBUSD_R(b3, _mm512_and_si512(w1, m3), x3);
+                    __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
+                }
+                __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
+                c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));
+                v[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));
+                c = _mm512_add_epi32(b0, _mm512_srai_epi32(b1, 2));
+                c = _mm512_add_epi32(c, _mm512_srai_epi32(b2, 4));
+                u[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(b3, 6));
+            }
+        }
+        epilogue16(J, n, v, 0);
+        epilogue16(J, n + 16 * half, u, 0);
+    }
+    if (n + 16 * half < n1) gemv1_avx512(J, n + 16 * half, n1);
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y[T,N] = x[T,K] @ W^T for TQ2_0-layout ternary W (int8 activations)."},
     {"matmul_group", py_matmul_group, METH_VARARGS, "Several ternary matmuls of one input, quantized once."},
@@ -3703,6 +3841,7 @@ static PyMethodDef methods[] = {
      "Decode TQ2_0 code fields in the quad GEMM with GFNI where available (default) or not; returns the old state."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
     {"batch_split_cuts", py_batch_split_cuts, METH_VARARGS, "Where a step's rows split over the threads (tests)."},
+    {"set_far_pairs", py_set_far_pairs, METH_VARARGS, "Far row pairs in the one-token TQ2_0 GEMV: -1 auto, 0, 1."},
     {"set_batch_split", py_set_batch_split, METH_VARARGS, "Split batched decode steps' rows over the threads or not."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Instruction-set extensions this CPU (and OS) supports."},
     {"tq1_encoding", py_tq1_encoding, METH_NOARGS, "The stored value of each TQ1_0 code byte (kernel order)."},
