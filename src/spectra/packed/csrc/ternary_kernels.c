@@ -513,6 +513,45 @@ TARGET_AVX512 static inline void epilogue16(const job_t *J, int64_t n, __m512i v
 
 #define GROUP_SEGMENTS 4 /* GEMV: rows are reduced 16 at a time when a row has at most this many scale segments */
 
+/* One pair of rows of the one-token TQ2_0 GEMV, segment s: the rows at w and w + GAP bytes against the activations
+ * a, prefetched by PF(wa, wb); their four field accumulators combined into OUTA and OUTB. gemv1_avx512 (GAP = rowb:
+ * adjacent rows, one stream) and gemv1_far_avx512 (two streams) expand it; a macro, so gemv1_avx512's loop is its
+ * own code (an always_inline helper measured slower, see below). */
+#define GEMV1_PF_ADJACENT(wa, wb) \
+    do {                          \
+        PREFETCH3(wa);            \
+        PREFETCH3(wb);            \
+    } while (0)
+#define GEMV1_PAIR_SUMS(W, GAP, PF, OUTA, OUTB)                                                                       \
+    do {                                                                                                             \
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;          \
+        for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {                                                  \
+            const uint8_t *wa = (W) + b * QB, *wb = wa + (GAP);                                                      \
+            PF(wa, wb);                                                                                              \
+            const __m512i w0 = _mm512_loadu_si512(wa), w1 = _mm512_loadu_si512(wb);                                 \
+            const int8_t *ab = a + b * QK;                                                                           \
+            __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);                                   \
+            __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);                            \
+            __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3)); /* else GCC 12 loads each twice */                 \
+            DPBUSD_R(a0, _mm512_and_si512(w0, m0), x0);                                                              \
+            DPBUSD_R(a1, _mm512_and_si512(w0, m1), x1);                                                              \
+            DPBUSD_R(a2, _mm512_and_si512(w0, m2), x2);                                                              \
+            DPBUSD_R(a3, _mm512_and_si512(w0, m3), x3);                                                              \
+            DPBUSD_R(b0, _mm512_and_si512(w1, m0), x0);                                                              \
+            DPBUSD_R(b1, _mm512_and_si512(w1, m1), x1);                                                              \
+            DPBUSD_R(b2, _mm512_and_si512(w1, m2), x2);                                                              \
+            DPBUSD_R(b3, _mm512_and_si512(w1, m3), x3);                                                              \
+            /* else GCC 12 moves 4 accumulators through other registers every block */                              \
+            __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));           \
+        }                                                                                                            \
+        __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));                                                  \
+        c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));                                                           \
+        OUTA = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));                                                        \
+        c = _mm512_add_epi32(b0, _mm512_srai_epi32(b1, 2));                                                          \
+        c = _mm512_add_epi32(c, _mm512_srai_epi32(b2, 4));                                                           \
+        OUTB = _mm512_add_epi32(c, _mm512_srai_epi32(b3, 6));                                                        \
+    } while (0)
+
 /* One token. Rows are taken 16 at a time: each row's four field accumulators are combined into one vector, and the 16
  * vectors are reduced together (hsum16x16) and finished with one vector epilogue. Per row that replaces a horizontal
  * reduction and a scalar epilogue, which cost about as much as a short row's dot product (7 blocks at dim 1792). The
@@ -536,35 +575,7 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J,
         for (; n + 16 <= n1; n += 16) {
             for (int r = 0; r < 16; r += 2) {
                 const uint8_t *w = J->qs + (n + r) * rowb; /* row n + r; row n + r + 1 follows at w + rowb */
-                for (int64_t s = 0; s < J->S; s++) {
-                    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                    for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-                        const uint8_t *wa = w + b * QB, *wb = wa + rowb;
-                        PREFETCH3(wa);
-                        PREFETCH3(wb);
-                        const __m512i w0 = _mm512_loadu_si512(wa), w1 = _mm512_loadu_si512(wb);
-                        const int8_t *ab = a + b * QK;
-                        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
-                        __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
-                        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3)); /* else GCC 12 loads each twice */
-                        DPBUSD_R(a0, _mm512_and_si512(w0, m0), x0);
-                        DPBUSD_R(a1, _mm512_and_si512(w0, m1), x1);
-                        DPBUSD_R(a2, _mm512_and_si512(w0, m2), x2);
-                        DPBUSD_R(a3, _mm512_and_si512(w0, m3), x3);
-                        DPBUSD_R(b0, _mm512_and_si512(w1, m0), x0);
-                        DPBUSD_R(b1, _mm512_and_si512(w1, m1), x1);
-                        DPBUSD_R(b2, _mm512_and_si512(w1, m2), x2);
-                        DPBUSD_R(b3, _mm512_and_si512(w1, m3), x3);
-                        /* else GCC 12 moves 4 accumulators through other registers every block */
-                        __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
-                    }
-                    __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
-                    c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));
-                    v[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));
-                    c = _mm512_add_epi32(b0, _mm512_srai_epi32(b1, 2));
-                    c = _mm512_add_epi32(c, _mm512_srai_epi32(b2, 4));
-                    v[s][r + 1] = _mm512_add_epi32(c, _mm512_srai_epi32(b3, 6));
-                }
+                for (int64_t s = 0; s < J->S; s++) GEMV1_PAIR_SUMS(w, rowb, GEMV1_PF_ADJACENT, v[s][r], v[s][r + 1]);
             }
             epilogue16(J, n, v, 0);
         }
@@ -3762,53 +3773,31 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 /* (Defined here, after the hot code, so that adding it moved no other kernel: see gemv1_far_pf_step.) */
 /* Far pairs (see gemv1_far_pf_step): rows n + r and n + 16 * half + r of [n0, n1) in one block loop, for the first
  * 2 * half whole 16-row groups; the rest (an odd group, the last rows, rows with many segments) as gemv1_avx512 does
- * them. The block loop is not shared with gemv1_avx512 through a helper or macro on purpose: that loop's layout is
- * what GCC 12 makes of its own code (see gemv1_pf_copies), and it measured faster as it is. */
+ * them, with gemv1_avx512's block loop (GEMV1_PAIR_SUMS). */
 TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
     const int8_t *a = J->xq;
     const int64_t rowb = J->nb * QB, half = J->S <= GROUP_SEGMENTS ? (n1 - n0) / 32 : 0, gap = 16 * half * rowb;
     const int64_t ahead = gemv1_far_pf_step;
+#define GEMV1_PF_FAR(wa, wb)              \
+    do {                                  \
+        if (ahead) {                      \
+            PREFETCH((wa) + ahead);       \
+            PREFETCH((wb) + ahead);       \
+        }                                 \
+    } while (0)
     __m512i v[GROUP_SEGMENTS][16], u[GROUP_SEGMENTS][16];
     int64_t n = n0;
     for (int64_t g = 0; g < half; g++, n += 16) {
         for (int r = 0; r < 16; r++) {
             const uint8_t *w = J->qs + (n + r) * rowb; /* its partner at w + gap */
-            for (int64_t s = 0; s < J->S; s++) {
-                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-                    const uint8_t *wa = w + b * QB, *wb = wa + gap;
-                    if (ahead) {
-                        PREFETCH(wa + ahead);
-                        PREFETCH(wb + ahead);
-                    }
-                    const __m512i w0 = _mm512_loadu_si512(wa), w1 = _mm512_loadu_si512(wb);
-                    const int8_t *ab = a + b * QK;
-                    __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
-                    __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
-                    __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3)); /* else GCC 12 loads each twice */
-                    DPBUSD_R(a0, _mm512_and_si512(w0, m0), x0);
-                    DPBUSD_R(a1, _mm512_and_si512(w0, m1), x1);
-                    DPBUSD_R(a2, _mm512_and_si512(w0, m2), x2);
-                    DPBUSD_R(a3, _mm512_and_si512(w0, m3), x3);
-                    DPBUSD_R(b0, _mm512_and_si512(w1, m0), x0);
-                    DPBUSD_R(b1, _mm512_and_si512(w1, m1), x1);
-                    DPBUSD_R(b2, _mm512_and_si512(w1, m2), x2);
-                    DPBUSD_R(b3, _mm512_and_si512(w1, m3), x3);
-                    __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
-                }
-                __m512i c = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
-                c = _mm512_add_epi32(c, _mm512_srai_epi32(a2, 4));
-                v[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(a3, 6));
-                c = _mm512_add_epi32(b0, _mm512_srai_epi32(b1, 2));
-                c = _mm512_add_epi32(c, _mm512_srai_epi32(b2, 4));
-                u[s][r] = _mm512_add_epi32(c, _mm512_srai_epi32(b3, 6));
-            }
+            for (int64_t s = 0; s < J->S; s++) GEMV1_PAIR_SUMS(w, gap, GEMV1_PF_FAR, v[s][r], u[s][r]);
         }
         epilogue16(J, n, v, 0);
         epilogue16(J, n + 16 * half, u, 0);
     }
+#undef GEMV1_PF_FAR
     if (n + 16 * half < n1) gemv1_avx512(J, n + 16 * half, n1);
 }
 #endif
