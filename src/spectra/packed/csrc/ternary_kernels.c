@@ -3228,9 +3228,6 @@ static batch_layer_t *plan_copy(const layers_plan_t *plan, int64_t B) {
     return Ls;
 }
 
-/* Every block on B rows (no Python: call it with the GIL released): split over the threads by rows where
- * split_parts says so, else block after block. all_layers: layer i's caches at i * loff (else loff itself). 0 when
- * scratch memory cannot be allocated. */
 /* The last-level cache the VM's cores share, in bytes: sysfs's size of cpu0's index 3 (CPUID and sysconf report the
  * host's whole L3: 384 MiB on the 2-core EPYC VM of family 1Ah, whose cores share 32 MiB), else 32 MiB. */
 static long long llc_bytes(void) {
@@ -3247,31 +3244,33 @@ static long long llc_bytes(void) {
     return bytes;
 }
 
-/* far_pairs_mode -1: the blocks' TQ2_0 jobs of a one-row step read far pairs when the CPU is one they were measured on
- * and the blocks' code bytes exceed the last-level cache (gemv1_far_pf_step). */
+/* far_pairs_mode -1: the TQ2_0 jobs of a one-row step over every block read far pairs when the CPU is one they were
+ * measured on and the blocks' code bytes exceed the last-level cache (gemv1_far_pf_step). Jobs come parsed with far
+ * = 0 (parse_spec), so only the switch to far pairs is written. */
 static void set_far(batch_layer_t *Ls, Py_ssize_t n_layers) {
-    int far = 0;
-    if (far_pairs_mode < 0 && gemv1_far_auto) {
-        long long bytes = 0;
-        for (Py_ssize_t i = 0; i < n_layers; i++) {
-            job_t *jobs[7] = LAYER_JOBS(&Ls[i]);
-            for (int j = 0; j < 7; j++) bytes += jobs[j]->N * jobs[j]->nb * (jobs[j]->fmt == FMT_TQ1 ? TQ1_CB : QB);
-        }
-        far = bytes > llc_bytes();
-    }
+    if (far_pairs_mode >= 0 || !gemv1_far_auto) return; /* mode 1 is taken at the GEMV's dispatch (gemv_avx512) */
+    long long bytes = 0;
     for (Py_ssize_t i = 0; i < n_layers; i++) {
         job_t *jobs[7] = LAYER_JOBS(&Ls[i]);
-        for (int j = 0; j < 7; j++) jobs[j]->far = far && jobs[j]->fmt == FMT_TQ2;
+        for (int j = 0; j < 7; j++) bytes += jobs[j]->N * jobs[j]->nb * (jobs[j]->fmt == FMT_TQ1 ? TQ1_CB : QB);
+    }
+    if (bytes <= llc_bytes()) return;
+    for (Py_ssize_t i = 0; i < n_layers; i++) {
+        job_t *jobs[7] = LAYER_JOBS(&Ls[i]);
+        for (int j = 0; j < 7; j++) jobs[j]->far = jobs[j]->fmt == FMT_TQ2;
     }
 }
 
+/* Every block on B rows (no Python: call it with the GIL released): split over the threads by rows where
+ * split_parts says so, else block after block. all_layers: layer i's caches at i * loff (else loff itself). 0 when
+ * scratch memory cannot be allocated. */
 static int layers_exec(int path, int n_threads, batch_layer_t *Ls, Py_ssize_t n_layers, int all_layers, int half,
                        float *xs, int64_t B, int64_t C, int64_t H, int64_t D, const int64_t *pos, const float *cos0,
                        const float *sin0, const unsigned long long *kp, const unsigned long long *vp, long long loff,
                        long long hs, float scale) {
     split_task_t task = {path, Ls, n_layers, all_layers, half, xs, B, C, H, D, {0}, pos, cos0, sin0, kp, vp,
                          loff, hs, scale, 0};
-    if (B == 1) set_far(Ls, n_layers);
+    if (B == 1 && all_layers) set_far(Ls, n_layers); /* one block alone does not tell the model's size */
     const int64_t parts = split_parts(path, n_threads, Ls, B, kp, task.cut);
     if (parts > 1) {
         for_chunks(n_threads, parts, split_chunk, (void *)&task);
@@ -3770,7 +3769,8 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 }
 
 #ifdef SPECTRA_X86
-/* (Defined here, after the hot code, so that adding it moved no other kernel: see gemv1_far_pf_step.) */
+/* (Defined here, after the hot code, so that adding it moved no other kernel: placed right after gemv1_avx512 it
+ * shifted the code behind it and the TriLM-99M decode, which does not call it, measured 0.979x on 2 threads twice.) */
 /* Far pairs (see gemv1_far_pf_step): rows n + r and n + 16 * half + r of [n0, n1) in one block loop, for the first
  * 2 * half whole 16-row groups; the rest (an odd group, the last rows, rows with many segments) as gemv1_avx512 does
  * them, with gemv1_avx512's block loop (GEMV1_PAIR_SUMS). */
