@@ -71,7 +71,8 @@ def test_kernel_byte_order_and_encoding():
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 7, 13, 17, 67])
 def test_tq1_kernels_equal_reference_and_tq2(path, T):
     """Rows that are not a multiple of the GEMV's 16 or the GEMM's 4, K from one block to 33 (qh runs of one to three
-    chunks, whose last one the GEMV takes for two rows at once when it holds at most 32 bytes), 1..6 scale segments."""
+    chunks; in the GEMV's dense layout a row's qs and qh bytes may share a chunk, and a segment that is not the whole
+    row reads two ranges of the row), 1..6 scale segments."""
     for N, Kdim, shards, dim in ((37, 1024, 1, 0), (20, 1536, 3, 1), (9, 256, 1, 0), (64, 512, 2, 0), (17, 1792, 1, 0),
                                  (18, 4608, 2, 1), (32, 8448, 1, 0), (16, 4096, 1, 0),
                                  (32, 1024, 2, 1), (16, 5120, 2, 1)):

@@ -23,9 +23,10 @@
  * 48..51. So one 64-byte register of a block's 52 code bytes (12 more zero) against plane n is a full dot product.
  * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products on the VBMI
  * GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
- * per 64-byte chunk c of the qs run, 5 planes (plane n, slot j: the activation of code n of qs byte 64 c + j), then per
- * chunk of the qh run 4 planes (codes 0..3), zero past the runs, except that a last qh chunk of at most 32 bytes
- * repeats its slots 0..31 in 32..63 (tq1_qh_short: the GEMV decodes two rows' tails in one register).
+ * per 64-byte chunk c of a row's whole run (its qs run, then its qh run right after it, as the kernel order stores
+ * them), 5 planes: plane n, slot j holds the activation of code n of run byte 64 c + j, zero for code 4 of a qh byte
+ * (qh bytes hold four codes) and past the run. A chunk may hold the qs run's last bytes and the qh run's first, so a row
+ * of TriLM-1.1B's 1792 columns (364 bytes) is 6 chunks, where separate runs took 6 + 1.
  *
  * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
  * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
@@ -146,15 +147,9 @@ static void tq1_activations(const int8_t *a2, int8_t *a1, int64_t T, int64_t nb)
     }
 }
 
-/* The dense layout of one token (header): qs chunks of 5 planes, then qh chunks of 4 planes. */
-static inline int64_t tq1_qs_chunks(int64_t nb) { return (TQ1_QS * nb + 63) / 64; }
-static inline int64_t tq1_qh_chunks(int64_t nb) { return (TQ1_QH * nb + 63) / 64; }
-/* Whether the qh run's last chunk holds at most 32 bytes: the dense layout then repeats that chunk's activations in
- * lanes 32..63, where the GEMV puts a second row's bytes. */
-static inline int tq1_qh_short(int64_t nb) { return TQ1_QH * nb - 64 * (tq1_qh_chunks(nb) - 1) <= 32; }
-static inline size_t tq1_dense_bytes(int64_t nb) {
-    return (size_t)(5 * 64 * tq1_qs_chunks(nb) + 4 * 64 * tq1_qh_chunks(nb));
-}
+/* The dense layout of one token (header): chunks of 5 planes over a row's whole run of TQ1_CB * nb bytes. */
+static inline int64_t tq1_run_chunks(int64_t nb) { return (TQ1_CB * nb + 63) / 64; }
+static inline size_t tq1_dense_bytes(int64_t nb) { return (size_t)(5 * 64 * tq1_run_chunks(nb)); }
 
 /* len activation bytes for plane n of the run starting at byte s of a run whose chunks hold `planes` planes. */
 static inline void tq1_dense_put(int8_t *run, int planes, int64_t s, int n, const int8_t *src, int64_t len) {
@@ -167,19 +162,14 @@ static inline void tq1_dense_put(int8_t *run, int planes, int64_t s, int n, cons
 
 static void tq1_activations_dense(const int8_t *a2, int8_t *ad, int64_t nb) {
     memset(ad, 0, tq1_dense_bytes(nb));
-    int8_t *qh_run = ad + 5 * 64 * tq1_qs_chunks(nb);
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *s = a2 + b * QK;
         for (int n = 0; n < 5; n++) {
             const int j = 5 + n / 2;
             tq1_dense_put(ad, 5, TQ1_QS * b, n, s + 64 * (n % 4) + 32 * (n / 4), 32);
             tq1_dense_put(ad, 5, TQ1_QS * b + 32, n, s + 64 * (j % 4) + 32 * (j / 4) + 16 * (n % 2), 16);
-            if (n < 4) tq1_dense_put(qh_run, 4, TQ1_QH * b, n, s + 64 * 3 + 32 + 16 + 4 * n, 4);
+            if (n < 4) tq1_dense_put(ad, 5, TQ1_QS * nb + TQ1_QH * b, n, s + 64 * 3 + 32 + 16 + 4 * n, 4);
         }
-    }
-    if (tq1_qh_short(nb)) {
-        int8_t *last = qh_run + 4 * 64 * (tq1_qh_chunks(nb) - 1);
-        for (int n = 0; n < 4; n++) memcpy(last + 64 * n + 32, last + 64 * n, 32);
     }
 }
 
@@ -302,91 +292,68 @@ static inline __mmask64 tq1_chunk_mask(int64_t c, int64_t lo, int64_t hi) {
     return upto & ~(((__mmask64)1 << a) - 1);
 }
 
-/* One-token dot products of rows R (1 or 2, adjacent: row r at w + r * rowb) over blocks [b0, b1), from the dense
- * layout: the qs run's chunks (5 codes each) and the qh run's (4 codes). Out: each row's 16 lane sums of sum c a.
- * Two rows share the activation loads; codes 0 and 1 are not scaled and share an accumulator, so 8 accumulators, 5
- * activations and the 3 table registers fit in the 32 zmm registers. */
+/* Where one scale segment, blocks [b0, b1), lies in a row's run (tq1_seg_plan): its qs bytes [48 b0, 48 b1) and its qh
+ * bytes [48 nb + 4 b0, 48 nb + 4 b1), one range when the segment is the whole row (its qs bytes end where its qh bytes
+ * start), else two. Range i: chunks [c0[i], c1[i]), the first under byte mask kf[i] and the last under kl[i]
+ * (all-ones where the range covers the chunk). The same for every row: tq1_gemv1_avx512 works it out once per call. */
+typedef struct {
+    int n;
+    int64_t c0[2], c1[2];
+    __mmask64 kf[2], kl[2];
+} tq1_seg_t;
+
+static inline tq1_seg_t tq1_seg_plan(int64_t nb, int64_t b0, int64_t b1) {
+    tq1_seg_t P;
+    const int64_t lo[2] = {TQ1_QS * b0, TQ1_QS * nb + TQ1_QH * b0}, hi[2] = {TQ1_QS * b1, TQ1_QS * nb + TQ1_QH * b1};
+    const int whole = b0 == 0 && b1 == nb;
+    P.n = b1 <= b0 ? 0 : whole ? 1 : 2;
+    for (int i = 0; i < 2; i++) {
+        const int64_t l = lo[i], h = whole ? hi[1] : hi[i];
+        P.c0[i] = l / 64, P.c1[i] = (h + 63) / 64;
+        P.kf[i] = tq1_chunk_mask(P.c0[i], l, h), P.kl[i] = tq1_chunk_mask(P.c1[i] - 1, l, h);
+    }
+    return P;
+}
+
+/* One-token dot products of rows R (1 or 2, adjacent: row r at w + r * rowb) over segment P, from the dense layout at
+ * xd: each chunk of the segment's ranges decoded once per row and its 5 codes against the chunk's 5 planes. Out: each
+ * row's 16 lane sums of sum c a. Two rows share the activation loads; codes 0 and 1 are not scaled and share an
+ * accumulator, so 8 accumulators, 5 activations and the 3 table registers fit in the 32 zmm registers. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_dot(const uint8_t *w, int64_t rowb,
-                                                                                 int64_t nb, const int8_t *xd,
-                                                                                 int64_t b0, int64_t b1, const int R,
-                                                                                 const tq1_tables_t *L, __m512i *out) {
+                                                                                 const int8_t *xd, const tq1_seg_t *P,
+                                                                                 const int R, const tq1_tables_t *L,
+                                                                                 __m512i *out) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
-    /* codes 0..3 of one row's register against activation planes x0..x3 (code 4's plane, x4, only in qs chunks) */
-#define TQ1_CODES_0_3(A0, A1, A2, FA, FB)                  \
-    do {                                                   \
-        DPBUSD_R(A0, FB, x0);                              \
-        DPBUSD_R(A0, _mm512_and_si512(FA, m0), x1);        \
-        DPBUSD_R(A1, _mm512_and_si512(FA, m1), x2);        \
-        DPBUSD_R(A2, _mm512_and_si512(FA, m2), x3);        \
-    } while (0)
-    /* One qs chunk c under byte mask K (a constant all-ones mask for the chunks the run covers whole: plain loads, no
-     * mask to compute). */
-#define TQ1_QS_CHUNK(C, K)                                                                                            \
-    do {                                                                                                             \
-        const uint8_t *wa = w + 64 * (C), *wb = wa + rowb;                                                           \
-        /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */        \
-        PREFETCH3_TQ1(wa);                                                                                           \
-        if (R == 2) PREFETCH3_TQ1(wb);                                                                               \
-        __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;                                                        \
-        tq1_decode_bytes(_mm512_maskz_loadu_epi8((K), wa), L, &fa, &fb);                                             \
-        if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8((K), wb), L, &ga, &gb);                                 \
-        const int8_t *ab = xd + 5 * 64 * (C);                                                                        \
-        __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);   \
-        __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);                               \
-        __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));                                             \
-        TQ1_CODES_0_3(p0, p1, p2, fa, fb);                                                                           \
-        DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);                                                                  \
-        if (R == 2) {                                                                                                \
-            TQ1_CODES_0_3(q0, q1, q2, ga, gb);                                                                       \
-            DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);                                                              \
-        }                                                                                                            \
-        __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));               \
-    } while (0)
-    const int64_t lo = TQ1_QS * b0, hi = TQ1_QS * b1;
-    const int64_t c_lo = lo / 64, c_hi = (hi + 63) / 64; /* chunks [c_lo, c_hi) meet the run */
-    const int64_t f_lo = (lo + 63) / 64, f_hi = hi / 64;  /* chunks [f_lo, f_hi) lie in it whole */
-    if (f_lo >= f_hi) {
-        for (int64_t c = c_lo; c < c_hi; c++) TQ1_QS_CHUNK(c, tq1_chunk_mask(c, lo, hi));
-    } else {
-        if (c_lo < f_lo) TQ1_QS_CHUNK(c_lo, tq1_chunk_mask(c_lo, lo, hi));
-        for (int64_t c = f_lo; c < f_hi; c++) TQ1_QS_CHUNK(c, ~(__mmask64)0);
-        if (f_hi < c_hi) TQ1_QS_CHUNK(f_hi, tq1_chunk_mask(f_hi, lo, hi));
-    }
-#undef TQ1_QS_CHUNK
-    const int64_t hlo = TQ1_QH * b0, hhi = TQ1_QH * b1;
-    const int8_t *xh = xd + 5 * 64 * tq1_qs_chunks(nb);
-    const int64_t h_last = tq1_qh_chunks(nb) - 1; /* its planes repeat lanes 0..31 in 32..63 when it is that short */
-    for (int64_t c = hlo / 64; 64 * c < hhi; c++) { /* qh bytes: codes 0..3 (their fifth code meets no activation) */
-        const uint8_t *wa = w + TQ1_QS * nb + 64 * c, *wb = wa + rowb;
-        const __mmask64 k = tq1_chunk_mask(c, hlo, hhi);
-        const int8_t *ab = xh + 4 * 64 * c;
-        const __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64);
-        const __m512i x2 = _mm512_loadu_si512(ab + 128), x3 = _mm512_loadu_si512(ab + 192);
-        __m512i fa, fb, ga, gb;
-        if (R == 2 && c == h_last && tq1_qh_short(nb)) {
-            /* Both rows' bytes in one register (row a's in lanes 0..31, row b's in 32..63): one decode, and each
-             * product lands in its row's accumulators by the dword mask (dwords 0..7 are lanes 0..31). */
-            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8((__mmask32)k, wa)),
-                                                  _mm256_maskz_loadu_epi8((__mmask32)k, wb), 1);
-            tq1_decode_bytes(wv, L, &fa, &fb);
-            const __m512i f0 = _mm512_and_si512(fa, m0), f1 = _mm512_and_si512(fa, m1);
-            const __m512i f2 = _mm512_and_si512(fa, m2);
-            p0 = _mm512_mask_dpbusd_epi32(p0, 0x00FF, fb, x0), q0 = _mm512_mask_dpbusd_epi32(q0, 0xFF00, fb, x0);
-            p0 = _mm512_mask_dpbusd_epi32(p0, 0x00FF, f0, x1), q0 = _mm512_mask_dpbusd_epi32(q0, 0xFF00, f0, x1);
-            p1 = _mm512_mask_dpbusd_epi32(p1, 0x00FF, f1, x2), q1 = _mm512_mask_dpbusd_epi32(q1, 0xFF00, f1, x2);
-            p2 = _mm512_mask_dpbusd_epi32(p2, 0x00FF, f2, x3), q2 = _mm512_mask_dpbusd_epi32(q2, 0xFF00, f2, x3);
-            continue;
+    for (int i = 0; i < P->n; i++)
+        for (int64_t c = P->c0[i]; c < P->c1[i]; c++) {
+            const __mmask64 k = (c == P->c0[i] ? P->kf[i] : ~(__mmask64)0) & (c == P->c1[i] - 1 ? P->kl[i] : ~(__mmask64)0);
+            const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
+            /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */
+            PREFETCH3_TQ1(wa);
+            if (R == 2) PREFETCH3_TQ1(wb);
+            __m512i fa, fb, ga = _mm512_setzero_si512(), gb = ga;
+            tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
+            if (R == 2) tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
+            const int8_t *ab = xd + 5 * 64 * c;
+            __m512i x0 = _mm512_loadu_si512(ab), x1 = _mm512_loadu_si512(ab + 64), x2 = _mm512_loadu_si512(ab + 128);
+            __m512i x3 = _mm512_loadu_si512(ab + 192), x4 = _mm512_loadu_si512(ab + 256);
+            __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4));
+            DPBUSD_R(p0, fb, x0);
+            DPBUSD_R(p0, _mm512_and_si512(fa, m0), x1);
+            DPBUSD_R(p1, _mm512_and_si512(fa, m1), x2);
+            DPBUSD_R(p2, _mm512_and_si512(fa, m2), x3);
+            DPBUSD_R(p3, _mm512_and_si512(fa, m3), x4);
+            if (R == 2) {
+                DPBUSD_R(q0, gb, x0);
+                DPBUSD_R(q0, _mm512_and_si512(ga, m0), x1);
+                DPBUSD_R(q1, _mm512_and_si512(ga, m1), x2);
+                DPBUSD_R(q2, _mm512_and_si512(ga, m2), x3);
+                DPBUSD_R(q3, _mm512_and_si512(ga, m3), x4);
+            }
+            __asm__("" : "+v"(p0), "+v"(p1), "+v"(p2), "+v"(p3), "+v"(q0), "+v"(q1), "+v"(q2), "+v"(q3));
         }
-        tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wa), L, &fa, &fb);
-        TQ1_CODES_0_3(p0, p1, p2, fa, fb);
-        if (R == 2) {
-            tq1_decode_bytes(_mm512_maskz_loadu_epi8(k, wb), L, &ga, &gb);
-            TQ1_CODES_0_3(q0, q1, q2, ga, gb);
-        }
-    }
-#undef TQ1_CODES_0_3
     __m512i v = _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 2));
     v = _mm512_add_epi32(v, _mm512_srai_epi32(p2, 4));
     out[0] = _mm512_add_epi32(v, _mm512_srai_epi32(p3, 6));
@@ -404,12 +371,14 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     const int64_t rowb = J->nb * TQ1_CB;
     int64_t n = n0;
     if (J->S <= GROUP_SEGMENTS) {
+        tq1_seg_t P[GROUP_SEGMENTS];
+        for (int64_t s = 0; s < J->S; s++) P[s] = tq1_seg_plan(J->nb, J->bounds[s], J->bounds[s + 1]);
         __m512i v[GROUP_SEGMENTS][16];
         for (; n + 16 <= n1; n += 16) {
             for (int r = 0; r < 16; r += 2)
                 for (int64_t s = 0; s < J->S; s++) {
                     __m512i o[2];
-                    tq1_dense_dot(J->qs + (n + r) * rowb, rowb, J->nb, J->xq, J->bounds[s], J->bounds[s + 1], 2, &L, o);
+                    tq1_dense_dot(J->qs + (n + r) * rowb, rowb, J->xq, &P[s], 2, &L, o);
                     v[s][r] = o[0], v[s][r + 1] = o[1];
                 }
             epilogue16(J, n, v, 0);
@@ -418,8 +387,9 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     for (; n < n1; n++) {
         float yv = 0.0f;
         for (int64_t s = 0; s < J->S; s++) {
+            const tq1_seg_t P = tq1_seg_plan(J->nb, J->bounds[s], J->bounds[s + 1]);
             __m512i o[2];
-            tq1_dense_dot(J->qs + n * rowb, rowb, J->nb, J->xq, J->bounds[s], J->bounds[s + 1], 1, &L, o);
+            tq1_dense_dot(J->qs + n * rowb, rowb, J->xq, &P, 1, &L, o);
             const int32_t acc = _mm512_reduce_add_epi32(o[0]);
             yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);
         }
