@@ -2504,7 +2504,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_act_build(path, J.T, xq, xq1, 0, J.T, J.nb);
     J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
-    if (xt_bytes) xt_build(&J, J.xq, xt), J.xt = xt;
+    if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt; /* TQ2-layout activations for both formats (panel_decode_tq1) */
     if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
@@ -2590,7 +2590,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
     for (int f = 0; f < 2; f++) {
         job_t X = *Q;
         X.fmt = f ? FMT_TQ1 : FMT_TQ2;
-        if (p->xt[f]) xt_build_group(&X, f ? p->xq1 : p->xq, p->xt[f], g);
+        if (p->xt[f]) xt_build_group(&X, p->xq, p->xt[f], g); /* both formats' panels meet the TQ2 layout */
     }
     if (p->x4) /* the full token groups of 4 inside this group of 16 */
         for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->K, p->x4, q);
