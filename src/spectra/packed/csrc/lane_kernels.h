@@ -20,7 +20,7 @@
  * - Panels (panel_decode_tq2 / _tq1): PANEL_ROWS weight rows, PANEL_SLICE blocks at a time, decoded to one code byte
  *   c in {0,1,2} per weight: [chunk][PANEL_ROWS][64]. A "chunk" is 64 activation bytes of the kernels' layout: 4 per
  *   block (field l of a TQ2_0 block's 64 code bytes meets bytes 64l .. 64l+63 of the block's permuted activations;
- *   a TQ1_0 block's codes are moved to the lanes of the activations they meet, panel_decode_tq1), so both formats
+ *   a TQ1_0 block's codes are moved to the lanes of the activations they meet, tq1_tq2_chunks), so both formats
  *   run the same products on the same activations. (TQ1_0 panels were 5 chunks a block, code n of the 52 code bytes
  *   against plane n of the TQ1 activations, 12 lanes of each empty: 5/4 of the products; TriLM-1.1B prefill of 128
  *   tokens 1.20x / 1.18x faster on 1 / 2 threads of Zen 5 with 4.)
@@ -140,30 +140,13 @@ TARGET_AVX512 static void panel_decode_tq2(const job_t *J, int64_t n, int64_t n1
     }
 }
 
-/* The same for TQ1_0, into TQ2_0's chunks: chunk l, lane c holds the code that meets byte 64 l + c of the block's
- * activations in the TQ2 layout, the byte tq1_activations_dense pairs it with. From tq1_decode's register (lanes
- * 0..47 the qs bytes, 48..51 the qh bytes, in llama.cpp's order) and its codes as planes Pn (code n of every lane):
- *   chunk 0: P0[c] for c < 32, P4[c - 32] after;   chunk 1: P1[c], then P0[c] for c in 32..47, P1[c - 16] after;
- *   chunk 2: P2[c] for c < 48, P3[c - 16] after;    chunk 3: P3[c], then P4[c] for c in 32..47, and for
- *   c = 48 + 4 n + m code n of qh byte m (P_n[48 + m]).
- * So a TQ1_0 panel is 4 chunks a block, as TQ2_0's, against the same activations: the 12 bytes of each 64 that held no
- * code (5 chunks of 64 for 256 weights) are gone from the products. */
+/* The same for TQ1_0, in TQ2_0's chunks (tq1_tq2_chunks, tq1_kernels.h), so that both formats run the same products
+ * on the same activations. */
 TARGET_AVX512_VBMI static void panel_decode_tq1(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1,
                                                 uint8_t *panel) {
-    const __m512i m3 = _mm512_set1_epi8(3);
     const tq1_tables_t L = tq1_tables_load();
+    const tq1_tq2_index_t X = tq1_tq2_index();
     const int64_t rowb = J->nb * TQ1_CB;
-    int8_t i0[64], i1[64], i2[64], i3[64], iq[64];
-    for (int c = 0; c < 64; c++) {
-        i0[c] = (int8_t)(c < 32 ? c : 64 + c - 32);
-        i1[c] = (int8_t)(c < 32 ? c : c < 48 ? 64 + c : c - 16);
-        i2[c] = (int8_t)(c < 48 ? c : 64 + c - 16);
-        i3[c] = (int8_t)(c < 32 ? c : 64 + c);
-        iq[c] = (int8_t)(c < 48 ? 0 : ((c - 48) % 8) / 4 * 64 + 48 + (c - 48) % 4);
-    }
-    const __m512i x0 = _mm512_loadu_si512(i0), x1 = _mm512_loadu_si512(i1), x2 = _mm512_loadu_si512(i2);
-    const __m512i x3 = _mm512_loadu_si512(i3), xq = _mm512_loadu_si512(iq);
-    const __mmask64 qlo = 0x00FF000000000000ULL, qhi = 0xFF00000000000000ULL; /* lanes 48..55, 56..63 */
     int64_t pf[PANEL_SLICE];
     panel_prefetch_offsets(b0, b1, J->nb, rowb, TQ1_QS, pf); /* along the row's qs run */
     for (int m = 0; m < PANEL_ROWS; m++) {
@@ -176,19 +159,11 @@ TARGET_AVX512_VBMI static void panel_decode_tq1(const job_t *J, int64_t n, int64
         for (int64_t b = b0; b < b1; b++) {
             _mm_prefetch((const char *)w + pf[b - b0], PANEL_HINT);
             _mm_prefetch((const char *)w + pf[b - b0] + TQ1_QS - 1, PANEL_HINT);
-            __m512i fa, fb;
+            __m512i fa, fb, c[4];
             tq1_decode(w, J->nb, b, &L, &fa, &fb);
-            const __m512i p0 = fb, p1 = _mm512_and_si512(fa, m3), p2 = _mm512_and_si512(_mm512_srli_epi16(fa, 2), m3);
-            const __m512i p3 = _mm512_and_si512(_mm512_srli_epi16(fa, 4), m3);
-            const __m512i p4 = _mm512_and_si512(_mm512_srli_epi16(fa, 6), m3);
-            __m512i c3 = _mm512_permutex2var_epi8(p3, x3, p4);
-            c3 = _mm512_mask_blend_epi8(qlo, c3, _mm512_permutex2var_epi8(p0, xq, p1));
-            c3 = _mm512_mask_blend_epi8(qhi, c3, _mm512_permutex2var_epi8(p2, xq, p3));
+            tq1_tq2_chunks(fa, fb, &X, c);
             uint8_t *p = panel + (4 * (b - b0) * PANEL_ROWS + m) * 64;
-            _mm512_store_si512(p, _mm512_permutex2var_epi8(p0, x0, p4));
-            _mm512_store_si512(p + PANEL_ROWS * 64, _mm512_permutex2var_epi8(p1, x1, p0));
-            _mm512_store_si512(p + 2 * PANEL_ROWS * 64, _mm512_permutex2var_epi8(p2, x2, p3));
-            _mm512_store_si512(p + 3 * PANEL_ROWS * 64, c3);
+            for (int l = 0; l < 4; l++) _mm512_store_si512(p + l * PANEL_ROWS * 64, c[l]);
         }
     }
 }

@@ -2467,13 +2467,26 @@ static int tq1_dense_applies(int path, int64_t T) {
 #endif
 }
 
+/* Whether a TQ1_0 product of T tokens reads the TQ2-layout activations themselves: every multi-token kernel on a VBMI
+ * CPU (the tiles, the token lanes, AMX) runs a TQ1_0 block as TQ2_0's 4 chunks (tq1_tq2_chunks). */
+static int tq1_reads_tq2_layout(int path, int64_t T) {
+#ifdef SPECTRA_X86
+    return T > 1 && path == PATH_AVX512VNNI && tq1_has_vbmi();
+#else
+    (void)path, (void)T;
+    return 0;
+#endif
+}
+
 static size_t tq1_act_bytes(int path, int64_t T, int64_t nb) {
+    if (tq1_reads_tq2_layout(path, T)) return 0;
     return round64(tq1_dense_applies(path, T) ? tq1_dense_bytes(nb) : (size_t)(T * nb * TQ1_AB));
 }
 
 /* Tokens [t0, t1) of a product of T tokens: TQ2-layout activations xq [T, nb*256] -> the TQ1_0 layout of
  * tq1_act_bytes at xq1 (both buffers of all T tokens; decided by T, not by the range). */
 static void tq1_act_build(int path, int64_t T, const int8_t *xq, int8_t *xq1, int64_t t0, int64_t t1, int64_t nb) {
+    if (tq1_reads_tq2_layout(path, T)) return;
     if (tq1_dense_applies(path, T)) tq1_activations_dense(xq, xq1, nb);
     else tq1_activations(xq + t0 * nb * QK, xq1 + t0 * nb * TQ1_AB, t1 - t0, nb);
 }
@@ -2503,7 +2516,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
     if (J.fmt == FMT_TQ1) tq1_act_build(path, J.T, xq, xq1, 0, J.T, J.nb);
-    J.xq = J.fmt == FMT_TQ1 ? xq1 : xq, J.bsum = bsum, J.xs = xs;
+    J.xq = J.fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt; /* TQ2-layout activations for both formats (panel_decode_tq1) */
     if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
     run_parallel(run_rows, path, &J, n_threads);
@@ -2635,7 +2648,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     memset(&prep, 0, sizeof(prep));
     job_t *Q = &prep.Q;
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
-    prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = any_tq1 ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
+    prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = q1_bytes ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
     for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
     prep.x4 = x4_bytes ? x4 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
@@ -2647,7 +2660,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) v += blk_sum[t * nb + b];
                 sum[t * J->S + s] = v;
             }
-        J->xq = J->fmt == FMT_TQ1 ? xq1 : xq, J->bsum = sum, J->xs = xs;
+        J->xq = J->fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J->bsum = sum, J->xs = xs;
         if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
         if (quad_applies(path, J)) J->x4 = x4;
         sum += T * J->S;

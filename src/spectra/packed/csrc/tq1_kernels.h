@@ -285,6 +285,50 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_decode(
     tq1_decode_bytes(tq1_block_load(row, nb, b), L, fa, fb);
 }
 
+/* A block's codes in TQ2_0's chunks (tq1_tq2_chunks): chunk l, lane c holds the code that meets byte 64 l + c of the
+ * block's activations in the TQ2 layout, the byte tq1_activations_dense pairs it with. From tq1_decode's register
+ * (lanes 0..47 the qs bytes, 48..51 the qh bytes, in llama.cpp's order) and its codes as planes Pn (code n of every
+ * lane):
+ *   chunk 0: P0[c] for c < 32, P4[c - 32] after;   chunk 1: P1[c], then P0[c] for c in 32..47, P1[c - 16] after;
+ *   chunk 2: P2[c] for c < 48, P3[c - 16] after;    chunk 3: P3[c], then P4[c] for c in 32..47, and for
+ *   c = 48 + 4 n + m code n of qh byte m (P_n[48 + m]).
+ * So the multi-token kernels (tiles, token lanes, AMX) run a TQ1_0 block as 4 chunks against the TQ2-layout
+ * activations, TQ2_0's products, where code n of the 52 code bytes against plane n of the TQ1 layout took 5 chunks of
+ * 64 (12 lanes of each empty). */
+typedef struct {
+    __m512i i0, i1, i2, i3, iq;
+} tq1_tq2_index_t;
+
+TARGET_AVX512_VBMI static inline tq1_tq2_index_t tq1_tq2_index(void) {
+    int8_t i[5][64];
+    for (int c = 0; c < 64; c++) {
+        i[0][c] = (int8_t)(c < 32 ? c : 64 + c - 32);
+        i[1][c] = (int8_t)(c < 32 ? c : c < 48 ? 64 + c : c - 16);
+        i[2][c] = (int8_t)(c < 48 ? c : 64 + c - 16);
+        i[3][c] = (int8_t)(c < 32 ? c : 64 + c);
+        i[4][c] = (int8_t)(c < 48 ? 0 : ((c - 48) % 8) / 4 * 64 + 48 + (c - 48) % 4);
+    }
+    tq1_tq2_index_t X;
+    X.i0 = _mm512_loadu_si512(i[0]), X.i1 = _mm512_loadu_si512(i[1]), X.i2 = _mm512_loadu_si512(i[2]);
+    X.i3 = _mm512_loadu_si512(i[3]), X.iq = _mm512_loadu_si512(i[4]);
+    return X;
+}
+
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tq2_chunks(__m512i fa, __m512i fb,
+                                                                                 const tq1_tq2_index_t *X,
+                                                                                 __m512i *out) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i p0 = fb, p1 = _mm512_and_si512(fa, m3), p2 = _mm512_and_si512(_mm512_srli_epi16(fa, 2), m3);
+    const __m512i p3 = _mm512_and_si512(_mm512_srli_epi16(fa, 4), m3);
+    const __m512i p4 = _mm512_and_si512(_mm512_srli_epi16(fa, 6), m3);
+    out[0] = _mm512_permutex2var_epi8(p0, X->i0, p4);
+    out[1] = _mm512_permutex2var_epi8(p1, X->i1, p0);
+    out[2] = _mm512_permutex2var_epi8(p2, X->i2, p3);
+    __m512i c3 = _mm512_permutex2var_epi8(p3, X->i3, p4);
+    c3 = _mm512_mask_blend_epi8(0x00FF000000000000ULL, c3, _mm512_permutex2var_epi8(p0, X->iq, p1)); /* 48..55 */
+    out[3] = _mm512_mask_blend_epi8(0xFF00000000000000ULL, c3, _mm512_permutex2var_epi8(p2, X->iq, p3)); /* 56.. */
+}
+
 /* Byte mask of run bytes [lo, hi) inside the 64-byte chunk at 64 c. */
 static inline __mmask64 tq1_chunk_mask(int64_t c, int64_t lo, int64_t hi) {
     const int64_t a = lo > 64 * c ? lo - 64 * c : 0, z = hi < 64 * c + 64 ? hi - 64 * c : 64;
@@ -397,15 +441,14 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     }
 }
 
-/* GEMM tile: R rows x TT tokens (<= 4 x 4). Each block of a row is used against TT tokens; the fields are shifted
- * down so that one accumulator per (row, token) suffices. With `dec` (PRE = 1) the blocks were decoded beforehand
- * (tq1_predecode: 128 bytes per block, fa then fb, rows dec_row bytes apart), else they are decoded here. */
-TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_avx512(const job_t *J, const tq1_tables_t *L,
-                                                                                  int64_t n, int64_t t, const int R,
-                                                                                  const int TT, const int PRE,
-                                                                                  const uint8_t *dec, int64_t dec_row) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const int64_t rowb = J->nb * TQ1_CB, ab_row = J->nb * TQ1_AB;
+/* GEMM tile: R rows x TT tokens (<= 4 x 4), from the rows' blocks in TQ2_0's chunks (tq1_predecode: 256 bytes per
+ * block, rows dec_row bytes apart) against the TQ2-layout activations (J->xq, K bytes per token): the loop of
+ * tile_avx512 with its code vectors already unpacked. */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_avx512(const job_t *J, int64_t n,
+                                                                                  int64_t t, const int R,
+                                                                                  const int TT, const uint8_t *dec,
+                                                                                  int64_t dec_row) {
+    const int64_t K = J->K;
     float yv[4][4];
     _Pragma("GCC unroll 4")
     for (int r = 0; r < R; r++)
@@ -414,34 +457,16 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
     for (int64_t s = 0; s < J->S; s++) {
         TILE_ACCS(TILE_ZERO) /* named accumulators, as in tile_avx512 */
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-            __m512i fa[4], fb[4];
             _Pragma("GCC unroll 4")
-            for (int r = 0; r < R; r++) {
-                if (PRE) {
-                    fa[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128);
-                    fb[r] = _mm512_loadu_si512(dec + r * dec_row + b * 128 + 64);
-                } else {
-                    const uint8_t *row = J->qs + (n + r) * rowb;
-                    if (TT < 4) PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
-                    tq1_decode(row, J->nb, b, L, &fa[r], &fb[r]);
-                }
-            }
-            _Pragma("GCC unroll 5")
-            for (int c = 0; c < 5; c++) {
+            for (int c = 0; c < 4; c++) {
                 __m512i wc[4];
                 _Pragma("GCC unroll 4")
-                for (int r = 0; r < R; r++) {
-                    __m512i x = c == 0 ? fb[r] : fa[r];
-                    if (c == 2) x = _mm512_srli_epi16(x, 2);
-                    if (c == 3) x = _mm512_srli_epi16(x, 4);
-                    if (c == 4) x = _mm512_srli_epi16(x, 6);
-                    wc[r] = c == 0 ? x : _mm512_and_si512(x, m3);
-                }
-                const int8_t *x = J->xq + t * ab_row + b * TQ1_AB + 64 * c;
+                for (int r = 0; r < R; r++) wc[r] = _mm512_loadu_si512(dec + r * dec_row + b * 256 + 64 * c);
+                const int8_t *x = J->xq + t * K + b * QK + 64 * c;
                 TILE_TOKEN(0, x, wc);
-                TILE_TOKEN(1, x + ab_row, wc);
-                TILE_TOKEN(2, x + 2 * ab_row, wc);
-                TILE_TOKEN(3, x + 3 * ab_row, wc);
+                TILE_TOKEN(1, x + K, wc);
+                TILE_TOKEN(2, x + 2 * K, wc);
+                TILE_TOKEN(3, x + 3 * K, wc);
             }
             TILE_PIN();
         }
@@ -464,63 +489,85 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
         for (int k = 0; k < TT; k++) J->y[(t + k) * J->N + n + r] = yv[r][k] * J->xs[t + k];
 }
 
-#define TQ1_TILE_ROW(R, PRE)                                                                  \
+#define TQ1_TILE_ROW(R)                                                                       \
     do {                                                                                      \
-        if (PRE) tq1_predecode(J, &L, n, R, dec);                                             \
+        tq1_predecode(J, &L, &X, n, R, dec);                                                  \
         int64_t t = c0;                                                                       \
-        for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, &L, n, t, R, 4, PRE, dec, dec_row);    \
+        for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, n, t, R, 4, dec, dec_row);             \
         switch (c1 - t) {                                                                     \
-            case 3: tq1_tile_avx512(J, &L, n, t, R, 3, PRE, dec, dec_row); break;             \
-            case 2: tq1_tile_avx512(J, &L, n, t, R, 2, PRE, dec, dec_row); break;             \
-            case 1: tq1_tile_avx512(J, &L, n, t, R, 1, PRE, dec, dec_row); break;             \
+            case 3: tq1_tile_avx512(J, n, t, R, 3, dec, dec_row); break;                      \
+            case 2: tq1_tile_avx512(J, n, t, R, 2, dec, dec_row); break;                      \
+            case 1: tq1_tile_avx512(J, n, t, R, 1, dec, dec_row); break;                      \
             default: break;                                                                   \
         }                                                                                     \
     } while (0)
 
-/* R rows' blocks decoded into dec (128 bytes per block: codes 1..4 as fields, then code 0), rows nb*128 apart. */
-TARGET_AVX512_VBMI static void tq1_predecode(const job_t *J, const tq1_tables_t *L, int64_t n, int R, uint8_t *dec) {
+/* R rows' blocks in TQ2_0's chunks (tq1_tq2_chunks) into dec: 256 bytes per block, rows nb*256 apart. */
+TARGET_AVX512_VBMI static void tq1_predecode(const job_t *J, const tq1_tables_t *L, const tq1_tq2_index_t *X,
+                                             int64_t n, int R, uint8_t *dec) {
     const int64_t rowb = J->nb * TQ1_CB;
     for (int r = 0; r < R; r++)
         for (int64_t b = 0; b < J->nb; b++) {
             const uint8_t *row = J->qs + (n + r) * rowb;
             PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
-            __m512i fa, fb;
+            __m512i fa, fb, c[4];
             tq1_decode(row, J->nb, b, L, &fa, &fb);
-            _mm512_storeu_si512(dec + (r * J->nb + b) * 128, fa);
-            _mm512_storeu_si512(dec + (r * J->nb + b) * 128 + 64, fb);
+            tq1_tq2_chunks(fa, fb, X, c);
+            for (int l = 0; l < 4; l++) _mm512_storeu_si512(dec + (r * J->nb + b) * 256 + 64 * l, c[l]);
         }
 }
 
-/* Several tokens: up to 4 rows x 4 tokens per tile. With more than 4 tokens each group of 4 rows is decoded once per
- * chunk of 64 tokens into a buffer (2 KiB per row at K = 4096, in L1/L2) that the tiles read: table lookups cost more
- * than the products, so decoding once per 4 tokens made the batch-64 GEMM 1.6x slower than TQ2_0's. */
+/* Rows [n0, n1) against T tokens one row and one token at a time, from the same chunks (no buffer): what
+ * tq1_gemm_avx512 does when it cannot get its buffer. */
+TARGET_AVX512_VBMI static void tq1_rows_tq2_layout(const job_t *J, int64_t n0, int64_t n1) {
+    const tq1_tables_t L = tq1_tables_load();
+    const tq1_tq2_index_t X = tq1_tq2_index();
+    const int64_t rowb = J->nb * TQ1_CB;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t t = 0; t < J->T; t++) {
+            float yv = 0.0f;
+            for (int64_t s = 0; s < J->S; s++) {
+                __m512i acc = _mm512_setzero_si512();
+                for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
+                    __m512i fa, fb, c[4];
+                    tq1_decode(J->qs + n * rowb, J->nb, b, &L, &fa, &fb);
+                    tq1_tq2_chunks(fa, fb, &X, c);
+                    for (int l = 0; l < 4; l++)
+                        acc = _mm512_dpbusd_epi32(acc, c[l], _mm512_loadu_si512(J->xq + t * J->K + b * QK + 64 * l));
+                }
+                const int32_t v = _mm512_reduce_add_epi32(acc);
+                yv = yv + J->seg_d[n * J->S + s] * (float)(v - J->bsum[t * J->S + s]);
+            }
+            J->y[t * J->N + n] = yv * J->xs[t];
+        }
+}
+
+/* Several tokens, against the TQ2-layout activations: up to 4 rows x 4 tokens per tile. Each group of 4 rows is
+ * decoded into TQ2_0's chunks (a buffer of 4 * nb * 256 bytes, in L1/L2) once per chunk of TOKEN_CHUNK tokens and read
+ * by that chunk's tiles: table lookups cost more than the products, so decoding once per 4 tokens made the batch-64
+ * GEMM 1.6x slower than TQ2_0's. */
 TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
     const tq1_tables_t L = tq1_tables_load();
-    const int64_t dec_row = J->nb * 128;
-    uint8_t *dec = NULL;
-    if (J->T > 4) dec = (uint8_t *)aligned_alloc(64, (size_t)(4 * dec_row));
+    const tq1_tq2_index_t X = tq1_tq2_index();
+    const int64_t dec_row = J->nb * 256;
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    uint8_t *dec = (uint8_t *)grow_buffer(&buf, &size, (size_t)(4 * dec_row));
+    if (!dec) {
+        tq1_rows_tq2_layout(J, n0, n1);
+        return;
+    }
     for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
         const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
         int64_t n = n0;
-        if (dec) {
-            for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4, 1);
-            switch (n1 - n) {
-                case 3: TQ1_TILE_ROW(3, 1); break;
-                case 2: TQ1_TILE_ROW(2, 1); break;
-                case 1: TQ1_TILE_ROW(1, 1); break;
-                default: break;
-            }
-        } else { /* 2..4 tokens (or no memory for the buffer): decode in the tile */
-            for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4, 0);
-            switch (n1 - n) {
-                case 3: TQ1_TILE_ROW(3, 0); break;
-                case 2: TQ1_TILE_ROW(2, 0); break;
-                case 1: TQ1_TILE_ROW(1, 0); break;
-                default: break;
-            }
+        for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4);
+        switch (n1 - n) {
+            case 3: TQ1_TILE_ROW(3); break;
+            case 2: TQ1_TILE_ROW(2); break;
+            case 1: TQ1_TILE_ROW(1); break;
+            default: break;
         }
     }
-    free(dec);
 }
 
 static int tq1_has_vbmi(void) {
