@@ -18,11 +18,13 @@
  *   three vpermb, a shift and an add decode 64 bytes. e = 0 is the all-zero codes, as b = 0 is, so masked-off bytes
  *   contribute nothing. The 13 bytes that are no valid code map to the 13 unused values, so the map is a permutation.
  *
- * Activations (per-block TQ1 layout, TQ1_AB = 320 bytes per block): five "planes" of 64 bytes; plane n, slot j holds
- * the activation of the element that code n of block byte j multiplies, and 0 in slots 52..63 and in plane 4's slots
- * 48..51. So one 64-byte register of a block's 52 code bytes (12 more zero) against plane n is a full dot product.
- * Built from the TQ2 layout by copying 32-, 16- and 4-byte runs (tq1_activations). One-token products on the VBMI
- * GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
+ * Activations (per-block TQ1 layout, TQ1_AB = 320 bytes per block, read by the AVX2 and scalar kernels): five
+ * "planes" of 64 bytes; plane n, slot j holds the activation of the element that code n of block byte j multiplies,
+ * and 0 in slots 52..63 and in plane 4's slots 48..51. So one 64-byte register of a block's 52 code bytes (12 more
+ * zero) against plane n is a full dot product. Built from the TQ2 layout by copying 32-, 16- and 4-byte runs
+ * (tq1_activations). Products of several tokens on a VBMI CPU (the tiles here, the token lanes and AMX) read the TQ2
+ * layout itself: they decode a block into TQ2_0's 4 chunks of codes (tq1_tq2_chunks), 256 products a block where the
+ * planes took 320. One-token products on the VBMI GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
  * per 64-byte chunk c of a row's whole run (its qs run, then its qh run right after it, as the kernel order stores
  * them), 5 planes: plane n, slot j holds the activation of code n of run byte 64 c + j, zero for code 4 of a qh byte
  * (qh bytes hold four codes) and past the run. A chunk may hold the qs run's last bytes and the qh run's first, so a row
