@@ -47,8 +47,9 @@
 /* The quad GEMM runs TQ2_0 products of T tokens here (the token-lane GEMM or AMX take larger T). */
 static inline int quad_applies(int path, const job_t *J) {
 #ifdef SPECTRA_X86
-    return path == PATH_AVX512VNNI && quad_min_t > 0 && J->T >= quad_min_t && J->fmt == FMT_TQ2 &&
-           !amx_applies(path, J) && !lane_applies(path, J);
+    return path == PATH_AVX512VNNI && quad_min_t > 0 && J->T >= quad_min_t &&
+           (J->fmt == FMT_TQ2 || (J->fmt == FMT_TQ1 && tq1_has_vbmi())) && !amx_applies(path, J) &&
+           !lane_applies(path, J);
 #else
     (void)path, (void)J;
     return 0;
@@ -237,12 +238,53 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
     for (int64_t g = 0; g < T / 4; g++) quad_build_group(xq, K, x4, g);
 }
 
+#ifdef SPECTRA_X86
+/* Rows n .. n+R-1 of a TQ1_0 job as TQ2_0 code bytes (nb * 64 a row, into q2): each block's 4 chunks of codes
+ * (tq1_tq2_chunks) packed as the 2-bit fields of TQ2_0's bytes, field l of byte c being chunk l's lane c. */
+TARGET_AVX512_VBMI static void tq1_pack_tq2(const job_t *J, int64_t n, int R, uint8_t *q2) {
+    const tq1_tables_t L = tq1_tables_load();
+    const tq1_tq2_index_t X = tq1_tq2_index();
+    const int64_t rowb = J->nb * TQ1_CB;
+    for (int r = 0; r < R; r++)
+        for (int64_t b = 0; b < J->nb; b++) {
+            const uint8_t *row = J->qs + (n + r) * rowb;
+            PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
+            __m512i fa, fb, c[4];
+            tq1_decode(row, J->nb, b, &L, &fa, &fb);
+            tq1_tq2_chunks(fa, fb, &X, c);
+            const __m512i lo = _mm512_or_si512(c[0], _mm512_slli_epi16(c[1], 2)); /* codes < 4: no bit leaves its byte */
+            const __m512i hi = _mm512_or_si512(_mm512_slli_epi16(c[2], 4), _mm512_slli_epi16(c[3], 6));
+            _mm512_storeu_si512(q2 + (r * J->nb + b) * QB, _mm512_or_si512(lo, hi));
+        }
+}
+
+/* The quad GEMM for a TQ1_0 job (quad_applies: a VBMI CPU, from quad_min_t tokens to the lanes' start): each group of
+ * 4 rows packed as TQ2_0 code bytes (tq1_pack_tq2, into a per-thread buffer of 4 * nb * 64 bytes) and run as a TQ2_0
+ * job of those rows against the same activations (the TQ2 layout: tq1_reads_tq2_layout). 0 when the buffer cannot
+ * grow. */
+static int quad_rows_tq1(const job_t *J, int64_t n0, int64_t n1) {
+    static _Thread_local void *buf = NULL;
+    static _Thread_local size_t size = 0;
+    uint8_t *q2 = (uint8_t *)grow_buffer(&buf, &size, (size_t)(4 * J->nb * QB));
+    if (!q2) return 0;
+    for (int64_t n = n0; n < n1; n += 4) {
+        const int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+        tq1_pack_tq2(J, n, R, q2);
+        job_t G = *J;
+        G.qs = q2, G.fmt = FMT_TQ2, G.seg_d = J->seg_d + n * J->S, G.y = J->y + n;
+        if (!(quad_gfni_ready() == 1 ? quad_rows_tq2_gfni(&G, 0, R) : quad_rows_tq2(&G, 0, R))) return 0;
+    }
+    return 1;
+}
+#endif
+
 /* Run the quad GEMM on rows [n0, n1) if the activations were prepared (J->x4); 1 when done (0: not done, the
  * caller's other kernels run the rows). */
 static int quad_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8) {
 #ifdef SPECTRA_X86
     if (!J->x4) return 0;
     if (i8) return quad_rows_i8(J, n0, n1);
+    if (J->fmt == FMT_TQ1) return quad_rows_tq1(J, n0, n1);
     return quad_gfni_ready() == 1 ? quad_rows_tq2_gfni(J, n0, n1) : quad_rows_tq2(J, n0, n1);
 #else
     (void)J, (void)n0, (void)n1, (void)i8;

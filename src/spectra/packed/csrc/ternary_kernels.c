@@ -957,7 +957,7 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
-    if (quad_run_rows(J, n0, n1, 0)) return; /* J->x4 is set for TQ2_0 jobs only (quad_applies) */
+    if (quad_run_rows(J, n0, n1, 0)) return; /* J->x4 is set only where quad_applies */
     if (J->fmt == FMT_TQ1) {
         tq1_run_rows(path, J, n0, n1);
         return;
