@@ -1,6 +1,7 @@
 /*
  * Quad GEMM on AVX-512 VNNI for TQ2_0 weights from QUAD_MIN_T tokens up to the token-lane GEMM's start (lane_from in
- * lane_kernels.h: 128 tokens for K < 1024, 256 from K = 1024; batched decode steps, prompt chunks), and for int8
+ * lane_kernels.h: 128 tokens for K < 1024, 256 from K = 1024; batched decode steps, prompt chunks), for TQ1_0 weights
+ * from QUAD_MIN_T to the lanes' 32 tokens (each 4-row group packed as TQ2_0 code bytes: quad_rows_tq1), and for int8
  * weights (the output layer) from QUAD_MIN_T tokens on. Included by ternary_kernels.c after amx_kernels.h; run_rows
  * and run_rows_i8 call it in place of the 4 x 4 tiles and the lanes.
  *
