@@ -119,6 +119,35 @@ def test_tq1_per_block_scales_non_finite_input_and_mixed_groups(path):
 
 
 @needs_ext
+@pytest.mark.skipif("avx512vnni" not in K.supported_paths(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("kernels", ["tiles", "quad"])
+def test_multi_token_kernels_on_tq2_chunks(kernels):
+    """TQ1_0 blocks decoded into TQ2_0's chunks: the 4 x 4 tiles alone (the lanes and the quad GEMM off), over several
+    64-token chunks, and the quad GEMM on rows packed as TQ2_0 bytes (every count from 8 up, lanes off), both against
+    the reference at ragged rows, 1..3 segments and one segment per block."""
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((13, 1280)).astype(np.float32)
+    qb, db = F.blocks_from_weight(W, lossy=True)
+    bb, sb = F.scale_segments(db)
+    per_block = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (qb, F.tq1_code_bytes(qb), bb, sb))
+    cases = [ternary_codes(*shape, seed=11) for shape in ((37, 1792, 1, 0), (22, 1536, 3, 1), (9, 512, 2, 1))]
+    lane, quad = K.use_lane(0), K.use_quad(0 if kernels == "tiles" else 8)
+    try:
+        for qs, q1, bounds, seg_d in cases + [per_block]:
+            Kdim = qs.shape[1] // 64 * 256
+            for T in (2, 8, 13, 31, 70) if kernels == "tiles" else (8, 13, 31, 70):
+                x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
+                x[1] = 0.0  # a zero token
+                ref = K.reference_matmul(x, qs, bounds, seg_d)
+                for threads in (1, 2):
+                    y = K.ternary_matmul(x, q1, bounds, seg_d, fmt="tq1", path="avx512vnni", n_threads=threads)
+                    assert torch.equal(y, ref), f"{kernels} T={T} N={qs.shape[0]} K={Kdim} threads={threads}"
+    finally:
+        K.use_lane(lane)
+        K.use_quad(quad)
+
+
+@needs_ext
 def test_forced_paths_agree_on_a_large_matrix():
     """4096x4096 (the benchmark's shape), one token and 64: every path gives the same bits in both layouts."""
     qs, q1, bounds, seg_d = ternary_codes(4096, 4096, 1, 0, seed=9)

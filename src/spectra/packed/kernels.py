@@ -210,8 +210,9 @@ def use_lane(min_tokens: int = 32) -> int:
 
 def use_quad(min_tokens: int = 8) -> int:
     """Let the `avx512vnni` path compute products of `min_tokens` or more tokens with the quad GEMM
-    (`csrc/quad_kernels.h`): TQ2_0 up to 127 tokens (K < 1024) or 255 (K >= 1024), int8 at any count (the default
-    is 8; 0 switches it off, for A/B runs and tests: the 4 x 4 tiles and, from 32 tokens, the lanes run instead).
+    (`csrc/quad_kernels.h`): TQ2_0 up to 127 tokens (K < 1024) or 255 (K >= 1024), TQ1_0 up to 31 (on VBMI CPUs),
+    int8 at any count (the default is 8; 0 switches it off, for A/B runs and tests: the 4 x 4 tiles and, from 32
+    tokens, the lanes run instead).
     Results are bit-identical either way. Returns the previous setting; 0 without the extension."""
     ext = extension()
     return int(ext.set_quad(int(min_tokens))) if ext is not None else 0
