@@ -240,23 +240,11 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
 }
 
 #ifdef SPECTRA_X86
-/* Rows n .. n+R-1 of a TQ1_0 job as TQ2_0 code bytes (nb * 64 a row, into q2): each block's 4 chunks of codes
- * (tq1_tq2_chunks) packed as the 2-bit fields of TQ2_0's bytes, field l of byte c being chunk l's lane c. */
+/* Rows n .. n+R-1 of a TQ1_0 job as TQ2_0 code bytes, nb * 64 a row, into q2 (tq1_rows_tq2). */
 TARGET_AVX512_VBMI static void tq1_pack_tq2(const job_t *J, int64_t n, int R, uint8_t *q2) {
     const tq1_tables_t L = tq1_tables_load();
     const tq1_tq2_index_t X = tq1_tq2_index();
-    const int64_t rowb = J->nb * TQ1_CB;
-    for (int r = 0; r < R; r++)
-        for (int64_t b = 0; b < J->nb; b++) {
-            const uint8_t *row = J->qs + (n + r) * rowb;
-            PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
-            __m512i fa, fb, c[4];
-            tq1_decode(row, J->nb, b, &L, &fa, &fb);
-            tq1_tq2_chunks(fa, fb, &X, c);
-            const __m512i lo = _mm512_or_si512(c[0], _mm512_slli_epi16(c[1], 2)); /* codes < 4: no bit leaves its byte */
-            const __m512i hi = _mm512_or_si512(_mm512_slli_epi16(c[2], 4), _mm512_slli_epi16(c[3], 6));
-            _mm512_storeu_si512(q2 + (r * J->nb + b) * QB, _mm512_or_si512(lo, hi));
-        }
+    tq1_rows_tq2(J, &L, &X, n, R, q2, 1);
 }
 
 /* The quad GEMM for a TQ1_0 job (quad_applies: a VBMI CPU, from quad_min_t tokens to the lanes' start): each group of

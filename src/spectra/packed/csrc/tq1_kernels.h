@@ -24,11 +24,12 @@
  * zero) against plane n is a full dot product. Built from the TQ2 layout by copying 32-, 16- and 4-byte runs
  * (tq1_activations). Products of several tokens on a VBMI CPU (the tiles here, the token lanes and AMX) read the TQ2
  * layout itself: they decode a block into TQ2_0's 4 chunks of codes (tq1_tq2_chunks), 256 products a block where the
- * planes took 320. One-token products on the VBMI GEMV get the dense layout in J->xq instead (tq1_activations_dense; the choice: tq1_act_build in ternary_kernels.c):
- * per 64-byte chunk c of a row's whole run (its qs run, then its qh run right after it, as the kernel order stores
- * them), 5 planes: plane n, slot j holds the activation of code n of run byte 64 c + j, zero for code 4 of a qh byte
- * (qh bytes hold four codes) and past the run. A chunk may hold the qs run's last bytes and the qh run's first, so a row
- * of TriLM-1.1B's 1792 columns (364 bytes) is 6 chunks, where separate runs took 6 + 1.
+ * planes took 320. One-token products on the VBMI GEMV get the dense layout in J->xq instead (tq1_activations_dense;
+ * the choice: tq1_act_build in ternary_kernels.c): per 64-byte chunk c of a row's whole run (its qs run, then its qh
+ * run right after it, as the kernel order stores them), 5 planes: plane n, slot j holds the activation of code n of
+ * run byte 64 c + j, zero for code 4 of a qh byte (qh bytes hold four codes) and past the run. A chunk may hold the qs
+ * run's last bytes and the qh run's first, so a row of TriLM-1.1B's 1792 columns (364 bytes) is 6 chunks, where
+ * separate runs took 6 + 1.
  *
  * The integer sums are those of the TQ2 kernels (sum c a over a segment, exact in int32 for K <= 2^22), and the float
  * epilogue is the same, so the outputs equal the TQ2 kernels' and the pure-torch reference bit for bit.
@@ -374,7 +375,8 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_dense_d
     __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
     for (int i = 0; i < P->n; i++)
         for (int64_t c = P->c0[i]; c < P->c1[i]; c++) {
-            const __mmask64 k = (c == P->c0[i] ? P->kf[i] : ~(__mmask64)0) & (c == P->c1[i] - 1 ? P->kl[i] : ~(__mmask64)0);
+            const __mmask64 all = ~(__mmask64)0;
+            const __mmask64 k = (c == P->c0[i] ? P->kf[i] : all) & (c == P->c1[i] - 1 ? P->kl[i] : all);
             const uint8_t *wa = w + 64 * c, *wb = wa + rowb;
             /* Each line three times, as gemv1_avx512 (the prefetches run ahead along the row pair's stream). */
             PREFETCH3_TQ1(wa);
@@ -443,7 +445,7 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemv1_avx512(const 
     }
 }
 
-/* GEMM tile: R rows x TT tokens (<= 4 x 4), from the rows' blocks in TQ2_0's chunks (tq1_predecode: 256 bytes per
+/* GEMM tile: R rows x TT tokens (<= 4 x 4), from the rows' blocks in TQ2_0's chunks (tq1_rows_tq2: 256 bytes per
  * block, rows dec_row bytes apart) against the TQ2-layout activations (J->xq, K bytes per token): the loop of
  * tile_avx512 with its code vectors already unpacked. */
 TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_avx512(const job_t *J, int64_t n,
@@ -493,7 +495,7 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
 
 #define TQ1_TILE_ROW(R)                                                                       \
     do {                                                                                      \
-        tq1_predecode(J, &L, &X, n, R, dec);                                                  \
+        tq1_rows_tq2(J, &L, &X, n, R, dec, 0);                                                \
         int64_t t = c0;                                                                       \
         for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, n, t, R, 4, dec, dec_row);             \
         switch (c1 - t) {                                                                     \
@@ -504,18 +506,30 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
         }                                                                                     \
     } while (0)
 
-/* R rows' blocks in TQ2_0's chunks (tq1_tq2_chunks) into dec: 256 bytes per block, rows nb*256 apart. */
-TARGET_AVX512_VBMI static void tq1_predecode(const job_t *J, const tq1_tables_t *L, const tq1_tq2_index_t *X,
-                                             int64_t n, int R, uint8_t *dec) {
+/* R rows' blocks in TQ2_0's chunks (tq1_tq2_chunks) into out: the 4 chunks themselves (256 bytes a block, rows
+ * nb*256 apart: the tiles), or with `packed` as TQ2_0 code bytes, chunk l being field l of each byte (64 bytes a
+ * block, rows nb*64 apart: the quad GEMM, quad_rows_tq1). */
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_rows_tq2(const job_t *J,
+                                                                               const tq1_tables_t *L,
+                                                                               const tq1_tq2_index_t *X, int64_t n,
+                                                                               int R, uint8_t *out, const int packed) {
+    const tq1_tables_t Lr = *L; /* in registers: the byte stores to out may alias anything the pointers reach */
+    const tq1_tq2_index_t Xr = *X;
     const int64_t rowb = J->nb * TQ1_CB;
     for (int r = 0; r < R; r++)
         for (int64_t b = 0; b < J->nb; b++) {
             const uint8_t *row = J->qs + (n + r) * rowb;
             PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
             __m512i fa, fb, c[4];
-            tq1_decode(row, J->nb, b, L, &fa, &fb);
-            tq1_tq2_chunks(fa, fb, X, c);
-            for (int l = 0; l < 4; l++) _mm512_storeu_si512(dec + (r * J->nb + b) * 256 + 64 * l, c[l]);
+            tq1_decode(row, J->nb, b, &Lr, &fa, &fb);
+            tq1_tq2_chunks(fa, fb, &Xr, c);
+            if (packed) { /* codes < 4: no bit leaves its byte */
+                const __m512i lo = _mm512_or_si512(c[0], _mm512_slli_epi16(c[1], 2));
+                const __m512i hi = _mm512_or_si512(_mm512_slli_epi16(c[2], 4), _mm512_slli_epi16(c[3], 6));
+                _mm512_storeu_si512(out + (r * J->nb + b) * QB, _mm512_or_si512(lo, hi));
+            } else {
+                for (int l = 0; l < 4; l++) _mm512_storeu_si512(out + (r * J->nb + b) * 256 + 64 * l, c[l]);
+            }
         }
 }
 
