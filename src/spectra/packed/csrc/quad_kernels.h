@@ -242,9 +242,7 @@ static void quad_build(const int8_t *xq, int64_t T, int64_t K, int8_t *x4) {
 #ifdef SPECTRA_X86
 /* Rows n .. n+R-1 of a TQ1_0 job as TQ2_0 code bytes, nb * 64 a row, into q2 (tq1_rows_tq2). */
 TARGET_AVX512_VBMI static void tq1_pack_tq2(const job_t *J, int64_t n, int R, uint8_t *q2) {
-    const tq1_tables_t L = tq1_tables_load();
-    const tq1_tq2_index_t X = tq1_tq2_index();
-    tq1_rows_tq2(J, &L, &X, n, R, q2, 1);
+    tq1_rows_tq2(J, n, R, q2, 1);
 }
 
 /* The quad GEMM for a TQ1_0 job (quad_applies: a VBMI CPU, from quad_min_t tokens to the lanes' start): each group of

@@ -2580,14 +2580,14 @@ static void for_row_groups(int n_threads, int64_t T, for_chunks_fn fn, void *ctx
 }
 
 /* group_run's activations, 16 rows (one token group of the VNNI layout) per chunk, so that a prompt's rows are
- * prepared on every thread: int8 rows with one sum per block (Q: S = nb), their TQ1_0 form (xq1 when a job is TQ1_0)
- * and the VNNI layouts (xt[f] when the AMX or lane GEMM runs format f). Rows do not depend on one another, so the
- * bytes are those of the one-thread loop. */
+ * prepared on every thread: int8 rows with one sum per block (Q: S = nb), their TQ1_0 form (xq1 when a job of either
+ * kind reads it) and the VNNI layout (xt when the AMX or lane GEMM runs a job: both formats' panels meet the TQ2
+ * layout, panel_decode_tq1). Rows do not depend on one another, so the bytes are those of the one-thread loop. */
 typedef struct {
     int path;
     job_t Q;
     const float *x;
-    int8_t *xq, *xq1, *xt[2], *x4;
+    int8_t *xq, *xq1, *xt, *x4;
     int32_t *blk_sum;
     float *xs;
 } group_prep_t;
@@ -2600,11 +2600,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
     R.T = t1 - t0;
     quantize_rows(p->path, p->x + t0 * Q->K, &R, p->xq + t0 * Q->K, p->blk_sum + t0 * Q->nb, p->xs + t0);
     if (p->xq1) tq1_act_build(p->path, Q->T, p->xq, p->xq1, t0, t1, Q->nb);
-    for (int f = 0; f < 2; f++) {
-        job_t X = *Q;
-        X.fmt = f ? FMT_TQ1 : FMT_TQ2;
-        if (p->xt[f]) xt_build_group(&X, p->xq, p->xt[f], g); /* both formats' panels meet the TQ2 layout */
-    }
+    if (p->xt) xt_build_group(Q, p->xq, p->xt, g);
     if (p->x4) /* the full token groups of 4 inside this group of 16 */
         for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->K, p->x4, q);
 }
@@ -2622,21 +2618,20 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     int any_tq1 = 0;
     for (int g = 0; g < G; g++) any_tq1 |= jobs[g].fmt == FMT_TQ1;
     const size_t q1_bytes = any_tq1 ? tq1_act_bytes(path, T, nb) : 0;
-    size_t xt_bytes[2] = {0, 0}; /* VNNI-layout activations (AMX or lane GEMM) for TQ2_0, TQ1_0 jobs */
+    size_t xt_bytes = 0; /* VNNI-layout activations, when a job runs the AMX or lane GEMM */
     for (int g = 0; g < G; g++) {
         const size_t need = vnni_xt_bytes(path, &jobs[g]);
-        if (need > xt_bytes[jobs[g].fmt == FMT_TQ1]) xt_bytes[jobs[g].fmt == FMT_TQ1] = need;
+        if (need > xt_bytes) xt_bytes = need;
     }
     size_t x4_bytes = 0; /* quad-layout activations, when a TQ2_0 job runs the quad GEMM */
     for (int g = 0; g < G; g++)
         if (quad_applies(path, &jobs[g])) x4_bytes = round64(quad_bytes(T, K));
     void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T +
-                                xt_bytes[0] + xt_bytes[1] + x4_bytes + 64);
+                                xt_bytes + x4_bytes + 64);
     if (!scratch) return 0;
-    int8_t *xt[2];
-    xt[0] = (int8_t *)scratch + round64(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
-    xt[1] = xt[0] + xt_bytes[0];
-    int8_t *x4 = xt[1] + xt_bytes[1];
+    int8_t *xt =
+        (int8_t *)scratch + round64(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
+    int8_t *x4 = xt + xt_bytes;
     int8_t *xq1 = (int8_t *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes;
     int8_t *xq = (int8_t *)scratch;
     int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
@@ -2649,7 +2644,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     job_t *Q = &prep.Q;
     Q->T = T, Q->K = K, Q->nb = nb, Q->S = nb, Q->bounds = blocks;
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = q1_bytes ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
-    for (int f = 0; f < 2; f++) prep.xt[f] = xt_bytes[f] ? xt[f] : NULL;
+    prep.xt = xt_bytes ? xt : NULL;
     prep.x4 = x4_bytes ? x4 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
     for (int g = 0; g < G; g++) {
@@ -2661,7 +2656,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 sum[t * J->S + s] = v;
             }
         J->xq = J->fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J->bsum = sum, J->xs = xs;
-        if (xt_bytes[J->fmt == FMT_TQ1]) J->xt = xt[J->fmt == FMT_TQ1];
+        if (vnni_xt_bytes(path, J)) J->xt = xt;
         if (quad_applies(path, J)) J->x4 = x4;
         sum += T * J->S;
     }

@@ -72,7 +72,17 @@ static int tq1_encoded = 0;
  * The lines (0, c3, 2) give no extra cell; they fill the last y of each kind, so 63 of the 64 rows are used and the
  * bytes hold all 243 codes (13 values are repeats or no valid code). Row (0, 0) has code 0 = 0 and line 0, and y = 0
  * adds 0 at z = 0, so e = 0 is the all-zero codes. */
+/* tq1_tq2_chunks' vpermi2b indices (rows i0, i1, i2, i3, iq of tq1_tq2_index_t), filled with the decode tables. */
+static int8_t tq1_tq2_idx[5][64];
+
 static void tq1_decode_tables_build(void) {
+    for (int c = 0; c < 64; c++) {
+        tq1_tq2_idx[0][c] = (int8_t)(c < 32 ? c : 64 + c - 32);
+        tq1_tq2_idx[1][c] = (int8_t)(c < 32 ? c : c < 48 ? 64 + c : c - 16);
+        tq1_tq2_idx[2][c] = (int8_t)(c < 48 ? c : 64 + c - 16);
+        tq1_tq2_idx[3][c] = (int8_t)(c < 32 ? c : 64 + c);
+        tq1_tq2_idx[4][c] = (int8_t)(c < 48 ? 0 : ((c - 48) % 8) / 4 * 64 + 48 + (c - 48) % 4);
+    }
     static const struct { int tau, off, c2, c4lo, c4hi; } kinds[4] = {
         {0, 8, 0, 0, 1}, {1, 4, 1, 0, 1}, {2, 128, 2, 2, 2}, {2, 196, 1, 2, 2}};
     int y = 0, x = 0, plain = 0; /* plain: how many rows (0, c3, 2) are placed */
@@ -303,17 +313,10 @@ typedef struct {
 } tq1_tq2_index_t;
 
 TARGET_AVX512_VBMI static inline tq1_tq2_index_t tq1_tq2_index(void) {
-    int8_t i[5][64];
-    for (int c = 0; c < 64; c++) {
-        i[0][c] = (int8_t)(c < 32 ? c : 64 + c - 32);
-        i[1][c] = (int8_t)(c < 32 ? c : c < 48 ? 64 + c : c - 16);
-        i[2][c] = (int8_t)(c < 48 ? c : 64 + c - 16);
-        i[3][c] = (int8_t)(c < 32 ? c : 64 + c);
-        i[4][c] = (int8_t)(c < 48 ? 0 : ((c - 48) % 8) / 4 * 64 + 48 + (c - 48) % 4);
-    }
     tq1_tq2_index_t X;
-    X.i0 = _mm512_loadu_si512(i[0]), X.i1 = _mm512_loadu_si512(i[1]), X.i2 = _mm512_loadu_si512(i[2]);
-    X.i3 = _mm512_loadu_si512(i[3]), X.iq = _mm512_loadu_si512(i[4]);
+    X.i0 = _mm512_loadu_si512(tq1_tq2_idx[0]), X.i1 = _mm512_loadu_si512(tq1_tq2_idx[1]);
+    X.i2 = _mm512_loadu_si512(tq1_tq2_idx[2]), X.i3 = _mm512_loadu_si512(tq1_tq2_idx[3]);
+    X.iq = _mm512_loadu_si512(tq1_tq2_idx[4]);
     return X;
 }
 
@@ -495,7 +498,7 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
 
 #define TQ1_TILE_ROW(R)                                                                       \
     do {                                                                                      \
-        tq1_rows_tq2(J, &L, &X, n, R, dec, 0);                                                \
+        tq1_rows_tq2(J, n, R, dec, 0);                                                        \
         int64_t t = c0;                                                                       \
         for (; t + 4 <= c1; t += 4) tq1_tile_avx512(J, n, t, R, 4, dec, dec_row);             \
         switch (c1 - t) {                                                                     \
@@ -509,20 +512,18 @@ TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_tile_av
 /* R rows' blocks in TQ2_0's chunks (tq1_tq2_chunks) into out: the 4 chunks themselves (256 bytes a block, rows
  * nb*256 apart: the tiles), or with `packed` as TQ2_0 code bytes, chunk l being field l of each byte (64 bytes a
  * block, rows nb*64 apart: the quad GEMM, quad_rows_tq1). */
-TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_rows_tq2(const job_t *J,
-                                                                               const tq1_tables_t *L,
-                                                                               const tq1_tq2_index_t *X, int64_t n,
-                                                                               int R, uint8_t *out, const int packed) {
-    const tq1_tables_t Lr = *L; /* in registers: the byte stores to out may alias anything the pointers reach */
-    const tq1_tq2_index_t Xr = *X;
+TARGET_AVX512_VBMI static inline __attribute__((always_inline)) void tq1_rows_tq2(const job_t *J, int64_t n, int R,
+                                                                               uint8_t *out, const int packed) {
+    const tq1_tables_t L = tq1_tables_load();
+    const tq1_tq2_index_t X = tq1_tq2_index();
     const int64_t rowb = J->nb * TQ1_CB;
     for (int r = 0; r < R; r++)
         for (int64_t b = 0; b < J->nb; b++) {
             const uint8_t *row = J->qs + (n + r) * rowb;
             PREFETCH(row + TQ1_QS * b + PREFETCH_BYTES);
             __m512i fa, fb, c[4];
-            tq1_decode(row, J->nb, b, &Lr, &fa, &fb);
-            tq1_tq2_chunks(fa, fb, &Xr, c);
+            tq1_decode(row, J->nb, b, &L, &fa, &fb);
+            tq1_tq2_chunks(fa, fb, &X, c);
             if (packed) { /* codes < 4: no bit leaves its byte */
                 const __m512i lo = _mm512_or_si512(c[0], _mm512_slli_epi16(c[1], 2));
                 const __m512i hi = _mm512_or_si512(_mm512_slli_epi16(c[2], 4), _mm512_slli_epi16(c[3], 6));
@@ -563,8 +564,6 @@ TARGET_AVX512_VBMI static void tq1_rows_tq2_layout(const job_t *J, int64_t n0, i
  * by that chunk's tiles: table lookups cost more than the products, so decoding once per 4 tokens made the batch-64
  * GEMM 1.6x slower than TQ2_0's. */
 TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
-    const tq1_tables_t L = tq1_tables_load();
-    const tq1_tq2_index_t X = tq1_tq2_index();
     const int64_t dec_row = J->nb * 256;
     static _Thread_local void *buf = NULL;
     static _Thread_local size_t size = 0;
