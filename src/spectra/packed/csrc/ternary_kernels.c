@@ -746,19 +746,24 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512(cons
         }                                                                     \
     } while (0)
 
-TARGET_AVX512 static void gemm_avx512(const job_t *J, int64_t n0, int64_t n1) {
-    for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
-        const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) TILE_ROW(4);
-        switch (n1 - n) {
-            case 3: TILE_ROW(3); break;
-            case 2: TILE_ROW(2); break;
-            case 1: TILE_ROW(1); break;
-            default: break;
-        }
-    }
-}
+/* Rows [n0, n1) of J, TOKEN_CHUNK tokens [c0, c1) at a time, 4 rows at a time (the rest in one group of 1..3):
+ * ROW(R) handles rows n .. n+R-1 for the chunk (gemm_avx512's TILE_ROW, tq1_gemm_avx512's TQ1_TILE_ROW). */
+#define TILE_ROW_GROUPS(ROW)                                                  \
+    do {                                                                      \
+        for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {                  \
+            const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T; \
+            int64_t n = n0;                                                   \
+            for (; n + 4 <= n1; n += 4) ROW(4);                               \
+            switch (n1 - n) {                                                 \
+                case 3: ROW(3); break;                                        \
+                case 2: ROW(2); break;                                        \
+                case 1: ROW(1); break;                                        \
+                default: break;                                               \
+            }                                                                 \
+        }                                                                     \
+    } while (0)
+
+TARGET_AVX512 static void gemm_avx512(const job_t *J, int64_t n0, int64_t n1) { TILE_ROW_GROUPS(TILE_ROW); }
 
 /* ---------------------------------------------------------------- AVX-512 VNNI, int8 weights */
 

@@ -572,17 +572,7 @@ TARGET_AVX512_VBMI __attribute__((noinline)) static void tq1_gemm_avx512(const j
         tq1_rows_tq2_layout(J, n0, n1);
         return;
     }
-    for (int64_t c0 = 0; c0 < J->T; c0 += TOKEN_CHUNK) {
-        const int64_t c1 = c0 + TOKEN_CHUNK < J->T ? c0 + TOKEN_CHUNK : J->T;
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) TQ1_TILE_ROW(4);
-        switch (n1 - n) {
-            case 3: TQ1_TILE_ROW(3); break;
-            case 2: TQ1_TILE_ROW(2); break;
-            case 1: TQ1_TILE_ROW(1); break;
-            default: break;
-        }
-    }
+    TILE_ROW_GROUPS(TQ1_TILE_ROW);
 }
 
 static int tq1_has_vbmi(void) {
