@@ -1332,17 +1332,25 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void att_values_impl(
     for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
 
+/* One head; a float16 cache at head size 64 (every paper size but the 3.9B) or 128 gets its own copy of the passes,
+ * with D a constant (the inner loops unrolled, no run-time trip counts). */
+#define ATT_HEAD(HALF, DD)                                                                                           \
+    att_values_impl(v, p, att_scores_impl(q, k, vf, p, S, DD, scale, HALF, near, nk, nS, 1), out, S, DD, HALF, near, \
+                    nv, nS, 1)
 TARGET_AVX512 static void attend_head_avx512(const float *q, const void *k, const void *v, float *out, float *p,
                                              int64_t S, int64_t D, float scale, int half, int near,
                                              const char *nk, const char *nv, int64_t nS, int fetch_v) {
     const void *vf = fetch_v ? v : NULL;
-    if (half)
-        att_values_impl(v, p, att_scores_impl(q, k, vf, p, S, D, scale, 1, near, nk, nS, 1), out, S, D, 1, near, nv,
-                        nS, 1);
+    if (half && D == 64)
+        ATT_HEAD(1, 64);
+    else if (half && D == 128)
+        ATT_HEAD(1, 128);
+    else if (half)
+        ATT_HEAD(1, D);
     else
-        att_values_impl(v, p, att_scores_impl(q, k, vf, p, S, D, scale, 0, near, nk, nS, 1), out, S, D, 0, near, nv,
-                        nS, 1);
+        ATT_HEAD(0, D);
 }
+#undef ATT_HEAD
 
 /* The halves on float32 keys or values already in cache (attend_shared_chunk's widened head). */
 TARGET_AVX512 static float att_scores_cached(const float *q, const float *k, float *p, int64_t S, int64_t D,
