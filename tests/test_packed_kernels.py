@@ -436,11 +436,12 @@ def test_kv_half_rounding_equals_torch(path):
 @pytest.mark.parametrize("path", COMPILED)
 def test_attention_over_a_float16_cache(path):
     """Keys and values held in float16 (head-strided cache slices) are widened exactly: the result equals the float32
-    kernel on the widened values up to float rounding."""
+    kernel on the widened values up to float rounding. Head sizes 64 and 128 (each its own copy of the passes), 32 and
+    40; heads short enough to fetch the next one's keys and values as they go, and one past ATT_NEAR_BYTES."""
     g = torch.Generator().manual_seed(3)
-    for H, D, S in ((4, 64, 37), (3, 40, 9)):
-        k = (torch.randn(2, H, 50, D, generator=g) * 3).half()
-        v = torch.randn(2, H, 50, D, generator=g).half()
+    for H, D, S in ((4, 64, 37), (3, 40, 9), (3, 128, 70), (3, 32, 21), (2, 64, 300)):
+        k = (torch.randn(2, H, S + 13, D, generator=g) * 3).half()
+        v = torch.randn(2, H, S + 13, D, generator=g).half()
         q = torch.randn(H, D, generator=g)
         out = K.attention(q, k[1, :, :S], v[1, :, :S], path=path)
         ref = K.attention(q, k[1, :, :S].float().contiguous(), v[1, :, :S].float().contiguous(), path=path)
