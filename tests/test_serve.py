@@ -172,6 +172,38 @@ def test_completions_and_chat_streaming_and_not(server, reference, model_dir):
     assert sampled[0] == sampled[1] == reference(PROMPTS[2], 24, temperature=0.8, seed=7, top_k=50)["text"]
 
 
+def test_chat_logprobs_match_completions_and_carry_token_bytes(server):
+    """Chat log-probabilities in OpenAI's shape (`logprobs.content`: token, logprob, bytes, top_logprobs): the same
+    values the completions endpoint gives for the same prompt ids, streamed and not, and the tokens' bytes join to the
+    answer's text (byte-level BPE: a piece of a multi-byte character carries its own bytes)."""
+    c = server.client()
+    msgs = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace").startswith(r.choices[0].message.content)
+    for e in content:
+        assert e.logprob <= 0 and 1 <= len(e.top_logprobs) <= 3
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)  # greedy: the chosen token is the top
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    ref = complete(c, "User: hello\n\nAssistant:", max_tokens=12, logprobs=3).choices[0].logprobs
+    n = len(content)
+    assert [e.token for e in content] == ref.tokens[:n]
+    assert [e.logprob for e in content] == pytest.approx(ref.token_logprobs[:n], abs=1e-6)
+    streamed = [ch.choices[0].logprobs for ch in c.chat.completions.create(
+        model="m", messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if ch.choices and ch.choices[0].logprobs is not None]
+    assert [lp.content[0].model_dump() for lp in streamed] == [e.model_dump() for e in content]
+    plain = c.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert c.chat.completions.create(model="m", messages=msgs, max_tokens=4).choices[0].logprobs is None
+    for kw in (dict(top_logprobs=2), dict(logprobs=True, top_logprobs=21), dict(logprobs=True, top_logprobs=-1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="m", messages=msgs, max_tokens=4, **kw)
+        assert e.value.body["param"] == "top_logprobs", kw
+
+
 def test_concurrent_greedy_requests_equal_sequential_ones(server, reference):
     c = server.client()
     limits = [40, 7, 25, 33, 12, 50]
@@ -350,6 +382,10 @@ def test_sse_chunks_are_what_json_dumps_writes():
 
         for text in ["", "hello", "\u00fc\u20ac\n\"\\\t", "\ufffd", "\U0001f600"]:
             assert f.content(text) == line({"index": 0, "delta": {"content": text}, "finish_reason": None})
+            lp = {"content": [{"token": text, "logprob": -0.25, "bytes": list(text.encode()), "top_logprobs": []}],
+                  "refusal": None}
+            assert f.content(text, json.dumps(lp)) == line(
+                {"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
             for fin in (None, "stop", "length"):
                 assert f.delta({"role": "assistant", "content": text}, fin) == line(
                     {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": fin})

@@ -42,6 +42,22 @@ MAX_LOGPROBS = 20
 DISCONNECT_POLL_S = 0.25
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable bytes stand for themselves, the other 68 for the characters
+    from U+0100 on, in byte order; returned inverted, character -> byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    hidden = [b for b in range(256) if b not in shown]
+    return {**{chr(b): b for b in shown}, **{chr(256 + n): b for n, b in enumerate(hidden)}}
+
+
+BYTE_OF_CHAR = _byte_alphabet()
+
+
+def _byte_level(tok: Any) -> bool:
+    """Whether a `tokenizers.Tokenizer` decodes through the byte-level alphabet (its token strings are bytes)."""
+    return type(getattr(tok, "decoder", None)).__name__ == "ByteLevel"
+
+
 class Mailbox:
     """Hands the engine thread's events to the asyncio loop, one loop wake-up per decode step.
 
@@ -94,9 +110,10 @@ class Chunks:
         """A chat chunk: choices[0] = {"index": 0, "delta": payload, "finish_reason": finish}."""
         return f'{self.head}"delta": {json.dumps(payload)}, "finish_reason": {_opt(finish)}}}]}}\n\n'
 
-    def content(self, text: str) -> str:
-        """`delta({"content": text})`."""
-        return f'{self.head}"delta": {{"content": {_enc(text)}}}, "finish_reason": null}}]}}\n\n'
+    def content(self, text: str, logprobs: str | None = None) -> str:
+        """`delta({"content": text})`, with choices[0]["logprobs"] (already JSON) when given."""
+        lp = "" if logprobs is None else f', "logprobs": {logprobs}'
+        return f'{self.head}"delta": {{"content": {_enc(text)}}}{lp}, "finish_reason": null}}]}}\n\n'
 
     def text(self, text: str, logprobs: str = "null", finish: str | None = None) -> str:
         """A completion chunk: choices[0] = {"index": 0, "text", "logprobs" (already JSON), "finish_reason"}."""
@@ -162,6 +179,7 @@ class Api:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
+        self._bytes: dict[int, list[int] | None] = {}
         self._template = None
         if chat_template is not None:
             import jinja2  # the serve extra; rendered in a sandbox as Hugging Face does
@@ -235,11 +253,17 @@ class Api:
             ids, extra_stops = self.chat_prompt(body)
             limit = _get(body, "max_completion_tokens", (int,), None)
             limit = _get(body, "max_tokens", (int,), limit)
+            top_n = _get(body, "top_logprobs", (int,), None)
             if _get(body, "logprobs", (bool,), False):
-                raise BadRequest("'logprobs' is available on /v1/completions", "logprobs")
+                logprobs = 0 if top_n is None else top_n
+            elif top_n is not None:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            else:
+                logprobs = None
         else:
             ids, extra_stops = self.completion_prompt(body), []
             limit = _get(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
+            logprobs = _get(body, "logprobs", (int,), None)
             if _get(body, "echo", (bool,), False):
                 raise BadRequest("'echo' is not supported", "echo")
         ctx = self.engine.ctx_len
@@ -268,9 +292,9 @@ class Api:
         stop = [stop] if isinstance(stop, str) else stop
         if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest(f"'stop' must be up to {MAX_STOPS} non-empty strings", "stop")
-        logprobs = None if chat else _get(body, "logprobs", (int,), None)
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise BadRequest(f"'logprobs' must be in 0..{MAX_LOGPROBS}, got {logprobs}", "logprobs")
+            name = "top_logprobs" if chat else "logprobs"
+            raise BadRequest(f"'{name}' must be in 0..{MAX_LOGPROBS}, got {logprobs}", name)
         req = Request(ids, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                       stop=stop + extra_stops, seed=seed, logprobs=logprobs,
                       stop_at_eos=not _get(body, "ignore_eos", (bool,), False))
@@ -307,6 +331,28 @@ class Api:
             out["text_offset"].append(text_offset)
             text_offset += len(t)
         return out
+
+    def token_bytes(self, i: int) -> list[int] | None:
+        """Token i's own bytes, for a chat answer's log-probabilities: a byte-level BPE token's through the byte
+        alphabet (so a piece of a multi-byte character has its real bytes), else its text's UTF-8, or None where that
+        text is a replacement character (the bytes are not known)."""
+        b = self._bytes.get(i, False)
+        if b is False:
+            tok, b = self.engine.tokenizer, None
+            raw = tok.id_to_token(i) if tok is not None and _byte_level(tok) else None
+            if raw is not None and all(ch in BYTE_OF_CHAR for ch in raw):
+                b = [BYTE_OF_CHAR[ch] for ch in raw]
+            elif "\ufffd" not in (t := self.piece(i)):
+                b = list(t.encode("utf-8"))
+            self._bytes[i] = b
+        return b
+
+    def chat_logprob(self, entry: dict) -> dict:
+        """One token of a chat answer's `logprobs.content`: OpenAI's {token, logprob, bytes, top_logprobs}."""
+        return {"token": self.piece(entry["token"]), "logprob": entry["logprob"],
+                "bytes": self.token_bytes(entry["token"]),
+                "top_logprobs": [{"token": self.piece(i), "logprob": v, "bytes": self.token_bytes(i)}
+                                 for i, v in entry["top"]]}  # fmt: skip
 
     def logprob_json(self, entry: dict, text_offset: int) -> str:
         """json.dumps(self.logprobs_body([entry], text_offset)), built by `Chunks.one_logprob`."""
@@ -424,6 +470,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         choice: dict[str, Any] = {"index": 0, "finish_reason": api.finish_reason(req)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = ({"content": [api.chat_logprob(e) for e in req.token_logprobs], "refusal": None}
+                                  if req.logprobs is not None else None)
         else:
             choice["text"] = text
             choice["logprobs"] = api.logprobs_body(req.token_logprobs) if req.logprobs is not None else None
@@ -457,7 +505,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                         done = True
                         break
                     if chat:
-                        if ev["text"]:
+                        if "logprob" in ev:  # every token has its chunk, text or not (held back for a stop string)
+                            lp = json.dumps({"content": [api.chat_logprob(ev["logprob"])], "refusal": None})
+                            out.append(fmt.content(ev["text"], lp))
+                        elif ev["text"]:
                             out.append(fmt.content(ev["text"]))
                     else:
                         lp = api.logprob_json(ev["logprob"], offset) if "logprob" in ev else None
