@@ -297,6 +297,51 @@ def test_greedy_logprobs_taken_for_the_whole_step_equal_the_per_row_ones(monkeyp
     assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(_model_logprobs(model, r), abs=2e-2)
 
 
+@needs_ext
+def test_frequency_and_presence_penalties_restated_from_each_sequence_alone():
+    """OpenAI's penalties (logit_j - c_j * frequency - (c_j > 0) * presence over the tokens generated so far), in a
+    batch beside unpenalized rows: each sequence's tokens and log-probabilities are what its own steps' logits give
+    with the penalty applied by hand, greedy and sampled; zero penalties leave the fast path's tokens as they were."""
+    from collections import Counter
+
+    from spectra.inference.sampling import sample_next
+
+    model = model_of("packed-int8-head", seed=7)
+    prompts, _ = prompts_and_lengths(4, seed=5)
+    cases = [dict(frequency_penalty=2.0), dict(presence_penalty=1.5, logprobs=1), dict(),
+             dict(frequency_penalty=-0.5, presence_penalty=0.7, temperature=0.9, seed=11)]
+    sched = Scheduler(model, max_batch=4)
+    reqs = [sched.submit(Request(p, 20, stop_at_eos=False, **kw)) for p, kw in zip(prompts, cases)]
+    while not sched.idle:
+        sched.step()
+    bd = BatchDecoder(model, 1, 64)
+    for p, kw, r in zip(prompts, cases, reqs):
+        s = bd.acquire()
+        logits, toks, lps = bd.prefill(s, p).clone(), [], []
+        g = torch.Generator().manual_seed(kw.get("seed", 0))
+        for _ in range(20):
+            x = logits.float().clone()
+            for j, c in Counter(toks).items():
+                x[j] -= c * kw.get("frequency_penalty", 0.0) + kw.get("presence_penalty", 0.0)
+            nxt = sample_next(x, temperature=kw.get("temperature", 0.0), generator=g)
+            lps.append(float(torch.log_softmax(x, -1)[nxt]))
+            toks.append(nxt)
+            logits = bd.step([s], [nxt])[0].clone()
+        bd.release(s)
+        assert r.tokens == toks, kw
+        if kw.get("logprobs") is not None:
+            assert [e["logprob"] for e in r.token_logprobs] == pytest.approx(lps, abs=1e-5)
+    plain = Scheduler(model, max_batch=1)
+    base = plain.submit(Request(prompts[0], 20, stop_at_eos=False))
+    zero = plain.submit(Request(prompts[0], 20, stop_at_eos=False, frequency_penalty=0.0, presence_penalty=0.0))
+    while not plain.idle:
+        plain.step()
+    assert zero.tokens == base.tokens != reqs[0].tokens  # the penalty changed the greedy sequence
+    assert len(set(reqs[0].tokens)) > len(set(base.tokens))
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        plain.submit(Request(prompts[0], 4, frequency_penalty=2.5))
+
+
 def _model_logprobs(model, r):
     """The model's own log-probability of each generated token of request r, from one forward pass."""
     ids = torch.tensor([r.prompt_ids + r.tokens])

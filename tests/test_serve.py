@@ -167,6 +167,10 @@ def test_completions_and_chat_streaming_and_not(server, reference, model_dir):
     assert lp.token_logprobs[0] == pytest.approx(float(logp.max()), abs=1e-5)  # greedy picks the top
     assert max(lp.top_logprobs[0].values()) == pytest.approx(float(logp.max()), abs=1e-5)
 
+    assert complete(c, PROMPTS[0], frequency_penalty=0, presence_penalty=0).choices[0].text == ref["text"]
+    penalized = complete(c, PROMPTS[0], frequency_penalty=2, logprobs=0).choices[0].logprobs.tokens
+    assert len(set(penalized)) > len(set(complete(c, PROMPTS[0], logprobs=0).choices[0].logprobs.tokens))
+
     sampled = [complete(c, PROMPTS[2], temperature=0.8, seed=7, extra_body={"top_k": 50}).choices[0].text
                for _ in range(2)]
     assert sampled[0] == sampled[1] == reference(PROMPTS[2], 24, temperature=0.8, seed=7, top_k=50)["text"]
@@ -245,6 +249,8 @@ def test_bad_input_answers_400_and_the_server_keeps_serving(server):
         dict(prompt="hi", max_tokens=4, extra_body={"stop": 5}),
         dict(prompt=[], max_tokens=4),
         dict(prompt=[1, 999], max_tokens=4),  # a token id outside the vocabulary
+        dict(prompt="hi", max_tokens=4, frequency_penalty=2.5),
+        dict(prompt="hi", max_tokens=4, presence_penalty=-3),
     ]
     for kw in cases:
         with pytest.raises(openai.BadRequestError) as e:

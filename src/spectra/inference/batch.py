@@ -289,6 +289,8 @@ class Request:
     seed: int = 0
     stop_at_eos: bool = True
     logprobs: int | None = None  # also report the chosen token's log-probability and this many top alternatives
+    frequency_penalty: float = 0.0  # OpenAI's: logit_j - c_j * frequency_penalty - (c_j > 0) * presence_penalty,
+    presence_penalty: float = 0.0  # c_j the count of token j among the tokens generated so far (`penalize`)
     on_event: Callable[[dict[str, Any]], None] | None = None  # called from the scheduler's thread
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)
@@ -309,11 +311,27 @@ class Request:
         """Ask the scheduler to drop this sequence at its next step (safe from any thread)."""
         self.cancelled = True
 
+    @property
+    def penalized(self) -> bool:
+        """Whether its next token's logits take a frequency or presence penalty (it has generated a token)."""
+        return bool(self.tokens) and (self.frequency_penalty != 0 or self.presence_penalty != 0)
+
     def rng(self) -> torch.Generator:
         """The request's generator, seeded with `seed` at its first sampled token."""
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         return self.generator
+
+
+def penalize(logits: Tensor, tokens: Sequence[int], frequency: float, presence: float) -> Tensor:
+    """OpenAI's frequency and presence penalties on one row of logits (V,), as a new float32 row: logit_j -
+    c_j * frequency - (c_j > 0) * presence, c_j the count of token j in `tokens` (the ones generated so far)."""
+    out = logits.float().clone()
+    ids, counts = torch.tensor(list(tokens), dtype=torch.long).unique(return_counts=True)
+    keep = ids < out.numel()
+    ids, counts = ids[keep], counts[keep].float()
+    out[ids] -= counts * frequency + presence
+    return out
 
 
 class Scheduler:
@@ -350,6 +368,9 @@ class Scheduler:
     def check(self, req: Request) -> None:
         """A ValueError naming the field when the request cannot run on this model and slot size."""
         validate_sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(req, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(req, name)}")
         if not req.prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed to condition on")
         vocab = self.decoder.config.vocab_size
@@ -421,8 +442,8 @@ class Scheduler:
         # finishing), the C call does not write them out at all.
         greedy_any = any(r.temperature == 0 for r in decoding)
         want_lse = any(r.logprobs is not None for r in decoding)
-        logits = any(r.temperature != 0 or r.logprobs not in (None, 0) for r in decoding) or not decoding or any(
-            end == len(r.prompt_ids) for r, end in chunks)
+        logits = any(r.temperature != 0 or r.logprobs not in (None, 0) or r.penalized for r in decoding) or (
+            not decoding or any(end == len(r.prompt_ids) for r, end in chunks))
         rows, pre, picks_t, lse_t, top_t = self.decoder.step_rows(
             [r.slot for r in decoding], [r.tokens[-1] for r in decoding],
             [(r.slot, r.prompt_ids[r.prefilled : end]) for r, end in chunks], argmax=greedy_any, lse=want_lse,
@@ -449,7 +470,7 @@ class Scheduler:
         """The draws of the step's sampled rows (temperature > 0), one u each from its request's generator, in one C
         call over the kernels' threads (`kernels.sample_rows`: the same draws as `sample_next` row by row):
         {row: token id}."""
-        idx = [i for i, r in enumerate(decoding) if r.temperature != 0]
+        idx = [i for i, r in enumerate(decoding) if r.temperature != 0 and not r.penalized]
         if not idx or rows is None:
             return {}
         reqs = [decoding[i] for i in idx]
@@ -464,6 +485,10 @@ class Scheduler:
         `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step; `drawn`:
         its sampled token, when drawn for the whole step), emit its text, and finish it if it is done."""
         sampled = req.temperature != 0
+        if req.penalized:  # its own logits: the step's picks and statistics were taken without the penalty
+            logits = penalize(logits[row] if row is not None else logits, req.tokens, req.frequency_penalty,
+                              req.presence_penalty)
+            row = greedy = lse = greedy_logit = drawn = None
         if row is not None and (drawn is None and (greedy is None or sampled) or req.logprobs is not None and (
                 req.logprobs != 0 or sampled or lse is None or greedy_logit is None)):  # the row's logits are read
             logits, row = logits[row], None

@@ -295,9 +295,15 @@ class Api:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             name = "top_logprobs" if chat else "logprobs"
             raise BadRequest(f"'{name}' must be in 0..{MAX_LOGPROBS}, got {logprobs}", name)
+        penalties = {}
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = float(_get(body, name, (int, float), 0.0))
+            if not -2 <= v <= 2:
+                raise BadRequest(f"'{name}' must be in [-2, 2], got {v}", name)
+            penalties[name] = v
         req = Request(ids, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                       stop=stop + extra_stops, seed=seed, logprobs=logprobs,
-                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False))
+                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False), **penalties)
         try:
             self.engine.check(req)
         except ValueError as e:
