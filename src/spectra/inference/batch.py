@@ -328,9 +328,7 @@ def penalize(logits: Tensor, tokens: Sequence[int], frequency: float, presence: 
     c_j * frequency - (c_j > 0) * presence, c_j the count of token j in `tokens` (the ones generated so far)."""
     out = logits.float().clone()
     ids, counts = torch.tensor(list(tokens), dtype=torch.long).unique(return_counts=True)
-    keep = ids < out.numel()
-    ids, counts = ids[keep], counts[keep].float()
-    out[ids] -= counts * frequency + presence
+    out[ids] -= counts.float() * frequency + presence
     return out
 
 

@@ -75,7 +75,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
                                                                       int last, int64_t n, int64_t n1, int64_t tg,
                                                                       const int ntg, const int nat, int32_t *cacc,
                                                                       float *yv) {
-    const int64_t nc = J->nb * panel_cpb(J);
+    const int64_t nc = J->nb * PANEL_CPB;
     const int8_t *x0 = J->xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
     if (first) {
         _tile_zero(0);
@@ -125,7 +125,7 @@ TARGET_AMX static void amx_store(const job_t *J, const float *yv, int64_t n, int
  * and scale segment, the weights are decoded PANEL_SLICE blocks at a time into an L1-sized panel slice that every token
  * group then reads; the C tiles of each pair of token groups wait in cacc between slices. */
 TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t cpb = panel_cpb(J), G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2;
+    const int64_t cpb = PANEL_CPB, G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2;
     const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64);
     const size_t pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
     uint8_t *panel = (uint8_t *)panel_get(panel_bytes + 2 * (size_t)P * pair_bytes);

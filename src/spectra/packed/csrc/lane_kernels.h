@@ -57,8 +57,8 @@ static inline int64_t lane_from(const job_t *J) {
     return lane_min_t > quad_to ? lane_min_t : quad_to;
 }
 
-/* Chunks per block for this job's format. */
-static inline int64_t panel_cpb(const job_t *J) { (void)J; return 4; /* TQ1_0 panels take TQ2_0's chunks too */ }
+/* Chunks per block of a panel, for both formats (TQ1_0 panels take TQ2_0's chunks, tq1_tq2_chunks). */
+#define PANEL_CPB 4
 
 static inline int lane_applies(int path, const job_t *J) {
     if (path != PATH_AVX512VNNI || lane_min_t <= 0 || J->T < lane_from(J)) return 0;
@@ -72,7 +72,7 @@ static inline int lane_applies(int path, const job_t *J) {
 
 /* Bytes of a job's activations in the VNNI layout. */
 static inline size_t xt_bytes_for(const job_t *J) {
-    return (size_t)(((J->T + LANE_TOK - 1) / LANE_TOK) * LANE_TOK * J->nb * panel_cpb(J) * 64);
+    return (size_t)(((J->T + LANE_TOK - 1) / LANE_TOK) * LANE_TOK * J->nb * PANEL_CPB * 64);
 }
 
 static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (the caller's thread runs rows too) */
@@ -123,7 +123,7 @@ TARGET_AVX512 static void panel_decode_tq2(const job_t *J, int64_t n, int64_t n1
     panel_prefetch_offsets(b0, b1, J->nb, rowb, QB, pf);
     for (int m = 0; m < PANEL_ROWS; m++) {
         if (n + m >= n1) {
-            for (int64_t c = 0; c < (b1 - b0) * 4; c++)
+            for (int64_t c = 0; c < (b1 - b0) * PANEL_CPB; c++)
                 _mm512_store_si512(panel + (c * PANEL_ROWS + m) * 64, _mm512_setzero_si512());
             continue;
         }
@@ -131,7 +131,7 @@ TARGET_AVX512 static void panel_decode_tq2(const job_t *J, int64_t n, int64_t n1
         for (int64_t b = b0; b < b1; b++) {
             _mm_prefetch((const char *)w + pf[b - b0], PANEL_HINT);
             const __m512i v = _mm512_loadu_si512(w + b * QB);
-            uint8_t *p = panel + (4 * (b - b0) * PANEL_ROWS + m) * 64;
+            uint8_t *p = panel + (PANEL_CPB * (b - b0) * PANEL_ROWS + m) * 64;
             _mm512_store_si512(p, _mm512_and_si512(v, m3));
             _mm512_store_si512(p + PANEL_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3));
             _mm512_store_si512(p + 2 * PANEL_ROWS * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3));
@@ -151,7 +151,7 @@ TARGET_AVX512_VBMI static void panel_decode_tq1(const job_t *J, int64_t n, int64
     panel_prefetch_offsets(b0, b1, J->nb, rowb, TQ1_QS, pf); /* along the row's qs run */
     for (int m = 0; m < PANEL_ROWS; m++) {
         if (n + m >= n1) {
-            for (int64_t c = 0; c < (b1 - b0) * 4; c++)
+            for (int64_t c = 0; c < (b1 - b0) * PANEL_CPB; c++)
                 _mm512_store_si512(panel + (c * PANEL_ROWS + m) * 64, _mm512_setzero_si512());
             continue;
         }
@@ -162,7 +162,7 @@ TARGET_AVX512_VBMI static void panel_decode_tq1(const job_t *J, int64_t n, int64
             __m512i fa, fb, c[4];
             tq1_decode(w, J->nb, b, &L, &fa, &fb);
             tq1_tq2_chunks(fa, fb, &X, c);
-            uint8_t *p = panel + (4 * (b - b0) * PANEL_ROWS + m) * 64;
+            uint8_t *p = panel + (PANEL_CPB * (b - b0) * PANEL_ROWS + m) * 64;
             for (int l = 0; l < 4; l++) _mm512_store_si512(p + l * PANEL_ROWS * 64, c[l]);
         }
     }
@@ -201,7 +201,7 @@ TARGET_AVX512 static inline void transpose16_ps(__m512 *r) {
  * 16 x 16 transpose of 4-byte groups (transpose16_ps only moves bits); missing tokens are zero. xt_build_group does
  * token group g (tokens 16g .. 16g+15) alone. */
 TARGET_AVX512 static void xt_build_group(const job_t *J, const int8_t *xq, int8_t *xt, int64_t g) {
-    const int64_t nc = J->nb * panel_cpb(J), row = nc * 64;
+    const int64_t nc = J->nb * PANEL_CPB, row = nc * 64;
     for (int64_t c = 0; c < nc; c++) {
         __m512 r[16];
         for (int n = 0; n < LANE_TOK; n++) {
@@ -271,7 +271,7 @@ TARGET_AVX512 static void store16(const job_t *J, const float *yv, int64_t n, in
 #define LANE_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 TARGET_AVX512 static void lane_step(const job_t *J, const uint8_t *a, int64_t c0, int64_t c1, int64_t s, int first,
                                     int last, int64_t n, int64_t n1, int64_t tg, int32_t *cacc, float *yv) {
-    const int64_t nc = J->nb * panel_cpb(J);
+    const int64_t nc = J->nb * PANEL_CPB;
     const int8_t *x = J->xt + tg * nc * 1024;
 #define LANE_INIT(m) __m512i a##m = first ? _mm512_setzero_si512() : _mm512_load_si512(cacc + 16 * m);
     LANE_ROWS16(LANE_INIT)
@@ -299,7 +299,7 @@ TARGET_AVX512 static void lane_step(const job_t *J, const uint8_t *a, int64_t c0
  * and scale segment, the weights are decoded PANEL_SLICE blocks at a time into an L1-sized slice that
  * every token group and both 16-row halves then read; accumulators wait in cacc between slices. */
 TARGET_AVX512 static int lane_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t cpb = panel_cpb(J), G = (J->T + LANE_TOK - 1) / LANE_TOK;
+    const int64_t cpb = PANEL_CPB, G = (J->T + LANE_TOK - 1) / LANE_TOK;
     const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64), part = 16 * LANE_TOK;
     uint8_t *panel = (uint8_t *)panel_get(panel_bytes + 2 * sizeof(int32_t) * 2 * (size_t)G * part);
     if (!panel) return 0;
