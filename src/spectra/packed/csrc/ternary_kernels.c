@@ -1497,12 +1497,22 @@ static int64_t same_cache_end(void *const *kcs, void *const *vcs, int64_t r0, in
 #ifndef ATT_CHUNKS_PER_THREAD
 #define ATT_CHUNKS_PER_THREAD 8 /* pairs are handed out in this many runs per thread (one claim per run) */
 #endif
+#ifndef ATT_ROW1_CHUNKS_PER_THREAD
+/* One decoded row (the one-token decode): its heads in one run per thread. Each claim is a compare-and-swap on a line
+ * both cores write; where the VM's two cores sit on different CCDs of the Zen 5 host (a cache line takes ~200 ns
+ * from one to the other, against ~45 ns on one CCD) the eight claims per thread of 28 short heads cost more than the
+ * balance they buy. TriLM-1.1B greedy decode on 2 threads, 8-token bursts of the two builds alternating in one
+ * process, classified by a core-to-core probe between bursts: cores on different CCDs 1.023x (faster in 117 of 179
+ * pairs) and 1.018x (83/142); on one CCD 1.007x (292/522) and 1.018x (381/600). */
+#define ATT_ROW1_CHUNKS_PER_THREAD 1
+#endif
 
 /* Rows [0, B) as one job: attend_shared_chunk's head-by-head order when `shared`, else attend_batch_chunk's. */
 static void attend_rows(int path, const float *qs, void *const *kcs, void *const *vcs, const int64_t *pos, float *outs,
                         int64_t B, int64_t H, int64_t D, int64_t hs, float scale, int n_threads, int half, int shared,
                         _Atomic int *failed) {
-    const int64_t P = B * H, want = (int64_t)ATT_CHUNKS_PER_THREAD * n_threads;
+    const int64_t P = B * H;
+    const int64_t want = (int64_t)(B == 1 ? ATT_ROW1_CHUNKS_PER_THREAD : ATT_CHUNKS_PER_THREAD) * n_threads;
     const attend_batch_task_t task = {qs, outs, kcs, vcs, pos, H, D, H * D, hs, B, want < P ? want : P, scale,
                                       path == PATH_AVX512VNNI && D % 16 == 0, half, failed};
 #ifdef SPECTRA_X86
