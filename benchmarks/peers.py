@@ -267,6 +267,8 @@ def gguf_weight_bytes(path: Path, embedding_bytes: int) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from spectra.packed import kernels as K
+
     peers = [Peer(p) for p in args.llama_bench]
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -295,15 +297,20 @@ def run(args: argparse.Namespace) -> dict:
                 time_spectra(rt["model"], prompt[:, :8], decode_ids[:, :4], 1)
         samples = {(name, t): {"pp": [], "tg": []} for name in runtimes for t in args.threads}
         bandwidth: dict[int, list[float]] = {t: [] for t in args.threads}
+        placement: dict[int, list[list[float | None]]] = {t: [] for t in args.threads}
         load_before = os.getloadavg()
         steps = args.rounds * len(args.threads) * len(runtimes)
         with tqdm(total=steps, desc="interleaved rounds", unit="run") as bar:
             for _ in range(args.rounds):
                 for t in args.threads:
+                    where = [K.core_round_trip_ns()]
                     before = probe(t)
                     for name, rt in runtimes.items():
                         if "peer" in rt and before is not None:  # spectra's rows are done: their round's read rate
+                            where.append(K.core_round_trip_ns())
                             bandwidth[t].append(max(before, probe(t)))
+                            where.append(K.core_round_trip_ns())
+                            placement[t].append(where)
                             before = None
                         s = samples[(name, t)]
                         if "peer" in rt:
@@ -318,7 +325,9 @@ def run(args: argparse.Namespace) -> dict:
                         bar.set_postfix_str(f"{t}T {name[:40]}")
                         bar.update()
                     if before is not None:  # no peers
+                        where.append(K.core_round_trip_ns())
                         bandwidth[t].append(max(before, probe(t)))
+                        placement[t].append(where + [K.core_round_trip_ns()])
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -349,6 +358,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "model": facts,
         "bandwidth_samples": {str(t): v for t, v in bandwidth.items()},
+        "core_round_trip_ns": {str(t): v for t, v in placement.items()},
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "rows": rows,
@@ -369,6 +379,10 @@ def paired_ratio(result: dict, ours: str, peer: str, key: str, threads: int) -> 
     b = per_round(by[(peer, threads)][field], result["rounds"], result["reps"])
     ratios = [x / y for x, y in zip(a, b)]
     return f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
+
+
+def round_trips(values: list[float | None]) -> str:
+    return "/".join("–" if v is None else f"{v:.0f}" for v in values)
 
 
 def markdown(result: dict) -> str:
@@ -417,10 +431,14 @@ def markdown(result: dict) -> str:
             r = by[(ours, t)]
             per = per_round(r["decode_samples"], result["rounds"], result["reps"])
             bws = result["bandwidth_samples"][str(t)]
-            fractions.append(f"{t}T " + ", ".join(f"{100 * tg * r['weight_bytes_per_token'] / bw:.0f}"
-                                                  for tg, bw in zip(per, bws)) + " %")  # fmt: skip
-        out += ["spectra's decode as a fraction of the bound, round by round (that round's read rate): "
-                + "; ".join(fractions) + ".", ""]
+            where = result.get("core_round_trip_ns", {}).get(str(t), [])
+            fractions.append(f"{t}T " + ", ".join(f"{100 * tg * r['weight_bytes_per_token'] / bw:.0f} %"
+                                                  + (f" ({round_trips(where[i])})" if i < len(where) else "")
+                                                  for i, (tg, bw) in enumerate(zip(per, bws))))  # fmt: skip
+        out += ["spectra's decode as a fraction of the bound, round by round (that round's read rate; in brackets the "
+                "core-to-core round trip in ns before the round's first read probe, after spectra's rows and after the "
+                "second probe: on a 2-core VM it says whether the cores share a last-level cache, and the 2-thread "
+                "read rate moves with it): " + "; ".join(fractions) + ".", ""]
     if OURS_TQ1 in names:
         out += ["spectra TQ1_0 / TQ2_0, paired per round (median [range]): decode "
                 + ", ".join(f"{t}T {paired_ratio(result, OURS_TQ1, ours, 'decode_tok_s', t)}" for t in threads)

@@ -195,7 +195,11 @@ def test_peers_pairs_each_round_and_reports_the_spread():
     assert peers.paired_ratio(result, ours, peer, "decode_tok_s", 1) == "1.50× [0.80–2.00]"  # 1.5, 2.0, 0.8
     text = peers.markdown(result)
     assert "| paired per round (median [range] of 3) | 1.50× [0.80–2.00] | 1.50× [1.25–1.60] |" in text
-    assert "1T 60, 80, 20 %" in text  # 60 tok/s x 1e8 B / 1e10 B/s, then 80 %, then 40 x 1e8 / 2e10
+    assert "1T 60 %, 80 %, 20 %" in text  # 60 tok/s x 1e8 B / 1e10 B/s, then 80 %, then 40 x 1e8 / 2e10
+    # each round's core-to-core round trips (before, between and after its read probes) beside its fraction
+    result["core_round_trip_ns"] = {"1": [[90.2, 88.0, 91.0], [412.0, None, 405.5], [89.0, 90.0, 300.0]]}
+    text = peers.markdown(result)
+    assert "1T 60 % (90/88/91), 80 % (412/–/406), 20 % (89/90/300)" in text
     assert "TQ1_0 / TQ2_0" not in text
 
     # --spectra-tq1: a second spectra row, never taken for the best peer, and TQ1_0 over TQ2_0 paired per round

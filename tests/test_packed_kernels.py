@@ -278,6 +278,23 @@ def test_stream_read_reads_every_byte_it_counts(path):
 
 
 @needs_ext
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the round trip uses Linux's threads")
+def test_core_round_trip_measures_and_gives_the_caller_its_cpus_back():
+    """core_round_trip_ns (benchmarks/peers.py's placement probe): a cache line's round trip between two spinning
+    threads takes tens to hundreds of ns between two cores (and far longer, time slices, when both threads share one
+    CPU); the calling thread, pinned to one CPU while it measures, gets all its CPUs back; bad counts raise."""
+    import os
+
+    cpus = os.sched_getaffinity(0)
+    ns = K.core_round_trip_ns(20_000)
+    assert os.sched_getaffinity(0) == cpus
+    if len(cpus) >= 2:
+        assert ns is not None and 5.0 < ns < 100_000.0
+    with pytest.raises(ValueError, match="iters 0"):
+        K.extension().core_round_trip(0)
+
+
+@needs_ext
 def test_prefetch_settings_change_no_output():
     """set_prefetch returns the settings it replaces (the ones prefetch_tune chose for this CPU's vendor and family),
     and the GEMV and the int8 output layer give the same bits under any distance and copy count, since prefetches only

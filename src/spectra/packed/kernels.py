@@ -417,6 +417,18 @@ def stream_read(buf: Tensor, n_threads: int, *, streams: int = 2, prefetch: int 
     return ext.stream_read(_PATH_IDS[resolve_path(path)], n_threads, buf.data_ptr(), nbytes, streams, prefetch)[0]
 
 
+def core_round_trip_ns(iters: int = 200_000) -> float | None:
+    """Nanoseconds per round trip of one cache line between two threads that spin on it (the mean over `iters`), or
+    None where it cannot be measured (no extension, not Linux, or the second thread did not run within a second). On a
+    2-core VM it says whether the two cores share a last-level cache: `benchmarks/peers.py` records it around every
+    round, since the DRAM read rate of two threads moves with it."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "core_round_trip"):
+        return None
+    ns = ext.core_round_trip(int(iters))
+    return ns if ns > 0 else None
+
+
 def use_huge_pages(*tensors: Tensor) -> int:
     """Back the memory of CPU tensors with 2 MiB pages in place (Linux transparent huge pages; same addresses and
     values). Returns the bytes now in 2 MiB pages (0 without the extension, off Linux, or before Linux 6.1).

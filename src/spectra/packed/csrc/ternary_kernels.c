@@ -3593,6 +3593,90 @@ static PyObject *py_stream_read(PyObject *self, PyObject *args) {
     return Py_BuildValue("Lk", (long long)(n_threads * task.part), (unsigned long)(uint32_t)(v ^ (v >> 32)));
 }
 
+/* core_round_trip(iters) -> float: nanoseconds per round trip of one cache line between the calling thread and a
+ * second thread, each spinning until the other has written it (the mean over `iters` round trips), or -1.0 where it
+ * cannot run (no pthreads, or the second thread was not running within a second: a busy
+ * machine). On a 2-core VM it tells where the two cores sit: on the Zen 5 host of 2026-12-06 about 90 ns when they
+ * share a CCD (the 2-thread read probe then reads ~46-50 GB/s) and 380-450 ns when they do not (~76-82 GB/s: each
+ * core has its own CCD's link to memory), and the host moves them between the two within seconds.
+ * `benchmarks/peers.py` records it around every round. */
+#ifdef SPECTRA_POOL
+typedef struct {
+    _Alignas(64) _Atomic int64_t flag;
+    _Alignas(64) int64_t iters;
+    unsigned long mask[16]; /* the echo thread's CPU (a sched_setaffinity mask) */
+} round_trip_t;
+
+static void *round_trip_echo(void *arg) {
+    round_trip_t *r = (round_trip_t *)arg;
+    syscall(SYS_sched_setaffinity, 0, sizeof r->mask, r->mask);
+    for (int64_t i = 0; i < r->iters; i++) {
+        int64_t v;
+        while ((v = atomic_load_explicit(&r->flag, memory_order_acquire)) != 2 * i + 1)
+            if (v < 0) return NULL;
+        atomic_store_explicit(&r->flag, 2 * i + 2, memory_order_release);
+    }
+    return NULL;
+}
+
+/* The calling thread on the first CPU it may run on, the echo thread on the second (when there is one: else both
+ * are left where the OS puts them); the caller's CPUs are restored after. */
+static double round_trip_run(int64_t iters) {
+    static round_trip_t r;
+    unsigned long allowed[16] = {0}, mine[16] = {0};
+    const int bits = (int)(8 * sizeof(unsigned long));
+    const int pinned = syscall(SYS_sched_getaffinity, 0, sizeof allowed, allowed) > 0;
+    int cpus[2] = {-1, -1}, n = 0;
+    for (int c = 0; pinned && c < 16 * bits && n < 2; c++)
+        if (allowed[c / bits] >> (c % bits) & 1UL) cpus[n++] = c;
+    memset(r.mask, 0, sizeof r.mask);
+    if (n == 2) {
+        mine[cpus[0] / bits] = 1UL << (cpus[0] % bits);
+        r.mask[cpus[1] / bits] = 1UL << (cpus[1] % bits);
+        syscall(SYS_sched_setaffinity, 0, sizeof mine, mine);
+    } else {
+        memcpy(r.mask, allowed, sizeof r.mask);
+    }
+    atomic_store(&r.flag, 0);
+    r.iters = iters;
+    pthread_t t;
+    if (pthread_create(&t, NULL, round_trip_echo, &r) != 0) {
+        if (n == 2) syscall(SYS_sched_setaffinity, 0, sizeof allowed, allowed);
+        return -1.0;
+    }
+    const int64_t start = pool_now_ns();
+    int ok = 1;
+    for (int64_t i = 0; i < iters && ok; i++) {
+        atomic_store_explicit(&r.flag, 2 * i + 1, memory_order_release);
+        for (unsigned polls = 0; atomic_load_explicit(&r.flag, memory_order_acquire) != 2 * i + 2;)
+            if (++polls % 4096 == 0 && pool_now_ns() - start > 1000000000) {
+                ok = 0;
+                break;
+            }
+    }
+    const int64_t end = pool_now_ns();
+    atomic_store(&r.flag, -1);
+    pthread_join(t, NULL);
+    if (n == 2) syscall(SYS_sched_setaffinity, 0, sizeof allowed, allowed);
+    return ok ? (double)(end - start) / (double)iters : -1.0;
+}
+#endif
+
+static PyObject *py_core_round_trip(PyObject *self, PyObject *args) {
+    long long iters;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "L", &iters)) return NULL;
+    if (iters < 1 || iters > 100000000)
+        return PyErr_Format(PyExc_ValueError, "core_round_trip: iters %lld (1..1e8)", iters);
+    double ns = -1.0;
+#ifdef SPECTRA_POOL
+    Py_BEGIN_ALLOW_THREADS
+    ns = round_trip_run((int64_t)iters);
+    Py_END_ALLOW_THREADS
+#endif
+    return PyFloat_FromDouble(ns);
+}
+
 /* huge_pages(ptr, nbytes) -> int: back the memory [ptr, ptr + nbytes) with 2 MiB pages where Linux allows it, in place
  * (same addresses, same contents). Streaming a 4 MiB matrix from DRAM on 4 KiB pages costs one TLB miss per 4 KiB
  * and the hardware prefetchers stop at every 4 KiB boundary: here a plain read of 4 MiB takes 0.21-0.24 ms on 4 KiB
@@ -3864,6 +3948,7 @@ static PyMethodDef methods[] = {
     {"to_half", py_to_half, METH_VARARGS, "float32 -> float16 as the KV cache rounds (for tests)."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
+    {"core_round_trip", py_core_round_trip, METH_VARARGS, "ns per cache-line round trip between two spinning threads."},
     {"huge_pages", py_huge_pages, METH_VARARGS, "Back a memory range with 2 MiB pages in place (Linux THP)."},
     {"set_prefetch", (PyCFunction)(void (*)(void))py_set_prefetch, METH_VARARGS | METH_KEYWORDS,
      "Set the GEMV prefetch distances (for A/B runs and tuning)."},
