@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
                                    [--prefill 0 | --decode] [--format tq2] [--vocab V] [--shards 1] [--rounds 15]
-                                   [-D NAME=VALUE ...] [--base-define NAME=VALUE ...] [--no-amx]
+                                   [-D NAME=VALUE ...] [--base-define NAME=VALUE ...] [--no-amx] [--placement NS]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
 rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
@@ -22,6 +22,10 @@ segments per row).
 Prints each build's median time and the median [range] of the per-round ratios base / tree (above 1: the working
 tree is faster), and in how many rounds the tree was faster. The Python side is the working tree's for both, so a
 base whose C functions take other arguments cannot be compared this way (the call fails with a TypeError).
+With `--placement NS` it also times a core-to-core round trip around every round and reports the rounds apart by
+where the two cores sat: the 2-core Zen 5 VM moves its vCPUs between one CCD and two within seconds, which moves the
+2-thread read rate between ~50 and ~80 GB/s and changes what a kernel change is worth (README, "Where the VM's two
+cores sit").
 """
 
 from __future__ import annotations
@@ -92,6 +96,11 @@ def main() -> None:
                     help="scale shards per matrix (2: as `spectra.load('trilm-1.1b')` and packed checkpoints; blocks "
                          "that straddle two shards are rounded as `spectra pack --lossy` does)")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--placement", type=float, default=None, metavar="NS",
+                    help="time a core-to-core round trip (kernels.core_round_trip_ns) before and after every round "
+                         "and also report the rounds apart by placement: both round trips below NS (the cores share "
+                         "a last-level cache) or both above (they do not); on the 2-core Zen 5 VM about 90 against "
+                         "400 ns, so 250 splits them")
     ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE for the tree's build")
     ap.add_argument("--base-define", dest="base_defines", action="append", default=[],
                     help="NAME=VALUE for the base's build")
@@ -190,9 +199,12 @@ def main() -> None:
 
         run("base"), run("tree")  # first calls: page faults, buffers
         times: dict[str, list[float]] = {"base": [], "tree": []}
+        where: list[tuple[float | None, float | None]] = []
         for r in range(args.rounds):
+            before = K.core_round_trip_ns(20_000) if args.placement else None
             for name in ("base", "tree") if r % 2 == 0 else ("tree", "base"):
                 times[name].append(run(name))
+            where.append((before, K.core_round_trip_ns(20_000) if args.placement else None))
     ratios = sorted(b / t for b, t in zip(times["base"], times["tree"]))
     extra = f" (-D {' '.join(args.defines)})" if args.defines else ""
     extra += f" (base -D {' '.join(args.base_defines)})" if args.base_defines else ""
@@ -202,6 +214,22 @@ def main() -> None:
         print(f"  {name:5s} median {statistics.median(times[name]) * 1e3:.3f} ms")
     print(f"  base / tree: {statistics.median(ratios):.3f}x [{ratios[0]:.3f}-{ratios[-1]:.3f}], "
           f"tree faster in {sum(x > 1 for x in ratios)}/{len(ratios)} rounds")
+    if args.placement:
+        for label, below in (("sharing a last-level cache", True), ("apart", False)):
+            idx = [i for i, (a, b) in enumerate(where)
+                   if a is not None and b is not None and (a < args.placement) == below == (b < args.placement)]
+            head = f"  cores {label} (round trip {'<' if below else '>'} {args.placement:.0f} ns)"
+            if not idx:
+                print(f"{head}: no round")
+                continue
+            rs = sorted(times["base"][i] / times["tree"][i] for i in idx)
+            print(f"{head}, {len(idx)} rounds: base {statistics.median(times['base'][i] for i in idx) * 1e3:.3f} ms, "
+                  f"tree {statistics.median(times['tree'][i] for i in idx) * 1e3:.3f} ms, base / tree "
+                  f"{statistics.median(rs):.3f}x [{rs[0]:.3f}-{rs[-1]:.3f}], tree faster in "
+                  f"{sum(x > 1 for x in rs)}/{len(rs)}")
+        mixed = sum(1 for a, b in where if a is None or b is None
+                    or (a < args.placement) != (b < args.placement))
+        print(f"  rounds whose placement changed (or was not measured): {mixed}")
 
 
 if __name__ == "__main__":
