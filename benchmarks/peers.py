@@ -381,6 +381,33 @@ def paired_ratio(result: dict, ours: str, peer: str, key: str, threads: int) -> 
     return f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
 
 
+# A core-to-core round trip below this many ns: the two cores share a last-level cache (the 2-core Zen 5 VM reads
+# about 90 ns then, about 400 ns when its vCPUs sit on two CCDs).
+PLACEMENT_NS = 250.0
+
+
+def placement_summary(result: dict, ours: str) -> str:
+    """spectra's fraction of the bound over the rounds whose three round trips all fell on one side of PLACEMENT_NS
+    (the placement held from the first read probe to the second), per thread count and side; "" without records."""
+    by = {(r["runtime"], r["threads"]): r for r in result["rows"]}
+    parts = []
+    for t in result["threads"]:
+        where = result.get("core_round_trip_ns", {}).get(str(t), [])
+        r = by[(ours, t)]
+        per = per_round(r["decode_samples"], result["rounds"], result["reps"])
+        bws = result["bandwidth_samples"][str(t)]
+        for label, below in (("one last-level cache", True), ("apart", False)):
+            fr = [100 * tg * r["weight_bytes_per_token"] / bw for tg, bw, w in zip(per, bws, where)
+                  if w and all(v is not None and (v < PLACEMENT_NS) == below for v in w)]
+            if fr:
+                rounds = ", ".join(f"{x:.0f}" for x in fr)
+                parts.append(f"{t}T {label}: {statistics.median(fr):.0f} % (rounds {rounds})")
+    if not parts:
+        return ""
+    return (f"spectra's fraction of the bound over the rounds whose placement held (all three round trips on one side "
+            f"of {PLACEMENT_NS:.0f} ns), median: " + "; ".join(parts) + ".")
+
+
 def round_trips(values: list[float | None]) -> str:
     return "/".join("–" if v is None else f"{v:.0f}" for v in values)
 
@@ -439,6 +466,9 @@ def markdown(result: dict) -> str:
                 "core-to-core round trip in ns before the round's first read probe, after spectra's rows and after the "
                 "second probe: on a 2-core VM it says whether the cores share a last-level cache, and the 2-thread "
                 "read rate moves with it): " + "; ".join(fractions) + ".", ""]
+        held = placement_summary(result, ours)
+        if held:
+            out += [held, ""]
     if OURS_TQ1 in names:
         out += ["spectra TQ1_0 / TQ2_0, paired per round (median [range]): decode "
                 + ", ".join(f"{t}T {paired_ratio(result, OURS_TQ1, ours, 'decode_tok_s', t)}" for t in threads)

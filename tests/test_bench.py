@@ -200,6 +200,11 @@ def test_peers_pairs_each_round_and_reports_the_spread():
     result["core_round_trip_ns"] = {"1": [[90.2, 88.0, 91.0], [412.0, None, 405.5], [89.0, 90.0, 300.0]]}
     text = peers.markdown(result)
     assert "1T 60 % (90/88/91), 80 % (412/–/406), 20 % (89/90/300)" in text
+    # only round 1 held its placement (round 2 has a missing trip, round 3 crossed 250 ns)
+    assert "held (all three round trips on one side of 250 ns), median: 1T one last-level cache: 60 % (rounds 60)." \
+        in text
+    result["core_round_trip_ns"]["1"][1][1] = 399.0
+    assert "1T one last-level cache: 60 % (rounds 60); 1T apart: 80 % (rounds 80)." in peers.markdown(result)
     assert "TQ1_0 / TQ2_0" not in text
 
     # --spectra-tq1: a second spectra row, never taken for the best peer, and TQ1_0 over TQ2_0 paired per round
