@@ -3595,8 +3595,7 @@ static PyObject *py_stream_read(PyObject *self, PyObject *args) {
 
 /* core_round_trip(iters) -> float: nanoseconds per round trip of one cache line between the calling thread and a
  * second thread, each spinning until the other has written it (the mean over `iters` round trips), or -1.0 where it
- * cannot run (no pthreads, or the second thread was not running within a second: a busy
- * machine). On a 2-core VM it tells where the two cores sit: on the Zen 5 host of 2026-12-06 about 90 ns when they
+ * cannot run (no pthreads, or the second thread was not running within a second: a busy machine). On a 2-core VM it tells where the two cores sit: on the Zen 5 host of 2026-12-06 about 90 ns when they
  * share a CCD (the 2-thread read probe then reads ~46-50 GB/s) and 380-450 ns when they do not (~76-82 GB/s: each
  * core has its own CCD's link to memory), and the host moves them between the two within seconds.
  * `benchmarks/peers.py` records it around every round. */
@@ -3622,12 +3621,12 @@ static void *round_trip_echo(void *arg) {
 /* The calling thread on the first CPU it may run on, the echo thread on the second (when there is one: else both
  * are left where the OS puts them); the caller's CPUs are restored after. */
 static double round_trip_run(int64_t iters) {
-    static round_trip_t r;
+    round_trip_t r; /* on this thread's stack: the echo thread is joined before it returns */
     unsigned long allowed[16] = {0}, mine[16] = {0};
     const int bits = (int)(8 * sizeof(unsigned long));
-    const int pinned = syscall(SYS_sched_getaffinity, 0, sizeof allowed, allowed) > 0;
+    const int known = syscall(SYS_sched_getaffinity, 0, sizeof allowed, allowed) > 0;
     int cpus[2] = {-1, -1}, n = 0;
-    for (int c = 0; pinned && c < 16 * bits && n < 2; c++)
+    for (int c = 0; known && c < 16 * bits && n < 2; c++)
         if (allowed[c / bits] >> (c % bits) & 1UL) cpus[n++] = c;
     memset(r.mask, 0, sizeof r.mask);
     if (n == 2) {
