@@ -386,18 +386,22 @@ def paired_ratio(result: dict, ours: str, peer: str, key: str, threads: int) -> 
 PLACEMENT_NS = 250.0
 
 
+def round_fractions(result: dict, ours: str, threads: int) -> list[float]:
+    """spectra's decode as a fraction of the bound (%), round by round against that round's read rate."""
+    r = next(r for r in result["rows"] if r["runtime"] == ours and r["threads"] == threads)
+    per = per_round(r["decode_samples"], result["rounds"], result["reps"])
+    bws = result["bandwidth_samples"][str(threads)]
+    return [100 * tg * r["weight_bytes_per_token"] / bw for tg, bw in zip(per, bws)]
+
+
 def placement_summary(result: dict, ours: str) -> str:
     """spectra's fraction of the bound over the rounds whose three round trips all fell on one side of PLACEMENT_NS
     (the placement held from the first read probe to the second), per thread count and side; "" without records."""
-    by = {(r["runtime"], r["threads"]): r for r in result["rows"]}
     parts = []
     for t in result["threads"]:
         where = result.get("core_round_trip_ns", {}).get(str(t), [])
-        r = by[(ours, t)]
-        per = per_round(r["decode_samples"], result["rounds"], result["reps"])
-        bws = result["bandwidth_samples"][str(t)]
         for label, below in (("one last-level cache", True), ("apart", False)):
-            fr = [100 * tg * r["weight_bytes_per_token"] / bw for tg, bw, w in zip(per, bws, where)
+            fr = [f for f, w in zip(round_fractions(result, ours, t), where)
                   if w and all(v is not None and (v < PLACEMENT_NS) == below for v in w)]
             if fr:
                 rounds = ", ".join(f"{x:.0f}" for x in fr)
@@ -455,13 +459,10 @@ def markdown(result: dict) -> str:
         out += ["\n".join(rat), ""]
         fractions = []
         for t in threads:
-            r = by[(ours, t)]
-            per = per_round(r["decode_samples"], result["rounds"], result["reps"])
-            bws = result["bandwidth_samples"][str(t)]
             where = result.get("core_round_trip_ns", {}).get(str(t), [])
-            fractions.append(f"{t}T " + ", ".join(f"{100 * tg * r['weight_bytes_per_token'] / bw:.0f} %"
-                                                  + (f" ({round_trips(where[i])})" if i < len(where) else "")
-                                                  for i, (tg, bw) in enumerate(zip(per, bws))))  # fmt: skip
+            cells = [f"{f:.0f} %" + (f" ({round_trips(where[i])})" if i < len(where) else "")
+                     for i, f in enumerate(round_fractions(result, ours, t))]
+            fractions.append(f"{t}T " + ", ".join(cells))
         out += ["spectra's decode as a fraction of the bound, round by round (that round's read rate; in brackets the "
                 "core-to-core round trip in ns before the round's first read probe, after spectra's rows and after the "
                 "second probe: on a 2-core VM it says whether the cores share a last-level cache, and the 2-thread "

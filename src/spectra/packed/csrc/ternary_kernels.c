@@ -3595,10 +3595,11 @@ static PyObject *py_stream_read(PyObject *self, PyObject *args) {
 
 /* core_round_trip(iters) -> float: nanoseconds per round trip of one cache line between the calling thread and a
  * second thread, each spinning until the other has written it (the mean over `iters` round trips), or -1.0 where it
- * cannot run (no pthreads, or the second thread was not running within a second: a busy machine). On a 2-core VM it tells where the two cores sit: on the Zen 5 host of 2026-12-06 about 90 ns when they
- * share a CCD (the 2-thread read probe then reads ~46-50 GB/s) and 380-450 ns when they do not (~76-82 GB/s: each
- * core has its own CCD's link to memory), and the host moves them between the two within seconds.
- * `benchmarks/peers.py` records it around every round. */
+ * cannot run (no pthreads, or the second thread was not running within a second: a busy machine). On a 2-core VM it
+ * tells where the two cores sit: on the Zen 5 host of 2026-12-06 about 90 ns when they share a CCD (the 2-thread read
+ * probe then reads ~46-50 GB/s) and 380-450 ns when they do not (~76-82 GB/s: each core has its own CCD's link to
+ * memory), and the host moves them between the two within seconds. `benchmarks/peers.py` records it around every
+ * round. */
 #ifdef SPECTRA_POOL
 typedef struct {
     _Alignas(64) _Atomic int64_t flag;
