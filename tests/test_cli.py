@@ -37,3 +37,21 @@ def test_errors_are_clear(tmp_path, capsys):
     assert main(["init", "trilm-huge", str(tmp_path / "x")]) == 2
     assert main(["export", "hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_torchrun_worker_exits_with_its_output_and_status():
+    """Under torchrun (WORLD_SIZE > 1) `python -m spectra` leaves through os._exit after the command (the interpreter's
+    teardown aborted 2-process gloo runs now and then): what it printed to a pipe still arrives whole, and the exit
+    status is the command's, 0 or 2 for a user's mistake."""
+    import os
+
+    def spectra(*args, world):
+        env = {**os.environ, "WORLD_SIZE": world}
+        return subprocess.run([sys.executable, "-m", "spectra", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    alone, worker = spectra("info", "trilm-99m", world="1"), spectra("info", "trilm-99m", world="2")
+    assert worker.returncode == alone.returncode == 0
+    assert worker.stdout == alone.stdout and "trilm-99m" in worker.stdout
+    bad = spectra("info", "no-such-model", world="2")
+    assert bad.returncode == 2 and bad.stderr.startswith("spectra info: error:")
