@@ -66,13 +66,13 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (32000: decode.py)")
-    parser.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+    parser.add_argument("--kv-cache", choices=["f32", "f16", "q8"], default="f32",
                         help="KV cache dtype of every path (serve's default is f16)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     model = with_int8_head(packed_copy(synthetic_trilm(args.size, vocab_size=args.vocab), "tq2", inplace=True))
-    kv = {"f32": torch.float32, "f16": torch.float16}[args.kv_cache]
+    kv = {"f32": torch.float32, "f16": torch.float16, "q8": torch.int8}[args.kv_cache]
     bd = BatchDecoder(model, max(args.batch), args.context + args.gen_len, kv)
     if bd.kernel is None:
         print("note: no compiled batched kernel here; timing the model's modules")

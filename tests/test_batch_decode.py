@@ -42,7 +42,7 @@ def prompts_and_lengths(n=7, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("kind,kv", [("packed", None), ("packed-int8-head", None), ("packed-tq1-compact", None),
-                                     ("packed-int8-head", torch.float16)])
+                                     ("packed-int8-head", torch.float16), ("packed-int8-head", torch.int8)])
 def test_kernel_step_rows_are_bit_identical_to_the_single_token_decoder(kind, kv):
     """Four sequences at different positions, stepped together, give exactly the hidden states and cache rows of the
     batch-1 C decoder run on each alone from the same prefill. With the int8 head (`Int8Linear`) the logits are
@@ -231,7 +231,7 @@ def test_prompt_chunks_share_a_step_within_one_chunks_rows(per_step):
 
 
 @needs_ext
-@pytest.mark.parametrize("kv", [None, torch.float16])
+@pytest.mark.parametrize("kv", [None, torch.float16, torch.int8])
 def test_step_with_prefill_equals_separate_calls(kv):
     """Decode rows and prefill chunks of other slots in one pass give exactly the logits and cache rows of the
     separate `step` and `prefill` calls (rows do not depend on one another)."""
@@ -418,7 +418,8 @@ HAS_VNNI = kernels.extension() is not None and kernels.cpu_features().get("avx51
 
 
 @pytest.mark.parametrize("kind,kv,amx", [("packed-int8-head", torch.float16, True), ("packed", None, True),
-                                         ("packed-int8-head", torch.float16, False)])
+                                         ("packed-int8-head", torch.float16, False),
+                                         ("packed-int8-head", torch.int8, False)])
 def test_a_step_split_over_the_threads_equals_the_joint_step_and_each_row_alone(kind, kv, amx):
     """Eleven sequences (AMX: parts of 5 and 6 rows) or sixteen (the AVX-512 GEMMs, AMX off: 8 and 8) on two threads:
     the step runs as two row ranges, each through every block on its own thread (`use_batch_split`). Hidden states,
@@ -479,7 +480,8 @@ def test_where_a_steps_rows_split_over_the_threads():
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="the rows of a step are split only where AMX or the AVX-512 GEMMs run them")
-def test_a_scheduler_of_twelve_slots_on_two_threads_gives_each_sequence_its_own_tokens():
+@pytest.mark.parametrize("kv", [torch.float16, torch.int8])
+def test_a_scheduler_of_twelve_slots_on_two_threads_gives_each_sequence_its_own_tokens(kv):
     """Sixteen prompts through twelve slots on two threads, prompts prefilled 4 positions a step beside the decode
     rows: steps split over the threads whenever the rule allows (decode rows alone, or beside a prompt chunk), and
     sequences join and leave between them. Each gets exactly the tokens `generate` gives it alone."""
@@ -491,10 +493,10 @@ def test_a_scheduler_of_twelve_slots_on_two_threads_gives_each_sequence_its_own_
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False, kv_dtype=torch.float16)["tokens"]
+        alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False, kv_dtype=kv)["tokens"]
                  for p, n in zip(prompts, limits)]
         batched = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=12,
-                                 prefill_chunk=4, kv_dtype=torch.float16)
+                                 prefill_chunk=4, kv_dtype=kv)
     finally:
         torch.set_num_threads(threads)
     assert [r["tokens"] for r in batched] == alone

@@ -140,8 +140,9 @@ def test_kv_cache_names():
     assert kv_dtype_from_name("auto", model) == torch.float16  # a float32 model's cache halves
     assert kv_dtype_from_name("auto", model.to(torch.bfloat16)) is None  # a 16-bit model keeps its own
     assert kv_dtype_from_name("f32") == torch.float32 and kv_dtype_from_name(None) is None
-    with pytest.raises(ValueError, match="auto, f32, f16"):
-        kv_dtype_from_name("q8")
+    assert kv_dtype_from_name("q8") == torch.int8  # int8 rows with a scale each (model.KVCache)
+    with pytest.raises(ValueError, match="auto, f32, f16, q8"):
+        kv_dtype_from_name("q4")
 
 
 def test_generate_quantlm_and_its_gguf(tmp_path):

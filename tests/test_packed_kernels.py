@@ -469,6 +469,56 @@ def test_attention_over_a_float16_cache(path):
 
 @needs_ext
 @pytest.mark.parametrize("path", COMPILED)
+def test_q8_cache_rows_are_the_models_bytes(path):
+    """The C store of a q8 KV cache row (int8 values and a float32 scale after them) writes `model.q8_rows`' bytes:
+    rows over nine decades, exact ties (x * 127 / max|x| at k + 0.5 round to even), zero rows (scale 0) and rows
+    with a NaN or an infinity (values 0, scale NaN); head sizes 64, 128 and 40 (the scalar tail)."""
+    from spectra.model import q8_rows
+
+    g = torch.Generator().manual_seed(0)
+    for D in (64, 128, 40):
+        x = torch.randn(60, D, generator=g) * torch.logspace(-4, 5, 60)[:, None]
+        x[0] = 0.0
+        x[1, 3], x[2, 0], x[3, D - 1] = float("nan"), float("inf"), float("-inf")
+        x[4] = (torch.arange(D) % 9 - 4) + 0.5  # with max|x| = 127 (x * 1.0): every value a tie at k + 0.5
+        x[4, 0] = 127.0
+        a, s = q8_rows(x)
+        out = torch.zeros(60, D + 4, dtype=torch.int8)
+        K.extension().to_q8(K._PATH_IDS[path], x.data_ptr(), out.data_ptr(), D, 60)
+        assert torch.equal(out[:, :D], a)
+        got = out[:, D:].contiguous().view(torch.float32)
+        assert torch.equal(got.isnan(), s.isnan()) and got.isnan()[1:4].all()
+        assert torch.equal(got[~got.isnan()], s[~s.isnan()]) and got[0] == 0
+    ties = q8_rows(torch.tensor([[0.5, 1.5, -2.5, 127.0]]))[0]
+    assert torch.equal(ties, torch.tensor([[0, 2, -2, 127]], dtype=torch.int8))
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_attention_over_a_q8_cache(path):
+    """Keys and values held as q8 rows (head-strided cache slices of D + 4 bytes): the C kernel equals attention over
+    scale * values (the torch path) up to float rounding, and over the float32 rows they came from up to the
+    quantization (a step is 1/127 of a row's largest value). Head sizes 64, 128, 32 and 40 (scalar), short and long."""
+    from spectra.model import kv_store
+
+    g = torch.Generator().manual_seed(3)
+    for H, D, S in ((4, 64, 37), (3, 40, 9), (3, 128, 70), (3, 32, 21), (2, 64, 300)):
+        kf = torch.randn(2, H, S + 13, D, generator=g) * 3
+        vf = torch.randn(2, H, S + 13, D, generator=g)
+        k = torch.zeros(2, H, S + 13, D + 4, dtype=torch.int8)
+        v = torch.zeros_like(k)
+        kv_store(k, kf)
+        kv_store(v, vf)
+        q = torch.randn(H, D, generator=g)
+        out = K.attention(q, k[1, :, :S], v[1, :, :S], path=path)
+        ref = K.attention(q, k[1, :, :S], v[1, :, :S], path="torch")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        exact = K.reference_attention(q, kf[1, :, :S], vf[1, :, :S])
+        assert float((out - exact).abs().max()) < 0.1
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
 def test_argmax_equals_torch(path):
     """Greedy decoding's argmax: torch.argmax's answer on random rows of ragged lengths, ties (the first index),
     rows of -inf, and rows holding NaN (torch returns the first NaN)."""

@@ -37,9 +37,47 @@ from spectra.layers import (  # noqa: F401 - RMSNorm, rope_cache and freeze_for_
 )
 
 
+def q8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of x (..., D) as int8 and one float32 scale each (..., 1): s = max|x| / 127, a = x * (127 / max|x|)
+    rounded to nearest even, so x ~ s * a (the packed kernels' activation rule; a zero row gives a = 0, s = 0, a row
+    with a NaN or infinity a = 0, s = NaN). The q8 KV cache's rows (`KVCache`), as `kv_store_q8` in the C kernels
+    writes them, byte for byte."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    bad = ~torch.isfinite(x).all(-1, keepdim=True)
+    ok = (amax > 0) & ~bad
+    inv = torch.where(ok, 127.0 / amax, torch.zeros_like(amax))
+    a = torch.where(ok, (torch.where(ok, x, 0) * inv).round().clamp(-127, 127), 0).to(torch.int8)
+    s = torch.where(bad, torch.full_like(amax, float("nan")), torch.where(ok, amax / 127.0, torch.zeros_like(amax)))
+    return a, s
+
+
+def kv_store(buf: Tensor, x: Tensor) -> None:
+    """Write keys or values x (..., T, D) into a cache slice buf (..., T, D): copied (rounded to a 16-bit cache's
+    dtype), or, for a q8 cache (int8 rows of D + 4 bytes), as `q8_rows`' values and then the scale's 4 bytes."""
+    if buf.dtype != torch.int8:
+        buf.copy_(x)
+        return
+    D = x.shape[-1]
+    a, s = q8_rows(x)
+    buf[..., :D] = a
+    buf[..., D:].view(torch.float32).copy_(s)
+
+
+def kv_load(buf: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cache rows buf (..., S, D) in `dtype`: widened exactly from a 16-bit cache, or a q8 cache's s * a."""
+    if buf.dtype != torch.int8:
+        return buf if buf.dtype == dtype else buf.to(dtype)
+    D = buf.shape[-1] - 4
+    return (buf[..., :D].float() * buf[..., D:].view(torch.float32)).to(dtype)
+
+
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layers, B, H, max_len, D). `pos` tokens are filled."""
+    """Preallocated keys and values for every layer: (n_layers, B, H, max_len, D), float32, float16 or bfloat16; or
+    int8 (the q8 cache, llama.cpp's `-ctk q8_0` in spirit): (n_layers, B, H, max_len, D + 4), each row D int8 values
+    and its float32 scale in the last 4 bytes (`q8_rows`), 0.53x a float16 cache at head size 64. `pos` tokens are
+    filled."""
 
     k: Tensor
     v: Tensor
@@ -47,7 +85,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        row = cfg.head_dim + 4 if dtype == torch.int8 else cfg.head_dim
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, row)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
@@ -80,12 +119,11 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             start, end = cache.pos, cache.pos + T
-            cache.k[self.layer_idx, :, :, start:end] = k
-            cache.v[self.layer_idx, :, :, start:end] = v
-            k = cache.k[self.layer_idx, :, :, :end]  # (B, H, S, D)
-            v = cache.v[self.layer_idx, :, :, :end]
-            if k.dtype != q.dtype:  # a 16-bit cache of a float32 model: stored rounded, widened exactly to attend
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            kv_store(cache.k[self.layer_idx, :, :, start:end], k)
+            kv_store(cache.v[self.layer_idx, :, :, start:end], v)
+            # (B, H, S, D); a 16-bit cache of a float32 model: stored rounded, widened exactly to attend
+            k = kv_load(cache.k[self.layer_idx, :, :, :end], q.dtype)
+            v = kv_load(cache.v[self.layer_idx, :, :, :end], q.dtype)
             if T == 1:
                 y = F.scaled_dot_product_attention(q, k, v)
             elif start == 0:
@@ -205,7 +243,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache. `dtype`: default the residual stream's (a packed model's embedding table may be 16-bit);
         torch.float16 halves a float32 model's cache (keys and values rounded to nearest when stored, as llama.cpp's
-        default f16 cache does)."""
+        default f16 cache does); torch.int8 is the q8 cache (`KVCache`)."""
         p = self.norm.weight
         return KVCache.empty(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from spectra.data.tokenizer import load_tokenizer
 from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
 from spectra.inference.sampling import TextDecoder, cut_at_stop, draw_u, sample_next, settled, validate_sampling
+from spectra.model import kv_load, kv_store
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, sample_rows, serial_torch
 
 
@@ -259,11 +260,10 @@ class BatchDecoder:
             ys = []
             for b, c in enumerate(caches):  # each row attends over its own positions 0..pos
                 p = c.pos
-                c.k[li, :, :, p : p + 1] = k[b : b + 1]
-                c.v[li, :, :, p : p + 1] = v[b : b + 1]
-                ck, cv = c.k[li, :, :, : p + 1], c.v[li, :, :, : p + 1]
-                if ck.dtype != q.dtype:  # a float16 cache: stored rounded, widened exactly (Attention.forward)
-                    ck, cv = ck.to(q.dtype), cv.to(q.dtype)
+                kv_store(c.k[li, :, :, p : p + 1], k[b : b + 1])
+                kv_store(c.v[li, :, :, p : p + 1], v[b : b + 1])
+                # a float16 cache: stored rounded, widened exactly; q8: s * a (Attention.forward)
+                ck, cv = kv_load(c.k[li, :, :, : p + 1], q.dtype), kv_load(c.v[li, :, :, : p + 1], q.dtype)
                 ys.append(F.scaled_dot_product_attention(q[b : b + 1], ck, cv))
             y = torch.cat(ys).transpose(1, 2).reshape(B, 1, H * D)  # (B, 1, H*D)
             x = x + attn.o_proj(y)

@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from spectra.layers import RMSNorm
 from spectra.packed import kernels as K
 
+# The KV cache dtypes the C calls take, and their kind code there (`half`): float32, float16, q8 (int8 rows + scale).
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -195,15 +197,16 @@ class Decoder:
     def _check_cache(self, cache, n: int) -> None:
         cfg = self.config
         ck, cv = cache.k, cache.v
-        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, cfg.head_dim)
+        row = cfg.head_dim + 4 if ck.dtype == torch.int8 else cfg.head_dim  # q8 rows carry their scale
+        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, row)
         if (
             tuple(ck.shape) != expected
             or tuple(cv.shape) != expected
             or not (ck.is_contiguous() and cv.is_contiguous())
-            or ck.dtype not in (torch.float32, torch.float16)
+            or ck.dtype not in KV_KINDS
             or cv.dtype != ck.dtype
         ):
-            raise ValueError(f"the KV cache must be contiguous float32 or float16 {expected}")
+            raise ValueError(f"the KV cache must be contiguous float32, float16 or q8 (int8) {expected}")
         if cache.pos + n > cfg.max_seq_len or cache.pos + n > cache.max_len:
             raise ValueError(f"positions {cache.pos}..{cache.pos + n - 1} go past max_seq_len={cfg.max_seq_len} or "
                              f"the cache ({cache.max_len})")
@@ -214,11 +217,11 @@ class Decoder:
 
     @staticmethod
     def _takes(cache) -> bool:
-        """Whether the C calls run on `cache` (batch 1, float32 or float16, no autograd); else the model does."""
+        """Whether the C calls run on `cache` (batch 1, float32, float16 or q8, no autograd); else the model does."""
         return (
             cache is not None
             and cache.k.shape[1] == 1
-            and cache.k.dtype in (torch.float32, torch.float16)
+            and cache.k.dtype in KV_KINDS
             and not torch.is_grad_enabled()
         )
 
@@ -296,7 +299,7 @@ class Decoder:
         plan = rows._plan_for(self._ext)
         args = (emb.data_ptr(), self._EMB_KINDS[emb.dtype], emb.shape[0], rows.x.data_ptr(), C, H, D,
                 self._where_ptrs[0], *rows._rope, self._where_ptrs[1], self._where_ptrs[2],
-                ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, ck.dtype is torch.float16,
+                ck.stride(0) * ck.element_size(), ck.stride(2), D**-0.5, plan, KV_KINDS[ck.dtype],
                 w_ptr, eps, qw_ptr, scale_ptr, V, self._logits.data_ptr())  # fmt: skip
         end = min(cfg.max_seq_len, cache.max_len)  # the first position a step may not write
         self._prep = (cache, ck, cache.v, self._ext, end, ck.data_ptr(), cache.v.data_ptr(), args)
@@ -414,7 +417,7 @@ class Rows:
         """Every block on the B rows of `self.x` (arrays by address, as `run_ptrs`)."""
         dec = self.dec
         ck = cache_like.k
-        layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), ck.dtype is torch.float16
+        layer_bytes, head_stride, half = ck.stride(0) * ck.element_size(), ck.stride(2), KV_KINDS[ck.dtype]
         nt = dec._threads or K.default_threads()
         C, H, D = self._fixed
         args = (self.x.data_ptr(), B, C, H, D, pos, *self._rope, k_ptrs, v_ptrs)

@@ -178,7 +178,8 @@ def generate(
     }
 
 
-KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16}  # --kv-cache of `generate`, `bench` and `serve`
+# --kv-cache of `generate`, `bench` and `serve`: q8 is int8 rows with a float32 scale each (`model.KVCache`)
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "q8": torch.int8}
 KV_CACHE_CHOICES = ("auto", *KV_CACHE_TYPES)
 
 

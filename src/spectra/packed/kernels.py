@@ -532,20 +532,26 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads: int | None = None) -> Tensor:
     """`reference_attention` for one query per head, in one C call (float32 arithmetic; equal to the reference up to
-    float rounding, ~1e-7 relative: the sums run in another order). k and v may be slices of a KV cache: rows of D
-    values contiguous, any head stride, the same for both; float32, or both float16 (widened exactly)."""
-    if q.dim() != 2 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1]:
-        raise ValueError(f"need q [H, D], k and v [H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    float rounding, ~1e-7 relative: the sums run in another order). k and v may be slices of a KV cache: rows
+    contiguous, any head stride, the same for both; float32, both float16 (widened exactly), or both q8 (int8 [H, S,
+    D + 4]: D values and a float32 scale per row, `model.KVCache`; the reference attends over scale * values)."""
+    q8 = k.dtype == torch.int8 and v.dtype == torch.int8
+    row = q.shape[-1] + 4 if q8 else q.shape[-1]
+    if q.dim() != 2 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != row:
+        raise ValueError(f"need q [H, D], k and v [H, S, D] (q8: D + 4); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     half = k.dtype == torch.float16 and v.dtype == torch.float16
     for t in (q, k, v):
-        if (t.dtype != torch.float32 and not (half and t is not q)) or t.device.type != "cpu":
-            raise ValueError(f"attention runs on a float32 q and float32 or float16 k, v on the CPU, got {t.dtype} on "
-                             f"{t.device}")
-    H, S, D = k.shape
-    if k.stride() != v.stride() or k.stride()[1:] != (D, 1) or not q.is_contiguous() or D > 256:
-        raise ValueError("k and v need rows of D <= 256 contiguous floats and equal strides; q must be contiguous")
+        if (t.dtype != torch.float32 and not ((half or q8) and t is not q)) or t.device.type != "cpu":
+            raise ValueError(f"attention runs on a float32 q and float32, float16 or q8 k, v on the CPU, got {t.dtype} "
+                             f"on {t.device}")
+    H, S, D = k.shape[0], k.shape[1], q.shape[1]
+    if k.stride() != v.stride() or k.stride()[1:] != (row, 1) or not q.is_contiguous() or D > 256:
+        raise ValueError("k and v need rows of D <= 256 contiguous values and equal strides; q must be contiguous")
     path = resolve_path(path)
     if path == "torch":
+        if q8:
+            k, v = (t[..., :D].float() * t[..., D:].contiguous().view(torch.float32) for t in (k, v))
         return reference_attention(q, k.float(), v.float())
     out = torch.empty(H, D, dtype=torch.float32)
     extension().attend(
@@ -560,7 +566,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads:
         k.stride(0),
         D**-0.5,
         n_threads or default_threads(),
-        half,
+        2 if q8 else int(half),
     )
     return out
 

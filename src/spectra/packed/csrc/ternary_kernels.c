@@ -1177,6 +1177,71 @@ static inline float kv_at(const void *base, int64_t i, int half) {
     return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
+/* A KV cache's kind (`half` in the calls below): 0 float32, 1 float16, KV_Q8 int8 rows. A q8 row is D int8 values
+ * and, after them, its float32 scale s: value i is s * a_i, with s = max |x| / 127 and a_i = x_i * (127 / max |x|)
+ * rounded to nearest even (the kernels' activation rule, quantize_row_scalar: a zero row gives a = 0, s = 0, a
+ * non-finite one a = 0, s = NaN). So a row takes D + 4 bytes against 2 D (float16): at head size 64, 0.53x. Head
+ * strides are in elements (bytes for q8), rows follow one another. */
+#define KV_Q8 2
+static inline int64_t kv_es(int half) { return half == KV_Q8 ? 1 : half ? 2 : 4; }
+static inline int64_t kv_row_bytes(int half, int64_t D) { return half == KV_Q8 ? D + 4 : D * kv_es(half); }
+
+static void kv_store_q8_scalar(void *dst, const float *src, int64_t D) {
+    int8_t *a = (int8_t *)dst;
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t i = 0; i < D; i++) {
+        const float m = fabsf(src[i]);
+        if (!(m <= 3.4028234663852886e38f)) bad = 1;
+        else if (m > amax) amax = m;
+    }
+    float s = bad ? NAN : 0.0f;
+    if (bad || amax == 0.0f) {
+        memset(a, 0, (size_t)D);
+    } else {
+        const float inv = 127.0f / amax;
+        s = amax / 127.0f;
+        for (int64_t i = 0; i < D; i++) {
+            long r = lrintf(src[i] * inv);
+            a[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+        }
+    }
+    memcpy(a + D, &s, sizeof(float));
+}
+
+static inline float q8_scale(const char *row, int64_t D) {
+    float s;
+    memcpy(&s, row + D, sizeof(float));
+    return s;
+}
+
+/* attend_head_scalar on q8 rows: score_j = (q . a_j) s_j scale, out = sum_j (p_j s_j) b_j / sum. */
+static void attend_head_q8_scalar(const float *q, const char *k, const char *v, float *out, float *p, int64_t S,
+                                  int64_t D, float scale) {
+    const int64_t R = D + 4;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        const int8_t *a = (const int8_t *)(k + j * R);
+        float dot = 0.0f;
+        for (int64_t i = 0; i < D; i++) dot += q[i] * (float)a[i];
+        p[j] = dot * q8_scale(k + j * R, D) * scale;
+        if (p[j] > mx) mx = p[j];
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < S; j++) {
+        p[j] = expf(p[j] - mx);
+        sum += p[j];
+    }
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < S; j++) {
+        const int8_t *b = (const int8_t *)(v + j * R);
+        const float w = p[j] * q8_scale(v + j * R, D);
+        for (int64_t i = 0; i < D; i++) out[i] += w * (float)b[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
 /* out_h = softmax(scale * q_h K_h^T) V_h for one query per head, in float32: K_h and V_h are S rows of D values (row
  * stride D, head stride `hs`), the layout of a KV cache slice, float32 or float16 (`half`, widened exactly). Three
  * passes per head: scores and their max, exp and sum, then the weighted sum of value rows divided by the sum. Float
@@ -1369,6 +1434,110 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
         _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
                             _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+#define Q8_LOAD16(row, i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((row) + (i)))))
+
+/* attend_head_q8_scalar 16 lanes at a time, D % 16 == 0: scores of 16 rows at a time (each row's D products summed
+ * into one vector, the 16 reduced together, then times their scales), values with p_j s_j. Prefetching as
+ * att_scores_impl's: a short head (`near`: at most ATT_NEAR_BYTES of keys) fetches row r of the next head's keys (nk,
+ * nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass; a head that no
+ * such pass fetched (`first`) fetches its own keys and values here; a long head reads ATT_AHEAD rows ahead. A row of
+ * D + 4 bytes can straddle two lines: both ends are fetched. */
+TARGET_AVX512 static void attend_head_q8_avx512(const float *q, const char *k, const char *v, float *out, float *p,
+                                                int64_t S, int64_t D, float scale, const char *nk, const char *nv,
+                                                int64_t nS, int first) {
+    const int64_t R = D + 4, nvec = D / 16;
+    const int near = S * R <= ATT_NEAR_BYTES;
+    __m512 qv[16];
+    for (int64_t c = 0; c < nvec; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    if (first || !near)
+        for (int64_t j = 0; j < (near ? S : S < ATT_AHEAD ? S : ATT_AHEAD) * R; j += 64) {
+            _mm_prefetch(k + j, _MM_HINT_T1);
+            _mm_prefetch(v + j, _MM_HINT_T1);
+        }
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    float sc[16];
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        __m512 dots[16];
+        const int64_t m = S - j0 < 16 ? S - j0 : 16;
+        for (int64_t r = 0; r < 16; r++) {
+            sc[r] = 0.0f;
+            if (r >= m) {
+                dots[r] = _mm512_setzero_ps();
+                continue;
+            }
+            const char *row = k + (j0 + r) * R;
+            if (near && nk && j0 + r < nS) {
+                _mm_prefetch(nk + (j0 + r) * R, _MM_HINT_T1);
+                _mm_prefetch(nk + (j0 + r) * R + R - 1, _MM_HINT_T1);
+            } else if (!near && j0 + r + ATT_AHEAD < S) {
+                _mm_prefetch(row + ATT_AHEAD * R, _MM_HINT_T1);
+                _mm_prefetch(row + ATT_AHEAD * R + R - 1, _MM_HINT_T1);
+            }
+            __m512 acc = _mm512_mul_ps(qv[0], Q8_LOAD16(row, 0));
+            for (int64_t c = 1; c < nvec; c++) acc = _mm512_fmadd_ps(qv[c], Q8_LOAD16(row, 16 * c), acc);
+            dots[r] = acc;
+            sc[r] = q8_scale(row, D) * scale;
+        }
+        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+        const __m512 s16 = _mm512_mul_ps(hsum16x16_ps(dots), _mm512_loadu_ps(sc));
+        _mm512_mask_storeu_ps(p + j0, live, s16);
+        vmax = _mm512_mask_max_ps(vmax, live, vmax, s16);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const int64_t m = S - j0 < 16 ? S - j0 : 16;
+        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j0), mx));
+        _mm512_mask_storeu_ps(p + j0, live, e);
+        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    __m512 o[16];
+    for (int64_t c = 0; c < nvec; c++) o[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j++) {
+        const char *row = v + j * R;
+        if (near && nv && j < nS) {
+            _mm_prefetch(nv + j * R, _MM_HINT_T1);
+            _mm_prefetch(nv + j * R + R - 1, _MM_HINT_T1);
+        } else if (!near && j + ATT_AHEAD < S) {
+            _mm_prefetch(row + ATT_AHEAD * R, _MM_HINT_T1);
+            _mm_prefetch(row + ATT_AHEAD * R + R - 1, _MM_HINT_T1);
+        }
+        const __m512 pj = _mm512_set1_ps(p[j] * q8_scale(row, D));
+        for (int64_t c = 0; c < nvec; c++) o[c] = _mm512_fmadd_ps(pj, Q8_LOAD16(row, 16 * c), o[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int64_t c = 0; c < nvec; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+/* kv_store_q8_scalar 16 lanes at a time (D % 16 == 0): the same max, products and rounding (vcvtps2dq, nearest even
+ * under the default rounding mode), so the same bytes. */
+TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_t D) {
+    const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < D; i += 16) {
+        const __m512 m = _mm512_abs_ps(_mm512_loadu_ps(src + i));
+        bad |= _mm512_cmp_ps_mask(m, big, _CMP_NLE_UQ);
+        vmax = _mm512_max_ps(vmax, m);
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    if (bad || amax == 0.0f) {
+        kv_store_q8_scalar(dst, src, D);
+        return;
+    }
+    const __m512 vinv = _mm512_set1_ps(127.0f / amax);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int64_t i = 0; i < D; i += 16) {
+        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), vinv));
+        r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+        _mm_storeu_si128((__m128i *)((int8_t *)dst + i), _mm512_cvtepi32_epi8(r));
+    }
+    const float s = amax / 127.0f;
+    memcpy((char *)dst + D, &s, sizeof(float));
+}
 #endif
 
 /* Room for one head's S scores on the calling thread, grown as needed and kept (the pool's workers live on), so no
@@ -1396,13 +1565,27 @@ typedef struct {
 
 /* Pair i = (row i / H, head i % H); `next`: the pair this thread runs after it (-1: none). */
 static void attend_pair(const attend_batch_task_t *t, int64_t i, int64_t next, int first) {
-    const int64_t H = t->H, D = t->D, es = t->half ? 2 : 4, b = i / H, h = i % H, S = t->pos[b] + 1;
+    const int64_t H = t->H, D = t->D, es = kv_es(t->half), b = i / H, h = i % H, S = t->pos[b] + 1;
     const char *kh = (const char *)t->kcs[b] + h * t->hs * es, *vh = (const char *)t->vcs[b] + h * t->hs * es;
     const float *q = t->qs + b * t->A + h * D;
     float *out = t->outs + b * t->A + h * D;
     float *p = att_scores(S);
     if (!p) {
         atomic_store(t->failed, 1);
+        return;
+    }
+    if (t->half == KV_Q8) {
+#ifdef SPECTRA_X86
+        if (t->simd) { /* the next pair's keys and values, fetched during this one's passes (near heads) */
+            const char *nk = next >= 0 ? (const char *)t->kcs[next / H] + (next % H) * t->hs : NULL;
+            const char *nv = next >= 0 ? (const char *)t->vcs[next / H] + (next % H) * t->hs : NULL;
+            const int64_t nS = next >= 0 ? t->pos[next / H] + 1 : 0;
+            const int prev_far = !first && (t->pos[(i - 1) / H] + 1) * (D + 4) > ATT_NEAR_BYTES;
+            attend_head_q8_avx512(q, kh, vh, out, p, S, D, t->scale, nk, nv, nS, first || prev_far);
+            return;
+        }
+#endif
+        attend_head_q8_scalar(q, kh, vh, out, p, S, D, t->scale);
         return;
     }
 #ifdef SPECTRA_X86
@@ -1534,7 +1717,7 @@ static int attend_batch_run(int path, const float *qs, void *const *kcs, void *c
     const int64_t A = H * D;
     int can_share = 0;
 #ifdef SPECTRA_X86
-    can_share = half && path == PATH_AVX512VNNI && D % 16 == 0 && B >= ATT_SHARED_MIN_ROWS;
+    can_share = half == 1 && path == PATH_AVX512VNNI && D % 16 == 0 && B >= ATT_SHARED_MIN_ROWS;
 #endif
     for (int64_t r0 = 0, r1; r0 < B && !atomic_load(&failed); r0 = r1) {
         int shared = 0;
@@ -1566,11 +1749,23 @@ static void rope_head(int path, const float *x, const float *cos, const float *s
 
 static void kv_write(int path, const float *k, const float *v, void *kc, void *vc, const float *cos, const float *sin,
                      int64_t H, int64_t D, int64_t hs, int64_t pos, int half) {
-    const int64_t es = half ? 2 : 4;
+    const int64_t es = kv_es(half), R = kv_row_bytes(half, D);
     float tmp[256];
     for (int64_t hh = 0; hh < H; hh++) {
-        char *kd = (char *)kc + (hh * hs + pos * D) * es, *vd = (char *)vc + (hh * hs + pos * D) * es;
+        char *kd = (char *)kc + hh * hs * es + pos * R, *vd = (char *)vc + hh * hs * es + pos * R;
         rope_head(path, k + hh * D, cos, sin, tmp, D);
+        if (half == KV_Q8) {
+#ifdef SPECTRA_X86
+            if (path == PATH_AVX512VNNI && D % 16 == 0) {
+                kv_store_q8_avx512(kd, tmp, D);
+                kv_store_q8_avx512(vd, v + hh * D, D);
+                continue;
+            }
+#endif
+            kv_store_q8_scalar(kd, tmp, D);
+            kv_store_q8_scalar(vd, v + hh * D, D);
+            continue;
+        }
 #ifdef SPECTRA_X86
         if (half && path == PATH_AVX512VNNI && D % 16 == 0) {
             kv_store_half_avx512(kd, tmp, D);
@@ -1599,11 +1794,11 @@ static void rope_kv_row(int path, float *q, const float *k, const float *v, floa
  * a different cache for every row of a batch) resolve during them. Rotating and storing 16 rows' k and v took 16-21 us
  * of a 99m layer on the calling thread (the pool's workers waiting), 6 us with these fetches. */
 static void kv_prefetch(const char *kc, const char *vc, int64_t H, int64_t D, int64_t hs, int64_t p, int half) {
-    const int64_t es = half ? 2 : 4;
+    const int64_t es = kv_es(half), R = kv_row_bytes(half, D);
     for (int64_t hh = 0; hh < H; hh++)
-        for (int64_t j = 0; j < D * es; j += 64) {
-            __builtin_prefetch(kc + (hh * hs + p * D) * es + j, 1, 3);
-            __builtin_prefetch(vc + (hh * hs + p * D) * es + j, 1, 3);
+        for (int64_t j = 0; j < R; j += 64) {
+            __builtin_prefetch(kc + hh * hs * es + p * R + j, 1, 3);
+            __builtin_prefetch(vc + hh * hs * es + p * R + j, 1, 3);
         }
 }
 
@@ -2412,8 +2607,33 @@ static PyObject *py_to_half(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* attend(path, q_ptr, k_ptr, v_ptr, out_ptr, H, S, D, head_stride, scale, n_threads): q, out [H, D] contiguous;
- * k, v: head h's S rows of D floats at k_ptr + h * head_stride (elements). */
+/* to_q8(path, src_ptr, dst_ptr, D, rows): rows of D floats -> q8 cache rows of D + 4 bytes, as the KV cache writes
+ * them (kv_write; for tests). */
+static PyObject *py_to_q8(PyObject *self, PyObject *args) {
+    int path;
+    unsigned long long ps, pd;
+    long long D, n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKLL", &path, &ps, &pd, &D, &n)) return NULL;
+    if (D <= 0 || D > 256 || n < 0 || !path_supported(path))
+        return PyErr_Format(PyExc_ValueError, "bad to_q8 call (D=%lld, rows=%lld)", D, n);
+    const float *src = (const float *)(uintptr_t)ps;
+    char *dst = (char *)(uintptr_t)pd;
+    for (long long r = 0; r < n; r++) {
+#ifdef SPECTRA_X86
+        if (path == PATH_AVX512VNNI && D % 16 == 0) {
+            kv_store_q8_avx512(dst + r * (D + 4), src + r * D, D);
+            continue;
+        }
+#endif
+        kv_store_q8_scalar(dst + r * (D + 4), src + r * D, D);
+    }
+    Py_RETURN_NONE;
+}
+
+/* attend(path, q_ptr, k_ptr, v_ptr, out_ptr, H, S, D, head_stride, scale, n_threads, kind=0): q, out [H, D]
+ * contiguous; k, v: head h's S rows at k_ptr + h * head_stride (elements) of a float32 (kind 0), float16 (1) or q8
+ * (2: D int8 and a float32 scale) cache. */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     int path, n_threads;
     unsigned long long pq, pk, pv, po;
@@ -2421,10 +2641,11 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     float scale;
     (void)self;
     int half = 0;
-    if (!PyArg_ParseTuple(args, "iKKKKLLLLfi|p", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads,
+    if (!PyArg_ParseTuple(args, "iKKKKLLLLfi|i", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads,
                           &half))
         return NULL;
-    if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * D)
+    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
+    if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * kv_row_bytes(half, D) / kv_es(half))
         return PyErr_Format(PyExc_ValueError, "bad sizes H=%lld S=%lld D=%lld head stride %lld", H, S, D, hs);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     int ok;
@@ -3334,9 +3555,10 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     float scale;
     PyObject *layers;
     int half = 0;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO|p", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
+    if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO|i", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
                           &pks, &pvs, &loff, &hs, &scale, &layers, &half))
         return NULL;
+    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
     const layers_plan_t *plan = NULL;
     if (all_layers && PyCapsule_IsValid(layers, PLAN_CAPSULE)) {
         plan = (const layers_plan_t *)PyCapsule_GetPointer(layers, PLAN_CAPSULE);
@@ -3353,7 +3575,7 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
     for (long long b = 0; b < B; b++)
-        if (pos[b] < 0 || hs < (pos[b] + 1) * D)
+        if (pos[b] < 0 || hs < (pos[b] + 1) * (kv_row_bytes(half, D) / kv_es(half)))
             return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
     /* decode_layer_batch: `layers` is one layer's tuple and loff its byte offset in the caches; decode_layers_batch:
      * a tuple of every layer's, and loff the bytes between two layers' caches (layer i at i * loff). */
@@ -3452,7 +3674,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     double temperature = 0.0, top_p = 1.0, u = 0.0;
     PyObject *capsule;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiLKiLKLLLKKKKKLLfOpKfKKLK|dLdd", &path, &n_threads, &token, &pe, &emb_kind, &n_emb,
+    if (!PyArg_ParseTuple(args, "iiLKiLKLLLKKKKKLLfOiKfKKLK|dLdd", &path, &n_threads, &token, &pe, &emb_kind, &n_emb,
                           &px, &C, &H, &D, &ppos, &pcos, &psin, &pks, &pvs, &loff, &hs, &scale, &capsule, &half, &pn,
                           &eps, &pw, &pd, &V, &py, &temperature, &top_k, &top_p, &u))
         return NULL;
@@ -3473,7 +3695,8 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "embedding kind %d (0 float32, 1 float16, 2 bfloat16)", emb_kind);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
-    if (pos[0] < 0 || hs < (pos[0] + 1) * D)
+    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
+    if (pos[0] < 0 || hs < (pos[0] + 1) * (kv_row_bytes(half, D) / kv_es(half)))
         return PyErr_Format(PyExc_ValueError, "position %lld outside its cache", (long long)pos[0]);
     float *sbuf = temperature > 0 ? sample_buffer(V) : NULL;
     if (temperature > 0 && !sbuf) return PyErr_NoMemory();
@@ -3946,6 +4169,7 @@ static PyMethodDef methods[] = {
     {"sample", py_sample, METH_VARARGS, "One draw from a float32 row with temperature, top-k and top-p (u given)."},
     {"sample_rows", py_sample_rows, METH_VARARGS, "sample for each row of a float32 matrix, over the pool."},
     {"to_half", py_to_half, METH_VARARGS, "float32 -> float16 as the KV cache rounds (for tests)."},
+    {"to_q8", py_to_q8, METH_VARARGS, "float32 rows -> q8 KV cache rows (int8 and a scale; for tests)."},
     {"attend", py_attend, METH_VARARGS, "Single-query attention per head over a KV cache slice (float32)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token int8 activations in the kernels' permuted block order."},
     {"core_round_trip", py_core_round_trip, METH_VARARGS, "ns per cache-line round trip between two spinning threads."},
