@@ -490,8 +490,9 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="also run the 16-client workload through the scheduler in this process (no HTTP) and "
                              "print its ratio to the same repeat's single stream: the ceiling the server can reach")
-    parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
-                        help="KV cache dtype of the server and of the sequential baseline (serve's default: f16)")
+    parser.add_argument("--kv-cache", choices=["f16", "f32", "q8"], default="f16",
+                        help="KV cache dtype of the server, the sequential baseline and the in-process run (serve's "
+                             "default: f16; q8: int8 rows with a scale each)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample at this temperature everywhere (the clients' requests, the sequential baseline "
                              "and the in-process run; top_k off on both servers); 0: greedy")
