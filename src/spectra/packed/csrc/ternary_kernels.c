@@ -1215,45 +1215,28 @@ static inline float q8_scale(const char *row, int64_t D) {
     return s;
 }
 
-/* attend_head_scalar on q8 rows: score_j = (q . a_j) s_j scale, out = sum_j (p_j s_j) b_j / sum. */
-static void attend_head_q8_scalar(const float *q, const char *k, const char *v, float *out, float *p, int64_t S,
-                                  int64_t D, float scale) {
-    const int64_t R = D + 4;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < S; j++) {
-        const int8_t *a = (const int8_t *)(k + j * R);
-        float dot = 0.0f;
-        for (int64_t i = 0; i < D; i++) dot += q[i] * (float)a[i];
-        p[j] = dot * q8_scale(k + j * R, D) * scale;
-        if (p[j] > mx) mx = p[j];
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < S; j++) {
-        p[j] = expf(p[j] - mx);
-        sum += p[j];
-    }
-    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t j = 0; j < S; j++) {
-        const int8_t *b = (const int8_t *)(v + j * R);
-        const float w = p[j] * q8_scale(v + j * R, D);
-        for (int64_t i = 0; i < D; i++) out[i] += w * (float)b[i];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+/* Row j's value i of a cache slice of kind `half` (q8: the int8 value, unscaled), and row j's scale (1 but for q8). */
+static inline float kv_val(const void *base, int64_t j, int64_t i, int64_t D, int half) {
+    return half == KV_Q8 ? (float)((const int8_t *)base)[j * (D + 4) + i] : kv_at(base, j * D + i, half);
+}
+
+static inline float kv_row_scale(const void *base, int64_t j, int64_t D, int half) {
+    return half == KV_Q8 ? q8_scale((const char *)base + j * (D + 4), D) : 1.0f;
 }
 
 /* out_h = softmax(scale * q_h K_h^T) V_h for one query per head, in float32: K_h and V_h are S rows of D values (row
- * stride D, head stride `hs`), the layout of a KV cache slice, float32 or float16 (`half`, widened exactly). Three
- * passes per head: scores and their max, exp and sum, then the weighted sum of value rows divided by the sum. Float
- * sums run in another order than torch's scaled_dot_product_attention (and the AVX-512 exp is a polynomial), so
- * results agree to rounding (about 1e-6 relative), not bit for bit. */
+ * stride D, head stride `hs`), the layout of a KV cache slice, float32 or float16 (`half`, widened exactly); or q8
+ * rows (D + 4 bytes), each row's scale applied once: score_j = (q . a_j) s_j scale, out = sum_j (p_j s_j) b_j / sum
+ * (s_j = 1 otherwise, exact). Three passes per head: scores and their max, exp and sum, then the weighted sum of value
+ * rows divided by the sum. Float sums run in another order than torch's scaled_dot_product_attention (and the AVX-512
+ * exp is a polynomial), so results agree to rounding (about 1e-6 relative), not bit for bit. */
 static void attend_head_scalar(const float *q, const void *k, const void *v, float *out, float *p, int64_t S,
                                int64_t D, float scale, int half) {
     float mx = -INFINITY;
     for (int64_t j = 0; j < S; j++) {
         float dot = 0.0f;
-        for (int64_t i = 0; i < D; i++) dot += q[i] * kv_at(k, j * D + i, half);
-        p[j] = dot * scale;
+        for (int64_t i = 0; i < D; i++) dot += q[i] * kv_val(k, j, i, D, half);
+        p[j] = dot * kv_row_scale(k, j, D, half) * scale;
         if (p[j] > mx) mx = p[j];
     }
     float sum = 0.0f;
@@ -1262,8 +1245,10 @@ static void attend_head_scalar(const float *q, const void *k, const void *v, flo
         sum += p[j];
     }
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t j = 0; j < S; j++)
-        for (int64_t i = 0; i < D; i++) out[i] += p[j] * kv_at(v, j * D + i, half);
+    for (int64_t j = 0; j < S; j++) {
+        const float w = p[j] * kv_row_scale(v, j, D, half);
+        for (int64_t i = 0; i < D; i++) out[i] += w * kv_val(v, j, i, D, half);
+    }
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < D; i++) out[i] *= inv;
 }
@@ -1319,6 +1304,21 @@ TARGET_AVX512 static inline __m512 exp_ps(__m512 x) {
     ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(base) + (i))))                   \
             : _mm512_loadu_ps((const float *)(base) + (i)))
 
+/* The scores' softmax numerators in place, p[j] = e^(p[j] - max) (vmax: the running maxima of the 16 lanes), and
+ * their sum. */
+TARGET_AVX512 static inline __attribute__((always_inline)) float att_exp_pass(float *p, int64_t S, __m512 vmax) {
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const int64_t m = S - j0 < 16 ? S - j0 : 16;
+        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j0), mx));
+        _mm512_mask_storeu_ps(p + j0, live, e);
+        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
+    }
+    return _mm512_reduce_add_ps(vsum);
+}
+
 /* The two halves of one head's attention: the scores (p[j] = e^(score_j - max), their sum returned) and the values
  * (out = sum_j p[j] v_j / sum). attend_head_avx512 runs one after the other; attend_shared_chunk runs all the scores
  * of a head first and then all its values, with the same float operations.
@@ -1364,16 +1364,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_impl
         _mm512_mask_storeu_ps(p + j0, live, sc);
         vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
     }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < S; j0 += 16) {
-        const int64_t m = S - j0 < 16 ? S - j0 : 16;
-        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
-        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j0), mx));
-        _mm512_mask_storeu_ps(p + j0, live, e);
-        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
-    }
-    return _mm512_reduce_add_ps(vsum);
+    return att_exp_pass(p, S, vmax);
 }
 
 TARGET_AVX512 static inline __attribute__((always_inline)) void att_values_impl(
@@ -1437,7 +1428,7 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
 
 #define Q8_LOAD16(row, i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((row) + (i)))))
 
-/* attend_head_q8_scalar 16 lanes at a time, D % 16 == 0: scores of 16 rows at a time (each row's D products summed
+/* attend_head_scalar on q8 rows 16 lanes at a time, D % 16 == 0: scores of 16 rows at a time (each row's D products summed
  * into one vector, the 16 reduced together, then times their scales), values with p_j s_j. Prefetching as
  * att_scores_impl's: a short head (`near`: at most ATT_NEAR_BYTES of keys) fetches row r of the next head's keys (nk,
  * nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass; a head that no
@@ -1484,16 +1475,7 @@ TARGET_AVX512 static void attend_head_q8_avx512(const float *q, const char *k, c
         _mm512_mask_storeu_ps(p + j0, live, s16);
         vmax = _mm512_mask_max_ps(vmax, live, vmax, s16);
     }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < S; j0 += 16) {
-        const int64_t m = S - j0 < 16 ? S - j0 : 16;
-        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
-        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j0), mx));
-        _mm512_mask_storeu_ps(p + j0, live, e);
-        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
-    }
-    const float sum = _mm512_reduce_add_ps(vsum);
+    const float sum = att_exp_pass(p, S, vmax);
     __m512 o[16];
     for (int64_t c = 0; c < nvec; c++) o[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < S; j++) {
@@ -1574,21 +1556,15 @@ static void attend_pair(const attend_batch_task_t *t, int64_t i, int64_t next, i
         atomic_store(t->failed, 1);
         return;
     }
-    if (t->half == KV_Q8) {
 #ifdef SPECTRA_X86
-        if (t->simd) { /* the next pair's keys and values, fetched during this one's passes (near heads) */
-            const char *nk = next >= 0 ? (const char *)t->kcs[next / H] + (next % H) * t->hs : NULL;
-            const char *nv = next >= 0 ? (const char *)t->vcs[next / H] + (next % H) * t->hs : NULL;
-            const int64_t nS = next >= 0 ? t->pos[next / H] + 1 : 0;
-            const int prev_far = !first && (t->pos[(i - 1) / H] + 1) * (D + 4) > ATT_NEAR_BYTES;
-            attend_head_q8_avx512(q, kh, vh, out, p, S, D, t->scale, nk, nv, nS, first || prev_far);
-            return;
-        }
-#endif
-        attend_head_q8_scalar(q, kh, vh, out, p, S, D, t->scale);
+    if (t->simd && t->half == KV_Q8) { /* the next pair's keys and values, fetched during this one's passes */
+        const char *nk = next >= 0 ? (const char *)t->kcs[next / H] + (next % H) * t->hs : NULL;
+        const char *nv = next >= 0 ? (const char *)t->vcs[next / H] + (next % H) * t->hs : NULL;
+        const int64_t nS = next >= 0 ? t->pos[next / H] + 1 : 0;
+        const int prev_far = !first && (t->pos[(i - 1) / H] + 1) * (D + 4) > ATT_NEAR_BYTES;
+        attend_head_q8_avx512(q, kh, vh, out, p, S, D, t->scale, nk, nv, nS, first || prev_far);
         return;
     }
-#ifdef SPECTRA_X86
     if (t->simd) {
         /* Every head's keys and values are new streams. A short head (at most ATT_NEAR_BYTES of keys) fetches the
          * next pair's keys during its key pass and the next pair's values during its value pass (att_scores_impl),
