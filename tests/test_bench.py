@@ -83,8 +83,8 @@ def test_bench_bad_input():
         bench(model, prompt_len=60, gen_len=10, llama_cpp=False)
     with pytest.raises(ValueError, match="unknown model size"):
         bench("trilm-7b", llama_cpp=False)
-    with pytest.raises(ValueError, match="kv_cache must be one of auto, f32, f16"):
-        bench(model, kv_cache="q8", llama_cpp=False)
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, f32, f16, q8"):
+        bench(model, kv_cache="q4", llama_cpp=False)
 
 
 def test_cli_bench_json(capsys):
