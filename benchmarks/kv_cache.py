@@ -1,4 +1,4 @@
-"""Decode speed with a float32 against a float16 KV cache, after prompts of several lengths, interleaved.
+"""Decode speed with a float32, a float16 and a q8 KV cache, after prompts of several lengths, interleaved.
 
     python benchmarks/kv_cache.py [--size trilm-1.1b] [--prompt-len 128 1000] [--gen-len 32] [--threads 1 2]
                                   [--rounds 4]
@@ -8,7 +8,8 @@ the weights, is most of what a decode step reads. The model is a packed TQ2_0 Tr
 weights and the int8 output layer (what `spectra pack` + `spectra.load` give); decoding is the batch-1 C decoder
 (`spectra.inference.decode.Decoder`), as `spectra generate` runs it. Each round, per thread count and prompt length,
 decodes `--gen-len` tokens after the prompt into each cache type in turn (the prompt is prefilled once per cache type).
-Printed: median tok/s per cache type, and the median of the per-round ratios f16 / f32 with their range.
+Printed: median tok/s per cache type, and the medians of the per-round ratios f16 / f32 and q8 / f16 with their
+ranges (q8: int8 rows with a scale each, `spectra.model.KVCache`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from spectra.inference.bench import packed_copy, synthetic_trilm, with_int8_head
 from spectra.inference.decode import Decoder
 
-CACHES = {"f32": torch.float32, "f16": torch.float16}
+CACHES = {"f32": torch.float32, "f16": torch.float16, "q8": torch.int8}
 
 
 def main() -> None:
@@ -65,13 +66,17 @@ def main() -> None:
                             bar.update()
     print(f"{args.size}, packed TQ2_0, int8 head, decode {args.gen_len} tokens after the prompt; {args.rounds} rounds; "
           f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
-    print(f"{'threads':>7} {'prompt':>6} {'f32 tok/s':>10} {'f16 tok/s':>10} {'f16/f32 (per-round median, range)':>36}")
+    print(f"{'threads':>7} {'prompt':>6} {'f32 tok/s':>10} {'f16 tok/s':>10} {'q8 tok/s':>10} "
+          f"{'f16/f32 (per-round median, range)':>34} {'q8/f16':>22}")
     for t in args.threads:
         for P in args.prompt_len:
-            a, b = rates[(t, P, "f32")], rates[(t, P, "f16")]
-            ratios = [y / x for x, y in zip(a, b)]
+            a, b, c = (rates[(t, P, n)] for n in CACHES)
+            cells = []
+            for x, y in ((a, b), (b, c)):
+                ratios = [v / u for u, v in zip(x, y)]
+                cells.append(f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
             print(f"{t:>7} {P:>6} {statistics.median(a):>10.1f} {statistics.median(b):>10.1f} "
-                  f"{statistics.median(ratios):>17.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+                  f"{statistics.median(c):>10.1f} {cells[0]:>34} {cells[1]:>22}")
 
 
 if __name__ == "__main__":
