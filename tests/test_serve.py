@@ -219,6 +219,28 @@ def test_concurrent_greedy_requests_equal_sequential_ones(server, reference):
     assert concurrent == sequential * 2
 
 
+def test_a_q8_cache_server_gives_generates_q8_tokens(model_dir, reference):
+    """`--kv-cache q8`: concurrent greedy requests through 4 slots give exactly the text `generate` gives each prompt
+    alone with the q8 cache (int8 rows with a scale each)."""
+    import torch
+
+    from spectra.inference.generate import generate
+
+    srv = Server(model_dir, "--max-batch", "4", "--kv-cache", "q8")
+    try:
+        c = srv.client()
+        limits = [30, 9, 21, 40, 14, 26]
+        alone = [generate(reference.model, model_dir / "tokenizer.json", p, max_new_tokens=n,
+                          kv_dtype=torch.int8)["text"] for p, n in zip(PROMPTS, limits)]
+        with cf.ThreadPoolExecutor(6) as pool:
+            futs = [pool.submit(complete, c, p, n) for p, n in zip(PROMPTS, limits)]
+            texts = [f.result().choices[0].text for f in futs]
+        assert texts == alone
+        assert alone != [reference(p, n)["text"] for p, n in zip(PROMPTS, limits)]  # not the float16 cache's text
+    finally:
+        assert srv.stop()
+
+
 def test_stop_strings_and_usage(server, reference):
     c = server.client()
     full = reference(PROMPTS[0], 30)
