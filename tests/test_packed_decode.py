@@ -131,7 +131,7 @@ def test_decoder_threads_give_the_same_logits():
 
 
 @needs_ext
-@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16, torch.int8])
 def test_prompt_rows_on_the_pool_equal_one_thread_and_token_by_token(kv):
     """A prompt of 48 positions: the per-row work (norms, RoPE and cache writes, SiLU, residuals) and the activations'
     preparation are spread over the pool from 32 rows on (16 rows a chunk, 3 chunks): the same logits and cache bits as
@@ -155,7 +155,7 @@ def test_prompt_rows_on_the_pool_equal_one_thread_and_token_by_token(kv):
 
 
 @needs_ext
-@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16, torch.int8])
 def test_a_prompt_in_two_calls_equals_token_by_token(kv):
     """A 13-token prompt, then 30 more tokens in a second call (rows that start mid-cache and attend over the first
     call's keys too): the logits and cache bits of feeding the 43 tokens one at a time, on 1 and 2 threads."""
