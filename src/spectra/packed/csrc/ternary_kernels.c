@@ -216,14 +216,28 @@ static inline int64_t perm_pos(int64_t e) {
     return 64 * (r >> 5) + 32 * h + (r & 31);
 }
 
-static void quantize_row_scalar(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
+/* The int8 rule's two pieces, shared by the activations (quantize_row_*) and the q8 KV cache rows (kv_store_q8_*):
+ * the largest |x_i| of n floats with *bad set where one is NaN or infinite, and one value times 127 / max rounded to
+ * nearest even and clamped to [-127, 127]. */
+static float absmax_scalar(const float *x, int64_t n, int *bad) {
     float amax = 0.0f;
-    int bad = 0;
-    for (int64_t i = 0; i < J->K; i++) {
-        float a = fabsf(x[i]);
-        if (!(a <= 3.4028234663852886e38f)) bad = 1; /* NaN or inf */
+    *bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(x[i]);
+        if (!(a <= 3.4028234663852886e38f)) *bad = 1; /* NaN or inf */
         else if (a > amax) amax = a;
     }
+    return amax;
+}
+
+static inline int8_t round_i8(float v) {
+    const long r = lrintf(v);
+    return (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+}
+
+static void quantize_row_scalar(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
+    int bad;
+    const float amax = absmax_scalar(x, J->K, &bad);
     if (bad || amax == 0.0f) {
         for (int64_t i = 0; i < J->K; i++) q[i] = 0;
         for (int64_t i = 0; i < J->S; i++) bsum[i] = 0;
@@ -236,11 +250,8 @@ static void quantize_row_scalar(const float *x, const job_t *J, int8_t *q, int32
         int32_t sum = 0;
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
             for (int64_t e = 0; e < QK; e++) {
-                float v = x[b * QK + e] * inv;
-                long r = lrintf(v);
-                if (r > 127) r = 127;
-                if (r < -127) r = -127;
-                q[b * QK + perm_pos(e)] = (int8_t)r;
+                const int8_t r = round_i8(x[b * QK + e] * inv);
+                q[b * QK + perm_pos(e)] = r;
                 sum += (int32_t)r;
             }
         }
@@ -249,16 +260,23 @@ static void quantize_row_scalar(const float *x, const job_t *J, int8_t *q, int32
 }
 
 #ifdef SPECTRA_X86
-TARGET_AVX512 static void quantize_row_avx512(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
+/* absmax_scalar 16 lanes at a time (n % 16 == 0): the same largest value. */
+TARGET_AVX512 static inline __attribute__((always_inline)) float absmax_avx512(const float *x, int64_t n, int *bad) {
     const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
     __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t i = 0; i < J->K; i += 16) {
-        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
+    __mmask16 nf = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        nf |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
         vmax = _mm512_max_ps(vmax, a);
     }
-    float amax = _mm512_reduce_max_ps(vmax);
+    *bad = nf != 0;
+    return _mm512_reduce_max_ps(vmax);
+}
+
+TARGET_AVX512 static void quantize_row_avx512(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
+    int bad;
+    const float amax = absmax_avx512(x, J->K, &bad);
     if (bad || amax == 0.0f) {
         for (int64_t i = 0; i < J->K; i++) q[i] = 0;
         for (int64_t i = 0; i < J->S; i++) bsum[i] = 0;
@@ -1190,23 +1208,15 @@ static inline int64_t kv_row_bytes(int half, int64_t D) { return half == KV_Q8 ?
 
 static void kv_store_q8_scalar(void *dst, const float *src, int64_t D) {
     int8_t *a = (int8_t *)dst;
-    float amax = 0.0f;
-    int bad = 0;
-    for (int64_t i = 0; i < D; i++) {
-        const float m = fabsf(src[i]);
-        if (!(m <= 3.4028234663852886e38f)) bad = 1;
-        else if (m > amax) amax = m;
-    }
+    int bad;
+    const float amax = absmax_scalar(src, D, &bad);
     float s = bad ? NAN : 0.0f;
     if (bad || amax == 0.0f) {
         memset(a, 0, (size_t)D);
     } else {
         const float inv = 127.0f / amax;
         s = amax / 127.0f;
-        for (int64_t i = 0; i < D; i++) {
-            long r = lrintf(src[i] * inv);
-            a[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
-        }
+        for (int64_t i = 0; i < D; i++) a[i] = round_i8(src[i] * inv);
     }
     memcpy(a + D, &s, sizeof(float));
 }
@@ -1440,6 +1450,19 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
  * nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass; a head that no
  * such pass fetched (`first`) fetches its own keys and values first; a long head reads ATT_AHEAD rows ahead. A row
  * of D + 4 bytes can straddle two lines: both ends are fetched. */
+/* The q8 passes' fetch for row j (R bytes, both ends: a row can straddle two lines): row j of the next head (`next`,
+ * nS rows) in a short head, row j + ATT_AHEAD of its own (`own`) in a long one. */
+static inline __attribute__((always_inline)) void q8_prefetch(const char *next, const char *own, int64_t j, int64_t S,
+                                                              int64_t R, int64_t nS, int near) {
+    const char *at = NULL;
+    if (near && next && j < nS) at = next + j * R;
+    else if (!near && j + ATT_AHEAD < S) at = own + (j + ATT_AHEAD) * R;
+    if (at) {
+        _mm_prefetch(at, _MM_HINT_T1);
+        _mm_prefetch(at + R - 1, _MM_HINT_T1);
+    }
+}
+
 TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_q8(
     const float *q, const char *k, const float *kw, const float *ks, float *p, int64_t S, int64_t D, float scale,
     const char *nk, int64_t nS, const int near, const int widened) {
@@ -1466,13 +1489,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_q8(
                 sc[r] = ks[j] * scale;
             } else {
                 const char *row = k + j * R;
-                if (near && nk && j < nS) {
-                    _mm_prefetch(nk + j * R, _MM_HINT_T1);
-                    _mm_prefetch(nk + j * R + R - 1, _MM_HINT_T1);
-                } else if (!near && j + ATT_AHEAD < S) {
-                    _mm_prefetch(row + ATT_AHEAD * R, _MM_HINT_T1);
-                    _mm_prefetch(row + ATT_AHEAD * R + R - 1, _MM_HINT_T1);
-                }
+                q8_prefetch(nk, k, j, S, R, nS, near);
                 acc = _mm512_mul_ps(qv[0], Q8_LOAD16(row, 0));
                 for (int64_t c = 1; c < nvec; c++) acc = _mm512_fmadd_ps(qv[c], Q8_LOAD16(row, 16 * c), acc);
                 sc[r] = q8_scale(row, D) * scale;
@@ -1500,13 +1517,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void att_values_q8(
             continue;
         }
         const char *row = v + j * R;
-        if (near && nv && j < nS) {
-            _mm_prefetch(nv + j * R, _MM_HINT_T1);
-            _mm_prefetch(nv + j * R + R - 1, _MM_HINT_T1);
-        } else if (!near && j + ATT_AHEAD < S) {
-            _mm_prefetch(row + ATT_AHEAD * R, _MM_HINT_T1);
-            _mm_prefetch(row + ATT_AHEAD * R + R - 1, _MM_HINT_T1);
-        }
+        q8_prefetch(nv, v, j, S, R, nS, near);
         const __m512 pj = _mm512_set1_ps(p[j] * q8_scale(row, D));
         for (int64_t c = 0; c < nvec; c++) o[c] = _mm512_fmadd_ps(pj, Q8_LOAD16(row, 16 * c), o[c]);
     }
@@ -1551,15 +1562,8 @@ TARGET_AVX512 static void widen_q8(float *dst, float *scales, const char *src, i
 /* kv_store_q8_scalar 16 lanes at a time (D % 16 == 0): the same max, products and rounding (vcvtps2dq, nearest even
  * under the default rounding mode), so the same bytes. */
 TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_t D) {
-    const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t i = 0; i < D; i += 16) {
-        const __m512 m = _mm512_abs_ps(_mm512_loadu_ps(src + i));
-        bad |= _mm512_cmp_ps_mask(m, big, _CMP_NLE_UQ);
-        vmax = _mm512_max_ps(vmax, m);
-    }
-    const float amax = _mm512_reduce_max_ps(vmax);
+    int bad;
+    const float amax = absmax_avx512(src, D, &bad);
     if (bad || amax == 0.0f) {
         kv_store_q8_scalar(dst, src, D);
         return;
@@ -1615,7 +1619,7 @@ static void attend_pair(const attend_batch_task_t *t, int64_t i, int64_t next, i
         const char *nk = next >= 0 ? (const char *)t->kcs[next / H] + (next % H) * t->hs : NULL;
         const char *nv = next >= 0 ? (const char *)t->vcs[next / H] + (next % H) * t->hs : NULL;
         const int64_t nS = next >= 0 ? t->pos[next / H] + 1 : 0;
-        const int prev_far = !first && (t->pos[(i - 1) / H] + 1) * (D + 4) > ATT_NEAR_BYTES;
+        const int prev_far = !first && (t->pos[(i - 1) / H] + 1) * kv_row_bytes(KV_Q8, D) > ATT_NEAR_BYTES;
         attend_head_q8_avx512(q, kh, vh, out, p, S, D, t->scale, nk, nv, nS, first || prev_far);
         return;
     }
