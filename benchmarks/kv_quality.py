@@ -20,6 +20,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from spectra.data.tokenizer import load_tokenizer
 from spectra.eval.perplexity import token_stream
 from spectra.inference.decode import decoder_for
 from spectra.inference.generate import KV_CACHE_TYPES
@@ -50,8 +51,6 @@ def main() -> None:
     args = p.parse_args()
     if args.windows < 2 or args.window < 2:
         p.error("--windows and --window must be at least 2")
-
-    from spectra.data.tokenizer import load_tokenizer
 
     model = load(args.model)
     tok = load_tokenizer(args.tokenizer or args.model)

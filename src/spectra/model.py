@@ -83,10 +83,14 @@ class KVCache:
     v: Tensor
     pos: int = 0
 
+    @staticmethod
+    def row_len(head_dim: int, dtype: torch.dtype) -> int:
+        """Elements of one cached row: head_dim, or head_dim + 4 bytes for q8 (its scale after the values)."""
+        return head_dim + 4 if dtype == torch.int8 else head_dim
+
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
-        row = cfg.head_dim + 4 if dtype == torch.int8 else cfg.head_dim
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, row)
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cls.row_len(cfg.head_dim, dtype))
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from spectra.layers import RMSNorm
+from spectra.model import KVCache
 from spectra.packed import kernels as K
 
 # The KV cache dtypes the C calls take, and their kind code there (`half`): float32, float16, q8 (int8 rows + scale).
@@ -197,8 +198,7 @@ class Decoder:
     def _check_cache(self, cache, n: int) -> None:
         cfg = self.config
         ck, cv = cache.k, cache.v
-        row = cfg.head_dim + 4 if ck.dtype == torch.int8 else cfg.head_dim  # q8 rows carry their scale
-        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, row)
+        expected = (cfg.n_layers, 1, cfg.n_heads, cache.max_len, KVCache.row_len(cfg.head_dim, ck.dtype))
         if (
             tuple(ck.shape) != expected
             or tuple(cv.shape) != expected
