@@ -108,6 +108,7 @@ class Decoder:
         threads = {m.n_threads for m in packed}
         self._threads = threads.pop() if len(threads) == 1 else None
         self._rows: Rows | None = None
+        self._rowlane: dict | None = None  # `rowlane_codes`: module -> its interleaved codes, or {} for none
         self._head_mod = None
         self._c_head: tuple | None = None
 
@@ -165,6 +166,22 @@ class Decoder:
 
     # ---- several rows per call ---------------------------------------------------------------------------------
     PREFILL_ROWS = 128  # prompt positions per C call in `prefill`
+    ROWLANE_MAX_BYTES = 64 << 20  # models with at most this many code bytes keep the row-lane copy (`rowlane_codes`)
+
+    def rowlane_codes(self) -> dict:
+        """The packed layers' code bytes interleaved by 16 rows (`kernels.rowlane_codes`) for the row-lane GEMM that
+        products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), by module; {} where it
+        does not run: a path other than `avx512vnni`, a CPU with AMX (its tiles take those products), a build without
+        the kernel, TQ1_0 codes, or a model with more than ROWLANE_MAX_BYTES of codes (the copy doubles them: 12 MB
+        more for TriLM-99M). Made on first use, kept while the decoder lives."""
+        if self._rowlane is None:
+            mods = self._packed
+            total = sum(m.qs.numel() for m in mods)
+            ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
+                  and hasattr(self._ext, "set_rowlane") and not K.cpu_features().get("amx_int8", False)
+                  and all(m._fmt_id == K.FORMAT_IDS["tq2_0"] for m in mods) and total <= self.ROWLANE_MAX_BYTES)
+            self._rowlane = {m: K.rowlane_codes(m.qs) for m in mods} if ok else {}
+        return self._rowlane
 
     def rows(self, n: int) -> Rows:
         """A `Rows` runner for at least n rows: the one already built when it is large enough, else a new one of
@@ -362,10 +379,12 @@ class Rows:
         self._rope = (dec._cos.data_ptr(), dec._sin.data_ptr())
 
     def _specs(self, mods, outs) -> tuple:
+        rowlane = self.dec.rowlane_codes() if self.n >= 8 else {}  # one row: the GEMV, which reads qs
         out = []
         for m, y in zip(mods, outs):
-            self._keep.extend([m.qs, m.seg_bounds, m.seg_d])
-            out.append(K.group_spec(m.qs, m.seg_bounds, m.seg_d, y, m._fmt_id))  # TQ2_0 or TQ1_0 code bytes
+            rl = rowlane.get(m)
+            self._keep.extend([m.qs, m.seg_bounds, m.seg_d] + ([] if rl is None else [rl]))
+            out.append(K.group_spec(m.qs, m.seg_bounds, m.seg_d, y, m._fmt_id, rl))  # TQ2_0 or TQ1_0 code bytes
         return tuple(out)
 
     def _plan_for(self, ext):

@@ -218,6 +218,28 @@ def use_quad(min_tokens: int = 8) -> int:
     return int(ext.set_quad(int(min_tokens))) if ext is not None else 0
 
 
+def use_rowlane(min_tokens: int = 8) -> int:
+    """Let the `avx512vnni` path compute TQ2_0 products of `min_tokens` or more tokens with the row-lane GEMM
+    (`csrc/rowlane_kernels.h`) where the codes come with their interleaved copy (`rowlane_codes`; the default is 8; 0
+    switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the previous setting; 0
+    without the extension or in a build without the kernel."""
+    ext = extension()
+    return int(ext.set_rowlane(int(min_tokens))) if ext is not None and hasattr(ext, "set_rowlane") else 0
+
+
+ROWLANE_ROWS = 16  # rows per interleaved group (csrc/rowlane_kernels.h)
+
+
+def rowlane_codes(qs: Tensor) -> Tensor:
+    """TQ2_0 code bytes qs [N, nb * 64] interleaved for the row-lane GEMM (`csrc/rowlane_kernels.h`): for each full
+    group of 16 rows and each block, 16 runs of 4 code bytes of every row of the group (uint8 [N // 16 * 16 * nb *
+    64], the same bytes in another order). Rows after the last full group are read from qs itself."""
+    if qs.dtype != torch.uint8 or qs.dim() != 2 or qs.shape[1] % 64:
+        raise ValueError(f"rowlane_codes takes TQ2_0 code bytes uint8 [N, nb * 64], got {qs.dtype} {tuple(qs.shape)}")
+    N, nb = qs.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS, qs.shape[1] // 64
+    return qs[:N].reshape(N // ROWLANE_ROWS, ROWLANE_ROWS, nb, 16, 4).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+
+
 def supported_paths() -> list[str]:
     """Kernel paths usable here, best first; `torch` (the reference) is always last."""
     ext = extension()
@@ -351,11 +373,13 @@ def ternary_matmul(
     return y
 
 
-def group_spec(qs: Tensor, bounds: Tensor, seg_d: Tensor, y: Tensor, fmt_id: int) -> tuple:
+def group_spec(qs: Tensor, bounds: Tensor, seg_d: Tensor, y: Tensor, fmt_id: int, rl: Tensor | None = None) -> tuple:
     """One matrix as the C group calls take it (`matmul_group`, `decode_layer_batch`, `decode_layers_batch`):
-    (qs, N, bounds, S, seg_d, y, fmt) with addresses for the tensors; y receives x Wᵀ. The caller keeps the tensors
-    alive for as long as the spec is used."""
-    return (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr(), fmt_id)
+    (qs, N, bounds, S, seg_d, y, fmt[, rl]) with addresses for the tensors; y receives x Wᵀ; rl, TQ2_0 only, the
+    codes' `rowlane_codes` for the row-lane GEMM. The caller keeps the tensors alive for as long as the spec is
+    used."""
+    spec = (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr(), fmt_id)
+    return spec if rl is None else (*spec, rl.data_ptr())
 
 
 def ternary_matmul_group(
@@ -365,20 +389,27 @@ def ternary_matmul_group(
     path: str = "auto",
     n_threads: int | None = None,
 ) -> list[Tensor]:
-    """[x Wⱼᵀ for each (qs, bounds, seg_d[, fmt]) in `operands`] (1 to 8 matrices, TQ2_0 and TQ1_0 layouts may mix),
-    bit-identical to separate `ternary_matmul` calls; the compiled paths quantize x once and run every matrix in one
-    call."""
+    """[x Wⱼᵀ for each (qs, bounds, seg_d[, fmt[, rl]]) in `operands`] (1 to 8 matrices, TQ2_0 and TQ1_0 layouts may
+    mix), bit-identical to separate `ternary_matmul` calls; the compiled paths quantize x once and run every matrix
+    in one call. rl: a TQ2_0 matrix's `rowlane_codes(qs)`, which the row-lane GEMM reads (or None)."""
     if not 1 <= len(operands) <= MAX_GROUP:
         raise ValueError(f"a group holds 1 to {MAX_GROUP} matrices, got {len(operands)}")
     ops = [(*op[:3], formats.canonical_format(op[3] if len(op) > 3 else "tq2_0")) for op in operands]
-    for op in ops:
+    rls = [op[4] if len(op) > 4 else None for op in operands]
+    for op, rl in zip(ops, rls):
         check_operands(x, *op)
+        if rl is not None:
+            want = op[0].shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * op[0].shape[1]
+            if op[3] != "tq2_0" or rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want:
+                raise ValueError(f"rl must be rowlane_codes(qs) of TQ2_0 codes (contiguous uint8, {want} bytes), got "
+                                 f"{rl.dtype} {tuple(rl.shape)} for {op[3]}")
     path = resolve_path(path)
     if path == "torch":
         return [reference_matmul(x, *op) for op in ops]
     ops = [(torch.from_numpy(tq1_to_kernel(op[0].numpy())), *op[1:]) if op[3] == "tq1_0" else op for op in ops]
     ys = [torch.empty(x.shape[0], op[0].shape[0], dtype=torch.float32) for op in ops]
-    specs = tuple(group_spec(qs, bounds, seg_d, y, FORMAT_IDS[fmt]) for (qs, bounds, seg_d, fmt), y in zip(ops, ys))
+    specs = tuple(group_spec(qs, bounds, seg_d, y, FORMAT_IDS[fmt], rl)
+                  for (qs, bounds, seg_d, fmt), y, rl in zip(ops, ys, rls))
     extension().matmul_group(
         _PATH_IDS[path], x.data_ptr(), x.shape[0], x.shape[1], n_threads or default_threads(), specs
     )

@@ -50,7 +50,7 @@ static inline int quad_applies(int path, const job_t *J) {
 #ifdef SPECTRA_X86
     return path == PATH_AVX512VNNI && quad_min_t > 0 && J->T >= quad_min_t &&
            (J->fmt == FMT_TQ2 || (J->fmt == FMT_TQ1 && tq1_has_vbmi())) && !amx_applies(path, J) &&
-           !lane_applies(path, J);
+           !lane_applies(path, J) && !(rowlane_wanted(path, J) && J->N % ROWLANE_ROWS == 0);
 #else
     (void)path, (void)J;
     return 0;

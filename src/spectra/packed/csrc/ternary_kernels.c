@@ -188,6 +188,8 @@ typedef struct {
     const float *xs;       /* [T] activation scales */
     const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
     const int8_t *x4;      /* quad GEMM only: the activations in quad layout (quad_kernels.h), else NULL */
+    const uint8_t *rl;     /* TQ2_0 only: the code bytes interleaved by 16 rows (rowlane_kernels.h), or NULL */
+    const int8_t *x8;      /* row-lane GEMM only: the activations in row-lane layout (rowlane_build), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
     int fmt; /* FMT_TQ2: qs holds TQ2_0 code bytes [N, nb*64], xq the TQ2 layout; FMT_TQ1: tq1_kernels.h */
@@ -924,12 +926,14 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 #include "tq1_kernels.h"
 #include "lane_kernels.h"
 #include "amx_kernels.h"
+#include "rowlane_kernels.h"
 #include "quad_kernels.h"
 #include "pool.h"
 
 /* Bytes of a job's activations in the VNNI layout (lane_kernels.h) when the AMX or the token-lane GEMM will run it,
  * else 0 (the other kernels read the row-major activations). */
 static size_t vnni_xt_bytes(int path, const job_t *J) {
+    if (rowlane_wanted(path, J) && J->N % ROWLANE_ROWS == 0) return 0; /* every row on the row-lane GEMM */
     return amx_applies(path, J) || lane_applies(path, J) ? xt_bytes_for(J) : 0;
 }
 
@@ -979,7 +983,20 @@ static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
     i8_rows_scalar(J, n0, n1);
 }
 
+static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1);
+
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
+    int64_t lo_end, hi_start;
+    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, &lo_end, &hi_start)) {
+        run_rows_rest(path, J, n0, lo_end);
+        run_rows_rest(path, J, hi_start, n1);
+        return;
+    }
+    run_rows_rest(path, J, n0, n1);
+}
+
+/* run_rows on the row-major codes (every kernel but the row-lane GEMM). */
+static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
     if (quad_run_rows(J, n0, n1, 0)) return; /* J->x4 is set only where quad_applies */
@@ -1042,11 +1059,13 @@ static int chunks_per_thread(int path, const job_t *J) {
     return CHUNKS_PER_THREAD;
 }
 
-/* How a job's N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16), and the number of chunks. */
+/* How a job's N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16; of 32 where the row-lane
+ * GEMM runs, so that its 16-row groups are whole), and the number of chunks. */
 static int64_t row_chunks(int path, const job_t *J, int n_threads, int64_t *n_chunks) {
     const int64_t N = J->N, groups = (N + 3) / 4;
     int64_t per_chunk = groups / (chunks_per_thread(path, J) * n_threads);
     if (per_chunk < 4) per_chunk = 4;
+    if (rowlane_applies(path, J)) per_chunk = (per_chunk + 7) / 8 * 8;
     *n_chunks = (groups + per_chunk - 1) / per_chunk;
     return 4 * per_chunk;
 }
@@ -2809,14 +2828,16 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     const size_t q1_bytes = J.fmt == FMT_TQ1 ? tq1_act_bytes(path, J.T, J.nb) : 0;
     const size_t xt_bytes = vnni_xt_bytes(path, &J);
     const size_t x4_bytes = quad_applies(path, &J) ? round64(quad_bytes(J.T, J.K)) : 0;
-    void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + x4_bytes + sizeof(int32_t) * (size_t)(J.T * J.S) +
-                                sizeof(float) * (size_t)J.T);
+    const size_t x8_bytes = rowlane_wanted(path, &J) ? round64(rowlane_x8_bytes(J.T, J.K)) : 0;
+    void *scratch = scratch_get(q_bytes + q1_bytes + xt_bytes + x4_bytes + x8_bytes +
+                                sizeof(int32_t) * (size_t)(J.T * J.S) + sizeof(float) * (size_t)J.T);
     if (!scratch) return PyErr_NoMemory();
     int8_t *xq = (int8_t *)scratch;
     int8_t *xq1 = (int8_t *)scratch + q_bytes;
     int8_t *xt = (int8_t *)scratch + q_bytes + q1_bytes;
     int8_t *x4 = (int8_t *)scratch + q_bytes + q1_bytes + xt_bytes;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes + xt_bytes + x4_bytes);
+    int8_t *x8 = x4 + x4_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + q1_bytes + xt_bytes + x4_bytes + x8_bytes);
     float *xs = (float *)(bsum + J.T * J.S);
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(path, x, &J, xq, bsum, xs);
@@ -2824,6 +2845,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     J.xq = J.fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt; /* TQ2-layout activations for both formats (panel_decode_tq1) */
     if (x4_bytes) quad_build(xq, J.T, J.K, x4), J.x4 = x4;
+    if (x8_bytes) rowlane_build(xq, J.K, x8, 0, J.T), J.x8 = x8;
     run_parallel(run_rows, path, &J, n_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -2845,13 +2867,14 @@ static int check_bounds(const int32_t *bounds, long long S, int64_t nb) {
 
 #define MAX_GROUP 8
 
-/* One (qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr) tuple -> a job on inputs [T, K]. */
+/* One (qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr[, fmt[, rl_ptr]]) tuple -> a job on inputs [T, K]. rl_ptr: the
+ * TQ2_0 codes interleaved by 16 rows (rowlane_codes), 0 for none. */
 static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
-    unsigned long long pqs, pb, pd, py;
+    unsigned long long pqs, pb, pd, py, prl = 0;
     long long N, S;
     int fmt = FMT_TQ2;
     const int64_t nb = K / QK;
-    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "KLKLKK|i", &pqs, &N, &pb, &S, &pd, &py, &fmt)) {
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "KLKLKK|iK", &pqs, &N, &pb, &S, &pd, &py, &fmt, &prl)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a matrix spec is a tuple");
         return 0;
     }
@@ -2864,6 +2887,7 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     J->bounds = (const int32_t *)(uintptr_t)pb;
     J->seg_d = (const float *)(uintptr_t)pd;
     J->y = (float *)(uintptr_t)py;
+    J->rl = fmt == FMT_TQ2 ? (const uint8_t *)(uintptr_t)prl : NULL;
     J->T = T, J->K = K, J->N = N, J->S = S, J->nb = nb, J->fmt = fmt;
     return check_bounds(J->bounds, S, nb);
 }
@@ -2892,7 +2916,7 @@ typedef struct {
     int path;
     job_t Q;
     const float *x;
-    int8_t *xq, *xq1, *xt, *x4;
+    int8_t *xq, *xq1, *xt, *x4, *x8;
     int32_t *blk_sum;
     float *xs;
 } group_prep_t;
@@ -2908,6 +2932,7 @@ static void group_prep_chunk(void *ctx, int64_t g) {
     if (p->xt) xt_build_group(Q, p->xq, p->xt, g);
     if (p->x4) /* the full token groups of 4 inside this group of 16 */
         for (int64_t q = t0 / 4; q < t1 / 4; q++) quad_build_group(p->xq, Q->K, p->x4, q);
+    if (p->x8) rowlane_build(p->xq, Q->K, p->x8, t0, t1);
 }
 
 /* Quantize x [T, K] once (one sum per block) and run every job on it. Needs no Python (call it with the GIL released);
@@ -2931,12 +2956,16 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     size_t x4_bytes = 0; /* quad-layout activations, when a TQ2_0 job runs the quad GEMM */
     for (int g = 0; g < G; g++)
         if (quad_applies(path, &jobs[g])) x4_bytes = round64(quad_bytes(T, K));
+    size_t x8_bytes = 0; /* row-lane-layout activations, when a TQ2_0 job runs the row-lane GEMM */
+    for (int g = 0; g < G; g++)
+        if (rowlane_wanted(path, &jobs[g])) x8_bytes = round64(rowlane_x8_bytes(T, K));
     void *scratch = scratch_get(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T +
-                                xt_bytes + x4_bytes + 64);
+                                xt_bytes + x4_bytes + x8_bytes + 64);
     if (!scratch) return 0;
     int8_t *xt =
         (int8_t *)scratch + round64(q_bytes + b_bytes + blk_bytes + s_bytes + q1_bytes + sizeof(float) * (size_t)T);
     int8_t *x4 = xt + xt_bytes;
+    int8_t *x8 = x4 + x4_bytes;
     int8_t *xq1 = (int8_t *)scratch + q_bytes + b_bytes + blk_bytes + s_bytes;
     int8_t *xq = (int8_t *)scratch;
     int32_t *blocks = (int32_t *)((char *)scratch + q_bytes);
@@ -2951,6 +2980,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
     prep.path = path, prep.x = x, prep.xq = xq, prep.xq1 = q1_bytes ? xq1 : NULL, prep.blk_sum = blk_sum, prep.xs = xs;
     prep.xt = xt_bytes ? xt : NULL;
     prep.x4 = x4_bytes ? x4 : NULL;
+    prep.x8 = x8_bytes ? x8 : NULL;
     for_row_groups(n_threads, T, group_prep_chunk, (void *)&prep);
     for (int g = 0; g < G; g++) {
         job_t *J = &jobs[g];
@@ -2963,6 +2993,7 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
         J->xq = J->fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J->bsum = sum, J->xs = xs;
         if (vnni_xt_bytes(path, J)) J->xt = xt;
         if (quad_applies(path, J)) J->x4 = x4;
+        if (rowlane_wanted(path, J)) J->x8 = x8;
         sum += T * J->S;
     }
     run_parallel_jobs(run_rows, path, jobs, G, n_threads);
@@ -4027,6 +4058,14 @@ static PyObject *py_set_quad(PyObject *self, PyObject *args) {
     return set_min_tokens(args, &quad_min_t, "quad");
 }
 
+/* set_rowlane(min_tokens) -> int: products of at least min_tokens tokens (0: none) whose codes come with their 16-row
+ * interleaved copy use the row-lane GEMM (rowlane_kernels.h) where AMX does not take them; returns the previous value.
+ * For A/B runs and tests. */
+static PyObject *py_set_rowlane(PyObject *self, PyObject *args) {
+    (void)self;
+    return set_min_tokens(args, &rowlane_min_t, "row-lane");
+}
+
 /* set_amx(on) -> bool: use the AMX GEMM where the CPU has it (the default) or not (for A/B runs and tests of the
  * AVX-512 GEMM on AMX machines); returns whether it was in use before. */
 static PyObject *py_set_amx(PyObject *self, PyObject *args) {
@@ -4227,6 +4266,8 @@ static PyMethodDef methods[] = {
     {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
+    {"set_rowlane", py_set_rowlane, METH_VARARGS,
+     "Token count from which the row-lane GEMM runs on interleaved codes (0: off); returns the old."},
     {"set_gfni", py_set_gfni, METH_VARARGS,
      "Decode TQ2_0 code fields in the quad GEMM with GFNI where available (default) or not; returns the old state."},
     {"set_amx", py_set_amx, METH_VARARGS, "Use the AMX-INT8 GEMM where available (default) or not; returns the old state."},
