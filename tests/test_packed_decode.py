@@ -301,7 +301,7 @@ def test_decode_token_rejects_bad_input():
         with pytest.raises(ValueError, match=r"positions 2\.\.2 go past"):
             dec.greedy(1, short)
         assert short.pos == 2
-        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = dec._c_head
+        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V = dec._c_head[:7]
         with pytest.raises(TypeError, match="takes a layers_plan capsule, not tuple"):
             dec._ext.decode_token(pid, 1, 0, 0, 0, 384, 0, 512, 4, 128, 0, 0, 0, 0, 0, 0, 1024, 0.1, dec._one._all,
                                   False, w_ptr, eps, qw_ptr, scale_ptr, V, 0)

@@ -68,6 +68,31 @@ def test_rowlane_equals_reference_and_other_kernels(rowlane, T):
                 assert torch.equal(y, ref), f"T={T} N={qs.shape[0]} K={Kdim} threads={threads}"
 
 
+@pytest.mark.parametrize("B", [1, 7, 8, 9, 16, 17, 33])
+def test_rowlane_output_layer_equals_other_kernels(rowlane, B):
+    """head_rows with the int8 output layer's interleaved copy: the same logits, argmax, log-sum-exp and top logit as
+    without it, bit for bit (written out and kept in the per-thread pieces), with vocabularies off 16 and off the
+    statistics' 4096-row pieces; and the logits near the reference product of the normed rows."""
+    torch.manual_seed(B)
+    for V, C in ((801, 512), (8229, 256), (64, 1792), (15, 512)):
+        u, scale = K.quantize_weight_int8(torch.randn(V, C))
+        rl = K.rowlane_codes(u)
+        w = torch.rand(C) + 0.5
+        x = torch.randn(B, C) * 3
+        for threads in (1, 2, 3):
+            for logits in (True, False):
+                kw = dict(argmax=True, lse=True, logits=logits, n_threads=threads, path="avx512vnni")
+                a, b = K.head_rows(x, w, 1e-5, u, scale, **kw), K.head_rows(x, w, 1e-5, u, scale, rl=rl, **kw)
+                for p, q in zip(a, b):
+                    assert (p is None and q is None) or torch.equal(p, q), f"V={V} B={B} threads={threads}"
+        ref = K.reference_int8_matmul(torch.nn.functional.rms_norm(x, (C,), w, 1e-5), u, scale)
+        y = K.head_rows(x, w, 1e-5, u, scale, rl=rl, path="avx512vnni")[0]
+        assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    u, scale = K.quantize_weight_int8(torch.randn(64, 256))
+    with pytest.raises(ValueError, match="rowlane_codes"):
+        K.head_rows(torch.randn(B, 256), torch.ones(256), 1e-5, u, scale, rl=K.rowlane_codes(u)[:-1])
+
+
 def test_rowlane_non_finite_input(rowlane):
     qs, _, bounds, seg_d = ternary_codes(64, 1280, 2, 0)
     x, ok = non_finite_input(16, 1280, 2, 13)
@@ -108,6 +133,8 @@ def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlan
     dec = Decoder(model)
     codes = dec.rowlane_codes()
     assert len(codes) == 14 and all(v.numel() == m.qs.numel() for m, v in codes.items())
+    dec.head(torch.randn(8, 256))
+    assert dec._c_head[-1] is not None and dec._c_head[-1].numel() == 320 * 256  # the output layer's copy
     bd = BatchDecoder(model, 16, 48)
     slots = [bd.acquire() for _ in range(16)]
     prompts = [torch.randint(0, 320, (9 + i % 5,)).tolist() for i in range(16)]

@@ -133,8 +133,10 @@ class Decoder:
             ext = K.extension()
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
+                # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
+                rl = K.rowlane_codes(head.qw) if self.rowlane_codes() and head.path == "avx512vnni" else None
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
-                                head.scale.data_ptr(), head.out_features, head)  # fmt: skip
+                                head.scale.data_ptr(), head.out_features, head, rl)  # fmt: skip
 
     def head(
         self, x: Tensor, *, argmax: bool = False, lse: bool = False, logits: bool = True,
@@ -151,12 +153,13 @@ class Decoder:
         if model.lm_head is not self._head_mod:
             self._head_setup()
         if self._c_head is not None:  # `kernels.head_rows` without its checks: the operands were checked once
-            pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head = self._c_head
+            pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head, rl = self._c_head
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             nt = head.n_threads or self._threads or K.default_threads()
             return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse,
-                                         logits=logits or not (argmax or lse), out=out)  # fmt: skip
+                                         logits=logits or not (argmax or lse), out=out,
+                                         rl_ptr=0 if rl is None or x.shape[0] < 8 else rl.data_ptr())  # fmt: skip
         y = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return y, None, None, None
@@ -258,7 +261,7 @@ class Decoder:
             self._head_setup()
         if self._c_head is None or not hasattr(self._ext, "decode_token") or not self._takes(cache):
             return False
-        emb, head = self._one._emb, self._c_head[-1]
+        emb, head = self._one._emb, self._c_head[7]
         return emb.dtype in self._EMB_KINDS and emb.is_contiguous() and head.n_threads in (None, self._threads)
 
     def greedy(self, token: int, cache, sample: tuple[float, int | None, float | None, float] | None = None) -> int:
@@ -308,7 +311,7 @@ class Decoder:
             return None
         self._check_cache(cache, 1)
         rows, ck, cfg = self._one, cache.k, self.config
-        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _ = self._c_head
+        pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, _, _ = self._c_head
         if self._logits is None or self._logits.numel() != V:
             self._logits = torch.empty(V, dtype=torch.float32)
         emb = rows._emb

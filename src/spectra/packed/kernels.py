@@ -231,13 +231,15 @@ ROWLANE_ROWS = 16  # rows per interleaved group (csrc/rowlane_kernels.h)
 
 
 def rowlane_codes(qs: Tensor) -> Tensor:
-    """TQ2_0 code bytes qs [N, nb * 64] interleaved for the row-lane GEMM (`csrc/rowlane_kernels.h`): for each full
-    group of 16 rows and each block, 16 runs of 4 code bytes of every row of the group (uint8 [N // 16 * 16 * nb *
-    64], the same bytes in another order). Rows after the last full group are read from qs itself."""
+    """Weight bytes qs [N, W] (TQ2_0 code bytes, W = nb * 64, or an int8 output layer's u = w + 128, W = K)
+    interleaved for the row-lane GEMM (`csrc/rowlane_kernels.h`): for each full group of 16 rows, dword p of every row
+    of the group in turn, p = 0 .. W / 4 - 1 (uint8 [N // 16 * 16 * W], the same bytes in another order). Rows after
+    the last full group are read from qs itself."""
     if qs.dtype != torch.uint8 or qs.dim() != 2 or qs.shape[1] % 64:
-        raise ValueError(f"rowlane_codes takes TQ2_0 code bytes uint8 [N, nb * 64], got {qs.dtype} {tuple(qs.shape)}")
-    N, nb = qs.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS, qs.shape[1] // 64
-    return qs[:N].reshape(N // ROWLANE_ROWS, ROWLANE_ROWS, nb, 16, 4).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+        raise ValueError(f"rowlane_codes takes uint8 weight bytes [N, W], W a multiple of 64, got {qs.dtype} "
+                         f"{tuple(qs.shape)}")
+    N, W = qs.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS, qs.shape[1]
+    return qs[:N].reshape(N // ROWLANE_ROWS, ROWLANE_ROWS, W // 4, 4).transpose(1, 2).contiguous().view(-1)
 
 
 def supported_paths() -> list[str]:
@@ -757,6 +759,7 @@ def head_rows(
     logits: bool = True,
     n_threads: int | None = None,
     path: str = "auto",
+    rl: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The end of a decode step for the rows x [B, C] of the residual stream: (logits [B, V], argmax [B] or None,
     logsumexp [B] or None, top [B] or None), where the logits are the int8 output layer (`int8_matmul`, head u [V, C]
@@ -767,6 +770,9 @@ def head_rows(
     per-thread buffer instead of writing them out (a greedy step that wants at most the chosen token's
     log-probability)."""
     check_int8_operands(x, head, scale)
+    if rl is not None and (rl.dtype != torch.uint8 or not rl.is_contiguous()
+                           or rl.numel() != head.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * head.shape[1]):
+        raise ValueError(f"rl must be rowlane_codes(head) (contiguous uint8), got {rl.dtype} {tuple(rl.shape)}")
     if norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous() or norm_weight.shape != (x.shape[1],):
         raise ValueError(f"norm_weight must be contiguous float32 [{x.shape[1]}], got {norm_weight.dtype} "
                          f"{tuple(norm_weight.shape)}")
@@ -777,18 +783,18 @@ def head_rows(
         raise ValueError("head_rows with logits=False needs argmax=True or lse=True (it would compute nothing)")
     return head_rows_unchecked(_PATH_IDS[path], max(1, int(n_threads or default_threads())), x, norm_weight.data_ptr(),
                                float(eps), head.data_ptr(), scale.data_ptr(), head.shape[0], argmax=argmax, lse=lse,
-                               logits=logits)  # fmt: skip
+                               logits=logits, rl_ptr=0 if rl is None else rl.data_ptr())  # fmt: skip
 
 
 def head_rows_unchecked(
     path_id: int, n_threads: int, x: Tensor, norm_ptr: int, eps: float, head_ptr: int, scale_ptr: int, V: int, *,
     argmax: bool = False, lse: bool = False, logits: bool = True,
-    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, rl_ptr: int = 0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """`head_rows` on operands its caller has already checked (`Decoder.head` checks them once per lm_head): x a
-    contiguous float32 [B, C], the norm weight, head and scales given by address. Allocates the outputs, or writes
-    into `out` (contiguous float32 [n, V], int64 [n], float32 [n], float32 [n], n >= B; views of their first B rows
-    are returned), and calls the extension."""
+    contiguous float32 [B, C], the norm weight, head and scales given by address (rl_ptr: the head's `rowlane_codes`,
+    or 0). Allocates the outputs, or writes into `out` (contiguous float32 [n, V], int64 [n], float32 [n], float32 [n],
+    n >= B; views of their first B rows are returned), and calls the extension."""
     B, stats = x.shape[0], argmax or lse
     if out is None:
         y = torch.empty(B, V, dtype=torch.float32) if logits else None
@@ -799,7 +805,8 @@ def head_rows_unchecked(
         y, idx, out_lse, top = (out[0][:B] if logits else None), (out[1][:B] if stats else None), \
             (out[2][:B] if lse else None), (out[3][:B] if stats else None)  # fmt: skip
     extension().head_rows(path_id, n_threads, x.data_ptr(), B, x.shape[1], norm_ptr, eps, head_ptr, scale_ptr, V,
-                          *(0 if t is None else t.data_ptr() for t in (y, idx, out_lse, top)))  # fmt: skip
+                          *(0 if t is None else t.data_ptr() for t in (y, idx, out_lse, top)),
+                          *((rl_ptr,) if rl_ptr else ()))  # fmt: skip
     return y, idx, out_lse, top
 
 

@@ -40,7 +40,11 @@
 
 static int rowlane_min_t = ROWLANE_MIN_T; /* 0: off (set_rowlane) */
 #ifndef ROWLANE_PF_BYTES
-#define ROWLANE_PF_BYTES 8192 /* prefetch distance along the interleaved codes, into L2 */
+/* Prefetch distance into L2 past the front of a pass's streams (its last row group). Measured on the 99M batch-16
+ * step (Zen 5, q8 cache, against the other kernels): none 0.85x, 4 KiB 1.03x, 8 KiB 1.06x, 16 KiB 1.06x, 32 KiB 1.03x
+ * (the TQ2_0 codes alone); for the int8 output layer, whose two 16-row groups' streams are 8 KiB apart at K = 512,
+ * 8 KiB from the first stream (the second's front) 1.02x, 8 KiB past the second 1.14-1.16x. */
+#define ROWLANE_PF_BYTES 8192
 #endif
 
 /* The row-lane GEMM is to run this job's full 16-row groups (its activations are then built in the row-lane layout:
@@ -88,11 +92,11 @@ static void rowlane_build(const int8_t *xq, int64_t K, int8_t *x8, int64_t t0, i
         __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a04), "+v"(a05), "+v"(a06), "+v"(a07)); \
         __asm__("" : "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13), "+v"(a14), "+v"(a15), "+v"(a16), "+v"(a17)); \
     } while (0)
-/* Token t's dword of field l, vector j (at xb), broadcast, against the decoded vectors w0 / w1 of the two row groups. */
-#define RL_DP(t)                                                                        \
+/* Token t's dword i of the block (at xb), broadcast, against the weight vectors w0 / w1 of the two row groups. */
+#define RL_DP(t, i)                                                                     \
     do {                                                                                \
         if (t < TT) {                                                                   \
-            const __m512i x_ = _mm512_set1_epi32(xb[(16 * l + j) * ROWLANE_TOK + t]);   \
+            const __m512i x_ = _mm512_set1_epi32(xb[(i) * ROWLANE_TOK + t]);            \
             DPBUSD_R(a0##t, w0, x_);                                                    \
             if (RG > 1) DPBUSD_R(a1##t, w1, x_);                                        \
         }                                                                               \
@@ -115,35 +119,59 @@ TARGET_AVX512 static inline __m512 rowlane_scales(const job_t *J, int64_t g, int
     return _mm512_loadu_ps(d);
 }
 
-/* Row groups g .. g+RG-1 (rows 16 g ..) against tokens t0 .. t0+TT-1, every segment: y[t][16 g + ...] written. */
+/* Row groups g .. g+RG-1 (rows 16 g ..) against tokens t0 .. t0+TT-1, every segment: y[t][16 g + ...] written. I8:
+ * the rows are int8 bytes (u = w + 128, K a row: a block of a group is 64 vectors, 4 KiB), used as they are; else TQ2_0
+ * code bytes (64 a block: 16 vectors, 1 KiB), each vector's 4 fields decoded in turn. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void rowlane_pass(const job_t *J, int64_t g, int64_t t0,
-                                                                             const int RG, const int TT) {
+                                                                             const int RG, const int TT, const int I8) {
     const int64_t K = J->K, nb = J->nb, S = J->S;
+    const int64_t block_b = I8 ? 4 * ROWLANE_GROUP_B : ROWLANE_GROUP_B, group_b = nb * block_b;
+    /* prefetch distance: ROWLANE_PF_BYTES past the same place in the pass's last group, the front of its streams */
+    const int64_t pf = (RG - 1) * group_b + ROWLANE_PF_BYTES;
     const __m512i m3 = _mm512_set1_epi8(3);
     const int32_t *xt = (const int32_t *)(const void *)(J->x8 + t0 * K); /* t0: a multiple of 8 */
     for (int64_t s = 0; s < S; s++) {
         RL_ACCS(RL_ZERO)
         for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-            const uint8_t *wb = J->rl + (g * nb + b) * ROWLANE_GROUP_B;
+            const uint8_t *wb = J->rl + g * group_b + b * block_b;
             const int32_t *xb = xt + b * (QK / 4) * ROWLANE_TOK;
-            for (int j = 0; j < 16; j++) {
-                const uint8_t *p0 = wb + 64 * j, *p1 = p0 + nb * ROWLANE_GROUP_B;
-                PREFETCH(p0 + ROWLANE_PF_BYTES);
-                if (RG > 1) PREFETCH(p1 + ROWLANE_PF_BYTES);
-                const __m512i raw0 = _mm512_loadu_si512(p0);
-                const __m512i raw1 = RG > 1 ? _mm512_loadu_si512(p1) : raw0;
-                _Pragma("GCC unroll 4")
-                for (int l = 0; l < 4; l++) {
-                    const __m512i w0 = _mm512_and_si512(l ? _mm512_srli_epi16(raw0, 2 * l) : raw0, m3);
-                    const __m512i w1 = RG > 1 ? _mm512_and_si512(l ? _mm512_srli_epi16(raw1, 2 * l) : raw1, m3) : w0;
-                    RL_DP(0);
-                    RL_DP(1);
-                    RL_DP(2);
-                    RL_DP(3);
-                    RL_DP(4);
-                    RL_DP(5);
-                    RL_DP(6);
-                    RL_DP(7);
+            if (I8) {
+                for (int c = 0; c < QK / 4; c++) {
+                    const uint8_t *p0 = wb + 64 * c, *p1 = p0 + group_b;
+                    PREFETCH(p0 + pf);
+                    if (RG > 1) PREFETCH(p1 + pf);
+                    const __m512i w0 = _mm512_loadu_si512(p0);
+                    const __m512i w1 = RG > 1 ? _mm512_loadu_si512(p1) : w0;
+                    RL_DP(0, c);
+                    RL_DP(1, c);
+                    RL_DP(2, c);
+                    RL_DP(3, c);
+                    RL_DP(4, c);
+                    RL_DP(5, c);
+                    RL_DP(6, c);
+                    RL_DP(7, c);
+                }
+            } else {
+                for (int j = 0; j < 16; j++) {
+                    const uint8_t *p0 = wb + 64 * j, *p1 = p0 + group_b;
+                    PREFETCH(p0 + pf);
+                    if (RG > 1) PREFETCH(p1 + pf);
+                    const __m512i raw0 = _mm512_loadu_si512(p0);
+                    const __m512i raw1 = RG > 1 ? _mm512_loadu_si512(p1) : raw0;
+                    _Pragma("GCC unroll 4")
+                    for (int l = 0; l < 4; l++) {
+                        const __m512i w0 = _mm512_and_si512(l ? _mm512_srli_epi16(raw0, 2 * l) : raw0, m3);
+                        const __m512i w1 =
+                            RG > 1 ? _mm512_and_si512(l ? _mm512_srli_epi16(raw1, 2 * l) : raw1, m3) : w0;
+                        RL_DP(0, 16 * l + j);
+                        RL_DP(1, 16 * l + j);
+                        RL_DP(2, 16 * l + j);
+                        RL_DP(3, 16 * l + j);
+                        RL_DP(4, 16 * l + j);
+                        RL_DP(5, 16 * l + j);
+                        RL_DP(6, 16 * l + j);
+                        RL_DP(7, 16 * l + j);
+                    }
                 }
             }
             RL_PIN();
@@ -153,41 +181,49 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void rowlane_pass(con
     }
 }
 
-#define ROWLANE_TOKENS(RG)                                                        \
-    do {                                                                          \
-        for (int64_t t0 = 0; t0 < J->T; t0 += ROWLANE_TOK) {                      \
-            switch (J->T - t0 < ROWLANE_TOK ? J->T - t0 : ROWLANE_TOK) {          \
-                case 8: rowlane_pass(J, g, t0, RG, 8); break;                     \
-                case 7: rowlane_pass(J, g, t0, RG, 7); break;                     \
-                case 6: rowlane_pass(J, g, t0, RG, 6); break;                     \
-                case 5: rowlane_pass(J, g, t0, RG, 5); break;                     \
-                case 4: rowlane_pass(J, g, t0, RG, 4); break;                     \
-                case 3: rowlane_pass(J, g, t0, RG, 3); break;                     \
-                case 2: rowlane_pass(J, g, t0, RG, 2); break;                     \
-                default: rowlane_pass(J, g, t0, RG, 1); break;                    \
-            }                                                                     \
-        }                                                                         \
+#define ROWLANE_TOKENS(RG, I8)                                              \
+    do {                                                                    \
+        for (int64_t t0 = 0; t0 < J->T; t0 += ROWLANE_TOK) {                \
+            switch (J->T - t0 < ROWLANE_TOK ? J->T - t0 : ROWLANE_TOK) {    \
+                case 8: rowlane_pass(J, g, t0, RG, 8, I8); break;           \
+                case 7: rowlane_pass(J, g, t0, RG, 7, I8); break;           \
+                case 6: rowlane_pass(J, g, t0, RG, 6, I8); break;           \
+                case 5: rowlane_pass(J, g, t0, RG, 5, I8); break;           \
+                case 4: rowlane_pass(J, g, t0, RG, 4, I8); break;           \
+                case 3: rowlane_pass(J, g, t0, RG, 3, I8); break;           \
+                case 2: rowlane_pass(J, g, t0, RG, 2, I8); break;           \
+                default: rowlane_pass(J, g, t0, RG, 1, I8); break;          \
+            }                                                               \
+        }                                                                   \
     } while (0)
 
-/* Row groups [g0, g1), two at a time, every token. */
+/* Row groups [g0, g1), two at a time, every token: TQ2_0 codes, and int8 rows (the output layer). */
 TARGET_AVX512 __attribute__((noinline)) static void rowlane_groups(const job_t *J, int64_t g0, int64_t g1) {
     int64_t g = g0;
-    for (; g + 2 <= g1; g += 2) ROWLANE_TOKENS(2);
-    if (g < g1) ROWLANE_TOKENS(1);
+    for (; g + 2 <= g1; g += 2) ROWLANE_TOKENS(2, 0);
+    if (g < g1) ROWLANE_TOKENS(1, 0);
+}
+
+TARGET_AVX512 __attribute__((noinline)) static void rowlane_groups_i8(const job_t *J, int64_t g0, int64_t g1) {
+    int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) ROWLANE_TOKENS(2, 1);
+    if (g < g1) ROWLANE_TOKENS(1, 1);
 }
 #endif /* SPECTRA_X86 */
 
-/* The full 16-row groups inside [n0, n1) of a job rowlane_applies to; the rows before the first and after the last
- * (*lo_end = first row of the groups, *hi_start = the row after them) are the caller's. 0 when no full group fits. */
-static int rowlane_run_rows(const job_t *J, int64_t n0, int64_t n1, int64_t *lo_end, int64_t *hi_start) {
+/* The full 16-row groups inside [n0, n1) of a job rowlane_applies to (i8: int8 rows, run_rows_i8); the rows before
+ * the first and after the last (*lo_end = first row of the groups, *hi_start = the row after them) are the caller's.
+ * 0 when no full group fits. */
+static int rowlane_run_rows(const job_t *J, int64_t n0, int64_t n1, int i8, int64_t *lo_end, int64_t *hi_start) {
 #ifdef SPECTRA_X86
     const int64_t g0 = (n0 + ROWLANE_ROWS - 1) / ROWLANE_ROWS, g1 = n1 / ROWLANE_ROWS;
     if (g0 >= g1) return 0;
-    rowlane_groups(J, g0, g1);
+    if (i8) rowlane_groups_i8(J, g0, g1);
+    else rowlane_groups(J, g0, g1);
     *lo_end = g0 * ROWLANE_ROWS, *hi_start = g1 * ROWLANE_ROWS;
     return 1;
 #else
-    (void)J, (void)n0, (void)n1, (void)lo_end, (void)hi_start;
+    (void)J, (void)n0, (void)n1, (void)i8, (void)lo_end, (void)hi_start;
     return 0;
 #endif
 }

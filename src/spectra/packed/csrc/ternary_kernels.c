@@ -967,7 +967,20 @@ static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
     }
 }
 
+static void run_rows_i8_rest(int path, const job_t *J, int64_t n0, int64_t n1);
+
+/* Int8 rows [n0, n1): the row-lane GEMM on the full 16-row groups where it applies, the other kernels on the rest. */
 static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
+    int64_t lo_end, hi_start;
+    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, 1, &lo_end, &hi_start)) {
+        run_rows_i8_rest(path, J, n0, lo_end);
+        run_rows_i8_rest(path, J, hi_start, n1);
+        return;
+    }
+    run_rows_i8_rest(path, J, n0, n1);
+}
+
+static void run_rows_i8_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows_i8(path, J, n0, n1) || quad_run_rows(J, n0, n1, 1)) return;
 #ifdef SPECTRA_X86
@@ -987,7 +1000,7 @@ static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1);
 
 static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
     int64_t lo_end, hi_start;
-    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, &lo_end, &hi_start)) {
+    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, 0, &lo_end, &hi_start)) {
         run_rows_rest(path, J, n0, lo_end);
         run_rows_rest(path, J, hi_start, n1);
         return;
@@ -3048,28 +3061,39 @@ static size_t i8_x4_bytes(int path, int64_t T, int64_t K) {
     return quad_applies_i8(path, &Jx) ? round64(quad_bytes(T, K)) : 0;
 }
 
-/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI or quad copy (i8_xt_bytes,
- * i8_x4_bytes), the row sums and the row scales. */
-static size_t i8_scratch_bytes(int path, int64_t T, int64_t K) {
+/* Bytes of the row-lane copy of T int8 rows of K where the row-lane GEMM runs them (the weights' interleaved copy
+ * given: has_rl), else 0. */
+static size_t i8_x8_bytes(int path, int64_t T, int64_t K, int has_rl) {
+    job_t Jx = i8_sizes(T, K);
+    Jx.rl = has_rl ? (const uint8_t *)&Jx : NULL; /* any non-NULL address: rowlane_wanted only tests it */
+    return rowlane_wanted(path, &Jx) ? round64(rowlane_x8_bytes(T, K)) : 0;
+}
+
+/* Scratch bytes of matmul_i8_run for T rows of K: the int8 rows, their VNNI, quad and row-lane copies (i8_xt_bytes,
+ * i8_x4_bytes, i8_x8_bytes), the row sums and the row scales. */
+static size_t i8_scratch_bytes(int path, int64_t T, int64_t K, int has_rl) {
     return round64((size_t)(T * K)) + i8_xt_bytes(path, T, K) + i8_x4_bytes(path, T, K) +
-           (sizeof(int32_t) + sizeof(float)) * (size_t)T;
+           i8_x8_bytes(path, T, K, has_rl) + (sizeof(int32_t) + sizeof(float)) * (size_t)T;
 }
 
 /* The int8 product's job for x [T, K] against qw [N, K] (its activations quantized into scratch, laid out as
- * i8_scratch_bytes says; bounds holds the one segment), ready for run_rows_i8 on any rows. */
-static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
-                           const float *d, float *y, void *scratch, int32_t bounds[2], job_t *Jp) {
+ * i8_scratch_bytes says; bounds holds the one segment), ready for run_rows_i8 on any rows. rl: qw interleaved by 16
+ * rows for the row-lane GEMM (rowlane_codes), or NULL. */
+static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const uint8_t *qw, const uint8_t *rl,
+                           int64_t N, const float *d, float *y, void *scratch, int32_t bounds[2], job_t *Jp) {
     const size_t q_bytes = round64((size_t)(T * K)), xt_bytes = i8_xt_bytes(path, T, K);
-    const size_t x4_bytes = i8_x4_bytes(path, T, K);
+    const size_t x4_bytes = i8_x4_bytes(path, T, K), x8_bytes = i8_x8_bytes(path, T, K, rl != NULL);
     int8_t *xq = (int8_t *)scratch;
     int8_t *xt = (int8_t *)scratch + q_bytes;
     int8_t *x4 = xt + xt_bytes;
-    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes + x4_bytes);
+    int8_t *x8 = x4 + x4_bytes;
+    int32_t *bsum = (int32_t *)((char *)scratch + q_bytes + xt_bytes + x4_bytes + x8_bytes);
     float *xs = (float *)(bsum + T);
     bounds[0] = 0, bounds[1] = (int32_t)(K / QK);
     job_t J;
     memset(&J, 0, sizeof(J));
     J.qs = qw;
+    J.rl = rl;
     J.seg_d = d;
     J.y = y;
     J.bounds = bounds;
@@ -3079,16 +3103,17 @@ static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const
     J.xq = xq, J.bsum = bsum, J.xs = xs;
     if (xt_bytes) xt_build(&J, xq, xt), J.xt = xt;
     if (x4_bytes) quad_build(xq, T, K, x4), J.x4 = x4;
+    if (x8_bytes) rowlane_build(xq, K, x8, 0, T), J.x8 = x8;
     *Jp = J;
 }
 
 /* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
  * i8_scratch_bytes(path, T, K); needs no GIL. */
-static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw, int64_t N,
-                          const float *d, float *y, void *scratch) {
+static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw,
+                          const uint8_t *rl, int64_t N, const float *d, float *y, void *scratch) {
     int32_t bounds[2];
     job_t J;
-    matmul_i8_prep(path, x, T, K, qw, N, d, y, scratch, bounds, &J);
+    matmul_i8_prep(path, x, T, K, qw, rl, N, d, y, scratch, bounds, &J);
     run_parallel(run_rows_i8, path, &J, n_threads);
 }
 
@@ -3106,10 +3131,10 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
                             N, K, QK);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (T == 0 || N == 0) Py_RETURN_NONE;
-    void *scratch = scratch_get(i8_scratch_bytes(path, T, K));
+    void *scratch = scratch_get(i8_scratch_bytes(path, T, K, 0));
     if (!scratch) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    matmul_i8_run(path, n_threads, (const float *)(uintptr_t)px, T, K, (const uint8_t *)(uintptr_t)pw, N,
+    matmul_i8_run(path, n_threads, (const float *)(uintptr_t)px, T, K, (const uint8_t *)(uintptr_t)pw, NULL, N,
                   (const float *)(uintptr_t)pd, (float *)(uintptr_t)py, scratch);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -3117,8 +3142,9 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
 
 static void rms_norm_row(const float *x, const float *w, float eps, float *h, int64_t C);
 
-/* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr, top_ptr): the
- * end of a decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
+/* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr, top_ptr
+ * [, rl_ptr]) (rl_ptr: qw interleaved by 16 rows, rowlane_codes, for the row-lane GEMM; 0 for none): the end of a
+ * decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
  * the int8 output layer y [B, V] (matmul_i8's quantization and kernels), and, where idx_ptr / lse_ptr / top_ptr are
  * not 0, each row's argmax / log-sum-exp / logit at the argmax (argmax_logsumexp's functions, over the pool), in one
  * call that releases the GIL once. On Python's side these were six tensor operations for the norm, the output
@@ -3131,30 +3157,31 @@ static void rms_norm_row(const float *x, const float *w, float eps, float *h, in
  * into y [B, V] (or, with y NULL, a buffer per piece) and, when idx is given, each row's argmax (and logsumexp into
  * lse, the argmax's logit into top, when given). 0 when scratch memory cannot be allocated. */
 static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t C, const float *w, float eps,
-                     const uint8_t *qw, const float *d, int64_t V, float *y, int64_t *idx, float *lse, float *top) {
-    const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C));
+                     const uint8_t *qw, const uint8_t *rl, const float *d, int64_t V, float *y, int64_t *idx,
+                     float *lse, float *top) {
+    const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C, rl != NULL));
     void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
     if (!scratch) return 0;
     float *h = (float *)((char *)scratch + i8_bytes);
     for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
     if (!idx || (y && B < HEAD_FUSE_ROWS)) {
-        matmul_i8_run(path, n_threads, h, B, C, qw, V, d, y, scratch);
+        matmul_i8_run(path, n_threads, h, B, C, qw, rl, V, d, y, scratch);
         return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, top, NULL);
     }
     int32_t bounds[2];
     job_t J;
-    matmul_i8_prep(path, h, B, C, qw, V, d, y, scratch, bounds, &J);
+    matmul_i8_prep(path, h, B, C, qw, rl, V, d, y, scratch, bounds, &J);
     return rows_stats(path, n_threads, y, B, V, idx, lse, top, &J);
 }
 
 static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     int path, n_threads;
-    unsigned long long px, pn, pw, pd, py, pi, pl, pt;
+    unsigned long long px, pn, pw, pd, py, pi, pl, pt, prl = 0;
     long long B, C, V;
     float eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKKK", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py, &pi,
-                          &pl, &pt))
+    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKKK|K", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py, &pi,
+                          &pl, &pt, &prl))
         return NULL;
     if (B < 0 || V <= 0 || C <= 0 || C % QK || C > (1LL << 16) || n_threads < 1)
         return PyErr_Format(PyExc_ValueError,
@@ -3166,8 +3193,8 @@ static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     int ok;
     Py_BEGIN_ALLOW_THREADS
     ok = head_exec(path, n_threads, (const float *)(uintptr_t)px, B, C, (const float *)(uintptr_t)pn, eps,
-                   (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pd, V, (float *)(uintptr_t)py,
-                   (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl, (float *)(uintptr_t)pt);
+                   (const uint8_t *)(uintptr_t)pw, (const uint8_t *)(uintptr_t)prl, (const float *)(uintptr_t)pd, V,
+                   (float *)(uintptr_t)py, (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl, (float *)(uintptr_t)pt);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -3790,7 +3817,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
     ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
-         head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw,
+         head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw, NULL,
                    (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
     if (ok && sbuf) best = sample_row(path, y, V, (float)temperature, top_k < V ? top_k : 0, top_p, u, sbuf);
     Py_END_ALLOW_THREADS
