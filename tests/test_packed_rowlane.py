@@ -135,6 +135,8 @@ def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlan
     assert len(codes) == 14 and all(v.numel() == m.qs.numel() for m, v in codes.items())
     dec.head(torch.randn(8, 256))
     assert dec._c_head[-1] is not None and dec._c_head[-1].numel() == 320 * 256  # the output layer's copy
+    again = Decoder(model).rowlane_codes()  # `generate` builds a decoder per call: the copies are made once
+    assert all(again[m] is codes[m] for m in codes)
     bd = BatchDecoder(model, 16, 48)
     slots = [bd.acquire() for _ in range(16)]
     prompts = [torch.randint(0, 320, (9 + i % 5,)).tolist() for i in range(16)]

@@ -134,7 +134,7 @@ class Decoder:
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
                 # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
-                rl = K.rowlane_codes(head.qw) if self.rowlane_codes() and head.path == "avx512vnni" else None
+                rl = rowlane_of(head, head.qw) if self.rowlane_codes() and head.path == "avx512vnni" else None
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
                                 head.scale.data_ptr(), head.out_features, head, rl)  # fmt: skip
 
@@ -176,14 +176,15 @@ class Decoder:
         products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), by module; {} where it
         does not run: a path other than `avx512vnni`, a CPU with AMX (its tiles take those products), a build without
         the kernel, TQ1_0 codes, or a model with more than ROWLANE_MAX_BYTES of codes (the copy doubles them: 12 MB
-        more for TriLM-99M). Made on first use, kept while the decoder lives."""
+        more for TriLM-99M, and 26 MB for its output layer's, `_head_setup`). Made on first use and kept on the modules
+        (`rowlane_of`), so the decoders that `generate` builds per call share them."""
         if self._rowlane is None:
             mods = self._packed
             total = sum(m.qs.numel() for m in mods)
             ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
                   and hasattr(self._ext, "set_rowlane") and not K.cpu_features().get("amx_int8", False)
                   and all(m._fmt_id == K.FORMAT_IDS["tq2_0"] for m in mods) and total <= self.ROWLANE_MAX_BYTES)
-            self._rowlane = {m: K.rowlane_codes(m.qs) for m in mods} if ok else {}
+            self._rowlane = {m: rowlane_of(m, m.qs) for m in mods} if ok else {}
         return self._rowlane
 
     def rows(self, n: int) -> Rows:
@@ -456,6 +457,16 @@ def torch_threads_for(step) -> contextlib.AbstractContextManager:
     `kernels.serial_torch()`, so that torch's few ops run on the calling thread and its OpenMP team does not spin on
     the pool's cores; for anything else (the model's own forward), nothing."""
     return K.serial_torch() if isinstance(step, Decoder) else contextlib.nullcontext()
+
+
+def rowlane_of(module: nn.Module, weight: Tensor) -> Tensor:
+    """`kernels.rowlane_codes(weight)` for a packed module's weight bytes, kept on the module and made again only when
+    the weight tensor is another one or was written in place since (its version counter)."""
+    held = getattr(module, "_spectra_rowlane", None)
+    if held is None or held[0] is not weight or held[1] != weight._version:
+        held = (weight, weight._version, K.rowlane_codes(weight))
+        module._spectra_rowlane = held
+    return held[2]
 
 
 def decoder_for(model: nn.Module):
