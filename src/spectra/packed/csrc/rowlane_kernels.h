@@ -87,10 +87,10 @@ static void rowlane_build(const int8_t *xq, int64_t K, int8_t *x8, int64_t t0, i
 #define RL_ACCS(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(0, 4) X(0, 5) X(0, 6) X(0, 7) \
                    X(1, 0) X(1, 1) X(1, 2) X(1, 3) X(1, 4) X(1, 5) X(1, 6) X(1, 7)
 #define RL_ZERO(r, t) __m512i a##r##t = _mm512_setzero_si512();
-#define RL_PIN()                                                                                               \
-    do {                                                                                                       \
-        __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a04), "+v"(a05), "+v"(a06), "+v"(a07)); \
-        __asm__("" : "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13), "+v"(a14), "+v"(a15), "+v"(a16), "+v"(a17)); \
+#define RL_PIN()                                        \
+    do {                                                \
+        PIN8(a00, a01, a02, a03, a04, a05, a06, a07);   \
+        PIN8(a10, a11, a12, a13, a14, a15, a16, a17);   \
     } while (0)
 /* Token t's dword i of the block (at xb), broadcast, against the weight vectors w0 / w1 of the two row groups. */
 #define RL_DP(t, i)                                                                     \

@@ -687,10 +687,13 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_store(float
 #define TILE_ACCS(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) \
                      X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
 #define TILE_ZERO(r, k) __m512i a##r##k = _mm512_setzero_si512();
-#define TILE_PIN()                                                                                             \
-    do {                                                                                                     \
-        __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); \
-        __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23), "+v"(a30), "+v"(a31), "+v"(a32), "+v"(a33)); \
+/* Eight vector variables kept in registers from here on (an empty asm that reads and writes them). */
+#define PIN8(a, b, c, d, e, f, g, h) \
+    __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d), "+v"(e), "+v"(f), "+v"(g), "+v"(h))
+#define TILE_PIN()                                      \
+    do {                                                \
+        PIN8(a00, a01, a02, a03, a10, a11, a12, a13);   \
+        PIN8(a20, a21, a22, a23, a30, a31, a32, a33);   \
     } while (0)
 /* Token k's 64 activation bytes at p against the R row vectors w[0..R-1]. */
 #define TILE_TOKEN(k, p, w)                                      \
@@ -967,19 +970,20 @@ static void i8_rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
     }
 }
 
-static void run_rows_i8_rest(int path, const job_t *J, int64_t n0, int64_t n1);
-
-/* Int8 rows [n0, n1): the row-lane GEMM on the full 16-row groups where it applies, the other kernels on the rest. */
-static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
+/* Rows [n0, n1) of J: the row-lane GEMM on the full 16-row groups where it applies (i8: int8 rows), `rest` (the
+ * kernels on the row-major weights) on the other rows. */
+static void rows_with_rowlane(void (*rest)(int, const job_t *, int64_t, int64_t), int path, const job_t *J,
+                              int64_t n0, int64_t n1, int i8) {
     int64_t lo_end, hi_start;
-    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, 1, &lo_end, &hi_start)) {
-        run_rows_i8_rest(path, J, n0, lo_end);
-        run_rows_i8_rest(path, J, hi_start, n1);
+    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, i8, &lo_end, &hi_start)) {
+        rest(path, J, n0, lo_end);
+        rest(path, J, hi_start, n1);
         return;
     }
-    run_rows_i8_rest(path, J, n0, n1);
+    rest(path, J, n0, n1);
 }
 
+/* Int8 rows on the row-major weights (run_rows_i8 runs the rest through rows_with_rowlane). */
 static void run_rows_i8_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows_i8(path, J, n0, n1) || quad_run_rows(J, n0, n1, 1)) return;
@@ -996,19 +1000,11 @@ static void run_rows_i8_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     i8_rows_scalar(J, n0, n1);
 }
 
-static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1);
-
-static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
-    int64_t lo_end, hi_start;
-    if (rowlane_applies(path, J) && rowlane_run_rows(J, n0, n1, 0, &lo_end, &hi_start)) {
-        run_rows_rest(path, J, n0, lo_end);
-        run_rows_rest(path, J, hi_start, n1);
-        return;
-    }
-    run_rows_rest(path, J, n0, n1);
+static void run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
+    rows_with_rowlane(run_rows_i8_rest, path, J, n0, n1, 1);
 }
 
-/* run_rows on the row-major codes (every kernel but the row-lane GEMM). */
+/* Ternary rows on the row-major codes (every kernel but the row-lane GEMM; run_rows adds it). */
 static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     if (n0 >= n1) return;
     if (amx_run_rows(path, J, n0, n1) || lane_run_rows(path, J, n0, n1)) return;
@@ -1029,6 +1025,10 @@ static void run_rows_rest(int path, const job_t *J, int64_t n0, int64_t n1) {
     }
 #endif
     rows_scalar(J, n0, n1);
+}
+
+static void run_rows(int path, const job_t *J, int64_t n0, int64_t n1) {
+    rows_with_rowlane(run_rows_rest, path, J, n0, n1, 0);
 }
 
 /* Rows are handed out in contiguous chunks (multiples of 4 rows, the GEMM tile height; how many per thread:
