@@ -134,7 +134,7 @@ class Decoder:
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
                 # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
-                rl = rowlane_of(head, head.qw) if self.rowlane_codes() and head.path == "avx512vnni" else None
+                rl = rowlane_of([(head, head.qw)])[0] if self.rowlane_codes() and head.path == "avx512vnni" else None
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
                                 head.scale.data_ptr(), head.out_features, head, rl)  # fmt: skip
 
@@ -184,7 +184,7 @@ class Decoder:
             ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
                   and hasattr(self._ext, "set_rowlane") and not K.cpu_features().get("amx_int8", False)
                   and all(m._fmt_id == K.FORMAT_IDS["tq2_0"] for m in mods) and total <= self.ROWLANE_MAX_BYTES)
-            self._rowlane = {m: rowlane_of(m, m.qs) for m in mods} if ok else {}
+            self._rowlane = dict(zip(mods, rowlane_of([(m, m.qs) for m in mods]))) if ok else {}
         return self._rowlane
 
     def rows(self, n: int) -> Rows:
@@ -459,14 +459,22 @@ def torch_threads_for(step) -> contextlib.AbstractContextManager:
     return K.serial_torch() if isinstance(step, Decoder) else contextlib.nullcontext()
 
 
-def rowlane_of(module: nn.Module, weight: Tensor) -> Tensor:
-    """`kernels.rowlane_codes(weight)` for a packed module's weight bytes, kept on the module and made again only when
-    the weight tensor is another one or was written in place since (its version counter)."""
-    held = getattr(module, "_spectra_rowlane", None)
-    if held is None or held[0] is not weight or held[1] != weight._version:
-        held = (weight, weight._version, K.rowlane_codes(weight))
-        module._spectra_rowlane = held
-    return held[2]
+def rowlane_of(pairs: list[tuple[nn.Module, Tensor]]) -> list[Tensor]:
+    """`kernels.rowlane_codes(weight)` for each (packed module, its weight bytes), kept on the modules. When any is
+    missing, or its weight is another tensor or was written in place since (its version counter), all are made again
+    into one buffer on 2 MiB pages in the order given (`packed.linear.code_arena`, the home of a loaded checkpoint's
+    codes: each GEMM streams its copy once per step, and 4 KiB pages cost a TLB miss and a prefetcher restart every
+    4 KiB)."""
+    from spectra.packed.linear import code_arena
+
+    held = [getattr(m, "_spectra_rowlane", None) for m, _ in pairs]
+    if all(h is not None and h[0] is w and h[1] == w._version for h, (_, w) in zip(held, pairs)):
+        return [h[2] for h in held]
+    out = code_arena([w.shape[0] // K.ROWLANE_ROWS * K.ROWLANE_ROWS * w.shape[1] for _, w in pairs])
+    for (m, w), rl in zip(pairs, out):
+        rl.copy_(K.rowlane_codes(w))
+        m._spectra_rowlane = (w, w._version, rl)
+    return out
 
 
 def decoder_for(model: nn.Module):
