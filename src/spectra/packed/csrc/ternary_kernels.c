@@ -3447,6 +3447,13 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
 #ifndef SPLIT_MAX_LAYER_BYTES
 #define SPLIT_MAX_LAYER_BYTES (1 << 20)
 #endif
+/* The same bound where every matrix of the block comes with its row-lane copy and the parts run the row-lane GEMM
+ * (rowlane_kernels.h), which is as fast at a part's 8 rows as at 16. Zen 5, TriLM-190M (1.77 MB a block), 16 rows
+ * split against not (benchmarks/kernel_ab.py -D): TQ2_0 with the copies 1.038x (9/9) and 1.100x (9/9) in two runs;
+ * TQ1_0 (no copy) 0.967x (0/7), so it keeps SPLIT_MAX_LAYER_BYTES. */
+#ifndef SPLIT_MAX_LAYER_BYTES_ROWLANE
+#define SPLIT_MAX_LAYER_BYTES_ROWLANE (2 << 20)
+#endif
 #ifndef SPLIT_MIN_VNNI_ROWS
 #define SPLIT_MIN_VNNI_ROWS 8
 #endif
@@ -3526,8 +3533,8 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
 }
 
 /* split_cuts for blocks L (batch_layers) when the split is on, every one of at most SPLIT_MAX_THREADS threads gets a
- * part, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES
- * and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0 codes, or the
+ * part, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES (SPLIT_MAX_LAYER_BYTES_ROWLANE where every part runs
+ * the row-lane GEMM) and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0 codes, or the
  * AVX-512 GEMMs (no AMX) from SPLIT_MIN_VNNI_ROWS rows; else 1. */
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
@@ -3537,14 +3544,16 @@ static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int6
     if (parts < n_threads) return 1; /* a thread without a part would wait */
     const job_t *jobs[7] = LAYER_JOBS(L);
     int64_t bytes = 0;
+    int rowlane = 1; /* every part's GEMMs on the row-lane GEMM */
     for (int i = 0; i < 7; i++) {
         job_t part = *jobs[i];
         part.T = smallest;
         const int amx = amx_applies(path, &part);
         if (amx ? part.fmt != FMT_TQ2 : path != PATH_AVX512VNNI || smallest < SPLIT_MIN_VNNI_ROWS) return 1;
         bytes += part.N * part.nb * (part.fmt == FMT_TQ1 ? TQ1_CB : QB);
+        rowlane &= rowlane_wanted(path, &part);
     }
-    return bytes > SPLIT_MAX_LAYER_BYTES ? 1 : parts;
+    return bytes > (rowlane ? SPLIT_MAX_LAYER_BYTES_ROWLANE : SPLIT_MAX_LAYER_BYTES) ? 1 : parts;
 }
 
 /* A model's blocks parsed once (`layers_plan`), for decode_layers_batch to take instead of the tuple of every block's
