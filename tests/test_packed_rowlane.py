@@ -45,6 +45,7 @@ def test_rowlane_codes_layout():
 
 @pytest.mark.parametrize("T", [1, 7, 8, 9, 15, 16, 17, 24, 33, 130])
 def test_rowlane_equals_reference_and_other_kernels(rowlane, T):
+    """Also a TQ1_0 matrix with the copy of its TQ2_0 code bytes (what the decoder makes for a TQ1_0 model)."""
     # rows: whole 16-row groups (odd and even counts of them) and ragged tails; K: 1 to 6 blocks; segments: 1 to 3
     shapes = ((64, 512, 1, 0), (48, 1536, 2, 1), (37, 768, 3, 1), (16, 256, 1, 0), (100, 1280, 1, 0), (15, 512, 1, 0))
     for shape in shapes:
@@ -59,9 +60,10 @@ def test_rowlane_equals_reference_and_other_kernels(rowlane, T):
         other = K.ternary_matmul_group(x, [(qs, bounds, seg_d, "tq2_0", rl)], path="avx512vnni")[0]
         rowlane(8)
         assert torch.equal(other, ref)
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 3):  # TQ2_0 and TQ1_0 with the copy (of the TQ2_0 code bytes), and both without
             ys = K.ternary_matmul_group(
-                x, [(qs, bounds, seg_d, "tq2_0", rl), (q1, bounds, seg_d, "tq1_0"), (qs, bounds, seg_d, "tq2_0")],
+                x, [(qs, bounds, seg_d, "tq2_0", rl), (q1, bounds, seg_d, "tq1_0", rl), (q1, bounds, seg_d, "tq1_0"),
+                    (qs, bounds, seg_d, "tq2_0")],
                 path="avx512vnni", n_threads=threads,
             )
             for y in ys:
@@ -107,7 +109,7 @@ def test_bad_rowlane_copy_is_refused():
     with pytest.raises(ValueError, match="rowlane_codes"):
         K.ternary_matmul_group(x, [(qs, bounds, seg_d, "tq2_0", K.rowlane_codes(qs)[:-1])])
     with pytest.raises(ValueError, match="rowlane_codes"):
-        K.ternary_matmul_group(x, [(q1, bounds, seg_d, "tq1_0", K.rowlane_codes(qs))])
+        K.ternary_matmul_group(x, [(q1, bounds, seg_d, "tq1_0", K.rowlane_codes(qs).to(torch.int8))])
 
 
 def test_use_rowlane_switch(rowlane):
@@ -116,9 +118,11 @@ def test_use_rowlane_switch(rowlane):
         rowlane(-1)
 
 
-def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlane):
-    """A small packed model's decoder keeps the interleaved copies and its batched step and prompt give the same
-    logits, bit for bit, with the kernel on and off (the step of 16 rows splits into two parts of 8 on 2 threads)."""
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlane, fmt):
+    """A small packed model's decoder (TQ2_0 or TQ1_0) keeps the interleaved copies and its batched step and prompt
+    give the same logits, bit for bit, with the kernel on and off (the step of 16 rows splits into two parts of 8 on 2
+    threads)."""
     from spectra.config import ModelConfig
     from spectra.inference.batch import BatchDecoder
     from spectra.inference.decode import Decoder
@@ -128,11 +132,11 @@ def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlan
     torch.manual_seed(0)
     cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, glu_dim=512, vocab_size=320, max_seq_len=64, family="trilm")
     model = build_model(cfg, seed=1).eval()
-    convert_to_packed(model, "tq2")
+    convert_to_packed(model, fmt)
     model.lm_head = Int8Linear.from_linear(model.lm_head)
     dec = Decoder(model)
     codes = dec.rowlane_codes()
-    assert len(codes) == 14 and all(v.numel() == m.qs.numel() for m, v in codes.items())
+    assert len(codes) == 14 and all(v.numel() == m.out_features * m.in_features // 4 for m, v in codes.items())
     dec.head(torch.randn(8, 256))
     assert dec._c_head[-1] is not None and dec._c_head[-1].numel() == 320 * 256  # the output layer's copy
     again = Decoder(model).rowlane_codes()  # `generate` builds a decoder per call: the copies are made once

@@ -175,15 +175,15 @@ class Decoder:
         """The packed layers' code bytes interleaved by 16 rows (`kernels.rowlane_codes`) for the row-lane GEMM that
         products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), by module; {} where it
         does not run: a path other than `avx512vnni`, a CPU with AMX (its tiles take those products), a build without
-        the kernel, TQ1_0 codes, or a model with more than ROWLANE_MAX_BYTES of codes (the copy doubles them: 12 MB
-        more for TriLM-99M, and 26 MB for its output layer's, `_head_setup`). Made on first use and kept on the modules
-        (`rowlane_of`), so the decoders that `generate` builds per call share them."""
+        the kernel, or a model with more than ROWLANE_MAX_BYTES of codes as TQ2_0 (the copy is TQ2_0 code bytes also
+        for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's, `_head_setup`). Made on first
+        use and kept on the modules (`rowlane_of`), so the decoders that `generate` builds per call share them."""
         if self._rowlane is None:
             mods = self._packed
-            total = sum(m.qs.numel() for m in mods)
+            total = sum(m.out_features * m.in_features // 4 for m in mods)  # as TQ2_0 code bytes
             ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
                   and hasattr(self._ext, "set_rowlane") and not K.cpu_features().get("amx_int8", False)
-                  and all(m._fmt_id == K.FORMAT_IDS["tq2_0"] for m in mods) and total <= self.ROWLANE_MAX_BYTES)
+                  and total <= self.ROWLANE_MAX_BYTES)
             self._rowlane = dict(zip(mods, rowlane_of([(m, m.qs) for m in mods]))) if ok else {}
         return self._rowlane
 
@@ -460,7 +460,8 @@ def torch_threads_for(step) -> contextlib.AbstractContextManager:
 
 
 def rowlane_of(pairs: list[tuple[nn.Module, Tensor]]) -> list[Tensor]:
-    """`kernels.rowlane_codes(weight)` for each (packed module, its weight bytes), kept on the modules. When any is
+    """`kernels.rowlane_codes(weight)` for each (packed module, its weight bytes: TQ2_0 codes, int8 rows, or TQ1_0
+    codes, whose copy is made of the layer's TQ2_0 code bytes), kept on the modules. When any is
     missing, or its weight is another tensor or was written in place since (its version counter), all are made again
     into one buffer on 2 MiB pages in the order given (`packed.linear.code_arena`, the home of a loaded checkpoint's
     codes: each GEMM streams its copy once per step, and 4 KiB pages cost a TLB miss and a prefetcher restart every
@@ -470,9 +471,11 @@ def rowlane_of(pairs: list[tuple[nn.Module, Tensor]]) -> list[Tensor]:
     held = [getattr(m, "_spectra_rowlane", None) for m, _ in pairs]
     if all(h is not None and h[0] is w and h[1] == w._version for h, (_, w) in zip(held, pairs)):
         return [h[2] for h in held]
-    out = code_arena([w.shape[0] // K.ROWLANE_ROWS * K.ROWLANE_ROWS * w.shape[1] for _, w in pairs])
-    for (m, w), rl in zip(pairs, out):
-        rl.copy_(K.rowlane_codes(w))
+    # a TQ1_0 layer's codes as TQ2_0 code bytes; TQ2_0 code bytes and int8 rows as they are
+    raw = [torch.from_numpy(m.tq2_code_bytes()) if getattr(m, "format", None) == "tq1_0" else w for m, w in pairs]
+    out = code_arena([b.shape[0] // K.ROWLANE_ROWS * K.ROWLANE_ROWS * b.shape[1] for b in raw])
+    for (m, w), b, rl in zip(pairs, raw, out):
+        rl.copy_(K.rowlane_codes(b))
         m._spectra_rowlane = (w, w._version, rl)
     return out
 

@@ -399,7 +399,8 @@ def ternary_matmul_group(
 ) -> list[Tensor]:
     """[x Wⱼᵀ for each (qs, bounds, seg_d[, fmt[, rl]]) in `operands`] (1 to 8 matrices, TQ2_0 and TQ1_0 layouts may
     mix), bit-identical to separate `ternary_matmul` calls; the compiled paths quantize x once and run every matrix
-    in one call. rl: a TQ2_0 matrix's `rowlane_codes(qs)`, which the row-lane GEMM reads (or None)."""
+    in one call. rl: `rowlane_codes` of the matrix's TQ2_0 code bytes (of a TQ1_0 matrix too:
+    `formats.tq2_code_bytes`), which the row-lane GEMM reads (or None)."""
     if not 1 <= len(operands) <= MAX_GROUP:
         raise ValueError(f"a group holds 1 to {MAX_GROUP} matrices, got {len(operands)}")
     ops = [(*op[:3], formats.canonical_format(op[3] if len(op) > 3 else "tq2_0")) for op in operands]
@@ -407,10 +408,10 @@ def ternary_matmul_group(
     for op, rl in zip(ops, rls):
         check_operands(x, *op)
         if rl is not None:
-            want = op[0].shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * op[0].shape[1]
-            if op[3] != "tq2_0" or rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want:
-                raise ValueError(f"rl must be rowlane_codes(qs) of TQ2_0 codes (contiguous uint8, {want} bytes), got "
-                                 f"{rl.dtype} {tuple(rl.shape)} for {op[3]}")
+            want = op[0].shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * (x.shape[1] // 4)
+            if rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want:
+                raise ValueError(f"rl must be rowlane_codes of the matrix's TQ2_0 code bytes (contiguous uint8, {want} "
+                                 f"bytes), got {rl.dtype} {tuple(rl.shape)}")
     path = resolve_path(path)
     if path == "torch":
         return [reference_matmul(x, *op) for op in ops]

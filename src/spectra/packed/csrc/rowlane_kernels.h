@@ -1,5 +1,6 @@
 /*
- * Row-lane GEMM on AVX-512 VNNI for TQ2_0 weights whose code bytes also exist interleaved by 16 rows (J->rl): the 16
+ * Row-lane GEMM on AVX-512 VNNI for ternary weights whose codes also exist as TQ2_0 code bytes interleaved by 16 rows
+ * (J->rl; for a TQ1_0 matrix too, which then runs as fast as TQ2_0), and for int8 output rows interleaved alike: the 16
  * lanes of an accumulator are 16 weight rows and one token, so a vpdpbusd multiplies 4 codes of each of 16 rows by
  * the same 4 activation bytes of one token, broadcast from memory inside the instruction ({1to16}). Included by
  * ternary_kernels.c after amx_kernels.h; run_rows calls it before the AMX, lane and quad GEMMs for every product of
@@ -51,8 +52,7 @@ static int rowlane_min_t = ROWLANE_MIN_T; /* 0: off (set_rowlane) */
  * rowlane_build). */
 static inline int rowlane_wanted(int path, const job_t *J) {
 #ifdef SPECTRA_X86
-    return path == PATH_AVX512VNNI && J->rl && J->fmt == FMT_TQ2 && rowlane_min_t > 0 && J->T >= rowlane_min_t &&
-           !amx_applies(path, J);
+    return path == PATH_AVX512VNNI && J->rl && rowlane_min_t > 0 && J->T >= rowlane_min_t && !amx_applies(path, J);
 #else
     (void)path, (void)J;
     return 0;

@@ -188,7 +188,7 @@ typedef struct {
     const float *xs;       /* [T] activation scales */
     const int8_t *xt;      /* AMX GEMM only: the activations in tile layout (amx_kernels.h), else NULL */
     const int8_t *x4;      /* quad GEMM only: the activations in quad layout (quad_kernels.h), else NULL */
-    const uint8_t *rl;     /* TQ2_0 only: the code bytes interleaved by 16 rows (rowlane_kernels.h), or NULL */
+    const uint8_t *rl;     /* the codes as TQ2_0 code bytes interleaved by 16 rows (rowlane_kernels.h), or NULL */
     const int8_t *x8;      /* row-lane GEMM only: the activations in row-lane layout (rowlane_build), else NULL */
     float *y;              /* [T, N] */
     int64_t N, K, nb, S, T;
@@ -2881,7 +2881,7 @@ static int check_bounds(const int32_t *bounds, long long S, int64_t nb) {
 #define MAX_GROUP 8
 
 /* One (qs_ptr, N, bounds_ptr, S, seg_d_ptr, y_ptr[, fmt[, rl_ptr]]) tuple -> a job on inputs [T, K]. rl_ptr: the
- * TQ2_0 codes interleaved by 16 rows (rowlane_codes), 0 for none. */
+ * matrix's codes as TQ2_0 code bytes interleaved by 16 rows (rowlane_codes; for a TQ1_0 matrix too), 0 for none. */
 static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     unsigned long long pqs, pb, pd, py, prl = 0;
     long long N, S;
@@ -2900,7 +2900,7 @@ static int parse_spec(PyObject *spec, job_t *J, int64_t T, int64_t K) {
     J->bounds = (const int32_t *)(uintptr_t)pb;
     J->seg_d = (const float *)(uintptr_t)pd;
     J->y = (float *)(uintptr_t)py;
-    J->rl = fmt == FMT_TQ2 ? (const uint8_t *)(uintptr_t)prl : NULL;
+    J->rl = (const uint8_t *)(uintptr_t)prl;
     J->T = T, J->K = K, J->N = N, J->S = S, J->nb = nb, J->fmt = fmt;
     return check_bounds(J->bounds, S, nb);
 }
