@@ -3450,7 +3450,7 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
 /* The same bound where every matrix of the block comes with its row-lane copy and the parts run the row-lane GEMM
  * (rowlane_kernels.h), which is as fast at a part's 8 rows as at 16. Zen 5, TriLM-190M (1.77 MB a block), 16 rows
  * split against not (benchmarks/kernel_ab.py -D): TQ2_0 with the copies 1.038x (9/9) and 1.100x (9/9) in two runs;
- * TQ1_0 (no copy) 0.967x (0/7), so it keeps SPLIT_MAX_LAYER_BYTES. */
+ * TQ1_0 with its copies (of its TQ2_0 code bytes) 1.050x (6/7), without them 0.967x (0/7), hence the condition. */
 #ifndef SPLIT_MAX_LAYER_BYTES_ROWLANE
 #define SPLIT_MAX_LAYER_BYTES_ROWLANE (2 << 20)
 #endif
