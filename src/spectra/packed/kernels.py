@@ -54,11 +54,12 @@ x 16 activation bytes against 16 weight bytes broadcast to all four 128-bit lane
 finished outputs in 6 operations instead of the 4 x 4 tiles' 37-operation reduction per 16; `use_quad(0)` switches it
 off (the lanes then start at 32 tokens). Fewer tokens use the 4 x 4 tiles (2 to 7) or the GEMV.
 
-Where the weights also come interleaved by 16 rows (`rowlane_codes`: TQ2_0 codes or int8 output rows; the `Decoder`
-keeps such a copy for models with at most 64 MiB of codes), products of 8 or more tokens run the row-lane GEMM
-(`csrc/rowlane_kernels.h`) on every full 16-row group instead: the 16 lanes of an accumulator are 16 rows and one
-token, a token's 4 activation bytes are broadcast, so a decoded code vector serves one `vpdpbusd` per token and no
-reduction is needed. Same integer sums, same outputs; `use_rowlane(0)` switches it off.
+Where the weights also come interleaved by 16 rows (`rowlane_codes`: TQ2_0 code bytes, for a TQ1_0 matrix too, or
+int8 output rows; the `Decoder` keeps such a copy for models with at most 64 MiB of codes), products of 8 or more
+tokens run the row-lane GEMM (`csrc/rowlane_kernels.h`) on every full 16-row group instead: the 16 lanes of an
+accumulator are 16 rows and one token, a token's 4 activation bytes are broadcast, so a decoded code vector serves
+one `vpdpbusd` per token and no reduction is needed. Same integer sums, same outputs; `use_rowlane(0)` switches it
+off.
 
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.
