@@ -138,7 +138,7 @@ def test_decoder_batch_and_prompt_rows_same_bits_with_and_without_rowlane(rowlan
     codes = dec.rowlane_codes()
     assert len(codes) == 14 and all(v.numel() == m.out_features * m.in_features // 4 for m, v in codes.items())
     dec.head(torch.randn(8, 256))
-    assert dec._c_head[-1] is not None and dec._c_head[-1].numel() == 320 * 256  # the output layer's copy
+    assert dec._c_head[7] is not None and dec._c_head[7].numel() == 320 * 256  # the output layer's copy
     again = Decoder(model).rowlane_codes()  # `generate` builds a decoder per call: the copies are made once
     assert all(again[m] is codes[m] for m in codes)
     bd = BatchDecoder(model, 16, 48)

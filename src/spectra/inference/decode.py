@@ -39,8 +39,7 @@ from spectra.layers import RMSNorm
 from spectra.model import KVCache
 from spectra.packed import kernels as K
 
-# The KV cache dtypes the C calls take, and their kind code there (`half`): float32, float16, q8 (int8 rows + scale).
-KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+KV_KINDS = K.KV_KINDS  # the KV cache dtypes the C calls take, and their kind codes
 _BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -136,7 +135,7 @@ class Decoder:
                 # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
                 rl = rowlane_of([(head, head.qw)])[0] if self.rowlane_codes() and head.path == "avx512vnni" else None
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
-                                head.scale.data_ptr(), head.out_features, head, rl)  # fmt: skip
+                                head.scale.data_ptr(), head.out_features, rl, head)  # fmt: skip
 
     def head(
         self, x: Tensor, *, argmax: bool = False, lse: bool = False, logits: bool = True,
@@ -153,13 +152,13 @@ class Decoder:
         if model.lm_head is not self._head_mod:
             self._head_setup()
         if self._c_head is not None:  # `kernels.head_rows` without its checks: the operands were checked once
-            pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, head, rl = self._c_head
+            pid, _, w_ptr, eps, qw_ptr, scale_ptr, V, rl, head = self._c_head
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             nt = head.n_threads or self._threads or K.default_threads()
             return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse,
                                          logits=logits or not (argmax or lse), out=out,
-                                         rl_ptr=0 if rl is None or x.shape[0] < 8 else rl.data_ptr())  # fmt: skip
+                                         rl_ptr=0 if rl is None else rl.data_ptr())  # fmt: skip
         y = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return y, None, None, None
@@ -262,7 +261,7 @@ class Decoder:
             self._head_setup()
         if self._c_head is None or not hasattr(self._ext, "decode_token") or not self._takes(cache):
             return False
-        emb, head = self._one._emb, self._c_head[7]
+        emb, head = self._one._emb, self._c_head[-1]
         return emb.dtype in self._EMB_KINDS and emb.is_contiguous() and head.n_threads in (None, self._threads)
 
     def greedy(self, token: int, cache, sample: tuple[float, int | None, float | None, float] | None = None) -> int:
@@ -473,7 +472,7 @@ def rowlane_of(pairs: list[tuple[nn.Module, Tensor]]) -> list[Tensor]:
         return [h[2] for h in held]
     # a TQ1_0 layer's codes as TQ2_0 code bytes; TQ2_0 code bytes and int8 rows as they are
     raw = [torch.from_numpy(m.tq2_code_bytes()) if getattr(m, "format", None) == "tq1_0" else w for m, w in pairs]
-    out = code_arena([b.shape[0] // K.ROWLANE_ROWS * K.ROWLANE_ROWS * b.shape[1] for b in raw])
+    out = code_arena([K.rowlane_size(*b.shape) for b in raw])
     for (m, w), b, rl in zip(pairs, raw, out):
         rl.copy_(K.rowlane_codes(b))
         m._spectra_rowlane = (w, w._version, rl)

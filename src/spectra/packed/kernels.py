@@ -85,6 +85,8 @@ PATHS = ("avx512vnni", "avx2", "scalar")  # best first
 FORMAT_IDS = {"tq2_0": 0, "tq1_0": 1}  # weight layouts the kernels read (`formats`)
 MAX_GROUP = 8  # matrices per `ternary_matmul_group` call
 _PATH_IDS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
+# The KV cache dtypes the C calls take, and their kind code there (`half`): float32, float16, q8 (int8 rows + scale).
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 _REQUIRES = {
     "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     "avx2": ("avx2", "fma"),
@@ -226,8 +228,8 @@ def use_quad(min_tokens: int = 8) -> int:
 
 
 def use_rowlane(min_tokens: int = 8) -> int:
-    """Let the `avx512vnni` path compute TQ2_0 products of `min_tokens` or more tokens with the row-lane GEMM
-    (`csrc/rowlane_kernels.h`) where the codes come with their interleaved copy (`rowlane_codes`; the default is 8; 0
+    """Let the `avx512vnni` path compute products of `min_tokens` or more tokens with the row-lane GEMM
+    (`csrc/rowlane_kernels.h`) where the weights come with their interleaved copy (`rowlane_codes`; the default is 8; 0
     switches it off, for A/B runs and tests). Results are bit-identical either way. Returns the previous setting; 0
     without the extension or in a build without the kernel."""
     ext = extension()
@@ -235,6 +237,11 @@ def use_rowlane(min_tokens: int = 8) -> int:
 
 
 ROWLANE_ROWS = 16  # rows per interleaved group (csrc/rowlane_kernels.h)
+
+
+def rowlane_size(N: int, W: int) -> int:
+    """Bytes of `rowlane_codes` of weight bytes [N, W]: the full 16-row groups only."""
+    return N // ROWLANE_ROWS * ROWLANE_ROWS * W
 
 
 def rowlane_codes(qs: Tensor) -> Tensor:
@@ -245,8 +252,9 @@ def rowlane_codes(qs: Tensor) -> Tensor:
     if qs.dtype != torch.uint8 or qs.dim() != 2 or qs.shape[1] % 64:
         raise ValueError(f"rowlane_codes takes uint8 weight bytes [N, W], W a multiple of 64, got {qs.dtype} "
                          f"{tuple(qs.shape)}")
-    N, W = qs.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS, qs.shape[1]
-    return qs[:N].reshape(N // ROWLANE_ROWS, ROWLANE_ROWS, W // 4, 4).transpose(1, 2).contiguous().view(-1)
+    N, W = qs.shape
+    G = N // ROWLANE_ROWS
+    return qs[: G * ROWLANE_ROWS].reshape(G, ROWLANE_ROWS, W // 4, 4).transpose(1, 2).contiguous().view(-1)
 
 
 def supported_paths() -> list[str]:
@@ -384,9 +392,9 @@ def ternary_matmul(
 
 def group_spec(qs: Tensor, bounds: Tensor, seg_d: Tensor, y: Tensor, fmt_id: int, rl: Tensor | None = None) -> tuple:
     """One matrix as the C group calls take it (`matmul_group`, `decode_layer_batch`, `decode_layers_batch`):
-    (qs, N, bounds, S, seg_d, y, fmt[, rl]) with addresses for the tensors; y receives x Wᵀ; rl, TQ2_0 only, the
-    codes' `rowlane_codes` for the row-lane GEMM. The caller keeps the tensors alive for as long as the spec is
-    used."""
+    (qs, N, bounds, S, seg_d, y, fmt[, rl]) with addresses for the tensors; y receives x Wᵀ; rl, the `rowlane_codes`
+    of the matrix's TQ2_0 code bytes (a TQ1_0 matrix's too) for the row-lane GEMM. The caller keeps the tensors alive
+    for as long as the spec is used."""
     spec = (qs.data_ptr(), qs.shape[0], bounds.data_ptr(), bounds.numel() - 1, seg_d.data_ptr(), y.data_ptr(), fmt_id)
     return spec if rl is None else (*spec, rl.data_ptr())
 
@@ -409,7 +417,7 @@ def ternary_matmul_group(
     for op, rl in zip(ops, rls):
         check_operands(x, *op)
         if rl is not None:
-            want = op[0].shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * (x.shape[1] // 4)
+            want = rowlane_size(op[0].shape[0], x.shape[1] // 4)
             if rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want:
                 raise ValueError(f"rl must be rowlane_codes of the matrix's TQ2_0 code bytes (contiguous uint8, {want} "
                                  f"bytes), got {rl.dtype} {tuple(rl.shape)}")
@@ -607,7 +615,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, path: str = "auto", n_threads:
         k.stride(0),
         D**-0.5,
         n_threads or default_threads(),
-        2 if q8 else int(half),
+        KV_KINDS[k.dtype],
     )
     return out
 
@@ -779,7 +787,7 @@ def head_rows(
     log-probability)."""
     check_int8_operands(x, head, scale)
     if rl is not None and (rl.dtype != torch.uint8 or not rl.is_contiguous()
-                           or rl.numel() != head.shape[0] // ROWLANE_ROWS * ROWLANE_ROWS * head.shape[1]):
+                           or rl.numel() != rowlane_size(*head.shape)):
         raise ValueError(f"rl must be rowlane_codes(head) (contiguous uint8), got {rl.dtype} {tuple(rl.shape)}")
     if norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous() or norm_weight.shape != (x.shape[1],):
         raise ValueError(f"norm_weight must be contiguous float32 [{x.shape[1]}], got {norm_weight.dtype} "

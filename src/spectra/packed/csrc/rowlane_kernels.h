@@ -2,7 +2,8 @@
  * Row-lane GEMM on AVX-512 VNNI for ternary weights whose codes also exist as TQ2_0 code bytes interleaved by 16 rows
  * (J->rl; for a TQ1_0 matrix too, which then runs as fast as TQ2_0), and for int8 output rows interleaved alike: the 16
  * lanes of an accumulator are 16 weight rows and one token, so a vpdpbusd multiplies 4 codes of each of 16 rows by
- * the same 4 activation bytes of one token, broadcast from memory inside the instruction ({1to16}). Included by
+ * the same 4 activation bytes of one token, broadcast to all lanes (one vpbroadcastd for both row groups of a pass;
+ * the {1to16} memory operand doubled the loads, about 0.95x). Included by
  * ternary_kernels.c after amx_kernels.h; run_rows calls it before the AMX, lane and quad GEMMs for every product of
  * ROWLANE_MIN_T or more tokens that has the interleaved codes, where the CPU has no AMX (or it is switched off).
  *
@@ -15,14 +16,14 @@
  * from L1 / L2 (a standalone loop of this pass): 94-96 % of vpdpbusd's rate, where the quad GEMM ran 8192 x 512 at 8
  * tokens at 61-65 % (both without the call's fixed costs).
  *
- * - Layout (rowlane_codes, made once by the Python side for models whose blocks are small: spectra.inference.decode):
+ * - Layout (rowlane_codes; spectra.inference.decode makes it once for models with at most 64 MiB of codes):
  *   for the full groups of 16 rows, rl[((g * nb + b) * 16 + j) * 64 + 4 r + i] = qs[(16 g + r) * nb * 64 + 64 b +
  *   4 j + i]: block b of row group g is 1 KiB, 16 vectors of 4 code bytes of each row. Field l of code byte 4 j + i
  *   meets activation byte 256 b + 64 l + 4 j + i of the TQ2 layout (xq, as every TQ2_0 kernel reads it), so vector j,
  *   field l meets the 4 bytes at 256 b + 64 l + 4 j of each token: one dword, broadcast.
  * - Per pass: RG (1 or 2) groups of 16 rows x TT (1..8) tokens, RG * TT accumulators (16 at most), restarted at every
- *   scale segment. A pass decodes each field once (a shift and an AND; GFNI was no faster here on Zen 5) for RG * TT
- *   products.
+ *   scale segment. A pass decodes each field once (a shift and an AND; GFNI was no faster in the standalone loop on
+ *   Zen 5) for RG * TT products. Int8 rows (the output layer) are used as they are: a group's block is 64 vectors.
  * - Rows outside full groups of 16 (a ragged N, or a chunk edge not on 16) go to the other kernels (run_rows_rest);
  *   run_parallel cuts chunks on multiples of 32 rows where this kernel runs (row_chunks).
  *
@@ -41,10 +42,12 @@
 
 static int rowlane_min_t = ROWLANE_MIN_T; /* 0: off (set_rowlane) */
 #ifndef ROWLANE_PF_BYTES
-/* Prefetch distance into L2 past the front of a pass's streams (its last row group). Measured on the 99M batch-16
- * step (Zen 5, q8 cache, against the other kernels): none 0.85x, 4 KiB 1.03x, 8 KiB 1.06x, 16 KiB 1.06x, 32 KiB 1.03x
- * (the TQ2_0 codes alone); for the int8 output layer, whose two 16-row groups' streams are 8 KiB apart at K = 512,
- * 8 KiB from the first stream (the second's front) 1.02x, 8 KiB past the second 1.14-1.16x. */
+/* Prefetch distance into L2 past the front of a pass's streams (its last row group). Zen 5, 99M batch-16 step (q8
+ * cache): a first version that fetched each stream this far past its own position (TQ2_0 codes only), against the
+ * quad GEMM: none 0.85x, 4 KiB 1.03x, 8 KiB 1.06x, 16 KiB 1.06x, 32 KiB 1.03x; for the int8 output layer, whose two
+ * 16-row groups' streams are 8 KiB apart at K = 512, 8 KiB from the first stream (the second's front) 1.02x, 8 KiB
+ * past the second 1.14-1.16x, hence this form. In this form 4 KiB and 16 KiB against 8 KiB: 0.987x, 0.996x (4/11
+ * each, benchmarks/kernel_ab.py -D ROWLANE_PF_BYTES). */
 #define ROWLANE_PF_BYTES 8192
 #endif
 

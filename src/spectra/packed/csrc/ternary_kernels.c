@@ -1236,7 +1236,16 @@ static inline float kv_at(const void *base, int64_t i, int half) {
  * strides are in elements (bytes for q8), rows follow one another. */
 #define KV_Q8 2
 static inline int64_t kv_es(int half) { return half == KV_Q8 ? 1 : half ? 2 : 4; }
-static inline int64_t kv_row_bytes(int half, int64_t D) { return half == KV_Q8 ? D + 4 : D * kv_es(half); }
+/* 1 for a KV cache kind the calls take, else 0 with a ValueError set (the kind comes from Python). */
+static int kv_kind_ok(int half) {
+    if (half >= 0 && half <= KV_Q8) return 1;
+    PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
+    return 0;
+}
+
+/* One row's length in elements of kv_es bytes (the unit of head strides), and in bytes. */
+static inline int64_t kv_row_len(int half, int64_t D) { return half == KV_Q8 ? D + 4 : D; }
+static inline int64_t kv_row_bytes(int half, int64_t D) { return kv_row_len(half, D) * kv_es(half); }
 
 static void kv_store_q8_scalar(void *dst, const float *src, int64_t D) {
     int8_t *a = (int8_t *)dst;
@@ -1472,16 +1481,6 @@ TARGET_AVX512 static void kv_store_half_avx512(void *dst, const float *src, int6
 
 #define Q8_LOAD16(row, i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((row) + (i)))))
 
-/* attend_head_scalar on q8 rows 16 lanes at a time, D % 16 == 0, in two halves like att_scores_impl /
- * att_values_impl: scores of 16 rows at a time (each row's D products summed into one vector, the 16 reduced
- * together, then times their scales s_j * scale), and the values with weights p_j s_j. The rows are read either as
- * cache rows (k or v: D int8 and the scale, D + 4 bytes) or, `widened`, as float32 copies of their int8 values (kw:
- * [S][D]) with their scales apart (ks: [S]): attend_shared_chunk's prompt rows, the same float operations on the same
- * values (int8 -> float32 is exact), so the same bits as attending row by row. Prefetching (cache rows only), as
- * att_scores_impl's: a short head (`near`: at most ATT_NEAR_BYTES of keys) fetches row r of the next head's keys (nk,
- * nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass; a head that no
- * such pass fetched (`first`) fetches its own keys and values first; a long head reads ATT_AHEAD rows ahead. A row
- * of D + 4 bytes can straddle two lines: both ends are fetched. */
 /* The q8 passes' fetch for row j (R bytes, both ends: a row can straddle two lines): row j of the next head (`next`,
  * nS rows) in a short head, row j + ATT_AHEAD of its own (`own`) in a long one. */
 static inline __attribute__((always_inline)) void q8_prefetch(const char *next, const char *own, int64_t j, int64_t S,
@@ -1494,6 +1493,17 @@ static inline __attribute__((always_inline)) void q8_prefetch(const char *next, 
         _mm_prefetch(at + R - 1, _MM_HINT_T1);
     }
 }
+
+/* attend_head_scalar on q8 rows 16 lanes at a time, D % 16 == 0, in two halves like att_scores_impl /
+ * att_values_impl: scores of 16 rows at a time (each row's D products summed into one vector, the 16 reduced
+ * together, then times their scales s_j * scale), and the values with weights p_j s_j. The rows are read either as
+ * cache rows (k or v: D int8 and the scale, D + 4 bytes) or, `widened`, as float32 copies of their int8 values (kw:
+ * [S][D]) with their scales apart (ks: [S]): attend_shared_chunk's prompt rows, the same float operations on the same
+ * values (int8 -> float32 is exact), so the same bits as attending row by row. Prefetching (cache rows only,
+ * q8_prefetch), as att_scores_impl's: a short head (`near`: at most ATT_NEAR_BYTES of keys) fetches row r of the next
+ * head's keys (nk, nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass;
+ * a head that no such pass fetched (`first`) fetches its own keys and values first; a long head reads ATT_AHEAD rows
+ * ahead. */
 
 TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_q8(
     const float *q, const char *k, const float *kw, const float *ks, float *p, int64_t S, int64_t D, float scale,
@@ -1611,6 +1621,19 @@ TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_
     memcpy((char *)dst + D, &s, sizeof(float));
 }
 #endif
+
+/* One q8 cache row from D floats: kv_store_q8_avx512 where it runs, else kv_store_q8_scalar (the same bytes). */
+static void kv_store_q8(int path, void *dst, const float *src, int64_t D) {
+#ifdef SPECTRA_X86
+    if (path == PATH_AVX512VNNI && D % 16 == 0) {
+        kv_store_q8_avx512(dst, src, D);
+        return;
+    }
+#else
+    (void)path;
+#endif
+    kv_store_q8_scalar(dst, src, D);
+}
 
 /* Room for one head's S scores on the calling thread, grown as needed and kept (the pool's workers live on), so no
  * call allocates: a prefill chunk of 128 rows at position 2000 would otherwise ask for 128 * H * 2000 floats per
@@ -1835,15 +1858,8 @@ static void kv_write(int path, const float *k, const float *v, void *kc, void *v
         char *kd = (char *)kc + hh * hs * es + pos * R, *vd = (char *)vc + hh * hs * es + pos * R;
         rope_head(path, k + hh * D, cos, sin, tmp, D);
         if (half == KV_Q8) {
-#ifdef SPECTRA_X86
-            if (path == PATH_AVX512VNNI && D % 16 == 0) {
-                kv_store_q8_avx512(kd, tmp, D);
-                kv_store_q8_avx512(vd, v + hh * D, D);
-                continue;
-            }
-#endif
-            kv_store_q8_scalar(kd, tmp, D);
-            kv_store_q8_scalar(vd, v + hh * D, D);
+            kv_store_q8(path, kd, tmp, D);
+            kv_store_q8(path, vd, v + hh * D, D);
             continue;
         }
 #ifdef SPECTRA_X86
@@ -2699,15 +2715,7 @@ static PyObject *py_to_q8(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "bad to_q8 call (D=%lld, rows=%lld)", D, n);
     const float *src = (const float *)(uintptr_t)ps;
     char *dst = (char *)(uintptr_t)pd;
-    for (long long r = 0; r < n; r++) {
-#ifdef SPECTRA_X86
-        if (path == PATH_AVX512VNNI && D % 16 == 0) {
-            kv_store_q8_avx512(dst + r * (D + 4), src + r * D, D);
-            continue;
-        }
-#endif
-        kv_store_q8_scalar(dst + r * (D + 4), src + r * D, D);
-    }
+    for (long long r = 0; r < n; r++) kv_store_q8(path, dst + r * (D + 4), src + r * D, D);
     Py_RETURN_NONE;
 }
 
@@ -2724,8 +2732,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKKKKLLLLfi|i", &path, &pq, &pk, &pv, &po, &H, &S, &D, &hs, &scale, &n_threads,
                           &half))
         return NULL;
-    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
-    if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * kv_row_bytes(half, D) / kv_es(half))
+    if (!kv_kind_ok(half)) return NULL;
+    if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * kv_row_len(half, D))
         return PyErr_Format(PyExc_ValueError, "bad sizes H=%lld S=%lld D=%lld head stride %lld", H, S, D, hs);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     int ok;
@@ -3534,8 +3542,8 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
 
 /* split_cuts for blocks L (batch_layers) when the split is on, every one of at most SPLIT_MAX_THREADS threads gets a
  * part, a block's code bytes are at most SPLIT_MAX_LAYER_BYTES (SPLIT_MAX_LAYER_BYTES_ROWLANE where every part runs
- * the row-lane GEMM) and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0 codes, or the
- * AVX-512 GEMMs (no AMX) from SPLIT_MIN_VNNI_ROWS rows; else 1. */
+ * the row-lane GEMM) and the kernels that take the smallest part are ones it was measured with: the AMX GEMM on TQ2_0
+ * codes, or the AVX-512 GEMMs (no AMX) from SPLIT_MIN_VNNI_ROWS rows; else 1. */
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
     if (!batch_split_on || n_threads > SPLIT_MAX_THREADS) return 1;
@@ -3673,7 +3681,7 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     if (!PyArg_ParseTuple(args, "iiKLLLLKKKKKLLfO|i", &path, &n_threads, &px, &B, &C, &H, &D, &ppos, &pcos, &psin,
                           &pks, &pvs, &loff, &hs, &scale, &layers, &half))
         return NULL;
-    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
+    if (!kv_kind_ok(half)) return NULL;
     const layers_plan_t *plan = NULL;
     if (all_layers && PyCapsule_IsValid(layers, PLAN_CAPSULE)) {
         plan = (const layers_plan_t *)PyCapsule_GetPointer(layers, PLAN_CAPSULE);
@@ -3690,7 +3698,7 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
     for (long long b = 0; b < B; b++)
-        if (pos[b] < 0 || hs < (pos[b] + 1) * (kv_row_bytes(half, D) / kv_es(half)))
+        if (pos[b] < 0 || hs < (pos[b] + 1) * kv_row_len(half, D))
             return PyErr_Format(PyExc_ValueError, "row %lld: position %lld outside its cache", b, (long long)pos[b]);
     /* decode_layer_batch: `layers` is one layer's tuple and loff its byte offset in the caches; decode_layers_batch:
      * a tuple of every layer's, and loff the bytes between two layers' caches (layer i at i * loff). */
@@ -3810,8 +3818,8 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "embedding kind %d (0 float32, 1 float16, 2 bfloat16)", emb_kind);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
-    if (half < 0 || half > KV_Q8) return PyErr_Format(PyExc_ValueError, "KV cache kind %d (0 f32, 1 f16, 2 q8)", half);
-    if (pos[0] < 0 || hs < (pos[0] + 1) * (kv_row_bytes(half, D) / kv_es(half)))
+    if (!kv_kind_ok(half)) return NULL;
+    if (pos[0] < 0 || hs < (pos[0] + 1) * kv_row_len(half, D))
         return PyErr_Format(PyExc_ValueError, "position %lld outside its cache", (long long)pos[0]);
     float *sbuf = temperature > 0 ? sample_buffer(V) : NULL;
     if (temperature > 0 && !sbuf) return PyErr_NoMemory();
