@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
                                [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS] [--in-process]
-                               [--temperature T [--top-p P]] [--client raw|aiohttp|httpx]
+                               [--temperature T [--top-p P]] [--client raw|aiohttp|httpx] [--stream-interval N ...]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -40,6 +40,9 @@ can drift by half between runs a minute apart.
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
 requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak, its maximum, and the
 largest sample up to each tenth of it (a level that settles, or one that keeps climbing).
+`--stream-interval N ...`: one spectra server per value, each its own row ("spectra si=N" beyond 1), with
+`spectra serve --stream-interval N` (a stream's tokens go out in writes of N: fewer writes, tokens in groups, so its
+per-token gaps are mostly zero within a group and its p99 the wait between groups).
 `--temperature T [--top-p P]`: every request samples (the clients', the sequential baseline's and the in-process
 run's; top_k off on both servers, since llama-server's default is 40) instead of decoding greedily.
 
@@ -377,10 +380,11 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
     return run(n, gen_len)
 
 
-def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str) -> tuple[subprocess.Popen, str]:
+def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str, stream_interval: int = 1,
+                  ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
-           "--ctx-len", str(ctx), "--kv-cache", kv_cache, *SERVE_EXTRA]
+           "--ctx-len", str(ctx), "--kv-cache", kv_cache, "--stream-interval", str(stream_interval), *SERVE_EXTRA]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -487,6 +491,9 @@ def main() -> None:
                         help="the clients' HTTP code. They share the cores with the server they measure: raw (an "
                              "asyncio protocol that parses the bytes as they arrive) costs them the least CPU, "
                              "aiohttp's C parser more, httpx's pure-Python one the most")
+    parser.add_argument("--stream-interval", type=int, nargs="+", default=[1],
+                        help="a spectra server for each value (`spectra serve --stream-interval N`: a stream's tokens "
+                             "in writes of N; rows 'spectra si=N'); default 1, every step's tokens at once")
     parser.add_argument("--in-process", action="store_true",
                         help="also run the 16-client workload through the scheduler in this process (no HTTP) and "
                              "print its ratio to the same repeat's single stream: the ceiling the server can reach")
@@ -526,7 +533,9 @@ def main() -> None:
         vocab = min(BUILTIN_VOCAB, json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"])
         ctx = args.prompt_len + args.gen_len + 8
         load_before = os.getloadavg()[0]
-        servers = [("spectra", lambda: start_spectra(model_dir, args.threads, ctx, args.kv_cache), False)]
+        servers = [("spectra" if si == 1 else f"spectra si={si}",
+                    lambda si=si: start_spectra(model_dir, args.threads, ctx, args.kv_cache, si), False)
+                   for si in args.stream_interval]
         if args.llama_server:
             servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
                             True))
@@ -554,7 +563,7 @@ def main() -> None:
                         r = run_loop(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama,
                                               c + 1000 * rep, client_lib=args.client, sampling=sampling))
                         rows.append({"server": name, "repeat": rep, "sequential_tok_s": seq, **r})
-                    if args.soak and name == "spectra" and rep == args.repeats - 1:
+                    if args.soak and name == servers[0][0] and rep == args.repeats - 1:
                         soak = run_soak(proc, url, args, vocab)
                 finally:
                     stop(proc)

@@ -426,9 +426,90 @@ def test_sse_chunks_are_what_json_dumps_writes():
                         {"index": 0, "text": text, "logprobs": body, "finish_reason": None})
 
 
+def _http_chunks(url: str, body: dict) -> list[bytes]:
+    """POST body and return the answer's HTTP chunks as the server wrote them (chunked transfer encoding: one chunk
+    per write of the response), read to the end over a raw socket."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                  b"\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(payload), payload))
+        raw = b""
+        while data := s.recv(65536):
+            raw += data
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+def test_stream_interval_writes_tokens_in_groups(model_dir, reference):
+    """`--stream-interval 4` end to end: the same tokens and text as `generate`, each token its own SSE event, in
+    writes (HTTP chunks) that hold 4 tokens or more, except the first and the last (which carries the end). How many
+    arrive together also depends on timing (this tiny model outruns the loop); `gathered`'s own test pins the rule."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 23, "temperature": 0, "stream": True, "logprobs": 0,
+            "ignore_eos": True}
+    srv = Server(model_dir, "--max-batch", "2", "--stream-interval", "4")
+    try:
+        chunks = _http_chunks(srv.url, body)
+    finally:
+        assert srv.stop()
+
+    def tokens(chunk: bytes) -> list[dict]:
+        events = [json.loads(e[6:]) for e in chunk.decode().split("\n\n") if e.startswith("data: {")]
+        return [e for e in events if e["choices"][0]["finish_reason"] is None]
+
+    groups = [len(tokens(c)) for c in chunks if tokens(c)]
+    assert sum(groups) == 23 and all(g >= 4 for g in groups[1:-1])
+    got = [t for c in chunks for t in tokens(c)]
+    assert "".join(t["choices"][0]["text"] for t in got) == reference(PROMPTS[0], 23, stop_at_eos=False)["text"]
+    assert b'"finish_reason": "length"' in chunks[-2] and chunks[-1] == b"data: [DONE]\n\n"
+
+
+def test_gathered_holds_tokens_until_the_interval():
+    """`app.gathered`, the events one write carries, with tokens arriving one at a time: interval 1 writes each as it
+    comes; interval 4 the first at once, then groups of 4, then the rest with the end; tokens that arrive together
+    (a client behind) go together whatever the interval."""
+    import asyncio
+
+    from spectra.serve.app import gathered
+
+    tok, done = {"type": "token"}, {"type": "done"}
+
+    async def groups(interval: int, arrivals: list[int]) -> list[tuple[int, bool]]:
+        q: asyncio.Queue = asyncio.Queue()
+        got: list[tuple[int, bool]] = []
+
+        async def consume():
+            async for g in gathered(q, interval):
+                got.append((sum(e["type"] == "token" for e in g), g[-1]["type"] == "done"))
+
+        task = asyncio.create_task(consume())
+        for n in arrivals:
+            for _ in range(n):
+                q.put_nowait(tok)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the consumer takes what is there
+        q.put_nowait(done)
+        await task
+        return got
+
+    assert asyncio.run(groups(1, [1] * 6)) == [(1, False)] * 6 + [(0, True)]
+    assert asyncio.run(groups(4, [1] * 10)) == [(1, False), (4, False), (4, False), (1, True)]
+    assert asyncio.run(groups(4, [3, 1, 1, 5, 1])) == [(3, False), (7, False), (1, True)]
+    assert asyncio.run(groups(2, [])) == [(0, True)]
+
+
 def test_bad_prefill_options_are_one_line_errors():
     for args, msg in [(["--prefill-chunks-per-step", "0"], "--prefill-chunks-per-step must be positive, got 0"),
-                      (["--prefill-chunk", "0"], "--prefill-chunk must be positive, got 0")]:
+                      (["--prefill-chunk", "0"], "--prefill-chunk must be positive, got 0"),
+                      (["--stream-interval", "0"], "--stream-interval must be positive, got 0")]:
         r = subprocess.run([sys.executable, "-m", "spectra", "serve", "no-such-model", *args], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -377,8 +377,35 @@ class Api:
 # ---- the Starlette application -------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None):
-    """The ASGI application (Starlette). The engine thread starts and stops with the app's lifespan."""
+async def gathered(events: asyncio.Queue, interval: int = 1):
+    """A stream's engine events in the groups that one write each carries: whatever has arrived (a client that fell
+    behind gets its events together), held back until `interval` token events wait, except the first token and the
+    end ("done", always the last event), which go out at once."""
+    held: list[dict] = []
+    first = True
+    while True:
+        held.append(await events.get())
+        while not events.empty():
+            held.append(events.get_nowait())
+        done = held[-1]["type"] == "done"
+        if done or first or sum(ev["type"] == "token" for ev in held) >= interval:
+            yield held
+            if done:
+                return
+            held, first = [], False
+
+
+
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
+               stream_interval: int = 1):
+    """The ASGI application (Starlette). The engine thread starts and stops with the app's lifespan.
+
+    `stream_interval`: a stream's token events go out in one write once that many are waiting (its first token and
+    its end at once), as SGLang's and vLLM's `--stream-interval`; every token stays its own event. 1 (the default):
+    every step's events as soon as they arrive. More cuts the server's writes (one per stream per write: with 16
+    streams on 2 cores a third of the HTTP loop's time) at the cost of tokens arriving in groups."""
+    if not isinstance(stream_interval, int) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be a positive integer, got {stream_interval!r}")
     import contextlib
 
     from starlette.applications import Starlette
@@ -499,16 +526,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         try:
             if chat:
                 yield fmt.delta({"role": "assistant", "content": ""})
-            offset, done = 0, False
-            while not done:
-                # Whatever has arrived goes out in one write (a client that fell behind gets its events together).
-                batch = [await events.get()]  # a disconnect cancels this generator (Starlette), see finally
-                while not events.empty():
-                    batch.append(events.get_nowait())
+            offset = 0
+            async for batch in gathered(events, stream_interval):  # a disconnect cancels this generator, see finally
                 out = []
                 for ev in batch:
                     if ev["type"] == "done":
-                        done = True
                         break
                     if chat:
                         if "logprob" in ev:  # every token has its chunk, text or not (held back for a stop string)

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV cache dtype (default f16, as llama.cpp's and `generate`'s for a float32 model: half the "
                         "memory and attention's reads; f32 gives the model's own float32 rounding; q8: int8 rows "
                         "with a scale each, 0.53x f16's memory and reads)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens a stream gathers before one write (its first token and its end go at once; every "
+                        "token stays its own event): more means fewer writes under load, tokens in groups (default 1)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.set_defaults(func=run_serve)
 
@@ -33,11 +36,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from spectra.inference.generate import kv_dtype_from_name, threads_from_env
     from spectra.serve import serve
 
-    for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk", "prefill_chunks_per_step"):
+    for name in ("port", "max_batch", "max_queue", "ctx_len", "prefill_chunk", "prefill_chunks_per_step",
+                 "stream_interval"):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("port", "max_queue") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+          stream_interval=args.stream_interval,
           tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,
           prefill_chunk=args.prefill_chunk, prefill_chunks_per_step=args.prefill_chunks_per_step,
           threads=threads_from_env(args.threads), int8_head=not args.float_head,

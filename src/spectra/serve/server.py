@@ -79,6 +79,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
+    stream_interval: int = 1,
     **engine_options: Any,
 ) -> None:
     """Serve `model_path` (anything `spectra.load` opens) on http://host:port until SIGTERM / SIGINT.
@@ -96,7 +97,7 @@ def serve(
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
     engine, name, template = build_engine(model_path, **engine_options)
-    app = create_app(engine, name, api_key=api_key, chat_template=template)
+    app = create_app(engine, name, api_key=api_key, chat_template=template, stream_interval=stream_interval)
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
     log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s)",
