@@ -395,7 +395,6 @@ async def gathered(events: asyncio.Queue, interval: int = 1):
             held, first = [], False
 
 
-
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
                stream_interval: int = 1):
     """The ASGI application (Starlette). The engine thread starts and stops with the app's lifespan.
