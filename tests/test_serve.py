@@ -465,9 +465,10 @@ def test_stream_interval_writes_tokens_in_groups(model_dir, reference):
         events = [json.loads(e[6:]) for e in chunk.decode().split("\n\n") if e.startswith("data: {")]
         return [e for e in events if e["choices"][0]["finish_reason"] is None]
 
-    groups = [len(tokens(c)) for c in chunks if tokens(c)]
+    per_chunk = [tokens(c) for c in chunks]
+    groups = [len(t) for t in per_chunk if t]
     assert sum(groups) == 23 and all(g >= 4 for g in groups[1:-1])
-    got = [t for c in chunks for t in tokens(c)]
+    got = [t for ts in per_chunk for t in ts]
     assert "".join(t["choices"][0]["text"] for t in got) == reference(PROMPTS[0], 23, stop_at_eos=False)["text"]
     assert b'"finish_reason": "length"' in chunks[-2] and chunks[-1] == b"data: [DONE]\n\n"
 

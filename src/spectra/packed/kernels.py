@@ -244,6 +244,15 @@ def rowlane_size(N: int, W: int) -> int:
     return N // ROWLANE_ROWS * ROWLANE_ROWS * W
 
 
+def check_rowlane(rl: Tensor | None, N: int, W: int, of: str) -> None:
+    """A ValueError unless rl is None or `rowlane_codes` of weight bytes [N, W] (`of` names them): contiguous uint8 of
+    `rowlane_size(N, W)` bytes."""
+    want = rowlane_size(N, W)
+    if rl is not None and (rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want):
+        raise ValueError(f"rl must be rowlane_codes of {of} (contiguous uint8, {want} bytes), got {rl.dtype} "
+                         f"{tuple(rl.shape)}")
+
+
 def rowlane_codes(qs: Tensor) -> Tensor:
     """Weight bytes qs [N, W] (TQ2_0 code bytes, W = nb * 64, or an int8 output layer's u = w + 128, W = K)
     interleaved for the row-lane GEMM (`csrc/rowlane_kernels.h`): for each full group of 16 rows, dword p of every row
@@ -416,11 +425,7 @@ def ternary_matmul_group(
     rls = [op[4] if len(op) > 4 else None for op in operands]
     for op, rl in zip(ops, rls):
         check_operands(x, *op)
-        if rl is not None:
-            want = rowlane_size(op[0].shape[0], x.shape[1] // 4)
-            if rl.dtype != torch.uint8 or not rl.is_contiguous() or rl.numel() != want:
-                raise ValueError(f"rl must be rowlane_codes of the matrix's TQ2_0 code bytes (contiguous uint8, {want} "
-                                 f"bytes), got {rl.dtype} {tuple(rl.shape)}")
+        check_rowlane(rl, op[0].shape[0], x.shape[1] // 4, "the matrix's TQ2_0 code bytes")
     path = resolve_path(path)
     if path == "torch":
         return [reference_matmul(x, *op) for op in ops]
@@ -786,9 +791,7 @@ def head_rows(
     per-thread buffer instead of writing them out (a greedy step that wants at most the chosen token's
     log-probability)."""
     check_int8_operands(x, head, scale)
-    if rl is not None and (rl.dtype != torch.uint8 or not rl.is_contiguous()
-                           or rl.numel() != rowlane_size(*head.shape)):
-        raise ValueError(f"rl must be rowlane_codes(head) (contiguous uint8), got {rl.dtype} {tuple(rl.shape)}")
+    check_rowlane(rl, *head.shape, "head")
     if norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous() or norm_weight.shape != (x.shape[1],):
         raise ValueError(f"norm_weight must be contiguous float32 [{x.shape[1]}], got {norm_weight.dtype} "
                          f"{tuple(norm_weight.shape)}")

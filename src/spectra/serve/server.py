@@ -84,7 +84,8 @@ def serve(
 ) -> None:
     """Serve `model_path` (anything `spectra.load` opens) on http://host:port until SIGTERM / SIGINT.
 
-    stream_interval: tokens a stream gathers before one write (`app.create_app`; default 1). engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
+    stream_interval: tokens a stream gathers before one write (`app.create_app`; default 1).
+    engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
     them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk,
     prefill_chunks_per_step (`Scheduler`'s), threads, int8_head (default True: a packed TriLM's lm_head in int8),
     kv_dtype (default torch.float16; None: the model's)."""
