@@ -11,9 +11,10 @@ are; `-D` adds a macro to the working tree's build only, to try a tuning constan
 base's), loaded side by side with importlib, and swapped into the decoder (its layer, attention and output-layer
 calls) between alternating rounds.
 
-The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache):
-`--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the batched decode of `generate`
-with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P tokens through `Decoder.prefill`,
+The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache
+or `--kv-cache q8 | f32`): `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the
+batched decode of `generate` with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P
+tokens through `Decoder.prefill`,
 or with `--decode` 64 single-token steps of `Decoder` from an empty cache (llama-bench's `tg`; with `--greedy` through
 `Decoder.greedy`, one C call per token, as `generate` and `spectra bench` decode).
 `--format tq1` packs the model as TQ1_0; `--vocab` overrides the vocabulary (32000: `benchmarks/decode.py`);
@@ -22,6 +23,10 @@ segments per row).
 Prints each build's median time and the median [range] of the per-round ratios base / tree (above 1: the working
 tree is faster), and in how many rounds the tree was faster. The Python side is the working tree's for both, so a
 base whose C functions take other arguments cannot be compared this way (the call fails with a TypeError).
+Built with `-D POOL_STATS=1 --base-define POOL_STATS=1` (the thread pool's wait counters, pool.h), it also prints per
+build where the pool's threads waited: per job, the caller's and the workers' chunks, the caller's wait after its
+own, and the time between jobs (the caller's work outside them, while the workers wait), as shares of the caller's
+time.
 With `--placement NS` it also times a core-to-core round trip around every round and reports the rounds apart by
 where the two cores sat: the 2-core Zen 5 VM moves its vCPUs between one CCD and two within seconds, which moves the
 2-thread read rate between ~50 and ~80 GB/s and changes what a kernel change is worth (README, "Where the VM's two
@@ -48,6 +53,7 @@ from spectra.config import from_name
 from spectra.inference.batch import BatchDecoder
 from spectra.inference.bench import packed_copy, synthetic_trilm, with_int8_head
 from spectra.inference.decode import Decoder
+from spectra.inference.generate import kv_dtype_from_name
 from spectra.model import build_model
 from spectra.packed import kernels as K
 from spectra.packed.linear import convert_to_packed
@@ -91,6 +97,8 @@ def main() -> None:
                     help="with --decode: step through Decoder.greedy (one C call per token: what `generate` and "
                          "`spectra bench` run) instead of the decoder's per-layer calls")
     ap.add_argument("--format", choices=["tq2", "tq1"], default="tq2")
+    ap.add_argument("--kv-cache", choices=["f16", "q8", "f32"], default="f16",
+                    help="the KV cache of the batch step and --decode (serve's --kv-cache)")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary")
     ap.add_argument("--shards", type=int, default=1,
                     help="scale shards per matrix (2: as `spectra.load('trilm-1.1b')` and packed checkpoints; blocks "
@@ -134,6 +142,7 @@ def main() -> None:
             convert_to_packed(latent, args.format, lossy=True)
             model = with_int8_head(latent)
         vocab = model.config.vocab_size
+        kv_dtype = kv_dtype_from_name(args.kv_cache)
         g = torch.Generator().manual_seed(0)
         if args.prefill:
             dec = Decoder(model)
@@ -150,7 +159,7 @@ def main() -> None:
         elif args.decode:
             dec = Decoder(model)
             ids = torch.randint(0, vocab, (65, 1, 1), generator=g)
-            cache = model.new_cache(1, 66, torch.float16)
+            cache = model.new_cache(1, 66, kv_dtype)
 
             def measure() -> float:
                 with torch.inference_mode(), K.serial_torch() if args.greedy else contextlib.nullcontext():
@@ -170,7 +179,7 @@ def main() -> None:
                         raise SystemExit("--greedy: this model's decoder has no one-call greedy step")
             what = f"decode step{' (Decoder.greedy)' if args.greedy else ''}, 64 tokens from an empty cache"
         else:
-            bd = BatchDecoder(model, args.batch, args.pos + 64, torch.float16)
+            bd = BatchDecoder(model, args.batch, args.pos + 64, kv_dtype)
             dec = bd.kernel["decoder"]
             slots = [bd.acquire() for _ in range(args.batch)]
             for s in slots:
@@ -188,16 +197,25 @@ def main() -> None:
             what = f"batch-{args.batch} step at positions {args.pos}-{args.pos + 63}"
 
         real = K.extension
+        waits: dict[str, dict[str, int]] = {}
 
         def run(name: str) -> float:
             dec._ext = builds[name]
             K.extension = lambda: builds[name]  # the output layer and argmax calls too
+            stats = getattr(builds[name], "pool_stats", None)
+            if stats:
+                stats()
             try:
                 return measure()
             finally:
                 K.extension = real
+                if stats:
+                    for key, v in stats().items():
+                        waits.setdefault(name, {}).setdefault(key, 0)
+                        waits[name][key] += v
 
         run("base"), run("tree")  # first calls: page faults, buffers
+        waits.clear()
         times: dict[str, list[float]] = {"base": [], "tree": []}
         where: list[tuple[float | None, float | None]] = []
         for r in range(args.rounds):
@@ -214,6 +232,14 @@ def main() -> None:
         print(f"  {name:5s} median {statistics.median(times[name]) * 1e3:.3f} ms")
     print(f"  base / tree: {statistics.median(ratios):.3f}x [{ratios[0]:.3f}-{ratios[-1]:.3f}], "
           f"tree faster in {sum(x > 1 for x in ratios)}/{len(ratios)} rounds")
+    for name, w in waits.items():  # builds with -D POOL_STATS (pool.h)
+        jobs = max(w["jobs"], 1)
+        span = w["caller_work"] + w["caller_wait"] + w["between"]
+        print(f"  {name:5s} pool, {w['jobs'] / args.rounds:.0f} jobs a round; per job (us): caller's chunks "
+              f"{w['caller_work'] / jobs / 1e3:.2f}, workers' chunks {w['worker_work'] / jobs / 1e3:.2f} (first "
+              f"starting {w['wake'] / jobs / 1e3:.2f} after publishing), caller waiting after its chunks "
+              f"{w['caller_wait'] / jobs / 1e3:.2f} ({100 * w['caller_wait'] / max(span, 1):.1f} %), between jobs "
+              f"(the workers waiting) {w['between'] / jobs / 1e3:.2f} ({100 * w['between'] / max(span, 1):.1f} %)")
     if args.placement:
         for label, below in (("sharing a last-level cache", True), ("apart", False)):
             idx = [i for i, (a, b) in enumerate(where)

@@ -1,5 +1,9 @@
 """Compiled ternary kernels: every path equals the pure-torch reference bit for bit; path selection and its errors."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -663,3 +667,27 @@ def test_logsumexp_close_to_torch(path):
     out, ref = K.logsumexp(y, path=path), torch.logsumexp(y, -1)
     assert torch.isnan(out[0]) and torch.isnan(ref[0]) and out[1] == ref[1] == float("-inf")
     torch.testing.assert_close(out[2], ref[2])
+
+
+@needs_ext
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernels' own thread pool is Linux's")
+def test_pool_stats_build_counts_each_job(tmp_path, monkeypatch):
+    """A build with -DPOOL_STATS (benchmarks/kernel_ab.py -D POOL_STATS=1) counts every pooled job and the time on
+    each side of it, clears them when read, and computes the same bits as the normal build."""
+    spec = importlib.util.spec_from_file_location("kernel_ab", Path(__file__).parents[1] / "benchmarks/kernel_ab.py")
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    stats_build = kernel_ab.load(kernel_ab.build(kernel_ab.ROOT, tmp_path, ["POOL_STATS=1"]))
+    assert not hasattr(K.extension(), "pool_stats")
+    qs, bounds, seg_d, _ = _layer(512, 1024)
+    x = torch.randn(1, 1024)
+    ref = K.ternary_matmul(x, qs, bounds, seg_d, path=COMPILED[0], n_threads=2)
+    monkeypatch.setattr(K, "extension", lambda: stats_build)
+    stats_build.pool_stats()
+    ys = [K.ternary_matmul(x, qs, bounds, seg_d, path=COMPILED[0], n_threads=2) for _ in range(3)]
+    stats = stats_build.pool_stats()
+    assert all(torch.equal(y, ref) for y in ys)
+    assert stats["jobs"] == 3, stats  # one 2-chunk GEMV job a call
+    assert stats["caller_work"] > 0 and stats["between"] > 0, stats
+    assert stats["worker_work"] == 0 or stats["wake"] > 0, stats  # a worker's chunk starts after publishing
+    assert stats_build.pool_stats()["jobs"] == 0

@@ -37,6 +37,27 @@
 
 typedef void (*chunk_fn)(void *ctx, int64_t chunk);
 
+#ifdef POOL_STATS
+/* -DPOOL_STATS (benchmarks/pool_waits.py): where the threads of pooled jobs wait, in nanoseconds summed over jobs
+ * (pool_stats() reads and clears them). Per job: from publishing to the first chunk a worker starts (wake), the
+ * caller's own chunks (caller_work), its wait for the others' after them (caller_wait), the workers' chunks
+ * (worker_work), and from the end of the previous job to this one's publishing (between: the caller's work outside
+ * jobs, while the workers wait). One caller at a time, as the pool runs. */
+static struct {
+    uint64_t jobs, wake, caller_work, caller_wait, between, last_end;
+    _Atomic uint64_t worker_work, worker_start;
+} pstat;
+static _Thread_local int pstat_caller;
+static inline uint64_t pstat_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+#define PSTAT(...) __VA_ARGS__
+#else
+#define PSTAT(...)
+#endif
+
 static struct {
     _Atomic uint64_t claim;   /* gen << 32 | n_chunks << 16 | next chunk */
     _Atomic uint32_t gen;     /* the futex word: bumped for each job */
@@ -68,7 +89,13 @@ static int64_t pool_work(uint32_t g) {
         if (!atomic_compare_exchange_weak_explicit(&pool.claim, &v, v + 1, memory_order_acq_rel,
                                                    memory_order_relaxed))
             continue;
+        PSTAT(const uint64_t t0 = pstat_ns());
         pool.fn(pool.ctx, (int64_t)i); /* stable: job g cannot end while chunk i is unfinished */
+        PSTAT(if (!pstat_caller) {
+            atomic_fetch_add(&pstat.worker_work, pstat_ns() - t0);
+            uint64_t none = 0;
+            atomic_compare_exchange_strong(&pstat.worker_start, &none, t0);
+        })
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
         ran++;
     }
@@ -144,10 +171,16 @@ static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
     atomic_store_explicit(&pool.active, workers, memory_order_relaxed);
     const uint32_t g = ++pool.next_gen;
     atomic_store_explicit(&pool.claim, (uint64_t)g << 32 | (uint64_t)n_chunks << 16, memory_order_release);
+    PSTAT(const uint64_t tp = pstat_ns(); pstat_caller = 1; atomic_store(&pstat.worker_start, 0);
+          if (pstat.last_end) pstat.between += tp - pstat.last_end;)
     atomic_store(&pool.gen, g); /* seq_cst: ordered before the read of sleepers (a sleeper re-checks gen) */
     if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     pool_work(g);
+    PSTAT(const uint64_t tc = pstat_ns(); pstat.caller_work += tc - tp;)
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks) pool_relax();
+    PSTAT(const uint64_t te = pstat_ns(), ws = atomic_load(&pstat.worker_start); pstat.caller_wait += te - tc;
+          if (ws > tp) pstat.wake += ws - tp;
+          pstat.jobs++, pstat.last_end = te;)
     pthread_mutex_unlock(&pool.busy);
 }
 #endif
