@@ -579,3 +579,80 @@ def test_packed_steps_run_torch_on_one_thread_and_the_kernels_on_torchs_count(mo
     assert seen and set(seen) == {(1, 2)}
     for p, n, o in zip(prompts, limits, out):  # and the tokens are what one sequence alone gives
         assert o["tokens"] == generate(model, None, p, max_new_tokens=n, stop_at_eos=False)["tokens"]
+
+
+def run_alone(model, prompt, n, **kw):
+    """`prompt`'s greedy tokens from a scheduler of its own: no slot holds anything yet."""
+    solo = Scheduler(model, max_batch=1, prefill_chunk=4, **kw)
+    s = solo.submit(Request(prompt, n, stop_at_eos=False))
+    while not solo.idle:
+        solo.step()
+    assert s.cached == 0
+    return s.tokens
+
+
+@needs_ext
+@pytest.mark.parametrize("kv", [None, torch.int8])
+def test_prefix_reuse_skips_the_held_prefix_and_changes_no_token(kv):
+    """A request whose prompt starts with what a free slot holds (a conversation's next turn, a shared system prompt,
+    the same prompt again) prefills only the rest, into that slot, and gets exactly the tokens of running alone."""
+    model = model_of("packed-int8-head", seed=5)
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(0, VOCAB, (13,), generator=g).tolist()
+    sched = Scheduler(model, max_batch=2, max_len=64, prefill_chunk=4, kv_dtype=kv)
+
+    def run(prompt, n):
+        r = sched.submit(Request(prompt, n, stop_at_eos=False))
+        while not sched.idle:
+            sched.step()
+        return r
+
+    a = run(system + [5, 6, 7], 6)
+    assert a.cached == 0 and sched.stats["prefilled"] == 16
+    (held,) = sched.held.values()
+    assert held == (a.prompt_ids + a.tokens)[:16 + 5]  # every fed token; the last one drawn was never fed
+    turn = a.prompt_ids + a.tokens + [9, 10]  # the next turn: everything so far, then new tokens
+    b = run(turn, 5)
+    assert b.cached == 16 + 5 and sched.stats["prefilled"] == 16 + (len(turn) - 21)
+    assert b.tokens == run_alone(model, turn, 5, kv_dtype=kv)
+    c = run(system + [8], 4)  # a shared prefix with both slots: 13 tokens
+    assert c.cached == 13 and c.tokens == run_alone(model, system + [8], 4, kv_dtype=kv)
+    again = run(list(c.prompt_ids), 4)  # the same prompt: all but its last token
+    assert again.cached == len(c.prompt_ids) - 1 and again.tokens == c.tokens
+    other = run([1, 2, 3], 3)  # nothing shared: the slot unused so far, not the one holding the latest turn
+    assert other.cached == 0 and other.tokens == run_alone(model, [1, 2, 3], 3, kv_dtype=kv)
+    assert sorted(h[: len(c.prompt_ids)] == c.prompt_ids for h in sched.held.values()) == [False, True]
+    assert sched.stats["cached"] == b.cached + c.cached + again.cached
+
+
+@needs_ext
+def test_prefix_reuse_after_a_cancel_mid_prompt_and_beside_running_rows():
+    """A slot freed by a cancel halfway through its prompt holds only the chunks that ran; a request reusing them
+    while another sequence decodes in the same steps still gets its own tokens, and with prefix_cache=False nothing is
+    reused. The model-modules path never reuses (its rows can differ in the last bits with the batch)."""
+    model = model_of("packed", seed=6)
+    g = torch.Generator().manual_seed(4)
+    long = torch.randint(0, VOCAB, (20,), generator=g).tolist()
+    sched = Scheduler(model, max_batch=2, max_len=64, prefill_chunk=4)
+    a = sched.submit(Request(long, 5, stop_at_eos=False))
+    sched.step()
+    sched.step()
+    assert a.prefilled == 8
+    a.cancel()
+    sched.step()
+    assert list(sched.held.values()) == [long[:8]]
+    busy = sched.submit(Request([7, 7, 7], 12, stop_at_eos=False))
+    sched.step()
+    b = sched.submit(Request(long[:10] + [4], 6, stop_at_eos=False))
+    while not sched.idle:
+        sched.step()
+    assert b.cached == 8 and b.tokens == run_alone(model, long[:10] + [4], 6)
+    assert busy.tokens == run_alone(model, [7, 7, 7], 12)
+    off = Scheduler(model, max_batch=1, max_len=64, prefill_chunk=4, prefix_cache=False)
+    for _ in range(2):
+        r = off.submit(Request(long, 2, stop_at_eos=False))
+        while not off.idle:
+            off.step()
+        assert r.cached == 0 and not off.held
+    floats = Scheduler(model_of("floatlm"), max_batch=1, max_len=32)
+    assert not floats.prefix_cache

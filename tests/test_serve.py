@@ -241,6 +241,33 @@ def test_a_q8_cache_server_gives_generates_q8_tokens(model_dir, reference):
         assert srv.stop()
 
 
+def test_prefix_reuse_reports_cached_tokens_and_keeps_the_text(server, reference, model_dir):
+    """A conversation's next turn reuses the keys and values of what it repeats (usage.prompt_tokens_details
+    .cached_tokens, OpenAI's field; /metrics spectra_prompt_tokens_cached_total) and its text is `generate`'s alone;
+    with --no-prefix-cache nothing is reused and the text is the same."""
+    c = server.client()
+    first = complete(c, TEXT[:120], 12)
+    turn = TEXT[:120] + first.choices[0].text + " and then"
+    before = server.metric("spectra_prompt_tokens_cached_total")
+    r = complete(c, turn, 12)
+    ref = reference(turn, 12)
+    assert r.choices[0].text == ref["text"] and r.usage.prompt_tokens == ref["n_prompt"]
+    # at least the first turn's prompt is held (its tokens may merge with the reply's at the seam); never all of it
+    assert first.usage.prompt_tokens - 2 <= r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    assert server.metric("spectra_prompt_tokens_cached_total") - before == r.usage.prompt_tokens_details.cached_tokens
+    again = complete(c, turn, 12)  # the same prompt: all but its last token
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].text == ref["text"]
+    plain = Server(model_dir, "--max-batch", "2", "--no-prefix-cache")
+    try:
+        for _ in range(2):
+            p = complete(plain.client(), turn, 12)
+            assert p.usage.prompt_tokens_details.cached_tokens == 0 and p.choices[0].text == ref["text"]
+        assert plain.metric("spectra_prompt_tokens_cached_total") == 0
+    finally:
+        assert plain.stop()
+
+
 def test_stop_strings_and_usage(server, reference):
     c = server.client()
     full = reference(PROMPTS[0], 30)

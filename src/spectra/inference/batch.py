@@ -25,6 +25,15 @@ next chunks in arrival order while their rows fit in one chunk's budget, so a bu
 a few steps rather than one prompt a step), sampled with their own parameters and generator,
 and finish on their own stop condition or on cancellation. `generate_batch` runs it to completion for a list of
 prompts; `spectra.serve` runs it behind an HTTP server.
+
+Prefix reuse (`prefix_cache`, on by default; the C path only): a freed slot keeps what its cache holds, and the
+scheduler remembers which tokens those positions are. A new request takes the free slot whose tokens share the longest
+prefix with its prompt (ties: the slot freed longest ago) and starts its prefill after that prefix, or before its
+prompt's last token when the whole prompt is held (its logits give the first token). A conversation's next turn
+resends the earlier turns, and a shared system prompt opens every request: both then cost only their new tokens, as
+with llama.cpp's server (`cache_prompt`) and vLLM's prefix caching. On the C path a position's keys and values are
+the same bits whatever else ran in its steps and however its prompt was cut into chunks, so reuse changes no token;
+on the model-modules path they can differ in the last bits with the batch, so it stays off there.
 """
 
 from __future__ import annotations
@@ -79,11 +88,21 @@ class BatchDecoder:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def acquire(self) -> int:
+    @property
+    def free_slot_ids(self) -> list[int]:
+        return list(self._free)
+
+    def acquire(self, slot: int | None = None, keep: int = 0) -> int:
+        """A free slot (`slot`, or the last one released), its cache starting after its first `keep` positions,
+        which it keeps (the caller knows what they hold: `Scheduler`'s prefix reuse)."""
         if not self._free:
             raise RuntimeError("every KV-cache slot is in use")
-        slot = self._free.pop()
-        self.caches[slot].pos = 0
+        if slot is not None and slot not in self._free:
+            raise ValueError(f"slot {slot} is not free")
+        if not 0 <= keep <= self.max_len:
+            raise ValueError(f"keep must be in 0..{self.max_len}, got {keep}")
+        slot = self._free.pop() if slot is None else self._free.pop(self._free.index(slot))
+        self.caches[slot].pos = keep
         return slot
 
     def release(self, slot: int) -> None:
@@ -303,6 +322,7 @@ class Request:
     generator: torch.Generator | None = None
     detok: TextDecoder | None = None
     prefilled: int = 0
+    cached: int = 0  # prompt tokens whose keys and values the slot already held (prefix reuse), not prefilled
     t_submit: float = 0.0
     t_first: float | None = None
     t_done: float | None = None
@@ -349,6 +369,7 @@ class Scheduler:
         prefill_chunk: int | None = 256,
         prefill_chunks_per_step: int | None = None,
         kv_dtype: torch.dtype | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.decoder = BatchDecoder(model, max_batch, max_len, kv_dtype)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
@@ -357,7 +378,13 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # holding a slot: prefilling (prefilled < len(prompt)) or decoding
         self.eos = getattr(self.decoder.config, "eos_token_id", None)
-        self.stats = {"steps": 0, "generated": 0, "prefilled": 0, "finished": 0}
+        self.stats = {"steps": 0, "generated": 0, "prefilled": 0, "finished": 0, "cached": 0}
+        # Prefix reuse (module docstring), on the C path only: there a row's keys and values are the same bits
+        # however its prompt was cut into chunks and whatever else ran beside it, so reusing them cannot change a
+        # token. held[slot]: the tokens at the free slot's first positions; released[slot]: when it was freed.
+        self.prefix_cache = prefix_cache and self.decoder.kernel is not None
+        self.held: dict[int, list[int]] = {}
+        self._released: dict[int, int] = {}
 
     @property
     def idle(self) -> bool:
@@ -410,7 +437,9 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
-            req.slot = self.decoder.acquire()
+            req.slot, req.cached = self._admit(req)
+            req.prefilled = req.cached
+            self.stats["cached"] += req.cached
             self.running.append(req)
         decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
         decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
@@ -463,6 +492,27 @@ class Scheduler:
                     self._finish(req, "length")
                 else:
                     self._accept(req, row)
+
+    def _admit(self, req: Request) -> tuple[int, int]:
+        """(slot, prompt tokens it already holds) for a request taking a slot: with prefix reuse, the free slot whose
+        held tokens share the longest prefix with the prompt (ties: the one freed longest ago, so that recent
+        conversations stay), keeping that prefix but for the prompt's last token, which must run for its logits."""
+        if not self.prefix_cache:
+            return self.decoder.acquire(), 0
+        prompt = req.prompt_ids
+
+        def shared(slot: int) -> int:
+            held, n = self.held.get(slot, ()), 0
+            for a, b in zip(held, prompt):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        slot = max(self.decoder.free_slot_ids, key=lambda s: (shared(s), -self._released.get(s, -1)))
+        keep = min(shared(slot), len(prompt) - 1)
+        self.held.pop(slot, None)
+        return self.decoder.acquire(slot, keep), keep
 
     def _sample_rows(self, decoding: list[Request], rows: Tensor | None) -> dict[int, int]:
         """The draws of the step's sampled rows (temperature > 0), one u each from its request's generator, in one C
@@ -545,6 +595,9 @@ class Scheduler:
         req.finish_reason = reason
         req.t_done = time.perf_counter()
         if req.slot is not None:
+            if self.prefix_cache and reason != "error":  # after an error a cache may hold a step's partial writes
+                self.held[req.slot] = (req.prompt_ids + req.tokens)[: self.decoder.pos(req.slot)]
+                self._released[req.slot] = self.stats["finished"]
             self.decoder.release(req.slot)
             req.slot = None
         if req in self.running:

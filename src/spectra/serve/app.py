@@ -371,7 +371,8 @@ class Api:
     @staticmethod
     def usage(req: Request) -> dict:
         n_p, n_c = len(req.prompt_ids), len(req.tokens)
-        return {"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c}
+        return {"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c,
+                "prompt_tokens_details": {"cached_tokens": req.cached}}
 
 
 # ---- the Starlette application -------------------------------------------------------------------------------------

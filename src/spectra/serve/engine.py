@@ -70,6 +70,7 @@ class Metrics:
         self.requests: dict[str, int] = {}  # by finish reason / HTTP outcome
         self.generated = 0
         self.prompt = 0
+        self.cached = 0
         self.errors = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last WINDOW seconds
 
@@ -102,6 +103,8 @@ class Metrics:
             f"spectra_generated_tokens_total {self.generated}",
             "# HELP spectra_prompt_tokens_total Prompt tokens processed.",
             "# TYPE spectra_prompt_tokens_total counter", f"spectra_prompt_tokens_total {self.prompt}",
+            "# HELP spectra_prompt_tokens_cached_total Prompt tokens whose keys and values a slot already held.",
+            "# TYPE spectra_prompt_tokens_cached_total counter", f"spectra_prompt_tokens_cached_total {self.cached}",
             "# HELP spectra_engine_errors_total Exceptions inside a decode step.",
             "# TYPE spectra_engine_errors_total counter", f"spectra_engine_errors_total {self.errors}",
             "# HELP spectra_requests_total Requests by outcome.", "# TYPE spectra_requests_total counter",
@@ -126,6 +129,7 @@ class Engine:
         prefill_chunks_per_step: int | None = None,
         threads: int | None = None,
         kv_dtype: torch.dtype | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -136,7 +140,8 @@ class Engine:
         # every barrier for a core that the HTTP loop or the clients hold, and spin on it afterwards.
         self.torch_threads = threads or torch.get_num_threads()
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk,
-                                   prefill_chunks_per_step=prefill_chunks_per_step, kv_dtype=kv_dtype)
+                                   prefill_chunks_per_step=prefill_chunks_per_step, kv_dtype=kv_dtype,
+                                   prefix_cache=prefix_cache)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -211,10 +216,11 @@ class Engine:
             for req in new:
                 sched.waiting.append(req)
             try:
-                before = sched.stats["generated"], sched.stats["prefilled"]
+                before = sched.stats["generated"], sched.stats["prefilled"], sched.stats["cached"]
                 sched.step()
                 self.metrics.add_tokens(sched.stats["generated"] - before[0], time.perf_counter())
                 self.metrics.prompt += sched.stats["prefilled"] - before[1]
+                self.metrics.cached += sched.stats["cached"] - before[2]
             except Exception:  # a bug or a resource error: fail the requests in flight, keep serving
                 log.exception("decode step failed; failing the requests in flight")
                 self.metrics.errors += 1

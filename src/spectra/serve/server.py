@@ -43,6 +43,7 @@ def build_engine(
     threads: int | None = None,
     int8_head: bool = True,
     kv_dtype: torch.dtype | None = torch.float16,
+    prefix_cache: bool = True,
 ):
     """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
     from spectra.data.tokenizer import load_tokenizer
@@ -67,7 +68,7 @@ def build_engine(
         model = with_int8_head(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
                     prefill_chunk=prefill_chunk, prefill_chunks_per_step=prefill_chunks_per_step, threads=threads,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, prefix_cache=prefix_cache)
     name = Path(model_path).name if is_dir else str(model_path)
     return engine, name, load_chat_template(model_path if is_dir else None)
 
@@ -88,7 +89,8 @@ def serve(
     engine_options: tokenizer, max_batch (KV-cache slots decoded together), max_queue (requests waiting beyond
     them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk,
     prefill_chunks_per_step (`Scheduler`'s), threads, int8_head (default True: a packed TriLM's lm_head in int8),
-    kv_dtype (default torch.float16; None: the model's)."""
+    kv_dtype (default torch.float16; None: the model's), prefix_cache (default True: a request reuses the keys and
+    values of the longest prompt prefix a free slot holds; `Scheduler`)."""
     try:
         import uvicorn
 
