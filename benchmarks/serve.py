@@ -3,6 +3,7 @@
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
                                [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS] [--in-process]
                                [--temperature T [--top-p P]] [--client raw|aiohttp|httpx] [--stream-interval N ...]
+                               [--shared-prefix N] [--prefix-cache on off]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -43,6 +44,11 @@ largest sample up to each tenth of it (a level that settles, or one that keeps c
 `--stream-interval N ...`: one spectra server per value, each its own row ("spectra si=N" beyond 1), with
 `spectra serve --stream-interval N` (a stream's tokens go out in writes of N: fewer writes, tokens in groups, so its
 per-token gaps are mostly zero within a group and its p99 the wait between groups).
+`--shared-prefix N`: every prompt opens with the same N token ids (a system prompt) before its random ones, in every
+row and the baseline; with `--prefix-cache on off` a spectra server runs with its prefix reuse and one without
+(`spectra serve --no-prefix-cache`, rows "spectra no-prefix"). llama-server reuses a slot's prompt prefix by default
+too (`cache_prompt`, slots chosen by prompt similarity). The sequential baseline (`generate`) prefills every prompt
+whole, so with a shared prefix the "vs one stream" ratio also counts the reuse.
 `--temperature T [--top-p P]`: every request samples (the clients', the sequential baseline's and the in-process
 run's; top_k off on both servers, since llama-server's default is 40) instead of decoding greedily.
 
@@ -267,7 +273,7 @@ async def raw_request(conns: list, url: str, body: dict, llama: bool, t0: float)
 
 async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: int, vocab: int, llama: bool,
                 seed: int, until: float | None = None, client_lib: str = "aiohttp", sampling: dict | None = None,
-                ) -> dict:
+                prefix: list[int] = ()) -> dict:
     rng = __import__("random").Random(seed)
     results: list[dict] = []
     errors = 0
@@ -291,7 +297,7 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
         nonlocal errors
         n = 0
         while (until is None and n < rounds) or (until is not None and time.perf_counter() < until):
-            prompt = [rng.randrange(1, vocab) for _ in range(prompt_len)]
+            prompt = [*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))]
             try:
                 results.append(await one_request(conns[i] if client is None else client, url, prompt, gen_len, llama,
                                                  sampling))
@@ -322,7 +328,7 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
 
 
 def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int,
-                    kv_cache: str, sampling: dict | None = None) -> float:
+                    kv_cache: str, sampling: dict | None = None, prefix: list[int] = ()) -> float:
     """Tokens/s of `n` requests decoded one after another with `generate` in this process (int8 head, as served;
     `sampling`: temperature / top_p, else greedy)."""
     import random
@@ -340,14 +346,15 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
     t0 = time.perf_counter()
     total = 0
     for _ in range(n):
-        out = generate(model, None, [rng.randrange(1, vocab) for _ in range(prompt_len)], max_new_tokens=gen_len,
+        out = generate(model, None, [*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))],
+                       max_new_tokens=gen_len,
                        stop_at_eos=False, kv_dtype=kv_dtype_from_name(kv_cache), **(sampling or {}))
         total += out["n_generated"]
     return total / (time.perf_counter() - t0)
 
 
 def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int, kv_cache: str,
-                   max_batch: int = 16, sampling: dict | None = None) -> float:
+                   max_batch: int = 16, sampling: dict | None = None, prefix: list[int] = ()) -> float:
     """Tokens/s of `n` requests through `spectra.inference.batch.Scheduler` in this process, without HTTP: the server's
     engine settings (`max_batch` slots, 128-token prefill chunks, int8 head, the built-in tokenizer's text) and the
     clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once."""
@@ -363,11 +370,12 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
 
     torch.set_num_threads(threads)
     sched = Scheduler(with_int8_head(load(model_dir)), builtin_tokenizer(), max_batch=max_batch,
-                      max_len=prompt_len + gen_len + 8, prefill_chunk=128, kv_dtype=kv_dtype_from_name(kv_cache))
+                      max_len=len(prefix) + prompt_len + gen_len + 8, prefill_chunk=128,
+                      kv_dtype=kv_dtype_from_name(kv_cache))
     rng = random.Random(2)
 
     def run(count: int, new_tokens: int) -> float:
-        reqs = [Request([rng.randrange(1, vocab) for _ in range(prompt_len)], new_tokens, stop_at_eos=False,
+        reqs = [Request([*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))], new_tokens, stop_at_eos=False,
                         logprobs=0, **(sampling or {})) for _ in range(count)]  # fmt: skip
         t0 = time.perf_counter()
         for r in reqs:
@@ -381,10 +389,11 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
 
 
 def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str, stream_interval: int = 1,
-                  ) -> tuple[subprocess.Popen, str]:
+                  prefix_cache: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
-           "--ctx-len", str(ctx), "--kv-cache", kv_cache, "--stream-interval", str(stream_interval), *SERVE_EXTRA]
+           "--ctx-len", str(ctx), "--kv-cache", kv_cache, "--stream-interval", str(stream_interval), *SERVE_EXTRA,
+           *([] if prefix_cache else ["--no-prefix-cache"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -433,7 +442,8 @@ def run_soak(proc: subprocess.Popen, url: str, args: argparse.Namespace, vocab: 
             await asyncio.sleep(1)
 
     async def soak_run() -> dict:
-        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until, client_lib=args.client)
+        d = drive(url, 16, 0, args.prompt_len, args.gen_len, vocab, False, 99, until=until, client_lib=args.client,
+                  prefix=args.prefix_ids)
         return (await asyncio.gather(d, sample()))[0]
 
     soak = run_loop(soak_run())
@@ -463,7 +473,7 @@ def summarize(rows: list[dict]) -> dict:
             vs_peer = [r["tok_s"] / peer[(r["repeat"], c)] for r in mine
                        if name == "spectra" and peer.get((r["repeat"], c))]
             rate = statistics.median(r["tok_s"] for r in mine)
-            line = f"{name:<13} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
+            line = f"{name:<17} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
             if vs_peer:
                 line += f", vs llama-server {span(vs_peer)}"
             lines.append(line)
@@ -494,6 +504,12 @@ def main() -> None:
     parser.add_argument("--stream-interval", type=int, nargs="+", default=[1],
                         help="a spectra server for each value (`spectra serve --stream-interval N`: a stream's tokens "
                              "in writes of N; rows 'spectra si=N'); default 1, every step's tokens at once")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="every prompt opens with the same N token ids (a system prompt) before its --prompt-len "
+                             "random ones, everywhere (the clients, the sequential baseline, the in-process run)")
+    parser.add_argument("--prefix-cache", choices=["on", "off"], nargs="+", default=["on"],
+                        help="a spectra server for each (off: `spectra serve --no-prefix-cache`, rows 'spectra "
+                             "no-prefix'); default on, serve's default")
     parser.add_argument("--in-process", action="store_true",
                         help="also run the 16-client workload through the scheduler in this process (no HTTP) and "
                              "print its ratio to the same repeat's single stream: the ceiling the server can reach")
@@ -531,11 +547,14 @@ def main() -> None:
         from spectra.data.tokenizer import BUILTIN_VOCAB
 
         vocab = min(BUILTIN_VOCAB, json.loads((model_dir / "spectra.json").read_text())["config"]["vocab_size"])
-        ctx = args.prompt_len + args.gen_len + 8
+        ctx = args.shared_prefix + args.prompt_len + args.gen_len + 8
+        prefix_rng = __import__("random").Random(7)
+        args.prefix_ids = [prefix_rng.randrange(1, vocab) for _ in range(args.shared_prefix)]
         load_before = os.getloadavg()[0]
-        servers = [("spectra" if si == 1 else f"spectra si={si}",
-                    lambda si=si: start_spectra(model_dir, args.threads, ctx, args.kv_cache, si), False)
-                   for si in args.stream_interval]
+        servers = [("spectra" + ("" if si == 1 else f" si={si}") + ("" if pc == "on" else " no-prefix"),
+                    lambda si=si, pc=pc: start_spectra(model_dir, args.threads, ctx, args.kv_cache, si, pc == "on"),
+                    False)
+                   for pc in args.prefix_cache for si in args.stream_interval]
         if args.llama_server:
             servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
                             True))
@@ -544,12 +563,12 @@ def main() -> None:
         soak = None
         for rep in range(args.repeats):
             seq = sequential_rate(model_dir, args.threads, max(2, args.rounds), args.prompt_len, args.gen_len, vocab,
-                                  args.kv_cache, sampling)
+                                  args.kv_cache, sampling, args.prefix_ids)
             seqs.append(seq)
             if args.in_process:
                 c = max(args.clients)
                 rate = scheduler_rate(model_dir, args.threads, c * args.rounds, args.prompt_len, args.gen_len, vocab,
-                                      args.kv_cache, sampling=sampling)
+                                      args.kv_cache, sampling=sampling, prefix=args.prefix_ids)
                 nan = float("nan")
                 rows.append({"server": "in process", "repeat": rep, "sequential_tok_s": seq, "clients": c,
                              "requests": c * args.rounds, "tokens": c * args.rounds * args.gen_len, "wall_s": nan,
@@ -561,25 +580,28 @@ def main() -> None:
                     run_loop(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))
                     for c in args.clients:
                         r = run_loop(drive(url, c, args.rounds, args.prompt_len, args.gen_len, vocab, llama,
-                                              c + 1000 * rep, client_lib=args.client, sampling=sampling))
+                                              c + 1000 * rep, client_lib=args.client, sampling=sampling,
+                                              prefix=args.prefix_ids))
                         rows.append({"server": name, "repeat": rep, "sequential_tok_s": seq, **r})
                     if args.soak and name == servers[0][0] and rep == args.repeats - 1:
                         soak = run_soak(proc, url, args, vocab)
                 finally:
                     stop(proc)
         how = "greedy" if not sampling else ", ".join(f"{k} {v}" for k, v in sampling.items())
-        print(f"{label}; {args.kv_cache} KV cache, {args.threads} threads, prompt {args.prompt_len}, {args.gen_len} "
+        shared = f"a shared {args.shared_prefix}-token prefix + " if args.shared_prefix else ""
+        print(f"{label}; {args.kv_cache} KV cache, {args.threads} threads, prompt {shared}{args.prompt_len}, "
+              f"{args.gen_len} "
               f"tokens per request ({how}), "
               f"{args.rounds} requests per client, {args.repeats} repeats; cpus={os.cpu_count()}, load average "
               f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}")
         print("sequential single stream (generate, in process): " + ", ".join(f"{v:.1f}" for v in seqs) + " tok/s")
-        print(f"{'server':<13} {'rep':>3} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
+        print(f"{'server':<17} {'rep':>3} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
               f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4}")
         def ms(v: float, width: int, unit: str = "") -> str:  # "-" where a row has no latencies (in process)
             return f"{'-':>{width + len(unit)}}" if v != v else f"{1000 * v:>{width}.{2 if not unit else 1}f}{unit}"
 
         for r in rows:
-            print(f"{r['server']:<13} {r['repeat']:>3} {r['clients']:>7} {r['tok_s']:>8.1f} "
+            print(f"{r['server']:<17} {r['repeat']:>3} {r['clients']:>7} {r['tok_s']:>8.1f} "
                   f"{r['tok_s'] / r['sequential_tok_s']:>6.2f}x "
                   f"{ms(r['ttft_p50'], 7, 'ms')} {ms(r['ttft_p99'], 6, 'ms')} {ms(r['tpot_p50'], 10)} "
                   f"{ms(r['tpot_p99'], 7)} {r['status_5xx']:>4}")
