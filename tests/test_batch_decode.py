@@ -656,3 +656,18 @@ def test_prefix_reuse_after_a_cancel_mid_prompt_and_beside_running_rows():
         assert r.cached == 0 and not off.held
     floats = Scheduler(model_of("floatlm"), max_batch=1, max_len=32)
     assert not floats.prefix_cache
+
+
+def test_common_prefix_restated_item_by_item():
+    import random
+
+    from spectra.inference.batch import common_prefix
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(6))]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert common_prefix(a, b) == common_prefix(b, a) == n, (a, b)

@@ -343,6 +343,21 @@ class Request:
         return self.generator
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items `a` and `b` share: a binary search over slice comparisons, which run in C (a slot of
+    2048 positions checked against a prompt in a dozen comparisons rather than 2048 steps of Python)."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the answer is at most hi
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def penalize(logits: Tensor, tokens: Sequence[int], frequency: float, presence: float) -> Tensor:
     """OpenAI's frequency and presence penalties on one row of logits (V,), as a new float32 row: logit_j -
     c_j * frequency - (c_j > 0) * presence, c_j the count of token j in `tokens` (the ones generated so far)."""
@@ -499,18 +514,9 @@ class Scheduler:
         conversations stay), keeping that prefix but for the prompt's last token, which must run for its logits."""
         if not self.prefix_cache:
             return self.decoder.acquire(), 0
-        prompt = req.prompt_ids
-
-        def shared(slot: int) -> int:
-            held, n = self.held.get(slot, ()), 0
-            for a, b in zip(held, prompt):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        slot = max(self.decoder.free_slot_ids, key=lambda s: (shared(s), -self._released.get(s, -1)))
-        keep = min(shared(slot), len(prompt) - 1)
+        shared = {s: common_prefix(self.held.get(s, []), req.prompt_ids) for s in self.decoder.free_slot_ids}
+        slot = max(shared, key=lambda s: (shared[s], -self._released.get(s, -1)))
+        keep = min(shared[slot], len(req.prompt_ids) - 1)
         self.held.pop(slot, None)
         return self.decoder.acquire(slot, keep), keep
 
