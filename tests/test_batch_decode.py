@@ -671,3 +671,35 @@ def test_common_prefix_restated_item_by_item():
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         assert common_prefix(a, b) == common_prefix(b, a) == n, (a, b)
+
+
+@needs_ext
+def test_logit_bias_restated_from_the_rows_logits():
+    """A request's logit bias is added to its logits before each pick: restated with a lone slot's logits (the same C
+    rows), the bias added and argmax taken, for a ban of greedy's first token; +100 on a token makes it every pick,
+    sampled too, with log-probability ~0; the requests beside them keep their own tokens."""
+    model = model_of("packed-int8-head", seed=7)
+    prompt = [5, 9, 33, 2]
+    sched = Scheduler(model, max_batch=3, max_len=32)
+    plain = sched.submit(Request(prompt, 6, stop_at_eos=False))
+    sched.step()
+    ban = {plain.tokens[0]: -100.0, 3: 2.5}
+    banned = sched.submit(Request(prompt, 6, stop_at_eos=False, logit_bias=ban, logprobs=0))
+    forced = sched.submit(Request(prompt, 6, stop_at_eos=False, logit_bias={17: 100.0}, logprobs=2, temperature=0.8))
+    while not sched.idle:
+        sched.step()
+    assert forced.tokens == [17] * 6 and all(e["logprob"] > -1e-3 for e in forced.token_logprobs)
+    assert plain.tokens == run_alone(model, prompt, 6)
+    bd = BatchDecoder(model, 1, 32)
+    slot = bd.acquire()
+    logits, want = bd.prefill(slot, prompt), []
+    bias = torch.zeros(VOCAB)
+    bias[list(ban)] = torch.tensor(list(ban.values()))
+    for _ in range(6):
+        want.append(int(torch.argmax(logits.float() + bias)))
+        logits = bd.step([slot], [want[-1]])[0]
+    assert banned.tokens == want and plain.tokens[0] not in want
+    with pytest.raises(ValueError, match="logit_bias"):
+        sched.submit(Request(prompt, 2, logit_bias={VOCAB: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        sched.submit(Request(prompt, 2, logit_bias={1: float("nan")}))

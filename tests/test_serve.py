@@ -268,6 +268,35 @@ def test_prefix_reuse_reports_cached_tokens_and_keeps_the_text(server, reference
         assert plain.stop()
 
 
+def test_logit_bias_forces_a_token_and_bans_the_greedy_one(server, reference, model_dir):
+    """OpenAI's logit_bias: +100 on a token makes it every pick (greedy and sampled, its log-probability ~0); -100 on
+    greedy decoding's first token makes the first pick another token, never the banned one."""
+    from tokenizers import Tokenizer
+
+    c = server.client()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for temperature in (0, 0.9):
+        r = complete(c, PROMPTS[1], 6, temperature=temperature, logit_bias={"42": 100}, logprobs=1, extra_body={
+            "ignore_eos": True})
+        assert r.choices[0].text == tok.decode([42] * 6)
+        assert all(lp > -1e-3 for lp in r.choices[0].logprobs.token_logprobs)
+    import torch
+
+    from spectra.inference.batch import BatchDecoder
+
+    first = reference(PROMPTS[1], 1)["tokens"][0]  # greedy decoding's first token, then banned
+    r = complete(c, PROMPTS[1], 8, logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    bd = BatchDecoder(reference.model, 1, 64, torch.float16)  # the server's C rows, restated with the bias added
+    slot = bd.acquire()
+    logits, want = bd.prefill(slot, tok.encode(PROMPTS[1]).ids), []
+    for _ in range(8):
+        biased = logits.float().clone()
+        biased[first] -= 100
+        want.append(int(torch.argmax(biased)))
+        logits = bd.step([slot], [want[-1]])[0]
+    assert first not in want and r.choices[0].text == tok.decode(want)
+
+
 def test_stop_strings_and_usage(server, reference):
     c = server.client()
     full = reference(PROMPTS[0], 30)
@@ -300,11 +329,18 @@ def test_bad_input_answers_400_and_the_server_keeps_serving(server):
         dict(prompt=[1, 999], max_tokens=4),  # a token id outside the vocabulary
         dict(prompt="hi", max_tokens=4, frequency_penalty=2.5),
         dict(prompt="hi", max_tokens=4, presence_penalty=-3),
+        dict(prompt="hi", max_tokens=4, logit_bias={"abc": 1}),
+        dict(prompt="hi", max_tokens=4, logit_bias={"5": 101}),
+        dict(prompt="hi", max_tokens=4, logit_bias={"5": "up"}),
+        dict(prompt="hi", max_tokens=4, logit_bias={"384": 1}),  # outside the vocabulary
+        dict(prompt="hi", max_tokens=4, extra_body={"logit_bias": [5]}),
     ]
     for kw in cases:
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="m", **kw)
         assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error", kw
+        if "logit_bias" in kw or "logit_bias" in kw.get("extra_body", {}):
+            assert e.value.body["param"] == "logit_bias", kw
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="m", messages=[{"role": "wizard", "content": "x"}], max_tokens=3)
     with pytest.raises(openai.BadRequestError):

@@ -310,6 +310,7 @@ class Request:
     logprobs: int | None = None  # also report the chosen token's log-probability and this many top alternatives
     frequency_penalty: float = 0.0  # OpenAI's: logit_j - c_j * frequency_penalty - (c_j > 0) * presence_penalty,
     presence_penalty: float = 0.0  # c_j the count of token j among the tokens generated so far (`penalize`)
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to these token ids' logits before every pick
     on_event: Callable[[dict[str, Any]], None] | None = None  # called from the scheduler's thread
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)
@@ -336,6 +337,11 @@ class Request:
         """Whether its next token's logits take a frequency or presence penalty (it has generated a token)."""
         return bool(self.tokens) and (self.frequency_penalty != 0 or self.presence_penalty != 0)
 
+    @property
+    def own_logits(self) -> bool:
+        """Whether its next pick needs its own logits (a penalty or a logit bias), not the step's shared picks."""
+        return self.penalized or bool(self.logit_bias)
+
     def rng(self) -> torch.Generator:
         """The request's generator, seeded with `seed` at its first sampled token."""
         if self.generator is None:
@@ -356,6 +362,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         else:
             hi = mid
     return lo
+
+
+def adjusted_logits(req: Request, logits: Tensor) -> Tensor:
+    """A request's logits row (V,) with its penalties (`penalize`), then its logit bias added, as a new float32 row."""
+    out = penalize(logits, req.tokens, req.frequency_penalty, req.presence_penalty) if req.penalized else (
+        logits.float().clone())
+    if req.logit_bias:
+        ids = torch.tensor(list(req.logit_bias), dtype=torch.long)
+        out[ids] += torch.tensor(list(req.logit_bias.values()), dtype=torch.float32)
+    return out
 
 
 def penalize(logits: Tensor, tokens: Sequence[int], frequency: float, presence: float) -> Tensor:
@@ -416,6 +432,11 @@ class Scheduler:
         vocab = self.decoder.config.vocab_size
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        for i, b in (req.logit_bias or {}).items():
+            if not (isinstance(i, int) and 0 <= i < vocab):
+                raise ValueError(f"logit_bias keys must be token ids in 0..{vocab - 1}, got {i!r}")
+            if not -100 <= b <= 100:  # also refuses NaN
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {i}")
         need = len(req.prompt_ids) + req.max_new_tokens
         if need > self.decoder.max_len:
             raise ValueError(
@@ -484,7 +505,7 @@ class Scheduler:
         # finishing), the C call does not write them out at all.
         greedy_any = any(r.temperature == 0 for r in decoding)
         want_lse = any(r.logprobs is not None for r in decoding)
-        logits = any(r.temperature != 0 or r.logprobs not in (None, 0) or r.penalized for r in decoding) or (
+        logits = any(r.temperature != 0 or r.logprobs not in (None, 0) or r.own_logits for r in decoding) or (
             not decoding or any(end == len(r.prompt_ids) for r, end in chunks))
         rows, pre, picks_t, lse_t, top_t = self.decoder.step_rows(
             [r.slot for r in decoding], [r.tokens[-1] for r in decoding],
@@ -524,7 +545,7 @@ class Scheduler:
         """The draws of the step's sampled rows (temperature > 0), one u each from its request's generator, in one C
         call over the kernels' threads (`kernels.sample_rows`: the same draws as `sample_next` row by row):
         {row: token id}."""
-        idx = [i for i, r in enumerate(decoding) if r.temperature != 0 and not r.penalized]
+        idx = [i for i, r in enumerate(decoding) if r.temperature != 0 and not r.own_logits]
         if not idx or rows is None:
             return {}
         reqs = [decoding[i] for i in idx]
@@ -539,9 +560,8 @@ class Scheduler:
         `lse`: its log-sum-exp and `greedy_logit`: logits[greedy], when already taken for the whole step; `drawn`:
         its sampled token, when drawn for the whole step), emit its text, and finish it if it is done."""
         sampled = req.temperature != 0
-        if req.penalized:  # its own logits: the step's picks and statistics were taken without the penalty
-            logits = penalize(logits[row] if row is not None else logits, req.tokens, req.frequency_penalty,
-                              req.presence_penalty)
+        if req.own_logits:  # the step's picks and statistics were taken without its penalty and bias
+            logits = adjusted_logits(req, logits[row] if row is not None else logits)
             row = greedy = lse = greedy_logit = drawn = None
         if row is not None and (drawn is None and (greedy is None or sampled) or req.logprobs is not None and (
                 req.logprobs != 0 or sampled or lse is None or greedy_logit is None)):  # the row's logits are read

@@ -156,6 +156,23 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, wh
     return v
 
 
+def logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's `logit_bias`: a JSON object from token ids (as strings) to numbers in [-100, 100], added to those
+    tokens' logits; the ids' range is the model's (`Scheduler.check`)."""
+    bias = _get(body, "logit_bias", (dict,), None, "an object from token ids to numbers")
+    if not bias:
+        return None
+    out = {}
+    for k, v in bias.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+            raise BadRequest(f"'logit_bias' keys must be token ids, got {json.dumps(k)}", "logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise BadRequest(f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(v)} for token "
+                             f"{k}", "logit_bias")
+        out[int(k)] = float(v)
+    return out
+
+
 def load_chat_template(model_dir: str | None) -> str | None:
     """The Jinja chat template stored with a model (tokenizer_config.json's `chat_template`), or None."""
     if model_dir is None:
@@ -303,11 +320,12 @@ class Api:
             penalties[name] = v
         req = Request(ids, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                       stop=stop + extra_stops, seed=seed, logprobs=logprobs,
-                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False), **penalties)
+                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=logit_bias(body),
+                      **penalties)
         try:
             self.engine.check(req)
         except ValueError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e), "logit_bias" if str(e).startswith("logit_bias") else None) from None
         return req, stream, include_usage
 
     # ---- responses -----------------------------------------------------------------------------------------------
