@@ -334,6 +334,8 @@ def test_bad_input_answers_400_and_the_server_keeps_serving(server):
         dict(prompt="hi", max_tokens=4, logit_bias={"5": "up"}),
         dict(prompt="hi", max_tokens=4, logit_bias={"384": 1}),  # outside the vocabulary
         dict(prompt="hi", max_tokens=4, extra_body={"logit_bias": [5]}),
+        dict(prompt="hi", max_tokens=4, best_of=3),
+        dict(prompt="hi", max_tokens=4, suffix="and then"),
     ]
     for kw in cases:
         with pytest.raises(openai.BadRequestError) as e:

@@ -283,6 +283,10 @@ class Api:
             logprobs = _get(body, "logprobs", (int,), None)
             if _get(body, "echo", (bool,), False):
                 raise BadRequest("'echo' is not supported", "echo")
+            if _get(body, "best_of", (int,), 1) != 1:
+                raise BadRequest("'best_of' must be 1 (one candidate per request)", "best_of")
+            if _get(body, "suffix", (str,), ""):
+                raise BadRequest("'suffix' (insertion) is not supported", "suffix")
         ctx = self.engine.ctx_len
         if len(ids) >= ctx:
             raise BadRequest(f"the prompt has {len(ids)} tokens; this server's context is {ctx} tokens "
