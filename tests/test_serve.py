@@ -297,6 +297,30 @@ def test_logit_bias_forces_a_token_and_bans_the_greedy_one(server, reference, mo
     assert first not in want and r.choices[0].text == tok.decode(want)
 
 
+def test_tokenize_and_detokenize(server, model_dir):
+    """/tokenize gives the ids a completion or chat request would run (vLLM's shape, llama.cpp's "content" too) and
+    /detokenize their text; bad bodies answer 400."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    url = server.url
+    r = httpx.post(url + "/tokenize", json={"prompt": TEXT[:60]}).json()
+    assert r["tokens"] == tok.encode(TEXT[:60]).ids and r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    assert httpx.post(url + "/tokenize", json={"content": TEXT[:60]}).json()["tokens"] == r["tokens"]
+    assert httpx.post(url + "/tokenize", json={"prompt": [5, 6, 7]}).json()["tokens"] == [5, 6, 7]
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat = httpx.post(url + "/tokenize", json={"messages": msgs}).json()
+    used = server.client().chat.completions.create(model="m", messages=msgs, max_tokens=1, temperature=0)
+    assert chat["count"] == used.usage.prompt_tokens
+    back = httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == back["content"] == tok.decode(r["tokens"]) == TEXT[:60]
+    for path, body in [("/tokenize", {"prompt": ""}), ("/tokenize", {}), ("/tokenize", {"messages": []}),
+                       ("/detokenize", {"tokens": [1, 384]}), ("/detokenize", {"tokens": "abc"}),
+                       ("/detokenize", [1, 2])]:
+        resp = httpx.post(url + path, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", (path, body)
+
+
 def test_stop_strings_and_usage(server, reference):
     c = server.client()
     full = reference(PROMPTS[0], 30)
@@ -382,6 +406,7 @@ def test_burst_beyond_the_queue_gets_429_and_admitted_requests_complete(model_di
         with pytest.raises(openai.AuthenticationError):
             complete(srv.client(), "hi", 2)
         assert httpx.get(srv.url + "/health").status_code == 200  # health needs no key
+        assert httpx.post(srv.url + "/tokenize", json={"prompt": "hi"}).status_code == 401
         c = srv.client(api_key="sekrit")
 
         def one(i):

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over an `Engine`: Starlette routes, request validation, server-sent events.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health,
+GET /metrics (Prometheus text).
 Bodies are checked field by field before anything runs; every bad input answers 400 with OpenAI's error shape
 {"error": {"message", "type": "invalid_request_error", "param", "code"}}, a full queue 429 with `Retry-After`, a
 missing or wrong bearer key 401. Fields we do not know are ignored (clients send many), fields we know with the wrong
@@ -474,6 +475,48 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             {"id": model_name, "object": "model", "created": api.created, "owned_by": "spectra",
              "max_model_len": engine.ctx_len}]})  # fmt: skip
 
+    async def body_of(request: HttpRequest) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    async def tokenize(request: HttpRequest):
+        """vLLM's /tokenize ({"prompt"} or chat {"messages"}; llama.cpp's {"content"} too): the ids the server would
+        run, their count and the context."""
+        if (r := unauthorized(request)) is not None:
+            return r
+        try:
+            body = await body_of(request)
+            if "messages" in body:
+                ids = api.chat_prompt(body)[0]
+            else:
+                ids = api.completion_prompt({"prompt": body.get("prompt", body.get("content"))})
+        except BadRequest as e:
+            return err(400, str(e), "invalid_request_error", e.param, e.code)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.ctx_len})
+
+    async def detokenize(request: HttpRequest):
+        """vLLM's and llama.cpp's /detokenize: {"tokens": [ids]} -> the text, as "prompt" (vLLM) and "content"."""
+        if (r := unauthorized(request)) is not None:
+            return r
+        try:
+            body = await body_of(request)
+            ids = body.get("tokens")
+            vocab = engine.scheduler.decoder.config.vocab_size
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                    for t in ids):
+                raise BadRequest(f"'tokens' must be a list of token ids in 0..{vocab - 1}", "tokens", "invalid_type")
+            if engine.tokenizer is None:
+                raise BadRequest("this server has no tokenizer to turn ids into text", "tokens")
+        except BadRequest as e:
+            return err(400, str(e), "invalid_request_error", e.param, e.code)
+        text = engine.tokenizer.decode(ids)
+        return JSONResponse({"prompt": text, "content": text})
+
     async def generate(request: HttpRequest, chat: bool):
         if (r := unauthorized(request)) is not None:
             return r
@@ -608,6 +651,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
