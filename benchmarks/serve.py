@@ -34,9 +34,10 @@ below the built-in BPE's 4096 for every server.
 through `spectra.inference.batch.Scheduler` in this process, without HTTP, with the engine's settings; its row
 ("in process") is the rate the server would reach if HTTP, the clients and the event hand-off cost nothing.
 
-`--repeats N` runs the whole comparison (sequential, then each server) N times. The table lists every repeat; the
-summary gives the median and range over repeats of each ratio taken within its repeat, since a shared VM's speed
-can drift by half between runs a minute apart.
+`--repeats N` runs the whole comparison (sequential, then each server) N times, the servers in reverse order in odd
+repeats (a later server ran 2-11 % faster on the 2-core VM whatever it was), so use an even N to compare servers.
+The table lists every repeat; the summary gives the median and range over repeats of each ratio taken within its
+repeat, since a shared VM's speed can drift by half between runs a minute apart.
 
 `--soak SECONDS`: after the table, 16 clients send requests without pause for that long; prints the number of
 requests, 5xx answers and other errors, and the server's RSS at the start and end of the soak, its maximum, and the
@@ -466,6 +467,8 @@ def summarize(rows: list[dict]) -> dict:
 
     lines, ratios = ["summary (median [range] over repeats; ratios paired within a repeat):"], []
     peer = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
+    names = list(dict.fromkeys(r["server"] for r in rows if r["server"] not in ("in process", "llama-server")))
+    first = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if names and r["server"] == names[0]}
     for name in dict.fromkeys(r["server"] for r in rows):
         for c in dict.fromkeys(r["clients"] for r in rows if r["server"] == name):
             mine = [r for r in rows if r["server"] == name and r["clients"] == c]
@@ -476,6 +479,10 @@ def summarize(rows: list[dict]) -> dict:
             line = f"{name:<17} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
             if vs_peer:
                 line += f", vs llama-server {span(vs_peer)}"
+            vs_first = [r["tok_s"] / first[(r["repeat"], c)] for r in mine
+                        if name in names[1:] and first.get((r["repeat"], c))]
+            if vs_first:
+                line += f", vs {names[0]} {span(vs_first)}"
             lines.append(line)
             ratios.append({"server": name, "clients": c, "tok_s_median": rate, "vs_sequential": vs_seq,
                            "vs_llama_server": vs_peer})
@@ -574,7 +581,9 @@ def main() -> None:
                              "requests": c * args.rounds, "tokens": c * args.rounds * args.gen_len, "wall_s": nan,
                              "tok_s": rate, "ttft_p50": nan, "ttft_p99": nan, "tpot_p50": nan, "tpot_p99": nan,
                              "status_5xx": 0, "status_other": 0, "transport_errors": 0})  # fmt: skip
-            for name, start, llama in servers:
+            # Odd repeats run the servers in reverse order: on the 2-core VM the later server of a repeat ran 2-11 %
+            # faster whatever it was (the same build with and without prefix reuse, both orders, 2026-12-06).
+            for name, start, llama in servers if rep % 2 == 0 else servers[::-1]:
                 proc, url = start()
                 try:
                     run_loop(drive(url, 2, 1, args.prompt_len, 4, vocab, llama, 0, client_lib=args.client))
