@@ -103,10 +103,11 @@ def serve(
     app = create_app(engine, name, api_key=api_key, chat_template=template, stream_interval=stream_interval)
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
-    log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s)",
-             name, host, port, engine.max_batch, engine.ctx_len, str(caches[0].k.dtype).removeprefix("torch."), kv_gib,
-             engine.max_queue,
-             "packed C" if engine.scheduler.decoder.kernel is not None else "model modules")
+    log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s, "
+             "prefix reuse %s)", name, host, port, engine.max_batch, engine.ctx_len,
+             str(caches[0].k.dtype).removeprefix("torch."), kv_gib, engine.max_queue,
+             "packed C" if engine.scheduler.decoder.kernel is not None else "model modules",
+             "on" if engine.scheduler.prefix_cache else "off")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")
     uvicorn.Server(config).run()
