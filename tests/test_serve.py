@@ -297,6 +297,28 @@ def test_logit_bias_forces_a_token_and_bans_the_greedy_one(server, reference, mo
     assert first not in want and r.choices[0].text == tok.decode(want)
 
 
+def test_a_batch_of_prompts_gives_one_choice_each(server, reference):
+    """OpenAI's batch: `prompt` as a list of strings (or of token-id lists) gives one choice per prompt, in order, each
+    `generate`'s text alone, with the usage summed; streamed, a batch is refused."""
+    c = server.client()
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    r = c.completions.create(model="m", prompt=prompts, max_tokens=10, temperature=0, logprobs=0)
+    refs = [reference(p, 10) for p in prompts]
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.text for ch in r.choices] == [ref["text"] for ref in refs]
+    assert all(len(ch.logprobs.tokens) == ref["n_generated"] for ch, ref in zip(r.choices, refs))
+    assert r.usage.prompt_tokens == sum(ref["n_prompt"] for ref in refs)
+    assert r.usage.completion_tokens == sum(ref["n_generated"] for ref in refs)
+    ids = [[5, 6, 7], [9, 10]]
+    by_ids = c.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    assert [ch.text for ch in by_ids.choices] == [complete(c, p, 4).choices[0].text for p in ids]
+    for bad in ([PROMPTS[0], ""], ["x"] * 65):
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="m", prompt=bad, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        c.completions.create(model="m", prompt=prompts, max_tokens=4, stream=True)
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     """/tokenize gives the ids a completion or chat request would run (vLLM's shape, llama.cpp's "content" too) and
     /detokenize their text; bad bodies answer 400."""

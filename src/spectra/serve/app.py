@@ -40,6 +40,7 @@ PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_STOP = "\n\nUser:"
 MAX_STOPS = 4
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one completion request (OpenAI's batch), each its own choice
 DISCONNECT_POLL_S = 0.25
 
 
@@ -213,19 +214,30 @@ class Api:
         return tok.encode(text).ids
 
     def completion_prompt(self, body: dict) -> list[int]:
+        """The one prompt of a body (a string, or a list of token ids); BadRequest for several."""
+        prompts = self.completion_prompts(body)
+        if len(prompts) > 1:
+            raise BadRequest("'prompt' holds several prompts; send one here", "prompt")
+        return prompts[0]
+
+    def completion_prompts(self, body: dict) -> list[list[int]]:
+        """A completion body's prompts as token ids: a string, a list of token ids, or (OpenAI's batch) a list of up
+        to MAX_PROMPTS strings or lists of token ids, each its own choice."""
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-            p = p[0]  # a batch of one
+        if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+            if len(p) > MAX_PROMPTS:
+                raise BadRequest(f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} a request", "prompt")
+            return [self._one_prompt(x) for x in p]
+        return [self._one_prompt(p)]
+
+    def _one_prompt(self, p: Any) -> list[int]:
         if isinstance(p, str):
             ids = self.encode(p)
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             ids = list(p)
-        elif isinstance(p, list) and len(p) > 1:
-            raise BadRequest("'prompt' holds several prompts; send one per request (n=1 batching is server-side)",
-                             "prompt")
         else:
-            raise BadRequest(f"'prompt' must be a non-empty string or list of token ids, got {json.dumps(p)[:80]}",
-                             "prompt", "invalid_type")
+            raise BadRequest(f"'prompt' must be a non-empty string or list of token ids (or a list of those), got "
+                             f"{json.dumps(p)[:80]}", "prompt", "invalid_type")
         if not ids:
             raise BadRequest("'prompt' is empty", "prompt")
         return ids
@@ -256,8 +268,9 @@ class Api:
         return self.encode(text), [PLAIN_STOP]
 
     # ---- parameters ----------------------------------------------------------------------------------------------
-    def request(self, body: dict, *, chat: bool) -> tuple[Request, bool, bool]:
-        """(Request, stream, include_usage) from a JSON body; BadRequest names the field."""
+    def requests(self, body: dict, *, chat: bool) -> tuple[list[Request], bool, bool]:
+        """([Request, one per prompt], stream, include_usage) from a JSON body; BadRequest names the field. A
+        completion may hold several prompts (OpenAI's batch: one choice each, in order), not when streamed."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         _get(body, "model", (str,))
@@ -279,7 +292,11 @@ class Api:
             else:
                 logprobs = None
         else:
-            ids, extra_stops = self.completion_prompt(body), []
+            prompts, extra_stops = self.completion_prompts(body), []
+            if len(prompts) > 1 and stream:
+                raise BadRequest("a streamed completion takes one prompt; send the others as their own requests",
+                                 "prompt")
+            ids = max(prompts, key=len)  # the context checks below hold for every prompt if for the longest
             limit = _get(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
             logprobs = _get(body, "logprobs", (int,), None)
             if _get(body, "echo", (bool,), False):
@@ -323,15 +340,17 @@ class Api:
             if not -2 <= v <= 2:
                 raise BadRequest(f"'{name}' must be in [-2, 2], got {v}", name)
             penalties[name] = v
-        req = Request(ids, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
-                      stop=stop + extra_stops, seed=seed, logprobs=logprobs,
-                      stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=logit_bias(body),
-                      **penalties)
-        try:
-            self.engine.check(req)
-        except ValueError as e:
-            raise BadRequest(str(e), "logit_bias" if str(e).startswith("logit_bias") else None) from None
-        return req, stream, include_usage
+        bias = logit_bias(body)
+        reqs = [Request(p, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                        stop=stop + extra_stops, seed=seed, logprobs=logprobs,
+                        stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=bias, **penalties)
+                for p in ([ids] if chat else prompts)]
+        for req in reqs:
+            try:
+                self.engine.check(req)
+            except ValueError as e:
+                raise BadRequest(str(e), "logit_bias" if str(e).startswith("logit_bias") else None) from None
+        return reqs, stream, include_usage
 
     # ---- responses -----------------------------------------------------------------------------------------------
     def piece(self, i: int) -> str:
@@ -392,10 +411,10 @@ class Api:
         return "length" if req.finish_reason == "length" else "stop"
 
     @staticmethod
-    def usage(req: Request) -> dict:
-        n_p, n_c = len(req.prompt_ids), len(req.tokens)
+    def usage(*reqs: Request) -> dict:
+        n_p, n_c = sum(len(r.prompt_ids) for r in reqs), sum(len(r.tokens) for r in reqs)
         return {"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c,
-                "prompt_tokens_details": {"cached_tokens": req.cached}}
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached for r in reqs)}}
 
 
 # ---- the Starlette application -------------------------------------------------------------------------------------
@@ -525,56 +544,65 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         except (ValueError, UnicodeDecodeError) as e:
             return err(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
         try:
-            req, stream, include_usage = api.request(body, chat=chat)
+            reqs, stream, include_usage = api.requests(body, chat=chat)
         except BadRequest as e:
             engine.metrics.count_request("bad_request")
             return err(400, str(e), "invalid_request_error", e.param, e.code)
-        events: asyncio.Queue = asyncio.Queue()
         box = mailbox(asyncio.get_running_loop())
-        req.on_event = lambda ev: box.post(events, ev)
-        try:
-            engine.submit(req)
-        except QueueFull as e:
-            engine.metrics.count_request("rejected_full")
-            return err(429, f"the server is at capacity: {e}; retry shortly", "rate_limit_exceeded",
-                       code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        except ShuttingDown as e:
-            return err(503, str(e), "server_shutting_down", headers={"Retry-After": "5"})
+        queues: list[asyncio.Queue] = []
+        for i, req in enumerate(reqs):
+            queues.append(asyncio.Queue())
+            req.on_event = lambda ev, q=queues[-1]: box.post(q, ev)
+            try:
+                engine.submit(req)
+            except (QueueFull, ShuttingDown) as e:
+                for r in reqs[:i]:  # a batch goes in whole or not at all
+                    r.cancel()
+                engine.wake()
+                if isinstance(e, ShuttingDown):
+                    return err(503, str(e), "server_shutting_down", headers={"Retry-After": "5"})
+                engine.metrics.count_request("rejected_full")
+                return err(429, f"the server is at capacity: {e}; retry shortly", "rate_limit_exceeded",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
         if stream:
-            return StreamingResponse(sse(req, events, rid, created, chat, include_usage),
+            return StreamingResponse(sse(reqs[0], queues[0], rid, created, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text_parts: list[str] = []
+        choices = []
         try:
-            while True:
-                ev = await next_event(events, request, req)
-                if ev is None:
-                    return err(499, "client closed the request", "cancelled")
-                if ev["type"] == "token":
-                    text_parts.append(ev["text"])
+            for index, (req, events) in enumerate(zip(reqs, queues)):
+                text_parts: list[str] = []
+                while True:
+                    ev = await next_event(events, request, req)
+                    if ev is None:
+                        return err(499, "client closed the request", "cancelled")
+                    if ev["type"] == "token":
+                        text_parts.append(ev["text"])
+                    else:
+                        break
+                if req.finish_reason in ("error", "cancelled"):
+                    return err(500 if req.finish_reason == "error" else 503, f"generation {req.finish_reason}",
+                               "server_error")
+                text = "".join(text_parts) if engine.tokenizer is not None else ""
+                choice: dict[str, Any] = {"index": index, "finish_reason": api.finish_reason(req)}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                    choice["logprobs"] = ({"content": [api.chat_logprob(e) for e in req.token_logprobs],
+                                           "refusal": None} if req.logprobs is not None else None)
                 else:
-                    break
+                    choice["text"] = text
+                    choice["logprobs"] = api.logprobs_body(req.token_logprobs) if req.logprobs is not None else None
+                choices.append(choice)
         finally:
-            if req.finish_reason is None:  # the client went away: free the slot
-                req.cancel()
+            if any(r.finish_reason is None for r in reqs):  # the client went away or one failed: free the slots
+                for r in reqs:
+                    r.cancel()
                 engine.wake()
-        if req.finish_reason in ("error", "cancelled"):
-            return err(500 if req.finish_reason == "error" else 503, f"generation {req.finish_reason}",
-                       "server_error")
-        text = "".join(text_parts) if engine.tokenizer is not None else ""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": api.finish_reason(req)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = ({"content": [api.chat_logprob(e) for e in req.token_logprobs], "refusal": None}
-                                  if req.logprobs is not None else None)
-        else:
-            choice["text"] = text
-            choice["logprobs"] = api.logprobs_body(req.token_logprobs) if req.logprobs is not None else None
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                             "usage": api.usage(req)})
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
+                             "usage": api.usage(*reqs)})
 
     async def next_event(events: asyncio.Queue, request: HttpRequest, req: Request):
         """The next engine event, or None once the client has gone away (the request is then cancelled)."""
