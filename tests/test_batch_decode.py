@@ -703,3 +703,34 @@ def test_logit_bias_restated_from_the_rows_logits():
         sched.submit(Request(prompt, 2, logit_bias={VOCAB: 1.0}))
     with pytest.raises(ValueError, match="logit_bias"):
         sched.submit(Request(prompt, 2, logit_bias={1: float("nan")}))
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["packed-int8-head", "floatlm"])
+def test_echo_scores_every_prompt_token_restated_token_by_token(kind):
+    """An echo request's prompt_logprobs: None for the first token, then log p(token i | tokens before it) and the top
+    alternatives, as feeding the prompt one token at a time gives them; chunked like any prompt; it is never served
+    from a held prefix; its generated tokens are those of running alone."""
+    model = model_of(kind, seed=8)
+    prompt = [7, 3, 99, 12, 5, 41, 8, 250, 3]
+    sched = Scheduler(model, max_batch=2, max_len=32, prefill_chunk=4)
+    first = sched.submit(Request(prompt, 3, stop_at_eos=False))
+    while not sched.idle:
+        sched.step()
+    r = sched.submit(Request(prompt, 3, stop_at_eos=False, echo=True, logprobs=2))
+    s0 = sched.submit(Request(prompt, 0, stop_at_eos=False, echo=True, logprobs=0))
+    while not sched.idle:
+        sched.step()
+    assert r.cached == 0 and r.tokens == first.tokens and s0.tokens == [] and s0.finish_reason == "length"
+    bd = BatchDecoder(model, 1, 32)
+    slot = bd.acquire()
+    logits = [bd.prefill(slot, prompt[:1]).float()]
+    for t in prompt[1:-1]:
+        logits.append(bd.step([slot], [t])[0].float())
+    assert r.prompt_logprobs[0] == {"token": prompt[0], "logprob": None, "top": None}
+    assert len(r.prompt_logprobs) == len(s0.prompt_logprobs) == len(prompt)
+    for i, (e, e0) in enumerate(zip(r.prompt_logprobs[1:], s0.prompt_logprobs[1:])):
+        lp = torch.log_softmax(logits[i].double(), -1)
+        assert e["token"] == prompt[i + 1] and e0["top"] == []
+        assert e["logprob"] == pytest.approx(float(lp[prompt[i + 1]]), abs=1e-4) == e0["logprob"]
+        assert [j for j, _ in e["top"]] == lp.topk(2).indices.tolist()

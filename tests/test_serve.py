@@ -319,6 +319,35 @@ def test_a_batch_of_prompts_gives_one_choice_each(server, reference):
         c.completions.create(model="m", prompt=prompts, max_tokens=4, stream=True)
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(server, reference, model_dir):
+    """`echo` with `logprobs` (what lm-eval's local-completions sends for log-likelihoods: max_tokens 0 or 1): the
+    prompt's text, then each prompt token's log-probability given the ones before (the first None) and its top
+    alternatives, restated with the server's C rows fed one token at a time; streamed, it is refused."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from spectra.inference.batch import BatchDecoder
+
+    c = server.client()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = tok.encode(TEXT[:50]).ids
+    bd = BatchDecoder(reference.model, 1, 64, torch.float16)
+    slot = bd.acquire()
+    rows = [bd.prefill(slot, ids[:1]).float()] + [bd.step([slot], [t])[0].float() for t in ids[1:-1]]
+    want = [float(torch.log_softmax(r.double(), -1)[t]) for r, t in zip(rows, ids[1:])]
+    for max_tokens in (0, 1):
+        r = c.completions.create(model="m", prompt=TEXT[:50], max_tokens=max_tokens, temperature=0, echo=True,
+                                 logprobs=1)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(TEXT[:50]) and len(lp.tokens) == len(ids) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+        assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == max_tokens
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="m", prompt="hi", max_tokens=2, echo=True, stream=True)
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     """/tokenize gives the ids a completion or chat request would run (vLLM's shape, llama.cpp's "content" too) and
     /detokenize their text; bad bodies answer 400."""

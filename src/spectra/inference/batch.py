@@ -127,6 +127,18 @@ class BatchDecoder:
                     return self.kernel["decoder"].prefill(idx, cache)[0, -1]
             return self.model(idx, cache=cache)[0, -1]
 
+    def prefill_logits(self, slot: int, ids: Sequence[int]) -> Tensor:
+        """`prefill`, with the logits of every position of `ids` (len(ids), V) float32: for scoring a prompt."""
+        cache = self.caches[slot]
+        if cache.pos + len(ids) > self.max_len:
+            raise ValueError(f"{cache.pos + len(ids)} positions exceed the slot's {self.max_len}")
+        idx = torch.tensor([list(ids)], dtype=torch.long, device=self.model.embed_tokens.weight.device)
+        with torch.inference_mode():
+            if self.kernel is not None:
+                with serial_torch():
+                    return self.kernel["decoder"].prefill_logits(idx, cache)
+            return self.model(idx, cache=cache)[0].float()
+
     # ---- a decode step with prefill chunks in it -----------------------------------------------------------------
     def step_with_prefill(
         self, slots: Sequence[int], tokens: Sequence[int], prefills: Sequence[tuple[int, Sequence[int]]]
@@ -311,10 +323,12 @@ class Request:
     frequency_penalty: float = 0.0  # OpenAI's: logit_j - c_j * frequency_penalty - (c_j > 0) * presence_penalty,
     presence_penalty: float = 0.0  # c_j the count of token j among the tokens generated so far (`penalize`)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to these token ids' logits before every pick
+    echo: bool = False  # also score the prompt: prompt_logprobs (its chunks then run on their own, never reused)
     on_event: Callable[[dict[str, Any]], None] | None = None  # called from the scheduler's thread
     # filled in by the scheduler
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)  # echo: one per prompt token, the first None
     text: str = ""
     emitted: int = 0
     finish_reason: str | None = None
@@ -484,11 +498,13 @@ class Scheduler:
         chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
         most = self.prefill_chunks_per_step or (1 if self.prefill_chunk is None else len(self.running))
         rows = 0
+        for req in [r for r in self.running if r.echo and r.prefilled < len(r.prompt_ids)]:
+            self._score_chunk(req)  # on its own: every position's logits
         for req in self.running:
             if len(chunks) == most:
                 break
             n = len(req.prompt_ids)
-            if req.prefilled < n:
+            if req.prefilled < n and not req.echo:
                 size = self.prefill_chunk or n
                 end = min(n, (req.prefilled // size + 1) * size)  # fixed boundaries, every run
                 if self.prefill_chunks_per_step is None and chunks and rows + end - req.prefilled > size:
@@ -529,6 +545,32 @@ class Scheduler:
                 else:
                     self._accept(req, row)
 
+    def _score_chunk(self, req: Request) -> None:
+        """An echo request's next prompt chunk with every position's logits: the log-probability (and top
+        alternatives) of each prompt token given the ones before it, then, at the prompt's end, its first token."""
+        n, a = len(req.prompt_ids), req.prefilled
+        end = min(n, a + (self.prefill_chunk or n))
+        logits = self.decoder.prefill_logits(req.slot, req.prompt_ids[a:end])
+        if a == 0:
+            req.prompt_logprobs.append({"token": req.prompt_ids[0], "logprob": None, "top": None})
+        k = req.logprobs or 0
+        for j in range(end - a):
+            if a + j + 1 >= n:
+                break
+            row = logits[j]
+            lse = float(logsumexp(row.contiguous()))
+            tok = req.prompt_ids[a + j + 1]
+            top = torch.topk(row, min(k, row.numel())) if k > 0 else None
+            req.prompt_logprobs.append({"token": tok, "logprob": float(row[tok]) - lse, "top": [
+                (int(i), float(v) - lse) for v, i in zip(top.values, top.indices)] if top is not None else []})
+        self.stats["prefilled"] += end - a
+        req.prefilled = end
+        if end == n:
+            if req.max_new_tokens == 0:
+                self._finish(req, "length")
+            else:
+                self._accept(req, logits[-1])
+
     def _admit(self, req: Request) -> tuple[int, int]:
         """(slot, prompt tokens it already holds) for a request taking a slot: with prefix reuse, the free slot whose
         held tokens share the longest prefix with the prompt (ties: the one freed longest ago, so that recent
@@ -537,7 +579,7 @@ class Scheduler:
             return self.decoder.acquire(), 0
         shared = {s: common_prefix(self.held.get(s, []), req.prompt_ids) for s in self.decoder.free_slot_ids}
         slot = max(shared, key=lambda s: (shared[s], -self._released.get(s, -1)))
-        keep = min(shared[slot], len(req.prompt_ids) - 1)
+        keep = 0 if req.echo else min(shared[slot], len(req.prompt_ids) - 1)
         self.held.pop(slot, None)
         return self.decoder.acquire(slot, keep), keep
 

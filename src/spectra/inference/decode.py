@@ -215,6 +215,26 @@ class Decoder:
             cache.pos += len(chunk)
         return self.head(x[-1:])[0].unsqueeze(1)
 
+    def prefill_logits(self, idx: Tensor, cache) -> Tensor:
+        """`prefill`, with the logits of every position (T, V): what scoring a prompt needs (the server's `echo`).
+        Each row is the one `prefill` or feeding the tokens one at a time would give (the output layer is per row)."""
+        if not self._takes(cache):
+            return self.model(idx, cache=cache)[0]
+        ids = idx.reshape(-1).to(torch.long)
+        self._check_cache(cache, len(ids))
+        rows = self.rows(self.PREFILL_ROWS)
+        k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+        out = []
+        for a in range(0, len(ids), rows.n):
+            chunk = ids[a : a + rows.n]
+            pos = torch.arange(cache.pos, cache.pos + len(chunk), dtype=torch.int64)
+            k_ptrs = torch.full((len(chunk),), k_ptr, dtype=torch.int64)
+            v_ptrs = torch.full((len(chunk),), v_ptr, dtype=torch.int64)
+            x = rows.run(chunk, pos, k_ptrs, v_ptrs, cache)
+            cache.pos += len(chunk)
+            out.append(self.head(x[: len(chunk)])[0].float().clone())
+        return torch.cat(out)
+
     def _check_cache(self, cache, n: int) -> None:
         cfg = self.config
         ck, cv = cache.k, cache.v

@@ -299,8 +299,9 @@ class Api:
             ids = max(prompts, key=len)  # the context checks below hold for every prompt if for the longest
             limit = _get(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
             logprobs = _get(body, "logprobs", (int,), None)
-            if _get(body, "echo", (bool,), False):
-                raise BadRequest("'echo' is not supported", "echo")
+            echo = _get(body, "echo", (bool,), False)
+            if echo and stream:
+                raise BadRequest("'echo' is not streamed; ask without 'stream'", "echo")
             if _get(body, "best_of", (int,), 1) != 1:
                 raise BadRequest("'best_of' must be 1 (one candidate per request)", "best_of")
             if _get(body, "suffix", (str,), ""):
@@ -312,8 +313,8 @@ class Api:
                              "context_length_exceeded")
         if limit is None:
             limit = ctx - len(ids)
-        if limit <= 0:
-            raise BadRequest(f"'max_tokens' must be a positive integer, got {limit}", "max_tokens")
+        if limit < 0 or limit == 0 and not (not chat and echo):
+            raise BadRequest(f"'max_tokens' must be a positive integer (0 only with 'echo'), got {limit}", "max_tokens")
         if len(ids) + limit > ctx:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({limit}) exceeds this server's context of "
                              f"{ctx} tokens", "max_tokens", "context_length_exceeded")
@@ -343,7 +344,8 @@ class Api:
         bias = logit_bias(body)
         reqs = [Request(p, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                         stop=stop + extra_stops, seed=seed, logprobs=logprobs,
-                        stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=bias, **penalties)
+                        stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=bias,
+                        echo=not chat and echo, **penalties)
                 for p in ([ids] if chat else prompts)]
         for req in reqs:
             try:
@@ -369,13 +371,22 @@ class Api:
             top.setdefault(self.piece(i), v)
         return top
 
+    def prompt_text(self, body: dict, index: int) -> str:
+        """Prompt `index` of a completion body as text: the string given, or its token ids decoded."""
+        p = body.get("prompt")
+        if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+            p = p[index]
+        if isinstance(p, str):
+            return p
+        return self.engine.tokenizer.decode(list(p)) if self.engine.tokenizer is not None else ""
+
     def logprobs_body(self, entries: list[dict], text_offset: int = 0) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
             t = self.piece(e["token"])
             out["tokens"].append(t)
             out["token_logprobs"].append(e["logprob"])
-            out["top_logprobs"].append(self.top_pieces(e))
+            out["top_logprobs"].append(None if e["top"] is None else self.top_pieces(e))
             out["text_offset"].append(text_offset)
             text_offset += len(t)
         return out
@@ -593,8 +604,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                     choice["logprobs"] = ({"content": [api.chat_logprob(e) for e in req.token_logprobs],
                                            "refusal": None} if req.logprobs is not None else None)
                 else:
+                    if req.echo:  # the prompt as given (a string) or its ids' text, then the completion
+                        text = api.prompt_text(body, index) + text
                     choice["text"] = text
-                    choice["logprobs"] = api.logprobs_body(req.token_logprobs) if req.logprobs is not None else None
+                    choice["logprobs"] = (api.logprobs_body(req.prompt_logprobs + req.token_logprobs)
+                                          if req.logprobs is not None else None)
                 choices.append(choice)
         finally:
             if any(r.finish_reason is None for r in reqs):  # the client went away or one failed: free the slots
