@@ -348,6 +348,54 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(server, reference, model_dir):
         c.completions.create(model="m", prompt="hi", max_tokens=2, echo=True, stream=True)
 
 
+def test_lm_eval_local_completions_against_the_server(model_dir, tmp_path):
+    """lm-evaluation-harness's own `local-completions` model (token-id prompts, batches of 4, `echo` with
+    `logprobs`) on a served packed model gives the log-likelihoods and greedy flags of our in-process lm-eval adapter
+    on the same model (float32 caches on both sides), for multiple-choice and LAMBADA-style tasks."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    from spectra.__main__ import main
+    from spectra.eval.harness import SpectraLM
+    from spectra.inference.bench import with_int8_head
+    from spectra.loading import load
+    from tests.test_eval_harness import TEXT as EVAL_TEXT
+    from tests.test_eval_harness import write_task
+
+    assert main(["export", "hf", str(model_dir.parent / "latent"), str(tmp_path / "hf")]) == 0  # its tokenizer
+    sents = [s.strip() for s in EVAL_TEXT.split(".") if s.strip()]
+    arc = [{"id": f"q{i}", "question": f"{sents[i % len(sents)]}?", "answerKey": "ABCD"[i % 4],
+            "choices": {"text": [sents[(i + j) % len(sents)][:30] for j in range(4)], "label": list("ABCD")}}
+           for i in range(6)]
+    write_task(tmp_path, "toy_arc", "arc/arc_easy.yaml", arc, "test")
+    lambada = [{"text": " ".join(EVAL_TEXT.split()[i : i + 12 + i % 7])} for i in range(6)]
+    write_task(tmp_path, "toy_lambada", "lambada/lambada_openai.yaml", lambada, "test")
+    tasks, tm = ["toy_arc", "toy_lambada"], TaskManager(include_path=str(tmp_path), include_defaults=False)
+    srv = Server(model_dir, "--kv-cache", "f32", "--max-batch", "4")
+    try:
+        served = lm_eval.simple_evaluate(
+            model="local-completions", tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=True,
+            batch_size=4, model_args=f"base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,"
+                                     f"tokenizer={tmp_path / 'hf'},model=m,num_concurrent=1,max_retries=1")
+    finally:
+        assert srv.stop()
+    ours = lm_eval.simple_evaluate(
+        model=SpectraLM(with_int8_head(load(model_dir)), str(model_dir / "tokenizer.json"), batch_size=3),
+        tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=True)
+    n = 0
+    for task in tasks:
+        by_doc = {s["doc_id"]: s for s in ours["samples"][task]}
+        for s in served["samples"][task]:
+            for ra, rb in zip(s["resps"], by_doc[s["doc_id"]]["resps"]):
+                assert float(ra[0][0]) == pytest.approx(float(rb[0][0]), abs=1e-4) and ra[0][1] == rb[0][1]
+                n += 1
+        assert served["results"][task]["acc,none"] == ours["results"][task]["acc,none"]
+    assert n == 6 * 4 + 6
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     """/tokenize gives the ids a completion or chat request would run (vLLM's shape, llama.cpp's "content" too) and
     /detokenize their text; bad bodies answer 400."""
