@@ -200,31 +200,24 @@ class Decoder:
         another batch size or dtype, or grad mode, goes to the model's forward, as `__call__` does."""
         if not self._takes(cache):
             return self.model(idx, cache=cache)[:, -1:]  # what the C rows do not take: the model's own forward
-        ids = idx.reshape(-1).to(torch.long)
-        T = len(ids)
-        self._check_cache(cache, T)
-        rows = self.rows(self.PREFILL_ROWS)
-        k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
-        x = None
-        for a in range(0, T, rows.n):
-            chunk = ids[a : a + rows.n]
-            pos = torch.arange(cache.pos, cache.pos + len(chunk), dtype=torch.int64)
-            k_ptrs = torch.full((len(chunk),), k_ptr, dtype=torch.int64)
-            v_ptrs = torch.full((len(chunk),), v_ptr, dtype=torch.int64)
-            x = rows.run(chunk, pos, k_ptrs, v_ptrs, cache)
-            cache.pos += len(chunk)
-        return self.head(x[-1:])[0].unsqueeze(1)
+        for x, n in self._prefill_rows(idx, cache):
+            pass
+        return self.head(x[n - 1 : n])[0].unsqueeze(1)
 
     def prefill_logits(self, idx: Tensor, cache) -> Tensor:
         """`prefill`, with the logits of every position (T, V): what scoring a prompt needs (the server's `echo`).
         Each row is the one `prefill` or feeding the tokens one at a time would give (the output layer is per row)."""
         if not self._takes(cache):
             return self.model(idx, cache=cache)[0]
+        return torch.cat([self.head(x[:n])[0].float().clone() for x, n in self._prefill_rows(idx, cache)])
+
+    def _prefill_rows(self, idx: Tensor, cache):
+        """The C rows of idx (1, T) into `cache`, PREFILL_ROWS positions a call: yields (x, n) per call, x's first n
+        rows the residual stream after the last block (valid until the next call)."""
         ids = idx.reshape(-1).to(torch.long)
         self._check_cache(cache, len(ids))
         rows = self.rows(self.PREFILL_ROWS)
         k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
-        out = []
         for a in range(0, len(ids), rows.n):
             chunk = ids[a : a + rows.n]
             pos = torch.arange(cache.pos, cache.pos + len(chunk), dtype=torch.int64)
@@ -232,8 +225,7 @@ class Decoder:
             v_ptrs = torch.full((len(chunk),), v_ptr, dtype=torch.int64)
             x = rows.run(chunk, pos, k_ptrs, v_ptrs, cache)
             cache.pos += len(chunk)
-            out.append(self.head(x[: len(chunk)])[0].float().clone())
-        return torch.cat(out)
+            yield x, len(chunk)
 
     def _check_cache(self, cache, n: int) -> None:
         cfg = self.config
