@@ -734,3 +734,31 @@ def test_echo_scores_every_prompt_token_restated_token_by_token(kind):
         assert e["token"] == prompt[i + 1] and e0["top"] == []
         assert e["logprob"] == pytest.approx(float(lp[prompt[i + 1]]), abs=1e-4) == e0["logprob"]
         assert [j for j, _ in e["top"]] == lp.topk(2).indices.tolist()
+
+
+@needs_ext
+@pytest.mark.parametrize("kv,chunk", [(None, 4), (torch.int8, 4), (None, 128)])
+def test_a_burst_with_one_system_prompt_computes_it_once(kv, chunk):
+    """Requests admitted together whose prompts share a prefix: the first prefills it, the others wait for it and get
+    its positions copied (`_share_prefixes`), so it is computed once; a later request copies from a sequence that is
+    decoding. Every request's tokens are running alone's."""
+    model = model_of("packed-int8-head", seed=9)
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(0, VOCAB, (22,), generator=g).tolist()
+    tails = [torch.randint(0, VOCAB, (3 + i,), generator=g).tolist() for i in range(3)]
+    sched = Scheduler(model, max_batch=4, max_len=64, prefill_chunk=chunk, kv_dtype=kv)  # 128: all fit in one step
+    reqs = [sched.submit(Request(system + t, 5, stop_at_eos=False)) for t in tails]
+    while not sched.idle:
+        sched.step()
+    assert [r.cached for r in reqs] == [0, 22, 22]
+    assert sched.stats["prefilled"] == 22 + sum(len(t) for t in tails) and sched.stats["cached"] == 44
+    for r in reqs:
+        assert r.tokens == run_alone(model, r.prompt_ids, 5, kv_dtype=kv)
+    long = sched.submit(Request(system + [1] * 10, 20, stop_at_eos=False))  # a free slot holds its prefix: reused
+    for _ in range(12):
+        sched.step()
+    late = sched.submit(Request(system + [1] * 10 + long.tokens[:3] + [2], 4, stop_at_eos=False))
+    while not sched.idle:
+        sched.step()
+    assert long.cached == 22 and late.cached == len(late.prompt_ids) - 1  # the rest copied from `long`, decoding
+    assert late.tokens == run_alone(model, late.prompt_ids, 4, kv_dtype=kv)

@@ -31,9 +31,12 @@ scheduler remembers which tokens those positions are. A new request takes the fr
 prefix with its prompt (ties: the slot freed longest ago) and starts its prefill after that prefix, or before its
 prompt's last token when the whole prompt is held (its logits give the first token). A conversation's next turn
 resends the earlier turns, and a shared system prompt opens every request: both then cost only their new tokens, as
-with llama.cpp's server (`cache_prompt`) and vLLM's prefix caching. On the C path a position's keys and values are
-the same bits whatever else ran in its steps and however its prompt was cut into chunks, so reuse changes no token;
-on the model-modules path they can differ in the last bits with the batch, so it stays off there.
+with llama.cpp's server (`cache_prompt`) and vLLM's prefix caching. Between sequences that hold slots at once, a
+prompt that starts with what an earlier-admitted sequence's slot holds gets those positions copied instead of
+computed, and one that starts with what an earlier one is still prefilling waits for it, so a burst of requests with
+one system prompt computes it once (`Scheduler._share_prefixes`). On the C path a position's keys and values are the
+same bits whatever else ran in its steps and however its prompt was cut into chunks, so reuse changes no token; on the
+model-modules path they can differ in the last bits with the batch, so it stays off there.
 """
 
 from __future__ import annotations
@@ -126,6 +129,16 @@ class BatchDecoder:
                 with serial_torch():
                     return self.kernel["decoder"].prefill(idx, cache)[0, -1]
             return self.model(idx, cache=cache)[0, -1]
+
+    def copy_rows(self, src: int, dst: int, a: int, b: int) -> None:
+        """Positions [a, b) of slot src's keys and values into slot dst, whose cache holds a positions; it then holds
+        b (`Scheduler`'s prefix sharing: the same bytes, so the same results as prefilling them)."""
+        d = self.caches[dst]
+        if d.pos != a or not 0 <= a <= b <= min(self.caches[src].pos, self.max_len):
+            raise ValueError(f"cannot copy positions {a}..{b} of slot {src} into slot {dst} at position {d.pos}")
+        for name in ("k", "v"):
+            getattr(d, name)[:, :, :, a:b].copy_(getattr(self.caches[src], name)[:, :, :, a:b])
+        d.pos = b
 
     def prefill_logits(self, slot: int, ids: Sequence[int]) -> Tensor:
         """`prefill`, with the logits of every position of `ids` (len(ids), V) float32: for scoring a prompt."""
@@ -363,6 +376,9 @@ class Request:
         return self.generator
 
 
+SHARE_MIN_ROWS = 16  # positions a prompt must stand to gain before it waits for another's prefill (`_share_prefixes`)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading items `a` and `b` share: a binary search over slice comparisons, which run in C (a slot of
     2048 positions checked against a prompt in a dozen comparisons rather than 2048 steps of Python)."""
@@ -498,13 +514,14 @@ class Scheduler:
         chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
         most = self.prefill_chunks_per_step or (1 if self.prefill_chunk is None else len(self.running))
         rows = 0
+        waiting = self._share_prefixes() if self.prefix_cache else set()
         for req in [r for r in self.running if r.echo and r.prefilled < len(r.prompt_ids)]:
             self._score_chunk(req)  # on its own: every position's logits
         for req in self.running:
             if len(chunks) == most:
                 break
             n = len(req.prompt_ids)
-            if req.prefilled < n and not req.echo:
+            if req.prefilled < n and not req.echo and id(req) not in waiting:
                 size = self.prefill_chunk or n
                 end = min(n, (req.prefilled // size + 1) * size)  # fixed boundaries, every run
                 if self.prefill_chunks_per_step is None and chunks and rows + end - req.prefilled > size:
@@ -544,6 +561,36 @@ class Scheduler:
                     self._finish(req, "length")
                 else:
                     self._accept(req, row)
+
+    def _share_prefixes(self) -> set[int]:
+        """Prefix sharing between the sequences holding slots: a prompt still to prefill that starts with what an
+        earlier-admitted sequence's slot holds gets those positions copied (`BatchDecoder.copy_rows`) instead of
+        computed; one that starts with what an earlier one is still prefilling waits for it (at least SHARE_MIN_ROWS
+        positions to gain), so that a burst of requests with one system prompt computes it once. Only earlier
+        sequences are waited for, so nothing waits in a circle. Returns the ids of the requests that wait this step."""
+        waiting: set[int] = set()
+        for i, req in enumerate(self.running):
+            need = len(req.prompt_ids) - 1  # the last prompt token runs, for its logits
+            if req.echo or req.prefilled >= need:
+                continue
+            best, donor = req.prefilled, None
+            for d in self.running[:i]:
+                if d.slot is None or d.echo and d.prefilled < len(d.prompt_ids):
+                    continue
+                m = min(common_prefix(d.prompt_ids + d.tokens, req.prompt_ids), need)
+                if m > best:
+                    best, donor = m, d
+            if donor is None:
+                continue
+            have = min(best, self.decoder.pos(donor.slot))
+            if have > req.prefilled:
+                self.decoder.copy_rows(donor.slot, req.slot, req.prefilled, have)
+                req.cached += have - req.prefilled
+                self.stats["cached"] += have - req.prefilled
+                req.prefilled = have
+            if best - req.prefilled >= SHARE_MIN_ROWS and donor.prefilled < len(donor.prompt_ids):
+                waiting.add(id(req))  # the donor is still computing what this one would compute again
+        return waiting
 
     def _score_chunk(self, req: Request) -> None:
         """An echo request's next prompt chunk with every position's logits: the log-probability (and top
