@@ -573,11 +573,14 @@ class Scheduler:
             need = len(req.prompt_ids) - 1  # the last prompt token runs, for its logits
             if req.echo or req.prefilled >= need:
                 continue
-            best, donor = req.prefilled, None
+            best, donor, first = req.prefilled, None, req.prompt_ids[0]
             for d in self.running[:i]:
-                if d.slot is None or d.echo and d.prefilled < len(d.prompt_ids):
-                    continue
-                m = min(common_prefix(d.prompt_ids + d.tokens, req.prompt_ids), need)
+                if d.slot is None or d.prompt_ids[0] != first or d.echo and d.prefilled < len(d.prompt_ids):
+                    continue  # (the first token's test spares the search for prompts that share nothing)
+                m = common_prefix(d.prompt_ids, req.prompt_ids)
+                if m == len(d.prompt_ids) and d.tokens:
+                    m += common_prefix(d.tokens, req.prompt_ids[m:])
+                m = min(m, need)
                 if m > best:
                     best, donor = m, d
             if donor is None:
@@ -624,7 +627,9 @@ class Scheduler:
         conversations stay), keeping that prefix but for the prompt's last token, which must run for its logits."""
         if not self.prefix_cache:
             return self.decoder.acquire(), 0
-        shared = {s: common_prefix(self.held.get(s, []), req.prompt_ids) for s in self.decoder.free_slot_ids}
+        first = req.prompt_ids[0]
+        shared = {s: common_prefix(h, req.prompt_ids) if (h := self.held.get(s)) and h[0] == first else 0
+                  for s in self.decoder.free_slot_ids}
         slot = max(shared, key=lambda s: (shared[s], -self._released.get(s, -1)))
         keep = 0 if req.echo else min(shared[slot], len(req.prompt_ids) - 1)
         self.held.pop(slot, None)
