@@ -350,7 +350,7 @@ class Request:
     generator: torch.Generator | None = None
     detok: TextDecoder | None = None
     prefilled: int = 0
-    cached: int = 0  # prompt tokens whose keys and values the slot already held (prefix reuse), not prefilled
+    cached: int = 0  # prompt tokens whose keys and values it did not compute: held by its slot or copied (reuse)
     t_submit: float = 0.0
     t_first: float | None = None
     t_done: float | None = None
