@@ -272,6 +272,11 @@ async def raw_request(conns: list, url: str, body: dict, llama: bool, t0: float)
     return {"status": 200, "times": [t for t, ev in proto.events if _timed_event(ev, llama)], "t0": t0}
 
 
+def prompt_ids(rng, prefix: list[int], prompt_len: int, vocab: int) -> list[int]:
+    """One request's prompt: the shared prefix (`--shared-prefix`), then `prompt_len` random ids below `vocab`."""
+    return [*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))]
+
+
 async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: int, vocab: int, llama: bool,
                 seed: int, until: float | None = None, client_lib: str = "aiohttp", sampling: dict | None = None,
                 prefix: list[int] = ()) -> dict:
@@ -298,7 +303,7 @@ async def drive(url: str, clients: int, rounds: int, prompt_len: int, gen_len: i
         nonlocal errors
         n = 0
         while (until is None and n < rounds) or (until is not None and time.perf_counter() < until):
-            prompt = [*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))]
+            prompt = prompt_ids(rng, prefix, prompt_len, vocab)
             try:
                 results.append(await one_request(conns[i] if client is None else client, url, prompt, gen_len, llama,
                                                  sampling))
@@ -347,8 +352,7 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
     t0 = time.perf_counter()
     total = 0
     for _ in range(n):
-        out = generate(model, None, [*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))],
-                       max_new_tokens=gen_len,
+        out = generate(model, None, prompt_ids(rng, prefix, prompt_len, vocab), max_new_tokens=gen_len,
                        stop_at_eos=False, kv_dtype=kv_dtype_from_name(kv_cache), **(sampling or {}))
         total += out["n_generated"]
     return total / (time.perf_counter() - t0)
@@ -376,7 +380,7 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
     rng = random.Random(2)
 
     def run(count: int, new_tokens: int) -> float:
-        reqs = [Request([*prefix, *(rng.randrange(1, vocab) for _ in range(prompt_len))], new_tokens, stop_at_eos=False,
+        reqs = [Request(prompt_ids(rng, prefix, prompt_len, vocab), new_tokens, stop_at_eos=False,
                         logprobs=0, **(sampling or {})) for _ in range(count)]  # fmt: skip
         t0 = time.perf_counter()
         for r in reqs:

@@ -394,6 +394,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def logprob_entry(x: Tensor, token: int, k: int, lse: float) -> dict[str, Any]:
+    """{"token", "logprob", "top"} of `token` under the logits row x (V,) whose log-sum-exp is lse, with the k most
+    likely tokens as (id, log-probability) pairs: a generated token's (`Request.token_logprobs`) or a prompt token's."""
+    top = torch.topk(x, min(k, x.numel())) if k > 0 else None
+    return {"token": token, "logprob": float(x[token]) - lse,
+            "top": [] if top is None else [(int(i), float(v) - lse) for v, i in zip(top.values, top.indices)]}
+
+
 def adjusted_logits(req: Request, logits: Tensor) -> Tensor:
     """A request's logits row (V,) with its penalties (`penalize`), then its logit bias added, as a new float32 row."""
     out = penalize(logits, req.tokens, req.frequency_penalty, req.presence_penalty) if req.penalized else (
@@ -603,16 +611,10 @@ class Scheduler:
         logits = self.decoder.prefill_logits(req.slot, req.prompt_ids[a:end])
         if a == 0:
             req.prompt_logprobs.append({"token": req.prompt_ids[0], "logprob": None, "top": None})
-        k = req.logprobs or 0
-        for j in range(end - a):
-            if a + j + 1 >= n:
-                break
-            row = logits[j]
-            lse = float(logsumexp(row.contiguous()))
-            tok = req.prompt_ids[a + j + 1]
-            top = torch.topk(row, min(k, row.numel())) if k > 0 else None
-            req.prompt_logprobs.append({"token": tok, "logprob": float(row[tok]) - lse, "top": [
-                (int(i), float(v) - lse) for v, i in zip(top.values, top.indices)] if top is not None else []})
+        scored = min(end, n - 1) - a  # row j predicts prompt token a + j + 1
+        lses = logsumexp(logits[:scored].contiguous()).tolist()
+        for j, lse in enumerate(lses):
+            req.prompt_logprobs.append(logprob_entry(logits[j], req.prompt_ids[a + j + 1], req.logprobs or 0, lse))
         self.stats["prefilled"] += end - a
         req.prefilled = end
         if end == n:
@@ -678,11 +680,7 @@ class Scheduler:
             event["logprob"] = entry
         elif req.logprobs is not None:
             x = logits.float().contiguous()
-            lse = float(logsumexp(x)) if lse is None else lse
-            top = torch.topk(x, min(req.logprobs, x.numel())) if req.logprobs > 0 else None
-            entry = {"token": nxt, "logprob": float(x[nxt]) - lse,
-                     "top": [(int(i), float(v) - lse) for v, i in zip(top.values, top.indices)] if top is not None
-                     else []}  # fmt: skip
+            entry = logprob_entry(x, nxt, req.logprobs, float(logsumexp(x)) if lse is None else lse)
             req.token_logprobs.append(entry)
             event["logprob"] = entry
         finish = None

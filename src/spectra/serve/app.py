@@ -158,6 +158,12 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, wh
     return v
 
 
+def prompt_items(p: Any) -> list:
+    """A completion's `prompt` as the list of its prompts: OpenAI's batch (a list of strings or of token-id lists) as
+    it is, anything else (one string, one list of ids, or what `Api._one_prompt` will refuse) as a list of one."""
+    return p if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p) else [p]
+
+
 def logit_bias(body: dict) -> dict[int, float] | None:
     """OpenAI's `logit_bias`: a JSON object from token ids (as strings) to numbers in [-100, 100], added to those
     tokens' logits; the ids' range is the model's (`Scheduler.check`)."""
@@ -223,12 +229,10 @@ class Api:
     def completion_prompts(self, body: dict) -> list[list[int]]:
         """A completion body's prompts as token ids: a string, a list of token ids, or (OpenAI's batch) a list of up
         to MAX_PROMPTS strings or lists of token ids, each its own choice."""
-        p = body.get("prompt")
-        if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
-            if len(p) > MAX_PROMPTS:
-                raise BadRequest(f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} a request", "prompt")
-            return [self._one_prompt(x) for x in p]
-        return [self._one_prompt(p)]
+        items = prompt_items(body.get("prompt"))
+        if len(items) > MAX_PROMPTS:
+            raise BadRequest(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS} a request", "prompt")
+        return [self._one_prompt(x) for x in items]
 
     def _one_prompt(self, p: Any) -> list[int]:
         if isinstance(p, str):
@@ -280,6 +284,7 @@ class Api:
         stream = _get(body, "stream", (bool,), False)
         opts = _get(body, "stream_options", (dict,), {})
         include_usage = bool(_get(opts, "include_usage", (bool,), False))
+        echo = False  # completions only
         if chat:
             ids, extra_stops = self.chat_prompt(body)
             limit = _get(body, "max_completion_tokens", (int,), None)
@@ -313,7 +318,7 @@ class Api:
                              "context_length_exceeded")
         if limit is None:
             limit = ctx - len(ids)
-        if limit < 0 or limit == 0 and not (not chat and echo):
+        if limit < 0 or limit == 0 and not echo:
             raise BadRequest(f"'max_tokens' must be a positive integer (0 only with 'echo'), got {limit}", "max_tokens")
         if len(ids) + limit > ctx:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({limit}) exceeds this server's context of "
@@ -345,7 +350,7 @@ class Api:
         reqs = [Request(p, limit, temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
                         stop=stop + extra_stops, seed=seed, logprobs=logprobs,
                         stop_at_eos=not _get(body, "ignore_eos", (bool,), False), logit_bias=bias,
-                        echo=not chat and echo, **penalties)
+                        echo=echo, **penalties)
                 for p in ([ids] if chat else prompts)]
         for req in reqs:
             try:
@@ -373,9 +378,7 @@ class Api:
 
     def prompt_text(self, body: dict, index: int) -> str:
         """Prompt `index` of a completion body as text: the string given, or its token ids decoded."""
-        p = body.get("prompt")
-        if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
-            p = p[index]
+        p = prompt_items(body.get("prompt"))[index]
         if isinstance(p, str):
             return p
         return self.engine.tokenizer.decode(list(p)) if self.engine.tokenizer is not None else ""
@@ -505,11 +508,14 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             {"id": model_name, "object": "model", "created": api.created, "owned_by": "spectra",
              "max_model_len": engine.ctx_len}]})  # fmt: skip
 
-    async def body_of(request: HttpRequest) -> dict:
+    async def json_body(request: HttpRequest) -> Any:
         try:
-            body = json.loads(await request.body())
+            return json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+    async def body_of(request: HttpRequest) -> dict:
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
@@ -551,9 +557,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         if (r := unauthorized(request)) is not None:
             return r
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            return err(400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+            body = await json_body(request)
+        except BadRequest as e:  # unreadable JSON is not counted among the bad requests in the metrics
+            return err(400, str(e), "invalid_request_error")
         try:
             reqs, stream, include_usage = api.requests(body, chat=chat)
         except BadRequest as e:

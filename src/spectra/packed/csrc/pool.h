@@ -38,11 +38,11 @@
 typedef void (*chunk_fn)(void *ctx, int64_t chunk);
 
 #ifdef POOL_STATS
-/* -DPOOL_STATS (benchmarks/pool_waits.py): where the threads of pooled jobs wait, in nanoseconds summed over jobs
- * (pool_stats() reads and clears them). Per job: from publishing to the first chunk a worker starts (wake), the
- * caller's own chunks (caller_work), its wait for the others' after them (caller_wait), the workers' chunks
- * (worker_work), and from the end of the previous job to this one's publishing (between: the caller's work outside
- * jobs, while the workers wait). One caller at a time, as the pool runs. */
+/* -DPOOL_STATS (benchmarks/kernel_ab.py -D POOL_STATS=1): where the threads of pooled jobs wait, in nanoseconds
+ * summed over jobs (pool_stats() reads and clears them). Per job: from publishing to the first chunk a worker starts
+ * (wake), the caller's own chunks (caller_work), its wait for the others' after them (caller_wait), the workers'
+ * chunks (worker_work), and from the end of the previous job to this one's publishing (between: the caller's work
+ * outside jobs, while the workers wait). One caller at a time, as the pool runs. */
 static struct {
     uint64_t jobs, wake, caller_work, caller_wait, between, last_end;
     _Atomic uint64_t worker_work, worker_start;

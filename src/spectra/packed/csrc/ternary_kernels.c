@@ -1504,7 +1504,6 @@ static inline __attribute__((always_inline)) void q8_prefetch(const char *next, 
  * head's keys (nk, nS rows) while it reads its own row r, and row j of the next head's values (nv) in its value pass;
  * a head that no such pass fetched (`first`) fetches its own keys and values first; a long head reads ATT_AHEAD rows
  * ahead. */
-
 TARGET_AVX512 static inline __attribute__((always_inline)) float att_scores_q8(
     const float *q, const char *k, const float *kw, const float *ks, float *p, int64_t S, int64_t D, float scale,
     const char *nk, int64_t nS, const int near, const int widened) {
