@@ -641,7 +641,7 @@ def _http_chunks(url: str, body: dict) -> list[bytes]:
 def test_stream_interval_writes_tokens_in_groups(model_dir, reference):
     """`--stream-interval 4` end to end: the same tokens and text as `generate`, each token its own SSE event, in
     writes (HTTP chunks) that hold 4 tokens or more, except the first and the last (which carries the end). How many
-    arrive together also depends on timing (this tiny model outruns the loop); `gathered`'s own test pins the rule."""
+    arrive together also depends on timing (this tiny model outruns the loop); `Gatherer`'s own test pins the rule."""
     body = {"prompt": PROMPTS[0], "max_tokens": 23, "temperature": 0, "stream": True, "logprobs": 0,
             "ignore_eos": True}
     srv = Server(model_dir, "--max-batch", "2", "--stream-interval", "4")
@@ -659,41 +659,123 @@ def test_stream_interval_writes_tokens_in_groups(model_dir, reference):
     assert sum(groups) == 23 and all(g >= 4 for g in groups[1:-1])
     got = [t for ts in per_chunk for t in ts]
     assert "".join(t["choices"][0]["text"] for t in got) == reference(PROMPTS[0], 23, stop_at_eos=False)["text"]
-    assert b'"finish_reason": "length"' in chunks[-2] and chunks[-1] == b"data: [DONE]\n\n"
+    assert b'"finish_reason": "length"' in chunks[-1] and chunks[-1].endswith(b"data: [DONE]\n\n")  # the end: one write
 
 
-def test_gathered_holds_tokens_until_the_interval():
-    """`app.gathered`, the events one write carries, with tokens arriving one at a time: interval 1 writes each as it
-    comes; interval 4 the first at once, then groups of 4, then the rest with the end; tokens that arrive together
-    (a client behind) go together whatever the interval."""
+def _stream_parts():
+    """An `EventStream` whose events carry their text, and what it sends."""
+    from spectra.serve.app import EventStream
+
+    sent, cancelled = [], []
+
+    def render(events):
+        return "".join(e["text"] for e in events if e["type"] == "token")
+
+    stream = EventStream("open;", render, lambda: "end", lambda: cancelled.append(True))
+    return stream, sent, cancelled
+
+
+def _tok(text: str) -> list[dict]:
+    return [{"type": "token", "text": text}]
+
+
+def test_event_stream_writes_in_order_behind_a_suspended_send():
+    """`EventStream` runs each write's ASGI `send` by hand; one that suspends (the transport's buffer is full) is
+    carried on by the loop once what it waits for is done, the writes after it wait behind it in order, and the
+    response returns after its last write (more_body false). Events pushed before the response started are kept."""
     import asyncio
 
-    from spectra.serve.app import gathered
+    async def main():
+        loop = asyncio.get_running_loop()
+        stream, sent, cancelled = _stream_parts()
+        gate = loop.create_future()
+
+        async def send(msg):
+            if msg.get("body") == b"t1":
+                await gate  # flow control: uvicorn waits for the transport to drain
+            sent.append(msg)
+
+        async def receive():
+            await loop.create_future()  # the client stays
+
+        stream.push(_tok("t0"))  # before the response started
+        task = asyncio.create_task(stream(None, receive, send))
+        await asyncio.sleep(0)
+        assert sent[0]["type"] == "http.response.start" and [m["body"] for m in sent[1:]] == [b"open;", b"t0"]
+        stream.push(_tok("t1"))  # suspends
+        stream.push(_tok("t2"))
+        stream.push([*_tok("t3"), {"type": "done"}])
+        assert [m["body"] for m in sent[1:]] == [b"open;", b"t0"] and not task.done()
+        gate.set_result(None)
+        await asyncio.wait_for(task, 5)
+        assert [m["body"] for m in sent[1:]] == [b"open;", b"t0", b"t1", b"t2", b"t3end"]
+        assert [m["more_body"] for m in sent[1:]] == [True] * 4 + [False]
+        stream.push(_tok("late"))  # after the end: dropped
+        assert len(sent) == 6 and not cancelled
+
+    asyncio.run(main())
+
+
+def test_event_stream_cancels_when_the_client_goes_or_a_write_fails():
+    """A disconnect ends the response and cancels the request once; so does a send that raises."""
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stream, sent, cancelled = _stream_parts()
+        left = loop.create_future()
+
+        async def send(msg):
+            sent.append(msg)
+
+        async def receive():
+            await left
+            return {"type": "http.disconnect"}
+
+        task = asyncio.create_task(stream(None, receive, send))
+        await asyncio.sleep(0)
+        stream.push(_tok("t0"))
+        left.set_result(None)
+        await asyncio.wait_for(task, 5)
+        stream.push([*_tok("t1"), {"type": "done"}])
+        assert [m.get("body") for m in sent[1:]] == [b"open;", b"t0"] and cancelled == [True]
+
+        stream, sent, cancelled = _stream_parts()
+
+        async def broken(msg):
+            if msg.get("body") == b"t0":
+                raise OSError("connection reset")
+            sent.append(msg)
+
+        task = asyncio.create_task(stream(None, lambda: loop.create_future(), broken))
+        await asyncio.sleep(0)
+        stream.push(_tok("t0"))
+        await asyncio.wait_for(task, 5)
+        stream.push(_tok("t1"))
+        assert [m.get("body") for m in sent[1:]] == [b"open;"] and cancelled == [True]
+
+    asyncio.run(main())
+
+
+def test_gatherer_holds_tokens_until_the_interval():
+    """`app.Gatherer`, the events one write carries, with tokens arriving one flush at a time: interval 1 writes each
+    as it comes; interval 4 the first at once, then groups of 4, then the rest with the end; tokens that arrive
+    together (a client behind) go together whatever the interval."""
+    from spectra.serve.app import Gatherer
 
     tok, done = {"type": "token"}, {"type": "done"}
 
-    async def groups(interval: int, arrivals: list[int]) -> list[tuple[int, bool]]:
-        q: asyncio.Queue = asyncio.Queue()
-        got: list[tuple[int, bool]] = []
-
-        async def consume():
-            async for g in gathered(q, interval):
-                got.append((sum(e["type"] == "token" for e in g), g[-1]["type"] == "done"))
-
-        task = asyncio.create_task(consume())
-        for n in arrivals:
-            for _ in range(n):
-                q.put_nowait(tok)
-            for _ in range(3):
-                await asyncio.sleep(0)  # the consumer takes what is there
-        q.put_nowait(done)
-        await task
+    def groups(interval: int, arrivals: list[int]) -> list[tuple[int, bool]]:
+        g, got = Gatherer(interval), []
+        for n in [*arrivals, None]:
+            for group in g.add([tok] * n if n is not None else [done]):
+                got.append((sum(e["type"] == "token" for e in group), group[-1]["type"] == "done"))
         return got
 
-    assert asyncio.run(groups(1, [1] * 6)) == [(1, False)] * 6 + [(0, True)]
-    assert asyncio.run(groups(4, [1] * 10)) == [(1, False), (4, False), (4, False), (1, True)]
-    assert asyncio.run(groups(4, [3, 1, 1, 5, 1])) == [(3, False), (7, False), (1, True)]
-    assert asyncio.run(groups(2, [])) == [(0, True)]
+    assert groups(1, [1] * 6) == [(1, False)] * 6 + [(0, True)]
+    assert groups(4, [1] * 10) == [(1, False), (4, False), (4, False), (1, True)]
+    assert groups(4, [3, 1, 1, 5, 1]) == [(3, False), (7, False), (1, True)]
+    assert groups(2, []) == [(0, True)]
 
 
 def test_bad_prefill_options_are_one_line_errors():
