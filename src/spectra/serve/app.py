@@ -208,7 +208,8 @@ class EventStream:
             self._step(self._send(msg), msg)
 
     def _step(self, coro, msg: dict) -> None:
-        """Run a send coroutine until it ends or suspends; once one suspends, the loop carries it on (`_resume`)."""
+        """Run send coroutine `coro` (writing `msg`) until it ends, then the writes queued behind it; when it
+        suspends, the loop resumes it here once what it waits for is done, as a Task would."""
         try:
             waiting = coro.send(None)
         except StopIteration:
