@@ -626,6 +626,23 @@ def test_prefix_reuse_skips_the_held_prefix_and_changes_no_token(kv):
 
 
 @needs_ext
+def test_scheduler_rouses_the_pool_before_each_step(monkeypatch):
+    """Every scheduler step on the C path first wakes the kernels' sleeping pool workers (`rouse_pool`), so that the
+    step's first job finds them polling."""
+    model = model_of("packed-int8-head", seed=2)
+    sched = Scheduler(model, max_batch=2, max_len=64, prefill_chunk=4)
+    ext = sched.decoder.kernel["decoder"]._ext
+    calls = []
+    monkeypatch.setattr(ext, "rouse_pool", lambda: calls.append(1))
+    sched.submit(Request([1, 2, 3, 4, 5], 6, stop_at_eos=False))
+    steps = 0
+    while not sched.idle:
+        sched.step()
+        steps += 1
+    assert steps == 7 and len(calls) == steps  # two prompt chunks (the first token comes from the second), 5 steps
+
+
+@needs_ext
 def test_prefix_reuse_after_a_cancel_mid_prompt_and_beside_running_rows():
     """A slot freed by a cancel halfway through its prompt holds only the chunks that ran; a request reusing them
     while another sequence decodes in the same steps still gets its own tokens, and with prefix_cache=False nothing is

@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -691,3 +692,12 @@ def test_pool_stats_build_counts_each_job(tmp_path, monkeypatch):
     assert stats["caller_work"] > 0 and stats["between"] > 0, stats
     assert stats["worker_work"] == 0 or stats["wake"] > 0, stats  # a worker's chunk starts after publishing
     assert stats_build.pool_stats()["jobs"] == 0
+    # rouse_pool wakes a sleeping worker (it has slept since its spin ran out) without a job: counted as roused,
+    # and the next job computes the same bits
+    time.sleep(0.05)
+    stats_build.rouse_pool()
+    deadline = time.time() + 5
+    while stats_build.pool_stats()["roused"] == 0 and time.time() < deadline:  # read (and cleared) until counted
+        time.sleep(0.01)
+    assert time.time() < deadline, "no sleeping worker was woken"
+    assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path=COMPILED[0], n_threads=2), ref)

@@ -498,6 +498,11 @@ class Scheduler:
         its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path).
         On the C path torch's ops of the step (sampling, log-probabilities) run on this thread (`serial_torch`)."""
         kern = self.decoder.kernel
+        if kern is not None and hasattr(kern["decoder"]._ext, "rouse_pool"):
+            # The step's own Python (admission, the rows' arrays) and, in a server, the bookkeeping of the step
+            # before outlast the pool's spin, so its workers sleep; woken now, they are polling when the step's
+            # first job comes (16 rows of TriLM-99M: 50 us a step from publishing to a worker's first chunk).
+            kern["decoder"]._ext.rouse_pool()
         with torch_threads_for(kern["decoder"] if kern is not None else None):
             self._step()
 

@@ -42,10 +42,11 @@ typedef void (*chunk_fn)(void *ctx, int64_t chunk);
  * summed over jobs (pool_stats() reads and clears them). Per job: from publishing to the first chunk a worker starts
  * (wake), the caller's own chunks (caller_work), its wait for the others' after them (caller_wait), the workers'
  * chunks (worker_work), and from the end of the previous job to this one's publishing (between: the caller's work
- * outside jobs, while the workers wait). One caller at a time, as the pool runs. */
+ * outside jobs, while the workers wait), and the times a sleeping worker was woken with no job (roused:
+ * pool_rouse). One caller at a time, as the pool runs. */
 static struct {
     uint64_t jobs, wake, caller_work, caller_wait, between, last_end;
-    _Atomic uint64_t worker_work, worker_start;
+    _Atomic uint64_t worker_work, worker_start, roused;
 } pstat;
 static _Thread_local int pstat_caller;
 static inline uint64_t pstat_ns(void) {
@@ -120,6 +121,7 @@ static void *pool_worker(void *arg) {
             atomic_fetch_add(&pool.sleepers, 1);
             syscall(SYS_futex, &pool.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
             atomic_fetch_sub(&pool.sleepers, 1);
+            PSTAT(if (atomic_load(&pool.gen) == seen) atomic_fetch_add(&pstat.roused, 1);)
             since = pool_now_ns();
         }
         seen = g;
@@ -155,6 +157,13 @@ static int pool_grow(int want) {
     const int n = pool.n_workers;
     pthread_mutex_unlock(&pool.grow);
     return n;
+}
+
+/* Wake sleeping workers without a job: they poll for the next one for another POOL_SPIN_NS. A caller that will
+ * publish a job after some work of its own outside the pool (a serving engine's bookkeeping between two decode
+ * steps, longer than the spin) calls this first, so the job finds its workers polling instead of asleep. */
+static void pool_rouse(void) {
+    if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
 static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {

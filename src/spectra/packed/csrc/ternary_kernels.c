@@ -4228,17 +4228,28 @@ static PyObject *py_tq1_decoding(PyObject *self, PyObject *noargs) {
     return PyBytes_FromStringAndSize((const char *)t, 192);
 }
 
+/* rouse_pool() -> None: wake the kernels' sleeping pool workers so that they poll for the next job (pool_rouse);
+ * nothing without the pool. */
+static PyObject *py_rouse_pool(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+#if defined(SPECTRA_POOL)
+    pool_rouse();
+#endif
+    Py_RETURN_NONE;
+}
+
 #if defined(POOL_STATS) && defined(SPECTRA_POOL)
 /* pool_stats() -> dict of the pool's counters since the last call (pool.h, -DPOOL_STATS builds only), then cleared. */
 static PyObject *py_pool_stats(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
-    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "jobs", (unsigned long long)pstat.jobs, "wake",
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "jobs", (unsigned long long)pstat.jobs, "wake",
                                 (unsigned long long)pstat.wake, "caller_work", (unsigned long long)pstat.caller_work,
                                 "caller_wait", (unsigned long long)pstat.caller_wait, "worker_work",
                                 (unsigned long long)atomic_load(&pstat.worker_work), "between",
-                                (unsigned long long)pstat.between);
+                                (unsigned long long)pstat.between, "roused",
+                                (unsigned long long)atomic_load(&pstat.roused));
     pstat.jobs = pstat.wake = pstat.caller_work = pstat.caller_wait = pstat.between = pstat.last_end = 0;
-    atomic_store(&pstat.worker_work, 0);
+    atomic_store(&pstat.worker_work, 0), atomic_store(&pstat.roused, 0);
     return d;
 }
 #endif
@@ -4336,6 +4347,7 @@ static PyMethodDef methods[] = {
     {"tq1_encoding", py_tq1_encoding, METH_NOARGS, "The stored value of each TQ1_0 code byte (kernel order)."},
     {"tq1_decoding", py_tq1_decoding, METH_NOARGS, "The VBMI kernels' TQ1_0 decoding tables (code 0, two sum tables)."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
+    {"rouse_pool", py_rouse_pool, METH_NOARGS, "Wake the pool's sleeping workers to poll for the next job."},
 #if defined(POOL_STATS) && defined(SPECTRA_POOL)
     {"pool_stats", py_pool_stats, METH_NOARGS, "The thread pool's wait counters since the last call (-DPOOL_STATS)."},
 #endif
