@@ -97,13 +97,13 @@ class Mailbox:
         """Each queue gets its events one by one, each stream (`EventStream`) all of its step's events in one call."""
         with self._lock:
             items, self._pending, self._scheduled = self._pending, [], False
-        streams: dict[int, tuple[EventStream, list[dict]]] = {}
+        streams: dict[EventStream, list[dict]] = {}
         for target, event in items:
             if isinstance(target, EventStream):
-                streams.setdefault(id(target), (target, []))[1].append(event)
+                streams.setdefault(target, []).append(event)
             else:
                 target.put_nowait(event)
-        for stream, events in streams.values():
+        for stream, events in streams.items():
             stream.push(events)
 
 
@@ -128,6 +128,11 @@ class Gatherer:
         return [group]
 
 
+def sse_failure(message: str) -> str:
+    """The end of a stream that failed: an OpenAI-style error event, then `[DONE]`."""
+    return f"data: {json.dumps(error_body(message, 'server_error'))}\n\ndata: [DONE]\n\n"
+
+
 async def _disconnect(receive) -> None:
     """Returns once the client has gone away (the request body has already been read)."""
     while (await receive())["type"] != "http.disconnect":
@@ -144,7 +149,7 @@ class EventStream:
     clients' side woke for each in turn. Here `Mailbox._flush` hands each stream its step's events in one call
     (`push`), which formats them (`render`; `closing` after the last) and calls the ASGI `send` itself, running the
     coroutine by hand: uvicorn's send of a body finishes without suspending unless the transport's write buffer is
-    full. A send that does suspend (flow control) is carried on by the loop (`_resume`), and later writes wait
+    full. A send that does suspend (flow control) is carried on by the loop (`_step`), and later writes wait
     behind it in order. The response's own coroutine (`__call__`) sends the status and headers, waits for the end
     or for the client to go away (which calls `cancel`), then returns once the last write is out."""
 
@@ -175,8 +180,7 @@ class EventStream:
         finally:
             gone.cancel()
             if not self._end.done():  # the client went away, or the server is cancelling this response
-                self._closed = True
-                self._cancel()
+                self._abandon()
 
     def push(self, events: list[dict]) -> None:
         """This step's events of the stream (on the loop, from `Mailbox._flush`)."""
@@ -197,8 +201,7 @@ class EventStream:
             log.exception("formatting a stream's events failed")
             self._closed = True
             self._cancel()
-            self._write(f"data: {json.dumps(error_body('internal error', 'server_error'))}\n\ndata: [DONE]\n\n"
-                        .encode(), more=False)
+            self._write(sse_failure("internal error").encode(), more=False)
 
     def _write(self, body: bytes, more: bool = True) -> None:
         msg = {"type": "http.response.body", "body": body, "more_body": more}
@@ -222,11 +225,8 @@ class EventStream:
             return
         except Exception as e:  # the transport failed under us: the client is gone
             log.debug("a stream's write failed: %r", e)
-            self._busy, self._closed = False, True
-            self._backlog.clear()
-            self._cancel()
-            if not self._end.done():
-                self._end.set_result(None)
+            self._busy = False
+            self._abandon()
             return
         self._busy = True
         if waiting is None:  # a bare yield (asyncio.sleep(0))
@@ -234,6 +234,14 @@ class EventStream:
         else:  # a future, as a Task would wait on it
             waiting._asyncio_future_blocking = False
             waiting.add_done_callback(lambda _: self._step(coro, msg))
+
+    def _abandon(self) -> None:
+        """The client is gone: drop what is left to write, cancel the request, end the response."""
+        self._closed = True
+        self._backlog.clear()
+        self._cancel()
+        if not self._end.done():
+            self._end.set_result(None)
 
 
 class Chunks:
@@ -689,8 +697,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        queues: list[Any] = [event_stream(reqs[0], rid, created, chat, include_usage) if stream else asyncio.Queue()
-                             for _ in reqs]  # a stream has one request (n=1, one prompt)
+        # a stream has one request (n=1, one prompt: Api.requests), the others a queue each
+        queues: list[Any] = ([event_stream(reqs[0], rid, created, chat, include_usage)] if stream
+                             else [asyncio.Queue() for _ in reqs])
         for i, (req, q) in enumerate(zip(reqs, queues)):
             req.on_event = lambda ev, q=q: box.post(q, ev)
             try:
@@ -780,8 +789,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
 
         def closing() -> str:
             if req.finish_reason in ("error", "cancelled"):
-                failed = json.dumps(error_body(f"generation {req.finish_reason}", "server_error"))
-                return f"data: {failed}\n\ndata: [DONE]\n\n"
+                return sse_failure(f"generation {req.finish_reason}")
             finish = api.finish_reason(req)
             out = fmt.delta({}, finish) if chat else fmt.text("", "null", finish)
             if include_usage:
