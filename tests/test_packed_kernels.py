@@ -1,6 +1,7 @@
 """Compiled ternary kernels: every path equals the pure-torch reference bit for bit; path selection and its errors."""
 
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,24 @@ def test_attention_close_to_sdpa(path):
         K.attention(torch.randn(2, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8))
     with pytest.raises(ValueError, match="rows of D"):
         K.attention(torch.randn(2, 8), torch.randn(2, 8, 4).transpose(1, 2), torch.randn(2, 8, 4).transpose(1, 2))
+
+
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_attention_weights_below_the_exp_floor_are_zero(path):
+    """A key more than 87 below the largest score weighs 0 on every path (its e^d would be a subnormal float, which
+    Intel cores compute by a microcode assist: 17x the time of a head of sharp attention); one just above weighs
+    e^d. A huge value row makes the weight visible: out = e^d v / (1 + e^d)."""
+    D = 16
+    v = torch.zeros(1, 2, D)
+    v[0, 1] = 1e30
+    for d, want in ((-86.5, 1e30 * math.exp(-86.5)), (-87.5, 0.0), (-300.0, 0.0)):
+        q = torch.zeros(1, D)
+        q[0, 0] = 4 * d  # score d: (4 d * 1) / sqrt(16)
+        k = torch.zeros(1, 2, D)
+        k[0, 1, 0] = 1.0
+        out = K.attention(q, k, v, path=path)[0, 0].item()
+        assert out == pytest.approx(want, rel=1e-5, abs=0.0), (d, out)
 
 
 def _anon_huge_bytes(lo: int, hi: int) -> int:
