@@ -3743,6 +3743,18 @@ static PyObject *py_decode_layers_batch(PyObject *self, PyObject *args) {
     return batch_layers(args, 1);
 }
 
+#ifdef SPECTRA_X86
+static int f16c_on = 0; /* the CPU converts float16 (F16C: every AVX2 CPU); set once at import */
+
+/* n float16 values widened to float32 by vcvtph2ps, 8 at a time: exact, as half_to_float. A batched step's 16
+ * embedding rows of 512 took 44 us through half_to_float's branches (with the GIL held), against 2-3 us. */
+__attribute__((target("avx,f16c"))) static void halves_widen_f16c(const uint16_t *e, int64_t n, float *x) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e + i))));
+    for (; i < n; i++) x[i] = half_to_float(e[i]);
+}
+#endif
+
 /* Row `token` of an embedding table [rows, C] of float32 (kind 0), float16 (1) or bfloat16 (2), widened exactly to
  * float32 in x. */
 static void embed_row(const void *emb, int kind, int64_t token, int64_t C, float *x) {
@@ -3751,13 +3763,19 @@ static void embed_row(const void *emb, int kind, int64_t token, int64_t C, float
         return;
     }
     const uint16_t *e = (const uint16_t *)emb + token * C;
-    for (int64_t i = 0; i < C; i++) {
-        if (kind == 1) {
-            x[i] = half_to_float(e[i]);
-        } else {
-            const uint32_t bits = (uint32_t)e[i] << 16;
-            memcpy(&x[i], &bits, 4);
+    if (kind == 1) {
+#ifdef SPECTRA_X86
+        if (f16c_on) {
+            halves_widen_f16c(e, C, x);
+            return;
         }
+#endif
+        for (int64_t i = 0; i < C; i++) x[i] = half_to_float(e[i]);
+        return;
+    }
+    for (int64_t i = 0; i < C; i++) {
+        const uint32_t bits = (uint32_t)e[i] << 16;
+        memcpy(&x[i], &bits, 4);
     }
 }
 
@@ -4367,6 +4385,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     prefetch_tune(); /* before any thread runs a kernel */
 #ifdef SPECTRA_X86
     quad_gfni_ready(); /* probed once, before any thread reads it */
+    f16c_on = __builtin_cpu_supports("f16c");
     tq1_has_vbmi(); /* fills the TQ1 decode tables (and chooses the byte encoding) once, before any thread reads them */
     amx_ready(); /* asks Linux for the tile registers once */
 #else
