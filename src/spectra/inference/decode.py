@@ -173,7 +173,7 @@ class Decoder:
     def rowlane_codes(self) -> dict:
         """The packed layers' code bytes interleaved by 16 rows (`kernels.rowlane_codes`) for the row-lane GEMM that
         products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), by module; {} where it
-        does not run: a path other than `avx512vnni`, a CPU with AMX (its tiles take those products), a build without
+        does not run: a path other than `avx512vnni`, AMX in use (its tiles take those products), a build without
         the kernel, or a model with more than ROWLANE_MAX_BYTES of codes as TQ2_0 (the copy is TQ2_0 code bytes also
         for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's, `_head_setup`). Made on first
         use and kept on the modules (`rowlane_of`), so the decoders that `generate` builds per call share them."""
@@ -181,7 +181,7 @@ class Decoder:
             mods = self._packed
             total = sum(m.out_features * m.in_features // 4 for m in mods)  # as TQ2_0 code bytes
             ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
-                  and hasattr(self._ext, "set_rowlane") and not K.cpu_features().get("amx_int8", False)
+                  and hasattr(self._ext, "set_rowlane") and not K.amx_in_use()
                   and total <= self.ROWLANE_MAX_BYTES)
             self._rowlane = dict(zip(mods, rowlane_of([(m, m.qs) for m in mods]))) if ok else {}
         return self._rowlane

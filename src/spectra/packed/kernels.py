@@ -175,6 +175,17 @@ def use_amx(on: bool = True) -> bool:
     return bool(ext.set_amx(on)) if ext is not None else False
 
 
+def amx_in_use() -> bool:
+    """Whether the `avx512vnni` path hands products of 5 or more tokens to the AMX tiles now: the CPU has them and
+    `use_amx` has not switched them off. Call it while no kernel runs (it reads the switch by setting it back)."""
+    ext = extension()
+    if ext is None:
+        return False
+    was = bool(ext.set_amx(True))
+    ext.set_amx(was)
+    return was
+
+
 def use_gfni(on: bool = True) -> bool:
     """Let the quad GEMM (batched TQ2_0 steps on the `avx512vnni` path without AMX) take each 2-bit code field out of
     its byte with one GFNI affine map where the CPU has GFNI (the default) or with a shift and an AND (`on=False`, as
