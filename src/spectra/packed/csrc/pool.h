@@ -159,9 +159,10 @@ static int pool_grow(int want) {
     return n;
 }
 
-/* Wake sleeping workers without a job: they poll for the next one for another POOL_SPIN_NS. A caller that will
- * publish a job after some work of its own outside the pool (a serving engine's bookkeeping between two decode
- * steps, longer than the spin) calls this first, so the job finds its workers polling instead of asleep. */
+/* Wake sleeping workers: after a job is published (pool_for), or without one, when they poll for the next one for
+ * another POOL_SPIN_NS. A caller that will publish a job after some work of its own outside the pool (a serving
+ * engine's bookkeeping between two decode steps, longer than the spin) calls this first, so the job finds its workers
+ * polling instead of asleep. */
 static void pool_rouse(void) {
     if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
@@ -183,7 +184,7 @@ static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
     PSTAT(const uint64_t tp = pstat_ns(); pstat_caller = 1; atomic_store(&pstat.worker_start, 0);
           if (pstat.last_end) pstat.between += tp - pstat.last_end;)
     atomic_store(&pool.gen, g); /* seq_cst: ordered before the read of sleepers (a sleeper re-checks gen) */
-    if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    pool_rouse();
     pool_work(g);
     PSTAT(const uint64_t tc = pstat_ns(); pstat.caller_work += tc - tp;)
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks) pool_relax();
