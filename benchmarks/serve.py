@@ -3,7 +3,7 @@
     python benchmarks/serve.py [--model DIR | --size trilm-99m] [--threads 2] [--clients 1 4 16] [--prompt-len 32]
                                [--gen-len 64] [--repeats 3] [--llama-server PATH] [--soak SECONDS] [--in-process]
                                [--temperature T [--top-p P]] [--client raw|aiohttp|httpx] [--stream-interval N ...]
-                               [--shared-prefix N] [--prefix-cache on off]
+                               [--shared-prefix N] [--prefix-cache on off] [--pipeline on off]
 
 The model is a packed checkpoint: `--model DIR`, or `--size` packed into a temporary folder with random weights
 (`spectra pack SIZE`; speed does not depend on the values). The server runs in its own process on a free loopback
@@ -50,6 +50,9 @@ row and the baseline; with `--prefix-cache on off` a spectra server runs with it
 (`spectra serve --no-prefix-cache`, rows "spectra no-prefix"). llama-server reuses a slot's prompt prefix by default
 too (`cache_prompt`, slots chosen by prompt similarity). The sequential baseline (`generate`) prefills every prompt
 whole, so with a shared prefix the "vs one stream" ratio also counts the reuse.
+`--pipeline on off`: a spectra server with pipelined steps (serve's default: the next step launched on the kernels'
+deferred-call thread before the bookkeeping of the one before) and one without (`spectra serve --no-pipeline`, rows
+"spectra serial"); the in-process row uses the first.
 `--temperature T [--top-p P]`: every request samples (the clients', the sequential baseline's and the in-process
 run's; top_k off on both servers, since llama-server's default is 40) instead of decoding greedily.
 
@@ -359,7 +362,8 @@ def sequential_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_
 
 
 def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_len: int, vocab: int, kv_cache: str,
-                   max_batch: int = 16, sampling: dict | None = None, prefix: list[int] = ()) -> float:
+                   max_batch: int = 16, sampling: dict | None = None, prefix: list[int] = (),
+                   pipeline: bool = True) -> float:
     """Tokens/s of `n` requests through `spectra.inference.batch.Scheduler` in this process, without HTTP: the server's
     engine settings (`max_batch` slots, 128-token prefill chunks, int8 head, the built-in tokenizer's text) and the
     clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once."""
@@ -376,7 +380,7 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
     torch.set_num_threads(threads)
     sched = Scheduler(with_int8_head(load(model_dir)), builtin_tokenizer(), max_batch=max_batch,
                       max_len=len(prefix) + prompt_len + gen_len + 8, prefill_chunk=128,
-                      kv_dtype=kv_dtype_from_name(kv_cache))
+                      kv_dtype=kv_dtype_from_name(kv_cache), pipeline=pipeline)
     rng = random.Random(2)
 
     def run(count: int, new_tokens: int) -> float:
@@ -394,11 +398,11 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
 
 
 def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str, stream_interval: int = 1,
-                  prefix_cache: bool = True) -> tuple[subprocess.Popen, str]:
+                  prefix_cache: bool = True, pipeline: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", str(port), "--threads", str(threads),
            "--ctx-len", str(ctx), "--kv-cache", kv_cache, "--stream-interval", str(stream_interval), *SERVE_EXTRA,
-           *([] if prefix_cache else ["--no-prefix-cache"])]
+           *([] if prefix_cache else ["--no-prefix-cache"]), *([] if pipeline else ["--no-pipeline"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -518,6 +522,9 @@ def main() -> None:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="every prompt opens with the same N token ids (a system prompt) before its --prompt-len "
                              "random ones, everywhere (the clients, the sequential baseline, the in-process run)")
+    parser.add_argument("--pipeline", choices=["on", "off"], nargs="+", default=["on"],
+                        help="a spectra server for each (off: `spectra serve --no-pipeline`, rows 'spectra serial'); "
+                             "default on, serve's default; the in-process row follows the first")
     parser.add_argument("--prefix-cache", choices=["on", "off"], nargs="+", default=["on"],
                         help="a spectra server for each (off: `spectra serve --no-prefix-cache`, rows 'spectra "
                              "no-prefix'); default on, serve's default")
@@ -562,10 +569,12 @@ def main() -> None:
         prefix_rng = __import__("random").Random(7)
         args.prefix_ids = [prefix_rng.randrange(1, vocab) for _ in range(args.shared_prefix)]
         load_before = os.getloadavg()[0]
-        servers = [("spectra" + ("" if si == 1 else f" si={si}") + ("" if pc == "on" else " no-prefix"),
-                    lambda si=si, pc=pc: start_spectra(model_dir, args.threads, ctx, args.kv_cache, si, pc == "on"),
+        servers = [("spectra" + ("" if si == 1 else f" si={si}") + ("" if pc == "on" else " no-prefix")
+                    + ("" if pl == "on" else " serial"),
+                    lambda si=si, pc=pc, pl=pl: start_spectra(model_dir, args.threads, ctx, args.kv_cache, si,
+                                                              pc == "on", pl == "on"),
                     False)
-                   for pc in args.prefix_cache for si in args.stream_interval]
+                   for pl in args.pipeline for pc in args.prefix_cache for si in args.stream_interval]
         if args.llama_server:
             servers.append(("llama-server", lambda: start_llama(args.llama_server, model_dir, tmp, args.threads, ctx),
                             True))
@@ -579,7 +588,8 @@ def main() -> None:
             if args.in_process:
                 c = max(args.clients)
                 rate = scheduler_rate(model_dir, args.threads, c * args.rounds, args.prompt_len, args.gen_len, vocab,
-                                      args.kv_cache, sampling=sampling, prefix=args.prefix_ids)
+                                      args.kv_cache, sampling=sampling, prefix=args.prefix_ids,
+                                      pipeline=args.pipeline[0] == "on")
                 nan = float("nan")
                 rows.append({"server": "in process", "repeat": rep, "sequential_tok_s": seq, "clients": c,
                              "requests": c * args.rounds, "tokens": c * args.rounds * args.gen_len, "wall_s": nan,

@@ -141,10 +141,12 @@ def test_sampling_stop_strings_and_text_match_generate():
 
 
 @needs_ext
-def test_mixed_greedy_and_sampled_rows_match_one_request_at_a_time(monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_mixed_greedy_and_sampled_rows_match_one_request_at_a_time(monkeypatch, pipeline):
     """A step whose rows mix greedy and sampled requests, with and without log-probabilities: the sampled rows are
-    drawn in one call for the step (`Scheduler._sample_rows`), each request's tokens and log-probabilities are those
-    of the same request run alone, and a sampled token's log-probability is its own (not the argmax's)."""
+    drawn in one call for the step (serial steps: `Scheduler._sample_rows`; pipelined ones pick them in C, in the
+    launched step), each request's tokens and log-probabilities are those of the same request run alone with
+    serial steps, and a sampled token's log-probability is its own (not the argmax's)."""
     model = model_of("packed-int8-head", seed=6)
     prompts, _ = prompts_and_lengths(6, seed=5)
     specs = [dict(temperature=0.0, logprobs=0), dict(temperature=1.0, seed=1, logprobs=0),
@@ -161,17 +163,17 @@ def test_mixed_greedy_and_sampled_rows_match_one_request_at_a_time(monkeypatch):
 
     monkeypatch.setattr(batch_mod, "sample_rows", spy)
 
-    def run(max_batch, jobs):
-        sched = Scheduler(model, max_batch=max_batch)
+    def run(max_batch, jobs, pipeline):
+        sched = Scheduler(model, max_batch=max_batch, pipeline=pipeline)
         reqs = [sched.submit(Request(p, 12, stop_at_eos=False, **kw)) for p, kw in jobs]
         while not sched.idle:
             sched.step()
         return reqs
 
-    together = run(6, list(zip(prompts, specs)))
-    assert [1, 2, 3, 5] in calls  # one call for the step's four sampled rows
+    together = run(6, list(zip(prompts, specs)), pipeline)
+    assert ([1, 2, 3, 5] in calls) != pipeline  # serial: one call for the step's four sampled rows
     for (p, kw), r in zip(zip(prompts, specs), together):
-        alone = run(1, [(p, kw)])[0]
+        alone = run(1, [(p, kw)], False)[0]
         assert r.tokens == alone.tokens, kw
         assert [e["logprob"] for e in r.token_logprobs] == [e["logprob"] for e in alone.token_logprobs], kw
     r = together[1]  # sampled with logprobs=0: each entry is the drawn token's own log-probability
@@ -592,14 +594,14 @@ def run_alone(model, prompt, n, **kw):
 
 
 @needs_ext
-@pytest.mark.parametrize("kv", [None, torch.int8])
-def test_prefix_reuse_skips_the_held_prefix_and_changes_no_token(kv):
+@pytest.mark.parametrize("kv,pipeline", [(None, False), (torch.int8, False), (torch.int8, True)])
+def test_prefix_reuse_skips_the_held_prefix_and_changes_no_token(kv, pipeline):
     """A request whose prompt starts with what a free slot holds (a conversation's next turn, a shared system prompt,
     the same prompt again) prefills only the rest, into that slot, and gets exactly the tokens of running alone."""
     model = model_of("packed-int8-head", seed=5)
     g = torch.Generator().manual_seed(3)
     system = torch.randint(0, VOCAB, (13,), generator=g).tolist()
-    sched = Scheduler(model, max_batch=2, max_len=64, prefill_chunk=4, kv_dtype=kv)
+    sched = Scheduler(model, max_batch=2, max_len=64, prefill_chunk=4, kv_dtype=kv, pipeline=pipeline)
 
     def run(prompt, n):
         r = sched.submit(Request(prompt, n, stop_at_eos=False))
@@ -754,16 +756,19 @@ def test_echo_scores_every_prompt_token_restated_token_by_token(kind):
 
 
 @needs_ext
-@pytest.mark.parametrize("kv,chunk", [(None, 4), (torch.int8, 4), (None, 128)])
-def test_a_burst_with_one_system_prompt_computes_it_once(kv, chunk):
+@pytest.mark.parametrize("kv,chunk,pipeline", [(None, 4, False), (torch.int8, 4, False), (None, 128, False),
+                                               (torch.int8, 4, True), (None, 128, True)])
+def test_a_burst_with_one_system_prompt_computes_it_once(kv, chunk, pipeline):
     """Requests admitted together whose prompts share a prefix: the first prefills it, the others wait for it and get
     its positions copied (`_share_prefixes`), so it is computed once; a later request copies from a sequence that is
-    decoding. Every request's tokens are running alone's."""
+    decoding. Every request's tokens are running alone's. Pipelined: positions a launched step still writes are
+    waited for, not copied."""
     model = model_of("packed-int8-head", seed=9)
     g = torch.Generator().manual_seed(5)
     system = torch.randint(0, VOCAB, (22,), generator=g).tolist()
     tails = [torch.randint(0, VOCAB, (3 + i,), generator=g).tolist() for i in range(3)]
-    sched = Scheduler(model, max_batch=4, max_len=64, prefill_chunk=chunk, kv_dtype=kv)  # 128: all fit in one step
+    sched = Scheduler(model, max_batch=4, max_len=64, prefill_chunk=chunk, kv_dtype=kv,  # 128: all fit in one step
+                      pipeline=pipeline)
     reqs = [sched.submit(Request(system + t, 5, stop_at_eos=False)) for t in tails]
     while not sched.idle:
         sched.step()
@@ -779,3 +784,153 @@ def test_a_burst_with_one_system_prompt_computes_it_once(kv, chunk):
         sched.step()
     assert long.cached == 22 and late.cached == len(late.prompt_ids) - 1  # the rest copied from `long`, decoding
     assert late.tokens == run_alone(model, late.prompt_ids, 4, kv_dtype=kv)
+
+
+# ---- pipelined steps: launched on the kernels' deferred-call thread ------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("kv", [None, torch.int8])
+def test_a_launched_step_equals_step_rows_and_the_next_takes_its_picks(kv):
+    """`BatchDecoder.launch` against `step_rows` on a twin decoder: three decode rows, a prompt chunk that ends its
+    prompt and one that does not, then a second step launched before the first has run, whose decode rows feed the
+    first's picks (`take_tokens`). The logits, their statistics and every cache are the same bits; each pick is the
+    row's argmax, or for a sampled row `kernels.sample`'s draw with its u."""
+    model = model_of("packed-int8-head", seed=11)
+    a, b = BatchDecoder(model, 5, 48, kv), BatchDecoder(model, 5, 48, kv)
+    assert a.can_launch
+    prompts, _ = prompts_and_lengths(5, seed=4)
+    slots = [a.acquire() for _ in prompts]
+    assert slots == [b.acquire() for _ in prompts]
+    first = []
+    for s, p in zip(slots[:3], prompts[:3]):
+        first.append(int(a.prefill(s, p).argmax()))
+        b.prefill(s, p)
+    chunks = [(slots[3], prompts[3]), (slots[4], prompts[4][:1])]  # the first ends its prompt, the second does not
+    picks = [(0.0, None, None, 0.0), (0.9, 5, None, 0.3), (0.0, None, None, 0.0), (1.1, None, 0.8, 0.6)]
+    one = a.launch(slots[:3], first, chunks, [True, False], picks, lse=True, logits=True)
+    two = a.launch(slots[:3] + [slots[3]], [None] * 4, [], [], [(0.0, None, None, 0.0)] * 4, take=[0, 1, 2, 3],
+                   after=one, lse=True, logits=True)
+    a.wait(two)
+    a.wait(one)  # (both ran, in order: `two` read `one`'s picks)
+    y, pre, idx, lse, top = b.step_rows(slots[:3], first, chunks, argmax=True, lse=True)
+    got = one.set
+    assert torch.equal(got["y"][:3], y) and torch.equal(got["y"][3], pre[0])
+    assert torch.equal(got["idx"][:3], idx) and torch.equal(got["lse"][:3], lse) and torch.equal(got["top"][:3], top)
+    rows = torch.cat([y, pre[0][None]])
+    want = [int(rows[0].argmax()), kernels.sample(rows[1], 0.9, 5, None, u=0.3), int(rows[2].argmax()),
+            kernels.sample(rows[3], 1.1, None, 0.8, u=0.6)]
+    assert got["chosen"][:4].tolist() == want
+    y2, _, idx2, _, _ = b.step_rows(slots[:4], want, [], argmax=True, lse=True)
+    assert torch.equal(two.set["y"][:4], y2) and two.set["chosen"][:4].tolist() == idx2.tolist()
+    for s in slots:
+        assert a.pos(s) == b.pos(s)
+        assert torch.equal(a.caches[s].k[:, :, :, : a.pos(s)], b.caches[s].k[:, :, :, : b.pos(s)])
+        assert torch.equal(a.caches[s].v[:, :, :, : a.pos(s)], b.caches[s].v[:, :, :, : b.pos(s)])
+
+
+@needs_ext
+def test_deferred_calls_report_their_errors_and_can_be_dropped():
+    """A recorded embedding of a token id outside the table fails when it runs (ValueError at `defer_wait`, the calls
+    after it skipped); a recording can be dropped; begin twice, end without begin and an unknown ticket are refused."""
+    ext = kernels.extension()
+    emb = torch.randn(10, 16)
+    ids = torch.tensor([3, 12], dtype=torch.int64)
+    x = torch.zeros(2, 16)
+    dst, src, index = torch.full((2,), 7, dtype=torch.int64), torch.tensor([4, 5], dtype=torch.int64), torch.tensor(
+        [1, -1], dtype=torch.int64)
+    ext.defer_begin()
+    with pytest.raises(RuntimeError, match="already recording"):
+        ext.defer_begin()
+    ext.embed_rows(emb.data_ptr(), 0, 10, 16, ids.data_ptr(), 2, x.data_ptr())
+    ext.take_tokens(dst.data_ptr(), src.data_ptr(), index.data_ptr(), 2)
+    ticket = ext.defer_end()
+    with pytest.raises(ValueError, match="outside the embedding"):
+        ext.defer_wait(ticket)
+    assert torch.equal(x, torch.zeros(2, 16)) and dst.tolist() == [7, 7]  # nothing of it ran
+    ext.defer_begin()
+    ext.take_tokens(dst.data_ptr(), src.data_ptr(), index.data_ptr(), 2)
+    ext.defer_abort()
+    with pytest.raises(RuntimeError, match="without defer_begin"):
+        ext.defer_end()
+    assert dst.tolist() == [7, 7]
+    ids[1] = 9
+    ext.defer_begin()
+    ext.take_tokens(dst.data_ptr(), src.data_ptr(), index.data_ptr(), 2)
+    ext.embed_rows(emb.data_ptr(), 0, 10, 16, ids.data_ptr(), 2, x.data_ptr())
+    ticket = ext.defer_end()
+    ext.defer_wait(ticket)
+    assert dst.tolist() == [5, 7] and torch.equal(x, emb[[3, 9]])
+    with pytest.raises(ValueError, match="no deferred list"):
+        ext.defer_wait(ticket + 5)
+
+
+@needs_ext
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_pipelined_steps_give_the_serial_steps_tokens_with_stops_cancels_and_reuse(temperature):
+    """Requests with stop strings, end-of-sequence and length limits, one cancelled mid-decode and late joiners that
+    reuse freed slots, through pipelined steps: a sequence that a stop string or end-of-sequence ends has a row in
+    the step launched meanwhile, whose result is dropped and whose slot is freed once it has run. Every request gets
+    the serial scheduler's tokens, text and finish reason; the freed slots hold what their positions hold (a request
+    reusing one gets its own tokens), and every slot is free at the end."""
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    tok = byte_bpe(text, 300)
+    model = model_of("packed-int8-head", seed=5, vocab_size=tok.get_vocab_size() + 84, eos_token_id=7)
+    prompts = [tok.encode(p).ids for p in ["the quick", "lazy dog", "over", "fox jumps over the", "dog. the"]]
+    probe = Scheduler(model, tok, max_batch=5, max_len=64)
+    r0 = probe.submit(Request(prompts[0], 20, temperature, seed=3, stop_at_eos=False))
+    while not probe.idle:
+        probe.step()
+    stop = tok.decode(r0.tokens[4:6])  # a stop string the first continuation contains
+
+    def run(pipeline):
+        sched = Scheduler(model, tok, max_batch=3, max_len=64, prefill_chunk=4, pipeline=pipeline)
+        reqs = [sched.submit(Request(p, 20, temperature, stop=[stop] if i == 0 else [], seed=3 + i, logprobs=0,
+                                     stop_at_eos=i == 1)) for i, p in enumerate(prompts[:3])]  # fmt: skip
+        for _ in range(6):
+            sched.step()
+        reqs[2].cancel()
+        late = [sched.submit(Request(p, 9, temperature, seed=9, stop_at_eos=False)) for p in prompts[3:]]
+        while not sched.idle:
+            sched.step()
+        late.append(sched.submit(Request(prompts[1] + reqs[1].tokens[:3], 6, temperature, seed=10,
+                                         stop_at_eos=False)))
+        while not sched.idle:  # (the slot that the longest sequence left holds that prefix)
+            sched.step()
+        assert sched.decoder.free_slots == 3 and not sched._busy and not sched._zombies
+        return reqs + late, sched
+
+    serial, _ = run(False)
+    piped, sched = run(True)
+    assert sched.stats["steps"] > 10
+    assert serial[0].finish_reason == "stop" and serial[2].finish_reason == "cancelled"
+    for i, (s, p) in enumerate(zip(serial, piped)):
+        if i == 2:  # cancelled after 6 calls: a pipelined call accepts the step launched by the call before
+            assert p.finish_reason == "cancelled" and 0 < len(p.tokens) and p.tokens == s.tokens[: len(p.tokens)]
+            continue
+        assert (p.tokens, p.text, p.finish_reason) == (s.tokens, s.text, s.finish_reason)
+        assert [e["logprob"] for e in p.token_logprobs] == [e["logprob"] for e in s.token_logprobs]
+    assert piped[-1].cached == serial[-1].cached == len(prompts[1]) + 2  # the last one reused a freed slot's prefix
+    for slot, held in sched.held.items():  # what a freed slot holds is what its positions hold
+        solo = BatchDecoder(model, 1, 64)
+        s = solo.acquire()
+        solo.prefill(s, held)
+        n = len(held)
+        assert torch.equal(solo.caches[s].k[:, :, :, :n], sched.decoder.caches[slot].k[:, :, :, :n])
+
+
+@needs_ext
+def test_fail_all_waits_for_the_launched_step_and_frees_every_slot():
+    model = model_of("packed-int8-head", seed=3)
+    sched = Scheduler(model, max_batch=2, max_len=48, pipeline=True)
+    reqs = [sched.submit(Request([1, 2, 3], 10, stop_at_eos=False)) for _ in range(3)]
+    for _ in range(3):
+        sched.step()
+    assert sched._flight is not None and sched._busy
+    sched.fail_all("cancelled")
+    assert sched.idle and sched.decoder.free_slots == 2 and not sched._busy
+    assert [r.finish_reason for r in reqs] == ["cancelled"] * 3
+    again = sched.submit(Request([1, 2, 3], 4, stop_at_eos=False))
+    while not sched.idle:
+        sched.step()
+    assert again.tokens == run_alone(model, [1, 2, 3], 4)

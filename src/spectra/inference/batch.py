@@ -26,6 +26,13 @@ a few steps rather than one prompt a step), sampled with their own parameters an
 and finish on their own stop condition or on cancellation. `generate_batch` runs it to completion for a list of
 prompts; `spectra.serve` runs it behind an HTTP server.
 
+Pipelined steps (`Scheduler(pipeline=True)`: the server's engine and `generate_batch`; the C path with an int8 output
+layer): each step is recorded and run on the kernels' own thread (`csrc/defer.h`), the next one launched before the
+bookkeeping of the one before (its tokens' text, stop strings, events), which then runs beside it; the next step's
+token ids are read from this one's picks in C (`take_tokens`), so the kernels never wait for Python, and the Python
+thread works on the step's jobs whenever it waits. A sequence that a stop string or end-of-sequence ends has a row in
+the step already launched, dropped (`Scheduler._pipelined_step`). Tokens are the serial steps' (tested).
+
 Prefix reuse (`prefix_cache`, on by default; the C path only): a freed slot keeps what its cache holds, and the
 scheduler remembers which tokens those positions are. A new request takes the free slot whose tokens share the longest
 prefix with its prompt (ties: the slot freed longest ago) and starts its prefill after that prefix, or before its
@@ -244,13 +251,126 @@ class BatchDecoder:
         heads = [*range(len(slots))]
         for _, ids in prefills:
             heads.append((heads[-1] if heads else -1) + len(ids))
-        x = rows.x
+        m, x, out = len(heads), rows.x, (kern["y"], kern["idx"], kern["lse"], kern["top"])
+        if heads[-1] != m - 1 and hasattr(dec._ext, "defer_begin"):  # the C head picks each chunk's last position
+            kern["heads_np"][:m] = heads
+            return dec.head(x, argmax=argmax, lse=lse, logits=logits, out=out, rows=kern["heads"][:m])
         for i, h in enumerate(heads):  # each chunk's last position right after the decode rows (rows move down)
             if i != h:
                 x[i].copy_(x[h])
+        return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits, out=out)
+
+    # ---- steps run on the kernels' deferred-call thread (`Scheduler`'s pipelined steps) ---------------------------
+    @property
+    def can_launch(self) -> bool:
+        """Whether `launch` runs here: the C path with its embedding rows and output layer in C (an int8 lm_head) and
+        an extension that records calls (`csrc/defer.h`)."""
+        kern = self.kernel
+        if kern is None or not hasattr(kern["decoder"]._ext, "defer_begin") or not kern["rows"]._embed_c:
+            return False
+        dec = kern["decoder"]
+        if dec.model.lm_head is not dec._head_mod:
+            dec._head_setup()
+        return dec._c_head is not None
+
+    def _launch_sets(self) -> list[dict]:
+        """Two sets of a launched step's buffers (`launch`), used in turn: a step's results stay readable while the
+        next one runs. The first reuses `_run_rows`' buffers."""
+        kern = self.kernel
+        if kern["sets"] is None:
+            n, V = kern["rows"].n, self.model.lm_head.out_features
+            sets = []
+            for i in range(2):
+                t = {"io": kern["io"] if i == 0 else torch.zeros(4, n, dtype=torch.int64),
+                     "y": kern["y"] if i == 0 else torch.empty(n, V),
+                     "idx": kern["idx"] if i == 0 else torch.empty(n, dtype=torch.int64),
+                     "lse": kern["lse"] if i == 0 else torch.empty(n), "top": kern["top"] if i == 0 else torch.empty(n),
+                     "heads": torch.zeros(n, dtype=torch.int64), "take": torch.full((n,), -1, dtype=torch.int64),
+                     "order": torch.arange(n, dtype=torch.int64), "chosen": torch.zeros(n, dtype=torch.int64),
+                     "T": torch.zeros(n, dtype=torch.float64), "k": torch.zeros(n, dtype=torch.int64),
+                     "p": torch.ones(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}  # fmt: skip
+                t.update({f"{k}_np": t[k].numpy() for k in ("io", "heads", "take", "T", "k", "p", "u")})
+                sets.append(t)
+            kern["sets"] = sets
+        return kern["sets"]
+
+    def launch(
+        self, slots: Sequence[int], tokens: Sequence[int | None], prefills: Sequence[tuple[int, Sequence[int]]],
+        finals: Sequence[bool], picks: Sequence[tuple[float, int | None, float | None, float]], *,
+        take: Sequence[int] = (), after: Launched | None = None, lse: bool = False, logits: bool = False,
+    ) -> Launched:
+        """`step_rows` recorded and handed to the kernels' deferred-call thread (`csrc/defer.h`), which runs it after
+        the steps launched before; returns at once with the step's `Launched` (`wait` for it). Decode row i feeds
+        tokens[i] to slots[i], or, where tokens[i] is None, the token that the step `after` picked for its head row
+        take[i] (read when this step runs: the two are launched before the first has run). A prefill chunk's last
+        position goes to the output layer where finals says so (its prompt ends), after the decode rows. Every head
+        row (decode rows, then the finals) picks its next token in the same list: picks[j] = (temperature, top_k,
+        top_p, u), temperature 0 its argmax, else `kernels.sample`'s draw with u (the same token as `sample_next`
+        with a generator that gives u). The cache positions advance now. The results are `Launched.set`'s buffers,
+        valid until the launch after next."""
+        kern = self.kernel
+        dec, rows = kern["decoder"], kern["rows"]
+        ext = dec._ext
+        self._check_rows(slots, [0] * len(slots), prefills)
+        B = len(slots)
+        row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
+        R = len(row_slots)
+        if not 0 < R <= rows.n:
+            raise ValueError(f"{R} rows for a launch of at most {rows.n}")
+        S = self._launch_sets()[kern["turn"]]
+        kern["turn"] ^= 1
+        pos = [self.caches[s].pos for s in slots]
+        for s, ids in prefills:
+            pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
+        io = S["io_np"]
+        io[0, :R] = [0 if t is None else t for t in tokens] + [t for _, ids in prefills for t in ids]
+        io[1, :R] = pos
+        io[2, :R] = [kern["k_addr"][s] for s in row_slots]
+        io[3, :R] = [kern["v_addr"][s] for s in row_slots]
+        heads, at = [*range(B)], B
+        for (_, ids), final in zip(prefills, finals):
+            at += len(ids)
+            if final:
+                heads.append(at - 1)
         m = len(heads)
-        return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits,
-                        out=(kern["y"], kern["idx"], kern["lse"], kern["top"]))
+        if len(picks) != m:
+            raise ValueError(f"need one pick per head row ({m}), got {len(picks)}")
+        taking = after is not None and any(t is None for t in tokens)
+        if taking:
+            S["take_np"][:B] = [-1 if t is not None else j for t, j in zip(tokens, take)]
+        S["heads_np"][:m] = heads
+        V = self.model.lm_head.out_features
+        S["T_np"][:m] = [p[0] for p in picks]
+        S["k_np"][:m] = [0 if p[1] is None or p[1] >= V else p[1] for p in picks]
+        S["p_np"][:m] = [1.0 if p[2] is None else p[2] for p in picks]
+        S["u_np"][:m] = [p[3] for p in picks]
+        logits = logits or any(p[0] != 0 for p in picks)
+        nt = self.n_threads
+        ext.defer_begin()
+        try:
+            if taking:
+                ext.take_tokens(S["io"].data_ptr(), after.set["chosen"].data_ptr(), S["take"].data_ptr(), B)
+            base, n = S["io"].data_ptr(), S["io"].shape[1]
+            rows.run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, self.caches[row_slots[0]])
+            if m:
+                dec.head(rows.x, argmax=True, lse=lse, logits=logits,
+                         out=(S["y"], S["idx"], S["lse"], S["top"]), rows=S["heads"][:m])
+                ext.pick_tokens(dec._path_id, nt, S["y"].data_ptr() if logits else 0, V, S["idx"].data_ptr(),
+                                S["order"].data_ptr(), m, S["T"].data_ptr(), S["k"].data_ptr(), S["p"].data_ptr(),
+                                S["u"].data_ptr(), S["chosen"].data_ptr())
+        except BaseException:
+            ext.defer_abort()
+            raise
+        ticket = ext.defer_end()
+        for s in slots:
+            self.caches[s].pos += 1
+        for s, ids in prefills:
+            self.caches[s].pos += len(ids)
+        return Launched(ticket, S, B, m, lse, logits)
+
+    def wait(self, step: Launched) -> None:
+        """Block until the launched `step` has run (MemoryError / ValueError as its calls would have raised)."""
+        self.kernel["decoder"]._ext.defer_wait(step.ticket)
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -275,12 +395,14 @@ class BatchDecoder:
             return None
         rows = dec.rows(self.max_batch + Decoder.PREFILL_ROWS)  # a step and a prefill chunk
         io = torch.zeros(4, rows.n, dtype=torch.int64)  # `_run_rows`: token ids, positions, k / v addresses
+        heads = torch.zeros(rows.n, dtype=torch.int64)  # `_run_rows`: the rows the output layer takes
         V = model.lm_head.out_features
         return {
             "decoder": dec, "rows": rows,
             "k_addr": [c.k.data_ptr() for c in self.caches], "v_addr": [c.v.data_ptr() for c in self.caches],
             "io": io, "io_np": io.numpy(), "y": torch.empty(rows.n, V), "idx": torch.empty(rows.n, dtype=torch.int64),
-            "lse": torch.empty(rows.n), "top": torch.empty(rows.n),
+            "lse": torch.empty(rows.n), "top": torch.empty(rows.n), "heads": heads, "heads_np": heads.numpy(),
+            "sets": None, "turn": 0,  # `launch`'s two sets of buffers, made on first use
         }  # fmt: skip
 
     def _step_modules(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -315,6 +437,31 @@ class BatchDecoder:
         for c in caches:
             c.pos += 1
         return model.lm_head(model.norm(x))[:, 0]  # (B, V)
+
+
+@dataclass
+class _Flight:
+    """A `Scheduler`'s launched step: its decode rows' requests (row i), its chunks (request, start, end, head row
+    or None), the head row of each request it gives a token (by id), and the positions it writes per slot."""
+
+    step: Launched
+    decode: list
+    chunks: list
+    owed: dict
+    rows: dict
+
+
+@dataclass
+class Launched:
+    """A step handed to the deferred-call thread (`BatchDecoder.launch`): its ticket and buffers (`set`: "chosen",
+    "idx", "lse", "top", "y", first m rows), its B decode rows and m head rows, and which statistics it computes."""
+
+    ticket: int
+    set: dict
+    B: int
+    m: int
+    lse: bool
+    logits: bool
 
 
 # ---- sequences and the scheduler ---------------------------------------------------------------------------------
@@ -439,6 +586,7 @@ class Scheduler:
         prefill_chunks_per_step: int | None = None,
         kv_dtype: torch.dtype | None = None,
         prefix_cache: bool = True,
+        pipeline: bool = False,
     ) -> None:
         self.decoder = BatchDecoder(model, max_batch, max_len, kv_dtype)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
@@ -454,10 +602,16 @@ class Scheduler:
         self.prefix_cache = prefix_cache and self.decoder.kernel is not None
         self.held: dict[int, list[int]] = {}
         self._released: dict[int, int] = {}
+        # Pipelined steps (`_pipelined_step`): the step launched and not yet accepted, the positions per slot that
+        # launched steps still have to write, and the finished sequences whose slots wait for those writes.
+        self.pipeline = pipeline
+        self._flight: _Flight | None = None
+        self._busy: dict[int, int] = {}
+        self._zombies: list[tuple[int, Request, str]] = []
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self._flight is None
 
     def check(self, req: Request) -> None:
         """A ValueError naming the field when the request cannot run on this model and slot size."""
@@ -496,17 +650,141 @@ class Scheduler:
     def step(self) -> None:
         """Drop cancelled sequences, admit waiting ones into free slots, then one decode step for every sequence past
         its prompt together with the prefill chunks allowed (`prefill_chunks_per_step`, in one pass on the C path).
-        On the C path torch's ops of the step (sampling, log-probabilities) run on this thread (`serial_torch`)."""
+        On the C path torch's ops of the step (sampling, log-probabilities) run on this thread (`serial_torch`).
+        With `pipeline` (where the C path can launch steps) the step is launched and the one launched by the call
+        before is accepted: a sequence's tokens and events come one call later (`_pipelined_step`)."""
         kern = self.decoder.kernel
-        if kern is not None and hasattr(kern["decoder"]._ext, "rouse_pool"):
+        pipelined = self.pipeline and self.decoder.can_launch
+        if kern is not None and hasattr(kern["decoder"]._ext, "rouse_pool") and not pipelined:
+            # (Pipelined steps run back to back on the deferred-call thread: its pool never waits for Python.)
             # The step's own Python (admission, the rows' arrays) and, in a server, the bookkeeping of the step
             # before outlast the pool's spin, so its workers sleep; woken now, they are polling when the step's
             # first job comes (16 rows of TriLM-99M: 50 us a step from publishing to a worker's first chunk).
             kern["decoder"]._ext.rouse_pool()
         with torch_threads_for(kern["decoder"] if kern is not None else None):
+            if pipelined and self._pipelined_step():
+                return
+            self._drain()
             self._step()
 
-    def _step(self) -> None:
+    # ---- pipelined steps -----------------------------------------------------------------------------------------
+    def _pipelined_step(self) -> bool:
+        """Launch the next step on the kernels' deferred-call thread (`BatchDecoder.launch`), then accept the step
+        launched by the call before while it runs: the kernels never wait for this thread's bookkeeping (the tokens'
+        text, stop strings, events, the next step's rows), which runs beside them instead of between them.
+
+        The next step is planned before the previous one's tokens are known: a sequence that the previous step
+        advances gets a row fed with the token that step picks (read by the C code when the step runs:
+        `take_tokens`), unless that step certainly finishes it (its length); one that the previous step finishes
+        otherwise (end of sequence, a stop string, a cancellation) wastes its row, whose result is dropped and whose
+        slot is freed once the step has run. Every row still gives each sequence what the serial `_step` gives it:
+        the same rows, positions and kernels, the next token picked by the same rule (greedy: the first maximum;
+        sampled: `sample` with the request's next u). A prompt's first token comes from the step that ran its last
+        chunk, and the sequence decodes from the step after next.
+
+        Returns False, having launched nothing, when this step must run serially (`_step`, after `_drain`): a prompt
+        to score (echo), a penalty or logit bias (the pick needs the adjusted logits), or more rows than one pass
+        takes. (`step` calls it only where `BatchDecoder.can_launch`.)"""
+        dec = self.decoder
+        self._admit_waiting()
+        if any(r.echo and r.prefilled < len(r.prompt_ids) or r.logit_bias or r.frequency_penalty or r.presence_penalty
+               for r in self.running):
+            return False
+        prev = self._flight
+        owed = prev.owed if prev is not None else {}
+        decoding: list[Request] = []
+        tokens: list[int | None] = []
+        take: list[int] = []
+        for r in self.running:
+            if r.prefilled < len(r.prompt_ids) or r.finish_reason is not None:
+                continue
+            j = owed.get(id(r))
+            have = len(r.tokens) + (j is not None)
+            if have == 0 or have >= r.max_new_tokens:
+                continue  # (the previous step gives its last token)
+            decoding.append(r)
+            tokens.append(None if j is not None else r.tokens[-1])
+            take.append(-1 if j is None else j)
+        chunks = self._chunks(self._share_prefixes() if self.prefix_cache else set())
+        if len(decoding) + sum(end - r.prefilled for r, end in chunks) > dec.kernel["rows"].n:
+            return False
+        if not decoding and not chunks:
+            self._drain()
+            return True
+        finals = [end == len(r.prompt_ids) and r.max_new_tokens > 0 for r, end in chunks]
+        heads = decoding + [r for (r, _), f in zip(chunks, finals) if f]
+        lse = any(r.logprobs is not None for r in heads)
+        logits = any(r.logprobs not in (None, 0) for r in decoding) or any(
+            r.logprobs is not None for r in heads[len(decoding) :])
+        picks = [(r.temperature, r.top_k, r.top_p, draw_u(r.rng()) if r.temperature != 0 else 0.0) for r in heads]
+        step = dec.launch([r.slot for r in decoding], tokens, [(r.slot, r.prompt_ids[r.prefilled : end])
+                                                               for r, end in chunks],
+                          finals, picks, take=take, after=None if prev is None else prev.step, lse=lse, logits=logits)
+        head_of = {id(r): j for j, r in enumerate(heads)}
+        flight = _Flight(step, decoding, [(r, r.prefilled, end, head_of.get(id(r))) for r, end in chunks], head_of, {})
+        for r in decoding:
+            flight.rows[r.slot] = 1
+        for r, end in chunks:
+            flight.rows[r.slot] = end - r.prefilled
+            r.prefilled = end  # (what the step will have written)
+        for slot, n in flight.rows.items():
+            self._busy[slot] = self._busy.get(slot, 0) + n
+        self._flight = flight
+        if prev is not None:
+            self._complete(prev)
+        return True
+
+    def _drain(self) -> None:
+        """Wait for the launched step, if any, and accept its results."""
+        prev, self._flight = self._flight, None
+        if prev is not None:
+            self._complete(prev)
+
+    def _complete(self, f: _Flight) -> None:
+        """Wait for the launched step `f`, free the slots that waited for it, and accept its tokens (`_accept`, as
+        `_step` does, with the step's picks) for the sequences it advanced that are still running."""
+        try:
+            self.decoder.wait(f.step)
+        finally:
+            for slot, n in f.rows.items():
+                left = self._busy[slot] - n
+                if left:
+                    self._busy[slot] = left
+                else:
+                    del self._busy[slot]
+            self._release_waiting_slots()
+        st, S = f.step, f.step.set
+        chosen, idx, top = (S[k][: st.m].tolist() for k in ("chosen", "idx", "top"))
+        lses = S["lse"][: st.m].tolist() if st.lse else None
+        y = S["y"]
+        if f.decode:
+            self.stats["steps"] += 1
+        for i, r in enumerate(f.decode):
+            if r.finish_reason is None:
+                self._accept(r, y, idx[i], None if lses is None else lses[i], top[i], row=i, drawn=chosen[i])
+        for r, start, end, h in f.chunks:
+            self.stats["prefilled"] += end - start
+            if end == len(r.prompt_ids) and r.finish_reason is None:
+                if r.max_new_tokens == 0:
+                    self._finish(r, "length")
+                else:
+                    self._accept(r, y[h], drawn=chosen[h])
+
+    def _release_waiting_slots(self) -> None:
+        keep = []
+        for slot, req, reason in self._zombies:
+            if slot in self._busy:
+                keep.append((slot, req, reason))
+            else:
+                self._release(slot, req, reason)
+        self._zombies = keep
+
+    def _settled(self, slot: int) -> int:
+        """The positions of a slot that hold their keys and values now (launched steps still write the rest)."""
+        return self.decoder.pos(slot) - self._busy.get(slot, 0)
+
+    def _admit_waiting(self) -> None:
+        """Drop the cancelled sequences and admit waiting ones into free slots."""
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
         while self.waiting and self.waiting[0].cancelled:
@@ -520,16 +798,14 @@ class Scheduler:
             req.prefilled = req.cached
             self.stats["cached"] += req.cached
             self.running.append(req)
-        decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
-        decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
-        # Prompt chunks for this step: at most `prefill_chunks_per_step` of them, or (None) as many whole chunks, in
-        # arrival order, as fit together in `prefill_chunk` rows (always one); without chunking one prompt a step.
-        chunks: list[tuple[Request, int]] = []  # (request, end of this chunk)
+
+    def _chunks(self, waiting: set[int]) -> list[tuple[Request, int]]:
+        """Prompt chunks for this step: at most `prefill_chunks_per_step` of them, or (None) as many whole chunks, in
+        arrival order, as fit together in `prefill_chunk` rows (always one); without chunking one prompt a step.
+        (request, end of this chunk) for the prompts still to prefill, but those in `waiting` (`_share_prefixes`)."""
+        chunks: list[tuple[Request, int]] = []
         most = self.prefill_chunks_per_step or (1 if self.prefill_chunk is None else len(self.running))
         rows = 0
-        waiting = self._share_prefixes() if self.prefix_cache else set()
-        for req in [r for r in self.running if r.echo and r.prefilled < len(r.prompt_ids)]:
-            self._score_chunk(req)  # on its own: every position's logits
         for req in self.running:
             if len(chunks) == most:
                 break
@@ -541,6 +817,16 @@ class Scheduler:
                     break
                 chunks.append((req, end))
                 rows += end - req.prefilled
+        return chunks
+
+    def _step(self) -> None:
+        self._admit_waiting()
+        decoding = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.finish_reason is None]
+        decoding = [r for r in decoding if r.tokens]  # the first token comes from the prefill logits
+        waiting = self._share_prefixes() if self.prefix_cache else set()
+        for req in [r for r in self.running if r.echo and r.prefilled < len(r.prompt_ids)]:
+            self._score_chunk(req)  # on its own: every position's logits
+        chunks = self._chunks(waiting)
         if not decoding and not chunks:
             return
         # One pass for the decode rows and the prefill chunks together (`step_rows`), with the greedy rows' picks
@@ -598,13 +884,14 @@ class Scheduler:
                     best, donor = m, d
             if donor is None:
                 continue
-            have = min(best, self.decoder.pos(donor.slot))
+            have = min(best, self._settled(donor.slot))
             if have > req.prefilled:
                 self.decoder.copy_rows(donor.slot, req.slot, req.prefilled, have)
                 req.cached += have - req.prefilled
                 self.stats["cached"] += have - req.prefilled
                 req.prefilled = have
-            if best - req.prefilled >= SHARE_MIN_ROWS and donor.prefilled < len(donor.prompt_ids):
+            if best - req.prefilled >= SHARE_MIN_ROWS and (donor.prefilled < len(donor.prompt_ids) or self._settled(
+                    donor.slot) < min(best, self.decoder.pos(donor.slot))):  # (or a launched step still writes them)
                 waiting.add(id(req))  # the donor is still computing what this one would compute again
         return waiting
 
@@ -718,10 +1005,10 @@ class Scheduler:
         req.finish_reason = reason
         req.t_done = time.perf_counter()
         if req.slot is not None:
-            if self.prefix_cache and reason != "error":  # after an error a cache may hold a step's partial writes
-                self.held[req.slot] = (req.prompt_ids + req.tokens)[: self.decoder.pos(req.slot)]
-                self._released[req.slot] = self.stats["finished"]
-            self.decoder.release(req.slot)
+            if req.slot in self._busy:  # a launched step still writes into it: freed once that step has run
+                self._zombies.append((req.slot, req, reason))
+            else:
+                self._release(req.slot, req, reason)
             req.slot = None
         if req in self.running:
             self.running.remove(req)
@@ -729,8 +1016,26 @@ class Scheduler:
         if req.on_event is not None:
             req.on_event({"type": "done", "finish_reason": reason})
 
+    def _release(self, slot: int, req: Request, reason: str) -> None:
+        if self.prefix_cache and reason != "error":  # after an error a cache may hold a step's partial writes
+            self.held[slot] = (req.prompt_ids + req.tokens)[: self.decoder.pos(slot)]
+            self._released[slot] = self.stats["finished"]
+        self.decoder.release(slot)
+
     def fail_all(self, reason: str = "error") -> None:
-        """Finish every waiting and running request with `reason` (after an exception, or at shutdown)."""
+        """Finish every waiting and running request with `reason` (after an exception, or at shutdown), once the
+        launched step, if any, has run (its results dropped)."""
+        prev, self._flight = self._flight, None
+        failed = False
+        if prev is not None:
+            try:
+                self.decoder.wait(prev.step)
+            except Exception:  # the step's own error was or will be reported by whoever failed us
+                failed = True
+        self._busy.clear()
+        for slot, req, why in self._zombies:
+            self._release(slot, req, "error" if failed else why)
+        self._zombies = []
         pending = list(self.running) + list(self.waiting)
         self.waiting.clear()
         for req in pending:
@@ -765,7 +1070,8 @@ def generate_batch(
     if len(limits) != len(prompts):
         raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    sched = Scheduler(model, tok, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+    sched = Scheduler(model, tok, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
+                      pipeline=True)
     reqs = []
     for i, (p, n) in enumerate(zip(prompts, limits)):
         if isinstance(p, str):

@@ -139,7 +139,7 @@ class Decoder:
 
     def head(
         self, x: Tensor, *, argmax: bool = False, lse: bool = False, logits: bool = True,
-        out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, rows: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """(logits (B, V), argmax (B,) or None, logsumexp (B,) or None, the logit at the argmax (B,) or None) of the
         rows x (B, C) of the residual stream after the last block. An int8 lm_head: the final norm (the blocks' C
@@ -147,7 +147,8 @@ class Decoder:
         `argmax` or `lse`: the statistics alone, the logits None); else the model's norm and lm_head, and
         `kernels.argmax_logsumexp` (the logits are returned whatever `logits` says). The same rows give the same
         results whatever else is in x. `out`: kept buffers (logits [n, V], argmax [n], logsumexp [n], top [n],
-        n >= B) the C call writes into, returning views of their first B rows (the torch head ignores them)."""
+        n >= B) the C call writes into, returning views of their first B rows (the torch head ignores them). `rows`
+        (int64 (B,)): the rows x[rows] instead of x (the C head picks them out as it normalizes them)."""
         model = self.model
         if model.lm_head is not self._head_mod:
             self._head_setup()
@@ -156,9 +157,14 @@ class Decoder:
             if x.dtype is not torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             nt = head.n_threads or self._threads or K.default_threads()
+            if rows is not None and not (rows.dtype is torch.int64 and rows.is_contiguous()
+                                         and hasattr(self._ext, "defer_begin")):  # an extension without the gather
+                x, rows = x.index_select(0, rows), None
             return K.head_rows_unchecked(pid, nt, x, w_ptr, eps, qw_ptr, scale_ptr, V, argmax=argmax, lse=lse,
                                          logits=logits or not (argmax or lse), out=out,
-                                         rl_ptr=0 if rl is None else rl.data_ptr())  # fmt: skip
+                                         rl_ptr=0 if rl is None else rl.data_ptr(), rows=rows)  # fmt: skip
+        if rows is not None:
+            x = x.index_select(0, rows)
         y = model.lm_head(model.norm(x.view(x.shape[0], 1, self.config.dim)))[:, 0]
         if not (argmax or lse):
             return y, None, None, None

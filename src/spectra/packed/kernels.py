@@ -819,13 +819,15 @@ def head_rows(
 def head_rows_unchecked(
     path_id: int, n_threads: int, x: Tensor, norm_ptr: int, eps: float, head_ptr: int, scale_ptr: int, V: int, *,
     argmax: bool = False, lse: bool = False, logits: bool = True,
-    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, rl_ptr: int = 0,
+    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, rl_ptr: int = 0, rows: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """`head_rows` on operands its caller has already checked (`Decoder.head` checks them once per lm_head): x a
-    contiguous float32 [B, C], the norm weight, head and scales given by address (rl_ptr: the head's `rowlane_codes`,
-    or 0). Allocates the outputs, or writes into `out` (contiguous float32 [n, V], int64 [n], float32 [n], float32 [n],
-    n >= B; views of their first B rows are returned), and calls the extension."""
-    B, stats = x.shape[0], argmax or lse
+    contiguous float32 [N, C], the norm weight, head and scales given by address (rl_ptr: the head's `rowlane_codes`,
+    or 0). The B rows are x's, or with `rows` (contiguous int64 [B], each in 0..N-1) rows[b] of x. Allocates the
+    outputs, or writes into `out` (contiguous float32 [n, V], int64 [n], float32 [n], float32 [n], n >= B; views of
+    their first B rows are returned), and calls the extension (which records the call instead while deferring:
+    `csrc/defer.h`)."""
+    B, stats = (x.shape[0] if rows is None else rows.shape[0]), argmax or lse
     if out is None:
         y = torch.empty(B, V, dtype=torch.float32) if logits else None
         idx = torch.empty(B, dtype=torch.int64) if stats else None
@@ -834,9 +836,9 @@ def head_rows_unchecked(
     else:
         y, idx, out_lse, top = (out[0][:B] if logits else None), (out[1][:B] if stats else None), \
             (out[2][:B] if lse else None), (out[3][:B] if stats else None)  # fmt: skip
+    tail = (rl_ptr, rows.data_ptr()) if rows is not None else (rl_ptr,) if rl_ptr else ()
     extension().head_rows(path_id, n_threads, x.data_ptr(), B, x.shape[1], norm_ptr, eps, head_ptr, scale_ptr, V,
-                          *(0 if t is None else t.data_ptr() for t in (y, idx, out_lse, top)),
-                          *((rl_ptr,) if rl_ptr else ()))  # fmt: skip
+                          *(0 if t is None else t.data_ptr() for t in (y, idx, out_lse, top)), *tail)  # fmt: skip
     return y, idx, out_lse, top
 
 

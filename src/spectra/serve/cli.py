@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt whole (default: a request reuses the keys and values of the longest "
                         "prefix of its prompt that a free slot holds, e.g. a conversation's earlier turns)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="run each step's bookkeeping between its kernels and the next step's (default: the next step "
+                        "is launched on the kernels' own thread first, and the bookkeeping runs beside it)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.set_defaults(func=run_serve)
 
@@ -49,5 +52,6 @@ def run_serve(args: argparse.Namespace) -> int:
           tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,
           prefill_chunk=args.prefill_chunk, prefill_chunks_per_step=args.prefill_chunks_per_step,
           threads=threads_from_env(args.threads), int8_head=not args.float_head,
-          kv_dtype=kv_dtype_from_name(args.kv_cache), prefix_cache=not args.no_prefix_cache)
+          kv_dtype=kv_dtype_from_name(args.kv_cache), prefix_cache=not args.no_prefix_cache,
+          pipeline=not args.no_pipeline)
     return 0

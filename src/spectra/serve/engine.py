@@ -130,6 +130,7 @@ class Engine:
         threads: int | None = None,
         kv_dtype: torch.dtype | None = None,
         prefix_cache: bool = True,
+        pipeline: bool = True,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -141,7 +142,7 @@ class Engine:
         self.torch_threads = threads or torch.get_num_threads()
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=ctx_len, prefill_chunk=prefill_chunk,
                                    prefill_chunks_per_step=prefill_chunks_per_step, kv_dtype=kv_dtype,
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, pipeline=pipeline)
         self.tokenizer = self.scheduler.tokenizer
         self.ctx_len = self.scheduler.decoder.max_len
         self.max_batch, self.max_queue = max_batch, max_queue

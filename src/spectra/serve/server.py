@@ -44,6 +44,7 @@ def build_engine(
     int8_head: bool = True,
     kv_dtype: torch.dtype | None = torch.float16,
     prefix_cache: bool = True,
+    pipeline: bool = True,
 ):
     """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
     from spectra.data.tokenizer import load_tokenizer
@@ -68,7 +69,7 @@ def build_engine(
         model = with_int8_head(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
                     prefill_chunk=prefill_chunk, prefill_chunks_per_step=prefill_chunks_per_step, threads=threads,
-                    kv_dtype=kv_dtype, prefix_cache=prefix_cache)
+                    kv_dtype=kv_dtype, prefix_cache=prefix_cache, pipeline=pipeline)
     name = Path(model_path).name if is_dir else str(model_path)
     return engine, name, load_chat_template(model_path if is_dir else None)
 
@@ -90,7 +91,8 @@ def serve(
     them before 429), ctx_len (positions per slot; default the model's max_seq_len), prefill_chunk,
     prefill_chunks_per_step (`Scheduler`'s), threads, int8_head (default True: a packed TriLM's lm_head in int8),
     kv_dtype (default torch.float16; None: the model's), prefix_cache (default True: a request reuses the keys and
-    values of the longest prompt prefix a free slot holds; `Scheduler`)."""
+    values of the longest prompt prefix a free slot holds; `Scheduler`), pipeline (default True: each step launched on
+    the kernels' deferred-call thread before the previous one's bookkeeping, `Scheduler`)."""
     try:
         import uvicorn
 
@@ -104,10 +106,11 @@ def serve(
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
     log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s, "
-             "prefix reuse %s)", name, host, port, engine.max_batch, engine.ctx_len,
+             "prefix reuse %s, pipelined steps %s)", name, host, port, engine.max_batch, engine.ctx_len,
              str(caches[0].k.dtype).removeprefix("torch."), kv_gib, engine.max_queue,
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules",
-             "on" if engine.scheduler.prefix_cache else "off")
+             "on" if engine.scheduler.prefix_cache else "off",
+             "on" if engine.scheduler.pipeline and engine.scheduler.decoder.can_launch else "off")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")
     uvicorn.Server(config).run()

@@ -167,6 +167,18 @@ static void pool_rouse(void) {
     if (atomic_load(&pool.sleepers) > 0) syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
+/* Places of a calling thread's jobs that a helper takes instead of a pool worker (pool_help): defer.h's thread sets
+ * 1, the engine's Python thread helping whenever it waits for a step instead of doing its bookkeeping. */
+static _Thread_local int pool_lent = 0;
+
+/* Take chunks of whatever job the pool runs until stop(arg) says so (a thread lent to a caller: pool_lent). */
+static void pool_help(int (*stop)(void *), void *arg) {
+    while (!stop(arg)) {
+        pool_work(atomic_load_explicit(&pool.gen, memory_order_acquire));
+        pool_relax();
+    }
+}
+
 static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
     if (n_chunks <= 0) return;
     int workers = n_threads - 1;
@@ -174,6 +186,7 @@ static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
         for (int64_t c = 0; c < n_chunks; c++) fn(ctx, c);
         return;
     }
+    workers -= pool_lent < workers ? pool_lent : workers; /* the pool's own threads taking part (may be none) */
     if (pool.n_workers < workers) workers = pool_grow(workers) < workers ? pool.n_workers : workers;
     pool.fn = fn;
     pool.ctx = ctx;
@@ -184,7 +197,7 @@ static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
     PSTAT(const uint64_t tp = pstat_ns(); pstat_caller = 1; atomic_store(&pstat.worker_start, 0);
           if (pstat.last_end) pstat.between += tp - pstat.last_end;)
     atomic_store(&pool.gen, g); /* seq_cst: ordered before the read of sleepers (a sleeper re-checks gen) */
-    pool_rouse();
+    if (workers) pool_rouse();
     pool_work(g);
     PSTAT(const uint64_t tc = pstat_ns(); pstat.caller_work += tc - tp;)
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks) pool_relax();

@@ -932,6 +932,7 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
 #include "rowlane_kernels.h"
 #include "quad_kernels.h"
 #include "pool.h"
+#include "defer.h"
 
 /* Bytes of a job's activations in the VNNI layout (lane_kernels.h) when the AMX or the token-lane GEMM will run it,
  * else 0 (the other kernels read the row-major activations). */
@@ -2667,6 +2668,163 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The next token of each of n rows of a step (pick_tokens): row rows[b] of the logits y [., V] and their argmax idx;
+ * temperature T[b] > 0: sample_row's draw with (top_k k[b], top_p p[b], u[b]), else the argmax (sample_next's rule,
+ * as a greedy step takes it). */
+typedef struct {
+    int path, n_threads;
+    const float *y;
+    const int64_t *idx, *rows, *k;
+    int64_t V, n;
+    const double *T, *p, *u;
+    int64_t *out;
+} pick_args_t;
+
+static void pick_chunk(void *ctx, int64_t b) {
+    const pick_args_t *a = (const pick_args_t *)ctx;
+    const int64_t r = a->rows[b];
+    if (!(a->T[b] > 0)) {
+        a->out[b] = a->idx[r];
+        return;
+    }
+    float *buf = sample_buffer(a->V);
+    a->out[b] = buf ? sample_row(a->path, a->y + r * a->V, a->V, (float)a->T[b], a->k[b], a->p[b], a->u[b], buf) : -1;
+}
+
+static int pick_run(void *arg) {
+    const pick_args_t *a = (const pick_args_t *)arg;
+    int64_t sampled = 0;
+    for (int64_t b = 0; b < a->n; b++) sampled += a->T[b] > 0;
+    if (sampled) for_chunks(a->n_threads < sampled ? a->n_threads : (int)sampled, a->n, pick_chunk, (void *)a);
+    else
+        for (int64_t b = 0; b < a->n; b++) pick_chunk((void *)a, b);
+    for (int64_t b = 0; b < a->n; b++)
+        if (a->out[b] < 0) return 0;
+    return 1;
+}
+
+/* pick_tokens(path, n_threads, y_ptr, V, idx_ptr, rows_ptr, n, temperature_ptr, top_k_ptr, top_p_ptr, u_ptr, out_ptr):
+ * out[b] = the next token of row rows[b] (pick_args_t): a step's picks written where the next step's take_tokens
+ * reads them. y_ptr may be 0 when no row samples. Deferred while recording (defer.h). */
+static PyObject *py_pick_tokens(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long py, pi, pr, pT, pk, pp, pu, po;
+    long long V, n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLKKLKKKKK", &path, &n_threads, &py, &V, &pi, &pr, &n, &pT, &pk, &pp, &pu, &po))
+        return NULL;
+    if (n < 0 || V <= 0 || n_threads < 1 || !path_supported(path) || !pi)
+        return PyErr_Format(PyExc_ValueError, "bad pick_tokens arguments n=%lld V=%lld threads=%d", n, V, n_threads);
+    const pick_args_t a = {path, n_threads, (const float *)(uintptr_t)py, (const int64_t *)(uintptr_t)pi,
+                           (const int64_t *)(uintptr_t)pr, (const int64_t *)(uintptr_t)pk, V, n,
+                           (const double *)(uintptr_t)pT, (const double *)(uintptr_t)pp,
+                           (const double *)(uintptr_t)pu, (int64_t *)(uintptr_t)po};
+    for (long long b = 0; b < n; b++)
+        if (a.T[b] > 0 && (!py || !sample_params_ok((long long)a.k[b], a.p[b], a.u[b])))
+            return PyErr_Format(PyExc_ValueError, "bad sampling arguments in row %lld: temperature=%g top_k=%lld "
+                                "top_p=%g u=%g%s", b, a.T[b], (long long)a.k[b], a.p[b], a.u[b],
+                                py ? "" : " (no logits given)");
+    if (n == 0) Py_RETURN_NONE;
+    if (defer_rec) {
+        if (!defer_add(pick_run, NULL, &a, sizeof(a))) return NULL;
+        Py_RETURN_NONE;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = pick_run((void *)&a);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    int64_t *dst;
+    const int64_t *src, *index;
+    int64_t n;
+} take_args_t;
+
+static int take_run(void *arg) {
+    const take_args_t *a = (const take_args_t *)arg;
+    for (int64_t i = 0; i < a->n; i++)
+        if (a->index[i] >= 0) a->dst[i] = a->src[a->index[i]];
+    return 1;
+}
+
+/* take_tokens(dst_ptr, src_ptr, index_ptr, n): dst[i] = src[index[i]] where index[i] >= 0 (int64 arrays): a step's
+ * token ids from the step before's picks (pick_tokens' out), when both are recorded before the first has run.
+ * Deferred while recording (defer.h). */
+static PyObject *py_take_tokens(PyObject *self, PyObject *args) {
+    unsigned long long pd, ps, pi;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKL", &pd, &ps, &pi, &n)) return NULL;
+    if (n < 0 || !pd || !ps || !pi) return PyErr_Format(PyExc_ValueError, "bad take_tokens arguments n=%lld", n);
+    const take_args_t a = {(int64_t *)(uintptr_t)pd, (const int64_t *)(uintptr_t)ps, (const int64_t *)(uintptr_t)pi,
+                           n};
+    if (defer_rec) {
+        if (!defer_add(take_run, NULL, &a, sizeof(a))) return NULL;
+        Py_RETURN_NONE;
+    }
+    take_run((void *)&a);
+    Py_RETURN_NONE;
+}
+
+/* defer_begin(): record the calls that follow on this thread (defer.h) instead of running them. */
+static PyObject *py_defer_begin(PyObject *self, PyObject *noargs) {
+    static _Thread_local defer_list_t own;
+    (void)self, (void)noargs;
+    if (defer_rec) return PyErr_Format(PyExc_RuntimeError, "defer_begin: this thread is already recording");
+    own.n = 0;
+    defer_rec = &own;
+    Py_RETURN_NONE;
+}
+
+/* defer_end() -> ticket: hand the recorded calls to the deferred-call thread, which runs them after the lists handed
+ * over before; the ticket is for defer_wait. */
+static PyObject *py_defer_end(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    defer_list_t *L = defer_rec;
+    if (!L) return PyErr_Format(PyExc_RuntimeError, "defer_end without defer_begin");
+    defer_rec = NULL;
+    uint64_t ticket;
+    Py_BEGIN_ALLOW_THREADS
+    ticket = defer_submit(L);
+    Py_END_ALLOW_THREADS
+    if (!ticket) {
+        defer_free(L);
+        return PyErr_Format(PyExc_RuntimeError, "could not start the deferred-call thread");
+    }
+    return PyLong_FromUnsignedLongLong(ticket);
+}
+
+/* defer_abort(): drop the recorded calls (after an error while recording); nothing when not recording. */
+static PyObject *py_defer_abort(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    if (defer_rec) {
+        defer_free(defer_rec);
+        defer_rec = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* defer_wait(ticket): block, with the GIL released, until the list `ticket` has run; MemoryError when a call of it
+ * ran out of memory, ValueError when it fed a token id outside the embedding (the calls after a failing one do not
+ * run). */
+static PyObject *py_defer_wait(PyObject *self, PyObject *args) {
+    unsigned long long ticket;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "K", &ticket)) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = defer_await(ticket);
+    Py_END_ALLOW_THREADS
+    if (status == 1) Py_RETURN_NONE;
+    if (status == 0) return PyErr_NoMemory();
+    if (status == -1) return PyErr_Format(PyExc_ValueError, "deferred step %llu: a token id outside the embedding", ticket);
+    return PyErr_Format(PyExc_ValueError, "defer_wait: no deferred list %llu (finished long ago, or never handed over)",
+                        ticket);
+}
+
 static PyObject *py_sample(PyObject *self, PyObject *args) {
     int path;
     unsigned long long px;
@@ -3155,8 +3313,9 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
 static void rms_norm_row(const float *x, const float *w, float eps, float *h, int64_t C);
 
 /* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr, top_ptr
- * [, rl_ptr]) (rl_ptr: qw interleaved by 16 rows, rowlane_codes, for the row-lane GEMM; 0 for none): the end of a
- * decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
+ * [, rl_ptr [, rows_ptr]]) (rl_ptr: qw interleaved by 16 rows, rowlane_codes, for the row-lane GEMM; rows_ptr: int64
+ * [B], row b is row rows[b] of x, a step's decode rows and its prompts' last positions picked out of the rows the
+ * blocks ran; 0 for none): the end of a decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
  * the int8 output layer y [B, V] (matmul_i8's quantization and kernels), and, where idx_ptr / lse_ptr / top_ptr are
  * not 0, each row's argmax / log-sum-exp / logit at the argmax (argmax_logsumexp's functions, over the pool), in one
  * call that releases the GIL once. On Python's side these were six tensor operations for the norm, the output
@@ -3167,15 +3326,16 @@ static void rms_norm_row(const float *x, const float *w, float eps, float *h, in
  * nothing reads again: the in-process server workload (99m, 16 slots, logprobs 0) 1.016x [1.004-1.028] 8/8. */
 /* The end of a step for B rows (no Python: call it with the GIL released): the final RMSNorm, the int8 output layer
  * into y [B, V] (or, with y NULL, a buffer per piece) and, when idx is given, each row's argmax (and logsumexp into
- * lse, the argmax's logit into top, when given). 0 when scratch memory cannot be allocated. */
-static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t C, const float *w, float eps,
-                     const uint8_t *qw, const uint8_t *rl, const float *d, int64_t V, float *y, int64_t *idx,
-                     float *lse, float *top) {
+ * lse, the argmax's logit into top, when given). Row b is row rows[b] of x (rows NULL: row b). 0 when scratch memory
+ * cannot be allocated. */
+static int head_exec(int path, int n_threads, const float *x, const int64_t *rows, int64_t B, int64_t C,
+                     const float *w, float eps, const uint8_t *qw, const uint8_t *rl, const float *d, int64_t V, float *y,
+                     int64_t *idx, float *lse, float *top) {
     const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C, rl != NULL));
     void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
     if (!scratch) return 0;
     float *h = (float *)((char *)scratch + i8_bytes);
-    for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * C, w, eps, h + b * C, C);
+    for (int64_t b = 0; b < B; b++) rms_norm_row(x + (rows ? rows[b] : b) * C, w, eps, h + b * C, C);
     if (!idx || (y && B < HEAD_FUSE_ROWS)) {
         matmul_i8_run(path, n_threads, h, B, C, qw, rl, V, d, y, scratch);
         return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, top, NULL);
@@ -3186,14 +3346,33 @@ static int head_exec(int path, int n_threads, const float *x, int64_t B, int64_t
     return rows_stats(path, n_threads, y, B, V, idx, lse, top, &J);
 }
 
+typedef struct {
+    int path, n_threads;
+    const float *x;
+    const int64_t *rows;
+    int64_t B, C, V;
+    const float *w, *d;
+    float eps;
+    const uint8_t *qw, *rl;
+    float *y, *lse, *top;
+    int64_t *idx;
+} head_args_t;
+
+static int head_run(void *arg) {
+    const head_args_t *a = (const head_args_t *)arg;
+    return head_exec(a->path, a->n_threads, a->x, a->rows, a->B, a->C, a->w, a->eps, a->qw, a->rl, a->d, a->V, a->y,
+                     a->idx, a->lse, a->top);
+}
+
+/* head_rows (above); deferred while recording (defer.h). */
 static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     int path, n_threads;
-    unsigned long long px, pn, pw, pd, py, pi, pl, pt, prl = 0;
+    unsigned long long px, pn, pw, pd, py, pi, pl, pt, prl = 0, prows = 0;
     long long B, C, V;
     float eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKKK|K", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py, &pi,
-                          &pl, &pt, &prl))
+    if (!PyArg_ParseTuple(args, "iiKLLKfKKLKKKK|KK", &path, &n_threads, &px, &B, &C, &pn, &eps, &pw, &pd, &V, &py,
+                          &pi, &pl, &pt, &prl, &prows))
         return NULL;
     if (B < 0 || V <= 0 || C <= 0 || C % QK || C > (1LL << 16) || n_threads < 1)
         return PyErr_Format(PyExc_ValueError,
@@ -3202,11 +3381,17 @@ static PyObject *py_head_rows(PyObject *self, PyObject *args) {
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (!py && !pi) return PyErr_Format(PyExc_ValueError, "head_rows without the logits needs the argmax (idx_ptr)");
     if (B == 0) Py_RETURN_NONE;
+    const head_args_t a = {path, n_threads, (const float *)(uintptr_t)px, (const int64_t *)(uintptr_t)prows, B, C, V,
+                           (const float *)(uintptr_t)pn, (const float *)(uintptr_t)pd, eps,
+                           (const uint8_t *)(uintptr_t)pw, (const uint8_t *)(uintptr_t)prl, (float *)(uintptr_t)py,
+                           (float *)(uintptr_t)pl, (float *)(uintptr_t)pt, (int64_t *)(uintptr_t)pi};
+    if (defer_rec) {
+        if (!defer_add(head_run, NULL, &a, sizeof(a))) return NULL;
+        Py_RETURN_NONE;
+    }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = head_exec(path, n_threads, (const float *)(uintptr_t)px, B, C, (const float *)(uintptr_t)pn, eps,
-                   (const uint8_t *)(uintptr_t)pw, (const uint8_t *)(uintptr_t)prl, (const float *)(uintptr_t)pd, V,
-                   (float *)(uintptr_t)py, (int64_t *)(uintptr_t)pi, (float *)(uintptr_t)pl, (float *)(uintptr_t)pt);
+    ok = head_run((void *)&a);
     Py_END_ALLOW_THREADS
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -3675,6 +3860,29 @@ static int layers_exec(int path, int n_threads, batch_layer_t *Ls, Py_ssize_t n_
     return ok;
 }
 
+typedef struct {
+    int path, n_threads;
+    batch_layer_t *Ls; /* owned */
+    Py_ssize_t n_layers;
+    int all_layers, half;
+    float *xs;
+    int64_t B, C, H, D;
+    const int64_t *pos;
+    const float *cos0, *sin0;
+    const unsigned long long *kp, *vp;
+    long long loff, hs;
+    float scale;
+} layers_args_t;
+
+static int layers_run(void *arg) {
+    const layers_args_t *a = (const layers_args_t *)arg;
+    return layers_exec(a->path, a->n_threads, a->Ls, a->n_layers, a->all_layers, a->half, a->xs, a->B, a->C, a->H,
+                       a->D, a->pos, a->cos0, a->sin0, a->kp, a->vp, a->loff, a->hs, a->scale);
+}
+
+static void layers_free(void *arg) { free(((layers_args_t *)arg)->Ls); }
+
+/* decode_layer(s)_batch; deferred while recording (defer.h). */
 static PyObject *batch_layers(PyObject *args, int all_layers) {
     int path, n_threads;
     unsigned long long px, ppos, pcos, psin, pks, pvs;
@@ -3721,10 +3929,15 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     const float *cos0 = (const float *)(uintptr_t)pcos, *sin0 = (const float *)(uintptr_t)psin;
     const unsigned long long *kp = (const unsigned long long *)(uintptr_t)pks;
     const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
+    const layers_args_t a = {path, n_threads, Ls, n_layers, all_layers, half, xs, B, C, H, D, pos, cos0, sin0, kp, vp,
+                             loff, hs, scale};
+    if (defer_rec) {
+        if (!defer_add(layers_run, layers_free, &a, sizeof(a))) return NULL;
+        Py_RETURN_NONE;
+    }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = layers_exec(path, n_threads, Ls, n_layers, all_layers, half, xs, B, C, H, D, pos, cos0, sin0, kp, vp, loff,
-                     hs, scale);
+    ok = layers_run((void *)&a);
     Py_END_ALLOW_THREADS
     free(Ls);
     if (!ok) return PyErr_NoMemory();
@@ -3780,9 +3993,26 @@ static void embed_row(const void *emb, int kind, int64_t token, int64_t C, float
     }
 }
 
+typedef struct {
+    const void *emb;
+    int kind;
+    int64_t n_emb, C, B;
+    const int64_t *ids;
+    float *x;
+} embed_args_t;
+
+static int embed_run(void *arg) {
+    const embed_args_t *a = (const embed_args_t *)arg;
+    for (int64_t b = 0; b < a->B; b++)
+        if (a->ids[b] < 0 || a->ids[b] >= a->n_emb) return -1;
+    for (int64_t b = 0; b < a->B; b++) embed_row(a->emb, a->kind, a->ids[b], a->C, a->x + b * a->C);
+    return 1;
+}
+
 /* embed_rows(emb_ptr, emb_kind, emb_rows, C, ids_ptr, B, x_ptr): x[b] = row ids[b] of the embedding (embed_row), for
  * a batched step's rows: one call where `torch.index_select` (and a float16 table's widening copy) cost 2 torch ops
- * a step, each run with its code evicted by the step's weight stream. */
+ * a step, each run with its code evicted by the step's weight stream. Deferred while recording (defer.h), its ids
+ * then checked when it runs (take_tokens may write them first). */
 static PyObject *py_embed_rows(PyObject *self, PyObject *args) {
     unsigned long long pe, pi, px;
     int kind;
@@ -3793,6 +4023,11 @@ static PyObject *py_embed_rows(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "embed_rows: kind %d (0 float32, 1 float16, 2 bfloat16), C=%lld, B=%lld",
                             kind, C, B);
     const int64_t *ids = (const int64_t *)(uintptr_t)pi;
+    if (defer_rec) {
+        const embed_args_t a = {(const void *)(uintptr_t)pe, kind, n_emb, C, B, ids, (float *)(uintptr_t)px};
+        if (!defer_add(embed_run, NULL, &a, sizeof(a))) return NULL;
+        Py_RETURN_NONE;
+    }
     for (long long b = 0; b < B; b++)
         if (ids[b] < 0 || ids[b] >= n_emb)
             return PyErr_Format(PyExc_ValueError, "token id %lld is outside the embedding's %lld rows",
@@ -3857,7 +4092,7 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
     ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
-         head_exec(path, n_threads, x, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw, NULL,
+         head_exec(path, n_threads, x, NULL, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw, NULL,
                    (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
     if (ok && sbuf) best = sample_row(path, y, V, (float)temperature, top_k < V ? top_k : 0, top_p, u, sbuf);
     Py_END_ALLOW_THREADS
@@ -4372,6 +4607,12 @@ static PyMethodDef methods[] = {
     {"tq1_decoding", py_tq1_decoding, METH_NOARGS, "The VBMI kernels' TQ1_0 decoding tables (code 0, two sum tables)."},
     {"build_info", py_build_info, METH_NOARGS, "Whether SIMD paths, OpenMP and the thread pool were compiled in."},
     {"rouse_pool", py_rouse_pool, METH_NOARGS, "Wake the pool's sleeping workers to poll for the next job."},
+    {"pick_tokens", py_pick_tokens, METH_VARARGS, "The next token of each row: its argmax, or its draw when sampled."},
+    {"take_tokens", py_take_tokens, METH_VARARGS, "dst[i] = src[index[i]] where index[i] >= 0 (int64 arrays)."},
+    {"defer_begin", py_defer_begin, METH_NOARGS, "Record the kernel calls that follow instead of running them."},
+    {"defer_end", py_defer_end, METH_NOARGS, "Hand the recorded calls to the deferred-call thread; its ticket."},
+    {"defer_abort", py_defer_abort, METH_NOARGS, "Drop the recorded calls."},
+    {"defer_wait", py_defer_wait, METH_VARARGS, "Wait until the deferred list with this ticket has run."},
 #if defined(POOL_STATS) && defined(SPECTRA_POOL)
     {"pool_stats", py_pool_stats, METH_NOARGS, "The thread pool's wait counters since the last call (-DPOOL_STATS)."},
 #endif
