@@ -808,6 +808,8 @@ def test_a_launched_step_equals_step_rows_and_the_next_takes_its_picks(kv):
         b.prefill(s, p)
     chunks = [(slots[3], prompts[3]), (slots[4], prompts[4][:1])]  # the first ends its prompt, the second does not
     picks = [(0.0, None, None, 0.0), (0.9, 5, None, 0.3), (0.0, None, None, 0.0), (1.1, None, 0.8, 0.6)]
+    with pytest.raises(ValueError, match="needs `after`"):
+        a.launch(slots[:1], [None], [], [], [(0.0, None, None, 0.0)])
     one = a.launch(slots[:3], first, chunks, [True, False], picks, lse=True, logits=True)
     two = a.launch(slots[:3] + [slots[3]], [None] * 4, [], [], [(0.0, None, None, 0.0)] * 4, take=[0, 1, 2, 3],
                    after=one, lse=True, logits=True)

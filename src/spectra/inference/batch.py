@@ -317,8 +317,13 @@ class BatchDecoder:
         R = len(row_slots)
         if not 0 < R <= rows.n:
             raise ValueError(f"{R} rows for a launch of at most {rows.n}")
-        S = self._launch_sets()[kern["turn"]]
-        kern["turn"] ^= 1
+        taking = any(t is None for t in tokens)
+        if taking and (after is None or len(take) != B or any(not 0 <= j < after.m for t, j in zip(tokens, take)
+                                                              if t is None)):
+            raise ValueError("a row without its token needs `after` and its head row there in `take`")
+        if len(picks) != B + sum(map(bool, finals)) or len(finals) != len(prefills):
+            raise ValueError(f"need one final flag per prefill ({len(prefills)}) and one pick per head row")
+        S = self._launch_sets()[kern["turn"]]  # (not the set of the step launched before, which may still run)
         pos = [self.caches[s].pos for s in slots]
         for s, ids in prefills:
             pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
@@ -333,9 +338,6 @@ class BatchDecoder:
             if final:
                 heads.append(at - 1)
         m = len(heads)
-        if len(picks) != m:
-            raise ValueError(f"need one pick per head row ({m}), got {len(picks)}")
-        taking = after is not None and any(t is None for t in tokens)
         if taking:
             S["take_np"][:B] = [-1 if t is not None else j for t, j in zip(tokens, take)]
         S["heads_np"][:m] = heads
@@ -362,6 +364,7 @@ class BatchDecoder:
             ext.defer_abort()
             raise
         ticket = ext.defer_end()
+        kern["turn"] ^= 1
         for s in slots:
             self.caches[s].pos += 1
         for s, ids in prefills:
@@ -1040,6 +1043,8 @@ class Scheduler:
         self.waiting.clear()
         for req in pending:
             self._finish(req, reason)
+        if failed:  # the slots may hold that step's partial writes
+            self.held.clear()
 
 
 def generate_batch(
