@@ -922,6 +922,26 @@ def test_pipelined_steps_give_the_serial_steps_tokens_with_stops_cancels_and_reu
 
 
 @needs_ext
+def test_a_scheduler_dropped_with_a_launched_step_waits_for_it():
+    """The step a pipelined scheduler launched writes into its buffers and caches; dropping the scheduler waits for
+    it first (a write into freed memory would bring the process down), and the next scheduler's tokens are right."""
+    import gc
+
+    model = model_of("packed-int8-head", seed=3)
+    for _ in range(3):
+        sched = Scheduler(model, max_batch=4, max_len=48, pipeline=True)
+        for _ in range(4):
+            sched.submit(Request([1, 2, 3], 10, stop_at_eos=False))
+        sched.step()
+        sched.step()
+        assert sched._flight is not None
+        del sched
+        gc.collect()
+    assert run_alone(model, [1, 2, 3], 5) == generate(model, None, [1, 2, 3], max_new_tokens=5,
+                                                      stop_at_eos=False)["tokens"]
+
+
+@needs_ext
 def test_fail_all_waits_for_the_launched_step_and_frees_every_slot():
     model = model_of("packed-int8-head", seed=3)
     sched = Scheduler(model, max_batch=2, max_len=48, pipeline=True)

@@ -289,7 +289,8 @@ class BatchDecoder:
                      "order": torch.arange(n, dtype=torch.int64), "chosen": torch.zeros(n, dtype=torch.int64),
                      "T": torch.zeros(n, dtype=torch.float64), "k": torch.zeros(n, dtype=torch.int64),
                      "p": torch.ones(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}  # fmt: skip
-                t.update({f"{k}_np": t[k].numpy() for k in ("io", "heads", "take", "T", "k", "p", "u")})
+                t.update({f"{k}_np": t[k].numpy() for k in ("io", "heads", "take", "T", "k", "p", "u", "chosen", "idx",
+                                                            "lse", "top")})  # (numpy slices cost a tenth of torch's)
                 sets.append(t)
             kern["sets"] = sets
         return kern["sets"]
@@ -307,7 +308,8 @@ class BatchDecoder:
         row (decode rows, then the finals) picks its next token in the same list: picks[j] = (temperature, top_k,
         top_p, u), temperature 0 its argmax, else `kernels.sample`'s draw with u (the same token as `sample_next`
         with a generator that gives u). The cache positions advance now. The results are `Launched.set`'s buffers,
-        valid until the launch after next."""
+        valid until the launch after next. Wait for every launch before dropping this decoder: the step writes into
+        its buffers and caches."""
         kern = self.kernel
         dec, rows = kern["decoder"], kern["rows"]
         ext = dec._ext
@@ -616,6 +618,15 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running and self._flight is None
 
+    def __del__(self) -> None:
+        # A launched step writes into this scheduler's buffers and caches: they must outlive it.
+        flight = getattr(self, "_flight", None)
+        if flight is not None:
+            try:
+                self.decoder.wait(flight.step)
+            except Exception:
+                pass
+
     def check(self, req: Request) -> None:
         """A ValueError naming the field when the request cannot run on this model and slot size."""
         validate_sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
@@ -757,8 +768,9 @@ class Scheduler:
                     del self._busy[slot]
             self._release_waiting_slots()
         st, S = f.step, f.step.set
-        chosen, idx, top = (S[k][: st.m].tolist() for k in ("chosen", "idx", "top"))
-        lses = S["lse"][: st.m].tolist() if st.lse else None
+        m = st.m
+        chosen, idx, top = S["chosen_np"][:m].tolist(), S["idx_np"][:m].tolist(), S["top_np"][:m].tolist()
+        lses = S["lse_np"][:m].tolist() if st.lse else None
         y = S["y"]
         if f.decode:
             self.stats["steps"] += 1
