@@ -66,6 +66,23 @@ static int defer_add(defer_fn fn, void (*cleanup)(void *), const void *arg, size
     return 1;
 }
 
+/* A wrapper's last step: record fn(copy of arg) while the calling thread records, else run fn(arg) now with the GIL
+ * released, then cleanup(arg); None, or the error fn's status says (0: MemoryError, -1: ValueError). */
+static PyObject *defer_or_run(defer_fn fn, void (*cleanup)(void *), void *arg, size_t size) {
+    if (defer_rec) {
+        if (!defer_add(fn, cleanup, arg, size)) return NULL;
+        Py_RETURN_NONE;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(arg);
+    Py_END_ALLOW_THREADS
+    if (cleanup) cleanup(arg);
+    if (status == 0) return PyErr_NoMemory();
+    if (status < 0) return PyErr_Format(PyExc_ValueError, "a token id outside the embedding");
+    Py_RETURN_NONE;
+}
+
 #ifdef __linux__
 #define SPECTRA_DEFER_THREAD 1
 #include <pthread.h>

@@ -2725,16 +2725,7 @@ static PyObject *py_pick_tokens(PyObject *self, PyObject *args) {
                                 "top_p=%g u=%g%s", b, a.T[b], (long long)a.k[b], a.p[b], a.u[b],
                                 py ? "" : " (no logits given)");
     if (n == 0) Py_RETURN_NONE;
-    if (defer_rec) {
-        if (!defer_add(pick_run, NULL, &a, sizeof(a))) return NULL;
-        Py_RETURN_NONE;
-    }
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = pick_run((void *)&a);
-    Py_END_ALLOW_THREADS
-    if (!ok) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return defer_or_run(pick_run, NULL, (void *)&a, sizeof(a));
 }
 
 typedef struct {
@@ -2761,12 +2752,7 @@ static PyObject *py_take_tokens(PyObject *self, PyObject *args) {
     if (n < 0 || !pd || !ps || !pi) return PyErr_Format(PyExc_ValueError, "bad take_tokens arguments n=%lld", n);
     const take_args_t a = {(int64_t *)(uintptr_t)pd, (const int64_t *)(uintptr_t)ps, (const int64_t *)(uintptr_t)pi,
                            n};
-    if (defer_rec) {
-        if (!defer_add(take_run, NULL, &a, sizeof(a))) return NULL;
-        Py_RETURN_NONE;
-    }
-    take_run((void *)&a);
-    Py_RETURN_NONE;
+    return defer_or_run(take_run, NULL, (void *)&a, sizeof(a));
 }
 
 /* defer_begin(): record the calls that follow on this thread (defer.h) instead of running them. */
@@ -3385,16 +3371,7 @@ static PyObject *py_head_rows(PyObject *self, PyObject *args) {
                            (const float *)(uintptr_t)pn, (const float *)(uintptr_t)pd, eps,
                            (const uint8_t *)(uintptr_t)pw, (const uint8_t *)(uintptr_t)prl, (float *)(uintptr_t)py,
                            (float *)(uintptr_t)pl, (float *)(uintptr_t)pt, (int64_t *)(uintptr_t)pi};
-    if (defer_rec) {
-        if (!defer_add(head_run, NULL, &a, sizeof(a))) return NULL;
-        Py_RETURN_NONE;
-    }
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = head_run((void *)&a);
-    Py_END_ALLOW_THREADS
-    if (!ok) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return defer_or_run(head_run, NULL, (void *)&a, sizeof(a));
 }
 
 /* ---------------------------------------------------------------- one decoder layer for one token */
@@ -3931,17 +3908,7 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     const unsigned long long *vp = (const unsigned long long *)(uintptr_t)pvs;
     const layers_args_t a = {path, n_threads, Ls, n_layers, all_layers, half, xs, B, C, H, D, pos, cos0, sin0, kp, vp,
                              loff, hs, scale};
-    if (defer_rec) {
-        if (!defer_add(layers_run, layers_free, &a, sizeof(a))) return NULL;
-        Py_RETURN_NONE;
-    }
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = layers_run((void *)&a);
-    Py_END_ALLOW_THREADS
-    free(Ls);
-    if (!ok) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return defer_or_run(layers_run, layers_free, (void *)&a, sizeof(a)); /* (Ls freed: run now or recorded) */
 }
 
 static PyObject *py_decode_layer_batch(PyObject *self, PyObject *args) {
