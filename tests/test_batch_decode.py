@@ -479,6 +479,10 @@ def test_where_a_steps_rows_split_over_the_threads():
     assert cuts(2, distinct[:8] + (7,) * 32) == [0, 40]  # 32 / 8 = 4: not split
     assert cuts(2, (7,) * 32) == [0, 32]  # one cache
     assert cuts(2, (1, 2, 1) + distinct[3:]) == [0, 16]  # cache 1 in two runs
+    # a lead (the deferred-call thread's first part while the engine is away): one row more where it fits
+    # (where the lead leaves a part under 5 rows, 6 / 4, split_cuts refuses and split_parts takes the even split)
+    assert cuts(2, distinct, 1) == [0, 9, 16] and cuts(2, distinct[:12], 1) == [0, 7, 12]
+    assert cuts(2, distinct[:10], 1) == [0, 10]
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="the rows of a step are split only where AMX or the AVX-512 GEMMs run them")

@@ -171,12 +171,16 @@ static void pool_rouse(void) {
  * 1, the engine's Python thread helping whenever it waits for a step instead of doing its bookkeeping. */
 static _Thread_local int pool_lent = 0;
 
+static _Atomic int pool_helpers; /* threads in pool_help now */
+
 /* Take chunks of whatever job the pool runs until stop(arg) says so (a thread lent to a caller: pool_lent). */
 static void pool_help(int (*stop)(void *), void *arg) {
+    atomic_fetch_add(&pool_helpers, 1);
     while (!stop(arg)) {
         pool_work(atomic_load_explicit(&pool.gen, memory_order_acquire));
         pool_relax();
     }
+    atomic_fetch_sub(&pool_helpers, 1);
 }
 
 static void pool_for(int n_threads, int64_t n_chunks, chunk_fn fn, void *ctx) {
