@@ -960,3 +960,21 @@ def test_fail_all_waits_for_the_launched_step_and_frees_every_slot():
     while not sched.idle:
         sched.step()
     assert again.tokens == run_alone(model, [1, 2, 3], 4)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pipelined_generate_batch_on_one_and_two_threads_equals_each_prompt_alone(threads):
+    """`generate_batch` (pipelined) on one kernel thread, where the waiting thread sleeps instead of helping, and on
+    two: each prompt's tokens are `generate`'s alone."""
+    model = model_of("packed-int8-head", seed=8)
+    prompts, limits = prompts_and_lengths(6, seed=7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batched = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=4)
+        alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False)["tokens"]
+                 for p, n in zip(prompts, limits)]
+    finally:
+        torch.set_num_threads(before)
+    assert [r["tokens"] for r in batched] == alone

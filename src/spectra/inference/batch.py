@@ -374,8 +374,9 @@ class BatchDecoder:
         return Launched(ticket, S, B, m, lse, logits)
 
     def wait(self, step: Launched) -> None:
-        """Block until the launched `step` has run (MemoryError / ValueError as its calls would have raised)."""
-        self.kernel["decoder"]._ext.defer_wait(step.ticket)
+        """Block until the launched `step` has run (MemoryError / ValueError as its calls would have raised),
+        working on its kernels' jobs meanwhile where they run on more than one thread."""
+        self.kernel["decoder"]._ext.defer_wait(step.ticket, self.n_threads > 1)
 
     # ---- one decode step -----------------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:

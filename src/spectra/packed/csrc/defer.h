@@ -155,20 +155,25 @@ static uint64_t defer_submit(defer_list_t *L) {
 static int defer_ran(void *ticket) { return atomic_load(&dq.done) >= *(const uint64_t *)ticket; }
 #endif
 
-/* The status of list `ticket` once it has run (2: no such list). Until then the waiting thread works on the lists'
- * pooled jobs (pool_help) in the place of the pool worker that defer_thread's calls leave out (pool_lent): a step's
- * kernels run on one thread while the engine does its bookkeeping, and on two once it waits, instead of three
- * threads on two cores. Call without the GIL. */
-static int defer_await(uint64_t ticket) {
+/* The status of list `ticket` once it has run (2: no such list). Until then, with `help`, the waiting thread works
+ * on the lists' pooled jobs (pool_help) in the place of the pool worker that defer_thread's calls leave out
+ * (pool_lent): a step's kernels run on one thread while the engine does its bookkeeping, and on two once it waits,
+ * instead of three threads on two cores. Without (kernels on one thread: nothing to help with), it sleeps. Call
+ * without the GIL. */
+static int defer_await(uint64_t ticket, int help) {
     pthread_mutex_lock(&dq.mu);
     if (ticket == 0 || ticket > dq.ended || dq.done >= ticket + DEFER_LISTS) { /* its status was overwritten */
         pthread_mutex_unlock(&dq.mu);
         return 2;
     }
 #ifdef SPECTRA_POOL
-    pthread_mutex_unlock(&dq.mu);
-    pool_help(defer_ran, &ticket);
-    pthread_mutex_lock(&dq.mu);
+    if (help) {
+        pthread_mutex_unlock(&dq.mu);
+        pool_help(defer_ran, &ticket);
+        pthread_mutex_lock(&dq.mu);
+    }
+#else
+    (void)help;
 #endif
     while (dq.done < ticket) pthread_cond_wait(&dq.cv, &dq.mu);
     const int status = dq.status[(ticket - 1) % DEFER_LISTS];
@@ -186,7 +191,8 @@ static uint64_t defer_submit(defer_list_t *L) {
     return ++dq.ended;
 }
 
-static int defer_await(uint64_t ticket) {
+static int defer_await(uint64_t ticket, int help) {
+    (void)help;
     if (ticket == 0 || ticket > dq.ended || ticket + DEFER_LISTS <= dq.ended) return 2;
     return dq.status[(ticket - 1) % DEFER_LISTS];
 }

@@ -2793,16 +2793,17 @@ static PyObject *py_defer_abort(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
-/* defer_wait(ticket): block, with the GIL released, until the list `ticket` has run; MemoryError when a call of it
- * ran out of memory, ValueError when it fed a token id outside the embedding (the calls after a failing one do not
- * run). */
+/* defer_wait(ticket, help=True): block, with the GIL released, until the list `ticket` has run, working on its
+ * pooled jobs meanwhile unless `help` is false (defer_await); MemoryError when a call of it ran out of memory,
+ * ValueError when it fed a token id outside the embedding (the calls after a failing one do not run). */
 static PyObject *py_defer_wait(PyObject *self, PyObject *args) {
     unsigned long long ticket;
+    int help = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "K", &ticket)) return NULL;
+    if (!PyArg_ParseTuple(args, "K|p", &ticket, &help)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = defer_await(ticket);
+    status = defer_await(ticket, help);
     Py_END_ALLOW_THREADS
     if (status == 1) Py_RETURN_NONE;
     if (status == 0) return PyErr_NoMemory();
