@@ -366,7 +366,8 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
                    pipeline: bool = True) -> float:
     """Tokens/s of `n` requests through `spectra.inference.batch.Scheduler` in this process, without HTTP: the server's
     engine settings (`max_batch` slots, 128-token prefill chunks, int8 head, the built-in tokenizer's text) and the
-    clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once."""
+    clients' requests (greedy, `logprobs: 0`, past the end-of-text token), all submitted at once; the collector's
+    generations frozen first, as the server freezes them."""
     import random
 
     import torch
@@ -394,7 +395,14 @@ def scheduler_rate(model_dir: Path, threads: int, n: int, prompt_len: int, gen_l
         return sum(len(r.tokens) for r in reqs) / (time.perf_counter() - t0)
 
     run(2, 4)  # warm-up
-    return run(n, gen_len)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as the server does before its engine starts (`spectra.serve.app`): 4 % of this run's samples else
+    try:
+        return run(n, gen_len)
+    finally:
+        gc.unfreeze()
 
 
 def start_spectra(model_dir: Path, threads: int, ctx: int, kv_cache: str, stream_interval: int = 1,
