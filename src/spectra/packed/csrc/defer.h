@@ -10,7 +10,7 @@
  * while the next one runs: the kernels never wait for Python (spectra.inference.batch, `Scheduler`'s pipelined
  * steps).
  *
- * Use (one recording thread at a time per thread): `defer_begin()`, then the wrappers that take part (embed_rows,
+ * Use (each thread records its own list): `defer_begin()`, then the wrappers that take part (embed_rows,
  * decode_layers_batch, head_rows, take_tokens, pick_tokens) check their arguments as always and, instead of running,
  * append their work (defer_add: a copy of the arguments, which must point at memory that stays valid and unchanged
  * until the work has run); `defer_end()` hands the list to the thread and returns its ticket; `defer_wait(ticket)`
