@@ -229,25 +229,13 @@ class BatchDecoder:
         after the weight stream."""
         kern = self.kernel
         dec, rows = kern["decoder"], kern["rows"]
-        row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
-        pos = [self.caches[s].pos for s in slots]
-        for s, ids in prefills:
-            pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
-        io, io_np, R = kern["io"], kern["io_np"], len(row_slots)
-        io_np[0, :R] = list(tokens) + [t for _, ids in prefills for t in ids]
-        io_np[1, :R] = pos
-        io_np[2, :R] = [kern["k_addr"][s] for s in row_slots]
-        io_np[3, :R] = [kern["v_addr"][s] for s in row_slots]
-        cache = self.caches[row_slots[0]]
+        io, R, cache = kern["io"], *self._fill_rows(kern["io_np"], slots, tokens, prefills)
         if rows._embed_c and hasattr(dec._ext, "embed_rows"):
             base, n = io.data_ptr(), io.shape[1]
             rows.run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, cache)
         else:
             rows.run(io[0, :R], io[1, :R], io[2, :R], io[3, :R], cache)
-        for s in slots:
-            self.caches[s].pos += 1
-        for s, ids in prefills:
-            self.caches[s].pos += len(ids)
+        self._advance(slots, prefills)
         heads = [*range(len(slots))]
         for _, ids in prefills:
             heads.append((heads[-1] if heads else -1) + len(ids))
@@ -259,6 +247,29 @@ class BatchDecoder:
             if i != h:
                 x[i].copy_(x[h])
         return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits, out=out)
+
+    def _fill_rows(self, io, slots: Sequence[int], tokens: Sequence[int], prefills) -> tuple[int, Any]:
+        """The rows of a pass into `io` (numpy int64 [4, n]): token ids, positions, key and value cache addresses of
+        the decode rows (slots[i] at its next position), then each prefill chunk's positions. (row count, a cache of
+        the rows' layout)."""
+        kern, caches = self.kernel, self.caches
+        row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
+        pos = [caches[s].pos for s in slots]
+        for s, ids in prefills:
+            pos += range(caches[s].pos, caches[s].pos + len(ids))
+        R = len(row_slots)
+        io[0, :R] = list(tokens) + [t for _, ids in prefills for t in ids]
+        io[1, :R] = pos
+        io[2, :R] = [kern["k_addr"][s] for s in row_slots]
+        io[3, :R] = [kern["v_addr"][s] for s in row_slots]
+        return R, caches[row_slots[0]]
+
+    def _advance(self, slots: Sequence[int], prefills) -> None:
+        """The caches' positions after a pass of `_fill_rows`' rows."""
+        for s in slots:
+            self.caches[s].pos += 1
+        for s, ids in prefills:
+            self.caches[s].pos += len(ids)
 
     # ---- steps run on the kernels' deferred-call thread (`Scheduler`'s pipelined steps) ---------------------------
     @property
@@ -286,7 +297,7 @@ class BatchDecoder:
                      "idx": kern["idx"] if i == 0 else torch.empty(n, dtype=torch.int64),
                      "lse": kern["lse"] if i == 0 else torch.empty(n), "top": kern["top"] if i == 0 else torch.empty(n),
                      "heads": torch.zeros(n, dtype=torch.int64), "take": torch.full((n,), -1, dtype=torch.int64),
-                     "order": torch.arange(n, dtype=torch.int64), "chosen": torch.zeros(n, dtype=torch.int64),
+                     "chosen": torch.zeros(n, dtype=torch.int64),
                      "T": torch.zeros(n, dtype=torch.float64), "k": torch.zeros(n, dtype=torch.int64),
                      "p": torch.ones(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}  # fmt: skip
                 t.update({f"{k}_np": t[k].numpy() for k in ("io", "heads", "take", "T", "k", "p", "u", "chosen", "idx",
@@ -315,8 +326,7 @@ class BatchDecoder:
         ext = dec._ext
         self._check_rows(slots, [0] * len(slots), prefills)
         B = len(slots)
-        row_slots = list(slots) + [s for s, ids in prefills for _ in ids]
-        R = len(row_slots)
+        R = B + sum(len(ids) for _, ids in prefills)
         if not 0 < R <= rows.n:
             raise ValueError(f"{R} rows for a launch of at most {rows.n}")
         taking = any(t is None for t in tokens)
@@ -326,14 +336,7 @@ class BatchDecoder:
         if len(picks) != B + sum(map(bool, finals)) or len(finals) != len(prefills):
             raise ValueError(f"need one final flag per prefill ({len(prefills)}) and one pick per head row")
         S = self._launch_sets()[kern["turn"]]  # (not the set of the step launched before, which may still run)
-        pos = [self.caches[s].pos for s in slots]
-        for s, ids in prefills:
-            pos += range(self.caches[s].pos, self.caches[s].pos + len(ids))
-        io = S["io_np"]
-        io[0, :R] = [0 if t is None else t for t in tokens] + [t for _, ids in prefills for t in ids]
-        io[1, :R] = pos
-        io[2, :R] = [kern["k_addr"][s] for s in row_slots]
-        io[3, :R] = [kern["v_addr"][s] for s in row_slots]
+        _, cache = self._fill_rows(S["io_np"], slots, [0 if t is None else t for t in tokens], prefills)
         heads, at = [*range(B)], B
         for (_, ids), final in zip(prefills, finals):
             at += len(ids)
@@ -355,23 +358,20 @@ class BatchDecoder:
             if taking:
                 ext.take_tokens(S["io"].data_ptr(), after.set["chosen"].data_ptr(), S["take"].data_ptr(), B)
             base, n = S["io"].data_ptr(), S["io"].shape[1]
-            rows.run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, self.caches[row_slots[0]])
+            rows.run_ptrs(R, base, base + 8 * n, base + 16 * n, base + 24 * n, cache)
             if m:
                 dec.head(rows.x, argmax=True, lse=lse, logits=logits,
                          out=(S["y"], S["idx"], S["lse"], S["top"]), rows=S["heads"][:m])
-                ext.pick_tokens(dec._path_id, nt, S["y"].data_ptr() if logits else 0, V, S["idx"].data_ptr(),
-                                S["order"].data_ptr(), m, S["T"].data_ptr(), S["k"].data_ptr(), S["p"].data_ptr(),
-                                S["u"].data_ptr(), S["chosen"].data_ptr())
+                ext.pick_tokens(dec._path_id, nt, S["y"].data_ptr() if logits else 0, V, S["idx"].data_ptr(), 0, m,
+                                S["T"].data_ptr(), S["k"].data_ptr(), S["p"].data_ptr(), S["u"].data_ptr(),
+                                S["chosen"].data_ptr())
         except BaseException:
             ext.defer_abort()
             raise
         ticket = ext.defer_end()
         kern["turn"] ^= 1
-        for s in slots:
-            self.caches[s].pos += 1
-        for s, ids in prefills:
-            self.caches[s].pos += len(ids)
-        return Launched(ticket, S, B, m, lse, logits)
+        self._advance(slots, prefills)
+        return Launched(ticket, S, m, lse)
 
     def wait(self, step: Launched) -> None:
         """Block until the launched `step` has run (MemoryError / ValueError as its calls would have raised),
@@ -460,14 +460,12 @@ class _Flight:
 @dataclass
 class Launched:
     """A step handed to the deferred-call thread (`BatchDecoder.launch`): its ticket and buffers (`set`: "chosen",
-    "idx", "lse", "top", "y", first m rows), its B decode rows and m head rows, and which statistics it computes."""
+    "idx", "lse", "top", "y", first m rows), its m head rows, and whether it computes their log-sum-exps."""
 
     ticket: int
     set: dict
-    B: int
     m: int
     lse: bool
-    logits: bool
 
 
 # ---- sequences and the scheduler ---------------------------------------------------------------------------------
@@ -1049,9 +1047,7 @@ class Scheduler:
             except Exception:  # the step's own error was or will be reported by whoever failed us
                 failed = True
         self._busy.clear()
-        for slot, req, why in self._zombies:
-            self._release(slot, req, "error" if failed else why)
-        self._zombies = []
+        self._release_waiting_slots()
         pending = list(self.running) + list(self.waiting)
         self.waiting.clear()
         for req in pending:

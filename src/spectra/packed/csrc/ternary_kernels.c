@@ -2622,55 +2622,9 @@ static float *sample_buffer(int64_t V) {
                                                                              SAMPLE_BLOCK));
 }
 
-/* sample_rows(path, n_threads, x_ptr, V, rows_ptr, B, temperature_ptr, top_k_ptr, top_p_ptr, u_ptr, out_ptr):
- * `sample` for B rows of x [., V] (row rows[b] of x, int64; rows_ptr 0: rows 0 .. B-1), each with its own float64
- * temperature, int64 top_k, float64 top_p and u, spread over the kernels' pool (a sampled batched step: one call
- * instead of one per row on the engine thread). The same draws as `sample` row by row. */
-typedef struct {
-    int path;
-    const float *x;
-    int64_t V;
-    const int64_t *rows;
-    const double *T, *p, *u;
-    const int64_t *k;
-    int64_t *out;
-} sample_task_t;
-
-static void sample_chunk(void *ctx, int64_t b) {
-    const sample_task_t *t = (const sample_task_t *)ctx;
-    float *buf = sample_buffer(t->V);
-    const int64_t r = t->rows ? t->rows[b] : b;
-    t->out[b] = buf ? sample_row(t->path, t->x + r * t->V, t->V, (float)t->T[b], t->k[b], t->p[b], t->u[b], buf) : -1;
-}
-
-static PyObject *py_sample_rows(PyObject *self, PyObject *args) {
-    int path, n_threads;
-    unsigned long long px, pr, pT, pk, pp, pu, po;
-    long long B, V;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "iiKLKLKKKKK", &path, &n_threads, &px, &V, &pr, &B, &pT, &pk, &pp, &pu, &po))
-        return NULL;
-    if (B < 0 || V <= 0 || n_threads < 1 || !path_supported(path))
-        return PyErr_Format(PyExc_ValueError, "bad sample_rows sizes B=%lld V=%lld threads=%d", B, V, n_threads);
-    const sample_task_t t = {path, (const float *)(uintptr_t)px, V, (const int64_t *)(uintptr_t)pr,
-                             (const double *)(uintptr_t)pT,
-                             (const double *)(uintptr_t)pp, (const double *)(uintptr_t)pu,
-                             (const int64_t *)(uintptr_t)pk, (int64_t *)(uintptr_t)po};
-    for (long long b = 0; b < B; b++)
-        if (!(t.T[b] > 0) || !sample_params_ok((long long)t.k[b], t.p[b], t.u[b]))
-            return PyErr_Format(PyExc_ValueError, "bad sampling arguments in row %lld: temperature=%g top_k=%lld "
-                                "top_p=%g u=%g", b, t.T[b], (long long)t.k[b], t.p[b], t.u[b]);
-    Py_BEGIN_ALLOW_THREADS
-    for_chunks(n_threads < B ? n_threads : (int)(B > 0 ? B : 1), B, sample_chunk, (void *)&t);
-    Py_END_ALLOW_THREADS
-    for (long long b = 0; b < B; b++)
-        if (t.out[b] < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-/* The next token of each of n rows of a step (pick_tokens): row rows[b] of the logits y [., V] and their argmax idx;
- * temperature T[b] > 0: sample_row's draw with (top_k k[b], top_p p[b], u[b]), else the argmax (sample_next's rule,
- * as a greedy step takes it). */
+/* The next token of each of n rows of a step (sample_rows, pick_tokens): row rows[b] of the logits y [., V] (rows
+ * NULL: row b); temperature T[b] > 0: sample_row's draw with (top_k k[b], top_p p[b], u[b]), else the row's argmax
+ * idx[rows[b]] (sample_next's rule, as a greedy step takes it). -1 where sample_row's buffers could not be had. */
 typedef struct {
     int path, n_threads;
     const float *y;
@@ -2682,7 +2636,7 @@ typedef struct {
 
 static void pick_chunk(void *ctx, int64_t b) {
     const pick_args_t *a = (const pick_args_t *)ctx;
-    const int64_t r = a->rows[b];
+    const int64_t r = a->rows ? a->rows[b] : b;
     if (!(a->T[b] > 0)) {
         a->out[b] = a->idx[r];
         return;
@@ -2691,6 +2645,7 @@ static void pick_chunk(void *ctx, int64_t b) {
     a->out[b] = buf ? sample_row(a->path, a->y + r * a->V, a->V, (float)a->T[b], a->k[b], a->p[b], a->u[b], buf) : -1;
 }
 
+/* pick_chunk for every row, the sampled ones spread over the kernels' pool; 0 when a row's buffers ran short. */
 static int pick_run(void *arg) {
     const pick_args_t *a = (const pick_args_t *)arg;
     int64_t sampled = 0;
@@ -2703,9 +2658,37 @@ static int pick_run(void *arg) {
     return 1;
 }
 
+/* sample_rows(path, n_threads, x_ptr, V, rows_ptr, B, temperature_ptr, top_k_ptr, top_p_ptr, u_ptr, out_ptr):
+ * `sample` for B rows of x [., V] (row rows[b] of x, int64; rows_ptr 0: rows 0 .. B-1), each with its own float64
+ * temperature, int64 top_k, float64 top_p and u, spread over the kernels' pool (a sampled batched step: one call
+ * instead of one per row on the engine thread). The same draws as `sample` row by row (pick_run, every row sampled). */
+static PyObject *py_sample_rows(PyObject *self, PyObject *args) {
+    int path, n_threads;
+    unsigned long long px, pr, pT, pk, pp, pu, po;
+    long long B, V;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiKLKLKKKKK", &path, &n_threads, &px, &V, &pr, &B, &pT, &pk, &pp, &pu, &po))
+        return NULL;
+    if (B < 0 || V <= 0 || n_threads < 1 || !path_supported(path))
+        return PyErr_Format(PyExc_ValueError, "bad sample_rows sizes B=%lld V=%lld threads=%d", B, V, n_threads);
+    const pick_args_t t = {path, n_threads, (const float *)(uintptr_t)px, NULL, (const int64_t *)(uintptr_t)pr,
+                           (const int64_t *)(uintptr_t)pk, V, B, (const double *)(uintptr_t)pT,
+                           (const double *)(uintptr_t)pp, (const double *)(uintptr_t)pu, (int64_t *)(uintptr_t)po};
+    for (long long b = 0; b < B; b++)
+        if (!(t.T[b] > 0) || !sample_params_ok((long long)t.k[b], t.p[b], t.u[b]))
+            return PyErr_Format(PyExc_ValueError, "bad sampling arguments in row %lld: temperature=%g top_k=%lld "
+                                "top_p=%g u=%g", b, t.T[b], (long long)t.k[b], t.p[b], t.u[b]);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = pick_run((void *)&t);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* pick_tokens(path, n_threads, y_ptr, V, idx_ptr, rows_ptr, n, temperature_ptr, top_k_ptr, top_p_ptr, u_ptr, out_ptr):
- * out[b] = the next token of row rows[b] (pick_args_t): a step's picks written where the next step's take_tokens
- * reads them. y_ptr may be 0 when no row samples. Deferred while recording (defer.h). */
+ * out[b] = the next token of row rows[b] (rows_ptr 0: row b; pick_args_t): a step's picks written where the next
+ * step's take_tokens reads them. y_ptr may be 0 when no row samples. Deferred while recording (defer.h). */
 static PyObject *py_pick_tokens(PyObject *self, PyObject *args) {
     int path, n_threads;
     unsigned long long py, pi, pr, pT, pk, pp, pu, po;
@@ -2807,7 +2790,8 @@ static PyObject *py_defer_wait(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (status == 1) Py_RETURN_NONE;
     if (status == 0) return PyErr_NoMemory();
-    if (status == -1) return PyErr_Format(PyExc_ValueError, "deferred step %llu: a token id outside the embedding", ticket);
+    if (status == -1)
+        return PyErr_Format(PyExc_ValueError, "deferred step %llu: a token id outside the embedding", ticket);
     return PyErr_Format(PyExc_ValueError, "defer_wait: no deferred list %llu (finished long ago, or never handed over)",
                         ticket);
 }
@@ -3302,11 +3286,12 @@ static void rms_norm_row(const float *x, const float *w, float eps, float *h, in
 /* head_rows(path, n_threads, x_ptr, B, C, norm_w_ptr, eps, qw_ptr, d_ptr, V, y_ptr, idx_ptr, lse_ptr, top_ptr
  * [, rl_ptr [, rows_ptr]]) (rl_ptr: qw interleaved by 16 rows, rowlane_codes, for the row-lane GEMM; rows_ptr: int64
  * [B], row b is row rows[b] of x, a step's decode rows and its prompts' last positions picked out of the rows the
- * blocks ran; 0 for none): the end of a decode step for B rows of the residual stream x [B, C]: the final RMSNorm (rms_norm_row, the blocks' norm),
- * the int8 output layer y [B, V] (matmul_i8's quantization and kernels), and, where idx_ptr / lse_ptr / top_ptr are
- * not 0, each row's argmax / log-sum-exp / logit at the argmax (argmax_logsumexp's functions, over the pool), in one
- * call that releases the GIL once. On Python's side these were six tensor operations for the norm, the output
- * layer's call and the statistics' call, each taking the GIL back (about 0.3 ms of a 99M batch-16 step).
+ * blocks ran; 0 for none): the end of a decode step for B rows of the residual stream x [B, C]: the final RMSNorm
+ * (rms_norm_row, the blocks' norm), the int8 output layer y [B, V] (matmul_i8's quantization and kernels), and,
+ * where idx_ptr / lse_ptr / top_ptr are not 0, each row's argmax / log-sum-exp / logit at the argmax
+ * (argmax_logsumexp's functions, over the pool), in one call that releases the GIL once. On Python's side these were
+ * six tensor operations for the norm, the output layer's call and the statistics' call, each taking the GIL back
+ * (about 0.3 ms of a 99M batch-16 step).
  * y_ptr 0 (with idx_ptr): the statistics without the logits. A greedy step whose rows want no more than the chosen
  * token's log-probability (the server's usual request) then keeps each piece of the logits in a per-thread buffer
  * that stays in L2, instead of writing 16 x 50304 floats (3.2 MB, plus the reads that allocate their lines) that
@@ -3316,8 +3301,8 @@ static void rms_norm_row(const float *x, const float *w, float eps, float *h, in
  * lse, the argmax's logit into top, when given). Row b is row rows[b] of x (rows NULL: row b). 0 when scratch memory
  * cannot be allocated. */
 static int head_exec(int path, int n_threads, const float *x, const int64_t *rows, int64_t B, int64_t C,
-                     const float *w, float eps, const uint8_t *qw, const uint8_t *rl, const float *d, int64_t V, float *y,
-                     int64_t *idx, float *lse, float *top) {
+                     const float *w, float eps, const uint8_t *qw, const uint8_t *rl, const float *d, int64_t V,
+                     float *y, int64_t *idx, float *lse, float *top) {
     const size_t i8_bytes = round64(i8_scratch_bytes(path, B, C, rl != NULL));
     void *scratch = scratch_get(i8_bytes + sizeof(float) * (size_t)(B * C));
     if (!scratch) return 0;
@@ -4081,8 +4066,8 @@ static PyObject *py_decode_token(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     embed_row((const void *)(uintptr_t)pe, emb_kind, token, C, x);
     ok = layers_exec(path, n_threads, Ls, plan->n, 1, half, x, 1, C, H, D, pos, cos0, sin0, kp, vp, loff, hs, scale) &&
-         head_exec(path, n_threads, x, NULL, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw, NULL,
-                   (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
+         head_exec(path, n_threads, x, NULL, 1, C, (const float *)(uintptr_t)pn, eps, (const uint8_t *)(uintptr_t)pw,
+                   NULL, (const float *)(uintptr_t)pd, V, y, &best, NULL, NULL);
     if (ok && sbuf) best = sample_row(path, y, V, (float)temperature, top_k < V ? top_k : 0, top_p, u, sbuf);
     Py_END_ALLOW_THREADS
     free(Ls);
