@@ -1,7 +1,8 @@
 """The packed C kernels of a git revision against the working tree's, both loaded into one process.
 
     python benchmarks/kernel_ab.py [--base HEAD] [--size trilm-99m] [--threads 2] [--batch 16] [--pos 32]
-                                   [--prefill 0 | --decode] [--format tq2] [--vocab V] [--shards 1] [--rounds 15]
+                                   [--prefill 0 | --decode | --chunks C [--chunk-len 32]] [--format tq2] [--vocab V]
+                                   [--shards 1] [--rounds 15]
                                    [-D NAME=VALUE ...] [--base-define NAME=VALUE ...] [--no-amx] [--placement NS]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
@@ -13,7 +14,9 @@ calls) between alternating rounds.
 
 The workload is the synthetic packed model of `--size` (random ternary blocks, int8 output layer, float16 KV cache
 or `--kv-cache q8 | f32`): `--batch` sequences stepped 64 times from position `--pos` (`BatchDecoder.step`, the
-batched decode of `generate` with several prompts and of `spectra serve`), or with `--prefill P` a prompt of P
+batched decode of `generate` with several prompts and of `spectra serve`; with `--chunks C` each step also prefills C
+prompt chunks of `--chunk-len` tokens in the same pass, as a server's step does while prompts arrive), or with
+`--prefill P` a prompt of P
 tokens through `Decoder.prefill`,
 or with `--decode` 64 single-token steps of `Decoder` from an empty cache (llama-bench's `tg`; with `--greedy` through
 `Decoder.greedy`, one C call per token, as `generate` and `spectra bench` decode).
@@ -92,6 +95,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pos", type=int, default=32, help="position the batch's 64 steps start from")
     ap.add_argument("--prefill", type=int, default=0, help="time a prompt of this many tokens instead")
+    ap.add_argument("--chunks", type=int, default=0,
+                    help="with the batch step: each step also prefills this many prompt chunks of --chunk-len tokens, "
+                         "each into its own slot from position 0, in the same pass (`step_with_prefill`: a server's "
+                         "step while prompts arrive)")
+    ap.add_argument("--chunk-len", type=int, default=32)
     ap.add_argument("--decode", action="store_true", help="time 64 single-token decode steps instead")
     ap.add_argument("--greedy", action="store_true",
                     help="with --decode: step through Decoder.greedy (one C call per token: what `generate` and "
@@ -179,22 +187,32 @@ def main() -> None:
                         raise SystemExit("--greedy: this model's decoder has no one-call greedy step")
             what = f"decode step{' (Decoder.greedy)' if args.greedy else ''}, 64 tokens from an empty cache"
         else:
-            bd = BatchDecoder(model, args.batch, args.pos + 64, kv_dtype)
+            bd = BatchDecoder(model, args.batch + args.chunks, max(args.pos + 64, args.chunk_len), kv_dtype)
             dec = bd.kernel["decoder"]
             slots = [bd.acquire() for _ in range(args.batch)]
             for s in slots:
                 bd.prefill(s, torch.randint(0, vocab, (args.pos,), generator=g).tolist())
             steps = torch.randint(0, vocab, (64, args.batch), generator=g).tolist()
+            chunk_slots = [bd.acquire() for _ in range(args.chunks)]
+            chunks = [[(s, torch.randint(0, vocab, (args.chunk_len,), generator=g).tolist()) for s in chunk_slots]
+                      for _ in steps]
 
             def measure() -> float:
                 for s in slots:
                     bd.caches[s].pos = args.pos
                 t0 = time.perf_counter()
-                for tokens in steps:
-                    bd.step(slots, tokens)
+                for tokens, pre in zip(steps, chunks):
+                    for s in chunk_slots:
+                        bd.caches[s].pos = 0
+                    if pre:
+                        bd.step_with_prefill(slots, tokens, pre)
+                    else:
+                        bd.step(slots, tokens)
                 return (time.perf_counter() - t0) / len(steps)
 
             what = f"batch-{args.batch} step at positions {args.pos}-{args.pos + 63}"
+            if args.chunks:
+                what += f", {args.chunks} prompt chunks of {args.chunk_len} tokens in each"
 
         real = K.extension
         waits: dict[str, dict[str, int]] = {}
