@@ -1476,12 +1476,16 @@ TARGET_AVX512 static void attend_head_avx512(const float *q, const void *k, cons
 /* The halves on float32 keys or values already in cache (attend_shared_chunk's widened head). */
 TARGET_AVX512 static float att_scores_cached(const float *q, const float *k, float *p, int64_t S, int64_t D,
                                              float scale) {
+    if (D == 64) return att_scores_impl(q, k, NULL, p, S, 64, scale, 0, 0, NULL, 0, 0);
+    if (D == 128) return att_scores_impl(q, k, NULL, p, S, 128, scale, 0, 0, NULL, 0, 0);
     return att_scores_impl(q, k, NULL, p, S, D, scale, 0, 0, NULL, 0, 0);
 }
 
 TARGET_AVX512 static void att_values_cached(const float *v, const float *p, float sum, float *out, int64_t S,
                                             int64_t D) {
-    att_values_impl(v, p, sum, out, S, D, 0, 0, NULL, 0, 0);
+    if (D == 64) att_values_impl(v, p, sum, out, S, 64, 0, 0, NULL, 0, 0);
+    else if (D == 128) att_values_impl(v, p, sum, out, S, 128, 0, 0, NULL, 0, 0);
+    else att_values_impl(v, p, sum, out, S, D, 0, 0, NULL, 0, 0);
 }
 
 /* One cache row from float32, rounded to float16 16 lanes at a time (vcvtps2ph, nearest even); D % 16 == 0. */
@@ -1588,19 +1592,34 @@ TARGET_AVX512 static void attend_head_q8_avx512(const float *q, const char *k, c
             _mm_prefetch(k + j, _MM_HINT_T1);
             _mm_prefetch(v + j, _MM_HINT_T1);
         }
-    const float sum = att_scores_q8(q, k, NULL, NULL, p, S, D, scale, nk, nS, near, 0);
-    att_values_q8(v, NULL, NULL, p, sum, out, S, D, nv, nS, near, 0);
+    /* head size 64 or 128 a constant, as attend_head_avx512's: the loops over the row's vectors unrolled, with no
+     * run-time trip counts. The same operations in the same order, so the same bits. TriLM-99M batch-16 step at
+     * position 64, q8 cache, Xeon with AMX, 2 threads (benchmarks/kernel_ab.py): 1.041x [0.974-1.214] (13/15). */
+#define ATT_Q8_HEAD(DD)                                                                                              \
+    att_values_q8(v, NULL, NULL, p, att_scores_q8(q, k, NULL, NULL, p, S, DD, scale, nk, nS, near, 0), out, S, DD,  \
+                  nv, nS, near, 0)
+    if (D == 64)
+        ATT_Q8_HEAD(64);
+    else if (D == 128)
+        ATT_Q8_HEAD(128);
+    else
+        ATT_Q8_HEAD(D);
+#undef ATT_Q8_HEAD
 }
 
 /* The halves on widened q8 rows (attend_shared_chunk). */
 TARGET_AVX512 static float att_scores_q8_cached(const float *q, const float *kw, const float *ks, float *p, int64_t S,
                                                 int64_t D, float scale) {
+    if (D == 64) return att_scores_q8(q, NULL, kw, ks, p, S, 64, scale, NULL, 0, 0, 1);
+    if (D == 128) return att_scores_q8(q, NULL, kw, ks, p, S, 128, scale, NULL, 0, 0, 1);
     return att_scores_q8(q, NULL, kw, ks, p, S, D, scale, NULL, 0, 0, 1);
 }
 
 TARGET_AVX512 static void att_values_q8_cached(const float *vw, const float *vs, const float *p, float sum, float *out,
                                                int64_t S, int64_t D) {
-    att_values_q8(NULL, vw, vs, p, sum, out, S, D, NULL, 0, 0, 1);
+    if (D == 64) att_values_q8(NULL, vw, vs, p, sum, out, S, 64, NULL, 0, 0, 1);
+    else if (D == 128) att_values_q8(NULL, vw, vs, p, sum, out, S, 128, NULL, 0, 0, 1);
+    else att_values_q8(NULL, vw, vs, p, sum, out, S, D, NULL, 0, 0, 1);
 }
 
 /* n q8 cache rows (D + 4 bytes each) as float32 values [n][D] and their scales [n] (attend_shared_chunk). */
