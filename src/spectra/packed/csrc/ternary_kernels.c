@@ -1633,7 +1633,7 @@ TARGET_AVX512 static void widen_q8(float *dst, float *scales, const char *src, i
 
 /* kv_store_q8_scalar 16 lanes at a time (D % 16 == 0): the same max, products and rounding (vcvtps2dq, nearest even
  * under the default rounding mode), so the same bytes. */
-TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_t D) {
+TARGET_AVX512 static inline __attribute__((always_inline)) void kv_store_q8_row(void *dst, const float *src, int64_t D) {
     int bad;
     const float amax = absmax_avx512(src, D, &bad);
     if (bad || amax == 0.0f) {
@@ -1649,6 +1649,12 @@ TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_
     }
     const float s = amax / 127.0f;
     memcpy((char *)dst + D, &s, sizeof(float));
+}
+
+/* kv_store_q8_row, with head size 64 a constant (the loops unrolled; the same bytes). */
+TARGET_AVX512 static void kv_store_q8_avx512(void *dst, const float *src, int64_t D) {
+    if (D == 64) kv_store_q8_row(dst, src, 64);
+    else kv_store_q8_row(dst, src, D);
 }
 #endif
 
