@@ -1633,7 +1633,8 @@ TARGET_AVX512 static void widen_q8(float *dst, float *scales, const char *src, i
 
 /* kv_store_q8_scalar 16 lanes at a time (D % 16 == 0): the same max, products and rounding (vcvtps2dq, nearest even
  * under the default rounding mode), so the same bytes. */
-TARGET_AVX512 static inline __attribute__((always_inline)) void kv_store_q8_row(void *dst, const float *src, int64_t D) {
+TARGET_AVX512 static inline __attribute__((always_inline)) void kv_store_q8_row(void *dst, const float *src,
+                                                                           int64_t D) {
     int bad;
     const float amax = absmax_avx512(src, D, &bad);
     if (bad || amax == 0.0f) {
