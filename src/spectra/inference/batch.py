@@ -65,6 +65,17 @@ from spectra.model import kv_load, kv_store
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, sample_rows, serial_torch
 
 
+def _head_rows(n_decode: int, prefills, finals: Sequence[bool] | None = None) -> list[int]:
+    """The rows of a pass that go to the output layer: its n_decode decode rows, then the last position of each
+    prefill chunk (of those whose `finals` flag is set, where given), counted in the pass's row order."""
+    heads, at = [*range(n_decode)], n_decode
+    for i, (_, ids) in enumerate(prefills):
+        at += len(ids)
+        if finals is None or finals[i]:
+            heads.append(at - 1)
+    return heads
+
+
 class BatchDecoder:
     """`max_batch` KV-cache slots of `max_len` positions for `model`, and a step that advances any subset of them."""
 
@@ -236,17 +247,12 @@ class BatchDecoder:
         else:
             rows.run(io[0, :R], io[1, :R], io[2, :R], io[3, :R], cache)
         self._advance(slots, prefills)
-        heads = [*range(len(slots))]
-        for _, ids in prefills:
-            heads.append((heads[-1] if heads else -1) + len(ids))
+        heads = _head_rows(len(slots), prefills)
         m, x, out = len(heads), rows.x, (kern["y"], kern["idx"], kern["lse"], kern["top"])
-        if heads[-1] != m - 1 and hasattr(dec._ext, "defer_begin"):  # the C head picks each chunk's last position
-            kern["heads_np"][:m] = heads
-            return dec.head(x, argmax=argmax, lse=lse, logits=logits, out=out, rows=kern["heads"][:m])
-        for i, h in enumerate(heads):  # each chunk's last position right after the decode rows (rows move down)
-            if i != h:
-                x[i].copy_(x[h])
-        return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits, out=out)
+        if heads[-1] == m - 1:  # the output layer's rows lead the pass
+            return dec.head(x[:m], argmax=argmax, lse=lse, logits=logits, out=out)
+        kern["heads_np"][:m] = heads  # each chunk's last position (`Decoder.head` picks them out)
+        return dec.head(x, argmax=argmax, lse=lse, logits=logits, out=out, rows=kern["heads"][:m])
 
     def _fill_rows(self, io, slots: Sequence[int], tokens: Sequence[int], prefills) -> tuple[int, Any]:
         """The rows of a pass into `io` (numpy int64 [4, n]): token ids, positions, key and value cache addresses of
@@ -337,11 +343,7 @@ class BatchDecoder:
             raise ValueError(f"need one final flag per prefill ({len(prefills)}) and one pick per head row")
         S = self._launch_sets()[kern["turn"]]  # (not the set of the step launched before, which may still run)
         _, cache = self._fill_rows(S["io_np"], slots, [0 if t is None else t for t in tokens], prefills)
-        heads, at = [*range(B)], B
-        for (_, ids), final in zip(prefills, finals):
-            at += len(ids)
-            if final:
-                heads.append(at - 1)
+        heads = _head_rows(B, prefills, finals)
         m = len(heads)
         if taking:
             S["take_np"][:B] = [-1 if t is not None else j for t, j in zip(tokens, take)]

@@ -4023,17 +4023,16 @@ static PyObject *py_embed_rows(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "embed_rows: kind %d (0 float32, 1 float16, 2 bfloat16), C=%lld, B=%lld",
                             kind, C, B);
     const int64_t *ids = (const int64_t *)(uintptr_t)pi;
+    const embed_args_t a = {(const void *)(uintptr_t)pe, kind, n_emb, C, B, ids, (float *)(uintptr_t)px};
     if (defer_rec) {
-        const embed_args_t a = {(const void *)(uintptr_t)pe, kind, n_emb, C, B, ids, (float *)(uintptr_t)px};
         if (!defer_add(embed_run, NULL, &a, sizeof(a))) return NULL;
         Py_RETURN_NONE;
     }
-    for (long long b = 0; b < B; b++)
+    for (long long b = 0; b < B; b++) /* (checked here to name the id; embed_run's own check then passes) */
         if (ids[b] < 0 || ids[b] >= n_emb)
             return PyErr_Format(PyExc_ValueError, "token id %lld is outside the embedding's %lld rows",
                                 (long long)ids[b], n_emb);
-    for (long long b = 0; b < B; b++)
-        embed_row((const void *)(uintptr_t)pe, kind, ids[b], C, (float *)(uintptr_t)px + b * C);
+    embed_run((void *)&a);
     Py_RETURN_NONE;
 }
 
