@@ -1,6 +1,6 @@
 """The AMX-INT8 GEMM (csrc/amx_kernels.h) equals the pure-torch reference and the AVX-512 GEMM bit for bit: TQ2_0 and
 TQ1_0 codes, token counts around its 16-token tiles and 32-row panels, ragged row counts, several scale segments,
-one and two threads, matmul and matmul_group."""
+one and two threads, matmul and matmul_group; the token-major GEMM with and without the row-lane copy."""
 
 import numpy as np
 import pytest
@@ -69,6 +69,46 @@ def test_amx_per_block_scales_non_finite_input_and_mixed_group():
     for yg, m in zip(ys, mats):
         r = K.reference_matmul(x, *m[:3], fmt=m[3])
         assert torch.equal(yg[ok], r[ok]) and yg[~ok].isnan().all()
+
+
+@pytest.fixture
+def amx_tm():
+    before = K.use_amx_tm(64)
+    yield K.use_amx_tm
+    K.use_amx_tm(before)
+
+
+@pytest.mark.parametrize("T", [5, 8, 15, 16, 17, 33, 64, 67, 130])
+def test_token_major_amx_equals_reference_with_and_without_the_row_lane_copy(amx_tm, T):
+    # the token-major GEMM from the row-lane copy (any T), from the code bytes by transposes (from amx_tm_min_t; 1
+    # here: every T), and switched off; rows ragged and in several chunks (two threads), 1-3 segments, a short last
+    # token group, an all-zero row and a large value
+    for N, Kdim, shards, dim in ((9, 256, 1, 0), (48, 1536, 3, 1), (100, 768, 2, 0), (70, 1280, 1, 0)):
+        qs, _, bounds, seg_d = ternary_codes(N, Kdim, shards, dim, seed=T + N)
+        rl = K.rowlane_codes(qs)
+        x = torch.randn(T, Kdim) * torch.rand(T, 1) * 3
+        x[0, 5] = 40.0
+        x[1] = 0.0
+        ref = K.reference_matmul(x, qs, bounds, seg_d)
+        for setting in (1, 64, 0):
+            amx_tm(setting)
+            for threads in (1, 2):
+                for copy in (rl, None):
+                    (y,) = K.ternary_matmul_group(x, [(qs, bounds, seg_d, "tq2_0", copy)], n_threads=threads)
+                    assert torch.equal(y, ref), f"T={T} N={N} K={Kdim} tm={setting} {threads}T rl={copy is not None}"
+
+
+def test_token_major_amx_non_finite_rows(amx_tm):
+    qs, _, bounds, seg_d = ternary_codes(64, 512, 2, 0, seed=7)
+    x = torch.randn(40, 512)
+    x[2, 3], x[37, 9] = float("nan"), float("inf")
+    ok = torch.ones(40, dtype=torch.bool)
+    ok[[2, 37]] = False
+    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    for setting, copy in ((1, None), (64, K.rowlane_codes(qs))):
+        amx_tm(setting)
+        (y,) = K.ternary_matmul_group(x, [(qs, bounds, seg_d, "tq2_0", copy)], n_threads=2)
+        assert torch.equal(y[ok], ref[ok]) and y[~ok].isnan().all()
 
 
 def test_use_amx_switch(amx_off_after):

@@ -133,7 +133,9 @@ class Decoder:
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
                 # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
-                rl = rowlane_of([(head, head.qw)])[0] if self.rowlane_codes() and head.path == "avx512vnni" else None
+                # (the row-lane GEMM's alone: AMX reads the int8 rows in place)
+                rl = (rowlane_of([(head, head.qw)])[0]
+                      if self.rowlane_codes() and head.path == "avx512vnni" and not K.amx_in_use() else None)
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
                                 head.scale.data_ptr(), head.out_features, rl, head)  # fmt: skip
 
@@ -178,17 +180,21 @@ class Decoder:
 
     def rowlane_codes(self) -> dict:
         """The packed layers' code bytes interleaved by 16 rows (`kernels.rowlane_codes`) for the row-lane GEMM that
-        products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), by module; {} where it
-        does not run: a path other than `avx512vnni`, AMX in use (its tiles take those products), a build without
-        the kernel, or a model with more than ROWLANE_MAX_BYTES of codes as TQ2_0 (the copy is TQ2_0 code bytes also
-        for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's, `_head_setup`). Made on first
-        use and kept on the modules (`rowlane_of`), so the decoders that `generate` builds per call share them."""
+        products of 8 or more rows run (`csrc/rowlane_kernels.h`: batched steps and prompts), or, with AMX in use,
+        for the token-major AMX GEMM (`csrc/amx_kernels.h`, TQ2_0 layers: the copy's 16-row dwords are its tiles'
+        rows), by module; {} where neither runs: a path other than `avx512vnni`, a build without the kernels, a
+        TQ1_0 model with AMX in use, or a model with more than ROWLANE_MAX_BYTES of codes as TQ2_0 (the copy is
+        TQ2_0 code bytes also for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's without
+        AMX, `_head_setup`). Made on first use and kept on the modules (`rowlane_of`), so the decoders that
+        `generate` builds per call share them."""
         if self._rowlane is None:
             mods = self._packed
             total = sum(m.out_features * m.in_features // 4 for m in mods)  # as TQ2_0 code bytes
+            amx = K.amx_in_use()  # the token-major AMX GEMM reads the copies of TQ2_0 layers
             ok = (self._path_id == K._PATH_IDS["avx512vnni"] and self._ext is not None
-                  and hasattr(self._ext, "set_rowlane") and not K.amx_in_use()
-                  and total <= self.ROWLANE_MAX_BYTES)
+                  and hasattr(self._ext, "set_rowlane") and total <= self.ROWLANE_MAX_BYTES
+                  and (not amx or (hasattr(self._ext, "set_amx_tm")
+                                   and all(getattr(m, "format", None) == "tq2_0" for m in mods))))
             self._rowlane = dict(zip(mods, rowlane_of([(m, m.qs) for m in mods]))) if ok else {}
         return self._rowlane
 

@@ -238,6 +238,15 @@ def use_quad(min_tokens: int = 8) -> int:
     return int(ext.set_quad(int(min_tokens))) if ext is not None else 0
 
 
+def use_amx_tm(min_tokens: int = 64) -> int:
+    """Where AMX runs a TQ2_0 product, run it token-major (`csrc/amx_kernels.h`: C tiles of tokens x weight rows, the
+    outputs written without a transpose) at any token count when the matrix comes with its `rowlane_codes` (the
+    tiles' rows), else from `min_tokens` tokens (the default 64; 0 switches the token-major GEMM off, for A/B runs and
+    tests). Results are bit-identical either way. Returns the previous setting; 0 without the extension."""
+    ext = extension()
+    return int(ext.set_amx_tm(int(min_tokens))) if ext is not None and hasattr(ext, "set_amx_tm") else 0
+
+
 def use_rowlane(min_tokens: int = 8) -> int:
     """Let the `avx512vnni` path compute products of `min_tokens` or more tokens with the row-lane GEMM
     (`csrc/rowlane_kernels.h`) where the weights come with their interleaved copy (`rowlane_codes`; the default is 8; 0

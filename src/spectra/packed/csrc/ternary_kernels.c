@@ -938,7 +938,8 @@ TARGET_AVX2 static void i8_rows_avx2(const job_t *J, int64_t n0, int64_t n1) {
  * else 0 (the other kernels read the row-major activations). */
 static size_t vnni_xt_bytes(int path, const job_t *J) {
     if (rowlane_wanted(path, J) && J->N % ROWLANE_ROWS == 0) return 0; /* every row on the row-lane GEMM */
-    return amx_applies(path, J) || lane_applies(path, J) ? xt_bytes_for(J) : 0;
+    if (amx_applies(path, J)) return amx_tm_applies(path, J) ? 0 : xt_bytes_for(J); /* amx_tm_rows reads xq */
+    return lane_applies(path, J) ? xt_bytes_for(J) : 0;
 }
 
 /* fn(ctx, c) for c = 0 .. n_chunks - 1 on up to n_threads threads: the kernels' pool (pool.h) where there is one,
@@ -1074,12 +1075,13 @@ static int chunks_per_thread(int path, const job_t *J) {
 }
 
 /* How a job's N rows are cut for n_threads: rows per chunk (a multiple of 4, at least 16; of 32 where the row-lane
- * GEMM runs, so that its 16-row groups are whole), and the number of chunks. */
+ * GEMM or the token-major AMX GEMM reads the row-lane copy, so that its 16-row groups are whole), and the number of
+ * chunks. */
 static int64_t row_chunks(int path, const job_t *J, int n_threads, int64_t *n_chunks) {
     const int64_t N = J->N, groups = (N + 3) / 4;
     int64_t per_chunk = groups / (chunks_per_thread(path, J) * n_threads);
     if (per_chunk < 4) per_chunk = 4;
-    if (rowlane_applies(path, J)) per_chunk = (per_chunk + 7) / 8 * 8;
+    if (rowlane_applies(path, J) || (J->rl && amx_tm_applies(path, J))) per_chunk = (per_chunk + 7) / 8 * 8;
     *n_chunks = (groups + per_chunk - 1) / per_chunk;
     return 4 * per_chunk;
 }
@@ -4359,6 +4361,13 @@ static PyObject *py_set_quad(PyObject *self, PyObject *args) {
     return set_min_tokens(args, &quad_min_t, "quad");
 }
 
+/* set_amx_tm(min_tokens) -> int: TQ2_0 products of at least min_tokens tokens (0: none) that AMX takes run the
+ * token-major GEMM (amx_kernels.h); returns the previous value. For A/B runs and tests. */
+static PyObject *py_set_amx_tm(PyObject *self, PyObject *args) {
+    (void)self;
+    return set_min_tokens(args, &amx_tm_min_t, "amx_tm");
+}
+
 /* set_rowlane(min_tokens) -> int: products of at least min_tokens tokens (0: none) whose codes come with their 16-row
  * interleaved copy use the row-lane GEMM (rowlane_kernels.h) where AMX does not take them; returns the previous value.
  * For A/B runs and tests. */
@@ -4594,6 +4603,8 @@ static PyMethodDef methods[] = {
     {"stream_read", py_stream_read, METH_VARARGS, "Read a memory range once over the pool (the read-rate probe)."},
     {"set_lane", py_set_lane, METH_VARARGS, "Token count from which the token-lane GEMM runs (0: off); returns the old."},
     {"set_quad", py_set_quad, METH_VARARGS, "Token count from which the quad GEMM runs (0: off); returns the old."},
+    {"set_amx_tm", py_set_amx_tm, METH_VARARGS,
+     "Token count from which AMX runs TQ2_0 products token-major (0: off); returns the old."},
     {"set_rowlane", py_set_rowlane, METH_VARARGS,
      "Token count from which the row-lane GEMM runs on interleaved codes (0: off); returns the old."},
     {"set_gfni", py_set_gfni, METH_VARARGS,
