@@ -210,6 +210,12 @@ static inline int amx_tm_applies(int path, const job_t *J) {
  * bytes, shifted. Those 16 dwords of 16 rows are the row-lane copy's vector r (rowlane_codes, J->rl: 1 KiB a block of a
  * 16-row group, read as one stream) where the half is a whole group of it; else a 16 x 16 transpose of dwords of the
  * code bytes makes them (one per 16 rows and block, for its 4 chunks). */
+/* Unlike amx_rows, the token-major GEMM does better without fetching its output lines first: TriLM-99M, q8 cache, 2
+ * threads (benchmarks/kernel_ab.py -D AMX_Y_PREFETCH=0, which then applied to both): a 16-row step 1.015x (7/11),
+ * 12 decode rows and 4 prompt chunks of 32 1.031x (9/9). */
+#ifndef AMX_TM_Y_PREFETCH
+#define AMX_TM_Y_PREFETCH 0
+#endif
 #ifndef AMX_TM_PF_BYTES
 #define AMX_TM_PF_BYTES 8192 /* how far ahead in the row-lane copy the decode fetches, into L2 */
 #endif
@@ -345,7 +351,7 @@ TARGET_AMX static int amx_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
     _tile_loadconfig(&cfg);
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int nbt = n1 - n > 16 ? 2 : 1; /* B tiles: one for the last <= 16 rows of a range */
-#if AMX_Y_PREFETCH
+#if AMX_TM_Y_PREFETCH
         for (int64_t t = 0; t < J->T; t++) { /* the output lines the epilogue writes at the last segment, into L2 */
             _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
             _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
