@@ -135,6 +135,32 @@ def test_amx_int8_weights_equal_reference(T):
         K.use_amx(before)
 
 
+def test_head_rows_token_major_from_the_row_lane_copy_equals_the_tiles():
+    """The int8 output layer with its row-lane copy runs token-major on AMX (B tiles read from the copy in place) on
+    the copy's whole 16-row groups and the row-major tiles on the rest (a ragged V, pieces cut off 16): the same bits
+    as the tiles alone, logits and statistics, at token counts across the 16-token tiles, with and without the
+    token-major GEMM switched on."""
+    g = torch.Generator().manual_seed(12)
+    C = 512
+    before, tm = K.use_amx(True), K.use_amx_tm(64)
+    try:
+        for V in (2 * 4096 + 37, 1000, 40):
+            u, scale = K.quantize_weight_int8(torch.randn(V, C, generator=g) * 0.05)
+            rl = K.rowlane_codes(u)
+            w = 1 + 0.1 * torch.randn(C, generator=g)
+            for B in (1, 5, 16, 17, 33):
+                x = torch.randn(B, C, generator=g) * 2
+                for threads in (1, 2):
+                    K.use_amx_tm(0)
+                    want = K.head_rows(x, w, 1e-5, u, scale, lse=True, n_threads=threads, path="avx512vnni")
+                    K.use_amx_tm(64)
+                    got = K.head_rows(x, w, 1e-5, u, scale, lse=True, n_threads=threads, path="avx512vnni", rl=rl)
+                    assert all(torch.equal(a, b) for a, b in zip(got, want)), (V, B, threads)
+    finally:
+        K.use_amx(before)
+        K.use_amx_tm(tm)
+
+
 def test_head_rows_without_logits_on_the_tiles_and_the_avx512_kernels():
     """`head_rows(logits=False)` runs each piece of the int8 output layer into a per-thread buffer whose row stride is
     the piece's width, not V: on the AMX tiles and, with AMX off, the AVX-512 4 x 4 tiles, with and without the quad

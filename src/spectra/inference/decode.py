@@ -133,9 +133,7 @@ class Decoder:
             if ext is not None and hasattr(ext, "head_rows") and head.in_features == self.config.dim:
                 w = norm.weight.detach()
                 # the row-lane copy of the output layer where the blocks have theirs (`rowlane_codes`; rows of 8+)
-                # (the row-lane GEMM's alone: AMX reads the int8 rows in place)
-                rl = (rowlane_of([(head, head.qw)])[0]
-                      if self.rowlane_codes() and head.path == "avx512vnni" and not K.amx_in_use() else None)
+                rl = rowlane_of([(head, head.qw)])[0] if self.rowlane_codes() and head.path == "avx512vnni" else None
                 self._c_head = (K._PATH_IDS[head.path], w, w.data_ptr(), float(norm.eps), head.qw.data_ptr(),
                                 head.scale.data_ptr(), head.out_features, rl, head)  # fmt: skip
 
@@ -184,8 +182,8 @@ class Decoder:
         for the token-major AMX GEMM (`csrc/amx_kernels.h`, TQ2_0 layers: the copy's 16-row dwords are its tiles'
         rows), by module; {} where neither runs: a path other than `avx512vnni`, a build without the kernels, a
         TQ1_0 model with AMX in use, or a model with more than ROWLANE_MAX_BYTES of codes as TQ2_0 (the copy is
-        TQ2_0 code bytes also for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's without
-        AMX, `_head_setup`). Made on first use and kept on the modules (`rowlane_of`), so the decoders that
+        TQ2_0 code bytes also for a TQ1_0 model: 12 MB more for TriLM-99M, and 26 MB for its output layer's,
+        `_head_setup`). Made on first use and kept on the modules (`rowlane_of`), so the decoders that
         `generate` builds per call share them."""
         if self._rowlane is None:
             mods = self._packed

@@ -73,6 +73,17 @@ typedef struct {
     uint8_t rows[16];
 } amx_cfg_t;
 
+/* Tiles 0-7 as 16 rows of 64 bytes, on this thread. ldtilecfg in asm with the whole configuration as its operand:
+ * GCC 12 drops the stores that fill the configuration before `_tile_loadconfig` where the function goes on past it
+ * (the rows and widths were left unset, and ldtilecfg faulted), as if the intrinsic read only its first bytes. */
+TARGET_AMX static inline void amx_configure(void) {
+    amx_cfg_t cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
 /* One panel slice, chunks [c0, c1) of segment s (chunk c's 16 * nat weight rows at abase + (c - c0) * cstep, astride
  * bytes apart), against token groups tg, tg + 1 (ntg of them). C starts at zero (first slice of the segment) or from
  * cacc; it is saved to cacc or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector
@@ -145,11 +156,7 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     int32_t *cacc = (int32_t *)(void *)(panel + panel_bytes);
     float *yv = (float *)(void *)(panel + panel_bytes + (size_t)P * pair_bytes);
     const int64_t pair_words = (int64_t)(pair_bytes / 4);
-    amx_cfg_t cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
+    amx_configure();
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int two = n1 - n > 16; /* else the last rows of a range: one A tile */
 #if AMX_Y_PREFETCH
@@ -264,14 +271,21 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
     }
 }
 
-/* Panel slice chunks [c0, c1) of segment s (chunk c's B tiles at panel + (c - c0) * 2048, half 1 1024 bytes on),
- * against token groups tg, tg + 1 (ntg of them; A rows at xa0 / xa1, K bytes apart), nbt B tiles (the panel's halves).
- * C starts at zero or from cacc [g][h][16 tokens][16 rows] and is saved there; at the segment's last slice each live
- * token's row of C is finished: yv [g][16 tokens][32 rows] += d * f(C - bsum) (from 0 at s = 0), and at the last
- * segment y = yv * xs instead of yv. */
-TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const job_t *J, const uint8_t *panel,
-                                                                         int64_t c0, int64_t c1, int64_t s, int first,
-                                                                         int last, int64_t n, int64_t n1, int64_t tg,
+/* Where a pass of the token-major GEMM finds its B tiles: chunk c's (c0 <= c < c1) at at + (c - c0) * step, the
+ * second half's (weight rows 16..31 of the panel) half bytes after the first's; pf (or NULL): the same places in
+ * the next panel, fetched with each chunk. */
+typedef struct {
+    const uint8_t *at, *pf;
+    int64_t step, half;
+} tm_b_t;
+
+/* Chunks [c0, c1) of segment s against token groups tg, tg + 1 (ntg of them; A rows at xa0 / xa1, K bytes apart)
+ * and nbt B tiles (the panel's halves). C starts at zero (first) or from cacc [g][h][16 tokens][16 rows] and is saved
+ * there; at the segment's last chunks (last) each live token's row of C is finished: yv [g][16 tokens][32 rows] +=
+ * d * f(C - bsum) (from 0 at s = 0), or at the last segment y = that * xs. */
+TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const job_t *J, const tm_b_t B, int64_t c0,
+                                                                         int64_t c1, int64_t s, int first, int last,
+                                                                         int64_t n, int64_t n1, int64_t tg,
                                                                          const int ntg, const int nbt,
                                                                          const int8_t *xa0, const int8_t *xa1,
                                                                          int32_t *cacc, float *yv,
@@ -289,9 +303,14 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
         if (ntg == 2 && nbt == 2) _tile_loadd(3, cacc + 768, 64);
     }
     for (int64_t c = c0; c < c1; c++) {
-        const uint8_t *bt = panel + (c - c0) * 2048;
+        const uint8_t *bt = B.at + (c - c0) * B.step;
+        if (B.pf)
+            for (int l = 0; l < 16; l++) {
+                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + 64 * l, _MM_HINT_T0);
+                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + B.half + 64 * l, _MM_HINT_T0);
+            }
         _tile_loadd(4, bt, 64);
-        if (nbt == 2) _tile_loadd(5, bt + 1024, 64);
+        if (nbt == 2) _tile_loadd(5, bt + B.half, 64);
         _tile_loadd(6, xa0 + c * 64, K);
         _tile_dpbsud(0, 6, 4);
         if (nbt == 2) _tile_dpbsud(1, 6, 5);
@@ -313,9 +332,11 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
             const __m512i bs = _mm512_set1_epi32(J->bsum[t * J->S + s]);
             const __m512 xs = _mm512_set1_ps(J->xs[t]);
             for (int h = 0; h < nbt; h++) {
-                const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cacc + (2 * g + h) * 256 + 16 * m), bs));
+                const __m512i sums = _mm512_load_si512(cacc + (2 * g + h) * 256 + 16 * m);
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, bs));
                 float *yp = yv + (g * LANE_TOK + m) * PANEL_ROWS + 16 * h;
-                const __m512 acc = _mm512_add_ps(s ? _mm512_load_ps(yp) : _mm512_setzero_ps(), _mm512_mul_ps(dvec[h], v));
+                const __m512 y0 = s ? _mm512_load_ps(yp) : _mm512_setzero_ps();
+                const __m512 acc = _mm512_add_ps(y0, _mm512_mul_ps(dvec[h], v));
                 if (!final) {
                     _mm512_store_ps(yp, acc);
                     continue;
@@ -327,30 +348,78 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
         }
 }
 
-/* Rows [n0, n1) for all tokens on the token-major GEMM; 0 (nothing done) when the buffers cannot be allocated. The
- * last token group, when short of 16 tokens, reads its A tiles from a zero-padded copy of its rows. */
-TARGET_AMX static int amx_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
-    const int64_t cpb = PANEL_CPB, K = J->K, G = (J->T + LANE_TOK - 1) / LANE_TOK, P = (G + 1) / 2;
-    const int64_t tail_rows = J->T % LANE_TOK;
-    const size_t panel_bytes = (size_t)(PANEL_SLICE * cpb * PANEL_ROWS * 64), pair_bytes = 2 * PANEL_ROWS * LANE_TOK * 4;
-    const size_t tail_bytes = tail_rows ? (size_t)(LANE_TOK * K) : 0;
-    uint8_t *panel = (uint8_t *)panel_get(panel_bytes + 2 * (size_t)P * pair_bytes + tail_bytes);
-    if (!panel) return 0;
-    int32_t *cacc = (int32_t *)(void *)(panel + panel_bytes);
-    float *yv = (float *)(void *)(panel + panel_bytes + (size_t)P * pair_bytes);
-    int8_t *tail = (int8_t *)(panel + panel_bytes + 2 * (size_t)P * pair_bytes);
+/* The token-major GEMM's per-call state: panel (extra bytes first: the decoded panel slice, or none), the C tiles of
+ * every token pair waiting between slices (cacc), the partial outputs of a segment (yv), and the last token group
+ * zero-padded to 16 rows when it is short (tail: its A tiles); the tile configuration loaded. NULL panel: no memory. */
+typedef struct {
+    uint8_t *panel;
+    int32_t *cacc;
+    float *yv;
+    const int8_t *tail;
+    int64_t G, P, pair_words;
+} tm_call_t;
+
+TARGET_AMX static tm_call_t tm_begin(const job_t *J, size_t extra) {
+    tm_call_t C = {NULL, NULL, NULL, NULL, (J->T + LANE_TOK - 1) / LANE_TOK, 0, 2 * PANEL_ROWS * LANE_TOK};
+    C.P = (C.G + 1) / 2;
+    const int64_t K = J->K, tail_rows = J->T % LANE_TOK;
+    const size_t pair_bytes = (size_t)C.pair_words * 4, tail_bytes = tail_rows ? (size_t)(LANE_TOK * K) : 0;
+    C.panel = (uint8_t *)panel_get(extra + 2 * (size_t)C.P * pair_bytes + tail_bytes);
+    if (!C.panel) return C;
+    C.cacc = (int32_t *)(void *)(C.panel + extra);
+    C.yv = (float *)(void *)(C.panel + extra + (size_t)C.P * pair_bytes);
     if (tail_rows) {
-        memcpy(tail, J->xq + (G - 1) * LANE_TOK * K, (size_t)(tail_rows * K));
+        int8_t *tail = (int8_t *)(C.panel + extra + 2 * (size_t)C.P * pair_bytes);
+        memcpy(tail, J->xq + (C.G - 1) * LANE_TOK * K, (size_t)(tail_rows * K));
         memset(tail + tail_rows * K, 0, (size_t)((LANE_TOK - tail_rows) * K));
+        C.tail = tail;
     }
-    const int64_t pair_words = (int64_t)(pair_bytes / 4);
-    amx_cfg_t cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
+    amx_configure();
+    return C;
+}
+
+/* Weight rows n .. n+31's scales for segment s, one vector per half (0 past n1). */
+TARGET_AVX512 static inline void tm_scales(const job_t *J, int64_t n, int64_t n1, int64_t s, __m512 dvec[2]) {
+    for (int h = 0; h < 2; h++) {
+        float d[16];
+        for (int j = 0; j < 16; j++) {
+            const int64_t row = n + 16 * h + j;
+            d[j] = row < n1 ? J->seg_d[row * J->S + s] : 0.0f;
+        }
+        dvec[h] = _mm512_loadu_ps(d);
+    }
+}
+
+/* Every token pair of the call through chunks [c0, c1) of segment s of the panel at n (B: its tiles; pf only for the
+ * first pair, which meets the panel first). */
+TARGET_AMX static inline __attribute__((always_inline)) void tm_pairs(const job_t *J, const tm_call_t *C, tm_b_t B,
+                                                                      int64_t c0, int64_t c1, int64_t s, int first,
+                                                                      int last, int64_t n, int64_t n1,
+                                                                      const __m512 *dvec) {
+    const int nbt = n1 - n > 16 ? 2 : 1; /* B tiles: one for the last <= 16 rows of a range */
+    for (int64_t p = 0; p < C->P; p++, B.pf = NULL) {
+        int32_t *ca = C->cacc + p * C->pair_words;
+        float *yp = C->yv + p * C->pair_words;
+        const int64_t tg = 2 * p, G = C->G;
+        const int8_t *xa0 = tg == G - 1 && C->tail ? C->tail : J->xq + tg * LANE_TOK * J->K;
+        const int8_t *xa1 = tg + 1 == G - 1 && C->tail ? C->tail : J->xq + (tg + 1) * LANE_TOK * J->K;
+        if (tg + 1 < G) {
+            if (nbt == 2) amx_tm_step(J, B, c0, c1, s, first, last, n, n1, tg, 2, 2, xa0, xa1, ca, yp, dvec);
+            else amx_tm_step(J, B, c0, c1, s, first, last, n, n1, tg, 2, 1, xa0, xa1, ca, yp, dvec);
+        } else {
+            if (nbt == 2) amx_tm_step(J, B, c0, c1, s, first, last, n, n1, tg, 1, 2, xa0, xa1, ca, yp, dvec);
+            else amx_tm_step(J, B, c0, c1, s, first, last, n, n1, tg, 1, 1, xa0, xa1, ca, yp, dvec);
+        }
+    }
+}
+
+/* TQ2_0 rows [n0, n1) for all tokens on the token-major GEMM; 0 (nothing done) when the buffers cannot be allocated.
+ * Per panel of 32 rows and scale segment, the codes are decoded PANEL_SLICE blocks at a time into B tiles in L1. */
+TARGET_AMX static int amx_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
+    const size_t panel_bytes = (size_t)(PANEL_SLICE * PANEL_CPB * PANEL_ROWS * 64);
+    const tm_call_t C = tm_begin(J, panel_bytes);
+    if (!C.panel) return 0;
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
-        const int nbt = n1 - n > 16 ? 2 : 1; /* B tiles: one for the last <= 16 rows of a range */
 #if AMX_TM_Y_PREFETCH
         for (int64_t t = 0; t < J->T; t++) { /* the output lines the epilogue writes at the last segment, into L2 */
             _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
@@ -359,34 +428,33 @@ TARGET_AMX static int amx_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
 #endif
         for (int64_t s = 0; s < J->S; s++) {
             __m512 dvec[2];
-            for (int h = 0; h < 2; h++) {
-                float d[16];
-                for (int j = 0; j < 16; j++) {
-                    const int64_t row = n + 16 * h + j;
-                    d[j] = row < n1 ? J->seg_d[row * J->S + s] : 0.0f;
-                }
-                dvec[h] = _mm512_loadu_ps(d);
-            }
+            tm_scales(J, n, n1, s, dvec);
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
                 const int64_t b1 = b0 + PANEL_SLICE < J->bounds[s + 1] ? b0 + PANEL_SLICE : J->bounds[s + 1];
-                panel_decode_tq2_tm(J, n, n1, b0, b1, panel);
-                const int first = b0 == J->bounds[s], last = b1 == J->bounds[s + 1];
-                for (int64_t p = 0; p < P; p++) {
-                    int32_t *ca = cacc + p * pair_words;
-                    float *yp = yv + p * pair_words;
-                    const int64_t tg = 2 * p, c0 = b0 * cpb, c1 = b1 * cpb;
-                    const int8_t *xa0 = tg == G - 1 && tail_rows ? tail : J->xq + tg * LANE_TOK * K;
-                    const int8_t *xa1 = tg + 1 == G - 1 && tail_rows ? tail : J->xq + (tg + 1) * LANE_TOK * K;
-                    if (tg + 1 < G) {
-                        if (nbt == 2) amx_tm_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 2, xa0, xa1, ca, yp, dvec);
-                        else amx_tm_step(J, panel, c0, c1, s, first, last, n, n1, tg, 2, 1, xa0, xa1, ca, yp, dvec);
-                    } else {
-                        if (nbt == 2) amx_tm_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 2, xa0, xa1, ca, yp, dvec);
-                        else amx_tm_step(J, panel, c0, c1, s, first, last, n, n1, tg, 1, 1, xa0, xa1, ca, yp, dvec);
-                    }
-                }
+                panel_decode_tq2_tm(J, n, n1, b0, b1, C.panel);
+                const tm_b_t B = {C.panel, NULL, 2048, 1024};
+                tm_pairs(J, &C, B, b0 * PANEL_CPB, b1 * PANEL_CPB, s, b0 == J->bounds[s], b1 == J->bounds[s + 1], n,
+                         n1, dvec);
             }
         }
+    }
+    _tile_release();
+    return 1;
+}
+
+/* Int8 rows [n0, n1) (whole 16-row groups of the row-lane copy J->rl: n0 and n1 multiples of 16) on the token-major
+ * GEMM, the B tiles read from the copy in place (chunk c of group g: its 1 KiB at rl + 16 K g + 1024 c; a 32-row
+ * panel is 32 K contiguous bytes, the next one fetched while this one runs). One segment, as amx_i8_rows. */
+TARGET_AMX static int amx_i8_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
+    const tm_call_t C = tm_begin(J, 0);
+    if (!C.panel) return 0;
+    const int64_t K = J->K;
+    for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
+        __m512 dvec[2];
+        tm_scales(J, n, n1, 0, dvec);
+        const uint8_t *at = J->rl + n * K;
+        const tm_b_t B = {at, n + 2 * PANEL_ROWS <= n1 ? at + PANEL_ROWS * K : NULL, 1024, 16 * K};
+        tm_pairs(J, &C, B, 0, K / 64, 0, 1, 1, n, n1, dvec);
     }
     _tile_release();
     return 1;
@@ -404,11 +472,7 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
     int32_t *cacc = (int32_t *)(void *)(tail + tail_bytes);
     float *yv = (float *)(void *)(tail + tail_bytes + (size_t)P * pair_bytes);
     const int64_t pair_words = (int64_t)(pair_bytes / 4);
-    amx_cfg_t cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
+    amx_configure();
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int64_t rows = n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS;
         const int two = rows > 16;
@@ -448,6 +512,13 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
 /* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
 static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 #ifdef SPECTRA_AMX
+    if (J->rl && amx_tm_min_t > 0 && amx_applies(path, J)) { /* the copy's whole groups token-major, the rest as tiles */
+        const int64_t full = J->N / 16 * 16, a0 = (n0 + 15) / 16 * 16, a1 = (n1 < full ? n1 : full) / 16 * 16;
+        if (a0 < a1 && J->xt) {
+            return (n0 >= a0 || amx_i8_rows(J, n0, a0)) && amx_i8_tm_rows(J, a0, a1) &&
+                   (a1 >= n1 || amx_i8_rows(J, a1, n1));
+        }
+    }
     if (J->xt && amx_applies(path, J)) return amx_i8_rows(J, n0, n1);
 #else
     (void)path, (void)J, (void)n0, (void)n1;
