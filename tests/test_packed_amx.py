@@ -138,8 +138,8 @@ def test_amx_int8_weights_equal_reference(T):
 def test_head_rows_token_major_from_the_row_lane_copy_equals_the_tiles():
     """The int8 output layer with its row-lane copy runs token-major on AMX (B tiles read from the copy in place) on
     the copy's whole 16-row groups and the row-major tiles on the rest (a ragged V, pieces cut off 16): the same bits
-    as the tiles alone, logits and statistics, at token counts across the 16-token tiles, with and without the
-    token-major GEMM switched on."""
+    as the tiles alone, logits and statistics (also with each piece of the logits in a per-thread buffer, whose row
+    stride is the piece's width), at token counts across the 16-token tiles."""
     g = torch.Generator().manual_seed(12)
     C = 512
     before, tm = K.use_amx(True), K.use_amx_tm(64)
@@ -156,6 +156,9 @@ def test_head_rows_token_major_from_the_row_lane_copy_equals_the_tiles():
                     K.use_amx_tm(64)
                     got = K.head_rows(x, w, 1e-5, u, scale, lse=True, n_threads=threads, path="avx512vnni", rl=rl)
                     assert all(torch.equal(a, b) for a, b in zip(got, want)), (V, B, threads)
+                    stats = K.head_rows(x, w, 1e-5, u, scale, lse=True, logits=False, n_threads=threads,
+                                        path="avx512vnni", rl=rl)  # each piece in a per-thread buffer
+                    assert stats[0] is None and all(torch.equal(a, b) for a, b in zip(stats[1:], want[1:])), (V, B)
     finally:
         K.use_amx(before)
         K.use_amx_tm(tm)

@@ -513,7 +513,7 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
 static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 #ifdef SPECTRA_AMX
     if (J->rl && amx_tm_min_t > 0 && amx_applies(path, J)) { /* the copy's whole groups token-major, the rest as tiles */
-        const int64_t full = J->N / 16 * 16, a0 = (n0 + 15) / 16 * 16, a1 = (n1 < full ? n1 : full) / 16 * 16;
+        const int64_t a0 = (n0 + 15) / 16 * 16, a1 = n1 / 16 * 16; /* n1 <= the rows: whole groups of the copy */
         if (a0 < a1 && J->xt) {
             return (n0 >= a0 || amx_i8_rows(J, n0, a0)) && amx_i8_tm_rows(J, a0, a1) &&
                    (a1 >= n1 || amx_i8_rows(J, a1, n1));
