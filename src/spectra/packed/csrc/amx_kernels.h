@@ -274,6 +274,12 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
 /* Where a pass of the token-major GEMM finds its B tiles: chunk c's (c0 <= c < c1) at at + (c - c0) * step, the
  * second half's (weight rows 16..31 of the panel) half bytes after the first's; pf (or NULL): the same places in
  * the next panel, fetched with each chunk. */
+#ifndef AMX_TM_PF_HINT
+#define AMX_TM_PF_HINT _MM_HINT_T0
+#endif
+#ifndef AMX_TM_I8_PF
+#define AMX_TM_I8_PF 1
+#endif
 typedef struct {
     const uint8_t *at, *pf;
     int64_t step, half;
@@ -306,8 +312,8 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
         const uint8_t *bt = B.at + (c - c0) * B.step;
         if (B.pf)
             for (int l = 0; l < 16; l++) {
-                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + 64 * l, _MM_HINT_T0);
-                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + B.half + 64 * l, _MM_HINT_T0);
+                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + 64 * l, AMX_TM_PF_HINT);
+                _mm_prefetch((const char *)B.pf + (c - c0) * B.step + B.half + 64 * l, AMX_TM_PF_HINT);
             }
         _tile_loadd(4, bt, 64);
         if (nbt == 2) _tile_loadd(5, bt + B.half, 64);
@@ -453,7 +459,7 @@ TARGET_AMX static int amx_i8_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
         __m512 dvec[2];
         tm_scales(J, n, n1, 0, dvec);
         const uint8_t *at = J->rl + n * K;
-        const tm_b_t B = {at, n + 2 * PANEL_ROWS <= n1 ? at + PANEL_ROWS * K : NULL, 1024, 16 * K};
+        const tm_b_t B = {at, AMX_TM_I8_PF && n + 2 * PANEL_ROWS <= n1 ? at + PANEL_ROWS * K : NULL, 1024, 16 * K};
         tm_pairs(J, &C, B, 0, K / 64, 0, 1, 1, n, n1, dvec);
     }
     _tile_release();
