@@ -278,7 +278,7 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
 #define AMX_TM_PF_HINT _MM_HINT_T0
 #endif
 #ifndef AMX_TM_I8_PF
-#define AMX_TM_I8_PF 1
+#define AMX_TM_I8_PF 1 /* panels ahead the int8 token-major GEMM fetches (0: none) */
 #endif
 typedef struct {
     const uint8_t *at, *pf;
@@ -459,7 +459,8 @@ TARGET_AMX static int amx_i8_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
         __m512 dvec[2];
         tm_scales(J, n, n1, 0, dvec);
         const uint8_t *at = J->rl + n * K;
-        const tm_b_t B = {at, AMX_TM_I8_PF && n + 2 * PANEL_ROWS <= n1 ? at + PANEL_ROWS * K : NULL, 1024, 16 * K};
+        const int64_t ahead = AMX_TM_I8_PF * PANEL_ROWS;
+        const tm_b_t B = {at, ahead && n + ahead + PANEL_ROWS <= n1 ? at + ahead * K : NULL, 1024, 16 * K};
         tm_pairs(J, &C, B, 0, K / 64, 0, 1, 1, n, n1, dvec);
     }
     _tile_release();
