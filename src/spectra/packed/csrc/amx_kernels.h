@@ -211,12 +211,6 @@ static inline int amx_tm_applies(int path, const job_t *J) {
 }
 
 #ifdef SPECTRA_AMX
-/* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> B tiles panel [chunk - 4 b0][half h][16][64]: row r of half h's
- * tile holds, for each of its 16 weight rows m, the codes of chunk positions 4r .. 4r+3 (bytes 4m .. 4m+3). Chunk l
- * position i of a TQ2_0 block is field l of code byte i, so row r of every chunk's tile is dword r of the 16 rows' code
- * bytes, shifted. Those 16 dwords of 16 rows are the row-lane copy's vector r (rowlane_codes, J->rl: 1 KiB a block of a
- * 16-row group, read as one stream) where the half is a whole group of it; else a 16 x 16 transpose of dwords of the
- * code bytes makes them (one per 16 rows and block, for its 4 chunks). */
 /* Unlike amx_rows, the token-major GEMM does better without fetching its output lines first: TriLM-99M, q8 cache, 2
  * threads (benchmarks/kernel_ab.py -D AMX_Y_PREFETCH=0, which then applied to both): a 16-row step 1.015x (7/11),
  * 12 decode rows and 4 prompt chunks of 32 1.031x (9/9). */
@@ -229,9 +223,16 @@ static inline int amx_tm_applies(int path, const job_t *J) {
 TARGET_AVX512 static inline __attribute__((always_inline)) void tm_fields(uint8_t *p, const __m512i *r) {
     const __m512i m3 = _mm512_set1_epi8(3);
     for (int l = 0; l < PANEL_CPB; l++, p += 2048)
-        for (int k = 0; k < 16; k++) _mm512_store_si512(p + 64 * k, _mm512_and_si512(_mm512_srli_epi16(r[k], 2 * l), m3));
+        for (int k = 0; k < 16; k++)
+            _mm512_store_si512(p + 64 * k, _mm512_and_si512(_mm512_srli_epi16(r[k], 2 * l), m3));
 }
 
+/* Rows n .. n+31 (zeros past n1), blocks [b0, b1) -> B tiles panel [chunk - 4 b0][half h][16][64]: row r of half h's
+ * tile holds, for each of its 16 weight rows m, the codes of chunk positions 4r .. 4r+3 (bytes 4m .. 4m+3). Chunk l
+ * position i of a TQ2_0 block is field l of code byte i, so row r of every chunk's tile is dword r of the 16 rows' code
+ * bytes, shifted. Those 16 dwords of 16 rows are the row-lane copy's vector r (rowlane_codes, J->rl: 1 KiB a block of a
+ * 16-row group, read as one stream) where the half is a whole group of it; else a 16 x 16 transpose of dwords of the
+ * code bytes makes them (one per 16 rows and block, for its 4 chunks). */
 TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t n1, int64_t b0, int64_t b1,
                                               uint8_t *panel) {
     const int64_t rowb = J->nb * QB;
@@ -519,7 +520,7 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
 /* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
 static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 #ifdef SPECTRA_AMX
-    if (J->rl && amx_tm_min_t > 0 && amx_applies(path, J)) { /* the copy's whole groups token-major, the rest as tiles */
+    if (J->rl && amx_tm_min_t > 0 && amx_applies(path, J)) { /* the copy's whole groups token-major, the rest tiles */
         const int64_t a0 = (n0 + 15) / 16 * 16, a1 = n1 / 16 * 16; /* n1 <= the rows: whole groups of the copy */
         if (a0 < a1 && J->xt) {
             return (n0 >= a0 || amx_i8_rows(J, n0, a0)) && amx_i8_tm_rows(J, a0, a1) &&
