@@ -42,7 +42,10 @@ llama.cpp's order and converts per call.
 On CPUs with AMX-INT8 the `avx512vnni` path computes products of 5 or more tokens (prefill, batched decoding) on the
 tile unit (`csrc/amx_kernels.h`): 32 weight rows are decoded to one code byte per weight, two blocks at a time, and
 multiplied by 16-token tiles of the int8 activations with `tdpbusd`. The integer sums are the same, so are the outputs;
-`use_amx(False)` switches it off.
+`use_amx(False)` switches it off. Where a TQ2_0 matrix or the int8 output layer comes with its `rowlane_codes` (below),
+the tiles run token-major instead: 16 tokens of the activations, read in place, times the copy's 16-row dwords
+(`tdpbsud`), so each result row is one token's 16 outputs, written without a transpose; other TQ2_0 matrices run so
+from 64 tokens. `use_amx_tm(0)` switches that off.
 
 Without AMX (or with it off) the `avx512vnni` path computes ternary products of 32 or more tokens (prefill) with the
 token-lane GEMM (`csrc/lane_kernels.h`): the same decoded panels, multiplied with `vpdpbusd` by one row's four codes
@@ -55,8 +58,8 @@ finished outputs in 6 operations instead of the 4 x 4 tiles' 37-operation reduct
 off (the lanes then start at 32 tokens). Fewer tokens use the 4 x 4 tiles (2 to 7) or the GEMV.
 
 Where the weights also come interleaved by 16 rows (`rowlane_codes`: TQ2_0 code bytes, for a TQ1_0 matrix too, or
-int8 output rows; the `Decoder` keeps such a copy for models with at most 64 MiB of codes), products of 8 or more
-tokens run the row-lane GEMM (`csrc/rowlane_kernels.h`) on every full 16-row group instead: the 16 lanes of an
+int8 output rows; the `Decoder` keeps such a copy for models with at most 64 MiB of codes, with AMX for TQ2_0 models
+only), products of 8 or more tokens without AMX run the row-lane GEMM (`csrc/rowlane_kernels.h`) on every full 16-row group instead: the 16 lanes of an
 accumulator are 16 rows and one token, a token's 4 activation bytes are broadcast, so a decoded code vector serves
 one `vpdpbusd` per token and no reduction is needed. Same integer sums, same outputs; `use_rowlane(0)` switches it
 off.
