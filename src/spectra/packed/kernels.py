@@ -59,10 +59,10 @@ off (the lanes then start at 32 tokens). Fewer tokens use the 4 x 4 tiles (2 to 
 
 Where the weights also come interleaved by 16 rows (`rowlane_codes`: TQ2_0 code bytes, for a TQ1_0 matrix too, or
 int8 output rows; the `Decoder` keeps such a copy for models with at most 64 MiB of codes, with AMX for TQ2_0 models
-only), products of 8 or more tokens without AMX run the row-lane GEMM (`csrc/rowlane_kernels.h`) on every full 16-row group instead: the 16 lanes of an
-accumulator are 16 rows and one token, a token's 4 activation bytes are broadcast, so a decoded code vector serves
-one `vpdpbusd` per token and no reduction is needed. Same integer sums, same outputs; `use_rowlane(0)` switches it
-off.
+only), products of 8 or more tokens without AMX run the row-lane GEMM (`csrc/rowlane_kernels.h`) on every full
+16-row group instead: the 16 lanes of an accumulator are 16 rows and one token, a token's 4 activation bytes are
+broadcast, so a decoded code vector serves one `vpdpbusd` per token and no reduction is needed. Same integer sums,
+same outputs; `use_rowlane(0)` switches it off.
 
 Paths: `avx512vnni` (AVX-512 F/BW/VL + VNNI `vpdpbusd`), `avx2` (AVX2 `vpmaddubsw`), `scalar` (portable C, any
 CPU), `torch` (this module's reference; used when the C extension is not built). `auto` picks the first supported.

@@ -84,6 +84,31 @@ TARGET_AMX static inline void amx_configure(void) {
     __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
+/* The C tiles of a pass: 0 and 1 for a panel's weight rows 0-15 and 16-31 (nr of them), 2 and 3 the same for the
+ * second token group (ntg == 2), each 1 KiB apart in cacc. amx_c_begin zeroes them (first) or loads them from cacc;
+ * amx_c_save stores them there. */
+TARGET_AMX static inline __attribute__((always_inline)) void amx_c_begin(int first, const int nr, const int ntg,
+                                                                         const int32_t *cacc) {
+    if (first) {
+        _tile_zero(0);
+        if (nr == 2) _tile_zero(1);
+        if (ntg == 2) _tile_zero(2);
+        if (ntg == 2 && nr == 2) _tile_zero(3);
+    } else {
+        _tile_loadd(0, cacc, 64);
+        if (nr == 2) _tile_loadd(1, cacc + 256, 64);
+        if (ntg == 2) _tile_loadd(2, cacc + 512, 64);
+        if (ntg == 2 && nr == 2) _tile_loadd(3, cacc + 768, 64);
+    }
+}
+
+TARGET_AMX static inline __attribute__((always_inline)) void amx_c_save(const int nr, const int ntg, int32_t *cacc) {
+    _tile_stored(0, cacc, 64);
+    if (nr == 2) _tile_stored(1, cacc + 256, 64);
+    if (ntg == 2) _tile_stored(2, cacc + 512, 64);
+    if (ntg == 2 && nr == 2) _tile_stored(3, cacc + 768, 64);
+}
+
 /* One panel slice, chunks [c0, c1) of segment s (chunk c's 16 * nat weight rows at abase + (c - c0) * cstep, astride
  * bytes apart), against token groups tg, tg + 1 (ntg of them). C starts at zero (first slice of the segment) or from
  * cacc; it is saved to cacc or, at the segment's last slice, finished into yv [ntg][32 rows][16 tokens] by the vector
@@ -97,17 +122,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
                                                                       float *yv, const uint8_t *pf) {
     const int64_t nc = J->nb * PANEL_CPB;
     const int8_t *x0 = J->xt + tg * nc * 1024, *x1 = x0 + nc * 1024;
-    if (first) {
-        _tile_zero(0);
-        if (nat == 2) _tile_zero(1);
-        if (ntg == 2) _tile_zero(2);
-        if (ntg == 2 && nat == 2) _tile_zero(3);
-    } else {
-        _tile_loadd(0, cacc, 64);
-        if (nat == 2) _tile_loadd(1, cacc + 256, 64);
-        if (ntg == 2) _tile_loadd(2, cacc + 512, 64);
-        if (ntg == 2 && nat == 2) _tile_loadd(3, cacc + 768, 64);
-    }
+    amx_c_begin(first, nat, ntg, cacc);
     for (int64_t c = c0; c < c1; c++) {
         const uint8_t *a = abase + (c - c0) * cstep;
         if (pf)
@@ -124,10 +139,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_step(const job_
             if (nat == 2) _tile_dpbusd(3, 5, 7);
         }
     }
-    _tile_stored(0, cacc, 64); /* cacc [ntg][32 rows][16 tokens] */
-    if (nat == 2) _tile_stored(1, cacc + 256, 64);
-    if (ntg == 2) _tile_stored(2, cacc + 512, 64);
-    if (ntg == 2 && nat == 2) _tile_stored(3, cacc + 768, 64);
+    amx_c_save(nat, ntg, cacc); /* cacc [ntg][32 rows][16 tokens] */
     if (!last) return;
     for (int g = 0; g < ntg; g++) {
         const __m512i bs = token_sums(J, (tg + g) * LANE_TOK, s);
@@ -298,17 +310,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
                                                                          int32_t *cacc, float *yv,
                                                                          const __m512 *dvec) {
     const int64_t K = J->K;
-    if (first) {
-        _tile_zero(0);
-        if (nbt == 2) _tile_zero(1);
-        if (ntg == 2) _tile_zero(2);
-        if (ntg == 2 && nbt == 2) _tile_zero(3);
-    } else {
-        _tile_loadd(0, cacc, 64);
-        if (nbt == 2) _tile_loadd(1, cacc + 256, 64);
-        if (ntg == 2) _tile_loadd(2, cacc + 512, 64);
-        if (ntg == 2 && nbt == 2) _tile_loadd(3, cacc + 768, 64);
-    }
+    amx_c_begin(first, nbt, ntg, cacc);
     for (int64_t c = c0; c < c1; c++) {
         const uint8_t *bt = B.at + (c - c0) * B.step;
         if (B.pf)
@@ -327,10 +329,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_tm_step(const j
             if (nbt == 2) _tile_dpbsud(3, 7, 5);
         }
     }
-    _tile_stored(0, cacc, 64);
-    if (nbt == 2) _tile_stored(1, cacc + 256, 64);
-    if (ntg == 2) _tile_stored(2, cacc + 512, 64);
-    if (ntg == 2 && nbt == 2) _tile_stored(3, cacc + 768, 64);
+    amx_c_save(nbt, ntg, cacc);
     if (!last) return;
     const int final = s == J->S - 1;
     for (int g = 0; g < ntg; g++)
