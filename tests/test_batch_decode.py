@@ -483,6 +483,8 @@ def test_where_a_steps_rows_split_over_the_threads():
     # (where the lead leaves a part under 5 rows, 6 / 4, split_cuts refuses and split_parts takes the even split)
     assert cuts(2, distinct, 1) == [0, 9, 16] and cuts(2, distinct[:12], 1) == [0, 7, 12]
     assert cuts(2, distinct[:10], 1) == [0, 10]
+    # where every GEMM of a block runs token-major from the row-lane copy on AMX, parts of 2 rows
+    assert cuts(2, distinct[:4], 0, 2) == [0, 2, 4] and cuts(2, distinct[:3], 0, 2) == [0, 3]
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="the rows of a step are split only where AMX or the AVX-512 GEMMs run them")

@@ -78,11 +78,11 @@ def amx_tm():
     K.use_amx_tm(before)
 
 
-@pytest.mark.parametrize("T", [5, 8, 15, 16, 17, 33, 64, 67, 130])
+@pytest.mark.parametrize("T", [2, 3, 5, 8, 15, 16, 17, 33, 64, 67, 130])
 def test_token_major_amx_equals_reference_with_and_without_the_row_lane_copy(amx_tm, T):
-    # the token-major GEMM from the row-lane copy (any T), from the code bytes by transposes (from amx_tm_min_t; 1
-    # here: every T), and switched off; rows ragged and in several chunks (two threads), 1-3 segments, a short last
-    # token group, an all-zero row and a large value
+    # the token-major GEMM from the row-lane copy (from 2 tokens), from the code bytes by transposes (from
+    # amx_tm_min_t; 1 here: every T AMX takes), and switched off; rows ragged and in several chunks (two threads),
+    # 1-3 segments, a short last token group, an all-zero row and a large value
     for N, Kdim, shards, dim in ((9, 256, 1, 0), (48, 1536, 3, 1), (100, 768, 2, 0), (70, 1280, 1, 0)):
         qs, _, bounds, seg_d = ternary_codes(N, Kdim, shards, dim, seed=T + N)
         rl = K.rowlane_codes(qs)
@@ -148,7 +148,7 @@ def test_head_rows_token_major_from_the_row_lane_copy_equals_the_tiles():
             u, scale = K.quantize_weight_int8(torch.randn(V, C, generator=g) * 0.05)
             rl = K.rowlane_codes(u)
             w = 1 + 0.1 * torch.randn(C, generator=g)
-            for B in (1, 5, 16, 17, 33):
+            for B in (1, 2, 4, 5, 16, 17, 33):
                 x = torch.randn(B, C, generator=g) * 2
                 for threads in (1, 2):
                     K.use_amx_tm(0)

@@ -57,8 +57,23 @@ static int amx_ready(void) {
     return amx_on;
 }
 
+#ifndef AMX_TM_MIN_T
+#define AMX_TM_MIN_T 64
+#endif
+static int amx_tm_min_t = AMX_TM_MIN_T; /* without the row-lane copy; 0: the token-major GEMM off (set_amx_tm) */
+/* With the row-lane copy (a TQ2_0 matrix, or int8 rows: their jobs' fmt is 0 too), the token-major GEMM takes
+ * products from this many tokens, where the others start at AMX_MIN_T. */
+#ifndef AMX_TM_RL_MIN_T
+#define AMX_TM_RL_MIN_T 2
+#endif
+
+/* The fewest tokens AMX takes for job J. */
+static inline int64_t amx_min_t(const job_t *J) {
+    return J->rl && J->fmt == FMT_TQ2 && amx_tm_min_t > 0 ? AMX_TM_RL_MIN_T : AMX_MIN_T;
+}
+
 static inline int amx_applies(int path, const job_t *J) {
-    if (path != PATH_AVX512VNNI || J->T < AMX_MIN_T || amx_ready() != 1) return 0;
+    if (path != PATH_AVX512VNNI || J->T < amx_min_t(J) || amx_ready() != 1) return 0;
 #ifdef SPECTRA_X86
     if (J->fmt == FMT_TQ1 && !tq1_has_vbmi()) return 0;
 #endif
@@ -213,10 +228,6 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
  * Xeon with AMX, one thread, 16 layers' worth of TriLM-99M matrices in turn (q|k|v, gate|up, down), against
  * amx_rows: with the copy 1.11-1.19x at 8 tokens, 1.08-1.11x at 16, 1.16-1.31x at 140; without it 0.75-0.87x at 8
  * tokens, 1.05-1.08x at 70, 1.16-1.24x at 140. */
-#ifndef AMX_TM_MIN_T
-#define AMX_TM_MIN_T 64
-#endif
-static int amx_tm_min_t = AMX_TM_MIN_T; /* without the row-lane copy; 0: the token-major GEMM off (set_amx_tm) */
 
 static inline int amx_tm_applies(int path, const job_t *J) {
     return J->fmt == FMT_TQ2 && amx_tm_min_t > 0 && (J->rl || J->T >= amx_tm_min_t) && amx_applies(path, J);

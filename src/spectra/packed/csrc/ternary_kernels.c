@@ -3693,10 +3693,10 @@ static void split_chunk(void *ctx, int64_t c) {
 /* Where B rows whose caches start at kp[] split into parts for n_threads (cut[0] = 0 .. cut[parts] = B, and the
  * smallest part's rows in *smallest); returns the number of parts, 1 for not split. A cache's rows (a prompt chunk's
  * positions) stay in one part: parts end at the row boundaries nearest to even shares, the first `lead` rows longer,
- * where the cache changes; each needs AMX_MIN_T rows, and the largest may have at most 3.5 times the smallest's. */
+ * where the cache changes; each needs min_rows rows, and the largest may have at most 3.5 times the smallest's. */
 static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp, int64_t *cut, int64_t *smallest,
-                          int64_t lead) {
-    int64_t parts = B / AMX_MIN_T < n_threads ? B / AMX_MIN_T : n_threads;
+                          int64_t lead, int64_t min_rows) {
+    int64_t parts = B / min_rows < n_threads ? B / min_rows : n_threads;
     if (parts > SPLIT_MAX_PARTS) parts = SPLIT_MAX_PARTS;
     if (parts < 2) return 1;
     for (int64_t i = 1; i < B; i++) /* each cache's rows in one run */
@@ -3718,7 +3718,7 @@ static int64_t split_cuts(int n_threads, int64_t B, const unsigned long long *kp
         if (cut[c] - cut[c - 1] > largest) largest = cut[c] - cut[c - 1];
     }
     *smallest = least;
-    return least < AMX_MIN_T || 2 * largest > 7 * least ? 1 : parts;
+    return least < min_rows || 2 * largest > 7 * least ? 1 : parts;
 }
 
 #ifndef SPLIT_LEAD_ROWS
@@ -3746,12 +3746,13 @@ static int64_t split_lead(void) {
 static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int64_t B, const unsigned long long *kp,
                            int64_t *cut) {
     if (!batch_split_on || n_threads > SPLIT_MAX_THREADS) return 1;
-    int64_t smallest;
-    const int64_t lead = split_lead();
-    int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead);
-    if (parts < n_threads && lead) parts = split_cuts(n_threads, B, kp, cut, &smallest, 0);
-    if (parts < n_threads) return 1; /* a thread without a part would wait */
+    int64_t smallest, min_rows = 0; /* the fewest rows a part's GEMMs all take on AMX (AMX_MIN_T without it) */
     const job_t *jobs[7] = LAYER_JOBS(L);
+    for (int i = 0; i < 7; i++) min_rows = amx_min_t(jobs[i]) > min_rows ? amx_min_t(jobs[i]) : min_rows;
+    const int64_t lead = split_lead();
+    int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead, min_rows);
+    if (parts < n_threads && lead) parts = split_cuts(n_threads, B, kp, cut, &smallest, 0, min_rows);
+    if (parts < n_threads) return 1; /* a thread without a part would wait */
     int64_t bytes = 0;
     int rowlane = 1; /* every part's GEMMs on the row-lane GEMM */
     for (int i = 0; i < 7; i++) {
@@ -4400,15 +4401,16 @@ static PyObject *py_set_gfni(PyObject *self, PyObject *args) {
     return PyBool_FromLong(before);
 }
 
-/* batch_split_cuts(n_threads, caches, lead=0) -> list: where a step whose rows have these cache addresses (one int
- * per row) splits over n_threads threads (split_cuts: [0, .., B], or [0, B] when it does not), before the model-size
- * and AMX conditions. For tests. */
+/* batch_split_cuts(n_threads, caches, lead=0, min_rows=AMX_MIN_T) -> list: where a step whose rows have these cache
+ * addresses (one int per row) splits over n_threads threads (split_cuts: [0, .., B], or [0, B] when it does not),
+ * before the model-size and AMX conditions. For tests. */
 static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
     int n_threads;
-    long long lead = 0;
+    long long lead = 0, min_rows = AMX_MIN_T;
     PyObject *caches;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iO!|L", &n_threads, &PyTuple_Type, &caches, &lead)) return NULL;
+    if (!PyArg_ParseTuple(args, "iO!|LL", &n_threads, &PyTuple_Type, &caches, &lead, &min_rows)) return NULL;
+    if (min_rows < 1) return PyErr_Format(PyExc_ValueError, "min_rows must be at least 1, got %lld", min_rows);
     const Py_ssize_t B = PyTuple_GET_SIZE(caches);
     if (B < 1 || B > 4096) return PyErr_Format(PyExc_ValueError, "need 1..4096 rows, got %zd", B);
     unsigned long long kp[4096];
@@ -4417,7 +4419,7 @@ static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
         if (PyErr_Occurred()) return NULL;
     }
     int64_t cut[SPLIT_MAX_PARTS + 1] = {0, B}, smallest;
-    const int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead);
+    const int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead, min_rows);
     if (parts < 2) cut[1] = B;
     PyObject *out = PyList_New(parts + 1);
     if (!out) return NULL;
