@@ -3620,7 +3620,8 @@ static int batch_layer_run(int path, int n_threads, batch_layer_t *L, float *xs,
  * cores, and each hand-out ends in a wait), and the per-row steps run on the calling thread alone. Split, each part
  * reads every weight matrix and decodes its panels itself, and nothing crosses between the threads until the output
  * layer. Rows do not depend on one another (Rows), so the results are the same bits.
- * When: each part has at least AMX_MIN_T rows (parts of 4 ran the GEMV kernels, 0.83x) and its GEMMs are ones the
+ * When: each part has at least AMX_MIN_T rows (parts of 4 ran the GEMV kernels, 0.83x; AMX_TM_RL_MIN_T where every
+ * GEMM of the block runs token-major from the row-lane copy, amx_min_t) and its GEMMs are ones the
  * split was measured with (split_parts), a block's code bytes are at most SPLIT_MAX_LAYER_BYTES (twice the weight
  * reads: at TriLM-1.1B's 9.6 MB per block the 16-row step ran 0.80x with AMX, 0.94x without), and the parts are
  * within 3.5x of each other in rows. A prompt chunk's rows read each other's keys,
