@@ -532,12 +532,14 @@ TARGET_AMX static int amx_i8_rows(const job_t *J, int64_t n0, int64_t n1) {
 /* The int8-weight GEMM (the output layer) on rows [n0, n1), as amx_run_rows. */
 static int amx_run_rows_i8(int path, const job_t *J, int64_t n0, int64_t n1) {
 #ifdef SPECTRA_AMX
-    if (J->rl && amx_tm_min_t > 0 && amx_applies(path, J)) { /* the copy's whole groups token-major, the rest tiles */
+    /* The copy's whole groups token-major, the rest on the tiles. From AMX_MIN_T tokens only, though the copy lets
+     * amx_applies take int8 rows from AMX_TM_RL_MIN_T: the output layer of TriLM-99M token-major at 2 / 4 rows ran
+     * 0.951x / 0.986x the AVX-512 kernel (benchmarks/kernel_ab.py, 9 rounds each), so those stay there. */
+    if (J->rl && J->xt && J->T >= AMX_MIN_T && amx_tm_min_t > 0 && amx_applies(path, J)) {
         const int64_t a0 = (n0 + 15) / 16 * 16, a1 = n1 / 16 * 16; /* n1 <= the rows: whole groups of the copy */
-        if (a0 < a1 && J->xt) {
+        if (a0 < a1)
             return (n0 >= a0 || amx_i8_rows(J, n0, a0)) && amx_i8_tm_rows(J, a0, a1) &&
                    (a1 >= n1 || amx_i8_rows(J, a1, n1));
-        }
     }
     if (J->xt && amx_applies(path, J)) return amx_i8_rows(J, n0, n1);
 #else
