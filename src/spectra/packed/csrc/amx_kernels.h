@@ -91,9 +91,10 @@ typedef struct {
 } amx_cfg_t;
 
 /* Tiles 0-7 as 16 rows of 64 bytes, on this thread (amx_configure_rows: the C tiles 0-3 and the token-major GEMM's
- * A tiles 6-7 of c_rows rows, for a product of fewer than 16 tokens). ldtilecfg in asm with the whole configuration as its operand:
- * GCC 12 drops the stores that fill the configuration before `_tile_loadconfig` where the function goes on past it
- * (the rows and widths were left unset, and ldtilecfg faulted), as if the intrinsic read only its first bytes. */
+ * A tiles 6-7 of c_rows rows, for a product of fewer than 16 tokens). ldtilecfg in asm with the whole configuration
+ * as its operand: GCC 12 drops the stores that fill the configuration before `_tile_loadconfig` where the function
+ * goes on past it (the rows and widths were left unset, and ldtilecfg faulted), as if the intrinsic read only its
+ * first bytes. */
 TARGET_AMX static inline void amx_configure_rows(int c_rows) {
     amx_cfg_t cfg;
     memset(&cfg, 0, sizeof(cfg));
