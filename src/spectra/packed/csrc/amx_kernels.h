@@ -1,7 +1,9 @@
 /*
  * AMX-INT8 GEMM for TQ2_0, TQ1_0 and int8 weights (Intel Sapphire Rapids and later). Included by ternary_kernels.c
  * after lane_kernels.h, whose weight panels, VNNI-layout activations (xt_build) and 16 x 16 stores it uses;
- * run_rows / run_rows_i8 call amx_rows / amx_i8_rows for AMX_MIN_T or more tokens when amx_ready().
+ * run_rows / run_rows_i8 call amx_rows / amx_i8_rows for AMX_MIN_T or more tokens when amx_ready(), or the
+ * token-major GEMM (amx_tm_rows / amx_i8_tm_rows, below) where the weights come with their row-lane copy or, for
+ * TQ2_0 codes, from amx_tm_min_t tokens.
  *
  * The integer sums are those of the AVX-512 kernels, sum c a per scale segment, only computed by the tile unit:
  * TDPBUSD C[m][n] += sum_k A[m][k] B[k/4][4n + k%4] with A unsigned (the codes c in {0,1,2}, one byte each) and B
