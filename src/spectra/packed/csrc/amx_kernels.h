@@ -71,9 +71,9 @@ static int amx_tm_min_t = AMX_TM_MIN_T; /* without the row-lane copy; 0: the tok
 #define AMX_TM_RL_MIN_T 2
 #endif
 
-/* The fewest tokens AMX takes for job J. */
+/* The fewest tokens AMX takes for job J (AMX_MIN_T where AMX is off: the split's parts keep their minimum there). */
 static inline int64_t amx_min_t(const job_t *J) {
-    return J->rl && J->fmt == FMT_TQ2 && amx_tm_min_t > 0 ? AMX_TM_RL_MIN_T : AMX_MIN_T;
+    return J->rl && J->fmt == FMT_TQ2 && amx_tm_min_t > 0 && amx_on == 1 ? AMX_TM_RL_MIN_T : AMX_MIN_T;
 }
 
 static inline int amx_applies(int path, const job_t *J) {
