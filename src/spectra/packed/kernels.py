@@ -44,8 +44,8 @@ tile unit (`csrc/amx_kernels.h`): 32 weight rows are decoded to one code byte pe
 multiplied by 16-token tiles of the int8 activations with `tdpbusd`. The integer sums are the same, so are the outputs;
 `use_amx(False)` switches it off. Where a TQ2_0 matrix or the int8 output layer comes with its `rowlane_codes` (below),
 the tiles run token-major instead: 16 tokens of the activations, read in place, times the copy's 16-row dwords
-(`tdpbsud`), so each result row is one token's 16 outputs, written without a transpose; other TQ2_0 matrices run so
-from 64 tokens. `use_amx_tm(0)` switches that off.
+(`tdpbsud`), so each result row is one token's 16 outputs, written without a transpose; such TQ2_0 matrices from 2
+tokens (the output layer from 5), other TQ2_0 matrices from 64. `use_amx_tm(0)` switches that off.
 
 Without AMX (or with it off) the `avx512vnni` path computes ternary products of 32 or more tokens (prefill) with the
 token-lane GEMM (`csrc/lane_kernels.h`): the same decoded panels, multiplied with `vpdpbusd` by one row's four codes
@@ -243,9 +243,10 @@ def use_quad(min_tokens: int = 8) -> int:
 
 def use_amx_tm(min_tokens: int = 64) -> int:
     """Where AMX runs a TQ2_0 product, run it token-major (`csrc/amx_kernels.h`: C tiles of tokens x weight rows, the
-    outputs written without a transpose) at any token count when the matrix comes with its `rowlane_codes` (the
-    tiles' rows), else from `min_tokens` tokens (the default 64; 0 switches the token-major GEMM off, for A/B runs and
-    tests). Results are bit-identical either way. Returns the previous setting; 0 without the extension."""
+    outputs written without a transpose): from 2 tokens when the matrix comes with its `rowlane_codes` (the tiles'
+    rows; an int8 output layer with its copy from 5), else from `min_tokens` tokens (the default 64; 0 switches the
+    token-major GEMM off, for A/B runs and tests). Results are bit-identical either way. Returns the previous
+    setting; 0 without the extension."""
     ext = extension()
     return int(ext.set_amx_tm(int(min_tokens))) if ext is not None and hasattr(ext, "set_amx_tm") else 0
 

@@ -197,10 +197,7 @@ TARGET_AMX static int amx_rows(const job_t *J, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int two = n1 - n > 16; /* else the last rows of a range: one A tile */
 #if AMX_Y_PREFETCH
-        for (int64_t t = 0; t < J->T; t++) { /* the output lines amx_store writes at the panel's end, into L2 */
-            _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
-            _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
-        }
+        prefetch_y_lines(J, n); /* the output lines amx_store writes at the panel's end */
 #endif
         for (int64_t s = 0; s < J->S; s++)
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {
@@ -270,7 +267,6 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
                                               uint8_t *panel) {
     const int64_t rowb = J->nb * QB;
     int64_t pf[PANEL_SLICE];
-    panel_prefetch_offsets(b0, b1, J->nb, rowb, QB, pf);
     for (int h = 0; h < 2 && n + 16 * h < n1; h++) {
         const int64_t r0 = n + 16 * h;
         if (J->rl && r0 % 16 == 0 && r0 + 16 <= n1) {
@@ -285,6 +281,7 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
             }
             continue;
         }
+        panel_prefetch_offsets(b0, b1, J->nb, rowb, QB, pf); /* the code bytes' own fetch, as panel_decode_tq2's */
         for (int64_t b = b0; b < b1; b++) {
             __m512 r[16];
             for (int m = 0; m < 16; m++) {
@@ -305,15 +302,15 @@ TARGET_AVX512 static void panel_decode_tq2_tm(const job_t *J, int64_t n, int64_t
     }
 }
 
-/* Where a pass of the token-major GEMM finds its B tiles: chunk c's (c0 <= c < c1) at at + (c - c0) * step, the
- * second half's (weight rows 16..31 of the panel) half bytes after the first's; pf (or NULL): the same places in
- * the next panel, fetched with each chunk. */
 #ifndef AMX_TM_PF_HINT
 #define AMX_TM_PF_HINT _MM_HINT_T0
 #endif
 #ifndef AMX_TM_I8_PF
 #define AMX_TM_I8_PF 1 /* panels ahead the int8 token-major GEMM fetches (0: none) */
 #endif
+/* Where a pass of the token-major GEMM finds its B tiles: chunk c's (c0 <= c < c1) at at + (c - c0) * step, the
+ * second half's (weight rows 16..31 of the panel) half bytes after the first's; pf (or NULL): the same places in
+ * the next panel, fetched with each chunk. */
 typedef struct {
     const uint8_t *at, *pf;
     int64_t step, half;
@@ -457,10 +454,7 @@ TARGET_AMX static int amx_tm_rows(const job_t *J, int64_t n0, int64_t n1) {
     if (!C.panel) return 0;
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
 #if AMX_TM_Y_PREFETCH
-        for (int64_t t = 0; t < J->T; t++) { /* the output lines the epilogue writes at the last segment, into L2 */
-            _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
-            _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
-        }
+        prefetch_y_lines(J, n); /* the output lines the epilogue writes at the last segment */
 #endif
         for (int64_t s = 0; s < J->S; s++) {
             __m512 dvec[2];

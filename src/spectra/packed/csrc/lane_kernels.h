@@ -99,6 +99,14 @@ static void *panel_get(size_t need) { /* per thread, apart from scratch_get's (t
 #ifndef LANE_Y_PREFETCH
 #define LANE_Y_PREFETCH 1
 #endif
+/* The output lines of weight rows n .. n+31 for every token (T x 128 bytes) into L2: a panel's stores at its end
+ * (lane_rows, and amx_rows / amx_tm_rows in amx_kernels.h). */
+static inline void prefetch_y_lines(const job_t *J, int64_t n) {
+    for (int64_t t = 0; t < J->T; t++) {
+        _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
+        _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
+    }
+}
 /* Where the decode of block b (of the slice starting at b0) prefetches, as a byte offset from the start of its row:
  * the block PANEL_AHEAD slices later in the row, or past the row's end that many blocks on in the rows of the next
  * panels (rows are rowb bytes apart, PANEL_ROWS to a panel; a row's blocks are `bytes` apart). Computed once per
@@ -308,10 +316,7 @@ TARGET_AVX512 static int lane_rows(const job_t *J, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int halves = n1 - n > 16 ? 2 : 1;
 #if LANE_Y_PREFETCH
-        for (int64_t t = 0; t < J->T; t++) { /* the output lines store16 writes at the panel's end, into L2 */
-            _mm_prefetch((const char *)(J->y + t * J->N + n), _MM_HINT_T1);
-            _mm_prefetch((const char *)(J->y + t * J->N + n + 16), _MM_HINT_T1);
-        }
+        prefetch_y_lines(J, n); /* the output lines store16 writes at the panel's end */
 #endif
         for (int64_t s = 0; s < J->S; s++)
             for (int64_t b0 = J->bounds[s]; b0 < J->bounds[s + 1]; b0 += PANEL_SLICE) {

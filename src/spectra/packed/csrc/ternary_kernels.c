@@ -3749,7 +3749,10 @@ static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int6
     if (!batch_split_on || n_threads > SPLIT_MAX_THREADS) return 1;
     int64_t smallest, min_rows = 0; /* the fewest rows a part's GEMMs all take on AMX (AMX_MIN_T without it) */
     const job_t *jobs[7] = LAYER_JOBS(L);
-    for (int i = 0; i < 7; i++) min_rows = amx_min_t(jobs[i]) > min_rows ? amx_min_t(jobs[i]) : min_rows;
+    for (int i = 0; i < 7; i++) {
+        const int64_t m = amx_min_t(jobs[i]);
+        if (m > min_rows) min_rows = m;
+    }
     const int64_t lead = split_lead();
     int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead, min_rows);
     if (parts < n_threads && lead) parts = split_cuts(n_threads, B, kp, cut, &smallest, 0, min_rows);
