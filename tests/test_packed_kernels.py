@@ -321,21 +321,30 @@ def test_core_round_trip_measures_and_gives_the_caller_its_cpus_back():
 @needs_ext
 def test_prefetch_settings_change_no_output():
     """set_prefetch returns the settings it replaces (the ones prefetch_tune chose for this CPU's vendor and family),
-    and the GEMV and the int8 output layer give the same bits under any distance and copy count, since prefetches only
-    move data."""
+    and the GEMV and the int8 output layer give the same bits under any distance, copy count and loop (three copies
+    fixed at compile time or counted), since prefetches only move data."""
     qs, bounds, seg_d, _ = _layer(64, 1024, shards=2)
     u, scale = K.quantize_weight_int8(torch.randn(48, 1024))
     x = torch.randn(1, 1024)
     y0, h0 = K.ternary_matmul(x, qs, bounds, seg_d), K.int8_matmul(x, u, scale)
+    # 50 rows: three 16-row groups and two rows alone; 5 segments: every row alone (more than GROUP_SEGMENTS)
+    ragged = [_layer(50, 1536, shards=3, dim=1, seed=1)[:3], _layer(20, 1280, shards=5, dim=1, seed=2)[:3]]
+    xr = [torch.randn(1, 1536), torch.randn(1, 1280)]
+    yr = [K.reference_matmul(xi, *op) for xi, op in zip(xr, ragged)]
     before = K.set_prefetch(0, 64, True)
     try:
-        assert before in ((3072, 2048, True, 3, 3072), (6144, 8192, False, 3, 6144), (8192, 8192, False, 3, 6144))
+        assert before in ((3072, 2048, True, 3, 3072, True), (6144, 8192, False, 3, 6144, False),
+                          (8192, 8192, False, 3, 6144, False))
         assert K.set_prefetch(1024, 0, False, 1, 512) == (0, 64, True) + before[3:]
-        assert K.set_prefetch(2048, 0, False) == (1024, 0, False, 1, 512)  # None keeps the current count and step
-        for copies in (1, 2, 3):
-            K.set_prefetch(512, 256, copies == 2, copies, 256 * copies)
+        # None keeps the current count, step and loop
+        assert K.set_prefetch(2048, 0, False) == (1024, 0, False, 1, 512, before[5])
+        for copies, fixed in ((1, False), (2, False), (3, False), (3, True), (1, True)):
+            K.set_prefetch(512, 256, copies == 2, copies, 256 * copies, fixed)
             assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d), y0)
             assert torch.equal(K.int8_matmul(x, u, scale), h0)
+            for xi, op, yi in zip(xr, ragged, yr):  # both one-token loops (gemv1_avx512, gemv1_pf3_avx512)
+                assert torch.equal(K.ternary_matmul(xi, *op), yi)
+        assert K.set_prefetch(0, 0, False)[3:] == (1, 256, True)
         assert torch.equal(y0, K.reference_matmul(x, qs, bounds, seg_d))
         with pytest.raises(ValueError, match="prefetch distances"):
             K.set_prefetch(-1, 0, False)

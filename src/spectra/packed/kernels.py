@@ -464,20 +464,27 @@ def ternary_matmul_group(
 
 
 def set_prefetch(
-    gemv_step: int, i8_bytes: int, i8_every_line: bool, gemv_copies: int | None = None, tq1_step: int | None = None
-) -> tuple[int, int, bool, int, int]:
-    """Set the GEMV prefetch settings the extension chose for this CPU at import, returning the previous five (on
-    Intel: 3072, 2048, True, 3, 3072; on AMD Zen 5, family 1Ah: 8192, 8192, False, 3, 6144; else 6144, 8192, False,
-    3, 6144): `gemv_step` and `gemv_copies`, the one-token TQ2_0 GEMV prefetches every line `gemv_copies` (1-3)
-    times, at 1 .. gemv_copies x gemv_step bytes ahead; `i8_bytes` and `i8_every_line`, the int8 output layer's
-    distance and whether every line is prefetched (else one per 4); `tq1_step`, the TQ1_0 GEMV's three prefetches at
-    1, 2, 3 x tq1_step. None keeps the current value. For tuning on other CPUs and A/B runs; call it while no kernel
+    gemv_step: int,
+    i8_bytes: int,
+    i8_every_line: bool,
+    gemv_copies: int | None = None,
+    tq1_step: int | None = None,
+    gemv_fixed: bool | None = None,
+) -> tuple[int, int, bool, int, int, bool]:
+    """Set the GEMV prefetch settings the extension chose for this CPU at import, returning the previous six (on
+    Intel: 3072, 2048, True, 3, 3072, True; on AMD Zen 5, family 1Ah: 8192, 8192, False, 3, 6144, False; else 6144,
+    8192, False, 3, 6144, False): `gemv_step` and `gemv_copies`, the one-token TQ2_0 GEMV prefetches every line
+    `gemv_copies` (1-3) times, at 1 .. gemv_copies x gemv_step bytes ahead; `i8_bytes` and `i8_every_line`, the int8
+    output layer's distance and whether every line is prefetched (else one per 4); `tq1_step`, the TQ1_0 GEMV's three
+    prefetches at 1, 2, 3 x tq1_step; `gemv_fixed`, with three copies, run the GEMV's loop with the three fixed at
+    compile time instead of the one that tests the count per block (the two are laid out differently, and each was
+    the faster on one CPU). None keeps the current value. For tuning on other CPUs and A/B runs; call it while no kernel
     runs. Outputs do not depend on it."""
     ext = extension()
     if ext is None or not hasattr(ext, "set_prefetch"):
         raise RuntimeError("set_prefetch needs the compiled extension")
-    optional = {"gemv_copies": gemv_copies, "tq1_step": tq1_step}
-    kwargs = {k: int(v) for k, v in optional.items() if v is not None}
+    optional = {"gemv_copies": gemv_copies, "tq1_step": tq1_step, "gemv_fixed": gemv_fixed}
+    kwargs = {k: (bool(v) if k == "gemv_fixed" else int(v)) for k, v in optional.items() if v is not None}
     return ext.set_prefetch(int(gemv_step), int(i8_bytes), bool(i8_every_line), **kwargs)
 
 

@@ -107,6 +107,10 @@
 #endif
 static int64_t gemv1_pf_step = GEMV1_PREFETCH_STEP;
 static int gemv1_pf_copies = GEMV1_PF_COPIES; /* 1 .. 3 */
+/* With three copies, whether the one-token GEMV runs gemv1_pf3_avx512, the same loop with the three prefetches fixed
+ * at compile time, instead of gemv1_avx512, which tests the count per block (set by prefetch_tune on Intel; see
+ * gemv1_pf3_avx512 for why not on AMD). */
+static int gemv1_pf_fixed = 0;
 #define PREFETCH3(p)                                                    \
     do {                                                                \
         PREFETCH((p) + gemv1_pf_step);                                  \
@@ -164,6 +168,7 @@ static void prefetch_tune(void) {
         gemv1_pf_step = tq1_pf_step = GEMV1_PREFETCH_STEP_INTEL;
         i8_pf_bytes = I8_PF_BYTES_INTEL;
         i8_pf_every_line = 1;
+        gemv1_pf_fixed = 1;
     } else if (__builtin_cpu_is("amd")) {
         unsigned a, b, c, d;
         if (__get_cpuid(1, &a, &b, &c, &d)) {
@@ -584,49 +589,55 @@ TARGET_AVX512 static inline void epilogue16(const job_t *J, int64_t n, __m512i v
  * faster from L2). A pair's rows are adjacent in memory, so the weights are still one sequential stream. Streamed
  * from DRAM the pairs alone were no faster; with the triple prefetch (PREFETCH3) about 0.17 instead of 0.18 ms. The
  * page size matters most: see huge_pages. */
+/* The body of gemv1_avx512 and gemv1_pf3_avx512, which differ only in the prefetches: PAIR_PF(wa, wb) for a row
+ * pair's block, LINE_PF(p) for one row's block. The last rows (and rows with many segments) go one at a time; the
+ * block loop repeats the pairs' on purpose: sharing it through an always_inline helper measured 0.120 -> 0.146 ms
+ * for a cache-resident 4096^2 GEMV. */
+#define GEMV1_ROWS(PAIR_PF, LINE_PF)                                                                                   \
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);                                            \
+    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);                                      \
+    const int8_t *a = J->xq;                                                                                           \
+    const int64_t rowb = J->nb * QB;                                                                                   \
+    int64_t n = n0;                                                                                                    \
+    if (J->S <= GROUP_SEGMENTS) {                                                                                      \
+        __m512i v[GROUP_SEGMENTS][16];                                                                                 \
+        for (; n + 16 <= n1; n += 16) {                                                                                \
+            for (int r = 0; r < 16; r += 2) {                                                                          \
+                const uint8_t *w = J->qs + (n + r) * rowb; /* row n + r; row n + r + 1 at w + rowb */                  \
+                for (int64_t s = 0; s < J->S; s++) GEMV1_PAIR_SUMS(w, rowb, PAIR_PF, v[s][r], v[s][r + 1]);            \
+            }                                                                                                          \
+            epilogue16(J, n, v, 0);                                                                                    \
+        }                                                                                                              \
+    }                                                                                                                  \
+    for (; n < n1; n++) {                                                                                              \
+        const uint8_t *w = J->qs + n * rowb;                                                                           \
+        float yv = 0.0f;                                                                                               \
+        for (int64_t s = 0; s < J->S; s++) {                                                                           \
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;                                            \
+            for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {                                                \
+                LINE_PF(w + b * QB);                                                                                   \
+                const __m512i w0 = _mm512_loadu_si512(w + b * QB);                                                     \
+                const int8_t *ab = a + b * QK;                                                                         \
+                DPBUSD(a0, _mm512_and_si512(w0, m0), ab);                                                              \
+                DPBUSD(a1, _mm512_and_si512(w0, m1), ab + 64);                                                         \
+                DPBUSD(a2, _mm512_and_si512(w0, m2), ab + 128);                                                        \
+                DPBUSD(a3, _mm512_and_si512(w0, m3), ab + 192);                                                        \
+            }                                                                                                          \
+            __m512i v = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));                                                \
+            v = _mm512_add_epi32(v, _mm512_srai_epi32(a2, 4));                                                         \
+            v = _mm512_add_epi32(v, _mm512_srai_epi32(a3, 6));                                                         \
+            const int32_t acc = _mm512_reduce_add_epi32(v);                                                            \
+            yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);                                              \
+        }                                                                                                              \
+        J->y[n] = yv * J->xs[0];                                                                                       \
+    }
+
 TARGET_AVX512 __attribute__((noinline)) static void gemv1_avx512(const job_t *J, int64_t n0, int64_t n1) {
-    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
-    const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8((char)0xc0);
-    const int8_t *a = J->xq;
-    const int64_t rowb = J->nb * QB;
-    int64_t n = n0;
-    if (J->S <= GROUP_SEGMENTS) {
-        __m512i v[GROUP_SEGMENTS][16];
-        for (; n + 16 <= n1; n += 16) {
-            for (int r = 0; r < 16; r += 2) {
-                const uint8_t *w = J->qs + (n + r) * rowb; /* row n + r; row n + r + 1 follows at w + rowb */
-                for (int64_t s = 0; s < J->S; s++) GEMV1_PAIR_SUMS(w, rowb, GEMV1_PF_ADJACENT, v[s][r], v[s][r + 1]);
-            }
-            epilogue16(J, n, v, 0);
-        }
-    }
-    /* The last rows (and rows with many segments) one at a time. The block loop repeats the one above on purpose:
-     * sharing it through an always_inline helper measured 0.120 -> 0.146 ms for a cache-resident 4096^2 GEMV. */
-    for (; n < n1; n++) {
-        const uint8_t *w = J->qs + n * rowb;
-        float yv = 0.0f;
-        for (int64_t s = 0; s < J->S; s++) {
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t b = J->bounds[s]; b < J->bounds[s + 1]; b++) {
-                PREFETCH3(w + b * QB);
-                const __m512i w0 = _mm512_loadu_si512(w + b * QB);
-                const int8_t *ab = a + b * QK;
-                DPBUSD(a0, _mm512_and_si512(w0, m0), ab);
-                DPBUSD(a1, _mm512_and_si512(w0, m1), ab + 64);
-                DPBUSD(a2, _mm512_and_si512(w0, m2), ab + 128);
-                DPBUSD(a3, _mm512_and_si512(w0, m3), ab + 192);
-            }
-            __m512i v = _mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2));
-            v = _mm512_add_epi32(v, _mm512_srai_epi32(a2, 4));
-            v = _mm512_add_epi32(v, _mm512_srai_epi32(a3, 6));
-            const int32_t acc = _mm512_reduce_add_epi32(v);
-            yv = yv + J->seg_d[n * J->S + s] * (float)(acc - J->bsum[s]);
-        }
-        J->y[n] = yv * J->xs[0];
-    }
+    GEMV1_ROWS(GEMV1_PF_ADJACENT, PREFETCH3)
 }
 
 TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t *J, int64_t n0, int64_t n1);
+TARGET_AVX512 __attribute__((noinline)) static void gemv1_pf3_avx512(const job_t *J, int64_t n0, int64_t n1);
 
 TARGET_AVX512 __attribute__((noinline)) static void gemv2_avx512(const job_t *J, int64_t n0, int64_t n1) {
     gemv_rows_avx512(J, n0, n1, 2);
@@ -642,6 +653,7 @@ TARGET_AVX512 static void gemv_avx512(const job_t *J, int64_t n0, int64_t n1) {
     switch (J->T) {
         case 1:
             if (J->far || far_pairs_mode == 1) gemv1_far_avx512(J, n0, n1);
+            else if (gemv1_pf_fixed && gemv1_pf_copies == 3) gemv1_pf3_avx512(J, n0, n1);
             else gemv1_avx512(J, n0, n1);
             break;
         case 2: gemv2_avx512(J, n0, n1); break;
@@ -4328,26 +4340,29 @@ static PyObject *set_min_tokens(PyObject *args, int *setting, const char *kernel
     return PyLong_FromLong(before);
 }
 
-/* set_prefetch(gemv_step, i8_bytes, i8_every_line[, gemv_copies[, tq1_step]]) -> (previous five): the GEMV prefetch
- * settings that prefetch_tune chose for this CPU (gemv_step and gemv_copies: the one-token TQ2_0 GEMV prefetches every
- * line gemv_copies times, at 1 .. gemv_copies x gemv_step bytes ahead; i8_bytes and i8_every_line: the int8 output
- * layer's distance, and one prefetch per line or per 4 lines; tq1_step: the TQ1_0 GEMV's three prefetches at 1, 2, 3 x
- * tq1_step). For A/B runs and tuning on other CPUs; set it while no kernel runs. */
+/* set_prefetch(gemv_step, i8_bytes, i8_every_line[, gemv_copies[, tq1_step[, gemv_fixed]]]) -> (previous six): the
+ * GEMV prefetch settings that prefetch_tune chose for this CPU (gemv_step and gemv_copies: the one-token TQ2_0 GEMV
+ * prefetches every line gemv_copies times, at 1 .. gemv_copies x gemv_step bytes ahead; i8_bytes and i8_every_line:
+ * the int8 output layer's distance, and one prefetch per line or per 4 lines; tq1_step: the TQ1_0 GEMV's three
+ * prefetches at 1, 2, 3 x tq1_step; gemv_fixed: with three copies, the loop with them fixed at compile time,
+ * gemv1_pf3_avx512). For A/B runs and tuning on other CPUs; set it while no kernel runs. */
 static PyObject *py_set_prefetch(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"gemv_step", "i8_bytes", "i8_every_line", "gemv_copies", "tq1_step", NULL};
+    static char *names[] = {"gemv_step", "i8_bytes", "i8_every_line", "gemv_copies", "tq1_step", "gemv_fixed", NULL};
     long long step, i8_bytes, t1_step = tq1_pf_step;
-    int every, copies = gemv1_pf_copies;
+    int every, copies = gemv1_pf_copies, fixed = gemv1_pf_fixed;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLp|iL", names, &step, &i8_bytes, &every, &copies, &t1_step))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLp|iLp", names, &step, &i8_bytes, &every, &copies, &t1_step,
+                                     &fixed))
         return NULL;
     if (step < 0 || step > (1 << 20) || i8_bytes < 0 || i8_bytes > (1 << 20) || t1_step < 0 || t1_step > (1 << 20))
         return PyErr_Format(PyExc_ValueError, "prefetch distances must be 0 .. 1048576 bytes, got %lld, %lld and %lld",
                             step, i8_bytes, t1_step);
     if (copies < 1 || copies > 3) return PyErr_Format(PyExc_ValueError, "gemv_copies must be 1, 2 or 3, got %d", copies);
-    PyObject *before = Py_BuildValue("LLOiL", (long long)gemv1_pf_step, (long long)i8_pf_bytes,
-                                     i8_pf_every_line ? Py_True : Py_False, gemv1_pf_copies, (long long)tq1_pf_step);
+    PyObject *before = Py_BuildValue("LLOiLO", (long long)gemv1_pf_step, (long long)i8_pf_bytes,
+                                     i8_pf_every_line ? Py_True : Py_False, gemv1_pf_copies, (long long)tq1_pf_step,
+                                     gemv1_pf_fixed ? Py_True : Py_False);
     gemv1_pf_step = step, i8_pf_bytes = i8_bytes, i8_pf_every_line = every, gemv1_pf_copies = copies;
-    tq1_pf_step = t1_step;
+    tq1_pf_step = t1_step, gemv1_pf_fixed = fixed;
     return before;
 }
 
@@ -4580,6 +4595,27 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t
     }
 #undef GEMV1_PF_FAR
     if (n + 16 * half < n1) gemv1_avx512(J, n + 16 * half, n1);
+}
+
+/* gemv1_avx512 with its three prefetches per line fixed at compile time (gemv1_pf_fixed: Intel). gemv1_avx512 tests
+ * gemv1_pf_copies at every block, which costs a compare and a branch or two there; on Zen 5 GCC 12 laid that loop out
+ * the prefetches first, which ran TriLM-1.1B decoding 1.090x faster than before (see GEMV1_PREFETCH_STEP), so AMD keeps
+ * it. On the 2-core Xeon with AMX (2026-12-07), TriLM-1.1B with 2 scale shards through Decoder.greedy, this loop
+ * against gemv1_avx512 (benchmarks/kernel_ab.py --decode --greedy --shards 2): see the README's "The one-token GEMV's
+ * prefetches fixed at compile time". Defined here, after the hot code, so that adding it moved no other kernel. */
+#define PREFETCH3_FIXED(p)                       \
+    do {                                         \
+        PREFETCH((p) + gemv1_pf_step);           \
+        PREFETCH((p) + 2 * gemv1_pf_step);       \
+        PREFETCH((p) + 3 * gemv1_pf_step);       \
+    } while (0)
+#define GEMV1_PF_ADJACENT_FIXED(wa, wb) \
+    do {                                \
+        PREFETCH3_FIXED(wa);            \
+        PREFETCH3_FIXED(wb);            \
+    } while (0)
+TARGET_AVX512 __attribute__((noinline)) static void gemv1_pf3_avx512(const job_t *J, int64_t n0, int64_t n1) {
+    GEMV1_ROWS(GEMV1_PF_ADJACENT_FIXED, PREFETCH3_FIXED)
 }
 #endif
 
