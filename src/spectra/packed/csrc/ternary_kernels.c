@@ -125,12 +125,14 @@ static int gemv1_pf_fixed = 0;
  * 0.942x; three at 12 KiB 0.941x; two at 6 KiB 1.005x), and no step from 3 to 12 KiB beat 6 (in one process, 7
  * rounds: 0.978-0.995x). */
 static int64_t tq1_pf_step = GEMV1_PREFETCH_STEP;
-#define PREFETCH3_TQ1(p)                     \
-    do {                                     \
-        PREFETCH((p) + tq1_pf_step);         \
-        PREFETCH((p) + 2 * tq1_pf_step);     \
-        PREFETCH((p) + 3 * tq1_pf_step);     \
+/* Three prefetches of the line at p, at 1, 2, 3 x step bytes ahead. */
+#define PREFETCH3_AT(p, step)              \
+    do {                                   \
+        PREFETCH((p) + (step));            \
+        PREFETCH((p) + 2 * (step));        \
+        PREFETCH((p) + 3 * (step));        \
     } while (0)
+#define PREFETCH3_TQ1(p) PREFETCH3_AT(p, tq1_pf_step)
 
 /* The int8 output layer's GEMV (i8_row_avx512): on Zen 4 one prefetch per 4 lines, PREFETCH_BYTES ahead (24 against
  * 18 GB/s from DRAM with one per line, 50304 x 1792); on the Intel Xeon every line, I8_PF_BYTES_INTEL ahead (the
@@ -4598,17 +4600,13 @@ TARGET_AVX512 __attribute__((noinline)) static void gemv1_far_avx512(const job_t
 }
 
 /* gemv1_avx512 with its three prefetches per line fixed at compile time (gemv1_pf_fixed: Intel). gemv1_avx512 tests
- * gemv1_pf_copies at every block, which costs a compare and a branch or two there; on Zen 5 GCC 12 laid that loop out
- * the prefetches first, which ran TriLM-1.1B decoding 1.090x faster than before (see GEMV1_PREFETCH_STEP), so AMD keeps
- * it. On the 2-core Xeon with AMX (2026-12-07), TriLM-1.1B with 2 scale shards through Decoder.greedy, this loop
- * against gemv1_avx512 (benchmarks/kernel_ab.py --decode --greedy --shards 2): see the README's "The one-token GEMV's
+ * gemv1_pf_copies at every block: a compare and two branches per block and row pair, beside 8 ANDs and 8 vpdpbusd
+ * that already fill ports 0 and 5. On Zen 5 GCC 12 laid that counted loop out the prefetches first, which ran TriLM-1.1B
+ * decoding 1.090x faster than before (see GEMV1_PREFETCH_STEP), so AMD keeps it. On the 2-core Xeon with AMX
+ * (2026-12-07), this loop against the counted one (benchmarks/kernel_ab.py --decode --greedy --shards 2, TriLM-1.1B):
+ * 1 thread 1.018x [1.009-1.030] (9/9), 2 threads 1.028x [0.990-1.069] (10/11); README, "The one-token GEMV's
  * prefetches fixed at compile time". Defined here, after the hot code, so that adding it moved no other kernel. */
-#define PREFETCH3_FIXED(p)                       \
-    do {                                         \
-        PREFETCH((p) + gemv1_pf_step);           \
-        PREFETCH((p) + 2 * gemv1_pf_step);       \
-        PREFETCH((p) + 3 * gemv1_pf_step);       \
-    } while (0)
+#define PREFETCH3_FIXED(p) PREFETCH3_AT(p, gemv1_pf_step)
 #define GEMV1_PF_ADJACENT_FIXED(wa, wb) \
     do {                                \
         PREFETCH3_FIXED(wa);            \
