@@ -4,6 +4,7 @@
                                    [--prefill 0 | --decode | --chunks C [--chunk-len 32]] [--format tq2] [--vocab V]
                                    [--shards 1] [--rounds 15]
                                    [-D NAME=VALUE ...] [--base-define NAME=VALUE ...] [--no-amx] [--placement NS]
+                                   [--tree-prefetch NAME=VALUE ...]
 
 On a shared VM whose speed drifts by half between minutes, two builds timed in separate processes, even alternated,
 rarely give a ratio the noise does not swallow. Here both builds of `spectra.packed._kernels` are compiled into
@@ -30,6 +31,11 @@ Built with `-D POOL_STATS=1 --base-define POOL_STATS=1` (the thread pool's wait 
 build where the pool's threads waited: per job, the caller's and the workers' chunks, the caller's wait after its
 own, and the time between jobs (the caller's work outside them, while the workers wait), as shares of the caller's
 time.
+`--tree-prefetch NAME=VALUE` changes one of the working tree's build's prefetch settings (`kernels.set_prefetch`'s
+arguments: gemv_step, i8_bytes, i8_every_line, gemv_copies, tq1_step, gemv_fixed) after import, where `prefetch_tune`
+chose them for this CPU; the base build keeps its own. With `--base HEAD` that is one build against itself with one
+setting changed, as `--tree-prefetch gemv_fixed=1` tries on AMD the loop Intel runs (README, "The one-token GEMV's
+prefetches fixed at compile time").
 With `--placement NS` it also times a core-to-core round trip around every round and reports the rounds apart by
 where the two cores sat: the 2-core Zen 5 VM moves its vCPUs between one CCD and two within seconds, which moves the
 2-thread read rate between ~50 and ~80 GB/s and changes what a kernel change is worth (README, "Where the VM's two
@@ -86,6 +92,34 @@ def load(path: Path):
     return module
 
 
+PREFETCH_SETTINGS = ("gemv_step", "i8_bytes", "i8_every_line", "gemv_copies", "tq1_step", "gemv_fixed")
+
+
+def parse_prefetch(items: list[str]) -> dict[str, int]:
+    """--tree-prefetch NAME=VALUE items as {name: int}, refusing unknown names and non-integer values."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in PREFETCH_SETTINGS or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--tree-prefetch {item!r}: need NAME=INTEGER with NAME one of "
+                             f"{', '.join(PREFETCH_SETTINGS)}")
+        out[name] = int(value)
+    return out
+
+
+def set_prefetch_of(module, changes: dict[str, int]) -> None:
+    """Apply `changes` to one loaded build's prefetch settings, keeping the others as its import chose them."""
+    now = module.set_prefetch(0, 0, False)  # returns the settings it replaced: put them back with the changes
+    if len(now) < len(PREFETCH_SETTINGS):
+        raise SystemExit("--tree-prefetch: this build's set_prefetch takes fewer settings than "
+                         + ", ".join(PREFETCH_SETTINGS))
+    merged = {**dict(zip(PREFETCH_SETTINGS, now)), **changes}
+    module.set_prefetch(int(merged["gemv_step"]), int(merged["i8_bytes"]), bool(merged["i8_every_line"]),
+                        gemv_copies=int(merged["gemv_copies"]), tq1_step=int(merged["tq1_step"]),
+                        gemv_fixed=bool(merged["gemv_fixed"]))
+    print(f"tree build's prefetch settings: {merged}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree against")
@@ -120,7 +154,11 @@ def main() -> None:
     ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE for the tree's build")
     ap.add_argument("--base-define", dest="base_defines", action="append", default=[],
                     help="NAME=VALUE for the base's build")
+    ap.add_argument("--tree-prefetch", action="append", default=[], metavar="NAME=VALUE",
+                    help="a set_prefetch setting for the tree's build only (gemv_step, i8_bytes, i8_every_line, "
+                         "gemv_copies, tq1_step, gemv_fixed)")
     args = ap.parse_args()
+    tree_prefetch = parse_prefetch(args.tree_prefetch)
     if K.extension() is None:
         raise SystemExit("the C extension is not built here (pip install -e .)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +176,8 @@ def main() -> None:
         if args.no_amx:  # both builds on the AVX-512 kernels that CPUs without AMX (Zen 4) run
             for mod in builds.values():
                 mod.set_amx(False)
+        if tree_prefetch:
+            set_prefetch_of(builds["tree"], tree_prefetch)
 
         torch.set_num_threads(args.threads)
         if args.shards == 1:
@@ -243,6 +283,7 @@ def main() -> None:
             where.append((before, K.core_round_trip_ns(20_000) if args.placement else None))
     ratios = sorted(b / t for b, t in zip(times["base"], times["tree"]))
     extra = f" (-D {' '.join(args.defines)})" if args.defines else ""
+    extra += f" (tree prefetch {' '.join(args.tree_prefetch)})" if args.tree_prefetch else ""
     extra += f" (base -D {' '.join(args.base_defines)})" if args.base_defines else ""
     print(f"{args.size} {args.format}, {args.threads} threads, {what}; {args.base} against the working tree{extra}, "
           f"{args.rounds} alternating rounds in one process")

@@ -357,6 +357,29 @@ def test_prefetch_settings_change_no_output():
 
 
 @needs_ext
+def test_kernel_ab_tree_prefetch_changes_only_what_it_names(capsys):
+    """benchmarks/kernel_ab.py --tree-prefetch: NAME=VALUE items are parsed (unknown names and non-integers refused)
+    and applied to one build's settings, the others kept as its import chose them."""
+    spec = importlib.util.spec_from_file_location("kernel_ab", Path(__file__).parents[1] / "benchmarks/kernel_ab.py")
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    assert kernel_ab.parse_prefetch(["gemv_fixed=0", "gemv_step=4096"]) == {"gemv_fixed": 0, "gemv_step": 4096}
+    for bad in (["foo=1"], ["gemv_step=4k"], ["gemv_step"]):
+        with pytest.raises(SystemExit, match="NAME=INTEGER"):
+            kernel_ab.parse_prefetch(bad)
+    ext = K.extension()
+    before = K.set_prefetch(0, 0, False)
+    K.set_prefetch(*before[:3], gemv_copies=before[3], tq1_step=before[4], gemv_fixed=before[5])
+    try:
+        kernel_ab.set_prefetch_of(ext, {"gemv_fixed": int(not before[5]), "i8_bytes": 1024})
+        now = K.set_prefetch(0, 0, False)
+        assert now == (before[0], 1024, before[2], before[3], before[4], not before[5])
+        assert "gemv_fixed" in capsys.readouterr().out
+    finally:
+        K.set_prefetch(*before[:3], gemv_copies=before[3], tq1_step=before[4], gemv_fixed=before[5])
+
+
+@needs_ext
 @pytest.mark.skipif("avx512vnni" not in COMPILED, reason="far pairs are the AVX-512 GEMV's")
 def test_far_pairs_equal_the_reference():
     """The one-token GEMV's far pairs (use_far_pairs(1): row r of a 16-row group with row r of the group half the range
