@@ -114,9 +114,7 @@ def set_prefetch_of(module, changes: dict[str, int]) -> None:
         raise SystemExit("--tree-prefetch: this build's set_prefetch takes fewer settings than "
                          + ", ".join(PREFETCH_SETTINGS))
     merged = {**dict(zip(PREFETCH_SETTINGS, now)), **changes}
-    module.set_prefetch(int(merged["gemv_step"]), int(merged["i8_bytes"]), bool(merged["i8_every_line"]),
-                        gemv_copies=int(merged["gemv_copies"]), tq1_step=int(merged["tq1_step"]),
-                        gemv_fixed=bool(merged["gemv_fixed"]))
+    module.set_prefetch(*(merged[name] for name in PREFETCH_SETTINGS))  # the C call takes all six by position
     print(f"tree build's prefetch settings: {merged}")
 
 

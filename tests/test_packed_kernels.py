@@ -369,14 +369,14 @@ def test_kernel_ab_tree_prefetch_changes_only_what_it_names(capsys):
             kernel_ab.parse_prefetch(bad)
     ext = K.extension()
     before = K.set_prefetch(0, 0, False)
-    K.set_prefetch(*before[:3], gemv_copies=before[3], tq1_step=before[4], gemv_fixed=before[5])
+    K.set_prefetch(*before)
     try:
         kernel_ab.set_prefetch_of(ext, {"gemv_fixed": int(not before[5]), "i8_bytes": 1024})
         now = K.set_prefetch(0, 0, False)
         assert now == (before[0], 1024, before[2], before[3], before[4], not before[5])
         assert "gemv_fixed" in capsys.readouterr().out
     finally:
-        K.set_prefetch(*before[:3], gemv_copies=before[3], tq1_step=before[4], gemv_fixed=before[5])
+        K.set_prefetch(*before)
 
 
 @needs_ext

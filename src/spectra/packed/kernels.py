@@ -477,14 +477,15 @@ def set_prefetch(
     `gemv_copies` (1-3) times, at 1 .. gemv_copies x gemv_step bytes ahead; `i8_bytes` and `i8_every_line`, the int8
     output layer's distance and whether every line is prefetched (else one per 4); `tq1_step`, the TQ1_0 GEMV's three
     prefetches at 1, 2, 3 x tq1_step; `gemv_fixed`, with three copies, run the GEMV's loop with the three fixed at
-    compile time instead of the one that tests the count per block (the two are laid out differently, and each was
-    the faster on one CPU). None keeps the current value. For tuning on other CPUs and A/B runs; call it while no kernel
-    runs. Outputs do not depend on it."""
+    compile time instead of the one that tests the count per block (faster on the Intel Xeon measured; AMD keeps the
+    counted loop, whose layout was the faster one on Zen 5). None keeps the current value. For tuning on other CPUs
+    and A/B runs; call it while no kernel runs. Outputs do not depend on it."""
     ext = extension()
     if ext is None or not hasattr(ext, "set_prefetch"):
         raise RuntimeError("set_prefetch needs the compiled extension")
-    optional = {"gemv_copies": gemv_copies, "tq1_step": tq1_step, "gemv_fixed": gemv_fixed}
-    kwargs = {k: (bool(v) if k == "gemv_fixed" else int(v)) for k, v in optional.items() if v is not None}
+    kwargs = {k: int(v) for k, v in {"gemv_copies": gemv_copies, "tq1_step": tq1_step}.items() if v is not None}
+    if gemv_fixed is not None:
+        kwargs["gemv_fixed"] = bool(gemv_fixed)
     return ext.set_prefetch(int(gemv_step), int(i8_bytes), bool(i8_every_line), **kwargs)
 
 
