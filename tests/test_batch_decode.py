@@ -728,6 +728,10 @@ def test_logit_bias_restated_from_the_rows_logits():
         sched.submit(Request(prompt, 2, logit_bias={VOCAB: 1.0}))
     with pytest.raises(ValueError, match="logit_bias"):
         sched.submit(Request(prompt, 2, logit_bias={1: float("nan")}))
+    for seed in (2**64, -(2**63) - 1, 1.5, True):  # what a torch.Generator cannot take is refused at submit
+        with pytest.raises(ValueError, match="seed"):
+            sched.submit(Request(prompt, 2, temperature=0.8, seed=seed))
+    assert sched.idle
 
 
 @needs_ext

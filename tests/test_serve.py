@@ -865,3 +865,146 @@ def test_bench_clients_count_every_token_on_every_client_library(server):
         return bad["status"], good["status"], len(good["times"])
 
     assert asyncio.run(bad_then_good()) == (400, 200, 4)
+
+
+def test_seed_out_of_range_is_a_400_and_no_seed_samples_afresh(server):
+    c = server.client()
+    for seed in (2**64, -(2**63) - 1, 10**100):
+        with pytest.raises(openai.BadRequestError) as e:
+            complete(c, "hi", 4, temperature=0.7, seed=seed)
+        assert e.value.body["param"] == "seed", seed
+    for seed in (2**64 - 1, -(2**63)):  # the ends of the range run
+        r = complete(c, "hi", 4, temperature=0.7, seed=seed, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+    # Without a seed each request draws its own (OpenAI's); with one, the same seed gives the same tokens.
+    free = {complete(c, PROMPTS[1], 24, temperature=1.0, extra_body={"ignore_eos": True}).choices[0].text
+            for _ in range(3)}
+    assert len(free) > 1
+    seeded = {complete(c, PROMPTS[1], 24, temperature=1.0, seed=11, extra_body={"ignore_eos": True}).choices[0].text
+              for _ in range(2)}
+    assert len(seeded) == 1
+
+
+def test_chat_max_completion_tokens_wins_over_max_tokens(server):
+    r = server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}],
+                                                max_tokens=5, max_completion_tokens=3, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_streamed_text_offsets_are_the_unstreamed_ones(server, reference):
+    """A stop string holds text back in a stream; the tokens' offsets still count each token's own text, as the
+    answer without streaming does."""
+    c = server.client()
+    full = reference(PROMPTS[0], 12)
+    stop = full["text"][8:11]
+    kw = dict(model="m", prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=1, stop=[stop])
+    whole = c.completions.create(**kw).choices[0].logprobs
+    chunks = list(c.completions.create(stream=True, **kw))
+    offsets = [o for ch in chunks if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+    tokens = [t for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    assert offsets == [sum(len(t) for t in whole.tokens[:i]) for i in range(len(whole.tokens))]
+
+
+def test_a_client_leaving_an_unstreamed_request_cancels_it(server):
+    """Tokens arriving every step must not hide the disconnect: the slot is freed and counted as cancelled."""
+    before = server.metric('spectra_requests_total{outcome="cancelled"}') if _has(server, "cancelled") else 0
+    body = json.dumps({"prompt": "the", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 10
+        while server.metric("spectra_active_sequences") != 1 and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.metric("spectra_active_sequences") == 1
+    deadline = time.time() + 10
+    while server.metric("spectra_active_sequences") != 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.metric('spectra_requests_total{outcome="cancelled"}') == before + 1
+
+
+def test_get_one_model(server):
+    c = server.client()
+    listed = c.models.list().data
+    assert [m.id for m in listed] == ["packed"]  # the model directory's name
+    m = c.models.retrieve("packed")
+    assert m.id == "packed" and m.object == "model" and m.created == listed[0].created
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+
+
+CHAT_TEMPLATE = (  # a Hugging Face style template: special tokens, raise_exception, strftime_now
+    "{{ bos_token }}{{ strftime_now('%Y')[:0] }}{% for m in messages %}"
+    "{% if loop.first and m['role'] == 'assistant' %}{{ raise_exception('the first turn must not be the assistant') }}"
+    "{% endif %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_a_models_chat_template_renders_with_its_special_tokens(model_dir, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    model = tmp_path / "chatty"
+    shutil.copytree(model_dir, model)
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHAT_TEMPLATE, "bos_token": "<|endoftext|>",
+        "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "special": True}}))
+    srv = Server(model, "--max-batch", "2", "--ctx-len", "512")
+    try:
+        msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None}, {"role": "user", "content": "Bye"}]
+        text = "<|endoftext|>[system] be brief\n[user] Hi\n[assistant] <|endoftext|>\n[user] Bye\n[assistant] "
+        want = Tokenizer.from_file(str(model / "tokenizer.json")).encode(text).ids
+        r = httpx.post(srv.url + "/tokenize", json={"messages": msgs})
+        assert r.status_code == 200 and r.json()["tokens"] == want
+        c = srv.client()
+        answer = c.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0)
+        assert answer.usage.prompt_tokens == len(want)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "Hi"}], max_tokens=3)
+        assert e.value.body["param"] == "messages" and "the first turn must not be the assistant" in str(e.value)
+        assert c.chat.completions.create(model="m", messages=msgs, max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        assert srv.stop()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    with pytest.raises(RuntimeError) as e:
+        Server(model)
+    out = str(e.value)
+    assert "chat_template is not a valid Jinja template" in out and "Traceback" not in out
+
+
+def test_past_the_shutdown_timeout_requests_end_cancelled_with_an_answer(model_dir):
+    """SIGTERM with --shutdown-timeout 0.3 while one long request runs in the only slot and three wait: past the
+    timeout the engine cancels what is left, and each still gets its answer (a 503 in OpenAI's error shape; a stream
+    its error event and [DONE]) instead of being cut off."""
+    srv = Server(model_dir, "--max-batch", "1", "--max-queue", "4", "--ctx-len", "2048", "--shutdown-timeout", "0.3")
+    body = {"prompt": "the", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+
+    def plain():
+        return httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+
+    def streamed():
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(plain)  # about 0.6 s alone: the three behind it wait past the timeout
+        deadline = time.time() + 10
+        while srv.metric("spectra_active_sequences") != 1 and time.time() < deadline:
+            time.sleep(0.005)
+        waiting = [pool.submit(plain), pool.submit(plain), pool.submit(streamed)]
+        while srv.metric("spectra_queue_depth") != 3 and time.time() < deadline:
+            time.sleep(0.005)
+        assert srv.metric("spectra_queue_depth") == 3
+        srv.proc.send_signal(signal.SIGTERM)
+        answers = [f.result() for f in waiting]
+        first.result()
+    for a in answers[:2]:
+        assert a.status_code == 503 and a.json()["error"]["message"] == "generation cancelled"
+    assert answers[2][-1] == "data: [DONE]" and "generation cancelled" in answers[2][-2]
+    assert srv.stop()
+    assert "Traceback" not in srv.proc.stdout.read()

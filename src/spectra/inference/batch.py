@@ -652,6 +652,8 @@ class Scheduler:
             )
         if any(not s for s in req.stop):
             raise ValueError("stop strings must be non-empty")
+        if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not -(2**63) <= req.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1] (a torch.Generator's), got {req.seed!r}")
         if req.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the generated text")
 

@@ -1,14 +1,15 @@
 """The OpenAI-compatible HTTP API over an `Engine`: Starlette routes, request validation, server-sent events.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health,
-GET /metrics (Prometheus text).
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST
+/detokenize, GET /health, GET /metrics (Prometheus text).
 Bodies are checked field by field before anything runs; every bad input answers 400 with OpenAI's error shape
 {"error": {"message", "type": "invalid_request_error", "param", "code"}}, a full queue 429 with `Retry-After`, a
 missing or wrong bearer key 401. Fields we do not know are ignored (clients send many), fields we know with the wrong
 type are refused.
 
-Chat prompts: the model directory's `chat_template` (tokenizer_config.json, Jinja, as Hugging Face stores it) when it
-has one; else the plain template
+Chat prompts: the model directory's `chat_template` (tokenizer_config.json, Jinja, as Hugging Face stores it, rendered
+with its `bos_token` and `eos_token` and Hugging Face's `raise_exception` and `strftime_now`; a template that raises
+answers 400) when it has one; else the plain template
 
     System: {system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}\\n\\nUser: ...\\n\\nAssistant:
 
@@ -21,14 +22,17 @@ fixed-length benchmarks).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _enc  # json.dumps of a str (ensure_ascii), in C
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,9 @@ from spectra.serve.engine import Engine, QueueFull, ShuttingDown
 log = logging.getLogger(__name__)
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's
+# `developer` role is its newer name for `system` (o1 and later), passed to templates as `system`
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator takes
 PLAIN_STOP = "\n\nUser:"
 MAX_STOPS = 4
 MAX_LOGPROBS = 20
@@ -327,36 +334,75 @@ def logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def load_chat_template(model_dir: str | None) -> str | None:
-    """The Jinja chat template stored with a model (tokenizer_config.json's `chat_template`), or None."""
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's Jinja chat template and the special tokens it is rendered with (`bos_token`, `eos_token`), as
+    Hugging Face's `apply_chat_template` passes them."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+def _token_text(v: Any) -> str:
+    """A special token as tokenizer_config.json stores it: a string, or an AddedToken object with its `content`."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else ""
+
+
+def load_chat_template(model_dir: str | None) -> ChatTemplate | None:
+    """The Jinja chat template stored with a model (tokenizer_config.json's `chat_template`) with its special tokens,
+    or None."""
     if model_dir is None:
         return None
     p = Path(model_dir) / "tokenizer_config.json"
     if not p.is_file():
         return None
     try:
-        tpl = json.loads(p.read_text()).get("chat_template")
+        config = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{p}: not readable JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(config).__name__}")
+    tpl = config.get("chat_template")
     if isinstance(tpl, list):  # HF's named templates: take "default"
-        tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
-    return tpl if isinstance(tpl, str) else None
+        tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(tpl, str):
+        return None
+    return ChatTemplate(tpl, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+
+def _template_exception(message: str) -> None:
+    """`raise_exception(message)` inside a chat template (Hugging Face's global): the messages are refused."""
+    import jinja2
+
+    raise jinja2.TemplateError(message)
 
 
 class Api:
     """Request parsing and the response shapes, independent of the web framework's routing."""
 
-    def __init__(self, engine: Engine, model_name: str, *, chat_template: str | None = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, *, chat_template: ChatTemplate | str | None = None) -> None:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
         self._bytes: dict[int, list[int] | None] = {}
         self._template = None
         if chat_template is not None:
-            import jinja2  # the serve extra; rendered in a sandbox as Hugging Face does
+            import jinja2.sandbox  # the serve extra; rendered in a sandbox as Hugging Face does
 
+            if isinstance(chat_template, str):
+                chat_template = ChatTemplate(chat_template)
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(chat_template)
+            env.globals.update(raise_exception=_template_exception,
+                               strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+            try:
+                self._template = env.from_string(chat_template.source)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"the model's chat_template is not a valid Jinja template: {e}") from None
+            self._special = {"bos_token": chat_template.bos_token, "eos_token": chat_template.eos_token}
+            self._template_error = jinja2.TemplateError
 
     # ---- prompts -------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -399,9 +445,11 @@ class Api:
                              "invalid_type")
         turns = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in PLAIN_ROLES:
-                raise BadRequest(f"messages[{i}] needs a role of {', '.join(PLAIN_ROLES)}", f"messages[{i}].role")
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                raise BadRequest(f"messages[{i}] needs a role of {', '.join(CHAT_ROLES)}", f"messages[{i}].role")
             c = m.get("content")
+            if c is None and m["role"] == "assistant":  # an assistant turn may come with no content (OpenAI's)
+                c = ""
             if isinstance(c, list):  # content parts: text only
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                            for p in c):
@@ -410,9 +458,12 @@ class Api:
                 c = "".join(p["text"] for p in c)
             if not isinstance(c, str):
                 raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
-            turns.append({"role": m["role"], "content": c})
+            turns.append({"role": CHAT_ROLES[m["role"]], "content": c})
         if self._template is not None:
-            text = self._template.render(messages=turns, add_generation_prompt=True, bos_token="", eos_token="")
+            try:
+                text = self._template.render(messages=turns, add_generation_prompt=True, **self._special)
+            except self._template_error as e:
+                raise BadRequest(f"the model's chat template refused these messages: {e}", "messages") from None
             return self.encode(text), []
         text = "\n\n".join(f"{PLAIN_ROLES[t['role']]}: {t['content']}" for t in turns) + "\n\nAssistant:"
         return self.encode(text), [PLAIN_STOP]
@@ -433,8 +484,8 @@ class Api:
         echo = False  # completions only
         if chat:
             ids, extra_stops = self.chat_prompt(body)
-            limit = _get(body, "max_completion_tokens", (int,), None)
-            limit = _get(body, "max_tokens", (int,), limit)
+            limit = _get(body, "max_tokens", (int,), None)  # deprecated by OpenAI for chat:
+            limit = _get(body, "max_completion_tokens", (int,), limit)  # the newer name wins when both come
             top_n = _get(body, "top_logprobs", (int,), None)
             if _get(body, "logprobs", (bool,), False):
                 logprobs = 0 if top_n is None else top_n
@@ -478,7 +529,11 @@ class Api:
         top_k = _get(body, "top_k", (int,), 0)
         if top_k < 0:
             raise BadRequest(f"'top_k' must be >= 0 (0 = off), got {top_k}", "top_k")
-        seed = _get(body, "seed", (int,), 0)
+        seed = _get(body, "seed", (int,), None)
+        if seed is None:  # OpenAI's: without a seed each request samples afresh
+            seed = secrets.randbits(63)
+        elif not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**64 - 1], got {seed}", "seed")
         stop = _get(body, "stop", (str, list), [], "a string or a list of strings")
         stop = [stop] if isinstance(stop, str) else stop
         if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
@@ -580,8 +635,8 @@ class Api:
 # ---- the Starlette application -------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
-               stream_interval: int = 1):
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
+               chat_template: ChatTemplate | str | None = None, stream_interval: int = 1):
     """The ASGI application (Starlette). The engine thread starts and stops with the app's lifespan.
 
     `stream_interval`: a stream's token events go out in one write once that many are waiting (its first token and
@@ -629,12 +684,24 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         text = engine.metrics.render(engine.queue_depth(), len(engine.scheduler.running), engine.max_batch)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": api.created, "owned_by": "spectra",
+                "max_model_len": engine.ctx_len}
+
     async def models(request: HttpRequest):
         if (r := unauthorized(request)) is not None:
             return r
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": api.created, "owned_by": "spectra",
-             "max_model_len": engine.ctx_len}]})  # fmt: skip
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: HttpRequest):
+        """GET /v1/models/{id}: OpenAI's model object, or 404 `model_not_found` for another id."""
+        if (r := unauthorized(request)) is not None:
+            return r
+        name = request.path_params["model_id"]
+        if name != model_name:
+            return err(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                       "invalid_request_error", "model", "model_not_found")
+        return JSONResponse(model_card())
 
     async def json_body(request: HttpRequest) -> Any:
         try:
@@ -717,10 +784,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             return queues[0]
         choices = []
         try:
+            check_at = [asyncio.get_running_loop().time() + DISCONNECT_POLL_S]
             for index, (req, events) in enumerate(zip(reqs, queues)):
                 text_parts: list[str] = []
                 while True:
-                    ev = await next_event(events, request, req)
+                    ev = await next_event(events, request, check_at)
                     if ev is None:
                         return err(499, "client closed the request", "cancelled")
                     if ev["type"] == "token":
@@ -751,14 +819,21 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                              "usage": api.usage(*reqs)})
 
-    async def next_event(events: asyncio.Queue, request: HttpRequest, req: Request):
-        """The next engine event, or None once the client has gone away (the request is then cancelled)."""
+    async def next_event(events: asyncio.Queue, request: HttpRequest, check_at: list[float]):
+        """The next engine event, or None once the client has gone away (the request is then cancelled). Whether it
+        has is asked at check_at[0] and every DISCONNECT_POLL_S after, also while events keep coming (a long answer's
+        tokens arrive every step)."""
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
+            wait = check_at[0] - loop.time()
+            if wait > 0:
+                try:
+                    return await asyncio.wait_for(events.get(), wait)
+                except TimeoutError:
+                    pass
+            check_at[0] = loop.time() + DISCONNECT_POLL_S
+            if await request.is_disconnected():
+                return None
 
     def event_stream(req: Request, rid: str, created: int, chat: bool, include_usage: bool) -> EventStream:
         """The response of a streamed request: its opening (chat's role delta), each write's token events as SSE
@@ -781,10 +856,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                     elif ev["text"]:
                         out.append(fmt.content(ev["text"]))
                 else:
-                    lp = api.logprob_json(ev["logprob"], offset) if "logprob" in ev else None
+                    lp = None
+                    if "logprob" in ev:  # offsets of the tokens' own text, as logprobs_body counts them
+                        lp = api.logprob_json(ev["logprob"], offset)
+                        offset += len(api.piece(ev["logprob"]["token"]))
                     if ev["text"] or lp is not None:
                         out.append(fmt.text(ev["text"], "null" if lp is None else lp))
-                    offset += len(ev["text"])
             return "".join(out)
 
         def closing() -> str:
@@ -838,6 +915,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", one_model, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),

@@ -161,10 +161,15 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel whatever is still in flight and end the thread."""
+        self.cancel_all()
+        self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """Refuse new requests (ShuttingDown) and have the thread finish every request in flight as "cancelled" after
+        its current step, then end; returns at once (`stop` waits for the thread)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
 
     @property
     def in_flight(self) -> int:

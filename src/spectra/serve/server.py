@@ -7,11 +7,14 @@ asyncio's loop and h11). Both are small, widely deployed and maintained by the e
 models we do not need, since every field is checked by hand to give OpenAI's error shapes.
 
 On SIGTERM uvicorn stops accepting connections and waits up to `shutdown_timeout` seconds for the requests in flight
-to finish; what is still running then is cancelled (the engine finishes each with "cancelled") and the process exits.
+to finish; what is still running then is cancelled by the engine (each finishes as "cancelled": a 503 in OpenAI's error
+shape, or a stream's error event and `[DONE]`), which uvicorn gives SHUTDOWN_GRACE_S more seconds to be written before
+it cancels the handlers itself, and the process exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0  # after the shutdown timeout, for the cancelled requests' answers to go out
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,6 +79,21 @@ def build_engine(
     return engine, name, load_chat_template(model_path if is_dir else None)
 
 
+def _server_class(uvicorn: Any, engine: Any, shutdown_timeout: float) -> type:
+    """uvicorn's Server, but at `shutdown_timeout` into a graceful shutdown the engine cancels what is still running,
+    so each handler still answers (uvicorn's own deadline, SHUTDOWN_GRACE_S later, would cut them off mid-response)."""
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(shutdown_timeout, engine.cancel_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server
+
+
 def serve(
     model_path: str,
     *,
@@ -111,6 +131,6 @@ def serve(
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules",
              "on" if engine.scheduler.prefix_cache else "off",
              "on" if engine.scheduler.pipeline and engine.scheduler.decoder.can_launch else "off")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on")
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_S, lifespan="on")
+    _server_class(uvicorn, engine, shutdown_timeout)(config).run()
