@@ -44,7 +44,7 @@ def run_init(args: argparse.Namespace) -> int:
     from spectra.config import from_name
     from spectra.model import build_model
 
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     cfg = from_name(args.size, **overrides)
     save_model(build_model(cfg, seed=args.seed), args.out_dir, tokenizer=args.tokenizer, meta={"seed": args.seed})
     print(f"wrote {cfg.name} ({cfg.family}) to {args.out_dir}")
@@ -121,9 +121,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
+    from spectra.files import refuse_replacing_source
     from spectra.interop.hf import export_hf
     from spectra.loading import find_tokenizer, load
 
+    refuse_replacing_source(args.out_dir, args.src)
     export_hf(load(args.src), args.out_dir, dtype=args.dtype, tokenizer=find_tokenizer(args.src))
     print(f"wrote {args.out_dir}")
     return 0

@@ -15,6 +15,7 @@ hidden and FFN sizes multiples of 256 so every TriLM can be packed into llama.cp
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,42 @@ def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; accepted: {sorted(known)}")
     return cls(**d)
+
+
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+          "list[str]": "a list of strings", "dict[str, Any]": "a table (mapping)"}
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """Each field of dataclass `obj` against its annotation (`int`, `float`, `bool`, `str`, `list[str]`,
+    `dict[str, Any]`, each optionally `| None`): a ValueError naming `prefix.field`, what it must be and the value
+    given. An integral float is taken for an int field (2e9 from a command line); floats must be finite."""
+    for f in dataclasses.fields(obj):
+        kind = str(f.type).replace(" | None", "")
+        if kind not in _KINDS:
+            continue
+        v = getattr(obj, f.name)
+        if v is None and str(f.type).endswith("| None"):
+            continue
+        ok = False
+        if kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "int":
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+                setattr(obj, f.name, v)
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        elif kind == "str":
+            ok = isinstance(v, str)
+        elif kind == "list[str]":
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, dict)
+        if not ok:
+            none = " (or null for the default)" if str(f.type).endswith("| None") else ""
+            raise ValueError(f"{prefix}.{f.name} must be {_KINDS[kind]}{none}, got {v!r}")
 
 
 @dataclass(kw_only=True)
@@ -64,10 +101,22 @@ class ModelConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "ModelConfig")
         for f in ("dim", "n_layers", "n_heads", "glu_dim", "vocab_size", "max_seq_len", "num_scale_shards"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{f} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer (or null: dim // n_heads), got "
+                             f"{self.head_dim!r}")
+        for f, low in (("rope_theta", "> 0"), ("norm_eps", ">= 0"), ("init_std", ">= 0")):
+            value = getattr(self, f)
+            if value < 0 or value == 0 and low == "> 0":
+                raise ValueError(f"ModelConfig.{f} must be a finite number {low}, got {value!r}")
+        for f in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, f) < self.vocab_size:
+                raise ValueError(f"ModelConfig.{f} must be a token id in 0..{self.vocab_size - 1} (vocab_size "
+                                 f"{self.vocab_size}), got {getattr(self, f)!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
         if self.norm not in NORMS:
@@ -149,7 +198,7 @@ def from_name(name: str, **overrides: Any) -> ModelConfig:
     cfg: dict[str, Any] = dict(spec, family=family, name=key)
     cfg["num_scale_shards"] = mp if family == "trilm" else 1
     cfg.update(overrides)
-    return ModelConfig(**cfg)
+    return dataclass_from_dict(ModelConfig, cfg)
 
 
 def pad_vocab(n_tokens: int, model_parallel: int = 1) -> int:

@@ -61,6 +61,15 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def refuse_replacing_source(out: str | os.PathLike, source: str | os.PathLike) -> None:
+    """A ValueError when writing the folder `out` (which `atomic_dir` replaces whole) would delete the model being
+    read from `source`: the same folder, or one that holds it."""
+    o, src = Path(out).resolve(), Path(source).resolve()
+    if o == src or o in src.parents:
+        raise ValueError(f"output {out} {'is' if o == src else 'holds'} the input model {source}: writing it would "
+                         "replace the input; choose another output directory")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed) while the block runs: processes that build the same

@@ -51,12 +51,21 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
     return in_dir(model_dir(path)) if Path(path).is_dir() else None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError that says what is accepted (torch's own error names no option)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+
+
 def load(
     path_or_name: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0
 ) -> nn.Module:
     """Open any model spectra knows (see the module docstring). Returns it frozen for inference
     (`spectra.model.freeze_for_inference`): eval mode, its quantized weights computed once; `model.train()` undoes it.
     """
+    check_device(device)
     path = Path(path_or_name)
     if not path.exists():
         name = str(path_or_name)

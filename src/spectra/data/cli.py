@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +57,10 @@ def run_shards(args: argparse.Namespace) -> int:
     from spectra.data.tokenizer import builtin_tokenizer
 
     tok = builtin_tokenizer() if args.tokenizer == "builtin" else args.tokenizer
-    limit = int(args.max_tokens) if args.max_tokens else None
+    if args.max_tokens is not None and not (math.isfinite(args.max_tokens) and args.max_tokens >= 1):
+        raise ValueError(f"--max-tokens must be a positive number of tokens (omit it for the whole corpus), got "
+                         f"{args.max_tokens}")
+    limit = int(args.max_tokens) if args.max_tokens is not None else None
     manifest = build_shards(args.data, tok, args.out, max_tokens=limit, progress=True)
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['tokens']} tokens, {entry['docs']} documents, {len(entry['shards'])} shards")

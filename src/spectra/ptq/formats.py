@@ -154,6 +154,8 @@ def _read_quant_config(path: Path) -> dict[str, Any]:
     if qcfg is None:
         raise ValueError(f"{path}: no quantization_config in config.json and no {QUANT_CONFIG_FILE}")
     where = f"{config_path}: quantization_config"
+    if not isinstance(qcfg, dict):
+        raise ValueError(f"{where} must be an object (GPTQ's settings: bits, group_size, ...), got {qcfg!r}")
     if qcfg.get("quant_method", "gptq") != "gptq":
         raise ValueError(f"{where}.quant_method={qcfg.get('quant_method')!r}; accepted: 'gptq'")
     fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"

@@ -59,7 +59,7 @@ def quantize(
     a time ('cuda', 'auto': the GPU if any; None: the CPU, where the model is loaded).
     Returns {"outputs": {format: path}, "stats": ..., "size_bits": ...}.
     """
-    from spectra.files import atomic_dir
+    from spectra.files import atomic_dir, refuse_replacing_source
     from spectra.loading import find_tokenizer, load
     from spectra.ptq.formats import quantlm_size_bits, save_gptq, save_unpacked
     from spectra.ptq.sequential import quantize_model
@@ -68,9 +68,12 @@ def quantize(
         raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     if format not in OUTPUT_FORMATS:
         raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {format!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (None: about 32k tokens a chunk), got {batch_size!r}")
     if group_size is None:
         group_size = default_group_size(bits)
     model_path = Path(model_path)
+    refuse_replacing_source(out_dir, model_path)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(model_path)
     if tok is None and method == "gptq":
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; pass tokenizer= (--tokenizer) for calibration")

@@ -54,7 +54,10 @@ def resolve_device(device: str | torch.device | None, model_device: torch.device
         return model_device
     if str(device) == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else model_device
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a torch device; accepted: cpu, cuda, cuda:N, auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but no CUDA device is available; use device='cpu' or 'auto'")
     return dev

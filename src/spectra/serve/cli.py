@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,10 @@ def run_serve(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("port", "max_queue") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
           stream_interval=args.stream_interval,
           tokenizer=args.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, ctx_len=args.ctx_len,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,28 @@ def build_engine(
         # A packed TriLM on the compiled kernels: the int8 output layer (what `spectra bench` and llama.cpp's Q8_0
         # output use) reads 1/4 of the bytes, and its rows are exact whatever else is in the batch.
         model = with_int8_head(model)
+    check_kv_memory(model.config, max_batch, ctx_len or model.config.max_seq_len, kv_dtype)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, ctx_len=ctx_len,
                     prefill_chunk=prefill_chunk, prefill_chunks_per_step=prefill_chunks_per_step, threads=threads,
                     kv_dtype=kv_dtype, prefix_cache=prefix_cache, pipeline=pipeline)
     name = Path(model_path).name if is_dir else str(model_path)
     return engine, name, load_chat_template(model_path if is_dir else None)
+
+
+def check_kv_memory(cfg: Any, max_batch: int, ctx_len: int, kv_dtype: torch.dtype | None) -> None:
+    """A ValueError when max_batch slots of ctx_len positions would need more KV cache than the machine's memory (the
+    slots are reserved at start; their pages fill as positions do, so a cache that cannot fit would fail mid-serve)."""
+    per_value = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.int8: (cfg.head_dim + 4) / cfg.head_dim}.get(
+        kv_dtype, 4.0)
+    need = max_batch * ctx_len * cfg.n_layers * 2 * cfg.n_heads * cfg.head_dim * per_value
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to check against
+        return
+    if need > have:
+        raise ValueError(f"--max-batch {max_batch} x --ctx-len {ctx_len} needs {need / 2**30:.1f} GiB of KV cache; "
+                         f"this machine has {have / 2**30:.1f} GiB of memory: lower --max-batch or --ctx-len (or use "
+                         "--kv-cache q8)")
 
 
 def _server_class(uvicorn: Any, engine: Any, shutdown_timeout: float) -> type:
@@ -119,6 +138,11 @@ def serve(
         from spectra.serve.app import create_app
     except ImportError as e:
         raise ImportError(f"spectra serve needs the serve extra: pip install 'spectra[serve]' ({e})") from e
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"--host {host!r} is not an address or a name this machine resolves (e.g. 127.0.0.1, "
+                         "0.0.0.0, localhost)") from None
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
     engine, name, template = build_engine(model_path, **engine_options)

@@ -69,7 +69,17 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
-            if "key" not in rec or "status" not in rec:
-                raise ValueError(f"{path}:{n} is not a suite record (needs 'key' and 'status')")
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("key", "status", "step")):
+                raise ValueError(f"{path}:{n} is not a suite record (needs the strings 'key', 'step' and 'status')")
+            if rec["step"] == "eval" and rec["status"] == "done":
+                model, metrics = rec.get("model"), rec.get("metrics")
+                if not isinstance(model, dict) or not isinstance(metrics, dict):
+                    raise ValueError(f"{path}:{n}: the done eval record {rec['key']!r} needs 'model' and 'metrics' "
+                                     "objects")
+                need = ["kind", "family", "params", "seed"] + {"quantlm": ["bits"], "packed": ["format"]}.get(
+                    model.get("kind"), [])
+                missing = [k for k in need if k not in model]
+                if missing:
+                    raise ValueError(f"{path}:{n}: the done eval record {rec['key']!r} has no model field(s) {missing}")
             last[rec["key"]] = rec
     return last

@@ -46,6 +46,7 @@ Everything is validated here, before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import tomllib
@@ -162,6 +163,39 @@ def _err(source: str, what: str) -> ValueError:
     return ValueError(f"{source}: {what}")
 
 
+_SUITE_TYPES = {  # [suite] key: (check, what it must be)
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "sizes": (lambda v: _list_of(v, str) and v, "a non-empty list of size names, e.g. [\"tiny\"]"),
+    "families": (lambda v: _list_of(v, str) and v, "a non-empty list of family or variant names"),
+    "quant_bits": (lambda v: _list_of(v, int), "a list of bit widths, e.g. [4]"),
+    "pack_formats": (lambda v: _list_of(v, str), "a list of pack formats, e.g. [\"tq2\"]"),
+    "tokens": (lambda v: _number(v) and v > 0 or isinstance(v, dict) and all(_number(x) and x > 0 for x in v.values()),
+               "a positive number of tokens or a table of size = tokens"),
+    "data": (lambda v: isinstance(v, str), "a string"),
+    "tokenizer": (lambda v: isinstance(v, str), "a string"),
+    "tasks": (lambda v: _list_of(v, str), "a list of task names, e.g. [\"ppl\", \"cloze\"]"),
+    "seeds": (lambda v: _list_of(v, int) and v, "a non-empty list of integer seeds, e.g. [0, 1]"),
+    "bench": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _list_of(v: Any, kind: type) -> bool:
+    return isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+
+
+def _check_suite_types(suite: dict[str, Any], source: str) -> None:
+    """[suite]'s keys by type: a ValueError naming the key, what it must be and the value given."""
+    if "name" not in suite:
+        raise _err(source, "[suite] name is required (the study's name, e.g. name = \"my-study\")")
+    for key, (ok, what) in _SUITE_TYPES.items():
+        if key in suite and not ok(suite[key]):
+            raise _err(source, f"[suite] {key} must be {what}, got {suite[key]!r}")
+
+
 def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     """A validated SuiteSpec from a parsed TOML document. Errors name the table and key."""
     known_tables = {"suite", "model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr", "contrasts"}
@@ -177,6 +211,13 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     bad = sorted(set(suite) - fields)
     if bad:
         raise _err(source, f"unknown [suite] key(s) {bad}; accepted: {sorted(fields)}")
+    _check_suite_types(suite, source)
+    for table in ("model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr", "contrasts"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise _err(source, f"[{table}] must be a table, got {doc[table]!r}")
+    for name, v in doc.get("variants", {}).items():
+        if not isinstance(v, dict):
+            raise _err(source, f"[variants.{name}] must be a table (family = ..., model = {{...}}), got {v!r}")
     variants = {}
     for name, v in doc.get("variants", {}).items():
         v = dict(v)

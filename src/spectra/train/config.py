@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.config import ModelConfig, dataclass_from_dict, from_name
+from spectra.config import ModelConfig, check_field_types, dataclass_from_dict, from_name
 
 # size: FloatLM peak LR, TriLM peak LR first half, TriLM peak LR second half (P1 Table 3). Non-paper CPU sizes: our
 # choice, following the table's trend (small models tolerate larger LRs; TriLM ≈ 6x FloatLM, second peak ≈ 0.63x).
@@ -118,8 +118,19 @@ class TrainConfig:
     kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         if not self.tokens or self.tokens <= 0:
             raise ValueError(f"train.tokens must be positive, got {self.tokens!r}")
+        for f in ("batch_tokens", "seq_len", "lr", "lr2", "eps"):  # None: the size's default
+            if getattr(self, f) is not None and getattr(self, f) <= 0:
+                raise ValueError(f"train.{f} must be > 0 (or unset for the size's default), got {getattr(self, f)!r}")
+        for f in ("warmup", "weight_decay", "grad_clip", "val_every", "ckpt_every_tokens", "ckpt_log_until",
+                  "ckpt_milestone_tokens", "memory_limit_gb"):
+            if getattr(self, f) is not None and getattr(self, f) < 0:
+                raise ValueError(f"train.{f} must be >= 0, got {getattr(self, f)!r}")
+        for f in ("beta1", "beta2"):
+            if not 0 <= getattr(self, f) < 1:
+                raise ValueError(f"train.{f} must lie in [0, 1), got {getattr(self, f)!r}")
         for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps", "tp"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"train.{f} must be a positive integer, got {getattr(self, f)!r}")
@@ -263,7 +274,19 @@ def load_run_file(path: str | os.PathLike | None) -> tuple[dict[str, Any], dict[
     extra = sorted(set(doc) - {"model", "train"})
     if extra:
         raise ValueError(f"run file {path}: unknown table(s) {extra}; accepted: [model], [train]")
+    for table in ("model", "train"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise ValueError(f"run file {path}: '{table}' must be a table ([{table}] with its fields), got "
+                             f"{doc[table]!r}")
     return dict(doc.get("model", {})), dict(doc.get("train", {}))
+
+
+def _number(name: str, text: str) -> float:
+    """A token count given as text ("2e9", "1_000_000"), or a ValueError naming the field."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"train.{name} must be a number of tokens (e.g. 2e9), got {text!r}") from None
 
 
 def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
@@ -274,7 +297,7 @@ def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelCo
         train = dict(train)
         for k in ("tokens", "quant_warmup_tokens"):
             if isinstance(train.get(k), str):
-                train[k] = float(train[k])
+                train[k] = _number(k, train[k])
         return model, TrainConfig.from_dict(train)
     size = model.pop("size", None)
     if size is not None:
@@ -286,7 +309,7 @@ def build_configs(model: dict[str, Any], train: dict[str, Any]) -> tuple[ModelCo
     train = dict(train)
     for k in ("tokens", "quant_warmup_tokens"):
         if isinstance(train.get(k), str):
-            train[k] = float(train[k])
+            train[k] = _number(k, train[k])
     for k in ("batch_tokens",):
         if isinstance(train.get(k), float) and math.isfinite(train[k]):
             train[k] = int(train[k])

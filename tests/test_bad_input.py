@@ -1,0 +1,207 @@
+"""Bad input found by a review of every command (2026-12-07): each case is a one-line error that names the field, file
+or option at fault and what would be accepted (no traceback, nothing written), where it used to crash, run on
+garbage, or replace its own input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from spectra.__main__ import main
+from spectra.config import ModelConfig, from_name
+from spectra.train.config import TrainConfig
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("rope_theta", None, "ModelConfig.rope_theta must be a finite number"),
+    ("rope_theta", -5.0, "ModelConfig.rope_theta must be a finite number > 0"),
+    ("init_std", math.nan, "ModelConfig.init_std must be a finite number"),
+    ("norm_eps", -1.0, "ModelConfig.norm_eps must be a finite number >= 0"),
+    ("quantizer_options", "x", "ModelConfig.quantizer_options must be a table"),
+    ("eos_token_id", 99999, "ModelConfig.eos_token_id must be a token id in 0..511"),
+    ("bos_token_id", -1, "ModelConfig.bos_token_id must be a token id"),
+    ("head_dim", -2, "ModelConfig.head_dim must be a positive integer"),
+    ("vocab_size", 0, "ModelConfig.vocab_size must be a positive integer"),
+    ("bogus", 1, "unknown ModelConfig field(s) ['bogus']"),
+])
+def test_model_config_values_are_checked(field, value, said):
+    overrides = {"vocab_size": 512, field: value} if field != "vocab_size" else {field: value}
+    with pytest.raises(ValueError, match=rf"^{said}".replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        from_name("trilm-tiny", **overrides)
+
+
+def test_model_config_takes_what_it_took():
+    cfg = from_name("trilm-99m")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert from_name("trilm-tiny", vocab_size=512, eos_token_id=511, norm_eps=0.0).eos_token_id == 511
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("compile", "yes", "train.compile must be true or false, got 'yes'"),
+    ("loggers", "tensorboard", "train.loggers must be a list of strings"),
+    ("tokens", "lots", "train.tokens must be a finite number"),
+    ("tokens", math.inf, "train.tokens must be a finite number"),
+    ("weight_decay", math.nan, "train.weight_decay must be a finite number"),
+    ("warmup", -1, "train.warmup must be >= 0"),
+    ("grad_clip", -1.0, "train.grad_clip must be >= 0"),
+    ("ckpt_every_tokens", -1.0, "train.ckpt_every_tokens must be >= 0"),
+    ("memory_limit_gb", -1.0, "train.memory_limit_gb must be >= 0"),
+    ("batch_tokens", 0, "train.batch_tokens must be > 0"),
+    ("lr", -1.0, "train.lr must be > 0"),
+    ("eps", 0.0, "train.eps must be > 0"),
+    ("beta1", 2.0, r"train.beta1 must lie in \[0, 1\)"),
+])
+def test_train_config_values_are_checked(field, value, said):
+    with pytest.raises(ValueError, match=said):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_takes_integral_floats_and_its_defaults():
+    assert TrainConfig(batch_tokens=1.6e4).batch_tokens == 16000 and isinstance(TrainConfig(batch_tokens=1.6e4)
+                                                                                 .batch_tokens, int)
+    assert TrainConfig(memory_limit_gb=0, grad_clip=0).grad_clip == 0  # 0: no check / no clipping, as documented
+
+
+def test_run_files_name_their_field(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    for text, said in [('model = 5\n', "'model' must be a table"),
+                       ('[model]\nsize = "trilm-tiny"\nbogus = 1\n', "unknown ModelConfig field(s) ['bogus']"),
+                       ('[model]\nsize = "trilm-tiny"\n[train]\ntokens = "lots"\n', "train.tokens must be a number"),
+                       ('[model]\nsize = "trilm-tiny"\n[train]\ncompile = "yes"\n', "train.compile must be true or "
+                                                                                   "false")]:
+        bad.write_text(text)
+        assert main(["train", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2, text
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (text, err)
+    assert main(["train", "--size", "trilm-tiny", "--tokens", "inf", "--out", str(tmp_path / "run")]) == 2
+    assert "train.tokens must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def hf_config(**changes):
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"architectures": None, "model_type": None}, "accepted: a Llama checkpoint"),
+    ({"eos_token_id": []}, "field 'eos_token_id' must be a token id"),
+    ({"rms_norm_eps": None}, "field 'rms_norm_eps' must be a finite number, got None"),
+    ({"hidden_size": "abc"}, "field 'hidden_size' must be a positive integer, got 'abc'"),
+    ({"num_attention_heads": 0}, "field 'num_attention_heads' must be a positive integer, got 0"),
+    ({"rope_theta": "abc"}, "field 'rope_theta' must be a finite number"),
+    ({"eos_token_id": 4096}, "(config.json field 'eos_token_id')"),
+])
+def test_hf_config_values_name_the_field(changes, said):
+    from spectra.interop.hf import config_from_hf
+
+    with pytest.raises(ValueError) as e:
+        config_from_hf(hf_config(**changes), "m/config.json")
+    assert str(e.value).startswith("m/config.json: ") and said in str(e.value)
+    assert config_from_hf(hf_config(eos_token_id=[2, 3], bos_token_id=None), "x").eos_token_id == 2
+
+
+def test_a_quantization_config_that_is_not_an_object(tmp_path):
+    from spectra.ptq.formats import _read_quant_config
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(quantization_config="yes")))
+    with pytest.raises(ValueError, match="quantization_config must be an object"):
+        _read_quant_config(tmp_path)
+
+
+@pytest.mark.parametrize("suite, said", [
+    ({"sizes": ["1m"]}, "[suite] name is required"),
+    ({"name": "x", "sizes": 5}, "[suite] sizes must be a non-empty list"),
+    ({"name": "x", "sizes": ["1m"], "quant_bits": 4}, "[suite] quant_bits must be a list"),
+    ({"name": "x", "sizes": ["1m"], "seeds": 3}, "[suite] seeds must be a non-empty list of integer seeds"),
+    ({"name": "x", "sizes": ["1m"], "bench": "yes"}, "[suite] bench must be true or false"),
+    ({"name": "x", "sizes": ["1m"], "tokens": math.nan}, "[suite] tokens must be a positive number"),
+])
+def test_suite_specs_check_their_types(suite, said):
+    from spectra.suite.spec import parse_spec
+
+    with pytest.raises(ValueError) as e:
+        parse_spec({"suite": suite}, "s.toml")
+    assert str(e.value).startswith("s.toml: ") and said in str(e.value)
+    with pytest.raises(ValueError, match=r"\[variants\] must be a table"):
+        parse_spec({"suite": {"name": "x", "sizes": ["1m"]}, "variants": 3}, "s.toml")
+
+
+def test_results_records_are_checked_before_the_report(tmp_path, capsys):
+    r = tmp_path / "results.jsonl"
+    for line, said in [({"key": "eval/x", "status": "done"}, "needs the strings 'key', 'step' and 'status'"),
+                       ({"key": "eval/x", "status": "done", "step": "eval", "model": {}, "metrics": {}},
+                        "has no model field(s) ['kind', 'family', 'params', 'seed']"),
+                       ({"key": "eval/x", "status": "done", "step": "eval"}, "needs 'model' and 'metrics' objects")]:
+        r.write_text(json.dumps(line) + "\n")
+        assert main(["report", str(r)]) == 2
+        err = capsys.readouterr().err
+        assert f"{r}:1" in err and said in err and "Traceback" not in err
+
+
+def test_devices_and_wheels_say_what_is_accepted(tmp_path):
+    from spectra.loading import load
+    from spectra.ptq.sequential import resolve_device
+
+    with pytest.raises(ValueError, match="device 'bogus' is not a torch device; accepted: cpu, cuda"):
+        load("trilm-1m", device="bogus")
+    with pytest.raises(ValueError, match="accepted: cpu, cuda, cuda:N, auto"):
+        resolve_device("bogus", None)
+    pytest.importorskip("lm_eval")
+    from spectra.eval.offline import build_eval_data
+
+    not_a_wheel = tmp_path / "small.txt"
+    not_a_wheel.write_text("hello")
+    with pytest.raises(ValueError, match="small.txt is not a wheel"):
+        build_eval_data(tmp_path / "ev", wheel=not_a_wheel)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_an_output_that_would_replace_the_input_is_refused(tmp_path, capsys):
+    m = tmp_path / "m"
+    assert main(["init", "trilm-1m", str(m), "--vocab-size", "384"]) == 0
+    before = (m / "model.safetensors").read_bytes()
+    for argv in (["pack", str(m), str(m)], ["pack", str(m), str(tmp_path)], ["export", "hf", str(m), str(m)],
+                 ["quantize", str(m), str(m), "--bits", "4"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "would replace the input; choose another output directory" in err, argv
+    assert (m / "model.safetensors").read_bytes() == before and json.loads((m / "spectra.json").read_text())[
+        "kind"] == "model"
+
+
+def test_numbers_that_used_to_mean_default_or_nothing(tmp_path, capsys):
+    cases = [
+        (["init", "trilm-tiny", str(tmp_path / "v"), "--vocab-size", "0"], "ModelConfig.vocab_size must be a positive"),
+        (["eval", "trilm-1m", "--tasks", "ppl", "--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["eval", "trilm-1m", "--tasks", "ppl", "--seq-len", "0"], "--seq-len must be a positive integer"),
+        (["eval", "trilm-1m", "--tasks", "cloze", "--limit", "-1"], "--limit must be a positive number"),
+        (["eval", "trilm-1m", "--tasks", "cloze", "--limit", "nan"], "--limit must be a positive number"),
+        (["eval", "trilm-1m", "--tasks", "ppl", "--device", "bogus"], "device 'bogus' is not a torch device"),
+        (["data", "shards", "--out", str(tmp_path / "s"), "--max-tokens", "-1"], "--max-tokens must be a positive"),
+        (["data", "shards", "--out", str(tmp_path / "s"), "--max-tokens", "0"], "--max-tokens must be a positive"),
+    ]
+    for argv, said in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "v").exists() and not (tmp_path / "s").exists()
+
+
+def test_serve_options_are_checked_before_it_starts(tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("starlette")
+    m = tmp_path / "m"
+    assert main(["init", "trilm-1m", str(m), "--vocab-size", "384"]) == 0
+    for extra, said in [(["--port", "70000"], "--port must be in 0..65535"),
+                        (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds"),
+                        (["--shutdown-timeout", "-5"], "--shutdown-timeout must be a finite number of seconds"),
+                        (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
+                        (["--max-batch", "100000000"], "GiB of KV cache; this machine has")]:
+        assert main(["serve", str(m), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (extra, err)
