@@ -205,3 +205,29 @@ def test_serve_options_are_checked_before_it_starts(tmp_path, capsys):
         assert main(["serve", str(m), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (extra, err)
+
+
+def test_paths_are_told_apart_from_size_names(tmp_path, capsys):
+    m = tmp_path / "m"
+    assert main(["init", "trilm-1m", str(m), "--vocab-size", "384"]) == 0
+    for argv, said in [(["info", str(tmp_path / "nope")], "nope does not exist (expected a model directory"),
+                       (["info", str(m / "model.safetensors")], "model.safetensors is a file; a model is a directory"),
+                       (["bench", "./nosuch/dir"], "./nosuch/dir does not exist (expected a model directory"),
+                       (["train", "--out", str(tmp_path / "nosuchrun"), "--resume"], "holds no run.json to resume")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (argv, err)
+
+
+def test_writers_name_the_output_not_their_temporary(tmp_path):
+    from spectra.files import atomic_dir, atomic_file
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="d is a directory; give a file name"), atomic_file(tmp_path / "d"):
+        pass
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for open_ in (atomic_dir, atomic_file):
+        with pytest.raises(OSError) as e, open_(blocker / "out"):
+            pass
+        assert str(e.value).startswith(f"cannot write {blocker / 'out'}: ") and ".tmp-" not in str(e.value)

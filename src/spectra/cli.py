@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -62,7 +63,13 @@ def model_info(model: str) -> dict:
 
     path = Path(model)
     if not path.exists():
+        if os.sep in model or model.startswith("."):
+            raise FileNotFoundError(f"{model} does not exist (expected a model directory or a size name like "
+                                    "trilm-99m)")
         return size_report(from_name(model))
+    if not path.is_dir():
+        raise FormatError(f"{path} is a file; a model is a directory (with {META_FILE} or a Hugging Face "
+                          "config.json), or a size name like trilm-99m")
     path = model_dir(path)
     weights = sorted(path.glob("*.safetensors"))
     if (path / META_FILE).exists():

@@ -39,14 +39,23 @@ class FormatError(ValueError):
     and the problem in one line."""
 
 
+def _temporary(out: Path, make: Any) -> Any:
+    """make() (a temporary name beside `out`) after creating out's folder; an OSError names `out`, not the temporary
+    name the user never gave."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return make()
+    except OSError as e:
+        raise OSError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)))
     try:
         yield tmp
         if out.exists():
@@ -93,8 +102,9 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `path` for writing; it is flushed, fsynced and renamed onto `path` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name to write")
+    fd, tmp = _temporary(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with os.fdopen(fd, mode) as f:
             yield f

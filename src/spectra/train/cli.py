@@ -55,9 +55,16 @@ def configs_from_args(args: argparse.Namespace):
                          "cannot be combined (to continue a run that started from --init, pass --out RUN --resume)")
     if args.resume and not args.config and not args.size and args.out and not model:
         run_file = Path(args.out) / "run.json"
-        if run_file.exists():  # resume with the run's own configuration
-            run = json.loads(run_file.read_text())
-            model, train_raw = dict(run["model"]), dict(run["train"])
+        if not run_file.exists():
+            raise FileNotFoundError(f"{args.out} holds no run.json to resume (a run directory that `spectra train "
+                                    "--out` wrote); to start a new run there, pass --size or --config")
+        from spectra.files import read_json
+
+        run = read_json(run_file, "a training run's configuration")
+        if not isinstance(run, dict) or not isinstance(run.get("model"), dict) or not isinstance(run.get("train"),
+                                                                                                 dict):
+            raise ValueError(f"{run_file}: not a run configuration (needs 'model' and 'train' objects)")
+        model, train_raw = dict(run["model"]), dict(run["train"])
     overrides = []
     if args.size:
         overrides.append(f"--model.size={args.size}")
