@@ -231,3 +231,16 @@ def test_writers_name_the_output_not_their_temporary(tmp_path):
         with pytest.raises(OSError) as e, open_(blocker / "out"):
             pass
         assert str(e.value).startswith(f"cannot write {blocker / 'out'}: ") and ".tmp-" not in str(e.value)
+
+
+def test_init_checks_the_tokenizer_it_stores(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    for argv, said in [(["--tokenizer", str(bad)], "bad.json is not a valid tokenizer.json"),
+                       (["--tokenizer", "builtin", "--vocab-size", "384"],
+                        "has 4096 ids; the model's vocabulary is 384")]:
+        assert main(["init", "trilm-1m", str(tmp_path / "m"), *argv]) == 2, argv
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(["init", "trilm-1m", str(tmp_path / "m"), "--tokenizer", "builtin"]) == 0  # as generate takes it
+    assert (tmp_path / "m" / "tokenizer.json").exists()

@@ -47,7 +47,16 @@ def run_init(args: argparse.Namespace) -> int:
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     cfg = from_name(args.size, **overrides)
-    save_model(build_model(cfg, seed=args.seed), args.out_dir, tokenizer=args.tokenizer, meta={"seed": args.seed})
+    tokenizer = args.tokenizer
+    if tokenizer is not None:  # checked before it is stored with the model: it must open and fit the vocabulary
+        from spectra.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_file
+
+        tokenizer = tokenizer_file(builtin_tokenizer() if tokenizer == "builtin" else tokenizer)
+        n = load_tokenizer(tokenizer).get_vocab_size()
+        if n > cfg.vocab_size:
+            raise ValueError(f"--tokenizer {args.tokenizer} has {n} ids; the model's vocabulary is {cfg.vocab_size} "
+                             "(pass --vocab-size)")
+    save_model(build_model(cfg, seed=args.seed), args.out_dir, tokenizer=tokenizer, meta={"seed": args.seed})
     print(f"wrote {cfg.name} ({cfg.family}) to {args.out_dir}")
     return 0
 
