@@ -49,7 +49,7 @@ def test_model_config_takes_what_it_took():
     ("ckpt_every_tokens", -1.0, "train.ckpt_every_tokens must be >= 0"),
     ("memory_limit_gb", -1.0, "train.memory_limit_gb must be >= 0"),
     ("batch_tokens", 0, "train.batch_tokens must be > 0"),
-    ("lr", -1.0, "train.lr must be > 0"),
+    ("lr", -1.0, "train.lr must be >= 0"),
     ("eps", 0.0, "train.eps must be > 0"),
     ("beta1", 2.0, r"train.beta1 must lie in \[0, 1\)"),
 ])

@@ -121,11 +121,11 @@ class TrainConfig:
         check_field_types(self, "train")
         if not self.tokens or self.tokens <= 0:
             raise ValueError(f"train.tokens must be positive, got {self.tokens!r}")
-        for f in ("batch_tokens", "seq_len", "lr", "lr2", "eps"):  # None: the size's default
+        for f in ("batch_tokens", "seq_len", "eps"):  # None: the size's default
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"train.{f} must be > 0 (or unset for the size's default), got {getattr(self, f)!r}")
-        for f in ("warmup", "weight_decay", "grad_clip", "val_every", "ckpt_every_tokens", "ckpt_log_until",
-                  "ckpt_milestone_tokens", "memory_limit_gb"):
+        for f in ("lr", "lr2", "warmup", "weight_decay", "grad_clip", "val_every", "ckpt_every_tokens",
+                  "ckpt_log_until", "ckpt_milestone_tokens", "memory_limit_gb"):  # lr 0: a run that only evaluates
             if getattr(self, f) is not None and getattr(self, f) < 0:
                 raise ValueError(f"train.{f} must be >= 0, got {getattr(self, f)!r}")
         for f in ("beta1", "beta2"):
