@@ -244,3 +244,24 @@ def test_init_checks_the_tokenizer_it_stores(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
     assert main(["init", "trilm-1m", str(tmp_path / "m"), "--tokenizer", "builtin"]) == 0  # as generate takes it
     assert (tmp_path / "m" / "tokenizer.json").exists()
+
+
+def test_binary_and_corrupt_inputs_name_their_file(tmp_path, capsys):
+    m = tmp_path / "m"
+    assert main(["init", "trilm-1m", str(m), "--vocab-size", "384"]) == 0
+    weights = m / "model.safetensors"
+    assert main(["train", "--config", str(weights), "--out", str(tmp_path / "r")]) == 2
+    assert f"run file {weights} is not valid TOML" in capsys.readouterr().err
+    assert main(["report", str(weights)]) == 2
+    assert f"{weights} is not a results file" in capsys.readouterr().err
+    meta = json.loads((m / "spectra.json").read_text())
+    (m / "spectra.json").write_text(json.dumps({**meta, "kind": "weird"}))
+    assert main(["info", str(m)]) == 2
+    assert "unknown kind 'weird'" in capsys.readouterr().err
+    assert main(["init", "trilm-tiny", str(tmp_path / "big"), "--vocab-size", "1000000000"]) == 2
+    assert "GiB in float32; this machine has" in capsys.readouterr().err and not (tmp_path / "big").exists()
+    pytest.importorskip("pyarrow")
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("garbage")
+    assert main(["data", "shards", "--data", str(bad), "--out", str(tmp_path / "sh")]) == 2
+    assert f"{bad} is not a readable parquet file" in capsys.readouterr().err

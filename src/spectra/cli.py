@@ -47,6 +47,13 @@ def run_init(args: argparse.Namespace) -> int:
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     cfg = from_name(args.size, **overrides)
+    from spectra.accounting import size_report
+
+    need = 4 * size_report(cfg)["params"]  # float32 latent weights
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > have:
+        raise ValueError(f"{cfg.name} with vocab_size {cfg.vocab_size} has {need / 4 / 1e9:.2f}e9 parameters, "
+                         f"{need / 2**30:.1f} GiB in float32; this machine has {have / 2**30:.1f} GiB of memory")
     tokenizer = args.tokenizer
     if tokenizer is not None:  # checked before it is stored with the model: it must open and fit the vocabulary
         from spectra.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_file
@@ -87,6 +94,11 @@ def model_info(model: str) -> dict:
             report = size_report(ModelConfig.from_dict(meta["config"]))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
+        from spectra.loading import KIND_LOADERS
+
+        if meta.get("kind") not in KIND_LOADERS:
+            raise FormatError(f"{path / META_FILE}: unknown kind {meta.get('kind')!r}; accepted: "
+                              f"{sorted(KIND_LOADERS)}")
         report["kind"] = meta.get("kind")
         if not (path / WEIGHTS_FILE).exists():
             raise FormatError(f"{path / WEIGHTS_FILE} is missing")

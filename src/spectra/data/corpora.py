@@ -172,7 +172,13 @@ def _rows(path: Path) -> Iterator[str]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet corpora needs pyarrow: pip install 'spectra[data]'") from e
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        import pyarrow
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ValueError(f"{path} is not a readable parquet file: {e}") from None
+        for batch in batches:
             for row in batch.to_pylist():
                 yield _text_of(row, str(path))
 

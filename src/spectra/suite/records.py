@@ -63,7 +63,11 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (a suite writes results.jsonl in its output folder)")
     last: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a results file (JSON lines of text)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rec = json.loads(line)

@@ -269,8 +269,8 @@ def load_run_file(path: str | os.PathLike | None) -> tuple[dict[str, Any], dict[
             doc = tomllib.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"run file {path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"run file {path} is not valid TOML: {e}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"run file {path} is not valid TOML: {e}") from None
     extra = sorted(set(doc) - {"model", "train"})
     if extra:
         raise ValueError(f"run file {path}: unknown table(s) {extra}; accepted: [model], [train]")
