@@ -305,7 +305,7 @@ def token_sequences(
     result is the same however large the source.
     """
     if n_seqs <= 0 or seq_len <= 0:
-        raise ValueError(f"n_seqs and seq_len must be positive, got {n_seqs}, {seq_len}")
+        raise ValueError(f"n_seqs (--n-samples) and seq_len (--seq-len) must be positive, got {n_seqs}, {seq_len}")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     eos = eos_id(tok)
     cap = 16 * n_seqs * seq_len

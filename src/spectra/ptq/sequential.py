@@ -121,7 +121,8 @@ def block_linears(model: nn.Module) -> list[tuple[int, str, nn.Linear]]:
             if isinstance(module, nn.Linear):
                 found.append((i, f"layers.{i}.{name}", module))
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers inside its blocks: nothing to quantize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers inside its blocks: nothing to quantize (GPTQ "
+                         "takes a FloatLM; a QuantLM or packed model is already quantized)")
     return found
 
 
@@ -172,8 +173,8 @@ def quantize_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     quantizer = Quantizer(bits, group_size=group_size, sym=sym)
-    if not 0 <= percdamp:
-        raise ValueError(f"percdamp must be non-negative, got {percdamp}")
+    if not 0 <= percdamp:  # also refuses NaN
+        raise ValueError(f"percdamp (--damp) must be a number >= 0, got {percdamp}")
     targets = block_linears(model)
     for _, name, linear in targets:
         quantizer.check_columns(linear.in_features, name)
