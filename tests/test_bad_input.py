@@ -265,3 +265,13 @@ def test_binary_and_corrupt_inputs_name_their_file(tmp_path, capsys):
     bad.write_text("garbage")
     assert main(["data", "shards", "--data", str(bad), "--out", str(tmp_path / "sh")]) == 2
     assert f"{bad} is not a readable parquet file" in capsys.readouterr().err
+
+
+def test_an_unknown_dotted_train_option_lists_the_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--size", "trilm-tiny", "--model.bogus=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown option --model.bogus; accepted --model.FIELD" in err and "rope_theta" in err
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

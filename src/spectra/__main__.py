@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         code = int(args.func(args) or 0)
@@ -48,6 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         _exit_now(code)
     return code
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """argparse's error for arguments no command takes; for `train`'s `--model.FIELD` / `--train.FIELD` it lists the
+    fields there are (argparse would print only the top-level usage)."""
+    dotted = [u for u in unknown if u.startswith(("--model.", "--train."))]
+    if dotted and getattr(args, "command", None) == "train":
+        import dataclasses
+
+        from spectra.config import ModelConfig
+        from spectra.train.config import TrainConfig
+
+        option = dotted[0].split("=", 1)[0]
+        section = option[2:].split(".", 1)[0]
+        fields = sorted(f.name for f in dataclasses.fields(ModelConfig if section == "model" else TrainConfig))
+        if section == "model":
+            fields.append("size")
+        parser.exit(2, f"spectra train: error: unknown option {option}; accepted --{section}.FIELD with FIELD one of "
+                       f"{', '.join(sorted(fields))}\n")
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
 def _exit_now(code: int) -> None:
