@@ -275,3 +275,18 @@ def test_an_unknown_dotted_train_option_lists_the_fields(capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", "--bogus"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path, capsys):
+    f = tmp_path / "f"
+    assert main(["init", "floatlm-1m", str(f), "--vocab-size", "384"]) == 0
+    gguf = tmp_path / "g.gguf"
+    gguf.write_bytes(b"GGUF")
+    for argv, said in [(["bench", str(f), "--variants", "packed"], "nothing to measure: packed (not a ternary model)"),
+                       (["quantize", str(f), str(tmp_path / "q"), "--bits", "4", "--method", "rtn", "--act-order"],
+                        "method 'rtn' rounds each weight alone"),
+                       (["generate", str(gguf), "--prompt", "hi"], "g.gguf is a file; a model is a directory")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "q").exists()

@@ -339,6 +339,9 @@ def bench(
     runners: dict[int, _LlamaCpp] = {}
     tmpdir = None
     want_llama = llama_cpp if llama_cpp is not None else (ternary and llama_cpp_available())
+    if not variants and not want_llama:
+        raise ValueError(f"nothing to measure: {', '.join(f'{k} ({v})' for k, v in skipped.items())}; choose "
+                         "variants that apply to this model (bf16, fp32, and packed for a TriLM)")
     if llama_cpp is None and not want_llama:
         skipped["llama.cpp"] = "llama-cpp-python is not installed" if ternary else "not a ternary model"
     if want_llama:

@@ -58,6 +58,9 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = find_tokenizer(args.model) if Path(args.model).is_dir() else None
+        if tokenizer is None and Path(args.model).is_file():
+            raise ValueError(f"{args.model} is a file; a model is a directory (with spectra.json or a Hugging Face "
+                             "config.json); a GGUF file runs in llama.cpp")
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer PATH (or 'builtin')")
     model = load(args.model)

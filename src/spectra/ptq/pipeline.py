@@ -70,6 +70,9 @@ def quantize(
         raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {format!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer (None: about 32k tokens a chunk), got {batch_size!r}")
+    if method == "rtn" and (act_order or static_groups):
+        raise ValueError("act_order and static_groups (--act-order, --static-groups) order GPTQ's updates; method "
+                         "'rtn' rounds each weight alone and takes neither")
     if group_size is None:
         group_size = default_group_size(bits)
     model_path = Path(model_path)
