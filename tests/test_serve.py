@@ -978,11 +978,25 @@ def test_a_models_chat_template_renders_with_its_special_tokens(model_dir, tmp_p
     assert "chat_template is not a valid Jinja template" in out and "Traceback" not in out
 
 
-def test_past_the_shutdown_timeout_requests_end_cancelled_with_an_answer(model_dir):
-    """SIGTERM with --shutdown-timeout 0.3 while one long request runs in the only slot and three wait: past the
+@pytest.fixture(scope="module")
+def deeper_model_dir(model_dir) -> Path:
+    """trilm-5m (six blocks) with the same tokenizer: a 2000-token answer takes a few seconds, not half of one."""
+    from spectra.__main__ import main
+
+    root = model_dir.parent
+    assert main(["init", "trilm-5m", str(root / "latent5m"), "--vocab-size", "384", "--tokenizer",
+                 str(root / "tok.json"), "--seed", "3"]) == 0
+    assert main(["pack", str(root / "latent5m"), str(root / "packed5m")]) == 0
+    return root / "packed5m"
+
+
+def test_past_the_shutdown_timeout_requests_end_cancelled_with_an_answer(deeper_model_dir):
+    """SIGTERM with --shutdown-timeout 0 while one long request runs in the only slot and three wait: past the
     timeout the engine cancels what is left, and each still gets its answer (a 503 in OpenAI's error shape; a stream
-    its error event and [DONE]) instead of being cut off."""
-    srv = Server(model_dir, "--max-batch", "1", "--max-queue", "4", "--ctx-len", "2048", "--shutdown-timeout", "0.3")
+    its error event and [DONE]) instead of being cut off. (On trilm-1m a 2000-token answer took 0.3-0.6 s, and a
+    fast run finished requests before the test had queued the others.)"""
+    srv = Server(deeper_model_dir, "--max-batch", "1", "--max-queue", "4", "--ctx-len", "2048", "--shutdown-timeout",
+                 "0")
     body = {"prompt": "the", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
 
     def plain():
@@ -992,20 +1006,22 @@ def test_past_the_shutdown_timeout_requests_end_cancelled_with_an_answer(model_d
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             return [line for line in r.iter_lines() if line.startswith("data: ")]
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(plain)  # about 0.6 s alone: the three behind it wait past the timeout
+    def admitted(f, active, queued):  # the request is in the server before the next one goes
         deadline = time.time() + 10
-        while srv.metric("spectra_active_sequences") != 1 and time.time() < deadline:
-            time.sleep(0.005)
-        waiting = [pool.submit(plain), pool.submit(plain), pool.submit(streamed)]
-        while srv.metric("spectra_queue_depth") != 3 and time.time() < deadline:
-            time.sleep(0.005)
-        assert srv.metric("spectra_queue_depth") == 3
+        while (srv.metric("spectra_active_sequences"), srv.metric("spectra_queue_depth")) != (active, queued):
+            assert time.time() < deadline and not f.done()
+            time.sleep(0.002)
+        return f
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        first = admitted(pool.submit(plain), 1, 0)  # seconds alone; the three behind it can only start after it
+        waiting = [admitted(pool.submit(streamed), 1, 1), admitted(pool.submit(plain), 1, 2),
+                   admitted(pool.submit(plain), 1, 3)]
         srv.proc.send_signal(signal.SIGTERM)
         answers = [f.result() for f in waiting]
         first.result()
-    for a in answers[:2]:
+    assert answers[0][-1] == "data: [DONE]" and "generation cancelled" in answers[0][-2]
+    for a in answers[1:]:
         assert a.status_code == 503 and a.json()["error"]["message"] == "generation cancelled"
-    assert answers[2][-1] == "data: [DONE]" and "generation cancelled" in answers[2][-2]
     assert srv.stop()
     assert "Traceback" not in srv.proc.stdout.read()
