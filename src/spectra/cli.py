@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -48,9 +47,10 @@ def run_init(args: argparse.Namespace) -> int:
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     cfg = from_name(args.size, **overrides)
     from spectra.accounting import size_report
+    from spectra.train.memory import host_memory
 
     need = 4 * size_report(cfg)["params"]  # float32 latent weights
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    have = host_memory()
     if have and need > have:
         raise ValueError(f"{cfg.name} with vocab_size {cfg.vocab_size} has {need / 4 / 1e9:.2f}e9 parameters, "
                          f"{need / 2**30:.1f} GiB in float32; this machine has {have / 2**30:.1f} GiB of memory")
@@ -75,17 +75,15 @@ def model_info(model: str) -> dict:
     from spectra.accounting import size_report
     from spectra.config import ModelConfig, from_name
     from spectra.files import META_FILE, WEIGHTS_FILE, FormatError, read_meta, safetensors_header
-    from spectra.loading import model_dir
+    from spectra.loading import KIND_LOADERS, looks_like_path, missing_model, model_dir, not_a_model_dir
 
     path = Path(model)
     if not path.exists():
-        if os.sep in model or model.startswith("."):
-            raise FileNotFoundError(f"{model} does not exist (expected a model directory or a size name like "
-                                    "trilm-99m)")
+        if looks_like_path(model):
+            raise missing_model(model)
         return size_report(from_name(model))
     if not path.is_dir():
-        raise FormatError(f"{path} is a file; a model is a directory (with {META_FILE} or a Hugging Face "
-                          "config.json), or a size name like trilm-99m")
+        raise not_a_model_dir(path)
     path = model_dir(path)
     weights = sorted(path.glob("*.safetensors"))
     if (path / META_FILE).exists():
@@ -94,8 +92,6 @@ def model_info(model: str) -> dict:
             report = size_report(ModelConfig.from_dict(meta["config"]))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
-        from spectra.loading import KIND_LOADERS
-
         if meta.get("kind") not in KIND_LOADERS:
             raise FormatError(f"{path / META_FILE}: unknown kind {meta.get('kind')!r}; accepted: "
                               f"{sorted(KIND_LOADERS)}")

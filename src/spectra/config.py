@@ -103,8 +103,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "ModelConfig")
         for f in ("dim", "n_layers", "n_heads", "glu_dim", "vocab_size", "max_seq_len", "num_scale_shards"):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            value = getattr(self, f)  # an int: checked above
+            if value <= 0:
                 raise ValueError(f"ModelConfig.{f} must be a positive integer, got {value!r}")
         if self.head_dim is not None and self.head_dim <= 0:
             raise ValueError(f"ModelConfig.head_dim must be a positive integer (or null: dim // n_heads), got "

@@ -59,6 +59,20 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model argument that does not exist was meant as a path (it has a separator or starts with "."),
+    not a size name."""
+    return os.sep in name or name.startswith(".")
+
+
+def missing_model(name: str | os.PathLike) -> FileNotFoundError:
+    return FileNotFoundError(f"{name} does not exist (expected a model directory or a size name like trilm-99m)")
+
+
+def not_a_model_dir(path: str | os.PathLike) -> FormatError:
+    return FormatError(f"{path} is a file; a model is a directory with {META_FILE} or a Hugging Face config.json")
+
+
 def load(
     path_or_name: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0
 ) -> nn.Module:
@@ -71,9 +85,9 @@ def load(
         name = str(path_or_name)
         if os.sep not in name and "-" in name:
             return freeze_for_inference(build_model(from_name(name), seed=seed, device=device, dtype=dtype))
-        raise FileNotFoundError(f"{path} does not exist (expected a model directory or a size name like trilm-99m)")
+        raise missing_model(path)
     if not path.is_dir():
-        raise FormatError(f"{path} is a file; a model is a directory with {META_FILE} or a Hugging Face config.json")
+        raise not_a_model_dir(path)
     path = model_dir(path)
     if (path / META_FILE).exists():
         kind = read_meta(path).get("kind")

@@ -298,9 +298,10 @@ def bench(
 
         source, label = load(model_or_size), str(model_or_size)
     else:
-        if os.sep in str(model_or_size) or str(model_or_size).startswith("."):
-            raise FileNotFoundError(f"{model_or_size} does not exist (expected a model directory or a size name like "
-                                    "trilm-99m)")
+        from spectra.loading import looks_like_path, missing_model
+
+        if looks_like_path(str(model_or_size)):
+            raise missing_model(model_or_size)
         source = synthetic_trilm(str(model_or_size), seed=seed, vocab_size=vocab_size)
         label = f"synthetic {model_or_size}"
     cfg = source.config

@@ -52,15 +52,14 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from spectra.inference.generate import generate, kv_dtype_from_name, threads_from_env
-    from spectra.loading import find_tokenizer, load
+    from spectra.loading import find_tokenizer, load, not_a_model_dir
 
     torch.set_num_threads(threads_from_env(args.threads))
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = find_tokenizer(args.model) if Path(args.model).is_dir() else None
-        if tokenizer is None and Path(args.model).is_file():
-            raise ValueError(f"{args.model} is a file; a model is a directory (with spectra.json or a Hugging Face "
-                             "config.json); a GGUF file runs in llama.cpp")
+        if tokenizer is None and Path(args.model).is_file():  # before the tokenizer's error, which would mislead
+            raise not_a_model_dir(args.model)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer PATH (or 'builtin')")
     model = load(args.model)

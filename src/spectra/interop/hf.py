@@ -186,11 +186,11 @@ def config_from_hf(
 
     def token_id(key: str) -> int:
         v = hf.get(key)
-        if isinstance(v, list):  # several end tokens: the first is the model's own
-            v = v[0] if v else "an empty list"
+        if isinstance(v, list) and v:  # several end tokens: the first is the model's own
+            v = v[0]
         if v is None:
             return 0
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:  # an empty list too
             raise ValueError(f"{source}: field '{key}' must be a token id (an integer >= 0, a non-empty list of them, "
                              f"or null), got {hf.get(key)!r}")
         return v

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's
 # `developer` role is its newer name for `system` (o1 and later), passed to templates as `system`
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator takes
 PLAIN_STOP = "\n\nUser:"
 MAX_STOPS = 4
 MAX_LOGPROBS = 20
@@ -530,10 +529,8 @@ class Api:
         if top_k < 0:
             raise BadRequest(f"'top_k' must be >= 0 (0 = off), got {top_k}", "top_k")
         seed = _get(body, "seed", (int,), None)
-        if seed is None:  # OpenAI's: without a seed each request samples afresh
+        if seed is None:  # OpenAI's: without a seed each request samples afresh (its range: Scheduler.check)
             seed = secrets.randbits(63)
-        elif not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**64 - 1], got {seed}", "seed")
         stop = _get(body, "stop", (str, list), [], "a string or a list of strings")
         stop = [stop] if isinstance(stop, str) else stop
         if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
@@ -557,7 +554,8 @@ class Api:
             try:
                 self.engine.check(req)
             except ValueError as e:
-                raise BadRequest(str(e), "logit_bias" if str(e).startswith("logit_bias") else None) from None
+                param = next((p for p in ("logit_bias", "seed") if str(e).startswith(p)), None)
+                raise BadRequest(str(e), param) from None
         return reqs, stream, include_usage
 
     # ---- responses -----------------------------------------------------------------------------------------------

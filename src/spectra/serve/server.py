@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -87,12 +86,11 @@ def check_kv_memory(cfg: Any, max_batch: int, ctx_len: int, kv_dtype: torch.dtyp
     slots are reserved at start; their pages fill as positions do, so a cache that cannot fit would fail mid-serve)."""
     per_value = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.int8: (cfg.head_dim + 4) / cfg.head_dim}.get(
         kv_dtype, 4.0)
+    from spectra.train.memory import host_memory
+
     need = max_batch * ctx_len * cfg.n_layers * 2 * cfg.n_heads * cfg.head_dim * per_value
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to check against
-        return
-    if need > have:
+    have = host_memory()
+    if have is not None and need > have:
         raise ValueError(f"--max-batch {max_batch} x --ctx-len {ctx_len} needs {need / 2**30:.1f} GiB of KV cache; "
                          f"this machine has {have / 2**30:.1f} GiB of memory: lower --max-batch or --ctx-len (or use "
                          "--kv-cache q8)")

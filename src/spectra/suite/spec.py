@@ -169,7 +169,7 @@ _SUITE_TYPES = {  # [suite] key: (check, what it must be)
     "families": (lambda v: _list_of(v, str) and v, "a non-empty list of family or variant names"),
     "quant_bits": (lambda v: _list_of(v, int), "a list of bit widths, e.g. [4]"),
     "pack_formats": (lambda v: _list_of(v, str), "a list of pack formats, e.g. [\"tq2\"]"),
-    "tokens": (lambda v: _number(v) and v > 0 or isinstance(v, dict) and all(_number(x) and x > 0 for x in v.values()),
+    "tokens": (lambda v: _finite(v) and v > 0 or isinstance(v, dict) and all(_finite(x) and x > 0 for x in v.values()),
                "a positive number of tokens or a table of size = tokens"),
     "data": (lambda v: isinstance(v, str), "a string"),
     "tokenizer": (lambda v: isinstance(v, str), "a string"),
@@ -179,7 +179,7 @@ _SUITE_TYPES = {  # [suite] key: (check, what it must be)
 }
 
 
-def _number(v: Any) -> bool:
+def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -215,11 +215,10 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
     for table in ("model", "train", "quantize", "eval", "bench", "variants", "sizes", "lr", "contrasts"):
         if not isinstance(doc.get(table, {}), dict):
             raise _err(source, f"[{table}] must be a table, got {doc[table]!r}")
+    variants = {}
     for name, v in doc.get("variants", {}).items():
         if not isinstance(v, dict):
             raise _err(source, f"[variants.{name}] must be a table (family = ..., model = {{...}}), got {v!r}")
-    variants = {}
-    for name, v in doc.get("variants", {}).items():
         v = dict(v)
         extra = sorted(set(v) - {"family", "model", "train", "init", "teacher"})
         if extra:

@@ -131,8 +131,8 @@ class TrainConfig:
         for f in ("beta1", "beta2"):
             if not 0 <= getattr(self, f) < 1:
                 raise ValueError(f"train.{f} must lie in [0, 1), got {getattr(self, f)!r}")
-        for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps", "tp"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+        for f in ("micro_batch", "val_tokens", "log_every", "ckpt_keep", "max_bad_steps", "tp"):  # ints: checked above
+            if getattr(self, f) <= 0:
                 raise ValueError(f"train.{f} must be a positive integer, got {getattr(self, f)!r}")
         for f, allowed in (("precision", PRECISIONS), ("parallel", PARALLEL)):
             if getattr(self, f) is not None and getattr(self, f) not in allowed:
@@ -150,9 +150,9 @@ class TrainConfig:
         if self.quant_warmup_tokens > self.tokens:
             raise ValueError(f"train.quant_warmup_tokens ({self.quant_warmup_tokens:g}) exceeds train.tokens "
                              f"({self.tokens:g}): the run would end before the model is fully quantized")
-        if not (isinstance(self.kd_weight, int | float) and self.kd_weight >= 0):
+        if self.kd_weight < 0:
             raise ValueError(f"train.kd_weight must be a number >= 0, got {self.kd_weight!r}")
-        if not (isinstance(self.kd_temperature, int | float) and self.kd_temperature > 0):
+        if self.kd_temperature <= 0:
             raise ValueError(f"train.kd_temperature must be a number > 0, got {self.kd_temperature!r}")
         bad = [x for x in self.loggers if x not in LOGGERS]
         if bad:

@@ -165,11 +165,21 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
                       precision=precision, micro_batch=B, activation_checkpointing=activation_checkpointing)
 
 
+def host_memory() -> int | None:
+    """The machine's physical memory in bytes, or None where the platform does not report it (no sysconf)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def device_memory(device: torch.device) -> int:
     """Bytes one rank may use: the GPU's memory, or on CPU the machine's memory shared by the node's ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = host_memory()
+    if total is None:
+        raise ValueError("this platform does not report its memory; set train.memory_limit_gb (0: no check)")
     return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
