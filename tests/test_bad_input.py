@@ -80,6 +80,18 @@ def test_run_files_name_their_field(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_train_that_fails_before_its_run_begins_leaves_no_folder(tmp_path, capsys):
+    """The run folder is made before the data is read; a bad data source used to leave it behind, empty. A folder
+    that existed before stays."""
+    argv = ["train", "--size", "trilm-1m", "--tokens", "7e4", "--data", str(tmp_path / "missing.txt"), "--out"]
+    assert main([*argv, str(tmp_path / "run")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    assert main([*argv, str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
 def hf_config(**changes):
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
            "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512}
@@ -290,3 +302,37 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "q").exists()
+
+
+def test_suite_checks_its_tasks_before_training(tmp_path, capsys):
+    """A misspelt task used to fail each eval step after its model had trained (2026-12-07: 142 s of training, then
+    `unknown task 'arc_eazy'` in the report); now the study stops before its first step, with nothing trained."""
+    spec = tmp_path / "s.toml"
+    spec.write_text('[suite]\nname = "x"\nsizes = ["1m"]\nfamilies = ["trilm"]\nquant_bits = []\npack_formats = []\n'
+                    'tokens = 7e4\nbench = false\ntasks = ["ppl", "arc_eazy"]\n')
+    out = tmp_path / "out"
+    assert main(["suite", "--spec", str(spec), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spectra suite: error: [suite] tasks: unknown task 'arc_eazy' (close: arc_easy")
+    assert "\n" not in err and not (out / "runs").exists() and not (out / "results.jsonl").exists()
+
+
+def test_task_check_skips_the_task_index_for_local_tasks(tmp_path, monkeypatch):
+    """check_tasks answers for "ppl", "cloze" and offline tasks without building lm-eval's task index (20-30 s), and
+    raises as `evaluate` does for an explicitly named task the offline folder lacks."""
+    import lm_eval.tasks
+
+    from spectra.eval import check_tasks
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("the task index was built")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", no_index)
+    assert check_tasks(["ppl", "cloze"], limit=5) == ["spectra_cloze", "ppl"]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"tasks": ["arc_easy"], "unavailable": ["logiqa"]}))
+    assert check_tasks("arc_easy,ppl", offline_dir=tmp_path) == ["arc_easy", "ppl"]
+    with pytest.raises(FileNotFoundError, match=r"no offline data for \['piqa'\]"):
+        check_tasks(["piqa"], offline_dir=tmp_path)
+    with pytest.raises(AssertionError, match="task index was built"):  # a name that is not local needs the index
+        check_tasks(["piqa"])

