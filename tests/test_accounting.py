@@ -30,3 +30,24 @@ def test_report_keys_and_ordering():
     # the packed formats differ from the paper's count only in the linear weights
     lin = r["linear_params"]
     assert b["trilm_tq2"] - b["trilm"] == pytest.approx(lin * (2.0625 - 1.584962500721156))
+
+
+def test_quantlm_bits_at_any_width_and_group():
+    """The paper's g128 rule (b + 0.25, Table 4's 3.25 / 4.25) at every width GPTQ takes; per-row scales uncounted.
+    2, 5 and 7 bits had no count (the suite's report crashed on them, `spectra eval` counted them as fp16)."""
+    from types import SimpleNamespace
+
+    from spectra.accounting import LINEAR_BITS, quantlm_bits, size_in_bits
+    from spectra.eval.results import model_identity
+    from spectra.suite.runner import Step, _model_info
+
+    assert quantlm_bits(3, 128) == LINEAR_BITS["quantlm_3"] and quantlm_bits(4, 128) == LINEAR_BITS["quantlm_4"]
+    assert quantlm_bits(6, -1) == LINEAR_BITS["quantlm_6"] and quantlm_bits(8, -1) == LINEAR_BITS["quantlm_8"]
+    assert (quantlm_bits(2, 128), quantlm_bits(4, 32), quantlm_bits(5, -1), quantlm_bits(7, 0)) == (2.25, 5.0, 5, 7)
+    cfg = from_name("floatlm-99m")
+    for bits, group, per_weight in [(2, 128, 2.25), (5, -1, 5.0), (4, 32, 5.0)]:
+        ident = model_identity(SimpleNamespace(config=cfg, ptq_checkpoint={"bits": bits, "group_size": group}), None)
+        assert ident["kind"] == "quantlm" and ident["size_bits"] == size_in_bits(cfg, per_weight)
+    step = Step("quantize", "floatlm", "99m", 0, bits=2)
+    assert _model_info(cfg, step, "quantlm")["size_bits"] == size_in_bits(cfg, 2.25)  # default group: 128
+    assert _model_info(cfg, step, "quantlm", 64)["size_bits"] == size_in_bits(cfg, 2.5)

@@ -268,11 +268,14 @@ def test_every_model_kind_matches_its_own_forward(tmp_path):
             assert logp == pytest.approx(float(full[pos, target].sum()), abs=1e-4), name
             assert greedy == bool((full[pos].argmax(-1) == target).all()), name
 
-    from spectra.accounting import size_report
+    from spectra.accounting import quantlm_bits, size_in_bits, size_report
     from spectra.eval.results import model_identity
 
     bits = {name: model_identity(m, tmp_path / name) for name, m in kinds}
-    expected = {"floatlm": "floatlm", "trilm": "trilm", "packed": "trilm", "quantlm": "quantlm_4"}
+    cfg = kinds[0][1].config
+    paper = size_report(cfg)["bits"]
+    expected = {"floatlm": paper["floatlm"], "trilm": paper["trilm"], "packed": paper["trilm"],
+                "quantlm": size_in_bits(cfg, quantlm_bits(4, 64))}  # quantized in groups of 64: 4.5 bits a weight
     for name, ident in bits.items():
-        assert ident["size_bits"] == size_report(kinds[0][1].config)["bits"][expected[name]], name
+        assert ident["size_bits"] == expected[name], name
     assert [bits[n]["kind"] for n in expected] == ["model", "model", "packed", "quantlm"]

@@ -199,3 +199,94 @@ def test_interval_text_shows_two_digits_of_the_half_width():
     assert stats.interval_text(2.1e-4, 1.1e-4, 3.1e-4) == "+0.00021 [+0.00011, +0.00031]"
     assert stats.interval_text(2.1e-4, 1.2e-4, 3.0e-4) == "+0.000210 [+0.000120, +0.000300]"
     assert stats.interval_text(1.5, -math.inf, math.inf) == "+1.5000 [-inf, +inf]"
+
+
+def test_seeds_that_gave_the_same_values_give_no_interval():
+    """Identical seeds (seeds that did not reach the data order or the weights) used to give zero-width intervals, so
+    that rounding noise in the estimate decided the verdict (a review, 2026-12-07: "gap shrinks: does not hold" on an
+    estimate of -4.4e-16). Each seed-based interval is now unbounded; a paired interval of identical windows stays
+    exact (that zero is a measurement, not an absence of one)."""
+    same = [3.6, 3.6, 3.6]
+    for iv in (stats.seed_mean(same), stats.contrast([same, [3.5] * 3], [1, -1]),
+               stats.blocked_contrast([{0: 3.6, 1: 3.6}, {0: 3.5, 1: 3.5}], [1, -1],
+                                      [{0: 3.6, 1: 3.6}, {0: 3.5, 1: 3.5}, {0: 3.4, 1: 3.4}])):
+        assert (iv.lo, iv.hi) == (-math.inf, math.inf) and "no seed variance" in iv.test
+        assert stats.verdict(iv) == stats.NOT_RESOLVED
+    assert stats.seed_mean([3.6, 3.6 + 1e-6]).hi < math.inf  # a real (small) spread still gives an interval
+    iv = stats.paired_difference([5.0, 6.0, 7.0], [5.0, 6.0, 7.0], [10, 10, 10])
+    assert (iv.estimate, iv.lo, iv.hi) == (0.0, 0.0, 0.0)
+
+
+def _eval_record(series_family: str, size: str, seed: int, loss: float) -> dict:
+    from spectra.config import from_name
+    from spectra.suite.runner import Step, _model_info
+
+    step = Step("eval", series_family, size, seed, target=f"train/{series_family}-{size}/s{seed}")
+    model = _model_info(from_name(f"{'floatlm' if series_family == 'floatlm' else 'trilm'}-{size}"), step,
+                        "floatlm" if series_family == "floatlm" else "trilm")
+    return {"key": f"eval/{model['name']}", "step": "eval", "status": "done", "model": model,
+            "metrics": {"val_loss": loss, "tasks": {}, "groups": {}}}
+
+
+def test_a_diverged_run_is_left_out_and_named(tmp_path):
+    """One NaN loss (a diverged seed of a variant) used to make the pooled seed variance NaN: every seed-based check
+    of the study became "not resolved" [-inf, inf], and the scaling fit said "loss does not fall with N"."""
+    import json
+
+    from spectra.suite.report import build_report
+    from spectra.suite.scaling import fit_power_law
+
+    losses = {"floatlm": {"99m": (3.60, 3.61), "190m": (3.40, 3.41)}, "trilm": {"99m": (3.90, 3.905),
+                                                                               "190m": (3.65, 3.66)}}
+    recs = [_eval_record(f, size, s, v) for f, d in losses.items() for size, vals in d.items()
+            for s, v in enumerate(vals)]
+
+    def checks(extra_loss: float) -> dict:
+        out = tmp_path / str(extra_loss)
+        out.mkdir()
+        more = [_eval_record("trilm_hilr", "99m", 0, 3.95), _eval_record("trilm_hilr", "99m", 1, extra_loss)]
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + more))
+        rep = build_report(out)
+        return {c["check"]: c for c in rep["checks"]}, (out / "report" / "report.md").read_text()
+
+    fine, _ = checks(3.96)
+    diverged, md = checks(math.nan)
+    name = "FloatLM improves with size"
+    assert fine[name]["verdict"] == diverged[name]["verdict"] == stats.HOLDS
+    assert diverged[name]["hi"] < math.inf
+    assert "| eval/trilm_hilr-99m-s1 | done | val_loss nan: left out of every statistic" in md
+    with pytest.raises(ValueError, match="non-finite loss at N = 2e"):
+        fit_power_law([1e8, 2e8, 4e8], [3.6, math.nan, 3.2])
+
+
+def test_the_size_check_shows_an_interval_that_gives_its_verdict():
+    """With one step clearly worse and another wide, "does not hold" used to come with the wide step's interval
+    (which contains zero); it now shows the step that decides."""
+    from spectra.suite.checks import size_checks
+
+    def row(size, params, seed, loss):
+        return dict(kind="trilm", family="trilm", series="TriLM", size=size, params=params, seed=seed, val_loss=loss,
+                    name=f"trilm-{size}-s{seed}")
+
+    rows = [row("a", 10, s, v) for s, v in enumerate((3.600, 3.641, 3.559))]
+    rows += [row("b", 20, s, v) for s, v in enumerate((3.650, 3.692, 3.607))]
+    rows += [row("c", 40, 0, 3.66)]
+    c = size_checks(rows)[0]
+    assert c["verdict"] == stats.DOES_NOT_HOLD and c["hi"] < 0
+
+
+def test_points_without_an_interval_are_drawn_open_not_with_zero_bars(tmp_path, monkeypatch):
+    """One seed per model: the table says ± inf, and the figure used to draw bars of zero length (an exact value)."""
+    import matplotlib.axes
+
+    from spectra.suite.report import _plot_panels, model_rows
+
+    recs = {str(i): _eval_record("floatlm", size, 0, v) for i, (size, v) in enumerate([("99m", 3.6), ("190m", 3.4)])}
+    drawn, bars = [], []
+    plot, errorbar = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k) or plot(ax, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda ax, *a, **k: bars.append(k["yerr"]) or errorbar(ax, *a, **k))
+    assert _plot_panels(model_rows(recs), "val_loss", tmp_path / "f.png", {}, False).exists()
+    assert bars and all(math.isnan(e) for err in bars for e in err)
+    assert sum(k.get("markerfacecolor") == "white" for k in drawn) == 2  # both panels

@@ -4,7 +4,8 @@ Embeddings, lm_head and norms count at 16 bits in every family. The block linear
 
     FloatLM      16 bits
     QuantLM-b    b bits, + 0.25 for the fp16 scale of each group of 128 at 3 and 4 bits (GPTQ g128);
-                 6 and 8 bits use per-channel scales, which the paper does not count
+                 6 and 8 bits use per-channel scales, which the paper does not count. Other widths and groups
+                 (`quantlm_bits`): b + 32/g for groups of g (0.25 · 128/g), b for one group per row
     TriLM        log2(3) ≈ 1.585 bits (the paper counts no per-shard scale: < 1e-5 bits per weight)
 
 Real packed sizes are counted too: llama.cpp's TQ2_0 (2.0625 bits per weight) and TQ1_0 (1.6875).
@@ -18,12 +19,20 @@ from typing import Any
 from spectra.config import ModelConfig
 
 HALF = 16
+
+
+def quantlm_bits(bits: int, group_size: int) -> float:
+    """Bits per block weight of a `bits`-bit QuantLM with groups of `group_size` (-1 or 0: one per row), counted as
+    the paper counts its g128 models (b + 0.25 at g = 128, per-row scales not counted)."""
+    return bits + 0.25 * 128 / group_size if group_size > 0 else float(bits)
+
+
 LINEAR_BITS = {
     "floatlm": 16.0,
-    "quantlm_3": 3.25,
-    "quantlm_4": 4.25,
-    "quantlm_6": 6.0,
-    "quantlm_8": 8.0,
+    "quantlm_3": quantlm_bits(3, 128),
+    "quantlm_4": quantlm_bits(4, 128),
+    "quantlm_6": quantlm_bits(6, -1),
+    "quantlm_8": quantlm_bits(8, -1),
     "trilm": math.log2(3),
     "trilm_tq2": 2.0625,
     "trilm_tq1": 1.6875,

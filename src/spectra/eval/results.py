@@ -9,7 +9,8 @@
      "perplexity": {...}}                       when perplexity was measured (spectra.eval.perplexity)
 
 `size_bits` counts weights the way the paper does (`spectra.accounting.size_report`): 16 bits for FloatLM, log2(3)
-for TriLM, 3.25/4.25 for 3/4-bit QuantLM.
+for TriLM, b + 0.25 · 128/g for a b-bit QuantLM in groups of g (3.25 / 4.25 at the paper's 3 and 4 bits, g128), b
+for one group per row (`spectra.accounting.quantlm_bits`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PAPER_HARNESS_VERSION = "0.4.2"
 
 def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> dict[str, Any]:
     """Who was evaluated: path, config, parameter counts and size in bits as the paper counts them."""
-    from spectra.accounting import size_report
+    from spectra.accounting import quantlm_bits, size_in_bits, size_report
 
     cfg = model.config
     kind = "model"
@@ -44,7 +45,7 @@ def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> di
     ptq = getattr(model, "ptq_checkpoint", None)  # set by spectra.ptq.formats.load_quantlm
     if ptq is not None:  # a QuantLM: a FloatLM config with b-bit block weights
         kind = "quantlm"
-        size_bits = size["bits"].get(f"quantlm_{ptq['bits']}", size_bits)
+        size_bits = size_in_bits(cfg, quantlm_bits(int(ptq["bits"]), int(ptq.get("group_size", -1))))
     return {
         "path": None if model_path is None else str(model_path),
         "name": cfg.name,

@@ -161,10 +161,15 @@ def size_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             iv = between(table, [groups[s0], groups[s1]], [1, -1])
             verdicts.append(stats.verdict(iv, +1))
             parts.append((s0, s1, iv))
-        worst = min(parts, key=lambda p: p[2].lo)[2]
+        verdict = stats.combine(verdicts)
+        # the interval shown is one that gives the verdict: for "does not hold" the step lying furthest below zero,
+        # else the step whose lower end is lowest (the one that holds least)
+        deciding = [iv for (_, _, iv), v in zip(parts, verdicts, strict=True) if v == verdict]
+        shown = (min(deciding, key=lambda iv: iv.hi) if verdict == stats.DOES_NOT_HOLD
+                 else min(deciding, key=lambda iv: iv.lo))
         detail = "; ".join(f"{s0}→{s1} {iv.text()}" for s0, s1, iv in parts)
         losses = ", ".join(f"{s} {np.mean(list(v.values())):.4f} (n={len(v)})" for s, v in groups.items())
-        out.append(_check(f"{label} improves with size", stats.combine(verdicts), worst,
+        out.append(_check(f"{label} improves with size", verdict, shown,
                           f"loss drop per step {detail}; mean losses {losses}", "L(smaller) − L(larger) > 0"))
     fl, tl = seed_values(rows, series="FloatLM"), seed_values(rows, series="TriLM")
     common = [s for s in tl if s in fl]

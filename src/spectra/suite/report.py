@@ -50,8 +50,14 @@ def series_label(model: dict[str, Any]) -> str:
     return {"floatlm": "FloatLM", "trilm": "TriLM"}.get(model["family"], model["family"])
 
 
+def _finite(v: Any) -> Any:
+    """A number as it is, NaN or ±inf (a diverged run) as missing: one such value would make every interval that
+    pools the seed variance unbounded (`nonfinite_metrics` lists them in the report)."""
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
 def model_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per evaluated model: identity, size and every metric."""
+    """One row per evaluated model: identity, size and every finite metric."""
     rows = []
     for rec in records.values():
         if rec["step"] != "eval" or rec["status"] != "done":
@@ -60,17 +66,17 @@ def model_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row = {
             **m,
             "series": series_label(m),
-            "val_loss": met.get("val_loss"),
-            "perplexity": met.get("perplexity"),
-            "bits_per_byte": met.get("bits_per_byte"),
+            "val_loss": _finite(met.get("val_loss")),
+            "perplexity": _finite(met.get("perplexity")),
+            "bits_per_byte": _finite(met.get("bits_per_byte")),
             "weights_match": met.get("weights_match"),
         }
         for task, values in met.get("tasks", {}).items():
             for metric, v in values.items():
-                if isinstance(v, (int, float)) and not metric.endswith("_stderr"):
+                if isinstance(v, (int, float)) and not metric.endswith("_stderr") and _finite(v) is not None:
                     row[f"{task}/{metric}"] = v
         for group, v in met.get("groups", {}).items():
-            if v is not None:
+            if _finite(v) is not None:
                 row[f"group/{group}"] = v
         rows.append(row)
     rows.sort(key=lambda r: (r["series"], r["params"], r["seed"]))
@@ -111,12 +117,31 @@ def _mean_loss(rows: list[dict[str, Any]], **match: Any) -> dict[int, float]:
 
 
 def sequence_losses(records: dict[str, dict[str, Any]]) -> dict[str, tuple[list[float], list[int]]]:
-    """Model name -> (NLL of each held-out window, tokens scored in each), from the eval records that carry them."""
+    """Model name -> (NLL of each held-out window, tokens scored in each), from the eval records that carry them
+    (all finite: a model with a non-finite window is left out of the paired comparisons)."""
     out = {}
     for rec in records.values():
         met = rec.get("metrics") or {}
         if rec["step"] == "eval" and rec["status"] == "done" and met.get("seq_nll") and met.get("seq_tokens"):
-            out[rec["model"]["name"]] = (met["seq_nll"], met["seq_tokens"])
+            if all(math.isfinite(v) for v in met["seq_nll"]):
+                out[rec["model"]["name"]] = (met["seq_nll"], met["seq_tokens"])
+    return out
+
+
+def nonfinite_metrics(records: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """[step, status, reason] for each finished eval whose loss, perplexity or window losses are NaN or infinite (a
+    diverged run): the report leaves those values out of its statistics and says so."""
+    out = []
+    for key, rec in records.items():
+        met = rec.get("metrics") or {}
+        if rec["step"] != "eval" or rec["status"] != "done":
+            continue
+        bad = [f"{k} {met[k]}" for k in ("val_loss", "perplexity", "bits_per_byte")
+               if isinstance(met.get(k), float) and not math.isfinite(met[k])]
+        if met.get("seq_nll") and not all(math.isfinite(v) for v in met["seq_nll"]):
+            bad.append("window losses not finite")
+        if bad:
+            out.append([key, "done", f"{', '.join(bad)}: left out of every statistic and figure (a diverged run?)"])
     return out
 
 
@@ -185,19 +210,28 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
         return None
     fig, (ax_p, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
     summary = seed_summary(rows, metric)
+    unbounded = False
     for label in sorted({g["series"] for g in summary}):
         pts = sorted((g["params"], g["size_bits"], g["mean"], g) for g in summary if g["series"] == label)
         kind = pts[0][3]["kind"]
         bits = next(r["bits"] for r in have if r["series"] == label)
         color = QUANT_COLORS.get(bits) if kind == "quantlm" else None
-        err = [p[3]["half_width"] if math.isfinite(p[3]["half_width"]) else 0.0 for p in pts]
+        # a point without an interval (one seed and no seed variance to pool) gets no bar and an open marker: a bar of
+        # zero length would read as an exact value
+        err = [p[3]["half_width"] if math.isfinite(p[3]["half_width"]) else math.nan for p in pts]
+        open_pts = [p for p, e in zip(pts, err, strict=True) if math.isnan(e)]
+        unbounded |= bool(open_pts)
         style = dict(
             marker=MARKERS.get(kind, "o"), label=label, color=color, linestyle="-" if kind != "packed" else ":",
             capsize=3,
         )
-        if kind != "packed":  # packed TriLMs are the same models as the latent ones: only their size in bits differs
-            ax_p.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=err, **style)
-        ax_b.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=err, **style)
+        for ax, x in ((ax_p, 0), (ax_b, 1)):
+            if ax is ax_p and kind == "packed":  # the same models as the latent ones: only their size in bits differs
+                continue
+            bars = ax.errorbar([p[x] for p in pts], [p[2] for p in pts], yerr=err, **style)
+            if open_pts:
+                ax.plot([p[x] for p in open_pts], [p[2] for p in open_pts], linestyle="none", marker=style["marker"],
+                        color=bars.lines[0].get_color(), markerfacecolor="white", zorder=3)
     if metric == "val_loss":
         for label, both in fit.items():
             f = both["offset"]
@@ -229,6 +263,8 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
         ax.grid(True, which="both", alpha=0.3)
     seeds = sorted({g["seeds"] for g in summary})
     note = f"mean of {'/'.join(map(str, seeds))} seed(s); bars: 95 % interval, seed variance pooled"
+    if unbounded:
+        note += "\nopen markers: no interval (one seed, no seed variance to pool)"
     ax_p.set_title(f"{metric} across parameters\n{note}", fontsize=9)
     ax_b.set_title(f"{metric} across size in bits\n{note}", fontsize=9)
     ax_p.legend(fontsize=7)
@@ -492,8 +528,9 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         )
 
     failed = [[k, r["status"], r.get("error")] for k, r in records.items() if r["status"] != "done"]
+    failed += nonfinite_metrics(records)
     if failed:
-        add("Steps that did not finish", _table(["step", "status", "reason"], failed))
+        add("Steps that did not finish or gave no finite number", _table(["step", "status", "reason"], failed))
 
     figures = []
     for metric in cols:

@@ -123,13 +123,17 @@ def plan(spec: SuiteSpec) -> list[Step]:
     return trains + derived + evals + benches
 
 
-def _model_info(cfg: ModelConfig, step: Step, kind: str) -> dict[str, Any]:
-    """Identity and size of a model; `cfg` is the trained model's own config (its vocabulary may be fitted)."""
-    from spectra.accounting import size_report
+def _model_info(cfg: ModelConfig, step: Step, kind: str, group_size: int | None = None) -> dict[str, Any]:
+    """Identity and size of a model; `cfg` is the trained model's own config (its vocabulary may be fitted);
+    `group_size`: a QuantLM's (spectra.ptq.pipeline.default_group_size for its bits when None)."""
+    from spectra.accounting import quantlm_bits, size_in_bits, size_report
 
     report = size_report(cfg)
     if kind == "quantlm":
-        size_bits = report["bits"].get(f"quantlm_{step.bits}")
+        from spectra.ptq.pipeline import default_group_size
+
+        g = default_group_size(step.bits) if group_size is None else group_size
+        size_bits = size_in_bits(cfg, quantlm_bits(step.bits, g))
     elif kind == "packed":
         size_bits = report["bits"][f"trilm_{step.fmt}"]
     else:
@@ -252,7 +256,7 @@ class SuiteRunner:
 
         metrics = {"stored_bits": stored_bits(out)["total_bits"], "stats": result.get("stats")}
         return (
-            _model_info(self._trained_config(step), step, "quantlm"),
+            _model_info(self._trained_config(step), step, "quantlm", self.spec.quantize.get("group_size")),
             metrics,
             {"model": str(out.relative_to(self.out))},
         )
@@ -303,7 +307,7 @@ class SuiteRunner:
         if kind == "packed":  # the pack step's read-back of the ternary weights, for the report's exactness check
             metrics["weights_match"] = self.records.last[target.key]["metrics"].get("weights_match")
         return (
-            _model_info(self._trained_config(target), target, kind),
+            _model_info(self._trained_config(target), target, kind, self.spec.quantize.get("group_size")),
             metrics,
             {"results": str(out.relative_to(self.out))},
         )
@@ -330,7 +334,7 @@ class SuiteRunner:
         write_json(out, res)
         metrics = {"results": res.get("results", []), "peak_rss_mb": res.get("peak_rss_mb")}
         return (
-            _model_info(self._trained_config(target), target, kind),
+            _model_info(self._trained_config(target), target, kind, self.spec.quantize.get("group_size")),
             metrics,
             {"results": str(out.relative_to(self.out))},
         )

@@ -65,6 +65,9 @@ def fit_power_law(N, L, *, offset: bool = True) -> dict[str, Any]:
         raise ValueError(f"a fit with {need} parameters needs at least {need} points, got {len(N)}")
     if np.any(N <= 0):
         raise ValueError("parameter counts must be positive")
+    if not np.isfinite(L).all():
+        raise ValueError(f"non-finite loss at N = {', '.join(f'{x:.3g}' for x in N[~np.isfinite(L)])}: a diverged run "
+                         "cannot be fitted")
     # normalise N so that N^-alpha stays well conditioned; A is rescaled back at the end
     scale = float(np.exp(np.mean(np.log(N))))
     n = N / scale

@@ -164,12 +164,27 @@ def _t_interval(estimate: float, se: float, df: float, n: int, test: str, level:
     return Interval(estimate, estimate - half, estimate + half, se, n, df, test, level)
 
 
+def _seedless(s2: float, values: Any) -> bool:
+    """The seed variance is nil (to rounding, relative to the values' size): the seeds gave the same values, so
+    they did not reach what was measured, and an interval over them is no interval (it would have zero width, and
+    rounding noise in the estimate would decide the verdict). Such intervals are made unbounded ('not resolved')."""
+    scale = max(1.0, float(np.max(np.abs(np.asarray(values, dtype=np.float64)))))
+    return math.isfinite(s2) and s2 <= (1e-9 * scale) ** 2
+
+
+def _no_seed_interval(estimate: float, n: int, df: float, level: float) -> Interval:
+    return Interval(estimate, -math.inf, math.inf, math.inf, n, df, "no seed variance: every seed gave the same value",
+                    level)
+
+
 def seed_mean(values: Sequence[float], *, level: float = LEVEL) -> Interval:
     """Mean of `values` (one per seed) with its t-interval on n − 1 degrees of freedom (infinite for n = 1)."""
     y = np.asarray(values, dtype=np.float64)
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"seed_mean needs a non-empty list of numbers, got shape {y.shape}")
     n = len(y)
+    if n > 1 and _seedless(float(y.var(ddof=1)), y):
+        return _no_seed_interval(float(y.mean()), n, n - 1, level)
     se = float(y.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
     return _t_interval(float(y.mean()), se, n - 1, n, f"t over {n} seed(s)", level)
 
@@ -235,8 +250,10 @@ def contrast(groups: Sequence[Sequence[float]], weights: Sequence[float], *,
         raise ValueError("contrast: every group needs at least one value")
     est = sum(c * float(np.mean(g)) for g, c in zip(groups, weights, strict=True))
     s2, df = pooled_variance(groups if pool is None else pool)
-    se = math.sqrt(s2 * sum(c * c / len(g) for g, c in zip(groups, weights, strict=True))) if df else math.inf
     n = sum(len(g) for g in groups)
+    if df and _seedless(s2, [v for g in (groups if pool is None else pool) for v in g]):
+        return _no_seed_interval(est, n, df, level)
+    se = math.sqrt(s2 * sum(c * c / len(g) for g, c in zip(groups, weights, strict=True))) if df else math.inf
     return _t_interval(est, se, df, n, f"t with seed variance pooled over {df} df", level)
 
 
@@ -268,6 +285,8 @@ def blocked_contrast(groups: Sequence[Mapping[Any, float]], weights: Sequence[fl
                         level=level)
     B = len(common)
     est = sum(c * float(np.mean(list(g.values()))) for g, c in zip(groups, weights, strict=True))
+    if _seedless(s2, [v for g in table for v in g.values()]):
+        return _no_seed_interval(est, B * len(groups), df, level)
     se = math.sqrt(s2 * sum(c * c for c in weights) / B)
     return _t_interval(est, se, df, B * len(groups), f"t with seeds as blocks, residual variance over {df} df",
                        level)
