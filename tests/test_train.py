@@ -498,3 +498,30 @@ def test_reuse_freed_memory_stops_page_faults():
     step = 4096 * 4096 * 4 // resource.getpagesize()  # pages in one 64 MiB tensor
     assert runs["reuse"][1][5] < 100, runs  # the median step of the last ten faults in nothing
     assert runs["default"][1][0] > 2 * step, runs  # every step faults in x, x * 2 and y afresh
+
+
+def test_the_data_order_is_the_runs_own_however_the_shard_cache_grows(tmp_path):
+    """Shards are cached per source and tokenizer and grow when a run asks for more tokens (a suite's jobs share
+    them). The sampler used to permute every cached window, so a run's order changed with what other runs had built:
+    a run resumed after such a build trained on other sequences (a review, 2026-12-07). Now a run permutes its own
+    windows (as many as it trains on), records their number, and the same run gives the same losses either way."""
+    import shutil
+
+    from spectra.data.shards import prepare_shards
+
+    corpus = write_jsonl(tmp_path / "big.jsonl", make_docs(3000, seed=1))
+    tok = train_bpe(corpus, 512, tmp_path / "tok.json")
+    cfg = train_cfg((corpus, tok), tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8, ckpt_keep=10)
+    train(model_cfg(), cfg, out_dir=tmp_path / "a", progress=False)
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["train_windows"] == 4 * 8  # 4 steps of 8 sequences
+    before = len(TokenStream(run["data"], "train"))
+    prepare_shards(corpus, tok, max_tokens={"train": 200_000, "validation": SEQ * 64})  # another, larger run
+    assert len(TokenStream(run["data"], "train")) > 4 * before
+    train(model_cfg(), cfg, out_dir=tmp_path / "b", progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    (tmp_path / "a" / "final").rename(tmp_path / "final-a")  # resume A from its step-2 checkpoint
+    for ckpt in list_checkpoints(tmp_path / "a")[2:]:
+        shutil.rmtree(ckpt)
+    train(model_cfg(), cfg, out_dir=tmp_path / "a", resume=True, progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

@@ -265,15 +265,23 @@ class TokenStream:
 
 
 class SequenceSampler:
-    """Training sequences from a token stream: the stream is cut into n = (len − 1) // T windows of T + 1 tokens
-    (inputs and shifted targets, neighbours share one token); epoch e visits them in `randperm(n, seed + e)` order.
-    Sequence k of the run is window perm_{k // n}[k mod n], so a run's data position is one integer."""
+    """Training sequences from a token stream: its first n windows of T + 1 tokens (inputs and shifted targets,
+    neighbours share one token; n = (len − 1) // T, or fewer when given); epoch e visits them in `randperm(n, seed + e)`
+    order. Sequence k of the run is window perm_{k // n}[k mod n], so a run's data position is one integer.
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int = 0) -> None:
+    A run fixes its own n (`spectra.train.trainer`: the sequences it will train on, or all the stream holds if fewer)
+    rather than taking the stream's length: shards are cached per source and tokenizer and grow when a later run asks
+    for more tokens, and a permutation of every window cached would change the order under a run that resumes, and
+    with what other runs did before it."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int = 0, n: int | None = None) -> None:
         self.stream, self.seq_len, self.seed = stream, seq_len, seed
-        self.n = (len(stream) - 1) // seq_len
-        if self.n < 1:
+        have = (len(stream) - 1) // seq_len
+        if have < 1:
             raise ValueError(f"{stream.dir}: {len(stream)} tokens are fewer than seq_len + 1 = {seq_len + 1}")
+        if n is not None and not 1 <= n <= have:
+            raise ValueError(f"{stream.dir}: {n} windows of {seq_len + 1} tokens asked for, the stream holds {have}")
+        self.n = have if n is None else n
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def window(self, k: int) -> int:

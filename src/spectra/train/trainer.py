@@ -324,7 +324,12 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     val_every = _every(cfg.val_every, total_steps)
 
     train_stream = TokenStream(shard_dir, "train")
-    sampler = SequenceSampler(train_stream, T, cfg.seed)
+    # the run's own windows (SequenceSampler): as many as it trains on, or all the data holds; a resumed run keeps
+    # the number it started with, however the shared shard cache has grown since
+    windows = min((len(train_stream) - 1) // T, total_steps * G)
+    if resume and (run_dir / "run.json").exists():
+        windows = json.loads((run_dir / "run.json").read_text()).get("train_windows", windows)
+    sampler = SequenceSampler(train_stream, T, cfg.seed, n=windows)
     val_stream = TokenStream(shard_dir, "validation")
     n_val = min(max(1, cfg.val_tokens // T), (len(val_stream) - 1) // T)
     if n_val < 1:
@@ -430,6 +435,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                                           "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
                                           "data": str(shard_dir), "world_size": info.world,
                                           "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps,
+                                          "train_windows": sampler.n,
                                           "memory_plan": plan.to_dict(), **provenance})
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
         loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
