@@ -370,3 +370,19 @@ def test_model_with_each_quantizer_runs_forward_and_backward(name, options):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(idx)).all()
+
+
+def test_bitnet158_norms_replace_the_blocks():
+    """BitNet b1.58 puts a norm before each linear in place of the block's (paper-facts §9, BitNet's training notes:
+    4-7 norms per layer); the block's two norms used to stay, so each linear's input was normalised twice."""
+    from spectra.config import from_name
+    from spectra.model import build_model
+
+    def norms(quantizer: str) -> list[str]:
+        layer = build_model(from_name("trilm-1m", quantizer=quantizer)).layers[0]
+        return sorted(n for n, m in layer.named_modules() if type(m).__name__ in ("RMSNorm", "LayerNorm"))
+
+    assert norms("bitnet158") == sorted(f"{p}.input_norm" for p in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.v_proj", "self_attn.o_proj",
+                                                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert norms("trilm") == ["input_layernorm", "post_attention_layernorm"]

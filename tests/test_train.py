@@ -115,7 +115,11 @@ def test_paper_defaults_per_size():
         assert (f.lr, t.lr, t.lr2) == (flr, tlr, tlr2)
         assert (f.batch_tokens, t.batch_tokens, f.seq_len, t.seq_len) == (2 * 1024**2, 1024**2, 2048, 2048)
     tiny = resolve(from_name("trilm-tiny"), TrainConfig(tokens=1, lr=1e-3))
-    assert tiny.lr == 1e-3 and tiny.lr2 == LR_TABLE["tiny"][2] and tiny.seq_len == 256
+    # lr given, lr2 not: the table's ratio at this size (lr2 stayed at the table's 4e-3, and the "drop" raised the LR
+    # fourfold; a review, 2026-12-07)
+    assert tiny.lr == 1e-3 and tiny.lr2 == 1e-3 * LR_TABLE["tiny"][2] / LR_TABLE["tiny"][1] and tiny.seq_len == 256
+    assert resolve(from_name("trilm-99m"), TrainConfig(tokens=1, lr=1e-3)).lr2 == 1e-3 * 1.5e-3 / 2.4e-3
+    assert resolve(from_name("trilm-99m"), TrainConfig(tokens=1, lr=1e-3, lr2=2e-3)).lr2 == 2e-3  # given: kept
 
 
 def test_checkpoint_plan_log_spaced_then_every_n_tokens():
@@ -525,3 +529,13 @@ def test_the_data_order_is_the_runs_own_however_the_shard_cache_grows(tmp_path):
         shutil.rmtree(ckpt)
     train(model_cfg(), cfg, out_dir=tmp_path / "a", resume=True, progress=False)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_validation_runs_in_eval_mode_and_draws_nothing(data, tmp_path):
+    """With stochastic rounding, validation ran in train mode: it scored a randomly rounded model (not the one saved)
+    and took draws from the training's random stream, so how often a run validated changed its training losses."""
+    cfg = model_cfg("trilm", quantizer_options={"stochastic_rounding": True})
+    runs = {ve: train(cfg, train_cfg(data, tokens=SEQ * 8 * 4, val_every=ve), out_dir=tmp_path / f"ve{ve}",
+                      progress=False) for ve in (0, 1)}
+    assert losses(tmp_path / "ve0") == losses(tmp_path / "ve1")
+    assert runs[0]["val_loss"] == runs[1]["val_loss"]

@@ -185,7 +185,7 @@ def test_hf_dir_trains_end_to_end(tmp_path, data):
 
 def _first_batch(run_dir: Path, seed: int = 0) -> torch.Tensor:
     run = json.loads((run_dir / "run.json").read_text())
-    return SequenceSampler(TokenStream(run["data"], "train"), SEQ, seed).batch(0, 8)
+    return SequenceSampler(TokenStream(run["data"], "train"), SEQ, seed, n=run["train_windows"]).batch(0, 8)
 
 
 def _converted(float_final: Path, **model_kw) -> torch.nn.Module:
@@ -532,3 +532,22 @@ def test_init_from_a_run_file(tmp_path, data, runs):
     run = json.loads((tmp_path / "file" / "run.json").read_text())
     assert run["init"]["sha256"] == content_hash(runs["floatlm"] / "final") and run["model"]["family"] == "trilm"
     assert losses(tmp_path / "file") == losses(tmp_path / "flags") and len(losses(tmp_path / "file")) == 3
+
+
+def test_a_floatlm_turned_trilm_gets_its_sizes_scale_shards():
+    """FloatLM -> TriLM at a named size with model parallelism (1.1B: 2, 2.4B: 3, 3.9B: 6) kept the FloatLM's one
+    scale per matrix, where a TriLM of that size is trained with one per model-parallel shard (paper §1.2); a custom
+    size keeps one, and an explicit num_scale_shards wins."""
+    from spectra.config import ModelConfig, from_name
+    from spectra.train.init import target_config
+
+    for size in ("1.1b", "2.4b", "3.9b", "99m"):
+        conv = target_config(from_name(f"floatlm-{size}"), {"family": "trilm"}, "ckpt")
+        assert conv.name == f"trilm-{size}"
+        assert conv.num_scale_shards == from_name(f"trilm-{size}").num_scale_shards
+    explicit = target_config(from_name("floatlm-1.1b"), {"family": "trilm", "num_scale_shards": 4}, "c")
+    assert explicit.num_scale_shards == 4
+    custom = ModelConfig(dim=64, n_layers=2, n_heads=2, glu_dim=128, vocab_size=512, family="floatlm")
+    assert target_config(custom, {"family": "trilm"}, "ckpt").num_scale_shards == 1
+    back = target_config(from_name("trilm-1.1b"), {"family": "floatlm"}, "ckpt")
+    assert back.num_scale_shards == 1

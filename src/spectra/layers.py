@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from spectra.config import ModelConfig
-from spectra.quantizers import build_quantizer
+from spectra.quantizers import QUANTIZER_CLASSES, build_quantizer
 from spectra.ternary import EPS, SHARD_DIM, dequantize, shard_rows
 
 
@@ -51,6 +51,15 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
     return RMSNorm(dim, eps=cfg.norm_eps)
+
+
+def make_block_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """A block's pre-norm, or none where every linear layer normalises its own input (BitNet b1.58, `input_norm`):
+    BitNet's training notes put a norm before each linear in place of the block's (paper-facts §9); kept, each
+    linear's input would be normalised twice in a row."""
+    if cfg.family == "trilm" and QUANTIZER_CLASSES[cfg.quantizer].input_norm:
+        return nn.Identity()
+    return make_norm(cfg, dim)
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,7 @@ from spectra.layers import (  # noqa: F401 - RMSNorm, rope_cache and freeze_for_
     RMSNorm,
     apply_rope,
     freeze_for_inference,
+    make_block_norm,
     make_linear,
     make_norm,
     rope_cache,
@@ -158,11 +159,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm Llama block (without its norms where every linear layer normalises its own input:
+    `make_block_norm`)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = make_norm(cfg, cfg.dim)
+        self.input_layernorm = make_block_norm(cfg, cfg.dim)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = make_norm(cfg, cfg.dim)
+        self.post_attention_layernorm = make_block_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None = None) -> Tensor:

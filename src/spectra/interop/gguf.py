@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from spectra.interop.weights import check_plain_linear, dense_weight, ternary_weight
+from spectra.quantizers import QUANTIZER_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ def export_gguf(
             f"llama.cpp's llama architecture needs norm='rmsnorm' and mlp_act='swiglu'; this model has "
             f"norm={cfg.norm!r}, mlp_act={cfg.mlp_act!r}"
         )
+    if cfg.family == "trilm" and QUANTIZER_CLASSES[cfg.quantizer].input_norm:
+        raise ValueError(f"quantizer={cfg.quantizer!r} normalises and quantizes each linear layer's input in place of "
+                         "the block's norms; a plain Llama model (llama.cpp's llama) cannot represent that")
     tok = _resolve_tokenizer(tokenizer)
 
     T = gguf.GGMLQuantizationType

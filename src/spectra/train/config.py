@@ -69,7 +69,8 @@ class TrainConfig:
     micro_batch: int = 8  # sequences per forward/backward on one rank; accumulation makes up batch_tokens
     # optimizer
     lr: float | None = None  # peak LR (TriLM: of the first stage)
-    lr2: float | None = None  # TriLM: peak LR after the drop
+    lr2: float | None = None  # TriLM: peak LR after the drop (unset: the size's table value, or with `lr` given,
+    #                           lr times the table's lr2 / lr at this size, so that the drop stays a drop)
     min_lr_ratio: float = 0.1  # LR at the end of decay, as a fraction of the current peak
     warmup: float = 0.01  # warmup length: a fraction of all steps if < 1, else a number of steps
     schedule: str | None = None  # 'cosine' (FloatLM) or 'linear' (TriLM)
@@ -197,7 +198,8 @@ def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
         batch_tokens=batch,
         tokenizer=cfg.tokenizer if cfg.tokenizer is not None else "builtin",
         lr=cfg.lr if cfg.lr is not None else (tri_lr if trilm else float_lr),
-        lr2=cfg.lr2 if cfg.lr2 is not None else (tri_lr2 if trilm else (cfg.lr or float_lr)),
+        lr2=cfg.lr2 if cfg.lr2 is not None else (
+            (tri_lr2 if cfg.lr is None else cfg.lr * tri_lr2 / tri_lr) if trilm else (cfg.lr or float_lr)),
         schedule=cfg.schedule or ("linear" if trilm else "cosine"),
         lr_drop=cfg.lr_drop if cfg.lr_drop is not None else trilm,
         wd_removal=cfg.wd_removal if cfg.wd_removal is not None else trilm,

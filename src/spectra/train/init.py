@@ -134,6 +134,12 @@ def target_config(base: ModelConfig, overrides: dict[str, Any] | ModelConfig | N
             changes["name"] = f"{changes['family']}-{size_name}"
     if changes.get("family", base.family) == "floatlm" and base.family == "trilm":
         changes.setdefault("num_scale_shards", 1)
+    if changes.get("family", base.family) == "trilm" and base.family == "floatlm" and "num_scale_shards" not in changes:
+        from spectra.config import SIZES  # a TriLM of a named size: one scale per model-parallel shard, as trained
+
+        size_name = str(changes.get("name") or base.name or "").partition("-")[2]
+        if size_name in SIZES:
+            changes["num_scale_shards"] = SIZES[size_name]["mp"]
     return base.replace(**changes)
 
 

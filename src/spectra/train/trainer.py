@@ -415,15 +415,21 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         return model.no_sync()
 
     def evaluate() -> float:
+        """The validation loss of the model as it will be saved: in eval mode, where stochastic rounding rounds to
+        the nearest level and draws nothing (in train mode it scored a random model and took draws from training)."""
         total = 0.0
         count = 0
-        with torch.no_grad():
-            for b in val_batches:
-                b = b.to(device)
-                with amp():
-                    logits = model(b[:, :-1])
-                total += loss_fn(logits, b[:, 1:]).item() * b.shape[0] * T
-                count += b.shape[0] * T
+        model.eval()
+        try:
+            with torch.no_grad():
+                for b in val_batches:
+                    b = b.to(device)
+                    with amp():
+                        logits = model(b[:, :-1])
+                    total += loss_fn(logits, b[:, 1:]).item() * b.shape[0] * T
+                    count += b.shape[0] * T
+        finally:
+            model.train()
         s, n = dist.all_reduce_sum([total, count], info)
         return s / n
 
