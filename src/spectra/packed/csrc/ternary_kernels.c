@@ -3767,21 +3767,33 @@ static int64_t split_parts(int path, int n_threads, const batch_layer_t *L, int6
         const int64_t m = amx_min_t(jobs[i]);
         if (m > min_rows) min_rows = m;
     }
-    const int64_t lead = split_lead();
-    int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead, min_rows);
-    if (parts < n_threads && lead) parts = split_cuts(n_threads, B, kp, cut, &smallest, 0, min_rows);
-    if (parts < n_threads) return 1; /* a thread without a part would wait */
-    int64_t bytes = 0;
-    int rowlane = 1; /* every part's GEMMs on the row-lane GEMM */
-    for (int i = 0; i < 7; i++) {
-        job_t part = *jobs[i];
-        part.T = smallest;
-        const int amx = amx_applies(path, &part);
-        if (amx ? part.fmt != FMT_TQ2 : path != PATH_AVX512VNNI || smallest < SPLIT_MIN_VNNI_ROWS) return 1;
-        bytes += part.N * part.nb * (part.fmt == FMT_TQ1 ? TQ1_CB : QB);
-        rowlane &= rowlane_wanted(path, &part);
+    /* The lead row (split_lead) was measured with AMX, whose tiles take any count of rows. Where a part's GEMMs are
+     * the AVX-512 ones it would make 16 decode rows parts of 9 and 7: the 7 fell under SPLIT_MIN_VNNI_ROWS, so such a
+     * step never split (and the row-lane GEMM runs 8 rows a pass); there the parts are even. */
+    for (int64_t lead = split_lead();; lead = 0) {
+        int64_t parts = split_cuts(n_threads, B, kp, cut, &smallest, lead, min_rows);
+        if (parts < n_threads) { /* a thread without a part would wait */
+            if (lead) continue;
+            return 1;
+        }
+        int64_t bytes = 0;
+        int rowlane = 1, all_amx = 1; /* every part's GEMMs on the row-lane GEMM / on AMX */
+        for (int i = 0; i < 7; i++) {
+            job_t part = *jobs[i];
+            part.T = smallest;
+            const int amx = amx_applies(path, &part);
+            all_amx &= amx;
+            if (amx ? part.fmt != FMT_TQ2 : path != PATH_AVX512VNNI || smallest < SPLIT_MIN_VNNI_ROWS) {
+                parts = 1;
+                break;
+            }
+            bytes += part.N * part.nb * (part.fmt == FMT_TQ1 ? TQ1_CB : QB);
+            rowlane &= rowlane_wanted(path, &part);
+        }
+        if (lead && (parts == 1 || !all_amx)) continue;
+        if (parts == 1) return 1;
+        return bytes > (rowlane ? SPLIT_MAX_LAYER_BYTES_ROWLANE : SPLIT_MAX_LAYER_BYTES) ? 1 : parts;
     }
-    return bytes > (rowlane ? SPLIT_MAX_LAYER_BYTES_ROWLANE : SPLIT_MAX_LAYER_BYTES) ? 1 : parts;
 }
 
 /* A model's blocks parsed once (`layers_plan`), for decode_layers_batch to take instead of the tuple of every block's
