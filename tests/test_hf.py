@@ -171,3 +171,63 @@ def test_bad_hf_directories(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="neither a spectra model directory"):
         spectra.load(empty)
+
+
+def test_rope_theta_from_rope_parameters(tmp_path):
+    """transformers 5 writes rope_theta inside `rope_parameters`; the import read only the top-level field and so
+    loaded any model saved by it with θ = 10000 (a review, 2026-12-07: logits off by 15), and took a scaled RoPE
+    without a word."""
+    transformers = pytest.importorskip("transformers")
+    from spectra.config import ModelConfig
+    from spectra.interop.hf import config_from_hf
+    from spectra.loading import load
+
+    m = build_model(ModelConfig(dim=64, glu_dim=96, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=128,
+                                rope_theta=500000.0, init_std=0.3), seed=1).eval()
+    export_hf(m, tmp_path / "a", dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "b")
+    again = load(tmp_path / "b")
+    ids = torch.randint(0, 320, (1, 100))
+    with torch.no_grad():
+        assert again.config.rope_theta == 500000.0 and torch.equal(again(ids), m(ids))
+    base = json.loads((tmp_path / "a" / "config.json").read_text())
+    moved = {**{k: v for k, v in base.items() if k != "rope_theta"},
+             "rope_parameters": {"rope_theta": 250000.0, "rope_type": "default"}}
+    assert config_from_hf(moved, "c.json").rope_theta == 250000.0
+    with pytest.raises(ValueError, match=r"c.json: rope_parameters.rope_type='linear' \(a scaled RoPE\)"):
+        config_from_hf({**moved, "rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 4.0}},
+                       "c.json")
+
+
+def test_export_of_a_quantlm_or_packed_trilm_writes_the_matrices_they_multiply_by(tmp_path):
+    """`export hf` on a QuantLM wrote its GPTQ buffers (qweight, qzeros, scales, g_idx) cast to float under names no
+    Llama model has, and on a packed TriLM its codes and int8 head: transformers then initialised every block matrix
+    at random, and the command said "wrote" (a review, 2026-12-07). Each layer is now written as its dense matrix."""
+    transformers = pytest.importorskip("transformers")
+    from spectra.config import ModelConfig
+    from spectra.interop.weights import dense_weight
+    from spectra.loading import load
+    from spectra.packed.io import pack_model
+    from spectra.ptq.pipeline import quantize
+
+    ids = torch.randint(0, 28, (2, 40))
+    cfg = ModelConfig(dim=64, glu_dim=128, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=64)
+    src = save_model(build_model(cfg, seed=0), tmp_path / "float", tokenizer=_tokenizer(tmp_path))
+    quantize(src, tmp_path / "q4", bits=4, calib="builtin", n_samples=8, seq_len=64, group_size=32, format="gptq",
+             progress=False)
+    q = load(tmp_path / "q4")
+    export_hf(q, tmp_path / "q4_hf", dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "q4_hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, q(ids))
+
+    tri = build_model(ModelConfig(family="trilm", dim=256, glu_dim=512, n_heads=4, n_layers=2, vocab_size=320,
+                                  max_seq_len=64), seed=0)
+    pack_model(load(save_model(tri, tmp_path / "tri")), tmp_path / "packed", format="tq2")
+    p = load(tmp_path / "packed")
+    export_hf(p, tmp_path / "p_hf", dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "p_hf", dtype=torch.float32)
+    assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, dense_weight(p.layers[1].mlp.down_proj))
+    assert torch.equal(hf.lm_head.weight, dense_weight(p.lm_head))
+    assert load(tmp_path / "p_hf").config.family == "trilm"

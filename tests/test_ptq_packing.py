@@ -129,3 +129,23 @@ def test_quant_linear_keeps_the_weight_only_when_opted_in_and_frozen(monkeypatch
     layer(x)  # with autograd on, nothing is kept
     layer(x)
     assert calls["n"] == 7
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_v1_zeros_read_as_gptqmodel_writes_them(bits):
+    """GPTQModel turns true zero-points into v1's zero − 1 by subtracting a one in every field from each whole word
+    (a zero-point of 0 borrows from the field above), and reads them back by adding the word constant. A field-by-field
+    + 1 read a zero of 0 as 2^bits and its neighbour one too low (a review, 2026-12-07)."""
+    from spectra.ptq.packing import pack_cols
+    from spectra.ptq.qlinear import QuantLinear
+
+    torch.manual_seed(bits)
+    G, out = 3, 64
+    zeros = torch.randint(0, 2**bits, (G, out), dtype=torch.int32)
+    zeros[:, ::5] = 0
+    v2 = pack_cols(zeros, bits).to(torch.int64) & 0xFFFFFFFF
+    ones = pack_cols(torch.ones(1, 32, dtype=torch.int32), bits).to(torch.int64) & 0xFFFFFFFF
+    v1 = (v2 - ones.repeat(1, v2.shape[1] // bits)) % 2**32  # GPTQModel's convert_gptq_v2_to_v1_format, restated
+    layer = QuantLinear(32 * G, out, bits=bits, group_size=32, checkpoint_format="gptq")
+    layer.qzeros.copy_(torch.where(v1 >= 2**31, v1 - 2**32, v1).to(torch.int32))
+    assert torch.equal(layer.zeros(), zeros)

@@ -78,20 +78,40 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def hf_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """HF tensor names; TriLM block matrices as W̃ = γ·Ŵ."""
+    """HF tensor names; TriLM block matrices as W̃ = γ·Ŵ, and every other layer that holds its weight in another form
+    (a QuantLM's GPTQ buffers, a packed TriLM's codes and its int8 head) as the float matrix it multiplies by
+    (`spectra.interop.weights.dense_weight`): their buffers used to be written as they were, cast to float, under
+    names no Llama model has, so transformers initialised those matrices at random."""
+    from spectra.interop.weights import dense_weight
+
     model = getattr(model, "_orig_mod", model)
     state = {}
+
+    def put(name: str, tensor: Tensor) -> None:
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        state[key] = tensor.detach().to("cpu", dtype).contiguous()
+
+    done: set[str] = set()
     for name, tensor in model.state_dict().items():
         if ".quantizer." in name:  # learnable scales and progressive stages are folded into W̃
             continue
-        module_name = name.removesuffix(".weight")
-        module = model.get_submodule(module_name) if name.endswith(".weight") else None
+        module_name, _, suffix = name.rpartition(".")
+        if module_name in done:
+            continue
+        module = model.get_submodule(module_name)
         if isinstance(module, TernaryLinear):
-            tensor = module.quantized_weight().float()
-        elif not hasattr(module, "weight") and module is not None:
-            raise ValueError(f"tensor {name} of module {type(module).__name__} has no Llama equivalent")
-        key = name if name.startswith("lm_head.") else f"model.{name}"
-        state[key] = tensor.detach().to("cpu", dtype).contiguous()
+            if suffix == "weight":
+                put(name, module.quantized_weight().float())
+            continue  # a per-shard scale offset is part of W̃
+        if suffix == "weight" and isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ in (
+                "RMSNorm", "LayerNorm"):
+            put(name, tensor)
+            continue
+        try:  # a layer with its weight in another form: the matrix it multiplies by
+            put(f"{module_name}.weight", dense_weight(module))
+        except ValueError:
+            raise ValueError(f"tensor {name} of module {type(module).__name__} has no Llama equivalent") from None
+        done.add(module_name)
     return state
 
 
@@ -208,6 +228,14 @@ def config_from_hf(
             raise ValueError(f"{source}: {flag}=true; Spectra models have no biases")
     if hf.get("rope_scaling"):
         raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported; accepted: null")
+    rope = hf.get("rope_parameters")  # transformers 5 writes rope_theta (and any scaling) here, not at the top
+    if rope is not None and not isinstance(rope, dict):
+        raise ValueError(f"{source}: field 'rope_parameters' must be an object (rope_theta, rope_type), got {rope!r}")
+    if rope and rope.get("rope_type", "default") not in ("default", None):
+        raise ValueError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r} (a scaled RoPE) is not "
+                         "supported; accepted: 'default'")
+    if hf.get("rope_theta") is None and rope and rope.get("rope_theta") is not None:
+        hf = {**hf, "rope_theta": rope["rope_theta"]}
     dim = integer("hidden_size")
     fields = dict(
         dim=dim,

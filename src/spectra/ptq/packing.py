@@ -106,3 +106,19 @@ def pack_cols(codes: Tensor, bits: int, layout: str = "continuous") -> Tensor:
 
 def unpack_cols(words: Tensor, bits: int, layout: str = "continuous") -> Tensor:
     return unpack_rows(words.T, bits, layout).T.contiguous()
+
+
+def v1_zeros(qzeros: Tensor, bits: int, layout: str = "continuous") -> Tensor:
+    """The true zero-points (G, out) of GPTQ v1 `qzeros`, which store zero − 1. At 2, 4 and 8 bits GPTQModel writes
+    them by subtracting a one in every field from each whole word (a zero-point of 0 borrows from the field above)
+    and reads them back by adding the same word constant, carries included; so does this. Unpacking each field and
+    adding 1 read a zero-point of 0 as 2^bits and the field above it one too low (both agree wherever no zero-point is
+    0). At 3 bits, whose fields straddle words, each field is read and 1 added (the v1 kernels' reading)."""
+    n = qzeros.shape[1]
+    if 32 % bits:
+        return unpack_cols(qzeros, bits, layout) + 1
+    if n % bits:
+        raise ValueError(f"v1_zeros: {n} qzeros words a row is not a multiple of bits={bits}")
+    ones = pack_cols(torch.ones(1, CODES_PER_BLOCK, dtype=torch.int64), bits, layout).to(torch.int64) & 0xFFFFFFFF
+    words = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones.repeat(1, n // bits).to(qzeros.device)) % 2**32
+    return unpack_cols(_to_int32(words), bits, layout)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spectra.layers import InferenceCache, freeze_for_inference
-from spectra.ptq.packing import CONTINUOUS_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows
+from spectra.ptq.packing import CONTINUOUS_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows, v1_zeros
 from spectra.ptq.quantizer import MAX_BITS, MIN_BITS, QuantizedWeight
 
 FORMATS = ("gptq", "gptq_v2", "gptq_p")
@@ -101,8 +101,11 @@ class QuantLinear(InferenceCache, nn.Module):
         return unpack_rows(self.qweight, self.bits, layout_of(self.checkpoint_format))
 
     def zeros(self) -> Tensor:
-        """(G, out) int32 true zero-points."""
-        return unpack_cols(self.qzeros, self.bits, layout_of(self.checkpoint_format)) + self.zero_offset
+        """(G, out) int32 true zero-points (v1, 'gptq': as GPTQModel reads its zero − 1 words, `packing.v1_zeros`)."""
+        layout = layout_of(self.checkpoint_format)
+        if self.zero_offset:
+            return v1_zeros(self.qzeros, self.bits, layout)
+        return unpack_cols(self.qzeros, self.bits, layout)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W (out, in)."""
