@@ -520,3 +520,27 @@ def test_tp_recomputed_weight_gives_identical_gradients(files, tmp_path):
     (line,) = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     # 14 ternary layers x 2 precisions, each saving its W̃ shard as a recipe (recompute=True runs only)
     assert json.loads(line[7:]) == {"fp32": True, "bf16": True, "recipes": 28}
+
+
+def test_fsdp_validation_with_windows_that_do_not_split_evenly(files, tmp_path):
+    """9 validation windows over 2 FSDP ranks at micro-batch 4: rank 0 had 2 batches, rank 1 one. Each FSDP forward
+    gathers parameters collectively, so rank 0's second forward waited for rank 1, which waited in the loss's
+    all-reduce, until the collective timeout (a review, 2026-12-07). Ranks now run as many forwards, and the
+    validation loss is the single process's."""
+    cfg = run_file(files, tmp_path / "run.toml", val_tokens=32 * 9, val_every=3)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "two"), "--train.parallel=fsdp"],
+                  env={"SPECTRA_DIST_TIMEOUT": "60"}, timeout=240)
+    assert result(tmp_path / "two")["val_loss"] == pytest.approx(result(tmp_path / "one")["val_loss"], abs=1e-4)
+
+
+def test_a_single_process_checkpoint_resumes_under_tp(files, tmp_path):
+    """A run without tp saves fused AdamW's flag in its optimizer state; loading it into a tp run (whose DTensor and
+    plain parameters only the per-tensor loop takes) restored fused=True and crashed the first step (a review,
+    2026-12-07). The resumed tp run continues the single process's curve."""
+    cfg = run_file(files, tmp_path / "run.toml", dict(num_scale_shards=2), tokens=256 * 8, ckpt_every_tokens=256 * 4,
+                   ckpt_keep=4)
+    spectra_train(files, 1, ["--config", str(cfg), "--out", str(tmp_path / "one")])
+    resumed = _cut_at(tmp_path / "one", tmp_path / "one_to_tp", 4)
+    spectra_train(files, 2, ["--config", str(cfg), "--out", str(resumed), "--resume", "--train.tp=2"])
+    np.testing.assert_allclose(losses(resumed), losses(tmp_path / "one"), rtol=0, atol=1e-4)

@@ -335,8 +335,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     if n_val < 1:
         raise ValueError(f"validation split of {shard_dir} has {len(val_stream)} tokens, fewer than seq_len + 1")
     val_rows = [val_stream.get(i * T, T + 1) for i in range(dp_rank, n_val, dp_world)]
-    val_batches = [torch.from_numpy(np.stack(val_rows[i : i + micro]))
+    val_batches = [(torch.from_numpy(np.stack(val_rows[i : i + micro])), True)
                    for i in range(0, len(val_rows), micro)]
+    # every rank runs as many forwards (FSDP gathers parameters in each, collectively): a rank with fewer windows
+    # (n_val not a multiple of the ranks) pads with forwards it does not count; a rank one batch short used to wait in
+    # the all-gather while the others waited in the loss's all-reduce, until the collective timeout
+    most = -(-(-(-n_val // dp_world)) // micro)
+    val_batches += [(torch.from_numpy(val_stream.get(0, T + 1)[None]), False)] * (most - len(val_batches))
     plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
                        parallel=cfg.parallel, precision=cfg.precision,
                        activation_checkpointing=cfg.activation_checkpointing, device=device.type,
@@ -379,6 +384,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     model = dist.wrap(raw, info, cfg.parallel, precision=cfg.precision,
                       activation_checkpointing=cfg.activation_checkpointing, tp=cfg.tp)
     opt = make_optimizer(model, cfg, device)
+    how = {k: opt.defaults[k] for k in ("fused", "foreach")}
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if loaded is not None:
         weights, st, meta = loaded
@@ -395,6 +401,8 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                            options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(st["optimizer"])
+        for g in opt.param_groups:  # how AdamW runs is this run's choice (make_optimizer), not the saving run's: a
+            g.update(how)           # fused flag from a run without tp crashed a resume with tp on its first step
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         set_rng_state(st["rng"])
@@ -422,12 +430,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         model.eval()
         try:
             with torch.no_grad():
-                for b in val_batches:
+                for b, counted in val_batches:
                     b = b.to(device)
                     with amp():
                         logits = model(b[:, :-1])
-                    total += loss_fn(logits, b[:, 1:]).item() * b.shape[0] * T
-                    count += b.shape[0] * T
+                    if counted:
+                        total += loss_fn(logits, b[:, 1:]).item() * b.shape[0] * T
+                        count += b.shape[0] * T
         finally:
             model.train()
         s, n = dist.all_reduce_sum([total, count], info)
