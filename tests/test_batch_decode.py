@@ -984,3 +984,16 @@ def test_pipelined_generate_batch_on_one_and_two_threads_equals_each_prompt_alon
     finally:
         torch.set_num_threads(before)
     assert [r["tokens"] for r in batched] == alone
+
+
+@needs_ext
+def test_a_bfloat16_cache_runs_batched_as_generate_runs_it():
+    """The C calls take float32, float16 and q8 caches; with a bfloat16 one `generate` runs the model's own modules,
+    and batched decoding crashed with a KeyError (a review, 2026-12-07). It now runs the modules too."""
+    model = model_of("packed-int8-head")
+    prompts, limits = prompts_and_lengths(3)
+    alone = [generate(model, None, p, max_new_tokens=n, stop_at_eos=False, kv_dtype=torch.bfloat16)["tokens"]
+             for p, n in zip(prompts, limits)]
+    batched = generate_batch(model, None, prompts, max_new_tokens=limits, stop_at_eos=False, max_batch=2,
+                             kv_dtype=torch.bfloat16)
+    assert [r["tokens"] for r in batched] == alone

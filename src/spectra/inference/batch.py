@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spectra.data.tokenizer import load_tokenizer
-from spectra.inference.decode import Decoder, torch_threads_for, unsupported_reason
+from spectra.inference.decode import KV_KINDS, Decoder, torch_threads_for, unsupported_reason
 from spectra.inference.sampling import TextDecoder, cut_at_stop, draw_u, sample_next, settled, validate_sampling
 from spectra.model import kv_load, kv_store
 from spectra.packed.kernels import argmax_logsumexp, default_threads, logsumexp, sample_rows, serial_torch
@@ -394,9 +394,10 @@ class BatchDecoder:
 
     def _build_kernel(self):
         """The C path (`Decoder.rows`: scratch for max(max_batch, PREFILL_ROWS) rows) and the slots' cache pointers,
-        or None when the model is not a packed TriLM that `Decoder` runs or the extension predates it."""
+        or None when the model is not a packed TriLM that `Decoder` runs, the extension predates it, or the caches are
+        of a dtype the C calls do not take (bfloat16: the model's own modules run them, as `generate` does)."""
         model = self.model
-        if unsupported_reason(model) is not None:
+        if unsupported_reason(model) is not None or self.caches[0].k.dtype not in KV_KINDS:
             return None
         dec = Decoder(model)
         if not hasattr(dec._ext, "decode_layer_batch"):

@@ -359,6 +359,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"w has {w.shape[1]} columns; Int8Linear needs a multiple of {formats.QK}")
         if int(w.min()) < -127:
             raise ValueError("w holds -128; int8 weights are in [-127, 127]")
+        if not bool((scale.float() >= 0).all()):  # absmax / 127 per row: never negative (NaN fails this too)
+            raise ValueError("the row scales must be finite and >= 0")
         u = (w.to(torch.int16) + 128).to(torch.uint8)
         return cls(K.permute_activations(u).contiguous(), scale.float().contiguous(), path=path)
 
@@ -420,6 +422,9 @@ def as_packed(
         if isinstance(module, PackedTernaryLinear):
             return module
         if isinstance(module, TernaryLinear):
+            if module.input_norm is not None or getattr(module.quantizer, "activation_bits", None):
+                raise ValueError(f"quantizer {module.quantizer.name!r} normalises and quantizes the layer's input; "
+                                 "a packed layer multiplies its input as it comes, so it would be another model")
             return PackedTernaryLinear.from_ternary(module, format=format, path=path, lossy=lossy)
         if trilm and type(module) is nn.Linear and leaf in SHARD_DIM:
             return PackedTernaryLinear.from_weight(module.weight, format=format, path=path, lossy=lossy)
