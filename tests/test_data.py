@@ -306,3 +306,23 @@ def test_token_sequences_reads_a_long_document_only_as_far_as_needed(tmp_path, t
     pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(2))[:4].sort().values
     assert torch.equal(x, windows[pick])
     assert len(ref) > 20 * 16 * 4 * 16 and Counting.chars < len(doc) / 4
+
+
+def test_a_bpe_trained_for_a_study_is_trained_again_on_other_data(tmp_path):
+    """`bpe:N` kept OUT/tokenizer/bpeN.json whatever data it was trained on: a study retried with a larger file
+    (after the first was refused as too small) trained every model with the first file's tokenizer (a review,
+    2026-12-07). A stamp of the source now travels with it; another source trains it again."""
+    from tokenizers import Tokenizer
+
+    from spectra.data.tokenizer import resolve_tokenizer
+
+    a = tmp_path / "a.txt"
+    a.write_text("\n".join(["alpha beta gamma delta"] * 400))
+    b = tmp_path / "b.txt"
+    b.write_text("\n".join(["zebra yak xylophone walrus"] * 400))
+    first = resolve_tokenizer("bpe:300", a, tmp_path / "tok")
+    assert "alpha" in Tokenizer.from_file(str(first)).get_vocab()
+    assert resolve_tokenizer("bpe:300", a, tmp_path / "tok") == first  # the same data: kept
+    again = resolve_tokenizer("bpe:300", b, tmp_path / "tok")
+    vocab = Tokenizer.from_file(str(again)).get_vocab()
+    assert again == first and "zebra" in vocab and "alpha" not in vocab

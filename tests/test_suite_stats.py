@@ -290,3 +290,20 @@ def test_points_without_an_interval_are_drawn_open_not_with_zero_bars(tmp_path, 
     assert _plot_panels(model_rows(recs), "val_loss", tmp_path / "f.png", {}, False).exists()
     assert bars and all(math.isnan(e) for err in bars for e in err)
     assert sum(k.get("markerfacecolor") == "white" for k in drawn) == 2  # both panels
+
+
+def test_a_record_cut_off_mid_write_is_dropped_before_the_next_append(tmp_path):
+    """A kill mid-append leaves results.jsonl without its final newline. The next record was written straight after
+    the torn bytes, so it was lost with them on the next read, and `read_records` (the report) refused the file on
+    every later run (a review, 2026-12-07)."""
+    import json
+
+    from spectra.suite.records import Records, read_records
+
+    good = {"key": "train/floatlm-1m/s0", "step": "train", "status": "done", "artifacts": {}}
+    torn = json.dumps({"key": "eval/x", "step": "eval", "status": "done"})[:30]
+    (tmp_path / "results.jsonl").write_text(json.dumps(good) + "\n" + torn)
+    r = Records(tmp_path / "results.jsonl")
+    r.append({"key": "quantize/floatlm-1m/3bit/s0", "step": "quantize", "status": "done", "artifacts": {}})
+    assert Records(tmp_path / "results.jsonl").done("quantize/floatlm-1m/3bit/s0", tmp_path)
+    assert set(read_records(tmp_path)) == {"train/floatlm-1m/s0", "quantize/floatlm-1m/3bit/s0"}

@@ -551,3 +551,23 @@ def test_a_floatlm_turned_trilm_gets_its_sizes_scale_shards():
     assert target_config(custom, {"family": "trilm"}, "ckpt").num_scale_shards == 1
     back = target_config(from_name("trilm-1.1b"), {"family": "floatlm"}, "ckpt")
     assert back.num_scale_shards == 1
+
+
+def test_a_resumed_init_run_knows_its_model_after_a_move(tmp_path, runs):
+    """--resume of an --init run compared the init path as it was typed: after the results folder moved (or --out
+    went from relative to absolute) the same model was refused on every retry (a review, 2026-12-07). The recorded
+    sha256 of the model's files now decides; another model is still refused."""
+    import shutil
+
+    from spectra.train.init import content_hash
+    from spectra.train.trainer import _check_init_resume
+
+    final = runs["floatlm"] / "final"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"init": {"given": "/moved/away/final", "sha256": content_hash(final)}}))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(final, moved)
+    _check_init_resume(TrainConfig(tokens=1, init=str(moved)), run, resume=True)
+    with pytest.raises(ValueError, match="did not start from it"):
+        _check_init_resume(TrainConfig(tokens=1, init=str(runs["trilm"] / "final")), run, resume=True)

@@ -13,13 +13,14 @@ drops only from 3.13 to 2.92 bytes per token (measured).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from spectra.config import ModelConfig, pad_vocab
-from spectra.data.corpora import cache_root, read_documents
+from spectra.data.corpora import cache_root, read_documents, source_fingerprint
 from spectra.files import FormatError, atomic_file
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,14 @@ def resolve_tokenizer(spec: str | os.PathLike, source: str | os.PathLike, work_d
         except ValueError as e:
             raise ValueError(f"tokenizer {s!r}: expected 'bpe:N' with N the vocabulary size, e.g. bpe:4096") from e
         path = Path(work_dir) / f"bpe{n}.json"
-        if not path.exists():
-            train_bpe(source, n, path)
+        stamp = Path(work_dir) / f"bpe{n}.source.json"  # what it was trained on (`source_fingerprint`)
+        want = json.dumps(source_fingerprint(source), sort_keys=True)
+        if path.exists() and stamp.exists() and stamp.read_text() != want:
+            log.info("%s was trained on other data than %s; training it again", path, source)
+        elif path.exists():  # (a tokenizer from before the stamps: taken as it is)
+            return path
+        train_bpe(source, n, path)
+        with atomic_file(stamp) as f:
+            f.write(want)
         return path
     return tokenizer_file(s)

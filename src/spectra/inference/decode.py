@@ -16,14 +16,15 @@ much as streaming the packed weights. `Decoder` hands every layer to `spectra.pa
     x = x + (SiLU(g) · u) W_downᵀ
 
 The linear layers are the ternary kernels (bit-identical to the modules' forward); norms, RoPE, attention and SiLU are
-float32 C whose sums run in another order than torch's, so the logits equal the model's `model(idx, cache)` up to
-float rounding as it passes through the int8 activations: a rounding step of one float32 ulp can move an activation
-to the next int8 level, so differences reach ~1e-2 of the logits where that happens (1e-7 on the embeddings moves
-them by ~1.5e-2, a review found), and greedy tokens can part at near ties. The decoder uses the model's own `KVCache`, so it can take over from a
-prefill made by the model and the model can continue from the decoder's cache. Any other call (several tokens, batch
-> 1, no cache, grad enabled) goes to the model unchanged. The embedding (float32, or a 16-bit `CompactEmbedding` from
-a packed checkpoint) is the model's own; so are the final norm and lm_head, except that an int8 lm_head (`Int8Linear`,
-a packed checkpoint's or `with_int8_head`'s) runs with the final norm in one C call (`Decoder.head`).
+float32 C whose sums run in another order than torch's, so the logits equal the model's `model(idx, cache)` up to float
+rounding as it passes through the int8 activations: a rounding step of one float32 ulp can move an activation to the
+next int8 level, so differences reach ~1e-2 of the logits where that happens (1e-7 on the embeddings moves them by
+~1.5e-2, a review found), and greedy tokens can part at near ties. The decoder uses the model's own `KVCache`, so it can
+take over from a prefill made by the model and the model can continue from the decoder's cache. Any other call (several
+tokens, batch > 1, no cache, grad enabled) goes to the model unchanged. The embedding (float32, or a 16-bit
+`CompactEmbedding` from a packed checkpoint) is the model's own; so are the final norm and lm_head, except that an int8
+lm_head (`Int8Linear`, a packed checkpoint's or `with_int8_head`'s) runs with the final norm in one C call
+(`Decoder.head`).
 
 The decoder reads the layers' buffers when it is built: rebuild it after changing the model (`Decoder(model)` is
 cheap). A packed layer whose buffers or kernel path changed after that (`refresh`, `load_state_dict`, `set_path`) is

@@ -31,7 +31,16 @@ class Records:
         self.path, self.write = path, write
         self.last: dict[str, dict[str, Any]] = {}
         if path.exists():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            text = path.read_text()
+            if write and text and not text.endswith("\n"):
+                # a record cut off mid-write (a kill, a full disk): drop the torn tail, or the next record would be
+                # glued to it and lost with it, and the report would refuse the file
+                keep = text.rfind("\n") + 1
+                log.warning("%s ends in a record cut off mid-write; removing it", path)
+                with open(path, "r+b") as f:
+                    f.truncate(len(text[:keep].encode()))
+                text = text[:keep]
+            for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:

@@ -229,7 +229,16 @@ def _check_init_resume(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         return
     run_file = run_dir / "run.json"
     recorded = json.loads(run_file.read_text()).get("init", {}) if run_file.exists() else {}
-    if recorded.get("given") != cfg.init:
+    same = recorded.get("given") == cfg.init
+    if not same and recorded.get("sha256"):
+        # the same model under another spelling or after a move (a suite's folder moved, --out relative then absolute)
+        from spectra.train.init import content_hash, resolve_model_dir
+
+        try:
+            same = content_hash(resolve_model_dir(cfg.init)) == recorded["sha256"]
+        except (OSError, ValueError):
+            same = False
+    if not same:
         raise ValueError(f"train.init ({cfg.init}) starts a new run from a checkpoint and resume continues the run in "
                          f"{run_dir}, which did not start from it; use one or the other (to continue an --init run, "
                          "resume it without --init)")
