@@ -307,3 +307,26 @@ def test_a_record_cut_off_mid_write_is_dropped_before_the_next_append(tmp_path):
     r.append({"key": "quantize/floatlm-1m/3bit/s0", "step": "quantize", "status": "done", "artifacts": {}})
     assert Records(tmp_path / "results.jsonl").done("quantize/floatlm-1m/3bit/s0", tmp_path)
     assert set(read_records(tmp_path)) == {"train/floatlm-1m/s0", "quantize/floatlm-1m/3bit/s0"}
+
+
+def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
+    """Rerunning a study in its folder with `--set tokens=...` reused every finished step as it was and rewrote
+    spec.json with settings no model was trained with (a review, 2026-12-07). Settings that redefine finished steps
+    are now refused while such steps exist; adding seeds or sizes only adds steps and stays allowed."""
+    import json
+
+    from spectra.suite.preflight import check_same_study
+    from spectra.suite.spec import parse_spec
+
+    spec = parse_spec({"suite": {"name": "x", "sizes": ["1m"], "tokens": 70000}}, "s.toml")
+    (tmp_path / "spec.json").write_text(json.dumps({**spec.to_dict(), "data_measured": {
+        "measured": True, "train_tokens": 1000, "validation_tokens": 100}}))
+    (tmp_path / "results.jsonl").write_text(json.dumps({"key": "train/trilm-1m/s0", "step": "train",
+                                                        "status": "done", "artifacts": {}}) + "\n")
+    check_same_study(tmp_path, spec, {"measured": True, "train_tokens": 1000, "validation_tokens": 100})
+    check_same_study(tmp_path, parse_spec({"suite": {"name": "x", "sizes": ["1m", "5m"], "seeds": [0, 1],
+                                                     "tokens": 70000}}, "s.toml"))
+    with pytest.raises(ValueError, match=r"finished steps made with other settings \(tokens: 70000 -> 140000\)"):
+        check_same_study(tmp_path, parse_spec({"suite": {"name": "x", "sizes": ["1m"], "tokens": 140000}}, "s.toml"))
+    with pytest.raises(ValueError, match=r"data train_tokens: 1000 -> 2000 \(the data changed\)"):
+        check_same_study(tmp_path, spec, {"measured": True, "train_tokens": 2000, "validation_tokens": 100})

@@ -12,6 +12,12 @@ The data is then measured in that tokenizer's tokens, and the run stops with one
 
 Streamed `hf:` sources are not measured (they are large by nature, and reading them twice costs a download).
 
+A study resumed in its folder (`spectra suite ... --out OUT` again) must be the same study: settings that change
+what a finished step made (tokens, data, tokenizer, the [model], [train], [quantize], [eval] tables, variants,
+learning rates, tasks) are compared with OUT/spec.json, and a change is refused while OUT holds finished steps (they
+would be kept as they are, beside steps made with the new settings). Adding sizes, seeds, families, bit widths or
+pack formats only adds steps, and is allowed.
+
 The `tasks` are checked as every eval step will run them (`spectra.eval.check_tasks`, with the spec's [eval] options):
 a misspelt task, or one without offline data, stops the study here rather than after its training. Tasks that are
 neither "ppl", "cloze" nor in `offline_dir` are looked up in lm-eval's task index (20-30 s to build).
@@ -107,3 +113,37 @@ def check_tasks(spec: SuiteSpec) -> list[str]:
         return check(spec.tasks, data=spec.data, **spec.eval)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"[suite] tasks: {e}") from None
+
+
+EXTENDING = ("name", "sizes", "seeds", "families", "quant_bits", "pack_formats", "bench", "preset", "contrasts")
+"""[suite] keys whose change only adds (or leaves out) steps, or only changes the report: a resumed study may change
+them. Every other key of the spec redefines what a finished step made."""
+
+
+def check_same_study(out: Path, spec: SuiteSpec, data: dict[str, Any] | None = None) -> None:
+    """Refuse to resume the study in `out` with settings that redefine its finished steps (module docstring); `data`:
+    this run's `check_data` measurement, compared with the one the study recorded (the same file, other contents)."""
+    import json
+
+    from spectra.suite.records import RESULTS_FILE, Records
+
+    prev_file, results = out / "spec.json", out / RESULTS_FILE
+    if not prev_file.exists() or not results.exists():
+        return
+    if not any(r.get("status") == "done" for r in Records(results, write=False).last.values()):
+        return
+    try:
+        prev = json.loads(prev_file.read_text())
+    except (OSError, ValueError):
+        return
+    new = json.loads(json.dumps(spec.to_dict()))
+    changed = [f"{k}: {prev.get(k)!r} -> {new.get(k)!r}" for k in new if k not in EXTENDING and prev.get(k) != new[k]]
+    before = prev.get("data_measured") or {}
+    if data and data.get("measured") and before.get("measured"):
+        for k in ("train_tokens", "validation_tokens"):
+            if before.get(k) != data.get(k):
+                changed.append(f"data {k}: {before.get(k)} -> {data.get(k)} (the data changed)")
+    if changed:
+        raise ValueError(f"{out} holds a study with finished steps made with other settings ({'; '.join(changed[:3])}"
+                         f"{'; ...' if len(changed) > 3 else ''}); they would be kept as they are beside steps made "
+                         f"with the new ones: use another --out, or delete {results} to run every step again")

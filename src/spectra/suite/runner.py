@@ -539,7 +539,7 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
 
     `jobs`: steps run side by side on CPU, each in its own process with its share of the cores; "auto" is one per
     core (at most MAX_AUTO_JOBS), and 1 on a GPU or under torchrun (`resolve_jobs`)."""
-    from spectra.suite.preflight import check_data, check_tasks, study_tokenizer
+    from spectra.suite.preflight import check_data, check_same_study, check_tasks, study_tokenizer
 
     device = spec.train.get("device", "auto")
     with SuiteRanks(device) as ranks:  # one process group for the whole study (training steps join it)
@@ -552,8 +552,10 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
 
         def preflight():
             check_tasks(spec)  # before the tokenizer, which `bpe:N` trains
+            check_same_study(out, spec)
             tokenizer = study_tokenizer(spec, out)
             data = check_data(spec, tokenizer)  # a file too small for the budget stops here, before any training
+            check_same_study(out, spec, data)
             write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data})
             return tokenizer, data
 
