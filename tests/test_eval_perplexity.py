@@ -52,9 +52,10 @@ def direct_nll(m, ids, context):
     return total
 
 
-def test_max_tokens_caps_the_stream_at_a_document_boundary(setup):
-    """At most max_tokens: whole documents while they fit (with their EOS); only a first document longer than the
-    whole budget is cut, its bytes counted from the kept tokens decoded; a cap past the end takes everything."""
+def test_max_tokens_fills_the_stream_cutting_the_document_that_does_not_fit(setup):
+    """At most max_tokens: whole documents while they fit (with their EOS), then the first tokens of the next, its
+    bytes counted from the kept tokens decoded; a cap past the end takes everything. (The document that did not fit
+    used to be left out, so a short document before a long one left most of the budget unscored.)"""
     from spectra.eval.perplexity import token_stream
 
     corpus, tok_path = setup
@@ -63,15 +64,17 @@ def test_max_tokens_caps_the_stream_at_a_document_boundary(setup):
     first = len(tok.encode(DOCS[0], add_special_tokens=False).ids)
     ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", None)
     assert ids == full and n_docs == 3 and n_bytes == sum(len(d.encode("utf-8")) for d in DOCS)
-    for cap in (first + 2, first + 7):  # document 0 with its EOS fits; document 1 does not: not cut, left out
-        ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", cap)
-        assert ids == full[: first + 2] and n_docs == 1 and n_bytes == len(DOCS[0].encode("utf-8"))
+    ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", first + 2)  # document 0 with its EOS: full
+    assert ids == full[: first + 2] and n_docs == 1 and n_bytes == len(DOCS[0].encode("utf-8"))
+    ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", first + 7)  # and 5 tokens of document 1
+    assert ids == full[: first + 7] and n_docs == 2
+    assert n_bytes == len(DOCS[0].encode("utf-8")) + len(tok.decode(full[first + 2 : first + 7]).encode("utf-8"))
     ids, n_docs, n_bytes = token_stream(tok, corpus, "validation", 6)  # document 0 alone is longer: cut
     assert ids == full[:6] and n_docs == 1 and n_bytes == len(tok.decode(full[1:6]).encode("utf-8"))
     assert 0 < n_bytes < len(DOCS[0].encode("utf-8"))
     assert token_stream(tok, corpus, "validation", len(full) + 10)[0] == full
     r = perplexity(model(), tok, corpus, seq_len=16, max_tokens=first + 7)
-    assert r["tokens"] == first + 1 and r["documents"] == 1
+    assert r["tokens"] == first + 6 and r["documents"] == 2
 
 
 def test_windows_score_each_token_once():

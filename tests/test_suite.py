@@ -528,3 +528,17 @@ def test_contrasts_restated_by_least_squares_and_the_t_over_seeds(tmp_path):
         path.write_text(text + bad + "\n")
         with pytest.raises(ValueError, match=match):
             load_spec(path=path)
+
+
+def test_perplexity_is_scored_in_the_windows_the_models_trained_on(tmp_path):
+    """A spec without [model] max_seq_len trains at 256 tokens (the CPU sizes' sequence) but perplexity was scored in
+    the model's max_seq_len, 2048: windows it never trained on, and fewer than the preflight's 32 (which it counted
+    at 256; a review, 2026-12-07). The eval now scores in the trained length, and the preflight counts the same."""
+    path = tmp_path / "w.toml"
+    path.write_text('[suite]\nname = "w"\nsizes = ["1m"]\nfamilies = ["floatlm"]\nquant_bits = []\npack_formats = []\n'
+                    'tokens = 7e4\ntasks = ["ppl"]\nbench = false\nseeds = [0]\n[eval]\nppl_max_tokens = 16384\n')
+    spec = load_spec(path=path)
+    assert spec.eval_window() == 256 and spec.model_config("1m", "floatlm").max_seq_len == 2048
+    run_suite(spec, tmp_path / "out", progress=False)
+    metrics = read_records(tmp_path / "out")["eval/train/floatlm-1m/s0"]["metrics"]
+    assert metrics["seq_tokens"][0] == 256 and len(metrics["seq_nll"]) >= 32

@@ -37,10 +37,10 @@ def token_stream(
 ) -> tuple[list[int], int, int]:
     """([EOS] + doc_0 + [EOS] + doc_1 + [EOS] ..., number of documents, UTF-8 bytes of those documents).
 
-    With `max_tokens`, the stream holds at most that many tokens and ends at a document boundary: whole documents
-    while they fit. Only a first document that alone exceeds max_tokens is cut, to its first tokens (its bytes counted
-    from those tokens, decoded), so a held-out split that is one long document (a single .txt file's tail) is scored
-    on max_tokens tokens, not all of it.
+    With `max_tokens`, the stream holds at most that many tokens: whole documents while they fit, then the first
+    tokens of the document that does not (its bytes counted from those tokens, decoded), so the budget is filled
+    whatever the documents' lengths. (It used to stop before that document: a short first document followed by a long
+    one left a few hundred tokens of a 65536-token budget, and a paired test of two windows; a review, 2026-12-07.)
     """
     from spectra.data import eos_id, read_documents
     from spectra.data.shards import encode_documents
@@ -54,10 +54,11 @@ def token_stream(
         nonlocal n_docs, n_bytes
         for doc, doc_ids in zip(batch, encode_documents(tokenizer, batch)):
             if max_tokens is not None and len(ids) + len(doc_ids) + 1 > max_tokens:
-                if n_docs == 0:  # one document longer than the whole budget: its first tokens
-                    doc_ids = list(doc_ids[: max(0, max_tokens - len(ids))])
+                doc_ids = list(doc_ids[: max(0, max_tokens - len(ids))])  # the first tokens that fit
+                if doc_ids:
                     ids.extend(doc_ids)
-                    n_docs, n_bytes = 1, len(tokenizer.decode(doc_ids).encode("utf-8"))
+                    n_docs += 1
+                    n_bytes += len(tokenizer.decode(doc_ids).encode("utf-8"))
                 batch.clear()
                 return False
             ids.extend(doc_ids)

@@ -76,7 +76,7 @@ def check_data(spec: SuiteSpec, tokenizer: str | os.PathLike) -> dict[str, Any]:
         return {"source": src, "measured": False}
     train_tokens, train_docs = count_tokens(src, tokenizer, "train")
     val_tokens, _ = count_tokens(src, tokenizer, "validation")
-    window = int(spec.eval.get("ppl_seq_len") or spec.model.get("max_seq_len") or 256)
+    window = spec.eval_window()
     need_val = MIN_EVAL_WINDOWS * window
     if val_tokens < need_val:
         raise ValueError(

@@ -178,6 +178,16 @@ class SuiteRunner:
         train_key = Step("train", step.family, step.size, step.seed).key
         return ModelConfig.from_dict(read_meta(self._artifact(train_key))["config"])
 
+    def _trained_seq_len(self, step: Step) -> int | None:
+        """The sequence length the model of `step` was trained at (its run's run.json): perplexity's window unless
+        [eval] ppl_seq_len says otherwise (the model's max_seq_len, 2048 unless set, scored windows it never trained
+        on, and fewer of them than the preflight counted; a review, 2026-12-07). None for a run without run.json."""
+        rec = self.records.last.get(Step("train", step.family, step.size, step.seed).key, {})
+        run = rec.get("artifacts", {}).get("run")
+        if run is None or not (self.out / run / "run.json").exists():
+            return None
+        return int(json.loads((self.out / run / "run.json").read_text())["train"]["seq_len"])
+
     def run_train(self, step: Step) -> tuple[dict, dict, dict]:
         from spectra.train import TrainConfig, train
 
@@ -286,7 +296,8 @@ class SuiteRunner:
 
         target = self.steps[step.target]
         path = self._artifact(step.target)
-        opts = {"batch_size": 8, "ppl_max_tokens": 65536, **self.spec.eval}
+        opts = {"batch_size": 8, "ppl_max_tokens": 65536, "ppl_seq_len": self._trained_seq_len(target),
+                **self.spec.eval}
         res = evaluate(path, self.spec.tasks, data=self.spec.data, **opts)
         out = self.out / "evals" / f"{target.model_name}.json"
         if self.ranks.is_main:

@@ -155,6 +155,17 @@ class SuiteSpec:
                 out["lr2"] = float(lr2)
         return out
 
+    def eval_window(self) -> int:
+        """The held-out window perplexity is scored in: [eval] ppl_seq_len, else the longest sequence the study's
+        models train on (`spectra.train.config.resolve`; the eval step passes its model's own, `SuiteRunner`)."""
+        if self.eval.get("ppl_seq_len"):
+            return int(self.eval["ppl_seq_len"])
+        from spectra.train.config import TrainConfig, resolve
+
+        return max(resolve(self.model_config(s, f), TrainConfig.from_dict(
+            {"tokens": 1, **{k: v for k, v in self.train_overrides(f, s).items() if k in ("seq_len", "batch_tokens")}}
+        )).seq_len for s in self.sizes for f in self.families)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
