@@ -105,3 +105,27 @@ def test_use_gfni_switch():
             assert K.use_gfni(True) == ("gfni" in cpuinfo.read_text().split())
     finally:
         K.use_gfni(before)
+
+
+def test_a_tq1_token_alone_takes_another_kernel_when_the_quad_gemm_is_asked_for_it():
+    """With the quad GEMM switched on from one token (`use_quad(1)`), a group call of one TQ1_0 token gave the quad
+    GEMM a pointer to an activation layout that had not been built (it ran on the TQ1 layout: max |error| 1.9; a
+    sanitizer review, 2026-12-07). The layouts are now handed only where they were sized and built."""
+    qs, q1, bounds, seg_d = ternary_codes(64, 512, seed=0)
+    x = torch.randn(1, 512)
+    ref = K.reference_matmul(x, qs, bounds, seg_d)
+    before = K.use_quad(1)
+    try:
+        for fmt, codes in (("tq1_0", q1), ("tq2_0", qs)):
+            got = K.ternary_matmul_group(x, [(codes, bounds, seg_d, fmt)], path="avx512vnni", n_threads=1)[0]
+            assert torch.equal(got, ref), fmt
+    finally:
+        K.use_quad(before)
+
+
+def test_thread_counts_and_split_leads_are_checked():
+    """attention with n_threads < 1 returned memory nothing wrote; a lead past the rows overflowed (the review)."""
+    with pytest.raises(ValueError, match="n_threads must be >= 1"):
+        K.attention(torch.randn(4, 64), torch.randn(4, 10, 64), torch.randn(4, 10, 64), n_threads=-1)
+    with pytest.raises(ValueError, match=r"lead must lie in 0\.\.8"):
+        K.extension().batch_split_cuts(2, (1, 1, 2, 2, 3, 3, 4, 4), 2**63 - 1, 1)

@@ -176,7 +176,8 @@ static int defer_await(uint64_t ticket, int help) {
     (void)help;
 #endif
     while (dq.done < ticket) pthread_cond_wait(&dq.cv, &dq.mu);
-    const int status = dq.status[(ticket - 1) % DEFER_LISTS];
+    /* another thread's lists may have run meanwhile and reused this one's status slot */
+    const int status = dq.done >= ticket + DEFER_LISTS ? 2 : dq.status[(ticket - 1) % DEFER_LISTS];
     pthread_mutex_unlock(&dq.mu);
     return status;
 }

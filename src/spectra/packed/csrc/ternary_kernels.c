@@ -2910,6 +2910,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     if (!kv_kind_ok(half)) return NULL;
     if (H <= 0 || S <= 0 || D <= 0 || D > 256 || hs < S * kv_row_len(half, D))
         return PyErr_Format(PyExc_ValueError, "bad sizes H=%lld S=%lld D=%lld head stride %lld", H, S, D, hs);
+    if (n_threads < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", n_threads);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     int ok;
     Py_BEGIN_ALLOW_THREADS
@@ -3187,9 +3188,13 @@ static int group_run(int path, const float *x, int64_t T, int64_t K, job_t *jobs
                 sum[t * J->S + s] = v;
             }
         J->xq = J->fmt == FMT_TQ1 && q1_bytes ? xq1 : xq, J->bsum = sum, J->xs = xs;
-        if (vnni_xt_bytes(path, J)) J->xt = xt;
-        if (quad_applies(path, J)) J->x4 = x4;
-        if (rowlane_wanted(path, J)) J->x8 = x8;
+        /* each layout only where it was sized and built above: a switch (use_rowlane, use_amx, ...) flipped by another
+         * thread in between, or a job the quad GEMM takes at too few tokens for its layout (x4_bytes 0: TQ1_0 at one
+         * token ran the quad GEMM on the TQ1 activations), must find NULL and take another kernel */
+        const size_t need_xt = vnni_xt_bytes(path, J);
+        if (need_xt && need_xt <= xt_bytes) J->xt = xt;
+        if (x4_bytes && quad_applies(path, J) && round64(quad_bytes(T, K)) <= x4_bytes) J->x4 = x4;
+        if (x8_bytes && rowlane_wanted(path, J)) J->x8 = x8;
         sum += T * J->S;
     }
     run_parallel_jobs(run_rows, path, jobs, G, n_threads);
@@ -3259,13 +3264,19 @@ static size_t i8_scratch_bytes(int path, int64_t T, int64_t K, int has_rl) {
            i8_x8_bytes(path, T, K, has_rl) + (sizeof(int32_t) + sizeof(float)) * (size_t)T;
 }
 
-/* The int8 product's job for x [T, K] against qw [N, K] (its activations quantized into scratch, laid out as
- * i8_scratch_bytes says; bounds holds the one segment), ready for run_rows_i8 on any rows. rl: qw interleaved by 16
- * rows for the row-lane GEMM (rowlane_codes), or NULL. */
+/* The int8 product's job for x [T, K] against qw [N, K] (its activations quantized into scratch, `have` bytes that
+ * the caller sized with i8_scratch_bytes, laid out as it says; bounds holds the one segment), ready for run_rows_i8
+ * on any rows. rl: qw interleaved by 16 rows for the row-lane GEMM (rowlane_codes), or NULL. The layout is computed
+ * again here: where a switch (use_rowlane, use_amx, ...) flipped on another thread since the caller sized it and it
+ * no longer fits, the kernels get none of the optional copies (J.xt, x4, x8 NULL) and take the plain path. */
 static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const uint8_t *qw, const uint8_t *rl,
-                           int64_t N, const float *d, float *y, void *scratch, int32_t bounds[2], job_t *Jp) {
-    const size_t q_bytes = round64((size_t)(T * K)), xt_bytes = i8_xt_bytes(path, T, K);
-    const size_t x4_bytes = i8_x4_bytes(path, T, K), x8_bytes = i8_x8_bytes(path, T, K, rl != NULL);
+                           int64_t N, const float *d, float *y, void *scratch, size_t have, int32_t bounds[2],
+                           job_t *Jp) {
+    const size_t q_bytes = round64((size_t)(T * K));
+    size_t xt_bytes = i8_xt_bytes(path, T, K), x4_bytes = i8_x4_bytes(path, T, K);
+    size_t x8_bytes = i8_x8_bytes(path, T, K, rl != NULL);
+    if (q_bytes + xt_bytes + x4_bytes + x8_bytes + (sizeof(int32_t) + sizeof(float)) * (size_t)T > have)
+        xt_bytes = x4_bytes = x8_bytes = 0;
     int8_t *xq = (int8_t *)scratch;
     int8_t *xt = (int8_t *)scratch + q_bytes;
     int8_t *x4 = xt + xt_bytes;
@@ -3291,12 +3302,12 @@ static void matmul_i8_prep(int path, const float *x, int64_t T, int64_t K, const
 }
 
 /* y[T, N] = x[T, K] W^T for the int8 W of matmul_i8 (w + 128, permuted blocks, row scales d), in `scratch` of
- * i8_scratch_bytes(path, T, K); needs no GIL. */
+ * `have` bytes (i8_scratch_bytes(path, T, K)); needs no GIL. */
 static void matmul_i8_run(int path, int n_threads, const float *x, int64_t T, int64_t K, const uint8_t *qw,
-                          const uint8_t *rl, int64_t N, const float *d, float *y, void *scratch) {
+                          const uint8_t *rl, int64_t N, const float *d, float *y, void *scratch, size_t have) {
     int32_t bounds[2];
     job_t J;
-    matmul_i8_prep(path, x, T, K, qw, rl, N, d, y, scratch, bounds, &J);
+    matmul_i8_prep(path, x, T, K, qw, rl, N, d, y, scratch, have, bounds, &J);
     run_parallel(run_rows_i8, path, &J, n_threads);
 }
 
@@ -3314,11 +3325,12 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args) {
                             N, K, QK);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     if (T == 0 || N == 0) Py_RETURN_NONE;
-    void *scratch = scratch_get(i8_scratch_bytes(path, T, K, 0));
+    const size_t have = i8_scratch_bytes(path, T, K, 0);
+    void *scratch = scratch_get(have);
     if (!scratch) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     matmul_i8_run(path, n_threads, (const float *)(uintptr_t)px, T, K, (const uint8_t *)(uintptr_t)pw, NULL, N,
-                  (const float *)(uintptr_t)pd, (float *)(uintptr_t)py, scratch);
+                  (const float *)(uintptr_t)pd, (float *)(uintptr_t)py, scratch, have);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -3351,12 +3363,12 @@ static int head_exec(int path, int n_threads, const float *x, const int64_t *row
     float *h = (float *)((char *)scratch + i8_bytes);
     for (int64_t b = 0; b < B; b++) rms_norm_row(x + (rows ? rows[b] : b) * C, w, eps, h + b * C, C);
     if (!idx || (y && B < HEAD_FUSE_ROWS)) {
-        matmul_i8_run(path, n_threads, h, B, C, qw, rl, V, d, y, scratch);
+        matmul_i8_run(path, n_threads, h, B, C, qw, rl, V, d, y, scratch, i8_bytes);
         return !idx || rows_stats(path, n_threads, y, B, V, idx, lse, top, NULL);
     }
     int32_t bounds[2];
     job_t J;
-    matmul_i8_prep(path, h, B, C, qw, rl, V, d, y, scratch, bounds, &J);
+    matmul_i8_prep(path, h, B, C, qw, rl, V, d, y, scratch, i8_bytes, bounds, &J);
     return rows_stats(path, n_threads, y, B, V, idx, lse, top, &J);
 }
 
@@ -3950,6 +3962,7 @@ static PyObject *batch_layers(PyObject *args, int all_layers) {
     const long long A = H * D;
     if (B <= 0 || C <= 0 || C % QK || H <= 0 || D <= 0 || D % 2 || D > 256 || A % QK || loff < 0)
         return PyErr_Format(PyExc_ValueError, "bad decode_layer_batch sizes B=%lld C=%lld H=%lld D=%lld", B, C, H, D);
+    if (n_threads < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", n_threads);
     if (!path_supported(path)) return PyErr_Format(PyExc_ValueError, "kernel path %d is not supported", path);
     const int64_t *pos = (const int64_t *)(uintptr_t)ppos;
     for (long long b = 0; b < B; b++)
@@ -4250,7 +4263,12 @@ static void *round_trip_echo(void *arg) {
         int64_t v;
         while ((v = atomic_load_explicit(&r->flag, memory_order_acquire)) != 2 * i + 1)
             if (v < 0) return NULL;
-        atomic_store_explicit(&r->flag, 2 * i + 2, memory_order_release);
+        /* a compare-exchange, not a store: the caller may have given up (-1) since the load, and a plain store would
+         * overwrite that and spin here for ever while the caller waits in pthread_join */
+        int64_t expect = 2 * i + 1;
+        if (!atomic_compare_exchange_strong_explicit(&r->flag, &expect, 2 * i + 2, memory_order_acq_rel,
+                                                     memory_order_acquire))
+            return NULL;
     }
     return NULL;
 }
@@ -4446,6 +4464,7 @@ static PyObject *py_batch_split_cuts(PyObject *self, PyObject *args) {
     if (min_rows < 1) return PyErr_Format(PyExc_ValueError, "min_rows must be at least 1, got %lld", min_rows);
     const Py_ssize_t B = PyTuple_GET_SIZE(caches);
     if (B < 1 || B > 4096) return PyErr_Format(PyExc_ValueError, "need 1..4096 rows, got %zd", B);
+    if (lead < 0 || lead > B) return PyErr_Format(PyExc_ValueError, "lead must lie in 0..%zd, got %lld", B, lead);
     unsigned long long kp[4096];
     for (Py_ssize_t i = 0; i < B; i++) {
         kp[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(caches, i));
