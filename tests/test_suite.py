@@ -542,3 +542,56 @@ def test_perplexity_is_scored_in_the_windows_the_models_trained_on(tmp_path):
     run_suite(spec, tmp_path / "out", progress=False)
     metrics = read_records(tmp_path / "out")["eval/train/floatlm-1m/s0"]["metrics"]
     assert metrics["seq_tokens"][0] == 256 and len(metrics["seq_nll"]) >= 32
+
+
+def test_a_workers_process_ends_when_the_study_is_killed(tmp_path):
+    """`--jobs N` workers outlived a killed study and kept training into the run folders the resumed study trained
+    into again (a review, 2026-12-07). A worker now ends within a second or two of its parent."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, time\n"
+        "from spectra.suite.runner import _init_worker\n"
+        "def child():\n"
+        "    _init_worker(1, 30)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('spawn').Process(target=child)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(3)  # the worker is up (torch imported, the watch started)
+
+    def alive(pid: int) -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
+
+    assert alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    gone = not alive(child)
+    if not gone:
+        os.kill(child, 9)
+    assert gone
+
+
+def test_a_preset_narrowed_by_set_drops_the_rates_and_contrasts_it_leaves_out():
+    """`--set sizes=...` or `--set families=...` on a preset with [lr] tables or [contrasts] was refused for naming
+    sizes or families not in the study, the CLI help's own example included (a review, 2026-12-07)."""
+    one = load_spec("tiny", overrides={"sizes": ["s1"]})
+    assert one.sizes == ["s1"] and one.lr["floatlm"] == {"s1": load_spec("tiny").lr["floatlm"]["s1"]}
+    assert load_spec("tiny", overrides={"sizes": ["tiny"], "tokens": 1e5}).sizes == ["tiny"]
+    floats = load_spec("small", overrides={"families": ["floatlm"]})
+    assert floats.families == ["floatlm"] and list(floats.lr) == ["floatlm"] and not floats.contrasts

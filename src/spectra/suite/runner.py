@@ -508,10 +508,22 @@ def _run_step(runner: SuiteRunner, step: Step) -> dict[str, Any]:
 
 def _init_worker(threads: int, level: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for code that reads it (spectra.inference threads_from_env)
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(message)s")
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once the study's process is gone: a pool's workers outlive a killed parent, and kept
+    training into the run folders that the resumed study trains into again (a review, 2026-12-07: two writers of one
+    metrics.jsonl)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _run_step_in_worker(spec: SuiteSpec, out: str, tokenizer: str, key: str) -> dict[str, Any]:

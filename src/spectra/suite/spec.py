@@ -419,9 +419,38 @@ def load_spec(preset: str | None = None, path: str | os.PathLike | None = None,
         raise ValueError(f"{source} is not valid TOML: {e}") from e
     if overrides:
         doc.setdefault("suite", {}).update(overrides)
+        _narrow(doc, overrides, source)
     spec = parse_spec(doc, source)
     spec.preset = preset
     return spec
+
+
+def _narrow(doc: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+    """With sizes or families narrowed by an override (`--set sizes=...`), the spec's [lr] rates and [contrasts] for
+    the sizes and families left out are dropped, with a note: they were refused as naming sizes or families not in the
+    study, so a preset could not be run on part of its ladder (a review, 2026-12-07)."""
+    import logging
+
+    suite = doc.get("suite", {})
+    sizes, families = suite.get("sizes"), suite.get("families")
+    dropped = []
+    if ("sizes" in overrides or "families" in overrides) and isinstance(doc.get("lr"), dict):
+        for fam in list(doc["lr"]):
+            table = doc["lr"][fam]
+            if isinstance(families, list) and fam not in families:
+                dropped.append(f"[lr.{fam}]")
+                del doc["lr"][fam]
+            elif isinstance(sizes, list) and isinstance(table, dict):
+                for size in [x for x in table if x not in sizes]:
+                    dropped.append(f"[lr.{fam}] {size}")
+                    del table[size]
+    if "families" in overrides and isinstance(families, list) and isinstance(doc.get("contrasts"), dict):
+        for name in [n for n, w in doc["contrasts"].items() if isinstance(w, dict) and set(w) - set(families)]:
+            dropped.append(f"[contrasts] {name!r}")
+            del doc["contrasts"][name]
+    if dropped:
+        logging.getLogger(__name__).info("%s: left out with the narrowed sizes/families: %s", source,
+                                         ", ".join(dropped))
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
