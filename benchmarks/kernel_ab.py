@@ -156,6 +156,8 @@ def main() -> None:
                     help="a set_prefetch setting for the tree's build only (gemv_step, i8_bytes, i8_every_line, "
                          "gemv_copies, tq1_step, gemv_fixed)")
     args = ap.parse_args()
+    if args.rounds < 1:  # (0 used to fail only after both builds had compiled)
+        ap.error("--rounds must be >= 1")
     tree_prefetch = parse_prefetch(args.tree_prefetch)
     if K.extension() is None:
         raise SystemExit("the C extension is not built here (pip install -e .)")

@@ -490,7 +490,7 @@ def summarize(rows: list[dict]) -> dict:
             mine = [r for r in rows if r["server"] == name and r["clients"] == c]
             vs_seq = [r["tok_s"] / r["sequential_tok_s"] for r in mine]
             vs_peer = [r["tok_s"] / peer[(r["repeat"], c)] for r in mine
-                       if name == "spectra" and peer.get((r["repeat"], c))]
+                       if name not in ("llama-server", "in process") and peer.get((r["repeat"], c))]
             rate = statistics.median(r["tok_s"] for r in mine)
             line = f"{name:<17} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
             if vs_peer:

@@ -1025,3 +1025,16 @@ def test_past_the_shutdown_timeout_requests_end_cancelled_with_an_answer(deeper_
         assert a.status_code == 503 and a.json()["error"]["message"] == "generation cancelled"
     assert srv.stop()
     assert "Traceback" not in srv.proc.stdout.read()
+
+
+def test_bench_summary_compares_every_spectra_server_with_llama_server():
+    """The "vs llama-server" ratio was printed only for a server named exactly "spectra", not "spectra si=4" or
+    "spectra serial" (a review, 2026-12-07); the in-process rate is not an HTTP server and gets none."""
+    summarize = _serve_bench().summarize
+    rows = [dict(server=name, clients=16, repeat=k, tok_s=rate, sequential_tok_s=25.0)
+            for k in (0, 1) for name, rate in (("spectra si=4", 100.0), ("llama-server", 50.0),
+                                                ("spectra serial", 90.0), ("in process", 120.0))]
+    out = summarize(rows)
+    text = "\n".join(out["lines"]) if isinstance(out, dict) and "lines" in out else str(out)
+    assert "vs llama-server 2.00x" in text and "vs llama-server 1.80x" in text
+    assert text.count("vs llama-server") == 2

@@ -276,7 +276,7 @@ def bench(
             raise ValueError(f"unknown variant {name!r}; accepted: packed, bf16, fp32, model")
     if prompt_len < 1 or gen_len < 1 or repeats < 1:
         raise ValueError(f"prompt_len, gen_len and repeats must be >= 1, got {prompt_len}, {gen_len}, {repeats}")
-    threads = [int(t) for t in threads]
+    threads = list(dict.fromkeys(int(t) for t in threads))  # a count given twice was measured twice per round
     if not threads or min(threads) < 1:
         raise ValueError(f"threads must be positive integers, got {threads}")
     if packed_format not in ("tq2", "tq1"):
