@@ -311,8 +311,9 @@ def _task_plan(tasks: str | list[str], offline_dir, include_path, include_defaul
             if unavailable:
                 log.warning("not available offline, skipped: %s", ", ".join(unavailable))
             include.append(yaml_dir)
-        local = {task_lib.CLOZE_TASK} | (set(task_lib.read_manifest(offline_dir)["tasks"]) if offline_dir else set())
-        if not index and include_path is None and all(n in local for n in names):
+        # offline_tasks kept only the names the offline folder holds: every one is local there, and elsewhere cloze
+        local = offline_dir is not None or set(names) <= {task_lib.CLOZE_TASK}
+        if not index and include_path is None and local:
             return names, want_ppl, unavailable, None
         if task_lib.CLOZE_TASK in names:
             from spectra.eval.cloze import write_cloze_task

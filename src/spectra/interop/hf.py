@@ -103,7 +103,7 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
             if suffix == "weight":
                 put(name, module.quantized_weight().float())
             continue  # a per-shard scale offset is part of W̃
-        if suffix == "weight" and isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ in (
+        if (suffix == "weight" and isinstance(module, (nn.Linear, nn.Embedding))) or type(module).__name__ in (
                 "RMSNorm", "LayerNorm"):
             put(name, tensor)
             continue

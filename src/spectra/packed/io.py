@@ -325,11 +325,12 @@ def load_packed(
         if k in state and state[k].dtype != FLOAT_DTYPES.get(want, torch.int8):
             raise FormatError(f"{weights}: tensor {k} is {state[k].dtype}, {META_FILE} says {want}")
     for k, v in state.items():  # norms, the head's row scales, the embedding: finite floats, as the block scales are
-        if k not in stored or k == "lm_head.weight" or k == "embed_tokens.weight":
-            if not v.is_floating_point():
-                raise FormatError(f"{weights}: tensor {k} is {v.dtype}; accepted: a floating-point dtype")
-            if not bool(torch.isfinite(v).all()):
-                raise FormatError(f"{weights}: tensor {k} holds NaN or infinite values (a corrupt file?)")
+        if k == "lm_head.qweight":  # the int8 head's weights (checked by Int8Linear.from_int8)
+            continue
+        if not v.is_floating_point():
+            raise FormatError(f"{weights}: tensor {k} is {v.dtype}; accepted: a floating-point dtype")
+        if not bool(torch.isfinite(v).all()):
+            raise FormatError(f"{weights}: tensor {k} holds NaN or infinite values (a corrupt file?)")
     if head == "int8":
         try:
             model.lm_head = Int8Linear.from_int8(state.pop("lm_head.qweight"), state.pop("lm_head.scale"), path=kernel)

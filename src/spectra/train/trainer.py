@@ -216,8 +216,9 @@ def train(
     try:
         return _train(model_cfg, train_cfg, run_dir, resume, progress, info)
     except BaseException:
-        if fresh and info.is_main and not (run_dir / "run.json").exists():  # it failed before the run began: no
-            shutil.rmtree(run_dir, ignore_errors=True)  # empty folder left behind (a BPE trained for it goes too)
+        # it failed before the run began: no empty folder left behind (a BPE trained for it goes too)
+        if fresh and info.is_main and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
         dist.cleanup(info)
@@ -349,7 +350,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     # every rank runs as many forwards (FSDP gathers parameters in each, collectively): a rank with fewer windows
     # (n_val not a multiple of the ranks) pads with forwards it does not count; a rank one batch short used to wait in
     # the all-gather while the others waited in the loss's all-reduce, until the collective timeout
-    most = -(-(-(-n_val // dp_world)) // micro)
+    most = math.ceil(math.ceil(n_val / dp_world) / micro)  # the most batches a rank has
     val_batches += [(torch.from_numpy(val_stream.get(0, T + 1)[None]), False)] * (most - len(val_batches))
     plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
                        parallel=cfg.parallel, precision=cfg.precision,
@@ -410,8 +411,10 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                            options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(st["optimizer"])
-        for g in opt.param_groups:  # how AdamW runs is this run's choice (make_optimizer), not the saving run's: a
-            g.update(how)           # fused flag from a run without tp crashed a resume with tp on its first step
+        # how AdamW runs is this run's choice (make_optimizer), not the saving run's: a fused flag from a run
+        # without tp crashed a resume with tp on its first step
+        for g in opt.param_groups:
+            g.update(how)
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         set_rng_state(st["rng"])
