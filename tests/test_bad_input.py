@@ -317,9 +317,56 @@ def test_suite_checks_its_tasks_before_training(tmp_path, capsys):
     assert "\n" not in err and not (out / "runs").exists() and not (out / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize("table, said", [
+    ("[eval]\nppl_max_token = 1000\n", "[eval] unknown key 'ppl_max_token'; accepted: ['batch_size', "),
+    ("[eval]\ntasks = 'ppl'\n", "[eval] tasks: set by the study itself"),
+    ("[quantize]\ngroupsize = 64\n", "[quantize] unknown key 'groupsize'; accepted: ['act_order', "),
+    ("[quantize]\nbits = 4\n", "[quantize] bits: set by the study itself"),
+    ("[bench]\nthread = [2]\n", "[bench] unknown key 'thread'; accepted: ["),
+])
+def test_suite_checks_its_step_options_before_training(tmp_path, capsys, table, said):
+    """A misspelt [eval] key failed every eval step after the models had trained (2026-12-07: 443 s of training, then
+    `evaluate() got an unexpected keyword argument 'ppl_max_token'` five times); now the study stops first."""
+    spec = tmp_path / "s.toml"
+    spec.write_text('[suite]\nname = "x"\nsizes = ["1m"]\nfamilies = ["floatlm"]\nquant_bits = [4]\n'
+                    'tokens = 7e4\ntasks = ["ppl"]\n' + table)
+    out = tmp_path / "out"
+    assert main(["suite", "--spec", str(spec), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spectra suite: error: " + said), err
+    assert "\n" not in err and not (out / "runs").exists() and not (out / "results.jsonl").exists()
+
+
+def test_cloze_on_data_too_short_for_a_passage_is_refused_before_training(tmp_path):
+    """check_tasks accepted "cloze" on data with no 50-word passage; `evaluate` then failed on it after each model had
+    trained."""
+    from spectra.eval import check_tasks
+
+    (tmp_path / "c" / "validation").mkdir(parents=True)
+    (tmp_path / "c" / "validation" / "a.txt").write_text("Too short. Far too short to cut a passage from.")
+    with pytest.raises(ValueError, match=r"gave no cloze items: it needs passages of >= 50 words"):
+        check_tasks("ppl,cloze", data=str(tmp_path / "c"))
+    assert check_tasks("ppl", data=str(tmp_path / "c")) == ["ppl"]
+
+
+def test_eval_max_tokens_below_two_is_refused(tmp_path, capsys):
+    """--max-tokens 1 said the corpus "has no text to score"; the budget, not the corpus, left nothing."""
+    assert main(["eval", str(tmp_path), "--tasks", "ppl", "--max-tokens", "1"]) == 2
+    assert "--max-tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_every_preset_passes_the_step_option_check():
+    from spectra.suite.preflight import check_options
+    from spectra.suite.spec import PRESETS, load_spec
+
+    for name in PRESETS:
+        check_options(load_spec(name))
+
+
 def test_task_check_skips_the_task_index_for_local_tasks(tmp_path, monkeypatch):
     """check_tasks answers for "ppl", "cloze" and offline tasks without building lm-eval's task index (20-30 s), and
     raises as `evaluate` does for an explicitly named task the offline folder lacks."""
+    import lm_eval
     import lm_eval.tasks
 
     from spectra.eval import check_tasks
@@ -330,7 +377,9 @@ def test_task_check_skips_the_task_index_for_local_tasks(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", no_index)
     assert check_tasks(["ppl", "cloze"], limit=5) == ["spectra_cloze", "ppl"]
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "manifest.json").write_text(json.dumps({"tasks": ["arc_easy"], "unavailable": ["logiqa"]}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"tasks": {"arc_easy": {"split": "test", "rows": 1}},
+                                                        "unavailable": ["logiqa"],
+                                                        "lm_eval_version": lm_eval.__version__}))
     assert check_tasks("arc_easy,ppl", offline_dir=tmp_path) == ["arc_easy", "ppl"]
     with pytest.raises(FileNotFoundError, match=r"no offline data for \['piqa'\]"):
         check_tasks(["piqa"], offline_dir=tmp_path)

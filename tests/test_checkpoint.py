@@ -43,6 +43,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_atomic_dir_replaces_whole(tmp_path):
     (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "spectra.json").write_text("{}")  # a folder a writer made (a bare folder of files is refused)
     (tmp_path / "d" / "old.txt").write_text("old")
     with atomic_dir(tmp_path / "d") as tmp:
         (tmp / "new.txt").write_text("new")

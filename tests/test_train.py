@@ -341,6 +341,21 @@ def test_missing_and_empty_data(tmp_path, data):
         train(model_cfg(), train_cfg(data, data=str(empty)), out_dir=tmp_path / "b", progress=False)
 
 
+def test_a_progressive_schedule_must_reach_its_last_stage(tmp_path, data):
+    """3 steps train at fractions 0, 1/3, 2/3: a last stage from 0.75 was never reached, and the final model was saved
+    at the 4-bit stage (14 distinct codes) as a 'ternary' run. 4 steps reach it at their last (3/4)."""
+    prog = {"progressive": [[0.0, 16], [0.25, 8], [0.5, 4], [0.75, 1.58]]}
+    with pytest.raises(ValueError, match=r"the last stage starts at 0.75 of training, which none of this run's 3 "
+                                         r"step\(s\) reaches .*train at least 4 steps"):
+        train(model_cfg("trilm", quantizer_options=prog), train_cfg(data, tokens=SEQ * 8 * 3), out_dir=tmp_path / "a",
+              progress=False)
+    assert not (tmp_path / "a").exists()
+    res = train(model_cfg("trilm", quantizer_options=prog), train_cfg(data, tokens=SEQ * 8 * 4),
+                out_dir=tmp_path / "b", progress=False)
+    codes, _ = load(Path(res["run_dir"]) / "final").layers[0].self_attn.q_proj.codes_and_scales()
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+
+
 def test_vocab_mismatch(tmp_path, data):
     with pytest.raises(ValueError, match="vocab_size is 256"):
         train(model_cfg(vocab_size=256), train_cfg(data), out_dir=tmp_path / "r", progress=False)

@@ -351,6 +351,22 @@ def test_shape_changing_override_names_the_field(tmp_path, data, runs):
     _fails(data, tmp_path / "c", r"model\.vocab_size", model_cfg(vocab_size=640), init=str(runs["floatlm"]))
 
 
+def test_bitnet158_conversion_is_refused_both_ways(tmp_path, runs):
+    """FloatLM -> bitnet158 failed with "tensor layers.0.input_layernorm.weight has no place in a trilm model", and
+    bitnet158 -> FloatLM silently dropped each linear's norm and 8-bit activations (logits off by 0.85)."""
+    with pytest.raises(ValueError, match="converting to bitnet158 is refused"):
+        open_init(runs["floatlm"], {"family": "trilm", "quantizer": "bitnet158"}, None)
+    with pytest.raises(ValueError, match="converting to bitnet158 is refused"):
+        open_init(runs["trilm"], {"quantizer": "bitnet158"}, None)
+    from spectra.checkpoint import save_model
+
+    source = load(runs["trilm"] / "final")
+    bitnet = save_model(build_model(source.config.replace(quantizer="bitnet158"), seed=0), tmp_path / "bitnet",
+                        tokenizer=runs["trilm"] / "final" / "tokenizer.json")
+    with pytest.raises(ValueError, match="converting from bitnet158 is refused"):
+        open_init(bitnet, {"family": "floatlm"}, None)
+
+
 def test_tokenizer_mismatch(tmp_path, data, runs):
     _fails(data, tmp_path / "a", "differs from the tokenizer of the init checkpoint", init=str(runs["floatlm"]),
            tokenizer=str(data[2]))

@@ -45,6 +45,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     mlp = (3 if cfg.mlp_act == "swiglu" else 2) * cfg.dim * cfg.glu_dim
     linear = cfg.n_layers * (attn + mlp)
     norms = (2 * cfg.n_layers + 1) * cfg.dim
+    if cfg.family == "trilm":
+        from spectra.quantizers import QUANTIZER_CLASSES
+
+        if QUANTIZER_CLASSES[cfg.quantizer].input_norm:  # BitNet b1.58: a norm inside each linear, none per block
+            per_layer = 3 * cfg.dim + cfg.attn_dim + (2 if cfg.mlp_act == "swiglu" else 1) * cfg.dim + cfg.glu_dim
+            norms = cfg.n_layers * per_layer + cfg.dim
     embedding = 2 * cfg.vocab_size * cfg.dim  # untied embedding + lm_head
     return {
         "params": linear + norms + embedding,
@@ -115,7 +121,7 @@ def stored_bits(path) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from spectra.files import SAFETENSORS_DTYPE_BYTES, safetensors_header
+    from spectra.files import SAFETENSORS_DTYPE_BYTES, FormatError, read_json, safetensors_header
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
@@ -138,10 +144,15 @@ def stored_bits(path) -> dict[str, Any]:
            "files": [f.name for f in files]}
     meta_file = Path(path) / "spectra.json"
     if meta_file.exists():  # a packed checkpoint: its file against the paper's count plus the block scales
-        import json
-
-        meta = json.loads(meta_file.read_text())
-        if meta.get("kind") == "packed" and isinstance(meta.get("packed"), dict):
-            out.update(packed_size(ModelConfig.from_dict(meta["config"]), meta["packed"]["format"],
-                                   sum(f.stat().st_size for f in files)))
+        meta = read_json(meta_file, "spectra's model metadata")
+        packed = meta.get("packed") if isinstance(meta, dict) else None
+        if packed is not None and meta.get("kind") == "packed" and isinstance(packed, dict):
+            fmt = packed.get("format")
+            if fmt not in ("tq1_0", "tq2_0"):
+                raise FormatError(f"{meta_file}: packed.format is {fmt!r}; accepted: ['tq1_0', 'tq2_0']")
+            try:
+                cfg = ModelConfig.from_dict(meta["config"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise FormatError(f"{meta_file}: field 'config' is not a valid model config: {e}") from None
+            out.update(packed_size(cfg, fmt, sum(f.stat().st_size for f in files)))
     return out

@@ -92,7 +92,7 @@ def model_info(model: str) -> dict:
             report = size_report(ModelConfig.from_dict(meta["config"]))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
-        if meta.get("kind") not in KIND_LOADERS:
+        if not isinstance(meta.get("kind"), str) or meta["kind"] not in KIND_LOADERS:
             raise FormatError(f"{path / META_FILE}: unknown kind {meta.get('kind')!r}; accepted: "
                               f"{sorted(KIND_LOADERS)}")
         report["kind"] = meta.get("kind")

@@ -13,6 +13,7 @@ when the model has one, `tokenizer.json`. This module knows those names; what ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -49,15 +50,60 @@ def _temporary(out: Path, make: Any) -> Any:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
 
 
+WRITTEN_MARKS = (META_FILE, "config.json", "manifest.json")
+"""Files that mark a folder as one a model or data writer made (spectra's, a Hugging Face model's, a data manifest):
+`atomic_dir` replaces such a folder, and refuses any other that is not empty."""
+
+
+def _written_folder(path: Path) -> bool:
+    return any((path / mark).is_file() for mark in WRITTEN_MARKS)
+
+
+def _check_replaceable(out: Path) -> None:
+    """A FileExistsError when `out` is a folder whose files replacing it would delete: neither empty, nor a folder a
+    writer made (`WRITTEN_MARKS`), nor one whose entries are all such folders (`quantize --format both`)."""
+    entries = sorted(out.iterdir())
+    if not entries or _written_folder(out) or all(e.is_dir() and _written_folder(e) for e in entries):
+        return
+    names = ", ".join(e.name for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise FileExistsError(f"{out} exists and holds other files ({names}); writing there would delete them: give a new "
+                          "or empty directory, or one holding a model to replace")
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it, which is not safe beside threads that create
+    files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(folder: Path) -> None:
+    """mkdtemp/mkstemp make a folder 0700 and files 0600; give the written tree the modes the umask gives a plain
+    mkdir or open (typically 0755 / 0644), so another user (a server's) can read the model."""
+    umask = _umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename. An existing
+    `out_dir` is replaced only when empty or written by a model/data writer (`_check_replaceable`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir():
+        _check_replaceable(out)
     tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)))
     try:
         yield tmp
+        _publish_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "x")
@@ -110,6 +156,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 otherwise
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -185,6 +232,8 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         try:
             begin, end = t["data_offsets"]
             nbytes = SAFETENSORS_DTYPE_BYTES[t["dtype"]] * _prod(t["shape"])
+            if not (_index(begin) and _index(end) and begin <= end):
+                raise ValueError(t["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path} is corrupt: tensor {name!r} has an invalid header entry") from None
         if end - begin != nbytes:
@@ -193,7 +242,13 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         end_max = max(end_max, end)
     if end_max > data:
         raise FormatError(f"{path} is truncated: its tensors need {end_max} bytes of data, the file holds {data}")
+    if end_max < data:  # safetensors refuses a file its tensors do not fully cover
+        raise FormatError(f"{path} is corrupt: {data - end_max} bytes follow its tensors' data")
     return header
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _prod(shape: list[int]) -> int:

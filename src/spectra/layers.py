@@ -151,9 +151,10 @@ class TernaryLinear(InferenceCache, nn.Linear):
     """nn.Linear whose forward uses the quantized weight; the latent weight is trained through the STE.
 
     The quantizer is `config.quantizer` (default "trilm", the paper's), a child module `quantizer`; see
-    `spectra.quantizers` for the ablations. Quantizers that ask for it (`bitnet158`) get an RMSNorm over the input
-    features inside the layer, `input_norm` (state-dict key `...<proj>.input_norm.weight`), applied before the input is
-    quantized: BitNet's norm before every linear layer, which a Llama checkpoint cannot represent.
+    `spectra.quantizers` for the ablations. Quantizers that ask for it (`bitnet158`) get a norm over the input
+    features inside the layer (`norm`, `norm_eps`: the model's, RMSNorm by default), `input_norm` (state-dict key
+    `...<proj>.input_norm.weight`), applied before the input is quantized: BitNet's norm before every linear layer,
+    which a Llama checkpoint cannot represent.
     While frozen (`freeze_for_inference`), the codes, scales and W̃ are kept: `_frozen = (codes, scales, W̃)`.
 
     Training memory (`recompute_weight`, set by `set_recompute_weight`): the backward matmul needs W̃ (or its
@@ -174,6 +175,8 @@ class TernaryLinear(InferenceCache, nn.Linear):
         shard_dim: int = 0,
         quantizer: str = "trilm",
         quantizer_options: dict | None = None,
+        norm: str = "rmsnorm",
+        norm_eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -182,8 +185,10 @@ class TernaryLinear(InferenceCache, nn.Linear):
         self.shard_dim = shard_dim
         self.quantizer = build_quantizer(quantizer, num_shards=num_shards, dim=shard_dim, **(quantizer_options or {}))
         self.quantizer.to(device=device, dtype=dtype)
-        if self.quantizer.input_norm:
-            self.input_norm = RMSNorm(in_features).to(device=device, dtype=dtype)
+        if self.quantizer.input_norm:  # the model's norm kind and eps (`ModelConfig.norm`, `norm_eps`)
+            made = nn.LayerNorm(in_features, eps=norm_eps, bias=False) if norm == "layernorm" else \
+                RMSNorm(in_features, eps=norm_eps)
+            self.input_norm = made.to(device=device, dtype=dtype)
         else:
             self.input_norm = None
         # quantization warm-up (spectra.train.warmup): the forward uses W + mix·(W̃ − W); 1 is the TriLM itself
@@ -323,6 +328,8 @@ def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int
             shard_dim=SHARD_DIM[name],
             quantizer=cfg.quantizer,
             quantizer_options=cfg.quantizer_options,
+            norm=cfg.norm,
+            norm_eps=cfg.norm_eps,
         )
     return nn.Linear(in_features, out_features, bias=False)
 

@@ -91,7 +91,7 @@ def load(
     path = model_dir(path)
     if (path / META_FILE).exists():
         kind = read_meta(path).get("kind")
-        if kind not in KIND_LOADERS:
+        if not isinstance(kind, str) or kind not in KIND_LOADERS:
             raise FormatError(f"{path / META_FILE}: unknown kind {kind!r}; accepted: {sorted(KIND_LOADERS)}")
         model = KIND_LOADERS[kind](path, device=device, dtype=dtype)
     elif (path / "config.json").exists():

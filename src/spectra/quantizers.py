@@ -60,9 +60,12 @@ TERNARY_BITS = math.log2(3)
 
 # ---- pure tensor functions ------------------------------------------------------------------------------------------
 def stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """floor(x + U), U ~ Uniform[0, 1): rounds up with probability frac(x), so E[result] = x."""
+    """floor(x) + [U < x − floor(x)], U ~ Uniform[0, 1): rounds up with probability frac(x), so E[result] = x, and an
+    integer x stays itself. (floor(x + U) rounds x + U to the float grid first: x = 1 with U = 1 − 2^-24 gave 2, a
+    code outside the clip range, about once in 2^24 draws per weight at the top level.)"""
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.floor(x + u)
+    low = torch.floor(x)
+    return low + (u < x - low).to(x.dtype)
 
 
 def absmax_quantize_activations(x: Tensor, bits: int = 8, eps: float = EPS) -> Tensor:
@@ -282,7 +285,9 @@ class TriLMQuantizer(Quantizer):
     name = "trilm"
 
     def __init__(self, *, eps: float = EPS, **options: Any) -> None:
-        self.eps = eps
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < math.inf:
+            raise ValueError(f"quantizer_options['eps'] for trilm must be a finite number >= 0, got {eps!r}")
+        self.eps = float(eps)
         super().__init__(**options)
         self.plain = not (self.stochastic_rounding or self.scale is not None or self.stages)
         self.register_buffer("scale_offset", None)

@@ -28,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "MODEL then) the default folder <cache>/evals")
     p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: seq-len)")
-    p.add_argument("--max-tokens", type=int, default=None, help="perplexity on at least this many tokens (whole "
-                   "documents), default: the whole split")
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity on at most this many tokens of the split "
+                   "(the last document cut to fit; at least 2), default: the whole split")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2 (one token to predict after one of context), got "
+                         f"{args.max_tokens}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         ppl_seq_len=args.seq_len,
         ppl_stride=args.stride,
         ppl_max_tokens=args.max_tokens,
+        progress=not args.no_progress,
     )
     print(format_table(results))
     if args.output:

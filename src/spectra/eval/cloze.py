@@ -71,6 +71,18 @@ def build_cloze(documents: Iterable[str], *, min_words: int = 50, max_words: int
     return items
 
 
+def cloze_items(source: str | os.PathLike, split: str = "validation", *, min_words: int = 50,
+                max_words: int = 120) -> list[dict[str, str]]:
+    """`build_cloze` over `source`'s `split`; a ValueError when it gives no item (`spectra suite` asks before training,
+    where the eval step would fail after it)."""
+    from spectra.data import read_documents
+
+    items = build_cloze(read_documents(source, split), min_words=min_words, max_words=max_words)
+    if not items:
+        raise ValueError(f"{source!r} ({split}) gave no cloze items: it needs passages of >= {min_words} words")
+    return items
+
+
 def write_cloze_task(
     source: str | os.PathLike = "builtin",
     out_dir: str | os.PathLike | None = None,
@@ -83,13 +95,11 @@ def write_cloze_task(
     installed lambada_openai YAML and swaps its data source. Returns the folder (an lm-eval include_path)."""
     import lm_eval
 
-    from spectra.data import cache_root, read_documents
+    from spectra.data import cache_root
     from spectra.eval.tasks import CLOZE_TASK
     from spectra.files import atomic_file
 
-    items = build_cloze(read_documents(source, split), min_words=min_words, max_words=max_words)
-    if not items:
-        raise ValueError(f"{source!r} ({split}) gave no cloze items: it needs passages of >= {min_words} words")
+    items = cloze_items(source, split, min_words=min_words, max_words=max_words)
     out = Path(out_dir) if out_dir is not None else cache_root() / "cloze" / re.sub(r"[^\w.-]+", "_", str(source))
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{CLOZE_TASK}.jsonl"

@@ -20,9 +20,12 @@ over our task list (`spectra.eval.tasks`) and returns a results dict (`spectra.e
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,7 @@ class SpectraLM(TemplateLM):
         dtype: str | torch.dtype | None = None,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        progress: bool = True,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -102,6 +106,7 @@ class SpectraLM(TemplateLM):
         self._device = self.model.embed_tokens.weight.device
         self._max_length = int(max_length or model.config.max_seq_len)
         self._max_gen_toks = int(max_gen_toks)
+        self.progress = bool(progress)
         cfg = model.config
         self._eos, self._bos = cfg.eos_token_id, cfg.bos_token_id
         self._prefix_str = self.tokenizer.decode([self._bos], skip_special_tokens=False)
@@ -151,6 +156,10 @@ class SpectraLM(TemplateLM):
         return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
     # ---- loglikelihood --------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenization of the requests, its bar drawn only when `progress`."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kw: Any
     ) -> list[tuple[float, bool]]:
@@ -165,7 +174,8 @@ class SpectraLM(TemplateLM):
             whole = (ctx + cont)[-(L + 1) :]  # HFLM's left truncation
             groups[tuple(whole[: len(whole) - len(cont)])].append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), desc="spectra loglikelihood", disable=disable_tqdm or len(requests) < 64)
+        pbar = tqdm(total=len(requests), desc="spectra loglikelihood",
+                    disable=disable_tqdm or not self.progress or len(requests) < 64)
         singles = [idx[0] for idx in groups.values() if len(idx) == 1]
         for start in range(0, len(singles), self.batch_size * 8):
             chunk = singles[start : start + self.batch_size * 8]
@@ -245,10 +255,17 @@ class SpectraLM(TemplateLM):
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
         eos = self.tok_decode([self._eos], skip_special_tokens=False)
+        # A task that sets no max_gen_toks (triviaqa) gets the default, capped at half the context: a 256-token model
+        # failed the `paper` preset at triviaqa. A task's own value must fit, as in lm-eval's HFLM.
+        default = min(self._max_gen_toks, self.max_length // 2)
+        if default < self._max_gen_toks and any("max_gen_toks" not in dict(r.args[1]) for r in requests):
+            log.warning("generate_until: max_gen_toks %d capped at %d, half the model's max_length %d",
+                        self._max_gen_toks, default, self.max_length)
         res = []
-        for req in tqdm(requests, desc="spectra generate_until", disable=disable_tqdm or len(requests) < 16):
+        bars = not (disable_tqdm or not self.progress or len(requests) < 16)
+        for req in tqdm(requests, desc="spectra generate_until", disable=not bars):
             context, gen_kwargs = req.args
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self._max_gen_toks)
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), default)
             if kwargs.get("do_sample"):
                 raise ValueError(f"generate_until: only greedy decoding is supported, got {gen_kwargs}")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -285,7 +302,30 @@ def _run_tasks(
         elif num_fewshot is None and default is None:
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=seed)
-    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+    with _task_bars(lm.progress):
+        return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+
+
+@contextlib.contextmanager
+def _task_bars(show: bool) -> Iterator[None]:
+    """lm-eval draws a bar per task while it builds the requests, with no option to turn it off (tqdm reads its
+    TQDM_DISABLE variable once, at import), and `datasets` one while it prepares a split: with `show` False lm-eval's
+    module gets a disabled `tqdm` and `datasets` its bars switched off, both restored after."""
+    import datasets.utils.logging as datasets_logging
+    import lm_eval.api.task as task_module
+
+    if show:
+        yield
+        return
+    original, datasets_bars = task_module.tqdm, datasets_logging.is_progress_bar_enabled()
+    task_module.tqdm = functools.partial(original, disable=True)
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+        if datasets_bars:
+            datasets_logging.enable_progress_bar()
 
 
 def _task_plan(tasks: str | list[str], offline_dir, include_path, include_defaults: bool, data,
@@ -306,7 +346,7 @@ def _task_plan(tasks: str | list[str], offline_dir, include_path, include_defaul
     manager = None
     if names:
         if offline_dir is not None:
-            requested = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+            requested = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
             yaml_dir, names, unavailable = task_lib.offline_tasks(offline_dir, names, strict="paper" not in requested)
             if unavailable:
                 log.warning("not available offline, skipped: %s", ", ".join(unavailable))
@@ -331,9 +371,13 @@ def check_tasks(tasks: str | list[str], *, offline_dir: str | os.PathLike | None
     """The task names `evaluate(model, tasks, ...)` would run with these options, checked before any model exists
     (`spectra suite` calls it before its first training step): raises as `evaluate` would on an unknown name or a
     task without offline data. Options `evaluate` takes that do not choose tasks are ignored."""
-    from spectra.eval.tasks import PPL_TASK
+    from spectra.eval.tasks import CLOZE_TASK, PPL_TASK
 
     names, want_ppl, _, _ = _task_plan(tasks, offline_dir, include_path, include_defaults, data, index=False)
+    if CLOZE_TASK in names:  # the items exist (`_task_plan` writes the task only when it builds lm-eval's index)
+        from spectra.eval.cloze import cloze_items
+
+        cloze_items(data or "builtin")
     return names + ([PPL_TASK] if want_ppl else [])
 
 
@@ -355,6 +399,7 @@ def evaluate(
     ppl_stride: int | None = None,
     ppl_max_tokens: int | None = None,
     seed: int = 1234,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model on lm-eval tasks (zero-shot unless `num_fewshot`, as in the paper) and/or perplexity.
 
@@ -364,7 +409,8 @@ def evaluate(
     `spectra data evals`) local copies of the benchmark data replace the hub datasets: an explicitly named task
     without local data raises; the "paper" preset skips logiqa, crows_pairs_english and truthfulqa_mc1 (no offline
     source) and records them as skipped. `include_path` adds task YAML folders; `include_defaults=False` skips
-    indexing lm-eval's built-in YAMLs (20-30 s) when every task is local. Returns the results document
+    indexing lm-eval's built-in YAMLs (20-30 s) when every task is local. `progress=False` draws no progress bars
+    (lm-eval's, the scoring's, perplexity's). Returns the results document
     (`spectra.eval.results`).
     """
     from spectra.eval.perplexity import perplexity
@@ -380,7 +426,7 @@ def evaluate(
     tok = model_tokenizer(path, tokenizer)
     raw: dict[str, Any] = {}
     if names:
-        lm = SpectraLM(model, tok, batch_size=batch_size)
+        lm = SpectraLM(model, tok, batch_size=batch_size, progress=progress)
         lm.name = str(path or lm.name)
         raw = _run_tasks(lm, names, manager, limit=limit, num_fewshot=num_fewshot, seed=seed)
     results = build_results(
@@ -402,5 +448,6 @@ def evaluate(
             stride=ppl_stride,
             batch_size=batch_size,
             max_tokens=ppl_max_tokens,
+            progress=progress,
         )
     return results

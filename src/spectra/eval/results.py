@@ -4,7 +4,8 @@
      "model": {"path", "name", "family", "kind", "params", "non_embedding_params", "size_bits", "size", "config"},
      "harness": {"name": "lm-evaluation-harness", "version": "0.4.13", "paper_version": "0.4.2"},
      "settings": {"tasks", "limit", "num_fewshot", "offline_dir", "skipped"},
-     "tasks": {task: {metric: value}},          lm-eval metric names without the filter suffix ("acc", "acc_norm")
+     "tasks": {task: {metric: value}},          lm-eval metric names without the filter suffix ("acc", "acc_norm"),
+                                                and "<metric>_stderr" for the means of 0/1 scores (`add_stderr`)
      "groups": {name: {"members": {"task/metric": value | null}, "average": value | null, "complete": bool}},
      "perplexity": {...}}                       when perplexity was measured (spectra.eval.perplexity)
 
@@ -72,6 +73,24 @@ def task_metrics(raw_results: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return out
 
 
+BINARY_METRICS = ("acc", "acc_norm", "exact_match", "pct_stereotype")
+"""Metrics that are a mean of one 0/1 score per document."""
+
+
+def add_stderr(metrics: dict[str, dict[str, float]], n_samples: dict[str, Any]) -> None:
+    """`<metric>_stderr` for each mean of 0/1 scores without one: sqrt(p(1 − p)/(n − 1)) over the task's n scored
+    documents, the standard error lm-eval's `mean_stderr` gives (sample deviation / sqrt(n)), which lm-eval skips
+    when its bootstrap is off (`bootstrap_iters=0`, here: its bootstrap spawns a process per core)."""
+    for task, values in metrics.items():
+        n = (n_samples.get(task) or {}).get("effective")
+        if not isinstance(n, int) or n < 2:
+            continue
+        for name in BINARY_METRICS:
+            p = values.get(name)
+            if p is not None and 0.0 <= p <= 1.0 and f"{name}_stderr" not in values:
+                values[f"{name}_stderr"] = math.sqrt(p * (1.0 - p) / (n - 1))
+
+
 def group_scores(tasks: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
     """The paper's groups from per-task metrics; an average only where the paper defines one and all members ran."""
     groups = {}
@@ -101,6 +120,7 @@ def build_results(
     import lm_eval
 
     metrics = task_metrics(raw.get("results", {}))
+    add_stderr(metrics, raw.get("n-samples", {}))
     return {
         "format": "spectra-eval",
         "version": 1,
@@ -140,8 +160,16 @@ def _fmt(v: Any, key: str = "") -> str:
     return str(v)
 
 
+def _pm(stderr: Any, key: str) -> str:
+    """' ± <standard error>' in the metric's own units, or nothing."""
+    if not isinstance(stderr, float) or not math.isfinite(stderr):
+        return ""
+    return f" ± {_fmt(stderr, key)}"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Per-task metrics (accuracies in %), the paper's groups, and perplexity if present, as plain text."""
+    """Per-task metrics (accuracies in %, ± their standard errors), the paper's groups, and perplexity if present, as
+    plain text."""
     m = results.get("model", {})
     lines = [f"model {m.get('path') or m.get('name')}  family {m.get('family')}  kind {m.get('kind')}  "
              f"params {m.get('params', 0) / 1e6:.1f}M  size {m.get('size_bits', 0) / 1e9:.3f}e9 bits  "
@@ -152,7 +180,8 @@ def format_table(results: dict[str, Any]) -> str:
         width = max(len(t) for t in requested) + 2
         lines.append(f"{'task':<{width}}metrics (accuracies in %)")
         for task in requested:
-            shown = "  ".join(f"{k} {_fmt(v, k)}" for k, v in tasks[task].items() if not k.endswith("_stderr"))
+            shown = "  ".join(f"{k} {_fmt(v, k)}" + _pm(tasks[task].get(f"{k}_stderr"), k)
+                              for k, v in tasks[task].items() if not k.endswith("_stderr"))
             lines.append(f"{task:<{width}}{shown}")
         if len(tasks) > len(requested):
             lines.append(f"(+{len(tasks) - len(requested)} subtasks and subgroups in the JSON results)")

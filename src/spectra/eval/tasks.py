@@ -111,13 +111,29 @@ def check_known(names: list[str], manager) -> None:
 
 
 def read_manifest(offline_dir: str | os.PathLike) -> dict:
+    """The offline data's manifest, checked to be one (`spectra data evals` writes it) and to have been built for the
+    installed lm-eval: its task YAMLs include lm-eval's own by absolute path, and where that path is gone lm-eval
+    drops the override without a word and reads the hub."""
+    import lm_eval
+
+    from spectra.files import FormatError, read_json
+
     path = Path(offline_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: no offline benchmark data in {offline_dir}. Build it with "
             f"`spectra data evals --out {offline_dir}`"
         )
-    return json.loads(path.read_text())
+    manifest = read_json(path, "the manifest of `spectra data evals`")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):
+        raise FormatError(f"{path} is not an offline eval manifest (no 'tasks' object); build one with "
+                          f"`spectra data evals --out {offline_dir}`")
+    built, installed = manifest.get("lm_eval_version"), getattr(lm_eval, "__version__", "unknown")
+    if built != installed:
+        raise FileNotFoundError(f"{offline_dir} was built for lm-eval {built}, this is lm-eval {installed} (its task "
+                                f"YAMLs include the installed ones); rebuild with `spectra data evals --out "
+                                f"{offline_dir}`")
+    return manifest
 
 
 def offline_tasks(
@@ -137,4 +153,11 @@ def offline_tasks(
             f"Run `spectra data evals --out {offline_dir}`; tasks {manifest.get('unavailable', [])} have no offline "
             "source and need the Hugging Face hub"
         )
+    for name in names:  # an lm-eval reinstalled elsewhere (another venv) moved the YAMLs they include
+        yaml = Path(offline_dir) / "tasks" / f"{name}.yaml"
+        if name in manifest["tasks"] and yaml.exists():
+            include = json.loads(yaml.read_text()).get("include")
+            if include is not None and not Path(include).exists():
+                raise FileNotFoundError(f"{yaml} includes {include}, which no longer exists (lm-eval installed "
+                                        f"elsewhere since); rebuild with `spectra data evals --out {offline_dir}`")
     return Path(offline_dir) / "tasks", [n for n in names if n in have], missing

@@ -115,6 +115,36 @@ def check_tasks(spec: SuiteSpec) -> list[str]:
         raise ValueError(f"[suite] tasks: {e}") from None
 
 
+RUNNER_ARGS = {
+    "eval": ("model_path", "tasks", "data", "progress"),
+    "quantize": ("model_path", "out_dir", "bits", "calib", "seed", "format", "progress"),
+    "bench": ("model_or_size", "dtypes"),
+}
+"""Arguments the study's steps pass themselves, which its [eval], [quantize] and [bench] tables may not set."""
+
+
+def check_options(spec: SuiteSpec) -> None:
+    """The [eval], [quantize] and [bench] tables' keys checked against the functions their steps call
+    (`spectra.eval.evaluate`, `spectra.ptq.pipeline.quantize`, `spectra.inference.bench.bench`): a misspelt key is
+    refused here, with the accepted ones, instead of failing every such step after the training."""
+    import inspect
+
+    from spectra.eval.harness import evaluate
+    from spectra.inference.bench import bench
+    from spectra.ptq.pipeline import quantize
+
+    tables = {"eval": (spec.eval, evaluate), "quantize": (spec.quantize, quantize),
+              "bench": (spec.bench_options, bench)}
+    for table, (options, fn) in tables.items():
+        own = RUNNER_ARGS[table]
+        accepted = sorted(set(inspect.signature(fn).parameters) - set(own))
+        for key in options:
+            if key in own:
+                raise ValueError(f"[{table}] {key}: set by the study itself, not in [{table}]; accepted: {accepted}")
+            if key not in accepted:
+                raise ValueError(f"[{table}] unknown key {key!r}; accepted: {accepted}")
+
+
 EXTENDING = ("name", "sizes", "seeds", "families", "quant_bits", "pack_formats", "bench", "preset", "contrasts")
 """[suite] keys whose change only adds (or leaves out) steps, or only changes the report: a resumed study may change
 them. Every other key of the spec redefines what a finished step made."""

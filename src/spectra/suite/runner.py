@@ -298,7 +298,7 @@ class SuiteRunner:
         path = self._artifact(step.target)
         opts = {"batch_size": 8, "ppl_max_tokens": 65536, "ppl_seq_len": self._trained_seq_len(target),
                 **self.spec.eval}
-        res = evaluate(path, self.spec.tasks, data=self.spec.data, **opts)
+        res = evaluate(path, self.spec.tasks, data=self.spec.data, progress=self.progress, **opts)
         out = self.out / "evals" / f"{target.model_name}.json"
         if self.ranks.is_main:
             write_json(out, res)
@@ -562,7 +562,7 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
 
     `jobs`: steps run side by side on CPU, each in its own process with its share of the cores; "auto" is one per
     core (at most MAX_AUTO_JOBS), and 1 on a GPU or under torchrun (`resolve_jobs`)."""
-    from spectra.suite.preflight import check_data, check_same_study, check_tasks, study_tokenizer
+    from spectra.suite.preflight import check_data, check_options, check_same_study, check_tasks, study_tokenizer
 
     device = spec.train.get("device", "auto")
     with SuiteRanks(device) as ranks:  # one process group for the whole study (training steps join it)
@@ -574,6 +574,7 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
         t0 = time.perf_counter()
 
         def preflight():
+            check_options(spec)
             check_tasks(spec)  # before the tokenizer, which `bpe:N` trains
             check_same_study(out, spec)
             tokenizer = study_tokenizer(spec, out)

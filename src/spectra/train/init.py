@@ -8,8 +8,9 @@ directory (a FloatLM, or an unpacked TriLM whose exact codes and per-shard scale
                    shapes or meaning (SHAPE_FIELDS) are an error naming the field; `family` may change:
                    floatlm -> trilm   the float weights become the latent weights (see `spectra.train.warmup`)
                    trilm -> floatlm   the float weights are the TriLM's W̃ = γ·Ŵ (same function)
-                   Quantizer options may change; tensors the new quantizer adds (a learnable scale, BitNet's input
-                   norms) take their fresh initial values.
+                   Quantizer options may change; tensors the new quantizer adds (a learnable scale) take their
+                   fresh initial values. To or from bitnet158 is refused: its blocks have no norms, its linear
+                   layers normalise and 8-bit-quantize their own input.
     tokenizer      the checkpoint's tokenizer.json; a `train.tokenizer` that differs from it is an error
     run            fresh optimizer, LR schedule and data order (`--resume` continues a run instead)
     provenance     `init` = {path, sha256 of the model files, ...} in run.json and in every saved model's metadata
@@ -140,7 +141,20 @@ def target_config(base: ModelConfig, overrides: dict[str, Any] | ModelConfig | N
         size_name = str(changes.get("name") or base.name or "").partition("-")[2]
         if size_name in SIZES:
             changes["num_scale_shards"] = SIZES[size_name]["mp"]
-    return base.replace(**changes)
+    target = base.replace(**changes)
+    if _own_input_norms(target) != _own_input_norms(base):
+        raise ValueError(
+            f"init checkpoint {source}: converting {'from' if _own_input_norms(base) else 'to'} bitnet158 is refused: "
+            "BitNet b1.58 blocks have no norms of their own and normalise and 8-bit-quantize each linear layer's "
+            "input, which the other model cannot carry; train a bitnet158 model from scratch")
+    return target
+
+
+def _own_input_norms(cfg: ModelConfig) -> bool:
+    """Whether the config's linear layers normalise their own input (BitNet b1.58) in place of the blocks' norms."""
+    from spectra.quantizers import QUANTIZER_CLASSES
+
+    return cfg.family == "trilm" and QUANTIZER_CLASSES[cfg.quantizer].input_norm
 
 
 def load_source(model_dir: Path) -> tuple[nn.Module, str]:

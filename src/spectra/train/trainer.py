@@ -47,7 +47,7 @@ from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_
 from spectra.files import write_json
 from spectra.layers import set_recompute_weight
 from spectra.model import build_model
-from spectra.quantizers import set_progress
+from spectra.quantizers import Quantizer, set_progress
 from spectra.train import dist, memory, tp
 from spectra.train.config import TrainConfig, resolve
 from spectra.train.distill import load_teacher
@@ -286,6 +286,22 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
     return tok_path, model_cfg, shard_dir
 
 
+def check_last_stage_reached(model: nn.Module, total_steps: int) -> None:
+    """A ValueError when a progressive schedule's last stage (the quantizer itself) starts after the run's last step:
+    step s trains at fraction s / total_steps, so the last stage, from fraction f, is trained only if
+    (total_steps − 1) / total_steps ≥ f; otherwise the final model would be saved at an intermediate k-bit stage."""
+    for module in model.modules():
+        if isinstance(module, Quantizer) and module.stages:
+            start = module.stages[-1][0]
+            if (total_steps - 1) / total_steps < start:
+                need = math.ceil(1 / (1 - start) - 1e-9)
+                raise ValueError(f"model.quantizer_options['progressive']: the last stage starts at {start} of "
+                                 f"training, which none of this run's {total_steps} step(s) reaches (the last "
+                                 f"trains at {(total_steps - 1) / total_steps:.3g}); train at least {need} steps "
+                                 "(raise train.tokens) or start the last stage earlier")
+            return
+
+
 def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run_dir: Path, resume: bool,
            progress: bool, info: dist.DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -364,6 +380,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     # ---- model, optimizer, resume ---------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     raw = start.model.to(device) if start is not None else build_model(model_cfg, seed=cfg.seed, device=device)
+    check_last_stage_reached(raw, total_steps)
     provenance = {"init": start.record} if start is not None else {}
     teacher = None
     if cfg.teacher is not None:
