@@ -204,6 +204,14 @@ def test_safetensors_damage_the_reader_refuses_is_a_format_error(latent, capsys)
 
     _header_edit(weights, strings)
     assert "tensor 'embed_tokens.weight' has an invalid header entry" in _cli_error(capsys, "info", str(latent))
+    weights.write_bytes(original)
+
+    def alias(header):  # two tensors of one size pointed at the same bytes: each size checks, the layout does not
+        names = [k for k, t in header.items() if k != "__metadata__" and t["shape"] == [64]][:2]
+        header[names[0]]["data_offsets"] = list(header[names[1]]["data_offsets"])
+
+    _header_edit(weights, alias)
+    assert "where the tensors before it end at" in _cli_error(capsys, "info", str(latent))
 
 
 def _packed(tmp_path):

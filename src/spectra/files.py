@@ -226,6 +226,7 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{path} is corrupt: its safetensors header is not a JSON object")
     data = size - 8 - n
     end_max = 0
+    spans = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
@@ -240,6 +241,13 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             raise FormatError(f"{path} is corrupt: tensor {name!r} spans {end - begin} bytes, its dtype and shape "
                               f"need {nbytes}")
         end_max = max(end_max, end)
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):  # safetensors lays tensors end to end from 0, as its reader requires
+        if begin != at:
+            raise FormatError(f"{path} is corrupt: tensor {name!r} starts at byte {begin} of the data, where the "
+                              f"tensors before it end at {at}")
+        at = end
     if end_max > data:
         raise FormatError(f"{path} is truncated: its tensors need {end_max} bytes of data, the file holds {data}")
     if end_max < data:  # safetensors refuses a file its tensors do not fully cover
