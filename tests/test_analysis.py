@@ -175,3 +175,45 @@ def test_single_checkpoint_has_empty_delta_series(tmp_path):
     assert result["model"]["flip_rate"] == [] and result["model"]["max_update"] == []
     assert len(result["model"]["frac_zero"]) == 1
     assert (run / "analysis" / "overview.png").exists() and not (run / "analysis" / "layers_flip_rate.png").exists()
+
+
+def test_sharded_checkpoints_are_analysed_like_whole_ones(tmp_path):
+    """An FSDP or tensor-parallel run writes step folders with dcp/ and no model.safetensors; `analyze` skipped them
+    without a word (and said "no checkpoints" without final/). The series from the sharded copies equal those from
+    the same weights saved whole."""
+    from spectra.train.state import save_distributed_checkpoint
+
+    run, _ = fake_run(tmp_path)
+    sharded = tmp_path / "sharded"
+    for step in STEPS:
+        src = run / "checkpoints" / f"step_{step:08d}"
+        model = __import__("spectra").load(src).train()
+        opt = torch.optim.AdamW(model.parameters())
+        meta = {"step": step, "tokens": step * TOKENS_PER_STEP}
+        save_distributed_checkpoint(sharded, model, opt, {"step": step}, meta, tokenizer=None, is_main=True,
+                                    barrier=lambda: None, whole_model=None)
+    assert not list(sharded.glob("checkpoints/*/model.safetensors"))
+    assert [s for s, _, _ in list_checkpoints(sharded)] == STEPS
+    whole, parts = collect(run), collect(sharded)
+    assert parts["checkpoints"]["step"] == STEPS and parts["model"] == whole["model"]
+    assert parts["layers"] == whole["layers"]
+    (sharded / "checkpoints" / f"step_{STEPS[1]:08d}" / "dcp" / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"dcp cannot be read as this model's distributed checkpoint"):
+        collect(sharded)
+
+
+def test_broken_checkpoint_meta_and_metrics_lines(tmp_path, capsys):
+    """A checkpoint meta without its config was a KeyError traceback, NaN tokens "cannot convert float NaN to
+    integer" without a file name, a metrics line that is JSON but not an object an AttributeError."""
+    run, _ = fake_run(tmp_path)
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 5.0}\n[1, 2]\n')
+    assert read_metrics(run)["train"]["loss"] == [5.0]
+    meta_path = run / "checkpoints" / "step_00000000" / "spectra.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tokens": math.nan}))
+    assert main(["analyze", str(run), "--no-plots"]) == 2
+    assert "step_00000000/spectra.json: field 'tokens' must be a number, got nan" in capsys.readouterr().err
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}))
+    assert main(["analyze", str(run), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000000/spectra.json: field 'config' is not a valid model config" in err and "Traceback" not in err

@@ -143,16 +143,35 @@ def test_suite_specs_check_their_types(suite, said):
         parse_spec({"suite": {"name": "x", "sizes": ["1m"]}, "variants": 3}, "s.toml")
 
 
+MODEL = {"name": "floatlm-1m-s0", "kind": "floatlm", "family": "floatlm", "size": "1m", "params": 1, "size_bits": 16,
+         "seed": 0}
+
+
 def test_results_records_are_checked_before_the_report(tmp_path, capsys):
     r = tmp_path / "results.jsonl"
     for line, said in [({"key": "eval/x", "status": "done"}, "needs the strings 'key', 'step' and 'status'"),
                        ({"key": "eval/x", "status": "done", "step": "eval", "model": {}, "metrics": {}},
-                        "has no model field(s) ['kind', 'family', 'params', 'seed']"),
-                       ({"key": "eval/x", "status": "done", "step": "eval"}, "needs 'model' and 'metrics' objects")]:
+                        "has no model field(s) ['name', 'kind', 'family', 'size', 'params', 'size_bits', 'seed']"),
+                       ({"key": "eval/x", "status": "done", "step": "eval"}, "needs 'model' and 'metrics' objects"),
+                       # fields the report reads, by type (they were KeyError / TypeError tracebacks)
+                       ({"key": "eval/x", "status": "done", "step": "eval", "model": MODEL, "metrics": {
+                           "val_loss": "3.6"}}, "metrics.val_loss must be a number or null, got '3.6'"),
+                       ({"key": "eval/x", "status": "done", "step": "eval", "model": MODEL, "metrics": {
+                           "tasks": ["arc"]}}, "metrics.tasks must be an object, got ['arc']")]:
         r.write_text(json.dumps(line) + "\n")
         assert main(["report", str(r)]) == 2
         err = capsys.readouterr().err
         assert f"{r}:1" in err and said in err and "Traceback" not in err
+    r.write_text(json.dumps({"key": "eval/x", "status": "done", "step": "eval", "model": MODEL,
+                             "metrics": {"val_loss": 3.5}}) + "\n")
+    for spec, said in [("{not json", "spec.json is not valid JSON"), ("[1, 2]", "spec.json is not the study's spec")]:
+        (tmp_path / "spec.json").write_text(spec)
+        assert main(["report", str(r)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    (tmp_path / "spec.json").unlink()
+    assert main(["report", str(r)]) == 0  # one model, one seed: its unbounded intervals are null in strict JSON
+    json.loads((tmp_path / "report" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
 def test_devices_and_wheels_say_what_is_accepted(tmp_path):

@@ -39,9 +39,10 @@ from torch import nn
 
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, WEIGHTS_FILE, load_safetensors, read_meta, write_json
+from spectra.files import META_FILE, WEIGHTS_FILE, FormatError, load_safetensors, read_meta, write_json
 from spectra.layers import TernaryLinear
 from spectra.ternary import SHARD_DIM
+from spectra.train.state import is_distributed_checkpoint, load_sharded_model
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,17 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, int, Path]]:
     if (run / FINAL_DIR / META_FILE).exists():
         candidates.append(run / FINAL_DIR)
     for path in candidates:  # interrupted writes live in hidden temporary folders and are skipped by the prefix
-        if not (path / META_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        if not (path / META_FILE).exists() or not ((path / WEIGHTS_FILE).exists() or is_distributed_checkpoint(path)):
             continue
         meta = read_meta(path)
-        if meta.get("kind") != "model" or not isinstance(meta.get("step"), int):
+        if meta.get("kind") not in ("model", "checkpoint") or not isinstance(meta.get("step"), int):
             if path.name != FINAL_DIR:
-                raise ValueError(f"{path / META_FILE}: a run checkpoint needs kind 'model' and an integer 'step'")
+                raise ValueError(f"{path / META_FILE}: a run checkpoint needs kind 'model' (or 'checkpoint', sharded) "
+                                 "and an integer 'step'")
             continue
         step = meta["step"]
         tokens = meta.get("tokens")
-        if not isinstance(tokens, int | float):
+        if isinstance(tokens, bool) or not isinstance(tokens, int | float) or not math.isfinite(tokens):
             raise ValueError(f"{path / META_FILE}: field 'tokens' must be a number, got {tokens!r}")
         found.setdefault(step, (step, int(tokens), path))
     return [found[s] for s in sorted(found)]
@@ -96,6 +98,9 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, dict[str, list]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             log.warning("%s:%d is not valid JSON; skipped", path, n)
+            continue
+        if not isinstance(row, dict):
+            log.warning("%s:%d is not a metrics record (a JSON object); skipped", path, n)
             continue
         columns = val if row.get("split") == "val" else train if row.get("split", "train") == "train" else None
         if columns is not None:
@@ -130,8 +135,12 @@ def collect(run_dir: str | os.PathLike) -> dict[str, Any]:
     checkpoints = list_checkpoints(run)
     if not checkpoints:
         raise FileNotFoundError(f"{run / CKPT_DIR} holds no checkpoints (step_%08d folders with {META_FILE})")
-    config_dict = read_meta(checkpoints[0][2])["config"]
-    cfg = ModelConfig.from_dict(config_dict)
+    first = checkpoints[0][2] / META_FILE
+    config_dict = read_meta(checkpoints[0][2]).get("config")
+    try:
+        cfg = ModelConfig.from_dict(config_dict)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{first}: field 'config' is not a valid model config: {e}") from None
     with torch.device("cpu"):
         model = Transformer(cfg).eval()
     layers = block_linears(model)
@@ -145,7 +154,10 @@ def collect(run_dir: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(
                 f"{path / META_FILE}: model config differs from {checkpoints[0][2]}; one run has one config"
             )
-        load_state_checked(model, load_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+        if (path / WEIGHTS_FILE).exists():
+            load_state_checked(model, load_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+        else:  # a sharded (FSDP / tensor-parallel) checkpoint: its model state, gathered into this one process
+            load_sharded_model(path, model)
         sums: dict[str, float] = dict(n=0, neg=0, zero=0, pos=0, flips=0, sq=0, dsq=0, dmax=0.0, scale=0)
         current = {}
         with torch.no_grad():

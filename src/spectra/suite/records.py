@@ -64,6 +64,20 @@ class Records:
         return all((root / p).exists() for p in rec.get("artifacts", {}).values())
 
 
+def _check_metrics(metrics: dict[str, Any], where: str) -> None:
+    """The metric fields the report reads, by type: numbers (or null) and objects."""
+    for key in ("val_loss", "perplexity", "bits_per_byte"):
+        v = metrics.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ValueError(f"{where}: metrics.{key} must be a number or null, got {v!r}")
+    for key in ("tasks", "groups"):
+        if not isinstance(metrics.get(key, {}), dict):
+            raise ValueError(f"{where}: metrics.{key} must be an object, got {metrics[key]!r}")
+    for task, values in metrics.get("tasks", {}).items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: metrics.tasks.{task} must be an object, got {values!r}")
+
+
 def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """The last record of every key in a results file (or a suite folder), strictly: a bad line is an error."""
     path = Path(path)
@@ -89,10 +103,11 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
                 if not isinstance(model, dict) or not isinstance(metrics, dict):
                     raise ValueError(f"{path}:{n}: the done eval record {rec['key']!r} needs 'model' and 'metrics' "
                                      "objects")
-                need = ["kind", "family", "params", "seed"] + {"quantlm": ["bits"], "packed": ["format"]}.get(
-                    model.get("kind"), [])
+                need = ["name", "kind", "family", "size", "params", "size_bits", "seed"] + {
+                    "quantlm": ["bits"], "packed": ["format"]}.get(model.get("kind"), [])
                 missing = [k for k in need if k not in model]
                 if missing:
                     raise ValueError(f"{path}:{n}: the done eval record {rec['key']!r} has no model field(s) {missing}")
+                _check_metrics(metrics, f"{path}:{n}: the done eval record {rec['key']!r}")
             last[rec["key"]] = rec
     return last

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import spectra.suite.conversion as conversion
-from spectra.files import atomic_file, write_json
+from spectra.files import FormatError, atomic_file, read_json, write_json
 from spectra.suite.checks import (
     between,
     block_table,
@@ -214,7 +214,7 @@ def _plot_panels(rows: list[dict[str, Any]], metric: str, path: Path, fit: dict[
     for label in sorted({g["series"] for g in summary}):
         pts = sorted((g["params"], g["size_bits"], g["mean"], g) for g in summary if g["series"] == label)
         kind = pts[0][3]["kind"]
-        bits = next(r["bits"] for r in have if r["series"] == label)
+        bits = next(r.get("bits") for r in have if r["series"] == label)
         color = QUANT_COLORS.get(bits) if kind == "quantlm" else None
         # a point without an interval (one seed and no seed variance to pool) gets no bar and an open marker: a bar of
         # zero length would read as an exact value
@@ -296,6 +296,17 @@ def _plot_contrasts(contrasts: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: RFC 8259 JSON has no Infinity or NaN, which `json.dump` writes."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
 def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write report.md, report.html, figures/*.png and summary.json. Returns their paths and the summary table."""
     results = Path(results)
@@ -304,7 +315,9 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     records = read_records(results)
     spec = {}
     if (root / "spec.json").exists():
-        spec = json.loads((root / "spec.json").read_text())
+        spec = read_json(root / "spec.json", "the study's spec")
+        if not isinstance(spec, dict):
+            raise FormatError(f"{root / 'spec.json'} is not the study's spec (a JSON object)")
     paper = spec.get("preset") == "paper"
     rows = model_rows(records)
     fit = fits(rows)
@@ -562,13 +575,13 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
             f"<!doctype html><html><head><meta charset='utf-8'><title>Spectra suite report</title>"
             f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>"
         )
-    write_json(
+    write_json(  # strict JSON: an unbounded interval's inf half-width (one seed) is written as null
         out / "summary.json",
-        {"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
+        _finite_json({"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
          "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
          "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()},
          "contrasts": [{**c, "interval": c["interval"].to_dict(), "blocked": c["blocked"].to_dict()}
-                       for c in contrasts]},
+                       for c in contrasts]}),
     )
     return {
         "markdown": str(out / "report.md"),

@@ -37,7 +37,7 @@ from torch import nn
 
 from spectra.checkpoint import save_model
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, atomic_dir, load_safetensors, read_meta
+from spectra.files import META_FILE, FormatError, atomic_dir, load_safetensors, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,22 @@ def _single_process_ok():
 
 def is_distributed_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
+
+
+def load_sharded_model(path: Path, model: nn.Module) -> None:
+    """The model state of the distributed checkpoint `path` (`save_distributed_checkpoint`, any world size and
+    parallelism) into a plain, whole `model` in this one process; the optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = {"model": model.state_dict()}
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException: a BaseException
+        raise FormatError(f"{Path(path) / DCP_DIR} cannot be read as this model's distributed checkpoint: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model.load_state_dict(state["model"])
 
 
 def load_distributed_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
