@@ -576,8 +576,8 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         )
     write_json(  # strict JSON: an unbounded interval's inf half-width (one seed) is written as null
         out / "summary.json",
-        _finite_json({"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front], "checks": checks,
-         "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
+        _finite_json({"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front],
+                      "checks": checks, "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
          "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()},
          "contrasts": [{**c, "interval": c["interval"].to_dict(), "blocked": c["blocked"].to_dict()}
                        for c in contrasts]}),
