@@ -206,6 +206,16 @@ def test_cancel_frees_the_slot_and_bad_requests_are_refused():
             sched.submit(bad)
     with pytest.raises(ValueError, match="slot"):
         BatchDecoder(model, 2).step([0], [1])  # a free slot
+    # a request cancelled anywhere in the queue leaves it at the next step (only the head's left: a gone client's
+    # place counted against the server's --max-queue while every slot stayed busy)
+    c = sched.submit(Request([6, 7], 20, stop_at_eos=False))
+    queued = [sched.submit(Request([8], 5, stop_at_eos=False)) for _ in range(2)]
+    sched.step()
+    assert sched.decoder.free_slots == 0 and list(sched.waiting) == queued
+    queued[1].cancel()
+    sched.step()
+    assert list(sched.waiting) == queued[:1] and queued[1].finish_reason == "cancelled"
+    assert c.finish_reason is None
 
 
 @pytest.mark.parametrize("per_step", [None, 1])

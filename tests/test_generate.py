@@ -190,3 +190,23 @@ def test_text_decoder_equals_decoding_every_prefix(which, tok):
             dec = TextDecoder(t)
             for n in range(0, len(ids) + 1, step):
                 assert dec.text(ids[:n]) == t.decode(ids[:n])
+
+
+def test_settled_text_holds_a_stop_prefix_before_an_incomplete_character():
+    """'=' then the first byte of 'ү' decodes to '=\ufffd': the stop "=ү" may still complete, so nothing is settled
+    (the '=' was streamed, and the stop string's start reached the client). Brute force over every cut: what is
+    settled is never a prefix-of-a-stop that later completes."""
+    from spectra.inference.sampling import cut_at_stop, settled
+
+    assert settled("=\ufffd", ["=ү"], False) == 0
+    assert settled("ab=\ufffd", ["=ү"], False) == 2 and settled("ab\ufffd", [], False) == 2
+    assert settled("ab=", ["=ү"], False) == 2 and settled("ab=\ufffd", ["=ү"], True) == 4
+    final = "xy=үz"
+    for stops in (["=ү"], ["yz", "=ү"], ["ү"]):
+        kept, _ = cut_at_stop(final, stops)
+        for cut in range(len(final) + 1):
+            partial = final[:cut]
+            for text in (partial, partial + "\ufffd"):  # the next character's first byte may be decoded already
+                text, stopped = cut_at_stop(text, stops)  # as the scheduler does before it streams
+                n = settled(text, stops, stopped)
+                assert text[:n] == kept[:n] and n <= len(kept), (stops, text, n)

@@ -524,6 +524,10 @@ def test_burst_beyond_the_queue_gets_429_and_admitted_requests_complete(model_di
         assert results.count(429) >= 1
         assert 3 <= len(done) and all(n == 900 for n in done)  # 2 slots + 1 queued at least
         assert complete(c, "hi", 3).usage.completion_tokens == 3  # capacity is back
+        # a batch of more prompts than slots + queue can never go in whole: 400, not a 429 to retry forever
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="m", prompt=["a", "b", "c", "d"], max_tokens=2)
+        assert e.value.body["param"] == "prompt" and "exceed the server's capacity of 3" in e.value.body["message"]
     finally:
         assert srv.stop()
 

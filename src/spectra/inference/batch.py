@@ -806,8 +806,10 @@ class Scheduler:
         """Drop the cancelled sequences and admit waiting ones into free slots."""
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
-        while self.waiting and self.waiting[0].cancelled:
-            self._finish(self.waiting.popleft(), "cancelled")
+        if any(r.cancelled for r in self.waiting):  # anywhere in the queue: a place held by a gone client counts
+            for req in [r for r in self.waiting if r.cancelled]:  # against --max-queue until it reached the head
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
         while self.waiting and self.decoder.free_slots:
             req = self.waiting.popleft()
             if req.cancelled:

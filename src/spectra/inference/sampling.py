@@ -64,12 +64,12 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def settled(text: str, stops: Sequence[str], stopped: bool) -> int:
-    """How much of `text` can be streamed now: all of it after a stop; else all but a tail that may still become a
-    stop string (`held_back`) and a trailing incomplete UTF-8 character (U+FFFD)."""
+    """How much of `text` can be streamed now: all of it after a stop; else all but a trailing incomplete UTF-8
+    character (U+FFFD) and, before it, a tail that may still become a stop string (`held_back`)."""
     if stopped:
         return len(text)
-    final = len(text) - held_back(text, stops)
-    return min(final, len(text) - 1) if text.endswith("\ufffd") else final
+    base = text.rstrip("\ufffd")  # an incomplete character; what a stop string may still complete ends before it
+    return len(base) - held_back(base, stops)
 
 
 class TextDecoder:

@@ -755,6 +755,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             return err(400, str(e), "invalid_request_error")
         try:
             reqs, stream, include_usage = api.requests(body, chat=chat)
+            capacity = engine.max_batch + engine.max_queue
+            if len(reqs) > capacity:  # a batch goes in whole: no retry could ever admit it, so not a 429
+                raise BadRequest(f"{len(reqs)} prompts in one request exceed the server's capacity of {capacity} "
+                                 f"({engine.max_batch} slots + {engine.max_queue} queued); send at most {capacity}",
+                                 "prompt")
         except BadRequest as e:
             engine.metrics.count_request("bad_request")
             return err(400, str(e), "invalid_request_error", e.param, e.code)
