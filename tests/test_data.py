@@ -14,7 +14,7 @@ import torch
 from spectra.config import ModelConfig
 from spectra.data import corpora, shards
 from spectra.data import tokenizer as tokmod
-from spectra.data.corpora import read_documents
+from spectra.data.corpora import SPLITS, read_documents
 from spectra.data.shards import SequenceSampler, TokenStream, build_shards, encode_documents, token_sequences
 from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, train_bpe, vocab_size
 
@@ -59,7 +59,7 @@ def tok_path(tmp_path, corpus):
 def test_jsonl_hash_split_is_the_stated_rule(corpus):
     docs = make_docs()
     train, val = list(read_documents(corpus, "train")), list(read_documents(corpus, "validation"))
-    expect_val = [d for i, d in enumerate(docs) if corpora._in_validation(f"corpus.jsonl:{i}")]
+    expect_val = [d for d in docs if corpora._in_validation(d)]  # keyed on the text, not on the file or row
     assert val == expect_val and 0 < len(val) < 40
     assert train == [d for d in docs if d not in set(val)]
     assert list(read_documents(corpus, "validation")) == val  # deterministic
@@ -326,3 +326,76 @@ def test_a_bpe_trained_for_a_study_is_trained_again_on_other_data(tmp_path):
     again = resolve_tokenizer("bpe:300", b, tmp_path / "tok")
     vocab = Tokenizer.from_file(str(again)).get_vocab()
     assert again == first and "zebra" in vocab and "alpha" not in vocab
+
+
+def test_splits_depend_on_each_document_alone(tmp_path):
+    """A review (2026-12-07) found: a subfolder's validation was 168/178 in its parent folder's train (the hash key
+    was the root-relative path), a folder of ten books had no validation 60 % of the time (each whole file one hashed
+    document), PTB's ptb.valid.txt was read as train, a byte-order mark opened a document, and a non-UTF-8 .jsonl
+    named neither file nor line."""
+    books = tmp_path / "src" / "books"
+    books.mkdir(parents=True)
+    for b in range(3):
+        (books / f"b{b}.txt").write_text("".join(f"book {b} line {i}.\n" for i in range(40)))
+    (tmp_path / "src" / "short.txt").write_text("a short note\non two lines\n")
+    write_jsonl(tmp_path / "src" / "rows.jsonl", make_docs())
+    whole = {s: list(read_documents(tmp_path / "src", s)) for s in SPLITS}
+    part = {s: list(read_documents(books, s)) for s in SPLITS}
+    alone = {s: list(read_documents(books / "b0.txt", s)) for s in SPLITS}
+    for view in (part, alone):  # whichever path reads a document, it is in the same split
+        assert not set(view["validation"]) & set(whole["train"]) and set(view["validation"]) <= set(whole["validation"])
+    assert alone["validation"] == ["book 0 line 38.\n" "book 0 line 39.\n"]  # the last 5 % of 40 lines
+    assert len(part["validation"]) == 3 and len(part["train"]) == 3  # every book holds out its own end
+    rows_val = [d for d in make_docs() if corpora._in_validation(d)]
+    assert [d for d in whole["validation"] if d in make_docs()] == rows_val
+    short_split = "validation" if corpora._in_validation("a short note\non two lines\n") else "train"
+    assert "a short note\non two lines\n" in whole[short_split]  # a short file: one document, hashed by its text
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    for name in ("train", "valid", "test"):
+        (ptb / f"ptb.{name}.txt").write_text(f"{name} text\n")
+    assert list(read_documents(ptb, "train")) == ["train text\n"]
+    assert list(read_documents(ptb, "validation")) == ["test text\n", "valid text\n"]
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "a.txt").write_bytes(b"\xef\xbb\xbfHello\n")
+    write_jsonl(bom / "b.jsonl", ["x"])
+    (bom / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + (bom / "b.jsonl").read_bytes())
+    docs = list(read_documents(bom, "train")) + list(read_documents(bom, "validation"))
+    assert sorted(docs) == ["Hello\n", "x"]
+    (bom / "c.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:1 is not UTF-8"):
+        list(read_documents(bom / "c.jsonl", "train"))
+
+
+def test_vocab_size_is_the_largest_id_plus_one(tmp_path):
+    """A tokenizer whose ids have gaps (1002 ids up to 70000) counted 1002: uint16 shards overflowed."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(1000)} | {"<|endoftext|>": 70000, "x": 69999}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    assert vocab_size(tok) == 70001 == tok.get_vocab_size(with_added_tokens=True) + 68999
+
+
+def test_local_files_behind_a_packaged_builder_and_prefix_space_tokenizers(tmp_path):
+    """`hf:json:GLOB` was fingerprinted by its spec alone (edited files kept their stale shards), a glob matching
+    nothing was a StopIteration traceback, and long documents were cut into pieces for a ByteLevel tokenizer that
+    adds a prefix space, so each piece's first word gained one ('Enter' -> 'ĠEnter')."""
+    pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    data = write_jsonl(tmp_path / "d.jsonl", ["apple pie"])
+    spec = f"hf:json:{tmp_path}/*.jsonl"
+    before = corpora.source_fingerprint(spec)
+    write_jsonl(data, ["zebra crossing, longer now"])
+    assert corpora.source_fingerprint(spec) != before
+    with pytest.raises(FileNotFoundError, match="no files or dataset found"):
+        list(read_documents(f"hf:json:{tmp_path}/none/*.jsonl", "train"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    text = "".join(f"Enter line {i} of the play.\nExit.\n" for i in range(3000))
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert len(text) > shards.PIECE_CHARS
+    assert encode_documents(tok, [text]) == [tok.encode(text, add_special_tokens=False).ids]

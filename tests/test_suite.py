@@ -554,19 +554,20 @@ def test_a_workers_process_ends_when_the_study_is_killed(tmp_path):
 
     script = tmp_path / "parent.py"
     script.write_text(
-        "import multiprocessing as mp, time\n"
+        "import multiprocessing as mp, os, time\n"
         "from spectra.suite.runner import _init_worker\n"
-        "def child():\n"
-        "    _init_worker(1, 30)\n"
+        "def child(parent):\n"
+        "    _init_worker(1, 30, parent)\n"
         "    time.sleep(120)\n"
         "if __name__ == '__main__':\n"
-        "    p = mp.get_context('spawn').Process(target=child)\n"
+        "    p = mp.get_context('spawn').Process(target=child, args=(os.getpid(),))\n"
         "    p.start()\n"
         "    print(p.pid, flush=True)\n"
         "    time.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    time.sleep(3)  # the worker is up (torch imported, the watch started)
+    time.sleep(1)  # the worker may still be importing torch: it learns of its parent's death afterwards, the
+    # parent's pid given (it read os.getppid() after the import, and missed a parent killed before)
 
     def alive(pid: int) -> bool:
         try:
@@ -578,7 +579,7 @@ def test_a_workers_process_ends_when_the_study_is_killed(tmp_path):
     assert alive(child)
     parent.kill()
     parent.wait()
-    deadline = time.time() + 10
+    deadline = time.time() + 60  # a liveness bound (torch's import under load), not a speed
     while alive(child) and time.time() < deadline:
         time.sleep(0.2)
     gone = not alive(child)

@@ -10,11 +10,19 @@ A *source* is one of
 and `read_documents(source, split)` yields its documents as strings, in a fixed order.
 
 Splits. The builtin corpus holds out whole works (`BUILTIN_VALIDATION`). A local file or folder whose path names a
-split (a `validation/`, `valid/`, `val/`, `dev/` or `test/` component or file stem; likewise `train`) uses that;
-otherwise each document goes to validation when the first 8 bytes of sha256(key) mod 10000 fall below
-`VAL_FRACTION`·10000, where key = "relative/path:row" (a .txt file is one document with row 0). A source that is one
-single .txt file is split by lines instead: its last `VAL_FRACTION` of lines are the validation text. A streamed
-dataset uses its own `validation` split when it has one, else the same hash rule on the row index.
+split (a `validation/`, `valid/`, `val/`, `dev/` or `test/` component or file name part, separated by `_`, `-` or
+`.` as in PTB's `ptb.valid.txt`; likewise `train`) uses that. Otherwise:
+- a .txt file of at least `LINE_SPLIT_LINES` lines (or the only file of the source, however short) is split by
+  lines: its last `VAL_FRACTION` of lines (at least one) are validation text, the rest train;
+- any other document (a shorter .txt file, a .jsonl or .parquet row) goes to validation when the first 8 bytes of
+  sha256(its text) mod 10000 fall below `VAL_FRACTION`·10000.
+Each rule depends on the file or document alone, never on the folder it was read from or on the files beside it, so
+a document is in the same split whichever path reads it (the split keyed on "relative/path:row" put 168 of 178
+documents of a subfolder's validation into the parent folder's train), and a folder of a few books keeps a
+validation split (each whole file used to be one hashed document: ten files left it empty 60 % of the time). A
+streamed dataset uses its own `validation` split when it has one, else the hash rule on the row index.
+Files are read as UTF-8 with a byte-order mark dropped; a .jsonl that is not UTF-8 is an error naming its line, a
+.txt that is not is read with U+FFFD in place of the bad bytes and a warning.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 VAL_FRACTION = 0.05
+LINE_SPLIT_LINES = 20  # a .txt file with at least this many lines is split by lines (module docstring)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELDS = ("text", "content", "story")  # the first of these a jsonl/parquet row has is its document
 
@@ -146,7 +155,7 @@ def list_files(path: str | os.PathLike) -> list[Path]:
 def _named_split(rel: Path) -> str | None:
     for part in (*rel.parent.parts, rel.stem):
         low = part.lower()
-        tags = {low, *low.replace("-", "_").split("_")}
+        tags = {low, *low.replace("-", "_").replace(".", "_").split("_")}
         if tags & _VAL_NAMES:
             return "validation"
         if "train" in tags:
@@ -154,12 +163,26 @@ def _named_split(rel: Path) -> str | None:
     return None
 
 
+def _read_txt(path: Path) -> str:
+    """A .txt file as UTF-8 without a byte-order mark; bytes that are not UTF-8 become U+FFFD, with a warning."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        log.warning("%s is not UTF-8 (byte %d); its undecodable bytes are read as U+FFFD", path, e.start)
+        return raw.decode("utf-8-sig", errors="replace")
+
+
 def _rows(path: Path) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _read_txt(path)
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno} is not UTF-8 (byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -193,28 +216,37 @@ def _text_of(row: object, where: str) -> str:
     raise ValueError(f"{where}: a row needs a string field, one of {TEXT_FIELDS}")
 
 
+def _line_split(text: str, split: str) -> str:
+    """The train or validation part of a text split by lines: its last VAL_FRACTION of lines (at least one) are
+    validation."""
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, round(VAL_FRACTION * len(lines))) if len(lines) > 1 else len(lines)
+    return "".join(lines[:cut] if split == "train" else lines[cut:])
+
+
 def _local_documents(path: str | os.PathLike, split: str) -> Iterator[str]:
     root = Path(path).expanduser()
     files = list_files(root)
     base = root if root.is_dir() else root.parent
-    if len(files) == 1 and files[0].suffix == ".txt" and _named_split(files[0].relative_to(base)) is None:
-        lines = files[0].read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-        cut = len(lines) - max(1, round(VAL_FRACTION * len(lines))) if len(lines) > 1 else len(lines)
-        text = "".join(lines[:cut] if split == "train" else lines[cut:])
-        if text.strip():
-            yield text
-        return
     named = {f: _named_split(f.relative_to(base)) for f in files}
-    any_named = any(v is not None for v in named.values())
+    if any(v is not None for v in named.values()):
+        for f in files:
+            if (named[f] or "train") == split:
+                yield from (doc for doc in _rows(f) if doc.strip())
+        return
     for f in files:
-        rel = f.relative_to(base).as_posix()
-        if any_named:
-            if (named[f] or "train") != split:
+        if f.suffix == ".txt":
+            text = _read_txt(f)
+            if len(files) == 1 or text.count("\n") + 1 >= LINE_SPLIT_LINES:
+                part = _line_split(text, split)
+                if part.strip():
+                    yield part
                 continue
-            yield from (doc for doc in _rows(f) if doc.strip())
-            continue
-        for i, doc in enumerate(_rows(f)):
-            if doc.strip() and _in_validation(f"{rel}:{i}") == (split == "validation"):
+            docs: Iterator[str] = iter([text])
+        else:
+            docs = _rows(f)
+        for doc in docs:
+            if doc.strip() and _in_validation(doc) == (split == "validation"):
                 yield doc
 
 
@@ -237,7 +269,10 @@ def _hf_documents(spec: str, split: str) -> Iterator[str]:
         kwargs["data_files"] = config
     elif config:
         kwargs["name"] = config
-    builder = datasets.load_dataset(name, **kwargs)
+    try:
+        builder = datasets.load_dataset(name, **kwargs)
+    except (StopIteration, FileNotFoundError) as e:  # a packaged builder's glob that matches nothing: StopIteration
+        raise FileNotFoundError(f"data source {spec!r}: no files or dataset found ({e or 'no file matches'})") from None
     names = list(builder.keys())
     own_val = next((s for s in ("validation", "valid", "val", "test") if s in names), None)
     if split == "validation" and own_val is not None:
@@ -272,6 +307,12 @@ def read_documents(source: str | os.PathLike, split: str = "train") -> Iterator[
 def source_fingerprint(source: str | os.PathLike) -> dict:
     """What identifies a source's content cheaply: the name, or each local file's path, size and mtime."""
     s = str(source)
+    builder, _, pattern = s[len("hf:"):].partition(":") if s.startswith("hf:") else ("", "", "")
+    if builder in ("json", "parquet", "text", "csv") and pattern:  # local files behind a packaged builder: their own
+        import glob  # sizes and times, as for a local path (the spec alone kept shards of edited files)
+
+        files = sorted(Path(f).resolve() for f in glob.glob(os.path.expanduser(pattern), recursive=True))
+        return {"source": s, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
     if s == "builtin" or s.startswith("hf:"):
         return {"source": s}
     files = list_files(s)

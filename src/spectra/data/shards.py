@@ -73,7 +73,11 @@ def _safe_cuts(text: str, piece: int) -> list[str]:
 
 def _doc_pieces(docs: Iterator[str], tok) -> Iterator[tuple[str, bool]]:
     """(piece, is the document's last piece): each document in `_safe_cuts` pieces (byte-level tokenizers only)."""
-    byte_level = type(tok.pre_tokenizer).__name__ == "ByteLevel"
+    # cut only where a piece encodes as it does inside the document: a ByteLevel pre-tokenizer that adds a prefix
+    # space would give each piece's first word one ('Enter' became 'ĠEnter')
+    pre = tok.pre_tokenizer
+    byte_level = (type(pre).__name__ == "ByteLevel" and not getattr(pre, "add_prefix_space", True)
+                  and getattr(pre, "use_regex", True))  # without its regex, merges may cross a newline
     for d in docs:
         cuts = _safe_cuts(d, PIECE_CHARS) if byte_level else [d]
         for k, piece in enumerate(cuts):

@@ -79,8 +79,10 @@ def eos_id(tokenizer) -> int:
 
 
 def vocab_size(tokenizer) -> int:
-    """Number of ids the tokenizer can emit (max id + 1, added tokens included)."""
-    return tokenizer.get_vocab_size(with_added_tokens=True)
+    """Number of ids the tokenizer can emit: its largest id + 1, added tokens included (the count of ids is less when
+    they have gaps: 1002 ids up to 70000 counted 1002, picked uint16 shards and an embedding too small)."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(ids, default=-1) + 1
 
 
 def check_vocab(tokenizer, cfg: ModelConfig, what: str = "tokenizer") -> None:

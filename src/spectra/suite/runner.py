@@ -433,7 +433,7 @@ class SuiteRunner:
 
         def new_pool() -> ProcessPoolExecutor:
             return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                       initargs=(threads, logging.getLogger().getEffectiveLevel()))
+                                       initargs=(threads, logging.getLogger().getEffectiveLevel(), os.getpid()))
 
         def close(rec: dict[str, Any]) -> None:
             finished[rec["key"]] = rec["status"]
@@ -506,7 +506,11 @@ def _run_step(runner: SuiteRunner, step: Step) -> dict[str, Any]:
     return rec
 
 
-def _init_worker(threads: int, level: int) -> None:
+def _init_worker(threads: int, level: int, parent: int | None = None) -> None:
+    """A step worker's setup. `parent`: the study's pid, given by the pool's creator (os.getppid() here would name the
+    process that adopted this worker when the study died while it started: under load, importing torch took longer
+    than the study lived, and the worker then outlived it)."""
+    parent = os.getppid() if parent is None else parent
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for code that reads it (spectra.inference threads_from_env)
     import threading
 
@@ -514,7 +518,7 @@ def _init_worker(threads: int, level: int) -> None:
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(message)s")
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
 def _exit_with(parent: int) -> None:
