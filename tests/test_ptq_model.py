@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -147,6 +148,46 @@ def test_gptq_checkpoint_round_trip(tmp_path, bits, group, sym, act, fmt):
         got, want, dequantized = loaded(idx), expected(idx), model(idx)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, dequantized, rtol=0, atol=2e-3)  # fp16 scales/embeddings vs fp32
+
+
+def test_quantlm_loading_and_early_refusals(tmp_path, monkeypatch, capsys):
+    """A review (2026-12-07): a GPTQ folder whose settings are only in quantize_config.json (AutoGPTQ's layout) was
+    read as a plain HF model; a bfloat16 load rounded the float16 scales to bfloat16; --damp inf and a Hessian that
+    no damping lifts were Cholesky tracebacks; a width packing cannot take failed at the save, after the whole run."""
+    from spectra.__main__ import main
+    from spectra.ptq.formats import QUANT_CONFIG_FILE
+
+    model = random_floatlm()
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, calib, bits=4, group_size=64, progress=False)
+    out = save_gptq(model, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    qcfg = config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config))
+    assert json.loads((out / QUANT_CONFIG_FILE).read_text()) == qcfg
+    idx = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(spectra.load(out)(idx), spectra.load(tmp_path / "q")(idx))
+    fp16 = spectra.load(out)
+    half = spectra.load(out, dtype=torch.bfloat16)
+    layer = half.layers[0].self_attn.q_proj
+    assert layer.scales.dtype == torch.float16
+    assert torch.equal(layer.dequantize_weight(torch.bfloat16),
+                       fp16.layers[0].self_attn.q_proj.dequantize_weight().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="must be a finite number >= 0, got inf"):
+        quantize_model(random_floatlm(), calib, bits=4, percdamp=math.inf, progress=False)
+    flat = torch.zeros(4, 64, dtype=torch.long)  # one token: a Hessian of rank one, no damping to lift it
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj: the layer's Hessian is not positive definite"):
+        quantize_model(random_floatlm(), flat, bits=4, percdamp=0.0, progress=False)
+    tok = _word_tokenizer(tmp_path / "tokenizer.json")
+    save_model(build_model(tiny_config(dim=128, glu_dim=200), seed=1), tmp_path / "odd", tokenizer=tok)
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before the shape check")
+
+    monkeypatch.setattr("spectra.data.token_sequences", no_calibration)
+    assert main(["quantize", str(tmp_path / "odd"), str(tmp_path / "o"), "--bits", "4", "--no-progress"]) == 2
+    assert "GPTQ packing needs out_features to be a multiple of 32, got 200" in capsys.readouterr().err
 
 
 def test_unpacked_export_loads_in_transformers(tmp_path):

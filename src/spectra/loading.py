@@ -97,7 +97,7 @@ def load(
     elif (path / "config.json").exists():
         refuse_pickle(path)
         hf = read_json(path / "config.json", "a Hugging Face config")
-        if isinstance(hf, dict) and hf.get("quantization_config"):
+        if (isinstance(hf, dict) and hf.get("quantization_config")) or (path / "quantize_config.json").exists():
             model = load_quantlm(path, device=device, dtype=dtype)
         else:
             model = load_hf(path, device=device, dtype=dtype)

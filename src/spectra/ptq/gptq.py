@@ -121,7 +121,12 @@ class GPTQ:
         damp = percdamp * torch.mean(torch.diag(H))
         diag = torch.arange(columns, device=H.device)
         H[diag, diag] += damp
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        try:
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except torch.linalg.LinAlgError:  # a Hessian of too few distinct inputs, not lifted by the damping
+            raise ValueError(f"the layer's Hessian is not positive definite with damping {percdamp} of its mean "
+                             "diagonal (calibration inputs that span too few directions); raise --damp (e.g. 0.1) "
+                             "or calibrate on more varied text") from None
 
         Q = torch.zeros_like(W)
         C = torch.zeros_like(W)  # integer codes, permuted order

@@ -87,6 +87,14 @@ def quantize(
     if getattr(model, "config", None) is None or model.config.family != "floatlm":
         raise ValueError(f"{model_path} is not a FloatLM (family={getattr(model.config, 'family', None)!r}); "
                          "GPTQ turns FloatLMs into QuantLMs")
+    if format in ("gptq", "both"):  # packing's rule, checked before the run (it failed at the save, after it)
+        from spectra.ptq.sequential import block_linears
+
+        for _, name, linear in block_linears(model):
+            for what, n in (("in_features", linear.in_features), ("out_features", linear.out_features)):
+                if n % 32:
+                    raise ValueError(f"{name}: GPTQ packing needs {what} to be a multiple of 32, got {n}; "
+                                     "format='unpacked' (--format unpacked) writes this shape")
     calib_tokens = None
     if method == "gptq":
         from spectra.data import token_sequences

@@ -26,6 +26,7 @@ codes with their scales and zero-points are kept on `model.ptq` for the checkpoi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -173,8 +174,8 @@ def quantize_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     quantizer = Quantizer(bits, group_size=group_size, sym=sym)
-    if not 0 <= percdamp:  # also refuses NaN
-        raise ValueError(f"percdamp (--damp) must be a number >= 0, got {percdamp}")
+    if not 0 <= percdamp < math.inf:  # also refuses NaN
+        raise ValueError(f"percdamp (--damp) must be a finite number >= 0, got {percdamp}")
     targets = block_linears(model)
     for _, name, linear in targets:
         quantizer.check_columns(linear.in_features, name)
@@ -207,8 +208,11 @@ def quantize_model(
             inputs, args, kwargs = _to(inputs, work), _to(args, work), _to(kwargs, work)
 
         def quantize_layer(name: str, linear: nn.Linear, gptq: GPTQ) -> None:
-            Q, qw, loss = gptq.quantize(quantizer, block_size=block_size, percdamp=percdamp, act_order=act_order,
-                                        static_groups=static_groups)
+            try:
+                Q, qw, loss = gptq.quantize(quantizer, block_size=block_size, percdamp=percdamp, act_order=act_order,
+                                            static_groups=static_groups)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             linear.weight.copy_(Q)
             state.weights[name] = _weight_to(qw, home)
             stats["layers"][name] = {"loss": loss}
