@@ -118,11 +118,11 @@ def test_hf_config_values_name_the_field(changes, said):
 
 
 def test_a_quantization_config_that_is_not_an_object(tmp_path):
-    from spectra.ptq.formats import _read_quant_config
+    from spectra.ptq.formats import read_quant_config
 
     (tmp_path / "config.json").write_text(json.dumps(hf_config(quantization_config="yes")))
     with pytest.raises(ValueError, match="quantization_config must be an object"):
-        _read_quant_config(tmp_path)
+        read_quant_config(tmp_path)
 
 
 @pytest.mark.parametrize("suite, said", [

@@ -234,6 +234,9 @@ def test_shards_match_reference_and_resume(tmp_path, corpus, tok_path, monkeypat
 
     part = build_shards(corpus, tok_path, tmp_path / "part", shard_tokens=2000, max_tokens=5000)
     assert not part["splits"]["train"]["complete"] and 5000 <= part["splits"]["train"]["tokens"] < len(ref)
+    # it stops at the document that reaches the limit (a whole encoding batch of documents went in before)
+    ends = np.flatnonzero(ref == eos_id(load_tokenizer(tok_path))) + 1
+    assert part["splits"]["train"]["tokens"] == ends[np.searchsorted(ends, 5000)]
     resumed = build_shards(corpus, tok_path, tmp_path / "part", shard_tokens=2000)
     assert np.array_equal(TokenStream(tmp_path / "part", "train").get(0, len(ref)), ref)
     assert resumed["splits"]["train"]["complete"]

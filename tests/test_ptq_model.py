@@ -292,6 +292,8 @@ def test_cli_quantize_both_formats(tmp_path, capsys):
     assert main(["info", str(tmp_path / "out" / "gptq"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "quantlm" and info["actual"]["bits_per_linear_weight"] > 4
+    # its own size in the paper's count (it showed the FloatLM's 16 bits), as `spectra eval` reports it
+    assert info["bits"]["this_model"] == info["bits"]["quantlm_4"]
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "bad"), "--bits", "9"]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
 

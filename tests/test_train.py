@@ -356,6 +356,17 @@ def test_a_progressive_schedule_must_reach_its_last_stage(tmp_path, data):
     assert set(codes.unique().tolist()) <= {-1, 0, 1}
 
 
+def test_resuming_a_finished_run_keeps_its_result(tmp_path, data):
+    """`--resume` on a finished run re-evaluated and rewrote result.json: train_loss NaN (not standard JSON), 0 tok/s
+    and the resume's own wall time (a README walk-through, 2026-12-07)."""
+    first = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4), out_dir=tmp_path / "r", progress=False)
+    written = (tmp_path / "r" / "result.json").read_text()
+    again = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4), out_dir=tmp_path / "r", resume=True,
+                  progress=False)
+    assert again == json.loads(written) and (tmp_path / "r" / "result.json").read_text() == written
+    assert math.isfinite(again["train_loss"]) and again["tokens_per_s"] > 0 and again == json.loads(json.dumps(first))
+
+
 def test_vocab_mismatch(tmp_path, data):
     with pytest.raises(ValueError, match="vocab_size is 256"):
         train(model_cfg(vocab_size=256), train_cfg(data), out_dir=tmp_path / "r", progress=False)
@@ -481,6 +492,21 @@ def test_tensorboard_and_wandb_loggers_record_the_metrics(tmp_path, data, monkey
     raw = record_log.read_bytes()
     assert raw.count(b"train/loss") >= 6
     assert all(json.dumps(x).encode() in raw for x in want)
+
+
+def test_a_logger_that_cannot_start_is_one_line_and_records_no_run(tmp_path, data, monkeypatch, capsys):
+    """wandb without an API key (and without WANDB_MODE) raised its UsageError as a traceback after run.json was
+    written, so a plain rerun was refused as "already holds a run"."""
+    wandb = pytest.importorskip("wandb")
+
+    def no_key(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(ValueError, match=r"train.loggers has 'wandb', which could not start: No API key configured"):
+        train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4, loggers=["wandb"]), out_dir=tmp_path / "w",
+              progress=False)
+    assert not (tmp_path / "w" / "run.json").exists()
 
 
 FAULTS_SCRIPT = """

@@ -89,7 +89,8 @@ def model_info(model: str) -> dict:
     if (path / META_FILE).exists():
         meta = read_meta(path)
         try:
-            report = size_report(ModelConfig.from_dict(meta["config"]))
+            cfg = ModelConfig.from_dict(meta["config"])
+            report = size_report(cfg)
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
         if not isinstance(meta.get("kind"), str) or meta["kind"] not in KIND_LOADERS:
@@ -104,14 +105,19 @@ def model_info(model: str) -> dict:
 
         refuse_pickle(path)
         hf = read_hf_config(path)
-        report = size_report(config_from_hf(hf, str(path / "config.json")))
-        report["kind"] = "quantlm" if hf.get("quantization_config") else "hf"
+        cfg = config_from_hf(hf, str(path / "config.json"))
+        report = size_report(cfg)
+        quantized = hf.get("quantization_config") or (path / "quantize_config.json").exists()
+        report["kind"] = "quantlm" if quantized else "hf"
         if not weights:
             raise FormatError(f"{path} holds no .safetensors weights")
     report["files"] = {f.name: f.stat().st_size for f in weights if safetensors_header(f) is not None}
-    if report["kind"] == "quantlm":
-        from spectra.ptq.formats import quantlm_size_bits
+    if report["kind"] == "quantlm":  # its own bits and group (this_model was the FloatLM's 16-bit count)
+        from spectra.accounting import quantlm_bits, size_in_bits
+        from spectra.ptq.formats import quantlm_size_bits, read_quant_config
 
+        qcfg = read_quant_config(path)
+        report["bits"]["this_model"] = size_in_bits(cfg, quantlm_bits(qcfg["bits"], qcfg["group_size"]))
         report["actual"] = quantlm_size_bits(path)
     elif report["kind"] == "packed":
         from spectra.accounting import stored_bits

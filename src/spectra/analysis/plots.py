@@ -26,7 +26,7 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install 'spectra[plot]'") from e
+        raise ImportError("plotting needs matplotlib: pip install 'spectra-lm[plot]'") from e
     return Figure, FigureCanvasAgg
 
 

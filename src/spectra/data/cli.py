@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data", default="builtin", help="'builtin', a .txt/.jsonl/.parquet file or folder, or hf:NAME")
     s.add_argument("--tokenizer", default="builtin", help="tokenizer.json, a folder holding one, or 'builtin'")
     s.add_argument("--out", required=True, help="shard folder (re-running skips finished work)")
-    s.add_argument("--max-tokens", type=float, default=None, help="stop each split after this many tokens")
+    s.add_argument("--max-tokens", type=float, default=None,
+                   help="stop each split at the end of the document that brings it to this many tokens")
     s.set_defaults(func=run_shards)
 
     e = cmds.add_parser("evals", help="build the offline evaluation data sets")

@@ -194,7 +194,7 @@ def _rows(path: Path) -> Iterator[str]:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError("reading .parquet corpora needs pyarrow: pip install 'spectra[data]'") from e
+            raise ImportError("reading .parquet corpora needs pyarrow: pip install 'spectra-lm[data]'") from e
         import pyarrow
 
         try:
@@ -258,7 +258,7 @@ def _hf_documents(spec: str, split: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("streaming Hugging Face datasets needs `datasets`: pip install 'spectra[data]'") from e
+        raise ImportError("streaming Hugging Face datasets needs `datasets`: pip install 'spectra-lm[data]'") from e
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
         raise ValueError(f"data source {spec!r}: expected 'hf:NAME' or 'hf:NAME:CONFIG'")

@@ -116,7 +116,8 @@ def build_shards(
 ) -> dict:
     """Tokenize `source`'s splits with the tokenizer.json `tokenizer` into `out_dir`. Returns the manifest.
 
-    `max_tokens` (per split, or one number for all) stops a split once it holds at least that many tokens.
+    `max_tokens` (per split, or one number for all) stops a split at the end of the document that brings it to that
+    many tokens.
     """
     tok_path = tokenizer_file(tokenizer)
     tok = load_tokenizer(tok_path)
@@ -151,6 +152,7 @@ def build_shards(
         buf_tokens = buf_docs = 0
         exhausted = True
         for batch in _batches(docs, ENCODE_BATCH):
+            before = buf_tokens
             for doc_ids in encode_documents(tok, batch):
                 ids = np.empty(len(doc_ids) + 1, dtype=dtype)
                 ids[:-1] = doc_ids
@@ -158,13 +160,15 @@ def build_shards(
                 buf.append(ids)
                 buf_tokens += len(ids)
                 buf_docs += 1
+                if limit is not None and entry["tokens"] + buf_tokens >= limit:  # at the document that reaches it
+                    exhausted = False  # (a whole batch of documents went in: 200k asked for wrote 2.6M tokens)
+                    break
             if bar is not None:
-                bar.update(sum(len(b) for b in buf[-len(batch):]))
+                bar.update(buf_tokens - before)
             if buf_tokens >= shard_tokens:
                 _flush(out, manifest, split, buf, buf_docs)
                 buf, buf_tokens, buf_docs = [], 0, 0
-            if limit is not None and entry["tokens"] + buf_tokens >= limit:
-                exhausted = False
+            if not exhausted:
                 break
         if buf:
             _flush(out, manifest, split, buf, buf_docs)

@@ -7,7 +7,7 @@
     build_cloze(documents) / write_cloze_task(...)  the LAMBADA-style cloze task from held-out text
     tasks.PAPER_TASKS, tasks.GROUPS                 the paper's task list and how its tables group them
 
-lm-eval is an optional dependency (`pip install 'spectra[eval]'`); only `evaluate` and `check_tasks` need it.
+lm-eval is an optional dependency (`pip install 'spectra-lm[eval]'`); only `evaluate` and `check_tasks` need it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # lm-eval is the `eval` extra
-    raise ImportError(f"spectra.eval.harness needs lm-eval ({e}); install it with: pip install 'spectra[eval]'") from e
+    raise ImportError(f"spectra.eval.harness needs lm-eval ({e}); install it with: "
+                      "pip install 'spectra-lm[eval]'") from e
 
 from spectra.eval.scoring import score_groups, score_sequences
 
@@ -294,15 +295,15 @@ def _run_tasks(
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    loaded = manager.load(names)
-    for task_obj in loaded["tasks"].values():
-        default = task_obj.get_config("num_fewshot")
-        if num_fewshot is not None and default != 0:
-            task_obj.set_config(key="num_fewshot", value=num_fewshot)
-        elif num_fewshot is None and default is None:
-            task_obj.set_config(key="num_fewshot", value=0)
-        task_obj.set_fewshot_seed(seed=seed)
-    with _task_bars(lm.progress):
+    with _task_bars(lm.progress):  # loading the tasks prepares their datasets, which draws bars too
+        loaded = manager.load(names)
+        for task_obj in loaded["tasks"].values():
+            default = task_obj.get_config("num_fewshot")
+            if num_fewshot is not None and default != 0:
+                task_obj.set_config(key="num_fewshot", value=num_fewshot)
+            elif num_fewshot is None and default is None:
+                task_obj.set_config(key="num_fewshot", value=0)
+            task_obj.set_fewshot_seed(seed=seed)
         return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
 
 

@@ -347,7 +347,7 @@ def bench(
         skipped["llama.cpp"] = "llama-cpp-python is not installed" if ternary else "not a ternary model"
     if want_llama:
         if not llama_cpp_available():
-            raise ImportError("llama.cpp comparison needs llama-cpp-python: pip install 'spectra[llamacpp]'")
+            raise ImportError("llama.cpp comparison needs llama-cpp-python: pip install 'spectra-lm[llamacpp]'")
         from spectra.interop.gguf import export_gguf
 
         tmpdir = tempfile.TemporaryDirectory(dir=workdir, prefix="spectra-bench-")

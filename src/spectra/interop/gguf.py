@@ -58,7 +58,7 @@ def _gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ImportError("GGUF export needs the gguf package: pip install 'spectra[gguf]'") from e
+        raise ImportError("GGUF export needs the gguf package: pip install 'spectra-lm[gguf]'") from e
     return gguf
 
 

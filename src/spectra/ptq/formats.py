@@ -144,7 +144,7 @@ def save_gptq(
     return Path(out_dir)
 
 
-def _read_quant_config(path: Path) -> dict[str, Any]:
+def read_quant_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     qcfg = None
     if config_path.exists():
@@ -181,7 +181,7 @@ def load_quantlm(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | 
         cfg = ModelConfig.from_dict(read_meta(path)["config"])
     else:
         cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
-    qcfg = _read_quant_config(path)
+    qcfg = read_quant_config(path)
     tensors = read_hf_weights(path)
     model = empty_model(cfg, device)
     state = {}

@@ -76,6 +76,10 @@ def quantize(
     if group_size is None:
         group_size = default_group_size(bits)
     model_path = Path(model_path)
+    if not model_path.exists():  # before the tokenizer's error, which would send a mistyped path the wrong way
+        from spectra.loading import missing_model
+
+        raise missing_model(model_path)
     refuse_replacing_source(out_dir, model_path)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(model_path)
     if tok is None and method == "gptq":

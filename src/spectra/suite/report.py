@@ -550,7 +550,7 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         try:
             p = _plot_panels(rows, metric, out / "figures" / f"{name}.png", fit, paper)
         except ImportError as e:
-            raise ImportError("the report's figures need matplotlib: pip install 'spectra[plot]'") from e
+            raise ImportError("the report's figures need matplotlib: pip install 'spectra-lm[plot]'") from e
         if p is not None:
             figures.append(p)
     if contrasts:

@@ -44,7 +44,7 @@ from spectra.checkpoint import save_model
 from spectra.config import ModelConfig, pad_vocab
 from spectra.data.shards import SequenceSampler, TokenStream, is_shard_dir, prepare_shards, read_manifest
 from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_tokenizer, tokenizer_hash, vocab_size
-from spectra.files import write_json
+from spectra.files import read_json, write_json
 from spectra.layers import set_recompute_weight
 from spectra.model import build_model
 from spectra.quantizers import Quantizer, set_progress
@@ -170,7 +170,12 @@ class _MetricLoggers:
                 import wandb
             except ImportError as e:
                 raise ImportError("train.loggers has 'wandb' but wandb is not installed: pip install wandb") from e
-            self.wandb = wandb.init(project="spectra", name=run_dir.name, config=config, dir=str(run_dir))
+            try:
+                self.wandb = wandb.init(project="spectra", name=run_dir.name, config=config, dir=str(run_dir))
+            except wandb.errors.Error as e:  # no API key (and no WANDB_MODE): wandb's UsageError, a traceback
+                self.file.close()
+                raise ValueError(f"train.loggers has 'wandb', which could not start: {str(e).splitlines()[0]} (run "
+                                 "`wandb login`, or set WANDB_MODE=offline to log locally)") from None
         if "tensorboard" in names:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -475,14 +480,15 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     loggers = None
     tok_sha = tokenizer_hash(tok_path)
     if info.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        # the loggers first: one that cannot start (wandb without a key) fails before the run is recorded
+        loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
         write_json(run_dir / "run.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
                                           "tokenizer": str(tok_path), "tokenizer_sha256": tok_sha,
                                           "data": str(shard_dir), "world_size": info.world,
                                           "micro_batch": micro, "grad_accum": accum, "total_steps": total_steps,
                                           "train_windows": sampler.n,
                                           "memory_plan": plan.to_dict(), **provenance})
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        loggers = _MetricLoggers(run_dir, cfg.loggers, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
 
     def save(step: int) -> None:  # every rank writes its shards (spectra.train.state)
         meta = {"step": step, "tokens": tokens_seen, "data_position": data_pos, "milestone": step in milestones,
@@ -597,7 +603,14 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             loggers.close()
 
     peak = memory.peak_rss(rss_base) if rss_base is not None else None  # training's peak, before the final export
-    if start_step >= total_steps:  # resumed a finished run: nothing to train, report the checkpoint
+    finished = start_step >= total_steps
+    if finished and (run_dir / "result.json").exists() and (run_dir / "final" / "spectra.json").exists():
+        kept = read_json(run_dir / "result.json", "the run's result")  # resuming a finished run rewrote it: a NaN
+        if isinstance(kept, dict):  # train loss, 0 tok/s and the resume's own wall time in place of the run's
+            log.info("%s finished already (step %d of %d); its result is kept", run_dir, start_step, total_steps)
+            dist.barrier(info)
+            return kept
+    if finished:  # resumed a finished run whose final model was not written: nothing to train, report the checkpoint
         val_loss = evaluate()
     wall = time.perf_counter() - t_start
     result = {"val_loss": val_loss, "train_loss": last_loss, "tokens": tokens_seen, "steps": total_steps,
