@@ -424,6 +424,16 @@ def test_cli_train_and_data(tmp_path, data, capsys):
     assert rc == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 2 and result["tokens"] == 512
+    # each log line once (the root handler `spectra` sets up printed them a second time, unprefixed)
+    args = ["--model.dim=64", "--model.n_layers=1", "--model.n_heads=2", "--model.glu_dim=128",
+            "--model.vocab_size=512", "--model.family=trilm", "--data", str(tmp_path / "sh"), "--tokenizer", str(tok),
+            "--tokens", "512", "--seq_len", "32", "--batch_tokens=256", "--train.val_tokens=64",
+            "--out", str(tmp_path / "run"), "--no-progress", "--resume"]
+    done = subprocess.run([sys.executable, "-m", "spectra", "train", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "finished already" in line]
+    assert len(lines) == 1 and lines[0].startswith("spectra train: "), done.stderr
     assert cli_main(["train", "--size", "trilm-nope", "--tokens", "1"]) == 2
     assert "unknown model size" in capsys.readouterr().err
 

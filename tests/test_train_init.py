@@ -220,6 +220,21 @@ def test_warmup_starts_as_the_floatlm(tmp_path, data, runs):
     assert losses(out)[0] == lm_loss(src(batch[:, :-1]), batch[:, 1:]).item()
 
 
+def test_the_final_validation_measures_the_saved_model(tmp_path, data, runs):
+    """A warm-up that ends inside the last step (its mix at the step's start 0.75 here) validated the final model with
+    that mix; the model saved (and loaded) has none. Re-validating the last checkpoint in a fresh process (the
+    finished run's result and final model removed, so `--resume` measures it again) gives the reported loss."""
+    import shutil
+
+    out = tmp_path / "w"
+    kw = train_kw(data, init=str(runs["floatlm"]), quant_warmup_tokens=STEP * 4, tokens=STEP * 4)
+    first = train({"family": "trilm"}, TrainConfig(**kw), out_dir=out, progress=False)
+    (out / "result.json").unlink()
+    shutil.rmtree(out / "final")
+    again = train({"family": "trilm"}, TrainConfig(**kw), out_dir=out, resume=True, progress=False)
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+
 def test_warmup_lambda_shapes_and_straight_through():
     assert [warmup_lambda(t, 100) for t in (0, 25, 100, 200)] == [0.0, 0.25, 1.0, 1.0]
     assert warmup_lambda(5, 0) == 1.0

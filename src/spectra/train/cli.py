@@ -84,15 +84,23 @@ def run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)  # the memory plan and resume notes, before training starts
     handler.setFormatter(logging.Formatter("spectra train: %(message)s"))
     logger = logging.getLogger("spectra.train")
+    # its own prefix, once: the root handler `spectra` sets up printed every line a second time
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    model_cfg, train_cfg = configs_from_args(args)
-    name = model_cfg.name if hasattr(model_cfg, "name") else (train_cfg.init and Path(train_cfg.init).name)
-    out = args.out or f"runs/{name or 'custom'}"
+    logger.propagate = False
     try:
-        result = train(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
-    except TrainingDiverged as e:
-        print(f"spectra train: error: {e}", file=sys.stderr)
-        return 1
+        model_cfg, train_cfg = configs_from_args(args)
+        name = model_cfg.name if hasattr(model_cfg, "name") else (train_cfg.init and Path(train_cfg.init).name)
+        out = args.out or f"runs/{name or 'custom'}"
+        try:
+            result = train(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
+        except TrainingDiverged as e:
+            print(f"spectra train: error: {e}", file=sys.stderr)
+            return 1
+    finally:  # (in-process callers, tests among them, would stack a handler per call)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
     print(json.dumps(result, indent=2))
     return 0

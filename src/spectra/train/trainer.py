@@ -591,6 +591,9 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
                 bar.update(tokens_per_step)
                 bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", refresh=False)
             if done % val_every == 0 or done == total_steps:
+                # the warm-up's mix as of the tokens seen so far: the model the next step starts from, and after the
+                # last step the one saved (validated with the last step's starting mix, 0.98, it was not)
+                set_quant_mix(raw, warmup_lambda(tokens_seen, cfg.quant_warmup_tokens, cfg.quant_warmup_shape))
                 val_loss = evaluate()
                 if loggers is not None:
                     loggers.log({"split": "val", "step": done, "tokens": tokens_seen, "val_loss": val_loss})
