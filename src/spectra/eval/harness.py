@@ -14,8 +14,8 @@
 - `generate_until(context, {until, max_gen_toks})` -> greedy continuation with the KV cache, cut at the first stop
   string (EOS always stops).
 
-`evaluate(model_path, tasks, ...)` runs lm-eval (the task setup of `simple_evaluate`, then `evaluator.evaluate`)
-over our task list (`spectra.eval.tasks`) and returns a results dict (`spectra.eval.results`).
+`_run_tasks` runs lm-eval over named tasks (the task setup of `simple_evaluate`, then `evaluator.evaluate`) for
+`spectra.eval.run.evaluate`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from tqdm import tqdm
 try:
     import lm_eval
     import lm_eval.models  # noqa: F401  lm-eval registers its own models lazily, only while its registry is empty
+    import lm_eval.tasks  # noqa: F401  (`spectra.eval.run` reaches the TaskManager through this module)
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # lm-eval is the `eval` extra
@@ -47,23 +47,6 @@ from spectra.eval.scoring import score_groups, score_sequences
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-def model_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.PathLike | None):
-    """The tokenizer given explicitly, else the tokenizer.json stored with the model."""
-    from spectra.data import load_tokenizer
-
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    if model_path is not None and Path(model_path).is_dir():
-        from spectra.loading import find_tokenizer
-
-        found = find_tokenizer(model_path)
-        if found is not None:
-            return load_tokenizer(found)
-    raise FileNotFoundError(
-        f"no tokenizer.json in {model_path}; pass one with --tokenizer PATH (e.g. the training run's tokenizer.json)"
-    )
 
 
 @register_model("spectra")
@@ -97,6 +80,8 @@ class SpectraLM(TemplateLM):
 
             model = load(pretrained, device=device, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            from spectra.loading import model_tokenizer
+
             tokenizer = model_tokenizer(pretrained, tokenizer)
         from spectra.data import check_vocab
 
@@ -327,128 +312,3 @@ def _task_bars(show: bool) -> Iterator[None]:
         task_module.tqdm = original
         if datasets_bars:
             datasets_logging.enable_progress_bar()
-
-
-def _task_plan(tasks: str | list[str], offline_dir, include_path, include_defaults: bool, data,
-               index: bool = True) -> tuple[list[str], bool, list[str], Any]:
-    """(lm-eval task names, whether "ppl" was asked for, names skipped as unavailable offline, the TaskManager or None)
-    for `evaluate`'s arguments, every name checked (ValueError: unknown, with the closest names; FileNotFoundError: an
-    explicitly named task without offline data). `index=False`: lm-eval's task index (20-30 s to build) is built
-    only for names that are neither the cloze task nor in `offline_dir`'s manifest."""
-    from lm_eval.tasks import TaskManager
-
-    import spectra.eval.tasks as task_lib
-
-    names = task_lib.resolve(tasks)
-    want_ppl = task_lib.PPL_TASK in names
-    names = [n for n in names if n != task_lib.PPL_TASK]
-    include = [] if include_path is None else (list(include_path) if isinstance(include_path, list) else [include_path])
-    unavailable: list[str] = []
-    manager = None
-    if names:
-        if offline_dir is not None:
-            requested = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
-            yaml_dir, names, unavailable = task_lib.offline_tasks(offline_dir, names, strict="paper" not in requested)
-            if unavailable:
-                log.warning("not available offline, skipped: %s", ", ".join(unavailable))
-            include.append(yaml_dir)
-        # offline_tasks kept only the names the offline folder holds: every one is local there, and elsewhere cloze
-        local = offline_dir is not None or set(names) <= {task_lib.CLOZE_TASK}
-        if not index and include_path is None and local:
-            return names, want_ppl, unavailable, None
-        if task_lib.CLOZE_TASK in names:
-            from spectra.eval.cloze import write_cloze_task
-
-            include.append(write_cloze_task(source=data or "builtin"))
-        logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # local YAMLs override built-ins on purpose
-        manager = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=include_defaults)
-        task_lib.check_known(names, manager)
-    return names, want_ppl, unavailable, manager
-
-
-def check_tasks(tasks: str | list[str], *, offline_dir: str | os.PathLike | None = None,
-                include_path: str | os.PathLike | list | None = None, include_defaults: bool = True,
-                data: str | os.PathLike | None = None, **_: Any) -> list[str]:
-    """The task names `evaluate(model, tasks, ...)` would run with these options, checked before any model exists
-    (`spectra suite` calls it before its first training step): raises as `evaluate` would on an unknown name or a
-    task without offline data. Options `evaluate` takes that do not choose tasks are ignored."""
-    from spectra.eval.tasks import CLOZE_TASK, PPL_TASK
-
-    names, want_ppl, _, _ = _task_plan(tasks, offline_dir, include_path, include_defaults, data, index=False)
-    if CLOZE_TASK in names:  # the items exist (`_task_plan` writes the task only when it builds lm-eval's index)
-        from spectra.eval.cloze import cloze_items
-
-        cloze_items(data or "builtin")
-    return names + ([PPL_TASK] if want_ppl else [])
-
-
-def evaluate(
-    model_path: str | os.PathLike | nn.Module,
-    tasks: str | list[str] = "paper",
-    *,
-    limit: int | float | None = None,
-    batch_size: int = 16,
-    offline_dir: str | os.PathLike | None = None,
-    include_path: str | os.PathLike | list | None = None,
-    include_defaults: bool = True,
-    tokenizer: str | os.PathLike | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-    num_fewshot: int | None = None,
-    data: str | os.PathLike | None = None,
-    ppl_seq_len: int | None = None,
-    ppl_stride: int | None = None,
-    ppl_max_tokens: int | None = None,
-    seed: int = 1234,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a model on lm-eval tasks (zero-shot unless `num_fewshot`, as in the paper) and/or perplexity.
-
-    `tasks`: "paper", "cloze", "ppl", a comma-separated string or a list mixing those and lm-eval task names.
-    "ppl" measures `spectra.eval.perplexity` on `data` (a `read_documents` source, default "builtin", validation
-    split); "cloze" builds the LAMBADA-style task from the same `data`. With `offline_dir` (the output of
-    `spectra data evals`) local copies of the benchmark data replace the hub datasets: an explicitly named task
-    without local data raises; the "paper" preset skips logiqa, crows_pairs_english and truthfulqa_mc1 (no offline
-    source) and records them as skipped. `include_path` adds task YAML folders; `include_defaults=False` skips
-    indexing lm-eval's built-in YAMLs (20-30 s) when every task is local. `progress=False` draws no progress bars
-    (lm-eval's, the scoring's, perplexity's). Returns the results document
-    (`spectra.eval.results`).
-    """
-    from spectra.eval.perplexity import perplexity
-    from spectra.eval.results import build_results
-
-    names, want_ppl, unavailable, manager = _task_plan(tasks, offline_dir, include_path, include_defaults, data)
-    if isinstance(model_path, nn.Module):
-        model, path = model_path, None
-    else:
-        from spectra.loading import load
-
-        model, path = load(model_path, device=device, dtype=dtype), model_path
-    tok = model_tokenizer(path, tokenizer)
-    raw: dict[str, Any] = {}
-    if names:
-        lm = SpectraLM(model, tok, batch_size=batch_size, progress=progress)
-        lm.name = str(path or lm.name)
-        raw = _run_tasks(lm, names, manager, limit=limit, num_fewshot=num_fewshot, seed=seed)
-    results = build_results(
-        raw,
-        model=model,
-        model_path=path,
-        tasks=names,
-        limit=limit,
-        offline_dir=offline_dir,
-        skipped=unavailable,
-        num_fewshot=num_fewshot,
-    )
-    if want_ppl:
-        results["perplexity"] = perplexity(
-            model,
-            tok,
-            data or "builtin",
-            seq_len=ppl_seq_len,
-            stride=ppl_stride,
-            batch_size=batch_size,
-            max_tokens=ppl_max_tokens,
-            progress=progress,
-        )
-    return results

@@ -117,7 +117,10 @@ def build_results(
     num_fewshot: int | None = None,
 ) -> dict[str, Any]:
     """The results document (module docstring) from lm-eval's `evaluator.evaluate` output."""
-    import lm_eval
+    try:
+        import lm_eval
+    except ImportError:  # perplexity alone needs no lm-eval
+        lm_eval = None
 
     metrics = task_metrics(raw.get("results", {}))
     add_stderr(metrics, raw.get("n-samples", {}))
@@ -128,7 +131,7 @@ def build_results(
         "model": model_identity(model, model_path),
         "harness": {
             "name": "lm-evaluation-harness",
-            "version": getattr(lm_eval, "__version__", "unknown"),
+            "version": None if lm_eval is None else getattr(lm_eval, "__version__", "unknown"),
             "paper_version": PAPER_HARNESS_VERSION,
             "task_versions": raw.get("versions", {}),
             "n_samples": raw.get("n-samples", {}),

@@ -129,7 +129,7 @@ def check_options(spec: SuiteSpec) -> None:
     refused here, with the accepted ones, instead of failing every such step after the training."""
     import inspect
 
-    from spectra.eval.harness import evaluate
+    from spectra.eval.run import evaluate
     from spectra.inference.bench import bench
     from spectra.ptq.pipeline import quantize
 
