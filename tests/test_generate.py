@@ -112,6 +112,8 @@ def test_bad_input(tok):
         generate(model, None, [1], temperature=-1)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(model, None, [400])
+    with pytest.raises(ValueError, match="prompt token id -1 is negative"):  # an IndexError in the latent model
+        generate(model, None, [-1, 5])
     with pytest.raises(FileNotFoundError):
         generate(model, "/nonexistent/tokenizer.json", "x")
 
@@ -131,6 +133,9 @@ def test_cli_generate(tmp_path, tok, capsys):
         out = capsys.readouterr()
         assert out.out == expected + "\n"
         assert "tok/s" in out.err
+    # a mistyped path is reported as missing (it was "has no tokenizer.json; pass --tokenizer", then "does not exist")
+    assert main(["generate", str(tmp_path / "typo"), "--prompt", "hi"]) == 2
+    assert "typo does not exist" in capsys.readouterr().err
 
 
 def test_kv_cache_names():
@@ -210,3 +215,21 @@ def test_settled_text_holds_a_stop_prefix_before_an_incomplete_character():
                 text, stopped = cut_at_stop(text, stops)  # as the scheduler does before it streams
                 n = settled(text, stops, stopped)
                 assert text[:n] == kept[:n] and n <= len(kept), (stops, text, n)
+
+
+def test_text_decoder_after_a_token_that_decodes_to_nothing():
+    """A special token that `decode` skips (</s> past the end with --no-eos-stop, <unk>) left the next token as the
+    window's first: a sentencepiece decoder stripped its space ('Helloworld!' for 'Hello world!')."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from spectra.inference.sampling import TextDecoder
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁Hello": 2, "▁world": 3, "!": 4, "▁a": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(["</s>", "<unk>"])
+    tok.decoder = decoders.Metaspace()
+    for ids in ([2, 1, 3, 4], [2, 0, 3, 4], [2, 1, 1, 3, 0, 5, 4], [1, 2, 3]):
+        dec = TextDecoder(tok)
+        for n in range(1, len(ids) + 1):
+            assert dec.text(ids[:n]) == tok.decode(ids[:n]), (ids, n)
+    assert TextDecoder(tok).text([2, 1, 3, 4]) == "Hello world!"

@@ -105,3 +105,15 @@ def test_sample_rows_equals_sample_row_by_row(path):
         K.sample_rows(x, T, k, p, u, rows=[7, 0, 1, 2, 3, 4], path=path)
     with pytest.raises(ValueError, match="one temperature"):
         K.sample_rows(x, T[:2], k, p, u, path=path)
+
+
+@pytest.mark.parametrize("path", ["torch", *COMPILED])
+def test_a_temperature_near_zero_is_greedy(path):
+    """x / T overflowed for several logits (or T rounded to a float 0: 0/0), and the first +inf or index 0 came back
+    instead of the largest logit; the limit T -> 0 is greedy."""
+    for x, T in (([5.0, 10.0], 1e-38), ([-3.0, -1.0, -2.0], 1e-50), ([3.0, 40.0, 50.0], 1e-37), ([1.0, 2.0], 1e-46)):
+        row = torch.tensor(x)
+        want = int(torch.argmax(row))
+        assert K.reference_sample(row, T, u=0.5) == want
+        if path != "torch":
+            assert K.sample(row, T, u=0.5, path=path) == want, (x, T, path)

@@ -52,10 +52,12 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from spectra.inference.generate import generate, kv_dtype_from_name, threads_from_env
-    from spectra.loading import find_tokenizer, load, not_a_model_dir
+    from spectra.loading import find_tokenizer, load, looks_like_path, missing_model, not_a_model_dir
 
     torch.set_num_threads(threads_from_env(args.threads))
     tokenizer = args.tokenizer
+    if not Path(args.model).exists() and looks_like_path(args.model):  # before the tokenizer's error, which misled
+        raise missing_model(args.model)
     if tokenizer is None:
         tokenizer = find_tokenizer(args.model) if Path(args.model).is_dir() else None
         if tokenizer is None and Path(args.model).is_file():  # before the tokenizer's error, which would mislead

@@ -86,6 +86,8 @@ def generate(
         raise ValueError("the prompt is empty: at least one token is needed to condition on")
     cfg = getattr(model, "config", None)
     vocab = getattr(cfg, "vocab_size", None)
+    if min(prompt_ids) < 0:
+        raise ValueError(f"prompt token id {min(prompt_ids)} is negative; ids are 0 up to the vocabulary's size")
     if vocab is not None and max(prompt_ids) >= vocab:
         raise ValueError(f"prompt token id {max(prompt_ids)} is outside the model's vocabulary of {vocab}")
     max_len = len(prompt_ids) + max_new_tokens

@@ -80,8 +80,10 @@ class TextDecoder:
     is kept (`_done`), and a new token decodes only the window from `_prefix` (one token before `_read`, so that a
     decoder that treats a text's first token specially, or joins neighbouring tokens, sees the same context as in the
     full text): the new text is the window's decoding after its first part's. The window is committed when its new
-    text is complete (no U+FFFD: it ends at a character boundary), as text-generation servers do. `text(ids)` returns
-    what `tokenizer.decode(ids)` returns for a byte-level BPE (tested against it at every token)."""
+    text is complete (no U+FFFD: it ends at a character boundary), as text-generation servers do; a context token that
+    decodes to nothing (a special token `decode` skips) takes the one before it too. `text(ids)` returns what
+    `tokenizer.decode(ids)` returns for a byte-level BPE and a sentencepiece-style decoder (tested against it at every
+    token)."""
 
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
@@ -91,6 +93,9 @@ class TextDecoder:
         """The decoding of `ids`, which extends the list of the previous call by any number of tokens."""
         tok, p, r = self.tok, self._prefix, self._read
         head = tok.decode(list(ids[p:r])) if r > p else ""
+        while head == "" and p > 0:  # a context token that decodes to nothing (a skipped special token): the next
+            p -= 1  # one would decode as a text's first (a sentencepiece decoder strips its space)
+            head = tok.decode(list(ids[p:r]))
         window = tok.decode(list(ids[p:]))
         if not window.startswith(head):  # a decoder that rewrote the context: decode it all (exact, O(n))
             self._done, self._prefix, self._read = "", 0, 0

@@ -731,8 +731,9 @@ def sample(
     than top_p of the kept total), weights e^(s - max s) (0 below e^-87, where float32 turns subnormal); the token is
     the first, in index order, whose running sum of weights passes u times their total (u uniform in [0, 1)). One C
     call (`sample`: 0.04-0.2 ms for 50k logits, where torch's softmax and multinomial take about 1 ms and its sort
-    for top_p 3-4); `reference_sample` where the C function does not take x. NaN or +inf in s: argmax's index; -inf
-    is never drawn."""
+    for top_p 3-4); `reference_sample` where the C function does not take x. Where the largest s is NaN or ±inf (x / T
+    overflowed: T below ~1e-37, or 0 as a float) the draw is greedy, x's argmax, the limit of T -> 0 (the first +inf s
+    was taken, not the largest x); -inf is never drawn."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
     k = 0 if top_k is None or top_k >= x.shape[-1] else int(top_k)
@@ -784,8 +785,8 @@ def reference_sample(x: Tensor, temperature: float, top_k: int | None = None, to
     s = x.float() / temperature
     top = int(torch.argmax(s))
     m = float(s[top])
-    if m != m or m in (float("inf"), float("-inf")):
-        return top
+    if m != m or m in (float("inf"), float("-inf")):  # x / T overflowed: T -> 0 is greedy
+        return int(torch.argmax(x.float()))
     keep = torch.isfinite(s) & (s - m >= -87.0)  # the C draw's floor: e^-87, about the smallest normal float
     if top_k is not None and top_k < s.numel():
         keep &= s >= torch.topk(s, top_k).values[-1]

@@ -2572,7 +2572,9 @@ static int64_t sample_row(int path, const float *x, int64_t V, float T, int64_t 
     }
     const int64_t top = argmax_row(path, s, V);
     const float m = s[top];
-    if (m != m || m == INFINITY || m == -INFINITY) return top;
+    /* x / T overflowed (T below ~1e-37, or 0 as a float): the limit T -> 0 is greedy, the largest x (the first
+     * overflowed s need not be the largest x, and 0 / 0 is NaN) */
+    if (m != m || m == INFINITY || m == -INFINITY) return s == x ? top : argmax_row(path, x, V);
     const int top_k = k > 0 && k < V;
     float thr = top_k ? top_k_threshold(path, s, V, m, k, tmp, bin) : -INFINITY;
     if (thr < -FLT_MAX) thr = -FLT_MAX; /* -inf never drawn */
