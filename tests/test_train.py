@@ -96,6 +96,24 @@ def test_trilm_schedule_lr_drop_at_half_wd_zero_at_two_thirds():
     assert s.lr_at(153) == pytest.approx(1.5e-3 * (1 - 147 / 300))
 
 
+def test_switches_start_at_the_first_step_past_their_fraction():
+    """Step s starts at s / S of training; the drop at ½ and the weight-decay removal at ⅔ take the first step that
+    starts there or later (round() put ⅔ of 5 steps at step 3, which starts at 60 %, and rounded halves to even: ½ of 5
+    and of 9 fell a step early), as a progressive quantizer's stages do. A FloatLM asked for the drop without lr2
+    drops by the table's ratio (lr2 = lr made the switch do nothing)."""
+    from spectra.train.schedule import switch_step
+
+    for S in range(1, 40):
+        for f in (0.5, 2 / 3, 0.4, 0.8):
+            k = switch_step(f, S)
+            assert k / S >= f - 1e-12 and (k == 0 or (k - 1) / S < f - 1e-12), (S, f, k)
+    cfg = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, warmup=0, min_lr_ratio=0.0))
+    s = make_schedule(cfg, 5)
+    assert (s.lr_drop_step, s.wd_removal_step) == (3, 4)
+    float_cfg = resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, lr=2e-3, lr_drop=True))
+    assert float_cfg.lr2 == pytest.approx(2e-3 * 1.5e-3 / 2.4e-3)
+
+
 @pytest.mark.parametrize("lr_drop,wd_removal", [(False, False), (True, False), (False, True), (True, True)])
 def test_trilm_ablation_switches_are_independent(lr_drop, wd_removal):
     cfg = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, lr_drop=lr_drop, wd_removal=wd_removal,
@@ -436,6 +454,11 @@ def test_cli_train_and_data(tmp_path, data, capsys):
     assert len(lines) == 1 and lines[0].startswith("spectra train: "), done.stderr
     assert cli_main(["train", "--size", "trilm-nope", "--tokens", "1"]) == 2
     assert "unknown model size" in capsys.readouterr().err
+    assert cli_main(["train", "--model.size", "trilm-nope", "--tokens", "1"]) == 2  # the name its help gives
+    assert "unknown model size" in capsys.readouterr().err
+    assert cli_main(["train", "--size", "trilm-1m", "--train.micro_batch=inf"]) == 2  # an OverflowError traceback
+    err = capsys.readouterr().err
+    assert "--train.micro_batch=inf" in err and "Traceback" not in err
 
 
 def test_cli_data_evals_passes_out_and_wheel(tmp_path, monkeypatch, capsys):

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain a FloatLM or TriLM (paper recipes, resumable, torchrun-ready)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="TOML", help="run file with [model] and [train] tables")
-    p.add_argument("--size", help="named model size, e.g. trilm-99m, floatlm-tiny (same as --model.size)")
+    p.add_argument("--size", "--model.size", dest="size",
+                   help="named model size, e.g. trilm-99m, floatlm-tiny (same as --model.size)")
     p.add_argument("--out", help="run directory (default runs/<size>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -198,8 +198,10 @@ def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
         batch_tokens=batch,
         tokenizer=cfg.tokenizer if cfg.tokenizer is not None else "builtin",
         lr=cfg.lr if cfg.lr is not None else (tri_lr if trilm else float_lr),
+        # a FloatLM asked for the drop without lr2 drops by the table's TriLM ratio (lr2 = lr made it do nothing)
         lr2=cfg.lr2 if cfg.lr2 is not None else (
-            (tri_lr2 if cfg.lr is None else cfg.lr * tri_lr2 / tri_lr) if trilm else (cfg.lr or float_lr)),
+            (tri_lr2 if cfg.lr is None else cfg.lr * tri_lr2 / tri_lr) if trilm
+            else (cfg.lr or float_lr) * (tri_lr2 / tri_lr if cfg.lr_drop else 1.0)),
         schedule=cfg.schedule or ("linear" if trilm else "cosine"),
         lr_drop=cfg.lr_drop if cfg.lr_drop is not None else trilm,
         wd_removal=cfg.wd_removal if cfg.wd_removal is not None else trilm,
@@ -228,7 +230,7 @@ def parse_value(text: str, type_name: str, key: str) -> Any:
             return text.lower() in ("true", "1", "yes")
         if t.startswith("int"):
             v = float(text)
-            if v != int(v):
+            if not math.isfinite(v) or v != int(v):  # int(inf) is an OverflowError, not this one-line error
                 raise ValueError(text)
             return int(v)
         if t.startswith("float"):

@@ -103,8 +103,11 @@ def _shapes(model_cfg: ModelConfig) -> tuple[int, int, int]:
 
 def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, parallel: str,
          precision: str, activation_checkpointing: bool = False, device: str = "cpu", recompute_ternary: bool = False,
-         tp: int = 1) -> MemoryPlan:
-    """The memory plan of one rank (see the module docstring for every term)."""
+         tp: int = 1, teacher_params: int = 0, teacher: ModelConfig | None = None) -> MemoryPlan:
+    """The memory plan of one rank (see the module docstring for every term). `teacher_params`: a distillation
+    teacher's parameter count (0: none), whose float32 weights stay for the run and whose logits, the KD loss's float32
+    temporaries (six rows of B·T·V) and its kept gradient join the loss's peak (without them a distilled run of 1.3 GB
+    planned peaked at 7.3)."""
     L, B, T = model_cfg.n_layers, micro_batch, seq_len
     d, a, f, H, V = model_cfg.dim, model_cfg.attn_dim, model_cfg.glu_dim, model_cfg.n_heads, model_cfg.vocab_size
     p_block, p_lin, p_rest = _shapes(model_cfg)
@@ -147,14 +150,26 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
     head_grads = (4 * p_rest) // shard  # lm_head, embeddings, final norm (float32)
     grad_block = 4 * p_block // shard
 
+    kd_loss, kd_kept = 0, 0
+    if teacher_params:  # the teacher's logits and the KD loss's float32 s, t, log-softmaxes, p_t and gradient
+        kd_kept = BT * V * c  # (its gradient is kept, in the compute dtype)
+        kd_loss = BT * V * c + 6 * BT * V * 4
+        if teacher is not None:  # or, before them, the teacher's own forward: one block's activations at a time
+            dt, at, ft, Ht = teacher.dim, teacher.attn_dim, teacher.glu_dim, teacher.n_heads
+            dense_t = device == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * Ht * T * T <= DENSE_ATTENTION_MAX_PROBS
+            attn_t = 4 * BT * at * c + (B * Ht * T * T * c if dense_t else BT * at * c + 4 * B * Ht * T)
+            mlp_t = (4 if teacher.mlp_act == "swiglu" else 2) * BT * ft * c
+            forward_t = 2 * BT * dt * (4 + s) + 5 * BT * dt * c + attn_t + mlp_t + BT * V * c
+            kd_loss = max(kd_loss, forward_t)
+
     persistent_grads = grad_accum > 1  # earlier micro-batches' gradients are held through this one's backward
-    static = params + optimizer + comm + (grads if persistent_grads else 0)
+    static = params + optimizer + comm + (grads if persistent_grads else 0) + 4 * teacher_params
     grads_now = 0 if persistent_grads else 1
     # forward end / head backward: every block's activations, the logits, the loss gradient, the head's gradients
-    peaks = [(L * kept_block + head + logits + loss_grad + head_grads * grads_now,
+    peaks = [(L * kept_block + head + logits + loss_grad + kd_loss + head_grads * grads_now,
               L * kept_block + head + logits + loss_grad, L * copies if not activation_checkpointing else 0)]
     for i in range(L - 1, -1, -1):  # backward of block i: blocks < i kept, block i whole, blocks > i gradients
-        held = i * kept_block + act_block + temp_block + logits
+        held = i * kept_block + act_block + temp_block + logits + kd_kept
         peaks.append((held + (head_grads + (L - i) * grad_block) * grads_now, i * kept_block + act_block + logits,
                       (i + 1) * copies if not activation_checkpointing else copies))
     dyn, act, cop = max(peaks)

@@ -63,8 +63,15 @@ def make_schedule(cfg, total_steps: int) -> Schedule:
         min_lr_ratio=cfg.min_lr_ratio,
         shape=cfg.schedule,
         lr_drop=cfg.lr_drop,
-        lr_drop_step=round(cfg.lr_drop_at * total_steps),
+        lr_drop_step=switch_step(cfg.lr_drop_at, total_steps),
         weight_decay=cfg.weight_decay,
         wd_removal=cfg.wd_removal,
-        wd_removal_step=round(cfg.wd_removal_at * total_steps),
+        wd_removal_step=switch_step(cfg.wd_removal_at, total_steps),
     )
+
+
+def switch_step(fraction: float, total_steps: int) -> int:
+    """The first step that starts at or past `fraction` of training (step s starts at s / total_steps, as a
+    progressive quantizer's stages do). round() put the switch a step early where the fraction fell inside a step
+    with a fractional part below one half (⅔ of 5 steps: step 3, which starts at 60 %) and rounded halves to even."""
+    return math.ceil(fraction * total_steps - 1e-9)

@@ -373,24 +373,27 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     # the all-gather while the others waited in the loss's all-reduce, until the collective timeout
     most = math.ceil(math.ceil(n_val / dp_world) / micro)  # the most batches a rank has
     val_batches += [(torch.from_numpy(val_stream.get(0, T + 1)[None]), False)] * (most - len(val_batches))
+    rss_base = memory.reset_peak() if device.type == "cpu" else None  # the run's peak counts the teacher too
+    teacher = None
+    if cfg.teacher is not None:  # before the plan, which counts it
+        teacher = load_teacher(cfg.teacher, model_cfg, tok_path, weight=cfg.kd_weight,
+                               temperature=cfg.kd_temperature, device=device)
     plan = memory.plan(model_cfg, seq_len=T, micro_batch=micro, grad_accum=accum, world=info.world,
                        parallel=cfg.parallel, precision=cfg.precision,
                        activation_checkpointing=cfg.activation_checkpointing, device=device.type,
-                       recompute_ternary=cfg.recompute_ternary, tp=cfg.tp)
+                       recompute_ternary=cfg.recompute_ternary, tp=cfg.tp,
+                       teacher_params=0 if teacher is None else teacher.record["params"],
+                       teacher=None if teacher is None else teacher.model.config)
     if info.is_main:
         log.info("memory plan: %s", plan.line())
     memory.check(plan, cfg.memory_limit_gb, device)
-    rss_base = memory.reset_peak() if device.type == "cpu" else None
 
     # ---- model, optimizer, resume ---------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     raw = start.model.to(device) if start is not None else build_model(model_cfg, seed=cfg.seed, device=device)
     check_last_stage_reached(raw, total_steps)
     provenance = {"init": start.record} if start is not None else {}
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, model_cfg, tok_path, weight=cfg.kd_weight,
-                               temperature=cfg.kd_temperature, device=device)
+    if teacher is not None:
         provenance["teacher"] = teacher.record
     start_step, data_pos, tokens_seen, skipped = 0, 0, 0, 0
     resume_from = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
