@@ -106,7 +106,7 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
          tp: int = 1, teacher_params: int = 0, teacher: ModelConfig | None = None) -> MemoryPlan:
     """The memory plan of one rank (see the module docstring for every term). `teacher_params`: a distillation
     teacher's parameter count (0: none), whose float32 weights stay for the run and whose logits, the KD loss's float32
-    temporaries (six rows of B·T·V) and its kept gradient join the loss's peak (without them a distilled run of 1.3 GB
+    temporaries (seven rows of B·T·V) and its kept gradient join the loss's peak (without them a distilled run of 1.3 GB
     planned peaked at 7.3)."""
     L, B, T = model_cfg.n_layers, micro_batch, seq_len
     d, a, f, H, V = model_cfg.dim, model_cfg.attn_dim, model_cfg.glu_dim, model_cfg.n_heads, model_cfg.vocab_size
@@ -153,7 +153,9 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
     kd_loss, kd_kept = 0, 0
     if teacher_params:  # the teacher's logits and the KD loss's float32 s, t, log-softmaxes, p_t and gradient
         kd_kept = BT * V * c  # (its gradient is kept, in the compute dtype)
-        kd_loss = BT * V * c + 6 * BT * V * 4
+        # at the loss: the teacher's logits, the gradient's cast, and seven float32 rows (s, t, two log-softmaxes, p_t,
+        # log p_t − log p_s and its product with p_t)
+        kd_loss = 2 * BT * V * c + 7 * BT * V * 4
         if teacher is not None:  # or, before them, the teacher's own forward: one block's activations at a time
             dt, at, ft, Ht = teacher.dim, teacher.attn_dim, teacher.glu_dim, teacher.n_heads
             dense_t = device == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * Ht * T * T <= DENSE_ATTENTION_MAX_PROBS
