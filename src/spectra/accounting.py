@@ -145,14 +145,9 @@ def stored_bits(path) -> dict[str, Any]:
     meta_file = Path(path) / "spectra.json"
     if meta_file.exists():  # a packed checkpoint: its file against the paper's count plus the block scales
         meta = read_json(meta_file, "spectra's model metadata")
-        packed = meta.get("packed") if isinstance(meta, dict) else None
-        if packed is not None and meta.get("kind") == "packed" and isinstance(packed, dict):
-            fmt = packed.get("format")
+        if isinstance(meta, dict) and meta.get("kind") == "packed" and isinstance(meta.get("packed"), dict):
+            fmt = meta["packed"].get("format")
             if fmt not in ("tq1_0", "tq2_0"):
                 raise FormatError(f"{meta_file}: packed.format is {fmt!r}; accepted: ['tq1_0', 'tq2_0']")
-            try:
-                cfg = ModelConfig.from_dict(meta["config"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise FormatError(f"{meta_file}: field 'config' is not a valid model config: {e}") from None
-            out.update(packed_size(cfg, fmt, sum(f.stat().st_size for f in files)))
+            out.update(packed_size(ModelConfig.from_meta(meta, meta_file), fmt, sum(f.stat().st_size for f in files)))
     return out

@@ -60,10 +60,7 @@ def save_model(
 def load_model_dir(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     path = Path(path)
     meta = read_meta(path)
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
+    cfg = ModelConfig.from_meta(meta, path / META_FILE)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise FormatError(f"{weights} is missing: a spectra model directory needs {WEIGHTS_FILE}")

@@ -88,11 +88,8 @@ def model_info(model: str) -> dict:
     weights = sorted(path.glob("*.safetensors"))
     if (path / META_FILE).exists():
         meta = read_meta(path)
-        try:
-            cfg = ModelConfig.from_dict(meta["config"])
-            report = size_report(cfg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path / META_FILE}: field 'config' is not a valid model config: {e}") from None
+        cfg = ModelConfig.from_meta(meta, path / META_FILE)
+        report = size_report(cfg)
         if not isinstance(meta.get("kind"), str) or meta["kind"] not in KIND_LOADERS:
             raise FormatError(f"{path / META_FILE}: unknown kind {meta.get('kind')!r}; accepted: "
                               f"{sorted(KIND_LOADERS)}")
@@ -107,8 +104,9 @@ def model_info(model: str) -> dict:
         hf = read_hf_config(path)
         cfg = config_from_hf(hf, str(path / "config.json"))
         report = size_report(cfg)
-        quantized = hf.get("quantization_config") or (path / "quantize_config.json").exists()
-        report["kind"] = "quantlm" if quantized else "hf"
+        from spectra.ptq.formats import is_gptq_dir
+
+        report["kind"] = "quantlm" if is_gptq_dir(path, hf) else "hf"
         if not weights:
             raise FormatError(f"{path} holds no .safetensors weights")
     report["files"] = {f.name: f.stat().st_size for f in weights if safetensors_header(f) is not None}

@@ -155,6 +155,17 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return dataclass_from_dict(cls, d)
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: Any) -> ModelConfig:
+        """The `config` field of a model's metadata (`spectra.json` at `where`); a FormatError naming it when the
+        field is missing or not a valid config."""
+        from spectra.files import FormatError
+
+        try:
+            return cls.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: field 'config' is not a valid model config: {e}") from None
+
     def replace(self, **changes: Any) -> ModelConfig:
         d = self.to_dict()
         d.update(changes)

@@ -225,7 +225,6 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise FormatError(f"{path} is corrupt: its safetensors header is not a JSON object")
     data = size - 8 - n
-    end_max = 0
     spans = []
     for name, t in header.items():
         if name == "__metadata__":
@@ -240,7 +239,6 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         if end - begin != nbytes:
             raise FormatError(f"{path} is corrupt: tensor {name!r} spans {end - begin} bytes, its dtype and shape "
                               f"need {nbytes}")
-        end_max = max(end_max, end)
         spans.append((begin, end, name))
     at = 0
     for begin, end, name in sorted(spans):  # safetensors lays tensors end to end from 0, as its reader requires
@@ -248,10 +246,10 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             raise FormatError(f"{path} is corrupt: tensor {name!r} starts at byte {begin} of the data, where the "
                               f"tensors before it end at {at}")
         at = end
-    if end_max > data:
-        raise FormatError(f"{path} is truncated: its tensors need {end_max} bytes of data, the file holds {data}")
-    if end_max < data:  # safetensors refuses a file its tensors do not fully cover
-        raise FormatError(f"{path} is corrupt: {data - end_max} bytes follow its tensors' data")
+    if at > data:  # (end to end, the last tensor's end is where the data ends)
+        raise FormatError(f"{path} is truncated: its tensors need {at} bytes of data, the file holds {data}")
+    if at < data:  # safetensors refuses a file its tensors do not fully cover
+        raise FormatError(f"{path} is corrupt: {data - at} bytes follow its tensors' data")
     return header
 
 

@@ -48,9 +48,14 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
-    return RMSNorm(dim, eps=cfg.norm_eps)
+    return norm_of(cfg.norm, dim, cfg.norm_eps)
+
+
+def norm_of(kind: str, dim: int, eps: float) -> nn.Module:
+    """A norm over `dim` features: "layernorm" (no bias) or "rmsnorm" (`ModelConfig.norm`)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=False)
+    return RMSNorm(dim, eps=eps)
 
 
 def make_block_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -186,9 +191,7 @@ class TernaryLinear(InferenceCache, nn.Linear):
         self.quantizer = build_quantizer(quantizer, num_shards=num_shards, dim=shard_dim, **(quantizer_options or {}))
         self.quantizer.to(device=device, dtype=dtype)
         if self.quantizer.input_norm:  # the model's norm kind and eps (`ModelConfig.norm`, `norm_eps`)
-            made = nn.LayerNorm(in_features, eps=norm_eps, bias=False) if norm == "layernorm" else \
-                RMSNorm(in_features, eps=norm_eps)
-            self.input_norm = made.to(device=device, dtype=dtype)
+            self.input_norm = norm_of(norm, in_features, norm_eps).to(device=device, dtype=dtype)
         else:
             self.input_norm = None
         # quantization warm-up (spectra.train.warmup): the forward uses W + mix·(W̃ − W); 1 is the TriLM itself

@@ -26,7 +26,7 @@ from spectra.files import META_FILE, FormatError, read_json, read_meta, refuse_p
 from spectra.interop.hf import load_hf
 from spectra.model import build_model, freeze_for_inference
 from spectra.packed.io import load_packed
-from spectra.ptq.formats import load_quantlm
+from spectra.ptq.formats import is_gptq_dir, load_quantlm
 
 KIND_LOADERS = {"model": load_model_dir, "packed": load_packed, "quantlm": load_quantlm}
 RUN_MODEL_DIR = "final"  # where `spectra train` writes a run's final model
@@ -111,7 +111,7 @@ def load(
     elif (path / "config.json").exists():
         refuse_pickle(path)
         hf = read_json(path / "config.json", "a Hugging Face config")
-        if (isinstance(hf, dict) and hf.get("quantization_config")) or (path / "quantize_config.json").exists():
+        if is_gptq_dir(path, hf):
             model = load_quantlm(path, device=device, dtype=dtype)
         else:
             model = load_hf(path, device=device, dtype=dtype)

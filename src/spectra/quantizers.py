@@ -221,10 +221,14 @@ class Quantizer(nn.Module):
         return ", ".join(opts)
 
     # ---- progressive schedule ----
+    def stage_at(self, fraction: float) -> int:
+        """The index of the progressive schedule's stage in use at `fraction` (0..1) of training done."""
+        return max(i for i, (start, _) in enumerate(self.stages) if fraction >= start or i == 0)
+
     def set_progress(self, fraction: float) -> None:
         """Select the stage of the progressive schedule for `fraction` (0..1) of training done."""
         if self.stages:
-            index = max(i for i, (start, _) in enumerate(self.stages) if fraction >= start or i == 0)
+            index = self.stage_at(fraction)
             if int(self.stage) != index:
                 self.stage.fill_(index)
 

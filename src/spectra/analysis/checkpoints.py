@@ -39,7 +39,7 @@ from torch import nn
 
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, WEIGHTS_FILE, FormatError, load_safetensors, read_meta, write_json
+from spectra.files import META_FILE, WEIGHTS_FILE, load_safetensors, read_meta, write_json
 from spectra.layers import TernaryLinear
 from spectra.ternary import SHARD_DIM
 from spectra.train.state import is_distributed_checkpoint, load_sharded_model
@@ -135,12 +135,9 @@ def collect(run_dir: str | os.PathLike) -> dict[str, Any]:
     checkpoints = list_checkpoints(run)
     if not checkpoints:
         raise FileNotFoundError(f"{run / CKPT_DIR} holds no checkpoints (step_%08d folders with {META_FILE})")
-    first = checkpoints[0][2] / META_FILE
-    config_dict = read_meta(checkpoints[0][2]).get("config")
-    try:
-        cfg = ModelConfig.from_dict(config_dict)
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{first}: field 'config' is not a valid model config: {e}") from None
+    first = read_meta(checkpoints[0][2])
+    cfg = ModelConfig.from_meta(first, checkpoints[0][2] / META_FILE)
+    config_dict = first["config"]
     with torch.device("cpu"):
         model = Transformer(cfg).eval()
     layers = block_linears(model)

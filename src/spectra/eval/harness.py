@@ -248,8 +248,8 @@ class SpectraLM(TemplateLM):
             log.warning("generate_until: max_gen_toks %d capped at %d, half the model's max_length %d",
                         self._max_gen_toks, default, self.max_length)
         res = []
-        bars = not (disable_tqdm or not self.progress or len(requests) < 16)
-        for req in tqdm(requests, desc="spectra generate_until", disable=not bars):
+        quiet = disable_tqdm or not self.progress or len(requests) < 16
+        for req in tqdm(requests, desc="spectra generate_until", disable=quiet):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), default)
             if kwargs.get("do_sample"):

@@ -74,7 +74,7 @@ def task_metrics(raw_results: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 BINARY_METRICS = ("acc", "acc_norm", "exact_match", "pct_stereotype")
-"""Metrics that are a mean of one 0/1 score per document."""
+"""Metrics that are a mean of one 0/1 score per document (shown in %, with a standard error)."""
 
 
 def add_stderr(metrics: dict[str, dict[str, float]], n_samples: dict[str, Any]) -> None:
@@ -148,16 +148,13 @@ def build_results(
     }
 
 
-PERCENT_METRICS = ("acc", "acc_norm", "exact_match", "pct_stereotype")
-
-
 def _fmt(v: Any, key: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        if key.split("/")[-1] in PERCENT_METRICS:
+        if key.split("/")[-1] in BINARY_METRICS:
             return f"{100 * v:.1f}"
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)

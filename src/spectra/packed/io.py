@@ -246,10 +246,7 @@ def _packed_meta(path: Path) -> tuple[ModelConfig, str, dict[str, tuple[int, int
     layers = packed.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise FormatError(f"{where}: packed.layers must map layer names to [out, in]")
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{where}: field 'config' is not a valid model config: {e}") from e
+    cfg = ModelConfig.from_meta(meta, where)
     shapes = {}
     for name, shape in layers.items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):

@@ -144,6 +144,13 @@ def save_gptq(
     return Path(out_dir)
 
 
+def is_gptq_dir(path: Path, hf_config: Any) -> bool:
+    """Whether a Hugging Face model directory is a GPTQ checkpoint: a `quantization_config` in its config.json
+    (`hf_config`, as read) or, AutoGPTQ's older layout, a quantize_config.json beside it."""
+    return bool(isinstance(hf_config, dict) and hf_config.get("quantization_config")) or (
+        Path(path) / QUANT_CONFIG_FILE).exists()
+
+
 def read_quant_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     qcfg = None

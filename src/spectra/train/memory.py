@@ -101,6 +101,16 @@ def _shapes(model_cfg: ModelConfig) -> tuple[int, int, int]:
     return per_block, linears, total - per_block * model_cfg.n_layers
 
 
+def _attention_mlp(B: int, T: int, a: int, f: int, H: int, mlp_act: str, c: int, device: str) -> tuple[bool, int, int]:
+    """(whether attention keeps its probabilities, one block's attention bytes, its MLP bytes) for B sequences of T
+    tokens, attention width a over H heads, MLP width f, in a compute dtype of c bytes."""
+    BT = B * T
+    dense = device == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * H * T * T <= DENSE_ATTENTION_MAX_PROBS
+    attn = 4 * BT * a * c + (B * H * T * T * c if dense else BT * a * c + 4 * B * H * T)
+    mlp = (4 if mlp_act == "swiglu" else 2) * BT * f * c
+    return dense, attn, mlp
+
+
 def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, parallel: str,
          precision: str, activation_checkpointing: bool = False, device: str = "cpu", recompute_ternary: bool = False,
          tp: int = 1, teacher_params: int = 0, teacher: ModelConfig | None = None) -> MemoryPlan:
@@ -130,9 +140,7 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
 
     # activations of one block (bytes), and what it keeps under checkpointing
     BT = B * T
-    dense = device == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * H * T * T <= DENSE_ATTENTION_MAX_PROBS
-    attn = 4 * BT * a * c + (B * H * T * T * c if dense else BT * a * c + 4 * B * H * T)
-    mlp = (4 if model_cfg.mlp_act == "swiglu" else 2) * BT * f * c
+    dense, attn, mlp = _attention_mlp(B, T, a, f, H, model_cfg.mlp_act, c, device)
     if model_cfg.family == "trilm":
         copies = 0 if recompute_ternary else p_lin * c
     else:
@@ -157,11 +165,9 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
         # log p_t − log p_s and its product with p_t)
         kd_loss = 2 * BT * V * c + 7 * BT * V * 4
         if teacher is not None:  # or, before them, the teacher's own forward: one block's activations at a time
-            dt, at, ft, Ht = teacher.dim, teacher.attn_dim, teacher.glu_dim, teacher.n_heads
-            dense_t = device == "cpu" and T <= DENSE_ATTENTION_MAX_LEN and B * Ht * T * T <= DENSE_ATTENTION_MAX_PROBS
-            attn_t = 4 * BT * at * c + (B * Ht * T * T * c if dense_t else BT * at * c + 4 * B * Ht * T)
-            mlp_t = (4 if teacher.mlp_act == "swiglu" else 2) * BT * ft * c
-            forward_t = 2 * BT * dt * (4 + s) + 5 * BT * dt * c + attn_t + mlp_t + BT * V * c
+            _, attn_t, mlp_t = _attention_mlp(B, T, teacher.attn_dim, teacher.glu_dim, teacher.n_heads,
+                                              teacher.mlp_act, c, device)
+            forward_t = 2 * BT * teacher.dim * (4 + s) + 5 * BT * teacher.dim * c + attn_t + mlp_t + BT * V * c
             kd_loss = max(kd_loss, forward_t)
 
     persistent_grads = grad_accum > 1  # earlier micro-batches' gradients are held through this one's backward

@@ -293,12 +293,12 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
 
 def check_last_stage_reached(model: nn.Module, total_steps: int) -> None:
     """A ValueError when a progressive schedule's last stage (the quantizer itself) starts after the run's last step:
-    step s trains at fraction s / total_steps, so the last stage, from fraction f, is trained only if
-    (total_steps − 1) / total_steps ≥ f; otherwise the final model would be saved at an intermediate k-bit stage."""
+    step s trains at fraction s / total_steps (`set_progress`), so the last stage is trained only if the last step's
+    fraction selects it; otherwise the final model would be saved at an intermediate k-bit stage."""
     for module in model.modules():
         if isinstance(module, Quantizer) and module.stages:
             start = module.stages[-1][0]
-            if (total_steps - 1) / total_steps < start:
+            if module.stage_at((total_steps - 1) / total_steps) != len(module.stages) - 1:
                 need = math.ceil(1 / (1 - start) - 1e-9)
                 raise ValueError(f"model.quantizer_options['progressive']: the last stage starts at {start} of "
                                  f"training, which none of this run's {total_steps} step(s) reaches (the last "
