@@ -110,6 +110,11 @@ def test_switches_start_at_the_first_step_past_their_fraction():
     cfg = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, warmup=0, min_lr_ratio=0.0))
     s = make_schedule(cfg, 5)
     assert (s.lr_drop_step, s.wd_removal_step) == (3, 4)
+    # warm-up as a fraction covers every step that starts before it (round() gave 2 of 250 steps at 1 %: round half
+    # to even, the third step starts at 0.8 %)
+    for S, f, w in ((250, 0.01, 3), (150, 0.01, 2), (50, 0.01, 1), (100, 0.01, 1), (10, 0.25, 3)):
+        cfg_w = resolve(from_name("trilm-99m"), TrainConfig(tokens=1, warmup=f, min_lr_ratio=0.0))
+        assert make_schedule(cfg_w, S).warmup_steps == w, (S, f)
     float_cfg = resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, lr=2e-3, lr_drop=True))
     assert float_cfg.lr2 == pytest.approx(2e-3 * 1.5e-3 / 2.4e-3)
 

@@ -7,8 +7,10 @@ With S total steps, W warmup steps, peak η(s) and floor ratio r (`min_lr_ratio`
               cosine:  lr = η(s) · (r + (1 − r) · ½ (1 + cos π p))      FloatLM
               linear:  lr = η(s) · (1 − (1 − r) · p)                    TriLM
 
-    peak      η(s) = lr2 if lr_drop and s ≥ round(lr_drop_at · S) else lr
-    decay     wd(s) = 0 if wd_removal and s ≥ round(wd_removal_at · S) else weight_decay
+    peak      η(s) = lr2 if lr_drop and s ≥ ⌈lr_drop_at · S⌉ else lr
+    decay     wd(s) = 0 if wd_removal and s ≥ ⌈wd_removal_at · S⌉ else weight_decay
+
+W = ⌈warmup · S⌉ for a fraction (every step that starts before it: step s starts at s / S), else the number given.
 
 The TriLM peak drop keeps the linear decay line and rescales it: the LR falls from lr over the first half, jumps to
 lr2 · (1 − (1 − r) · ½) at the middle and continues down to lr2 · r ([I] the paper does not give the exact shape;
@@ -54,7 +56,7 @@ class Schedule:
 
 def make_schedule(cfg, total_steps: int) -> Schedule:
     """The schedule of a resolved TrainConfig over `total_steps` optimizer steps."""
-    warmup = round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    warmup = switch_step(cfg.warmup, total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     return Schedule(
         total_steps=total_steps,
         warmup_steps=min(warmup, total_steps),
