@@ -29,11 +29,26 @@ def test_named_sizes_exist_for_both_families():
         (dict(family="trilm", num_scale_shards=3), "num_scale_shards"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
         (dict(init_scheme="xavier"), "init_scheme must be one of"),
+        (dict(family="floatlm", quantizer="bilm"), "apply to family 'trilm' only"),
+        (dict(family="floatlm", quantizer_options={"bits": 4}), "apply to family 'trilm' only"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
+
+
+def test_a_floatlm_has_no_quantizer():
+    """A FloatLM's linears are not quantized: its config refuses quantizer fields (they were accepted and ignored),
+    becoming a FloatLM drops them, and metadata written before the check still loads."""
+    from spectra.config import ModelConfig
+
+    bilm = tiny_config(family="trilm", quantizer="bilm", quantizer_options={"stochastic_rounding": True})
+    as_float = bilm.replace(family="floatlm")
+    assert (as_float.quantizer, as_float.quantizer_options) == ("trilm", {})
+    old = {**tiny_config(family="floatlm").to_dict(), "quantizer": "uniform", "quantizer_options": {"bits": 4}}
+    cfg = ModelConfig.from_meta({"config": old}, "old/spectra.json")
+    assert (cfg.family, cfg.quantizer, cfg.quantizer_options) == ("floatlm", "trilm", {})
 
 
 def test_unknown_size_lists_accepted():

@@ -217,6 +217,24 @@ def test_shapes_that_gptq_or_packing_cannot_take_fail_before_training(tmp_path):
         load_spec(path=path)
 
 
+def test_a_study_wide_quantizer_is_the_trilms(tmp_path):
+    """[model] quantizer fields apply to every TriLM; the FloatLMs keep none (they were carried and ignored), and a
+    FloatLM variant that sets one is refused before training."""
+    path = tmp_path / "q.toml"
+    base = ('[suite]\nname = "q"\nsizes = ["1m"]\ntokens = 1e5\nfamilies = ["floatlm", "trilm"{extra_family}]\n'
+            'quant_bits = []\npack_formats = []\n[model]\nquantizer = "uniform"\nquantizer_options = {{ bits = 4 }}\n'
+            '{extra}')
+    path.write_text(base.format(extra_family="", extra=""))
+    spec = load_spec(path=path)
+    f, t = spec.model_config("1m", "floatlm"), spec.model_config("1m", "trilm")
+    assert (f.quantizer, f.quantizer_options) == ("trilm", {})
+    assert (t.quantizer, t.quantizer_options) == ("uniform", {"bits": 4})
+    path.write_text(base.format(extra_family=', "fq"', extra='[variants.fq]\nfamily = "floatlm"\n'
+                                                           'model = { quantizer = "bilm" }\n'))
+    with pytest.raises(ValueError, match="fq-1m: ModelConfig.quantizer and quantizer_options apply to family 'trilm'"):
+        load_spec(path=path)
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -127,6 +127,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"ModelConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.family == "floatlm" and (self.quantizer != "trilm" or self.quantizer_options):
+            raise ValueError(f"ModelConfig.quantizer and quantizer_options apply to family 'trilm' only (a FloatLM's "
+                             f"linears are not quantized), got quantizer={self.quantizer!r}, quantizer_options="
+                             f"{self.quantizer_options!r} with family 'floatlm'")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(
@@ -162,12 +166,18 @@ class ModelConfig:
         from spectra.files import FormatError
 
         try:
-            return cls.from_dict(meta["config"])
+            d = dict(meta["config"])
+            if d.get("family") == "floatlm":  # written before FloatLMs refused them: they never had an effect
+                d.pop("quantizer", None), d.pop("quantizer_options", None)
+            return cls.from_dict(d)
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: field 'config' is not a valid model config: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`; becoming a FloatLM drops the quantizer it no longer has, unless `changes` set one."""
         d = self.to_dict()
+        if changes.get("family") == "floatlm":
+            d.pop("quantizer"), d.pop("quantizer_options")
         d.update(changes)
         return ModelConfig.from_dict(d)
 

@@ -15,7 +15,7 @@ A spec is a TOML file (presets live in `spectra/suite/presets/`):
     seeds = [0]
     bench = true                           # measure decode speed of the largest size of each kind
 
-    [model]      # ModelConfig overrides for every model (e.g. max_seq_len)
+    [model]      # ModelConfig overrides for every model (e.g. max_seq_len; quantizer fields: every TriLM's)
     [train]      # TrainConfig overrides for every model (e.g. precision = "bf16")
     [quantize]   # spectra.ptq.pipeline.quantize keyword arguments (n_samples, seq_len, group_size, ...)
     [eval]       # spectra.eval.evaluate keyword arguments (limit, batch_size, ppl_max_tokens, ...)
@@ -136,6 +136,8 @@ class SuiteSpec:
     def model_config(self, size: str, family: str) -> ModelConfig:
         base = self.family_of(family)
         overrides = dict(self.model)
+        if base == "floatlm":  # a study-wide quantizer is the TriLMs'; a FloatLM variant that sets one is refused
+            overrides.pop("quantizer", None), overrides.pop("quantizer_options", None)
         if family in self.variants:
             overrides.update(self.variants[family].model)
         if size in self.size_table:
