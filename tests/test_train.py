@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -407,21 +409,53 @@ def test_resume_with_other_model_config_and_existing_run(tmp_path, data):
               resume=True, progress=False)
 
 
+def test_resume_keeps_the_global_batch_sequence_length_and_seed(tmp_path, data):
+    """A resume with another batch_tokens trained half the run's tokens and exited 0; with another seed it read a
+    different permutation from the checkpoint's data position on (a review of distributed training, 2026-12-07)."""
+    cfg = train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2)
+    train(model_cfg(), cfg, out_dir=tmp_path / "r", progress=False)
+    for change, said in ((dict(batch_tokens=SEQ * 16), f"train.batch_tokens {SEQ * 16} differs from the run's "
+                                                       f"{SEQ * 8}"),
+                         (dict(seed=7), "train.seed 7 differs from the run's 0"),
+                         (dict(seq_len=SEQ // 2), f"train.seq_len {SEQ // 2} differs from the run's {SEQ}")):
+        with pytest.raises(ValueError, match=f"cannot resume {tmp_path / 'r'}: {said}; a resumed run keeps"):
+            train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2, **change),
+                  out_dir=tmp_path / "r", resume=True, progress=False)
+    again = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2, micro_batch=4),
+                  out_dir=tmp_path / "r", resume=True, progress=False)  # the micro-batch may change
+    assert again["steps"] == 4
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` in one file fail with EFBIG, as writes to a full disk fail with ENOSPC (Python ignores
+    SIGXFSZ): the real error through the real writers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_disk_full_keeps_previous_checkpoint(tmp_path, data, monkeypatch):
-    real_save = torch.save
+    """The second checkpoint's trainer state fails to write for real (torch's zip writer reports it as a RuntimeError
+    "[enforce fail at inline_container.cc:672]", which passed as a traceback): one OSError naming the cause."""
+    real_save = state_mod.torch_save
     calls = {"n": 0}
 
-    def save(obj, f, *a, **k):
-        calls["n"] += str(f).endswith(state_mod.STATE_FILE)
-        if calls["n"] == 2 and str(f).endswith(state_mod.STATE_FILE):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *a, **k)
+    def save(obj, f):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return real_save(obj, f)
+        with file_size_limit(4096):
+            return real_save(obj, f)
 
-    monkeypatch.setattr(state_mod.torch, "save", save)
-    with pytest.raises(OSError, match=r"step_00000004 failed: No space left on device.*\(step_00000002\) is intact"):
+    monkeypatch.setattr(state_mod, "torch_save", save)
+    with pytest.raises(OSError, match=r"step_00000004 failed: File too large.*\(step_00000002\) is intact"):
         train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 6, ckpt_every_tokens=SEQ * 8 * 2), out_dir=tmp_path / "r",
               progress=False)
-    monkeypatch.setattr(state_mod.torch, "save", real_save)
+    monkeypatch.setattr(state_mod, "torch_save", real_save)
     ckpts = list_checkpoints(tmp_path / "r")
     assert [p.name for p in ckpts] == ["step_00000002"]
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_00000002"]  # no temp left
@@ -429,6 +463,54 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, data, monkeypatch):
     res = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 6, ckpt_every_tokens=SEQ * 8 * 2),
                 out_dir=tmp_path / "r", resume=True, progress=False)
     assert res["steps"] == 6
+
+
+def test_a_failed_distributed_checkpoint_write_is_one_oserror(tmp_path, monkeypatch):
+    """DCP wraps a shard writer's ENOSPC in a CheckpointException (a BaseException): it passed every handler as a
+    traceback and left the temporary folder behind."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    model = torch.nn.Linear(4, 4)
+    model.config = model_cfg()
+    opt = torch.optim.AdamW(model.parameters())
+    monkeypatch.setattr(dcp_fs, "_write_item", full)
+    with pytest.raises(OSError, match=r"step_00000003 failed: No space left on device; the previous checkpoint "
+                                      r"\(none\) is intact") as e:
+        state_mod.save_distributed_checkpoint(tmp_path, model, opt, {"step": 3}, {"step": 3}, tokenizer=None,
+                                              is_main=True, barrier=lambda: None)
+    assert e.value.errno == errno.ENOSPC
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_distributed_checkpoint_opens_as_a_model(tmp_path):
+    """An FSDP / tensor-parallel run's checkpoints hold only dcp/ shards (kind "checkpoint"): `spectra.load` and
+    train.init refused them, while both errors for an unfinished run point the user at them."""
+    from spectra.model import build_model
+    from spectra.train.init import load_source, resolve_model_dir
+
+    model = build_model(model_cfg("trilm"), seed=3)
+    opt = torch.optim.AdamW(model.parameters())
+    out = state_mod.save_distributed_checkpoint(tmp_path, model, opt, {"step": 2}, {"step": 2}, tokenizer=None,
+                                                is_main=True, barrier=lambda: None)
+    assert read_meta(out)["kind"] == "checkpoint" and not (out / "model.safetensors").exists()
+    want = model.state_dict()
+    for opened in (load(out), load_source(resolve_model_dir(out))[0]):
+        got = opened.state_dict()
+        assert opened.config == model.config and set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_failed_weight_writes_are_oserrors(tmp_path):
+    """safetensors reports a failed write as its own SafetensorError ("os error 27"), which no command caught."""
+    from spectra.files import save_safetensors, torch_save
+
+    for write in (save_safetensors, torch_save):
+        with file_size_limit(4096), pytest.raises(OSError, match="File too large") as e:
+            write({"w": torch.zeros(10_000)}, tmp_path / "w")
+        assert e.value.errno == errno.EFBIG, write
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

@@ -426,6 +426,21 @@ def test_data_preparation_error_on_rank_0_reaches_every_rank(files, tmp_path):
     assert len(rank0) == 1 and "missing.jsonl does not exist" in rank0[0], out.stderr[-3000:]
 
 
+def test_an_existing_run_without_resume_is_one_line_on_every_rank(files, tmp_path):
+    """Only rank 0 checked for run.json: rank 1, left at the barrier, died with a 25-line gloo traceback around rank
+    0's one line (a review, 2026-12-07)."""
+    cfg = run_file(files, tmp_path / "run.toml")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run.json").write_text("{}")
+    out = spectra_train(files, 2, ["--config", str(cfg), "--out", str(tmp_path / "r")], timeout=120, check=False)
+    assert out.returncode != 0
+    errors = out.stderr.split("spectra train: error: ")[1:]
+    assert len(errors) == 2 and all(e.startswith(f"{tmp_path / 'r'} already holds a run") for e in errors), \
+        out.stderr[-3000:]
+    workers = out.stderr.split("ChildFailedError")[0].split("torch/distributed/elastic/")[0]  # torchrun's own report
+    assert "Traceback" not in workers and "Connection closed" not in out.stderr, out.stderr[-3000:]
+
+
 def test_recompute_ternary_defaults():
     """On for FSDP (and CUDA) runs, off for CPU/DDP runs, under compile, activation checkpointing and tp; an explicit
     true is kept where it can act."""

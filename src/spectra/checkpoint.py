@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from spectra.config import ModelConfig
@@ -27,6 +26,7 @@ from spectra.files import (
     atomic_dir,
     load_safetensors,
     read_meta,
+    save_safetensors,
     write_json,
 )
 from spectra.model import empty_model
@@ -50,7 +50,7 @@ def save_model(
     """Write a spectra model directory atomically. Returns its path."""
     config: ModelConfig = getattr(model, "_orig_mod", model).config
     with atomic_dir(out_dir) as tmp:
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(model_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         write_json(tmp / META_FILE, {"format": "spectra", "kind": "model", "config": config.to_dict(), **(meta or {})})

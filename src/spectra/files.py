@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -264,6 +265,51 @@ def _prod(shape: list[int]) -> int:
             raise ValueError(d)
         n *= d
     return n
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, where a failed write (disk full, file too large) is the OSError behind it:
+    safetensors raises its own SafetensorError ("I/O error: ... (os error 28)"), which no caller took for one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to `path`, where a failed write is the OSError behind it: torch's zip writer reports one as a
+    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ...")."""
+    import torch
+
+    class Writer:  # torch.save writes through it, so the first OSError is kept
+        def __init__(self, f) -> None:
+            self.f, self.error = f, None
+
+        def write(self, b) -> int:
+            try:
+                return self.f.write(b)
+            except OSError as e:
+                self.error = self.error or e
+                raise
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    with open(path, "wb") as f:
+        writer = Writer(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:

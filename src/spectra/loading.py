@@ -3,6 +3,8 @@
     spectra directory, kind "model"     latent FloatLM / TriLM              spectra.checkpoint.load_model_dir
     spectra directory, kind "packed"    TQ2_0 / TQ1_0 packed TriLM          spectra.packed.io.load_packed
     spectra directory, kind "quantlm"   GPTQ QuantLM                        spectra.ptq.formats.load_quantlm
+    spectra directory, kind "checkpoint" a run's FSDP / tensor-parallel     spectra.train.state.load_checkpoint_model
+                                        checkpoint (shards in dcp/)
     Hugging Face Llama directory        FloatLM or unpacked TriLM           spectra.interop.hf.load_hf
       ... with a quantization_config    GPTQ QuantLM                        spectra.ptq.formats.load_quantlm
     a training run directory            its final model (`final/`)          any of the above
@@ -28,7 +30,16 @@ from spectra.model import build_model, freeze_for_inference
 from spectra.packed.io import load_packed
 from spectra.ptq.formats import is_gptq_dir, load_quantlm
 
-KIND_LOADERS = {"model": load_model_dir, "packed": load_packed, "quantlm": load_quantlm}
+
+def load_checkpoint_dir(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """A training run's distributed checkpoint (kind "checkpoint", `spectra.train.state.load_checkpoint_model`)."""
+    from spectra.train.state import load_checkpoint_model
+
+    return load_checkpoint_model(path, **kwargs)
+
+
+KIND_LOADERS = {"model": load_model_dir, "packed": load_packed, "quantlm": load_quantlm,
+                "checkpoint": load_checkpoint_dir}
 RUN_MODEL_DIR = "final"  # where `spectra train` writes a run's final model
 
 

@@ -20,12 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
-from spectra.files import FormatError, atomic_dir, load_safetensors, read_json, refuse_pickle, write_json
+from spectra.files import (
+    FormatError,
+    atomic_dir,
+    load_safetensors,
+    read_json,
+    refuse_pickle,
+    save_safetensors,
+    write_json,
+)
 from spectra.layers import TernaryLinear
 from spectra.model import empty_model
 from spectra.ternary import SHARD_DIM
@@ -158,7 +165,7 @@ def export_hf(
     config = hf_config(cfg, dtype)
     state = hf_state_dict(model, dtype)
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
         write_json(tmp / "generation_config.json", generation)

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from spectra.config import ModelConfig
@@ -54,6 +53,7 @@ from spectra.files import (
     atomic_dir,
     read_meta,
     safetensors_header,
+    save_safetensors,
     write_json,
 )
 from spectra.layers import TernaryLinear, rope_cache
@@ -140,7 +140,7 @@ def pack_model(
         },
     }
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", MAGIC_KEY: fmt})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", MAGIC_KEY: fmt})
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         write_json(tmp / META_FILE, meta)

@@ -37,6 +37,7 @@ from spectra.files import (
     read_json,
     read_meta,
     safetensors_header,
+    save_safetensors,
     write_json,
 )
 from spectra.ptq.qlinear import FORMATS, QuantLinear, checkpoint_format_for
@@ -113,7 +114,6 @@ def save_gptq(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write the standard GPTQ checkpoint of a model quantized by `quantize_model` (the model is left unchanged)."""
-    from safetensors.torch import save_file
 
     from spectra.interop.hf import hf_config, hf_state_dict, write_tokenizer_files
 
@@ -132,7 +132,7 @@ def save_gptq(
             t = getattr(layer, suffix)
             tensors[f"model.{name}.{suffix}"] = (t.half() if suffix == "scales" else t).cpu().contiguous()
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         write_json(tmp / QUANT_CONFIG_FILE, qcfg)
         write_json(tmp / "generation_config.json",

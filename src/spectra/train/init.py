@@ -78,8 +78,9 @@ def resolve_model_dir(path: str | os.PathLike, *, what: str = "train.init") -> P
         if kind == "quantlm":
             raise ValueError(f"{what} {p} is a GPTQ QuantLM, whose rounded weights cannot be trained; start from the "
                              "FloatLM it was quantized from")
-        if kind != "model":
-            raise ValueError(f"{p / META_FILE}: unknown kind {kind!r}; {what} accepts a latent model (kind 'model')")
+        if kind not in ("model", "checkpoint"):
+            raise ValueError(f"{p / META_FILE}: unknown kind {kind!r}; {what} accepts a latent model (kind 'model') "
+                             "or a run's distributed checkpoint (kind 'checkpoint')")
         return p
     if (p / "config.json").exists():
         from spectra.interop.hf import read_hf_config
@@ -161,7 +162,10 @@ def load_source(model_dir: Path) -> tuple[nn.Module, str]:
     """(model, 'spectra' | 'hf') for a directory `resolve_model_dir` accepted."""
     if (model_dir / META_FILE).exists():
         from spectra.checkpoint import load_model_dir
+        from spectra.train.state import load_checkpoint_model
 
+        if read_meta(model_dir).get("kind") == "checkpoint":  # FSDP / tensor-parallel shards, gathered here
+            return load_checkpoint_model(model_dir), "spectra"
         return load_model_dir(model_dir), "spectra"
     from spectra.interop.hf import load_hf
 

@@ -22,6 +22,7 @@ checkpoints as they were. Retention keeps the newest `ckpt_keep` checkpoints plu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ from torch import nn
 
 from spectra.checkpoint import save_model
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, FormatError, atomic_dir, load_safetensors, read_meta
+from spectra.files import META_FILE, FormatError, atomic_dir, load_safetensors, read_meta, torch_save
+from spectra.model import empty_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def save_checkpoint(
     try:
         with atomic_dir(out) as tmp:
             save_model(model, tmp, tokenizer=tokenizer, meta=meta)
-            torch.save(trainer_state, tmp / STATE_FILE)
+            torch_save(trainer_state, tmp / STATE_FILE)
     except OSError as e:
         keep = previous[-1].name if previous else "none"
         raise OSError(e.errno, f"writing checkpoint {out} failed: {e.strerror or e}; "
@@ -114,6 +116,7 @@ def save_distributed_checkpoint(
     rank that holds the model whole), model.safetensors. Atomic: written to a temporary folder, renamed at the end;
     a failed write raises OSError naming the checkpoint and the previous one, which is left intact."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     out = step_dir(run_dir, meta["step"])
@@ -141,17 +144,31 @@ def save_distributed_checkpoint(
                 if tokenizer is not None:
                     shutil.copyfile(tokenizer, tmp / "tokenizer.json")
                 write_json(tmp / META_FILE, {"format": "spectra", "kind": "checkpoint", "config": config, **meta})
-            torch.save(trainer_state, tmp / STATE_FILE)
+            torch_save(trainer_state, tmp / STATE_FILE)
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(e)
         keep = previous[-1].name if previous else "none"
-        raise OSError(e.errno, f"writing checkpoint {out} failed: {e.strerror or e}; "
-                               f"the previous checkpoint ({keep}) is intact") from e
+        raise OSError(cause.errno, f"writing checkpoint {out} failed: {cause.strerror or cause}; "
+                                   f"the previous checkpoint ({keep}) is intact") from None
     barrier()
     return out
+
+
+def _os_error(e: BaseException) -> OSError:
+    """The OSError behind a failed write: DCP wraps its writers' failures in a CheckpointException (a
+    BaseException) that maps ranks to (exception, traceback); torch's zip writer reports a failed write as a
+    RuntimeError, given here as EIO with its text."""
+    if isinstance(e, OSError):
+        return e
+    causes = [exc for exc, _ in getattr(e, "failures", {}).values()]
+    found = next((c for c in causes if isinstance(c, OSError)), None)
+    if found is not None:
+        return found
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({causes[0] if causes else e})".splitlines()[0])
 
 
 @contextlib.contextmanager
@@ -180,6 +197,18 @@ def load_sharded_model(path: Path, model: nn.Module) -> None:
         raise FormatError(f"{Path(path) / DCP_DIR} cannot be read as this model's distributed checkpoint: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.load_state_dict(state["model"])
+
+
+def load_checkpoint_model(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A distributed checkpoint directory (kind "checkpoint": the model's FSDP or tensor-parallel shards in `dcp/`,
+    from any world size) as one whole latent model in this process, as `spectra.checkpoint.load_model_dir` opens a
+    model directory. `spectra.load` and `train.init` open these through it."""
+    path = Path(path)
+    model = empty_model(ModelConfig.from_meta(read_meta(path), path / META_FILE), "cpu")
+    load_sharded_model(path, model)
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()
 
 
 def load_distributed_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

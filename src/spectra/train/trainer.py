@@ -70,6 +70,9 @@ from spectra.train.warmup import set_quant_mix, warmup_lambda
 
 log = logging.getLogger(__name__)
 
+# TrainConfig fields a resumed run must keep: its checkpoints count steps and data positions in them
+RESUME_FIXED = ("batch_tokens", "seq_len", "seed")
+
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
@@ -325,10 +328,11 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     if cfg.tp > 1 and dp_world > 1 and cfg.parallel != "fsdp":
         raise ValueError(f"train.tp = {cfg.tp} with {dp_world} data-parallel groups needs train.parallel = 'fsdp' "
                          f"(2-D tp x dp), got {cfg.parallel!r}")
+    if (run_dir / "run.json").exists() and not resume:  # every rank: a rank left waiting at the barrier printed
+        # gloo's traceback around rank 0's one line
+        raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
+                         "or choose another out_dir")
     if info.is_main:
-        if (run_dir / "run.json").exists() and not resume:
-            raise ValueError(f"{run_dir} already holds a run (run.json); pass resume=True (--resume) to continue it, "
-                             "or choose another out_dir")
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier(info)
     tok_path, model_cfg, shard_dir = _prepare_data(model_cfg, cfg, run_dir, info, progress)
@@ -408,6 +412,12 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         run = json.loads((run_dir / "run.json").read_text())
         if run.get("tokenizer_sha256") != tokenizer_hash(tok_path):
             raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
+        for f in RESUME_FIXED:  # a checkpoint's step and data position count in them
+            before = run.get("train", {}).get(f, getattr(cfg, f))
+            if before != getattr(cfg, f):
+                raise ValueError(f"cannot resume {run_dir}: train.{f} {getattr(cfg, f)!r} differs from the run's "
+                                 f"{before!r}; a resumed run keeps its global batch, sequence length and seed (its "
+                                 f"checkpoints' steps and data order), so drop the override or choose another out_dir")
         if not sharded and (cfg.parallel != "fsdp" or info.world == 1):
             raw.load_state_dict(loaded[0])
     fsdp = cfg.parallel == "fsdp" and dp_world > 1
