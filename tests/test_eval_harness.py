@@ -172,6 +172,18 @@ def test_tokenizer_larger_than_model_is_refused(model_dirs, tmp_path):
         SpectraLM(load(spectra_dir), str(big))
 
 
+def test_dtype_option_is_checked(model_dirs):
+    """`--model_args dtype=fp16` was getattr(torch, 'fp16'): an AttributeError traceback."""
+    from spectra.eval.harness import SpectraLM
+
+    spectra_dir, _ = model_dirs
+    for bad in ("fp16", "int8", "Tensor"):
+        with pytest.raises(ValueError, match=f"SpectraLM dtype='{bad}'; accepted: auto, float32, float16, bfloat16"):
+            SpectraLM(pretrained=str(spectra_dir), dtype=bad)
+    lm = SpectraLM(pretrained=str(spectra_dir), dtype="half")
+    assert next(lm.model.parameters()).dtype == torch.float16
+
+
 def test_unknown_task_names_close_matches(model_dirs, task_dir):
     from lm_eval.tasks import TaskManager
 

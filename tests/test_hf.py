@@ -231,3 +231,93 @@ def test_export_of_a_quantlm_or_packed_trilm_writes_the_matrices_they_multiply_b
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, dense_weight(p.layers[1].mlp.down_proj))
     assert torch.equal(hf.lm_head.weight, dense_weight(p.lm_head))
     assert load(tmp_path / "p_hf").config.family == "trilm"
+
+
+def _folder(tmp_path, name, config, state):
+    from safetensors.torch import save_file
+
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    save_file(state, str(d / "model.safetensors"))
+    return d
+
+
+def test_left_out_fields_and_old_checkpoints_load_as_transformers_builds_them(tmp_path):
+    """Fields a config.json leaves out take LlamaConfig's defaults (spectra took rms_norm_eps 1e-5 and bos/eos 0: logits
+    6.06 apart); num_key_value_heads null means as many as the heads; older checkpoints' rotary_emb.inv_freq caches are
+    dropped (they were 'unexpected tensors')."""
+    from safetensors.torch import load_file
+
+    export_hf(build_model(tiny_config(), seed=2), tmp_path / "ok", dtype=torch.float32)
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    state = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    for k in ("rms_norm_eps", "bos_token_id", "eos_token_id"):
+        del config[k]
+    config["num_key_value_heads"] = None
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    d = _folder(tmp_path, "old", config, state)
+    ours = spectra.load(d)
+    assert (ours.config.norm_eps, ours.config.bos_token_id, ours.config.eos_token_id) == (1e-6, 1, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    idx = torch.randint(0, 256, (1, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_malformed_model_parallel_and_index_are_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from spectra.__main__ import main
+
+    export_hf(build_model(tiny_config(family="trilm"), seed=2), tmp_path / "ok", dtype=torch.float32)
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    state = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    for i, bad in enumerate(("2", 2.0, -1, True)):
+        d = _folder(tmp_path, f"mp{i}", {**config, "pretraining_model_parallel": bad}, state)
+        assert main(["info", str(d)]) == 2
+        assert f"field 'pretraining_model_parallel' must be a positive integer (the TriLM's model-parallel scale " \
+               f"shards) or null, got {bad!r}" in capsys.readouterr().err
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text(json.dumps(config))
+    index = sharded / "model.safetensors.index.json"
+    for doc, said in (([], "has no 'weight_map' object"), ({"weight_map": {"a": 5}}, "weight_map values must be file "
+                                                                                     "names"),
+                      ({"weight_map": {"a": "../x.safetensors"}}, "weight_map values must be file names"),
+                      ({"weight_map": {"a": "model-2.safetensors"}}, "names 1 missing file(s): ")):
+        index.write_text(json.dumps(doc))
+        (sharded / "model-1.safetensors").write_bytes((tmp_path / "ok" / "model.safetensors").read_bytes())
+        for cmd in (["info", str(sharded)], ["export", "hf", str(sharded), str(tmp_path / "out")]):
+            assert main(cmd) == 2, (doc, cmd)
+            err = capsys.readouterr().err
+            assert said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_info_finds_a_trilm_as_load_does(tmp_path, capsys):
+    """`spectra info` called every Hugging Face TriLM a FloatLM (it never looked at the weights)."""
+    from spectra.__main__ import main
+
+    export_hf(build_model(tiny_config(family="trilm", num_scale_shards=2), seed=2), tmp_path / "t", dtype=torch.float16)
+    assert main(["info", str(tmp_path / "t"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "trilm" and report["kind"] == "hf"
+    assert spectra.load(tmp_path / "t").config.num_scale_shards == 2
+
+
+def test_export_keeps_the_chat_template(tmp_path):
+    """export hf of a Hugging Face folder wrote a fresh tokenizer_config.json without the source's chat_template,
+    which `spectra serve` reads; chat_template.jinja (transformers >= 4.50) is copied and read by serve too."""
+    from spectra.serve.app import load_chat_template
+
+    src = tmp_path / "src"
+    export_hf(build_model(tiny_config(), seed=2), src, dtype=torch.float32, tokenizer=_tokenizer(tmp_path))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    out = export_hf(spectra.load(src), tmp_path / "out", tokenizer=src / "tokenizer.json")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert load_chat_template(str(out)).source == template
+    (src / "chat_template.jinja").write_text("{{ 'jinja file' }}")
+    out2 = export_hf(spectra.load(src), tmp_path / "out2", tokenizer=src / "tokenizer.json")
+    assert load_chat_template(str(out2)).source == "{{ 'jinja file' }}"

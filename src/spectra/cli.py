@@ -98,17 +98,19 @@ def model_info(model: str) -> dict:
             raise FormatError(f"{path / WEIGHTS_FILE} is missing")
     else:
         from spectra.files import refuse_pickle
-        from spectra.interop.hf import config_from_hf, read_hf_config
+        from spectra.interop.hf import config_from_hf, hf_model_config, read_hf_config, read_hf_weights
+        from spectra.ptq.formats import is_gptq_dir
 
         refuse_pickle(path)
         hf = read_hf_config(path)
         cfg = config_from_hf(hf, str(path / "config.json"))
-        report = size_report(cfg)
-        from spectra.ptq.formats import is_gptq_dir
-
-        report["kind"] = "quantlm" if is_gptq_dir(path, hf) else "hf"
+        gptq = is_gptq_dir(path, hf)
         if not weights:
             raise FormatError(f"{path} holds no .safetensors weights")
+        if not gptq:  # every file the index names, and a TriLM's family and scale shards as spectra.load finds them
+            cfg = hf_model_config(path, hf, cfg, read_hf_weights(path))
+        report = size_report(cfg)
+        report["kind"] = "quantlm" if gptq else "hf"
     report["files"] = {f.name: f.stat().st_size for f in weights if safetensors_header(f) is not None}
     if report["kind"] == "quantlm":  # its own bits and group (this_model was the FloatLM's 16-bit count)
         from spectra.accounting import quantlm_bits, size_in_bits

@@ -219,6 +219,8 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             raw = f.read(n)
     except FileNotFoundError:
         raise FormatError(f"{path} is missing") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a folder; expected a safetensors file") from None
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -71,8 +71,14 @@ class SpectraLM(TemplateLM):
         super().__init__()
         if unused:  # lm-eval passes its generic options (max_batch_size, ...) to every model class
             log.debug("SpectraLM ignores %s", sorted(unused))
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if isinstance(dtype, str) and dtype != "auto":
+            found = getattr(torch, dtype, None)
+            if found not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"SpectraLM dtype={dtype!r}; accepted: auto, float32, float16, bfloat16 (or torch's "
+                                 "other names for them: float, half)")
+            dtype = found
+        elif dtype == "auto":
+            dtype = None
         if model is None:
             if pretrained is None:
                 raise ValueError("SpectraLM needs a model or pretrained=PATH")

@@ -40,6 +40,7 @@ from spectra.ternary import SHARD_DIM
 BLOCK_LINEARS = tuple(SHARD_DIM)
 CANDIDATE_SHARDS = (1, 2, 3, 4, 6, 8)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves a tokenizer's chat template
 
 
 # ---- export -----------------------------------------------------------------------------------------------------
@@ -123,7 +124,9 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def write_tokenizer_files(tokenizer: str | os.PathLike, out: Path, cfg: ModelConfig) -> None:
-    """tokenizer.json plus the small files `AutoTokenizer` needs to build a PreTrainedTokenizerFast."""
+    """tokenizer.json plus the small files `AutoTokenizer` needs to build a PreTrainedTokenizerFast, and the chat
+    template stored beside `tokenizer` (tokenizer_config.json's `chat_template`, or chat_template.jinja), which
+    `spectra serve` and `apply_chat_template` use."""
     from tokenizers import Tokenizer
 
     shutil.copyfile(tokenizer, out / "tokenizer.json")
@@ -143,6 +146,13 @@ def write_tokenizer_files(tokenizer: str | os.PathLike, out: Path, cfg: ModelCon
         "model_max_length": cfg.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
+    source = Path(tokenizer).parent
+    if (source / "tokenizer_config.json").is_file():
+        template = read_json(source / "tokenizer_config.json", "a tokenizer config")
+        if isinstance(template, dict) and template.get("chat_template") is not None:
+            tok_config["chat_template"] = template["chat_template"]
+    if (source / CHAT_TEMPLATE_FILE).is_file():
+        shutil.copyfile(source / CHAT_TEMPLATE_FILE, out / CHAT_TEMPLATE_FILE)
     write_json(out / "tokenizer_config.json", tok_config)
     write_json(out / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})
 
@@ -186,7 +196,8 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 def config_from_hf(
     hf: dict[str, Any], source: str, *, family: str = "floatlm", num_scale_shards: int = 1
 ) -> ModelConfig:
-    """ModelConfig of a Llama config.json; names the field that spectra cannot represent."""
+    """ModelConfig of a Llama config.json; names the field that spectra cannot represent. A field left out takes
+    transformers' LlamaConfig default (rms_norm_eps 1e-6, bos 1, eos 2, ...), so both build the same model."""
     archs = hf.get("architectures")
     archs = archs if isinstance(archs, list) else []
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
@@ -211,8 +222,8 @@ def config_from_hf(
             raise ValueError(f"{source}: field '{key}' must be a finite number, got {v!r}")
         return float(v)
 
-    def token_id(key: str) -> int:
-        v = hf.get(key)
+    def token_id(key: str, default: int) -> int:
+        v = hf.get(key, default)
         if isinstance(v, list) and v:  # several end tokens: the first is the model's own
             v = v[0]
         if v is None:
@@ -223,7 +234,7 @@ def config_from_hf(
         return v
 
     heads = integer("num_attention_heads")
-    if hf.get("num_key_value_heads", heads) != heads:
+    if hf.get("num_key_value_heads") is not None and hf["num_key_value_heads"] != heads:  # null: as many as heads
         raise ValueError(
             f"{source}: num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads}; "
             "grouped-query attention is not part of the Spectra architecture"
@@ -253,10 +264,10 @@ def config_from_hf(
         vocab_size=integer("vocab_size"),
         max_seq_len=integer("max_position_embeddings", 2048),
         rope_theta=number("rope_theta", 10000.0),
-        norm_eps=number("rms_norm_eps", 1e-5),
+        norm_eps=number("rms_norm_eps", 1e-6),
         init_std=number("initializer_range", 0.02),
-        bos_token_id=token_id("bos_token_id"),
-        eos_token_id=token_id("eos_token_id"),
+        bos_token_id=token_id("bos_token_id", 1),
+        eos_token_id=token_id("eos_token_id", 2),
     )
     try:
         return ModelConfig(**fields, family=family, num_scale_shards=num_scale_shards)
@@ -270,21 +281,44 @@ def config_from_hf(
 
 
 def read_hf_weights(path: Path) -> dict[str, Tensor]:
-    """All tensors of a HF directory, whatever the file layout."""
+    """All tensors of a HF directory, whatever the file layout, less the RoPE caches older Llama checkpoints store
+    (`rotary_emb.inv_freq`: computed from the config, as transformers does)."""
+    state = {k: v for f in hf_weight_files(path) for k, v in load_safetensors(f).items()}
+    return {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
+
+
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a HF directory: model.safetensors, or every file its index's weight_map names
+    (checked to exist and to be file names in the directory)."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_safetensors(single)
+        return [single]
     if index.exists():
-        weight_map = read_json(index, "a safetensors index").get("weight_map")
+        doc = read_json(index, "a safetensors index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict):
-            raise FormatError(f"{index} has no 'weight_map' object")
-        state: dict[str, Tensor] = {}
-        for f in sorted(set(weight_map.values())):
-            state.update(load_safetensors(path / f))
-        return state
+            raise FormatError(f"{index} has no 'weight_map' object (tensor name -> file name)")
+        names = set(weight_map.values())
+        bad = sorted(repr(n) for n in names if not isinstance(n, str) or Path(n).name != n or not n)
+        if bad:
+            raise FormatError(f"{index}: weight_map values must be file names in {path}, got {', '.join(bad[:3])}")
+        missing = sorted(n for n in names if not (path / n).is_file())
+        if missing:
+            raise FormatError(f"{index} names {len(missing)} missing file(s): {path / missing[0]} is missing")
+        return [path / n for n in sorted(names)]
     refuse_pickle(path)
     raise FormatError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def model_parallel_hint(hf: dict[str, Any], source: str) -> int | None:
+    """config.json's `pretraining_model_parallel` (the scale shards a TriLM was trained with): a positive integer or
+    null."""
+    v = hf.get("pretraining_model_parallel")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        raise ValueError(f"{source}: field 'pretraining_model_parallel' must be a positive integer (the TriLM's "
+                         f"model-parallel scale shards) or null, got {v!r}")
+    return v
 
 
 def ternary_from_unpacked(W: Tensor, num_shards: int, dim: int, name: str = "weight") -> tuple[Tensor, Tensor]:
@@ -340,6 +374,30 @@ def detect_scale_shards(state: dict[str, Tensor], n_layers: int, hint: int | Non
     return None
 
 
+def hf_model_config(path: Path, hf: dict[str, Any], base: ModelConfig, state: dict[str, Tensor],
+                    family: str | None = None) -> ModelConfig:
+    """The config of a HF directory's model: `base` (`config_from_hf`), a TriLM with its scale shards when every
+    block matrix of `state` is ternary (family=None detects, "trilm" requires it, "floatlm" takes the weights as
+    they are)."""
+    for i in range(base.n_layers):
+        for n in SHARD_DIM:
+            key = f"model.layers.{i}.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}.weight"
+            if key not in state:
+                raise ValueError(f"{path}: tensor {key} is missing")
+    hint = model_parallel_hint(hf, str(path / "config.json"))
+    shards = None
+    if family in (None, "trilm"):
+        shards = detect_scale_shards(state, base.n_layers, hint)
+        if shards is None and hint is not None and family is None:
+            shards = detect_scale_shards(state, base.n_layers)  # the recorded MP may be a training-time detail
+        if shards is None and family == "trilm":
+            ternary_from_unpacked(
+                state["model.layers.0.self_attn.q_proj.weight"], hint or 1, 0, "model.layers.0.self_attn.q_proj.weight"
+            )
+            raise ValueError(f"{path}: the block matrices are not ternary with {hint or 'any'} scale shards")
+    return base.replace(family="trilm", num_scale_shards=shards) if shards else base
+
+
 def load_hf(
     path: str | os.PathLike,
     *,
@@ -361,23 +419,8 @@ def load_hf(
         if not hf.get("tie_word_embeddings", False):
             raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    for i in range(base.n_layers):
-        for n, d in SHARD_DIM.items():
-            key = f"model.layers.{i}.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}.weight"
-            if key not in state:
-                raise ValueError(f"{path}: tensor {key} is missing")
-    hint = hf.get("pretraining_model_parallel")
-    shards = None
-    if family in (None, "trilm"):
-        shards = detect_scale_shards(state, base.n_layers, hint)
-        if shards is None and hint is not None and family is None:
-            shards = detect_scale_shards(state, base.n_layers)  # the recorded MP may be a training-time detail
-        if shards is None and family == "trilm":
-            ternary_from_unpacked(
-                state["model.layers.0.self_attn.q_proj.weight"], hint or 1, 0, "model.layers.0.self_attn.q_proj.weight"
-            )
-            raise ValueError(f"{path}: the block matrices are not ternary with {hint or 'any'} scale shards")
-    cfg = base.replace(family="trilm", num_scale_shards=shards) if shards else base
+    cfg = hf_model_config(path, hf, base, state, family)
+    shards = cfg.num_scale_shards if cfg.family == "trilm" else None
     model = empty_model(cfg, device)
     plain = {k.removeprefix("model."): v.float() for k, v in state.items()}
     ternary = {}

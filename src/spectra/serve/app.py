@@ -351,20 +351,26 @@ def _token_text(v: Any) -> str:
 
 
 def load_chat_template(model_dir: str | None) -> ChatTemplate | None:
-    """The Jinja chat template stored with a model (tokenizer_config.json's `chat_template`) with its special tokens,
-    or None."""
+    """The Jinja chat template stored with a model (chat_template.jinja, where transformers >= 4.50 saves it, else
+    tokenizer_config.json's `chat_template`) with its special tokens, or None."""
     if model_dir is None:
         return None
     p = Path(model_dir) / "tokenizer_config.json"
-    if not p.is_file():
-        return None
-    try:
-        config = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{p}: not readable JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{p}: expected a JSON object, got {type(config).__name__}")
+    jinja = Path(model_dir) / "chat_template.jinja"
+    config: Any = {}
+    if p.is_file():
+        try:
+            config = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: not readable JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{p}: expected a JSON object, got {type(config).__name__}")
     tpl = config.get("chat_template")
+    if jinja.is_file():
+        try:
+            tpl = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jinja}: not a readable UTF-8 template ({e})") from None
     if isinstance(tpl, list):  # HF's named templates: take "default"
         tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(tpl, str):
