@@ -91,6 +91,48 @@ def test_kernel_quantizer_equals_reference(path):
     assert bsum[:, 1].tolist() == a_ref[:, 256:].sum(1).tolist()
 
 
+@needs_ext
+@pytest.mark.parametrize("path", COMPILED)
+def test_rows_too_small_for_127_over_amax_are_zero_rows(path):
+    """Below max|x| = 3.7e-37, 127 / max|x| overflows float32: C's lrintf(inf) gave -127 for every element (signs
+    flipped), torch cast NaN to int8. A row with max|x| < Q8_TINY = 2^-100 is a zero row everywhere: activations,
+    int8 weights, the q8 KV cache."""
+    from spectra.model import Q8_TINY, q8_rows
+
+    x = torch.randn(4, 1024)
+    x[0] = x[0] / x[0].abs().max() * 1e-38
+    x[1] = x[1] / x[1].abs().max() * Q8_TINY / 2
+    x[2] = x[2] / x[2].abs().max() * Q8_TINY  # at the threshold: quantized as usual
+    a, bsum, s = K.kernel_quantize(x, torch.tensor([0, 4], dtype=torch.int32), path=path)
+    a_ref, s_ref = K.quantize_activations(x)
+    assert torch.equal(a, K.permute_activations(a_ref)) and torch.equal(s, s_ref)
+    assert (a_ref[:2] == 0).all() and (s_ref[:2] == 0).all() and a_ref[2].abs().max() == 127
+    qs, bounds, seg_d, _ = _layer(8, 1024)
+    assert torch.equal(K.ternary_matmul(x, qs, bounds, seg_d, path=path), K.reference_matmul(x, qs, bounds, seg_d))
+    w = torch.randn(4, 1024)
+    w[1] *= 1e-40
+    u, r = K.quantize_weight_int8(w)
+    assert r[1] == 0 and (K.unpermute_activations(u)[1] == 128).all()
+    assert torch.equal(K.int8_matmul(x, u, r, path=path), K.reference_int8_matmul(x, u, r))
+    head = x[:, :64].contiguous()
+    rows, scales = q8_rows(head)
+    assert (rows[:2] == 0).all() and (scales[:2] == 0).all()
+    out = torch.zeros(4, 68, dtype=torch.int8)
+    K.extension().to_q8(K._PATH_IDS[path], head.data_ptr(), out.data_ptr(), 64, 4)
+    assert torch.equal(out[:, :64], rows)
+
+
+@needs_ext
+def test_empty_batches_and_infinite_row_scales():
+    from spectra.packed.linear import Int8Linear
+
+    u, r = K.quantize_weight_int8(torch.randn(16, 512))
+    y, idx, lse, top = K.head_rows(torch.zeros(0, 512), torch.ones(512), 1e-5, u, r, argmax=True, lse=True)
+    assert y.shape == (0, 16) and idx.shape == lse.shape == top.shape == (0,)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        Int8Linear.from_int8(torch.ones(2, 256, dtype=torch.int8), torch.tensor([1.0, float("inf")]))
+
+
 def test_path_selection_and_errors(monkeypatch):
     assert K.resolve_path("torch") == "torch"
     assert K.resolve_path("auto") == K.supported_paths()[0]

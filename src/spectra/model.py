@@ -37,16 +37,19 @@ from spectra.layers import (  # noqa: F401 - RMSNorm, rope_cache and freeze_for_
     rope_cache,
 )
 
+Q8_TINY = 2.0**-100  # a row with max|x| below it quantizes to zeros: 127 / max|x| overflows float32 under 3.7e-37
+
 
 def q8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of x (..., D) as int8 and one float32 scale each (..., 1): s = max|x| / 127, a = x * (127 / max|x|)
-    rounded to nearest even, so x ~ s * a (the packed kernels' activation rule; a zero row gives a = 0, s = 0, a row
+    rounded to nearest even, so x ~ s * a (the packed kernels' activation rule; a row with max|x| < Q8_TINY = 2^-100
+    gives a = 0, s = 0, a row
     with a NaN or infinity a = 0, s = NaN). The q8 KV cache's rows (`KVCache`), as `kv_store_q8` in the C kernels
     writes them, byte for byte."""
     x = x.float()
     amax = x.abs().amax(-1, keepdim=True)
     bad = ~torch.isfinite(x).all(-1, keepdim=True)
-    ok = (amax > 0) & ~bad
+    ok = (amax >= Q8_TINY) & ~bad  # below it 127 / max|x| overflows float32: a zero row
     inv = torch.where(ok, 127.0 / amax, torch.zeros_like(amax))
     a = torch.where(ok, (torch.where(ok, x, 0) * inv).round().clamp(-127, 127), 0).to(torch.int8)
     s = torch.where(bad, torch.full_like(amax, float("nan")), torch.where(ok, amax / 127.0, torch.zeros_like(amax)))

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spectra.model import Q8_TINY
 from spectra.packed import formats
 
 PATHS = ("avx512vnni", "avx2", "scalar")  # best first
@@ -334,6 +335,7 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.float()
     finite = torch.isfinite(x).all(dim=1)
     amax = torch.where(finite, x.abs().amax(dim=1), torch.zeros_like(x[:, 0]))
+    amax = torch.where(amax < Q8_TINY, torch.zeros_like(amax), amax)  # 127 / amax would overflow: a zero row
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     inv = torch.full_like(safe, 127.0) / safe
     a = torch.round(x * inv[:, None]).clamp_(-127, 127)
@@ -556,8 +558,10 @@ def quantize_weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     if not torch.isfinite(w).all():
         raise ValueError("the weight matrix has NaN or infinite entries")
     amax = w.abs().amax(dim=1)
+    amax = torch.where(amax < Q8_TINY, torch.zeros_like(amax), amax)  # 127 / amax would overflow: a zero row
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     q = torch.round(w * (torch.full_like(safe, 127.0) / safe)[:, None]).clamp_(-127, 127)
+    q = torch.where((amax > 0)[:, None], q, torch.zeros_like(q))
     u = (q.to(torch.int16) + 128).to(torch.uint8)
     return permute_activations(u).contiguous(), torch.where(amax > 0, amax / 127.0, torch.zeros_like(amax))
 
@@ -850,6 +854,9 @@ def head_rows_unchecked(
     their first B rows are returned), and calls the extension (which records the call instead while deferring:
     `csrc/defer.h`)."""
     B, stats = (x.shape[0] if rows is None else rows.shape[0]), argmax or lse
+    if B == 0:  # empty outputs, as the matmuls give (the C call reads a null logits pointer as "none asked for")
+        return (torch.empty(0, V) if logits else None, torch.empty(0, dtype=torch.int64) if stats else None,
+                torch.empty(0) if lse else None, torch.empty(0) if stats else None)
     if out is None:
         y = torch.empty(B, V, dtype=torch.float32) if logits else None
         idx = torch.empty(B, dtype=torch.int64) if stats else None

@@ -359,7 +359,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"w has {w.shape[1]} columns; Int8Linear needs a multiple of {formats.QK}")
         if int(w.min()) < -127:
             raise ValueError("w holds -128; int8 weights are in [-127, 127]")
-        if not bool((scale.float() >= 0).all()):  # absmax / 127 per row: never negative (NaN fails this too)
+        if not bool((torch.isfinite(scale) & (scale.float() >= 0)).all()):  # absmax / 127 per row
             raise ValueError("the row scales must be finite and >= 0")
         u = (w.to(torch.int16) + 128).to(torch.uint8)
         return cls(K.permute_activations(u).contiguous(), scale.float().contiguous(), path=path)

@@ -7,7 +7,8 @@
  *
  * Activations: each token row x (float32, K) is quantized to int8 with one scale per token,
  *     amax = max_i |x_i|,  inv = 127 / amax,  a_i = clamp(rint(x_i * inv), -127, 127),  s = amax / 127
- * (float32 arithmetic, round half to even; amax == 0 gives a = 0, s = 0; a non-finite x gives s = NaN), and stored per
+ * (float32 arithmetic, round half to even; amax < 2^-100 gives a = 0, s = 0 (127 / amax overflows float32 below
+ * 3.7e-37, and rint(inf) flipped signs); a non-finite x gives s = NaN), and stored per
  * block in the order of the weight bit fields: permuted position 64l + 32h + m holds element 128h + 32l + m.
  *
  * Output: with segments [b0, b1) of blocks over which every row's scale d is constant,
@@ -239,6 +240,9 @@ static float absmax_scalar(const float *x, int64_t n, int *bad) {
     return amax;
 }
 
+/* A row whose largest |x| is below this quantizes to zeros with scale 0 (module docstring). */
+#define Q8_TINY 0x1p-100f
+
 static inline int8_t round_i8(float v) {
     const long r = lrintf(v);
     return (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
@@ -247,7 +251,7 @@ static inline int8_t round_i8(float v) {
 static void quantize_row_scalar(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
     int bad;
     const float amax = absmax_scalar(x, J->K, &bad);
-    if (bad || amax == 0.0f) {
+    if (bad || amax < Q8_TINY) {
         for (int64_t i = 0; i < J->K; i++) q[i] = 0;
         for (int64_t i = 0; i < J->S; i++) bsum[i] = 0;
         *scale = bad ? NAN : 0.0f;
@@ -286,7 +290,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) float absmax_avx512(c
 TARGET_AVX512 static void quantize_row_avx512(const float *x, const job_t *J, int8_t *q, int32_t *bsum, float *scale) {
     int bad;
     const float amax = absmax_avx512(x, J->K, &bad);
-    if (bad || amax == 0.0f) {
+    if (bad || amax < Q8_TINY) {
         for (int64_t i = 0; i < J->K; i++) q[i] = 0;
         for (int64_t i = 0; i < J->S; i++) bsum[i] = 0;
         *scale = bad ? NAN : 0.0f;
@@ -1269,7 +1273,7 @@ static void kv_store_q8_scalar(void *dst, const float *src, int64_t D) {
     int bad;
     const float amax = absmax_scalar(src, D, &bad);
     float s = bad ? NAN : 0.0f;
-    if (bad || amax == 0.0f) {
+    if (bad || amax < Q8_TINY) {
         memset(a, 0, (size_t)D);
     } else {
         const float inv = 127.0f / amax;
@@ -1653,7 +1657,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void kv_store_q8_row(
                                                                            int64_t D) {
     int bad;
     const float amax = absmax_avx512(src, D, &bad);
-    if (bad || amax == 0.0f) {
+    if (bad || amax < Q8_TINY) {
         kv_store_q8_scalar(dst, src, D);
         return;
     }
