@@ -163,6 +163,17 @@ def test_paired_checks_on_window_losses():
     assert c["packed TQ1 weights = latent trilm at a"]["verdict"] == "does not hold"
     assert c["packed TQ2 weights = latent trilm at a"]["verdict"] == "holds"
     assert "each family improves with size" not in found  # one size: nothing to say
+    # a partial study (FloatLM seed 0's and 3-bit seed 1's evals failed): only the seeds both sides have pair up. The
+    # lengths matched, so the 3-bit model of seed 0 was compared with the FloatLM of seed 1, another training
+    part = [r for r in rows if r["name"] not in ("floatlm-a-s0", "floatlm-a-3bit-s1")]
+    c = _by_check(study_checks(part, seqs))
+    assert "QuantLM 3-bit worse than FloatLM at a" not in c  # no seed has both
+    assert c["QuantLM 8-bit ≈ FloatLM at a"]["test"] == "paired t over 64 held-out sequences"  # seed 1 alone
+    part = [r for r in rows if r["name"] != "trilm-a-s0"]
+    c = _by_check(study_checks(part, seqs))
+    q = c["packed TQ2 ≈ latent trilm at a"]
+    want = ((np.asarray(seqs["trilm-a-tq2-s1"][0]) - np.asarray(seqs["trilm-a-s1"][0])) / T).mean()
+    assert q["estimate"] == pytest.approx(want) and q["test"] == "paired t over 64 held-out sequences"
 
 
 def test_seed_summary_averages_over_seeds():

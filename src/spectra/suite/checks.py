@@ -146,6 +146,28 @@ def _names(rows: list[dict[str, Any]], **match: Any) -> list[str]:
     return sorted(r["name"] for r in rows if all(r.get(k) == v for k, v in match.items()))
 
 
+def seed_pairs(rows: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The names of the rows matching `a` and `b` for the seeds both sides have, in seed order, so that each side's
+    window NLLs average over the same trainings (a partial study paired one seed's QuantLM with another seed's
+    FloatLM: a 'holds' made of two trainings). A key (kind "latent": any latent kind) may match only one row per
+    seed; ([], []) otherwise."""
+    def by_seed(match: dict[str, Any]) -> dict[int, str] | None:
+        out: dict[int, str] = {}
+        for r in rows:
+            if all((r.get(k) in LATENT_KINDS) if (k, v) == ("kind", "latent") else r.get(k) == v
+                   for k, v in match.items()):
+                if r.get("seed", 0) in out:
+                    return None
+                out[r.get("seed", 0)] = r["name"]
+        return out
+
+    sa, sb = by_seed(a), by_seed(b)
+    if sa is None or sb is None:
+        return [], []
+    common = sorted(set(sa) & set(sb))
+    return [sa[k] for k in common], [sb[k] for k in common]
+
+
 def size_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each latent series improves with size; the TriLM − FloatLM gap per size, and whether it shrinks."""
     out = []
@@ -200,10 +222,10 @@ def quant_costs(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], l
     """size -> bits -> paired interval of L(QuantLM b-bit) − L(its FloatLM), for FloatLM-made QuantLMs."""
     out: dict[str, dict[int, Interval]] = {}
     for size in seed_groups(rows, kind="floatlm", family="floatlm"):
-        base = _names(rows, kind="floatlm", family="floatlm", size=size)
         for bits in sorted({r["bits"] for r in rows if r["kind"] == "quantlm" and r["family"] == "floatlm"}):
-            q = _names(rows, kind="quantlm", family="floatlm", size=size, bits=bits)
-            if q and len(q) == len(base):
+            q, base = seed_pairs(rows, dict(kind="quantlm", family="floatlm", size=size, bits=bits),
+                                 dict(kind="floatlm", family="floatlm", size=size))
+            if q:
                 iv = paired(seqs, q, base)
                 if iv is not None:
                     out.setdefault(size, {})[bits] = iv
@@ -220,9 +242,9 @@ def quant_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float], 
             out.append(_check(f"QuantLM 3-bit worse than FloatLM at {size}", stats.verdict(iv, +1), iv,
                               "L_3bit − L_float (nats/token)", "> 0"))
             if 4 in by_bits:
-                q3 = _names(rows, kind="quantlm", family="floatlm", size=size, bits=3)
-                q4 = _names(rows, kind="quantlm", family="floatlm", size=size, bits=4)
-                iv34 = paired(seqs, q3, q4)
+                q3, q4 = seed_pairs(rows, dict(kind="quantlm", family="floatlm", size=size, bits=3),
+                                    dict(kind="quantlm", family="floatlm", size=size, bits=4))
+                iv34 = paired(seqs, q3, q4) if q3 else None
                 if iv34 is not None:
                     out.append(_check(f"QuantLM 3-bit worse than 4-bit at {size}", stats.verdict(iv34, +1), iv34,
                                       "L_3bit − L_4bit (nats/token)", "> 0"))
@@ -265,10 +287,9 @@ def packed_checks(rows: list[dict[str, Any]], seqs: dict[str, tuple[list[float],
                 out.append(_check(f"packed {fmt.upper()} weights = latent {fam} at {size}", verdict, None,
                                   f"{bad} of {n} ternary weights differ from W̃ = γ·Ŵ (γ in fp16) over "
                                   f"{len(reads)} seed(s), read back from the packed files", "exactly equal"))
-            packed = _names(rows, kind="packed", family=fam, size=size, format=fmt)
-            latent = [r["name"] for r in rows if r["kind"] in LATENT_KINDS and r["family"] == fam and r["size"] == size]
-            latent.sort()
-            if len(packed) != len(latent):
+            packed, latent = seed_pairs(rows, dict(kind="packed", family=fam, size=size, format=fmt),
+                                        dict(kind="latent", family=fam, size=size))
+            if not packed:
                 continue
             iv = paired(seqs, packed, latent)
             if iv is None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import spectra.suite.stats as stats
-from spectra.suite.checks import _names, between, block_table, paired, pool_of, seed_values
+from spectra.suite.checks import between, block_table, paired, pool_of, seed_pairs, seed_values
 
 SAME_BUDGET, SAME_TOTAL = "same {family} token budget", "same total tokens"
 
@@ -96,8 +96,9 @@ def comparisons(table: list[dict[str, Any]], rows: list[dict[str, Any]],
                 continue
             iv = between(seeds, [c["by_seed"], s["by_seed"]], [1, -1])
             kind = c["base_family"]
-            pair = paired(seqs, _names(rows, family=c["arm"], size=c["size"], kind=kind),
-                          _names(rows, family=s["arm"], size=s["size"], kind=kind))
+            mine, theirs = seed_pairs(rows, dict(family=c["arm"], size=c["size"], kind=kind),
+                                      dict(family=s["arm"], size=s["size"], kind=kind))
+            pair = paired(seqs, mine, theirs) if mine else None
             out.append({
                 "comparison": f"{c['arm']} − {s['arm']}", "size": c["size"], "basis": basis,
                 "claim": "L − L_scratch < 0", "verdict": stats.verdict(iv, -1),
