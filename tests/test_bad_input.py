@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -380,6 +381,29 @@ def test_every_preset_passes_the_step_option_check():
 
     for name in PRESETS:
         check_options(load_spec(name))
+
+
+@pytest.mark.parametrize("table,options,said", [
+    ("eval", {"ppl_max_tokens": "lots"}, "[eval] ppl_max_tokens = 'lots': expected int | None"),
+    ("eval", {"dtype": "bf16"}, "[eval] dtype = 'bf16': expected torch.dtype | None"),
+    ("quantize", {"sym": 1}, "[quantize] sym = 1: expected bool"),
+    ("bench", {"threads": [True]}, "[bench] threads = [True]: expected Sequence[int]"),
+    ("bench", {"threads": [1, 2], "repeats": 2}, None),
+    ("quantize", {"percdamp": 1}, None),
+])
+def test_step_option_values_are_checked_by_type(table, options, said):
+    """Only the keys were checked: `ppl_max_tokens = "lots"` passed and failed every eval step after training."""
+    import dataclasses
+
+    from spectra.suite.preflight import check_options
+    from spectra.suite.spec import load_spec
+
+    spec = dataclasses.replace(load_spec("micro"), **{"bench_options" if table == "bench" else table: options})
+    if said is None:
+        check_options(spec)
+    else:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            check_options(spec)
 
 
 def test_task_check_skips_the_task_index_for_local_tasks(tmp_path, monkeypatch):

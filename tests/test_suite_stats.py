@@ -326,7 +326,50 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
     check_same_study(tmp_path, spec, {"measured": True, "train_tokens": 1000, "validation_tokens": 100})
     check_same_study(tmp_path, parse_spec({"suite": {"name": "x", "sizes": ["1m", "5m"], "seeds": [0, 1],
                                                      "tokens": 70000}}, "s.toml"))
-    with pytest.raises(ValueError, match=r"finished steps made with other settings \(tokens: 70000 -> 140000\)"):
+    with pytest.raises(ValueError, match=r"finished steps made with other settings \(tokens of size 1m: 70000 -> "
+                                         r"140000\)"):
         check_same_study(tmp_path, parse_spec({"suite": {"name": "x", "sizes": ["1m"], "tokens": 140000}}, "s.toml"))
     with pytest.raises(ValueError, match=r"data train_tokens: 1000 -> 2000 \(the data changed\)"):
         check_same_study(tmp_path, spec, {"measured": True, "train_tokens": 2000, "validation_tokens": 100})
+
+
+def test_per_size_entries_may_be_added_or_left_out_on_resume(tmp_path):
+    """A study narrowed with --set sizes (which drops the left-out sizes' [lr] rates) could not be widened again in its
+    folder: the added rates counted as a changed setting. Entries of sizes the study shares must still match."""
+    import json
+
+    from spectra.suite.preflight import check_same_study
+    from spectra.suite.spec import parse_spec
+
+    def spec(sizes, lr, tokens=70000):
+        return parse_spec({"suite": {"name": "x", "sizes": sizes, "families": ["floatlm"], "tokens": tokens,
+                                     "quant_bits": []},
+                           "sizes": {"a": {"dim": 64, "n_layers": 1, "n_heads": 2, "glu_dim": 128},
+                                     "b": {"dim": 128, "n_layers": 1, "n_heads": 2, "glu_dim": 256}},
+                           "lr": {"floatlm": lr}}, "s.toml")
+
+    (tmp_path / "spec.json").write_text(json.dumps(spec(["a"], {"a": 1e-3}).to_dict()))
+    (tmp_path / "results.jsonl").write_text(json.dumps({"key": "train/floatlm-a/s0", "step": "train",
+                                                        "status": "done", "artifacts": {}}) + "\n")
+    check_same_study(tmp_path, spec(["a", "b"], {"a": 1e-3, "b": 2e-3}))
+    check_same_study(tmp_path, spec(["a", "b"], {"a": 1e-3, "b": 2e-3}, tokens={"a": 70000, "b": 90000}))
+    with pytest.raises(ValueError, match=r"lr of size a: \{'floatlm': 0.001\} -> \{'floatlm': 0.002\}"):
+        check_same_study(tmp_path, spec(["a", "b"], {"a": 2e-3, "b": 2e-3}))
+    with pytest.raises(ValueError, match=r"tokens of size a: 70000 -> 80000"):
+        check_same_study(tmp_path, spec(["a", "b"], {"a": 1e-3}, tokens={"a": 80000, "b": 90000}))
+    with pytest.raises(ValueError, match=r"\[lr.floatlm\] a = True: expected a positive number or \[lr, lr2\]"):
+        spec(["a"], {"a": True})
+
+
+def test_a_reader_leaves_a_record_being_appended(tmp_path, caplog):
+    """A --jobs worker opened results.jsonl to write and truncated a record the main process was appending (it looks
+    like a torn tail); workers now read only, and a reader neither cuts nor warns about the unfinished last line."""
+    import json
+
+    from spectra.suite.records import Records
+
+    good = json.dumps({"key": "train/floatlm-1m/s0", "step": "train", "status": "done", "artifacts": {}}) + "\n"
+    (tmp_path / "results.jsonl").write_text(good + good[:30])
+    r = Records(tmp_path / "results.jsonl", write=False)
+    assert list(r.last) == ["train/floatlm-1m/s0"] and not caplog.records
+    assert (tmp_path / "results.jsonl").read_text() == good + good[:30]

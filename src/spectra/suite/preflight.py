@@ -25,7 +25,10 @@ neither "ppl", "cloze" nor in `offline_dir` are looked up in lm-eval's task inde
 
 from __future__ import annotations
 
+import collections.abc
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +141,59 @@ def check_options(spec: SuiteSpec) -> None:
     for table, (options, fn) in tables.items():
         own = RUNNER_ARGS[table]
         accepted = sorted(set(inspect.signature(fn).parameters) - set(own))
-        for key in options:
+        hints = typing.get_type_hints(fn)
+        for key, value in options.items():
             if key in own:
                 raise ValueError(f"[{table}] {key}: set by the study itself, not in [{table}]; accepted: {accepted}")
             if key not in accepted:
                 raise ValueError(f"[{table}] unknown key {key!r}; accepted: {accepted}")
+            if key in hints and not _fits(value, hints[key]):  # `ppl_max_tokens = "lots"` failed every eval step
+                raise ValueError(f"[{table}] {key} = {value!r}: expected {_type_text(hints[key])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML value can be the argument annotated `hint` (bool is not a number here; a type this cannot
+    judge is left to the function)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if isinstance(hint, type) and hint.__module__ in ("torch", "torch.nn.modules.module"):
+        return False  # a torch object: a study file cannot give one
+    return True
+
+
+def _type_text(hint: Any) -> str:
+    text = str(hint).replace("typing.", "").replace("collections.abc.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("torch.nn.modules.module.Module", "torch.nn.Module")
 
 
 EXTENDING = ("name", "sizes", "seeds", "families", "quant_bits", "pack_formats", "bench", "preset", "contrasts")
 """[suite] keys whose change only adds (or leaves out) steps, or only changes the report: a resumed study may change
 them. Every other key of the spec redefines what a finished step made."""
+
+
+PER_SIZE = ("tokens", "size_table", "lr")
+"""Spec keys with an entry per size: a resumed study may add or leave out sizes' entries (a narrowed ladder drops the
+left-out sizes' [lr] rates, a wider one adds them), but not change the entry of a size it shares with the study."""
+
+
+def _size_entry(key: str, value: Any, size: str, families: list[str]) -> Any:
+    """One size's entry of a PER_SIZE key's value: its token budget, its [sizes] table, or its [lr] rate per family."""
+    if key == "lr":
+        return {f: value[f][size] for f in families if isinstance(value, dict) and size in (value.get(f) or {})}
+    return value.get(size) if isinstance(value, dict) else value
 
 
 def check_same_study(out: Path, spec: SuiteSpec, data: dict[str, Any] | None = None) -> None:
@@ -167,7 +213,15 @@ def check_same_study(out: Path, spec: SuiteSpec, data: dict[str, Any] | None = N
     except (OSError, ValueError):
         return
     new = json.loads(json.dumps(spec.to_dict()))
-    changed = [f"{k}: {prev.get(k)!r} -> {new.get(k)!r}" for k in new if k not in EXTENDING and prev.get(k) != new[k]]
+    changed = [f"{k}: {prev.get(k)!r} -> {new.get(k)!r}" for k in new
+               if k not in EXTENDING and k not in PER_SIZE and prev.get(k) != new[k]]
+    shared = [s for s in new["sizes"] if s in (prev.get("sizes") or [])]  # the sizes that may have finished steps
+    families = [f for f in new["families"] if f in (prev.get("families") or [])]
+    for k in PER_SIZE:
+        for size in shared:
+            was, now = (_size_entry(k, d.get(k), size, families) for d in (prev, new))
+            if was != now:
+                changed.append(f"{k} of size {size}: {was!r} -> {now!r}")
     before = prev.get("data_measured") or {}
     if data and data.get("measured") and before.get("measured"):
         for k in ("train_tokens", "validation_tokens"):

@@ -40,6 +40,8 @@ class Records:
                 with open(path, "r+b") as f:
                     f.truncate(len(text[:keep].encode()))
                 text = text[:keep]
+            elif text and not text.endswith("\n"):  # a reader: the tail may be a record being appended right now
+                text = text[: text.rfind("\n") + 1]
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue

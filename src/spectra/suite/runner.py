@@ -156,11 +156,13 @@ def _model_info(cfg: ModelConfig, step: Step, kind: str, group_size: int | None 
 
 class SuiteRunner:
     def __init__(self, spec: SuiteSpec, out: Path, *, progress: bool = True, tokenizer: str | None = None,
-                 ranks: SuiteRanks | None = None) -> None:
+                 ranks: SuiteRanks | None = None, writes: bool = True) -> None:
         self.ranks = ranks or SuiteRanks()  # under torchrun: rank 0 decides, runs non-training steps and writes
         self.spec, self.out, self.progress = spec, out, progress and self.ranks.is_main
         self.tokenizer = tokenizer or spec.tokenizer  # one tokenizer for every model (preflight.study_tokenizer)
-        self.records = Records(out / RESULTS_FILE, write=self.ranks.is_main)
+        # `writes=False`: a --jobs worker, which returns its records for the main process to write (one opening the
+        # file to write truncated a record the main process was appending: it looks like a torn tail)
+        self.records = Records(out / RESULTS_FILE, write=self.ranks.is_main and writes)
         self.steps = {s.key: s for s in plan(spec)}
 
     # ---- step bodies: each returns (model info, metrics, artifacts relative to out) ---------------------------
@@ -533,7 +535,7 @@ def _exit_with(parent: int) -> None:
 def _run_step_in_worker(spec: SuiteSpec, out: str, tokenizer: str, key: str) -> dict[str, Any]:
     """A worker's step: a runner of its own reads the records the step's dependencies wrote, runs it, and returns
     its record for the main process to write."""
-    runner = SuiteRunner(spec, Path(out), progress=False, tokenizer=tokenizer)
+    runner = SuiteRunner(spec, Path(out), progress=False, tokenizer=tokenizer, writes=False)
     return _run_step(runner, runner.steps[key])
 
 

@@ -262,9 +262,8 @@ def parse_spec(doc: dict[str, Any], source: str = "spec") -> SuiteSpec:
         if not isinstance(table, dict):
             raise _err(source, f"[lr.{fam}] must be a table of size = learning rate")
         for size, value in table.items():
-            ok = isinstance(value, (int, float)) and value > 0 or (
-                isinstance(value, list) and len(value) == 2 and all(isinstance(x, (int, float)) and x > 0
-                                                                   for x in value))
+            ok = _finite(value) and value > 0 or (  # not a bool: `true` was a rate of 1.0
+                isinstance(value, list) and len(value) == 2 and all(_finite(x) and x > 0 for x in value))
             if not ok:
                 raise _err(source, f"[lr.{fam}] {size} = {value!r}: expected a positive number or [lr, lr2]")
         lrs[fam] = dict(table)
