@@ -332,6 +332,17 @@ def test_micro_suite_end_to_end(tmp_path):
     assert checks["packed TQ2 weights = latent trilm at 4m"]["verdict"] == "holds"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert {"FloatLM", "TriLM"} <= set(summary["fits"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"Steps: {len(records)} done, of {len(records)} planned." in md and "Unfinished" not in md
+    # a study cut short says so: the report of its records so far names the planned steps not done
+    lines = (out / "results.jsonl").read_text().splitlines()
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n")
+    (part / "spec.json").write_bytes((out / "spec.json").read_bytes())
+    build_report(part / "results.jsonl", tmp_path / "part_report")
+    md = (tmp_path / "part_report" / "report.md").read_text()
+    assert f"of {len(records)} planned. **Unfinished**: 3 planned step(s) are not done" in md
 
 
 @pytest.mark.slow

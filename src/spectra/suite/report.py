@@ -328,8 +328,15 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     for rec in records.values():
         status[rec["status"]] = status.get(rec["status"], 0) + 1
     line = ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
+    planned = spec.get("planned_steps")
+    if isinstance(planned, list) and planned:  # a study written before 2026-12-07 did not record its plan
+        missing = [k for k in planned if records.get(k, {}).get("status") != "done"]
+        line += f", of {len(planned)} planned"
+        if missing:
+            line += (f". **Unfinished**: {len(missing)} planned step(s) are not done (e.g. {missing[0]}); every "
+                     "finding below rests only on the models evaluated so far")
     sections_md += [f"Steps: {line}.", ""]
-    sections_html.append(f"<p>Steps: {html.escape(line)}.</p>")
+    sections_html.append(f"<p>Steps: {html.escape(line.replace('**', ''))}.</p>")
 
     def add(title: str, md_html: tuple[str, str], note: str = "") -> None:
         sections_md.extend([f"## {title}", "", *([note, ""] if note else []), md_html[0], ""])

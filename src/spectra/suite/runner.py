@@ -14,7 +14,9 @@ Each step appends one JSON line to `OUT/results.jsonl`:
 
 A rerun reads the file, skips steps whose last record is "done" and whose artifacts still exist, and retries the
 rest. A failed step records its reason and blocks only the steps that need its output. A killed training run resumes
-from its last checkpoint. Paths in records are relative to OUT, so a results folder can be moved.
+from its last checkpoint when its [train] table sets `ckpt_every_tokens` (the medium and paper presets do; the
+shorter presets' trainings keep only their final model and start over). Paths in records are relative to OUT, so a
+results folder can be moved.
 
 With `jobs` > 1 (on CPU, one process) independent steps run side by side in worker processes, each with its share of
 the cores (`resolve_jobs`): a model of a few million parameters keeps one core busy far better than it splits over
@@ -586,7 +588,8 @@ def run_suite(spec: SuiteSpec, out_dir: str | Path, *, progress: bool = True, re
             tokenizer = study_tokenizer(spec, out)
             data = check_data(spec, tokenizer)  # a file too small for the budget stops here, before any training
             check_same_study(out, spec, data)
-            write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data})
+            write_json(out / "spec.json", {**spec.to_dict(), "study_tokenizer": tokenizer, "data_measured": data,
+                                           "planned_steps": [s.key for s in plan(spec)]})  # the report's "of N"
             return tokenizer, data
 
         tokenizer, data = ranks.on_main(preflight)
