@@ -69,6 +69,12 @@ def main() -> None:
     parser.add_argument("--kv-cache", choices=["f32", "f16", "q8"], default="f32",
                         help="KV cache dtype of every path (serve's default is f16)")
     args = parser.parse_args()
+    for name in ("threads", "batch"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name} values must be positive, got {getattr(args, name)}")
+    for name in ("context", "gen_len", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
     load_before = os.getloadavg()
     model = with_int8_head(packed_copy(synthetic_trilm(args.size, vocab_size=args.vocab), "tq2", inplace=True))
@@ -77,25 +83,28 @@ def main() -> None:
     if bd.kernel is None:
         print("note: no compiled batched kernel here; timing the model's modules")
     times: dict[tuple[int, str], list[float]] = {}
-    for r in range(args.repeats):
+    for r in range(-1, args.repeats):  # round -1 warms every path up (first calls, pages) and is not timed
         for t in args.threads:
             torch.set_num_threads(t)
-            times.setdefault((t, "decoder"), []).append(time_decoder(model, args.context, args.gen_len, r, kv))
+            sample = time_decoder(model, args.context, args.gen_len, r, kv)
+            if r >= 0:
+                times.setdefault((t, "decoder"), []).append(sample)
             for b in args.batch:
-                times.setdefault((t, f"batch {b}"), []).append(time_batch(bd, b, args.context, args.gen_len, r))
+                sample = time_batch(bd, b, args.context, args.gen_len, r)
+                if r >= 0:
+                    times.setdefault((t, f"batch {b}"), []).append(sample)
     print(f"{args.size} packed tq2, int8 head, {args.kv_cache} KV cache; context {args.context}, {args.gen_len} steps, "
           f"median of "
           f"{args.repeats}; cpus={os.cpu_count()}, load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'threads':>7} {'path':<10} {'aggregate tok/s':>16} {'ms/step':>8} {'vs batch 1':>11} {'vs decoder':>11}")
     for t in args.threads:
-        rate = {}
-        for name in ["decoder"] + [f"batch {b}" for b in args.batch]:
-            b = 1 if name == "decoder" else int(name.split()[1])
-            sec = statistics.median(times[(t, name)])
-            rate[name] = b * args.gen_len / sec
-            base1 = rate.get("batch 1", rate[name])
-            print(f"{t:>7} {name:<10} {rate[name]:>16.1f} {1000 * sec / args.gen_len:>8.2f} "
-                  f"{rate[name] / base1:>10.2f}x {rate[name] / rate['decoder']:>10.2f}x")
+        names = ["decoder"] + [f"batch {b}" for b in dict.fromkeys(args.batch)]
+        sec = {name: statistics.median(times[(t, name)]) for name in names}
+        rate = {name: (1 if name == "decoder" else int(name.split()[1])) * args.gen_len / sec[name] for name in names}
+        for name in names:  # every rate first: "vs batch 1" fell back to the row itself when batch 1 came later
+            vs1 = f"{rate[name] / rate['batch 1']:>10.2f}x" if "batch 1" in rate else f"{'-':>11}"
+            print(f"{t:>7} {name:<10} {rate[name]:>16.1f} {1000 * sec[name] / args.gen_len:>8.2f} "
+                  f"{vs1} {rate[name] / rate['decoder']:>10.2f}x")
 
 
 if __name__ == "__main__":

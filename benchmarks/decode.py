@@ -16,9 +16,9 @@ The machine is shared: the load average before and after is printed; compare rat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from spectra.files import check_output_file, write_json
 from spectra.inference.bench import bench, llama_cpp_available
 from spectra.inference.cli import format_bench
 
@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (32000 = the reference run)")
     parser.add_argument("--json", default=None, help="also write the full result to this file")
     args = parser.parse_args()
+    if args.json:  # a bad path is found now, not after the measuring
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as e:
+            parser.error(str(e))
 
     result = bench(
         args.size,
@@ -63,8 +68,7 @@ def main() -> None:
                 f"(target > 1: {'met' if p > 1 else 'NOT met'})"
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spectra.files import check_output_file, write_json
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +65,11 @@ def main() -> None:
     parser.add_argument("--offline-dir", default=None, help="use real ARC-Easy questions from this folder")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args()
+    if args.json:  # a bad path is found now, not after the measuring
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as e:
+            parser.error(str(e))
 
     import lm_eval
     import torch
@@ -135,7 +142,7 @@ def main() -> None:
           f"greedy flags identical: {greedy_same}")
     print(f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

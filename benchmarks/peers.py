@@ -63,6 +63,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from spectra.files import check_output_file, write_json
+
 TERNARY_TYPES = ("TQ2_0", "TQ1_0", "IQ2_BN", "IQ1_BN")
 OURS_TQ1 = "spectra TQ1_0 (packed checkpoint, spectra.load)"
 PROBE_BYTES = 1 << 30
@@ -270,6 +272,11 @@ def run(args: argparse.Namespace) -> dict:
     from spectra.packed import kernels as K
 
     peers = [Peer(p) for p in args.llama_bench]
+    seen: dict[str, int] = {}
+    for peer in peers:  # two builds of one family were one row each under one name: the second replaced the first
+        seen[peer.name] = seen.get(peer.name, 0) + 1
+        if seen[peer.name] > 1:
+            peer.name = f"{peer.name} #{seen[peer.name]}"
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="spectra-peers-", dir=args.workdir))
@@ -511,14 +518,26 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the temporary models go (default: the system temp dir)")
     ap.add_argument("--json", default=None, help="also write the full result to this file")
     args = ap.parse_args()
+    if args.json:  # a bad path is found now, not after the measuring
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as e:
+            ap.error(str(e))
     if args.rounds < 1 or args.reps < 1 or not args.threads or min(args.threads) < 1:
         raise SystemExit("--rounds, --reps and --threads must be positive")
+    if args.prompt_len < 1 or args.gen_len < 1:
+        ap.error(f"--prompt-len and --gen-len must be positive, got {args.prompt_len} and {args.gen_len}")
+    from spectra.config import from_name
+
+    try:
+        from_name(args.size)
+    except ValueError as e:
+        ap.error(f"--size: {e}")
     result = run(args)
     print(f"cpus={os.cpu_count()}")
     print(markdown(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

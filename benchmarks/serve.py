@@ -71,8 +71,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from spectra.files import check_output_file, write_json
 
 SERVE_EXTRA = ("--max-batch", "16", "--max-queue", "256")
 
@@ -95,8 +98,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+        if proc.poll() is not None:  # its own error, not just the status (`--stream-interval 0` said "exited with 2")
+            said = proc.stderr.read().strip().splitlines()[-3:] if proc.stderr is not None else []
+            raise SystemExit(f"the server exited with {proc.returncode}" + (": " + " | ".join(said) if said else ""))
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -263,11 +267,22 @@ async def raw_request(conns: list, url: str, body: dict, llama: bool, t0: float)
     """`one_request` over a `RawStream` kept in conns[0] (opened again when the server closed it)."""
     host_port = url.split("://", 1)[1]
     host, port = host_port.rsplit(":", 1)
-    if not conns or conns[0].closed.done():
+    reused = bool(conns) and not conns[0].closed.done()
+    if not reused:
         _, proto = await asyncio.get_running_loop().create_connection(RawStream, host, int(port))
         conns[:] = [proto]
     proto = conns[0]
-    await proto.request(host_port, "/v1/completions", json.dumps(body).encode())
+    try:
+        await proto.request(host_port, "/v1/completions", json.dumps(body).encode())
+    except ConnectionError:
+        # llama-server closes a connection after each streamed answer although it says keep-alive: a request sent
+        # on it before the close arrived failed, and a third of its requests were dropped from its rows. A reused
+        # connection closed before any response byte is opened again and the request sent once more.
+        if not reused or proto.status:
+            raise
+        _, proto = await asyncio.get_running_loop().create_connection(RawStream, host, int(port))
+        conns[:] = [proto]
+        await proto.request(host_port, "/v1/completions", json.dumps(body).encode())
     if not proto.keep_alive:
         proto.transport.close()
     if proto.status != 200:
@@ -430,9 +445,10 @@ def start_llama(binary: str, model_dir: Path, tmp: Path, threads: int, ctx: int)
            str(threads), "-np", "16", "-c", str(ctx * 16), "-cb", "--no-repack"]
     # --no-repack: with weight repacking on (its default), this llama.cpp's AMX path (ggml_backend_amx_mul_mat, on the
     # Q8_0 output) segfaults as soon as two sequences are decoded together on an AMX CPU (gdb backtrace, 2026-12-03).
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drained: a full pipe would stall the server
     return proc, url
 
 
@@ -482,7 +498,10 @@ def summarize(rows: list[dict]) -> dict:
             f"{vals[0]:.2f}x"
 
     lines, ratios = ["summary (median [range] over repeats; ratios paired within a repeat):"], []
-    peer = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if r["server"] == "llama-server"}
+    def whole(r: dict) -> bool:  # every request answered: a row that lost some ran another workload
+        return not (r.get("transport_errors", 0) or r.get("status_other", 0) or r.get("status_5xx", 0))
+
+    peer = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if r["server"] == "llama-server" and whole(r)}
     names = list(dict.fromkeys(r["server"] for r in rows if r["server"] not in ("in process", "llama-server")))
     first = {(r["repeat"], r["clients"]): r["tok_s"] for r in rows if names and r["server"] == names[0]}
     for name in dict.fromkeys(r["server"] for r in rows):
@@ -490,7 +509,7 @@ def summarize(rows: list[dict]) -> dict:
             mine = [r for r in rows if r["server"] == name and r["clients"] == c]
             vs_seq = [r["tok_s"] / r["sequential_tok_s"] for r in mine]
             vs_peer = [r["tok_s"] / peer[(r["repeat"], c)] for r in mine
-                       if name not in ("llama-server", "in process") and peer.get((r["repeat"], c))]
+                       if name not in ("llama-server", "in process") and peer.get((r["repeat"], c)) and whole(r)]
             rate = statistics.median(r["tok_s"] for r in mine)
             line = f"{name:<17} {c:>3} clients: {rate:8.1f} tok/s, vs one stream {span(vs_seq)}"
             if vs_peer:
@@ -499,6 +518,9 @@ def summarize(rows: list[dict]) -> dict:
                         if name in names[1:] and first.get((r["repeat"], c))]
             if vs_first:
                 line += f", vs {names[0]} {span(vs_first)}"
+            lost = sum(not whole(r) for r in mine)
+            if lost:
+                line += f" ({lost} of {len(mine)} repeats lost requests: left out of the paired ratios)"
             lines.append(line)
             ratios.append({"server": name, "clients": c, "tok_s_median": rate, "vs_sequential": vs_seq,
                            "vs_llama_server": vs_peer})
@@ -547,12 +569,30 @@ def main() -> None:
                              "and the in-process run; top_k off on both servers); 0: greedy")
     parser.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
     args = parser.parse_args()
+    if args.json:  # a bad path is found now, not after the measuring
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as e:
+            parser.error(str(e))
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
     sampling = {} if args.temperature == 0 else {"temperature": args.temperature,
                                                  **({"top_p": args.top_p} if args.top_p is not None else {})}
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: give 1 or more")
+    for name in ("threads", "rounds", "prompt_len", "gen_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("clients", "stream_interval"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')} values must be positive, got {getattr(args, name)}")
+    if args.soak < 0 or args.shared_prefix < 0:
+        parser.error("--soak and --shared-prefix must be >= 0")
+    if args.model is not None and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: not a model folder")
+    if args.llama_server is not None and not (Path(args.llama_server).is_file()
+                                              and os.access(args.llama_server, os.X_OK)):
+        parser.error(f"--llama-server {args.llama_server}: not an executable file")
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -627,7 +667,7 @@ def main() -> None:
               f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}")
         print("sequential single stream (generate, in process): " + ", ".join(f"{v:.1f}" for v in seqs) + " tok/s")
         print(f"{'server':<17} {'rep':>3} {'clients':>7} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'p99':>8} "
-              f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4}")
+              f"{'ms/tok p50':>10} {'p99':>7} {'5xx':>4} {'lost':>4}")
         def ms(v: float, width: int, unit: str = "") -> str:  # "-" where a row has no latencies (in process)
             return f"{'-':>{width + len(unit)}}" if v != v else f"{1000 * v:>{width}.{2 if not unit else 1}f}{unit}"
 
@@ -635,7 +675,8 @@ def main() -> None:
             print(f"{r['server']:<17} {r['repeat']:>3} {r['clients']:>7} {r['tok_s']:>8.1f} "
                   f"{r['tok_s'] / r['sequential_tok_s']:>6.2f}x "
                   f"{ms(r['ttft_p50'], 7, 'ms')} {ms(r['ttft_p99'], 6, 'ms')} {ms(r['tpot_p50'], 10)} "
-                  f"{ms(r['tpot_p99'], 7)} {r['status_5xx']:>4}")
+                  f"{ms(r['tpot_p99'], 7)} {r['status_5xx']:>4} "
+                  f"{r.get('transport_errors', 0) + r.get('status_other', 0):>4}")
         summary = summarize(rows)
         for line in summary["lines"]:
             print(line)
@@ -646,8 +687,8 @@ def main() -> None:
                   f"{soak['rss_end_mb']:.0f} MiB at end, max {soak['rss_max_mb']:.0f} MiB; at each tenth: "
                   f"{' '.join(f'{r:.0f}' for r in soak['rss_tenths_mb'])} MiB")
         if args.json:
-            Path(args.json).write_text(json.dumps({"sequential_tok_s": seqs, "rows": rows, "summary":
-                                                   summary["ratios"], "soak": soak}, indent=2))
+            write_json(args.json, {"sequential_tok_s": seqs, "rows": rows, "summary": summary["ratios"],
+                                   "soak": soak})
 
 
 if __name__ == "__main__":

@@ -218,3 +218,57 @@ def test_peers_pairs_each_round_and_reports_the_spread():
     assert "| ratio (best peer) | 1.50× (ik_llama.cpp IQ2_BN (-fa 0 -rtr 1)) |" in text
     assert "spectra TQ1_0 / TQ2_0, paired per round (median [range]): decode 1T 1.10× [0.95–1.10]; prompt 1T 1.00× " \
            "[0.80–1.00]." in text  # decode 66/60, 76/80, 44/40; prompt 120/150, 150/150, 160/160
+
+
+def _script(name: str):
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_ratios_are_also_paired_per_round():
+    """`spectra bench` printed a ratio of medians with no interval; every round times every variant, so the ratio
+    within each round gives one: [median, min, max]."""
+    from spectra.inference.bench import ratios
+
+    results = [{"variant": "packed", "threads": 1, "decode_tokens_per_s": 90.0, "prompt_tokens_per_s": 300.0,
+                "decode_runs": [80.0, 90.0, 120.0], "prompt_runs": [300.0, 300.0, 280.0]},
+               {"variant": "bf16", "threads": 1, "decode_tokens_per_s": 10.0, "prompt_tokens_per_s": 100.0,
+                "decode_runs": [10.0, 9.0, 20.0], "prompt_runs": [100.0, 150.0, 70.0]}]
+    assert ratios(results)["threads=1"]["decode packed/bf16"] == 9.0
+    assert ratios(results, paired=True)["threads=1"]["decode packed/bf16"] == [8.0, 6.0, 10.0]  # 8, 10, 6
+    assert ratios(results, paired=True)["threads=1"]["prompt packed/bf16"] == [3.0, 2.0, 4.0]
+
+
+def test_benchmark_scripts_import_beside_transformers_and_check_their_arguments(tmp_path):
+    """benchmarks/kernels.py hid the `kernels` package transformers imports (eval.py, forward.py and train.py failed at
+    import); bad arguments and --json paths are one line before any measuring; two builds of one peer family keep
+    their own rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert not (root / "kernels.py").exists()
+    for script, args, said in (("serve", ["--threads", "0"], "--threads must be positive"),
+                               ("serve", ["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+                               ("batch_decode", ["--repeats", "0"], "--repeats must be positive"),
+                               ("gemv", ["--size", "100"], "a multiple of 256"),
+                               ("peers", ["--gen-len", "0"], "--gen-len must be positive"),
+                               ("decode", ["--json", str(tmp_path)], "is a folder")):
+        out = subprocess.run([sys.executable, str(root / f"{script}.py"), *args], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, (script, out.stderr)
+
+
+def test_serve_benchmark_leaves_rows_that_lost_requests_out_of_the_ratios():
+    serve = _script("serve")
+    row = dict(server="spectra", repeat=0, clients=4, tok_s=100.0, sequential_tok_s=50.0, transport_errors=0,
+               status_other=0, status_5xx=0)
+    peer = dict(row, server="llama-server", tok_s=50.0)
+    assert "vs llama-server 2.00x" in serve.summarize([row, peer])["lines"][1]
+    lines = serve.summarize([row, dict(peer, transport_errors=2)])["lines"]
+    assert "vs llama-server" not in lines[1] and "1 of 1 repeats lost requests" in lines[2]

@@ -171,6 +171,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """A file path that `atomic_file` can write, checked before the work that fills it: its folder exists and takes
+    a file, and it is not a folder. A ValueError names the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: the folder {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path}: its folder is not writable ({e.strerror or e})") from None
+    return path
+
+
 def read_json(path: str | os.PathLike, what: str = "a JSON file") -> Any:
     """Parse a JSON file; a missing or invalid file is a FormatError naming it and `what` it should be."""
     path = Path(path)

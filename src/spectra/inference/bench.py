@@ -417,15 +417,18 @@ def bench(
         "loadavg_after": loadavg_after,
         "results": results,
         "ratios": ratios(results),
+        "paired_ratios": ratios(results, paired=True),
         "skipped": skipped,
         "rss_mb": rss_built,
         "peak_rss_mb": peak_rss_mb(),
     }
 
 
-def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Speed of 'packed' (or 'model') over every other variant, per thread count, for decode and prompt."""
-    out: dict[str, dict[str, float]] = {}
+def ratios(results: list[dict[str, Any]], paired: bool = False) -> dict[str, dict[str, Any]]:
+    """Speed of 'packed' (or 'model') over every other variant, per thread count, for decode and prompt: the ratio of
+    the medians, or with `paired` [median, min, max] of the ratios within each round (every round times every
+    variant, so a machine whose speed drifts between rounds moves both sides of a round's ratio alike)."""
+    out: dict[str, dict[str, Any]] = {}
     by = {(r["variant"], r["threads"]): r for r in results}
     for (name, t), r in by.items():
         if name not in ("packed", "model"):
@@ -433,8 +436,11 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for (other, t2), o in by.items():
             if t2 != t or other == name:
                 continue
-            out.setdefault(f"threads={t}", {})[f"decode {name}/{other}"] = (
-                r["decode_tokens_per_s"] / o["decode_tokens_per_s"]
-            )
-            out[f"threads={t}"][f"prompt {name}/{other}"] = r["prompt_tokens_per_s"] / o["prompt_tokens_per_s"]
+            for what in ("decode", "prompt"):
+                if paired:
+                    per = [a / b for a, b in zip(r[f"{what}_runs"], o[f"{what}_runs"], strict=True)]
+                    value: Any = [statistics.median(per), min(per), max(per)]
+                else:
+                    value = r[f"{what}_tokens_per_s"] / o[f"{what}_tokens_per_s"]
+                out.setdefault(f"threads={t}", {})[f"{what} {name}/{other}"] = value
     return out

@@ -123,8 +123,12 @@ def format_bench(result: dict) -> str:
             f"{r['variant']:<11} {r['threads']:>7} {r['prompt_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>13.1f} "
             f"{r['ms_per_token']:>9.2f} {r.get('weights_mb', nan):>12.1f}"
         )
+    paired = result.get("paired_ratios", {})
     for t, rs in result["ratios"].items():
-        lines.append(f"{t}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items()))
+        per = paired.get(t, {})
+        lines.append(f"{t}: " + ", ".join(
+            f"{k} {v:.2f}x" + (f" (per round {per[k][0]:.2f}x [{per[k][1]:.2f}-{per[k][2]:.2f}])" if k in per else "")
+            for k, v in rs.items()))
     for k, why in result["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     lines.append(f"RSS with every variant loaded {result['rss_mb']:.0f} MiB, peak {result['peak_rss_mb']:.0f} MiB")

@@ -523,7 +523,7 @@ def use_huge_pages(*tensors: Tensor) -> int:
 
     The GEMV reads its weights once per call from DRAM, and on 4 KiB pages every 4 KiB costs a TLB miss and a restart
     of the hardware prefetcher: a 4096×4096 TQ2_0 GEMV (4 MiB) takes about 0.21–0.24 ms on 4 KiB pages and 0.17–0.19
-    ms on 2 MiB pages on one core here (`benchmarks/kernels.py`). Call it once on long-lived weight buffers; the whole
+    ms on 2 MiB pages on one core here (`benchmarks/gemv.py`). Call it once on long-lived weight buffers; the whole
     2 MiB pages around a tensor are included, which changes only their physical backing.
     """
     ext = extension()

@@ -1,6 +1,9 @@
 """Ternary GEMV / GEMM kernels vs torch bf16 and fp32 `F.linear`, measured side by side in one run.
 
-    python benchmarks/kernels.py [--threads 1] [--size 4096] [--batch 64] [--rounds 7] [--path auto]
+    python benchmarks/gemv.py [--threads 1] [--size 4096] [--batch 64] [--rounds 7] [--path auto]
+
+(Named kernels.py until 2026-12-07: `python benchmarks/X.py` puts benchmarks/ first on the import path, and that name
+hid the `kernels` package transformers imports, so eval.py, forward.py and train.py failed at import.)
 
 Weights are streamed from memory as in real decoding: every method rotates through enough distinct matrices that their
 total size (≥ 96 MiB) is three times the 32 MiB L3, so no matrix is still cached when it is used again. The methods
@@ -198,6 +201,10 @@ def main() -> None:
     ap.add_argument("--path", default="auto", help="auto | avx512vnni | avx2 | scalar | torch")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    if args.size < 256 or args.size % 256:
+        ap.error(f"--size {args.size}: a multiple of 256 (the TQ2_0 block)")
+    if min(args.batch, args.threads, args.rounds) < 1:
+        ap.error("--batch, --threads and --rounds must be positive")
     r = bench(args.size, args.batch, args.threads, args.rounds, args.path, args.verbose)
     n, b = args.size, args.batch
     print(
