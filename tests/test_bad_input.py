@@ -428,3 +428,40 @@ def test_task_check_skips_the_task_index_for_local_tasks(tmp_path, monkeypatch):
         check_tasks(["piqa"], offline_dir=tmp_path)
     with pytest.raises(AssertionError, match="task index was built"):  # a name that is not local needs the index
         check_tasks(["piqa"])
+
+
+def test_cli_review_one_line_errors(tmp_path, capsys):
+    """A CLI review (2026-12-07): each of these ran to the end, crashed or wrote over its input before."""
+    from spectra.__main__ import main
+
+    def err(*argv: str) -> str:
+        assert main(list(argv)) == 2, argv
+        text = capsys.readouterr().err
+        assert len(text.strip().splitlines()) == 1, text
+        return text
+
+    assert main(["init", "floatlm-1m", str(tmp_path / "m"), "--vocab-size", "384"]) == 0
+    capsys.readouterr()
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    # export gguf over a file of its own input destroyed it; into a folder it failed after the work, naming a temp
+    assert "is a file of the input model" in err("export", "gguf", str(tmp_path / "m"),
+                                                 str(tmp_path / "m" / "model.safetensors"), "--type", "f16")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    assert "is a folder; give a file name" in err("export", "gguf", str(tmp_path / "m"), str(tmp_path), "--type",
+                                                  "f16")
+    (tmp_path / "f").write_text("")
+    assert "is a file, not a folder" in err("eval", str(tmp_path / "m"), "--tasks", "ppl", "--output",
+                                            str(tmp_path / "f" / "r.json"))
+    assert "--limit and --num-fewshot apply to benchmark tasks" in err("eval", str(tmp_path / "m"), "--tasks", "ppl",
+                                                                       "--limit", "3")
+    assert "--threads must be in 1..256" in err("generate", "trilm-1m", "--prompt", "hi", "--threads", "100000")
+    assert "threads must be integers in 1..256" in err("bench", "trilm-1m", "--threads", "100000")
+    assert "--seed must be in 0..2^63-1" in err("init", "trilm-1m", str(tmp_path / "s"), "--seed",
+                                                "99999999999999999999")
+    assert "unknown model size 'nosuch' (read as 'trilm-nosuch')" in err("bench", "nosuch")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "holds no records" in err("report", str(tmp_path / "empty.jsonl"))
+    assert "has no quantized layers" in err("generate", str(tmp_path / "m"), "--tokenizer", "builtin", "--prompt",
+                                            "hi", "--max-new-tokens", "1", "--cache-dequantized")
+    with pytest.raises(ValueError, match=r"train.seed must be in 0..2\^63-1"):
+        TrainConfig(seed=2**64)

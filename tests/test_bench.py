@@ -223,7 +223,8 @@ def test_peers_pairs_each_round_and_reports_the_spread():
 def _script(name: str):
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -253,8 +254,9 @@ def test_benchmark_scripts_import_beside_transformers_and_check_their_arguments(
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     assert not (root / "kernels.py").exists()
+    (tmp_path / "file").write_text("")
     for script, args, said in (("serve", ["--threads", "0"], "--threads must be positive"),
-                               ("serve", ["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+                               ("serve", ["--json", str(tmp_path / "file" / "x.json")], "is a file, not a folder"),
                                ("batch_decode", ["--repeats", "0"], "--repeats must be positive"),
                                ("gemv", ["--size", "100"], "a multiple of 256"),
                                ("peers", ["--gen-len", "0"], "--gen-len must be positive"),
@@ -272,3 +274,18 @@ def test_serve_benchmark_leaves_rows_that_lost_requests_out_of_the_ratios():
     assert "vs llama-server 2.00x" in serve.summarize([row, peer])["lines"][1]
     lines = serve.summarize([row, dict(peer, transport_errors=2)])["lines"]
     assert "vs llama-server" not in lines[1] and "1 of 1 repeats lost requests" in lines[2]
+
+
+def test_a_packed_checkpoint_is_measured_as_stored(tmp_path):
+    """`spectra bench` on a packed checkpoint ran it as stored (TQ2_0, int8 head) while recording --format tq1 and
+    --packed-head float: another model under the asked labels."""
+    from spectra.__main__ import main
+
+    assert main(["pack", "trilm-1m", str(tmp_path / "p"), "--lossy"]) == 0
+    kw = dict(prompt_len=4, gen_len=2, repeats=1, dtypes=("packed",), llama_cpp=False)
+    with pytest.raises(ValueError, match="the model is packed as tq2; measuring it as tq1 needs it packed so"):
+        bench(str(tmp_path / "p"), packed_format="tq1", **kw)
+    with pytest.raises(ValueError, match="lm_head is stored in int8; a float head needs"):
+        bench(str(tmp_path / "p"), packed_head="float", **kw)
+    r = bench(str(tmp_path / "p"), **kw)
+    assert (r["packed_format"], r["packed_head"]) == ("tq2", "int8")

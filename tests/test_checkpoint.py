@@ -31,7 +31,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "save_safetensors", boom)
     with pytest.raises(OSError, match="No space left"):
         save_model(build_model(tiny_config(), seed=1), tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before  # the old model is intact
@@ -43,11 +43,15 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_atomic_dir_replaces_whole(tmp_path):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "spectra.json").write_text("{}")  # a folder a writer made (a bare folder of files is refused)
-    (tmp_path / "d" / "old.txt").write_text("old")
+    (tmp_path / "d" / "spectra.json").write_text("{}")  # a model folder a writer made: marked, only model files
+    (tmp_path / "d" / "old.safetensors").write_text("old")
     with atomic_dir(tmp_path / "d") as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["new.txt"]
+    (tmp_path / "d" / "spectra.json").write_text("{}")  # a mark beside someone's notes: refused, nothing deleted
+    with pytest.raises(FileExistsError, match="holds other files"), atomic_dir(tmp_path / "d"):
+        pass
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["new.txt", "spectra.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

@@ -55,3 +55,16 @@ def test_a_torchrun_worker_exits_with_its_output_and_status():
     assert worker.stdout == alone.stdout and "trilm-99m" in worker.stdout
     bad = spectra("info", "no-such-model", world="2")
     assert bad.returncode == 2 and bad.stderr.startswith("spectra info: error:")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C printed a 17-66 line traceback and exited 1 in every command (a CLI review, 2026-12-07)."""
+    import spectra.accounting
+    from spectra.__main__ import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spectra.accounting, "size_report", interrupted)
+    assert main(["info", "trilm-1m"]) == 130
+    assert capsys.readouterr().err == "spectra info: interrupted\n"

@@ -283,3 +283,17 @@ def test_writers_refuse_a_folder_of_other_files_and_publish_readable_modes(tmp_p
         assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
     write_json(tmp_path / "x.json", {})
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~umask
+    # a marker file was enough: a Hugging Face clone (config.json beside README.md, .git, notes) was replaced whole,
+    # and so was a folder holding only model folders (a collection, not `quantize --format both`)
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    for name in ("config.json", "README.md", "train_notes.txt"):
+        (clone / name).write_text("{}")
+    assert "holds other files (.git, README.md, config.json, ...)" in _cli_error(capsys, "export", "hf", str(saved),
+                                                                                  str(clone))
+    assert sorted(p.name for p in clone.iterdir()) == [".git", "README.md", "config.json", "train_notes.txt"]
+    models = tmp_path / "models"
+    for name in ("floatlm-a", "trilm-b"):
+        save_model(model, models / name, tokenizer=tok_file)
+    assert "holds other files (floatlm-a, trilm-b)" in _cli_error(capsys, "pack", str(trilm), str(models))
+    assert sorted(p.name for p in models.iterdir()) == ["floatlm-a", "trilm-b"]

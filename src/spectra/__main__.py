@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"spectra {args.command}: error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (outputs are written atomically, a training run resumes)
+        print(f"spectra {args.command}: interrupted", file=sys.stderr)
+        code = 130
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         _exit_now(code)
     return code

@@ -51,24 +51,42 @@ def _temporary(out: Path, make: Any) -> Any:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
 
 
-WRITTEN_MARKS = (META_FILE, "config.json", "manifest.json")
-"""Files that mark a folder as one a model or data writer made (spectra's, a Hugging Face model's, a data manifest):
-`atomic_dir` replaces such a folder, and refuses any other that is not empty."""
+WRITTEN_MARKS = (META_FILE, "config.json")
+"""Files that mark a folder as a model's (spectra's, a Hugging Face model's)."""
+MODEL_SUFFIXES = (".safetensors", ".json", ".jinja", ".pt", ".model")
+"""What a model folder holds: weights, configs and tokenizers, a chat template, a trainer state."""
+BOTH_FORMATS = ("gptq", "unpacked")  # the two model folders of `spectra quantize --format both`
 
 
-def _written_folder(path: Path) -> bool:
-    return any((path / mark).is_file() for mark in WRITTEN_MARKS)
+def _model_folder(path: Path) -> bool:
+    """A folder a model writer made: a mark, and nothing but model files (a Hugging Face clone's README.md, .git or
+    notes make it someone's folder, which replacing would delete)."""
+    entries = list(path.iterdir())
+    return any(e.name in WRITTEN_MARKS for e in entries) and all(
+        e.is_file() and e.suffix in MODEL_SUFFIXES for e in entries)
+
+
+def _data_folder(path: Path) -> bool:
+    """A folder spectra's data writers made: their manifest.json (the builtin corpus's `works`, the offline
+    benchmarks' `tasks`)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and ("works" in manifest or "tasks" in manifest)
 
 
 def _check_replaceable(out: Path) -> None:
-    """A FileExistsError when `out` is a folder whose files replacing it would delete: neither empty, nor a folder a
-    writer made (`WRITTEN_MARKS`), nor one whose entries are all such folders (`quantize --format both`)."""
+    """A FileExistsError when `out` is a folder whose files replacing it would delete: neither empty, nor a model
+    folder (`_model_folder`) or data folder a writer made, nor the `gptq/` + `unpacked/` pair of `quantize --format
+    both`. A folder holding other model folders is someone's collection, not a model: it is refused."""
     entries = sorted(out.iterdir())
-    if not entries or _written_folder(out) or all(e.is_dir() and _written_folder(e) for e in entries):
+    if not entries or _model_folder(out) or _data_folder(out) or all(
+            e.name in BOTH_FORMATS and e.is_dir() and _model_folder(e) for e in entries):
         return
     names = ", ".join(e.name for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise FileExistsError(f"{out} exists and holds other files ({names}); writing there would delete them: give a new "
-                          "or empty directory, or one holding a model to replace")
+                          "or empty directory, or one holding only a model to replace")
 
 
 @functools.cache
@@ -172,18 +190,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """A file path that `atomic_file` can write, checked before the work that fills it: its folder exists and takes
-    a file, and it is not a folder. A ValueError names the path otherwise."""
+    """A file path that `atomic_file` can write, checked before the work that fills it: not a folder, and its folder
+    exists and takes a file, or can be created. A ValueError names the path otherwise."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise ValueError(f"{what} {path}: the folder {path.parent} does not exist")
+    base = path.parent.absolute()
+    while not base.exists():  # the writer creates missing folders: the nearest existing one must take them
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is a file, not a folder")
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check-"):
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".spectra-write-check-"):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {path}: its folder is not writable ({e.strerror or e})") from None
+        raise ValueError(f"{what} {path}: {base} is not writable ({e.strerror or e})") from None
     return path
 
 

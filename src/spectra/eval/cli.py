@@ -61,6 +61,15 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.max_tokens}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.output:  # found now, not after the evaluation (hours for --tasks paper)
+        from spectra.files import check_output_file
+
+        check_output_file(args.output, "--output")
+    names = {t.strip() for t in str(args.tasks).split(",") if t.strip()}
+    if names and names <= {"ppl"} and (args.limit is not None or args.num_fewshot is not None):
+        # perplexity reads --max-tokens, not these: they were accepted and did nothing
+        raise ValueError("--limit and --num-fewshot apply to benchmark tasks; --tasks ppl scores the held-out text "
+                         "(bound it with --max-tokens)")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = evaluate(
         args.model,

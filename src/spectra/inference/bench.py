@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from spectra.inference.decode import Decoder, decoder_for, torch_threads_for
-from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name
+from spectra.inference.generate import KV_CACHE_CHOICES, kv_dtype_from_name, max_threads
 from spectra.inference.sampling import sample_next
 from spectra.interop.weights import check_plain_linear, dense_weight
 from spectra.packed import kernels as K
@@ -89,7 +89,12 @@ def synthetic_trilm(size: str, *, seed: int = 0, vocab_size: int | None = None) 
     from spectra.model import build_model
 
     name = size if size.startswith(("trilm-", "floatlm-")) else f"trilm-{size}"
-    cfg = from_name(name, num_scale_shards=1, **({"vocab_size": vocab_size} if vocab_size else {}))
+    try:
+        cfg = from_name(name, num_scale_shards=1, **({"vocab_size": vocab_size} if vocab_size else {}))
+    except ValueError as e:  # named as the user typed it ('nosuch' was reported as 'trilm-nosuch')
+        if name == size:
+            raise
+        raise ValueError(str(e).replace(repr(name), f"{size!r} (read as {name!r})", 1)) from None
     return build_model(cfg, seed=seed).eval()
 
 
@@ -249,8 +254,8 @@ def bench(
     threads: Sequence[int] = (1,),
     dtypes: Sequence[str] = ("packed", "bf16", "fp32"),
     llama_cpp: bool | None = None,
-    packed_format: str = "tq2",
-    packed_head: str = "int8",
+    packed_format: str | None = None,
+    packed_head: str | None = None,
     repeats: int = 3,
     seed: int = 0,
     vocab_size: int | None = None,
@@ -261,8 +266,10 @@ def bench(
 
     `dtypes` chooses among "packed", "bf16", "fp32", "model"; variants that do not apply to the model (packed for a
     FloatLM) are listed in `skipped`. `llama_cpp` None runs llama.cpp when llama-cpp-python is importable and the
-    model is a TriLM (True requires it). `packed_head` "int8" runs the packed variant's lm_head in int8
-    (`with_int8_head`, like the Q8_0 output tensor llama.cpp gets), "float" as stored. `vocab_size` overrides the
+    model is a TriLM (True requires it). `packed_format` ("tq2", "tq1"; None: tq2) is the format a latent TriLM is
+    packed to; a packed checkpoint runs as stored, and asking it for another format is refused (it was measured as
+    stored under the asked format's label). `packed_head` "int8" (None's default) runs the packed variant's lm_head in
+    int8 (`with_int8_head`, like the Q8_0 output tensor llama.cpp gets), "float" as stored. `vocab_size` overrides the
     vocabulary of a synthetic model. `kv_cache` is each variant's KV cache dtype as `spectra generate --kv-cache`
     takes it ("auto": float16 for a float32 variant, like llama.cpp's default; "f32"; "f16").
 
@@ -277,11 +284,11 @@ def bench(
     if prompt_len < 1 or gen_len < 1 or repeats < 1:
         raise ValueError(f"prompt_len, gen_len and repeats must be >= 1, got {prompt_len}, {gen_len}, {repeats}")
     threads = list(dict.fromkeys(int(t) for t in threads))  # a count given twice was measured twice per round
-    if not threads or min(threads) < 1:
-        raise ValueError(f"threads must be positive integers, got {threads}")
-    if packed_format not in ("tq2", "tq1"):
+    if not threads or min(threads) < 1 or max(threads) > max_threads():
+        raise ValueError(f"threads must be integers in 1..{max_threads()} (four per CPU), got {threads}")
+    if packed_format not in (None, "tq2", "tq1"):
         raise ValueError(f"packed_format must be 'tq2' or 'tq1', got {packed_format!r}")
-    if packed_head not in ("int8", "float"):
+    if packed_head not in (None, "int8", "float"):
         raise ValueError(f"packed_head must be 'int8' or 'float', got {packed_head!r}")
     if kv_cache not in KV_CACHE_CHOICES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}")
@@ -309,6 +316,19 @@ def bench(
         raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds max_seq_len {cfg.max_seq_len}")
     is_packed, is_trilm = _is_kind(source, "packed"), _is_kind(source, "trilm")
     ternary = is_packed or (is_trilm and cfg.quantizer == "trilm")
+    if is_packed:  # a packed checkpoint runs as stored
+        stored = next(m.format for m in source.modules() if hasattr(m, "format") and hasattr(m, "_qs_kernel"))
+        stored = {"tq2_0": "tq2", "tq1_0": "tq1"}[stored]
+        stored_head = "float" if type(source.lm_head) is nn.Linear else "int8"
+        if packed_format not in (None, stored):
+            raise ValueError(f"the model is packed as {stored}; measuring it as {packed_format} needs it packed so: "
+                             f"`spectra pack SRC OUT --format {packed_format}` from its latent TriLM (or leave out "
+                             "--format)")
+        if packed_head == "float" and stored_head == "int8":
+            raise ValueError("the model's lm_head is stored in int8; a float head needs it packed with one (`spectra "
+                             "pack --head float32`), or leave out --packed-head")
+        packed_format = stored
+    packed_format, packed_head = packed_format or "tq2", packed_head or "int8"
     owned = not isinstance(model_or_size, nn.Module)
 
     def record(name: str, model: nn.Module) -> None:

@@ -34,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--variants", nargs="+", default=["packed", "bf16", "fp32"], help="packed bf16 fp32 model")
-    p.add_argument("--format", default="tq2", choices=["tq2", "tq1"], help="packed format")
-    p.add_argument("--packed-head", default="int8", choices=["int8", "float"], help="lm_head of the packed variant")
+    p.add_argument("--format", default=None, choices=["tq2", "tq1"],
+                   help="packed format of a latent TriLM (default tq2; a packed checkpoint runs as stored)")
+    p.add_argument("--packed-head", default=None, choices=["int8", "float"],
+                   help="lm_head of the packed variant (default int8)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv-cache", choices=["auto", "f32", "f16", "q8"], default="auto",
                    help="KV cache dtype of every variant (default auto, as `generate`: f16 for a float32 variant)")
@@ -55,6 +57,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from spectra.loading import find_tokenizer, load, looks_like_path, missing_model, not_a_model_dir
 
     torch.set_num_threads(threads_from_env(args.threads))
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..2^63-1, got {args.seed}")
     tokenizer = args.tokenizer
     if not Path(args.model).exists() and looks_like_path(args.model):  # before the tokenizer's error, which misled
         raise missing_model(args.model)
@@ -69,7 +73,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.cache_dequantized:
         from spectra.ptq.qlinear import cache_dequantized
 
-        cache_dequantized(model)
+        if cache_dequantized(model) == 0:  # accepted and ignored before
+            raise ValueError(f"--cache-dequantized keeps a GPTQ QuantLM's dequantized weights; {args.model} has no "
+                             "quantized layers")
     if len(args.prompt) > 1:  # several prompts: decoded together, printed when all are done
         outs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,

@@ -202,11 +202,16 @@ def kv_dtype_from_name(name: str | None, model: nn.Module | None = None) -> torc
     return KV_CACHE_TYPES[name]
 
 
+def max_threads() -> int:
+    """The most threads a command takes: four per CPU, at least 256 (100000 segfaulted in libgomp's thread creation)."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
 def threads_from_env(threads: int | None) -> int:
     """The thread count to use: the given one, else OMP_NUM_THREADS, else torch's default."""
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not 1 <= threads <= max_threads():
+            raise ValueError(f"--threads must be in 1..{max_threads()} (four per CPU), got {threads}")
         return threads
     env = os.environ.get("OMP_NUM_THREADS")
     return int(env) if env and env.isdigit() and int(env) > 0 else torch.get_num_threads()

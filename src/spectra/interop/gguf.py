@@ -185,7 +185,12 @@ def export_gguf(
     }[qtype]
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ValueError(f"GGUF output {out} is a folder; give a file name (e.g. {out / 'model.gguf'})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot write {out}: {e.strerror or e}") from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     counts: dict[str, int] = {}
 
@@ -277,6 +282,10 @@ def export_gguf(
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+    except OSError as e:  # the temporary name is not one the user gave
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

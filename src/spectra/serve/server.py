@@ -65,10 +65,10 @@ def build_engine(
     is_dir = Path(model_path).is_dir()
     tok_path = tokenizer if tokenizer is not None else (find_tokenizer(model_path) if is_dir else None)
     tok = load_tokenizer(tok_path) if tok_path is not None else None
+    model = load(model_path)  # first: a missing model is the error, not a warning about its tokenizer
     if tok is None:  # a size name or a model saved without one: text prompts would all answer 400
         log.warning("%s has no tokenizer.json: only prompts given as token ids can be served; pass --tokenizer PATH "
                     "(or 'builtin') for text", model_path)
-    model = load(model_path)
     if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids; the model's vocabulary is "
                          f"{model.config.vocab_size}")

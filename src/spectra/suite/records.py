@@ -112,4 +112,6 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
                     raise ValueError(f"{path}:{n}: the done eval record {rec['key']!r} has no model field(s) {missing}")
                 _check_metrics(metrics, f"{path}:{n}: the done eval record {rec['key']!r}")
             last[rec["key"]] = rec
+    if not last:  # an empty report "of" nothing was written, rc 0
+        raise ValueError(f"{path} holds no records (a suite writes one line per finished step)")
     return last

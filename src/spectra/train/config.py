@@ -129,6 +129,8 @@ class TrainConfig:
                   "ckpt_log_until", "ckpt_milestone_tokens", "memory_limit_gb"):  # lr 0: a run that only evaluates
             if getattr(self, f) is not None and getattr(self, f) < 0:
                 raise ValueError(f"train.{f} must be >= 0, got {getattr(self, f)!r}")
+        if not 0 <= self.seed < 2**63:  # a larger one failed "Overflow when unpacking long long" after data prep
+            raise ValueError(f"train.seed must be in 0..2^63-1, got {self.seed!r}")
         for f in ("beta1", "beta2"):
             if not 0 <= getattr(self, f) < 1:
                 raise ValueError(f"train.{f} must lie in [0, 1), got {getattr(self, f)!r}")
