@@ -477,6 +477,40 @@ def test_bad_input_answers_400_and_the_server_keeps_serving(server):
     assert complete(c, "hi", 3).usage.completion_tokens >= 1  # still serving
 
 
+def test_unsupported_features_surrogates_and_deep_json_are_400s(server):
+    """A second serve review (2026-12-07): tools, JSON mode, functions and audio were ignored (200 with plain text);
+    stream_options without stream was taken; a lone surrogate ("\\ud800", valid JSON) and 100,000 nested '[' were
+    500s with tracebacks; max_completion_tokens 0 was blamed on 'max_tokens'."""
+    c = server.client()
+    chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in ((dict(tools=[tool], tool_choice="required"), "tools"),
+                         (dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(extra_body={"functions": [{"name": "f"}]}), "functions"),
+                         (dict(modalities=["text", "audio"]), "modalities"),
+                         (dict(stream_options={"include_usage": True}), "stream_options"),
+                         (dict(max_tokens=None, max_completion_tokens=0), "max_completion_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**{**chat, **extra})
+        assert e.value.status_code == 400 and e.value.body["param"] == param, extra
+    assert c.chat.completions.create(**chat, response_format={"type": "text"}, tool_choice="none").choices
+    for url, body, param in (("/v1/completions", '{"prompt": "a \\ud800", "max_tokens": 2}', "prompt"),
+                             ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud83d"}]}',
+                              "messages")):
+        r = httpx.post(server.url + url, content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "unpaired UTF-16 surrogate" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"[" * 100_000,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    # echo scoring of a prompt exactly the context long: every position fits (it was refused)
+    r = c.completions.create(model="m", prompt=[5] * 2048, max_tokens=0, echo=True, logprobs=0)
+    assert len(r.choices[0].logprobs.token_logprobs) == 2048 and r.usage.prompt_tokens == 2048
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="m", prompt=[5] * 2048, max_tokens=1, echo=True, logprobs=0)
+    assert complete(c, "hi", 3).usage.completion_tokens >= 1  # still serving
+
+
 def test_disconnected_stream_frees_its_slot(server):
     before = server.metric('spectra_requests_total{outcome="cancelled"}') if _has(server, "cancelled") else 0
     body = {"prompt": "the", "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
@@ -1046,3 +1080,22 @@ def test_bench_summary_compares_every_spectra_server_with_llama_server():
     text = "\n".join(out["lines"]) if isinstance(out, dict) and "lines" in out else str(out)
     assert "vs llama-server 2.00x" in text and "vs llama-server 1.80x" in text
     assert text.count("vs llama-server") == 2
+
+
+def test_a_client_leaving_mid_body_is_not_a_server_error(model_dir):
+    """A client that closed its connection while sending the body: starlette's ClientDisconnect was logged as an
+    unhandled error, then again by uvicorn (twelve tracebacks for three such clients)."""
+    import socket
+
+    srv = Server(model_dir, "--max-batch", "2", "--ctx-len", "256")
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hi\"")
+                time.sleep(0.2)
+        assert complete(srv.client(), "hi", 2).usage.completion_tokens >= 1
+    finally:
+        assert srv.stop()
+    out = srv.proc.stdout.read()
+    assert "Traceback" not in out and "unhandled error" not in out, out[-3000:]

@@ -385,6 +385,27 @@ def _template_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def unsupported(body: dict) -> None:
+    """A BadRequest naming the first OpenAI feature this server does not implement that `body` asks for (tools,
+    functions, structured output, audio): they were ignored and answered 200 with plain text, so a client asking for
+    JSON or a tool call got neither and could not tell."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools:
+        raise BadRequest("'tools' (function calling) is not supported by this server", "tools")
+    if choice not in (None, "none"):
+        raise BadRequest("'tool_choice' other than \"none\" is not supported (no tools)", "tool_choice")
+    for name in ("functions", "function_call", "audio"):
+        if body.get(name) is not None:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadRequest("'response_format' other than {\"type\": \"text\"} (JSON mode, JSON schema) is not "
+                         "supported", "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise BadRequest("'modalities' other than [\"text\"] are not supported", "modalities")
+
+
 class Api:
     """Request parsing and the response shapes, independent of the web framework's routing."""
 
@@ -410,10 +431,15 @@ class Api:
             self._template_error = jinja2.TemplateError
 
     # ---- prompts -------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
         tok = self.engine.tokenizer
         if tok is None:
             raise BadRequest("this server has no tokenizer: send the prompt as a list of token ids", "prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # "\ud800" is valid JSON; the tokenizer raised a TypeError: a 500
+            raise BadRequest("the text contains an unpaired UTF-16 surrogate (not a Unicode character)", param) \
+                from None
         return tok.encode(text).ids
 
     def completion_prompt(self, body: dict) -> list[int]:
@@ -469,9 +495,9 @@ class Api:
                 text = self._template.render(messages=turns, add_generation_prompt=True, **self._special)
             except self._template_error as e:
                 raise BadRequest(f"the model's chat template refused these messages: {e}", "messages") from None
-            return self.encode(text), []
+            return self.encode(text, "messages"), []
         text = "\n\n".join(f"{PLAIN_ROLES[t['role']]}: {t['content']}" for t in turns) + "\n\nAssistant:"
-        return self.encode(text), [PLAIN_STOP]
+        return self.encode(text, "messages"), [PLAIN_STOP]
 
     # ---- parameters ----------------------------------------------------------------------------------------------
     def requests(self, body: dict, *, chat: bool) -> tuple[list[Request], bool, bool]:
@@ -485,7 +511,10 @@ class Api:
             raise BadRequest(f"'n' must be 1 (one choice per request), got {n}", "n")
         stream = _get(body, "stream", (bool,), False)
         opts = _get(body, "stream_options", (dict,), {})
+        if body.get("stream_options") is not None and not stream:  # as OpenAI answers it
+            raise BadRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
         include_usage = bool(_get(opts, "include_usage", (bool,), False))
+        unsupported(body)
         echo = False  # completions only
         if chat:
             ids, extra_stops = self.chat_prompt(body)
@@ -514,14 +543,15 @@ class Api:
             if _get(body, "suffix", (str,), ""):
                 raise BadRequest("'suffix' (insertion) is not supported", "suffix")
         ctx = self.engine.ctx_len
-        if len(ids) >= ctx:
+        if len(ids) > ctx or len(ids) == ctx and not (echo and limit == 0):  # echo scoring: every position fits
             raise BadRequest(f"the prompt has {len(ids)} tokens; this server's context is {ctx} tokens "
                              f"(prompt + max_tokens must fit)", "messages" if chat else "prompt",
                              "context_length_exceeded")
         if limit is None:
             limit = ctx - len(ids)
+        limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         if limit < 0 or limit == 0 and not echo:
-            raise BadRequest(f"'max_tokens' must be a positive integer (0 only with 'echo'), got {limit}", "max_tokens")
+            raise BadRequest(f"'{limit_name}' must be a positive integer (0 only with 'echo'), got {limit}", limit_name)
         if len(ids) + limit > ctx:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({limit}) exceeds this server's context of "
                              f"{ctx} tokens", "max_tokens", "context_length_exceeded")
@@ -652,8 +682,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     import contextlib
 
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.requests import Request as HttpRequest
-    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     api = Api(engine, model_name, chat_template=chat_template)
@@ -712,6 +743,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             return json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # 100,000 nested '[' was a 500
+            raise BadRequest("the request body is not valid JSON: nested too deeply") from None
 
     async def body_of(request: HttpRequest) -> dict:
         body = await json_body(request)
@@ -916,6 +949,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         return err(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: no such route",
                    "invalid_request_error")
 
+    async def client_gone(request: HttpRequest, exc):
+        """A client that left while sending its body: nothing to answer, nothing to log (it was logged twice as an
+        unhandled error, with two tracebacks)."""
+        log.debug("%s %s: the client left while sending the request", request.method, request.url.path)
+        return Response(status_code=499)
+
     async def server_error(request: HttpRequest, exc):
         log.exception("unhandled error", exc_info=exc)
         return err(500, f"internal error: {type(exc).__name__}", "server_error")
@@ -931,4 +970,5 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: not_found, 405: not_found, Exception: server_error})
+                     exception_handlers={404: not_found, 405: not_found, ClientDisconnect: client_gone,
+                                         Exception: server_error})
