@@ -188,6 +188,16 @@ def test_quantlm_loading_and_early_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("spectra.data.token_sequences", no_calibration)
     assert main(["quantize", str(tmp_path / "odd"), str(tmp_path / "o"), "--bits", "4", "--no-progress"]) == 2
     assert "GPTQ packing needs out_features to be a multiple of 32, got 200" in capsys.readouterr().err
+    # a second review: an output folder of other files, a group size that does not divide a layer and block size 0
+    # were refused at the save or in the first layer, after calibration (hours of work at the paper's sizes)
+    save_model(random_floatlm(), tmp_path / "f", tokenizer=tok)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("mine")
+    for args, said in (([str(tmp_path / "notes")], "notes exists and holds other files (README.md)"),
+                       ([str(tmp_path / "o2"), "--group-size", "48"], "group_size 48 does not divide the 128 input"),
+                       ([str(tmp_path / "o3"), "--block-size", "0"], "block_size must be a positive integer, got 0")):
+        assert main(["quantize", str(tmp_path / "f"), *args, "--bits", "4", "--no-progress"]) == 2, args
+        assert said in capsys.readouterr().err, args
 
 
 def test_unpacked_export_loads_in_transformers(tmp_path):

@@ -115,10 +115,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename. An existing
     `out_dir` is replaced only when empty or written by a model/data writer (`_check_replaceable`)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir():
-        _check_replaceable(out)
+    check_output_dir(out)
     tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)))
     try:
         yield tmp
@@ -133,6 +130,16 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """What `atomic_dir` would refuse, found before the work that fills `out_dir`: a file there, or a folder whose
+    other files replacing it would delete."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir():
+        _check_replaceable(out)
 
 
 def refuse_replacing_source(out: str | os.PathLike, source: str | os.PathLike) -> None:

@@ -59,7 +59,7 @@ def quantize(
     a time ('cuda', 'auto': the GPU if any; None: the CPU, where the model is loaded).
     Returns {"outputs": {format: path}, "stats": ..., "size_bits": ...}.
     """
-    from spectra.files import atomic_dir, refuse_replacing_source
+    from spectra.files import atomic_dir, check_output_dir, refuse_replacing_source
     from spectra.loading import find_tokenizer, load
     from spectra.ptq.formats import quantlm_size_bits, save_gptq, save_unpacked
     from spectra.ptq.sequential import quantize_model
@@ -75,12 +75,16 @@ def quantize(
                          "'rtn' rounds each weight alone and takes neither")
     if group_size is None:
         group_size = default_group_size(bits)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:  # it failed after the first
+        # layer's calibration pass
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     model_path = Path(model_path)
     if not model_path.exists():  # before the tokenizer's error, which would send a mistyped path the wrong way
         from spectra.loading import missing_model
 
         raise missing_model(model_path)
     refuse_replacing_source(out_dir, model_path)
+    check_output_dir(out_dir)  # found now: the writers refused it at the save, after the whole GPTQ run
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(model_path)
     if tok is None and method == "gptq":
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; pass tokenizer= (--tokenizer) for calibration")
@@ -91,14 +95,18 @@ def quantize(
     if getattr(model, "config", None) is None or model.config.family != "floatlm":
         raise ValueError(f"{model_path} is not a FloatLM (family={getattr(model.config, 'family', None)!r}); "
                          "GPTQ turns FloatLMs into QuantLMs")
-    if format in ("gptq", "both"):  # packing's rule, checked before the run (it failed at the save, after it)
-        from spectra.ptq.sequential import block_linears
+    from spectra.ptq.quantizer import Quantizer
+    from spectra.ptq.sequential import block_linears
 
+    if format in ("gptq", "both"):  # packing's rule, checked before the run (it failed at the save, after it)
         for _, name, linear in block_linears(model):
             for what, n in (("in_features", linear.in_features), ("out_features", linear.out_features)):
                 if n % 32:
                     raise ValueError(f"{name}: GPTQ packing needs {what} to be a multiple of 32, got {n}; "
                                      "format='unpacked' (--format unpacked) writes this shape")
+    grid = Quantizer(bits, group_size=group_size, sym=sym)
+    for _, name, linear in block_linears(model):  # before calibration (it failed once the data was tokenized)
+        grid.check_columns(linear.in_features, name)
     calib_tokens = None
     if method == "gptq":
         from spectra.data import token_sequences
