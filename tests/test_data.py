@@ -100,9 +100,10 @@ def test_hf_streaming_path_on_local_json(corpus):
     docs = make_docs()
     spec = f"hf:json:{corpus}"
     val = list(read_documents(spec, "validation"))
-    assert val == [d for i, d in enumerate(docs) if corpora._in_validation(f"json:{i}")]
-    train = [d for i, d in enumerate(docs) if not corpora._in_validation(f"json:{i}")]
-    assert list(read_documents(spec, "train")) == train
+    # split by each row's text, as the same file read as a local path (by row index 159 of 175 local validation
+    # documents were trained on)
+    assert val == [d for d in docs if corpora._in_validation(d)] == list(read_documents(corpus, "validation"))
+    assert list(read_documents(spec, "train")) == [d for d in docs if not corpora._in_validation(d)]
 
 
 def test_source_errors(tmp_path):
@@ -270,6 +271,49 @@ def test_sequence_sampler_epochs(tmp_path, corpus, tok_path):
     for row, k in zip(batch, range(3, 7), strict=True):
         w = first_epoch[k]
         assert torch.equal(row, torch.from_numpy(stream.get(w * 32, 33)))
+
+
+def test_data_review_two(tmp_path, corpus, tok_path):
+    """A second data review (2026-12-07)."""
+    import os
+
+    build_shards(corpus, tok_path, tmp_path / "s")
+    s = SequenceSampler(TokenStream(tmp_path / "s", "train"), 32, seed=10**14)  # overflowed manual_seed
+    assert sorted(s.window(k) for k in range(s.n)) == list(range(s.n))
+    small = SequenceSampler(TokenStream(tmp_path / "s", "train"), 32, seed=5)  # the same order as before below 2^64
+    g = torch.Generator().manual_seed(5 * 1_000_003 + 1)
+    assert [small.window(small.n + k) for k in range(small.n)] == torch.randperm(small.n, generator=g).tolist()
+    # a lone surrogate in a .jsonl row names its file and line (a tokenizer traceback before)
+    (tmp_path / "surr").mkdir()
+    (tmp_path / "surr" / "x.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800"}\n')
+    with pytest.raises(ValueError, match=r"surr/x.jsonl:2 holds text that is not valid Unicode"):
+        list(read_documents(tmp_path / "surr", "train")) + list(read_documents(tmp_path / "surr", "validation"))
+    # trailing blank lines took the place of validation text
+    text = "".join(f"line {i} of text\n" for i in range(100)) + "\n" * 6
+    (tmp_path / "b.txt").write_text(text)
+    assert list(read_documents(tmp_path / "b.txt", "validation")) == ["".join(f"line {i} of text\n"
+                                                                         for i in range(95, 100))]
+    # an edit that keeps size and mtime (os.utime) changes the fingerprint (ctime, inode)
+    f = tmp_path / "b.txt"
+    before, st = corpora.source_fingerprint(f), f.stat()
+    f.write_text(text.replace("line 3 ", "LINE 3 "))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and corpora.source_fingerprint(f) != before
+    # bpe:inf was an OverflowError traceback; bpe:4096.7 was taken as 4096; a tokenizer without EOS names its file
+    for bad in ("bpe:inf", "bpe:4096.7"):
+        with pytest.raises(ValueError, match="expected 'bpe:N' with N a whole vocabulary size"):
+            tokmod.resolve_tokenizer(bad, corpus, tmp_path)
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "noeos.json"))
+    with pytest.raises(ValueError, match="tokenizer .*noeos.json has none of the end-of-text tokens"):
+        build_shards(corpus, tmp_path / "noeos.json", tmp_path / "s2")
+    # a manifest of the right format without its keys was a KeyError traceback
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["tokenizer"]["eos_id"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="is not a whole token shard manifest"):
+        shards.read_manifest(tmp_path / "s")
 
 
 def test_token_sequences(corpus, tok_path):

@@ -181,6 +181,11 @@ def test_run_file_and_overrides(tmp_path):
         apply_overrides({}, {}, ["--train.lrr=1"])
     with pytest.raises(ValueError, match="expected int"):
         apply_overrides({}, {}, ["--train.micro_batch=1.5"])
+    seeds: dict = {}
+    apply_overrides({}, seeds, ["--train.seed=123456789012345678"])  # through float it became ...680
+    assert seeds["seed"] == 123456789012345678
+    apply_overrides({}, seeds, ["--train.seed=9223372036854775807"])  # 2^63 - 1 became 2^63 and was refused
+    assert TrainConfig(**seeds).seed == 2**63 - 1
     f.write_text("[opt]\nx = 1\n")
     with pytest.raises(ValueError, match="unknown table"):
         load_run_file(f)

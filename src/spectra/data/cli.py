@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +49,9 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 def run_tokenizer(args: argparse.Namespace) -> int:
     from spectra.data.tokenizer import train_bpe
+    from spectra.files import check_output_file
 
+    check_output_file(args.out, "--out")  # before training the BPE (a folder failed after it)
     print(train_bpe(args.data, args.vocab, args.out))
     return 0
 
@@ -61,6 +64,8 @@ def run_shards(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and not (math.isfinite(args.max_tokens) and args.max_tokens >= 1):
         raise ValueError(f"--max-tokens must be a positive number of tokens (omit it for the whole corpus), got "
                          f"{args.max_tokens}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before a whole shard (a file failed after one)
+        raise ValueError(f"--out {args.out} is a file; shards go into a folder")
     limit = int(args.max_tokens) if args.max_tokens is not None else None
     manifest = build_shards(args.data, tok, args.out, max_tokens=limit, progress=True)
     for split, entry in manifest["splits"].items():

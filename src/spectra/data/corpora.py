@@ -189,7 +189,13 @@ def _rows(path: Path) -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
-                yield _text_of(row, f"{path}:{lineno}")
+                text = _text_of(row, f"{path}:{lineno}")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # "\ud800" is valid JSON: a traceback deep in the tokenizer
+                    raise ValueError(f"{path}:{lineno} holds text that is not valid Unicode (a lone UTF-16 "
+                                     "surrogate)") from None
+                yield text
     else:
         try:
             import pyarrow.parquet as pq
@@ -220,6 +226,8 @@ def _line_split(text: str, split: str) -> str:
     """The train or validation part of a text split by lines: its last VAL_FRACTION of lines (at least one) are
     validation."""
     lines = text.splitlines(keepends=True)
+    while lines and not lines[-1].strip():  # trailing blank lines took the place of validation text
+        lines.pop()
     cut = len(lines) - max(1, round(VAL_FRACTION * len(lines))) if len(lines) > 1 else len(lines)
     return "".join(lines[:cut] if split == "train" else lines[cut:])
 
@@ -281,10 +289,11 @@ def _hf_documents(spec: str, split: str) -> Iterator[str]:
         stream, hashed = builder["train"], own_val is None
     else:
         raise ValueError(f"data source {spec!r} has splits {names}; need 'train' (and optionally 'validation')")
+    by_text = name in ("json", "parquet", "text", "csv")  # local files: split by the text, as a local path is
     for i, row in enumerate(stream):
-        if hashed and _in_validation(f"{name}:{i}") != (split == "validation"):
-            continue
         doc = _text_of(row, f"{spec} row {i}")
+        if hashed and _in_validation(doc if by_text else f"{name}:{i}") != (split == "validation"):
+            continue
         if doc.strip():
             yield doc
 
@@ -312,9 +321,15 @@ def source_fingerprint(source: str | os.PathLike) -> dict:
         import glob  # sizes and times, as for a local path (the spec alone kept shards of edited files)
 
         files = sorted(Path(f).resolve() for f in glob.glob(os.path.expanduser(pattern), recursive=True))
-        return {"source": s, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
+        return {"source": s, "files": [_file_stamp(f) for f in files if f.is_file()]}
     if s == "builtin" or s.startswith("hf:"):
         return {"source": s}
     files = list_files(s)
-    return {"source": str(Path(s).expanduser().resolve()),
-            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    return {"source": str(Path(s).expanduser().resolve()), "files": [_file_stamp(f.resolve()) for f in files]}
+
+
+def _file_stamp(f: Path) -> list:
+    """Path, size, mtime, ctime and inode: an edit that keeps the size and resets the mtime (os.utime) still moves
+    the ctime, which no call can set back (path, size and mtime alone kept a stale cache)."""
+    st = f.stat()
+    return [str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]

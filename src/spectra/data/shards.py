@@ -123,7 +123,8 @@ def build_shards(
     tok = load_tokenizer(tok_path)
     out = Path(out_dir)
     ident = {"source": source_fingerprint(source),
-             "tokenizer": {"sha256": tokenizer_hash(tok_path), "vocab_size": vocab_size(tok), "eos_id": eos_id(tok)}}
+             "tokenizer": {"sha256": tokenizer_hash(tok_path), "vocab_size": vocab_size(tok),
+                           "eos_id": eos_id(tok, tok_path)}}
     manifest = read_manifest(out) if (out / MANIFEST).exists() else None
     if manifest is not None:
         for key in ("source", "tokenizer"):
@@ -203,6 +204,17 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise FormatError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    tok, splits = manifest.get("tokenizer"), manifest.get("splits")
+    ok = ("source" in manifest and isinstance(manifest.get("dtype"), str) and isinstance(tok, dict)
+          and isinstance(tok.get("sha256"), str) and all(isinstance(tok.get(k), int) for k in ("vocab_size", "eos_id"))
+          and isinstance(splits, dict) and all(
+              isinstance(e, dict) and isinstance(e.get("shards"), list) and all(
+                  isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("tokens"), int)
+                  for sh in e["shards"]) for e in splits.values()))
+    if not ok:  # a KeyError traceback before
+        raise FormatError(f"{path} is not a whole token shard manifest: it needs source, dtype, tokenizer "
+                          "(sha256, vocab_size, eos_id) and splits of shards (file, tokens); rebuild it with `spectra "
+                          "data shards`")
     return manifest
 
 
@@ -295,7 +307,8 @@ class SequenceSampler:
     def window(self, k: int) -> int:
         epoch, i = divmod(k, self.n)
         if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            # mod 2^64: a seed past ~1.8e13 overflowed manual_seed at the first batch (the same order below it)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             self._perm = (epoch, torch.randperm(self.n, generator=gen))
         return int(self._perm[1][i])
 
@@ -323,7 +336,7 @@ def token_sequences(
     if n_seqs <= 0 or seq_len <= 0:
         raise ValueError(f"n_seqs (--n-samples) and seq_len (--seq-len) must be positive, got {n_seqs}, {seq_len}")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    eos = eos_id(tok)
+    eos = eos_id(tok, tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None)
     cap = 16 * n_seqs * seq_len
     ids: list[int] = []
     for batch in _batches(_doc_pieces(read_documents(source, split), tok), 64):  # a long document is read only

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,13 +70,15 @@ def tokenizer_hash(path_or_dir: str | os.PathLike) -> str:
     return hashlib.sha256(tokenizer_file(path_or_dir).read_bytes()).hexdigest()
 
 
-def eos_id(tokenizer) -> int:
-    """The end-of-text id: the first of EOS_CANDIDATES the vocabulary has."""
+def eos_id(tokenizer, where: str | os.PathLike | None = None) -> int:
+    """The end-of-text id: the first of EOS_CANDIDATES the vocabulary has (`where` names the tokenizer's file in the
+    error)."""
     for tok in EOS_CANDIDATES:
         i = tokenizer.token_to_id(tok)
         if i is not None:
             return i
-    raise ValueError(f"tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
+    raise ValueError(f"tokenizer {where or ''}{' ' if where else ''}has none of the end-of-text tokens "
+                     f"{EOS_CANDIDATES}")
 
 
 def vocab_size(tokenizer) -> int:
@@ -154,10 +157,11 @@ def resolve_tokenizer(spec: str | os.PathLike, source: str | os.PathLike, work_d
     if s == "builtin":
         return builtin_tokenizer()
     if s.startswith("bpe:"):
-        try:
-            n = int(float(s[4:]))
-        except ValueError as e:
-            raise ValueError(f"tokenizer {s!r}: expected 'bpe:N' with N the vocabulary size, e.g. bpe:4096") from e
+        try:  # an integer: bpe:inf was an OverflowError traceback, bpe:4096.7 was taken as 4096
+            n = int(s[4:]) if not re.fullmatch(r"\d+(\.0*)?e\d+", s[4:]) else int(float(s[4:]))
+        except ValueError:
+            raise ValueError(f"tokenizer {s!r}: expected 'bpe:N' with N a whole vocabulary size, e.g. bpe:4096") \
+                from None
         path = Path(work_dir) / f"bpe{n}.json"
         stamp = Path(work_dir) / f"bpe{n}.source.json"  # what it was trained on (`source_fingerprint`)
         want = json.dumps(source_fingerprint(source), sort_keys=True)

@@ -231,7 +231,11 @@ def parse_value(text: str, type_name: str, key: str) -> Any:
                 raise ValueError(text)
             return text.lower() in ("true", "1", "yes")
         if t.startswith("int"):
-            v = float(text)
+            try:  # exactly, first: through float 123456789012345678 became ...680 and 2^63 - 1 became 2^63
+                return int(text)
+            except ValueError:
+                pass
+            v = float(text)  # 2e9, 1.6e4
             if not math.isfinite(v) or v != int(v):  # int(inf) is an OverflowError, not this one-line error
                 raise ValueError(text)
             return int(v)

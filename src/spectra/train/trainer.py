@@ -285,7 +285,7 @@ def _prepare_data(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, info:
         raise ValueError(f"rank 0 failed to prepare data: {err_msg}")
     tok_path, shard_dir = Path(result[0]), Path(result[1])
     tok = load_tokenizer(tok_path)
-    eos = eos_id(tok)
+    eos = eos_id(tok, tok_path)
     if cfg.fit_vocab:
         model_cfg = model_cfg.replace(vocab_size=pad_vocab(vocab_size(tok), model_cfg.num_scale_shards))
     check_vocab(tok, model_cfg, f"tokenizer {tok_path}")
