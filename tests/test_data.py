@@ -308,6 +308,20 @@ def test_data_review_two(tmp_path, corpus, tok_path):
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "noeos.json"))
     with pytest.raises(ValueError, match="tokenizer .*noeos.json has none of the end-of-text tokens"):
         build_shards(corpus, tmp_path / "noeos.json", tmp_path / "s2")
+    # a one-line file (text8) held nothing out; a symlinked subfolder's files were left out without a word
+    words = " ".join(f"w{i}" for i in range(1000))
+    (tmp_path / "t8.txt").write_text(words)
+    train, val = (list(read_documents(tmp_path / "t8.txt", sp)) for sp in ("train", "validation"))
+    at = words.rfind(" ", 0, round(0.95 * len(words)))  # the rule: the space before the last 5 % of characters
+    assert (train, val) == ([words[:at]], [words[at + 1 :]]) and val[0].startswith("w951")
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "book.txt").write_text("linked text\n")
+    (tmp_path / "lib" / "real").mkdir(parents=True)
+    (tmp_path / "lib" / "real" / "a.txt").write_text("real text\n")
+    (tmp_path / "lib" / "linked").symlink_to(tmp_path / "ext")
+    (tmp_path / "lib" / "loop").symlink_to(tmp_path / "lib")
+    assert [f.relative_to(tmp_path / "lib").as_posix() for f in corpora.list_files(tmp_path / "lib")] == \
+        ["linked/book.txt", "real/a.txt"]
     # a manifest of the right format without its keys was a KeyError traceback
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     del manifest["tokenizer"]["eos_id"]

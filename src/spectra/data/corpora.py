@@ -145,11 +145,30 @@ def list_files(path: str | os.PathLike) -> list[Path]:
         if p.suffix not in TEXT_SUFFIXES:
             raise ValueError(f"data file {p} has suffix {p.suffix!r}; accepted: {TEXT_SUFFIXES}")
         return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
+    files = sorted(f for f in _walk(p) if f.suffix in TEXT_SUFFIXES
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
         raise ValueError(f"data folder {p} holds no {'/'.join(TEXT_SUFFIXES)} files")
     return files
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under `root`, following linked folders once each (rglob left out a symlinked subfolder's files
+    without a word); a broken link is a warning."""
+    seen: set[Path] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # a link loop, or a folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in names:
+            f = Path(folder) / name
+            if f.is_file():
+                yield f
+            elif f.is_symlink():
+                log.warning("%s is a broken link; left out", f)
 
 
 def _named_split(rel: Path) -> str | None:
@@ -224,10 +243,15 @@ def _text_of(row: object, where: str) -> str:
 
 def _line_split(text: str, split: str) -> str:
     """The train or validation part of a text split by lines: its last VAL_FRACTION of lines (at least one) are
-    validation."""
+    validation; a text of one line splits at the space before its last VAL_FRACTION of characters."""
     lines = text.splitlines(keepends=True)
     while lines and not lines[-1].strip():  # trailing blank lines took the place of validation text
         lines.pop()
+    if len(lines) == 1:  # one long line (text8): its last VAL_FRACTION of characters, cut at a space (a one-line
+        # file held nothing out, and the run failed after tokenizing its train split)
+        at = lines[0].rfind(" ", 0, round((1 - VAL_FRACTION) * len(lines[0])))
+        if at > 0:
+            return lines[0][:at] if split == "train" else lines[0][at + 1 :]
     cut = len(lines) - max(1, round(VAL_FRACTION * len(lines))) if len(lines) > 1 else len(lines)
     return "".join(lines[:cut] if split == "train" else lines[cut:])
 
