@@ -150,7 +150,8 @@ def test_broken_shards(tmp_path, tok_file):
     d = tmp_path / "shards"
     d.mkdir()
     np.arange(100, dtype=np.uint16).tofile(d / "train_00000.bin")
-    manifest = {"format": "spectra-shards", "tokenizer": {"eos_id": 0, "vocab_size": 300}, "dtype": "uint16",
+    manifest = {"format": "spectra-shards", "source": {"source": "x"},
+                "tokenizer": {"sha256": "0" * 64, "eos_id": 0, "vocab_size": 300}, "dtype": "uint16",
                 "splits": {"train": {"shards": [{"file": "train_00000.bin", "tokens": 100, "docs": 1}],
                                      "tokens": 100, "docs": 1, "complete": True}}}
     write_json(d / "manifest.json", manifest)
