@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from spectra.checkpoint import save_model
-    from spectra.config import from_name
+    from spectra.config import check_seed, from_name
     from spectra.model import build_model
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
@@ -63,8 +63,7 @@ def run_init(args: argparse.Namespace) -> int:
         if n > cfg.vocab_size:
             raise ValueError(f"--tokenizer {args.tokenizer} has {n} ids; the model's vocabulary is {cfg.vocab_size} "
                              "(pass --vocab-size)")
-    if not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in 0..2^63-1, got {args.seed}")
+    check_seed(args.seed, "--seed")
     save_model(build_model(cfg, seed=args.seed), args.out_dir, tokenizer=tokenizer, meta={"seed": args.seed})
     print(f"wrote {cfg.name} ({cfg.family}) to {args.out_dir}")
     return 0
@@ -164,6 +163,7 @@ def run_export_hf(args: argparse.Namespace) -> int:
 
 
 def run_export_gguf(args: argparse.Namespace) -> int:
+    from spectra.files import check_output_file
     from spectra.interop.gguf import export_gguf
     from spectra.loading import find_tokenizer, load, model_dir
 
@@ -171,8 +171,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
     if src.is_dir() and out.exists() and model_dir(src).resolve() in out.resolve().parents:
         raise ValueError(f"OUT {out} is a file of the input model {args.src}: writing it would destroy the input; "
                          "choose another output file")
-    if out.is_dir():
-        raise ValueError(f"OUT {out} is a folder; give a file name (e.g. {out / 'model.gguf'})")
+    check_output_file(out, "OUT")  # before loading: a folder failed after the export, naming a temporary file
     result = export_gguf(load(args.src), args.out, qtype=args.type, lossy=args.lossy,
                          tokenizer=find_tokenizer(args.src))
     print(json.dumps(result, indent=2, default=str))

@@ -26,6 +26,13 @@ INIT_SCHEMES = ("normal", "scaled")
 QUANTIZERS = ("trilm", "bilm", "bitnet158", "twn", "uniform")
 
 
+def check_seed(seed: int, what: str) -> None:
+    """A seed spectra can use everywhere: 0..2^63-1 (a larger one failed "Overflow when unpacking long long" in torch,
+    after a training run's data preparation)."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{what} must be in 0..2^63-1, got {seed}")
+
+
 def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
     """`cls(**d)` with an error that names every unknown field and lists the accepted ones."""
     known = {f.name for f in dataclasses.fields(cls)}

@@ -43,9 +43,8 @@ Q8_TINY = 2.0**-100  # a row with max|x| below it quantizes to zeros: 127 / max|
 def q8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of x (..., D) as int8 and one float32 scale each (..., 1): s = max|x| / 127, a = x * (127 / max|x|)
     rounded to nearest even, so x ~ s * a (the packed kernels' activation rule; a row with max|x| < Q8_TINY = 2^-100
-    gives a = 0, s = 0, a row
-    with a NaN or infinity a = 0, s = NaN). The q8 KV cache's rows (`KVCache`), as `kv_store_q8` in the C kernels
-    writes them, byte for byte."""
+    gives a = 0, s = 0, a row with a NaN or infinity a = 0, s = NaN). The q8 KV cache's rows (`KVCache`), as
+    `kv_store_q8` in the C kernels writes them, byte for byte."""
     x = x.float()
     amax = x.abs().amax(-1, keepdim=True)
     bad = ~torch.isfinite(x).all(-1, keepdim=True)

@@ -53,12 +53,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from spectra.config import check_seed
     from spectra.inference.generate import generate, kv_dtype_from_name, threads_from_env
     from spectra.loading import find_tokenizer, load, looks_like_path, missing_model, not_a_model_dir
 
     torch.set_num_threads(threads_from_env(args.threads))
-    if not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in 0..2^63-1, got {args.seed}")
+    check_seed(args.seed, "--seed")
     tokenizer = args.tokenizer
     if not Path(args.model).exists() and looks_like_path(args.model):  # before the tokenizer's error, which misled
         raise missing_model(args.model)

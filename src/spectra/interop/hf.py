@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from spectra.checkpoint import load_state_checked
 from spectra.config import ModelConfig
 from spectra.files import (
+    CHAT_TEMPLATE_FILE,
     FormatError,
     atomic_dir,
     load_safetensors,
@@ -40,7 +41,6 @@ from spectra.ternary import SHARD_DIM
 BLOCK_LINEARS = tuple(SHARD_DIM)
 CANDIDATE_SHARDS = (1, 2, 3, 4, 6, 8)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves a tokenizer's chat template
 
 
 # ---- export -----------------------------------------------------------------------------------------------------

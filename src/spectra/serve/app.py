@@ -37,6 +37,7 @@ from json.encoder import encode_basestring_ascii as _enc  # json.dumps of a str 
 from pathlib import Path
 from typing import Any
 
+from spectra.files import CHAT_TEMPLATE_FILE
 from spectra.inference.batch import Request
 from spectra.serve.engine import Engine, QueueFull, ShuttingDown
 
@@ -356,7 +357,7 @@ def load_chat_template(model_dir: str | None) -> ChatTemplate | None:
     if model_dir is None:
         return None
     p = Path(model_dir) / "tokenizer_config.json"
-    jinja = Path(model_dir) / "chat_template.jinja"
+    jinja = Path(model_dir) / CHAT_TEMPLATE_FILE
     config: Any = {}
     if p.is_file():
         try:

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.config import ModelConfig, check_field_types, dataclass_from_dict, from_name
+from spectra.config import ModelConfig, check_field_types, check_seed, dataclass_from_dict, from_name
 
 # size: FloatLM peak LR, TriLM peak LR first half, TriLM peak LR second half (P1 Table 3). Non-paper CPU sizes: our
 # choice, following the table's trend (small models tolerate larger LRs; TriLM ≈ 6x FloatLM, second peak ≈ 0.63x).
@@ -129,8 +129,7 @@ class TrainConfig:
                   "ckpt_log_until", "ckpt_milestone_tokens", "memory_limit_gb"):  # lr 0: a run that only evaluates
             if getattr(self, f) is not None and getattr(self, f) < 0:
                 raise ValueError(f"train.{f} must be >= 0, got {getattr(self, f)!r}")
-        if not 0 <= self.seed < 2**63:  # a larger one failed "Overflow when unpacking long long" after data prep
-            raise ValueError(f"train.seed must be in 0..2^63-1, got {self.seed!r}")
+        check_seed(self.seed, "train.seed")
         for f in ("beta1", "beta2"):
             if not 0 <= getattr(self, f) < 1:
                 raise ValueError(f"train.{f} must lie in [0, 1), got {getattr(self, f)!r}")
