@@ -193,6 +193,23 @@ def test_devices_and_wheels_say_what_is_accepted(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    """`--device cuda` without a CUDA device: one line before any work (a RuntimeError traceback from deep inside the
+    checkpoint load: pin_memory needs an accelerator); an index past the devices too."""
+    from spectra.loading import check_device, load
+
+    with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device"):
+        load("trilm-1m", device="cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1': this machine has no CUDA device"):
+        check_device("cuda:1")
+    assert check_device("cpu").type == "cpu"
+    assert main(["eval", "trilm-1m", "--tasks", "ppl", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["spectra eval: error: device 'cuda': this machine has no CUDA device (torch "
+                   f"{__import__('torch').__version__}); accepted: cpu"]
+
+
 def test_an_output_that_would_replace_the_input_is_refused(tmp_path, capsys):
     m = tmp_path / "m"
     assert main(["init", "trilm-1m", str(m), "--vocab-size", "384"]) == 0

@@ -31,6 +31,20 @@ def test_hand_built_passage():
     assert target_word("it was 1984.") is None and target_word("of Thy.") is None
 
 
+def test_sentences_keep_their_closing_quotes_and_brackets():
+    """The passage is the source text: a sentence's closing quotes and brackets stay with it (the split dropped
+    them), and an item's text is a substring of the document."""
+    from spectra.eval.cloze import split_sentences
+
+    text = 'He said "the harbour sleeps." Nobody answered him (the crew was asleep.) Then it rained! Why? ok'
+    assert split_sentences(text) == ['He said "the harbour sleeps."', "Nobody answered him (the crew was asleep.)",
+                                     "Then it rained!", "Why?", "ok"]
+    doc = " ".join([sentence(0, "harbour"), '"' + sentence(1, "the") + '"', "(" + sentence(2, "boats") + ")",
+                    sentence(3, "and"), sentence(4, "harbour")])
+    items = build_cloze([doc])
+    assert items == [{"text": doc[:-1]}]
+
+
 def test_recipe_holds_on_every_item():
     words = "king crown sea ship storm night castle sword river forest letter daughter".split()
     docs = []

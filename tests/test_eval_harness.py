@@ -295,20 +295,74 @@ def test_every_model_kind_matches_its_own_forward(tmp_path):
 
 def test_standard_errors_are_lm_evals_mean_stderr():
     """lm-eval leaves `acc_stderr` out when its bootstrap is off (bootstrap_iters=0, which `evaluate` passes: its
-    bootstrap spawns a process per core); `add_stderr` puts back the closed form lm-eval's `mean_stderr` computes, and
-    the table prints it."""
+    bootstrap spawns a process per core); `add_stderr` puts back what lm-eval's `mean_stderr` computes from the logged
+    per-document scores: for 0/1 scores and for probabilities (truthfulqa_mc2's acc, where the binary form
+    sqrt(p(1 - p)/(n - 1)) was 2.3x too large), none where the task's value is not their mean or there is one
+    document; the table prints it."""
     from lm_eval.api.metrics import mean_stderr
 
     from spectra.eval.results import add_stderr, format_table
 
     scores = [1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0]
+    probs = [0.02, 0.31, 0.05, 0.11, 0.0, 0.07]
     p = sum(scores) / len(scores)
     metrics = {"arc_easy": {"acc": p, "acc_norm": 1.0}, "lambada_openai": {"perplexity": 12.5, "acc": 0.0},
-               "one": {"acc": 1.0}}
-    add_stderr(metrics, {"arc_easy": {"effective": len(scores)}, "lambada_openai": {"effective": 4},
-                         "one": {"effective": 1}})
+               "one": {"acc": 1.0}, "mc2": {"acc": sum(probs) / len(probs)}, "other": {"acc": 0.5}}
+    samples = {"arc_easy": [{"acc": x, "acc_norm": 1} for x in scores],
+               "lambada_openai": [{"acc": 0, "perplexity": -3.0}] * 4, "one": [{"acc": 1}],
+               "mc2": [{"acc": x} for x in probs], "other": [{"acc": 0}, {"acc": 0}]}
+    add_stderr(metrics, samples)
     assert metrics["arc_easy"]["acc_stderr"] == pytest.approx(mean_stderr(scores), rel=1e-12)
+    assert metrics["mc2"]["acc_stderr"] == pytest.approx(mean_stderr(probs), rel=1e-12)
     assert metrics["arc_easy"]["acc_norm_stderr"] == 0.0 and metrics["lambada_openai"]["acc_stderr"] == 0.0
     assert "perplexity_stderr" not in metrics["lambada_openai"] and "acc_stderr" not in metrics["one"]
+    assert "acc_stderr" not in metrics["other"]  # 0.5 is not the mean of its documents' scores
     table = format_table({"model": {}, "tasks": metrics, "settings": {"tasks": ["arc_easy"]}})
     assert f"acc {100 * p:.1f} ± {100 * mean_stderr(scores):.1f}" in table
+
+
+def test_group_standard_errors_combine_their_members():
+    """A group's standard error from its members', as its mean combines them: weighted by size, sqrt(sum n_i^2
+    se_i^2) / sum n_i; a plain mean, sqrt(sum se_i^2) / k; nested groups after their members; none when a member has
+    none or the group's value is neither mean."""
+    import math
+
+    from spectra.eval.results import add_stderr
+
+    a, b, c = [1, 0, 1, 1], [0, 0, 1, 0, 1, 0], [1, 1, 0]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    metrics = {"a": {"acc": mean(a)}, "b": {"acc": mean(b)}, "c": {"acc": mean(c)},
+               "w": {"acc": mean(a + b)}, "u": {"acc": (mean(a) + mean(b)) / 2},
+               "top": {"acc": mean(a + b + c)}, "odd": {"acc": 0.123}}
+    samples = {k: [{"acc": x} for x in v] for k, v in {"a": a, "b": b, "c": c}.items()}
+    add_stderr(metrics, samples, {"top": ["w", "c"], "w": ["a", "b"], "u": ["a", "b"], "odd": ["a", "b"]})
+    se = {k: metrics[k]["acc_stderr"] for k in "abc"}
+    assert metrics["w"]["acc_stderr"] == pytest.approx(math.sqrt((4 * se["a"]) ** 2 + (6 * se["b"]) ** 2) / 10)
+    assert metrics["u"]["acc_stderr"] == pytest.approx(math.sqrt(se["a"] ** 2 + se["b"] ** 2) / 2)
+    top = math.sqrt((10 * metrics["w"]["acc_stderr"]) ** 2 + (3 * se["c"]) ** 2) / 13
+    assert metrics["top"]["acc_stderr"] == pytest.approx(top)
+    assert "acc_stderr" not in metrics["odd"]
+
+
+def test_evaluate_standard_errors_equal_lm_evals(model_dirs, task_dir):
+    """`spectra eval`'s standard errors (lm-eval's bootstrap off) equal the ones lm-eval computes with it on, for
+    every mean-of-documents metric of two toy tasks."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from spectra.eval import evaluate
+    from spectra.eval.harness import SpectraLM
+
+    spectra_dir, _ = model_dirs
+    names = ["toy_arc", "toy_winogrande"]
+    res = evaluate(spectra_dir, ",".join(names), include_path=task_dir, include_defaults=False, progress=False)
+    lm = SpectraLM(load(spectra_dir), str(spectra_dir / "tokenizer.json"), progress=False)
+    tasks = TaskManager(include_path=str(task_dir), include_defaults=False).load(names)
+    ref = lm_evaluate(lm=lm, task_dict=tasks, bootstrap_iters=100)["results"]
+    checked = 0
+    for task in names:
+        for key, value in ref[task].items():
+            if key.endswith("_stderr,none") and isinstance(value, float):
+                assert res["tasks"][task][key.split(",")[0]] == pytest.approx(value, rel=1e-9), (task, key)
+                checked += 1
+    assert checked == 3  # arc: acc, acc_norm; winogrande: acc

@@ -211,3 +211,22 @@ def test_perplexity_alone_needs_no_lm_eval(setup, tmp_path, monkeypatch):
     assert res["perplexity"]["ppl"] == direct["ppl"] and res["harness"]["version"] is None
     with pytest.raises(ImportError, match=r"needs lm-eval .*pip install 'spectra-lm\[eval\]'"):
         evaluate(model_dir, "arc_easy", data=str(corpus))
+
+
+def test_a_diverged_model_has_infinite_perplexity_and_strict_json(setup, tmp_path):
+    """A model whose loss passes ~709.78 nats (math.exp's range) reports ppl inf with its loss (math.exp raised
+    OverflowError after the scoring); the results file writes it as null, strict JSON (it wrote Infinity / NaN)."""
+    import json
+    import math
+
+    from spectra.eval.results import write_results
+
+    corpus, tok_path = setup
+    m = model()
+    with torch.no_grad():
+        m.norm.weight.mul_(5000.0)  # huge but finite logits
+    res = perplexity(m, tok_path, corpus, split="validation")
+    assert math.isfinite(res["loss"]) and res["loss"] > 710 and res["ppl"] == math.inf
+    path = write_results(tmp_path / "r.json", {"perplexity": res, "x": [float("nan"), 1.5]})
+    doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["perplexity"]["ppl"] is None and doc["perplexity"]["loss"] == res["loss"] and doc["x"] == [None, 1.5]

@@ -79,9 +79,19 @@ def model_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.Pa
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or a ValueError that says what is accepted (torch's own error names no option)."""
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":  # torch's own error comes deep inside a load, as a traceback
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__}); "
+                             "accepted: cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; accepted: cpu")
+    return dev
 
 
 def looks_like_path(name: str) -> bool:

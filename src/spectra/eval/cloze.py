@@ -31,9 +31,17 @@ STOPWORDS = frozenset(
     were what when where which while who whom why will with would ye yet you your yours yourself yourselves shall
     hath doth unto let may must might say said one""".split()
 )
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
+SENTENCE_END = re.compile(r"([.!?][\"'”’)\]]*)\s+")  # its group keeps the closers with their sentence
 CLOSING = ".,;:!?\"'”’)]"
 WORD = re.compile(r"[A-Za-z]+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """`text` cut after each `.`, `!` or `?` and the closing quotes or brackets after it, where a space follows; the
+    quotes and brackets stay with their sentence (the split used to drop them: `sleeps." Nobody` became `sleeps.
+    Nobody`)."""
+    parts = SENTENCE_END.split(text)  # [sentence, its end, sentence, its end, ..., the rest]
+    return [parts[i] + (parts[i + 1] if i + 1 < len(parts) else "") for i in range(0, len(parts), 2)]
 
 
 def target_word(sentence: str) -> str | None:
@@ -51,7 +59,7 @@ def build_cloze(documents: Iterable[str], *, min_words: int = 50, max_words: int
         raise ValueError(f"need 0 < min_words <= max_words, got {min_words}, {max_words}")
     items = []
     for doc in documents:
-        sentences = [s.strip() for s in SENTENCE_END.split(" ".join(doc.split())) if s.strip()]
+        sentences = [s.strip() for s in split_sentences(" ".join(doc.split())) if s.strip()]
         passage: list[str] = []
         for sentence in sentences:
             passage.append(sentence)

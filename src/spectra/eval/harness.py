@@ -295,7 +295,8 @@ def _run_tasks(
             elif num_fewshot is None and default is None:
                 task_obj.set_config(key="num_fewshot", value=0)
             task_obj.set_fewshot_seed(seed=seed)
-        return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+        # the samples carry each document's scores, from which `results.add_stderr` computes the standard errors
+        return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
 
 
 @contextlib.contextmanager

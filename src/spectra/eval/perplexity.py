@@ -152,8 +152,16 @@ def perplexity(
         "windows": len(spans),
         "nll": nll,
         "loss": loss,
-        "ppl": math.exp(loss),
+        "ppl": _exp(loss),
         "bits_per_byte": nll / (math.log(2) * n_bytes) if n_bytes else float("nan"),
         "window_nll": window_nll.tolist(),
         "window_tokens": [k for _, _, k in spans],
     }
+
+
+def _exp(loss: float) -> float:
+    """exp(loss), inf past float's range (a diverged model: math.exp raises OverflowError above ~709.78 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

@@ -5,7 +5,7 @@
      "harness": {"name": "lm-evaluation-harness", "version": "0.4.13", "paper_version": "0.4.2"},
      "settings": {"tasks", "limit", "num_fewshot", "offline_dir", "skipped"},
      "tasks": {task: {metric: value}},          lm-eval metric names without the filter suffix ("acc", "acc_norm"),
-                                                and "<metric>_stderr" for the means of 0/1 scores (`add_stderr`)
+                                                and "<metric>_stderr" for means of per-document scores (`add_stderr`)
      "groups": {name: {"members": {"task/metric": value | null}, "average": value | null, "complete": bool}},
      "perplexity": {...}}                       when perplexity was measured (spectra.eval.perplexity)
 
@@ -74,21 +74,72 @@ def task_metrics(raw_results: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 BINARY_METRICS = ("acc", "acc_norm", "exact_match", "pct_stereotype")
-"""Metrics that are a mean of one 0/1 score per document (shown in %, with a standard error)."""
+"""Metrics that are a mean of one score per document (0/1 for most tasks, a probability for some, as
+truthfulqa_mc2's acc), shown in %, with a standard error."""
 
 
-def add_stderr(metrics: dict[str, dict[str, float]], n_samples: dict[str, Any]) -> None:
-    """`<metric>_stderr` for each mean of 0/1 scores without one: sqrt(p(1 − p)/(n − 1)) over the task's n scored
-    documents, the standard error lm-eval's `mean_stderr` gives (sample deviation / sqrt(n)), which lm-eval skips
-    when its bootstrap is off (`bootstrap_iters=0`, here: its bootstrap spawns a process per core)."""
+def add_stderr(metrics: dict[str, dict[str, float]], samples: dict[str, list[dict[str, Any]]],
+               group_subtasks: dict[str, list[str]] | None = None) -> None:
+    """`<metric>_stderr` for each mean of per-document scores without one: the sample standard deviation of the
+    task's per-document values (lm-eval's logged samples) over sqrt(n), the standard error lm-eval's `mean_stderr`
+    gives (sqrt(p(1 − p)/(n − 1)) for 0/1 scores), which lm-eval skips when its bootstrap is off (`bootstrap_iters=0`,
+    here: its bootstrap spawns a process per core). Only where the task's value is the mean of those per-document
+    values (a task that aggregates otherwise gets none). Then a group's (`group_subtasks`: lm-eval's group -> member
+    tasks or groups): its members' standard errors combined as its mean combines them, sqrt(Σ n_i² se_i²) / Σ n_i
+    for a mean weighted by size and sqrt(Σ se_i²) / k for a plain one (members independent), whichever the group's
+    value is."""
+    sizes: dict[str, int] = {}
     for task, values in metrics.items():
-        n = (n_samples.get(task) or {}).get("effective")
-        if not isinstance(n, int) or n < 2:
-            continue
+        docs = samples.get(task) or []
+        sizes[task] = len(docs)
         for name in BINARY_METRICS:
             p = values.get(name)
-            if p is not None and 0.0 <= p <= 1.0 and f"{name}_stderr" not in values:
-                values[f"{name}_stderr"] = math.sqrt(p * (1.0 - p) / (n - 1))
+            if p is None or f"{name}_stderr" in values or len(docs) < 2:
+                continue
+            xs = [d.get(name) for d in docs]
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in xs):
+                continue
+            n = len(xs)
+            mean = math.fsum(xs) / n
+            if not math.isclose(mean, p, rel_tol=1e-9, abs_tol=1e-12):
+                continue
+            var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
+            values[f"{name}_stderr"] = math.sqrt(var / n)
+    for group in _groups_leaves_first(group_subtasks or {}):
+        members = [m for m in group_subtasks[group] if m in metrics]
+        values = metrics.get(group)
+        if values is None or not members or len(members) != len(group_subtasks[group]):
+            continue
+        sizes[group] = sum(sizes.get(m, 0) for m in members)
+        for name in BINARY_METRICS:
+            p = values.get(name)
+            ps = [metrics[m].get(name) for m in members]
+            ses = [metrics[m].get(f"{name}_stderr") for m in members]
+            ns = [sizes.get(m, 0) for m in members]
+            if p is None or f"{name}_stderr" in values or None in ps or None in ses or min(ns) < 1:
+                continue
+            total = sum(ns)
+            if math.isclose(p, math.fsum(n * x for n, x in zip(ns, ps)) / total, rel_tol=1e-9, abs_tol=1e-12):
+                values[f"{name}_stderr"] = math.sqrt(math.fsum((n * se) ** 2 for n, se in zip(ns, ses))) / total
+            elif math.isclose(p, math.fsum(ps) / len(ps), rel_tol=1e-9, abs_tol=1e-12):
+                values[f"{name}_stderr"] = math.sqrt(math.fsum(se**2 for se in ses)) / len(ses)
+
+
+def _groups_leaves_first(group_subtasks: dict[str, list[str]]) -> list[str]:
+    """lm-eval's groups, each after the groups among its members."""
+    order: list[str] = []
+
+    def visit(g: str, path: tuple[str, ...]) -> None:
+        if g in order or g in path:
+            return
+        for m in group_subtasks.get(g, ()):
+            if m in group_subtasks:
+                visit(m, (*path, g))
+        order.append(g)
+
+    for g in group_subtasks:
+        visit(g, ())
+    return order
 
 
 def group_scores(tasks: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
@@ -123,7 +174,7 @@ def build_results(
         lm_eval = None
 
     metrics = task_metrics(raw.get("results", {}))
-    add_stderr(metrics, raw.get("n-samples", {}))
+    add_stderr(metrics, raw.get("samples") or {}, raw.get("group_subtasks") or {})
     return {
         "format": "spectra-eval",
         "version": 1,
@@ -201,7 +252,8 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_results(path: str | os.PathLike, results: dict[str, Any]) -> Path:
-    from spectra.files import write_json
+    """`results` as strict JSON: a NaN or infinite value (a diverged model's perplexity, a window's NLL) as null."""
+    from spectra.files import finite_json, write_json
 
-    write_json(path, results)
+    write_json(path, finite_json(results))
     return Path(path)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import spectra.suite.conversion as conversion
-from spectra.files import FormatError, atomic_file, read_json, write_json
+from spectra.files import FormatError, atomic_file, finite_json, read_json, write_json
 from spectra.suite.checks import (
     between,
     block_table,
@@ -293,17 +293,6 @@ def _plot_contrasts(contrasts: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("Δ validation loss, nats/token (> 0: the first-named is worse)")
     ax.set_title("contrasts: 95 % t over seeds (red: excludes 0); grey: seed-blocked over all models", fontsize=9)
     return _save(fig, path)
-
-
-def _finite_json(obj: Any) -> Any:
-    """`obj` with every non-finite float as None: RFC 8259 JSON has no Infinity or NaN, which `json.dump` writes."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_json(v) for v in obj]
-    return obj
 
 
 def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -583,7 +572,7 @@ def build_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         )
     write_json(  # strict JSON: an unbounded interval's inf half-width (one seed) is written as null
         out / "summary.json",
-        _finite_json({"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front],
+        finite_json({"models": rows, "over_seeds": by_model, "fits": fit, "pareto": [r["name"] for r in front],
                       "checks": checks, "findings": found, "conversion": {"arms": conv_arms, "comparisons": conv},
          "quant_costs": {s: {b: iv.to_dict() for b, iv in v.items()} for s, v in costs.items()},
          "contrasts": [{**c, "interval": c["interval"].to_dict(), "blocked": c["blocked"].to_dict()}
