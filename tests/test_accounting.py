@@ -53,14 +53,20 @@ def test_quantlm_bits_at_any_width_and_group():
     assert _model_info(cfg, step, "quantlm", 64)["size_bits"] == size_in_bits(cfg, 2.5)
 
 
-@pytest.mark.parametrize("quantizer, mlp_act", [("bitnet158", "swiglu"), ("bitnet158", "gelu"), ("trilm", "swiglu"),
-                                                ("trilm", "gelu")])
-def test_param_counts_equal_the_built_model(quantizer, mlp_act):
+@pytest.mark.parametrize("quantizer, mlp_act, options, shards", [
+    ("bitnet158", "swiglu", {}, 1), ("bitnet158", "gelu", {}, 1), ("trilm", "swiglu", {}, 1), ("trilm", "gelu", {}, 1),
+    ("trilm", "swiglu", {"learnable_scale": True}, 2), ("bilm", "relu", {"learnable_scale": True}, 1)])
+def test_param_counts_equal_the_built_model(quantizer, mlp_act, options, shards):
     """BitNet b1.58 has a norm inside each linear and none per block: `param_counts` ("exact") missed 3072 of the
-    1.51M parameters of a 2-layer 512-wide model, and `spectra info` with it."""
+    1.51M parameters of a 2-layer 512-wide model, and `spectra info` with it; `learnable_scale`'s factor per scale
+    shard and layer were missed too (28 at 2 layers x 7 linears x 2 shards)."""
     from spectra.accounting import param_counts
     from spectra.model import build_model
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(family="trilm", quantizer=quantizer, mlp_act=mlp_act)
-    assert param_counts(cfg)["params"] == sum(p.numel() for p in build_model(cfg, seed=0).parameters())
+    cfg = tiny_config(family="trilm", quantizer=quantizer, mlp_act=mlp_act, quantizer_options=options,
+                      num_scale_shards=shards)
+    model = build_model(cfg, seed=0)
+    counts = param_counts(cfg)
+    assert counts["params"] == sum(p.numel() for p in model.parameters()) == model.num_params()
+    assert counts["non_embedding_params"] == model.num_params(non_embedding=True)

@@ -119,6 +119,16 @@ def test_weights_match_reads_the_packed_file_back_against_the_latent_forward_wei
     assert weights_match(other, tmp_path / "p")["mismatched_weights"] > 1000
 
 
+def test_weights_match_a_bfloat16_model_against_its_own_pack(tmp_path):
+    """A model held in bfloat16 packs its codes and fp16(γ); the check compares those, not W̃ = bf16(γ·code) rounded
+    to fp16 again (406,947 of 655,360 weights "mismatched" a correct pack)."""
+    from spectra.packed.io import weights_match
+
+    model = build_model(_cfg(), seed=3, dtype=torch.bfloat16).eval()
+    pack_model(model, tmp_path / "p")
+    assert weights_match(model, tmp_path / "p")["exact"]
+
+
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 def test_loaded_codes_share_one_buffer_in_decode_order(tmp_path, fmt):
     """load_packed puts every layer's code bytes in one code_arena buffer: slices in module order (the order a decode

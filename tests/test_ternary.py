@@ -102,6 +102,37 @@ def test_convert_to_ternary_counts_block_linears_only():
     assert sum(isinstance(m, TernaryLinear) for m in model.modules()) == 14
 
 
+def test_a_converted_model_saves_packs_and_loads_as_the_trilm_it_computes(tmp_path):
+    """convert_to_ternary on a spectra FloatLM makes it a TriLM in its config too: saved and reloaded it computes the
+    same logits (it reloaded as a FloatLM on the latent weights, logits 0.79 apart), it packs and loads packed, and
+    BitNet b1.58 drops the blocks' norms as a TriLM built with it has (its inputs were normalised twice)."""
+    import spectra
+    from spectra.checkpoint import save_model
+    from spectra.packed.io import pack_model
+
+    cfg = tiny_config(dim=512, n_heads=4, glu_dim=512, n_layers=1)  # 256-weight blocks inside each shard
+    model = build_model(cfg, seed=0)
+    assert convert_to_ternary(model, num_shards=2) == 7
+    assert (model.config.family, model.config.num_scale_shards, model.config.quantizer) == ("trilm", 2, "trilm")
+    idx = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(idx)
+        save_model(model, tmp_path / "m")
+        assert torch.equal(spectra.load(tmp_path / "m")(idx), want)
+        pack_model(model, tmp_path / "p")
+        packed = spectra.load(tmp_path / "p")
+        assert packed.config.family == "trilm" and float((packed(idx) - want).abs().max()) < 0.05
+    bitnet = build_model(cfg, seed=0)
+    convert_to_ternary(bitnet, quantizer="bitnet158")
+    built = build_model(cfg.replace(family="trilm", quantizer="bitnet158"), seed=0)
+    assert [type(m).__name__ for m in bitnet.modules()] == [type(m).__name__ for m in built.modules()]
+    with torch.no_grad():
+        bitnet.load_state_dict(built.state_dict())
+        assert torch.equal(bitnet.eval()(idx), built.eval()(idx))
+    with pytest.raises(ValueError, match="num_scale_shards"):
+        convert_to_ternary(build_model(cfg, seed=0), num_shards=7)
+
+
 def test_trilm_model_uses_shard_dims():
     model = build_model(tiny_config(family="trilm", num_scale_shards=2))
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
@@ -112,3 +143,20 @@ def test_trilm_model_uses_shard_dims():
         1,
     ]
     assert attn.q_proj.codes_and_scales()[1].shape == (2,)
+
+
+def test_scale_shards_need_to_divide_only_the_split_dimensions():
+    """q/k/v/gate/up split their outputs (n_heads*head_dim, glu_dim), o/down their inputs (the same two): a 3-way split
+    of a 256-wide model with 3 heads of 64 and glu_dim 768 is valid (it was refused for not dividing dim); one that
+    does not divide glu_dim is refused in one line naming it."""
+    from spectra.config import ModelConfig
+
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=3, head_dim=64, glu_dim=768, vocab_size=256, max_seq_len=32,
+                      family="trilm", num_scale_shards=3)
+    model = build_model(cfg, seed=0).eval()
+    q, o = model.layers[0].self_attn.q_proj, model.layers[0].self_attn.o_proj
+    assert q.codes_and_scales()[1].numel() == o.codes_and_scales()[1].numel() == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
+    with pytest.raises(ValueError, match=r"num_scale_shards \(3\) must divide glu_dim \(512\)"):
+        cfg.replace(glu_dim=512)

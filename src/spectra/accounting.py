@@ -51,13 +51,18 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         if QUANTIZER_CLASSES[cfg.quantizer].input_norm:  # BitNet b1.58: a norm inside each linear, none per block
             per_layer = 3 * cfg.dim + cfg.attn_dim + (2 if cfg.mlp_act == "swiglu" else 1) * cfg.dim + cfg.glu_dim
             norms = cfg.n_layers * per_layer + cfg.dim
+    scales = 0
+    if cfg.family == "trilm" and (cfg.quantizer_options or {}).get("learnable_scale"):
+        # `learnable_scale`: one trained factor per scale shard of every block linear (4 attention, 3 or 2 MLP)
+        scales = cfg.n_layers * (4 + (3 if cfg.mlp_act == "swiglu" else 2)) * cfg.num_scale_shards
     embedding = 2 * cfg.vocab_size * cfg.dim  # untied embedding + lm_head
     return {
-        "params": linear + norms + embedding,
-        "non_embedding_params": linear + norms,
+        "params": linear + norms + scales + embedding,
+        "non_embedding_params": linear + norms + scales,
         "linear_params": linear,
         "embedding_params": embedding,
         "norm_params": norms,
+        "scale_params": scales,
     }
 
 

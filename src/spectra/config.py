@@ -149,7 +149,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.family == "trilm":
             # q/k/v/gate/up are split along their output dimension, o/down along their input dimension.
-            for what, size in (("dim", self.dim), ("glu_dim", self.glu_dim), ("n_heads*head_dim", self.attn_dim)):
+            # (No matrix is split along dim: a 3-way split of a 256-wide model with 3 heads of 64 is valid.)
+            for what, size in (("glu_dim", self.glu_dim), ("n_heads*head_dim", self.attn_dim)):
                 if size % self.num_scale_shards:
                     raise ValueError(
                         f"ModelConfig.num_scale_shards ({self.num_scale_shards}) must divide {what} ({size})"

@@ -346,8 +346,19 @@ def convert_to_ternary(
 ) -> int:
     """Swap every block linear layer (q/k/v/o/gate/up/down) for a TernaryLinear, keeping the latent weight.
 
-    Embeddings and lm_head are never converted. Returns how many layers were converted.
+    Embeddings and lm_head are never converted. A spectra Transformer (one with a `ModelConfig` as `config`) becomes
+    the TriLM its config then says, checked like any config first: `config.family` "trilm" with the quantizer, its
+    options and the shards (so that it saves, packs and loads as what it computes; it stayed a FloatLM, which
+    reloaded as a FloatLM on the latent weights), its layers take the config's norm, and a quantizer that normalises
+    each linear's input (BitNet b1.58) replaces the blocks' norms as `make_block_norm` does (kept, inputs were
+    normalised twice). Returns how many layers were converted.
     """
+    cfg = getattr(model, "config", None)
+    new_cfg = None
+    if isinstance(cfg, ModelConfig) and cfg.family != "trilm":
+        new_cfg = cfg.replace(family="trilm", quantizer=quantizer, quantizer_options=dict(quantizer_options or {}),
+                              num_scale_shards=num_shards)
+    norm = {"norm": new_cfg.norm, "norm_eps": new_cfg.norm_eps} if new_cfg is not None else {}
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -364,9 +375,17 @@ def convert_to_ternary(
                 quantizer_options=quantizer_options,
                 device=child.weight.device,
                 dtype=child.weight.dtype,
+                **norm,
             )
             with torch.no_grad():
                 new.weight.copy_(child.weight)
             setattr(parent, name, new)
             count += 1
+    if new_cfg is not None:
+        if QUANTIZER_CLASSES[quantizer].input_norm:
+            for block in getattr(model, "layers", ()):
+                for attr in ("input_layernorm", "post_attention_layernorm"):
+                    if hasattr(block, attr):
+                        setattr(block, attr, nn.Identity())
+        model.config = new_cfg
     return count

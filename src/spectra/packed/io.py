@@ -184,8 +184,13 @@ def weights_match(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         if ref is None:
             raise ValueError(f"{path}: packed layer {name} is not a layer of the model it is checked against")
         with torch.no_grad():
-            w = ref.quantized_weight() if isinstance(ref, TernaryLinear) else ref.weight
-            want = w.detach().float().cpu().to(torch.float16).float()
+            if isinstance(ref, TernaryLinear):  # codes times the scales as the file stores them (fp16 of each γ),
+                # not the model's W̃ rounded again: a model held in bf16 has W̃ = bf16(γ·code), whose fp16 differs
+                codes, scales = ref.codes_and_scales()
+                scales = scales.detach().float().cpu().to(torch.float16).float()
+                want = ref.quantizer.dequantize(codes.detach().cpu(), scales).float()
+            else:
+                want = ref.weight.detach().float().cpu().to(torch.float16).float()
         got = module.dequantized_weight()
         if got.shape != want.shape:
             raise ValueError(f"{path}: packed layer {name} is {tuple(got.shape)}, the model's {tuple(want.shape)}")
