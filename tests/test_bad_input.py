@@ -170,6 +170,10 @@ def test_results_records_are_checked_before_the_report(tmp_path, capsys):
         assert main(["report", str(r)]) == 2
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err
+    (tmp_path / "spec.json").write_text(json.dumps({"name": "tiny", "sizes": ["s1"]}, indent=2))
+    assert main(["report", str(tmp_path / "spec.json")]) == 2  # the study's spec given for its results: a slip
+    assert "spec.json is one JSON document, not a results file (one suite record per line): give the study's " \
+           "results.jsonl or its folder" in capsys.readouterr().err
     (tmp_path / "spec.json").unlink()
     assert main(["report", str(r)]) == 0  # one model, one seed: its unbounded intervals are null in strict JSON
     json.loads((tmp_path / "report" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
@@ -241,6 +245,23 @@ def test_numbers_that_used_to_mean_default_or_nothing(tmp_path, capsys):
     assert not (tmp_path / "v").exists() and not (tmp_path / "s").exists()
 
 
+def test_serve_warns_when_the_tokenizer_covers_a_small_part_of_the_vocabulary(tmp_path, caplog):
+    """A 50304-id random model served with the built-in 4096-id tokenizer (the README's first serving example) picks
+    ids the tokenizer lacks, which decode to nothing: a warning at start; padding to 128 ids is not warned about."""
+    pytest.importorskip("uvicorn")
+    from spectra.serve.server import build_engine
+
+    assert main(["init", "trilm-1m", str(tmp_path / "big")]) == 0
+    with caplog.at_level("WARNING", logger="spectra.serve.server"):
+        build_engine(str(tmp_path / "big"), tokenizer="builtin", max_batch=1, ctx_len=16)
+    assert "the tokenizer has 4096 ids and the model 50304: ids 4096..50303 decode to nothing" in caplog.text
+    caplog.clear()
+    assert main(["init", "trilm-1m", str(tmp_path / "fit"), "--vocab-size", "4096"]) == 0
+    with caplog.at_level("WARNING", logger="spectra.serve.server"):
+        build_engine(str(tmp_path / "fit"), tokenizer="builtin", max_batch=1, ctx_len=16)
+    assert "decode to nothing" not in caplog.text
+
+
 def test_serve_options_are_checked_before_it_starts(tmp_path, capsys):
     pytest.importorskip("uvicorn")
     pytest.importorskip("starlette")
@@ -250,10 +271,20 @@ def test_serve_options_are_checked_before_it_starts(tmp_path, capsys):
                         (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds"),
                         (["--shutdown-timeout", "-5"], "--shutdown-timeout must be a finite number of seconds"),
                         (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
-                        (["--max-batch", "100000000"], "GiB of KV cache; this machine has")]:
+                        (["--max-batch", "100000000"], "GiB of KV cache; this machine has"),
+                        (["--ctx-len", "99999"], "--ctx-len must be in 1..2048 (the model's max_seq_len), got 99999")]:
         assert main(["serve", str(m), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (extra, err)
+    import socket
+
+    with socket.socket() as busy:  # a port another server holds: one line, before "serving ..." (uvicorn's exit 3)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(m), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--host 127.0.0.1 --port {port}: cannot listen there" in err and "Traceback" not in err, err
 
 
 def test_paths_are_told_apart_from_size_names(tmp_path, capsys):

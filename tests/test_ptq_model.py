@@ -306,6 +306,14 @@ def test_cli_quantize_both_formats(tmp_path, capsys):
     assert info["bits"]["this_model"] == info["bits"]["quantlm_4"]
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "bad"), "--bits", "9"]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
+    # --tokenizer takes a folder holding tokenizer.json, as generate / eval / serve do (it was an IsADirectoryError)
+    save_model(model, tmp_path / "bare")  # no tokenizer of its own
+    assert main(["quantize", str(tmp_path / "bare"), str(tmp_path / "q"), "--bits", "8", "--calib", str(corpus),
+                 "--n-samples", "4", "--seq-len", "64", "--tokenizer", str(tmp_path / "float"), "--no-progress"]) == 0
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (tmp_path / "float" / "tokenizer.json").read_bytes()
+    assert main(["quantize", str(tmp_path / "bare"), str(tmp_path / "q2"), "--bits", "8", "--tokenizer",
+                 str(tmp_path / "nope")]) == 2
+    assert "tokenizer " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err
 
 
 # ---- at scale: default chunks, a device per block, threads by matrix size -------------------------------------------

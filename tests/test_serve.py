@@ -1099,3 +1099,35 @@ def test_a_client_leaving_mid_body_is_not_a_server_error(model_dir):
         assert srv.stop()
     out = srv.proc.stdout.read()
     assert "Traceback" not in out and "unhandled error" not in out, out[-3000:]
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(model_dir):
+    """`--port 0` ("any free port", as the option's error says): the start line names the port the server really
+    listens on (it printed :0), and that port answers."""
+    import re
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "spectra", "serve", str(model_dir), "--port", "0", "--threads", "1",
+                             "--max-batch", "1", "--ctx-len", "64"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            m = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+) ", line)
+            if m:
+                break
+        assert m, seen
+        port = int(m.group(1))
+        assert port != 0
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -215,6 +215,17 @@ def test_plan_shards_state_and_checkpointing_keeps_block_inputs():
     kd = memory.plan(cfg, world=1, parallel="ddp", teacher_params=Pt, teacher=teacher, **kw)
     BTV = 8 * 256 * 4096
     assert kd.total >= one.total + 4 * Pt + 2 * BTV * 2 + 7 * BTV * 4
+    # the plan's line is the sum it prints (it left the teacher and the KD loss out: parts of 1.30 GB, total 5.11)
+    import re
+
+    for p in (one, ddp, fsdp, ac, kd, memory.plan(cfg, world=1, parallel="ddp", **{**kw, "grad_accum": 4})):
+        line = p.line()
+        total, parts = line.split(" GB per rank (")
+        shown = dict(re.findall(r"(\w+) (\d+\.\d+)", parts.split(" GB, of which")[0]))
+        assert abs(sum(map(float, shown.values())) - float(total)) <= 0.005 * (len(shown) + 1), line
+    assert {"teacher", "kd"} <= set(re.findall(r"(\w+) \d", kd.line()))
+    assert kd.teacher == 4 * Pt and kd.params + kd.optimizer + kd.comm + kd.teacher + kd.grads_at_peak + \
+        kd.activations + kd.kd + kd.temporaries == kd.total
 
 
 # ---- distributed checkpoints ------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def model_identity(model: nn.Module, model_path: str | os.PathLike | None) -> di
     if ptq is not None:  # a QuantLM: a FloatLM config with b-bit block weights
         kind = "quantlm"
         size_bits = size_in_bits(cfg, quantlm_bits(int(ptq["bits"]), int(ptq.get("group_size", -1))))
+        size["bits"]["this_model"] = size_bits  # (it kept the FloatLM's 16-bit count beside size_bits)
     return {
         "path": None if model_path is None else str(model_path),
         "name": cfg.name,

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sequences per forward chunk (default: about 32k tokens; smaller bounds memory)")
     p.add_argument("--device", default=None,
                    help="quantize one block at a time on this device, e.g. cuda (auto: the GPU if any; default: cpu)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the model directory)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, a folder holding one, or builtin (default: the one in the model directory)")
     p.add_argument("--format", default="gptq", choices=["gptq", "unpacked", "both"],
                    help="gptq: packed checkpoint; unpacked: fp16 Llama weights; both: OUT/gptq and OUT/unpacked")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")

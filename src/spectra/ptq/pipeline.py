@@ -85,11 +85,15 @@ def quantize(
         raise missing_model(model_path)
     refuse_replacing_source(out_dir, model_path)
     check_output_dir(out_dir)  # found now: the writers refused it at the save, after the whole GPTQ run
-    tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(model_path)
+    if tokenizer is not None:  # 'builtin', a tokenizer.json or a folder holding one, as generate / eval / serve take
+        from spectra.data.tokenizer import builtin_tokenizer, tokenizer_file
+
+        tok = builtin_tokenizer() if str(tokenizer) == "builtin" else tokenizer_file(tokenizer)
+    else:
+        tok = find_tokenizer(model_path)
     if tok is None and method == "gptq":
-        raise FileNotFoundError(f"{model_path} has no tokenizer.json; pass tokenizer= (--tokenizer) for calibration")
-    if tok is not None and not tok.exists():
-        raise FileNotFoundError(f"tokenizer {tok} does not exist")
+        raise FileNotFoundError(f"{model_path} has no tokenizer.json; pass tokenizer= (--tokenizer PATH, a folder "
+                                "holding one, or 'builtin') for calibration")
 
     model = load(model_path, dtype=torch.float32)
     if getattr(model, "config", None) is None or model.config.family != "floatlm":

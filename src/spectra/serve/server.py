@@ -53,6 +53,7 @@ def build_engine(
     pipeline: bool = True,
 ):
     """(Engine, model name, chat template) for a model directory or size name (see `serve`)."""
+    from spectra.config import pad_vocab
     from spectra.data.tokenizer import load_tokenizer
     from spectra.inference.bench import with_int8_head
     from spectra.inference.decode import unsupported_reason
@@ -72,6 +73,12 @@ def build_engine(
     if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids; the model's vocabulary is "
                          f"{model.config.vocab_size}")
+    if tok is not None and model.config.vocab_size > pad_vocab(tok.get_vocab_size(), model.config.num_scale_shards):
+        log.warning("the tokenizer has %d ids and the model %d: ids %d..%d decode to nothing (more than padding "
+                    "explains; a model trained with this tokenizer never picks them, a randomly initialised one does)",
+                    tok.get_vocab_size(), model.config.vocab_size, tok.get_vocab_size(), model.config.vocab_size - 1)
+    if ctx_len is not None and not 1 <= ctx_len <= model.config.max_seq_len:
+        raise ValueError(f"--ctx-len must be in 1..{model.config.max_seq_len} (the model's max_seq_len), got {ctx_len}")
     if int8_head and unsupported_reason(model) is None:
         # A packed TriLM on the compiled kernels: the int8 output layer (what `spectra bench` and llama.cpp's Q8_0
         # output use) reads 1/4 of the bytes, and its rows are exact whatever else is in the batch.
@@ -147,15 +154,34 @@ def serve(
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this interface can use the model", host)
     engine, name, template = build_engine(model_path, **engine_options)
+    sock = _bind(host, port)  # here, not in uvicorn: a port in use is one line, and port 0 logs its real number
+    port = sock.getsockname()[1]
     app = create_app(engine, name, api_key=api_key, chat_template=template, stream_interval=stream_interval)
     caches = engine.scheduler.decoder.caches
     kv_gib = sum(c.k.nbytes + c.v.nbytes for c in caches) / 2**30  # reserved; pages are touched as positions fill
     log.info("serving %s on http://%s:%d (%d slots of %d positions, %s KV cache up to %.2f GiB, queue %d, kernel %s, "
-             "prefix reuse %s, pipelined steps %s)", name, host, port, engine.max_batch, engine.ctx_len,
+             "prefix reuse %s, pipelined steps %s)", name, f"[{host}]" if ":" in host else host, port,
+             engine.max_batch, engine.ctx_len,
              str(caches[0].k.dtype).removeprefix("torch."), kv_gib, engine.max_queue,
              "packed C" if engine.scheduler.decoder.kernel is not None else "model modules",
              "on" if engine.scheduler.prefix_cache else "off",
              "on" if engine.scheduler.pipeline and engine.scheduler.decoder.can_launch else "off")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_S, lifespan="on")
-    _server_class(uvicorn, engine, shutdown_timeout)(config).run()
+    _server_class(uvicorn, engine, shutdown_timeout)(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn's options: SO_REUSEADDR, inheritable), or a ValueError naming --host
+    and --port (uvicorn bound it after the "serving ..." line, and a port in use was its own message, exit code 3)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); another server may "
+                         "hold the port: choose another, or --port 0 for any free one") from None
+    sock.set_inheritable(True)
+    return sock

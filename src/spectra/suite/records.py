@@ -80,6 +80,14 @@ def _check_metrics(metrics: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: metrics.tasks.{task} must be an object, got {values!r}")
 
 
+def _one_document(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """The last record of every key in a results file (or a suite folder), strictly: a bad line is an error."""
     path = Path(path)
@@ -97,6 +105,9 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
+                if n == 1 and _one_document(text):  # spec.json, summary.json, an eval's --output: a likely slip
+                    raise ValueError(f"{path} is one JSON document, not a results file (one suite record per line): "
+                                     f"give the study's {RESULTS_FILE} or its folder") from None
                 raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
             if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("key", "status", "step")):
                 raise ValueError(f"{path}:{n} is not a suite record (needs the strings 'key', 'step' and 'status')")

@@ -77,12 +77,20 @@ class MemoryPlan:
     precision: str
     micro_batch: int
     activation_checkpointing: bool
+    teacher: int = 0  # a distillation teacher's weights (float32)
+    kd: int = 0  # at the peak: the KD loss's rows, or the teacher's forward, or its kept gradient
+    grads_at_peak: int = 0  # the gradients held at the peak (all of `grads` when micro-batches accumulate)
+    temporaries: int = 0  # at the peak: a block's backward temporaries
 
     def line(self) -> str:
-        parts = ", ".join(f"{k} {getattr(self, k) / GB:.2f}" for k in
-                          ("params", "grads", "optimizer", "comm", "activations", "weight_copies"))
-        return (f"{self.total / GB:.2f} GB per rank ({parts} GB; {self.parallel} x {self.world}, {self.precision}, "
-                f"micro_batch {self.micro_batch}, activation_checkpointing {self.activation_checkpointing})")
+        """The total and the parts it is the sum of (and the W̃ copies inside the activations)."""
+        parts = [("params", self.params), ("optimizer", self.optimizer), ("comm", self.comm),
+                 ("teacher", self.teacher), ("gradients", self.grads_at_peak), ("activations", self.activations),
+                 ("kd", self.kd), ("temporaries", self.temporaries)]
+        shown = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts if v or k in ("params", "activations"))
+        return (f"{self.total / GB:.2f} GB per rank ({shown} GB, of which weight copies {self.weight_copies / GB:.2f}; "
+                f"{self.parallel} x {self.world}, {self.precision}, micro_batch {self.micro_batch}, "
+                f"activation_checkpointing {self.activation_checkpointing})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,18 +182,24 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
     static = params + optimizer + comm + (grads if persistent_grads else 0) + 4 * teacher_params
     grads_now = 0 if persistent_grads else 1
     # forward end / head backward: every block's activations, the logits, the loss gradient, the head's gradients
+    # each candidate: (its bytes, activations, W̃ copies among them, gradients held, KD, backward temporaries)
     peaks = [(L * kept_block + head + logits + loss_grad + kd_loss + head_grads * grads_now,
-              L * kept_block + head + logits + loss_grad, L * copies if not activation_checkpointing else 0)]
+              L * kept_block + head + logits + loss_grad, L * copies if not activation_checkpointing else 0,
+              head_grads * grads_now, kd_loss, 0)]
     for i in range(L - 1, -1, -1):  # backward of block i: blocks < i kept, block i whole, blocks > i gradients
         held = i * kept_block + act_block + temp_block + logits + kd_kept
         peaks.append((held + (head_grads + (L - i) * grad_block) * grads_now, i * kept_block + act_block + logits,
-                      (i + 1) * copies if not activation_checkpointing else copies))
-    dyn, act, cop = max(peaks)
+                      (i + 1) * copies if not activation_checkpointing else copies,
+                      (head_grads + (L - i) * grad_block) * grads_now, kd_kept, temp_block))
     end = grads * grads_now  # after backward: every gradient (the optimizer step adds nothing of this size)
-    total = static + max(dyn, end)
+    peaks.append((end, 0, 0, end, 0, 0))
+    dyn, act, cop, held_grads, kd, temp = max(peaks)
+    total = static + dyn
     return MemoryPlan(params=params, grads=grads, optimizer=optimizer, comm=comm, activations=act,
                       weight_copies=cop, total=total, world=world, parallel=parallel if world > 1 else "single",
-                      precision=precision, micro_batch=B, activation_checkpointing=activation_checkpointing)
+                      precision=precision, micro_batch=B, activation_checkpointing=activation_checkpointing,
+                      teacher=4 * teacher_params, kd=kd, temporaries=temp,
+                      grads_at_peak=held_grads + (grads if persistent_grads else 0))
 
 
 def host_memory() -> int | None:
