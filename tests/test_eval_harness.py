@@ -308,7 +308,8 @@ def test_standard_errors_are_lm_evals_mean_stderr():
     p = sum(scores) / len(scores)
     metrics = {"arc_easy": {"acc": p, "acc_norm": 1.0}, "lambada_openai": {"perplexity": 12.5, "acc": 0.0},
                "one": {"acc": 1.0}, "mc2": {"acc": sum(probs) / len(probs)}, "other": {"acc": 0.5}}
-    samples = {"arc_easy": [{"acc": x, "acc_norm": 1} for x in scores],
+    samples = {"arc_easy": [{"acc": x, "acc_norm": 1, "filter": "none"} for x in scores]
+               + [{"acc": 1 - x, "acc_norm": 0, "filter": "other"} for x in scores],  # a second filter's documents
                "lambada_openai": [{"acc": 0, "perplexity": -3.0}] * 4, "one": [{"acc": 1}],
                "mc2": [{"acc": x} for x in probs], "other": [{"acc": 0}, {"acc": 0}]}
     add_stderr(metrics, samples)

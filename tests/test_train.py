@@ -119,6 +119,23 @@ def test_switches_start_at_the_first_step_past_their_fraction():
         assert make_schedule(cfg_w, S).warmup_steps == w, (S, f)
     float_cfg = resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, lr=2e-3, lr_drop=True))
     assert float_cfg.lr2 == pytest.approx(2e-3 * 1.5e-3 / 2.4e-3)
+    # lr 0 (a run that only evaluates) stays 0 after a FloatLM's drop (0 counted as unset: lr2 became the table's)
+    assert resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, lr=0.0, lr_drop=True)).lr2 == 0.0
+
+
+def test_warmup_in_steps_is_as_given_and_whole(caplog):
+    """W steps of warmup give peak * (s + 1) / W also when the run is shorter (W was cut to the run's S: 10x the rate
+    at every step of 10 steps with W = 100), with a warning; a step count that is not whole is refused (2.5 ran 2)."""
+    cfg = resolve(from_name("floatlm-99m"), TrainConfig(tokens=1, warmup=100, lr=1e-3))
+    with caplog.at_level("WARNING", logger="spectra.train.schedule"):
+        s = make_schedule(cfg, 10)
+    assert [s.lr_at(i) for i in range(10)] == pytest.approx([1e-3 * (i + 1) / 100 for i in range(10)], rel=1e-12)
+    assert "warmup of 100 steps is longer than the run's 10: the learning rate reaches 10 % of its peak" in caplog.text
+    for bad in (1.5, 2.5, 40.2):
+        with pytest.raises(ValueError, match=f"train.warmup must be a fraction of the run below 1 or a whole number "
+                                             f"of steps, got {bad}"):
+            TrainConfig(warmup=bad)
+    assert TrainConfig(warmup=40.0).warmup == 40 and TrainConfig(warmup=0.5).warmup == 0.5
 
 
 @pytest.mark.parametrize("lr_drop,wd_removal", [(False, False), (True, False), (False, True), (True, True)])
@@ -414,7 +431,7 @@ def test_resume_with_other_model_config_and_existing_run(tmp_path, data):
               resume=True, progress=False)
 
 
-def test_resume_keeps_the_global_batch_sequence_length_and_seed(tmp_path, data):
+def test_resume_keeps_the_global_batch_sequence_length_seed_and_tokens(tmp_path, data):
     """A resume with another batch_tokens trained half the run's tokens and exited 0; with another seed it read a
     different permutation from the checkpoint's data position on (a review of distributed training, 2026-12-07)."""
     cfg = train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2)
@@ -422,9 +439,13 @@ def test_resume_keeps_the_global_batch_sequence_length_and_seed(tmp_path, data):
     for change, said in ((dict(batch_tokens=SEQ * 16), f"train.batch_tokens {SEQ * 16} differs from the run's "
                                                        f"{SEQ * 8}"),
                          (dict(seed=7), "train.seed 7 differs from the run's 0"),
-                         (dict(seq_len=SEQ // 2), f"train.seq_len {SEQ // 2} differs from the run's {SEQ}")):
+                         (dict(seq_len=SEQ // 2), f"train.seq_len {SEQ // 2} differs from the run's {SEQ}"),
+                         # more tokens re-read the run's windows and re-anchored its schedule (the lr rose after the
+                         # drop): a new run from it (--init) trains further
+                         (dict(tokens=SEQ * 8 * 8),
+                          f"train.tokens {SEQ * 8 * 8} differs from the run's {SEQ * 8 * 4}")):
         with pytest.raises(ValueError, match=f"cannot resume {tmp_path / 'r'}: {said}; a resumed run keeps"):
-            train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2, **change),
+            train(model_cfg(), train_cfg(data, **{"tokens": SEQ * 8 * 4, "ckpt_every_tokens": SEQ * 8 * 2, **change}),
                   out_dir=tmp_path / "r", resume=True, progress=False)
     again = train(model_cfg(), train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2, micro_batch=4),
                   out_dir=tmp_path / "r", resume=True, progress=False)  # the micro-batch may change

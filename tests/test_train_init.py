@@ -299,6 +299,24 @@ def test_kd_gradient_against_autograd_of_the_formula(tau):
     assert kd_loss(s, s, tau).abs().item() < 1e-6
 
 
+def test_kd_gradient_in_float16_under_a_loss_scale():
+    """float16 logits (the paper preset's precision) with GradScaler's first scale, 65536: the gradient is finite and
+    within float16 rounding of float64 autograd (it was kept in float16 before the scale: the scale became inf, and at
+    32768 60 % of the gradient flushed to 0)."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 256, 4096, generator=gen)
+    t = s + 0.5 * torch.randn(2, 256, 4096, generator=gen)
+    s16 = s.half().requires_grad_(True)
+    (kd_loss(s16, t.half()) * 65536.0).backward()
+    s64 = s.half().double().requires_grad_(True)
+    ps, pt = torch.log_softmax(s64, -1), torch.log_softmax(t.half().double(), -1)
+    (pt.exp() * (pt - ps)).sum(-1).mean().backward()
+    got = s16.grad.double() / 65536.0
+    assert s16.grad.dtype == torch.float16 and torch.isfinite(got).all()
+    assert float((got - s64.grad).norm() / s64.grad.norm()) < 1e-3
+    assert float(((got == 0) & (s64.grad != 0)).double().mean()) < 1e-3
+
+
 def test_distillation_adds_the_teacher_term(tmp_path, data, runs):
     out = tmp_path / "kd"
     train({"family": "trilm"}, TrainConfig(**train_kw(data, init=str(runs["floatlm"]), teacher=str(runs["floatlm"]),

@@ -91,21 +91,24 @@ def add_stderr(metrics: dict[str, dict[str, float]], samples: dict[str, list[dic
     value is."""
     sizes: dict[str, int] = {}
     for task, values in metrics.items():
-        docs = samples.get(task) or []
-        sizes[task] = len(docs)
+        by_filter: dict[Any, list[dict[str, Any]]] = {}  # a task with several filters logs each document per filter
+        for d in samples.get(task) or []:
+            by_filter.setdefault(d.get("filter"), []).append(d)
+        sizes[task] = max(map(len, by_filter.values()), default=0)
         for name in BINARY_METRICS:
             p = values.get(name)
-            if p is None or f"{name}_stderr" in values or len(docs) < 2:
+            if p is None or f"{name}_stderr" in values:
                 continue
-            xs = [d.get(name) for d in docs]
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in xs):
-                continue
-            n = len(xs)
-            mean = math.fsum(xs) / n
-            if not math.isclose(mean, p, rel_tol=1e-9, abs_tol=1e-12):
-                continue
-            var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
-            values[f"{name}_stderr"] = math.sqrt(var / n)
+            for docs in by_filter.values():  # the filter whose documents' mean is the task's value
+                xs = [d.get(name) for d in docs]
+                if len(xs) < 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                          for x in xs):
+                    continue
+                n = len(xs)
+                mean = math.fsum(xs) / n
+                if math.isclose(mean, p, rel_tol=1e-9, abs_tol=1e-12):
+                    values[f"{name}_stderr"] = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+                    break
     for group in _groups_leaves_first(group_subtasks or {}):
         members = [m for m in group_subtasks[group] if m in metrics]
         values = metrics.get(group)

@@ -129,6 +129,9 @@ class TrainConfig:
                   "ckpt_log_until", "ckpt_milestone_tokens", "memory_limit_gb"):  # lr 0: a run that only evaluates
             if getattr(self, f) is not None and getattr(self, f) < 0:
                 raise ValueError(f"train.{f} must be >= 0, got {getattr(self, f)!r}")
+        if self.warmup >= 1 and self.warmup != int(self.warmup):  # it was truncated: 2.5 warmed up over 2 steps
+            raise ValueError(f"train.warmup must be a fraction of the run below 1 or a whole number of steps, "
+                             f"got {self.warmup!r}")
         check_seed(self.seed, "train.seed")
         for f in ("beta1", "beta2"):
             if not 0 <= getattr(self, f) < 1:
@@ -202,7 +205,7 @@ def resolve(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainConfig:
         # a FloatLM asked for the drop without lr2 drops by the table's TriLM ratio (lr2 = lr made it do nothing)
         lr2=cfg.lr2 if cfg.lr2 is not None else (
             (tri_lr2 if cfg.lr is None else cfg.lr * tri_lr2 / tri_lr) if trilm
-            else (cfg.lr or float_lr) * (tri_lr2 / tri_lr if cfg.lr_drop else 1.0)),
+            else (cfg.lr if cfg.lr is not None else float_lr) * (tri_lr2 / tri_lr if cfg.lr_drop else 1.0)),
         schedule=cfg.schedule or ("linear" if trilm else "cosine"),
         lr_drop=cfg.lr_drop if cfg.lr_drop is not None else trilm,
         wd_removal=cfg.wd_removal if cfg.wd_removal is not None else trilm,

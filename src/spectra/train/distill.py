@@ -44,14 +44,17 @@ class _KDLoss(torch.autograd.Function):
         pt = log_pt.exp()
         kd = (pt * (log_pt - log_ps)).sum() * (tau * tau / max(1, n))
         grad = log_ps.exp_().sub_(pt).mul_(tau / max(1, n))  # (τ/N)(p_s − p_t)
-        ctx.save_for_backward(grad.to(student.dtype))
-        ctx.shape = student.shape
+        # kept in the student's dtype, except float16: its values (~1e-7 at N = 2048, V = 4096) are below float16's
+        # normal range until the loss scale multiplies them, and that scale (65536) is past float16's largest value,
+        # so they are kept in float32 and scaled there (in float16 60 % of them flushed to 0 and step 1 was skipped)
+        ctx.save_for_backward(grad if student.dtype == torch.float16 else grad.to(student.dtype))
+        ctx.shape, ctx.dtype = student.shape, student.dtype
         return kd
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype)).view(ctx.shape), None, None
+        return (grad * grad_out.to(grad.dtype)).to(ctx.dtype).view(ctx.shape), None, None
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -168,7 +168,7 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
 
     kd_loss, kd_kept = 0, 0
     if teacher_params:  # the teacher's logits and the KD loss's float32 s, t, log-softmaxes, p_t and gradient
-        kd_kept = BT * V * c  # (its gradient is kept, in the compute dtype)
+        kd_kept = BT * V * (4 if precision == "fp16" else c)  # its kept gradient: compute dtype, float32 for fp16
         # at the loss: the teacher's logits, the gradient's cast, and seven float32 rows (s, t, two log-softmaxes, p_t,
         # log p_t − log p_s and its product with p_t)
         kd_loss = 2 * BT * V * c + 7 * BT * V * 4

@@ -10,7 +10,9 @@ With S total steps, W warmup steps, peak η(s) and floor ratio r (`min_lr_ratio`
     peak      η(s) = lr2 if lr_drop and s ≥ ⌈lr_drop_at · S⌉ else lr
     decay     wd(s) = 0 if wd_removal and s ≥ ⌈wd_removal_at · S⌉ else weight_decay
 
-W = ⌈warmup · S⌉ for a fraction (every step that starts before it: step s starts at s / S), else the number given.
+W = ⌈warmup · S⌉ for a fraction (every step that starts before it: step s starts at s / S), else the number given,
+also when it is longer than the run (which then ends below its peak, with a warning; it was cut to S, 10x the
+documented rate at every step of a 10-step run with W = 100).
 
 The TriLM peak drop keeps the linear decay line and rescales it: the LR falls from lr over the first half, jumps to
 lr2 · (1 − (1 − r) · ½) at the middle and continues down to lr2 · r ([I] the paper does not give the exact shape;
@@ -19,8 +21,11 @@ this is the BitNet two-stage reading). `lr_drop` and `wd_removal` are independen
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +62,12 @@ class Schedule:
 def make_schedule(cfg, total_steps: int) -> Schedule:
     """The schedule of a resolved TrainConfig over `total_steps` optimizer steps."""
     warmup = switch_step(cfg.warmup, total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    if warmup > total_steps:  # as given (the formula's W): the run ends in warmup, below its peak learning rate
+        log.warning("warmup of %d steps is longer than the run's %d: the learning rate reaches %.0f %% of its peak",
+                    warmup, total_steps, 100 * total_steps / warmup)
     return Schedule(
         total_steps=total_steps,
-        warmup_steps=min(warmup, total_steps),
+        warmup_steps=warmup,
         lr=cfg.lr,
         lr2=cfg.lr2,
         min_lr_ratio=cfg.min_lr_ratio,

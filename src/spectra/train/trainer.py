@@ -71,7 +71,7 @@ from spectra.train.warmup import set_quant_mix, warmup_lambda
 log = logging.getLogger(__name__)
 
 # TrainConfig fields a resumed run must keep: its checkpoints count steps and data positions in them
-RESUME_FIXED = ("batch_tokens", "seq_len", "seed")
+RESUME_FIXED = ("batch_tokens", "seq_len", "seed", "tokens")
 
 
 class TrainingDiverged(RuntimeError):
@@ -414,10 +414,13 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
         for f in RESUME_FIXED:  # a checkpoint's step and data position count in them
             before = run.get("train", {}).get(f, getattr(cfg, f))
-            if before != getattr(cfg, f):
+            if before != getattr(cfg, f) and not (f == "tokens" and float(before) == float(cfg.tokens)):
+                more = (" (the schedule and the training windows are the run's: to train further, start a new run "
+                        f"from it with --init {run_dir})") if f == "tokens" else ""
                 raise ValueError(f"cannot resume {run_dir}: train.{f} {getattr(cfg, f)!r} differs from the run's "
-                                 f"{before!r}; a resumed run keeps its global batch, sequence length and seed (its "
-                                 f"checkpoints' steps and data order), so drop the override or choose another out_dir")
+                                 f"{before!r}; a resumed run keeps its global batch, sequence length, seed and token "
+                                 f"budget (its checkpoints' steps, data order and schedule){more}, so drop the "
+                                 "override or choose another out_dir")
         if not sharded and (cfg.parallel != "fsdp" or info.world == 1):
             raw.load_state_dict(loaded[0])
     fsdp = cfg.parallel == "fsdp" and dp_world > 1
