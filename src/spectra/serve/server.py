@@ -174,11 +174,12 @@ def serve(
 def _bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (uvicorn's options: SO_REUSEADDR, inheritable), or a ValueError naming --host
     and --port (uvicorn bound it after the "serving ..." line, and a port in use was its own message, exit code 3)."""
-    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # as uvicorn's Config.bind_socket: IPv6 for an address with ":", else IPv4 (a name resolves as IPv4, so
+    # "localhost" is 127.0.0.1 where getaddrinfo might list ::1 first)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); another server may "
