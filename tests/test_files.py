@@ -5,6 +5,7 @@ directories work wherever model directories do, and pickle-only checkpoints are 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -298,3 +299,53 @@ def test_writers_refuse_a_folder_of_other_files_and_publish_readable_modes(tmp_p
         save_model(model, models / name, tokenizer=tok_file)
     assert "holds other files (floatlm-a, trilm-b)" in _cli_error(capsys, "pack", str(trilm), str(models))
     assert sorted(p.name for p in models.iterdir()) == ["floatlm-a", "trilm-b"]
+
+
+def test_writers_remove_what_a_killed_writer_left(tmp_path):
+    """A writer killed by SIGKILL leaves its temporary folder or file (a whole model each, and nothing removed them:
+    two `.hf.tmp-*` copies after killed `export hf` runs); the next writer of the same output removes those of
+    processes that are gone on this machine, and leaves a live process's and other names' alone."""
+    from spectra.files import _host_tag, atomic_dir, atomic_file, temporary_name
+
+    dead, live, tag = 2**22 + 12345, os.getppid(), _host_tag()
+    stale = [tmp_path / f".out.tmp-{tag}{dead}-x1", tmp_path / f".out.old-{tag}{dead}-x2",
+             tmp_path / f".f.json.tmp-{tag}{dead}-x3"]
+    kept = [tmp_path / f".out.tmp-{tag}{live}-x4", tmp_path / f".out.tmp-00000000{dead}-x5",  # another machine's
+            tmp_path / f".other.tmp-{tag}{dead}-x6"]
+    for p in stale[:2] + kept:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    stale[2].write_text("{")
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "spectra.json").write_text("{}")
+    with atomic_file(tmp_path / "f.json") as f:
+        f.write("{}")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    name = temporary_name(tmp_path / "m.gguf", "gguf")
+    assert name.name.startswith(f".m.gguf.tmp-{tag}{os.getpid()}-") and name.parent == tmp_path
+
+
+def test_the_command_starts_without_torch_and_sigterm_is_one_line(tmp_path):
+    """`import spectra` and building the command line import no torch (Ctrl-C in the first seconds was a traceback
+    from inside torch's import; `spectra --help` took 2.7 s); SIGTERM ends a command in one line, exit 143, and its
+    writer's temporary folder is removed (the default action left it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys, spectra, spectra.__main__ as m; m.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    env = dict(os.environ, SPECTRA_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "spectra", "train", "--size", "trilm-1m", "--tokens", "1e9",
+                             "--train.batch_tokens=2048", "--train.ckpt_every_tokens=2048", "--no-progress",
+                             "--out", str(tmp_path / "run")], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "run" / "checkpoints").glob("step_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "spectra train: terminated", err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "run").rglob(".*tmp*"))

@@ -28,7 +28,10 @@ def import_graph() -> dict[str, set[str]]:
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
-            if isinstance(node, ast.Import):
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_LAZY"]:
+                # a package's names imported on first use (its `__getattr__` imports `_LAZY[name]`)
+                targets = [v.value for v in node.value.values if isinstance(v, ast.Constant)]
+            elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""

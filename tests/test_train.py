@@ -8,6 +8,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -726,3 +727,44 @@ def test_validation_runs_in_eval_mode_and_draws_nothing(data, tmp_path):
                       progress=False) for ve in (0, 1)}
     assert losses(tmp_path / "ve0") == losses(tmp_path / "ve1")
     assert runs[0]["val_loss"] == runs[1]["val_loss"]
+
+
+def test_kills_around_checkpoint_writes_and_deletions_leave_a_resumable_run(tmp_path, data):
+    """What a SIGKILL at three moments left (a review, 2026-12-07): the model files of a checkpoint half moved out of
+    its side folder (every resume then refused the leftover folder, forever); a rolling checkpoint half deleted by
+    retention (it still counted as a checkpoint without its spectra.json, and every resume failed at its first save);
+    and a run killed after its last checkpoint, before its result (the resumed result said train_loss NaN, 0 tok/s).
+    Each resumes to the uninterrupted run's weights and result."""
+    from safetensors.torch import load_file
+
+    from spectra.files import _host_tag
+    from spectra.train.state import apply_retention, list_checkpoints
+
+    cfg = train_cfg(data, tokens=SEQ * 8 * 4, ckpt_every_tokens=SEQ * 8 * 2, ckpt_keep=5)
+    ref = train(model_cfg(), cfg, out_dir=tmp_path / "ref", progress=False)
+    run = tmp_path / "r"
+    train(model_cfg(), cfg, out_dir=run, progress=False)
+    ck = run / "checkpoints"
+    for p in (run / "result.json", run / "final", ck / "step_00000004"):  # killed while writing step 4 ...
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (ck / ".step_00000004.tmp-model").mkdir()  # ... with one file moved out of its side folder
+    (ck / ".step_00000004.tmp-model" / "model.safetensors").write_bytes(b"half")
+    (ck / "step_00000002" / "spectra.json").unlink()  # and an older one half deleted
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (ck / f".step_00000001.old-{_host_tag()}{dead}-discard").mkdir()  # a deletion killed after its rename
+    assert [p.name for p in list_checkpoints(run)] == []  # the half-deleted one is not a checkpoint
+    (ck / "step_00000002" / "spectra.json").write_text((ref_meta := (tmp_path / "ref" / "checkpoints" / "step_00000002"
+                                                                     / "spectra.json").read_text()))
+    assert ref_meta and [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    got = train(model_cfg(), cfg, out_dir=run, resume=True, progress=False)
+    a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got["train_loss"] == ref["train_loss"] and got["tokens_per_s"] > 0 and got["wall_time"] > 0
+    assert not (ck / ".step_00000004.tmp-model").exists()
+    apply_retention(run, 1)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000004"]  # the old one, and the discard leftover, gone
+    # killed after the last checkpoint, before the result: the resume reports the run's own loss and speed
+    (run / "result.json").unlink()
+    shutil.rmtree(run / "final")
+    again = train(model_cfg(), cfg, out_dir=run, resume=True, progress=False)
+    assert again["train_loss"] == ref["train_loss"] and again["tokens_per_s"] > 0

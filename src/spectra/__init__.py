@@ -1,20 +1,31 @@
 """spectra: FloatLM, TriLM and QuantLM language models from the Spectra suite (arXiv 2407.12327).
 
-`spectra.load` (`spectra.loading`) opens every model spectra knows. It is imported on first use, so importing a
-submodule such as `spectra.model` does not import every reader.
+The package's names (`spectra.load`, `build_model`, `ModelConfig`, ...) are imported on first use, so importing a
+submodule such as `spectra.model` does not import every reader, and the `spectra` command starts without torch
+(Ctrl-C in its first seconds was a traceback from inside torch's import; `spectra --help` took 2.7 s).
 """
 
 from spectra._version import __version__
-from spectra.checkpoint import save_model
-from spectra.config import ModelConfig, from_name
-from spectra.model import Transformer, build_model
 
 __all__ = ["ModelConfig", "Transformer", "build_model", "from_name", "load", "save_model", "__version__"]
 
+_LAZY = {
+    "ModelConfig": "spectra.config",
+    "from_name": "spectra.config",
+    "Transformer": "spectra.model",
+    "build_model": "spectra.model",
+    "save_model": "spectra.checkpoint",
+    "load": "spectra.loading",
+}
+
 
 def __getattr__(name: str):
-    if name == "load":
-        from spectra.loading import load
+    if name in _LAZY:
+        import importlib
 
-        return load
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'spectra' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

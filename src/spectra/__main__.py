@@ -7,7 +7,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 CLI_MODULES = [
     "spectra.cli",
@@ -36,20 +38,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's or `kill`'s stop), raised where the command is so that its writers remove their
+    temporaries and it ends in one line, as Ctrl-C does (the default action killed the process on the spot, leaving a
+    model-sized temporary folder behind)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        print("spectra: interrupted", file=sys.stderr)
+        return 130
     if unknown:
         _refuse_unknown(parser, args, unknown)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None  # (`spectra serve`'s uvicorn puts its own handler in place while it serves)
     try:
         code = int(args.func(args) or 0)
     except (ValueError, OSError, ImportError) as e:
         print(f"spectra {args.command}: error: {e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:  # Ctrl-C: one line (outputs are written atomically, a training run resumes)
-        print(f"spectra {args.command}: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line (outputs are written atomically, a run resumes)
+        print(f"spectra {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        code = 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         _exit_now(code)
     return code

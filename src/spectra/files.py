@@ -44,13 +44,86 @@ class FormatError(ValueError):
 
 
 def _temporary(out: Path, make: Any) -> Any:
-    """make() (a temporary name beside `out`) after creating out's folder; an OSError names `out`, not the temporary
-    name the user never gave."""
+    """make() (a temporary name beside `out`) after creating out's folder and removing the temporaries a killed
+    writer of `out` left there (`_sweep_stale`); an OSError names `out`, not the temporary name the user never gave."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(out)
         return make()
     except OSError as e:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def temporary_name(out: str | os.PathLike, suffix: str) -> Path:
+    """A temporary path beside `out` for a writer that names its own (the GGUF writer opens the file itself), in
+    the form `_sweep_stale` removes once its process is gone; out's folder is created first."""
+    out = Path(out)
+    return _temporary(out, lambda: out.parent / f"{_prefix(out, 'tmp')}{suffix}")
+
+
+def _prefix(out: Path, kind: str) -> str:
+    """The start of a temporary name beside `out`: hidden, the writer's kind ("tmp" or "old"), its machine and its
+    process id, so that a later writer on the same machine can tell a dead writer's leftovers from a live one's (on a
+    shared file system another machine's process ids mean nothing here: those are left alone)."""
+    return f".{out.name}.{kind}-{_host_tag()}{os.getpid()}-"
+
+
+@functools.cache
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove `.OUT.tmp-PID-*` / `.OUT.old-PID-*` beside `out` whose process is gone on this machine: what a writer
+    killed by SIGKILL (or a power cut) left, a whole model's copy each, which nothing removed before. A live
+    process's (another writer of the same name) is left alone."""
+    sweep_stale_in(out.parent, re.escape(out.name))
+
+
+def sweep_stale_in(folder: str | os.PathLike, name: str = ".+") -> None:
+    """`_sweep_stale` for every name (a regular expression) in `folder`."""
+    pattern = re.compile(rf"\.{name}\.(?:tmp|old)-([0-9a-f]{{8}})(\d+)-")
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.match(p.name)
+        if not m or m.group(1) != _host_tag() or _alive(int(m.group(2))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete the folder `path` so that no kill leaves part of it under its own name: renamed first to a temporary
+    name that `sweep_stale_in` removes if this process dies before the deletion ends (a half-deleted checkpoint kept
+    its name and broke every later resume)."""
+    path = Path(path)
+    gone = path.parent / f"{_prefix(path, 'old')}discard"
+    try:
+        os.rename(path, gone)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 WRITTEN_MARKS = (META_FILE, "config.json")
@@ -118,12 +191,12 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     `out_dir` is replaced only when empty or written by a model/data writer (`_check_replaceable`)."""
     out = Path(out_dir)
     check_output_dir(out)
-    tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)))
+    tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent)))
     try:
         yield tmp
         _publish_modes(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
             os.rename(out, old / "x")
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -178,7 +251,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name to write")
-    fd, tmp = _temporary(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    fd, tmp = _temporary(path, lambda: tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent))
     try:
         with os.fdopen(fd, mode) as f:
             yield f

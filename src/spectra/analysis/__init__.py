@@ -4,6 +4,21 @@
 (`spectra analyze RUN_DIR`).
 """
 
-from spectra.analysis.checkpoints import analyze, collect, list_checkpoints, read_metrics
 
 __all__ = ["analyze", "collect", "list_checkpoints", "read_metrics"]
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "analyze": "spectra.analysis.checkpoints",
+    "collect": "spectra.analysis.checkpoints",
+    "list_checkpoints": "spectra.analysis.checkpoints",
+    "read_metrics": "spectra.analysis.checkpoints",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

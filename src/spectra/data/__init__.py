@@ -6,24 +6,6 @@
     token_sequences(source, tokenizer, n_seqs, seq_len, split=, seed=)   fixed sequences for calibration and eval
 """
 
-from spectra.data.corpora import builtin_corpus_dir, cache_root, read_documents
-from spectra.data.shards import (
-    SequenceSampler,
-    TokenStream,
-    build_shards,
-    prepare_shards,
-    read_manifest,
-    token_sequences,
-)
-from spectra.data.tokenizer import (
-    builtin_tokenizer,
-    check_vocab,
-    eos_id,
-    load_tokenizer,
-    tokenizer_hash,
-    train_bpe,
-    vocab_size,
-)
 
 __all__ = [
     "SequenceSampler",
@@ -43,3 +25,31 @@ __all__ = [
     "train_bpe",
     "vocab_size",
 ]
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "builtin_corpus_dir": "spectra.data.corpora",
+    "cache_root": "spectra.data.corpora",
+    "read_documents": "spectra.data.corpora",
+    "SequenceSampler": "spectra.data.shards",
+    "TokenStream": "spectra.data.shards",
+    "build_shards": "spectra.data.shards",
+    "prepare_shards": "spectra.data.shards",
+    "read_manifest": "spectra.data.shards",
+    "token_sequences": "spectra.data.shards",
+    "builtin_tokenizer": "spectra.data.tokenizer",
+    "check_vocab": "spectra.data.tokenizer",
+    "eos_id": "spectra.data.tokenizer",
+    "load_tokenizer": "spectra.data.tokenizer",
+    "tokenizer_hash": "spectra.data.tokenizer",
+    "train_bpe": "spectra.data.tokenizer",
+    "vocab_size": "spectra.data.tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

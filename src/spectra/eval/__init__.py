@@ -16,10 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from spectra.eval.cloze import build_cloze, write_cloze_task
-from spectra.eval.offline import build_eval_data
-from spectra.eval.perplexity import perplexity
-
 __all__ = ["build_cloze", "build_eval_data", "check_tasks", "evaluate", "perplexity", "write_cloze_task"]
 
 
@@ -35,3 +31,19 @@ def check_tasks(*args: Any, **kwargs: Any) -> list[str]:
     from spectra.eval.run import check_tasks as check
 
     return check(*args, **kwargs)
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "build_cloze": "spectra.eval.cloze",
+    "write_cloze_task": "spectra.eval.cloze",
+    "build_eval_data": "spectra.eval.offline",
+    "perplexity": "spectra.eval.perplexity",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -187,11 +187,9 @@ def export_gguf(
     out = Path(out_path)
     if out.is_dir():
         raise ValueError(f"GGUF output {out} is a folder; give a file name (e.g. {out / 'model.gguf'})")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot write {out}: {e.strerror or e}") from None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    from spectra.files import temporary_name
+
+    tmp = temporary_name(out, "gguf")  # swept by a later writer of `out` once this process is gone
     counts: dict[str, int] = {}
 
     def encode(name: str, W: torch.Tensor, ggml_type) -> tuple[np.ndarray, Any]:

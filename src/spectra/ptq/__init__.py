@@ -12,11 +12,6 @@
 other modules and is not imported here (`from spectra.ptq.pipeline import quantize`).
 """
 
-from spectra.ptq.formats import load_quantlm, quantlm_size_bits, save_gptq, save_unpacked, to_quantlm
-from spectra.ptq.gptq import GPTQ
-from spectra.ptq.qlinear import QuantLinear
-from spectra.ptq.quantizer import QuantizedWeight, Quantizer
-from spectra.ptq.sequential import PTQState, quantize_model
 
 __all__ = [
     "GPTQ",
@@ -31,3 +26,26 @@ __all__ = [
     "save_unpacked",
     "to_quantlm",
 ]
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "load_quantlm": "spectra.ptq.formats",
+    "quantlm_size_bits": "spectra.ptq.formats",
+    "save_gptq": "spectra.ptq.formats",
+    "save_unpacked": "spectra.ptq.formats",
+    "to_quantlm": "spectra.ptq.formats",
+    "GPTQ": "spectra.ptq.gptq",
+    "QuantLinear": "spectra.ptq.qlinear",
+    "QuantizedWeight": "spectra.ptq.quantizer",
+    "Quantizer": "spectra.ptq.quantizer",
+    "PTQState": "spectra.ptq.sequential",
+    "quantize_model": "spectra.ptq.sequential",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,9 +7,25 @@
     arms, comparisons         conversion.py  runs started from other runs (qat-tiny): loss, compute, verdicts
 """
 
-from spectra.suite.report import build_report
-from spectra.suite.runner import plan, run_suite
-from spectra.suite.scaling import fit_power_law, pareto_front
-from spectra.suite.spec import PRESETS, SuiteSpec, load_spec
 
 __all__ = ["PRESETS", "SuiteSpec", "build_report", "fit_power_law", "load_spec", "pareto_front", "plan", "run_suite"]
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "build_report": "spectra.suite.report",
+    "plan": "spectra.suite.runner",
+    "run_suite": "spectra.suite.runner",
+    "fit_power_law": "spectra.suite.scaling",
+    "pareto_front": "spectra.suite.scaling",
+    "PRESETS": "spectra.suite.spec",
+    "SuiteSpec": "spectra.suite.spec",
+    "load_spec": "spectra.suite.spec",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,25 @@
 """Pretraining: `train(model_cfg, train_cfg, out_dir=...)`, its config, schedules, checkpoints and distribution."""
 
-from spectra.train.config import TrainConfig, build_configs, load_run_file, resolve
-from spectra.train.schedule import Schedule, make_schedule
-from spectra.train.trainer import TrainingDiverged, train
 
 __all__ = ["Schedule", "TrainConfig", "TrainingDiverged", "build_configs", "load_run_file", "make_schedule",
            "resolve", "train"]
+
+
+_LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay clear of torch's import
+    "TrainConfig": "spectra.train.config",
+    "build_configs": "spectra.train.config",
+    "load_run_file": "spectra.train.config",
+    "resolve": "spectra.train.config",
+    "Schedule": "spectra.train.schedule",
+    "make_schedule": "spectra.train.schedule",
+    "TrainingDiverged": "spectra.train.trainer",
+    "train": "spectra.train.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

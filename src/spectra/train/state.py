@@ -38,7 +38,16 @@ from torch import nn
 
 from spectra.checkpoint import save_model
 from spectra.config import ModelConfig
-from spectra.files import META_FILE, FormatError, atomic_dir, load_safetensors, read_meta, torch_save
+from spectra.files import (
+    META_FILE,
+    FormatError,
+    atomic_dir,
+    discard_dir,
+    load_safetensors,
+    read_meta,
+    sweep_stale_in,
+    torch_save,
+)
 from spectra.model import empty_model
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists()]
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists()
+            and (p / META_FILE).exists()]  # (a checkpoint is renamed into place whole: both, or not one)
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -134,6 +144,7 @@ def save_distributed_checkpoint(
             config = getattr(model, "module", model).config.to_dict()
             if whole_model is not None:
                 side = out.parent / f".{out.name}.tmp-model"
+                shutil.rmtree(side, ignore_errors=True)  # a killed write's half-moved files (refused, forever, else)
                 save_model(whole_model, side, tokenizer=tokenizer, meta=meta)
                 for f in side.iterdir():
                     os.rename(f, tmp / f.name)
@@ -148,8 +159,12 @@ def save_distributed_checkpoint(
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)
-    except (OSError, CheckpointException) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if is_main:  # (an interrupt too: Ctrl-C or SIGTERM mid-write left the temporary folders)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out.parent / f".{out.name}.tmp-model", ignore_errors=True)
+        if not isinstance(e, (OSError, CheckpointException)):
+            raise
         cause = _os_error(e)
         keep = previous[-1].name if previous else "none"
         raise OSError(cause.errno, f"writing checkpoint {out} failed: {cause.strerror or cause}; "
@@ -243,10 +258,11 @@ def _check_config(path: Path, meta: dict, model_cfg: ModelConfig) -> None:
 
 def apply_retention(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` non-milestone checkpoints. Returns what was deleted."""
+    sweep_stale_in(Path(run_dir) / CKPT_DIR)  # what a killed deletion or write left
     rolling = [p for p in list_checkpoints(run_dir) if not read_meta(p).get("milestone")]
     doomed = rolling[:-keep] if keep > 0 else rolling
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        discard_dir(p)
     return doomed
 
 

@@ -44,7 +44,7 @@ from spectra.checkpoint import save_model
 from spectra.config import ModelConfig, pad_vocab
 from spectra.data.shards import SequenceSampler, TokenStream, is_shard_dir, prepare_shards, read_manifest
 from spectra.data.tokenizer import check_vocab, eos_id, load_tokenizer, resolve_tokenizer, tokenizer_hash, vocab_size
-from spectra.files import read_json, write_json
+from spectra.files import finite_json, read_json, write_json
 from spectra.layers import set_recompute_weight
 from spectra.model import build_model
 from spectra.quantizers import Quantizer, set_progress
@@ -400,6 +400,10 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
     if teacher is not None:
         provenance["teacher"] = teacher.record
     start_step, data_pos, tokens_seen, skipped = 0, 0, 0, 0
+    # the run's last finite loss, its training seconds and tokens, and its wall time before this process: kept in
+    # every checkpoint, so a run resumed after its last one reports what an uninterrupted run does (it reported a NaN
+    # train loss, 0 tok/s and the resume's own seconds)
+    last_loss, train_time, trained_tokens, wall_before = float("nan"), 0.0, 0, 0.0
     resume_from = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
     if resume and resume_from is None:
         log.info("%s has no checkpoint yet: starting from scratch", run_dir)
@@ -457,6 +461,8 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             scaler.load_state_dict(st["scaler"])
         set_rng_state(st["rng"])
         start_step, data_pos, tokens_seen, skipped = st["step"], st["data_position"], st["tokens"], st["skipped"]
+        last_loss, train_time = float(st.get("last_loss", last_loss)), float(st.get("train_time", 0.0))
+        trained_tokens, wall_before = int(st.get("trained_tokens", 0)), float(st.get("wall_time", 0.0))
         log.info("resuming %s from %s (step %d, %d tokens)", run_dir, resume_from.name, start_step, tokens_seen)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
@@ -510,7 +516,9 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         meta = {"step": step, "tokens": tokens_seen, "data_position": data_pos, "milestone": step in milestones,
                 "tokenizer_sha256": tok_sha, "train": cfg.to_dict(), "world_size": info.world, **provenance}
         state = {"optimizer_format": "dcp", "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                 "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped}
+                 "step": step, "data_position": data_pos, "tokens": tokens_seen, "skipped": skipped,
+                 "last_loss": last_loss, "train_time": train_time, "trained_tokens": trained_tokens,
+                 "wall_time": wall_before + time.perf_counter() - t_start}
         save_distributed_checkpoint(run_dir, model, opt, state, meta, tokenizer=tok_path, is_main=info.is_main,
                                     barrier=lambda: dist.barrier(info), whole_model=None if sharded_params else raw)
         if info.is_main:
@@ -524,9 +532,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
 
     # ---- the loop -------------------------------------------------------------------------------------------
     bad_in_row = 0
-    last_loss = float("nan")
     val_loss = float("nan")
-    train_time, trained_tokens = 0.0, 0
     model.train()
     try:
         for step in range(start_step, total_steps):
@@ -631,7 +637,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             return kept
     if finished:  # resumed a finished run whose final model was not written: nothing to train, report the checkpoint
         val_loss = evaluate()
-    wall = time.perf_counter() - t_start
+    wall = wall_before + time.perf_counter() - t_start
     result = {"val_loss": val_loss, "train_loss": last_loss, "tokens": tokens_seen, "steps": total_steps,
               "wall_time": wall, "tokens_per_s": trained_tokens / train_time if train_time else 0.0,
               "skipped_steps": skipped, "run_dir": str(run_dir), "memory_plan_bytes": plan.total}
@@ -653,6 +659,6 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
         final_meta = {"step": total_steps, "tokens": tokens_seen, "tokenizer_sha256": tok_sha, "train": cfg.to_dict(),
                       "val_loss": val_loss, **provenance}
         save_model(whole, run_dir / "final", tokenizer=tok_path, meta=final_meta)
-        write_json(run_dir / "result.json", result)
+        write_json(run_dir / "result.json", finite_json(result))  # strict JSON: a NaN loss as null
     dist.barrier(info)
     return result
