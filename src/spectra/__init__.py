@@ -5,6 +5,7 @@ submodule such as `spectra.model` does not import every reader, and the `spectra
 (Ctrl-C in its first seconds was a traceback from inside torch's import; `spectra --help` took 2.7 s).
 """
 
+from spectra._lazy import lazy_getattr
 from spectra._version import __version__
 
 __all__ = ["ModelConfig", "Transformer", "build_model", "from_name", "load", "save_model", "__version__"]
@@ -19,12 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'spectra' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

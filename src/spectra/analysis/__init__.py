@@ -4,6 +4,7 @@
 (`spectra analyze RUN_DIR`).
 """
 
+from spectra._lazy import lazy_getattr
 
 __all__ = ["analyze", "collect", "list_checkpoints", "read_metrics"]
 
@@ -16,9 +17,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -6,6 +6,7 @@
     token_sequences(source, tokenizer, n_seqs, seq_len, split=, seed=)   fixed sequences for calibration and eval
 """
 
+from spectra._lazy import lazy_getattr
 
 __all__ = [
     "SequenceSampler",
@@ -47,9 +48,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from spectra._lazy import lazy_getattr
+
 __all__ = ["build_cloze", "build_eval_data", "check_tasks", "evaluate", "perplexity", "write_cloze_task"]
 
 
@@ -41,9 +43,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

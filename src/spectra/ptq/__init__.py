@@ -12,6 +12,7 @@
 other modules and is not imported here (`from spectra.ptq.pipeline import quantize`).
 """
 
+from spectra._lazy import lazy_getattr
 
 __all__ = [
     "GPTQ",
@@ -43,9 +44,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

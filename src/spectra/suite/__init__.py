@@ -7,6 +7,7 @@
     arms, comparisons         conversion.py  runs started from other runs (qat-tiny): loss, compute, verdicts
 """
 
+from spectra._lazy import lazy_getattr
 
 __all__ = ["PRESETS", "SuiteSpec", "build_report", "fit_power_law", "load_spec", "pareto_front", "plan", "run_suite"]
 
@@ -23,9 +24,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

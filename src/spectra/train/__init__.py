@@ -1,5 +1,6 @@
 """Pretraining: `train(model_cfg, train_cfg, out_dir=...)`, its config, schedules, checkpoints and distribution."""
 
+from spectra._lazy import lazy_getattr
 
 __all__ = ["Schedule", "TrainConfig", "TrainingDiverged", "build_configs", "load_run_file", "make_schedule",
            "resolve", "train"]
@@ -17,9 +18,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
