@@ -349,3 +349,26 @@ def test_the_command_starts_without_torch_and_sigterm_is_one_line(tmp_path):
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "spectra train: terminated", err
     assert "Traceback" not in err
     assert not list((tmp_path / "run").rglob(".*tmp*"))
+
+
+def test_an_interrupt_between_the_two_renames_keeps_the_previous_version(tmp_path, monkeypatch):
+    """atomic_dir replaces OUT in two renames (OUT away, the new one in); an interrupt between them put neither in
+    place, and the next writer's sweep then deleted the hidden copy of the previous one. It goes back now."""
+    from spectra import files
+
+    with files.atomic_dir(tmp_path / "out") as d:
+        (d / "spectra.json").write_text('{"v": 1}')
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        real(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as SIGTERM's handler raises, right after the first rename
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt), files.atomic_dir(tmp_path / "out") as d:
+        (d / "spectra.json").write_text('{"v": 2}')
+    monkeypatch.setattr(files.os, "rename", real)
+    assert (tmp_path / "out" / "spectra.json").read_text() == '{"v": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

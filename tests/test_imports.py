@@ -110,3 +110,32 @@ def test_model_file_is_only_the_model():
     assert import_graph()["spectra.model"] <= {
         "spectra.accounting", "spectra.config", "spectra.kernels", "spectra.kernels.attention", "spectra.layers"
     }
+
+
+def test_packages_import_their_names_on_first_use_and_give_the_names_not_submodules():
+    """The packages' names are imported on first use (the command starts without torch), and a name that is also a
+    submodule's (`spectra.eval.perplexity`, `spectra.inference.generate` / `bench`) gives the function, before and
+    after the submodule is imported elsewhere (the lazy table gave the module: the import system binds it there)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, types
+import spectra, spectra.data, spectra.eval, spectra.inference, spectra.__main__ as m
+m.build_parser()
+assert "torch" not in sys.modules, "torch imported"
+from spectra.eval import perplexity
+import spectra.inference.generate
+from spectra.inference import generate, bench
+import spectra.inference as I
+fns = (perplexity, generate, bench, I.generate, I.generate, spectra.eval.perplexity)
+assert all(isinstance(f, types.FunctionType) for f in fns), fns
+assert "load_tokenizer" in dir(spectra.data) and "load" in dir(spectra) and callable(spectra.load)
+try:
+    spectra.data.no_such_name
+except AttributeError as e:
+    assert "no attribute 'no_such_name'" in str(e)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -636,3 +636,34 @@ def test_a_preset_narrowed_by_set_drops_the_rates_and_contrasts_it_leaves_out():
     assert load_spec("tiny", overrides={"sizes": ["tiny"], "tokens": 1e5}).sizes == ["tiny"]
     floats = load_spec("small", overrides={"families": ["floatlm"]})
     assert floats.families == ["floatlm"] and list(floats.lr) == ["floatlm"] and not floats.contrasts
+
+
+def test_sigterm_ends_a_parallel_study_and_its_workers(tmp_path):
+    """SIGTERM (or Ctrl-C) to `spectra suite --jobs 2` ends the study and its running steps' workers at once: it
+    waited at exit for every running step to finish (36 s in a review's run, a training run's length in a real one),
+    whose records it then never wrote. The resumed study runs them again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    env = dict(os.environ, SPECTRA_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "spectra", "suite", "--preset", "micro", "--set", "tokens=4000000",
+                             "--jobs", "2", "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "no worker processes"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    took = time.time() - t0
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "spectra suite: terminated", err
+    assert took < 30, took  # a liveness bound (it waited for the steps to end), not a speed
+    time.sleep(2)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}") and
+                open(f"/proc/{c}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")]

@@ -753,9 +753,9 @@ def test_kills_around_checkpoint_writes_and_deletions_leave_a_resumable_run(tmp_
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     (ck / f".step_00000001.old-{_host_tag()}{dead}-discard").mkdir()  # a deletion killed after its rename
     assert [p.name for p in list_checkpoints(run)] == []  # the half-deleted one is not a checkpoint
-    (ck / "step_00000002" / "spectra.json").write_text((ref_meta := (tmp_path / "ref" / "checkpoints" / "step_00000002"
-                                                                     / "spectra.json").read_text()))
-    assert ref_meta and [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    ref_meta = tmp_path / "ref" / "checkpoints" / "step_00000002" / "spectra.json"
+    (ck / "step_00000002" / "spectra.json").write_text(ref_meta.read_text())
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
     got = train(model_cfg(), cfg, out_dir=run, resume=True, progress=False)
     a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "ref" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

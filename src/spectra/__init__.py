@@ -5,7 +5,7 @@ submodule such as `spectra.model` does not import every reader, and the `spectra
 (Ctrl-C in its first seconds was a traceback from inside torch's import; `spectra --help` took 2.7 s).
 """
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 from spectra._version import __version__
 
 __all__ = ["ModelConfig", "Transformer", "build_model", "from_name", "load", "save_model", "__version__"]
@@ -20,8 +20,4 @@ _LAZY = {
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+lazy_package(__name__)

@@ -192,6 +192,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     out = Path(out_dir)
     check_output_dir(out)
     tmp = _temporary(out, lambda: Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent)))
+    old = None
     try:
         yield tmp
         _publish_modes(tmp)
@@ -203,6 +204,13 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         else:
             os.rename(tmp, out)
     except BaseException:
+        # an interrupt between the two renames: the previous version goes back (it was left in the hidden folder,
+        # which the next writer's sweep would then delete: neither version kept)
+        if old is not None and (old / "x").exists() and not out.exists():
+            with contextlib.suppress(OSError):
+                os.rename(old / "x", out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -4,7 +4,7 @@
 (`spectra analyze RUN_DIR`).
 """
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = ["analyze", "collect", "list_checkpoints", "read_metrics"]
 
@@ -17,4 +17,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)

@@ -6,7 +6,7 @@
     token_sequences(source, tokenizer, n_seqs, seq_len, split=, seed=)   fixed sequences for calibration and eval
 """
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = [
     "SequenceSampler",
@@ -48,4 +48,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)

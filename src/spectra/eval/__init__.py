@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = ["build_cloze", "build_eval_data", "check_tasks", "evaluate", "perplexity", "write_cloze_task"]
 
@@ -43,4 +43,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)

@@ -12,7 +12,7 @@
 other modules and is not imported here (`from spectra.ptq.pipeline import quantize`).
 """
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = [
     "GPTQ",
@@ -44,4 +44,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)

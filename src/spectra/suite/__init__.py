@@ -7,7 +7,7 @@
     arms, comparisons         conversion.py  runs started from other runs (qat-tiny): loss, compute, verdicts
 """
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = ["PRESETS", "SuiteSpec", "build_report", "fit_power_law", "load_spec", "pareto_front", "plan", "run_suite"]
 
@@ -24,4 +24,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)

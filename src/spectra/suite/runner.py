@@ -489,6 +489,11 @@ class SuiteRunner:
                     running.clear()
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = new_pool()
+        except BaseException:  # Ctrl-C, SIGTERM, an error here: the running steps' workers end now (the study
+            # process otherwise waited at exit for every running step to finish, whose records it then never wrote)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            raise
         finally:
             pool.shutdown(wait=not running, cancel_futures=True)
             bar.close()

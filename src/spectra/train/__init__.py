@@ -1,6 +1,6 @@
 """Pretraining: `train(model_cfg, train_cfg, out_dir=...)`, its config, schedules, checkpoints and distribution."""
 
-from spectra._lazy import lazy_getattr
+from spectra._lazy import lazy_package
 
 __all__ = ["Schedule", "TrainConfig", "TrainingDiverged", "build_configs", "load_run_file", "make_schedule",
            "resolve", "train"]
@@ -18,4 +18,4 @@ _LAZY = {  # imported on first use: `spectra --help` and Ctrl-C at start stay cl
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+lazy_package(__name__)
