@@ -56,9 +56,9 @@ def run_init(args: argparse.Namespace) -> int:
                          f"{need / 2**30:.1f} GiB in float32; this machine has {have / 2**30:.1f} GiB of memory")
     tokenizer = args.tokenizer
     if tokenizer is not None:  # checked before it is stored with the model: it must open and fit the vocabulary
-        from spectra.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_file
+        from spectra.data.tokenizer import load_tokenizer, tokenizer_file
 
-        tokenizer = tokenizer_file(builtin_tokenizer() if tokenizer == "builtin" else tokenizer)
+        tokenizer = tokenizer_file(tokenizer)
         n = load_tokenizer(tokenizer).get_vocab_size()
         if n > cfg.vocab_size:
             raise ValueError(f"--tokenizer {args.tokenizer} has {n} ids; the model's vocabulary is {cfg.vocab_size} "

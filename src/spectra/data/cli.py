@@ -58,9 +58,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
 def run_shards(args: argparse.Namespace) -> int:
     from spectra.data.shards import build_shards
-    from spectra.data.tokenizer import builtin_tokenizer
 
-    tok = builtin_tokenizer() if args.tokenizer == "builtin" else args.tokenizer
+    tok = args.tokenizer  # 'builtin' or a path: build_shards resolves it (`tokenizer_file`)
     if args.max_tokens is not None and not (math.isfinite(args.max_tokens) and args.max_tokens >= 1):
         raise ValueError(f"--max-tokens must be a positive number of tokens (omit it for the whole corpus), got "
                          f"{args.max_tokens}")

@@ -41,7 +41,9 @@ def _tokenizers():
 
 
 def tokenizer_file(path_or_dir: str | os.PathLike) -> Path:
-    """The tokenizer.json a path names (the file itself, or `tokenizer.json` in a folder)."""
+    """The tokenizer.json a path names (the file itself, or `tokenizer.json` in a folder); 'builtin' for ours."""
+    if str(path_or_dir) == "builtin":
+        return builtin_tokenizer()
     p = Path(path_or_dir).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -56,8 +58,6 @@ def load_tokenizer(path_or_dir):
     Tokenizer is returned as it is."""
     if isinstance(path_or_dir, _tokenizers().Tokenizer):
         return path_or_dir
-    if str(path_or_dir) == "builtin":
-        path_or_dir = builtin_tokenizer()
     p = tokenizer_file(path_or_dir)
     try:
         return _tokenizers().Tokenizer.from_file(str(p))

@@ -59,6 +59,7 @@ def quantize(
     a time ('cuda', 'auto': the GPU if any; None: the CPU, where the model is loaded).
     Returns {"outputs": {format: path}, "stats": ..., "size_bits": ...}.
     """
+    from spectra.data.tokenizer import tokenizer_file
     from spectra.files import atomic_dir, check_output_dir, refuse_replacing_source
     from spectra.loading import find_tokenizer, load
     from spectra.ptq.formats import quantlm_size_bits, save_gptq, save_unpacked
@@ -85,12 +86,8 @@ def quantize(
         raise missing_model(model_path)
     refuse_replacing_source(out_dir, model_path)
     check_output_dir(out_dir)  # found now: the writers refused it at the save, after the whole GPTQ run
-    if tokenizer is not None:  # 'builtin', a tokenizer.json or a folder holding one, as generate / eval / serve take
-        from spectra.data.tokenizer import builtin_tokenizer, tokenizer_file
-
-        tok = builtin_tokenizer() if str(tokenizer) == "builtin" else tokenizer_file(tokenizer)
-    else:
-        tok = find_tokenizer(model_path)
+    # 'builtin', a tokenizer.json or a folder holding one, as generate / eval / serve take
+    tok = tokenizer_file(tokenizer) if tokenizer is not None else find_tokenizer(model_path)
     if tok is None and method == "gptq":
         raise FileNotFoundError(f"{model_path} has no tokenizer.json; pass tokenizer= (--tokenizer PATH, a folder "
                                 "holding one, or 'builtin') for calibration")

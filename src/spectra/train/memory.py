@@ -179,7 +179,9 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
             kd_loss = max(kd_loss, forward_t)
 
     persistent_grads = grad_accum > 1  # earlier micro-batches' gradients are held through this one's backward
-    static = params + optimizer + comm + (grads if persistent_grads else 0) + 4 * teacher_params
+    kept_grads = grads if persistent_grads else 0
+    teacher_bytes = 4 * teacher_params  # float32
+    static = params + optimizer + comm + kept_grads + teacher_bytes
     grads_now = 0 if persistent_grads else 1
     # forward end / head backward: every block's activations, the logits, the loss gradient, the head's gradients
     # each candidate: (its bytes, activations, W̃ copies among them, gradients held, KD, backward temporaries)
@@ -198,8 +200,7 @@ def plan(model_cfg: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: 
     return MemoryPlan(params=params, grads=grads, optimizer=optimizer, comm=comm, activations=act,
                       weight_copies=cop, total=total, world=world, parallel=parallel if world > 1 else "single",
                       precision=precision, micro_batch=B, activation_checkpointing=activation_checkpointing,
-                      teacher=4 * teacher_params, kd=kd, temporaries=temp,
-                      grads_at_peak=held_grads + (grads if persistent_grads else 0))
+                      teacher=teacher_bytes, kd=kd, temporaries=temp, grads_at_peak=held_grads + kept_grads)
 
 
 def host_memory() -> int | None:

@@ -131,6 +131,7 @@ def save_distributed_checkpoint(
 
     out = step_dir(run_dir, meta["step"])
     tmp = out.parent / f".{out.name}.tmp-dcp"
+    side = out.parent / f".{out.name}.tmp-model"  # rank 0's whole model, saved beside tmp and moved into it
     previous = list_checkpoints(run_dir)
     try:
         if is_main:
@@ -143,7 +144,6 @@ def save_distributed_checkpoint(
         if is_main:
             config = getattr(model, "module", model).config.to_dict()
             if whole_model is not None:
-                side = out.parent / f".{out.name}.tmp-model"
                 shutil.rmtree(side, ignore_errors=True)  # a killed write's half-moved files (refused, forever, else)
                 save_model(whole_model, side, tokenizer=tokenizer, meta=meta)
                 for f in side.iterdir():
@@ -162,7 +162,7 @@ def save_distributed_checkpoint(
     except BaseException as e:
         if is_main:  # (an interrupt too: Ctrl-C or SIGTERM mid-write left the temporary folders)
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(out.parent / f".{out.name}.tmp-model", ignore_errors=True)
+            shutil.rmtree(side, ignore_errors=True)
         if not isinstance(e, (OSError, CheckpointException)):
             raise
         cause = _os_error(e)

@@ -418,7 +418,7 @@ def _train(model_cfg: ModelConfig | dict[str, Any] | None, cfg: TrainConfig, run
             raise ValueError(f"cannot resume {run_dir}: it was trained with another tokenizer than {tok_path}")
         for f in RESUME_FIXED:  # a checkpoint's step and data position count in them
             before = run.get("train", {}).get(f, getattr(cfg, f))
-            if before != getattr(cfg, f) and not (f == "tokens" and float(before) == float(cfg.tokens)):
+            if before != getattr(cfg, f):  # (numbers: 1000000 == 1e6)
                 more = (" (the schedule and the training windows are the run's: to train further, start a new run "
                         f"from it with --init {run_dir})") if f == "tokens" else ""
                 raise ValueError(f"cannot resume {run_dir}: train.{f} {getattr(cfg, f)!r} differs from the run's "
